@@ -1,0 +1,109 @@
+"""Type stub for engine._ring (compiled from pyx/ring.pyx): the shared-memory ring."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any, Dict, Iterable, List, Optional, Type, Union
+
+import numpy as np
+import numpy.typing as npt
+
+# Any C-contiguous object that supports the buffer protocol.
+BufferLike = Union[bytes, bytearray, memoryview, Any]
+
+MAGIC: int
+LAYOUT_VERSION: int
+HEADER_SIZE: int
+RECORD_HEADER: int
+MIN_CAPACITY: int
+MAX_CAPACITY: int
+MODES: tuple[str, ...]
+
+class Ring:
+    """A bounded ring of variable-length byte messages (private or in /dev/shm)."""
+
+    def __init__(
+        self, capacity: int = ..., mode: str = "spsc", max_consumers: int = 1
+    ) -> None: ...
+    @classmethod
+    def create(
+        cls,
+        name: str,
+        capacity: int = ...,
+        mode: str = "spsc",
+        max_consumers: int = 1,
+        *,
+        exist_ok: bool = False,
+    ) -> Ring: ...
+    @classmethod
+    def attach(cls, name: str) -> Ring: ...
+    @staticmethod
+    def unlink(name: str) -> None: ...
+    @property
+    def name(self) -> Optional[str]: ...
+    @property
+    def capacity(self) -> int: ...
+    @property
+    def mode(self) -> str: ...
+    @property
+    def max_consumers(self) -> int: ...
+    @property
+    def max_message(self) -> int: ...
+    @property
+    def closed(self) -> bool: ...
+    def producer(self) -> Producer: ...
+    def consumer(self) -> Consumer: ...
+    def stats(self) -> Dict[str, Any]: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> Ring: ...
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None: ...
+
+class Producer:
+    """The single writer of a ring (``Ring.producer()``)."""
+
+    @property
+    def closed(self) -> bool: ...
+    def put(self, msg: BufferLike, timeout: Optional[float] = None) -> None: ...
+    def try_put(self, msg: BufferLike) -> bool: ...
+    def put_many(self, msgs: Iterable[BufferLike], timeout: Optional[float] = None) -> int: ...
+    def put_array(self, arr: npt.NDArray[Any], timeout: Optional[float] = None) -> int: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> Producer: ...
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None: ...
+
+class Consumer:
+    """One registered reader of a ring (``Ring.consumer()``)."""
+
+    @property
+    def slot(self) -> int: ...
+    @property
+    def closed(self) -> bool: ...
+    def get(self, timeout: Optional[float] = None) -> bytes: ...
+    def try_get(self) -> Optional[bytes]: ...
+    def get_many(self, max: int = 1024, timeout: Optional[float] = 0) -> List[bytes]:
+        """Up to ``max`` messages available now.  ``timeout=0`` never blocks (may
+        return ``[]``); ``None`` blocks until the first message; ``t > 0`` waits
+        at most ``t`` seconds for the first one, then returns ``[]``.  Raises
+        ``Closed`` once the producer closed and everything is drained."""
+    def get_view(self, timeout: Optional[float] = None) -> memoryview: ...
+    def get_array(
+        self, max: int, dtype: npt.DTypeLike = np.uint8, timeout: Optional[float] = 0
+    ) -> npt.NDArray[Any]: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> Consumer: ...
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None: ...
