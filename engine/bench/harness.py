@@ -1,0 +1,779 @@
+"""The benchmark harness: data model, runner, delivery verification, statistics.
+
+Section interface (stable; section owners write exactly this)
+------------------------------------------------------------
+A section is a module ``engine/bench/<name>.py`` listed in :data:`SECTIONS`::
+
+    from engine.bench.harness import Case, Contender, Profile, Run, Workload, digest
+
+    SECTION = "log"
+
+    def cases(profile: Profile) -> list[Case]:
+        wl = Workload(count=profile.count(quick=100_000, full=1_000_000), size=64)
+        return [Case(
+            name="append 1->1",
+            description="append one record at a time, then read them all back",
+            kind="throughput",            # or "latency"
+            workload=wl,
+            contenders=[
+                Contender("engine.Log", _ours, ours=True, requires=("engine._log",)),
+                Contender("persist-queue", _persist, requires=("persistqueue",)),
+            ],
+        )]
+
+    def _ours(wl: Workload) -> Run:
+        msgs = wl.payloads()                 # deterministic, built once, outside the clock
+        ... setup (not timed) ...
+        t0 = time.perf_counter_ns()
+        ... the work; the consumer KEEPS what it received (a list) ...
+        t1 = time.perf_counter_ns()
+        d = digest(received)                 # OUTSIDE the timed region
+        return Run.timed(t0, t1, d)          # seconds, count, checksum, in_order
+
+Rules a contender follows:
+
+* It moves ``wl.count`` messages, the payloads of :meth:`Workload.payloads`
+  (or the rows of :meth:`Workload.array`), and returns a :class:`Run`.
+* Only the work is timed: setup, teardown and process start stay outside
+  ``seconds``. Across processes take ``time.perf_counter_ns()`` (system-wide
+  monotonic on Linux/macOS) in the producer after a start barrier and in the
+  consumer after the last message; the child digests what it received after
+  its clock stops and sends ``(count, checksum, in_order, t_end)`` back.
+* The runner compares ``count`` and ``checksum`` with the workload's; a lost,
+  duplicated or corrupted message fails the case loudly (the command exits
+  non-zero). :func:`digest` is order-independent and additive, so competing
+  consumers digest their share and the parent adds them with
+  :meth:`Digest.combine`.
+* ``in_order``: ``True`` / ``False`` if the contender can tell (every
+  :func:`digest` does, from the 8-byte sequence number each payload starts
+  with), ``None`` if not. A case with ``ordered=True`` fails on ``False``.
+* Latency cases: ``Run.latencies_ns`` holds one sample per round trip (ns);
+  ``count``/``checksum`` cover the messages echoed back.
+* ``requires`` lists import names; a contender whose imports are missing is
+  skipped with ``skipped: NAME (pip install "queue-engine[bench]")``.
+* Raise any exception to report a broken contender (it fails the case); guard
+  every blocking wait with a timeout so a lost message cannot hang the run.
+
+The runner interleaves contenders across repetitions (A B C, A B C, ...) so
+machine noise hits all of them alike, and reports the median and spread (min,
+max, IQR) of msg/s and MB/s, and for latency p50/p90/p99/p99.9/max from an HDR
+histogram of every sample of every repetition. The ratio is ours (best of the
+``ours=True`` contenders) over the best peer: > 1 means we win, for rates and
+for latencies (peer p50 / our p50).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import math
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+# Section modules, in run order (ring first). A module that does not exist yet
+# is skipped; add a name here when its section lands.
+SECTIONS: Tuple[str, ...] = (
+    "ring",
+    "log",
+    "versions",
+    "transactions",
+    "counters",
+    "scheduling",
+)
+
+PIP_HINT = 'pip install "queue-engine[bench]"'
+
+THROUGHPUT = "throughput"
+LATENCY = "latency"
+
+_U64 = np.uint64
+_MASK64 = (1 << 64) - 1
+
+
+# ---------------------------------------------------------------------------
+# profile and workload
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How big a run is: ``quick`` (the default, the whole suite < 60 s on 2
+    cores) or ``full``; ``messages``/``repeat`` override every case."""
+
+    full: bool = False
+    messages: Optional[int] = None  # --messages N: every case's message count
+    repeat: Optional[int] = None  # --repeat N: repetitions of every case
+
+    @property
+    def name(self) -> str:
+        return "full" if self.full else "quick"
+
+    def count(self, quick: int, full: int) -> int:
+        """The message count for a case: ``--messages`` if given, else the
+        quick or full figure."""
+        if self.messages is not None:
+            return max(1, int(self.messages))
+        return int(full if self.full else quick)
+
+    def reps(self, quick: int = 3, full: int = 5) -> int:
+        """Repetitions for a case: ``--repeat`` if given, else quick or full."""
+        if self.repeat is not None:
+            return max(1, int(self.repeat))
+        return int(full if self.full else quick)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """``count`` messages of ``size`` bytes: an 8-byte little-endian sequence
+    number (truncated for sizes < 8) followed by filler from ``seed``.
+
+    The payloads are built once per (count, size, seed) and cached, outside any
+    timed region; ``expected`` is their :class:`Digest`.
+    """
+
+    count: int
+    size: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or self.size < 1:
+            raise ValueError(f"workload needs count >= 1 and size >= 1, got {self}")
+
+    @property
+    def nbytes(self) -> int:
+        return self.count * self.size
+
+    def array(self) -> np.ndarray:
+        """All payloads as a read-only C-contiguous ``(count, size)`` uint8 array."""
+        return _build_array(self.count, self.size, self.seed)
+
+    def payloads(self) -> List[bytes]:
+        """All payloads as a list of ``bytes`` (shared; do not mutate)."""
+        return _build_payloads(self.count, self.size, self.seed)
+
+    @property
+    def expected(self) -> "Digest":
+        return _expected(self.count, self.size, self.seed)
+
+
+@functools.lru_cache(maxsize=3)
+def _build_array(count: int, size: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, size=(count, size), dtype=np.uint8)
+    seq = np.arange(count, dtype="<u8").view(np.uint8).reshape(count, 8)
+    k = min(8, size)
+    arr[:, :k] = seq[:, :k]
+    arr.setflags(write=False)
+    return arr
+
+
+@functools.lru_cache(maxsize=3)
+def _build_payloads(count: int, size: int, seed: int) -> List[bytes]:
+    buf = _build_array(count, size, seed).tobytes()
+    return [buf[i : i + size] for i in range(0, count * size, size)]
+
+
+@functools.lru_cache(maxsize=8)
+def _expected(count: int, size: int, seed: int) -> "Digest":
+    return digest_array(_build_array(count, size, seed))
+
+
+# ---------------------------------------------------------------------------
+# digest: order-independent, additive, sensitive to loss/duplication/corruption
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Digest:
+    """What a consumer received: message count, checksum (sum mod 2**64 of a
+    64-bit mix of each message), and whether sequence numbers rose strictly
+    (``None`` when it cannot tell)."""
+
+    count: int
+    checksum: int
+    in_order: Optional[bool] = None
+
+    @staticmethod
+    def combine(parts: Iterable["Digest"]) -> "Digest":
+        """The digest of several consumers' shares (order is not defined
+        across competing consumers, so ``in_order`` is ``None``)."""
+        count = 0
+        checksum = 0
+        for p in parts:
+            count += p.count
+            checksum = (checksum + p.checksum) & _MASK64
+        return Digest(count, checksum, None)
+
+
+_WEIGHTS = np.random.default_rng(0x5EED).integers(1, 1 << 63, size=8192, dtype=np.uint64) | _U64(1)
+
+
+def _fmix64(h: np.ndarray) -> np.ndarray:
+    # murmur3 finaliser: makes the per-message hash non-linear, so a lost
+    # message and a duplicated one cannot cancel out in the sum
+    with np.errstate(over="ignore"):
+        h ^= h >> _U64(33)
+        h *= _U64(0xFF51AFD7ED558CCD)
+        h ^= h >> _U64(33)
+        h *= _U64(0xC4CEB9FE1A85EC53)
+        h ^= h >> _U64(33)
+    return h
+
+
+def digest_array(rows: np.ndarray, ordered: bool = True) -> Digest:
+    """Digest a ``(n, size)`` uint8 array (each row one message)."""
+    rows = np.ascontiguousarray(rows)
+    if rows.ndim != 2:
+        raise ValueError("digest_array needs a 2-D array of rows")
+    rows = rows.view(np.uint8).reshape(rows.shape[0], -1)
+    n, size = rows.shape
+    if n == 0:
+        return Digest(0, 0, True)
+    pad = (-size) % 8
+    if pad:
+        rows = np.concatenate([rows, np.zeros((n, pad), np.uint8)], axis=1)
+    words = rows.view("<u8")
+    width = words.shape[1]
+    h = np.full(n, (size * 0x9E3779B97F4A7C15) & _MASK64, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        # chunks of columns keep the temporary small for 64 KiB messages
+        for j0 in range(0, width, 512):
+            w = words[:, j0 : j0 + 512]
+            weights = _weights(j0, w.shape[1])
+            h += (w * weights).sum(axis=1, dtype=np.uint64)
+    h = _fmix64(h)
+    checksum = int(h.sum(dtype=np.uint64))
+    in_order: Optional[bool] = None
+    if ordered:
+        seq = words[:, 0].copy()
+        if size < 8:
+            if n <= 256**size:
+                in_order = bool(np.all(np.diff(seq.astype(np.int64)) > 0)) if n > 1 else True
+        else:
+            in_order = bool(np.all(seq[1:] > seq[:-1])) if n > 1 else True
+    return Digest(n, checksum, in_order)
+
+
+def _weights(start: int, width: int) -> np.ndarray:
+    if start + width <= _WEIGHTS.size:
+        return _WEIGHTS[start : start + width]
+    idx = np.arange(start, start + width) % _WEIGHTS.size
+    return _WEIGHTS[idx] ^ _U64(start // _WEIGHTS.size + 1)
+
+
+def digest(messages: Sequence[Any]) -> Digest:
+    """Digest what a consumer received, in the order it received it.
+
+    ``messages`` is a sequence of bytes-like objects (bytes, memoryview,
+    numpy rows) or a 2-D uint8 array. Call it after stopping the clock.
+    """
+    if isinstance(messages, np.ndarray):
+        return digest_array(messages)
+    n = len(messages)
+    if n == 0:
+        return Digest(0, 0, True)
+    lengths = set(map(len, messages))
+    if len(lengths) == 1:
+        size = lengths.pop()
+        if size == 0:
+            return Digest(n, (n * int(_fmix64(np.zeros(1, np.uint64))[0])) & _MASK64, None)
+        buf = b"".join(messages)
+        return digest_array(np.frombuffer(buf, np.uint8).reshape(n, size))
+    # mixed sizes: digest each size group, then add (order only within a group)
+    groups: Dict[int, List[Any]] = {}
+    for m in messages:
+        groups.setdefault(len(m), []).append(m)
+    parts = [digest(g) for g in groups.values()]
+    return Digest.combine(parts)
+
+
+# ---------------------------------------------------------------------------
+# runs, contenders, cases
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One timed run of one contender."""
+
+    seconds: float  # the timed region only
+    count: int  # messages delivered (digested outside the timed region)
+    checksum: int  # Digest.checksum of what was delivered
+    in_order: Optional[bool] = None  # True/False if the contender can tell
+    latencies_ns: Optional[Sequence[int]] = None  # latency cases: one sample per round trip
+
+    @classmethod
+    def timed(
+        cls,
+        t0_ns: int,
+        t1_ns: int,
+        d: Digest,
+        latencies_ns: Optional[Sequence[int]] = None,
+    ) -> "Run":
+        """A run from ``perf_counter_ns`` stamps and the consumer's digest."""
+        return cls((t1_ns - t0_ns) / 1e9, d.count, d.checksum, d.in_order, latencies_ns)
+
+
+RunFn = Callable[[Workload], Run]
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One implementation measured in a case."""
+
+    name: str
+    fn: RunFn
+    ours: bool = False
+    requires: Tuple[str, ...] = ()  # import names; missing => skipped
+    pip_hint: str = PIP_HINT
+
+    def missing(self) -> List[str]:
+        """The ``requires`` entries that cannot be imported here."""
+        out = []
+        for mod in self.requires:
+            try:
+                if importlib.util.find_spec(mod) is None:
+                    out.append(mod)
+                    continue
+                importlib.import_module(mod)
+            except Exception:
+                out.append(mod)
+        return out
+
+
+@dataclass
+class Case:
+    """One comparison: every contender runs the same workload."""
+
+    name: str
+    description: str
+    kind: str  # THROUGHPUT | LATENCY
+    workload: Workload
+    contenders: List[Contender]
+    unit: str = "msg/s"  # the headline unit: "msg/s", "MB/s" or "us" (latency)
+    ordered: bool = True  # a run that reports in_order=False fails
+    repeat: Optional[int] = None  # default: profile.reps()
+    params: Dict[str, Any] = field(default_factory=dict)  # for plots: {"sweep": "size", "x": 64}
+
+    def __post_init__(self) -> None:
+        if self.kind not in (THROUGHPUT, LATENCY):
+            raise ValueError(f"case {self.name!r}: kind must be throughput or latency")
+
+
+# ---------------------------------------------------------------------------
+# statistics
+# ---------------------------------------------------------------------------
+
+PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+
+
+class LatencyHistogram:
+    """An HDR histogram of latencies in ns (1 ns .. 1 h, 3 significant digits).
+
+    Uses the ``hdrhistogram`` package when it is installed, else a log-linear
+    numpy histogram with the same resolution (2048 sub-buckets per power of
+    two: every value is recorded within 0.05 %).
+    """
+
+    _SUB_BITS = 11  # 2048 sub-buckets per octave
+
+    def __init__(self) -> None:
+        self._hdr: Any = None
+        try:
+            from hdrh.histogram import HdrHistogram
+
+            self._hdr = HdrHistogram(1, 3_600_000_000_000, 3)
+        except Exception:
+            self._counts: Dict[int, int] = {}
+        self.total = 0
+        self.max = 0
+        self.min = 0
+
+    def record(self, samples_ns: Iterable[int]) -> None:
+        arr = np.asarray(list(samples_ns) if not isinstance(samples_ns, np.ndarray) else samples_ns)
+        if arr.size == 0:
+            return
+        arr = np.clip(arr.astype(np.int64), 1, None)
+        mx = int(arr.max())
+        mn = int(arr.min())
+        self.max = max(self.max, mx)
+        self.min = mn if self.total == 0 else min(self.min, mn)
+        self.total += int(arr.size)
+        if self._hdr is not None:
+            vals, cnts = np.unique(arr, return_counts=True)
+            for v, c in zip(vals.tolist(), cnts.tolist()):
+                self._hdr.record_value(v, c)
+            return
+        keys = self._bucket(arr)
+        vals, cnts = np.unique(keys, return_counts=True)
+        for k, c in zip(vals.tolist(), cnts.tolist()):
+            self._counts[k] = self._counts.get(k, 0) + c
+
+    def _bucket(self, arr: np.ndarray) -> np.ndarray:
+        # bucket key = (octave << SUB_BITS) | sub; values below 2**SUB_BITS exact
+        sb = self._SUB_BITS
+        v = arr.astype(np.uint64)
+        octave = np.floor(np.log2(np.maximum(v, 1).astype(np.float64))).astype(np.int64)
+        shift = np.maximum(octave - sb, 0)
+        sub = (v >> shift.astype(np.uint64)).astype(np.int64)
+        return (shift << (sb + 1)) | sub
+
+    def _unbucket(self, key: int) -> int:
+        sb = self._SUB_BITS
+        shift = key >> (sb + 1)
+        sub = key & ((1 << (sb + 1)) - 1)
+        # report the bucket's upper edge (HDR reports highest-equivalent values)
+        return ((sub + 1) << shift) - 1 if shift else sub
+
+    def percentile(self, p: float) -> float:
+        if self.total == 0:
+            return math.nan
+        if p >= 100.0:
+            return float(self.max)
+        if self._hdr is not None:
+            return float(min(self._hdr.get_value_at_percentile(p), self.max))
+        rank = max(1, int(math.ceil(p / 100.0 * self.total)))
+        seen = 0
+        for key in sorted(self._counts):
+            seen += self._counts[key]
+            if seen >= rank:
+                return float(min(self._unbucket(key), self.max))
+        return float(self.max)
+
+    def summary(self) -> Dict[str, float]:
+        """p50/p90/p99/p99.9/max/min in ns, plus the sample count."""
+        out = {_pkey(p): self.percentile(p) for p in PERCENTILES}
+        out["max"] = float(self.max)
+        out["min"] = float(self.min)
+        out["samples"] = float(self.total)
+        return out
+
+    @property
+    def backend(self) -> str:
+        return "hdrhistogram" if self._hdr is not None else "numpy-log-linear"
+
+
+def _pkey(p: float) -> str:
+    return "p" + (f"{p:g}".replace(".", "_") if p != int(p) else str(int(p)))
+
+
+def _spread(values: Sequence[float]) -> Dict[str, float]:
+    vals = sorted(values)
+    if not vals:
+        return {"median": math.nan, "min": math.nan, "max": math.nan, "q1": math.nan, "q3": math.nan}
+    if len(vals) >= 2:
+        q1, _, q3 = statistics.quantiles(vals, n=4, method="inclusive")
+    else:
+        q1 = q3 = vals[0]
+    return {
+        "median": statistics.median(vals),
+        "min": vals[0],
+        "max": vals[-1],
+        "q1": q1,
+        "q3": q3,
+    }
+
+
+# ---------------------------------------------------------------------------
+# results
+# ---------------------------------------------------------------------------
+
+OK = "ok"
+FAILED = "FAILED"
+SKIPPED = "skipped"
+
+
+@dataclass
+class RunRecord:
+    """One repetition as measured and verified."""
+
+    rep: int
+    seconds: float
+    count: int
+    checksum: int
+    in_order: Optional[bool]
+    ok: bool
+    error: Optional[str] = None
+
+
+@dataclass
+class ContenderResult:
+    """All repetitions of one contender in one case."""
+
+    name: str
+    ours: bool
+    status: str = OK  # OK | FAILED | SKIPPED
+    reason: Optional[str] = None  # skipped: the hint; FAILED: the first error
+    runs: List[RunRecord] = field(default_factory=list)
+    histogram: Optional[LatencyHistogram] = None
+
+    def ok_runs(self) -> List[RunRecord]:
+        return [r for r in self.runs if r.ok]
+
+    def rates(self, size: int) -> Dict[str, Dict[str, float]]:
+        good = [r for r in self.ok_runs() if r.seconds > 0]
+        msgs = [r.count / r.seconds for r in good]
+        mbs = [r.count * size / r.seconds / 1e6 for r in good]
+        return {"msg_per_s": _spread(msgs), "mb_per_s": _spread(mbs)}
+
+    def latency(self) -> Optional[Dict[str, float]]:
+        return self.histogram.summary() if self.histogram is not None else None
+
+
+@dataclass
+class CaseResult:
+    """One case after every repetition of every contender."""
+
+    section: str
+    case: Case
+    contenders: List[ContenderResult]
+
+    @property
+    def failed(self) -> bool:
+        return any(c.status == FAILED for c in self.contenders)
+
+    @property
+    def verified(self) -> bool:
+        ran = [c for c in self.contenders if c.status != SKIPPED]
+        return bool(ran) and not self.failed and all(c.runs for c in ran)
+
+    def headline(self, c: ContenderResult) -> float:
+        """The figure a contender is ranked by: median msg/s (MB/s if the
+        case unit is MB/s) for throughput, p50 in ns for latency."""
+        if c.status != OK or not c.ok_runs():
+            return math.nan
+        if self.case.kind == LATENCY:
+            lat = c.latency()
+            return lat["p50"] if lat else math.nan
+        key = "mb_per_s" if self.case.unit in ("MB/s", "GB/s") else "msg_per_s"
+        return c.rates(self.case.workload.size)[key]["median"]
+
+    def _best(self, ours: bool) -> Optional[ContenderResult]:
+        pool = [c for c in self.contenders if c.ours == ours and c.status == OK and c.ok_runs()]
+        if not pool:
+            return None
+        if self.case.kind == LATENCY:
+            return min(pool, key=self.headline)
+        return max(pool, key=self.headline)
+
+    @property
+    def best_ours(self) -> Optional[ContenderResult]:
+        return self._best(True)
+
+    @property
+    def best_peer(self) -> Optional[ContenderResult]:
+        return self._best(False)
+
+    @property
+    def ratio(self) -> Optional[float]:
+        """Ours over the best peer; > 1 means we win (latency: peer p50 / ours)."""
+        o, p = self.best_ours, self.best_peer
+        if o is None or p is None:
+            return None
+        ho, hp = self.headline(o), self.headline(p)
+        if not (ho > 0 and hp > 0):
+            return None
+        return hp / ho if self.case.kind == LATENCY else ho / hp
+
+
+@dataclass
+class SuiteResult:
+    """Everything one ``queue-engine bench`` invocation measured."""
+
+    profile: Profile
+    cases: List[CaseResult] = field(default_factory=list)
+    skipped: List[str] = field(default_factory=list)  # "skipped: NAME (hint)" lines, deduplicated
+    errors: List[str] = field(default_factory=list)  # sections that failed to build their cases
+    started_wall: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.errors) or any(c.failed for c in self.cases)
+
+
+# ---------------------------------------------------------------------------
+# progress and the runner
+# ---------------------------------------------------------------------------
+
+
+class Progress:
+    """A one-line progress display on stderr (plain lines when not a tty)."""
+
+    def __init__(self, stream: Any = None, enabled: bool = True) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._width = 0
+        self._t0 = time.monotonic()
+
+    def update(self, text: str) -> None:
+        if not self.enabled:
+            return
+        line = f"[{time.monotonic() - self._t0:6.1f}s] {text}"
+        if self.tty:
+            pad = max(0, self._width - len(line))
+            self.stream.write("\r" + line + " " * pad)
+            self._width = len(line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        """A line that stays (skips, failures)."""
+        if not self.enabled:
+            return
+        if self.tty and self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self._width = 0
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def done(self) -> None:
+        if self.enabled and self.tty and self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self.stream.flush()
+            self._width = 0
+
+
+def verify(case: Case, run: Run) -> Optional[str]:
+    """``None`` if the run delivered exactly the workload, else why not."""
+    exp = case.workload.expected
+    problems = []
+    if run.count != exp.count:
+        kind = "lost" if run.count < exp.count else "duplicated"
+        problems.append(f"count {run.count} != {exp.count} ({kind} {abs(exp.count - run.count)})")
+    if (run.checksum & _MASK64) != exp.checksum:
+        problems.append(f"checksum {run.checksum:#018x} != {exp.checksum:#018x}")
+    if case.ordered and run.in_order is False:
+        problems.append("out of order")
+    if not (run.seconds > 0 and math.isfinite(run.seconds)):
+        problems.append(f"bad timing {run.seconds!r}")
+    if case.kind == LATENCY and (run.latencies_ns is None or len(run.latencies_ns) == 0):
+        problems.append("no latency samples")
+    return "; ".join(problems) or None
+
+
+def run_case(
+    case: Case,
+    section: str,
+    profile: Profile,
+    progress: Optional[Progress] = None,
+    skipped_lines: Optional[List[str]] = None,
+) -> CaseResult:
+    """Run every available contender ``repeat`` times, interleaved, verifying
+    each run. Never raises for a contender's failure: it is recorded."""
+    progress = progress or Progress(enabled=False)
+    results: List[ContenderResult] = []
+    live: List[Tuple[Contender, ContenderResult]] = []
+    for cont in case.contenders:
+        res = ContenderResult(cont.name, cont.ours)
+        results.append(res)
+        missing = cont.missing()
+        if missing:
+            res.status = SKIPPED
+            res.reason = f"skipped: {cont.name} ({cont.pip_hint})"
+            if skipped_lines is not None and res.reason not in skipped_lines:
+                skipped_lines.append(res.reason)
+                progress.message(res.reason)
+            continue
+        if case.kind == LATENCY:
+            res.histogram = LatencyHistogram()
+        live.append((cont, res))
+    reps = case.repeat if case.repeat is not None else profile.reps()
+    if profile.repeat is not None:
+        reps = profile.reps()
+    # build the payloads once, before any clock (forked children inherit them)
+    case.workload.expected
+    for rep in range(reps):
+        for cont, res in live:
+            if res.status == FAILED:
+                continue
+            progress.update(f"{section}: {case.name} - {cont.name} ({rep + 1}/{reps})")
+            try:
+                run = cont.fn(case.workload)
+                if not isinstance(run, Run):
+                    raise TypeError(f"contender returned {type(run).__name__}, not Run")
+                why = verify(case, run)
+            except Exception as exc:  # a broken contender fails the case, loudly
+                tb = traceback.format_exception_only(type(exc), exc)[-1].strip()
+                why = f"raised {tb}"
+                run = None
+            if why is None and run is not None:
+                res.runs.append(
+                    RunRecord(rep, run.seconds, run.count, run.checksum & _MASK64, run.in_order, True)
+                )
+                if res.histogram is not None and run.latencies_ns is not None:
+                    res.histogram.record(run.latencies_ns)
+            else:
+                res.status = FAILED
+                res.reason = why
+                res.runs.append(
+                    RunRecord(
+                        rep,
+                        run.seconds if run else math.nan,
+                        run.count if run else -1,
+                        (run.checksum & _MASK64) if run else 0,
+                        run.in_order if run else None,
+                        False,
+                        why,
+                    )
+                )
+                progress.message(f"FAILED: {section}: {case.name} - {cont.name}: {why}")
+    return CaseResult(section, case, results)
+
+
+def load_sections(only: Optional[Sequence[str]] = None) -> List[Tuple[str, Any]]:
+    """``(name, module)`` for every section module that exists, in
+    :data:`SECTIONS` order; ``only`` picks names (unknown names raise)."""
+    wanted = list(SECTIONS) if not only else list(only)
+    unknown = [n for n in wanted if n not in SECTIONS]
+    if unknown:
+        raise ValueError(f"unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
+    out = []
+    for name in SECTIONS:
+        if name not in wanted:
+            continue
+        modname = f"engine.bench.{name}"
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as exc:
+            if exc.name == modname:
+                continue  # that section has not landed yet
+            raise
+        out.append((getattr(mod, "SECTION", name), mod))
+    return out
+
+
+def run_suite(
+    profile: Profile,
+    only: Optional[Sequence[str]] = None,
+    progress: Optional[Progress] = None,
+    sections: Optional[List[Tuple[str, Any]]] = None,
+) -> SuiteResult:
+    """Run every case of every selected section."""
+    progress = progress or Progress(enabled=False)
+    suite = SuiteResult(profile, started_wall=time.time())
+    t0 = time.monotonic()
+    for name, mod in sections if sections is not None else load_sections(only):
+        try:
+            cases = list(mod.cases(profile))
+        except Exception as exc:
+            msg = f"FAILED: section {name}: cases() raised {type(exc).__name__}: {exc}"
+            suite.errors.append(msg)
+            progress.message(msg)
+            continue
+        for case in cases:
+            suite.cases.append(run_case(case, name, profile, progress, suite.skipped))
+    progress.done()
+    suite.seconds = time.monotonic() - t0
+    return suite
