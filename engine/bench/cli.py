@@ -1,0 +1,112 @@
+"""``queue-engine bench``: run the benchmark suite and report it."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from typing import Any, List, Optional
+
+EPILOG = """\
+examples:
+  queue-engine bench                          quick suite (< 60 s on 2 cores)
+  queue-engine bench --full --json bench.json everything, every raw figure to a file
+  queue-engine bench --only ring --markdown   the README table for the ring section
+  queue-engine bench --full --plot plots/     PNG charts (needs matplotlib)
+
+Peers that are not installed are skipped: pip install "queue-engine[bench]".
+The exit status is 1 when any run lost, duplicated or corrupted a message.
+"""
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
+    return n
+
+
+def register(sub: Any) -> None:
+    """Add the ``bench`` sub-command to the ``queue-engine`` parser."""
+    p = sub.add_parser(
+        "bench",
+        help="benchmark queue-engine against the installed peers (verified, same run)",
+        description=(
+            "Run every contender on the same workload in the same run, repeat it "
+            "interleaved, verify every delivery (count + checksum), and report medians, "
+            "spread, latency percentiles and the ratio of queue-engine to the best peer."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--full", action="store_true", help="more messages and repetitions, every sweep")
+    p.add_argument("--only", metavar="SECTIONS", help="comma-separated sections, e.g. ring,log")
+    p.add_argument("--json", metavar="PATH", help="write every raw figure and the machine to PATH")
+    p.add_argument(
+        "--markdown",
+        metavar="PATH",
+        nargs="?",
+        const="-",
+        help="write the Markdown tables (README) to PATH, or stdout instead of the terminal table",
+    )
+    p.add_argument("--plot", metavar="DIR", help="write PNG charts into DIR (needs matplotlib)")
+    p.add_argument("--repeat", metavar="N", type=_positive, help="repetitions of every case")
+    p.add_argument("--messages", metavar="N", type=_positive, help="messages per case")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress display on stderr")
+    p.add_argument("--list", action="store_true", help="list sections and cases, run nothing")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace, argv: Optional[List[str]] = None) -> int:
+    """Handler: run, print, write; 1 if any case FAILED, 2 on bad usage."""
+    from engine.bench import harness, report
+    from engine.bench.machine import machine_info
+
+    profile = harness.Profile(full=args.full, messages=args.messages, repeat=args.repeat)
+    only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
+    try:
+        sections = harness.load_sections(only)
+    except ValueError as exc:
+        print(f"queue-engine bench: {exc}", file=sys.stderr)
+        return 2
+    if not sections:
+        print("queue-engine bench: no benchmark section is available", file=sys.stderr)
+        return 2
+    if args.list:
+        for name, mod in sections:
+            print(name)
+            for case in mod.cases(profile):
+                names = ", ".join(c.name for c in case.contenders)
+                print(f"  {case.name} [{case.kind}, {case.workload.count:,} x {case.workload.size} B]: {names}")
+        return 0
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print('queue-engine bench: --plot needs matplotlib (pip install "queue-engine[bench]")', file=sys.stderr)
+            return 2
+    command = "queue-engine " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    progress = harness.Progress(enabled=not args.quiet)
+    suite = harness.run_suite(profile, progress=progress, sections=sections)
+    info = machine_info()
+    if args.markdown == "-":
+        sys.stdout.write(report.render_markdown(suite, command, info))
+    else:
+        report.print_terminal(suite, info=info)
+        if args.markdown:
+            with open(args.markdown, "w", encoding="utf-8") as f:
+                f.write(report.render_markdown(suite, command, info))
+    if args.json:
+        report.write_json(suite, args.json, command, info)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        for path in report.write_plots(suite, args.plot):
+            print(f"wrote {path}", file=sys.stderr)
+    if suite.failed:
+        print("queue-engine bench: FAILED - a contender lost, duplicated or corrupted messages "
+              "(see above)", file=sys.stderr)
+        return 1
+    return 0

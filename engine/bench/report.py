@@ -1,0 +1,539 @@
+"""Render a :class:`~engine.bench.harness.SuiteResult`: terminal table, JSON
+(stable schema, ``schema_version``), Markdown for the README, PNG plots.
+
+JSON schema (``schema_version`` 1; keys are only ever added, never renamed)::
+
+    {
+      "schema_version": 1, "tool": "queue-engine bench", "command": str,
+      "profile": {"name": "quick"|"full", "full": bool, "messages": int|null, "repeat": int|null},
+      "started": ISO-8601 UTC str, "seconds": float, "ok": bool,
+      "latency_backend": "hdrhistogram"|"numpy-log-linear",
+      "machine": {"cpu_model", "cpu_count", "usable_cpus", "machine", "system", "kernel",
+                  "platform", "python", "python_implementation", "engine_version",
+                  "packages": {dist: version|null}, "loadavg"},
+      "skipped": [str], "errors": [str],
+      "cases": [{
+        "section", "name", "description", "kind": "throughput"|"latency", "unit",
+        "ordered": bool, "params": {...},
+        "workload": {"count", "size", "seed", "bytes", "checksum"},
+        "verified": bool, "failed": bool,
+        "best_ours": str|null, "best_peer": str|null, "ratio": float|null,
+        "contenders": [{
+          "name", "ours": bool, "status": "ok"|"FAILED"|"skipped", "reason": str|null,
+          "msg_per_s": {"median", "min", "max", "q1", "q3"},   # float|null each
+          "mb_per_s":  {"median", "min", "max", "q1", "q3"},
+          "latency_ns": {"p50", "p90", "p99", "p99_9", "max", "min", "samples"}|null,
+          "runs": [{"rep", "seconds", "count", "checksum", "in_order", "ok", "error",
+                    "msg_per_s", "mb_per_s"}]
+        }]
+      }]
+    }
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional, TextIO
+
+from engine.bench.harness import (
+    FAILED,
+    LATENCY,
+    OK,
+    SCHEMA_VERSION,
+    SKIPPED,
+    CaseResult,
+    ContenderResult,
+    LatencyHistogram,
+    SuiteResult,
+)
+from engine.bench.machine import machine_info, machine_line
+
+# ---------------------------------------------------------------------------
+# number formatting
+# ---------------------------------------------------------------------------
+
+
+def _si(x: float) -> str:
+    if x is None or not math.isfinite(x):
+        return "-"
+    for div, suf in ((1e9, " G"), (1e6, " M"), (1e3, " k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{suf}"
+    return f"{x:.3g}"
+
+
+def _us(ns: Optional[float]) -> str:
+    if ns is None or not math.isfinite(ns):
+        return "-"
+    us = ns / 1000.0
+    if us >= 100:
+        return f"{us:.0f}"
+    return f"{us:.3g}" if us >= 1 else f"{us:.2f}"
+
+
+def _mb(x: float) -> str:
+    if x is None or not math.isfinite(x):
+        return "-"
+    if x >= 1000:
+        return f"{x / 1000:.3g} GB/s"
+    return f"{x:.3g} MB/s"
+
+
+def _ratio(r: Optional[float]) -> str:
+    if r is None or not math.isfinite(r):
+        return "-"
+    return f"{r:.3g}x" if r < 100 else f"{r:.0f}x"
+
+
+def _size(n: int) -> str:
+    if n >= 1024 and n % 1024 == 0:
+        return f"{n // 1024} KiB"
+    return f"{n} B"
+
+
+def _verdict(cr: CaseResult) -> str:
+    if cr.failed:
+        return "FAILED"
+    if cr.verified:
+        return "verified"
+    return "not run"
+
+
+def _ratio_note(cr: CaseResult) -> str:
+    r = cr.ratio
+    bo, bp = cr.best_ours, cr.best_peer
+    if r is None or bo is None or bp is None:
+        return "no ratio (ours or every peer missing)"
+    if r >= 1:
+        return f"ours {_ratio(r)} vs best peer {bp.name}"
+    return f"ours LOSES: {_ratio(r)} of best peer {bp.name}"
+
+
+# ---------------------------------------------------------------------------
+# terminal
+# ---------------------------------------------------------------------------
+
+
+def _throughput_cells(cr: CaseResult, c: ContenderResult) -> List[str]:
+    if c.status == SKIPPED:
+        return ["skipped", "", "", ""]
+    if c.status == FAILED and not c.ok_runs():
+        return ["FAILED", "", "", ""]
+    rates = c.rates(cr.case.workload.size)
+    m, b = rates["msg_per_s"], rates["mb_per_s"]
+    return [
+        _si(m["median"]) + ("" if c.status == OK else " FAILED"),
+        _mb(b["median"]),
+        f"{_si(m['min'])}-{_si(m['max'])}",
+        f"{len(c.ok_runs())}",
+    ]
+
+
+def _latency_cells(c: ContenderResult) -> List[str]:
+    if c.status == SKIPPED:
+        return ["skipped", "", "", "", "", ""]
+    lat = c.latency()
+    if not c.ok_runs() or not lat:
+        return ["FAILED", "", "", "", "", ""]
+    return [
+        _us(lat["p50"]) + ("" if c.status == OK else " FAILED"),
+        _us(lat["p90"]),
+        _us(lat["p99"]),
+        _us(lat["p99_9"]),
+        _us(lat["max"]),
+        f"{int(lat['samples'])}",
+    ]
+
+
+def _table(rows: List[List[str]], indent: str = "  ") -> List[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for r in rows:
+        cells = [r[0].ljust(widths[0])] + [r[i].rjust(widths[i]) for i in range(1, len(r))]
+        out.append(indent + "  ".join(cells).rstrip())
+    return out
+
+
+def render_terminal(suite: SuiteResult, color: Optional[bool] = None, info: Optional[Dict[str, Any]] = None) -> str:
+    """The human-readable table (ours rows start with ``*``; ratios against
+    the best peer, bold on a colour terminal; a loss says ``LOSES``)."""
+    if color is None:
+        color = sys.stdout.isatty() and os.environ.get("NO_COLOR") is None
+    bold = (lambda s: f"\x1b[1m{s}\x1b[0m") if color else (lambda s: s)
+    red = (lambda s: f"\x1b[1;31m{s}\x1b[0m") if color else (lambda s: s)
+    lines = [
+        f"queue-engine bench ({suite.profile.name}) on {machine_line(info)}",
+        "every run verified: message count + order-independent checksum of every payload",
+        "",
+    ]
+    section = None
+    for cr in suite.cases:
+        if cr.section != section:
+            section = cr.section
+            lines.append(bold(f"== {section} =="))
+        wl = cr.case.workload
+        reps = max((len(c.runs) for c in cr.contenders), default=0)
+        verdict = _verdict(cr)
+        verdict = red(verdict) if cr.failed else verdict
+        note = _ratio_note(cr)
+        note = red(note) if "LOSES" in note else bold(note)
+        lines.append(
+            f"{cr.case.name}: {cr.case.description} "
+            f"[{wl.count:,} x {_size(wl.size)}, {reps} reps] {verdict}; {note}"
+        )
+        if cr.case.kind == LATENCY:
+            rows = [["contender", "p50 us", "p90 us", "p99 us", "p99.9 us", "max us", "samples"]]
+            for c in cr.contenders:
+                rows.append([("* " if c.ours else "  ") + c.name] + _latency_cells(c))
+        else:
+            rows = [["contender", "msg/s", "bandwidth", "min-max msg/s", "runs"]]
+            for c in cr.contenders:
+                rows.append([("* " if c.ours else "  ") + c.name] + _throughput_cells(cr, c))
+        lines.extend(_table(rows))
+        for c in cr.contenders:
+            if c.status == FAILED:
+                lines.append(red(f"  FAILED {c.name}: {c.reason}"))
+        lines.append("")
+    for s in suite.skipped:
+        lines.append(s)
+    for e in suite.errors:
+        lines.append(red(e))
+    n_fail = sum(1 for c in suite.cases if c.failed) + len(suite.errors)
+    lines.append(
+        f"{len(suite.cases)} cases in {suite.seconds:.1f} s: "
+        + (red(f"{n_fail} FAILED") if n_fail else "all verified")
+        + "  (* = queue-engine; ratio = ours / best peer, > 1 is a win)"
+    )
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# JSON
+# ---------------------------------------------------------------------------
+
+
+def _num(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return _num(obj)
+
+
+def _contender_json(cr: CaseResult, c: ContenderResult) -> Dict[str, Any]:
+    size = cr.case.workload.size
+    rates = c.rates(size)
+    return {
+        "name": c.name,
+        "ours": c.ours,
+        "status": c.status,
+        "reason": c.reason,
+        "msg_per_s": rates["msg_per_s"],
+        "mb_per_s": rates["mb_per_s"],
+        "latency_ns": c.latency(),
+        "runs": [
+            {
+                "rep": r.rep,
+                "seconds": r.seconds,
+                "count": r.count,
+                "checksum": r.checksum,
+                "in_order": r.in_order,
+                "ok": r.ok,
+                "error": r.error,
+                "msg_per_s": (r.count / r.seconds) if r.ok and r.seconds > 0 else None,
+                "mb_per_s": (r.count * size / r.seconds / 1e6) if r.ok and r.seconds > 0 else None,
+            }
+            for r in c.runs
+        ],
+    }
+
+
+def to_json(suite: SuiteResult, command: Optional[str] = None, info: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The whole suite as a JSON-ready dict (see the module docstring)."""
+    cases = []
+    for cr in suite.cases:
+        wl = cr.case.workload
+        bo, bp = cr.best_ours, cr.best_peer
+        cases.append(
+            {
+                "section": cr.section,
+                "name": cr.case.name,
+                "description": cr.case.description,
+                "kind": cr.case.kind,
+                "unit": cr.case.unit,
+                "ordered": cr.case.ordered,
+                "params": dict(cr.case.params),
+                "workload": {
+                    "count": wl.count,
+                    "size": wl.size,
+                    "seed": wl.seed,
+                    "bytes": wl.nbytes,
+                    "checksum": wl.expected.checksum,
+                },
+                "verified": cr.verified,
+                "failed": cr.failed,
+                "best_ours": bo.name if bo else None,
+                "best_peer": bp.name if bp else None,
+                "ratio": cr.ratio,
+                "contenders": [_contender_json(cr, c) for c in cr.contenders],
+            }
+        )
+    p = suite.profile
+    return _clean(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "tool": "queue-engine bench",
+            "command": command if command is not None else " ".join(sys.argv),
+            "profile": {"name": p.name, "full": p.full, "messages": p.messages, "repeat": p.repeat},
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(suite.started_wall or time.time())),
+            "seconds": suite.seconds,
+            "ok": not suite.failed,
+            "latency_backend": LatencyHistogram().backend,
+            "machine": info if info is not None else machine_info(),
+            "skipped": list(suite.skipped),
+            "errors": list(suite.errors),
+            "cases": cases,
+        }
+    )
+
+
+def write_json(suite: SuiteResult, path: str, command: Optional[str] = None, info: Optional[Dict[str, Any]] = None) -> None:
+    data = to_json(suite, command, info)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, allow_nan=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------
+
+
+def _md_escape(s: str) -> str:
+    return s.replace("|", "\\|")
+
+
+def render_markdown(suite: SuiteResult, command: Optional[str] = None, info: Optional[Dict[str, Any]] = None) -> str:
+    """Tables for the README: throughput and latency, ours in bold, the ratio
+    against the best peer in bold on our row (a loss says so)."""
+    cmd = command if command is not None else "queue-engine bench"
+    out = [
+        f"Measured with `{cmd}` on {machine_line(info)}; "
+        f"{suite.profile.name} profile, medians of interleaved repetitions, "
+        "every run verified (count + checksum).",
+        "",
+    ]
+    thr = [cr for cr in suite.cases if cr.case.kind != LATENCY]
+    lat = [cr for cr in suite.cases if cr.case.kind == LATENCY]
+    if thr:
+        out += [
+            "| Case | Messages | Contender | msg/s (median) | bandwidth | spread (min-max msg/s) | vs best peer |",
+            "|---|---|---|---:|---:|---:|---:|",
+        ]
+        for cr in thr:
+            wl = cr.case.workload
+            first = True
+            for c in cr.contenders:
+                if c.status == SKIPPED:
+                    continue
+                case_cell = f"{_md_escape(cr.section)}: {_md_escape(cr.case.name)}" if first else ""
+                if first and cr.failed:
+                    case_cell += " **FAILED**"
+                size_cell = f"{wl.count:,} x {_size(wl.size)}" if first else ""
+                first = False
+                name = f"**{_md_escape(c.name)}**" if c.ours else _md_escape(c.name)
+                if c.status == FAILED:
+                    out.append(f"| {case_cell} | {size_cell} | {name} | FAILED | | | |")
+                    continue
+                rates = c.rates(wl.size)
+                m, b = rates["msg_per_s"], rates["mb_per_s"]
+                ratio = ""
+                if c.ours and cr.best_ours is c and cr.ratio is not None:
+                    ratio = f"**{_ratio(cr.ratio)}**" + (" (loses)" if cr.ratio < 1 else "")
+                out.append(
+                    f"| {case_cell} | {size_cell} | {name} | {_si(m['median'])} | {_mb(b['median'])} | "
+                    f"{_si(m['min'])}-{_si(m['max'])} | {ratio} |"
+                )
+        out.append("")
+    if lat:
+        out += [
+            "| Latency case | Contender | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | vs best peer (p50) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for cr in lat:
+            first = True
+            for c in cr.contenders:
+                if c.status == SKIPPED:
+                    continue
+                case_cell = f"{_md_escape(cr.section)}: {_md_escape(cr.case.name)}" if first else ""
+                if first and cr.failed:
+                    case_cell += " **FAILED**"
+                first = False
+                name = f"**{_md_escape(c.name)}**" if c.ours else _md_escape(c.name)
+                s = c.latency()
+                if c.status == FAILED or not s:
+                    out.append(f"| {case_cell} | {name} | FAILED | | | | | |")
+                    continue
+                ratio = ""
+                if c.ours and cr.best_ours is c and cr.ratio is not None:
+                    ratio = f"**{_ratio(cr.ratio)}**" + (" (loses)" if cr.ratio < 1 else "")
+                out.append(
+                    f"| {case_cell} | {name} | {_us(s['p50'])} | {_us(s['p90'])} | {_us(s['p99'])} | "
+                    f"{_us(s['p99_9'])} | {_us(s['max'])} | {ratio} |"
+                )
+        out.append("")
+    if suite.skipped:
+        out.append("Not installed here: " + "; ".join(s.replace("skipped: ", "") for s in suite.skipped) + ".")
+        out.append("")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------
+# plots (matplotlib, Agg, imported only here)
+# ---------------------------------------------------------------------------
+
+
+def write_plots(suite: SuiteResult, directory: str) -> List[str]:
+    """PNG charts: throughput by message size (log-log), latency percentiles
+    (log y), scaling with consumers. Returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(directory, exist_ok=True)
+    written: List[str] = []
+
+    def sweep(kind: str) -> Dict[str, List[CaseResult]]:
+        groups: Dict[str, List[CaseResult]] = {}
+        for cr in suite.cases:
+            if cr.case.params.get("sweep") == kind and cr.case.kind != LATENCY:
+                groups.setdefault(str(cr.case.params.get("group", cr.section)), []).append(cr)
+        return groups
+
+    def series(crs: List[CaseResult], key: str) -> Dict[str, List[tuple]]:
+        out: Dict[str, List[tuple]] = {}
+        for cr in crs:
+            x = cr.case.params.get("x")
+            for c in cr.contenders:
+                if c.status != OK or not c.ok_runs():
+                    continue
+                r = c.rates(cr.case.workload.size)[key]
+                out.setdefault(c.name, []).append((x, r["median"], r["min"], r["max"], c.ours))
+        return out
+
+    # throughput by message size
+    for group, crs in sweep("size").items():
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
+        for ax, key, label in ((ax1, "mb_per_s", "throughput (MB/s)"), (ax2, "msg_per_s", "messages per second")):
+            for name, pts in series(crs, key).items():
+                pts.sort()
+                xs = [p[0] for p in pts]
+                ys = [p[1] for p in pts]
+                err = [[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]]
+                ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name, linewidth=2.5 if pts[0][4] else 1.2)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("message size (bytes, log scale)")
+            ax.set_ylabel(label + ", log scale")
+            ax.grid(True, which="both", alpha=0.3)
+        ax1.legend(fontsize=8)
+        fig.suptitle(f"{group}: throughput by message size (median, min-max bars)")
+        fig.tight_layout()
+        path = os.path.join(directory, f"throughput_by_size_{_slug(group)}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    # scaling with consumers
+    for group, crs in sweep("consumers").items():
+        fig, ax = plt.subplots(figsize=(7, 4.8))
+        for name, pts in series(crs, "msg_per_s").items():
+            pts.sort()
+            ax.errorbar(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
+                marker="o",
+                capsize=3,
+                label=name,
+                linewidth=2.5 if pts[0][4] else 1.2,
+            )
+        ax.set_yscale("log")
+        ax.set_xlabel("consumer processes")
+        ax.set_ylabel("messages per second (total, log scale)")
+        ax.set_xticks(sorted({int(cr.case.params.get("x", 0)) for cr in crs}))
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(f"{group}: scaling with consumers (median, min-max bars)")
+        fig.tight_layout()
+        path = os.path.join(directory, f"scaling_consumers_{_slug(group)}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    # latency percentiles
+    lat = [cr for cr in suite.cases if cr.case.kind == LATENCY]
+    for cr in lat:
+        fig, ax = plt.subplots(figsize=(8, 4.8))
+        labels = ["p50", "p90", "p99", "p99.9", "max"]
+        keys = ["p50", "p90", "p99", "p99_9", "max"]
+        for c in cr.contenders:
+            s = c.latency()
+            if c.status != OK or not s:
+                continue
+            ax.plot(labels, [s[k] / 1000.0 for k in keys], marker="o", label=c.name, linewidth=2.5 if c.ours else 1.2)
+        ax.set_yscale("log")
+        ax.set_xlabel("percentile")
+        ax.set_ylabel("round-trip latency (µs, log scale)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(f"{cr.section}: {cr.case.name} ({cr.case.workload.count:,} round trips x reps)")
+        fig.tight_layout()
+        path = os.path.join(directory, f"latency_{_slug(cr.section + '_' + cr.case.name)}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    # headline: every throughput case, ratio of ours to best peer
+    heads = [cr for cr in suite.cases if cr.ratio is not None and not cr.case.params.get("sweep")]
+    if heads:
+        fig, ax = plt.subplots(figsize=(9, 0.45 * len(heads) + 1.5))
+        names = [f"{cr.section}: {cr.case.name}" for cr in heads]
+        vals = [cr.ratio for cr in heads]
+        ax.barh(names, vals, color=["tab:green" if v >= 1 else "tab:red" for v in vals])
+        ax.axvline(1.0, color="black", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("queue-engine / best peer (x, log scale; > 1 = faster)")
+        ax.invert_yaxis()
+        ax.grid(True, axis="x", which="both", alpha=0.3)
+        ax.set_title("ratio of queue-engine to the best installed peer")
+        fig.tight_layout()
+        path = os.path.join(directory, "ratios.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _slug(s: str) -> str:
+    keep = [ch if ch.isalnum() else "_" for ch in s.lower()]
+    return "_".join(filter(None, "".join(keep).split("_")))
+
+
+def print_terminal(suite: SuiteResult, stream: Optional[TextIO] = None, info: Optional[Dict[str, Any]] = None) -> None:
+    stream = stream or sys.stdout
+    stream.write(render_terminal(suite, color=stream.isatty() if hasattr(stream, "isatty") else False, info=info))
+    stream.flush()
