@@ -161,7 +161,7 @@ class Workload:
         return _build_payloads(self.count, self.size, self.seed)
 
     @property
-    def expected(self) -> "Digest":
+    def expected(self) -> Digest:
         return _expected(self.count, self.size, self.seed)
 
 
@@ -183,7 +183,7 @@ def _build_payloads(count: int, size: int, seed: int) -> List[bytes]:
 
 
 @functools.lru_cache(maxsize=8)
-def _expected(count: int, size: int, seed: int) -> "Digest":
+def _expected(count: int, size: int, seed: int) -> Digest:
     return digest_array(_build_array(count, size, seed))
 
 
@@ -203,7 +203,7 @@ class Digest:
     in_order: Optional[bool] = None
 
     @staticmethod
-    def combine(parts: Iterable["Digest"]) -> "Digest":
+    def combine(parts: Iterable[Digest]) -> Digest:
         """The digest of several consumers' shares (order is not defined
         across competing consumers, so ``in_order`` is ``None``)."""
         count = 0
@@ -318,7 +318,7 @@ class Run:
         t1_ns: int,
         d: Digest,
         latencies_ns: Optional[Sequence[int]] = None,
-    ) -> "Run":
+    ) -> Run:
         """A run from ``perf_counter_ns`` stamps and the consumer's digest."""
         return cls((t1_ns - t0_ns) / 1e9, d.count, d.checksum, d.in_order, latencies_ns)
 
@@ -693,7 +693,7 @@ def run_case(
     if profile.repeat is not None:
         reps = profile.reps()
     # build the payloads once, before any clock (forked children inherit them)
-    case.workload.expected
+    _ = case.workload.expected
     for rep in range(reps):
         for cont, res in live:
             if res.status == FAILED:

@@ -1,0 +1,337 @@
+"""The ring section: engine.Ring against queue.Queue, queue.SimpleQueue,
+multiprocessing.Queue/Pipe, faster-fifo and pyzmq on the same workload.
+
+Cases (quick: ~200k 64-byte messages; --full: 1,000,000 plus the sweeps):
+threads 1->1; processes 1->1 single put/get; processes 1->1 batch
+(put_many/get_many, 1024 per call for every contender); processes 1->2
+competing consumers; put_array/get_array of 64-byte rows; cross-process
+ping-pong round-trip latency; --full adds a message-size sweep (8 B-64 KiB)
+and a consumer-count sweep (1-4).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from typing import Any, Callable, List, Optional, Tuple
+
+import numpy as np
+
+from engine.bench import peers
+from engine.bench.harness import (
+    LATENCY,
+    THROUGHPUT,
+    Case,
+    Contender,
+    Profile,
+    Run,
+    Workload,
+)
+from engine.bench.peers import BARRIER_TIMEOUT, BATCH
+
+SECTION = "ring"
+
+RING = ("engine._ring",)
+# ours missing means an unbuilt source tree, not a missing extra
+BUILD_HINT = "build it: pip install . (or python setup.py build_ext --inplace)"
+FF = ("faster_fifo",)
+ZMQ = ("zmq",)
+CAPACITY = 1 << 24  # 16 MiB, the same buffer as faster-fifo gets
+ARRAY_ROWS = 8192  # rows per put_array / get_array call (and per peer block)
+SIZES = (8, 64, 512, 4096, 32768, 65536)
+CONSUMERS = (1, 2, 3, 4)
+
+
+def _ring_name() -> str:
+    return f"qe-bench-{os.getpid()}-{uuid.uuid4().hex[:10]}"
+
+
+class _SharedRing:
+    """A named ring for one run, unlinked whatever happens."""
+
+    def __init__(self, mode: str = "spsc", consumers: int = 1, capacity: int = CAPACITY) -> None:
+        from engine import Ring
+
+        self.name = _ring_name()
+        self.ring = Ring.create(self.name, capacity=capacity, mode=mode, max_consumers=consumers)
+
+    def __enter__(self) -> str:
+        return self.name
+
+    def __exit__(self, *exc: Any) -> None:
+        from engine import Ring
+
+        try:
+            self.ring.close()
+        finally:
+            try:
+                Ring.unlink(self.name)
+            except Exception:
+                pass
+
+
+# ---------------------------------------------------------------------------
+# ours: child roles
+# ---------------------------------------------------------------------------
+
+
+def _ours_producer(wl: Workload, barrier: Any, name: str, how: str) -> int:
+    from engine import Ring
+
+    ring = Ring.attach(name)
+    p = ring.producer()
+    msgs = wl.payloads() if how != "array" else None
+    arr = wl.array() if how == "array" else None
+    barrier.wait(BARRIER_TIMEOUT)
+    t0 = time.perf_counter_ns()
+    if how == "single":
+        put = p.put
+        for m in msgs:  # type: ignore[union-attr]
+            put(m)
+    elif how == "many":
+        put_many = p.put_many
+        for ch in peers.chunks(msgs, BATCH):  # type: ignore[arg-type]
+            put_many(ch)
+    else:
+        put_array = p.put_array
+        for i in range(0, len(arr), ARRAY_ROWS):  # type: ignore[arg-type]
+            put_array(arr[i : i + ARRAY_ROWS])  # type: ignore[index]
+    p.close()
+    ring.close()
+    return t0
+
+
+def _ours_consumer(wl: Workload, barrier: Any, name: str, how: str) -> Tuple[int, int, int, Optional[bool]]:
+    from engine import Closed, Ring
+
+    ring = Ring.attach(name)
+    c = ring.consumer()
+    barrier.wait(BARRIER_TIMEOUT)
+    if how == "array":
+        got: List[np.ndarray] = []
+        get_array = c.get_array
+        try:
+            while True:
+                a = get_array(ARRAY_ROWS, np.uint8, None)
+                if len(a):
+                    got.append(a)
+        except Closed:
+            pass
+        t1 = time.perf_counter_ns()
+        c.close()
+        ring.close()
+        return peers.array_result(t1, got, wl.size)
+    out: List[Any] = []
+    try:
+        if how == "single":
+            get = c.get
+            append = out.append
+            while True:
+                append(get())
+        else:
+            get_many = c.get_many
+            extend = out.extend
+            while True:
+                extend(get_many(BATCH, None))
+    except Closed:
+        pass
+    t1 = time.perf_counter_ns()
+    c.close()
+    ring.close()
+    return peers.consumer_result(t1, out)
+
+
+def ours_procs(how: str = "single", n_consumers: int = 1) -> Callable[[Workload], Run]:
+    mode = "spsc" if n_consumers == 1 else "shared"
+
+    def fn(wl: Workload) -> Run:
+        with _SharedRing(mode, n_consumers) as name:
+            return peers.flow_run(
+                wl,
+                (_ours_producer, (name, how)),
+                [(_ours_consumer, (name, how))] * n_consumers,
+            )
+
+    return fn
+
+
+def ours_threads(wl: Workload) -> Run:
+    from engine import Closed, Ring
+
+    ring = Ring(capacity=CAPACITY, mode="spsc")
+    p = ring.producer()
+    c = ring.consumer()
+    msgs = wl.payloads()
+
+    def produce(_box: Any) -> None:
+        put = p.put
+        for m in msgs:
+            put(m)
+        p.close()
+
+    def consume() -> List[Any]:
+        out: List[Any] = []
+        get = c.get
+        append = out.append
+        try:
+            while True:
+                append(get())
+        except Closed:
+            return out
+
+    try:
+        return peers.thread_run(wl, produce, consume)
+    finally:
+        ring.close()
+
+
+# ping-pong: two spsc rings, a (ping) and b (pong)
+def _ours_ping(wl: Workload, barrier: Any, a: str, b: str) -> Any:
+    from engine import Ring
+
+    ra, rb = Ring.attach(a), Ring.attach(b)
+    p, c = ra.producer(), rb.consumer()
+    try:
+        return peers._pingpong(wl, barrier, p.put, c.get)
+    finally:
+        p.close()
+        c.close()
+        ra.close()
+        rb.close()
+
+
+def _ours_echo(wl: Workload, barrier: Any, a: str, b: str) -> None:
+    from engine import Ring
+
+    ra, rb = Ring.attach(a), Ring.attach(b)
+    c, p = ra.consumer(), rb.producer()
+    try:
+        peers._echo(wl, barrier, p.put, c.get)
+    finally:
+        p.close()
+        c.close()
+        ra.close()
+        rb.close()
+
+
+def ours_pingpong(wl: Workload) -> Run:
+    with _SharedRing(capacity=1 << 16) as a, _SharedRing(capacity=1 << 16) as b:
+        # the consumers register before the barrier; the echo registers on a
+        return peers.pingpong_run(wl, (_ours_ping, (a, b)), (_ours_echo, (a, b)))
+
+
+# ---------------------------------------------------------------------------
+# cases
+# ---------------------------------------------------------------------------
+
+
+def _flow_contenders(n_consumers: int = 1) -> List[Contender]:
+    suffix = "" if n_consumers == 1 else ' (mode="shared")'
+    return [
+        Contender("engine.Ring" + suffix, ours_procs("single", n_consumers), ours=True, requires=RING, pip_hint=BUILD_HINT),
+        Contender("multiprocessing.Queue", peers.procs_mpqueue(n_consumers)),
+        Contender("faster-fifo", peers.procs_faster_fifo(n_consumers), requires=FF),
+        Contender("pyzmq PUSH/PULL ipc", peers.procs_zmq(n_consumers), requires=ZMQ),
+    ]
+
+
+def cases(profile: Profile) -> List[Case]:
+    """Every ring case for this profile."""
+    n = profile.count(quick=200_000, full=1_000_000)
+    size = 64
+    wl = Workload(n, size)
+    out = [
+        Case(
+            "threads 1->1",
+            "one producer thread, one consumer thread, put/get",
+            THROUGHPUT,
+            wl,
+            [
+                Contender("engine.Ring", ours_threads, ours=True, requires=RING, pip_hint=BUILD_HINT),
+                Contender("queue.Queue", peers.threads_queue),
+                Contender("queue.SimpleQueue", peers.threads_simplequeue),
+                Contender("faster-fifo", peers.threads_faster_fifo, requires=FF),
+            ],
+        ),
+        Case(
+            "processes 1->1 put/get",
+            "one producer process, one consumer process, one message per call",
+            THROUGHPUT,
+            wl,
+            _flow_contenders(1),
+        ),
+        Case(
+            "processes 1->1 batch",
+            f"put_many/get_many, {BATCH} messages per call, raw bytes",
+            THROUGHPUT,
+            wl,
+            [
+                Contender("engine.Ring put_many/get_many", ours_procs("many"), ours=True, requires=RING, pip_hint=BUILD_HINT),
+                Contender("faster-fifo put_many/get_many", peers.procs_faster_fifo(1, BATCH), requires=FF),
+            ],
+        ),
+        Case(
+            "processes 1->2 competing",
+            "one producer, two competing consumers: every message to exactly one",
+            THROUGHPUT,
+            wl,
+            _flow_contenders(2),
+            ordered=False,
+        ),
+        Case(
+            "processes 1->1 arrays",
+            f"64-byte rows, {ARRAY_ROWS} rows per call",
+            THROUGHPUT,
+            Workload(profile.count(quick=1_000_000, full=4_000_000), size),
+            [
+                Contender("engine.Ring put_array/get_array", ours_procs("array"), ours=True, requires=RING, pip_hint=BUILD_HINT),
+                Contender("faster-fifo row blocks", peers.procs_faster_fifo_array(ARRAY_ROWS), requires=FF),
+                Contender("multiprocessing.Queue ndarray", peers.procs_mpqueue_array(ARRAY_ROWS)),
+            ],
+            unit="MB/s",
+        ),
+        Case(
+            "ping-pong round trip",
+            "cross-process round trip of one 64-byte message, waiter spinning",
+            LATENCY,
+            Workload(profile.count(quick=10_000, full=100_000) if profile.messages is None else max(1, n // 10), size),
+            [
+                Contender("engine.Ring (2 spsc rings)", ours_pingpong, ours=True, requires=RING, pip_hint=BUILD_HINT),
+                Contender("multiprocessing.Pipe", peers.pingpong_pipe),
+                Contender("multiprocessing.Queue pair", peers.pingpong_mpqueue),
+                Contender("pyzmq PAIR ipc", peers.pingpong_zmq, requires=ZMQ),
+                Contender("faster-fifo pair", peers.pingpong_faster_fifo, requires=FF),
+            ],
+            unit="us",
+        ),
+    ]
+    if profile.full:
+        budget = 256 << 20  # bytes per size-sweep case: 64 KiB messages -> 4096 of them
+        for s in SIZES:
+            cnt = max(1000, min(profile.count(quick=200_000, full=200_000), budget // s))
+            out.append(
+                Case(
+                    f"size sweep {s} B",
+                    f"processes 1->1 put/get, {s}-byte messages",
+                    THROUGHPUT,
+                    Workload(cnt, s),
+                    _flow_contenders(1),
+                    repeat=profile.reps(quick=3, full=3),
+                    params={"sweep": "size", "x": s, "group": "ring processes 1->1"},
+                )
+            )
+        for k in CONSUMERS:
+            out.append(
+                Case(
+                    f"consumer sweep 1->{k}",
+                    f"one producer, {k} competing consumer process(es)",
+                    THROUGHPUT,
+                    Workload(profile.count(quick=200_000, full=200_000), size),
+                    _flow_contenders(k),
+                    ordered=k == 1,
+                    repeat=profile.reps(quick=3, full=3),
+                    params={"sweep": "consumers", "x": k, "group": "ring processes 1->N"},
+                )
+            )
+    return out
