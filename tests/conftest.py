@@ -4,10 +4,17 @@ bounded helpers for multi-process tests."""
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from pathlib import Path
 
 import pytest
+
+# Test helper modules (crashkit, nats_servers) live beside this file; with
+# --import-mode=importlib pytest does not put this directory on sys.path.
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
 
 
 @pytest.fixture
