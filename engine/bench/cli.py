@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from typing import Any, List, Optional
+from typing import Any
 
 EPILOG = """\
 examples:
@@ -60,7 +60,21 @@ def register(sub: Any) -> None:
     p.set_defaults(func=main)
 
 
-def main(args: argparse.Namespace, argv: Optional[List[str]] = None) -> int:
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run (for the report captions)."""
+    parts = ["queue-engine", "bench"]
+    if args.full:
+        parts.append("--full")
+    for flag in ("only", "repeat", "messages", "json", "plot"):
+        value = getattr(args, flag)
+        if value is not None:
+            parts += [f"--{flag}", str(value)]
+    if args.markdown is not None:
+        parts += ["--markdown"] + ([args.markdown] if args.markdown != "-" else [])
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def main(args: argparse.Namespace) -> int:
     """Handler: run, print, write; 1 if any case FAILED, 2 on bad usage."""
     from engine.bench import harness, report
     from engine.bench.machine import machine_info
@@ -80,15 +94,20 @@ def main(args: argparse.Namespace, argv: Optional[List[str]] = None) -> int:
             print(name)
             for case in mod.cases(profile):
                 names = ", ".join(c.name for c in case.contenders)
-                print(f"  {case.name} [{case.kind}, {case.workload.count:,} x {case.workload.size} B]: {names}")
+                print(
+                    f"  {case.name} [{case.kind}, {case.workload.count:,} x {case.workload.size} B]: {names}"
+                )
         return 0
     if args.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            print('queue-engine bench: --plot needs matplotlib (pip install "queue-engine[bench]")', file=sys.stderr)
+            print(
+                'queue-engine bench: --plot needs matplotlib (pip install "queue-engine[bench]")',
+                file=sys.stderr,
+            )
             return 2
-    command = "queue-engine " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = _command(args)
     progress = harness.Progress(enabled=not args.quiet)
     suite = harness.run_suite(profile, progress=progress, sections=sections)
     info = machine_info()
@@ -106,7 +125,10 @@ def main(args: argparse.Namespace, argv: Optional[List[str]] = None) -> int:
         for path in report.write_plots(suite, args.plot):
             print(f"wrote {path}", file=sys.stderr)
     if suite.failed:
-        print("queue-engine bench: FAILED - a contender lost, duplicated or corrupted messages "
-              "(see above)", file=sys.stderr)
+        print(
+            "queue-engine bench: FAILED - a contender lost, duplicated or corrupted messages "
+            "(see above)",
+            file=sys.stderr,
+        )
         return 1
     return 0

@@ -469,7 +469,13 @@ def _pkey(p: float) -> str:
 def _spread(values: Sequence[float]) -> Dict[str, float]:
     vals = sorted(values)
     if not vals:
-        return {"median": math.nan, "min": math.nan, "max": math.nan, "q1": math.nan, "q3": math.nan}
+        return {
+            "median": math.nan,
+            "min": math.nan,
+            "max": math.nan,
+            "q1": math.nan,
+            "q3": math.nan,
+        }
     if len(vals) >= 2:
         q1, _, q3 = statistics.quantiles(vals, n=4, method="inclusive")
     else:
@@ -710,7 +716,9 @@ def run_case(
                 run = None
             if why is None and run is not None:
                 res.runs.append(
-                    RunRecord(rep, run.seconds, run.count, run.checksum & _MASK64, run.in_order, True)
+                    RunRecord(
+                        rep, run.seconds, run.count, run.checksum & _MASK64, run.in_order, True
+                    )
                 )
                 if res.histogram is not None and run.latencies_ns is not None:
                     res.histogram.record(run.latencies_ns)

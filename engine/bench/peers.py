@@ -72,7 +72,9 @@ def _pin(cpu: Optional[int]) -> None:
         pass
 
 
-def _child(conn: Any, cpu: Optional[int], fn: ChildFn, wl: Workload, barrier: Any, args: tuple) -> None:
+def _child(
+    conn: Any, cpu: Optional[int], fn: ChildFn, wl: Workload, barrier: Any, args: tuple
+) -> None:
     try:
         _pin(cpu)
         res = fn(wl, barrier, *args)
@@ -82,7 +84,12 @@ def _child(conn: Any, cpu: Optional[int], fn: ChildFn, wl: Workload, barrier: An
             barrier.abort()
         except Exception:
             pass
-        conn.send(("error", f"{fn.__name__}: {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"))
+        conn.send(
+            (
+                "error",
+                f"{fn.__name__}: {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}",
+            )
+        )
     finally:
         conn.close()
 
@@ -127,7 +134,9 @@ def run_children(
                 try:
                     status, res = c.recv()
                 except EOFError:
-                    raise RuntimeError(f"{roles[i][0].__name__} died (exit code {procs[i].exitcode})") from None
+                    raise RuntimeError(
+                        f"{roles[i][0].__name__} died (exit code {procs[i].exitcode})"
+                    ) from None
                 if status != "ok":
                     raise RuntimeError(res)
                 results[i] = res
@@ -143,7 +152,12 @@ def run_children(
             c.close()
 
 
-def flow_run(wl: Workload, producer: Tuple[ChildFn, tuple], consumers: Sequence[Tuple[ChildFn, tuple]], timeout: Optional[float] = None) -> Run:
+def flow_run(
+    wl: Workload,
+    producer: Tuple[ChildFn, tuple],
+    consumers: Sequence[Tuple[ChildFn, tuple]],
+    timeout: Optional[float] = None,
+) -> Run:
     """1 producer -> N consumers; time = last consumer end - producer start."""
     res = run_children(wl, [producer, *consumers], timeout)
     t0 = res[0]
@@ -157,9 +171,16 @@ def flow_run(wl: Workload, producer: Tuple[ChildFn, tuple], consumers: Sequence[
     return Run.timed(t0, t1, d)
 
 
-def pingpong_run(wl: Workload, pinger: Tuple[ChildFn, tuple], echo: Tuple[ChildFn, tuple], timeout: Optional[float] = None) -> Run:
+def pingpong_run(
+    wl: Workload,
+    pinger: Tuple[ChildFn, tuple],
+    echo: Tuple[ChildFn, tuple],
+    timeout: Optional[float] = None,
+) -> Run:
     """Round trips: the pinger times each one and digests the echoes."""
-    res = run_children(wl, [pinger, echo], timeout if timeout is not None else deadline_for(wl, 5_000.0))
+    res = run_children(
+        wl, [pinger, echo], timeout if timeout is not None else deadline_for(wl, 5_000.0)
+    )
     lat, count, checksum, in_order = res[0]
     total = float(np.sum(lat)) / 1e9
     return Run(max(total, 1e-9), count, checksum, in_order, lat)
@@ -171,7 +192,9 @@ def consumer_result(t1: int, received: Any) -> Tuple[int, int, int, Optional[boo
     return (t1, d.count, d.checksum, d.in_order)
 
 
-def array_result(t1: int, chunks: List[np.ndarray], size: int) -> Tuple[int, int, int, Optional[bool]]:
+def array_result(
+    t1: int, chunks: List[np.ndarray], size: int
+) -> Tuple[int, int, int, Optional[bool]]:
     rows = np.concatenate(chunks) if chunks else np.zeros((0, size), np.uint8)
     d = digest_array(rows.reshape(len(rows), -1))
     return (t1, d.count, d.checksum, d.in_order)
@@ -185,7 +208,7 @@ def ipc_endpoint() -> str:
 
 def _remove_endpoint(ep: str) -> None:
     try:
-        os.unlink(ep[len("ipc://"):])
+        os.unlink(ep[len("ipc://") :])
     except OSError:
         pass
 
@@ -199,7 +222,12 @@ def chunks(seq: Sequence[Any], n: int = BATCH) -> List[Sequence[Any]]:
 # ---------------------------------------------------------------------------
 
 
-def thread_run(wl: Workload, produce: Callable[[Any], None], consume: Callable[[], List[Any]], timeout: Optional[float] = None) -> Run:
+def thread_run(
+    wl: Workload,
+    produce: Callable[[Any], None],
+    consume: Callable[[], List[Any]],
+    timeout: Optional[float] = None,
+) -> Run:
     """Producer and consumer threads behind a start barrier."""
     barrier = threading.Barrier(2)
     box: dict = {}
@@ -327,7 +355,9 @@ def _mpq_producer(wl: Workload, barrier: Any, q: Any, n_consumers: int, batch: i
     return t0
 
 
-def _mpq_consumer(wl: Workload, barrier: Any, q: Any, batch: int) -> Tuple[int, int, int, Optional[bool]]:
+def _mpq_consumer(
+    wl: Workload, barrier: Any, q: Any, batch: int
+) -> Tuple[int, int, int, Optional[bool]]:
     barrier.wait(BARRIER_TIMEOUT)
     out: List[Any] = []
     get = q.get
@@ -347,7 +377,9 @@ def _mpq_consumer(wl: Workload, barrier: Any, q: Any, batch: int) -> Tuple[int, 
 def procs_mpqueue(n_consumers: int = 1) -> Callable[[Workload], Run]:
     def fn(wl: Workload) -> Run:
         q = mp_context().Queue()
-        return flow_run(wl, (_mpq_producer, (q, n_consumers, 0)), [(_mpq_consumer, (q, 0))] * n_consumers)
+        return flow_run(
+            wl, (_mpq_producer, (q, n_consumers, 0)), [(_mpq_consumer, (q, 0))] * n_consumers
+        )
 
     return fn
 
@@ -407,7 +439,9 @@ def _ff_producer(wl: Workload, barrier: Any, q: Any, n_consumers: int, batch: in
     return t0
 
 
-def _ff_consumer(wl: Workload, barrier: Any, q: Any, batch: int) -> Tuple[int, int, int, Optional[bool]]:
+def _ff_consumer(
+    wl: Workload, barrier: Any, q: Any, batch: int
+) -> Tuple[int, int, int, Optional[bool]]:
     barrier.wait(BARRIER_TIMEOUT)
     out: List[Any] = []
     if batch:
@@ -434,7 +468,9 @@ def _ff_consumer(wl: Workload, barrier: Any, q: Any, batch: int) -> Tuple[int, i
 def procs_faster_fifo(n_consumers: int = 1, batch: int = 0) -> Callable[[Workload], Run]:
     def fn(wl: Workload) -> Run:
         q = fifo_queue()
-        return flow_run(wl, (_ff_producer, (q, n_consumers, batch)), [(_ff_consumer, (q, batch))] * n_consumers)
+        return flow_run(
+            wl, (_ff_producer, (q, n_consumers, batch)), [(_ff_consumer, (q, batch))] * n_consumers
+        )
 
     return fn
 
@@ -476,7 +512,9 @@ def procs_faster_fifo_array(rows: int = 8192) -> Callable[[Workload], Run]:
 # ---------------------------------------------------------------------------
 
 
-def _zmq_producer(wl: Workload, barrier: Any, ep: str, bound: Any, done: Any, n_consumers: int) -> int:
+def _zmq_producer(
+    wl: Workload, barrier: Any, ep: str, bound: Any, done: Any, n_consumers: int
+) -> int:
     import zmq
 
     ctx = zmq.Context()
@@ -506,7 +544,9 @@ def _zmq_producer(wl: Workload, barrier: Any, ep: str, bound: Any, done: Any, n_
         ctx.term()
 
 
-def _zmq_consumer(wl: Workload, barrier: Any, ep: str, bound: Any, done: Any) -> Tuple[int, int, int, Optional[bool]]:
+def _zmq_consumer(
+    wl: Workload, barrier: Any, ep: str, bound: Any, done: Any
+) -> Tuple[int, int, int, Optional[bool]]:
     import zmq
 
     ctx = zmq.Context()
@@ -558,7 +598,9 @@ def procs_zmq(n_consumers: int = 1) -> Callable[[Workload], Run]:
 # ---------------------------------------------------------------------------
 
 
-def _pingpong(wl: Workload, barrier: Any, send: Callable[[Any], Any], recv: Callable[[], Any]) -> Tuple[np.ndarray, int, int, Optional[bool]]:
+def _pingpong(
+    wl: Workload, barrier: Any, send: Callable[[Any], Any], recv: Callable[[], Any]
+) -> Tuple[np.ndarray, int, int, Optional[bool]]:
     msgs = wl.payloads()
     barrier.wait(BARRIER_TIMEOUT)
     warm = msgs[0]

@@ -158,7 +158,9 @@ def _table(rows: List[List[str]], indent: str = "  ") -> List[str]:
     return out
 
 
-def render_terminal(suite: SuiteResult, color: Optional[bool] = None, info: Optional[Dict[str, Any]] = None) -> str:
+def render_terminal(
+    suite: SuiteResult, color: Optional[bool] = None, info: Optional[Dict[str, Any]] = None
+) -> str:
     """The human-readable table (ours rows start with ``*``; ratios against
     the best peer, bold on a colour terminal; a loss says ``LOSES``)."""
     if color is None:
@@ -258,7 +260,9 @@ def _contender_json(cr: CaseResult, c: ContenderResult) -> Dict[str, Any]:
     }
 
 
-def to_json(suite: SuiteResult, command: Optional[str] = None, info: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def to_json(
+    suite: SuiteResult, command: Optional[str] = None, info: Optional[Dict[str, Any]] = None
+) -> Dict[str, Any]:
     """The whole suite as a JSON-ready dict (see the module docstring)."""
     cases = []
     for cr in suite.cases:
@@ -295,7 +299,9 @@ def to_json(suite: SuiteResult, command: Optional[str] = None, info: Optional[Di
             "tool": "queue-engine bench",
             "command": command if command is not None else " ".join(sys.argv),
             "profile": {"name": p.name, "full": p.full, "messages": p.messages, "repeat": p.repeat},
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(suite.started_wall or time.time())),
+            "started": time.strftime(
+                "%Y-%m-%dT%H:%M:%SZ", time.gmtime(suite.started_wall or time.time())
+            ),
             "seconds": suite.seconds,
             "ok": not suite.failed,
             "latency_backend": LatencyHistogram().backend,
@@ -307,7 +313,12 @@ def to_json(suite: SuiteResult, command: Optional[str] = None, info: Optional[Di
     )
 
 
-def write_json(suite: SuiteResult, path: str, command: Optional[str] = None, info: Optional[Dict[str, Any]] = None) -> None:
+def write_json(
+    suite: SuiteResult,
+    path: str,
+    command: Optional[str] = None,
+    info: Optional[Dict[str, Any]] = None,
+) -> None:
     data = to_json(suite, command, info)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -325,7 +336,9 @@ def _md_escape(s: str) -> str:
     return s.replace("|", "\\|")
 
 
-def render_markdown(suite: SuiteResult, command: Optional[str] = None, info: Optional[Dict[str, Any]] = None) -> str:
+def render_markdown(
+    suite: SuiteResult, command: Optional[str] = None, info: Optional[Dict[str, Any]] = None
+) -> str:
     """Tables for the README: throughput and latency, ours in bold, the ratio
     against the best peer in bold on our row (a loss says so)."""
     cmd = command if command is not None else "queue-engine bench"
@@ -395,7 +408,11 @@ def render_markdown(suite: SuiteResult, command: Optional[str] = None, info: Opt
                 )
         out.append("")
     if suite.skipped:
-        out.append("Not installed here: " + "; ".join(s.replace("skipped: ", "") for s in suite.skipped) + ".")
+        out.append(
+            "Not installed here: "
+            + "; ".join(s.replace("skipped: ", "") for s in suite.skipped)
+            + "."
+        )
         out.append("")
     return "\n".join(out)
 
@@ -437,13 +454,24 @@ def write_plots(suite: SuiteResult, directory: str) -> List[str]:
     # throughput by message size
     for group, crs in sweep("size").items():
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
-        for ax, key, label in ((ax1, "mb_per_s", "throughput (MB/s)"), (ax2, "msg_per_s", "messages per second")):
+        for ax, key, label in (
+            (ax1, "mb_per_s", "throughput (MB/s)"),
+            (ax2, "msg_per_s", "messages per second"),
+        ):
             for name, pts in series(crs, key).items():
                 pts.sort()
                 xs = [p[0] for p in pts]
                 ys = [p[1] for p in pts]
                 err = [[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]]
-                ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name, linewidth=2.5 if pts[0][4] else 1.2)
+                ax.errorbar(
+                    xs,
+                    ys,
+                    yerr=err,
+                    marker="o",
+                    capsize=3,
+                    label=name,
+                    linewidth=2.5 if pts[0][4] else 1.2,
+                )
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("message size (bytes, log scale)")
@@ -494,13 +522,21 @@ def write_plots(suite: SuiteResult, directory: str) -> List[str]:
             s = c.latency()
             if c.status != OK or not s:
                 continue
-            ax.plot(labels, [s[k] / 1000.0 for k in keys], marker="o", label=c.name, linewidth=2.5 if c.ours else 1.2)
+            ax.plot(
+                labels,
+                [s[k] / 1000.0 for k in keys],
+                marker="o",
+                label=c.name,
+                linewidth=2.5 if c.ours else 1.2,
+            )
         ax.set_yscale("log")
         ax.set_xlabel("percentile")
         ax.set_ylabel("round-trip latency (µs, log scale)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-        ax.set_title(f"{cr.section}: {cr.case.name} ({cr.case.workload.count:,} round trips x reps)")
+        ax.set_title(
+            f"{cr.section}: {cr.case.name} ({cr.case.workload.count:,} round trips x reps)"
+        )
         fig.tight_layout()
         path = os.path.join(directory, f"latency_{_slug(cr.section + '_' + cr.case.name)}.png")
         fig.savefig(path, dpi=110)
@@ -533,7 +569,13 @@ def _slug(s: str) -> str:
     return "_".join(filter(None, "".join(keep).split("_")))
 
 
-def print_terminal(suite: SuiteResult, stream: Optional[TextIO] = None, info: Optional[Dict[str, Any]] = None) -> None:
+def print_terminal(
+    suite: SuiteResult, stream: Optional[TextIO] = None, info: Optional[Dict[str, Any]] = None
+) -> None:
     stream = stream or sys.stdout
-    stream.write(render_terminal(suite, color=stream.isatty() if hasattr(stream, "isatty") else False, info=info))
+    stream.write(
+        render_terminal(
+            suite, color=stream.isatty() if hasattr(stream, "isatty") else False, info=info
+        )
+    )
     stream.flush()

@@ -102,7 +102,9 @@ def _ours_producer(wl: Workload, barrier: Any, name: str, how: str) -> int:
     return t0
 
 
-def _ours_consumer(wl: Workload, barrier: Any, name: str, how: str) -> Tuple[int, int, int, Optional[bool]]:
+def _ours_consumer(
+    wl: Workload, barrier: Any, name: str, how: str
+) -> Tuple[int, int, int, Optional[bool]]:
     from engine import Closed, Ring
 
     ring = Ring.attach(name)
@@ -229,7 +231,13 @@ def ours_pingpong(wl: Workload) -> Run:
 def _flow_contenders(n_consumers: int = 1) -> List[Contender]:
     suffix = "" if n_consumers == 1 else ' (mode="shared")'
     return [
-        Contender("engine.Ring" + suffix, ours_procs("single", n_consumers), ours=True, requires=RING, pip_hint=BUILD_HINT),
+        Contender(
+            "engine.Ring" + suffix,
+            ours_procs("single", n_consumers),
+            ours=True,
+            requires=RING,
+            pip_hint=BUILD_HINT,
+        ),
         Contender("multiprocessing.Queue", peers.procs_mpqueue(n_consumers)),
         Contender("faster-fifo", peers.procs_faster_fifo(n_consumers), requires=FF),
         Contender("pyzmq PUSH/PULL ipc", peers.procs_zmq(n_consumers), requires=ZMQ),
@@ -248,7 +256,9 @@ def cases(profile: Profile) -> List[Case]:
             THROUGHPUT,
             wl,
             [
-                Contender("engine.Ring", ours_threads, ours=True, requires=RING, pip_hint=BUILD_HINT),
+                Contender(
+                    "engine.Ring", ours_threads, ours=True, requires=RING, pip_hint=BUILD_HINT
+                ),
                 Contender("queue.Queue", peers.threads_queue),
                 Contender("queue.SimpleQueue", peers.threads_simplequeue),
                 Contender("faster-fifo", peers.threads_faster_fifo, requires=FF),
@@ -267,8 +277,16 @@ def cases(profile: Profile) -> List[Case]:
             THROUGHPUT,
             wl,
             [
-                Contender("engine.Ring put_many/get_many", ours_procs("many"), ours=True, requires=RING, pip_hint=BUILD_HINT),
-                Contender("faster-fifo put_many/get_many", peers.procs_faster_fifo(1, BATCH), requires=FF),
+                Contender(
+                    "engine.Ring put_many/get_many",
+                    ours_procs("many"),
+                    ours=True,
+                    requires=RING,
+                    pip_hint=BUILD_HINT,
+                ),
+                Contender(
+                    "faster-fifo put_many/get_many", peers.procs_faster_fifo(1, BATCH), requires=FF
+                ),
             ],
         ),
         Case(
@@ -285,8 +303,16 @@ def cases(profile: Profile) -> List[Case]:
             THROUGHPUT,
             Workload(profile.count(quick=1_000_000, full=4_000_000), size),
             [
-                Contender("engine.Ring put_array/get_array", ours_procs("array"), ours=True, requires=RING, pip_hint=BUILD_HINT),
-                Contender("faster-fifo row blocks", peers.procs_faster_fifo_array(ARRAY_ROWS), requires=FF),
+                Contender(
+                    "engine.Ring put_array/get_array",
+                    ours_procs("array"),
+                    ours=True,
+                    requires=RING,
+                    pip_hint=BUILD_HINT,
+                ),
+                Contender(
+                    "faster-fifo row blocks", peers.procs_faster_fifo_array(ARRAY_ROWS), requires=FF
+                ),
                 Contender("multiprocessing.Queue ndarray", peers.procs_mpqueue_array(ARRAY_ROWS)),
             ],
             unit="MB/s",
@@ -295,9 +321,20 @@ def cases(profile: Profile) -> List[Case]:
             "ping-pong round trip",
             "cross-process round trip of one 64-byte message, waiter spinning",
             LATENCY,
-            Workload(profile.count(quick=10_000, full=100_000) if profile.messages is None else max(1, n // 10), size),
+            Workload(
+                profile.count(quick=10_000, full=100_000)
+                if profile.messages is None
+                else max(1, n // 10),
+                size,
+            ),
             [
-                Contender("engine.Ring (2 spsc rings)", ours_pingpong, ours=True, requires=RING, pip_hint=BUILD_HINT),
+                Contender(
+                    "engine.Ring (2 spsc rings)",
+                    ours_pingpong,
+                    ours=True,
+                    requires=RING,
+                    pip_hint=BUILD_HINT,
+                ),
                 Contender("multiprocessing.Pipe", peers.pingpong_pipe),
                 Contender("multiprocessing.Queue pair", peers.pingpong_mpqueue),
                 Contender("pyzmq PAIR ipc", peers.pingpong_zmq, requires=ZMQ),

@@ -1,0 +1,658 @@
+"""The benchmark harness itself: verification fails loudly on lost, duplicated,
+corrupted or reordered messages; statistics are right; the JSON schema is
+stable; Markdown renders; the real ring section passes verification at small N."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+import types
+
+import numpy as np
+import pytest
+
+from engine.bench import harness, report
+from engine.bench.harness import (
+    FAILED,
+    LATENCY,
+    OK,
+    SKIPPED,
+    THROUGHPUT,
+    Case,
+    Contender,
+    Digest,
+    LatencyHistogram,
+    Profile,
+    Run,
+    Workload,
+    digest,
+    run_case,
+    run_suite,
+)
+
+# ---------------------------------------------------------------------------
+# contenders: one honest, several deliberately broken
+# ---------------------------------------------------------------------------
+
+
+def _deliver(wl: Workload, mutate=None, lat=False) -> Run:
+    msgs = wl.payloads()
+    t0 = time.perf_counter_ns()
+    out = list(msgs)
+    t1 = time.perf_counter_ns() + 1
+    if mutate is not None:
+        out = mutate(out)
+    samples = np.arange(1000, 1000 + len(out), dtype=np.int64) if lat else None
+    return Run.timed(t0, t1, digest(out), samples)
+
+
+def honest(wl):
+    return _deliver(wl)
+
+
+def loses_one(wl):
+    return _deliver(wl, lambda o: o[:-1])
+
+
+def duplicates_one(wl):
+    return _deliver(wl, lambda o: o + [o[5]])
+
+
+def duplicate_replaces_lost(wl):
+    # same count: message 7 lost, message 3 delivered twice
+    return _deliver(wl, lambda o: o[:7] + [o[3]] + o[8:])
+
+
+def corrupts_a_byte(wl):
+    def flip(o):
+        b = bytearray(o[10])
+        b[-1] ^= 1
+        return o[:10] + [bytes(b)] + o[11:]
+
+    return _deliver(wl, flip)
+
+
+def reorders(wl):
+    return _deliver(wl, lambda o: [o[1], o[0]] + o[2:])
+
+
+def raises(wl):
+    raise RuntimeError("peer exploded")
+
+
+def returns_garbage(wl):
+    return (1.0, wl.count)
+
+
+BROKEN = [
+    loses_one,
+    duplicates_one,
+    duplicate_replaces_lost,
+    corrupts_a_byte,
+    reorders,
+    raises,
+    returns_garbage,
+]
+
+
+def _case(contenders, kind=THROUGHPUT, ordered=True, n=500, size=64):
+    return Case("c", "test case", kind, Workload(n, size), contenders, ordered=ordered)
+
+
+# ---------------------------------------------------------------------------
+# verification
+# ---------------------------------------------------------------------------
+
+
+def test_honest_contenders_verify_and_get_a_ratio():
+    case = _case([Contender("ours", honest, ours=True), Contender("peer", honest)])
+    res = run_case(case, "t", Profile(repeat=3))
+    assert not res.failed and res.verified
+    for c in res.contenders:
+        assert c.status == OK
+        assert len(c.runs) == 3 and all(r.ok for r in c.runs)
+        assert all(r.count == 500 for r in c.runs)
+    assert res.ratio is not None and res.ratio > 0
+    assert res.best_peer.name == "peer" and res.best_ours.name == "ours"
+
+
+@pytest.mark.parametrize("broken", BROKEN, ids=lambda f: f.__name__)
+def test_broken_contender_fails_the_case_loudly(broken, capsys):
+    case = _case([Contender("ours", honest, ours=True), Contender("broken", broken)])
+    progress = harness.Progress(stream=sys.stderr, enabled=True)
+    res = run_case(case, "t", Profile(repeat=2), progress)
+    assert res.failed and not res.verified
+    bad = res.contenders[1]
+    assert bad.status == FAILED and bad.reason
+    assert bad.runs and not bad.runs[0].ok
+    # a failed contender is not retried and never becomes a figure
+    assert len(bad.runs) == 1 and bad.ok_runs() == []
+    assert res.contenders[0].status == OK and len(res.contenders[0].runs) == 2
+    assert "FAILED" in capsys.readouterr().err
+    text = report.render_terminal(harness.SuiteResult(Profile(), [res]), color=False, info=_INFO)
+    assert "FAILED broken" in text and "1 FAILED" in text
+
+
+def test_failure_reasons_say_what_went_wrong():
+    def reason(fn, **kw):
+        res = run_case(_case([Contender("x", fn)], **kw), "t", Profile(repeat=1))
+        return res.contenders[0].reason
+
+    assert "lost 1" in reason(loses_one)
+    assert "duplicated 1" in reason(duplicates_one)
+    assert "checksum" in reason(duplicate_replaces_lost)
+    assert "checksum" in reason(corrupts_a_byte)
+    assert "out of order" in reason(reorders)
+    assert reason(reorders, ordered=False) is None  # competing consumers: order not promised
+    assert "peer exploded" in reason(raises)
+    assert "not Run" in reason(returns_garbage)
+
+
+def test_latency_case_needs_samples():
+    res = run_case(_case([Contender("x", honest)], kind=LATENCY), "t", Profile(repeat=1))
+    assert res.failed and "no latency samples" in res.contenders[0].reason
+    res = run_case(
+        _case([Contender("x", lambda wl: _deliver(wl, lat=True))], kind=LATENCY),
+        "t",
+        Profile(repeat=2),
+    )
+    assert not res.failed
+    lat = res.contenders[0].latency()
+    assert lat["samples"] == 1000 and lat["p50"] == pytest.approx(1249, rel=0.002)
+
+
+def test_contenders_are_interleaved_across_repetitions():
+    calls = []
+
+    def rec(name):
+        def fn(wl):
+            calls.append(name)
+            return honest(wl)
+
+        return fn
+
+    case = _case(
+        [Contender("a", rec("a"), ours=True), Contender("b", rec("b")), Contender("c", rec("c"))]
+    )
+    run_case(case, "t", Profile(repeat=3))
+    assert calls == ["a", "b", "c"] * 3
+
+
+def test_missing_requirement_is_skipped_with_a_pip_line():
+    lines = []
+    case = _case(
+        [
+            Contender("ours", honest, ours=True),
+            Contender("ghost", honest, requires=("no_such_mod_qe",)),
+        ]
+    )
+    res = run_case(case, "t", Profile(repeat=1), skipped_lines=lines)
+    ghost = res.contenders[1]
+    assert ghost.status == SKIPPED and ghost.runs == []
+    assert lines == ['skipped: ghost (pip install "queue-engine[bench]")']
+    assert res.verified and not res.failed and res.ratio is None
+
+
+def test_profile_scaling_and_overrides():
+    assert Profile().count(10, 100) == 10 and Profile(full=True).count(10, 100) == 100
+    assert Profile(messages=7).count(10, 100) == 7
+    assert (
+        Profile().reps() == 3 and Profile(full=True).reps() == 5 and Profile(repeat=2).reps() == 2
+    )
+    case = _case([Contender("x", honest)])
+    case.repeat = 4
+    assert len(run_case(case, "t", Profile()).contenders[0].runs) == 4
+    assert len(run_case(case, "t", Profile(repeat=1)).contenders[0].runs) == 1  # --repeat wins
+
+
+# ---------------------------------------------------------------------------
+# workload and digest
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [1, 3, 8, 13, 64, 4096, 65536])
+def test_workload_payloads_are_deterministic_and_sequenced(size):
+    wl = Workload(300, size, seed=5)
+    msgs = wl.payloads()
+    assert len(msgs) == 300 and all(len(m) == size for m in msgs)
+    assert msgs == Workload(300, size, seed=5).payloads()
+    assert np.array_equal(wl.array(), np.frombuffer(b"".join(msgs), np.uint8).reshape(300, size))
+    if size >= 8:
+        assert [int.from_bytes(m[:8], "little") for m in msgs] == list(range(300))
+    assert digest(msgs) == wl.expected and wl.expected.count == 300
+    if size > 8:  # sizes <= 8 are all sequence number, no filler
+        assert Workload(300, size, seed=6).expected.checksum != wl.expected.checksum
+
+
+def test_digest_is_order_independent_and_additive():
+    msgs = Workload(1000, 64).payloads()
+    d = digest(msgs)
+    shuffled = list(msgs)
+    np.random.default_rng(1).shuffle(shuffled)
+    ds = digest(shuffled)
+    assert (ds.count, ds.checksum) == (d.count, d.checksum)
+    assert d.in_order is True and ds.in_order is False
+    parts = Digest.combine([digest(msgs[0::3]), digest(msgs[1::3]), digest(msgs[2::3])])
+    assert (parts.count, parts.checksum) == (d.count, d.checksum) and parts.in_order is None
+    # competing consumers each see a rising subsequence: in order
+    assert digest(msgs[1::2]).in_order is True
+    # memoryviews, bytearrays and numpy rows digest like bytes
+    assert digest([memoryview(m) for m in msgs]) == d
+    assert digest(Workload(1000, 64).array()) == d
+
+
+def test_digest_catches_every_single_loss_duplication_or_swap():
+    msgs = Workload(200, 16).payloads()
+    exp = digest(msgs).checksum
+    seen = {exp}
+    for i in range(0, 200, 7):
+        for j in range(3, 200, 11):
+            if i == j:
+                continue
+            swapped = msgs[:i] + [msgs[j]] + msgs[i + 1 :]  # i lost, j twice
+            c = digest(swapped).checksum
+            assert c != exp
+            seen.add(c)
+    assert len(seen) > 100
+
+
+def test_mixed_size_digest_combines_groups():
+    a, b = Workload(50, 8).payloads(), Workload(50, 24).payloads()
+    d = digest(a + b)
+    assert d.count == 100
+    assert d.checksum == (digest(a).checksum + digest(b).checksum) % (1 << 64)
+
+
+# ---------------------------------------------------------------------------
+# latency histogram
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["default", "numpy"])
+def test_latency_histogram_percentiles(backend):
+    rng = np.random.default_rng(3)
+    samples = np.concatenate(
+        [rng.integers(2_000, 6_000, 9_900), rng.integers(50_000, 2_000_000, 100)]
+    )
+    h = LatencyHistogram()
+    if backend == "numpy":
+        h._hdr = None
+        h._counts = {}
+    h.record(samples[:5000])
+    h.record(samples[5000:])
+    s = h.summary()
+    assert s["samples"] == 10_000 and s["max"] == samples.max() and s["min"] == samples.min()
+    for key, p in (("p50", 50), ("p90", 90), ("p99", 99), ("p99_9", 99.9)):
+        # within the histogram's 0.1 % resolution of the exact value, give or
+        # take one rank (HDR and numpy round the rank differently)
+        srt = np.sort(samples)
+        rank = math.ceil(p / 100 * len(srt))
+        lo, hi = srt[rank - 2], srt[min(rank, len(srt) - 1)]
+        assert lo * 0.998 <= s[key] <= hi * 1.002, (key, s[key], lo, hi)
+    assert s["p50"] <= s["p90"] <= s["p99"] <= s["p99_9"] <= s["max"]
+
+
+def test_latency_histogram_empty_is_nan():
+    s = LatencyHistogram().summary()
+    assert math.isnan(s["p50"]) and s["samples"] == 0
+
+
+# ---------------------------------------------------------------------------
+# reports: JSON schema, Markdown, terminal, plots
+# ---------------------------------------------------------------------------
+
+_INFO = {
+    "cpu_model": "Test CPU",
+    "cpu_count": 2,
+    "usable_cpus": 2,
+    "machine": "x86_64",
+    "system": "Linux",
+    "kernel": "6.0",
+    "platform": "Linux-6.0",
+    "python": "3.11.0",
+    "python_implementation": "CPython",
+    "engine_version": "0.1.0",
+    "packages": {"numpy": "2.0"},
+    "loadavg": [0.1, 0.1, 0.1],
+}
+
+
+def _fake_section():
+    def lat(wl):
+        return _deliver(wl, lat=True)
+
+    def cases(profile):
+        return [
+            Case(
+                "thr",
+                "throughput",
+                THROUGHPUT,
+                Workload(profile.count(400, 800), 64),
+                [
+                    Contender("ours", honest, ours=True),
+                    Contender("peer", honest),
+                    Contender("ghost", honest, requires=("no_such_mod_qe",)),
+                ],
+            ),
+            Case(
+                "lat",
+                "latency",
+                LATENCY,
+                Workload(200, 64),
+                [Contender("ours", lat, ours=True), Contender("peer", lat)],
+                unit="us",
+            ),
+            Case(
+                "bad",
+                "broken",
+                THROUGHPUT,
+                Workload(100, 8),
+                [Contender("ours", honest, ours=True), Contender("lossy", loses_one)],
+            ),
+            Case(
+                "sweep 64",
+                "size sweep",
+                THROUGHPUT,
+                Workload(100, 64),
+                [Contender("ours", honest, ours=True), Contender("peer", honest)],
+                params={"sweep": "size", "x": 64, "group": "g"},
+            ),
+            Case(
+                "sweep 512",
+                "size sweep",
+                THROUGHPUT,
+                Workload(100, 512),
+                [Contender("ours", honest, ours=True), Contender("peer", honest)],
+                params={"sweep": "size", "x": 512, "group": "g"},
+            ),
+            Case(
+                "consumers 2",
+                "consumer sweep",
+                THROUGHPUT,
+                Workload(100, 64),
+                [Contender("ours", honest, ours=True), Contender("peer", honest)],
+                params={"sweep": "consumers", "x": 2, "group": "g"},
+            ),
+        ]
+
+    return types.SimpleNamespace(SECTION="fake", cases=cases)
+
+
+@pytest.fixture
+def suite():
+    return run_suite(Profile(repeat=2), sections=[("fake", _fake_section())])
+
+
+_SPREAD = {"median", "min", "max", "q1", "q3"}
+_NUM = (int, float)
+
+
+def test_json_schema_is_stable(suite):
+    data = json.loads(
+        json.dumps(report.to_json(suite, "queue-engine bench", _INFO), allow_nan=False)
+    )
+    assert data["schema_version"] == 1
+    assert set(data) == {
+        "schema_version",
+        "tool",
+        "command",
+        "profile",
+        "started",
+        "seconds",
+        "ok",
+        "latency_backend",
+        "machine",
+        "skipped",
+        "errors",
+        "cases",
+    }
+    assert data["ok"] is False  # the lossy contender
+    assert set(data["profile"]) == {"name", "full", "messages", "repeat"}
+    assert data["profile"]["repeat"] == 2 and data["profile"]["name"] == "quick"
+    assert data["machine"] == _INFO
+    assert data["skipped"] == ['skipped: ghost (pip install "queue-engine[bench]")']
+    assert isinstance(data["started"], str) and data["started"].endswith("Z")
+    assert data["latency_backend"] in ("hdrhistogram", "numpy-log-linear")
+    assert len(data["cases"]) == 6
+    for c in data["cases"]:
+        assert set(c) == {
+            "section",
+            "name",
+            "description",
+            "kind",
+            "unit",
+            "ordered",
+            "params",
+            "workload",
+            "verified",
+            "failed",
+            "best_ours",
+            "best_peer",
+            "ratio",
+            "contenders",
+        }
+        assert c["kind"] in ("throughput", "latency") and isinstance(c["verified"], bool)
+        assert set(c["workload"]) == {"count", "size", "seed", "bytes", "checksum"}
+        assert all(isinstance(v, int) for v in c["workload"].values())
+        assert c["ratio"] is None or isinstance(c["ratio"], _NUM)
+        for k in c["contenders"]:
+            assert set(k) == {
+                "name",
+                "ours",
+                "status",
+                "reason",
+                "msg_per_s",
+                "mb_per_s",
+                "latency_ns",
+                "runs",
+            }
+            assert k["status"] in ("ok", "FAILED", "skipped")
+            assert set(k["msg_per_s"]) == _SPREAD and set(k["mb_per_s"]) == _SPREAD
+            for v in list(k["msg_per_s"].values()) + list(k["mb_per_s"].values()):
+                assert v is None or isinstance(v, _NUM)
+            if k["latency_ns"] is not None:
+                assert set(k["latency_ns"]) == {
+                    "p50",
+                    "p90",
+                    "p99",
+                    "p99_9",
+                    "max",
+                    "min",
+                    "samples",
+                }
+            for r in k["runs"]:
+                assert set(r) == {
+                    "rep",
+                    "seconds",
+                    "count",
+                    "checksum",
+                    "in_order",
+                    "ok",
+                    "error",
+                    "msg_per_s",
+                    "mb_per_s",
+                }
+                assert (
+                    isinstance(r["count"], int)
+                    and isinstance(r["checksum"], int)
+                    and 0 <= r["checksum"] < 1 << 64
+                )
+    by = {c["name"]: c for c in data["cases"]}
+    assert by["thr"]["verified"] and by["thr"]["best_peer"] == "peer" and by["thr"]["ratio"] > 0
+    assert [k["status"] for k in by["thr"]["contenders"]] == ["ok", "ok", "skipped"]
+    assert by["bad"]["failed"] and by["bad"]["contenders"][1]["status"] == "FAILED"
+    assert by["bad"]["contenders"][1]["runs"][0]["msg_per_s"] is None
+    assert by["lat"]["contenders"][0]["latency_ns"]["samples"] == 400
+    assert len(by["thr"]["contenders"][0]["runs"]) == 2
+
+
+def test_markdown_renders(suite):
+    md = report.render_markdown(suite, "queue-engine bench --markdown", _INFO)
+    assert "`queue-engine bench --markdown`" in md and "Test CPU" in md
+    lines = md.splitlines()
+    thr_head = [i for i, ln in enumerate(lines) if ln.startswith("| Case |")]
+    lat_head = [i for i, ln in enumerate(lines) if ln.startswith("| Latency case |")]
+    assert len(thr_head) == 1 and len(lat_head) == 1
+    ncols = lines[thr_head[0]].count("|")
+    for ln in lines[thr_head[0] : lat_head[0]]:
+        if ln.startswith("|"):
+            assert ln.count("|") - ln.count("\\|") == ncols, ln
+    assert "| **ours** |" in md  # ours in bold
+    assert "fake: bad **FAILED**" in md and "| lossy | FAILED |" in md
+    assert "ghost" in md and "Not installed here" in md
+    assert "ghost |" not in md  # a skipped contender gets no row
+
+
+def test_markdown_says_when_ours_loses():
+    def slow(wl):
+        r = honest(wl)
+        r.seconds *= 1000
+        return r
+
+    res = run_suite(
+        Profile(repeat=1),
+        sections=[
+            (
+                "s",
+                types.SimpleNamespace(
+                    cases=lambda p: [
+                        _case([Contender("ours", slow, ours=True), Contender("peer", honest)])
+                    ]
+                ),
+            )
+        ],
+    )
+    assert res.cases[0].ratio < 1
+    assert "(loses)" in report.render_markdown(res, info=_INFO)
+    assert "LOSES" in report.render_terminal(res, color=False, info=_INFO)
+
+
+def test_terminal_table(suite):
+    text = report.render_terminal(suite, color=False, info=_INFO)
+    assert "== fake ==" in text and "* ours" in text and "p99.9 us" in text
+    assert "FAILED lossy" in text and "1 FAILED" in text and "skipped: ghost" in text
+
+
+def test_plots_are_written(suite, tmp_path):
+    pytest.importorskip("matplotlib")
+    files = report.write_plots(suite, str(tmp_path / "plots"))
+    names = sorted(p.rsplit("/", 1)[1] for p in files)
+    assert names == [
+        "latency_fake_lat.png",
+        "ratios.png",
+        "scaling_consumers_g.png",
+        "throughput_by_size_g.png",
+    ]
+    for f in files:
+        with open(f, "rb") as fh:
+            assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------
+# the CLI end to end (a fake section installed as a module)
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_section_module(monkeypatch):
+    mod = _fake_section()
+    mod.__name__ = "engine.bench.fakesec"
+    monkeypatch.setitem(sys.modules, "engine.bench.fakesec", mod)
+    monkeypatch.setattr(harness, "SECTIONS", harness.SECTIONS + ("fakesec",))
+    return mod
+
+
+def test_cli_exits_nonzero_on_a_failed_case_and_writes_json(fake_section_module, tmp_path, capsys):
+    from engine.cli import main
+
+    out = tmp_path / "b.json"
+    md = tmp_path / "b.md"
+    rc = main(
+        [
+            "bench",
+            "--only",
+            "fakesec",
+            "--quiet",
+            "--repeat",
+            "1",
+            "--json",
+            str(out),
+            "--markdown",
+            str(md),
+        ]
+    )
+    assert rc == 1
+    captured = capsys.readouterr()
+    assert "FAILED lossy" in captured.out and "FAILED" in captured.err
+    data = json.loads(out.read_text())
+    assert data["ok"] is False and data["profile"]["repeat"] == 1
+    assert "--only fakesec" in data["command"]
+    assert md.read_text().startswith("Measured with `queue-engine bench --only fakesec")
+
+
+def test_cli_ok_run_and_options(fake_section_module, monkeypatch, capsys):
+    from engine.cli import main
+
+    # drop the broken case: a clean run exits 0
+    orig = fake_section_module.cases
+    monkeypatch.setattr(
+        fake_section_module, "cases", lambda p: [c for c in orig(p) if c.name != "bad"]
+    )
+    assert main(["bench", "--only", "fakesec", "--quiet", "--messages", "50", "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Measured with") and "50 x 64 B" in out
+    assert main(["bench", "--only", "fakesec", "--list"]) == 0
+    assert "thr [throughput" in capsys.readouterr().out
+    assert main(["bench", "--only", "nosuchsection", "--quiet"]) == 2
+    with pytest.raises(SystemExit):
+        main(["bench", "--repeat", "0"])
+
+
+def test_section_list_starts_with_ring_and_skips_absent_modules():
+    assert harness.SECTIONS[0] == "ring"
+    names = [n for n, _ in harness.load_sections()]
+    assert names[0] == "ring"
+    assert set(names) <= set(harness.SECTIONS)
+
+
+# ---------------------------------------------------------------------------
+# the real ring section, tiny
+# ---------------------------------------------------------------------------
+
+
+def test_real_ring_section_verifies_at_small_n():
+    from engine.bench import ring
+
+    profile = Profile(messages=3000, repeat=1)
+    cases = ring.cases(profile)
+    assert [c.name for c in cases][:2] == ["threads 1->1", "processes 1->1 put/get"]
+    skipped = []
+    for case in cases:
+        res = run_case(case, "ring", profile, skipped_lines=skipped)
+        ran = [c for c in res.contenders if c.status != SKIPPED]
+        assert ran, case.name
+        for c in ran:
+            assert c.status == OK, f"{case.name} / {c.name}: {c.reason}"
+            assert [r.count for r in c.runs] == [case.workload.count]
+        if case.kind == LATENCY:
+            assert all(c.latency()["samples"] == case.workload.count for c in ran)
+    # stdlib peers never skip
+    assert not any("multiprocessing" in s or "queue.Queue" in s for s in skipped)
+
+
+def test_full_profile_has_the_sweeps():
+    from engine.bench import ring
+
+    cases = ring.cases(Profile(full=True))
+    main = {c.name: c for c in cases}
+    assert main["processes 1->1 put/get"].workload.count >= 1_000_000
+    sizes = sorted(c.params["x"] for c in cases if c.params.get("sweep") == "size")
+    assert sizes[0] == 8 and sizes[-1] == 65536
+    assert sorted(c.params["x"] for c in cases if c.params.get("sweep") == "consumers") == [
+        1,
+        2,
+        3,
+        4,
+    ]
