@@ -19,6 +19,7 @@ TOOLS = (
     "engine.ringtool",
     "engine.logtool",
     "engine.countertool",
+    "engine.bridgetool",
 )
 
 

@@ -1,0 +1,77 @@
+"""``queue-engine bridge jetstream forward|ingest``: run a JetStream bridge until
+interrupted, printing a one-line status every few seconds."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bridge = sub.add_parser("bridge", help="forward a log to NATS JetStream, or ingest from it")
+    kinds = bridge.add_subparsers(dest="bridge_kind", metavar="KIND")
+    kinds.required = True
+    js = kinds.add_parser("jetstream", help="NATS JetStream (needs queue-engine[nats])")
+    ops = js.add_subparsers(dest="op", metavar="OP")
+    ops.required = True
+
+    fwd = ops.add_parser("forward", help="publish every log record to a stream, exactly once")
+    fwd.add_argument("log", help="log directory")
+    fwd.add_argument("--group", default="jetstream", help="consumer group (default: jetstream)")
+    fwd.add_argument("--servers", default="nats://127.0.0.1:4222", help="comma-separated URLs")
+    fwd.add_argument("--stream", required=True)
+    fwd.add_argument("--subject", required=True)
+    fwd.add_argument("--max-in-flight", type=int, default=1024)
+    fwd.add_argument("--replicas", type=int, default=1, help="replicas if the stream is created")
+    fwd.add_argument("--until-caught-up", action="store_true", help="exit once the log is forwarded")
+    fwd.add_argument("--status-interval", type=float, default=5.0)
+    fwd.set_defaults(func=_forward)
+
+    ing = ops.add_parser("ingest", help="append a stream into a local log, each message once")
+    ing.add_argument("log", help="log directory")
+    ing.add_argument("--servers", default="nats://127.0.0.1:4222")
+    ing.add_argument("--stream", required=True)
+    ing.add_argument("--durable", required=True, help="durable consumer name")
+    ing.add_argument("--subject", default=None)
+    ing.add_argument("--batch", type=int, default=256)
+    ing.add_argument("--until-idle", type=float, default=None, help="exit after N idle seconds")
+    ing.add_argument("--status-interval", type=float, default=5.0)
+    ing.set_defaults(func=_ingest)
+
+
+def _print_status(status) -> None:
+    print(status.line(), file=sys.stderr, flush=True)
+
+
+def _forward(args: argparse.Namespace) -> int:
+    from engine.bridge import JetStreamForwarder
+
+    fwd = JetStreamForwarder(
+        args.log,
+        group=args.group,
+        servers=args.servers,
+        stream=args.stream,
+        subject=args.subject,
+        max_in_flight=args.max_in_flight,
+        replicas=args.replicas,
+    )
+    status = fwd.run(
+        until_caught_up=args.until_caught_up,
+        on_status=_print_status,
+        status_interval=args.status_interval,
+    )
+    _print_status(status)
+    return 0
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from engine.bridge import JetStreamIngest
+
+    ing = JetStreamIngest(
+        args.servers, args.stream, args.durable, args.log, subject=args.subject, batch=args.batch
+    )
+    status = ing.run(
+        until_idle=args.until_idle, on_status=_print_status, status_interval=args.status_interval
+    )
+    _print_status(status)
+    return 0

@@ -1,0 +1,119 @@
+"""Real nats-server processes for the bridge tests: one server or a 3-node
+JetStream cluster, on loopback ports, each node with its own storage directory.
+
+In CI (``CI=true``) a missing ``nats-server`` is a failure (``.ci/run`` installs
+the Debian package); on a developer machine the bridge tests are skipped with
+the install line.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import pytest
+
+
+def require_nats() -> str:
+    exe = shutil.which("nats-server") or (
+        "/usr/sbin/nats-server" if os.path.exists("/usr/sbin/nats-server") else None
+    )
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("nats-server is not installed; .ci/run installs it (apt-get install nats-server)")
+        pytest.skip("nats-server not installed (apt-get install nats-server)")
+    try:
+        import nats  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail('nats-py is not installed; the [test] extra must bring it')
+        pytest.skip('nats-py not installed (pip install "queue-engine[nats]")')
+    return exe
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class NatsServer:
+    """One nats-server process with JetStream enabled."""
+
+    def __init__(
+        self,
+        exe: str,
+        workdir: Path,
+        name: str,
+        cluster_port: Optional[int] = None,
+        routes: Optional[List[int]] = None,
+        cluster_name: str = "qe",
+    ) -> None:
+        self.exe = exe
+        self.name = name
+        self.port = free_port()
+        self.cluster_port = cluster_port
+        self.routes = routes or []
+        self.cluster_name = cluster_name
+        self.store = workdir / f"{name}-store"
+        self.store.mkdir(parents=True, exist_ok=True)
+        self.logfile = workdir / f"{name}.log"
+        self.proc: Optional[subprocess.Popen] = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> NatsServer:
+        cmd = [
+            self.exe, "-js", "-sd", str(self.store), "-a", "127.0.0.1",
+            "-p", str(self.port), "-n", self.name,
+        ]
+        if self.cluster_port is not None:
+            cmd += ["--cluster_name", self.cluster_name,
+                    "--cluster", f"nats://127.0.0.1:{self.cluster_port}"]
+            if self.routes:
+                cmd += ["--routes", ",".join(f"nats://127.0.0.1:{p}" for p in self.routes)]
+        with open(self.logfile, "ab") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nats-server exited: {self.logfile.read_text()[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"nats-server {self.name} did not listen within 10 s")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def start_cluster(exe: str, workdir: Path, nodes: int = 3) -> List[NatsServer]:
+    cports = [free_port() for _ in range(nodes)]
+    servers = [
+        NatsServer(exe, workdir, f"n{i}", cluster_port=cports[i],
+                   routes=[p for j, p in enumerate(cports) if j != i])
+        for i in range(nodes)
+    ]
+    for s in servers:
+        s.start()
+    return servers

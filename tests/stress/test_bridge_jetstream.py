@@ -1,0 +1,221 @@
+"""The JetStream bridge against real nats-server processes (issue 10).
+
+* a forwarder SIGKILLed at >= 20 random moments while it forwards 100,000
+  records: the stream ends with every record exactly once, in log order;
+* a 3-node cluster with a 3-replica stream, one node SIGKILLed mid-stream and
+  restarted: nothing lost, nothing duplicated;
+* an ingest SIGKILLed mid-stream: the local log ends with every message once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from nats_servers import NatsServer, require_nats, start_cluster
+
+import engine
+
+pytestmark = [pytest.mark.crash, pytest.mark.timeout(300)]
+
+N_RECORDS = 100_000
+KILLS = 20
+
+
+def _payload(i: int) -> bytes:
+    return i.to_bytes(8, "little") + bytes([i % 251]) * 56  # 64 bytes
+
+
+def _fill_log(path: Path, n: int) -> str:
+    with engine.Log(path, durability="none") as log:
+        for start in range(0, n, 10_000):
+            log.append_many(
+                [_payload(i) for i in range(start, min(n, start + 10_000))],
+                keys=[b"k%d" % (i % 97) for i in range(start, min(n, start + 10_000))],
+            )
+        return log.log_id
+
+
+FORWARD_CHILD = """
+import sys
+from engine.bridge import JetStreamForwarder
+log_path, servers, stream, subject, replicas = sys.argv[1:6]
+JetStreamForwarder(log_path, group="js", servers=servers, stream=stream, subject=subject,
+                   max_in_flight=512, replicas=int(replicas)).run(until_caught_up=True)
+"""
+
+
+def _forward_proc(log_path, servers, stream="ORDERS", subject="orders", replicas=1):
+    return subprocess.Popen(
+        [sys.executable, "-c", FORWARD_CHILD, str(log_path), servers, stream, subject,
+         str(replicas)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+async def _read_stream(servers, stream, subject, expect):
+    """Every message of the stream, in stream order: (msg id, payload) pairs."""
+    import nats
+
+    nc = await nats.connect(servers=servers)
+    js = nc.jetstream()
+    info = await js.stream_info(stream)
+    assert info.state.messages == expect, f"stream holds {info.state.messages}, want {expect}"
+    sub = await js.subscribe(subject, ordered_consumer=True)
+    out = []
+    for _ in range(expect):
+        msg = await sub.next_msg(timeout=10)
+        out.append((msg.headers.get("Nats-Msg-Id"), msg.data,
+                    msg.headers.get("Engine-Key"), msg.headers.get("Engine-Timestamp")))
+    await sub.unsubscribe()
+    await nc.close()
+    return out
+
+
+def _check_stream(servers, log_id, n, stream="ORDERS", subject="orders"):
+    got = asyncio.run(_read_stream(servers, stream, subject, n))
+    ids = [mid for mid, _, _, _ in got]
+    assert ids == [f"{log_id}:{i}" for i in range(n)], "stream is not the log, once, in order"
+    bad = [i for i, (_, data, _, _) in enumerate(got) if data != _payload(i)]
+    assert not bad, f"{len(bad)} payloads differ, first at {bad[:3]}"
+    import base64
+
+    assert all(base64.b64decode(k) == b"k%d" % (i % 97) for i, (_, _, k, _) in enumerate(got))
+    assert all(ts is not None and int(ts) > 0 for _, _, _, ts in got)
+
+
+def test_forwarder_killed_at_random_moments_single_server(tmp_path):
+    exe = require_nats()
+    server = NatsServer(exe, tmp_path, "solo").start()
+    try:
+        log_path = tmp_path / "outbox"
+        log_id = _fill_log(log_path, N_RECORDS)
+        rng = random.Random(1234)
+        kills = 0
+        finished = False
+        deadline = time.monotonic() + 200
+        while kills < KILLS and time.monotonic() < deadline:
+            proc = _forward_proc(log_path, server.url)
+            time.sleep(rng.uniform(0.35, 0.9))  # import + connect take ~0.3 s
+            if proc.poll() is not None:
+                assert proc.returncode == 0, proc.stderr.read().decode()[-3000:]
+                finished = True
+                break
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+        # The kills must all land mid-stream, before the forwarder could finish.
+        assert not finished and kills >= KILLS, f"only {kills} kills landed before the forwarder finished"
+        proc = _forward_proc(log_path, server.url)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()[-3000:]
+        _check_stream([server.url], log_id, N_RECORDS)
+    finally:
+        server.stop()
+
+
+def test_cluster_node_killed_and_restarted_mid_stream(tmp_path):
+    exe = require_nats()
+    nodes = start_cluster(exe, tmp_path, 3)
+    try:
+        urls = ",".join(n.url for n in nodes)
+        log_path = tmp_path / "outbox"
+        n = 30_000
+        log_id = _fill_log(log_path, n)
+        _wait_cluster_ready([n.url for n in nodes])
+        proc = _forward_proc(log_path, urls, replicas=3)
+        time.sleep(1.5)
+        victim = nodes[1]
+        victim.kill()
+        time.sleep(1.0)
+        victim.start()
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err.decode()[-3000:]
+        _check_stream([n.url for n in nodes], log_id, n)
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def _wait_cluster_ready(urls):
+    """A JetStream cluster answers API calls only once it elected a meta leader."""
+    import nats
+
+    async def probe():
+        nc = await nats.connect(servers=urls)
+        js = nc.jetstream()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                await js.account_info()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+        await nc.close()
+
+    asyncio.run(probe())
+
+
+INGEST_CHILD = """
+import sys
+from engine.bridge import JetStreamIngest
+servers, stream, log_path = sys.argv[1:4]
+JetStreamIngest(servers, stream, "ingest", log_path, batch=200).run(until_idle=2.0)
+"""
+
+
+def test_ingest_killed_mid_stream_keeps_each_message_once(tmp_path):
+    exe = require_nats()
+    server = NatsServer(exe, tmp_path, "solo").start()
+    n = 20_000
+    try:
+        async def publish():
+            import nats
+
+            nc = await nats.connect(servers=[server.url])
+            js = nc.jetstream()
+            await js.add_stream(name="IN", subjects=["in.>"])
+            for i in range(n):
+                await js.publish_async("in.x", _payload(i), headers={"Nats-Msg-Id": f"m{i}"})
+            await js.publish_async_completed()
+            await nc.close()
+
+        asyncio.run(publish())
+        log_path = tmp_path / "inbox"
+        rng = random.Random(99)
+        for _ in range(8):
+            proc = subprocess.Popen(
+                [sys.executable, "-c", INGEST_CHILD, server.url, "IN", str(log_path)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            )
+            time.sleep(rng.uniform(0.4, 1.0))
+            if proc.poll() is not None:
+                break
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        proc = subprocess.Popen(
+            [sys.executable, "-c", INGEST_CHILD, server.url, "IN", str(log_path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()[-3000:]
+        reader = engine.LogReader(log_path, start=0)
+        keys = []
+        for rec in reader:
+            keys.append(bytes(rec.key))
+            i = int(bytes(rec.key)[1:])
+            assert bytes(rec.value) == _payload(i)
+        reader.close()
+        assert len(keys) == n, f"{len(keys)} records for {n} messages"
+        assert set(keys) == {b"m%d" % i for i in range(n)}
+    finally:
+        server.stop()
