@@ -1483,8 +1483,6 @@ cdef class Consumer:
             return out
         while n < max:
             if self._cursor == self._head:
-                if n > 0:
-                    break  # return what we have; the next call refreshes head
                 self._load_head()
                 if self._cursor == self._head:
                     break
