@@ -344,4 +344,3 @@ class CounterAggregator:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-

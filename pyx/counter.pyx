@@ -250,7 +250,7 @@ def read_header(name):
     """
     path = region_path(name)
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise IncompatibleRegion(name, f"no such region ({path}); create it first") from None
     try:
@@ -395,13 +395,17 @@ cdef class ShardedCounter:
             raise Closed("counter is closed")
         return 0
 
-    def add(self, int64_t n=1):
+    def add(self, n=1):
         """Add ``n`` (an int, may be negative) with one atomic op on this thread's shard."""
         if self._cells == NULL:
             raise Closed("counter is closed")
+        if type(n) is not int and not isinstance(n, int):
+            # explicit: Cython's C conversion would accept a float via __int__
+            raise TypeError(f"n must be an int, not {type(n).__name__}")
+        cdef int64_t v = n
         cdef int64_t *cell = <int64_t *>(
             self._cells + <size_t>(eng_counter_thread_tag() & self._mask) * ENG_COUNTER_BLOCK)
-        if eng_cell_add(cell, n) != 0:
+        if eng_cell_add(cell, v) != 0:
             raise OverflowError(f"adding {n} would take a shard of the counter out of int64")
 
     def value(self):
@@ -478,7 +482,7 @@ cdef class ShardedCounter:
         """Reset then store ``v`` in shard 0 (restore; not atomic with adders)."""
         self._check_open()
         self.reset()
-        eng_cell_add(<int64_t *>self._cells, v)
+        eng_cell_add(<int64_t *>self._cells, v)   # cannot overflow: the cell is 0
 
     def close(self):
         """Unmap the counter (the shared region itself stays; see :meth:`unlink`)."""
@@ -678,11 +682,14 @@ cdef class CounterMap:
             raise OverflowError(f"counter total {v} is outside int64")
         return v
 
-    def add(self, key, int64_t n=1):
+    def add(self, key, n=1):
         """Add ``n`` to the counter ``key`` (created at 0 on first use)."""
         self._check_open()
+        if type(n) is not int and not isinstance(n, int):
+            raise TypeError(f"n must be an int, not {type(n).__name__}")
+        cdef int64_t v = n
         cdef Py_ssize_t i = self._find(key, True)
-        if eng_cell_add(self._cell(<uint32_t>i, eng_counter_thread_tag() & self._shard_mask), n) != 0:
+        if eng_cell_add(self._cell(<uint32_t>i, eng_counter_thread_tag() & self._shard_mask), v) != 0:
             raise OverflowError(f"adding {n} would take a shard of counter {key!r} out of int64")
 
     def get(self, key, default=0):
