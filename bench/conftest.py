@@ -31,7 +31,7 @@ def workload() -> Callable[..., Workload]:
 
     def make(count: int, size: int = 64, seed: int = 0) -> Workload:
         wl = Workload(count, size, seed)
-        wl.expected  # build the payloads before any timing
+        _ = wl.expected  # build the payloads before any timing
         return wl
 
     return make

@@ -471,9 +471,14 @@ def test_json_schema_is_stable(suite):
                     "in_order",
                     "ok",
                     "error",
+                    "latency_ns",
                     "msg_per_s",
                     "mb_per_s",
                 }
+                if c["kind"] == "latency" and r["ok"]:
+                    assert set(r["latency_ns"]) == {"p50", "p90", "p99", "p99_9", "max"}
+                else:
+                    assert r["latency_ns"] is None
                 assert (
                     isinstance(r["count"], int)
                     and isinstance(r["checksum"], int)
@@ -649,7 +654,7 @@ def test_full_profile_has_the_sweeps():
     main = {c.name: c for c in cases}
     assert main["processes 1->1 put/get"].workload.count >= 1_000_000
     sizes = sorted(c.params["x"] for c in cases if c.params.get("sweep") == "size")
-    assert sizes[0] == 8 and sizes[-1] == 65536
+    assert sizes[0] == 1 and 8 in sizes and sizes[-1] == 65536
     assert sorted(c.params["x"] for c in cases if c.params.get("sweep") == "consumers") == [
         1,
         2,

@@ -462,6 +462,15 @@ class LatencyHistogram:
         return "hdrhistogram" if self._hdr is not None else "numpy-log-linear"
 
 
+def exact_percentiles(samples_ns: Sequence[int]) -> Dict[str, float]:
+    """Exact p50/p90/p99/p99.9/max of one run's samples (the spread across
+    repetitions; the headline figures come from the merged histogram)."""
+    arr = np.asarray(samples_ns, dtype=np.float64)
+    out = {_pkey(p): float(np.percentile(arr, p, method="inverted_cdf")) for p in PERCENTILES}
+    out["max"] = float(arr.max())
+    return out
+
+
 def _pkey(p: float) -> str:
     return "p" + (f"{p:g}".replace(".", "_") if p != int(p) else str(int(p)))
 
@@ -509,6 +518,7 @@ class RunRecord:
     in_order: Optional[bool]
     ok: bool
     error: Optional[str] = None
+    latency_ns: Optional[Dict[str, float]] = None  # this run's exact percentiles (latency cases)
 
 
 @dataclass
@@ -715,13 +725,13 @@ def run_case(
                 why = f"raised {tb}"
                 run = None
             if why is None and run is not None:
-                res.runs.append(
-                    RunRecord(
-                        rep, run.seconds, run.count, run.checksum & _MASK64, run.in_order, True
-                    )
+                rec = RunRecord(
+                    rep, run.seconds, run.count, run.checksum & _MASK64, run.in_order, True
                 )
                 if res.histogram is not None and run.latencies_ns is not None:
                     res.histogram.record(run.latencies_ns)
+                    rec.latency_ns = exact_percentiles(run.latencies_ns)
+                res.runs.append(rec)
             else:
                 res.status = FAILED
                 res.reason = why

@@ -24,6 +24,7 @@ JSON schema (``schema_version`` 1; keys are only ever added, never renamed)::
           "mb_per_s":  {"median", "min", "max", "q1", "q3"},
           "latency_ns": {"p50", "p90", "p99", "p99_9", "max", "min", "samples"}|null,
           "runs": [{"rep", "seconds", "count", "checksum", "in_order", "ok", "error",
+                    "latency_ns": {"p50", "p90", "p99", "p99_9", "max"}|null,
                     "msg_per_s", "mb_per_s"}]
         }]
       }]
@@ -252,6 +253,7 @@ def _contender_json(cr: CaseResult, c: ContenderResult) -> Dict[str, Any]:
                 "in_order": r.in_order,
                 "ok": r.ok,
                 "error": r.error,
+                "latency_ns": r.latency_ns,
                 "msg_per_s": (r.count / r.seconds) if r.ok and r.seconds > 0 else None,
                 "mb_per_s": (r.count * size / r.seconds / 1e6) if r.ok and r.seconds > 0 else None,
             }

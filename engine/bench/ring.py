@@ -39,7 +39,7 @@ FF = ("faster_fifo",)
 ZMQ = ("zmq",)
 CAPACITY = 1 << 24  # 16 MiB, the same buffer as faster-fifo gets
 ARRAY_ROWS = 8192  # rows per put_array / get_array call (and per peer block)
-SIZES = (8, 64, 512, 4096, 32768, 65536)
+SIZES = (1, 8, 64, 512, 4096, 32768, 65536)
 CONSUMERS = (1, 2, 3, 4)
 
 
@@ -144,8 +144,12 @@ def _ours_consumer(
     return peers.consumer_result(t1, out)
 
 
-def ours_procs(how: str = "single", n_consumers: int = 1) -> Callable[[Workload], Run]:
-    mode = "spsc" if n_consumers == 1 else "shared"
+def ours_procs(
+    how: str = "single", n_consumers: int = 1, mode: Optional[str] = None
+) -> Callable[[Workload], Run]:
+    """Our ring across processes: ``how`` is single put/get, ``many``
+    (put_many/get_many) or ``array``; spsc for one consumer, else shared."""
+    mode = mode or ("spsc" if n_consumers == 1 else "shared")
 
     def fn(wl: Workload) -> Run:
         with _SharedRing(mode, n_consumers) as name:
@@ -228,12 +232,13 @@ def ours_pingpong(wl: Workload) -> Run:
 # ---------------------------------------------------------------------------
 
 
-def _flow_contenders(n_consumers: int = 1) -> List[Contender]:
-    suffix = "" if n_consumers == 1 else ' (mode="shared")'
+def _flow_contenders(n_consumers: int = 1, shared: bool = False) -> List[Contender]:
+    mode = "shared" if (shared or n_consumers > 1) else "spsc"
+    suffix = ' (mode="shared")' if mode == "shared" else ""
     return [
         Contender(
             "engine.Ring" + suffix,
-            ours_procs("single", n_consumers),
+            ours_procs("single", n_consumers, mode),
             ours=True,
             requires=RING,
             pip_hint=BUILD_HINT,
@@ -365,7 +370,7 @@ def cases(profile: Profile) -> List[Case]:
                     f"one producer, {k} competing consumer process(es)",
                     THROUGHPUT,
                     Workload(profile.count(quick=200_000, full=200_000), size),
-                    _flow_contenders(k),
+                    _flow_contenders(k, shared=True),
                     ordered=k == 1,
                     repeat=profile.reps(quick=3, full=3),
                     params={"sweep": "consumers", "x": k, "group": "ring processes 1->N"},
