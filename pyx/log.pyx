@@ -1,0 +1,2142 @@
+"""The segment log: an append-only, memory-mapped, CRC-framed log on disk.
+
+One writer per directory (:class:`Log`), any number of readers in any process
+(:class:`LogReader`).  The on-disk layout is pinned by ``pyx/log_layout.h``.
+
+Decisions (documented for users in the class docstrings):
+
+* Plain iteration over a reader is file-like: it stops at the current end.
+  ``poll(timeout)`` waits for the next record (futex, GIL released).
+* ``copy=False`` readers return values (and keys) as read-only ``memoryview``
+  slices of the segment mapping.  The mapping is an ``mmap.mmap`` object the
+  views keep alive, so a view never dangles, even after the reader closed or
+  retention deleted the file; its bytes never change (segments are
+  append-only).  By contract a view is only guaranteed until the reader's next
+  call.
+* Retention never unmaps under a reader: it unlinks files, and a mapped file
+  stays readable.  A reader whose next record was deleted before it got there
+  (or that is asked for an offset below the log's start) jumps forward to the
+  oldest record still there and counts the records jumped over in
+  ``reader.skipped`` (Kafka's ``auto.offset.reset=earliest``).
+* Timestamps are wall-clock nanoseconds made non-decreasing by the writer (a
+  clock stepping back repeats the last timestamp), so ``seek_time`` is exact.
+"""
+
+cimport cython
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.exc cimport PyErr_CheckSignals
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy, memset
+
+from crc32c cimport eng_crc32c, eng_crc32c_have_hw, eng_crc32c_hw, eng_crc32c_init, eng_crc32c_sw
+from eng_atomic cimport *
+
+import errno as _errno
+import json as _json
+import logging as _logging
+import mmap as _mmap
+import os as _os
+import re as _re
+import struct as _struct
+import threading as _threading
+import time as _time
+import uuid as _uuid
+import weakref as _weakref
+
+from engine.errors import Closed, CorruptLog, LogLocked
+
+cdef extern from "log_layout.h" nogil:
+    int ENG_LOG_FORMAT
+    int ENG_REC_FLAG_EOS
+    int ENG_REC_FLAG_KEY
+    int ENG_REC_FLAGS_KNOWN
+    int ENG_INDEX_INTERVAL
+    uint32_t ENG_NOTIFY_MAGIC
+    ctypedef struct eng_rec_header:
+        uint32_t length
+        uint32_t crc
+        uint64_t offset
+        int64_t timestamp_ns
+        uint32_t key_len
+        uint32_t flags
+    ctypedef struct eng_notify:
+        uint32_t magic
+        uint32_t seq
+        uint32_t waiters
+
+cdef extern from "<sys/mman.h>" nogil:
+    int msync(void *addr, size_t length, int flags)
+    int MS_SYNC
+
+cdef extern from "<unistd.h>" nogil:
+    int fdatasync(int fd)
+    int fsync(int fd)
+
+eng_crc32c_init()
+
+_logger = _logging.getLogger("engine")
+
+FORMAT_VERSION = ENG_LOG_FORMAT
+RECORD_HEADER_SIZE = 32
+SEGMENT_HEADER_SIZE = 64
+DEF_SEGMENT_BYTES = 64 << 20
+
+cdef size_t _HDR = 32        # record header bytes
+cdef size_t _SEGHDR = 64     # segment header bytes
+cdef size_t _PAGE = _mmap.PAGESIZE
+cdef size_t _MIN_SEGMENT = 4096
+
+_SEG_RE = _re.compile(r"^(\d{20})\.seg$")
+_GROUP_RE = _re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SEG_HEADER = _struct.Struct("<8sIIQQ16sqII")
+_INDEX_HEADER = _struct.Struct("<8sQIIII")
+_CHECKPOINT = _struct.Struct("<8sQQQII")
+_GROUP = _struct.Struct("<8sQI")
+_SEG_MAGIC = b"QELOGSG1"
+_IDX_MAGIC = b"QELOGIX1"
+_TIX_MAGIC = b"QELOGTX1"
+_CKPT_MAGIC = b"QELOGCK1"
+_GROUP_MAGIC = b"QELOGGR1"
+
+# in-process registry of directories with an open writer: fcntl/flock alone
+# would let a second Log in the same process through on some platforms.
+_open_writers = set()
+_sync_hook = None
+
+# scan / check outcomes
+cdef enum:
+    R_END = 0       # zero length word: nothing written here (yet)
+    R_REC = 1       # a valid record
+    R_EOS = 2       # a valid end-of-segment marker
+    R_BAD = -1      # an invalid record (reason in *why)
+
+# reasons for R_BAD
+cdef enum:
+    W_NONE = 0
+    W_NO_ROOM = 1
+    W_LENGTH = 2
+    W_KEYLEN = 3
+    W_FLAGS = 4
+    W_CRC = 5
+    W_OFFSET = 6
+    W_EOS = 7
+
+_WHY = {
+    W_NO_ROOM: "segment ends without an end-of-segment marker",
+    W_LENGTH: "record length out of bounds",
+    W_KEYLEN: "key length out of bounds",
+    W_FLAGS: "unknown record flags",
+    W_CRC: "CRC32C mismatch",
+    W_OFFSET: "record offset out of sequence",
+    W_EOS: "malformed end-of-segment marker",
+}
+
+
+cdef inline size_t _align8(size_t n) noexcept nogil:
+    return (n + 7) & ~(<size_t>7)
+
+
+cdef inline uint32_t _rec_crc(const uint8_t *rec, uint32_t length) noexcept nogil:
+    # length word first, then everything after the crc field up to the padded end
+    cdef uint32_t c = eng_crc32c(0, &length, 4)
+    return eng_crc32c(c, rec + 8, _align8(length) - 8)
+
+
+cdef inline int _rec_check(const uint8_t *p, size_t size, size_t pos, uint64_t expect,
+                           bint check_crc, int *why) noexcept nogil:
+    """Classify the record at pos; never reads outside [0, size)."""
+    cdef uint32_t length
+    cdef const eng_rec_header *h
+    if pos > size or size - pos < _HDR:
+        why[0] = W_NO_ROOM
+        return R_BAD
+    # acquire: pairs with the writer's release store of the length word
+    length = eng_load_acquire_u32(<const uint32_t *>(p + pos))
+    if length == 0:
+        return R_END
+    if length < _HDR or _align8(length) > size - pos:
+        why[0] = W_LENGTH
+        return R_BAD
+    h = <const eng_rec_header *>(p + pos)
+    if h.key_len > length - _HDR:
+        why[0] = W_KEYLEN
+        return R_BAD
+    if h.flags & ~(<uint32_t>ENG_REC_FLAGS_KNOWN):
+        why[0] = W_FLAGS
+        return R_BAD
+    if check_crc and _rec_crc(p + pos, length) != h.crc:
+        why[0] = W_CRC
+        return R_BAD
+    if h.offset != expect:
+        why[0] = W_OFFSET
+        return R_BAD
+    if h.flags & ENG_REC_FLAG_EOS:
+        if length != _HDR or h.flags != <uint32_t>ENG_REC_FLAG_EOS:
+            why[0] = W_EOS
+            return R_BAD
+        return R_EOS
+    return R_REC
+
+
+cdef inline size_t _write_rec(uint8_t *p, size_t pos, uint64_t off, int64_t ts,
+                              const char *k, uint32_t klen, uint32_t flags,
+                              const char *v, size_t vlen) noexcept nogil:
+    """Write one record at pos (room already checked); returns its padded size."""
+    cdef eng_rec_header *h = <eng_rec_header *>(p + pos)
+    cdef uint32_t length = <uint32_t>(_HDR + klen + vlen)
+    cdef size_t padded = _align8(length)
+    h.offset = off
+    h.timestamp_ns = ts
+    h.key_len = klen
+    h.flags = flags
+    if klen:
+        memcpy(p + pos + _HDR, k, klen)
+    if vlen:
+        memcpy(p + pos + _HDR + klen, v, vlen)
+    if padded != length:
+        memset(p + pos + length, 0, padded - length)
+    h.crc = _rec_crc(p + pos, length)
+    # release: every byte above is visible before a reader can see the length
+    eng_store_release_u32(&h.length, length)
+    return padded
+
+
+cdef size_t _last_nonzero(const uint8_t *p, size_t pos, size_t size) noexcept nogil:
+    """Index one past the last non-zero byte in [pos, size), or pos if all zero."""
+    cdef size_t i = size
+    while i > pos and (i & 7):
+        if p[i - 1]:
+            return i
+        i -= 1
+    while i >= pos + 8 and (<const uint64_t *>(p + i - 8))[0] == 0:
+        i -= 8
+    while i > pos:
+        if p[i - 1]:
+            return i
+        i -= 1
+    return pos
+
+
+cdef int _sync_range(int fd, uint8_t *p, size_t lo, size_t hi) noexcept nogil:
+    """msync(MS_SYNC) the pages of [lo, hi) then fdatasync the file; 0 or errno."""
+    cdef size_t a = lo - (lo % _PAGE)
+    cdef int rc = 0
+    if hi > a:
+        if msync(p + a, hi - a, MS_SYNC) != 0:
+            rc = -1
+    if fdatasync(fd) != 0:
+        rc = -1
+    return rc
+
+
+def _set_sync_hook(fn):
+    """Test hook: ``fn(log_dir, info)`` runs right after each durable sync point.
+
+    ``info`` says what just became durable (``kind``: "data", "roll",
+    "checkpoint", "group"; ``next_offset``: every offset below it is on stable
+    storage).  Power-loss tests snapshot the directory there.  ``None`` clears it.
+    """
+    global _sync_hook
+    if fn is not None and not callable(fn):
+        raise TypeError("fn must be callable or None")
+    _sync_hook = fn
+
+
+cdef _call_hook(str path, dict info):
+    if _sync_hook is not None:
+        _sync_hook(path, info)
+
+
+def _crc32c(data, impl="auto", crc=0):
+    """CRC32C of a buffer with the chosen implementation ("auto", "hw", "sw").
+
+    ``crc`` continues a previous value: ``_crc32c(b, crc=_crc32c(a)) == _crc32c(a + b)``.
+    "hw" raises ``RuntimeError`` when the CPU (or a portable build) lacks the instruction.
+    """
+    cdef Py_buffer buf
+    cdef uint32_t c
+    if impl not in ("auto", "hw", "sw"):
+        raise ValueError(f"impl must be 'auto', 'hw' or 'sw', not {impl!r}")
+    if impl == "hw" and not eng_crc32c_have_hw:
+        raise RuntimeError("no CRC32C instruction on this CPU or in this (portable) build")
+    if not isinstance(crc, int) or not 0 <= crc <= 0xFFFFFFFF:
+        raise ValueError("crc must be an int in [0, 2**32)")
+    cdef int which = 1 if impl == "sw" else (2 if impl == "hw" else 0)
+    c = crc
+    PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
+    try:
+        with nogil:
+            if which == 1:
+                c = eng_crc32c_sw(c, buf.buf, <size_t>buf.len)
+            elif which == 2:
+                c = eng_crc32c_hw(c, buf.buf, <size_t>buf.len)
+            else:
+                c = eng_crc32c(c, buf.buf, <size_t>buf.len)
+    finally:
+        PyBuffer_Release(&buf)
+    return c
+
+
+def _crc32c_hw_available():
+    """True when the CRC32C instruction path is in use."""
+    return bool(eng_crc32c_have_hw)
+
+
+def _record_size(value_len, key_len=0):
+    """Bytes one record takes in a segment (header + key + value, padded to 8)."""
+    return int(_align8(_HDR + key_len + value_len))
+
+
+# ---------------------------------------------------------------- small files
+
+cdef _fsync_dir(str path):
+    fd = _os.open(path, _os.O_RDONLY)
+    try:
+        _os.fsync(fd)
+    finally:
+        _os.close(fd)
+
+
+cdef _atomic_write(str directory, str name, bytes data, bint durable):
+    """Write temp, (fsync), rename, (fsync dir): the file is old or new, never torn."""
+    tmp = _os.path.join(directory, f".{name}.{_os.getpid()}.tmp")
+    fd = _os.open(tmp, _os.O_WRONLY | _os.O_CREAT | _os.O_TRUNC, 0o600)
+    try:
+        _os.write(fd, data)
+        if durable:
+            _os.fsync(fd)
+    finally:
+        _os.close(fd)
+    _os.replace(tmp, _os.path.join(directory, name))
+    if durable:
+        _fsync_dir(directory)
+
+
+cdef dict _read_meta(str path):
+    mpath = _os.path.join(path, "meta")
+    try:
+        with open(mpath, "rb") as f:
+            meta = _json.loads(f.read(65536).decode("utf-8"))
+    except FileNotFoundError:
+        raise
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptLog(mpath, 0, f"unreadable meta file ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != ENG_LOG_FORMAT:
+        raise CorruptLog(mpath, 0, f"unsupported log format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+    try:
+        meta["log_uuid"] = _uuid.UUID(meta["log_id"])
+        meta["segment_bytes"] = int(meta["segment_bytes"])
+    except (KeyError, ValueError, TypeError):
+        raise CorruptLog(mpath, 0, "meta file lacks a valid log_id / segment_bytes") from None
+    return meta
+
+
+cdef list _list_segments(str path):
+    """Sorted base offsets of the segment files in path."""
+    bases = []
+    for name in _os.listdir(path):
+        m = _SEG_RE.match(name)
+        if m:
+            bases.append(int(m.group(1)))
+    bases.sort()
+    return bases
+
+
+cdef str _seg_name(uint64_t base):
+    return f"{base:020d}.seg"
+
+
+def _check_group(group):
+    if not isinstance(group, str):
+        raise TypeError(f"group must be a str, not {type(group).__name__}")
+    if not _GROUP_RE.match(group):
+        raise ValueError(f"group must match [A-Za-z0-9][A-Za-z0-9._-]*, at most 128 chars: {group!r}")
+
+
+cdef object _read_group(str path, str group):
+    """Committed offset of a group, or None if it never committed."""
+    gpath = _os.path.join(path, "groups", group)
+    try:
+        with open(gpath, "rb") as f:
+            data = f.read(64)
+    except FileNotFoundError:
+        return None
+    if len(data) != _GROUP.size:
+        raise CorruptLog(gpath, 0, "group file has the wrong size")
+    magic, off, crc = _GROUP.unpack(data)
+    if magic != _GROUP_MAGIC or eng_crc32c(0, PyBytes_AS_STRING(data), 16) != crc:
+        raise CorruptLog(gpath, 0, "group file fails its check")
+    return off
+
+
+cdef dict _all_groups(str path):
+    gdir = _os.path.join(path, "groups")
+    out = {}
+    try:
+        names = _os.listdir(gdir)
+    except FileNotFoundError:
+        return out
+    for name in names:
+        if _GROUP_RE.match(name):
+            off = _read_group(path, name)
+            if off is not None:
+                out[name] = off
+    return out
+
+
+# ---------------------------------------------------------------- segments
+
+@cython.final
+cdef class _Seg:
+    """One mapped segment file (writer: read/write, reader: read-only)."""
+    cdef readonly str path         # file path
+    cdef readonly uint64_t base    # base offset (from the header, equal to the name)
+    cdef readonly int64_t created_ns  # header timestamp
+    cdef object _mm                # the mmap.mmap; views of it keep the mapping alive
+    cdef object _view              # memoryview of _mm for zero-copy slices (lazy)
+    cdef Py_buffer _buf            # export held while mapped: pins the mapping
+    cdef bint _has_buf             # _buf is valid
+    cdef uint8_t *p                # start of the mapping
+    cdef size_t size               # mapped bytes (file size at map time)
+    cdef int fd                    # open file descriptor (-1 once closed)
+    cdef size_t synced             # writer: bytes up to here are durable
+    # sparse index (C arrays, capacity fixed at open from the segment size)
+    cdef uint32_t *ix_rel          # relative offsets
+    cdef uint32_t *ix_pos          # positions
+    cdef int64_t *ix_ts            # timestamps
+    cdef size_t ix_n               # entries used
+    cdef size_t ix_cap             # entries allocated
+    cdef size_t ix_next            # next position at which an entry is due
+
+    def __cinit__(self):
+        self.fd = -1
+        self.p = NULL
+
+    def __dealloc__(self):
+        self._unmap()
+        free(self.ix_rel)
+        free(self.ix_pos)
+        free(self.ix_ts)
+
+    cdef _unmap(self):
+        if self._has_buf:
+            PyBuffer_Release(&self._buf)
+            self._has_buf = False
+        self.p = NULL
+        if self._mm is not None:
+            self._view = None
+            try:
+                self._mm.close()
+            except BufferError:
+                pass  # a zero-copy view is alive: the mapping goes when it does
+            self._mm = None
+        if self.fd >= 0:
+            _os.close(self.fd)
+            self.fd = -1
+
+    cdef int _alloc_index(self) except -1:
+        cdef size_t cap = self.size // ENG_INDEX_INTERVAL + 2
+        self.ix_rel = <uint32_t *>malloc(cap * sizeof(uint32_t))
+        self.ix_pos = <uint32_t *>malloc(cap * sizeof(uint32_t))
+        self.ix_ts = <int64_t *>malloc(cap * sizeof(int64_t))
+        if self.ix_rel == NULL or self.ix_pos == NULL or self.ix_ts == NULL:
+            raise MemoryError()
+        self.ix_cap = cap
+        self.ix_n = 0
+        self.ix_next = 0
+        return 0
+
+    cdef inline void ix_note(self, uint64_t off, size_t pos, int64_t ts) noexcept nogil:
+        if pos >= self.ix_next and self.ix_n < self.ix_cap:
+            self.ix_rel[self.ix_n] = <uint32_t>(off - self.base)
+            self.ix_pos[self.ix_n] = <uint32_t>pos
+            self.ix_ts[self.ix_n] = ts
+            self.ix_n += 1
+            self.ix_next = pos + ENG_INDEX_INTERVAL
+
+    cdef object view(self):
+        if self._view is None:
+            self._view = memoryview(self._mm)
+        return self._view
+
+
+cdef bytes _make_seg_header(uint64_t base, uint64_t seg_bytes, bytes log_id, int64_t created):
+    head = _SEG_HEADER.pack(_SEG_MAGIC, ENG_LOG_FORMAT, _SEGHDR, base, seg_bytes, log_id, created, 0, 0)
+    crc = eng_crc32c(0, PyBytes_AS_STRING(head), 60)
+    return head[:60] + _struct.pack("<I", crc)
+
+
+cdef str _check_seg_header(const uint8_t *p, size_t size, object expected_base, object log_id,
+                           uint64_t *base_out, int64_t *created_out, bint allow_short=False):
+    """None if the header is valid, else the reason."""
+    if size < _SEGHDR:
+        return f"file too short for a segment header ({size} bytes)"
+    raw = PyBytes_FromStringAndSize(<const char *>p, _SEGHDR)
+    magic, ver, hsize, base, segb, lid, created, flags, crc = _SEG_HEADER.unpack(raw)
+    if magic != _SEG_MAGIC:
+        return "bad segment magic"
+    if eng_crc32c(0, p, 60) != crc:
+        return "segment header CRC32C mismatch"
+    if ver != ENG_LOG_FORMAT or hsize != _SEGHDR or flags != 0:
+        return f"unsupported segment format {ver}"
+    if expected_base is not None and base != expected_base:
+        return f"segment header says base offset {base}, file name says {expected_base}"
+    if log_id is not None and lid != log_id:
+        return "segment belongs to another log (log id differs)"
+    if segb != size and not (allow_short and segb > size):
+        return f"segment file is {size} bytes, its header says {segb} (truncated or extended)"
+    base_out[0] = base
+    created_out[0] = created
+    return None
+
+
+cdef _Seg _map_seg(str path, bint writable, object expected_base, object log_id, bint strict,
+                   bint allow_short=False):
+    """Map a segment file and check its header (CorruptLog if strict, else None on a bad one)."""
+    cdef _Seg s = _Seg.__new__(_Seg)
+    cdef uint64_t base = 0
+    cdef int64_t created = 0
+    cdef int flags = PyBUF_WRITABLE if writable else PyBUF_SIMPLE
+    s.path = path
+    s.fd = _os.open(path, _os.O_RDWR if writable else _os.O_RDONLY)
+    try:
+        size = _os.fstat(s.fd).st_size
+        if size < <Py_ssize_t>_SEGHDR:
+            raise CorruptLog(path, 0, f"file too short for a segment header ({size} bytes)")
+        if writable:
+            s._mm = _mmap.mmap(s.fd, size)
+        else:
+            s._mm = _mmap.mmap(s.fd, size, prot=_mmap.PROT_READ)
+        PyObject_GetBuffer(s._mm, &s._buf, flags)
+        s._has_buf = True
+        s.p = <uint8_t *>s._buf.buf
+        s.size = <size_t>s._buf.len
+        why = _check_seg_header(s.p, s.size, expected_base, log_id, &base, &created, allow_short)
+        if why is not None:
+            raise CorruptLog(path, 0, why)
+        s.base = base
+        s.created_ns = created
+        s._alloc_index()
+    except CorruptLog:
+        s._unmap()
+        if strict:
+            raise
+        return None
+    except BaseException:
+        s._unmap()
+        raise
+    return s
+
+
+cdef int _scan(_Seg s, size_t pos, uint64_t expect, bint index, size_t *pos_out,
+               uint64_t *off_out, int64_t *ts_out, int *why) except? -2:
+    """Walk valid records from pos; returns R_END / R_EOS / R_BAD with where it stopped."""
+    cdef const uint8_t *p = s.p
+    cdef size_t size = s.size
+    cdef int r = R_END
+    cdef const eng_rec_header *h
+    cdef int64_t ts = ts_out[0]
+    with nogil:
+        while True:
+            r = _rec_check(p, size, pos, expect, True, why)
+            if r != R_REC:
+                break
+            h = <const eng_rec_header *>(p + pos)
+            if index:
+                s.ix_note(expect, pos, h.timestamp_ns)
+            ts = h.timestamp_ns
+            pos += _align8(h.length)
+            expect += 1
+    pos_out[0] = pos
+    off_out[0] = expect
+    ts_out[0] = ts
+    return r
+
+
+# ---------------------------------------------------------------- scan results
+
+class ScanResult:
+    """What a verify / recovery scan of one segment found.
+
+    ``error`` is ``None`` for a clean segment, else the reason, at byte
+    ``error_position``.  ``sealed`` is true when the segment ends with its
+    end-of-segment marker.
+    """
+
+    __slots__ = ("segment", "base_offset", "records", "next_offset", "end_position",
+                 "sealed", "error", "error_position", "bytes_scanned")
+
+    def __init__(self, segment, base_offset, records, next_offset, end_position, sealed,
+                 error, error_position, bytes_scanned):
+        self.segment = segment
+        self.base_offset = base_offset
+        self.records = records
+        self.next_offset = next_offset
+        self.end_position = end_position
+        self.sealed = sealed
+        self.error = error
+        self.error_position = error_position
+        self.bytes_scanned = bytes_scanned
+
+    def __repr__(self):
+        state = "ok" if self.error is None else f"ERROR at byte {self.error_position}: {self.error}"
+        return (f"ScanResult({self.segment!r}, base={self.base_offset}, records={self.records}, "
+                f"next={self.next_offset}, end={self.end_position}, sealed={self.sealed}, {state})")
+
+
+cdef object _scan_buffer(const uint8_t *p, size_t size, str name, object expected_base, object log_id):
+    """Full check of one segment image: header, every record, zeros after the end."""
+    cdef uint64_t base = 0
+    cdef int64_t created = 0
+    cdef size_t pos = _SEGHDR
+    cdef uint64_t expect
+    cdef uint64_t n = 0
+    cdef int r = R_END
+    cdef int why = W_NONE
+    cdef size_t tail
+    err = _check_seg_header(p, size, expected_base, log_id, &base, &created)
+    if err is not None:
+        return ScanResult(name, expected_base, 0, expected_base, 0, False, err, 0, min(size, _SEGHDR))
+    expect = base
+    with nogil:
+        while True:
+            r = _rec_check(p, size, pos, expect, True, &why)
+            if r != R_REC:
+                break
+            pos += _align8((<const eng_rec_header *>(p + pos)).length)
+            expect += 1
+            n += 1
+    if r == R_BAD:
+        return ScanResult(name, base, n, expect, pos, False, _WHY[why], pos, pos)
+    endpos = pos + (_HDR if r == R_EOS else 0)
+    with nogil:
+        tail = _last_nonzero(p, endpos, size)
+    if tail != endpos:
+        what = "end-of-segment marker" if r == R_EOS else "last record"
+        return ScanResult(name, base, n, expect, pos, r == R_EOS,
+                          f"non-zero bytes after the {what}", endpos, size)
+    return ScanResult(name, base, n, expect, pos, r == R_EOS, None, 0, size)
+
+
+def scan_segment(data, expected_base=None):
+    """Check one segment image (any buffer: bytes, bytearray, mmap) completely.
+
+    Verifies the header, the CRC, bounds and offset sequence of every record
+    and that every byte after the last record (or end marker) is zero.  Never
+    reads outside the buffer, whatever it holds.  Returns a :class:`ScanResult`.
+    """
+    cdef Py_buffer buf
+    PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
+    try:
+        return _scan_buffer(<const uint8_t *>buf.buf, <size_t>buf.len, "<buffer>", expected_base, None)
+    finally:
+        PyBuffer_Release(&buf)
+
+
+cdef object _scan_mapped(object mm, str name, object base, object lid):
+    cdef Py_buffer buf
+    PyObject_GetBuffer(mm, &buf, PyBUF_SIMPLE)
+    try:
+        return _scan_buffer(<const uint8_t *>buf.buf, <size_t>buf.len, name, base, lid)
+    finally:
+        PyBuffer_Release(&buf)
+
+
+def verify(path):
+    """Check every segment of a log directory; returns one :class:`ScanResult` each.
+
+    Also checks that consecutive segments chain (each sealed segment's end
+    marker names the next segment's base) and that only the last segment is
+    unsealed.  Read-only: safe while a writer is running (the active
+    segment's in-progress tail reads as its end).
+    """
+    cdef _Seg s
+    path = _os.fspath(path)
+    meta = _read_meta(path)
+    lid = meta["log_uuid"].bytes
+    results = []
+    bases = _list_segments(path)
+    for i, base in enumerate(bases):
+        spath = _os.path.join(path, _seg_name(base))
+        fd = _os.open(spath, _os.O_RDONLY)
+        try:
+            size = _os.fstat(fd).st_size
+            if size == 0:
+                results.append(ScanResult(spath, base, 0, base, 0, False, "empty segment file", 0, 0))
+                continue
+            mm = _mmap.mmap(fd, size, prot=_mmap.PROT_READ)
+        finally:
+            _os.close(fd)
+        try:
+            res = _scan_mapped(mm, spath, base, lid)
+        finally:
+            mm.close()
+        if res.error is None:
+            last = i == len(bases) - 1
+            if not last and not res.sealed:
+                res.error = "segment is not sealed but a later segment exists"
+                res.error_position = res.end_position
+            elif not last and res.next_offset != bases[i + 1]:
+                res.error = f"end marker names offset {res.next_offset}, next segment starts at {bases[i + 1]}"
+                res.error_position = res.end_position
+        results.append(res)
+    return results
+
+
+def repair_truncate(path):
+    """Cut the log at its first invalid record (``queue-engine log repair --truncate``).
+
+    Zeroes everything from the first invalid record of the first damaged
+    segment and deletes every later segment (a segment whose header is
+    damaged goes entirely; a truncated file is first grown back), then writes
+    a checkpoint there.  Takes the writer lock.  Returns the first damage's
+    ScanResult, or None when nothing was wrong.  Records after the cut are
+    lost: run ``verify`` first and keep a copy if they matter.
+    """
+    path = _os.fspath(path)
+    meta = _read_meta(path)
+    lid = meta["log_uuid"].bytes
+    first_bad = None
+    lock_fd = _take_lock(path)
+    try:
+        for _pass in range(3):
+            results = verify(path)
+            bad = next((r for r in results if r.error is not None), None)
+            if bad is None:
+                break
+            if first_bad is None:
+                first_bad = bad
+            base = bad.base_offset
+            spath = _os.path.join(path, _seg_name(base))
+            for b in _list_segments(path):
+                if b > base:
+                    _remove_segment(path, b)
+            for ext in (".idx", ".tix"):
+                try:
+                    _os.unlink(_os.path.join(path, f"{base:020d}{ext}"))
+                except FileNotFoundError:
+                    pass
+            fd = _os.open(spath, _os.O_RDWR)
+            try:
+                size = _os.fstat(fd).st_size
+                hdr = _os.pread(fd, 64, 0)
+                ok_header = False
+                if len(hdr) == 64:
+                    magic, ver, hsize, hbase, segb, hlid, created, flags, crc = _SEG_HEADER.unpack(hdr)
+                    ok_header = (magic == _SEG_MAGIC and hbase == base and hlid == lid
+                                 and eng_crc32c(0, PyBytes_AS_STRING(hdr), 60) == crc
+                                 and segb >= size and segb <= (1 << 32))
+                if ok_header and segb > size:
+                    _preallocate(fd, segb)  # truncated: grow back, then look again
+                    _os.fsync(fd)
+                    continue
+                if not ok_header:
+                    _os.close(fd)
+                    fd = -1
+                    _remove_segment(path, base)
+                    try:
+                        _os.unlink(_os.path.join(path, "checkpoint"))
+                    except FileNotFoundError:
+                        pass
+                    if not _list_segments(path):
+                        _write_checkpoint(path, base, _SEGHDR, base, False)
+                    continue
+                cut = max(bad.error_position, _SEGHDR)
+                zero = b"\0" * 65536
+                p = cut
+                while p < size:
+                    n = min(len(zero), size - p)
+                    _os.pwrite(fd, zero[:n], p)
+                    p += n
+                _os.fsync(fd)
+            finally:
+                if fd >= 0:
+                    _os.close(fd)
+            if bad.sealed or cut != bad.end_position:
+                pass
+            _write_checkpoint(path, base, cut, bad.next_offset, False)
+        _fsync_dir(path)
+    finally:
+        _os.close(lock_fd)
+    if first_bad is not None:
+        _logger.warning("log %s: repaired by truncating %s at byte %d (%s)", path,
+                        first_bad.segment, first_bad.error_position, first_bad.error)
+    return first_bad
+
+
+cdef _remove_segment(str path, uint64_t base):
+    for ext in (".seg", ".idx", ".tix"):
+        try:
+            _os.unlink(_os.path.join(path, f"{base:020d}{ext}"))
+        except FileNotFoundError:
+            pass
+
+
+cdef _preallocate(int fd, Py_ssize_t size):
+    try:
+        _os.posix_fallocate(fd, 0, size)
+    except (AttributeError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno not in (_errno.EOPNOTSUPP, _errno.EINVAL, _errno.ENOSYS):
+            raise
+        _os.ftruncate(fd, size)
+
+
+cdef int _take_lock(str path) except -1:
+    import fcntl
+    lpath = _os.path.join(path, "writer.lock")
+    fd = _os.open(lpath, _os.O_RDWR | _os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = None
+        try:
+            holder = int(_os.pread(fd, 32, 0).decode().strip() or 0) or None
+        except (ValueError, OSError, UnicodeDecodeError):
+            pass
+        _os.close(fd)
+        if exc.errno in (_errno.EWOULDBLOCK, _errno.EAGAIN, _errno.EACCES):
+            raise LogLocked(path, holder) from None
+        raise
+    _os.ftruncate(fd, 0)
+    _os.pwrite(fd, f"{_os.getpid()}\n".encode(), 0)
+    return fd
+
+
+cdef object _read_checkpoint(str path):
+    cpath = _os.path.join(path, "checkpoint")
+    try:
+        with open(cpath, "rb") as f:
+            data = f.read(256)
+    except FileNotFoundError:
+        return None
+    if len(data) != _CHECKPOINT.size:
+        raise CorruptLog(cpath, 0, "checkpoint file has the wrong size")
+    magic, base, pos, nxt, clean, crc = _CHECKPOINT.unpack(data)
+    if magic != _CKPT_MAGIC or eng_crc32c(0, PyBytes_AS_STRING(data), 36) != crc:
+        raise CorruptLog(cpath, 0, "checkpoint file fails its check")
+    return (base, pos, nxt, clean)
+
+
+cdef _write_checkpoint(str path, uint64_t base, uint64_t pos, uint64_t nxt, bint clean):
+    raw = _CHECKPOINT.pack(_CKPT_MAGIC, base, pos, nxt, 1 if clean else 0, 0)
+    crc = eng_crc32c(0, PyBytes_AS_STRING(raw), 36)
+    _atomic_write(path, "checkpoint", raw[:36] + _struct.pack("<I", crc), True)
+    _call_hook(path, {"kind": "checkpoint", "segment": base, "position": pos, "next_offset": nxt})
+
+
+cdef _write_index(str path, _Seg s, size_t covered):
+    """Write .idx / .tix for s (rebuildable, so no fsync)."""
+    cdef size_t i
+    ent = bytearray(8 * s.ix_n)
+    tent = bytearray(16 * s.ix_n)
+    for i in range(s.ix_n):
+        _struct.pack_into("<II", ent, 8 * i, s.ix_rel[i], s.ix_pos[i])
+        _struct.pack_into("<qII", tent, 16 * i, s.ix_ts[i], s.ix_rel[i], s.ix_pos[i])
+    for magic, body, ext in ((_IDX_MAGIC, bytes(ent), ".idx"), (_TIX_MAGIC, bytes(tent), ".tix")):
+        head = _INDEX_HEADER.pack(magic, s.base, s.ix_n, covered,
+                                  eng_crc32c(0, PyBytes_AS_STRING(body), len(body)), 0)
+        hcrc = eng_crc32c(0, PyBytes_AS_STRING(head), 28)
+        _atomic_write(path, f"{s.base:020d}{ext}", head[:28] + _struct.pack("<I", hcrc) + body, False)
+
+
+cdef size_t _load_index(str path, _Seg s) except? 0:
+    """Load .idx/.tix into s if present and consistent; returns the covered position (0: none)."""
+    cdef size_t i, n, covered
+    try:
+        with open(_os.path.join(path, f"{s.base:020d}.idx"), "rb") as f:
+            idx = f.read()
+        with open(_os.path.join(path, f"{s.base:020d}.tix"), "rb") as f:
+            tix = f.read()
+    except FileNotFoundError:
+        return 0
+    if len(idx) < 32 or len(tix) < 32:
+        return 0
+    m1, b1, n1, c1, crc1, h1 = _INDEX_HEADER.unpack_from(idx)
+    m2, b2, n2, c2, crc2, h2 = _INDEX_HEADER.unpack_from(tix)
+    if (m1 != _IDX_MAGIC or m2 != _TIX_MAGIC or b1 != s.base or b2 != s.base or n1 != n2
+            or c1 != c2 or len(idx) != 32 + 8 * n1 or len(tix) != 32 + 16 * n2
+            or n1 > s.ix_cap or c1 > s.size
+            or eng_crc32c(0, PyBytes_AS_STRING(idx), 28) != h1
+            or eng_crc32c(0, PyBytes_AS_STRING(tix), 28) != h2
+            or eng_crc32c(0, PyBytes_AS_STRING(idx) + 32, 8 * n1) != crc1
+            or eng_crc32c(0, PyBytes_AS_STRING(tix) + 32, 16 * n2) != crc2):
+        return 0
+    n = n1
+    covered = c1
+    for i in range(n):
+        rel, pos = _struct.unpack_from("<II", idx, 32 + 8 * i)
+        ts, rel2, pos2 = _struct.unpack_from("<qII", tix, 32 + 16 * i)
+        if rel2 != rel or pos2 != pos or pos < _SEGHDR or pos >= covered:
+            s.ix_n = 0
+            return 0
+        s.ix_rel[i] = rel
+        s.ix_pos[i] = pos
+        s.ix_ts[i] = ts
+    s.ix_n = n
+    s.ix_next = (s.ix_pos[n - 1] + ENG_INDEX_INTERVAL) if n else 0
+    return covered
+
+
+cdef object _map_notify(str path, bint create):
+    npath = _os.path.join(path, "notify")
+    flags = _os.O_RDWR | (_os.O_CREAT if create else 0)
+    try:
+        fd = _os.open(npath, flags, 0o600)
+    except FileNotFoundError:
+        return None
+    try:
+        if _os.fstat(fd).st_size < 64:
+            if not create:
+                return None
+            _os.ftruncate(fd, 64)
+        mm = _mmap.mmap(fd, 64)
+    finally:
+        _os.close(fd)
+    return mm
+
+
+@cython.final
+cdef class _Notify:
+    """The shared `notify` block: futex word + waiter count."""
+    cdef object _mm          # mmap of the 64-byte notify file
+    cdef Py_buffer _buf      # export pinning the mapping
+    cdef bint _has_buf       # _buf valid
+    cdef eng_notify *n       # the block
+
+    def __dealloc__(self):
+        self.close()
+
+    cdef close(self):
+        if self._has_buf:
+            PyBuffer_Release(&self._buf)
+            self._has_buf = False
+            self.n = NULL
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None
+
+
+cdef _Notify _open_notify(str path, bint create):
+    cdef _Notify nt
+    mm = _map_notify(path, create)
+    if mm is None:
+        return None
+    nt = _Notify.__new__(_Notify)
+    nt._mm = mm
+    PyObject_GetBuffer(mm, &nt._buf, PyBUF_WRITABLE)
+    nt._has_buf = True
+    nt.n = <eng_notify *>nt._buf.buf
+    if create:
+        eng_store_release_u32(&nt.n.magic, ENG_NOTIFY_MAGIC)
+    return nt
+
+
+# ---------------------------------------------------------------- records
+
+@cython.final
+cdef class Record:
+    """One record of the log.
+
+    ``offset`` (dense, from 0), ``timestamp`` (wall-clock ns when appended,
+    non-decreasing along the log), ``key`` (``None`` when appended without one)
+    and ``value`` (``bytes``; a read-only ``memoryview`` for ``copy=False``
+    readers).  ``len(record)`` is the value's length.
+    """
+    cdef readonly int64_t offset     # offset of the record
+    cdef readonly int64_t timestamp  # wall-clock ns
+    cdef readonly object key         # bytes / memoryview / None
+    cdef readonly object value       # bytes / memoryview
+
+    def __len__(self):
+        return len(self.value)
+
+    def __repr__(self):
+        return f"Record(offset={self.offset}, timestamp={self.timestamp}, key={self.key!r}, value={bytes(self.value[:32])!r}{'...' if len(self.value) > 32 else ''})"
+
+    def __eq__(self, other):
+        cdef Record o
+        if not isinstance(other, Record):
+            return NotImplemented
+        o = <Record>other
+        return (self.offset == o.offset and self.timestamp == o.timestamp
+                and self.key == o.key and self.value == o.value)
+
+    __hash__ = None
+
+
+# ---------------------------------------------------------------- writer
+
+cdef int D_NONE = 0
+cdef int D_INTERVAL = 1
+cdef int D_ALWAYS = 2
+
+
+def _flusher(ref, stop, interval):
+    while not stop.wait(interval):
+        log = ref()
+        if log is None:
+            return
+        try:
+            (<Log>log)._flush_if_dirty()
+        except Exception:  # noqa: BLE001 - a background failure must be seen, not kill the thread
+            _logger.exception("log %s: background flush failed", (<Log>log)._path)
+        log = None
+
+
+cdef class Log:
+    """The single writer of a log directory (created if missing).
+
+    ``durability`` says when an append counts as done:
+
+    * ``"always"``: ``append``/``append_many`` return only after the record's
+      bytes were written back with ``msync(MS_SYNC)`` and ``fdatasync`` (and,
+      for a new segment, the directory fsynced): an acknowledged record
+      survives a process crash, a kernel crash and a power loss (as far as the
+      disk honours flushes).  Concurrent appenders in several threads are
+      group-committed: appends made while a sync runs share the next sync.
+    * ``"interval"``: a background thread syncs every ``flush_interval``
+      seconds: a power loss loses at most the last interval; a process crash
+      loses nothing.
+    * ``"none"``: records go to the page cache only (the shared mapping): a
+      process crash (even SIGKILL) loses nothing, a kernel crash or power loss
+      may lose anything not yet written back by the kernel.  ``flush()``
+      makes everything so far durable in every mode.
+
+    After any crash, reopening recovers: it scans from the last checkpoint,
+    keeps every valid record and truncates a torn tail (logged on the
+    ``"engine"`` logger).  A damaged record before the checkpoint raises
+    :class:`engine.CorruptLog` instead of being skipped.
+
+    One writer per directory: a second ``Log`` on the same directory (in this
+    or another process) raises :class:`engine.LogLocked`.  Several threads may
+    call ``append``/``append_many`` on one ``Log``.
+
+    >>> with engine.Log("data/orders", durability="always") as log:
+    ...     off = log.append(b"value", key=b"k")
+    ...     offs = log.append_many([b"a", b"b"])
+    """
+    cdef str _path                # directory
+    cdef str _real                # realpath, key of the in-process registry
+    cdef int _lock_fd             # writer.lock, flock'ed
+    cdef object _log_uuid         # uuid.UUID
+    cdef bytes _log_id_bytes      # 16 raw bytes written into segment headers
+    cdef _Seg _active             # segment being appended to
+    cdef list _bases              # base offsets of all segments, oldest first
+    cdef size_t _pos              # write position in _active (end of the last published record)
+    cdef uint64_t _next           # next offset to assign
+    cdef uint64_t _durable        # every offset below this is on stable storage
+    cdef int64_t _last_ts         # last timestamp used (timestamps never go back)
+    cdef int _durability          # D_NONE / D_INTERVAL / D_ALWAYS
+    cdef size_t _segment_bytes    # size of new segments
+    cdef object _retention_bytes  # int or None
+    cdef object _retention_age    # float seconds or None
+    cdef bint _retain_uncommitted # keep segments with offsets not yet committed by a group
+    cdef double _flush_interval   # interval mode period (s)
+    cdef bint _writing            # an append/roll is in progress (threads wait; GIL makes it atomic)
+    cdef bint _closed             # close() ran
+    cdef bint _syncing            # a sync is in flight (group commit)
+    cdef object _cond             # threading.Condition guarding _syncing/_durable
+    cdef object _stop             # threading.Event stopping the flusher
+    cdef object _thread           # the interval flusher
+    cdef _Notify _notify          # shared wake-up block
+    cdef uint32_t *_waiters       # &notify.waiters (cached)
+    cdef uint64_t _n_appends      # statistics
+    cdef uint64_t _n_syncs        # statistics
+    cdef uint64_t _n_rolls        # statistics
+    cdef uint64_t _recovered_bytes  # bytes zeroed by recovery at open
+    cdef bint _was_clean          # the last stop before this open was clean
+    cdef object __weakref__
+
+    def __cinit__(self):
+        self._lock_fd = -1
+        self._closed = True
+
+    def __init__(self, path, durability="always", segment_bytes=DEF_SEGMENT_BYTES,
+                 retention_bytes=None, retention_age=None, retain_uncommitted=True,
+                 flush_interval=0.05):
+        if not isinstance(path, (str, bytes, _os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
+        path = _os.fsdecode(_os.fspath(path))
+        if durability not in ("always", "interval", "none"):
+            raise ValueError(f"durability must be 'always', 'interval' or 'none', not {durability!r}")
+        if not isinstance(segment_bytes, int) or isinstance(segment_bytes, bool):
+            raise TypeError("segment_bytes must be an int")
+        if segment_bytes < <Py_ssize_t>_MIN_SEGMENT or segment_bytes > (1 << 32) - 4096:
+            raise ValueError(f"segment_bytes must be in [{_MIN_SEGMENT}, 2**32 - 4096], not {segment_bytes}")
+        if retention_bytes is not None:
+            if not isinstance(retention_bytes, int) or isinstance(retention_bytes, bool):
+                raise TypeError("retention_bytes must be an int or None")
+            if retention_bytes < 0:
+                raise ValueError("retention_bytes must be >= 0")
+        if retention_age is not None:
+            if not isinstance(retention_age, (int, float)) or isinstance(retention_age, bool):
+                raise TypeError("retention_age must be a number of seconds or None")
+            if retention_age < 0:
+                raise ValueError("retention_age must be >= 0")
+        if not isinstance(flush_interval, (int, float)) or isinstance(flush_interval, bool):
+            raise TypeError("flush_interval must be a number of seconds")
+        if not 0 < flush_interval <= 3600:
+            raise ValueError("flush_interval must be in (0, 3600] seconds")
+        self._path = path
+        self._durability = {"none": D_NONE, "interval": D_INTERVAL, "always": D_ALWAYS}[durability]
+        self._segment_bytes = (segment_bytes + 7) & ~7
+        self._retention_bytes = retention_bytes
+        self._retention_age = None if retention_age is None else float(retention_age)
+        self._retain_uncommitted = bool(retain_uncommitted)
+        self._flush_interval = flush_interval
+        self._cond = _threading.Condition()
+        self._bases = []
+
+        _os.makedirs(path, mode=0o700, exist_ok=True)
+        real = _os.path.realpath(path)
+        if real in _open_writers:
+            raise LogLocked(path, _os.getpid())
+        self._lock_fd = _take_lock(path)
+        _open_writers.add(real)
+        self._real = real
+        try:
+            self._open()
+        except BaseException:
+            self._release()
+            raise
+        self._closed = False
+        if self._durability == D_INTERVAL:
+            self._stop = _threading.Event()
+            self._thread = _threading.Thread(
+                target=_flusher, args=(_weakref.ref(self), self._stop, self._flush_interval),
+                name=f"engine-log-flush:{path}", daemon=True)
+            self._thread.start()
+
+    # ---- open / recovery
+
+    cdef _open(self):
+        path = self._path
+        for name in _os.listdir(path):
+            if name.endswith(".tmp") and name.startswith("."):
+                try:
+                    _os.unlink(_os.path.join(path, name))
+                except FileNotFoundError:
+                    pass
+        try:
+            meta = _read_meta(path)
+        except FileNotFoundError:
+            if _list_segments(path):
+                raise CorruptLog(_os.path.join(path, "meta"), 0,
+                                 "segments exist but the meta file is missing") from None
+            meta = {"format": ENG_LOG_FORMAT, "log_id": str(_uuid.uuid4()),
+                    "segment_bytes": int(self._segment_bytes), "created_ns": _time.time_ns()}
+            _atomic_write(path, "meta", _json.dumps(meta).encode(), True)
+            meta = _read_meta(path)
+        if meta["segment_bytes"] != self._segment_bytes:
+            meta2 = {k: v for k, v in meta.items() if k != "log_uuid"}
+            meta2["segment_bytes"] = int(self._segment_bytes)
+            _atomic_write(path, "meta", _json.dumps(meta2).encode(), True)
+        self._log_uuid = meta["log_uuid"]
+        self._log_id_bytes = self._log_uuid.bytes
+        _os.makedirs(_os.path.join(path, "groups"), mode=0o700, exist_ok=True)
+        self._notify = _open_notify(path, True)
+        self._waiters = &self._notify.n.waiters
+        self._recover()
+
+    cdef _recover(self):
+        cdef _Seg s = None
+        cdef size_t pos, endpos, covered, tail
+        cdef uint64_t expect, off_out
+        cdef int64_t ts = 0
+        cdef int r, why = W_NONE
+        cdef uint64_t base = 0
+        path = self._path
+        bases = _list_segments(path)
+        ck = _read_checkpoint(path)
+        if not bases:
+            nxt = 0 if ck is None else ck[2]
+            self._bases = []
+            self._create_segment(nxt, 0)
+            self._next = nxt
+            self._durable = nxt
+            self._write_ckpt(False)
+            self._was_clean = ck is None or bool(ck[3])
+            return
+        if ck is None:
+            _logger.warning("log %s: no checkpoint; scanning every segment", path)
+            ck_base, ck_pos, ck_next, clean = bases[0], _SEGHDR, bases[0], 0
+        else:
+            ck_base, ck_pos, ck_next, clean = ck
+            if ck_base not in bases:
+                if ck_base < bases[0]:
+                    # retention deleted the checkpoint's segment: everything
+                    # left was written after it, so nothing is known-good yet
+                    ck_base, ck_pos, ck_next = bases[0], _SEGHDR, bases[0]
+                else:
+                    raise CorruptLog(_os.path.join(path, _seg_name(ck_base)), ck_pos,
+                                     "the checkpoint's segment is missing")
+        self._was_clean = bool(clean)
+        i = bases.index(ck_base)
+        self._bases = bases[:i]
+        # the checkpoint segment must be intact up to the checkpoint
+        spath = _os.path.join(path, _seg_name(ck_base))
+        s = _map_seg(spath, True, ck_base, self._log_id_bytes, False, True)
+        if s is None:
+            # tolerated only when the segment was created after the checkpoint
+            # (a brand-new segment whose header never reached the disk)
+            raise CorruptLog(spath, 0, "segment header damaged before the last checkpoint")
+        if ck_pos < _SEGHDR or ck_pos > s.size:
+            raise CorruptLog(spath, ck_pos, f"segment is shorter than the last checkpoint ({s.size} bytes)")
+        covered = _load_index(path, s) if clean else 0
+        if covered < ck_pos:
+            # (re)build the index from the start, verifying the known-good part
+            s.ix_n = 0
+            s.ix_next = 0
+            ts = 0
+            r = _scan(s, _SEGHDR, s.base, True, &pos, &off_out, &ts, &why)
+            if pos < ck_pos or (pos == ck_pos and off_out != ck_next):
+                raise CorruptLog(spath, pos, _WHY.get(why, "records end before the last checkpoint")
+                                 if r == R_BAD else "records end before the last checkpoint")
+        else:
+            pos = ck_pos
+            off_out = ck_next
+            ts = s.ix_ts[s.ix_n - 1] if s.ix_n else s.created_ns
+            r = _scan(s, pos, ck_next, True, &pos, &off_out, &ts, &why)
+        # walk forward through later segments
+        while True:
+            if r == R_EOS:
+                nxt_base = off_out
+                later = [b for b in bases if b > s.base]
+                if later and later[0] == nxt_base:
+                    self._seal(s, pos)
+                    spath = _os.path.join(path, _seg_name(nxt_base))
+                    s2 = _map_seg(spath, True, nxt_base, self._log_id_bytes, False, True)
+                    if s2 is None:
+                        _logger.warning("log %s: dropping segment %s with a damaged header (torn roll)",
+                                        path, spath)
+                        for b in later:
+                            _remove_segment(path, b)
+                        self._bases.append(s.base)
+                        self._create_segment(nxt_base, ts)
+                        self._next = nxt_base
+                        break
+                    s = s2
+                    ts = max(ts, s.created_ns)
+                    r = _scan(s, _SEGHDR, nxt_base, True, &pos, &off_out, &ts, &why)
+                    continue
+                for b in later:
+                    _logger.warning("log %s: dropping segment %020d not chained to the log", path, b)
+                    _remove_segment(path, b)
+                self._seal(s, pos)
+                self._create_segment(nxt_base, ts)
+                self._next = nxt_base
+                break
+            # R_END or R_BAD: the log ends here
+            later = [b for b in bases if b > s.base]
+            for b in later:
+                _logger.warning("log %s: dropping segment %020d after the torn tail of %s", path, b, s.path)
+                _remove_segment(path, b)
+            if r == R_BAD:
+                _logger.warning("log %s: torn tail in %s at byte %d (%s): truncated; records from offset %d on were never acknowledged as durable",
+                                path, s.path, pos, _WHY.get(why, "?"), off_out)
+            tail = _last_nonzero(s.p, pos, s.size)
+            if tail > pos:
+                memset(s.p + pos, 0, tail - pos)
+                self._recovered_bytes += tail - pos
+                _sync_range(s.fd, s.p, pos, tail)
+            want = _SEG_HEADER.unpack(PyBytes_FromStringAndSize(<const char *>s.p, _SEGHDR))[4]
+            if s.size < want:
+                # a truncated file (power loss before the size reached the disk):
+                # grow it back to its preallocated size, zero-filled
+                _logger.warning("log %s: segment %s was truncated to %d bytes; extending it back",
+                                path, s.path, s.size)
+                base = s.base
+                fd = _os.open(s.path, _os.O_RDWR)
+                try:
+                    _preallocate(fd, want)
+                    _os.fsync(fd)
+                finally:
+                    _os.close(fd)
+                n_ix = s.ix_n
+                s2 = _map_seg(s.path, True, base, self._log_id_bytes, True)
+                memcpy(s2.ix_rel, s.ix_rel, n_ix * sizeof(uint32_t))
+                memcpy(s2.ix_pos, s.ix_pos, n_ix * sizeof(uint32_t))
+                memcpy(s2.ix_ts, s.ix_ts, n_ix * sizeof(int64_t))
+                s2.ix_n = n_ix
+                s2.ix_next = s.ix_next
+                s = s2
+            self._active = s
+            self._bases.append(s.base)
+            self._pos = pos
+            self._next = off_out
+            break
+        s = self._active
+        s.synced = self._pos
+        self._durable = self._next
+        self._last_ts = max(ts, s.created_ns)
+        self._write_ckpt(False)
+
+    cdef _seal(self, _Seg s, size_t pos):
+        """Bookkeeping for a sealed segment met during recovery."""
+        if s.base not in self._bases:
+            self._bases.append(s.base)
+        if not _os.path.exists(_os.path.join(self._path, f"{s.base:020d}.idx")):
+            _write_index(self._path, s, pos)
+
+    cdef _create_segment(self, uint64_t base, int64_t min_ts):
+        """Create, preallocate and map segment `base`; it becomes _active."""
+        path = self._path
+        name = _seg_name(base)
+        final = _os.path.join(path, name)
+        tmp = _os.path.join(path, f".{name}.{_os.getpid()}.tmp")
+        created = max(_time.time_ns(), min_ts)
+        fd = _os.open(tmp, _os.O_RDWR | _os.O_CREAT | _os.O_TRUNC, 0o600)
+        try:
+            _preallocate(fd, self._segment_bytes)
+            _os.pwrite(fd, _make_seg_header(base, self._segment_bytes, self._log_id_bytes, created), 0)
+            if self._durability != D_NONE:
+                _os.fsync(fd)
+        finally:
+            _os.close(fd)
+        _os.replace(tmp, final)
+        if self._durability != D_NONE:
+            _fsync_dir(path)
+        s = _map_seg(final, True, base, self._log_id_bytes, True)
+        s.synced = _SEGHDR
+        self._active = s
+        self._pos = _SEGHDR
+        self._bases.append(base)
+        self._last_ts = max(self._last_ts, created)
+
+    cdef _write_ckpt(self, bint clean):
+        _write_checkpoint(self._path, self._active.base, self._pos, self._next, clean)
+
+    cdef _release(self):
+        if self._real is not None:
+            _open_writers.discard(self._real)
+            self._real = None
+        if self._lock_fd >= 0:
+            _os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def __dealloc__(self):
+        # not closed: no sync, just let go of the lock (the next open recovers)
+        if self._real is not None:
+            _open_writers.discard(self._real)
+        if self._lock_fd >= 0:
+            _os.close(self._lock_fd)
+
+    # ---- appending
+
+    cdef int _enter(self) except -1:
+        """Take the writer flag (waits while another thread rolls)."""
+        if self._closed:
+            raise Closed(f"log {self._path!r} is closed")
+        while self._writing:
+            # only possible while another thread is inside a roll (GIL released)
+            _time.sleep(0.0001)
+            if self._closed:
+                raise Closed(f"log {self._path!r} is closed")
+        self._writing = True
+        return 0
+
+    cdef inline void _wake(self) noexcept nogil:
+        # StoreLoad: the published length must be ordered before reading the
+        # waiter count (a reader increments it, then re-checks for a record)
+        eng_fence_seqcst()
+        if eng_load_relaxed_u32(self._waiters) != 0:
+            eng_fetch_add_seqcst_u32(&self._notify.n.seq, 1)
+            eng_futex_wake(&self._notify.n.seq, 0x7fffffff)
+
+    cdef int _room(self, size_t need) except -1:
+        """Roll to a new segment unless `need` bytes (+ an end marker) fit."""
+        if need + _HDR > self._segment_bytes - _SEGHDR:
+            raise ValueError(f"value is too large for segment_bytes={self._segment_bytes} "
+                             f"(a record takes {need} bytes); use a larger segment_bytes")
+        if self._pos + need + _HDR > self._active.size:
+            self._roll()
+        return 0
+
+    cdef _roll(self):
+        cdef _Seg old = self._active
+        cdef int rc
+        cdef size_t endpos
+        cdef int64_t ts = self._last_ts
+        _write_rec(old.p, self._pos, self._next, ts, NULL, 0, ENG_REC_FLAG_EOS, NULL, 0)
+        endpos = self._pos + _HDR
+        if self._durability != D_NONE:
+            with nogil:
+                rc = _sync_range(old.fd, old.p, old.synced, endpos)
+            if rc != 0:
+                raise OSError(_errno.EIO, f"sync of {old.path} failed")
+            old.synced = endpos
+        _write_index(self._path, old, self._pos)
+        self._create_segment(self._next, ts)
+        self._n_rolls += 1
+        if self._durability != D_NONE:
+            self._durable = self._next
+            self._write_ckpt(False)
+        self._wake()
+        if self._retention_bytes is not None or self._retention_age is not None:
+            self._apply_retention()
+
+    def append(self, value, key=None):
+        """Append one record; returns its offset.
+
+        ``value`` and ``key`` are any C-contiguous buffers (bytes, bytearray,
+        memoryview, numpy); ``key=None`` stores no key.  Returns once the
+        record is as durable as ``durability`` says.
+        """
+        cdef Py_buffer vb, kb
+        cdef const char *v
+        cdef const char *k = NULL
+        cdef size_t vlen, klen = 0
+        cdef bint vbuf = False, kbuf = False
+        cdef uint32_t flags = 0
+        cdef uint64_t off
+        cdef int64_t ts
+        self._enter()
+        try:
+            if PyBytes_CheckExact(value):
+                v = PyBytes_AS_STRING(value)
+                vlen = <size_t>PyBytes_GET_SIZE(value)
+            else:
+                if PyObject_GetBuffer(value, &vb, PyBUF_SIMPLE) < 0:
+                    raise TypeError("value must be a bytes-like object")
+                vbuf = True
+                v = <const char *>vb.buf
+                vlen = <size_t>vb.len
+            if key is not None:
+                flags = ENG_REC_FLAG_KEY
+                if PyBytes_CheckExact(key):
+                    k = PyBytes_AS_STRING(key)
+                    klen = <size_t>PyBytes_GET_SIZE(key)
+                else:
+                    if PyObject_GetBuffer(key, &kb, PyBUF_SIMPLE) < 0:
+                        raise TypeError("key must be a bytes-like object or None")
+                    kbuf = True
+                    k = <const char *>kb.buf
+                    klen = <size_t>kb.len
+            if klen > 0xFFFF_0000 or vlen > 0xFFFF_0000:
+                raise ValueError("value is too large")
+            self._room(_align8(_HDR + klen + vlen))
+            ts = eng_wall_ns()
+            if ts < self._last_ts:
+                ts = self._last_ts
+            self._last_ts = ts
+            off = self._next
+            self._active.ix_note(off, self._pos, ts)
+            self._pos += _write_rec(self._active.p, self._pos, off, ts, k, <uint32_t>klen, flags, v, vlen)
+            self._next = off + 1
+            self._n_appends += 1
+        finally:
+            if vbuf:
+                PyBuffer_Release(&vb)
+            if kbuf:
+                PyBuffer_Release(&kb)
+            self._writing = False
+        self._wake()
+        if self._durability == D_ALWAYS:
+            self._sync_upto(off + 1)
+        return off
+
+    def append_many(self, values, keys=None):
+        """Append a batch of records; returns the ``range`` of their offsets.
+
+        One pass over ``values`` (any iterable of buffers; ``keys`` an iterable
+        of the same length, items may be None), one sync for the whole batch
+        under ``durability="always"``.  A batch is not atomic across a crash:
+        a prefix of it may survive an unacknowledged append_many.
+        """
+        cdef Py_buffer vb, kb
+        cdef const char *v
+        cdef const char *k
+        cdef size_t vlen, klen
+        cdef bint vbuf, kbuf
+        cdef uint32_t flags
+        cdef uint64_t first
+        cdef int64_t ts
+        cdef Py_ssize_t i, n
+        cdef list vl, kl = None
+        if isinstance(values, (bytes, bytearray, memoryview, str)):
+            raise TypeError("values must be an iterable of bytes-like objects, not a single buffer")
+        vl = values if type(values) is list else list(values)
+        n = len(vl)
+        if keys is not None:
+            kl = keys if type(keys) is list else list(keys)
+            if len(kl) != n:
+                raise ValueError(f"keys has {len(kl)} items, values has {n}")
+        self._enter()
+        first = self._next
+        try:
+            ts = eng_wall_ns()
+            if ts < self._last_ts:
+                ts = self._last_ts
+            self._last_ts = ts
+            for i in range(n):
+                vbuf = kbuf = False
+                k = NULL
+                klen = 0
+                flags = 0
+                value = vl[i]
+                try:
+                    if PyBytes_CheckExact(value):
+                        v = PyBytes_AS_STRING(value)
+                        vlen = <size_t>PyBytes_GET_SIZE(value)
+                    else:
+                        if PyObject_GetBuffer(value, &vb, PyBUF_SIMPLE) < 0:
+                            raise TypeError("values must hold bytes-like objects")
+                        vbuf = True
+                        v = <const char *>vb.buf
+                        vlen = <size_t>vb.len
+                    if kl is not None:
+                        key = kl[i]
+                        if key is not None:
+                            flags = ENG_REC_FLAG_KEY
+                            if PyBytes_CheckExact(key):
+                                k = PyBytes_AS_STRING(key)
+                                klen = <size_t>PyBytes_GET_SIZE(key)
+                            else:
+                                if PyObject_GetBuffer(key, &kb, PyBUF_SIMPLE) < 0:
+                                    raise TypeError("keys must hold bytes-like objects or None")
+                                kbuf = True
+                                k = <const char *>kb.buf
+                                klen = <size_t>kb.len
+                    if klen > 0xFFFF_0000 or vlen > 0xFFFF_0000:
+                        raise ValueError("value is too large")
+                    self._room(_align8(_HDR + klen + vlen))
+                    self._active.ix_note(self._next, self._pos, ts)
+                    self._pos += _write_rec(self._active.p, self._pos, self._next, ts, k,
+                                            <uint32_t>klen, flags, v, vlen)
+                    self._next += 1
+                finally:
+                    if vbuf:
+                        PyBuffer_Release(&vb)
+                    if kbuf:
+                        PyBuffer_Release(&kb)
+            self._n_appends += <uint64_t>n
+        finally:
+            self._writing = False
+            if self._next != first:
+                self._wake()
+        if self._durability == D_ALWAYS and self._next != first:
+            self._sync_upto(self._next)
+        return range(first, self._next)
+
+    # ---- syncing
+
+    cdef _sync_upto(self, uint64_t target):
+        """Block until every offset below target is durable (group commit)."""
+        cdef _Seg s
+        cdef size_t lo, hi
+        cdef uint64_t nxt
+        cdef int rc = 0
+        cond = self._cond
+        with cond:
+            while self._durable < target:
+                if self._syncing:
+                    cond.wait()
+                    continue
+                s = self._active
+                lo = s.synced
+                hi = self._pos
+                nxt = self._next
+                self._syncing = True
+                cond.release()
+                try:
+                    with nogil:
+                        rc = _sync_range(s.fd, s.p, lo, hi)
+                finally:
+                    cond.acquire()
+                    self._syncing = False
+                    cond.notify_all()
+                if rc != 0:
+                    raise OSError(_errno.EIO, f"msync/fdatasync of {s.path} failed; records from "
+                                  f"offset {self._durable} on may not be durable")
+                if hi > s.synced:
+                    s.synced = hi
+                if nxt > self._durable:
+                    self._durable = nxt
+                self._n_syncs += 1
+                if _sync_hook is not None:
+                    _call_hook(self._path, {"kind": "data", "segment": s.base, "position": hi,
+                                            "next_offset": nxt})
+
+    cdef _flush_if_dirty(self):
+        if not self._closed and self._durable < self._next:
+            self._sync_upto(self._next)
+
+    def flush(self):
+        """Make every record appended so far durable (in every durability mode)."""
+        if self._closed:
+            raise Closed(f"log {self._path!r} is closed")
+        self._sync_upto(self._next)
+
+    def close(self):
+        """Sync, write the clean-shutdown checkpoint and release the directory. Idempotent."""
+        if self._closed:
+            return
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        self._enter()
+        try:
+            self._sync_upto(self._next)
+            _write_index(self._path, self._active, self._pos)
+            self._write_ckpt(True)
+        finally:
+            self._closed = True
+            self._writing = False
+            eng_fetch_add_seqcst_u32(&self._notify.n.seq, 1)
+            eng_futex_wake(&self._notify.n.seq, 0x7fffffff)
+            self._waiters = NULL
+            self._notify.close()
+            self._notify = None
+            self._active = None
+            self._release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- retention
+
+    def apply_retention(self):
+        """Delete the oldest segments beyond retention_bytes / retention_age now.
+
+        Runs by itself at every segment roll.  Never deletes the active
+        segment, nor (``retain_uncommitted=True``) a segment holding offsets a
+        consumer group has not committed.  Returns the number of segments deleted.
+        """
+        if self._closed:
+            raise Closed(f"log {self._path!r} is closed")
+        return self._apply_retention()
+
+    cdef int _apply_retention(self) except -1:
+        cdef int deleted = 0
+        if self._retention_bytes is None and self._retention_age is None:
+            return 0
+        path = self._path
+        protect = None
+        if self._retain_uncommitted:
+            groups = _all_groups(path)
+            if groups:
+                protect = min(groups.values())
+        sizes = {}
+        total = 0
+        for b in self._bases:
+            try:
+                sizes[b] = _os.stat(_os.path.join(path, _seg_name(b))).st_size
+            except FileNotFoundError:
+                sizes[b] = 0
+            total += sizes[b]
+        now = _time.time_ns()
+        while len(self._bases) > 1:
+            b = self._bases[0]
+            nb = self._bases[1]
+            if protect is not None and nb > protect:
+                break
+            too_big = self._retention_bytes is not None and total > self._retention_bytes
+            too_old = False
+            if self._retention_age is not None:
+                too_old = self._seg_created(nb) < now - int(self._retention_age * 1e9)
+            if not (too_big or too_old):
+                break
+            _remove_segment(path, b)
+            total -= sizes[b]
+            del self._bases[0]
+            deleted += 1
+        return deleted
+
+    cdef int64_t _seg_created(self, uint64_t base) except? -1:
+        try:
+            with open(_os.path.join(self._path, _seg_name(base)), "rb") as f:
+                head = f.read(64)
+            return _SEG_HEADER.unpack(head)[6]
+        except (OSError, _struct.error):
+            return 0
+
+    # ---- readers and inspection
+
+    def reader(self, start=None, group=None, copy=True):
+        """A :class:`LogReader` on this log (same arguments as ``LogReader``)."""
+        return LogReader(self._path, start=start, group=group, copy=copy)
+
+    def stats(self):
+        """A dict: offsets, segments, bytes, durability, counters."""
+        total = 0
+        for b in self._bases:
+            try:
+                total += _os.stat(_os.path.join(self._path, _seg_name(b))).st_size
+            except FileNotFoundError:
+                pass
+        return {
+            "path": self._path, "log_id": str(self._log_uuid),
+            "durability": self.durability, "closed": self._closed,
+            "start_offset": self.start_offset, "next_offset": self._next,
+            "durable_offset": self._durable, "segments": len(self._bases),
+            "segment_bytes": int(self._segment_bytes), "disk_bytes": total,
+            "active_segment": None if self._active is None else self._active.path,
+            "active_position": int(self._pos), "appends": self._n_appends,
+            "syncs": self._n_syncs, "rolls": self._n_rolls,
+            "recovered_bytes": self._recovered_bytes, "was_clean": self._was_clean,
+        }
+
+    @property
+    def path(self):
+        """The log directory."""
+        return self._path
+
+    @property
+    def log_id(self):
+        """The log's uuid (from ``meta``): segments of another log are refused."""
+        return str(self._log_uuid)
+
+    @property
+    def next_offset(self):
+        """Offset the next append gets."""
+        return self._next
+
+    @property
+    def start_offset(self):
+        """Offset of the oldest record still kept (retention moves it)."""
+        return self._bases[0] if self._bases else self._next
+
+    @property
+    def durable_offset(self):
+        """Every offset below this is on stable storage."""
+        return self._durable
+
+    @property
+    def durability(self):
+        """"always", "interval" or "none"."""
+        return ("none", "interval", "always")[self._durability]
+
+    @property
+    def closed(self):
+        """True after close()."""
+        return self._closed
+
+    def __repr__(self):
+        return f"<engine.Log {self._path!r} next_offset={self._next} durability={self.durability}>"
+
+
+# ---------------------------------------------------------------- readers
+
+cdef class LogReader:
+    """Reads a log directory from any process, while a writer appends.
+
+    ``start`` is the first offset to read (default: the oldest record kept);
+    ``group`` names a consumer group: the reader resumes at the group's
+    committed offset (or ``start`` if it never committed) and ``commit()``
+    stores its position durably (at-least-once: process, then commit).
+
+    Iterating (``for rec in reader``) returns records up to the current end
+    and stops, like a file; ``poll(timeout)`` waits for the next record.
+    With ``copy=False`` keys and values are read-only memoryviews into the
+    mapping (no copy); by contract valid until the reader's next call.
+
+    If retention deleted records before the reader got to them (or ``start``
+    is below the log's start), the reader jumps to the oldest record kept and
+    adds the records it jumped over to ``skipped``.  A damaged record raises
+    :class:`engine.CorruptLog` (never skipped).
+    """
+    cdef str _path               # log directory
+    cdef object _log_id          # 16 raw bytes of the log uuid
+    cdef _Seg _seg               # segment being read (None: none found yet)
+    cdef size_t _pos             # byte position of the next record in _seg
+    cdef uint64_t _off           # next offset to return
+    cdef bint _copy              # copy values into bytes
+    cdef object _group           # group name or None
+    cdef _Notify _notify         # shared wake-up block (None until the writer made it)
+    cdef uint64_t _skipped       # records jumped over (retention)
+    cdef bint _closed            # close() ran
+    cdef size_t _zero_checked    # position where a "zero length" was last checked against later segments
+
+    def __cinit__(self):
+        self._closed = True
+
+    def __init__(self, path, start=None, group=None, copy=True):
+        if not isinstance(path, (str, bytes, _os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
+        path = _os.fsdecode(_os.fspath(path))
+        if start is not None and (not isinstance(start, int) or isinstance(start, bool)):
+            raise TypeError("start must be an int or None")
+        if start is not None and start < 0:
+            raise ValueError(f"start must be >= 0, not {start}")
+        if group is not None:
+            _check_group(group)
+        if not _os.path.isdir(path):
+            raise FileNotFoundError(_errno.ENOENT, "no log directory here (create it with engine.Log)", path)
+        try:
+            meta = _read_meta(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(_errno.ENOENT, "not a log directory (no meta file)", path) from None
+        self._path = path
+        self._log_id = meta["log_uuid"].bytes
+        self._copy = bool(copy)
+        self._group = group
+        self._zero_checked = <size_t>-1
+        self._notify = _open_notify(path, False)
+        self._closed = False
+        if group is not None:
+            committed = _read_group(path, group)
+            if committed is not None:
+                start = committed
+        self._seek(0 if start is None else start, start is not None)
+
+    cdef _check_open(self):
+        if self._closed:
+            raise Closed("reader is closed")
+
+    cdef _Seg _open_seg(self, uint64_t base):
+        """Map segment `base` read-only (None if it does not exist)."""
+        cdef _Seg s
+        spath = _os.path.join(self._path, _seg_name(base))
+        try:
+            s = _map_seg(spath, False, base, self._log_id, True)
+        except FileNotFoundError:
+            return None
+        return s
+
+    cdef _seek(self, uint64_t offset, bint count_skip):
+        """Position at offset (or the first kept offset after it)."""
+        cdef _Seg s = None
+        cdef size_t pos, i
+        cdef uint64_t expect
+        cdef int r, why = W_NONE
+        for _attempt in range(100):
+            bases = _list_segments(self._path)
+            if not bases:
+                raise FileNotFoundError(_errno.ENOENT, "log has no segments", self._path)
+            cand = [b for b in bases if b <= offset]
+            if not cand:
+                if count_skip:
+                    self._skipped += bases[0] - offset
+                offset = bases[0]
+                cand = [bases[0]]
+            s = self._open_seg(cand[-1])
+            if s is None:
+                continue  # deleted by retention meanwhile: look again
+            break
+        else:
+            raise OSError(_errno.EAGAIN, "segments kept disappearing while seeking", self._path)
+        _load_index(self._path, s)
+        pos = _SEGHDR
+        expect = s.base
+        # last index entry at or before the offset
+        i = s.ix_n
+        while i > 0 and s.base + s.ix_rel[i - 1] > offset:
+            i -= 1
+        if i > 0:
+            pos = s.ix_pos[i - 1]
+            expect = s.base + s.ix_rel[i - 1]
+            if _rec_check(s.p, s.size, pos, expect, False, &why) not in (R_REC, R_EOS):
+                pos = _SEGHDR  # stale or damaged index: scan from the start
+                expect = s.base
+        while expect < offset:
+            r = _rec_check(s.p, s.size, pos, expect, True, &why)
+            if r == R_REC:
+                pos += _align8((<const eng_rec_header *>(s.p + pos)).length)
+                expect += 1
+                continue
+            if r == R_EOS:
+                # the offset lives in a later segment (or past the end)
+                s2 = self._open_seg(expect)
+                if s2 is None:
+                    if expect in _list_segments(self._path):
+                        continue
+                    raise ValueError(f"offset {offset} is beyond the end of the log (next offset {expect})")
+                s = s2
+                _load_index(self._path, s)
+                pos = _SEGHDR
+                i = s.ix_n
+                while i > 0 and s.base + s.ix_rel[i - 1] > offset:
+                    i -= 1
+                if i > 0 and _rec_check(s.p, s.size, s.ix_pos[i - 1], s.base + s.ix_rel[i - 1], False, &why) == R_REC:
+                    pos = s.ix_pos[i - 1]
+                    expect = s.base + s.ix_rel[i - 1]
+                continue
+            if r == R_END:
+                raise ValueError(f"offset {offset} is beyond the end of the log (next offset {expect})")
+            raise CorruptLog(s.path, pos, _WHY.get(why, "?"))
+        self._seg = s
+        self._pos = pos
+        self._off = expect
+
+    cdef Record _next(self):
+        """The next record, or None at the current end."""
+        cdef _Seg s
+        cdef int r, why = W_NONE
+        cdef const eng_rec_header *h
+        cdef Record rec
+        cdef const char *base
+        cdef size_t klen, vlen, pos
+        while True:
+            s = self._seg
+            pos = self._pos
+            r = _rec_check(s.p, s.size, pos, self._off, True, &why)
+            if r == R_REC:
+                h = <const eng_rec_header *>(s.p + pos)
+                klen = h.key_len
+                vlen = h.length - _HDR - klen
+                rec = Record.__new__(Record)
+                rec.offset = <int64_t>h.offset
+                rec.timestamp = h.timestamp_ns
+                base = <const char *>(s.p + pos + _HDR)
+                if self._copy:
+                    rec.value = PyBytes_FromStringAndSize(base + klen, vlen)
+                    rec.key = PyBytes_FromStringAndSize(base, klen) if h.flags & ENG_REC_FLAG_KEY else None
+                else:
+                    view = s.view()
+                    rec.value = view[pos + _HDR + klen:pos + _HDR + klen + vlen]
+                    rec.key = view[pos + _HDR:pos + _HDR + klen] if h.flags & ENG_REC_FLAG_KEY else None
+                self._pos = pos + _align8(h.length)
+                self._off += 1
+                return rec
+            if r == R_EOS:
+                if not self._next_segment():
+                    return None
+                continue
+            if r == R_END:
+                if self._zero_checked != pos:
+                    self._zero_checked = pos
+                    later = [b for b in _list_segments(self._path) if b > s.base]
+                    if later and _rec_check(s.p, s.size, pos, self._off, True, &why) == R_END:
+                        raise CorruptLog(s.path, pos, "segment ends without its end-of-segment "
+                                         "marker but a later segment exists")
+                    continue
+                return None
+            raise CorruptLog(s.path, pos, _WHY.get(why, "?"))
+
+    cdef bint _next_segment(self) except -1:
+        """Move past an end marker; False if the next segment is not there yet."""
+        cdef _Seg s2
+        cdef uint64_t nb = self._off
+        s2 = self._open_seg(nb)
+        if s2 is None:
+            later = [b for b in _list_segments(self._path) if b > nb]
+            if not later:
+                return False  # the writer is creating it
+            # retention deleted it before we got there: jump forward
+            self._skipped += later[0] - nb
+            self._seek(later[0], False)
+            return True
+        self._seg = s2
+        self._pos = _SEGHDR
+        return True
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        """Next record; StopIteration at the current end (iteration does not wait)."""
+        if self._closed:
+            raise Closed("reader is closed")
+        rec = self._next()
+        if rec is None:
+            raise StopIteration
+        return rec
+
+    def read(self):
+        """The next record, or None at the current end (never waits)."""
+        self._check_open()
+        return self._next()
+
+    def read_many(self, max_records=1024):
+        """Up to max_records records available now (never waits)."""
+        cdef Py_ssize_t i, n
+        cdef list out = []
+        self._check_open()
+        if not isinstance(max_records, int):
+            raise TypeError("max_records must be an int")
+        if max_records < 0:
+            raise ValueError("max_records must be >= 0")
+        n = max_records
+        for i in range(n):
+            rec = self._next()
+            if rec is None:
+                break
+            out.append(rec)
+        return out
+
+    def poll(self, timeout=1.0):
+        """Wait up to timeout seconds (None: forever) for the next record; None on timeout.
+
+        Sleeps on a futex in the log's ``notify`` file (GIL released, in
+        slices of at most 50 ms so Ctrl-C works); the writer wakes sleepers
+        only when some are registered.
+        """
+        cdef uint32_t seq
+        cdef int64_t deadline = 0, now, slice_ns
+        cdef eng_notify *n
+        self._check_open()
+        if timeout is not None:
+            if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
+                raise TypeError("timeout must be a number of seconds or None")
+            if timeout < 0:
+                raise ValueError("timeout must be >= 0 or None")
+        rec = self._next()
+        if rec is not None or timeout == 0:
+            return rec
+        if timeout is not None:
+            deadline = eng_now_ns() + <int64_t>(timeout * 1e9)
+        while True:
+            if self._notify is None:
+                self._notify = _open_notify(self._path, False)
+            if self._notify is None:
+                n = NULL
+            else:
+                n = self._notify.n
+                # seq_cst: registering must precede the re-check (see _wake)
+                eng_fetch_add_seqcst_u32(&n.waiters, 1)
+            try:
+                seq = eng_load_seqcst_u32(&n.seq) if n != NULL else 0
+                rec = self._next()
+                if rec is not None:
+                    return rec
+                now = eng_now_ns()
+                if timeout is not None and now >= deadline:
+                    return None
+                slice_ns = 50_000_000
+                if timeout is not None and deadline - now < slice_ns:
+                    slice_ns = deadline - now
+                with nogil:
+                    if n != NULL:
+                        eng_futex_wait(&n.seq, seq, slice_ns)
+                    else:
+                        eng_futex_wait(&seq, seq, slice_ns if slice_ns < 2_000_000 else 2_000_000)
+            finally:
+                if n != NULL:
+                    eng_fetch_sub_seqcst_u32(&n.waiters, 1)
+            PyErr_CheckSignals()
+
+    def seek(self, offset):
+        """Continue reading at ``offset`` (ValueError past the end)."""
+        self._check_open()
+        if not isinstance(offset, int) or isinstance(offset, bool):
+            raise TypeError("offset must be an int")
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, not {offset}")
+        self._seek(offset, True)
+
+    def seek_time(self, ts_ns):
+        """Continue at the first record with timestamp >= ts_ns; returns its offset
+        (the next offset to be written if every record is older)."""
+        cdef _Seg s
+        cdef size_t pos, i
+        cdef uint64_t expect
+        cdef int r, why = W_NONE
+        cdef const eng_rec_header *h
+        self._check_open()
+        if not isinstance(ts_ns, int) or isinstance(ts_ns, bool):
+            raise TypeError("ts_ns must be an int (nanoseconds since the epoch)")
+        bases = _list_segments(self._path)
+        # the last segment created at or before ts_ns holds the first record >= ts_ns
+        # (or it is the first record of the next segment); headers are cheap
+        chosen = bases[0] if bases else 0
+        for b in bases:
+            try:
+                with open(_os.path.join(self._path, _seg_name(b)), "rb") as f:
+                    created = _SEG_HEADER.unpack(f.read(64))[6]
+            except (OSError, _struct.error):
+                continue
+            if created < ts_ns:
+                chosen = b
+            else:
+                break
+        self._seek(chosen, True)
+        s = self._seg
+        _load_index(self._path, s)
+        i = s.ix_n
+        while i > 0 and s.ix_ts[i - 1] >= ts_ns:
+            i -= 1
+        if i > 0 and s.base + s.ix_rel[i - 1] >= self._off and \
+                _rec_check(s.p, s.size, s.ix_pos[i - 1], s.base + s.ix_rel[i - 1], False, &why) == R_REC:
+            self._pos = s.ix_pos[i - 1]
+            self._off = s.base + s.ix_rel[i - 1]
+        while True:
+            s = self._seg
+            pos = self._pos
+            r = _rec_check(s.p, s.size, pos, self._off, True, &why)
+            if r == R_REC:
+                h = <const eng_rec_header *>(s.p + pos)
+                if h.timestamp_ns >= ts_ns:
+                    return self._off
+                self._pos = pos + _align8(h.length)
+                self._off += 1
+            elif r == R_EOS:
+                if not self._next_segment():
+                    return self._off
+            elif r == R_END:
+                return self._off
+            else:
+                raise CorruptLog(s.path, pos, _WHY.get(why, "?"))
+
+    def commit(self, offset=None):
+        """Store the group's position durably: records below ``offset`` (default:
+        ``position``, everything returned so far) count as processed.
+
+        Temp file, fsync, rename, fsync directory: a crash leaves the old or the
+        new value.  Needs ``group``.
+        """
+        self._check_open()
+        if self._group is None:
+            raise ValueError("commit() needs a reader opened with group=...")
+        if offset is None:
+            offset = self._off
+        elif not isinstance(offset, int) or isinstance(offset, bool):
+            raise TypeError("offset must be an int or None")
+        elif offset < 0:
+            raise ValueError(f"offset must be >= 0, not {offset}")
+        raw = _GROUP.pack(_GROUP_MAGIC, offset, 0)
+        crc = eng_crc32c(0, PyBytes_AS_STRING(raw), 16)
+        gdir = _os.path.join(self._path, "groups")
+        _os.makedirs(gdir, mode=0o700, exist_ok=True)
+        _atomic_write(gdir, self._group, raw[:16] + _struct.pack("<I", crc), True)
+        _call_hook(self._path, {"kind": "group", "group": self._group, "offset": offset})
+
+    def committed(self):
+        """The group's committed offset (None if it never committed)."""
+        if self._group is None:
+            raise ValueError("committed() needs a reader opened with group=...")
+        return _read_group(self._path, self._group)
+
+    def close(self):
+        """Let go of the mappings (live zero-copy views keep theirs). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._seg = None
+        if self._notify is not None:
+            self._notify.close()
+            self._notify = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def position(self):
+        """Offset of the next record this reader returns."""
+        return self._off
+
+    @property
+    def group(self):
+        """The consumer group, or None."""
+        return self._group
+
+    @property
+    def skipped(self):
+        """Records jumped over because retention had deleted them."""
+        return self._skipped
+
+    @property
+    def closed(self):
+        """True after close()."""
+        return self._closed
+
+    def __repr__(self):
+        return f"<engine.LogReader {self._path!r} position={self._off} group={self._group!r}>"

@@ -1,0 +1,114 @@
+/*
+ * log_layout.h -- on-disk layout of the segment log (engine._log).
+ *
+ * Little-endian, fixed-width fields, every structure a multiple of 8 bytes so
+ * records stay 8-byte aligned in the memory-mapped segment.  The static
+ * asserts pin offsets and sizes: changing any of them is a format change
+ * (bump ENG_LOG_FORMAT and the magic).
+ *
+ * Segment file  %020d.seg (base offset), preallocated to segment_bytes:
+ *     [eng_seg_header 64 B][record][record]...[EOS marker][zeros...]
+ * Record:
+ *     [eng_rec_header 32 B][key][value][zero padding to 8 B]
+ *     length  = 32 + key_len + value_len (unpadded; 0 = not written yet)
+ *     crc     = CRC32C over the 4 bytes of `length` followed by bytes
+ *               [8, align8(length)) of the record: offset, timestamp,
+ *               key_len, flags, key, value and padding.  Covering the length
+ *               word and the padding means every bit of a sealed segment is
+ *               checked: a flipped length cannot silently move the value's
+ *               end, a flipped padding byte is a CRC error.
+ *     The length word is stored LAST with release ordering: a reader that
+ *     loads a non-zero length with acquire ordering sees the whole record.
+ * End-of-segment (EOS) marker: a 32-byte record with flags = EOS, key_len 0,
+ *     offset = the base offset of the next segment; it consumes no offset.
+ *     Everything after it is zero.
+ */
+#ifndef ENG_LOG_LAYOUT_H
+#define ENG_LOG_LAYOUT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define ENG_LOG_FORMAT 1
+#define ENG_SEG_MAGIC "QELOGSG1"      /* 8 bytes, no NUL stored */
+#define ENG_IDX_MAGIC "QELOGIX1"      /* offset index file */
+#define ENG_TIX_MAGIC "QELOGTX1"      /* time index file */
+#define ENG_NOTIFY_MAGIC 0x514e4f54u  /* "TONQ": the notify file is initialised */
+
+#define ENG_REC_FLAG_EOS 1u           /* end-of-segment marker */
+#define ENG_REC_FLAG_KEY 2u           /* the record has a key (possibly empty) */
+#define ENG_REC_FLAGS_KNOWN 3u
+
+/* One sparse index entry per this many bytes of segment. */
+#define ENG_INDEX_INTERVAL 4096
+
+typedef struct {
+    char magic[8];          /* ENG_SEG_MAGIC */
+    uint32_t version;       /* ENG_LOG_FORMAT */
+    uint32_t header_size;   /* sizeof(eng_seg_header) */
+    uint64_t base_offset;   /* offset of the first record; equals the file name */
+    uint64_t segment_bytes; /* preallocated file size */
+    uint8_t log_id[16];     /* uuid of the log (meta): refuses foreign segments */
+    int64_t created_ns;     /* wall clock at creation, >= every timestamp of the previous segment */
+    uint32_t flags;         /* 0 */
+    uint32_t header_crc;    /* CRC32C of bytes [0, 60) */
+} eng_seg_header;
+
+typedef struct {
+    uint32_t length;        /* 32 + key_len + value_len; stored last (release); 0 = empty */
+    uint32_t crc;           /* see above */
+    uint64_t offset;        /* dense, one per record */
+    int64_t timestamp_ns;   /* wall clock, non-decreasing within a log */
+    uint32_t key_len;       /* bytes of key following the header */
+    uint32_t flags;         /* ENG_REC_FLAG_* */
+} eng_rec_header;
+
+/* The `notify` file: readers sleep on `seq` (a futex on a MAP_SHARED
+ * mapping, so it works across processes); the writer bumps it and wakes them
+ * only while `waiters` is non-zero. */
+typedef struct {
+    uint32_t magic;         /* ENG_NOTIFY_MAGIC */
+    uint32_t seq;           /* futex word: bumped when records or segments appear */
+    uint32_t waiters;       /* readers currently sleeping (seq_cst inc/dec) */
+    uint32_t _pad0;
+    uint8_t _pad[48];
+} eng_notify;
+
+/* Header of the .idx / .tix files; entries follow. */
+typedef struct {
+    char magic[8];          /* ENG_IDX_MAGIC or ENG_TIX_MAGIC */
+    uint64_t base_offset;   /* segment the index belongs to */
+    uint32_t count;         /* entries that follow */
+    uint32_t covered;       /* segment position up to which the entries are complete */
+    uint32_t crc;           /* CRC32C of the entries */
+    uint32_t header_crc;    /* CRC32C of bytes [0, 28) */
+} eng_index_header;
+
+typedef struct {
+    uint32_t rel_offset;    /* offset - base_offset */
+    uint32_t position;      /* byte position of that record in the segment */
+} eng_idx_entry;
+
+typedef struct {
+    int64_t timestamp_ns;   /* timestamp of that record */
+    uint32_t rel_offset;    /* offset - base_offset */
+    uint32_t position;      /* byte position of that record in the segment */
+} eng_tix_entry;
+
+_Static_assert(sizeof(eng_seg_header) == 64, "segment header is 64 bytes");
+_Static_assert(offsetof(eng_seg_header, base_offset) == 16, "base_offset at 16");
+_Static_assert(offsetof(eng_seg_header, log_id) == 32, "log_id at 32");
+_Static_assert(offsetof(eng_seg_header, header_crc) == 60, "header_crc at 60");
+_Static_assert(sizeof(eng_rec_header) == 32, "record header is 32 bytes");
+_Static_assert(offsetof(eng_rec_header, crc) == 4, "crc at 4");
+_Static_assert(offsetof(eng_rec_header, offset) == 8, "offset at 8");
+_Static_assert(offsetof(eng_rec_header, timestamp_ns) == 16, "timestamp at 16");
+_Static_assert(offsetof(eng_rec_header, key_len) == 24, "key_len at 24");
+_Static_assert(offsetof(eng_rec_header, flags) == 28, "flags at 28");
+_Static_assert(sizeof(eng_notify) == 64, "notify block is one cache line");
+_Static_assert(offsetof(eng_notify, seq) == 4, "seq at 4");
+_Static_assert(sizeof(eng_index_header) == 32, "index header is 32 bytes");
+_Static_assert(sizeof(eng_idx_entry) == 8, "idx entry is 8 bytes");
+_Static_assert(sizeof(eng_tix_entry) == 16, "tix entry is 16 bytes");
+
+#endif /* ENG_LOG_LAYOUT_H */
