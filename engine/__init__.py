@@ -36,6 +36,7 @@ _LAZY = {
     "ShardedCounter": "engine.counters",
     "CounterMap": "engine.counters",
     "CounterAggregator": "engine.counters",
+    "Saga": "engine.saga",
 }
 
 __all__ = [
@@ -68,3 +69,4 @@ if TYPE_CHECKING:
     from ._log import Log, LogReader, Record
     from ._ring import Consumer, Producer, Ring
     from .counters import CounterAggregator, CounterMap, ShardedCounter
+    from .saga import Saga

@@ -437,8 +437,9 @@ class _Run:
 
     def info(self) -> SagaInfo:
         current = None
-        if self.state is SagaState.RUNNING and self.inflight:
-            current = next(s for s in self.steps if s in self.inflight)
+        if self.state is SagaState.RUNNING:
+            # in flight now, or left in flight by a dead writer
+            current = next((s for s in self.steps if s in self.inflight or s in self.uncertain), None)
         elif self.state is SagaState.COMPENSATING and self.comp_inflight:
             current = next(s for s in reversed(self.steps) if s in self.comp_inflight)
         elif self.state is SagaState.STUCK:

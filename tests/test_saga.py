@@ -1,0 +1,539 @@
+"""engine.Saga: order of actions and compensations, retries, timeouts, groups,
+async steps, events, recovery in-process, bad input. Crash recovery with real
+SIGKILLs is in tests/stress/test_saga_crash.py and test_saga_random.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import engine
+from engine.errors import EngineError, LogLocked, Timeout
+from engine.saga import Saga, SagaState, SagaStuck, StepFailed, list_sagas
+
+NAMES = ["a", "b", "c", "d"]
+
+
+class Recorder:
+    """Records every call as (kind, step, key, attempt); failure plans per step."""
+
+    def __init__(self):
+        self.calls = []
+        self.lock = threading.Lock()
+        self.fail_action = {}  # step -> number of attempts that raise (10**9 = always)
+        self.fail_comp = {}  # step -> number of compensation attempts that raise
+        self.applied = {}  # key -> result of the action (its effect)
+
+    def action(self, name):
+        def fn(sc):
+            with self.lock:
+                self.calls.append(("do", name, sc.key, sc.attempt))
+                left = self.fail_action.get(name, 0)
+                if left:
+                    self.fail_action[name] = left - 1
+                    raise RuntimeError(f"{name} fails")
+                self.applied[sc.key] = f"r-{name}"
+            return f"r-{name}"
+
+        return fn
+
+    def compensate(self, name):
+        def fn(sc):
+            with self.lock:
+                self.calls.append(("undo", name, sc.key, sc.attempt))
+                left = self.fail_comp.get(name, 0)
+                if left:
+                    self.fail_comp[name] = left - 1
+                    raise RuntimeError(f"undo {name} fails")
+                # idempotent: undoing twice, or undoing what never happened, is a no-op
+                self.applied.pop(sc.key, None)
+                assert sc.result in (None, f"r-{name}")
+
+        return fn
+
+    def kinds(self):
+        return [(k, n) for k, n, _, _ in self.calls]
+
+
+def make(tmp_path, rec, names=NAMES, durability="none", **kw):
+    kw.setdefault("backoff", 0.0)
+    kw.setdefault("max_backoff", 0.0)
+    saga = Saga(tmp_path / "saga", durability=durability, **kw)
+    for n in names:
+        saga.step(n, rec.action(n), rec.compensate(n))
+    return saga
+
+
+def test_exported():
+    assert engine.Saga is Saga
+    assert issubclass(StepFailed, EngineError) and issubclass(SagaStuck, EngineError)
+
+
+@pytest.mark.parametrize("durability", ["always", "none"])
+def test_success_order_results_and_keys(tmp_path, durability):
+    rec = Recorder()
+    with make(tmp_path, rec, durability=durability) as saga:
+        out = saga.run({"order": 1}, saga_id="s1")
+    assert out == {n: f"r-{n}" for n in NAMES}
+    assert rec.kinds() == [("do", n) for n in NAMES]
+    assert [k for _, _, k, _ in rec.calls] == [f"s1:{n}" for n in NAMES]
+    assert sorted(rec.applied) == [f"s1:{n}" for n in NAMES]
+    [info] = list_sagas(tmp_path / "saga")
+    assert info.state is SagaState.DONE and info.done == NAMES and info.ctx == {"order": 1}
+    assert info.results == out and info.attempts == len(NAMES)
+
+
+@pytest.mark.parametrize("fail_at", range(len(NAMES)))
+def test_failure_at_each_step_compensates_in_reverse(tmp_path, fail_at):
+    rec = Recorder()
+    rec.fail_action[NAMES[fail_at]] = 10**9
+    with make(tmp_path, rec, retries=2) as saga:
+        with pytest.raises(StepFailed) as ei:
+            saga.run(None, saga_id="s")
+    failing = NAMES[fail_at]
+    expected = [("do", n) for n in NAMES[:fail_at]] + [("do", failing)] * 3
+    expected += [("undo", n) for n in reversed(NAMES[:fail_at])]
+    assert rec.kinds() == expected
+    assert [a for k, n, _, a in rec.calls if n == failing] == [1, 2, 3]
+    assert rec.applied == {}
+    exc = ei.value
+    assert exc.saga_id == "s" and exc.step == failing
+    assert exc.compensated == list(reversed(NAMES[:fail_at]))
+    assert "RuntimeError" in exc.cause and isinstance(exc.__cause__, RuntimeError)
+    [info] = list_sagas(tmp_path / "saga")
+    assert info.state is SagaState.COMPENSATED
+    assert info.failed_step == failing and info.compensated == exc.compensated
+
+
+def test_transient_failures_are_retried_with_same_key(tmp_path):
+    rec = Recorder()
+    rec.fail_action["b"] = 2
+    with make(tmp_path, rec, retries=2) as saga:
+        saga.run(saga_id="x")
+    b_calls = [(k, a) for kind, n, k, a in rec.calls if n == "b"]
+    assert b_calls == [("x:b", 1), ("x:b", 2), ("x:b", 3)]
+    assert rec.kinds().count(("undo", "b")) == 0
+
+
+def test_retry_on_limits_which_errors_are_retried(tmp_path):
+    class Business(Exception):
+        pass
+
+    seen = []
+
+    def charge(sc):
+        seen.append(sc.attempt)
+        raise Business("insufficient funds")
+
+    saga = Saga(tmp_path / "s", durability="none", backoff=0)
+    saga.step("charge", charge, lambda sc: None, retries=5, retry_on=ConnectionError)
+    with pytest.raises(StepFailed, match="insufficient funds"):
+        saga.run()
+    assert seen == [1]
+    saga.close()
+
+
+def test_backoff_grows(tmp_path):
+    stamps = []
+
+    def flaky(sc):
+        stamps.append(time.monotonic())
+        if len(stamps) < 4:
+            raise OSError("try again")
+
+    saga = Saga(tmp_path / "s", durability="none", backoff=0.02, max_backoff=1.0)
+    saga.step("x", flaky, None, retries=3)
+    saga.run()
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    # 0.02, 0.04, 0.08 with jitter in [0.5, 1]
+    assert gaps[0] >= 0.01 and gaps[1] >= 0.02 and gaps[2] >= 0.04
+    saga.close()
+
+
+def test_compensation_retried_then_succeeds(tmp_path):
+    rec = Recorder()
+    rec.fail_action["c"] = 10**9
+    rec.fail_comp["a"] = 2
+    with make(tmp_path, rec, retries=0, compensate_retries=3) as saga:
+        with pytest.raises(StepFailed):
+            saga.run(saga_id="q")
+    assert rec.kinds() == [("do", "a"), ("do", "b"), ("do", "c"), ("undo", "b")] + [("undo", "a")] * 3
+    assert rec.applied == {}
+
+
+def test_stuck_is_reported_never_dropped_and_can_be_retried(tmp_path):
+    rec = Recorder()
+    rec.fail_action["c"] = 10**9
+    rec.fail_comp["b"] = 10**9
+    saga = make(tmp_path, rec, retries=0, compensate_retries=2)
+    with pytest.raises(SagaStuck) as ei:
+        saga.run(saga_id="st")
+    assert ei.value.step == "b" and ei.value.failed_step == "c"
+    # a stops being compensated at the stuck step: order is kept
+    assert rec.kinds() == [("do", "a"), ("do", "b"), ("do", "c")] + [("undo", "b")] * 3
+    assert [i.state for i in saga.unfinished()] == [SagaState.STUCK]
+    [r] = saga.recover()  # not retried without retry_stuck
+    assert r.state is SagaState.STUCK and r.stuck_step == "b"
+    saga.close()
+    # it survives a reopen, and `ls` shows it
+    [info] = list_sagas(tmp_path / "saga")
+    assert info.state is SagaState.STUCK and info.stuck_step == "b" and "undo b fails" in info.error
+    rec.fail_comp.clear()
+    saga = make(tmp_path, rec, retries=0)
+    assert [i.saga_id for i in saga.unfinished()] == ["st"]
+    [r] = saga.recover(retry_stuck=True)
+    assert r.state is SagaState.COMPENSATED and r.compensated == ["b", "a"]
+    assert rec.applied == {} and saga.unfinished() == []
+    saga.close()
+    [info] = list_sagas(tmp_path / "saga")
+    assert info.state is SagaState.COMPENSATED
+
+
+def test_timeout_counts_as_unknown_outcome_and_is_compensated(tmp_path):
+    gate = threading.Event()
+    undone = []
+
+    def slow(sc):
+        gate.wait(5)
+
+    saga = Saga(tmp_path / "s", durability="none", backoff=0)
+    saga.step("a", lambda sc: 1, lambda sc: undone.append("a"))
+    saga.step("slow", slow, lambda sc: undone.append(("slow", sc.result)), timeout=0.05, retries=1)
+    t0 = time.monotonic()
+    with pytest.raises(StepFailed) as ei:
+        saga.run()
+    gate.set()
+    assert time.monotonic() - t0 < 2
+    assert isinstance(ei.value.__cause__, Timeout) and "timed out" in ei.value.cause
+    # the timed-out step may have taken effect: compensated too (result unknown)
+    assert undone == [("slow", None), "a"]
+    assert ei.value.compensated == ["slow", "a"]
+    saga.close()
+
+
+def test_async_steps_with_run_and_arun(tmp_path):
+    order = []
+
+    async def a(sc):
+        await asyncio.sleep(0)
+        order.append(("a", sc.key))
+        return 1
+
+    async def undo_a(sc):
+        order.append(("undo a", sc.result))
+
+    async def boom(sc):
+        raise ValueError("boom")
+
+    async def slow(sc):
+        await asyncio.sleep(5)
+
+    saga = Saga(tmp_path / "s", durability="none", backoff=0)
+    saga.step("a", a, undo_a).step("b", lambda sc: sc.results["a"] + 1, None)
+    assert saga.run(saga_id="k") == {"a": 1, "b": 2}
+
+    async def main():
+        return await saga.arun(saga_id="k2")
+
+    assert asyncio.run(main()) == {"a": 1, "b": 2}
+    saga.step("c", boom, None, retries=0)
+    with pytest.raises(StepFailed, match="boom"):
+        saga.run(saga_id="k3")
+    assert order == [("a", "k:a"), ("a", "k2:a"), ("a", "k3:a"), ("undo a", 1)]
+    saga.close()
+
+    saga = Saga(tmp_path / "t", durability="none", backoff=0)
+    saga.step("slow", slow, None, timeout=0.05, retries=0)
+    t0 = time.monotonic()
+    with pytest.raises(StepFailed, match="timed out"):
+        saga.run()
+    assert time.monotonic() - t0 < 2
+    saga.close()
+
+
+def test_parallel_group_runs_concurrently_and_compensates(tmp_path):
+    barrier = threading.Barrier(3, timeout=5)
+    rec = Recorder()
+
+    def meet(name):
+        inner = rec.action(name)
+
+        def fn(sc):
+            barrier.wait()  # all three at once, or BrokenBarrierError
+            return inner(sc)
+
+        return fn
+
+    saga = Saga(tmp_path / "s", durability="always", backoff=0)
+    saga.step("first", rec.action("first"), rec.compensate("first"))
+    for n in ("x", "y", "z"):
+        saga.step(n, meet(n), rec.compensate(n), group="fan", retries=0)
+    saga.step("last", rec.action("last"), rec.compensate("last"), retries=0)
+    out = saga.run(saga_id="g")
+    assert set(out) == {"first", "x", "y", "z", "last"}
+    assert rec.kinds()[0] == ("do", "first") and rec.kinds()[-1] == ("do", "last")
+    # now fail the step after the group: everything compensated in reverse declaration order
+    barrier.reset()
+    rec.calls.clear()
+    rec.fail_action["last"] = 10**9
+    with pytest.raises(StepFailed) as ei:
+        saga.run(saga_id="g2")
+    assert ei.value.compensated == ["z", "y", "x", "first"]
+    assert rec.applied == {f"g:{n}": f"r-{n}" for n in ("first", "x", "y", "z", "last")}
+    # one member of the group fails: the others finish, then all completed are undone
+    barrier.reset()
+    rec.fail_action.clear()
+    rec.fail_action["y"] = 10**9
+    barrier2 = threading.Barrier(2, timeout=5)
+    saga2 = Saga(tmp_path / "s2", durability="none", backoff=0)
+    saga2.step("first", rec.action("first"), rec.compensate("first"))
+    saga2.step("x", lambda sc: (barrier2.wait(), rec.action("x")(sc))[1], rec.compensate("x"), group="g")
+    saga2.step("y", rec.action("y"), rec.compensate("y"), group="g", retries=0)
+    saga2.step("z", lambda sc: (barrier2.wait(), rec.action("z")(sc))[1], rec.compensate("z"), group="g")
+    with pytest.raises(StepFailed) as ei:
+        saga2.run(saga_id="g3")
+    assert ei.value.step == "y" and ei.value.compensated == ["z", "x", "first"]
+    assert not [k for k in rec.applied if k.startswith("g3:")]
+    saga.close()
+    saga2.close()
+
+
+def test_group_must_be_consecutive(tmp_path):
+    saga = Saga(tmp_path / "s", durability="none")
+    saga.step("a", lambda sc: 1, group="g").step("b", lambda sc: 1)
+    with pytest.raises(ValueError, match="group"):
+        saga.step("c", lambda sc: 1, group="g")
+    saga.close()
+
+
+def test_events_hook_callable_and_log(tmp_path):
+    got = []
+    rec = Recorder()
+    rec.fail_action["b"] = 10**9
+    saga = Saga(tmp_path / "s", durability="none", backoff=0, events=got.append)
+    saga.step("a", rec.action("a"), rec.compensate("a")).step("b", rec.action("b"), None, retries=0)
+    with pytest.raises(StepFailed):
+        saga.run({"n": 1}, saga_id="e")
+    kinds = [(e["t"], e.get("s")) for e in got]
+    assert kinds == [
+        ("begin", None),
+        ("start", "a"),
+        ("done", "a"),
+        ("start", "b"),
+        ("fail", "b"),
+        ("abort", "b"),
+        ("cstart", "a"),
+        ("cdone", "a"),
+        ("end", None),
+    ]
+    assert got[-1]["st"] == "compensated" and all(e["id"] == "e" for e in got)
+    saga.close()
+
+    events = engine.Log(tmp_path / "events", durability="none")
+    saga = Saga(tmp_path / "s2", durability="none", events=events)
+    saga.step("a", lambda sc: 7)
+    saga.run(saga_id="f")
+    saga.close()
+    events.close()
+    with engine.LogReader(tmp_path / "events", start=0) as r:
+        recs = [(bytes(x.key), json.loads(bytes(x.value))) for x in r]
+    assert [v["t"] for _, v in recs] == ["begin", "start", "done", "end"]
+    assert {k for k, _ in recs} == {b"f"} and recs[2][1]["r"] == 7
+
+
+def test_broken_events_hook_does_not_stop_the_saga(tmp_path):
+    def hook(e):
+        raise RuntimeError("subscriber down")
+
+    saga = Saga(tmp_path / "s", durability="none", events=hook)
+    saga.step("a", lambda sc: 1)
+    assert saga.run() == {"a": 1}
+    saga.close()
+
+
+def test_interrupted_run_is_recovered_forward(tmp_path):
+    rec = Recorder()
+    state = {"interrupt": True}
+
+    def b(sc):
+        rec.calls.append(("do", "b", sc.key, sc.attempt))
+        if state["interrupt"]:
+            raise KeyboardInterrupt  # not an Exception: the saga is left in flight
+        return "r-b"
+
+    saga = Saga(tmp_path / "s", durability="always", backoff=0)
+    saga.step("a", rec.action("a"), rec.compensate("a")).step("b", b, rec.compensate("b"))
+    saga.step("c", rec.action("c"), rec.compensate("c"))
+    with pytest.raises(KeyboardInterrupt):
+        saga.run({"v": 1}, saga_id="i")
+    saga.close()
+    [info] = list_sagas(tmp_path / "s")
+    assert info.state is SagaState.RUNNING and info.done == ["a"] and info.current == "b"
+    state["interrupt"] = False
+    saga = Saga(tmp_path / "s", durability="always", backoff=0)
+    saga.step("a", rec.action("a"), rec.compensate("a")).step("b", b, rec.compensate("b"))
+    saga.step("c", rec.action("c"), rec.compensate("c"))
+    [r] = saga.recover()
+    assert r.state is SagaState.DONE and r.results == {"a": "r-a", "b": "r-b", "c": "r-c"}
+    # a is not run again; b is retried with the same key and the next attempt number
+    assert rec.kinds() == [("do", "a"), ("do", "b"), ("do", "b"), ("do", "c")]
+    assert [(k, a) for _, n, k, a in rec.calls if n == "b"] == [("i:b", 1), ("i:b", 2)]
+    assert saga.recover() == []
+    saga.close()
+
+
+def test_recover_skips_sagas_of_another_definition(tmp_path):
+    saga = Saga(tmp_path / "s", durability="none")
+
+    def stop(sc):
+        raise KeyboardInterrupt
+
+    saga.step("a", stop)
+    with pytest.raises(KeyboardInterrupt):
+        saga.run(saga_id="old")
+    saga.close()
+    saga = Saga(tmp_path / "s", durability="none")
+    saga.step("other", lambda sc: 1)
+    [r] = saga.recover()
+    assert r.state is SagaState.RUNNING and "not recovered" in r.error
+    saga.close()
+
+
+def test_unencodable_ctx_and_result(tmp_path):
+    undone = []
+    saga = Saga(tmp_path / "s", durability="none", backoff=0)
+    saga.step("a", lambda sc: 1, lambda sc: undone.append("a"))
+    saga.step("b", lambda sc: object(), lambda sc: undone.append(("b", sc.result)))
+    with pytest.raises(TypeError, match="ctx"):
+        saga.run({"x": object()})
+    assert list_sagas(tmp_path / "s") == []  # nothing was begun
+    with pytest.raises(StepFailed, match="cannot be encoded") as ei:
+        saga.run()
+    # b took effect but its result could not be recorded: it is undone too
+    assert undone == [("b", None), "a"] and ei.value.compensated == ["b", "a"]
+    saga.close()
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="durability"):
+        Saga(tmp_path / "s", durability="sometimes")
+    with pytest.raises(ValueError, match="retries"):
+        Saga(tmp_path / "s", retries=-1)
+    with pytest.raises(ValueError, match="backoff"):
+        Saga(tmp_path / "s", backoff=-1)
+    with pytest.raises(TypeError, match="events"):
+        Saga(tmp_path / "s", events=42)
+    saga = Saga(tmp_path / "s", durability="none")
+    with pytest.raises(ValueError, match="no steps"):
+        saga.run()
+    with pytest.raises(TypeError, match="name"):
+        saga.step("", lambda sc: 1)
+    with pytest.raises(TypeError, match="action"):
+        saga.step("a", 42)
+    with pytest.raises(TypeError, match="compensate"):
+        saga.step("a", lambda sc: 1, 42)
+    with pytest.raises(ValueError, match="timeout"):
+        saga.step("a", lambda sc: 1, timeout=0)
+    with pytest.raises(ValueError, match="retries"):
+        saga.step("a", lambda sc: 1, retries=-2)
+    with pytest.raises(TypeError, match="retry_on"):
+        saga.step("a", lambda sc: 1, retry_on=(42,))
+    saga.step("a", lambda sc: 1)
+    with pytest.raises(ValueError, match="already"):
+        saga.step("a", lambda sc: 1)
+    with pytest.raises(TypeError, match="saga_id"):
+        saga.run(saga_id=5)
+    with pytest.raises(LogLocked):
+        Saga(tmp_path / "s", durability="none")
+    saga.close()
+    with pytest.raises(engine.Closed):
+        saga.run()
+
+
+def test_garbage_records_are_skipped(tmp_path, caplog):
+    saga = Saga(tmp_path / "s", durability="none")
+    saga.step("a", lambda sc: 1)
+    saga.run(saga_id="good")
+    saga.close()
+    log = engine.Log(tmp_path / "s", durability="none")
+    for junk in (
+        b"\xff\x00",
+        b"[1,2]",
+        b'{"t":"begin","id":"x"}',
+        b'{"t":"begin","id":"y","steps":[1]}',
+        b'{"t":"start","id":"nobody","s":"a"}',
+        b'{"t":"end","id":"good","st":"weird"}',
+        b'{"t":"done","id":5}',
+        b'{"t":"nope","id":"good"}',
+    ):
+        log.append(junk)
+    log.close()
+    infos = list_sagas(tmp_path / "s")
+    assert [(i.saga_id, i.state) for i in infos] == [("good", SagaState.DONE)]
+    saga = Saga(tmp_path / "s", durability="none")
+    saga.step("a", lambda sc: 1)
+    assert saga.recover() == []
+    saga.close()
+
+
+# ---------------------------------------------------------------------------
+# model: any plan of transient/permanent failures gives exactly the model's calls
+# ---------------------------------------------------------------------------
+
+
+def model_calls(n_steps, retries, comp_retries, fail_action, fail_comp):
+    """The calls a saga must make, by the rules of the module docstring."""
+    calls, completed = [], []
+    for i in range(n_steps):
+        name = NAMES[i]
+        fails = fail_action.get(name, 0)
+        attempts = min(fails, retries + 1)
+        calls += [("do", name)] * attempts
+        if fails > retries:
+            for c in reversed(completed):
+                cf = fail_comp.get(c, 0)
+                calls += [("undo", c)] * (min(cf, comp_retries + 1))
+                if cf > comp_retries:
+                    return calls, "stuck"
+                calls.append(("undo", c))
+            return calls, "compensated"
+        calls.append(("do", name))
+        completed.append(name)
+    return calls, "done"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    n=st.integers(1, 4),
+    retries=st.integers(0, 2),
+    comp_retries=st.integers(0, 2),
+    fa=st.dictionaries(st.sampled_from(NAMES), st.integers(0, 4)),
+    fc=st.dictionaries(st.sampled_from(NAMES), st.integers(0, 4)),
+)
+def test_any_failure_plan_matches_model(tmp_path_factory, n, retries, comp_retries, fa, fc):
+    path = tmp_path_factory.mktemp("m")
+    rec = Recorder()
+    rec.fail_action = dict(fa)
+    rec.fail_comp = dict(fc)
+    expected, outcome = model_calls(n, retries, comp_retries, fa, fc)
+    saga = make(path, rec, names=NAMES[:n], retries=retries, compensate_retries=comp_retries)
+    try:
+        if outcome == "done":
+            saga.run(saga_id="m")
+        else:
+            with pytest.raises(StepFailed if outcome == "compensated" else SagaStuck):
+                saga.run(saga_id="m")
+    finally:
+        saga.close()
+    assert rec.kinds() == expected
+    [info] = list_sagas(path / "saga")
+    assert info.state.value == outcome
+    if outcome != "stuck":
+        applied = sorted(k.split(":")[1] for k in rec.applied)
+        assert applied == (NAMES[:n] if outcome == "done" else [])
