@@ -1,0 +1,1569 @@
+"""Two-phase commit over the segment log (presumed abort), with crash recovery.
+
+A :class:`Coordinator` drives transactions across :class:`Participant` objects
+so that either every participant commits or every one aborts, even when any
+party is SIGKILLed at any step::
+
+    coord = engine.Coordinator("data/txlog")
+    orders = engine.txn.LogParticipant(engine.Log("data/orders"))
+    audit = engine.txn.LogParticipant(engine.Log("data/audit"))
+    coord.recover([orders, audit])          # after a restart: resolve in-doubt txns
+    with coord.transaction() as tx:         # commits on exit, aborts on exception
+        tx.enlist(orders, [b"order 17"])
+        tx.enlist(audit, [b"order 17 placed"])
+
+The protocol (presumed abort):
+
+1. *prepare*: the coordinator asks every participant to prepare.  A participant
+   checks what it must (version checks, key locks), **persists a ``prepared``
+   record durably**, and only then votes yes.  A no vote (or an exception, or
+   a timeout) aborts the transaction: :class:`~engine.TransactionAborted`.
+2. *decide*: on all yes votes the coordinator **persists a commit record**
+   (durably with ``durability="always"``; concurrent transactions share one
+   sync through the log's group commit) before it tells anyone.  An abort
+   writes nothing: no commit record means abort.
+3. *complete*: the coordinator sends commit (or abort) to every participant;
+   both are idempotent.  Once all acknowledge, an ``end`` record lets the
+   coordinator forget the transaction.
+
+Recovery: every party rebuilds its state from its own journal on open.  A
+participant's in-doubt transactions (prepared, no outcome) are resolved by
+:meth:`Coordinator.recover` (the coordinator answers from its log: a commit
+record means commit, none means abort) or, from another process, by
+:func:`decision` which reads the coordinator's log directly.  The coordinator
+resends commit for every committed transaction not yet ended.
+
+Journals are segment logs in generation directories; when one grows past
+``compact_records`` records the owner writes what it still needs (in-doubt and
+unfinished transactions) into a fresh generation and deletes the old one, so
+journals stay bounded.
+
+Durability: ``"always"`` survives power loss (every prepared/commit record is
+fsynced before the next step), ``"none"`` survives a process crash (SIGKILL)
+but not a power loss, exactly like :class:`engine.Log`.
+
+Crash points: :func:`_crash_point` marks every step of the protocol (before
+and after each durable write and each message).  ``ENGINE_CRASH_AT=<point>``
+(or ``<point>#<k>`` for its k-th hit) SIGKILLs the process there; the tests in
+``tests/stress/test_txn_crash.py`` use it through ``tests/crashkit.py``.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import fcntl
+import itertools
+import json
+import logging
+import marshal
+import os
+import shutil
+import signal
+import threading
+import time
+import uuid
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
+
+from .errors import Closed, EngineError, LogLocked, Timeout, TransactionAborted
+
+if TYPE_CHECKING:  # pragma: no cover
+    from typing_extensions import Protocol
+else:
+    try:
+        from typing import Protocol
+    except ImportError:  # pragma: no cover - Python < 3.8
+        Protocol = object
+
+__all__ = [
+    "Coordinator",
+    "Transaction",
+    "Participant",
+    "LogParticipant",
+    "StoreParticipant",
+    "OffsetParticipant",
+    "ParticipantServer",
+    "RemoteParticipant",
+    "decision",
+    "read_journal",
+]
+
+_logger = logging.getLogger("engine")
+
+# ---------------------------------------------------------------------------
+# crash points (tests only; one global bool load on the hot path when unarmed)
+
+_ARMED = False  # a crash point or a trace is set
+_CRASH_AT: Optional[str] = None  # full point name to die at
+_CRASH_NTH = 1  # ... on its n-th hit
+_CRASH_HITS: Dict[str, int] = {}  # point -> hits so far
+_CRASH_TRACE_FD = -1  # fd that receives every hit, one line each (or -1)
+
+
+def _arm_crash(spec: Optional[str], trace_path: Optional[str] = None) -> None:
+    """Arm the crash hook: die at ``spec`` (``"point"`` or ``"point#k"``).
+
+    ``trace_path`` (optional) receives every point hit, one line each, written
+    unbuffered so the trace survives the SIGKILL.  ``spec=None`` with no trace
+    disarms.  Used by ``tests/crashkit.py``; also read from the environment
+    (``ENGINE_CRASH_AT``, ``ENGINE_CRASH_TRACE``) at import.
+    """
+    global _ARMED, _CRASH_AT, _CRASH_NTH, _CRASH_TRACE_FD
+    _CRASH_HITS.clear()
+    if _CRASH_TRACE_FD >= 0:
+        os.close(_CRASH_TRACE_FD)
+        _CRASH_TRACE_FD = -1
+    _CRASH_AT, _CRASH_NTH = None, 1
+    if spec:
+        name, _, nth = spec.partition("#")
+        _CRASH_AT = name
+        _CRASH_NTH = int(nth) if nth else 1
+    if trace_path:
+        _CRASH_TRACE_FD = os.open(trace_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    _ARMED = _CRASH_AT is not None or _CRASH_TRACE_FD >= 0
+
+
+def _crash_point(name: str, party: Optional[str] = None) -> None:
+    """A named step of the protocol: SIGKILL this process if armed for it.
+
+    The full point name is ``name`` or ``name@party`` (the participant's
+    name), so a test can crash one party at one step.  Call sites check the
+    module flag ``_ARMED`` first so an unarmed process pays one global load.
+    """
+    full = name if party is None else f"{name}@{party}"
+    hits = _CRASH_HITS.get(full, 0) + 1
+    _CRASH_HITS[full] = hits
+    if _CRASH_TRACE_FD >= 0:
+        os.write(_CRASH_TRACE_FD, f"{full}#{hits}\n".encode())
+    if full == _CRASH_AT and hits == _CRASH_NTH:
+        os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(10)  # pragma: no cover - the signal is delivered first
+
+
+_arm_crash(os.environ.get("ENGINE_CRASH_AT"), os.environ.get("ENGINE_CRASH_TRACE"))
+
+
+# ---------------------------------------------------------------------------
+# journals: a segment log per generation, compacted by starting a new one
+
+_CURRENT = "CURRENT"
+_OWNER_LOCK = "owner.lock"
+_DURABILITIES = ("always", "interval", "none")
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(directory: str, name: str, data: bytes) -> None:
+    # temp + fsync + rename + fsync dir: the file is either the old or the new one
+    tmp = os.path.join(directory, f".{name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, os.path.join(directory, name))
+    _fsync_dir(directory)
+
+
+def _read_current(path: str) -> Optional[Dict[str, Any]]:
+    try:
+        with open(os.path.join(path, _CURRENT), "rb") as f:
+            raw = f.read(4096)
+    except FileNotFoundError:
+        return None
+    try:
+        cur = json.loads(raw.decode())
+        if not (
+            isinstance(cur, dict)
+            and isinstance(cur.get("kind"), str)
+            and isinstance(cur.get("id"), str)
+            and isinstance(cur.get("gen"), int)
+            and cur["gen"] >= 1
+        ):
+            raise ValueError("missing fields")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise EngineError(
+            f"transaction journal {path!r}: unreadable {_CURRENT} file ({exc}); "
+            "it is not a queue-engine journal or it was damaged"
+        ) from None
+    return cur
+
+
+def _gen_dir(path: str, gen: int) -> str:
+    return os.path.join(path, f"gen-{gen:08d}")
+
+
+def _decode(raw: Any) -> Tuple[Any, ...]:
+    """Decode one journal record (a marshalled tuple, first item a type code)."""
+    try:
+        rec = marshal.loads(bytes(raw))
+    except (ValueError, EOFError, TypeError) as exc:
+        raise EngineError(f"undecodable transaction journal record: {exc}") from None
+    if not isinstance(rec, tuple) or not rec or not isinstance(rec[0], str):
+        raise EngineError("undecodable transaction journal record: not a typed tuple")
+    return rec
+
+
+def _read_gen(gen_dir: str) -> List[Tuple[Any, ...]]:
+    from ._log import LogReader
+
+    out: List[Tuple[Any, ...]] = []
+    with LogReader(gen_dir, start=0) as reader:
+        while True:
+            batch = reader.read_many(4096)
+            if not batch:
+                break
+            out.extend(_decode(rec.value) for rec in batch)
+    return out
+
+
+class _Journal:
+    """The durable state of one party: a segment log per generation.
+
+    ``CURRENT`` (JSON, replaced atomically) names the kind of journal, its id
+    and the live generation ``gen-NNNNNNNN/`` (an :class:`engine.Log`).
+    :meth:`switch` starts the next generation with the records its owner
+    still needs, so the journal does not grow without bound.  One owner
+    process at a time (``owner.lock``, fcntl); a reader that holds the lock
+    shared knows no owner is running.
+    """
+
+    def __init__(
+        self, path: Union[str, "os.PathLike[str]"], kind: str, durability: str,
+        segment_bytes: int = 4 << 20,
+    ) -> None:
+        if durability not in _DURABILITIES:
+            raise ValueError(f"durability must be one of {_DURABILITIES}, not {durability!r}")
+        self.path = os.fspath(path)
+        self.kind = kind
+        self.durability = durability
+        self._segment_bytes = segment_bytes
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        self._lock_fd = os.open(os.path.join(self.path, _OWNER_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise LogLocked(self.path, _read_pid(self.path)) from None
+            raise
+        os.ftruncate(self._lock_fd, 0)
+        os.write(self._lock_fd, str(os.getpid()).encode())
+        cur = _read_current(self.path)
+        if cur is None:
+            cur = {"kind": kind, "id": uuid.uuid4().hex, "gen": 1}
+            _new_gen_dir(_gen_dir(self.path, 1))
+            _write_atomic(self.path, _CURRENT, json.dumps(cur).encode())
+        elif cur["kind"] != kind:
+            self._unlock()
+            raise EngineError(
+                f"{self.path!r} is a {cur['kind']} journal, not a {kind} journal; use another path"
+            )
+        self.id: str = cur["id"]
+        self.gen: int = cur["gen"]
+        live = os.path.basename(_gen_dir(self.path, self.gen))
+        for entry in os.listdir(self.path):
+            # a generation left by a crash during a switch: the old one after the
+            # switch, or a half-built new one before it
+            if entry.startswith("gen-") and entry != live:
+                shutil.rmtree(os.path.join(self.path, entry), ignore_errors=True)
+        # the writer first: opening it recovers the log (cuts a torn tail)
+        self.log = self._open_log(self.gen)
+        self.records: List[Tuple[Any, ...]] = _read_gen(_gen_dir(self.path, self.gen))
+        self.appended = len(self.records)  # records in this generation (approximate)
+
+    def _open_log(self, gen: int) -> Any:
+        from ._log import Log
+
+        return Log(_gen_dir(self.path, gen), durability=self.durability,
+                   segment_bytes=self._segment_bytes)
+
+    def append(self, rec: Tuple[Any, ...]) -> None:
+        """Append one record now (durable per ``durability`` when this returns)."""
+        self.log.append(marshal.dumps(rec))
+        self.appended += 1
+
+    def switch(self, keep: Iterable[Tuple[Any, ...]]) -> None:
+        """Start generation ``gen + 1`` holding ``keep``; drop the old one.
+
+        Called with the owner's state lock held, ``keep`` built from the
+        owner's in-memory state at that moment.  An append racing with the
+        switch may land in the old generation: its content is in ``keep``
+        already (owners update memory before they append), so losing it is fine.
+        """
+        new = self.gen + 1
+        gdir = _gen_dir(self.path, new)
+        _new_gen_dir(gdir)
+        log = self._open_log(new)
+        recs = [marshal.dumps(r) for r in keep]
+        if recs:
+            log.append_many(recs)
+        log.flush()
+        if _ARMED:
+            _crash_point("journal.switch.before_current", self.kind)
+        _write_atomic(self.path, _CURRENT,
+                      json.dumps({"kind": self.kind, "id": self.id, "gen": new}).encode())
+        old, old_gen = self.log, self.gen
+        self.log, self.gen, self.appended = log, new, len(recs)
+        if _ARMED:
+            _crash_point("journal.switch.after_current", self.kind)
+        try:
+            old.close()
+        except Exception:  # pragma: no cover - closing a healthy log does not fail
+            _logger.exception("closing the old journal generation failed")
+        shutil.rmtree(_gen_dir(self.path, old_gen), ignore_errors=True)
+
+    def close(self) -> None:
+        try:
+            if self.log is not None:
+                self.log.close()
+                self.log = None
+        finally:
+            self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = -1
+
+
+def _new_gen_dir(path: str) -> None:
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.mkdir(path, 0o700)
+
+
+def _read_pid(path: str) -> Optional[int]:
+    try:
+        with open(os.path.join(path, _OWNER_LOCK), "rb") as f:
+            return int(f.read(32).decode() or "0") or None
+    except (OSError, ValueError):
+        return None
+
+
+def _journal_append(journal: _Journal, log: Any, rec: Tuple[Any, ...]) -> None:
+    """Append to the generation ``log`` captured under the owner's lock.
+
+    If a concurrent switch already closed that generation, the record is in
+    the new one (carried from memory), so a ``Closed`` there is not an error.
+    """
+    try:
+        log.append(marshal.dumps(rec))
+    except Closed:
+        if log is journal.log:
+            raise
+    journal.appended += 1
+
+
+def read_journal(path: Union[str, "os.PathLike[str]"]) -> Tuple[Dict[str, Any], List[Tuple[Any, ...]]]:
+    """Read a journal without owning it: ``(CURRENT info, records)``.
+
+    Works while the owner runs (readers of an ``engine.Log`` may be in any
+    process).  Used by ``queue-engine txn ls``.
+    """
+    path = os.fspath(path)
+    cur = _read_current(path)
+    if cur is None:
+        raise FileNotFoundError(f"{path!r} is not a transaction journal (no {_CURRENT} file)")
+    for _attempt in range(5):
+        try:
+            return cur, _read_gen(_gen_dir(path, cur["gen"]))
+        except (FileNotFoundError, EngineError):
+            # a switch replaced the generation under us: read the new one
+            new = _read_current(path)
+            if new is None or new["gen"] == cur["gen"]:
+                raise
+            cur = new
+    raise EngineError(f"{path!r}: the journal keeps switching generations; try again")
+
+
+# ---------------------------------------------------------------------------
+# the coordinator
+
+
+def _txid_parts(txid: str) -> Optional[Tuple[str, int, int]]:
+    # "<journal id prefix>-<incarnation hex>-<sequence hex>"
+    parts = txid.split("-") if isinstance(txid, str) else []
+    if len(parts) != 3:
+        return None
+    try:
+        return parts[0], int(parts[1], 16), int(parts[2], 16)
+    except ValueError:
+        return None
+
+
+def decision(path: Union[str, "os.PathLike[str]"], txid: str) -> str:
+    """The outcome of ``txid`` as the coordinator's log at ``path`` says it.
+
+    For a participant in another process that restarts and wants to resolve
+    its in-doubt transactions itself: returns ``"commit"`` (a commit record
+    exists), ``"abort"`` (none exists and the coordinator that issued the
+    txid can no longer write one: it restarted since, or it is not running)
+    or ``"pending"`` (that coordinator is running and may still decide: ask
+    again later, or let its :meth:`Coordinator.recover` resolve it).
+    """
+    path = os.fspath(path)
+    parts = _txid_parts(txid)
+    cur = _read_current(path)
+    if parts is None or cur is None or not cur["id"].startswith(parts[0]):
+        raise ValueError(f"txid {txid!r} was not issued by the coordinator at {path!r}")
+    fd = os.open(os.path.join(path, _OWNER_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            # Shared lock held while reading: no coordinator can (re)start and
+            # write a commit record between our read and our answer.
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            running = False
+        except OSError:
+            running = True
+        _cur, recs = read_journal(path)
+        max_inc = 0
+        for rec in recs:
+            if rec[0] == "C" and rec[1] == txid:
+                return "commit"
+            if rec[0] == "I":
+                max_inc = max(max_inc, rec[1])
+        if running and parts[1] >= max_inc:
+            return "pending"
+        return "abort"
+    finally:
+        os.close(fd)
+
+
+class Participant(Protocol):
+    """What a coordinator needs from a resource (structural: no base class needed).
+
+    ``name`` must be stable across restarts and unique among the participants
+    of a coordinator: commit records name participants by it.
+
+    * ``prepare(txid, ops) -> bool``: check ``ops``, make them impossible to
+      refuse later (locks), **persist them durably**, then return ``True``.
+      ``False`` (or raising) votes no; the transaction aborts.
+    * ``commit(txid)`` / ``abort(txid)``: finish; both idempotent, and a txid
+      the participant does not know (finished, forgotten, never prepared) is a
+      no-op.  Commit must never fail for a prepared transaction except by a
+      crash; the coordinator resends it.
+    * ``recover() -> list[str]``: the txids prepared and not yet finished.
+    """
+
+    name: str
+
+    def prepare(self, txid: str, ops: Sequence[Any]) -> bool: ...
+
+    def commit(self, txid: str) -> None: ...
+
+    def abort(self, txid: str) -> None: ...
+
+    def recover(self) -> List[str]: ...
+
+
+class Transaction:
+    """One transaction of a :class:`Coordinator` (``coord.transaction()``).
+
+    Enlist work with :meth:`enlist` (alias :meth:`add`), then :meth:`commit`
+    or :meth:`abort`; as a context manager it commits on a clean exit and
+    aborts when the block raises.  ``state`` is ``"active"``,
+    ``"committed"`` or ``"aborted"``.
+    """
+
+    __slots__ = ("_coord", "txid", "deadline", "state", "_parts", "reason", "_doomed")
+
+    def __init__(self, coord: "Coordinator", txid: str, deadline: float) -> None:
+        self._coord = coord
+        self.txid = txid
+        self.deadline = deadline  # time.monotonic() after which it aborts
+        self.state = "active"
+        self._parts: Dict[Any, List[Any]] = {}
+        self.reason: Optional[str] = None
+        self._doomed = False  # decision() answered "abort" after the deadline
+
+    def enlist(self, participant: Participant, ops: Iterable[Any]) -> "Transaction":
+        """Add ``ops`` for ``participant`` (appended to earlier ones for it)."""
+        if self.state != "active":
+            raise EngineError(f"transaction {self.txid} is {self.state}; start a new one")
+        for attr in ("name", "prepare", "commit", "abort"):
+            if not hasattr(participant, attr):
+                raise TypeError(f"participant must have {attr!r} (see engine.txn.Participant)")
+        if isinstance(ops, (bytes, bytearray, memoryview, str)):
+            raise TypeError("ops must be an iterable of operations, not a single bytes/str")
+        lst = self._parts.get(participant)
+        if lst is None:
+            for other in self._parts:
+                if other.name == participant.name:
+                    raise ValueError(f"two participants named {participant.name!r} in one transaction")
+            self._parts[participant] = list(ops)
+        else:
+            lst.extend(ops)
+        return self
+
+    add = enlist
+
+    @property
+    def participants(self) -> List[Any]:
+        """The enlisted participants, in enlistment order."""
+        return list(self._parts)
+
+    def commit(self) -> None:
+        """Run two-phase commit; raises :class:`~engine.TransactionAborted` on abort."""
+        if self.state != "active":
+            if self.state == "committed":
+                return
+            raise TransactionAborted(self.txid, self.reason or "already aborted")
+        self._coord._commit(self)
+
+    def abort(self, reason: str = "aborted by the application") -> None:
+        """Abort (nothing was prepared yet, so nothing needs undoing)."""
+        if self.state == "active":
+            self._coord._finish_abort(self, [], reason, raise_=False)
+
+    def __enter__(self) -> "Transaction":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.commit()
+        elif self.state == "active":
+            self.abort(f"the transaction block raised {exc_type.__name__}")
+
+    def __repr__(self) -> str:
+        return f"<Transaction {self.txid} {self.state} {len(self._parts)} participant(s)>"
+
+
+class Coordinator:
+    """The coordinator of two-phase-commit transactions, with its durable log.
+
+    ``path`` is a directory (created, mode 0700) holding the coordinator's
+    journal; one ``Coordinator`` per path at a time (a second gets
+    :class:`~engine.LogLocked`).  ``durability`` is the journal's (see
+    :class:`engine.Log`): ``"always"`` fsyncs every commit decision before
+    any participant hears of it (concurrent transactions share syncs).
+    ``timeout`` (seconds) bounds a transaction: one still undecided that
+    long after :meth:`transaction` aborts.
+
+    ``end_batch``: ``end`` records (which let the log forget finished
+    transactions) are written in batches of that many txids.
+    ``compact_records``: the journal is compacted when it holds that many.
+
+    After a restart call :meth:`recover` with the participants, so every
+    in-doubt transaction is resolved and every committed one finished.
+    """
+
+    def __init__(
+        self,
+        path: Union[str, "os.PathLike[str]"],
+        durability: str = "always",
+        timeout: float = 30.0,
+        *,
+        end_batch: int = 64,
+        compact_records: int = 50_000,
+    ) -> None:
+        if not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        if end_batch < 1 or compact_records < 16:
+            raise ValueError("end_batch must be >= 1 and compact_records >= 16")
+        self.timeout = float(timeout)
+        self._end_batch = int(end_batch)
+        self._compact_records = int(compact_records)
+        self._lock = threading.Lock()
+        self._journal = _Journal(path, "coordinator", durability)
+        # committed, not yet ended: txid -> participant names
+        self._pending: Dict[str, Tuple[str, ...]] = {}
+        inc = 0
+        for rec in self._journal.records:
+            kind = rec[0]
+            if kind == "C":
+                self._pending[rec[1]] = tuple(rec[2])
+            elif kind == "E":
+                for t in rec[1]:
+                    self._pending.pop(t, None)
+            elif kind == "I":
+                inc = max(inc, rec[1])
+        self._journal.records = []
+        self._inc = inc + 1
+        # Durable before any txid of this incarnation exists: txids never repeat.
+        self._journal.append(("I", self._inc))
+        self._journal.log.flush()
+        self._prefix = f"{self._journal.id[:12]}-{self._inc:x}-"
+        self._seq = itertools.count(1)
+        self._active: Dict[str, Transaction] = {}  # txid -> transaction being decided
+        self._deciding: Dict[str, Tuple[str, ...]] = {}  # commit record being written
+        self._finishing: set = set()  # committed txids whose commit phase runs now
+        self._ended: List[str] = []  # ended txids awaiting their end record
+        self._participants: Dict[str, Any] = {}  # name -> participant, for resends
+        self._recent: "collections.deque[Tuple[str, str, float]]" = collections.deque(maxlen=256)
+        self._closed = False
+        self.stats_committed = 0
+        self.stats_aborted = 0
+
+    # -- properties
+
+    @property
+    def path(self) -> str:
+        """The journal directory."""
+        return self._journal.path
+
+    @property
+    def incarnation(self) -> int:
+        """This opening's number (txids carry it; it grows at every open)."""
+        return self._inc
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran."""
+        return self._closed
+
+    # -- transactions
+
+    def transaction(self, timeout: Optional[float] = None) -> Transaction:
+        """Start a transaction (a context manager: commit on exit, abort on error)."""
+        if self._closed:
+            raise Closed("the coordinator is closed")
+        t = self.timeout if timeout is None else float(timeout)
+        if not t > 0:
+            raise ValueError(f"timeout must be positive, not {timeout!r}")
+        seq = next(self._seq)
+        txid = f"{self._prefix}{seq:x}"
+        now = time.monotonic()
+        tx = Transaction(self, txid, now + t)
+        self._active[txid] = tx
+        if not seq & 4095:
+            # forget transactions abandoned without commit/abort once overdue
+            for old in [x for x in list(self._active.values()) if x.deadline < now]:
+                with self._lock:
+                    if old.state == "active":
+                        old._doomed = True
+                self._active.pop(old.txid, None)
+        return tx
+
+    def _commit(self, tx: Transaction) -> None:
+        txid = tx.txid
+        parts = tx._parts
+        if not parts:
+            tx.state = "committed"
+            self._active.pop(txid, None)
+            return
+        asked: List[Any] = []
+        cause: Optional[BaseException] = None
+        reason = None
+        for p, ops in parts.items():
+            if time.monotonic() > tx.deadline:
+                reason = "timed out before every participant prepared"
+                break
+            if _ARMED:
+                _crash_point("coord.prepare.send", p.name)
+            asked.append(p)
+            try:
+                vote = p.prepare(txid, ops)
+            except Exception as exc:  # a raising participant votes no
+                reason = f"participant {p.name!r} failed to prepare: {exc}"
+                cause = exc
+                break
+            if _ARMED:
+                _crash_point("coord.prepare.vote", p.name)
+            if not vote:
+                reason = f"participant {p.name!r} voted no"
+                break
+        names = tuple(p.name for p in parts)
+        if reason is None:
+            with self._lock:
+                # Checked under the lock that decision() takes: once decision()
+                # answered "abort" for an overdue txn, it can never commit.
+                if self._closed:
+                    reason = "the coordinator closed"
+                elif tx._doomed or time.monotonic() > tx.deadline:
+                    reason = "timed out before the decision"
+                else:
+                    self._deciding[txid] = names
+                    self._finishing.add(txid)
+                    for p in parts:
+                        self._participants[p.name] = p
+                    log = self._journal.log
+        if reason is not None:
+            self._finish_abort(tx, asked, reason, cause)
+            return  # pragma: no cover - _finish_abort raises
+        if _ARMED:
+            _crash_point("coord.decision.before_write")
+        _journal_append(self._journal, log, ("C", txid, names))
+        with self._lock:
+            # only now, with the record durable, may decision() say "commit"
+            self._pending[txid] = self._deciding.pop(txid)
+        if _ARMED:
+            _crash_point("coord.decision.after_write")
+        tx.state = "committed"
+        self._active.pop(txid, None)
+        self._complete(txid, list(parts))
+
+    def _complete(self, txid: str, parts: Sequence[Any]) -> bool:
+        """Tell every participant to commit; end the txn when all acknowledged."""
+        failed = 0
+        try:
+            for p in parts:
+                if _ARMED:
+                    _crash_point("coord.commit.send", p.name)
+                try:
+                    p.commit(txid)
+                except Exception:
+                    # Decided is decided: the txn stays pending and recover()
+                    # resends commit until the participant takes it.
+                    failed += 1
+                    _logger.warning("txn %s: participant %r did not take commit; will resend",
+                                    txid, p.name, exc_info=True)
+                    continue
+                if _ARMED:
+                    _crash_point("coord.commit.ack", p.name)
+        finally:
+            with self._lock:
+                self._finishing.discard(txid)
+        if failed:
+            self._recent.append((txid, "committed, unacknowledged", time.time()))
+            return False
+        self._end(txid)
+        return True
+
+    def _end(self, txid: str) -> None:
+        batch = None
+        with self._lock:
+            if self._pending.pop(txid, None) is None:
+                return
+            self.stats_committed += 1
+            self._recent.append((txid, "committed", time.time()))
+            self._ended.append(txid)
+            if len(self._ended) >= self._end_batch:
+                batch, self._ended = self._ended, []
+                log = self._journal.log
+        if batch is not None:
+            if _ARMED:
+                _crash_point("coord.end.before_write")
+            _journal_append(self._journal, log, ("E", batch))
+            if _ARMED:
+                _crash_point("coord.end.after_write")
+            if self._journal.appended >= self._compact_records:
+                self._compact()
+
+    def _compact(self) -> None:
+        with self._lock:
+            if self._closed or self._journal.appended < self._compact_records:
+                return
+            keep = [("I", self._inc)]
+            keep.extend(("C", t, names) for t, names in self._pending.items())
+            # a commit record in flight may land in the old generation: carry it
+            keep.extend(("C", t, names) for t, names in self._deciding.items())
+            self._journal.switch(keep)
+
+    def _finish_abort(self, tx: Transaction, asked: Sequence[Any], reason: str,
+                      cause: Optional[BaseException] = None, raise_: bool = True) -> None:
+        # Presumed abort: no record.  Tell whoever may have prepared (best effort:
+        # a participant that misses it resolves it on recovery).
+        tx.state = "aborted"
+        tx.reason = reason
+        self._active.pop(tx.txid, None)
+        for p in asked:
+            if _ARMED:
+                _crash_point("coord.abort.send", p.name)
+            try:
+                p.abort(tx.txid)
+            except Exception:
+                _logger.warning("txn %s: participant %r did not take abort", tx.txid, p.name,
+                                exc_info=True)
+        with self._lock:
+            self.stats_aborted += 1
+            self._recent.append((tx.txid, "aborted: " + reason, time.time()))
+        if raise_:
+            raise TransactionAborted(tx.txid, reason) from cause
+
+    # -- recovery and queries
+
+    def owns(self, txid: str) -> bool:
+        """True if ``txid`` was issued by this coordinator (any incarnation)."""
+        parts = _txid_parts(txid)
+        return parts is not None and self._journal.id.startswith(parts[0])
+
+    def decision(self, txid: str) -> str:
+        """``"commit"``, ``"abort"`` or ``"pending"`` (being decided right now)."""
+        if not self.owns(txid):
+            raise ValueError(f"txid {txid!r} was not issued by this coordinator")
+        with self._lock:
+            if txid in self._pending:
+                return "commit"
+            if txid in self._deciding:
+                return "pending"  # its commit record is being written
+            tx = self._active.get(txid)
+            if tx is not None and tx.state == "active":
+                if time.monotonic() <= tx.deadline:
+                    return "pending"
+                tx._doomed = True  # overdue: _commit sees this under the lock
+        return "abort"  # presumed abort: no commit record, and none will come
+
+    def recover(self, participants: Iterable[Participant] = ()) -> Dict[str, int]:
+        """Resolve every in-doubt transaction and finish every committed one.
+
+        Registers ``participants`` (by name), asks each for its in-doubt txids
+        and answers from the log (commit record -> commit, none -> abort),
+        then resends commit for committed transactions not yet ended.  Safe
+        to call at any time, and repeatedly (all of it is idempotent).
+        Returns counts: ``committed``, ``aborted``, ``resent``, ``unfinished``
+        (committed transactions whose participants are missing or failing).
+        """
+        with self._lock:
+            for p in participants:
+                self._participants[p.name] = p
+            known = dict(self._participants)
+        out = {"committed": 0, "aborted": 0, "resent": 0, "unfinished": 0}
+        for p in known.values():
+            try:
+                doubts = list(p.recover())
+            except Exception:
+                _logger.warning("recover: participant %r unreachable", p.name, exc_info=True)
+                continue
+            for txid in doubts:
+                if not self.owns(txid):
+                    continue
+                d = self.decision(txid)
+                if d == "commit":
+                    p.commit(txid)
+                    out["committed"] += 1
+                elif d == "abort":
+                    p.abort(txid)
+                    out["aborted"] += 1
+        with self._lock:
+            todo = [(t, n) for t, n in self._pending.items() if t not in self._finishing]
+            for t, _n in todo:
+                self._finishing.add(t)
+        for txid, names in todo:
+            parts = [known.get(n) for n in names]
+            if any(p is None for p in parts):
+                with self._lock:
+                    self._finishing.discard(txid)
+                out["unfinished"] += 1
+                continue
+            out["resent"] += 1
+            if not self._complete(txid, parts):
+                out["unfinished"] += 1
+        self.flush()
+        return out
+
+    def in_doubt(self) -> List[str]:
+        """Committed transactions not yet acknowledged by every participant."""
+        with self._lock:
+            return list(self._pending)
+
+    def recent(self) -> List[Tuple[str, str, float]]:
+        """The last finished transactions: ``(txid, outcome, wall time)``."""
+        return list(self._recent)
+
+    def flush(self) -> None:
+        """Write the pending ``end`` batch now."""
+        with self._lock:
+            batch, self._ended = self._ended, []
+            log = self._journal.log
+        if batch and log is not None:
+            _journal_append(self._journal, log, ("E", batch))
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters and sizes (committed, aborted, in flight, unfinished, journal)."""
+        return {
+            "path": self.path,
+            "incarnation": self._inc,
+            "committed": self.stats_committed,
+            "aborted": self.stats_aborted,
+            "active": len(self._active),
+            "unfinished": len(self._pending),
+            "journal_generation": self._journal.gen,
+            "journal_records": self._journal.appended,
+            "durability": self._journal.durability,
+        }
+
+    def close(self) -> None:
+        """Write pending ``end`` records and release the journal."""
+        if self._closed:
+            return
+        self.flush()
+        with self._lock:
+            self._closed = True
+            self._journal.close()
+
+    def __enter__(self) -> "Coordinator":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Coordinator {self.path!r} incarnation {self._inc}>"
+
+
+# ---------------------------------------------------------------------------
+# built-in participants
+
+
+class _JournaledParticipant:
+    """Shared machinery: a journal of ``P`` (prepared), ``C`` (commit mark)
+    and ``A`` (aborted) records and the in-doubt table rebuilt from it.
+
+    Subclasses implement ``_check(txid, ops)`` (under the lock: return the
+    durable form of the ops, or raise / return None to vote no),
+    ``_apply(txid, info)`` (idempotent), ``_applied(info)`` (True if the
+    effect is already there, used on recovery) and ``_release(info)``.
+    """
+
+    _kind = "participant"
+
+    def __init__(self, name: str, state_path: str, durability: str,
+                 compact_records: int) -> None:
+        if not isinstance(name, str) or not name:
+            raise TypeError("name must be a non-empty str")
+        self.name = name
+        self._lock = threading.Lock()
+        self._compact_records = int(compact_records)
+        self._journal = _Journal(state_path, self._kind, durability)
+        self._doubt: Dict[str, Any] = {}  # txid -> info: prepared, outcome unknown
+        self._marks: Dict[str, Any] = {}  # txid -> commit mark (LogParticipant)
+        self._closed = False
+
+    def _replay(self) -> None:
+        # Called by subclasses once their resource is set up.
+        doubt: Dict[str, Any] = {}
+        marks: Dict[str, Any] = {}
+        for rec in self._journal.records:
+            kind = rec[0]
+            if kind == "P":
+                doubt[rec[1]] = rec[2]
+            elif kind == "C":
+                marks[rec[1]] = rec[2]
+            elif kind == "A":
+                doubt.pop(rec[1], None)
+                marks.pop(rec[1], None)
+        self._journal.records = []
+        for txid, info in doubt.items():
+            if txid in marks:
+                # the decision was commit and the apply may be partial: finish it
+                self._marks[txid] = marks[txid]
+                self._doubt[txid] = info
+                self._acquire(txid, info)
+                self.commit(txid)
+            elif self._applied(info):
+                continue  # committed before the crash
+            else:
+                self._doubt[txid] = info
+                self._acquire(txid, info)
+
+    # hooks (defaults suit participants without locks)
+    def _acquire(self, txid: str, info: Any) -> None:
+        pass
+
+    def _release(self, txid: str, info: Any) -> None:
+        pass
+
+    def _applied(self, info: Any) -> bool:
+        return False
+
+    def prepare(self, txid: str, ops: Sequence[Any]) -> bool:
+        """Check and durably record ``ops``; ``True`` = ready to commit."""
+        with self._lock:
+            if self._closed:
+                raise Closed(f"participant {self.name!r} is closed")
+            if txid in self._doubt:
+                return True  # a resent prepare
+            info = self._check(txid, ops)
+            if info is None:
+                return False
+            self._doubt[txid] = info
+            self._acquire(txid, info)
+            log = self._journal.log
+        if _ARMED:
+            _crash_point("part.prepare.before_write", self.name)
+        try:
+            _journal_append(self._journal, log, ("P", txid, info))
+        except BaseException:
+            with self._lock:
+                if self._doubt.pop(txid, None) is not None:
+                    self._release(txid, info)
+            raise
+        if _ARMED:
+            _crash_point("part.prepare.after_write", self.name)
+        return True
+
+    def commit(self, txid: str) -> None:
+        """Apply the prepared ops of ``txid`` (idempotent; unknown txid: no-op)."""
+        info = self._doubt.get(txid)
+        if info is None:
+            return
+        if _ARMED:
+            _crash_point("part.commit.before_apply", self.name)
+        self._apply(txid, info)
+        if _ARMED:
+            _crash_point("part.commit.after_apply", self.name)
+        with self._lock:
+            if self._doubt.pop(txid, None) is not None:
+                self._release(txid, info)
+            self._marks.pop(txid, None)
+        self._maybe_compact()
+
+    def abort(self, txid: str) -> None:
+        """Drop the prepared ops of ``txid`` (idempotent; unknown txid: no-op)."""
+        with self._lock:
+            info = self._doubt.pop(txid, None)
+            if info is None:
+                return
+            if txid in self._marks:
+                # A commit mark means the coordinator decided commit; an abort
+                # for it is a protocol violation, never honoured.
+                self._doubt[txid] = info
+                raise EngineError(f"txn {txid} is committed at {self.name!r}; cannot abort it")
+            self._release(txid, info)
+            log = self._journal.log
+        if _ARMED:
+            _crash_point("part.abort.before_write", self.name)
+        # Not needed for safety (no outcome = ask the coordinator = abort);
+        # it spares that question after a restart.
+        _journal_append(self._journal, log, ("A", txid))
+        if _ARMED:
+            _crash_point("part.abort.after_write", self.name)
+        self._maybe_compact()
+
+    def recover(self) -> List[str]:
+        """The txids prepared here whose outcome is not known yet."""
+        with self._lock:
+            return [t for t in self._doubt if t not in self._marks]
+
+    def resolve(self, coordinator: Union["Coordinator", str, "os.PathLike[str]"]) -> Dict[str, int]:
+        """Resolve in-doubt txns by asking ``coordinator`` (object or log path).
+
+        For a participant that restarts on its own.  Transactions the
+        coordinator is still deciding stay in doubt (see :func:`decision`).
+        """
+        out = {"committed": 0, "aborted": 0, "pending": 0}
+        for txid in self.recover():
+            if isinstance(coordinator, Coordinator):
+                if not coordinator.owns(txid):
+                    continue
+                d = coordinator.decision(txid)
+            else:
+                try:
+                    d = decision(coordinator, txid)
+                except ValueError:
+                    continue
+            if d == "commit":
+                self.commit(txid)
+                out["committed"] += 1
+            elif d == "abort":
+                self.abort(txid)
+                out["aborted"] += 1
+            else:
+                out["pending"] += 1
+        return out
+
+    def _maybe_compact(self) -> None:
+        if self._journal.appended < self._compact_records:
+            return
+        with self._lock:
+            if self._closed or self._journal.appended < self._compact_records:
+                return
+            keep: List[Tuple[Any, ...]] = []
+            for txid, info in self._doubt.items():
+                keep.append(("P", txid, info))
+                if txid in self._marks:
+                    keep.append(("C", txid, self._marks[txid]))
+            self._journal.switch(keep)
+
+    def close(self) -> None:
+        """Release the journal (in-doubt transactions stay in it)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._journal.close()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} in doubt: {len(self._doubt)}>"
+
+    # subclass API
+    def _check(self, txid: str, ops: Sequence[Any]) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _apply(self, txid: str, info: Any) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _as_bytes(x: Any, what: str) -> bytes:
+    if isinstance(x, bytes):
+        return x
+    if isinstance(x, str):
+        return x.encode()
+    if isinstance(x, (bytearray, memoryview)):
+        return bytes(x)
+    raise TypeError(f"{what} must be bytes-like or str, not {type(x).__name__}")
+
+
+def _default_state_path(resource_path: Optional[str], name: str, kind: str) -> str:
+    if resource_path is None:
+        raise TypeError(f"{kind} needs state_path= (its resource has no .path to derive it from)")
+    return os.fspath(resource_path).rstrip(os.sep) + ".txn"
+
+
+class LogParticipant(_JournaledParticipant):
+    """Atomic appends to an :class:`engine.Log`: a transaction's batch for this
+    log appears in it whole (contiguously) or not at all.
+
+    ``ops``: values (bytes-like or str) or ``(key, value)`` pairs.  While a
+    ``LogParticipant`` manages a log, append to it only through transactions
+    (commits are serialized and the participant relies on being the log's
+    only writer to find out, after a crash, how much of a batch is in).
+
+    Its journal lives at ``state_path`` (default ``<log path>.txn``) with the
+    log's durability.  A SIGKILL in the middle of a commit can leave a prefix
+    of the batch in the log until recovery (which runs when the participant
+    is opened again) appends the rest.
+    """
+
+    _kind = "log-participant"
+
+    def __init__(self, log: Any, name: Optional[str] = None, state_path: Optional[str] = None,
+                 *, compact_records: int = 50_000) -> None:
+        path = getattr(log, "path", None)
+        if name is None:
+            name = "log:" + os.path.basename(os.fspath(path).rstrip(os.sep)) if path else None
+        if name is None:
+            raise TypeError("name is required")
+        self.log = log
+        self._commit_lock = threading.Lock()  # serializes batches into the log
+        super().__init__(name, state_path or _default_state_path(path, name, "LogParticipant"),
+                         getattr(log, "durability", "always"), compact_records)
+        self._replay()
+
+    def _check(self, txid: str, ops: Sequence[Any]) -> Any:
+        values: List[bytes] = []
+        keys: List[Optional[bytes]] = []
+        anykey = False
+        for op in ops:
+            if isinstance(op, tuple):
+                if len(op) != 2:
+                    raise ValueError("a LogParticipant op is a value or a (key, value) pair")
+                k = None if op[0] is None else _as_bytes(op[0], "key")
+                anykey = anykey or k is not None
+                keys.append(k)
+                values.append(_as_bytes(op[1], "value"))
+            else:
+                keys.append(None)
+                values.append(_as_bytes(op, "value"))
+        if not values:
+            raise ValueError("a LogParticipant needs at least one value")
+        return (values, keys if anykey else None)
+
+    def _apply(self, txid: str, info: Any) -> None:
+        values, keys = info
+        with self._commit_lock:
+            mark = self._marks.get(txid)
+            if mark is None:
+                start = self.log.next_offset
+                with self._lock:
+                    self._marks[txid] = start
+                    jlog = self._journal.log
+                if _ARMED:
+                    _crash_point("log.commit.before_mark", self.name)
+                # Durable before the batch: after a crash it says where the
+                # batch starts, so recovery appends exactly what is missing.
+                _journal_append(self._journal, jlog, ("C", txid, start))
+                if _ARMED:
+                    _crash_point("log.commit.after_mark", self.name)
+                have = 0
+            else:
+                start = mark
+                have = self.log.next_offset - start
+                if have < 0:
+                    raise EngineError(
+                        f"log {getattr(self.log, 'path', '?')!r} ends before txn {txid}'s batch "
+                        f"(offset {start}): it was truncated behind the participant's back")
+            if have < len(values):
+                if keys is None:
+                    self.log.append_many(values[have:])
+                else:
+                    self.log.append_many(values[have:], keys[have:])
+        if _ARMED:
+            _crash_point("log.commit.after_append", self.name)
+
+
+def _store_apply(store: Any, ops: List[Tuple[bytes, Optional[bytes], int]]) -> None:
+    """Apply resolved ``(key, value-or-None, expected_version)`` ops atomically."""
+    apply = getattr(store, "apply", None)
+    if apply is None:
+        raise TypeError("StoreParticipant needs a store with an atomic apply(ops)")
+    apply([_store_op(k, v, e) for k, v, e in ops])
+
+
+def _store_op(key: bytes, value: Optional[bytes], expected: int) -> Any:
+    if value is None:
+        return ("delete", key, expected)
+    return ("put", key, value, expected)
+
+
+def _store_version(store: Any, key: bytes) -> int:
+    return int(store.get(key)[0])
+
+
+class StoreParticipant(_JournaledParticipant):
+    """Conditional writes to an :class:`engine.VersionedStore` that commit together.
+
+    ``ops``: ``(key, value)`` (unconditional put), ``(key, value,
+    expected_version)`` (compare-and-set) or ``(key, None, expected)`` (delete).
+    Prepare checks every expected version (a mismatch raises
+    :class:`~engine.VersionConflict`: the transaction aborts) and locks the
+    keys until the outcome (a second transaction touching a locked key votes
+    no: no-wait locking, so no deadlock); commit applies all writes as one
+    atomic ``store.apply``.  Write the managed keys only through
+    transactions while the participant runs.
+
+    Recovery tells a committed-and-applied transaction by the versions: each
+    key's version moves past the one recorded at prepare exactly when the
+    transaction's writes are in.
+    """
+
+    _kind = "store-participant"
+
+    def __init__(self, store: Any, name: Optional[str] = None, state_path: Optional[str] = None,
+                 *, compact_records: int = 50_000) -> None:
+        path = getattr(store, "path", None)
+        if name is None:
+            name = "store:" + os.path.basename(os.fspath(path).rstrip(os.sep)) if path else None
+        if name is None:
+            raise TypeError("name is required")
+        self.store = store
+        self._locks: Dict[bytes, str] = {}  # key -> txid holding it
+        super().__init__(name, state_path or _default_state_path(path, name, "StoreParticipant"),
+                         getattr(store, "durability", "always"), compact_records)
+        self._replay()
+
+    def _check(self, txid: str, ops: Sequence[Any]) -> Any:
+        from .errors import VersionConflict
+
+        resolved: List[Tuple[bytes, Optional[bytes], int]] = []
+        seen = set()
+        for op in ops:
+            if not isinstance(op, tuple) or len(op) not in (2, 3):
+                raise ValueError("a StoreParticipant op is (key, value) or (key, value, expected_version)")
+            key = _as_bytes(op[0], "key")
+            value = None if op[1] is None else _as_bytes(op[1], "value")
+            if key in seen:
+                raise ValueError(f"key {key!r} twice in one transaction")
+            seen.add(key)
+            holder = self._locks.get(key)
+            if holder is not None and holder != txid:
+                _logger.debug("txn %s: key %r locked by %s", txid, key, holder)
+                return None  # no-wait: vote no rather than risk a deadlock
+            cur = _store_version(self.store, key)
+            if len(op) == 3 and op[2] is not None and op[2] != cur:
+                raise VersionConflict(key, op[2], cur)
+            if value is None and cur == 0:
+                continue  # deleting a missing key: nothing to do
+            resolved.append((key, value, cur))
+        return resolved
+
+    def _acquire(self, txid: str, info: Any) -> None:
+        for key, _v, _e in info:
+            self._locks[key] = txid
+
+    def _release(self, txid: str, info: Any) -> None:
+        for key, _v, _e in info:
+            if self._locks.get(key) == txid:
+                del self._locks[key]
+
+    def _applied(self, info: Any) -> bool:
+        # apply() is atomic and the keys were locked: one moved key = all moved
+        return bool(info) and _store_version(self.store, info[0][0]) != info[0][2]
+
+    def _apply(self, txid: str, info: Any) -> None:
+        if info and not self._applied(info):
+            _store_apply(self.store, info)
+
+
+class OffsetParticipant(_JournaledParticipant):
+    """A :class:`engine.LogReader` group offset committed with the transaction,
+    for consume-transform-produce: read from one log, write to others, and
+    commit the read position, all or nothing.
+
+    ``ops``: one int (or several: the largest wins), the offset passed to
+    ``reader.commit(offset)`` (the next offset to read).  The reader must
+    have a ``group``.  The committed offset never moves backwards.
+    """
+
+    _kind = "offset-participant"
+
+    def __init__(self, reader: Any, name: Optional[str] = None, state_path: Optional[str] = None,
+                 *, durability: str = "always", compact_records: int = 50_000,
+                 log_path: Optional[str] = None) -> None:
+        group = getattr(reader, "group", None)
+        if not group:
+            raise ValueError("the reader needs a group= (its committed offset is what commits)")
+        if name is None:
+            name = f"offset:{group}"
+        self.reader = reader
+        if state_path is None:
+            if log_path is None:
+                raise TypeError("OffsetParticipant needs state_path= (or log_path= to derive it)")
+            state_path = os.fspath(log_path).rstrip(os.sep) + f".{group}.txn"
+        super().__init__(name, state_path, durability, compact_records)
+        self._replay()
+
+    def _check(self, txid: str, ops: Sequence[Any]) -> Any:
+        if isinstance(ops, int):
+            ops = [ops]
+        offs = list(ops)
+        if not offs or not all(isinstance(o, int) and o >= 0 for o in offs):
+            raise ValueError("OffsetParticipant ops are non-negative int offsets")
+        return max(offs)
+
+    def _applied(self, info: Any) -> bool:
+        c = self.reader.committed()
+        return c is not None and c >= info
+
+    def _apply(self, txid: str, info: Any) -> None:
+        if not self._applied(info):
+            self.reader.commit(info)
+
+
+# ---------------------------------------------------------------------------
+# participants in other processes, over the project's rings
+
+
+def _ring_names(endpoint: str) -> Tuple[str, str]:
+    return f"{endpoint}.req", f"{endpoint}.rsp"
+
+
+class ParticipantServer:
+    """Serve a participant to coordinators in other processes over two rings.
+
+    Creates the shared rings ``<endpoint>.req`` (requests) and
+    ``<endpoint>.rsp`` (responses) under /dev/shm (mode 0600); a
+    :class:`RemoteParticipant` with the same endpoint in the coordinator's
+    process talks to it.  Run :meth:`serve_forever` (or :meth:`start` for a
+    background thread).  ``coordinator`` (a coordinator log path, optional)
+    lets the server resolve its in-doubt transactions itself at start
+    (:func:`decision`); otherwise the coordinator's ``recover()`` does.
+
+    One request at a time; requests carry an id and responses echo it, so a
+    stale response (from before a restart of either side) is ignored.
+    Payloads are marshalled tuples of plain values (bytes, str, int, None,
+    tuples, lists).
+    """
+
+    def __init__(self, participant: Participant, endpoint: Optional[str] = None, *,
+                 capacity: int = 1 << 20, coordinator: Optional[str] = None) -> None:
+        from ._ring import Ring
+
+        self.participant = participant
+        self.endpoint = endpoint or participant.name.replace("/", "_").replace(":", "_")
+        req, rsp = _ring_names(self.endpoint)
+        for n in (req, rsp):
+            try:
+                Ring.unlink(n)  # a ring left by an earlier run: start clean
+            except (FileNotFoundError, EngineError, OSError):
+                pass
+        self._req_ring = Ring.create(req, capacity=capacity, mode="spsc")
+        self._rsp_ring = Ring.create(rsp, capacity=capacity, mode="spsc")
+        self._in = self._req_ring.consumer()
+        self._out = self._rsp_ring.producer()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.served = 0
+        if coordinator is not None and hasattr(participant, "resolve"):
+            participant.resolve(coordinator)
+
+    def _handle(self, raw: bytes) -> bytes:
+        try:
+            req = marshal.loads(raw)
+            rid, method, txid, ops = req
+        except Exception:
+            return marshal.dumps((None, False, "malformed request"))
+        p = self.participant
+        try:
+            if method == "prepare":
+                result: Any = bool(p.prepare(txid, ops))
+            elif method == "commit":
+                p.commit(txid)
+                result = None
+            elif method == "abort":
+                p.abort(txid)
+                result = None
+            elif method == "recover":
+                result = list(p.recover())
+            elif method == "ping":
+                result = p.name
+            else:
+                return marshal.dumps((rid, False, f"unknown method {method!r}"))
+        except Exception as exc:
+            return marshal.dumps((rid, False, f"{type(exc).__name__}: {exc}"))
+        return marshal.dumps((rid, True, result))
+
+    def serve_once(self, timeout: float = 0.05) -> bool:
+        """Serve one request if one arrives within ``timeout``; True if served."""
+        try:
+            raw = self._in.get(timeout=timeout)
+        except Timeout:
+            return False
+        self._out.put(self._handle(raw), timeout=5.0)
+        self.served += 1
+        return True
+
+    def serve_forever(self) -> None:
+        """Serve until :meth:`stop` (from another thread) or :meth:`close`."""
+        while not self._stop.is_set():
+            self.serve_once(0.05)
+
+    def start(self) -> "ParticipantServer":
+        """Serve in a daemon thread."""
+        self._thread = threading.Thread(target=self.serve_forever, name=f"txn-server-{self.endpoint}",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving (the thread, if started, ends within ~50 ms)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
+            self._thread = None
+
+    def close(self) -> None:
+        """Stop, close and unlink the rings."""
+        from ._ring import Ring
+
+        self.stop()
+        for obj in (self._in, self._out, self._req_ring, self._rsp_ring):
+            try:
+                obj.close()
+            except Exception:  # pragma: no cover
+                pass
+        for n in _ring_names(self.endpoint):
+            try:
+                Ring.unlink(n)
+            except Exception:
+                pass
+
+    def __enter__(self) -> "ParticipantServer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class RemoteParticipant:
+    """The coordinator-side handle of a :class:`ParticipantServer` in another process.
+
+    ``name`` must be the served participant's name (it goes into commit
+    records); ``endpoint`` defaults to the server's default for that name.
+    Each call waits at most ``timeout`` seconds; a prepare that times out
+    votes no (the transaction aborts), a commit that times out is resent by
+    the coordinator's ``recover()``.  Re-attaches to the rings after the
+    server restarts.
+    """
+
+    def __init__(self, name: str, endpoint: Optional[str] = None, *, timeout: float = 5.0) -> None:
+        self.name = name
+        self.endpoint = endpoint or name.replace("/", "_").replace(":", "_")
+        self.timeout = float(timeout)
+        self._lock = threading.Lock()
+        self._rids = itertools.count(1)
+        self._nonce = int.from_bytes(os.urandom(4), "little") << 32
+        self._rings: Optional[Tuple[Any, Any, Any, Any]] = None
+
+    def _attach(self) -> Tuple[Any, Any, Any, Any]:
+        from ._ring import Ring
+
+        if self._rings is None:
+            req, rsp = _ring_names(self.endpoint)
+            rq = Ring.attach(req)
+            try:
+                rs = Ring.attach(rsp)
+            except Exception:
+                rq.close()
+                raise
+            self._rings = (rq, rs, rq.producer(), rs.consumer())
+        return self._rings
+
+    def _detach(self) -> None:
+        if self._rings is not None:
+            for obj in reversed(self._rings):
+                try:
+                    obj.close()
+                except Exception:
+                    pass
+            self._rings = None
+
+    def _call(self, method: str, txid: Optional[str] = None, ops: Any = None) -> Any:
+        with self._lock:
+            rid = self._nonce | next(self._rids)
+            msg = marshal.dumps((rid, method, txid, ops))
+            deadline = time.monotonic() + self.timeout
+            try:
+                _rq, _rs, prod, cons = self._attach()
+                prod.put(msg, timeout=self.timeout)
+                while True:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise Timeout(f"participant {self.name!r} did not answer {method} in time")
+                    raw = cons.get(timeout=left)
+                    rrid, ok, result = marshal.loads(raw)
+                    if rrid == rid:
+                        break
+            except (Timeout, Closed, EngineError, OSError, ValueError):
+                self._detach()  # the server may have restarted: attach afresh next time
+                raise
+        if not ok:
+            raise EngineError(f"participant {self.name!r}: {result}")
+        return result
+
+    def prepare(self, txid: str, ops: Sequence[Any]) -> bool:
+        """Ask the server to prepare; a timeout or remote error votes no (raises)."""
+        return bool(self._call("prepare", txid, list(ops)))
+
+    def commit(self, txid: str) -> None:
+        """Tell the server to commit (idempotent)."""
+        self._call("commit", txid)
+
+    def abort(self, txid: str) -> None:
+        """Tell the server to abort (idempotent)."""
+        self._call("abort", txid)
+
+    def recover(self) -> List[str]:
+        """The server's in-doubt txids."""
+        return list(self._call("recover"))
+
+    def ping(self) -> str:
+        """Round trip; returns the served participant's name."""
+        return str(self._call("ping"))
+
+    def close(self) -> None:
+        """Detach from the rings."""
+        with self._lock:
+            self._detach()
+
+    def __enter__(self) -> "RemoteParticipant":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
