@@ -91,7 +91,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 from .errors import EngineError, Timeout
 
@@ -315,7 +315,9 @@ _arm_from_env()
 # ---------------------------------------------------------------------------
 
 # record kinds ("t"): begin, start, done, fail, abort, cstart, cdone, cfail, end, retry
-_KINDS = frozenset(("begin", "start", "done", "fail", "abort", "cstart", "cdone", "cfail", "end", "retry"))
+_KINDS = frozenset(
+    ("begin", "start", "done", "fail", "abort", "cstart", "cdone", "cfail", "end", "retry")
+)
 
 
 class _Run:
@@ -439,7 +441,9 @@ class _Run:
         current = None
         if self.state is SagaState.RUNNING:
             # in flight now, or left in flight by a dead writer
-            current = next((s for s in self.steps if s in self.inflight or s in self.uncertain), None)
+            current = next(
+                (s for s in self.steps if s in self.inflight or s in self.uncertain), None
+            )
         elif self.state is SagaState.COMPENSATING and self.comp_inflight:
             current = next(s for s in reversed(self.steps) if s in self.comp_inflight)
         elif self.state is SagaState.STUCK:
@@ -494,7 +498,10 @@ def _decode(raw: Any, loads: Callable[[bytes], Any]) -> Optional[Dict[str, Any]]
 
 
 def _fold_log(
-    path: str, loads: Callable[[bytes], Any], start: Optional[int] = None, keep_finished: bool = True
+    path: str,
+    loads: Callable[[bytes], Any],
+    start: Optional[int] = None,
+    keep_finished: bool = True,
 ) -> Tuple[Dict[str, _Run], int]:
     """Fold every record of the log at ``path``; returns (runs by id, next offset)."""
     from engine._log import LogReader
@@ -530,7 +537,9 @@ def _fold_log(
     return runs, next_offset
 
 
-def list_sagas(path: Union[str, "os.PathLike[str]"], codec: Optional[Tuple[Any, Any]] = None) -> List[SagaInfo]:
+def list_sagas(
+    path: Union[str, os.PathLike[str]], codec: Optional[Tuple[Any, Any]] = None
+) -> List[SagaInfo]:
     """Every saga recorded in the log directory ``path``, oldest first.
 
     Reads only (a :class:`engine.LogReader`): safe while a :class:`Saga` runs in
@@ -599,8 +608,9 @@ class Saga:
 
     ``path`` is an :class:`engine.Log` directory (created if missing); the
     Saga is its single writer (a second one, in any process, gets
-    :class:`engine.LogLocked`). ``durability`` is the log's (see the module
-    docs). ``retries`` / ``compensate_retries`` are the default number of
+    :class:`engine.LogLocked`). ``durability`` and ``segment_bytes`` are the
+    log's (see the module docs; saga records are small, so segments are
+    smaller than the log's default). ``retries`` / ``compensate_retries`` are the default number of
     retries after a failed attempt, ``backoff`` the first delay in seconds
     (doubled per retry, with jitter, up to ``max_backoff``). ``events`` is an
     :class:`engine.Log` or a callable that receives every saga record after it
@@ -614,9 +624,10 @@ class Saga:
 
     def __init__(
         self,
-        path: Union[str, "os.PathLike[str]"],
+        path: Union[str, os.PathLike[str]],
         durability: str = "always",
         *,
+        segment_bytes: int = 16 << 20,
         retries: int = 3,
         compensate_retries: int = 5,
         backoff: float = 0.05,
@@ -625,7 +636,9 @@ class Saga:
         codec: Optional[Tuple[Callable[[Any], bytes], Callable[[bytes], Any]]] = None,
     ) -> None:
         if durability not in ("always", "interval", "none"):
-            raise ValueError(f"durability must be 'always', 'interval' or 'none', not {durability!r}")
+            raise ValueError(
+                f"durability must be 'always', 'interval' or 'none', not {durability!r}"
+            )
         for argname, value in (("retries", retries), ("compensate_retries", compensate_retries)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{argname} must be an int >= 0, not {value!r}")
@@ -656,9 +669,11 @@ class Saga:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._loop_thread: Optional[threading.Thread] = None
         self._closed = False
-        self._log = Log(self._path, durability=durability)
+        self._log = Log(self._path, durability=durability, segment_bytes=segment_bytes)
         try:
-            runs, _ = _fold_log(self._path, self._loads, start=self._log.start_offset, keep_finished=False)
+            runs, _ = _fold_log(
+                self._path, self._loads, start=self._log.start_offset, keep_finished=False
+            )
         except BaseException:
             self._log.close()
             raise
@@ -677,7 +692,7 @@ class Saga:
         retries: Optional[int] = None,
         retry_on: Union[Type[BaseException], Tuple[Type[BaseException], ...]] = (Exception,),
         group: Optional[str] = None,
-    ) -> "Saga":
+    ) -> Saga:
         """Declare the next step; returns the saga (calls chain).
 
         ``action(sc)`` and ``compensate(sc)`` are plain or ``async`` callables
@@ -707,13 +722,22 @@ class Saga:
             raise ValueError(f"retries must be an int >= 0, not {retries!r}")
         if isinstance(retry_on, type):
             retry_on = (retry_on,)
-        if not (isinstance(retry_on, tuple) and all(isinstance(t, type) and issubclass(t, BaseException) for t in retry_on)):
+        if not (
+            isinstance(retry_on, tuple)
+            and all(isinstance(t, type) and issubclass(t, BaseException) for t in retry_on)
+        ):
             raise TypeError("retry_on must be an exception type or a tuple of them")
         if group is not None:
             if not isinstance(group, str):
                 raise TypeError(f"group must be a str or None, not {group!r}")
-            if self._steps and self._steps[-1].group != group and any(s.group == group for s in self._steps):
-                raise ValueError(f"group: the steps of group {group!r} must be declared one after another")
+            if (
+                self._steps
+                and self._steps[-1].group != group
+                and any(s.group == group for s in self._steps)
+            ):
+                raise ValueError(
+                    f"group: the steps of group {group!r} must be declared one after another"
+                )
         self._steps.append(_Step(name, action, compensate, timeout, retries, retry_on, group))
         self._stages = None
         return self
@@ -764,7 +788,9 @@ class Saga:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, lambda: self._run(ctx, saga_id, loop))
 
-    def _run(self, ctx: Any, saga_id: Optional[str], loop: Optional[asyncio.AbstractEventLoop]) -> Dict[str, Any]:
+    def _run(
+        self, ctx: Any, saga_id: Optional[str], loop: Optional[asyncio.AbstractEventLoop]
+    ) -> Dict[str, Any]:
         self._check_open()
         if not self._steps:
             raise ValueError("this saga has no steps: declare them with step() first")
@@ -777,7 +803,9 @@ class Saga:
         try:
             self._dumps(begin)
         except (TypeError, ValueError) as exc:
-            raise TypeError(f"ctx must be encodable by the saga's codec (JSON by default): {exc}") from exc
+            raise TypeError(
+                f"ctx must be encodable by the saga's codec (JSON by default): {exc}"
+            ) from exc
         run = _Run(saga_id, ctx, names, self._log.next_offset, time.time_ns())
         with self._lock:
             if saga_id in self._runs:
@@ -844,18 +872,26 @@ class Saga:
                 return dict(run.results)
             step, exc = failed
             run.exc = exc
-            self._emit(run, [{"t": "abort", "id": run.id, "s": step, "e": _describe(exc)}], sync=False)
+            self._emit(
+                run, [{"t": "abort", "id": run.id, "s": step, "e": _describe(exc)}], sync=False
+            )
         if run.state is SagaState.COMPENSATING:
             by_name = {s.name: s for s in self._steps}
             for name in run.to_compensate():
                 exc = self._attempts(run, by_name[name], loop, compensating=True)
                 if exc is not None:
-                    self._emit(run, [{"t": "end", "id": run.id, "st": "stuck", "s": name, "e": _describe(exc)}], sync=True)
+                    self._emit(
+                        run,
+                        [{"t": "end", "id": run.id, "st": "stuck", "s": name, "e": _describe(exc)}],
+                        sync=True,
+                    )
                     err = SagaStuck(run.id, name, _describe(exc), run.failed_step)
                     raise err from exc
             self._emit(run, [{"t": "end", "id": run.id, "st": "compensated"}], sync=True)
             self._forget(run)
-            err2 = StepFailed(run.id, run.failed_step or "?", run.error or "unknown", run.comp_order)
+            err2 = StepFailed(
+                run.id, run.failed_step or "?", run.error or "unknown", run.comp_order
+            )
             raise err2 from run.exc
         if run.state is SagaState.DONE:
             return dict(run.results)
@@ -944,8 +980,23 @@ class Saga:
                 # the action took effect but its result cannot be recorded: an
                 # unknown outcome (compensated if the saga goes backward); a
                 # retry would return the same unencodable value
-                err = TypeError(f"result of step {name!r} cannot be encoded by the saga's codec: {exc}")
-                self._emit(run, [{"t": "fail", "id": run.id, "s": name, "a": attempt, "e": _describe(err), "u": True}], sync=False)
+                err = TypeError(
+                    f"result of step {name!r} cannot be encoded by the saga's codec: {exc}"
+                )
+                self._emit(
+                    run,
+                    [
+                        {
+                            "t": "fail",
+                            "id": run.id,
+                            "s": name,
+                            "a": attempt,
+                            "e": _describe(err),
+                            "u": True,
+                        }
+                    ],
+                    sync=False,
+                )
                 return err
             return None
 
@@ -972,7 +1023,9 @@ class Saga:
             result = self._await(result, timeout, loop)
         return result
 
-    def _await(self, aw: Any, timeout: Optional[float], loop: Optional[asyncio.AbstractEventLoop]) -> Any:
+    def _await(
+        self, aw: Any, timeout: Optional[float], loop: Optional[asyncio.AbstractEventLoop]
+    ) -> Any:
         if loop is None:
             loop = self._get_loop()
 
@@ -1072,7 +1125,7 @@ class Saga:
         """True after :meth:`close`."""
         return self._closed
 
-    def __enter__(self) -> "Saga":
+    def __enter__(self) -> Saga:
         return self
 
     def __exit__(self, *exc: object) -> None:

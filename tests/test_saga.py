@@ -163,7 +163,9 @@ def test_compensation_retried_then_succeeds(tmp_path):
     with make(tmp_path, rec, retries=0, compensate_retries=3) as saga:
         with pytest.raises(StepFailed):
             saga.run(saga_id="q")
-    assert rec.kinds() == [("do", "a"), ("do", "b"), ("do", "c"), ("undo", "b")] + [("undo", "a")] * 3
+    assert (
+        rec.kinds() == [("do", "a"), ("do", "b"), ("do", "c"), ("undo", "b")] + [("undo", "a")] * 3
+    )
     assert rec.applied == {}
 
 
@@ -293,9 +295,13 @@ def test_parallel_group_runs_concurrently_and_compensates(tmp_path):
     barrier2 = threading.Barrier(2, timeout=5)
     saga2 = Saga(tmp_path / "s2", durability="none", backoff=0)
     saga2.step("first", rec.action("first"), rec.compensate("first"))
-    saga2.step("x", lambda sc: (barrier2.wait(), rec.action("x")(sc))[1], rec.compensate("x"), group="g")
+    saga2.step(
+        "x", lambda sc: (barrier2.wait(), rec.action("x")(sc))[1], rec.compensate("x"), group="g"
+    )
     saga2.step("y", rec.action("y"), rec.compensate("y"), group="g", retries=0)
-    saga2.step("z", lambda sc: (barrier2.wait(), rec.action("z")(sc))[1], rec.compensate("z"), group="g")
+    saga2.step(
+        "z", lambda sc: (barrier2.wait(), rec.action("z")(sc))[1], rec.compensate("z"), group="g"
+    )
     with pytest.raises(StepFailed) as ei:
         saga2.run(saga_id="g3")
     assert ei.value.step == "y" and ei.value.compensated == ["z", "x", "first"]
@@ -508,7 +514,9 @@ def model_calls(n_steps, retries, comp_retries, fail_action, fail_comp):
     return calls, "done"
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     n=st.integers(1, 4),
     retries=st.integers(0, 2),
