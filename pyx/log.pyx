@@ -1175,6 +1175,8 @@ cdef class Log:
         self._was_clean = bool(clean)
         i = bases.index(ck_base)
         self._bases = bases[:i]
+        for b in self._bases:
+            self._check_sealed_index(b)
         # the checkpoint segment must be intact up to the checkpoint
         spath = _os.path.join(path, _seg_name(ck_base))
         s = _map_seg(spath, True, ck_base, self._log_id_bytes, False, True)
@@ -1272,6 +1274,24 @@ cdef class Log:
         self._durable = self._next
         self._last_ts = max(ts, s.created_ns)
         self._write_ckpt(False)
+
+    cdef _check_sealed_index(self, uint64_t base):
+        """Rebuild the index files of a sealed segment when missing or stale."""
+        cdef _Seg s
+        cdef size_t pos
+        cdef uint64_t off
+        cdef int64_t ts = 0
+        cdef int why = W_NONE
+        spath = _os.path.join(self._path, _seg_name(base))
+        s = _map_seg(spath, False, base, self._log_id_bytes, False)
+        if s is None:
+            return  # damaged: readers and verify report it; recovery does not touch sealed data
+        if _load_index(self._path, s):
+            return
+        s.ix_n = 0
+        s.ix_next = 0
+        if _scan(s, _SEGHDR, base, True, &pos, &off, &ts, &why) == R_EOS:
+            _write_index(self._path, s, pos)
 
     cdef _seal(self, _Seg s, size_t pos):
         """Bookkeeping for a sealed segment met during recovery."""

@@ -1,0 +1,417 @@
+"""The segment log: writer, reader, recovery, groups, retention (single process)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import engine
+from engine import _log
+
+SEG = 1 << 16  # small segments so tests roll often
+
+
+def _values(n, start=0):
+    return [f"value-{i}-".encode() * (1 + i % 5) for i in range(start, start + n)]
+
+
+def test_append_read_roundtrip_with_rolls(tmp_path):
+    d = tmp_path / "log"
+    vals = _values(3000)
+    with engine.Log(d, durability="none", segment_bytes=SEG) as log:
+        for i, v in enumerate(vals[:2000]):
+            assert log.append(v, key=(b"k%d" % i) if i % 3 == 0 else None) == i
+        assert list(log.append_many(vals[2000:])) == list(range(2000, 3000))
+        assert log.next_offset == 3000
+        assert log.stats()["rolls"] >= 3
+    r = engine.LogReader(d)
+    recs = list(r)
+    assert [x.offset for x in recs] == list(range(3000))
+    assert [x.value for x in recs] == vals
+    assert [x.key for x in recs[:2000]] == [(b"k%d" % i) if i % 3 == 0 else None for i in range(2000)]
+    ts = [x.timestamp for x in recs]
+    assert ts == sorted(ts) and abs(ts[0] - time.time_ns()) < 60e9
+    assert r.position == 3000 and r.read() is None
+    r.close()
+    with pytest.raises(engine.Closed):
+        r.read()
+
+
+def test_empty_key_differs_from_none_and_buffers_accepted(tmp_path):
+    with engine.Log(tmp_path, durability="none") as log:
+        log.append(b"a", key=b"")
+        log.append(bytearray(b"b"), key=memoryview(b"kk"))
+        log.append(np.arange(4, dtype=np.uint8))
+        log.append(b"")
+        log.append_many([b"x", b"y"], keys=[None, b"k"])
+        with pytest.raises(TypeError):
+            log.append("text")
+        with pytest.raises(TypeError):
+            log.append(b"x", key=5)
+        with pytest.raises(TypeError):
+            log.append_many(b"abc")
+        with pytest.raises(ValueError, match="keys"):
+            log.append_many([b"a"], keys=[b"1", b"2"])
+    recs = list(engine.LogReader(tmp_path))
+    assert [(r.key, r.value) for r in recs] == [
+        (b"", b"a"), (b"kk", b"b"), (None, bytes(range(4))), (None, b""), (None, b"x"), (b"k", b"y")]
+    assert len(recs[1]) == 1
+
+
+def test_bad_arguments_name_the_argument(tmp_path):
+    for kw, exc, word in [
+        (dict(durability="sometimes"), ValueError, "durability"),
+        (dict(segment_bytes=10), ValueError, "segment_bytes"),
+        (dict(segment_bytes="big"), TypeError, "segment_bytes"),
+        (dict(retention_bytes=-1), ValueError, "retention_bytes"),
+        (dict(retention_age="1d"), TypeError, "retention_age"),
+        (dict(flush_interval=0), ValueError, "flush_interval"),
+    ]:
+        with pytest.raises(exc, match=word):
+            engine.Log(tmp_path / "x", **kw)
+    with pytest.raises(TypeError, match="path"):
+        engine.Log(42)
+    with engine.Log(tmp_path / "y", durability="none") as log:
+        log.append(b"x")
+        with pytest.raises(ValueError, match="start"):
+            engine.LogReader(tmp_path / "y", start=-1)
+        with pytest.raises(TypeError, match="start"):
+            engine.LogReader(tmp_path / "y", start="0")
+        with pytest.raises(ValueError, match="group"):
+            engine.LogReader(tmp_path / "y", group="../etc")
+        r = engine.LogReader(tmp_path / "y")
+        with pytest.raises(ValueError, match="offset"):
+            r.seek(5)
+        with pytest.raises(TypeError, match="timeout"):
+            r.poll("1")
+        with pytest.raises(ValueError, match="group"):
+            r.commit()
+    with pytest.raises(FileNotFoundError):
+        engine.LogReader(tmp_path / "nothing")
+
+
+def test_value_too_large_for_segment(tmp_path):
+    with engine.Log(tmp_path, durability="none", segment_bytes=4096) as log:
+        with pytest.raises(ValueError, match="segment_bytes"):
+            log.append(b"x" * 5000)
+        assert log.append(b"x" * 3900) == 0  # fits after a roll
+        assert log.append(b"y" * 3900) == 1
+    assert [len(r.value) for r in engine.LogReader(tmp_path)] == [3900, 3900]
+
+
+def test_second_writer_is_locked_in_process_and_across_processes(tmp_path):
+    log = engine.Log(tmp_path, durability="none")
+    with pytest.raises(engine.LogLocked) as ei:
+        engine.Log(tmp_path)
+    assert ei.value.holder == os.getpid()
+    code = (f"import sys, engine\ntry:\n    engine.Log({str(tmp_path)!r})\nexcept engine.LogLocked as e:\n"
+            f"    sys.exit(0 if e.holder == {os.getpid()} else 3)\nsys.exit(1)\n")
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    assert subprocess.run([sys.executable, "-c", code], env=env, timeout=60).returncode == 0
+    log.close()
+    engine.Log(tmp_path).close()  # free again
+
+
+def test_files_are_private(tmp_path):
+    with engine.Log(tmp_path / "l", durability="always", segment_bytes=SEG) as log:
+        log.append(b"x")
+        engine.LogReader(tmp_path / "l", group="g").commit()
+    for p in (tmp_path / "l").rglob("*"):
+        if p.is_file():
+            assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+
+
+def test_reopen_continues_and_keeps_log_id(tmp_path):
+    with engine.Log(tmp_path, durability="always", segment_bytes=SEG) as log:
+        lid = log.log_id
+        log.append_many(_values(1000))
+    with engine.Log(tmp_path, durability="always", segment_bytes=SEG) as log:
+        assert log.log_id == lid and log.next_offset == 1000
+        assert log.stats()["was_clean"]
+        log.append(b"after")
+    recs = list(engine.LogReader(tmp_path))
+    assert len(recs) == 1001 and recs[-1].value == b"after" and recs[-1].offset == 1000
+    assert all(r.error is None for r in _log.verify(tmp_path))
+
+
+def test_unclean_stop_recovers_everything_published(tmp_path):
+    log = engine.Log(tmp_path, durability="none", segment_bytes=SEG)
+    log.append_many(_values(1500))
+    del log  # no close: no checkpoint, no index written for the active segment
+    with engine.Log(tmp_path, durability="none", segment_bytes=SEG) as log:
+        assert log.next_offset == 1500
+        assert not log.stats()["was_clean"]
+    assert [r.value for r in engine.LogReader(tmp_path)] == _values(1500)
+
+
+def test_torn_tail_is_truncated_and_logged(tmp_path, caplog):
+    log = engine.Log(tmp_path, durability="none", segment_bytes=SEG)
+    log.append_many(_values(10))
+    pos = log.stats()["active_position"]
+    seg = log.stats()["active_segment"]
+    del log
+    # a half-written record: a length word and garbage, bad CRC
+    with open(seg, "r+b") as f:
+        f.seek(pos)
+        f.write((48).to_bytes(4, "little") + os.urandom(44))
+    with caplog.at_level("WARNING", logger="engine"):
+        log = engine.Log(tmp_path, durability="none", segment_bytes=SEG)
+    assert "torn tail" in caplog.text
+    assert log.next_offset == 10
+    assert log.append(b"new") == 10
+    log.close()
+    assert [r.value for r in engine.LogReader(tmp_path)] == _values(10) + [b"new"]
+    assert all(r.error is None for r in _log.verify(tmp_path))
+
+
+def test_corruption_before_checkpoint_is_never_skipped(tmp_path):
+    with engine.Log(tmp_path, durability="always", segment_bytes=SEG) as log:
+        log.append_many(_values(2000))
+    first = tmp_path / f"{0:020d}.seg"
+    data = bytearray(first.read_bytes())
+    data[64 + 36] ^= 0x10  # inside the first record's value
+    first.write_bytes(bytes(data))
+    r = engine.LogReader(tmp_path)
+    with pytest.raises(engine.CorruptLog) as ei:
+        list(r)
+    assert ei.value.segment.endswith(first.name) and ei.value.position == 64
+    bad = [x for x in _log.verify(tmp_path) if x.error]
+    assert len(bad) == 1 and "CRC" in bad[0].error
+    # repair cuts there: offsets stay dense, appending continues
+    assert _log.repair_truncate(tmp_path) is not None
+    assert all(x.error is None for x in _log.verify(tmp_path))
+    with engine.Log(tmp_path, durability="always", segment_bytes=SEG) as log:
+        assert log.next_offset == 0
+        log.append(b"fresh")
+    assert [x.value for x in engine.LogReader(tmp_path)] == [b"fresh"]
+
+
+def test_foreign_segment_refused(tmp_path):
+    with engine.Log(tmp_path / "a", durability="none", segment_bytes=SEG) as log:
+        log.append(b"a")
+    with engine.Log(tmp_path / "b", durability="none", segment_bytes=SEG) as log:
+        log.append(b"b")
+    os.replace(tmp_path / "a" / f"{0:020d}.seg", tmp_path / "b" / f"{0:020d}.seg")
+    with pytest.raises(engine.CorruptLog, match="another log"):
+        engine.LogReader(tmp_path / "b")
+    with pytest.raises(engine.CorruptLog):
+        engine.Log(tmp_path / "b", durability="none", segment_bytes=SEG)
+
+
+def test_seek_and_seek_time(tmp_path):
+    with engine.Log(tmp_path, durability="none", segment_bytes=SEG) as log:
+        stamps = []
+        for i in range(3000):
+            log.append(b"v%d" % i)
+            if i % 500 == 0:
+                time.sleep(0.002)
+    recs = list(engine.LogReader(tmp_path))
+    r = engine.LogReader(tmp_path)
+    for off in (0, 1, 777, 1499, 2999, 3000):
+        r.seek(off)
+        rec = r.read()
+        assert (rec.offset if rec else 3000) == off
+    for i in (0, 1, 500, 501, 1700, 2999):
+        ts = recs[i].timestamp
+        off = r.seek_time(ts)
+        first = next(x.offset for x in recs if x.timestamp >= ts)
+        assert off == first and r.read().offset == first
+    assert r.seek_time(recs[-1].timestamp + 1) == 3000
+    assert r.seek_time(0) == 0
+    stamps.append(0)
+
+
+def test_index_files_rebuilt_when_missing_or_stale(tmp_path):
+    with engine.Log(tmp_path, durability="none", segment_bytes=SEG) as log:
+        log.append_many(_values(3000))
+    for p in tmp_path.glob("*.idx"):
+        p.unlink()
+    for p in tmp_path.glob("*.tix"):
+        p.write_bytes(b"garbage")
+    r = engine.LogReader(tmp_path)
+    r.seek(2222)
+    assert r.read().value == _values(1, 2222)[0]
+    with engine.Log(tmp_path, durability="none", segment_bytes=SEG) as log:
+        assert log.next_offset == 3000
+    assert len(list(tmp_path.glob("*.idx"))) == len(list(tmp_path.glob("*.seg")))
+
+
+def test_zero_copy_views_survive_close_and_deletion(tmp_path):
+    with engine.Log(tmp_path, durability="none", segment_bytes=4096) as log:
+        log.append_many([bytes([i]) * 300 for i in range(40)], keys=[b"k"] * 40)
+    r = engine.LogReader(tmp_path, copy=False)
+    recs = list(r)
+    assert isinstance(recs[0].value, memoryview) and recs[0].value.readonly
+    assert isinstance(recs[0].key, memoryview)
+    r.close()
+    for p in tmp_path.glob("*.seg"):
+        p.unlink()
+    import gc
+    gc.collect()
+    assert [bytes(x.value) for x in recs] == [bytes([i]) * 300 for i in range(40)]
+
+
+def test_poll_waits_and_wakes(tmp_path):
+    log = engine.Log(tmp_path, durability="none", segment_bytes=SEG)
+    r = engine.LogReader(tmp_path)
+    t0 = time.monotonic()
+    assert r.poll(timeout=0.2) is None
+    assert 0.18 <= time.monotonic() - t0 < 5
+    assert r.poll(timeout=0) is None
+
+    def later():
+        time.sleep(0.2)
+        log.append(b"hello")
+
+    th = threading.Thread(target=later)
+    th.start()
+    t0 = time.monotonic()
+    rec = r.poll(timeout=10)
+    assert rec is not None and rec.value == b"hello"
+    assert time.monotonic() - t0 < 5
+    th.join()
+    log.close()
+
+
+def test_groups_commit_and_resume(tmp_path):
+    with engine.Log(tmp_path, durability="always", segment_bytes=SEG) as log:
+        log.append_many(_values(100))
+        r = log.reader(group="billing")
+        assert r.committed() is None
+        got = [r.read().offset for _ in range(40)]
+        assert got == list(range(40))
+        r.commit()
+        assert r.committed() == 40
+        r.read()
+        r.close()  # processed 40 but never committed it: redelivered
+        r = engine.LogReader(tmp_path, group="billing")
+        assert r.position == 40 and r.read().offset == 40
+        r.commit(75)
+        r2 = engine.LogReader(tmp_path, group="billing", start=0)
+        assert r2.position == 75
+        other = engine.LogReader(tmp_path, group="audit")
+        assert other.position == 0
+
+
+def test_retention_bytes_and_groups(tmp_path):
+    log = engine.Log(tmp_path, durability="none", segment_bytes=4096, retention_bytes=5 * 4096)
+    g = engine.LogReader(tmp_path, group="slow")
+    g.commit(0)
+    log.append_many([b"x" * 200] * 400)  # ~20 segments
+    assert log.start_offset == 0  # the group holds everything
+    g.commit(300)
+    log.append_many([b"y" * 200] * 40)
+    assert 0 < log.start_offset <= 300
+    nseg = len(list(tmp_path.glob("*.seg")))
+    g.commit(log.next_offset)
+    log.apply_retention()
+    assert len(list(tmp_path.glob("*.seg"))) <= 6 < nseg
+    start = log.start_offset
+    r = engine.LogReader(tmp_path)
+    recs = list(r)
+    assert recs[0].offset == start and recs[-1].offset == log.next_offset - 1
+    assert [x.offset for x in recs] == list(range(start, log.next_offset))
+    log.close()
+
+
+def test_retention_never_pulls_a_segment_from_under_a_reader(tmp_path):
+    log = engine.Log(tmp_path, durability="none", segment_bytes=4096, retention_bytes=2 * 4096,
+                     retain_uncommitted=False)
+    log.append_many([b"a" * 100] * 30)
+    r = engine.LogReader(tmp_path, copy=False)
+    first = [r.read() for _ in range(5)]
+    log.append_many([b"b" * 100] * 300)  # deletes the segment r is in, and the next ones
+    assert log.start_offset > 35
+    rest = list(r)
+    # the mapped segment stays readable; then the reader jumps over what was deleted
+    assert [x.offset for x in first] == list(range(5))
+    offs = [x.offset for x in rest]
+    assert offs[: 30 - 5 - 0][:1] == [5]
+    assert offs == sorted(offs) and offs[-1] == log.next_offset - 1
+    assert r.skipped == log.next_offset - 5 - len(offs)
+    assert r.skipped > 0
+    r2 = engine.LogReader(tmp_path, start=0)
+    assert r2.read().offset == log.start_offset and r2.skipped == log.start_offset
+    log.close()
+
+
+def test_retention_by_age(tmp_path):
+    log = engine.Log(tmp_path, durability="none", segment_bytes=4096, retention_age=0.3)
+    log.append_many([b"o" * 200] * 60)
+    time.sleep(0.4)
+    log.append_many([b"n" * 200] * 60)  # rolls: the old segments are now over age
+    log.apply_retention()
+    recs = list(engine.LogReader(tmp_path))
+    olds = [x for x in recs if x.value[:1] == b"o"]
+    # only the boundary segment (old and new records) may keep old ones
+    assert recs[: len(olds)] == olds and len(olds) < 4096 // 232
+    assert log.start_offset == recs[0].offset > 0
+    assert [x.offset for x in recs] == list(range(recs[0].offset, 120))
+    log.close()
+
+
+@pytest.mark.parametrize("durability", ["always", "interval"])
+def test_sync_hook_and_durable_offset(tmp_path, durability):
+    calls = []
+    _log._set_sync_hook(lambda path, info: calls.append(dict(info)))
+    try:
+        log = engine.Log(tmp_path, durability=durability, segment_bytes=SEG, flush_interval=0.02)
+        log.append(b"a")
+        log.append_many([b"b", b"c"])
+        if durability == "always":
+            assert log.durable_offset == 3
+        deadline = time.monotonic() + 5
+        while log.durable_offset < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert log.durable_offset == 3
+        log.close()
+    finally:
+        _log._set_sync_hook(None)
+    data = [c for c in calls if c["kind"] == "data"]
+    assert data and data[-1]["next_offset"] == 3
+    assert any(c["kind"] == "checkpoint" for c in calls)
+
+
+def test_group_commit_across_threads(tmp_path):
+    log = engine.Log(tmp_path, durability="always", segment_bytes=1 << 20)
+    n_threads, per = 4, 60
+    errors = []
+
+    def work(t):
+        try:
+            for i in range(per):
+                log.append(b"t%d-%d" % (t, i))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    ths = [threading.Thread(target=work, args=(t,)) for t in range(n_threads)]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    assert not errors
+    st = log.stats()
+    assert st["appends"] == n_threads * per and log.durable_offset == n_threads * per
+    # appends made while a sync ran shared the next one
+    assert st["syncs"] < n_threads * per
+    log.close()
+    vals = [r.value for r in engine.LogReader(tmp_path)]
+    for t in range(n_threads):
+        assert [v for v in vals if v.startswith(b"t%d-" % t)] == [b"t%d-%d" % (t, i) for i in range(per)]
+
+
+def test_closed_log_refuses(tmp_path):
+    log = engine.Log(tmp_path, durability="none")
+    log.close()
+    log.close()
+    with pytest.raises(engine.Closed):
+        log.append(b"x")
+    with pytest.raises(engine.Closed):
+        log.flush()
