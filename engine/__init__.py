@@ -36,6 +36,9 @@ _LAZY = {
     "ShardedCounter": "engine.counters",
     "CounterMap": "engine.counters",
     "CounterAggregator": "engine.counters",
+    "VersionedStore": "engine.versions",
+    "Deduplicator": "engine.versions",
+    "VersionGate": "engine.versions",
     "Saga": "engine.saga",
 }
 
@@ -69,4 +72,5 @@ if TYPE_CHECKING:
     from ._log import Log, LogReader, Record
     from ._ring import Consumer, Producer, Ring
     from .counters import CounterAggregator, CounterMap, ShardedCounter
+    from .versions import Deduplicator, VersionedStore, VersionGate
     from .saga import Saga
