@@ -39,6 +39,10 @@ _LAZY = {
     "VersionedStore": "engine.versions",
     "Deduplicator": "engine.versions",
     "VersionGate": "engine.versions",
+    "PriorityQueue": "engine.scheduling",
+    "KeyedQueue": "engine.scheduling",
+    "KeyedConsumer": "engine.scheduling",
+    "DurablePriorityQueue": "engine.scheduling",
     "Saga": "engine.saga",
 }
 
@@ -73,4 +77,5 @@ if TYPE_CHECKING:
     from ._ring import Consumer, Producer, Ring
     from .counters import CounterAggregator, CounterMap, ShardedCounter
     from .versions import Deduplicator, VersionedStore, VersionGate
+    from .scheduling import DurablePriorityQueue, KeyedConsumer, KeyedQueue, PriorityQueue
     from .saga import Saga

@@ -1,0 +1,1267 @@
+"""Scheduling over rings: priority levels, key-ordered partitions, delayed delivery.
+
+:class:`PriorityQueue`
+    One ring per level (0 = most urgent, as in :class:`queue.PriorityQueue`).
+    ``policy="strict"`` always serves the most urgent non-empty level;
+    ``policy="weighted"`` shares service by ``weights[i]`` (deficit round robin
+    by message count). ``max_wait=seconds`` adds aging: every level message
+    carries its enqueue time in an 8-byte header, and a level head that has
+    waited ``max_wait - guard`` (guard = min(max_wait / 4, 5 ms)) is served
+    before younger, more urgent messages, so nothing waits much longer than
+    ``max_wait`` behind a flood (the bound the tests measure).
+
+:class:`KeyedQueue`
+    One ring per partition; ``put(msg, key=k)`` sends equal keys to the same
+    partition (a hash that is the same in every process), so they are consumed
+    in order, by one consumer per partition at a time (Kafka partitions).
+    Consumers (``kq.consumer()``, in any process) form a group; see
+    :class:`KeyedConsumer` for the rebalancing protocol.
+
+Delayed delivery (both): ``put(msg, delay=seconds)`` or ``put(msg, at=t)``
+with ``t`` a :func:`time.time` wall-clock time. The message travels in a
+separate delay ring with its due time (CLOCK_MONOTONIC, converted from the
+wall clock at put time); the consumer keeps it in a heap, invisible, and
+serves it by its level as soon as it is due. It is never early (the wall
+clock is read before the monotonic one, so rounding only makes it later);
+a consumer blocked in ``get`` sleeps exactly until the next due time, so it
+is late only by the futex wake-up (well under 10 ms on an idle machine).
+``at`` is converted once: a wall-clock step after the put does not move it.
+
+Shared between processes
+    ``PriorityQueue.create(name, ...)`` (or ``PriorityQueue(..., name=name)``)
+    creates a control region ``/dev/shm/NAME`` (mode 0600: configuration and
+    the doorbell every consumer sleeps on) and the rings ``NAME.L0``... and
+    ``NAME.delay``; ``PriorityQueue.attach(name)`` in another process reads the
+    configuration from the region. The rings are single-producer: one process
+    at a time puts (its first ``put`` takes the producer role), and
+    ``max_consumers=1`` (default) means one consuming process; with more, the
+    level rings use competing consumers (``mode="shared"``, at-most-once
+    across a consumer crash, like the ring). ``close_put()`` (or ``close()``
+    in the producer) ends the stream: consumers drain, then get ``Closed``.
+    ``PriorityQueue.unlink(name)`` removes every file.
+
+Durable
+    ``PriorityQueue(..., durable=True, path=DIR)`` keeps one segment log per
+    level (``DIR/L0``...) plus ``DIR/delay``: queued messages survive a crash
+    or restart. Delivery is at-least-once: ``get`` hands a message out,
+    ``ack()`` marks everything this consumer was handed so far as processed
+    (a durable group commit per log); whatever was not acked is delivered
+    again after a restart. See :class:`DurablePriorityQueue`.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import time
+from collections import deque
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from engine.errors import Closed, EngineError, IncompatibleRegion, Timeout
+
+from ._sched import (  # type: ignore[import-not-found]
+    DELAY_HEADER,
+    KIND_KEYED,
+    KIND_PRIORITY,
+    MAX_MEMBERS,
+    MAX_PARTS,
+    REGION_SIZE,
+    _KQCore,
+    _PQCore,
+    _Region,
+    delayed_record,
+    now_ns,
+    pid_alive,
+    split_delayed,
+    stable_hash,
+)
+
+__all__ = ["PriorityQueue", "KeyedQueue", "KeyedConsumer", "DurablePriorityQueue", "stable_hash"]
+
+DEFAULT_CAPACITY = 1 << 20
+_NAME_MAX = 180
+_REBALANCE_EVERY = 0.05  # s: a busy member re-checks liveness / pending moves this often
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+
+def _shm_dir() -> str:
+    from ._ring import SHM_DIR  # type: ignore[import-not-found]
+
+    return str(SHM_DIR)
+
+
+def _check_name(name: Any) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, not {type(name).__name__}")
+    if not name or len(name) > _NAME_MAX or "/" in name or "\0" in name or name in (".", ".."):
+        raise ValueError(f"name must be 1-{_NAME_MAX} characters without '/', got {name!r}")
+    return os.path.join(_shm_dir(), name)
+
+
+def _create_region(name: Optional[str], kind: int, config: Dict[str, Any]) -> _Region:
+    blob = json.dumps(config, sort_keys=True).encode()
+    if name is None:
+        mm = mmap.mmap(-1, REGION_SIZE)  # MAP_SHARED|MAP_ANONYMOUS: futex works on it
+        reg = _Region(mm, None)
+    else:
+        path = _check_name(name)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, REGION_SIZE)
+            mm = mmap.mmap(fd, REGION_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        os.close(fd)
+        reg = _Region(mm, name)
+    reg.initialize(kind, blob)
+    return reg
+
+
+def _attach_region(name: str, kind: int) -> Tuple[_Region, Dict[str, Any]]:
+    path = _check_name(name)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        if size != REGION_SIZE:
+            raise IncompatibleRegion(name, f"file is {size} bytes, a scheduling region has {REGION_SIZE}")
+        mm = mmap.mmap(fd, REGION_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    reg = _Region(mm, name)
+    deadline = time.monotonic() + 2.0
+    while True:
+        blob = reg.validate(kind)
+        if blob is not None:
+            break
+        if time.monotonic() > deadline:
+            reg.close()
+            raise IncompatibleRegion(name, "the creator never finished initializing it (no magic)")
+        time.sleep(0.001)
+    try:
+        config = json.loads(blob.decode())
+        if not isinstance(config, dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        reg.close()
+        raise IncompatibleRegion(name, f"configuration is not valid JSON ({exc})") from None
+    return reg, config
+
+
+def _unlink_path(path: str) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _due_ns(delay: Any, at: Any) -> int:
+    """Monotonic due time of ``delay``/``at`` (wall clock read first: never early)."""
+    wall = time.time_ns()
+    now = now_ns()
+    if delay is not None and at is not None:
+        raise ValueError("give delay or at, not both")
+    if delay is not None:
+        d = float(delay)
+        if d != d:
+            raise ValueError("delay must be a number of seconds")
+        return now + int(d * 1e9) if d > 0 else now
+    a = float(at)
+    if a != a:
+        raise ValueError("at must be a wall-clock time in seconds (time.time())")
+    return now + (int(a * 1e9) - wall)
+
+
+def _validate_policy(levels: Any, policy: Any, weights: Any, max_wait: Any) -> Tuple[int, str, Optional[List[int]], float]:
+    if not isinstance(levels, int) or isinstance(levels, bool) or not 1 <= levels <= 64:
+        raise ValueError(f"levels must be an int 1..64, not {levels!r}")
+    if policy not in ("strict", "weighted"):
+        raise ValueError(f"policy must be 'strict' or 'weighted', not {policy!r}")
+    w: Optional[List[int]] = None
+    if weights is not None:
+        w = [int(x) for x in weights]
+        if len(w) != levels or any(x < 1 for x in w):
+            raise ValueError(f"weights must be {levels} positive integers (weights[i] for level i), not {weights!r}")
+    elif policy == "weighted":
+        # default: each level twice the share of the next
+        w = [1 << (levels - 1 - i) for i in range(levels)]
+    mw = 0.0
+    if max_wait is not None:
+        mw = float(max_wait)
+        if not mw > 0 or mw != mw:
+            raise ValueError(f"max_wait must be a positive number of seconds, not {max_wait!r}")
+    return levels, policy, w, mw
+
+
+def _aging_threshold(max_wait: float) -> float:
+    """Age at which a head is served first: a little before max_wait, so the
+    consumer's next call still lands inside the bound."""
+    return max_wait - min(max_wait / 4.0, 0.005)
+
+
+# ---------------------------------------------------------------------------
+# PriorityQueue
+# ---------------------------------------------------------------------------
+
+
+class PriorityQueue(_PQCore):
+    """Priority levels over rings (0 = most urgent).
+
+    >>> pq = PriorityQueue(levels=3)
+    >>> pq.put(b"later", priority=2); pq.put(b"now", priority=0)
+    >>> pq.get(), pq.get()
+    (b'now', b'later')
+
+    Parameters: ``levels`` (1..64); ``policy`` ``"strict"`` or ``"weighted"``;
+    ``weights`` (weights[i] for level i, positive ints; weighted default
+    2**(levels-1-i)); ``max_wait`` seconds (aging, see the module docs);
+    ``name`` (create a shared queue, see :meth:`create`); ``capacity`` bytes
+    per level ring; ``max_consumers`` (consuming processes at once, 1: spsc
+    rings); ``durable``/``path``/``durability`` (a :class:`DurablePriorityQueue`).
+
+    Methods: ``put(msg, priority=0, delay=None, at=None)``,
+    ``get(timeout=None)``, ``try_get()``, ``get_many(max=1024, timeout=0)``,
+    ``close_put()``, ``close()``, ``stats()``; a context manager.
+    One producer at a time (the rings are single-producer); put and get may
+    run on different threads of one process.
+    """
+
+    def __new__(cls, levels: int = 3, policy: str = "strict", weights: Optional[Sequence[int]] = None,
+                max_wait: Optional[float] = None, name: Optional[str] = None,
+                capacity: int = DEFAULT_CAPACITY, durable: bool = False, path: Optional[str] = None,
+                **kw: Any) -> Any:
+        if durable:
+            return DurablePriorityQueue(levels, policy, weights, max_wait, path=path, **kw)
+        return super().__new__(cls)
+
+    def __init__(self, levels: int = 3, policy: str = "strict", weights: Optional[Sequence[int]] = None,
+                 max_wait: Optional[float] = None, name: Optional[str] = None,
+                 capacity: int = DEFAULT_CAPACITY, durable: bool = False, path: Optional[str] = None,
+                 max_consumers: int = 1) -> None:
+        from ._ring import Ring  # type: ignore[import-not-found]
+
+        levels, policy, w, mw = _validate_policy(levels, policy, weights, max_wait)
+        if not isinstance(max_consumers, int) or not 1 <= max_consumers <= 256:
+            raise ValueError(f"max_consumers must be 1..256, not {max_consumers!r}")
+        mode = "spsc" if max_consumers == 1 else "shared"
+        config = {"levels": levels, "policy": policy, "weights": w, "max_wait": mw,
+                  "capacity": int(capacity), "max_consumers": max_consumers}
+        self._name = name
+        self._rings: List[Any] = []
+        self._producers: List[Any] = []
+        self._consumers: List[Any] = []
+        self._region: Optional[_Region] = None
+        self._closed = False
+        reg = _create_region(name, KIND_PRIORITY, config)
+        try:
+            if name is None:
+                self._rings = [Ring(capacity, mode=mode, max_consumers=max_consumers) for _ in range(levels + 1)]
+            else:
+                for ring_name in self._ring_names(name, levels):
+                    self._rings.append(Ring.create(ring_name, capacity, mode=mode, max_consumers=max_consumers))
+        except BaseException:
+            for r in self._rings:
+                r.close()
+            reg.close()
+            if name is not None:
+                PriorityQueue.unlink(name)
+            raise
+        self._setup(reg, config)
+
+    def _setup(self, reg: _Region, config: Dict[str, Any]) -> None:
+        self._region = reg
+        self._config = config
+        mw = float(config["max_wait"])
+        self._core_setup(reg, config["levels"], config["policy"], config["weights"],
+                         _aging_threshold(mw) if mw > 0 else 0.0)
+
+    @staticmethod
+    def _ring_names(name: str, levels: int) -> List[str]:
+        return [f"{name}.L{i}" for i in range(levels)] + [f"{name}.delay"]
+
+    @classmethod
+    def create(cls, name: str, levels: int = 3, policy: str = "strict",
+               weights: Optional[Sequence[int]] = None, max_wait: Optional[float] = None,
+               capacity: int = DEFAULT_CAPACITY, max_consumers: int = 1) -> "PriorityQueue":
+        """Create a shared queue: region ``/dev/shm/NAME`` + rings ``NAME.L<i>``,
+        ``NAME.delay`` (mode 0600). ``FileExistsError`` if NAME exists."""
+        return cls(levels, policy, weights, max_wait, name=name, capacity=capacity,
+                   max_consumers=max_consumers)
+
+    @classmethod
+    def attach(cls, name: str) -> "PriorityQueue":
+        """Open a queue another process created; its settings come from the
+        region (validated: ``IncompatibleRegion`` for anything foreign)."""
+        from ._ring import Ring
+
+        reg, config = _attach_region(name, KIND_PRIORITY)
+        try:
+            levels, policy, w, mw = _validate_policy(config.get("levels"), config.get("policy"),
+                                                     config.get("weights"), config.get("max_wait") or None)
+        except (ValueError, TypeError) as exc:
+            reg.close()
+            raise IncompatibleRegion(name, f"bad configuration: {exc}") from None
+        self = super().__new__(cls)
+        self._name = name
+        self._rings = []
+        self._producers = []
+        self._consumers = []
+        self._region = None
+        self._closed = False
+        try:
+            self._rings = [Ring.attach(n) for n in cls._ring_names(name, levels)]
+        except BaseException:
+            for r in self._rings:
+                r.close()
+            reg.close()
+            raise
+        config = dict(config, levels=levels, policy=policy, weights=w, max_wait=mw)
+        self._setup(reg, config)
+        return self
+
+    @staticmethod
+    def unlink(name: str) -> None:
+        """Remove a shared queue's region and rings (missing ones are fine)."""
+        path = _check_name(name)
+        levels = 64
+        try:
+            reg, config = _attach_region(name, KIND_PRIORITY)
+            levels = int(config.get("levels", 64))
+            reg.close()
+        except (OSError, EngineError, ValueError):
+            pass
+        d = _shm_dir()
+        for rn in PriorityQueue._ring_names(name, max(1, min(levels, 64))):
+            _unlink_path(os.path.join(d, rn))
+        _unlink_path(path)
+
+    # -- lazily taken roles (a consumer-only process never takes the producer role)
+    def _open_producers(self) -> None:
+        if self._closed:
+            raise Closed("the queue is closed")
+        if not self._producers:
+            self._producers = [r.producer() for r in self._rings]
+        puts = [p.put for p in self._producers]
+        self._core_set_producers(puts[:-1], puts[-1])
+
+    def _open_consumers(self) -> None:
+        if self._closed:
+            raise Closed("the queue is closed")
+        if not self._consumers:
+            self._consumers = [r.consumer() for r in self._rings]
+        cs = self._consumers
+        self._core_set_consumers([c.try_get for c in cs[:-1]], [c.get_many for c in cs[:-1]],
+                                 cs[-1].get_many)
+
+    @property
+    def levels(self) -> int:
+        """Number of priority levels."""
+        return int(self._config["levels"])
+
+    @property
+    def policy(self) -> str:
+        """``"strict"`` or ``"weighted"``."""
+        return str(self._config["policy"])
+
+    @property
+    def name(self) -> Optional[str]:
+        """Shared name, or None for a private queue."""
+        return self._name
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._closed
+
+    def close_put(self) -> None:
+        """End the stream from the producer side: consumers (in any process)
+        drain what is queued, delayed messages included, then get ``Closed``."""
+        for p in self._producers:
+            p.close()
+        if self._region is not None and not self._closed:
+            self._region.force_bell()
+
+    def close(self) -> None:
+        """Release this handle: closes the producer role if held (so consumers
+        drain, then get ``Closed``), the consumer slots and the mappings.
+        Shared files stay until :meth:`unlink`. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._core_close()
+        for h in self._producers + self._consumers + self._rings:
+            try:
+                h.close()
+            except Exception:  # noqa: BLE001 - best effort, every handle gets its close
+                pass
+        self._producers, self._consumers = [], []
+        if self._region is not None:
+            self._region.close()
+
+    def __enter__(self) -> "PriorityQueue":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters of this handle and the rings: per-level put/got, pending
+        delayed messages, messages served early by aging, ring usage."""
+        puts, gots, aged, held, due = self._core_counts()
+        out: Dict[str, Any] = {
+            "name": self._name, "levels": self.levels, "policy": self.policy,
+            "weights": self._config.get("weights"), "max_wait": self._config.get("max_wait") or None,
+            "put": puts, "got": gots, "aged": aged, "delayed_held": held, "due_local": due,
+        }
+        if not self._closed:
+            rs = [r.stats() for r in self._rings]
+            out["queued_bytes"] = [s.get("used") for s in rs[:-1]]
+            out["delay_ring_bytes"] = rs[-1].get("used")
+            out["rings"] = rs
+        return out
+
+    def __repr__(self) -> str:
+        where = f"name={self._name!r}" if self._name else "private"
+        return f"<PriorityQueue {where} levels={self._config['levels']} policy={self._config['policy']}>"
+
+
+# ---------------------------------------------------------------------------
+# KeyedQueue
+# ---------------------------------------------------------------------------
+
+
+class KeyedQueue(_KQCore):
+    """Key-ordered partitions over rings (Kafka partitions, in shared memory).
+
+    >>> kq = KeyedQueue(partitions=4)
+    >>> kq.put(b"a1", key="user-1"); kq.put(b"a2", key="user-1")
+    >>> c = kq.consumer(); c.get(), c.get()
+    (b'a1', b'a2')
+
+    ``put(msg, key=None, delay=None, at=None)``: ``key`` (bytes, str or int;
+    or computed by the ``key=`` function given at creation) picks the
+    partition with :func:`stable_hash`; equal keys keep their order.
+    ``consumer()`` joins the consumer group (up to 64 members); each member
+    consumes only the partitions it owns (:class:`KeyedConsumer`).
+    One producer at a time. Shared: ``KeyedQueue.create(name, partitions)``
+    / ``KeyedQueue.attach(name)`` / ``KeyedQueue.unlink(name)``.
+    """
+
+    def __init__(self, partitions: int = 4, key: Optional[Callable[[Any], Any]] = None,
+                 name: Optional[str] = None, capacity: int = DEFAULT_CAPACITY,
+                 delay_capacity: Optional[int] = None) -> None:
+        from ._ring import Ring
+
+        if not isinstance(partitions, int) or isinstance(partitions, bool) or not 1 <= partitions <= MAX_PARTS:
+            raise ValueError(f"partitions must be an int 1..{MAX_PARTS}, not {partitions!r}")
+        if key is not None and not callable(key):
+            raise TypeError("key must be a function msg -> key, or None")
+        dcap = int(delay_capacity) if delay_capacity is not None else max(1 << 16, int(capacity) // 8)
+        config = {"partitions": partitions, "capacity": int(capacity), "delay_capacity": dcap}
+        self._name = name
+        self._rings: List[Any] = []
+        self._drings: List[Any] = []
+        self._producers: List[Any] = []
+        self._dproducers: List[Any] = []
+        self._closed = False
+        self._default: Optional[KeyedConsumer] = None
+        self._members: List[KeyedConsumer] = []
+        reg = _create_region(name, KIND_KEYED, config)
+        try:
+            if name is None:
+                self._rings = [Ring(capacity) for _ in range(partitions)]
+                self._drings = [Ring(dcap) for _ in range(partitions)]
+            else:
+                for p in range(partitions):
+                    self._rings.append(Ring.create(f"{name}.P{p}", capacity))
+                    self._drings.append(Ring.create(f"{name}.D{p}", dcap))
+        except BaseException:
+            for r in self._rings + self._drings:
+                r.close()
+            reg.close()
+            if name is not None:
+                KeyedQueue.unlink(name)
+            raise
+        self._region = reg
+        self._config = config
+        self._core_setup(reg, partitions, key)
+
+    @classmethod
+    def create(cls, name: str, partitions: int = 4, key: Optional[Callable[[Any], Any]] = None,
+               capacity: int = DEFAULT_CAPACITY, delay_capacity: Optional[int] = None) -> "KeyedQueue":
+        """Create a shared keyed queue (``/dev/shm/NAME`` + ``NAME.P<i>``, ``NAME.D<i>``)."""
+        return cls(partitions, key=key, name=name, capacity=capacity, delay_capacity=delay_capacity)
+
+    @classmethod
+    def attach(cls, name: str, key: Optional[Callable[[Any], Any]] = None) -> "KeyedQueue":
+        """Open a keyed queue created elsewhere (the key function, if any, is
+        per process: pass the same one)."""
+        from ._ring import Ring
+
+        reg, config = _attach_region(name, KIND_KEYED)
+        parts = config.get("partitions")
+        if not isinstance(parts, int) or not 1 <= parts <= MAX_PARTS:
+            reg.close()
+            raise IncompatibleRegion(name, f"bad partitions in configuration: {parts!r}")
+        self = cls.__new__(cls)
+        self._name = name
+        self._rings, self._drings, self._producers, self._dproducers = [], [], [], []
+        self._closed = False
+        self._default = None
+        self._members = []
+        try:
+            for p in range(parts):
+                self._rings.append(Ring.attach(f"{name}.P{p}"))
+                self._drings.append(Ring.attach(f"{name}.D{p}"))
+        except BaseException:
+            for r in self._rings + self._drings:
+                r.close()
+            reg.close()
+            raise
+        self._region = reg
+        self._config = config
+        self._core_setup(reg, parts, key)
+        return self
+
+    @staticmethod
+    def unlink(name: str) -> None:
+        """Remove a shared keyed queue's region and rings."""
+        path = _check_name(name)
+        parts = MAX_PARTS
+        try:
+            reg, config = _attach_region(name, KIND_KEYED)
+            parts = int(config.get("partitions", MAX_PARTS))
+            reg.close()
+        except (OSError, EngineError, ValueError):
+            pass
+        d = _shm_dir()
+        for p in range(max(1, min(parts, MAX_PARTS))):
+            _unlink_path(os.path.join(d, f"{name}.P{p}"))
+            _unlink_path(os.path.join(d, f"{name}.D{p}"))
+        _unlink_path(path)
+
+    @property
+    def partitions(self) -> int:
+        """Number of partitions."""
+        return int(self._config["partitions"])
+
+    @property
+    def name(self) -> Optional[str]:
+        """Shared name, or None for a private queue."""
+        return self._name
+
+    def _open_producers(self) -> None:
+        if self._closed:
+            raise Closed("the queue is closed")
+        if not self._producers:
+            self._producers = [r.producer() for r in self._rings]
+            self._dproducers = [r.producer() for r in self._drings]
+        self._core_set_producers([p.put for p in self._producers])
+
+    def _put_later(self, msg: Any, p: int, delay: Any, at: Any) -> None:
+        due = _due_ns(delay, at)
+        if not self._producers:
+            self._open_producers()
+        if due <= now_ns():
+            self._producers[p].put(msg)  # already due: an ordinary put, in key order
+        else:
+            self._dproducers[p].put(delayed_record(due, msg, p))
+            self._region.add_delayed()  # type: ignore[union-attr]
+        self._region.ring_bell()  # type: ignore[union-attr]
+
+    def consumer(self) -> "KeyedConsumer":
+        """Join the consumer group: a :class:`KeyedConsumer` that owns a share
+        of the partitions (rebalanced as members join and leave)."""
+        if self._closed:
+            raise Closed("the queue is closed")
+        c = KeyedConsumer(self)
+        self._members.append(c)
+        return c
+
+    def get(self, timeout: Optional[float] = None) -> bytes:
+        """``get`` of this handle's default consumer (joined on first use)."""
+        if self._default is None:
+            self._default = self.consumer()
+        return self._default.get(timeout)
+
+    def try_get(self) -> Optional[bytes]:
+        """``try_get`` of this handle's default consumer."""
+        if self._default is None:
+            self._default = self.consumer()
+        return self._default.try_get()
+
+    def get_many(self, max: int = 1024, timeout: Optional[float] = 0) -> List[bytes]:
+        """``get_many`` of this handle's default consumer."""
+        if self._default is None:
+            self._default = self.consumer()
+        return self._default.get_many(max, timeout)
+
+    def close_put(self) -> None:
+        """End the stream: consumers drain their partitions, then get ``Closed``."""
+        if self._region is not None and not self._closed:
+            if not self._producers:
+                self._open_producers()
+            for p in self._producers + self._dproducers:
+                p.close()
+            self._region.mark_closed()
+
+    def close(self) -> None:
+        """Leave the group (every consumer of this handle), give up the
+        producer role (ending the stream) and unmap. Idempotent."""
+        if self._closed:
+            return
+        for c in list(self._members):
+            c.close()
+        if self._producers:
+            self.close_put()
+        self._closed = True
+        self._core_close()
+        for h in self._producers + self._dproducers + self._rings + self._drings:
+            try:
+                h.close()
+            except Exception:  # noqa: BLE001
+                pass
+        if self._region is not None:
+            self._region.close()
+
+    def __enter__(self) -> "KeyedQueue":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def stats(self) -> Dict[str, Any]:
+        """Partition owners, member pids and delivery counts, ring usage."""
+        reg = self._region
+        out: Dict[str, Any] = {"name": self._name, "partitions": self.partitions,
+                               "put": self._put_count}
+        if reg is None or self._closed:
+            return out
+        members = []
+        for i in range(MAX_MEMBERS):
+            tok, pid = reg.member(i)
+            if tok:
+                members.append({"slot": i, "token": tok, "pid": pid, "delivered": reg.member_delivered(i)})
+        out["members"] = members
+        out["owners"] = [reg.owner(p) for p in range(self.partitions)]
+        out["epoch"] = reg.epoch
+        out["queued_bytes"] = [r.stats().get("used") for r in self._rings]
+        return out
+
+    def __repr__(self) -> str:
+        where = f"name={self._name!r}" if self._name else "private"
+        return f"<KeyedQueue {where} partitions={self._config['partitions']}>"
+
+
+class _Owned:
+    """A partition this member owns: its ring consumers and held delayed messages."""
+
+    __slots__ = ("p", "data", "delay", "try_get", "many", "eof", "deof", "heap")
+
+    def __init__(self, p: int, data: Any, delay: Any) -> None:
+        self.p = p
+        self.data = data
+        self.delay = delay
+        self.try_get = data.try_get
+        self.many = data.get_many
+        self.eof = False
+        self.deof = False
+        self.heap: List[Tuple[int, int, bytes]] = []
+
+
+class KeyedConsumer:
+    """One member of a KeyedQueue's consumer group.
+
+    Protocol (all state in the control region, every step an atomic CAS):
+
+    * **join**: CAS a free member slot to a fresh unique token (+ pid); bump
+      the group epoch (every member is woken and rebalances).
+    * **assignment**: every member computes the same target from the sorted
+      tokens of the live members: partition ``p`` -> ``tokens[p % n]``.
+    * **release**: a member that owns ``p`` but is no longer its target stops
+      reading it (closes its ring slot: the ring keeps the unread rest for the
+      next reader), then CASes the owner word ``token -> 0``. A partition with
+      delayed messages this member still holds is released once they are
+      delivered (they are in this process's memory).
+    * **acquire**: the target CASes the owner word ``0 -> token``, or
+      ``dead -> token`` when the owner's member slot is gone or its process no
+      longer exists; only then does it open the ring. So ownership moves only
+      after the previous owner stopped or died, and a key is never read by
+      two members at once nor out of order.
+    * **leave** (``close``): release every partition, free the slot, bump the
+      epoch. **crash** (SIGKILL): any member notices the dead pid within
+      ~50 ms while it runs ``get`` (or at its next call), frees the slot and
+      bumps the epoch. The message the dead member had taken but not
+      finished is lost (the ring is at-most-once across a crash); the next
+      owner continues right after it, so order is kept.
+    """
+
+    def __init__(self, kq: KeyedQueue) -> None:
+        reg = kq._region
+        if reg is None:
+            raise Closed("the queue is closed")
+        self._kq = kq
+        self._reg: _Region = reg
+        self._np = kq.partitions
+        self._pid = os.getpid()
+        self._owned: Dict[int, _Owned] = {}
+        self._order: List[_Owned] = []
+        self._rr = 0
+        self._epoch = -1
+        self._next_check = 0.0
+        self._pending = False
+        self._dseen = -1
+        self._closed = False
+        self._delivered = 0
+        self._token = reg.new_token()
+        self._slot = -1
+        for _ in range(2):
+            for i in range(MAX_MEMBERS):
+                tok, pid = reg.member(i)
+                if tok == 0 and reg.claim_member(i, 0, self._token, self._pid):
+                    self._slot = i
+                    break
+            if self._slot >= 0 or not self._reap():
+                break
+        if self._slot < 0:
+            raise EngineError(f"the consumer group is full ({MAX_MEMBERS} members); close a consumer first")
+        reg.bump_epoch()
+
+    # -- membership ----------------------------------------------------------
+    def _reap(self) -> bool:
+        """Free the slots of members whose process died. True if any."""
+        reg = self._reg
+        reaped = False
+        for i in range(MAX_MEMBERS):
+            tok, pid = reg.member(i)
+            if tok and pid != self._pid and pid > 0 and not pid_alive(pid):
+                if reg.claim_member(i, tok, 0, 0):
+                    reaped = True
+        if reaped:
+            reg.bump_epoch()
+        return reaped
+
+    def _live(self) -> List[int]:
+        reg = self._reg
+        toks = []
+        for i in range(MAX_MEMBERS):
+            tok, _pid = reg.member(i)
+            if tok:
+                toks.append(tok)
+        toks.sort()
+        return toks
+
+    def _rebalance(self) -> None:
+        reg = self._reg
+        self._epoch = reg.epoch
+        self._next_check = time.monotonic() + _REBALANCE_EVERY
+        self._reap()
+        live = self._live()
+        me = self._token
+        if me not in live:
+            raise EngineError("this consumer was removed from its group (its slot was reaped)")
+        n = len(live)
+        pending = False
+        # release first, so a partner waiting for them can go on
+        for p, own in list(self._owned.items()):
+            if live[p % n] != me:
+                if own.heap:
+                    pending = True  # held delayed messages: release once delivered
+                    continue
+                self._drop(own)
+                reg.cas_owner(p, me, 0)
+                reg.force_bell()
+        liveset = set(live)
+        for p in range(self._np):
+            if live[p % n] != me or p in self._owned:
+                continue
+            o = reg.owner(p)
+            if o != 0 and o in liveset:
+                pending = True  # the previous owner has not released it yet
+                continue
+            if not reg.cas_owner(p, o, me):
+                pending = True
+                continue
+            try:
+                own = _Owned(p, self._kq._rings[p].consumer(), self._kq._drings[p].consumer())
+            except BaseException:
+                reg.cas_owner(p, me, 0)
+                raise
+            self._owned[p] = own
+        self._order = [self._owned[p] for p in sorted(self._owned)]
+        self._pending = pending
+        self._dseen = -1  # drain the delay rings of new partitions
+
+    def _drop(self, own: _Owned) -> None:
+        del self._owned[own.p]
+        own.data.close()
+        own.delay.close()
+
+    @property
+    def partitions(self) -> List[int]:
+        """The partitions this member owns right now."""
+        return sorted(self._owned)
+
+    @property
+    def token(self) -> int:
+        """This member's unique token (the owner word of its partitions)."""
+        return self._token
+
+    # -- consumption -----------------------------------------------------------
+    def _maintain(self) -> None:
+        if self._closed:
+            raise Closed("this consumer is closed")
+        reg = self._reg
+        if reg.epoch != self._epoch or time.monotonic() >= self._next_check:
+            self._rebalance()
+        d = reg.delayed
+        if d != self._dseen:
+            self._dseen = d
+            for own in self._order:
+                if own.deof:
+                    continue
+                while True:
+                    try:
+                        recs = own.delay.get_many(1024, 0)
+                    except Closed:
+                        own.deof = True
+                        break
+                    if not recs:
+                        break
+                    for rec in recs:
+                        due, _p, payload = split_delayed(rec)
+                        own.heap.append((due, len(own.heap), payload))
+                own.heap.sort()
+
+    def _take(self, room: int, out: List[bytes]) -> int:
+        order = self._order
+        n = len(order)
+        got = 0
+        if n == 0:
+            return 0
+        now = -1
+        for k in range(n):
+            own = order[(self._rr + k) % n]
+            if own.heap:
+                if now < 0:
+                    now = now_ns()
+                while own.heap and own.heap[0][0] <= now and got < room:
+                    out.append(own.heap.pop(0)[2])
+                    got += 1
+            if got >= room:
+                break
+            if own.eof:
+                continue
+            try:
+                if room - got == 1:
+                    m = own.try_get()
+                    if m is not None:
+                        out.append(m)
+                        got += 1
+                else:
+                    ms = own.many(room - got, 0)
+                    out.extend(ms)
+                    got += len(ms)
+            except Closed:
+                own.eof = True
+            if got >= room:
+                self._rr = (self._rr + k + 1) % n
+                break
+        return got
+
+    def _drained(self) -> bool:
+        if not self._reg.closed or self._pending:
+            return False
+        for own in self._order:
+            if own.heap or not own.eof or not own.deof:
+                return False
+        return True
+
+    def _next_due(self) -> Optional[int]:
+        due = [own.heap[0][0] for own in self._order if own.heap]
+        return min(due) if due else None
+
+    def get_many(self, max: int = 1024, timeout: Optional[float] = 0) -> List[bytes]:
+        """Up to ``max`` messages from the owned partitions (each partition's
+        messages in order). ``timeout=0``: never blocks; else waits like ``get``
+        for the first, returning ``[]`` on timeout."""
+        if max < 1:
+            raise ValueError(f"max must be >= 1, not {max}")
+        out: List[bytes] = []
+        self._maintain()
+        self._take(max, out)
+        if out:
+            self._count(len(out))
+            return out
+        if timeout is not None and timeout == 0:
+            if self._drained():
+                raise Closed("the producer closed the queue and every message has been consumed")
+            return out
+        try:
+            return [self.get(timeout)] + self.get_many(max - 1, 0) if max > 1 else [self.get(timeout)]
+        except Timeout:
+            return out
+
+    def try_get(self) -> Optional[bytes]:
+        """The next message of an owned partition, or None right now."""
+        out: List[bytes] = []
+        self._maintain()
+        if self._take(1, out):
+            self._count(1)
+            return out[0]
+        if self._drained():
+            raise Closed("the producer closed the queue and every message has been consumed")
+        return None
+
+    def get(self, timeout: Optional[float] = None) -> bytes:
+        """The next message of an owned partition, waiting up to ``timeout``
+        seconds (``Timeout``); ``Closed`` once the producer closed and this
+        member's partitions are drained."""
+        deadline = None if timeout is None else time.monotonic() + float(timeout)
+        reg = self._reg
+        out: List[bytes] = []
+        while True:
+            self._maintain()
+            if self._take(1, out):
+                self._count(1)
+                return out[0]
+            seq = reg.arm()
+            try:
+                got = self._take(1, out)
+                drained = not got and self._drained()
+            except BaseException:
+                reg.disarm()
+                raise
+            if got:
+                reg.disarm()
+                self._count(1)
+                return out[0]
+            if drained:
+                reg.disarm()
+                raise Closed("the producer closed the queue and every message has been consumed")
+            wait = _REBALANCE_EVERY
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    reg.disarm()
+                    raise Timeout(f"no message within {timeout} s")
+                wait = min(wait, left)
+            nd = self._next_due()
+            if nd is not None:
+                wait = min(wait, max(1e-6, (nd - now_ns()) / 1e9))
+            reg.sleep(seq, wait)
+
+    def _count(self, n: int) -> None:
+        self._delivered += n
+        if self._delivered & 1023 == 0 or n > 1:
+            self._reg.add_delivered(self._slot, n)
+
+    def close(self) -> None:
+        """Leave the group: release every partition (the rest of each is read
+        by its next owner), free the slot, wake the others. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        reg = self._reg
+        try:
+            for own in list(self._owned.values()):
+                self._drop(own)
+                reg.cas_owner(own.p, self._token, 0)
+            self._order = []
+            reg.claim_member(self._slot, self._token, 0, 0)
+            reg.bump_epoch()
+        except Closed:
+            pass
+        try:
+            self._kq._members.remove(self)
+        except ValueError:
+            pass
+
+    def __enter__(self) -> "KeyedConsumer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------
+# durable
+# ---------------------------------------------------------------------------
+
+
+class DurablePriorityQueue:
+    """PriorityQueue over segment logs: ``DIR/L<i>`` per level, ``DIR/delay``.
+
+    Same API as :class:`PriorityQueue` plus :meth:`ack`. The producer (one
+    process at a time: each log has a single writer) appends; a consumer reads
+    with the consumer group ``group`` (default ``"pq"``) and at-least-once
+    semantics: ``get`` hands a message out, ``ack()`` durably commits
+    everything handed out so far. After a crash or restart, messages that were
+    not acked are delivered again (in level order); acked ones never are.
+    ``durability`` is the logs' (``"always"``: put returns after fsync;
+    ``"none"``: survives a process crash, not a power loss).
+    """
+
+    def __init__(self, levels: int = 3, policy: str = "strict", weights: Optional[Sequence[int]] = None,
+                 max_wait: Optional[float] = None, path: Optional[str] = None,
+                 durability: str = "always", group: str = "pq", **kw: Any) -> None:
+        if path is None:
+            raise ValueError("durable=True needs path= (a directory for the logs)")
+        unknown = set(kw) - {"name", "capacity", "durable", "max_consumers"}
+        if unknown:
+            raise TypeError(f"unexpected arguments for a durable queue: {sorted(unknown)}")
+        levels, policy, w, mw = _validate_policy(levels, policy, weights, max_wait)
+        self._path = os.fspath(path)
+        os.makedirs(self._path, mode=0o700, exist_ok=True)
+        meta = os.path.join(self._path, "queue.json")
+        config = {"levels": levels, "policy": policy, "weights": w, "max_wait": mw}
+        if os.path.exists(meta):
+            with open(meta, encoding="utf-8") as f:
+                old = json.load(f)
+            if old.get("levels") != levels:
+                raise ValueError(f"{self._path} holds a queue with {old.get('levels')} levels, not {levels}")
+        else:
+            tmp = meta + ".tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(config, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, meta)
+        self._config = config
+        self._n = levels
+        self._policy = policy
+        self._w = w or [1] * levels
+        self._age_ns = int(_aging_threshold(mw) * 1e9) if mw > 0 else 0
+        self._durability = durability
+        self._group = group
+        self._logs: Optional[List[Any]] = None
+        self._readers: Optional[List[Any]] = None
+        # consumer state: per log (levels + delay) the offsets handed out / held
+        self._buf: List[deque] = [deque() for _ in range(levels)]  # (ts, log, offset, payload)
+        self._heap: List[Tuple[int, int, int, int, bytes]] = []  # (due, offset, level, ts, payload)
+        self._held: List[Dict[int, int]] = [dict() for _ in range(levels + 1)]  # offset -> 1 (not acked)
+        self._credit = [0] * levels
+        self._rr = 0
+        self._closed = False
+        self._nput = [0] * levels
+        self._ngot = [0] * levels
+        bell = os.path.join(self._path, "bell")
+        self._region = self._open_bell(bell)
+
+    @staticmethod
+    def _open_bell(path: str) -> _Region:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size != REGION_SIZE:
+                os.ftruncate(fd, REGION_SIZE)
+            mm = mmap.mmap(fd, REGION_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        reg = _Region(mm, path)
+        try:
+            if reg.validate(KIND_PRIORITY) is None:
+                reg.initialize(KIND_PRIORITY, b"{}")
+        except IncompatibleRegion:
+            reg.initialize(KIND_PRIORITY, b"{}")  # the bell is scratch state: reset it
+        return reg
+
+    def _log_dirs(self) -> List[str]:
+        return [os.path.join(self._path, f"L{i}") for i in range(self._n)] + [os.path.join(self._path, "delay")]
+
+    def _producer(self) -> List[Any]:
+        if self._closed:
+            raise Closed("the queue is closed")
+        if self._logs is None:
+            from ._log import Log  # type: ignore[import-not-found]
+
+            self._logs = [Log(d, durability=self._durability) for d in self._log_dirs()]  # type: ignore[arg-type]
+        return self._logs
+
+    def _consumer(self) -> List[Any]:
+        if self._closed:
+            raise Closed("the queue is closed")
+        if self._readers is None:
+            from ._log import Log, LogReader
+
+            readers = []
+            for d in self._log_dirs():
+                if not os.path.exists(os.path.join(d, "meta")):
+                    Log(d, durability=self._durability).close()  # create it empty
+                readers.append(LogReader(d, group=self._group))
+            self._readers = readers
+        return self._readers
+
+    def put(self, msg: Any, priority: int = 0, delay: Any = None, at: Any = None) -> None:
+        """Append ``msg`` to level ``priority``'s log (durably, per ``durability``)."""
+        if not isinstance(priority, int) or not 0 <= priority < self._n:
+            raise ValueError(f"priority must be 0..{self._n - 1}, not {priority!r}")
+        logs = self._producer()
+        if delay is not None or at is not None:
+            due = _due_ns(delay, at)
+            now = now_ns()
+            if due > now:
+                # stored as wall-clock ns: the monotonic clock restarts with the machine
+                wall_due = time.time_ns() + (due - now)
+                logs[-1].append(msg, key=wall_due.to_bytes(8, "little", signed=True) + priority.to_bytes(4, "little"))
+                self._nput[priority] += 1
+                self._region.add_delayed()
+                self._region.ring_bell()
+                return
+        logs[priority].append(msg)
+        self._nput[priority] += 1
+        self._region.ring_bell()
+
+    # -- consumer ------------------------------------------------------------
+    def _fill(self) -> None:
+        readers = self._consumer()
+        for i in range(self._n):
+            if not self._buf[i]:
+                for rec in readers[i].read_many(256):
+                    self._buf[i].append((rec.timestamp, i, rec.offset, bytes(rec.value)))
+                    self._held[i][rec.offset] = 1
+        for rec in readers[-1].read_many(256):
+            key = bytes(rec.key or b"")
+            if len(key) != 12:
+                raise EngineError(f"corrupt delayed record at offset {rec.offset} of {self._path}/delay")
+            wall_due = int.from_bytes(key[:8], "little", signed=True)
+            level = int.from_bytes(key[8:], "little")
+            mono, wall = now_ns(), time.time_ns()
+            due = mono + (wall_due - wall) + 1  # +1: never early after the conversion
+            if level >= self._n:
+                raise EngineError(f"delayed record for level {level} >= {self._n}")
+            self._held[-1][rec.offset] = 1
+            self._heap.append((due, rec.offset, level, rec.timestamp, bytes(rec.value)))
+        self._heap.sort()
+        now = now_ns()
+        while self._heap and self._heap[0][0] <= now:
+            due, off, level, ts, payload = self._heap.pop(0)
+            self._buf[level].appendleft((ts, self._n, off, payload))
+
+    def _take(self) -> Optional[bytes]:
+        self._fill()
+        buf = self._buf
+        pick = -1
+        if self._age_ns:
+            now = time.time_ns()
+            oldest = None
+            for i in range(self._n):
+                if buf[i] and now - buf[i][0][0] >= self._age_ns and (oldest is None or buf[i][0][0] < oldest):
+                    oldest, pick = buf[i][0][0], i
+        if pick < 0:
+            if self._policy == "strict":
+                pick = next((i for i in range(self._n) if buf[i]), -1)
+            else:
+                i = self._rr
+                for _ in range(self._n + 1):
+                    if self._credit[i] <= 0:
+                        self._credit[i] = self._w[i]
+                    if buf[i]:
+                        pick = i
+                        self._credit[i] -= 1
+                        self._rr = i if self._credit[i] > 0 else (i + 1) % self._n
+                        break
+                    self._credit[i] = 0
+                    i = (i + 1) % self._n
+        if pick < 0:
+            return None
+        _ts, _log, _off, payload = buf[pick].popleft()
+        self._ngot[pick] += 1
+        return payload
+
+    def try_get(self) -> Optional[bytes]:
+        """The next message by policy, or None (not acked until :meth:`ack`)."""
+        return self._take()
+
+    def get(self, timeout: Optional[float] = None) -> bytes:
+        """The next message by policy, waiting up to ``timeout`` (``Timeout``)."""
+        deadline = None if timeout is None else time.monotonic() + float(timeout)
+        reg = self._region
+        while True:
+            m = self._take()
+            if m is not None:
+                return m
+            seq = reg.arm()
+            m = self._take()
+            if m is not None:
+                reg.disarm()
+                return m
+            wait = 0.05  # the log writer may be another process: re-read at least this often
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    reg.disarm()
+                    raise Timeout(f"no message within {timeout} s")
+                wait = min(wait, left)
+            if self._heap:
+                wait = min(wait, max(1e-6, (self._heap[0][0] - now_ns()) / 1e9))
+            reg.sleep(seq, wait)
+
+    def get_many(self, max: int = 1024, timeout: Optional[float] = 0) -> List[bytes]:
+        """Up to ``max`` messages in policy order (waits for the first unless timeout=0)."""
+        out: List[bytes] = []
+        if timeout is None or timeout > 0:
+            try:
+                out.append(self.get(timeout))
+            except Timeout:
+                return out
+        while len(out) < max:
+            m = self._take()
+            if m is None:
+                break
+            out.append(m)
+        return out
+
+    def ack(self) -> None:
+        """Durably mark every message handed out so far as processed: each
+        log's group offset moves to its first message still held here."""
+        readers = self._consumer()
+        held_now: List[set] = [set() for _ in range(self._n + 1)]
+        for i in range(self._n):
+            for _ts, log, off, _p in self._buf[i]:
+                held_now[log].add(off)
+        for _due, off, _level, _ts, _p in self._heap:
+            held_now[-1].add(off)
+        for j, r in enumerate(readers):
+            pos = r.position
+            low = min(held_now[j]) if held_now[j] else pos
+            self._held[j] = {o: 1 for o in held_now[j]}
+            if r.committed() != low:
+                r.commit(low)
+
+    def close_put(self) -> None:
+        """Close the logs (the producer role)."""
+        if self._logs is not None:
+            for lg in self._logs:
+                lg.close()
+            self._logs = None
+
+    def close(self) -> None:
+        """Close logs and readers (un-acked messages will be redelivered)."""
+        if self._closed:
+            return
+        self.close_put()
+        if self._readers is not None:
+            for r in self._readers:
+                r.close()
+            self._readers = None
+        self._closed = True
+        self._region.close()
+
+    def __enter__(self) -> "DurablePriorityQueue":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def stats(self) -> Dict[str, Any]:
+        """Per-level put/got of this handle and the messages held un-acked."""
+        return {"path": self._path, "levels": self._n, "policy": self._policy, "put": list(self._nput),
+                "got": list(self._ngot), "delayed_held": len(self._heap), "durable": True}
