@@ -431,6 +431,7 @@ def write_plots(suite: SuiteResult, directory: str) -> List[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     os.makedirs(directory, exist_ok=True)
     written: List[str] = []
@@ -475,8 +476,12 @@ def write_plots(suite: SuiteResult, directory: str) -> List[str]:
                     linewidth=2.5 if pts[0][4] else 1.2,
                 )
             ax.set_xscale("log", base=2)
+            ticks = sorted({int(cr.case.params.get("x", 0)) for cr in crs})
+            ax.set_xticks(ticks)
+            ax.set_xticklabels([_size(t).replace(" ", "\u202f") for t in ticks], fontsize=8)
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             ax.set_yscale("log")
-            ax.set_xlabel("message size (bytes, log scale)")
+            ax.set_xlabel("message size (log scale)")
             ax.set_ylabel(label + ", log scale")
             ax.grid(True, which="both", alpha=0.3)
         ax1.legend(fontsize=8)

@@ -1,12 +1,13 @@
 """The ring section: engine.Ring against queue.Queue, queue.SimpleQueue,
 multiprocessing.Queue/Pipe, faster-fifo and pyzmq on the same workload.
 
-Cases (quick: ~200k 64-byte messages; --full: 1,000,000 plus the sweeps):
-threads 1->1; processes 1->1 single put/get; processes 1->1 batch
-(put_many/get_many, 1024 per call for every contender); processes 1->2
-competing consumers; put_array/get_array of 64-byte rows; cross-process
-ping-pong round-trip latency; --full adds a message-size sweep (8 B-64 KiB)
-and a consumer-count sweep (1-4).
+Cases, 64-byte messages (quick / --full): threads 1->1 (200k / 1M);
+processes 1->1 single put/get (200k / 1M); processes 1->1 batch
+(put_many/get_many, 1024 per call for every contender; 200k / 1M); processes
+1->2 competing consumers (100k / 1M); put_array/get_array rows (1M / 4M);
+cross-process ping-pong round-trip latency (5k / 100k round trips). --full
+adds a message-size sweep (1 B-64 KiB, processes 1->1) and a consumer-count
+sweep (1-4, mode="shared") for the plots.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ FF = ("faster_fifo",)
 ZMQ = ("zmq",)
 CAPACITY = 1 << 24  # 16 MiB, the same buffer as faster-fifo gets
 ARRAY_ROWS = 8192  # rows per put_array / get_array call (and per peer block)
-SIZES = (1, 8, 64, 512, 4096, 32768, 65536)
+SIZES = (1, 8, 64, 512, 4096, 16384, 65536)
 CONSUMERS = (1, 2, 3, 4)
 
 
@@ -298,7 +299,9 @@ def cases(profile: Profile) -> List[Case]:
             "processes 1->2 competing",
             "one producer, two competing consumers: every message to exactly one",
             THROUGHPUT,
-            wl,
+            # the slowest peers pay for two consumers on two cores: half the
+            # quick count keeps the default suite under a minute
+            Workload(profile.count(quick=100_000, full=1_000_000), size),
             _flow_contenders(2),
             ordered=False,
         ),
@@ -327,7 +330,7 @@ def cases(profile: Profile) -> List[Case]:
             "cross-process round trip of one 64-byte message, waiter spinning",
             LATENCY,
             Workload(
-                profile.count(quick=10_000, full=100_000)
+                profile.count(quick=5_000, full=100_000)
                 if profile.messages is None
                 else max(1, n // 10),
                 size,
