@@ -20,6 +20,7 @@ TOOLS = (
     "engine.logtool",
     "engine.countertool",
     "engine.bridgetool",
+    "engine.sagatool",
 )
 
 

@@ -545,3 +545,50 @@ def test_any_failure_plan_matches_model(tmp_path_factory, n, retries, comp_retri
     if outcome != "stuck":
         applied = sorted(k.split(":")[1] for k in rec.applied)
         assert applied == (NAMES[:n] if outcome == "done" else [])
+
+
+# ---------------------------------------------------------------------------
+# queue-engine saga ls
+# ---------------------------------------------------------------------------
+
+
+def test_saga_ls(tmp_path, capsys):
+    from engine import cli
+
+    rec = Recorder()
+    saga = make(tmp_path, rec, names=["a", "b"], retries=0, compensate_retries=0)
+    saga.run(saga_id="ok1")
+    rec.fail_action["b"] = 1
+    with pytest.raises(StepFailed):
+        saga.run(saga_id="comp1")
+    rec.fail_action["b"] = 1
+    rec.fail_comp["a"] = 1
+    with pytest.raises(SagaStuck):
+        saga.run(saga_id="stuck1")
+
+    def stop(sc):
+        raise KeyboardInterrupt
+
+    saga.close()
+    saga = Saga(tmp_path / "saga", durability="none")
+    saga.step("a", stop).step("b", stop)
+    with pytest.raises(KeyboardInterrupt):
+        saga.run(saga_id="run1")
+    saga.close()
+    path = str(tmp_path / "saga")
+    capsys.readouterr()
+    assert cli.main(["saga", "ls", path]) == 3  # a saga is stuck
+    out = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in out[1:-1]}
+    assert rows["ok1"][:3] == ["done", "-", "2/2"]
+    assert rows["comp1"][:3] == ["compensated", "-", "1/2"]
+    assert rows["stuck1"][:3] == ["stuck", "a", "1/2"]
+    assert rows["run1"][:3] == ["running", "a", "0/2"]
+    assert out[-1] == "4 sagas: 1 running, 0 compensating, 1 done, 1 compensated, 1 stuck"
+    assert cli.main(["saga", "ls", path, "--unfinished", "--json"]) == 3
+    objs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(o["saga_id"], o["state"]) for o in objs] == [("stuck1", "stuck"), ("run1", "running")]
+    assert cli.main(["saga", "ls", path, "--state", "done", "--json"]) == 3
+    assert [json.loads(x)["saga_id"] for x in capsys.readouterr().out.splitlines()] == ["ok1"]
+    assert cli.main(["saga", "ls", str(tmp_path / "missing")]) == 1
+    assert "cannot read" in capsys.readouterr().err
