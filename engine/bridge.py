@@ -374,6 +374,7 @@ class JetStreamIngest:
         batch: int = 256,
         durability: str = "always",
         window: int = 100_000,
+        ack_wait: float = 30.0,
     ) -> None:
         if not durable:
             raise ValueError("durable: a durable consumer name is required")
@@ -387,6 +388,7 @@ class JetStreamIngest:
         self.batch = int(batch)
         self.durability = durability
         self.window = int(window)
+        self.ack_wait = float(ack_wait)
         self._status = BridgeStatus()
         self._stop: Optional[asyncio.Event] = None
 
@@ -417,13 +419,18 @@ class JetStreamIngest:
     async def arun(
         self,
         *,
-        until_idle: Optional[float] = None,
+        until_caught_up: bool = False,
         max_messages: Optional[int] = None,
         on_status: Optional[Callable[[BridgeStatus], None]] = None,
         status_interval: float = 5.0,
     ) -> BridgeStatus:
-        """Ingest until stopped.  ``until_idle``: return after that many
-        seconds without a message; ``max_messages``: after that many appended."""
+        """Ingest until stopped (``stop()``, cancellation, Ctrl-C).
+
+        ``until_caught_up``: return once the durable consumer has nothing
+        pending and nothing awaiting acknowledgement -- messages a killed
+        predecessor fetched but never acknowledged come back after
+        ``ack_wait`` seconds and are waited for.  ``max_messages``: return
+        after that many appended."""
         from . import _log
 
         nats = _import_nats()
@@ -437,19 +444,18 @@ class JetStreamIngest:
             durable_name=self.durable,
             ack_policy=nats.js.api.AckPolicy.EXPLICIT,
             max_ack_pending=self.batch * 4,
-            ack_wait=30,
+            ack_wait=self.ack_wait,
         )
         psub = await js.pull_subscribe(
             self.subject or "", durable=self.durable, stream=self.stream, config=config
         )
-        idle_since = time.monotonic()
         next_status = time.monotonic() + status_interval
         try:
             while not self._stop.is_set():
                 if max_messages is not None and self._status.records >= max_messages:
                     break
                 try:
-                    msgs = await psub.fetch(self.batch, timeout=0.5)
+                    msgs = await psub.fetch(self.batch, timeout=0.25)
                 except nats.errors.TimeoutError:
                     msgs = []
                 except Exception as exc:  # reconnecting
@@ -457,10 +463,11 @@ class JetStreamIngest:
                     await asyncio.sleep(0.2)
                     continue
                 if not msgs:
-                    if until_idle is not None and time.monotonic() - idle_since >= until_idle:
-                        break
+                    if until_caught_up:
+                        info = await psub.consumer_info()
+                        if info.num_pending == 0 and info.num_ack_pending == 0:
+                            break
                     continue
-                idle_since = time.monotonic()
                 values, keys = [], []
                 for m in msgs:
                     mid = (m.headers or {}).get(HDR_MSG_ID)
@@ -486,7 +493,8 @@ class JetStreamIngest:
         finally:
             out.close()
             try:
-                await nc.drain()
+                await nc.flush()  # the last acks
+                await nc.close()
             except Exception:
                 pass
         return self._status

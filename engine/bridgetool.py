@@ -34,7 +34,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ing.add_argument("--durable", required=True, help="durable consumer name")
     ing.add_argument("--subject", default=None)
     ing.add_argument("--batch", type=int, default=256)
-    ing.add_argument("--until-idle", type=float, default=None, help="exit after N idle seconds")
+    ing.add_argument("--ack-wait", type=float, default=30.0, help="seconds before redelivery")
+    ing.add_argument("--until-caught-up", action="store_true",
+                     help="exit once nothing is pending or unacknowledged")
     ing.add_argument("--status-interval", type=float, default=5.0)
     ing.set_defaults(func=_ingest)
 
@@ -68,10 +70,12 @@ def _ingest(args: argparse.Namespace) -> int:
     from engine.bridge import JetStreamIngest
 
     ing = JetStreamIngest(
-        args.servers, args.stream, args.durable, args.log, subject=args.subject, batch=args.batch
+        args.servers, args.stream, args.durable, args.log, subject=args.subject,
+        batch=args.batch, ack_wait=args.ack_wait,
     )
     status = ing.run(
-        until_idle=args.until_idle, on_status=_print_status, status_interval=args.status_interval
+        until_caught_up=args.until_caught_up, on_status=_print_status,
+        status_interval=args.status_interval,
     )
     _print_status(status)
     return 0

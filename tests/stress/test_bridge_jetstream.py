@@ -169,7 +169,8 @@ INGEST_CHILD = """
 import sys
 from engine.bridge import JetStreamIngest
 servers, stream, log_path = sys.argv[1:4]
-JetStreamIngest(servers, stream, "ingest", log_path, batch=200).run(until_idle=2.0)
+JetStreamIngest(servers, stream, "ingest", log_path, batch=200, ack_wait=1.0).run(
+    until_caught_up=True)
 """
 
 
