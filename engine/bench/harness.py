@@ -88,6 +88,9 @@ SECTIONS: Tuple[str, ...] = (
     "transactions",
     "counters",
     "scheduling",
+    "saga",
+    "txn",
+    "bridge",
 )
 
 PIP_HINT = 'pip install "queue-engine[bench]"'
