@@ -248,7 +248,7 @@ class _Journal:
 
     def __init__(
         self, path: Union[str, "os.PathLike[str]"], kind: str, durability: str,
-        segment_bytes: int = 4 << 20,
+        segment_bytes: int = 1 << 20,
     ) -> None:
         if durability not in _DURABILITIES:
             raise ValueError(f"durability must be one of {_DURABILITIES}, not {durability!r}")
@@ -562,6 +562,7 @@ class Coordinator:
     ``end_batch``: ``end`` records (which let the log forget finished
     transactions) are written in batches of that many txids.
     ``compact_records``: the journal is compacted when it holds that many.
+    ``segment_bytes``: the journal's segment size (see :class:`engine.Log`).
 
     After a restart call :meth:`recover` with the participants, so every
     in-doubt transaction is resolved and every committed one finished.
@@ -575,6 +576,7 @@ class Coordinator:
         *,
         end_batch: int = 64,
         compact_records: int = 50_000,
+        segment_bytes: int = 1 << 20,
     ) -> None:
         if not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
@@ -584,7 +586,7 @@ class Coordinator:
         self._end_batch = int(end_batch)
         self._compact_records = int(compact_records)
         self._lock = threading.Lock()
-        self._journal = _Journal(path, "coordinator", durability)
+        self._journal = _Journal(path, "coordinator", durability, segment_bytes)
         # committed, not yet ended: txid -> participant names
         self._pending: Dict[str, Tuple[str, ...]] = {}
         inc = 0
@@ -928,13 +930,13 @@ class _JournaledParticipant:
     _kind = "participant"
 
     def __init__(self, name: str, state_path: str, durability: str,
-                 compact_records: int) -> None:
+                 compact_records: int, segment_bytes: int) -> None:
         if not isinstance(name, str) or not name:
             raise TypeError("name must be a non-empty str")
         self.name = name
         self._lock = threading.Lock()
         self._compact_records = int(compact_records)
-        self._journal = _Journal(state_path, self._kind, durability)
+        self._journal = _Journal(state_path, self._kind, durability, segment_bytes)
         self._doubt: Dict[str, Any] = {}  # txid -> info: prepared, outcome unknown
         self._marks: Dict[str, Any] = {}  # txid -> commit mark (LogParticipant)
         self._closed = False
@@ -943,9 +945,17 @@ class _JournaledParticipant:
         # Called by subclasses once their resource is set up.
         doubt: Dict[str, Any] = {}
         marks: Dict[str, Any] = {}
+        holder: Dict[Any, str] = {}  # lock key -> last txid that prepared it
         for rec in self._journal.records:
             kind = rec[0]
             if kind == "P":
+                for k in self._keys(rec[2]):
+                    prev = holder.get(k)
+                    if prev is not None and prev in doubt and prev not in marks:
+                        # A later txn took this key's lock, so ``prev`` had
+                        # finished (applied if it committed) before it.
+                        del doubt[prev]
+                    holder[k] = rec[1]
                 doubt[rec[1]] = rec[2]
             elif kind == "C":
                 marks[rec[1]] = rec[2]
@@ -967,6 +977,9 @@ class _JournaledParticipant:
                 self._acquire(txid, info)
 
     # hooks (defaults suit participants without locks)
+    def _keys(self, info: Any) -> Iterable[Any]:
+        return ()
+
     def _acquire(self, txid: str, info: Any) -> None:
         pass
 
@@ -1144,7 +1157,7 @@ class LogParticipant(_JournaledParticipant):
     _kind = "log-participant"
 
     def __init__(self, log: Any, name: Optional[str] = None, state_path: Optional[str] = None,
-                 *, compact_records: int = 50_000) -> None:
+                 *, compact_records: int = 50_000, segment_bytes: int = 1 << 20) -> None:
         path = getattr(log, "path", None)
         if name is None:
             name = "log:" + os.path.basename(os.fspath(path).rstrip(os.sep)) if path else None
@@ -1153,7 +1166,7 @@ class LogParticipant(_JournaledParticipant):
         self.log = log
         self._commit_lock = threading.Lock()  # serializes batches into the log
         super().__init__(name, state_path or _default_state_path(path, name, "LogParticipant"),
-                         getattr(log, "durability", "always"), compact_records)
+                         getattr(log, "durability", "always"), compact_records, segment_bytes)
         self._replay()
 
     def _check(self, txid: str, ops: Sequence[Any]) -> Any:
@@ -1239,14 +1252,17 @@ class StoreParticipant(_JournaledParticipant):
     transactions while the participant runs.
 
     Recovery tells a committed-and-applied transaction by the versions: each
-    key's version moves past the one recorded at prepare exactly when the
-    transaction's writes are in.
+    key's version moves off the one recorded at prepare exactly when the
+    transaction's writes are in (a later transaction on the same key in the
+    journal proves the earlier one finished, which rules out an A-B-A through
+    a delete resetting the version to 0).
     """
 
     _kind = "store-participant"
 
     def __init__(self, store: Any, name: Optional[str] = None, state_path: Optional[str] = None,
-                 *, compact_records: int = 50_000) -> None:
+                 *, durability: Optional[str] = None, compact_records: int = 50_000,
+                 segment_bytes: int = 1 << 20) -> None:
         path = getattr(store, "path", None)
         if name is None:
             name = "store:" + os.path.basename(os.fspath(path).rstrip(os.sep)) if path else None
@@ -1254,8 +1270,10 @@ class StoreParticipant(_JournaledParticipant):
             raise TypeError("name is required")
         self.store = store
         self._locks: Dict[bytes, str] = {}  # key -> txid holding it
+        if durability is None:
+            durability = getattr(store, "durability", None) or getattr(store, "_durability", "always")
         super().__init__(name, state_path or _default_state_path(path, name, "StoreParticipant"),
-                         getattr(store, "durability", "always"), compact_records)
+                         durability, compact_records, segment_bytes)
         self._replay()
 
     def _check(self, txid: str, ops: Sequence[Any]) -> Any:
@@ -1282,6 +1300,9 @@ class StoreParticipant(_JournaledParticipant):
                 continue  # deleting a missing key: nothing to do
             resolved.append((key, value, cur))
         return resolved
+
+    def _keys(self, info: Any) -> Iterable[Any]:
+        return [op[0] for op in info]
 
     def _acquire(self, txid: str, info: Any) -> None:
         for key, _v, _e in info:
@@ -1315,7 +1336,7 @@ class OffsetParticipant(_JournaledParticipant):
 
     def __init__(self, reader: Any, name: Optional[str] = None, state_path: Optional[str] = None,
                  *, durability: str = "always", compact_records: int = 50_000,
-                 log_path: Optional[str] = None) -> None:
+                 segment_bytes: int = 1 << 20, log_path: Optional[str] = None) -> None:
         group = getattr(reader, "group", None)
         if not group:
             raise ValueError("the reader needs a group= (its committed offset is what commits)")
@@ -1326,7 +1347,7 @@ class OffsetParticipant(_JournaledParticipant):
             if log_path is None:
                 raise TypeError("OffsetParticipant needs state_path= (or log_path= to derive it)")
             state_path = os.fspath(log_path).rstrip(os.sep) + f".{group}.txn"
-        super().__init__(name, state_path, durability, compact_records)
+        super().__init__(name, state_path, durability, compact_records, segment_bytes)
         self._replay()
 
     def _check(self, txid: str, ops: Sequence[Any]) -> Any:
