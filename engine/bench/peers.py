@@ -231,9 +231,13 @@ def thread_run(
     """Producer and consumer threads behind a start barrier."""
     barrier = threading.Barrier(2)
     box: dict = {}
+    # Linux applies sched_setaffinity(0, ...) to the calling thread only, so
+    # each thread pins itself; elsewhere this is a no-op
+    cpus = cpu_plan(2) if sys.platform.startswith("linux") else [None, None]
 
     def prod() -> None:
         try:
+            _pin(cpus[0])
             barrier.wait(BARRIER_TIMEOUT)
             box["t0"] = time.perf_counter_ns()
             produce(box)
@@ -242,6 +246,7 @@ def thread_run(
 
     def cons() -> None:
         try:
+            _pin(cpus[1])
             barrier.wait(BARRIER_TIMEOUT)
             out = consume()
             box["t1"] = time.perf_counter_ns()
