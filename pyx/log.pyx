@@ -1613,6 +1613,24 @@ cdef class Log:
             self._active = None
             self._release()
 
+    def _simulate_crash(self):
+        """Test hook: stop like a SIGKILLed process (no sync, no checkpoint, no index).
+
+        What was appended stays in the page cache, as after a real kill.
+        """
+        if self._closed:
+            return
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        self._closed = True
+        self._waiters = NULL
+        self._notify.close()
+        self._notify = None
+        self._active = None
+        self._release()
+
     def __enter__(self):
         return self
 
