@@ -112,7 +112,7 @@ from typing import (
     Union,
 )
 
-from .errors import Closed, CorruptLog, Timeout, VersionConflict
+from .errors import Closed, CorruptLog, EngineError, Timeout, VersionConflict
 
 __all__ = ["VersionedStore", "StoreFollower", "Deduplicator", "VersionGate"]
 
@@ -506,7 +506,6 @@ class VersionedStore:
         self._closed = False
         self._snap_thread: Optional[threading.Thread] = None
         self._snap_error: Optional[BaseException] = None
-        self._prune_pending = False
         self._snapshots_written = 0
         self._conflicts = 0
         self._merges = 0
@@ -774,22 +773,32 @@ class VersionedStore:
 
     def snapshot(self) -> int:
         """Write a snapshot now (waits for it); return the log offset it covers."""
-        with self._lock:
-            self._check_open()
-            self._snapshot_locked(wait=True)
-            return self._snap_offset
+        while True:
+            self._join_snapshot_thread()
+            with self._lock:
+                self._check_open()
+                if self._snapshot_running():
+                    continue  # a writer started another one meanwhile
+                self._snapshot_locked(wait=True)
+                return self._snap_offset
+
+    def _snapshot_running(self) -> bool:
+        t = self._snap_thread
+        return t is not None and t.is_alive()
+
+    def _join_snapshot_thread(self) -> None:
+        # never with the lock held: the thread takes it at its end
+        t = self._snap_thread
+        if t is not None:
+            t.join()
 
     def _snapshot_locked(self, wait: bool) -> None:
-        # called with the lock held; the copy is O(n) in C, the writing is not under the lock
-        t = self._snap_thread
-        if t is not None and t.is_alive():
-            if not wait:
-                self._snap_at = self._log.next_offset + max(1, (self._snapshot_every or 1) // 8)
-                return
-            t.join()
-        if self._prune_pending:
-            self._prune_pending = False
-            self._prune_snapshots()
+        # called with the lock held; the copy is O(n) in C, the writing is not
+        # under the lock.  wait=True only when no snapshot thread is running.
+        if self._snapshot_running():
+            # one at a time: try again a little later
+            self._snap_at = self._log.next_offset + max(1, (self._snapshot_every or 1) // 8)
+            return
         offset = self._log.next_offset
         copy = dict(self._data)
         self._snap_at = (
@@ -819,15 +828,10 @@ class VersionedStore:
             self._snapshots_written += 1
             if locked:
                 self._prune_snapshots()
-            elif self._lock.acquire(blocking=False):
-                # never wait for the lock here: its holder may be joining this thread
-                try:
+            else:
+                with self._lock:
                     if not self._closed:
                         self._prune_snapshots()
-                finally:
-                    self._lock.release()
-            else:
-                self._prune_pending = True  # the next snapshot under the lock does it
         except BaseException as exc:  # reported by stats() and close()
             self._snap_error = exc
             _logger.error("VersionedStore %s: snapshot at %d failed: %r", self._path, offset, exc)
@@ -874,21 +878,25 @@ class VersionedStore:
 
     def close(self) -> None:
         """Finish a snapshot in flight, write a last one if writes happened since, close the log."""
-        with self._lock:
-            if self._closed:
-                return
-            t = self._snap_thread
-            if t is not None:
-                t.join()
-            try:
-                if self._snapshot_every is not None and self._log.next_offset > self._snap_offset:
-                    self._snapshot_locked(wait=True)
-            finally:
-                self._final_revision = self._log.next_offset
-                self._closed = True
-                self._append = _closed_append
-                self._group.close()
-                self._log.close()
+        while True:
+            self._join_snapshot_thread()
+            with self._lock:
+                if self._closed:
+                    return
+                if not self._snapshot_running():
+                    self._close_locked()
+                    return
+
+    def _close_locked(self) -> None:
+        try:
+            if self._snapshot_every is not None and self._log.next_offset > self._snap_offset:
+                self._snapshot_locked(wait=True)
+        finally:
+            self._final_revision = self._log.next_offset
+            self._closed = True
+            self._append = _closed_append
+            self._group.close()
+            self._log.close()
 
     def __enter__(self) -> VersionedStore:
         return self
@@ -959,25 +967,29 @@ class StoreFollower:
         self._reader: Any = None
         self._closed = False
         self._reload()
+        self.refresh()
 
     def _reload(self) -> None:
         from ._log import LogReader
 
         if self._reader is not None:
             self._reader.close()
-        reader = LogReader(self._logdir, start=0)
-        try:
-            meta = _read_log_meta(self._logdir)
-            start = _log_start(self._logdir)
-            covered, data, _ = _load_state(self._path, meta, start, 1 << 62, False)
-            reader.seek(covered)
-        except BaseException:
+            self._reader = None
+        log_id = _read_log_meta(self._logdir)
+        for _attempt in range(100):
+            covered, data, _ = _load_state(
+                self._path, log_id, _log_start(self._logdir), 1 << 62, False
+            )
+            reader = LogReader(self._logdir, start=covered)
+            if reader.skipped == 0:
+                break
+            # retention moved past the snapshot while we loaded it: load the newer one
             reader.close()
-            raise
+        else:
+            raise EngineError(f"follower of {self._path!r} cannot catch up with log retention")
         self._reader = reader
         self._data: Dict[bytes, Tuple[int, bytes]] = data
         self._revision = covered
-        self.refresh()
 
     def refresh(self) -> int:
         """Apply every write available now; return how many records were applied."""
@@ -991,7 +1003,9 @@ class StoreFollower:
                 # retention deleted records we had not read yet (the reader
                 # jumped over them): start again from the newest snapshot
                 self._reload()
-                return n
+                reader = self._reader
+                n += 1
+                continue
             if not recs:
                 return n
             for rec in recs:
@@ -1010,7 +1024,7 @@ class StoreFollower:
             rec = self._reader.poll(min(left, 1.0))
             if self._reader.skipped:
                 self._reload()
-                return 1
+                return 1 + self.refresh()
             if rec is not None:
                 _apply_record(self._data, rec.key, rec.value, self._logdir, rec.offset)
                 self._revision = rec.offset + 1
@@ -1210,6 +1224,9 @@ class Deduplicator:
                     mid: Union[bytes, int] = bytes(rec.value)
                     if rec.key is not None and bytes(rec.key) == _ID_INT:
                         mid = int(mid)
+                    # expire as first_time did when it wrote this record, so an
+                    # id that aged out and came back is remembered from its return
+                    self._expire(rec.timestamp)
                     self._remember(mid, rec.timestamp)
                 n += len(recs)
         self._expire(time.time_ns())
