@@ -319,7 +319,7 @@ class JetStreamForwarder:
                 headers[HDR_KEY] = base64.b64encode(bytes(key)).decode("ascii")
             try:
                 fut = await js.publish_async(
-                    self.subject, bytes(rec.value), headers=headers, wait_stall=self.ack_timeout
+                    self.subject, bytes(rec.value), headers=headers
                 )
             except Exception as exc:
                 await self._settle(futures)
