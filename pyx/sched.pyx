@@ -148,17 +148,17 @@ cpdef uint64_t stable_hash(object key) except? 0:
     cdef Py_ssize_t n
     cdef uint64_t h
     if type(key) is bytes:
-        return _fnv1a(<const uint8_t *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key)) | 1
+        return _fnv1a(<const uint8_t *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
     if isinstance(key, str):
         s = PyUnicode_AsUTF8AndSize(key, &n)
-        return _fnv1a(<const uint8_t *>s, n) | 1
+        return _fnv1a(<const uint8_t *>s, n)
     if isinstance(key, int) and not isinstance(key, bool):
         key = str(key).encode()
-        return _fnv1a(<const uint8_t *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key)) | 1
+        return _fnv1a(<const uint8_t *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
     if PyObject_GetBuffer(key, &view, PyBUF_SIMPLE) < 0:
         raise TypeError("key must be bytes-like, str or int")
     try:
-        h = _fnv1a(<const uint8_t *>view.buf, view.len) | 1
+        h = _fnv1a(<const uint8_t *>view.buf, view.len)
     finally:
         PyBuffer_Release(&view)
     return h
@@ -642,11 +642,14 @@ cdef class _PQCore:
             if self._next_due != 0x7FFFFFFFFFFFFFFF and eng_now_ns() >= self._next_due:
                 self._promote()
         if self._ts:
-            # aging: the head that has waited longest beyond the threshold wins
+            # aging: an overdue head of a less urgent level (1..n-1) goes
+            # first, the longest-waiting one if several.  Level 0 does not
+            # age: nothing outranks it, and letting its own backlog age would
+            # turn the queue into FIFO under overload and starve the others.
             now = eng_now_ns()
             best = -1
             best_ts = 0
-            for i in range(n):
+            for i in range(1, n):
                 ts = self._peek_ts(i)
                 if ts >= 0 and now - ts >= self._age_ns and (best < 0 or ts < best_ts):
                     best = i

@@ -1,0 +1,675 @@
+"""engine.scheduling: PriorityQueue, KeyedQueue, delayed delivery, durable variant.
+
+Default-suite tests stay short (a few seconds each); the multi-process
+ones with 100,000 keys and the SIGKILL tests live in
+tests/stress/test_scheduling_procs.py.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import random
+import signal
+import statistics
+import struct
+import threading
+import time
+from collections import deque
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+import engine
+from engine import Closed, IncompatibleRegion, Timeout
+from engine.scheduling import DurablePriorityQueue, KeyedQueue, PriorityQueue, stable_hash
+
+FORK = mp.get_context("fork")
+
+
+def _msg(level: int, seq: int, pad: int = 0) -> bytes:
+    return struct.pack("<II", level, seq) + b"x" * pad
+
+
+def _unmsg(m: bytes):
+    return struct.unpack_from("<II", m)
+
+
+# ---------------------------------------------------------------------------
+# PriorityQueue: order and policies
+# ---------------------------------------------------------------------------
+
+
+def test_strict_order_across_levels():
+    rnd = random.Random(1)
+    with PriorityQueue(levels=4) as pq:
+        sent = []
+        for seq in range(5000):
+            lv = rnd.randrange(4)
+            pq.put(_msg(lv, seq, rnd.randrange(40)), priority=lv)
+            sent.append((lv, seq))
+        got = [_unmsg(pq.get(timeout=1)) for _ in range(5000)]
+        # most urgent level first, FIFO inside a level
+        assert got == sorted(sent)
+        assert pq.try_get() is None
+        st_ = pq.stats()
+        assert st_["put"] == st_["got"] == [sum(1 for lv, _ in sent if lv == i) for i in range(4)]
+
+
+def test_strict_interleaved_puts_always_serve_most_urgent():
+    with PriorityQueue(levels=3) as pq:
+        pq.put(b"2a", 2)
+        pq.put(b"1a", 1)
+        assert pq.get() == b"1a"
+        pq.put(b"0a", 0)
+        pq.put(b"1b", 1)
+        assert [pq.get(), pq.get(), pq.get()] == [b"0a", b"1b", b"2a"]
+
+
+def test_get_many_strict_batches_keep_order():
+    with PriorityQueue(levels=3) as pq:
+        for i in range(300):
+            pq.put(_msg(i % 3, i), i % 3)
+        out = []
+        while True:
+            batch = pq.get_many(64)
+            if not batch:
+                break
+            assert len(batch) <= 64
+            out += batch
+        got = [_unmsg(m) for m in out]
+        assert got == sorted((i % 3, i) for i in range(300))
+
+
+@pytest.mark.parametrize("weights", [[8, 3, 1], [1, 1, 1], [5, 1, 2, 2]])
+def test_weighted_shares_within_5_percent_over_100k(weights):
+    n = len(weights)
+    total = 100_000
+    with PriorityQueue(levels=n, policy="weighted", weights=weights, capacity=1 << 23) as pq:
+        # every level stays backlogged for all 100,000 gets
+        for lv in range(n):
+            for seq in range(total):
+                pq.put(_msg(lv, seq), lv)
+        counts = [0] * n
+        last = [-1] * n
+        for _ in range(total):
+            lv, seq = _unmsg(pq.get(timeout=1))
+            assert seq == last[lv] + 1  # FIFO inside a level
+            last[lv] = seq
+            counts[lv] += 1
+    wsum = sum(weights)
+    for lv in range(n):
+        expected = total * weights[lv] / wsum
+        assert abs(counts[lv] - expected) <= 0.05 * expected, (lv, counts, weights)
+
+
+def test_weighted_empty_level_gives_its_turn_away():
+    with PriorityQueue(levels=3, policy="weighted", weights=[4, 2, 1]) as pq:
+        for i in range(50):
+            pq.put(_msg(2, i), 2)
+        assert [_unmsg(pq.get())[0] for _ in range(50)] == [2] * 50
+        assert pq.try_get() is None
+
+
+def test_weighted_default_weights():
+    pq = PriorityQueue(levels=3, policy="weighted")
+    assert pq.stats()["weights"] == [4, 2, 1]
+    pq.close()
+
+
+# ---------------------------------------------------------------------------
+# hypothesis: strict / weighted against a pure-Python model
+# ---------------------------------------------------------------------------
+
+
+class _Model:
+    """Reference: a deque per level; strict, or deficit round robin by count."""
+
+    def __init__(self, n, policy, weights):
+        self.q = [deque() for _ in range(n)]
+        self.n = n
+        self.policy = policy
+        self.w = weights or [1] * n
+        self.credit = [0] * n
+        self.rr = 0
+
+    def put(self, m, lv):
+        self.q[lv].append(m)
+
+    def get(self):
+        if self.policy == "strict":
+            for q in self.q:
+                if q:
+                    return q.popleft()
+            return None
+        i = self.rr
+        for _ in range(self.n + 1):
+            if self.credit[i] <= 0:
+                self.credit[i] = self.w[i]
+            if self.q[i]:
+                self.credit[i] -= 1
+                self.rr = i if self.credit[i] > 0 else (i + 1) % self.n
+                return self.q[i].popleft()
+            self.credit[i] = 0
+            i = (i + 1) % self.n
+        return None
+
+
+class PriorityMachine(RuleBasedStateMachine):
+    @initialize(n=st.integers(1, 5), weighted=st.booleans(), data=st.data())
+    def setup(self, n, weighted, data):
+        policy = "weighted" if weighted else "strict"
+        weights = data.draw(st.lists(st.integers(1, 6), min_size=n, max_size=n)) if weighted else None
+        self.pq = PriorityQueue(levels=n, policy=policy, weights=weights, capacity=1 << 16)
+        self.model = _Model(n, policy, weights)
+        self.n = n
+        self.seq = 0
+        self.queued = 0
+
+    @precondition(lambda self: hasattr(self, "pq") and self.queued < 400)
+    @rule(data=st.data(), size=st.integers(0, 300))
+    def put(self, data, size):
+        lv = data.draw(st.integers(0, self.n - 1))
+        m = struct.pack("<I", self.seq) + bytes([self.seq & 0xFF]) * size
+        self.seq += 1
+        self.pq.put(m, priority=lv)
+        self.model.put(m, lv)
+        self.queued += 1
+
+    @precondition(lambda self: hasattr(self, "pq"))
+    @rule()
+    def try_get(self):
+        got = self.pq.try_get()
+        assert got == self.model.get()
+        if got is not None:
+            self.queued -= 1
+
+    @precondition(lambda self: hasattr(self, "pq"))
+    @rule(k=st.integers(1, 20))
+    def get_many(self, k):
+        got = self.pq.get_many(k)
+        want = []
+        while len(want) < k:
+            m = self.model.get()
+            if m is None:
+                break
+            want.append(m)
+        assert got == want
+        self.queued -= len(got)
+
+    @precondition(lambda self: hasattr(self, "pq") and self.queued > 0)
+    @rule()
+    def get(self):
+        assert self.pq.get(timeout=1) == self.model.get()
+        self.queued -= 1
+
+    @invariant()
+    def counts(self):
+        if hasattr(self, "pq"):
+            s = self.pq.stats()
+            assert sum(s["put"]) - sum(s["got"]) == self.queued
+
+    def teardown(self):
+        if hasattr(self, "pq"):
+            self.pq.close()
+
+
+PriorityMachine.TestCase.settings = settings(
+    max_examples=40, stateful_step_count=60, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
+TestPriorityModel = PriorityMachine.TestCase
+
+
+# ---------------------------------------------------------------------------
+# aging: nothing starves behind a flood
+# ---------------------------------------------------------------------------
+
+
+def _flooder(name, seconds, every_low):
+    pq = PriorityQueue.attach(name)
+    end = time.monotonic() + seconds
+    next_low = time.monotonic()
+    seq = 0
+    hi = b"h" * 24
+    while time.monotonic() < end:
+        now = time.monotonic()
+        if now >= next_low:
+            pq.put(struct.pack("<Q", time.monotonic_ns()) + b"LOW", priority=2)
+            next_low = now + every_low
+        for _ in range(50):
+            pq.put(hi, priority=0)  # blocks while ring 0 is full: a permanent backlog
+        seq += 1
+    pq.close()  # closes the producer role: the consumer drains, then Closed
+    os._exit(0)
+
+
+def _flood_run(shm_name, max_wait, seconds=1.5, work_us=20):
+    pq = PriorityQueue.create(shm_name, levels=3, max_wait=max_wait, capacity=1 << 16)
+    try:
+        proc = FORK.Process(target=_flooder, args=(shm_name, seconds, 0.005))
+        proc.start()
+        waits = []
+        highs = 0
+        t_end = time.monotonic() + seconds + 10
+        while time.monotonic() < t_end:
+            try:
+                m = pq.get(timeout=5)
+            except Closed:
+                break
+            if m.endswith(b"LOW"):
+                waits.append((time.monotonic_ns() - struct.unpack_from("<Q", m)[0]) / 1e9)
+            else:
+                highs += 1
+                spin_end = time.perf_counter() + work_us * 1e-6  # the consumer's work
+                while time.perf_counter() < spin_end:
+                    pass
+        proc.join(10)
+        assert proc.exitcode == 0
+        return waits, highs
+    finally:
+        pq.close()
+        PriorityQueue.unlink(shm_name)
+
+
+def test_max_wait_bounds_lowest_level_under_flood(shm_name):
+    max_wait = 0.1
+    waits, highs = _flood_run(shm_name, max_wait)
+    assert highs > 10_000  # there really was a flood
+    assert len(waits) > 100
+    # waits measured while the flood ran (the tail after close drains freely)
+    assert max(waits) <= max_wait, f"max wait {max(waits) * 1e3:.1f} ms > {max_wait * 1e3} ms"
+
+
+def test_without_max_wait_the_lowest_level_starves(shm_name):
+    # the control for the test above: the same flood, strict without aging
+    waits, highs = _flood_run(shm_name + "c", None, seconds=1.0)
+    assert highs > 5_000
+    assert max(waits) > 0.3  # served only after the flood stopped
+
+
+# ---------------------------------------------------------------------------
+# delayed delivery
+# ---------------------------------------------------------------------------
+
+
+def test_delayed_never_early_and_late_at_most_10ms():
+    rnd = random.Random(7)
+    with PriorityQueue(levels=3) as pq:
+        due = {}
+        t0 = time.monotonic_ns()
+        for i in range(40):
+            d = rnd.uniform(0.005, 0.25)
+            due[i] = t0 + int(d * 1e9)
+            pq.put(struct.pack("<I", i), priority=rnd.randrange(3), delay=d)
+        assert pq.try_get() is None  # nothing is due yet
+        lateness = []
+        for _ in range(40):
+            m = pq.get(timeout=2)
+            now = time.monotonic_ns()
+            i = struct.unpack("<I", m)[0]
+            assert now >= due[i], f"message {i} {(due[i] - now) / 1e6:.3f} ms early"
+            lateness.append((now - due[i]) / 1e6)
+        assert max(lateness) <= 10.0, f"late by up to {max(lateness):.2f} ms (median {statistics.median(lateness):.2f})"
+
+
+def test_delayed_at_wall_clock_never_early():
+    with PriorityQueue(levels=2) as pq:
+        ats = []
+        for i in range(10):
+            at = time.time() + 0.02 + i * 0.01
+            ats.append(at)
+            pq.put(struct.pack("<I", i), priority=1, at=at)
+        for _ in range(10):
+            m = pq.get(timeout=2)
+            now = time.time()
+            i = struct.unpack("<I", m)[0]
+            assert now >= ats[i]
+            assert now - ats[i] <= 0.010
+
+
+def test_delayed_messages_are_served_by_priority_once_due():
+    with PriorityQueue(levels=3) as pq:
+        pq.put(b"d2", priority=2, delay=0.02)
+        pq.put(b"d0", priority=0, delay=0.02)
+        pq.put(b"now1", priority=1)
+        assert pq.get() == b"now1"
+        assert pq.try_get() is None
+        time.sleep(0.03)
+        assert [pq.get(), pq.get()] == [b"d0", b"d2"]
+
+
+def test_delay_zero_or_past_is_immediate():
+    with PriorityQueue(levels=2) as pq:
+        pq.put(b"a", 1, delay=0)
+        pq.put(b"b", 0, at=time.time() - 10)
+        assert pq.try_get() == b"b"
+        assert pq.try_get() == b"a"
+
+
+def test_close_put_drains_delayed_then_closed():
+    with PriorityQueue(levels=2) as pq:
+        pq.put(b"late", 1, delay=0.03)
+        pq.put(b"now", 1)
+        pq.close_put()
+        assert pq.get(timeout=1) == b"now"
+        assert pq.get(timeout=1) == b"late"
+        with pytest.raises(Closed):
+            pq.get(timeout=1)
+        with pytest.raises(Closed):
+            pq.try_get()
+
+
+# ---------------------------------------------------------------------------
+# blocking, errors, lifecycle
+# ---------------------------------------------------------------------------
+
+
+def test_get_timeout_and_wakeup_from_thread():
+    with PriorityQueue(levels=2) as pq:
+        t = time.monotonic()
+        with pytest.raises(Timeout):
+            pq.get(timeout=0.05)
+        assert 0.045 <= time.monotonic() - t < 1.0
+        with pytest.raises(TimeoutError):  # Timeout is also a TimeoutError
+            pq.get(timeout=0.01)
+        threading.Timer(0.05, lambda: pq.put(b"wake", 1)).start()
+        t = time.monotonic()
+        assert pq.get(timeout=5) == b"wake"
+        assert time.monotonic() - t < 1.0
+
+
+def test_ctrl_c_while_blocked_in_get():
+    with PriorityQueue(levels=2) as pq:
+        main = threading.get_ident()
+        threading.Timer(0.1, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
+        t = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            pq.get()
+        assert time.monotonic() - t < 2.0
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="levels"):
+        PriorityQueue(levels=0)
+    with pytest.raises(ValueError, match="policy"):
+        PriorityQueue(levels=2, policy="fifo")
+    with pytest.raises(ValueError, match="weights"):
+        PriorityQueue(levels=3, policy="weighted", weights=[1, 2])
+    with pytest.raises(ValueError, match="weights"):
+        PriorityQueue(levels=2, policy="weighted", weights=[1, 0])
+    with pytest.raises(ValueError, match="max_wait"):
+        PriorityQueue(levels=2, max_wait=-1)
+    with PriorityQueue(levels=2) as pq:
+        with pytest.raises(ValueError, match="priority"):
+            pq.put(b"x", priority=2)
+        with pytest.raises(ValueError, match="priority"):
+            pq.put(b"x", priority=-1)
+        with pytest.raises(TypeError):
+            pq.put(12345)
+        with pytest.raises(ValueError):
+            pq.put(b"x", delay=1, at=time.time())
+        with pytest.raises(ValueError, match="timeout"):
+            pq.get(timeout=-1)
+        with pytest.raises(ValueError):
+            pq.put(b"x" * (1 << 20))  # larger than the ring allows
+    with pytest.raises(ValueError, match="path"):
+        PriorityQueue(levels=2, durable=True)
+
+
+def test_closed_queue_refuses():
+    pq = PriorityQueue(levels=2)
+    pq.put(b"a")
+    pq.close()
+    pq.close()  # idempotent
+    with pytest.raises(Closed):
+        pq.put(b"b")
+    with pytest.raises(Closed):
+        pq.get()
+    with pytest.raises(Closed):
+        pq.try_get()
+
+
+def test_buffer_types_accepted():
+    import numpy as np
+
+    with PriorityQueue(levels=2, max_wait=1.0) as pq:  # timestamped path copies buffers
+        pq.put(bytearray(b"ba"), 0)
+        pq.put(memoryview(b"mv"), 1)
+        pq.put(np.frombuffer(b"np", np.uint8), 1)
+        assert [pq.get(), pq.get(), pq.get()] == [b"ba", b"mv", b"np"]
+
+
+# ---------------------------------------------------------------------------
+# shared between processes
+# ---------------------------------------------------------------------------
+
+
+def _shared_producer(name, n):
+    pq = PriorityQueue.attach(name)
+    for i in range(n):
+        pq.put(_msg(i % 3, i), priority=i % 3)
+    pq.put(b"delayed", priority=0, delay=0.05)
+    pq.close()
+    os._exit(0)
+
+
+def test_shared_queue_producer_process(shm_name):
+    n = 20_000
+    with PriorityQueue.create(shm_name, levels=3, capacity=1 << 21) as pq:
+        assert oct(os.stat(f"/dev/shm/{shm_name}").st_mode & 0o777) == "0o600"
+        p = FORK.Process(target=_shared_producer, args=(shm_name, n))
+        p.start()
+        per_level = [[] for _ in range(3)]
+        delayed = 0
+        while True:
+            try:
+                m = pq.get(timeout=10)
+            except Closed:
+                break
+            if m == b"delayed":
+                delayed += 1
+                continue
+            lv, seq = _unmsg(m)
+            per_level[lv].append(seq)
+        p.join(10)
+        assert p.exitcode == 0
+        assert delayed == 1
+        for lv in range(3):
+            assert per_level[lv] == list(range(lv, n, 3))
+    PriorityQueue.unlink(shm_name)
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(shm_name)]
+
+
+def test_attach_validates_region(shm_name):
+    with pytest.raises(FileNotFoundError):
+        PriorityQueue.attach(shm_name)
+    with open(f"/dev/shm/{shm_name}", "wb") as f:
+        f.write(os.urandom(4096))
+    with pytest.raises(IncompatibleRegion):
+        PriorityQueue.attach(shm_name)
+    os.unlink(f"/dev/shm/{shm_name}")
+    from engine._sched import REGION_SIZE
+
+    with open(f"/dev/shm/{shm_name}", "wb") as f:
+        f.write(os.urandom(REGION_SIZE))
+    with pytest.raises(IncompatibleRegion):
+        PriorityQueue.attach(shm_name)
+    os.unlink(f"/dev/shm/{shm_name}")
+    kq = KeyedQueue.create(shm_name, partitions=2)
+    with pytest.raises(IncompatibleRegion, match="KeyedQueue"):
+        PriorityQueue.attach(shm_name)
+    kq.close()
+    KeyedQueue.unlink(shm_name)
+    with pytest.raises(FileExistsError):
+        with PriorityQueue.create(shm_name, levels=2):
+            PriorityQueue.create(shm_name, levels=2)
+    PriorityQueue.unlink(shm_name)
+
+
+def test_attach_reads_settings(shm_name):
+    with PriorityQueue.create(shm_name, levels=4, policy="weighted", weights=[4, 3, 2, 1], max_wait=0.5) as a:
+        b = PriorityQueue.attach(shm_name)
+        assert (b.levels, b.policy) == (4, "weighted")
+        assert b.stats()["weights"] == [4, 3, 2, 1]
+        assert b.stats()["max_wait"] == 0.5
+        a.put(b"x", 3)
+        assert b.get(timeout=1) == b"x"
+        b.close()
+    PriorityQueue.unlink(shm_name)
+
+
+# ---------------------------------------------------------------------------
+# KeyedQueue
+# ---------------------------------------------------------------------------
+
+
+def test_stable_hash_is_stable():
+    # fixed values: the partition of a key must not depend on the process
+    assert stable_hash(b"abc") == stable_hash("abc") == stable_hash(bytearray(b"abc"))
+    assert stable_hash(12) == stable_hash(b"12")
+    assert len({stable_hash(i) % 8 for i in range(1000)}) == 8
+    with pytest.raises(TypeError):
+        stable_hash(1.5)
+
+
+def test_keyed_single_consumer_order():
+    with KeyedQueue(partitions=4) as kq:
+        for i in range(1000):
+            kq.put(struct.pack("<II", i % 37, i), key=i % 37)
+        c = kq.consumer()
+        seen = {}
+        for _ in range(1000):
+            k, i = struct.unpack("<II", c.get(timeout=1))
+            assert i > seen.get(k, -1)
+            seen[k] = i
+        assert c.partitions == [0, 1, 2, 3]
+        assert c.try_get() is None
+
+
+def test_keyed_key_function_and_partition_of():
+    with KeyedQueue(partitions=8, key=lambda m: m[:3]) as kq:
+        kq.put(b"abc-1")
+        kq.put(b"abc-2")
+        assert kq.partition_of(b"abc") == stable_hash(b"abc") % 8
+        c = kq.consumer()
+        assert [c.get(timeout=1), c.get(timeout=1)] == [b"abc-1", b"abc-2"]
+    with KeyedQueue(partitions=2) as kq:
+        with pytest.raises(TypeError, match="key"):
+            kq.put(b"no key")
+
+
+def test_keyed_consumers_in_threads_with_join_and_leave():
+    n = 30_000
+    kq = KeyedQueue(partitions=6, capacity=1 << 20)
+    results = {}
+    stop = threading.Event()
+
+    def consume(tag, limit_s):
+        c = kq.consumer()
+        got = []
+        end = time.monotonic() + limit_s
+        try:
+            while time.monotonic() < end:
+                try:
+                    got += c.get_many(256, timeout=0.05)
+                except Closed:
+                    break
+                if stop.is_set() and tag == "early-leaver":
+                    break
+        finally:
+            c.close()  # leaving: its partitions move to the others, rest unread kept
+            results[tag] = got
+
+    a = threading.Thread(target=consume, args=("a", 30))
+    a.start()
+    for i in range(n):
+        kq.put(struct.pack("<II", i % 500, i), key=i % 500)
+        if i == n // 3:
+            b = threading.Thread(target=consume, args=("early-leaver", 30))
+            b.start()
+        if i == 2 * n // 3:
+            stop.set()
+    c = threading.Thread(target=consume, args=("c", 30))
+    c.start()
+    kq.close_put()
+    for t in (a, b, c):
+        t.join(60)
+    kq.close()
+    everything = []
+    for tag, got in results.items():
+        per_key = {}
+        for m in got:
+            k, i = struct.unpack("<II", m)
+            assert i > per_key.get(k, -1), f"{tag}: key {k} out of order"
+            per_key[k] = i
+        everything += [struct.unpack("<II", m)[1] for m in got]
+    assert sorted(everything) == list(range(n))  # each exactly once
+    assert len(results["early-leaver"]) > 0
+
+
+def test_keyed_delayed():
+    with KeyedQueue(partitions=3) as kq:
+        c = kq.consumer()
+        t0 = time.monotonic()
+        kq.put(b"later", key="k", delay=0.03)
+        kq.put(b"now", key="k")
+        assert c.get(timeout=1) == b"now"
+        assert c.get(timeout=1) == b"later"
+        assert time.monotonic() - t0 >= 0.03
+
+
+def test_keyed_group_full_and_closed():
+    kq = KeyedQueue(partitions=2)
+    members = [kq.consumer() for _ in range(64)]
+    with pytest.raises(engine.EngineError, match="full"):
+        kq.consumer()
+    members[0].close()
+    kq.consumer().close()
+    kq.close()
+    with pytest.raises(Closed):
+        kq.put(b"x", key=1)
+
+
+# ---------------------------------------------------------------------------
+# durable
+# ---------------------------------------------------------------------------
+
+
+def test_durable_survives_restart_and_redelivers_unacked(tmp_path):
+    path = tmp_path / "pq"
+    pq = PriorityQueue(levels=3, durable=True, path=str(path), durability="none")
+    assert isinstance(pq, DurablePriorityQueue)
+    for i in range(30):
+        pq.put(_msg(i % 3, i), priority=i % 3)
+    first = [_unmsg(pq.get(timeout=1)) for _ in range(10)]
+    assert first == sorted((i % 3, i) for i in range(30))[:10]
+    pq.ack()
+    extra = [_unmsg(pq.get(timeout=1)) for _ in range(5)]  # handed out, not acked
+    pq.close()
+    pq = PriorityQueue(levels=3, durable=True, path=str(path), durability="none")
+    rest = []
+    while True:
+        m = pq.try_get()
+        if m is None:
+            break
+        rest.append(_unmsg(m))
+    pq.ack()
+    assert rest[:5] == extra  # redelivered
+    assert sorted(first + rest) == sorted((i % 3, i) for i in range(30))
+    pq.close()
+    pq = PriorityQueue(levels=3, durable=True, path=str(path), durability="none")
+    assert pq.try_get() is None  # everything acked
+    pq.close()
+
+
+def test_durable_delayed_and_strict(tmp_path):
+    with PriorityQueue(levels=2, durable=True, path=str(tmp_path / "d"), durability="none") as pq:
+        pq.put(b"d", 0, delay=0.03)
+        pq.put(b"low", 1)
+        assert pq.get(timeout=1) == b"low"
+        t = time.monotonic()
+        assert pq.get(timeout=1) == b"d"
+        assert time.monotonic() - t <= 0.05
+        pq.ack()
