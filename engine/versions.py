@@ -290,8 +290,12 @@ def _write_snapshot(
     offset: int,
     items: Iterable[Tuple[bytes, Tuple[int, bytes]]],
     count: int,
+    durable: bool = True,
 ) -> str:
-    """Write a snapshot atomically: temp file, fsync, rename, fsync the directory."""
+    """Write a snapshot atomically: temp file, fsync, rename, fsync the directory.
+
+    ``durable=False`` (a ``durability="none"`` store) skips both fsyncs: the
+    rename alone keeps it atomic through a process crash, as the log is."""
     final = os.path.join(path, _snap_name(offset))
     tmp = os.path.join(path, f".{_snap_name(offset)}.{os.getpid()}.{threading.get_ident()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -322,7 +326,8 @@ def _write_snapshot(
         chunk = b"".join(buf)
         crc = zlib.crc32(chunk, crc)
         _write_all(fd, chunk + _SNAP_TAIL.pack(crc))
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
         try:
@@ -332,7 +337,8 @@ def _write_snapshot(
         raise
     os.close(fd)
     os.replace(tmp, final)
-    _fsync_dir(path)
+    if durable:
+        _fsync_dir(path)
     return final
 
 
@@ -820,10 +826,12 @@ class VersionedStore:
         self, offset: int, copy: Dict[bytes, Tuple[int, bytes]], locked: bool
     ) -> None:
         try:
-            # the log must be durable up to the snapshot first, or a power
-            # loss could leave a snapshot ahead of its log
-            self._log.flush()
-            _write_snapshot(self._path, self._log.log_id, offset, copy.items(), len(copy))
+            durable = self._durability != "none"
+            if durable:
+                # the log must be durable up to the snapshot first, or a power
+                # loss could leave a snapshot ahead of its log
+                self._log.flush()
+            _write_snapshot(self._path, self._log.log_id, offset, copy.items(), len(copy), durable)
             self._snap_offset = offset
             self._snapshots_written += 1
             if locked:
