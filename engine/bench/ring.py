@@ -1,11 +1,11 @@
 """The ring section: engine.Ring against queue.Queue, queue.SimpleQueue,
 multiprocessing.Queue/Pipe, faster-fifo and pyzmq on the same workload.
 
-Cases, 64-byte messages (quick / --full): threads 1->1 (200k / 1M);
-processes 1->1 single put/get (200k / 1M); processes 1->1 batch
-(put_many/get_many, 1024 per call for every contender; 200k / 1M); processes
-1->2 competing consumers (100k / 1M); put_array/get_array rows (1M / 4M);
-cross-process ping-pong round-trip latency (5k / 100k round trips). --full
+Cases, 64-byte messages (quick / --full): threads 1->1 (100k / 1M);
+processes 1->1 single put/get (100k / 1M); processes 1->1 batch
+(put_many/get_many, 1024 per call for every contender; 100k / 1M); processes
+1->2 competing consumers (50k / 1M); put_array/get_array rows (1M / 4M);
+cross-process ping-pong round-trip latency (2k / 100k round trips). --full
 adds a message-size sweep (1 B-64 KiB, processes 1->1) and a consumer-count
 sweep (1-4, mode="shared") for the plots.
 """
@@ -252,7 +252,9 @@ def _flow_contenders(n_consumers: int = 1, shared: bool = False) -> List[Contend
 
 def cases(profile: Profile) -> List[Case]:
     """Every ring case for this profile."""
-    n = profile.count(quick=200_000, full=1_000_000)
+    # quick: sized so the slowest peers (multiprocessing.Queue, faster-fifo
+    # single put/get) keep the default suite under a minute on 2 cores
+    n = profile.count(quick=100_000, full=1_000_000)
     size = 64
     wl = Workload(n, size)
     out = [
@@ -300,8 +302,8 @@ def cases(profile: Profile) -> List[Case]:
             "one producer, two competing consumers: every message to exactly one",
             THROUGHPUT,
             # the slowest peers pay for two consumers on two cores: half the
-            # quick count keeps the default suite under a minute
-            Workload(profile.count(quick=100_000, full=1_000_000), size),
+            # quick count
+            Workload(profile.count(quick=50_000, full=1_000_000), size),
             _flow_contenders(2),
             ordered=False,
         ),
@@ -330,7 +332,7 @@ def cases(profile: Profile) -> List[Case]:
             "cross-process round trip of one 64-byte message, waiter spinning",
             LATENCY,
             Workload(
-                profile.count(quick=5_000, full=100_000)
+                profile.count(quick=2_000, full=100_000)
                 if profile.messages is None
                 else max(1, n // 10),
                 size,
@@ -354,7 +356,7 @@ def cases(profile: Profile) -> List[Case]:
     if profile.full:
         budget = 256 << 20  # bytes per size-sweep case: 64 KiB messages -> 4096 of them
         for s in SIZES:
-            cnt = max(1000, min(profile.count(quick=200_000, full=200_000), budget // s))
+            cnt = max(1000, min(profile.count(quick=100_000, full=100_000), budget // s))
             out.append(
                 Case(
                     f"size sweep {s} B",
@@ -372,7 +374,7 @@ def cases(profile: Profile) -> List[Case]:
                     f"consumer sweep 1->{k}",
                     f"one producer, {k} competing consumer process(es)",
                     THROUGHPUT,
-                    Workload(profile.count(quick=200_000, full=200_000), size),
+                    Workload(profile.count(quick=100_000, full=100_000), size),
                     _flow_contenders(k, shared=True),
                     ordered=k == 1,
                     repeat=profile.reps(quick=3, full=3),
