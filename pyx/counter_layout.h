@@ -150,13 +150,18 @@ static inline void eng_cells_sum(const char *first, uint64_t stride, uint32_t n,
  * Linux it is the kernel thread id: ids are handed out sequentially, so the
  * threads and worker processes started together (the usual adders) land on
  * distinct shards modulo a power of two, better than a random hash would.
- * Elsewhere a mix of pthread_self() and the pid.  A forked child inherits the
+ * Elsewhere (and in the ENGINE_PORTABLE build, so CI compiles and tests this
+ * branch) a mix of pthread_self() and the pid.  A forked child inherits the
  * parent's TLS, so an atfork handler clears it in the child. */
 static __thread uint32_t eng_tls_thread_tag;   /* tag + 1; 0 = not computed */
 
+#ifndef ENGINE_PORTABLE
+#define ENGINE_PORTABLE 0
+#endif
+
 static inline uint32_t eng_counter_thread_tag_slow(void) {
     uint64_t t;
-#if defined(__linux__) && defined(SYS_gettid)
+#if defined(__linux__) && defined(SYS_gettid) && !ENGINE_PORTABLE
     t = (uint64_t)syscall(SYS_gettid);
 #else
     t = (uint64_t)(uintptr_t)pthread_self() * 0x9E3779B97F4A7C15ULL;
