@@ -44,6 +44,14 @@ _LAZY = {
     "KeyedConsumer": "engine.scheduling",
     "DurablePriorityQueue": "engine.scheduling",
     "Saga": "engine.saga",
+    "Coordinator": "engine.txn",
+    "Transaction": "engine.txn",
+    "Participant": "engine.txn",
+    "LogParticipant": "engine.txn",
+    "StoreParticipant": "engine.txn",
+    "OffsetParticipant": "engine.txn",
+    "ParticipantServer": "engine.txn",
+    "RemoteParticipant": "engine.txn",
 }
 
 __all__ = [
@@ -79,3 +87,13 @@ if TYPE_CHECKING:
     from .versions import Deduplicator, VersionedStore, VersionGate
     from .scheduling import DurablePriorityQueue, KeyedConsumer, KeyedQueue, PriorityQueue
     from .saga import Saga
+    from .txn import (
+        Coordinator,
+        LogParticipant,
+        OffsetParticipant,
+        Participant,
+        ParticipantServer,
+        RemoteParticipant,
+        StoreParticipant,
+        Transaction,
+    )

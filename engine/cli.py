@@ -21,6 +21,7 @@ TOOLS = (
     "engine.countertool",
     "engine.bridgetool",
     "engine.sagatool",
+    "engine.txntool",
 )
 
 

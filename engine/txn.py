@@ -66,7 +66,6 @@ import uuid
 from typing import (
     TYPE_CHECKING,
     Any,
-    Callable,
     Dict,
     Iterable,
     List,
@@ -222,16 +221,20 @@ def _decode(raw: Any) -> Tuple[Any, ...]:
     return rec
 
 
-def _read_gen(gen_dir: str) -> List[Tuple[Any, ...]]:
+def _read_gen(gen_dir: str, meta: bool = False) -> List[Any]:
+    """Decoded records of one generation; with ``meta``: ``(offset, ts_ns, rec)``."""
     from ._log import LogReader
 
-    out: List[Tuple[Any, ...]] = []
+    out: List[Any] = []
     with LogReader(gen_dir, start=0) as reader:
         while True:
             batch = reader.read_many(4096)
             if not batch:
                 break
-            out.extend(_decode(rec.value) for rec in batch)
+            if meta:
+                out.extend((r.offset, r.timestamp, _decode(r.value)) for r in batch)
+            else:
+                out.extend(_decode(r.value) for r in batch)
     return out
 
 
@@ -247,7 +250,7 @@ class _Journal:
     """
 
     def __init__(
-        self, path: Union[str, "os.PathLike[str]"], kind: str, durability: str,
+        self, path: Union[str, os.PathLike[str]], kind: str, durability: str,
         segment_bytes: int = 1 << 20,
     ) -> None:
         if durability not in _DURABILITIES:
@@ -255,6 +258,11 @@ class _Journal:
         self.path = os.fspath(path)
         self.kind = kind
         self.durability = durability
+        # "always": the log itself runs "none" and we flush() at the records
+        # that must be durable (prepared, commit decision, commit mark); the
+        # others (aborted, done, end) ride along with the next sync.  flush()
+        # is the log's group commit, so concurrent transactions share syncs.
+        self.sync = durability == "always"
         self._segment_bytes = segment_bytes
         os.makedirs(self.path, mode=0o700, exist_ok=True)
         self._lock_fd = os.open(os.path.join(self.path, _OWNER_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
@@ -294,12 +302,15 @@ class _Journal:
     def _open_log(self, gen: int) -> Any:
         from ._log import Log
 
-        return Log(_gen_dir(self.path, gen), durability=self.durability,
+        return Log(_gen_dir(self.path, gen),
+                   durability="interval" if self.durability == "interval" else "none",
                    segment_bytes=self._segment_bytes)
 
     def append(self, rec: Tuple[Any, ...]) -> None:
         """Append one record now (durable per ``durability`` when this returns)."""
         self.log.append(marshal.dumps(rec))
+        if self.sync:
+            self.log.flush()
         self.appended += 1
 
     def switch(self, keep: Iterable[Tuple[Any, ...]]) -> None:
@@ -360,23 +371,32 @@ def _read_pid(path: str) -> Optional[int]:
         return None
 
 
-def _journal_append(journal: _Journal, log: Any, rec: Tuple[Any, ...]) -> None:
+def _journal_append(journal: _Journal, log: Any, rec: Tuple[Any, ...], durable: bool = True) -> None:
     """Append to the generation ``log`` captured under the owner's lock.
 
-    If a concurrent switch already closed that generation, the record is in
-    the new one (carried from memory), so a ``Closed`` there is not an error.
+    ``durable``: the record must be on stable storage (with durability
+    ``"always"``) before this returns.  If a concurrent switch already closed
+    that generation, the record is in the new one (carried from memory), so
+    a ``Closed`` there is not an error.
     """
     try:
         log.append(marshal.dumps(rec))
+        if durable and journal.sync:
+            log.flush()
     except Closed:
         if log is journal.log:
             raise
     journal.appended += 1
 
 
-def read_journal(path: Union[str, "os.PathLike[str]"]) -> Tuple[Dict[str, Any], List[Tuple[Any, ...]]]:
+def read_journal(path: Union[str, os.PathLike[str]], meta: bool = False) -> Tuple[Dict[str, Any], List[Any]]:
     """Read a journal without owning it: ``(CURRENT info, records)``.
 
+    Records are tuples whose first item is the type: coordinator ``("I",
+    incarnation)``, ``("C", txid, participant names)`` (commit decision),
+    ``("E", [txids])`` (ended); participant ``("P", txid, ops)`` (prepared),
+    ``("C", txid, start offset)`` (commit mark), ``("A", txid)`` (aborted).
+    With ``meta=True`` each item is ``(offset, timestamp_ns, record)``.
     Works while the owner runs (readers of an ``engine.Log`` may be in any
     process).  Used by ``queue-engine txn ls``.
     """
@@ -386,7 +406,7 @@ def read_journal(path: Union[str, "os.PathLike[str]"]) -> Tuple[Dict[str, Any], 
         raise FileNotFoundError(f"{path!r} is not a transaction journal (no {_CURRENT} file)")
     for _attempt in range(5):
         try:
-            return cur, _read_gen(_gen_dir(path, cur["gen"]))
+            return cur, _read_gen(_gen_dir(path, cur["gen"]), meta)
         except (FileNotFoundError, EngineError):
             # a switch replaced the generation under us: read the new one
             new = _read_current(path)
@@ -411,7 +431,7 @@ def _txid_parts(txid: str) -> Optional[Tuple[str, int, int]]:
         return None
 
 
-def decision(path: Union[str, "os.PathLike[str]"], txid: str) -> str:
+def decision(path: Union[str, os.PathLike[str]], txid: str) -> str:
     """The outcome of ``txid`` as the coordinator's log at ``path`` says it.
 
     For a participant in another process that restarts and wants to resolve
@@ -487,7 +507,7 @@ class Transaction:
 
     __slots__ = ("_coord", "txid", "deadline", "state", "_parts", "reason", "_doomed")
 
-    def __init__(self, coord: "Coordinator", txid: str, deadline: float) -> None:
+    def __init__(self, coord: Coordinator, txid: str, deadline: float) -> None:
         self._coord = coord
         self.txid = txid
         self.deadline = deadline  # time.monotonic() after which it aborts
@@ -496,7 +516,7 @@ class Transaction:
         self.reason: Optional[str] = None
         self._doomed = False  # decision() answered "abort" after the deadline
 
-    def enlist(self, participant: Participant, ops: Iterable[Any]) -> "Transaction":
+    def enlist(self, participant: Participant, ops: Iterable[Any]) -> Transaction:
         """Add ``ops`` for ``participant`` (appended to earlier ones for it)."""
         if self.state != "active":
             raise EngineError(f"transaction {self.txid} is {self.state}; start a new one")
@@ -535,7 +555,7 @@ class Transaction:
         if self.state == "active":
             self._coord._finish_abort(self, [], reason, raise_=False)
 
-    def __enter__(self) -> "Transaction":
+    def __enter__(self) -> Transaction:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -570,7 +590,7 @@ class Coordinator:
 
     def __init__(
         self,
-        path: Union[str, "os.PathLike[str]"],
+        path: Union[str, os.PathLike[str]],
         durability: str = "always",
         timeout: float = 30.0,
         *,
@@ -611,7 +631,7 @@ class Coordinator:
         self._finishing: set = set()  # committed txids whose commit phase runs now
         self._ended: List[str] = []  # ended txids awaiting their end record
         self._participants: Dict[str, Any] = {}  # name -> participant, for resends
-        self._recent: "collections.deque[Tuple[str, str, float]]" = collections.deque(maxlen=256)
+        self._recent: collections.deque[Tuple[str, str, float]] = collections.deque(maxlen=256)
         self._closed = False
         self.stats_committed = 0
         self.stats_aborted = 0
@@ -755,7 +775,7 @@ class Coordinator:
         if batch is not None:
             if _ARMED:
                 _crash_point("coord.end.before_write")
-            _journal_append(self._journal, log, ("E", batch))
+            _journal_append(self._journal, log, ("E", batch), durable=False)
             if _ARMED:
                 _crash_point("coord.end.after_write")
             if self._journal.appended >= self._compact_records:
@@ -765,7 +785,7 @@ class Coordinator:
         with self._lock:
             if self._closed or self._journal.appended < self._compact_records:
                 return
-            keep = [("I", self._inc)]
+            keep: List[Tuple[Any, ...]] = [("I", self._inc)]
             keep.extend(("C", t, names) for t, names in self._pending.items())
             # a commit record in flight may land in the old generation: carry it
             keep.extend(("C", t, names) for t, names in self._deciding.items())
@@ -840,12 +860,16 @@ class Coordinator:
                 if not self.owns(txid):
                     continue
                 d = self.decision(txid)
-                if d == "commit":
-                    p.commit(txid)
-                    out["committed"] += 1
-                elif d == "abort":
-                    p.abort(txid)
-                    out["aborted"] += 1
+                try:
+                    if d == "commit":
+                        p.commit(txid)
+                        out["committed"] += 1
+                    elif d == "abort":
+                        p.abort(txid)
+                        out["aborted"] += 1
+                except Exception:
+                    _logger.warning("recover: participant %r did not take %s of %s", p.name, d,
+                                    txid, exc_info=True)
         with self._lock:
             todo = [(t, n) for t, n in self._pending.items() if t not in self._finishing]
             for t, _n in todo:
@@ -878,7 +902,7 @@ class Coordinator:
             batch, self._ended = self._ended, []
             log = self._journal.log
         if batch and log is not None:
-            _journal_append(self._journal, log, ("E", batch))
+            _journal_append(self._journal, log, ("E", batch), durable=False)
 
     def stats(self) -> Dict[str, Any]:
         """Counters and sizes (committed, aborted, in flight, unfinished, journal)."""
@@ -903,7 +927,7 @@ class Coordinator:
             self._closed = True
             self._journal.close()
 
-    def __enter__(self) -> "Coordinator":
+    def __enter__(self) -> Coordinator:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -959,7 +983,7 @@ class _JournaledParticipant:
                 doubt[rec[1]] = rec[2]
             elif kind == "C":
                 marks[rec[1]] = rec[2]
-            elif kind == "A":
+            elif kind == "A" or kind == "D":
                 doubt.pop(rec[1], None)
                 marks.pop(rec[1], None)
         self._journal.records = []
@@ -1026,9 +1050,14 @@ class _JournaledParticipant:
         if _ARMED:
             _crash_point("part.commit.after_apply", self.name)
         with self._lock:
-            if self._doubt.pop(txid, None) is not None:
-                self._release(txid, info)
+            if self._doubt.pop(txid, None) is None:
+                return
+            self._release(txid, info)
             self._marks.pop(txid, None)
+            log = self._journal.log
+        # Not needed for safety (recovery sees the effect in the resource);
+        # it keeps `txn ls` and restarts short.
+        _journal_append(self._journal, log, ("D", txid), durable=False)
         self._maybe_compact()
 
     def abort(self, txid: str) -> None:
@@ -1048,7 +1077,7 @@ class _JournaledParticipant:
             _crash_point("part.abort.before_write", self.name)
         # Not needed for safety (no outcome = ask the coordinator = abort);
         # it spares that question after a restart.
-        _journal_append(self._journal, log, ("A", txid))
+        _journal_append(self._journal, log, ("A", txid), durable=False)
         if _ARMED:
             _crash_point("part.abort.after_write", self.name)
         self._maybe_compact()
@@ -1058,7 +1087,7 @@ class _JournaledParticipant:
         with self._lock:
             return [t for t in self._doubt if t not in self._marks]
 
-    def resolve(self, coordinator: Union["Coordinator", str, "os.PathLike[str]"]) -> Dict[str, int]:
+    def resolve(self, coordinator: Union[Coordinator, str, os.PathLike[str]]) -> Dict[str, int]:
         """Resolve in-doubt txns by asking ``coordinator`` (object or log path).
 
         For a participant that restarts on its own.  Transactions the
@@ -1270,10 +1299,9 @@ class StoreParticipant(_JournaledParticipant):
             raise TypeError("name is required")
         self.store = store
         self._locks: Dict[bytes, str] = {}  # key -> txid holding it
-        if durability is None:
-            durability = getattr(store, "durability", None) or getattr(store, "_durability", "always")
+        dur = durability or getattr(store, "durability", None) or getattr(store, "_durability", None)
         super().__init__(name, state_path or _default_state_path(path, name, "StoreParticipant"),
-                         durability, compact_records, segment_bytes)
+                         str(dur or "always"), compact_records, segment_bytes)
         self._replay()
 
     def _check(self, txid: str, ops: Sequence[Any]) -> Any:
@@ -1394,25 +1422,30 @@ class ParticipantServer:
 
     def __init__(self, participant: Participant, endpoint: Optional[str] = None, *,
                  capacity: int = 1 << 20, coordinator: Optional[str] = None) -> None:
-        from ._ring import Ring
-
         self.participant = participant
         self.endpoint = endpoint or participant.name.replace("/", "_").replace(":", "_")
+        self._capacity = capacity
+        self._open_rings()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.served = 0
+        if coordinator is not None and hasattr(participant, "resolve"):
+            participant.resolve(coordinator)
+
+    def _open_rings(self) -> None:
+        from ._ring import Ring
+
         req, rsp = _ring_names(self.endpoint)
         for n in (req, rsp):
             try:
                 Ring.unlink(n)  # a ring left by an earlier run: start clean
             except (FileNotFoundError, EngineError, OSError):
                 pass
-        self._req_ring = Ring.create(req, capacity=capacity, mode="spsc")
-        self._rsp_ring = Ring.create(rsp, capacity=capacity, mode="spsc")
+        # rsp first: a client that sees the new req ring finds rsp there too
+        self._rsp_ring = Ring.create(rsp, capacity=self._capacity, mode="spsc")
+        self._req_ring = Ring.create(req, capacity=self._capacity, mode="spsc")
         self._in = self._req_ring.consumer()
         self._out = self._rsp_ring.producer()
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-        self.served = 0
-        if coordinator is not None and hasattr(participant, "resolve"):
-            participant.resolve(coordinator)
 
     def _handle(self, raw: bytes) -> bytes:
         try:
@@ -1446,7 +1479,18 @@ class ParticipantServer:
             raw = self._in.get(timeout=timeout)
         except Timeout:
             return False
-        self._out.put(self._handle(raw), timeout=5.0)
+        except Closed:
+            # a client closed the request stream: start fresh rings
+            self._close_rings()
+            self._open_rings()
+            return False
+        try:
+            self._out.put(self._handle(raw), timeout=5.0)
+        except Timeout:
+            # nobody drains responses (the client died): start fresh rings so
+            # the next client is not stuck behind stale answers
+            self._close_rings()
+            self._open_rings()
         self.served += 1
         return True
 
@@ -1455,7 +1499,7 @@ class ParticipantServer:
         while not self._stop.is_set():
             self.serve_once(0.05)
 
-    def start(self) -> "ParticipantServer":
+    def start(self) -> ParticipantServer:
         """Serve in a daemon thread."""
         self._thread = threading.Thread(target=self.serve_forever, name=f"txn-server-{self.endpoint}",
                                         daemon=True)
@@ -1474,18 +1518,21 @@ class ParticipantServer:
         from ._ring import Ring
 
         self.stop()
-        for obj in (self._in, self._out, self._req_ring, self._rsp_ring):
-            try:
-                obj.close()
-            except Exception:  # pragma: no cover
-                pass
+        self._close_rings()
         for n in _ring_names(self.endpoint):
             try:
                 Ring.unlink(n)
             except Exception:
                 pass
 
-    def __enter__(self) -> "ParticipantServer":
+    def _close_rings(self) -> None:
+        for obj in (self._in, self._out, self._req_ring, self._rsp_ring):
+            try:
+                obj.close()
+            except Exception:  # pragma: no cover
+                pass
+
+    def __enter__(self) -> ParticipantServer:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -1511,28 +1558,39 @@ class RemoteParticipant:
         self._rids = itertools.count(1)
         self._nonce = int.from_bytes(os.urandom(4), "little") << 32
         self._rings: Optional[Tuple[Any, Any, Any, Any]] = None
+        self._inodes: Tuple[int, ...] = ()
 
     def _attach(self) -> Tuple[Any, Any, Any, Any]:
         from ._ring import Ring
 
         if self._rings is None:
             req, rsp = _ring_names(self.endpoint)
+            self._inodes = self._ring_inodes()
             rq = Ring.attach(req)
-            try:
-                rs = Ring.attach(rsp)
-            except Exception:
-                rq.close()
-                raise
+            rs = Ring.attach(rsp)
             self._rings = (rq, rs, rq.producer(), rs.consumer())
         return self._rings
 
+    def _ring_inodes(self) -> Tuple[int, ...]:
+        from . import _ring
+
+        shm_dir = getattr(_ring, "SHM_DIR", "/dev/shm")
+        out = []
+        for n in _ring_names(self.endpoint):
+            try:
+                out.append(os.stat(os.path.join(shm_dir, n)).st_ino)
+            except OSError:
+                out.append(-1)
+        return tuple(out)
+
     def _detach(self) -> None:
+        # Never close our producer: that would end the request stream for
+        # the server.  Dropping it frees the producer slot for the next one.
         if self._rings is not None:
-            for obj in reversed(self._rings):
-                try:
-                    obj.close()
-                except Exception:
-                    pass
+            try:
+                self._rings[3].close()  # our consumer slot
+            except Exception:
+                pass
             self._rings = None
 
     def _call(self, method: str, txid: Optional[str] = None, ops: Any = None) -> Any:
@@ -1551,8 +1609,12 @@ class RemoteParticipant:
                     rrid, ok, result = marshal.loads(raw)
                     if rrid == rid:
                         break
-            except (Timeout, Closed, EngineError, OSError, ValueError):
-                self._detach()  # the server may have restarted: attach afresh next time
+            except Timeout:
+                if self._ring_inodes() != self._inodes:
+                    self._detach()  # the server restarted (new rings): attach afresh
+                raise
+            except (Closed, EngineError, OSError, ValueError):
+                self._detach()  # the server closed or is gone: attach afresh next time
                 raise
         if not ok:
             raise EngineError(f"participant {self.name!r}: {result}")
@@ -1583,7 +1645,7 @@ class RemoteParticipant:
         with self._lock:
             self._detach()
 
-    def __enter__(self) -> "RemoteParticipant":
+    def __enter__(self) -> RemoteParticipant:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -69,7 +69,7 @@ class ChildResult:
     def unwrap(self) -> Any:
         """The value of a clean run; raise AssertionError otherwise."""
         if self.killed:
-            raise AssertionError("child was SIGKILLed (trace tail: %s)" % self.trace[-5:])
+            raise AssertionError(f"child was SIGKILLed (trace tail: {self.trace[-5:]})")
         if self.error is not None or self.exitcode != 0:
             raise AssertionError(f"child failed (exit {self.exitcode}):\n{self.error}")
         return self.value

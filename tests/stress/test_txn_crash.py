@@ -30,9 +30,9 @@ import os
 import random
 import shutil
 
+import crashkit
 import pytest
 
-import crashkit
 from engine._log import Log, LogReader
 from engine.errors import TransactionAborted
 from engine.txn import Coordinator, LogParticipant, OffsetParticipant, StoreParticipant

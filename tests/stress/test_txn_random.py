@@ -24,9 +24,9 @@ import random
 import threading
 import time
 
+import crashkit
 import pytest
 
-import crashkit
 from engine._log import Log, LogReader
 from engine.errors import TransactionAborted
 from engine.txn import Coordinator, LogParticipant, StoreParticipant
