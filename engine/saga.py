@@ -262,52 +262,63 @@ class SagaInfo:
 # crash points (tests SIGKILL the process at a named moment)
 # ---------------------------------------------------------------------------
 
-_crash_at: Optional[str] = None  # a point name, "*" (any point) or None (off)
-_crash_left = 0  # matching hits still to let pass + 1
-_crash_trace: Optional[List[str]] = None  # when a list: every point hit is appended
+# The contract of tests/crashkit.py (shared with engine.txn): _arm_crash(spec,
+# trace_path) and _crash_point(name). Call sites test _ARMED first, so an
+# unarmed process pays one global load per point.
+_ARMED = False
+_CRASH_AT: Optional[str] = None  # a point name, "*" (any point) or None
+_CRASH_NTH = 1  # die at this hit of _CRASH_AT
+_CRASH_HITS: Dict[str, int] = {}  # point name -> hits so far ("*": all points)
+_CRASH_TRACE_FD = -1  # every hit is appended here as "point#k"
 
 
-def _arm_crash(point: Optional[str], nth: int = 1) -> None:
-    """Kill this process with SIGKILL at the ``nth`` hit of ``point`` (a name
-    or ``"*"`` for any point); ``None`` disarms. For crash tests only."""
-    global _crash_at, _crash_left
-    _crash_at = point
-    _crash_left = max(1, int(nth))
+def _arm_crash(spec: Optional[str], trace_path: Optional[str] = None) -> None:
+    """Arm the crash hook (tests only): die by SIGKILL at ``spec``.
+
+    ``spec`` is ``"point"`` (its first hit), ``"point#k"`` (its k-th hit) or
+    ``"*#k"`` (the k-th hit of any point); ``trace_path`` receives every hit as
+    a line ``point#k``, written unbuffered so the trace survives the kill.
+    ``None`` and no trace disarm. Also read from ``ENGINE_CRASH_AT`` and
+    ``ENGINE_CRASH_TRACE`` at import (see tests/crashkit.py).
+    """
+    global _ARMED, _CRASH_AT, _CRASH_NTH, _CRASH_TRACE_FD
+    _CRASH_HITS.clear()
+    if _CRASH_TRACE_FD >= 0:
+        os.close(_CRASH_TRACE_FD)
+        _CRASH_TRACE_FD = -1
+    _CRASH_AT, _CRASH_NTH = None, 1
+    if spec:
+        name, _, nth = spec.partition("#")
+        _CRASH_AT = name or "*"
+        _CRASH_NTH = int(nth) if nth else 1
+    if trace_path:
+        _CRASH_TRACE_FD = os.open(trace_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    _ARMED = _CRASH_AT is not None or _CRASH_TRACE_FD >= 0
 
 
-def _trace_crash_points(trace: Optional[List[str]]) -> None:
-    """Append the name of every crash point hit to ``trace`` (``None``: stop)."""
-    global _crash_trace
-    _crash_trace = trace
-
-
-def _crash_point(name: str) -> None:
+def _crash_point(name: str, party: Optional[str] = None) -> None:
     """A named moment at which a crash test may SIGKILL this process.
 
-    Armed by :func:`_arm_crash` or the environment: ``ENGINE_CRASH_AT=NAME``,
-    ``NAME#N`` (the Nth hit) or ``*#N`` (the Nth hit of any point).
+    The full name is ``name`` or ``name@party``. Saga points: ``saga.before-write:KINDS``
+    and ``saga.after-write:KINDS`` around each durable write (KINDS: the
+    records written, e.g. ``done+start``), ``saga.action:STEP:enter|exit`` and
+    ``saga.compensate:STEP:enter|exit`` around each call.
     """
-    global _crash_left
-    if _crash_at is None and _crash_trace is None:
+    if not _ARMED:
         return
-    if _crash_trace is not None:
-        _crash_trace.append(name)
-    if _crash_at is not None and (_crash_at == "*" or _crash_at == name):
-        _crash_left -= 1
-        if _crash_left <= 0:
-            os.kill(os.getpid(), signal.SIGKILL)
-            time.sleep(10)  # SIGKILL is asynchronous only in theory; never go on
+    full = name if party is None else f"{name}@{party}"
+    hits = _CRASH_HITS.get(full, 0) + 1
+    _CRASH_HITS[full] = hits
+    every = _CRASH_HITS.get("*", 0) + 1
+    _CRASH_HITS["*"] = every
+    if _CRASH_TRACE_FD >= 0:
+        os.write(_CRASH_TRACE_FD, f"{full}#{hits}\n".encode())
+    if (full == _CRASH_AT and hits == _CRASH_NTH) or (_CRASH_AT == "*" and every == _CRASH_NTH):
+        os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(10)  # the signal is delivered first; never go on
 
 
-def _arm_from_env() -> None:
-    spec = os.environ.get("ENGINE_CRASH_AT")
-    if not spec:
-        return
-    name, _, nth = spec.partition("#")
-    _arm_crash(name or "*", int(nth) if nth.isdigit() else 1)
-
-
-_arm_from_env()
+_arm_crash(os.environ.get("ENGINE_CRASH_AT"), os.environ.get("ENGINE_CRASH_TRACE"))
 
 
 # ---------------------------------------------------------------------------
@@ -954,7 +965,8 @@ class Saga:
                 compensating,
             )
             where = "compensate" if compensating else "action"
-            _crash_point(f"saga.{where}:{name}:enter")
+            if _ARMED:
+                _crash_point(f"saga.{where}:{name}:enter")
             try:
                 result = self._call(fn, is_async, sc, step.timeout, loop)
             except Exception as exc:
@@ -970,7 +982,8 @@ class Saga:
                     return exc
                 self._sleep_backoff(tries)
                 continue
-            _crash_point(f"saga.{where}:{name}:exit")
+            if _ARMED:
+                _crash_point(f"saga.{where}:{name}:exit")
             ok: Dict[str, Any] = {"t": k_ok, "id": run.id, "s": name}
             if not compensating:
                 ok["r"] = result
@@ -1058,12 +1071,14 @@ class Saga:
                 return
             batch = run.pending
             run.pending = []
-            kinds = "+".join(k for k, _ in batch)
             values = [b for _, b in batch]
             key = run.id.encode()
-            _crash_point(f"saga.before-write:{kinds}")
+            if _ARMED:
+                kinds = "+".join(k for k, _ in batch)
+                _crash_point(f"saga.before-write:{kinds}")
             self._log.append_many(values, [key] * len(values))
-            _crash_point(f"saga.after-write:{kinds}")
+            if _ARMED:
+                _crash_point(f"saga.after-write:{kinds}")
         if self._events is not None:
             self._publish(key, values)
 

@@ -2,7 +2,8 @@
 random failures (transient, business, permanent; in actions and in
 compensations) and random SIGKILLs (during runs and during recovery).
 
-Forked children run sagas until each is SIGKILLed at a random crash point;
+Children forked by tests/crashkit.py run sagas until each is SIGKILLed at a
+random crash point;
 the next child first recovers, then goes on. At the end the parent recovers
 and checks, against the sagas' own logs:
 
@@ -20,9 +21,9 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 from collections import Counter, defaultdict
 
+import crashkit
 import pytest
 
 from engine import saga as saga_mod
@@ -170,9 +171,8 @@ def open_sagas(base, store):
     return out
 
 
-def worker(base, seed, crash_at, quota):
+def worker(base, seed, quota):
     rng = random.Random(seed)
-    saga_mod._arm_crash("*", crash_at)
     store = Store(os.path.join(base, "ledger"), random.Random(seed + 1))
     sagas = open_sagas(base, store)
     for s in sagas.values():
@@ -196,35 +196,26 @@ def worker(base, seed, crash_at, quota):
     store.close()
 
 
-def fork(fn, *args):
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            fn(*args)
-            code = 0
-        except BaseException:
-            import traceback
-
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return status
-
-
 def test_random_sagas_with_crashes(tmp_path):
     base = str(tmp_path)
     rng = random.Random(20261126)
     kills = clean_exits = 0
     begun_file = os.path.join(base, "begun")
     while not os.path.exists(begun_file) or os.path.getsize(begun_file) < TARGET_SAGAS + 100:
-        status = fork(worker, base, rng.randrange(1 << 30), rng.randint(1, 900), 40)
-        if os.WIFSIGNALED(status):
-            assert os.WTERMSIG(status) == signal.SIGKILL
+        # die at a random crash point (the k-th hit of any), or finish the quota
+        res = crashkit.run(
+            worker,
+            base,
+            rng.randrange(1 << 30),
+            40,
+            crash_at=f"*#{rng.randint(1, 900)}",
+            hooks=("engine.saga",),
+            timeout=120,
+        )
+        if res.killed:
             kills += 1
         else:
-            assert os.WEXITSTATUS(status) == 0, "worker failed (traceback above)"
+            res.unwrap()
             clean_exits += 1
         assert kills + clean_exits < 400, "the workload makes no progress"
 
