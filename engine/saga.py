@@ -536,7 +536,8 @@ def _fold_log(
                 continue
             run = runs.get(sid)
             if run is None:
-                _logger.warning("saga log: record for unknown saga %s (its begin is gone)", sid)
+                # normal after compaction: its begin went with an old segment
+                _logger.debug("saga log: record for unknown saga %s (its begin is gone)", sid)
                 continue
             run.fold(rec, ts)
             if not keep_finished and run.state.finished:
@@ -548,6 +549,23 @@ def _fold_log(
     return runs, next_offset
 
 
+_LOW_WATER_GROUP = "saga-low-water"  # the log consumer group holding the low-water mark
+
+
+def _read_low_water(path: str) -> Optional[int]:
+    from engine._log import LogReader
+
+    try:
+        reader = LogReader(path, group=_LOW_WATER_GROUP)
+    except (EngineError, OSError, ValueError):
+        return None
+    try:
+        low = reader.committed()
+    finally:
+        reader.close()
+    return low if isinstance(low, int) and low >= 0 else None
+
+
 def list_sagas(
     path: Union[str, os.PathLike[str]], codec: Optional[Tuple[Any, Any]] = None
 ) -> List[SagaInfo]:
@@ -556,6 +574,9 @@ def list_sagas(
     Reads only (a :class:`engine.LogReader`): safe while a :class:`Saga` runs in
     another process. A saga that is running there shows as ``running`` or
     ``compensating``; so does one whose process died (``recover`` finishes it).
+    After :meth:`Saga.compact` has let the log delete old segments, finished
+    sagas whose first record went with them are no longer listed; unfinished
+    and stuck ones always are.
     """
     loads = (codec or _JSON)[1]
     runs, _ = _fold_log(os.fspath(path), loads)
@@ -621,7 +642,9 @@ class Saga:
     Saga is its single writer (a second one, in any process, gets
     :class:`engine.LogLocked`). ``durability`` and ``segment_bytes`` are the
     log's (see the module docs; saga records are small, so segments are
-    smaller than the log's default). ``retries`` / ``compensate_retries`` are the default number of
+    smaller than the log's default), and so are ``retention_bytes`` /
+    ``retention_age``, which :meth:`compact` applies without ever deleting
+    an unfinished saga's records. ``retries`` / ``compensate_retries`` are the default number of
     retries after a failed attempt, ``backoff`` the first delay in seconds
     (doubled per retry, with jitter, up to ``max_backoff``). ``events`` is an
     :class:`engine.Log` or a callable that receives every saga record after it
@@ -639,6 +662,9 @@ class Saga:
         durability: str = "always",
         *,
         segment_bytes: int = 16 << 20,
+        retention_bytes: Optional[int] = None,
+        retention_age: Optional[float] = None,
+        compact_every: int = 10_000,
         retries: int = 3,
         compensate_retries: int = 5,
         backoff: float = 0.05,
@@ -663,6 +689,12 @@ class Saga:
             isinstance(codec, tuple) and len(codec) == 2 and all(map(callable, codec))
         ):
             raise TypeError("codec must be a (dumps, loads) pair of callables")
+        if (
+            not isinstance(compact_every, int)
+            or isinstance(compact_every, bool)
+            or compact_every < 0
+        ):
+            raise ValueError(f"compact_every must be an int >= 0, not {compact_every!r}")
         from engine._log import Log
 
         self._path = os.fspath(path)
@@ -680,16 +712,30 @@ class Saga:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._loop_thread: Optional[threading.Thread] = None
         self._closed = False
-        self._log = Log(self._path, durability=durability, segment_bytes=segment_bytes)
+        self._compact_every = compact_every
+        self._finished = 0  # sagas finished since the last compact()
+        self._log = Log(
+            self._path,
+            durability=durability,
+            segment_bytes=segment_bytes,
+            retention_bytes=retention_bytes,
+            retention_age=retention_age,
+        )
         try:
-            runs, _ = _fold_log(
-                self._path, self._loads, start=self._log.start_offset, keep_finished=False
-            )
+            # every saga begun below the low-water mark had finished when it
+            # was recorded: start the fold there
+            low = _read_low_water(self._path)
+            start = self._log.start_offset if low is None else max(low, self._log.start_offset)
+            runs, _ = _fold_log(self._path, self._loads, start=start, keep_finished=False)
+            # unfinished (and stuck) sagas, by id: recover() drives them
+            self._runs: Dict[str, _Run] = runs
+            if retention_bytes is not None or retention_age is not None:
+                # the log's retention never deletes past a group's committed
+                # offset: commit the mark before any segment can roll away
+                self._commit_low_water()
         except BaseException:
             self._log.close()
             raise
-        # unfinished (and stuck) sagas, by id: recover() drives them
-        self._runs: Dict[str, _Run] = runs
 
     # -- definition -------------------------------------------------------
 
@@ -817,10 +863,12 @@ class Saga:
             raise TypeError(
                 f"ctx must be encodable by the saga's codec (JSON by default): {exc}"
             ) from exc
-        run = _Run(saga_id, ctx, names, self._log.next_offset, time.time_ns())
+        run = _Run(saga_id, ctx, names, 0, time.time_ns())
         with self._lock:
             if saga_id in self._runs:
                 raise ValueError(f"saga_id {saga_id!r} names an unfinished saga; call recover()")
+            # read under the lock: compact() relies on it (see _low_water)
+            run.begin_offset = self._log.next_offset
             self._runs[saga_id] = run
         # begin and the first start share one sync (the first _attempt writes it)
         self._emit(run, [begin], sync=False)
@@ -913,6 +961,48 @@ class Saga:
     def _forget(self, run: _Run) -> None:
         with self._lock:
             self._runs.pop(run.id, None)
+            self._finished += 1
+            due = self._compact_every and self._finished >= self._compact_every
+        if due:
+            self.compact()
+
+    # -- compaction -------------------------------------------------------
+
+    def _low_water(self) -> int:
+        # Under the lock: a saga registered later gets begin_offset >= this
+        # next_offset (it only grows), one registered earlier is in _runs.
+        with self._lock:
+            low = self._log.next_offset
+            for r in self._runs.values():
+                if r.begin_offset < low:
+                    low = r.begin_offset
+            self._finished = 0
+        return low
+
+    def _commit_low_water(self) -> int:
+        from engine._log import LogReader
+
+        low = self._low_water()
+        reader = LogReader(self._path, group=_LOW_WATER_GROUP)
+        try:
+            reader.commit(low)
+        finally:
+            reader.close()
+        return low
+
+    def compact(self) -> int:
+        """Let the log forget finished sagas; returns the segments deleted.
+
+        Records durably the *low-water mark* (the offset of the oldest
+        unfinished or stuck saga's first record, or the log's end), so that
+        the next open reads only from there, and applies the log's retention
+        (``retention_bytes`` / ``retention_age``), which never deletes a
+        segment at or past the mark: an unfinished saga is never lost. Runs by
+        itself every ``compact_every`` finished sagas (0: only when called).
+        """
+        self._check_open()
+        self._commit_low_water()
+        return int(self._log.apply_retention())
 
     def _run_stage(
         self, run: _Run, todo: List[_Step], loop: Optional[asyncio.AbstractEventLoop]

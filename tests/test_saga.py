@@ -592,3 +592,61 @@ def test_saga_ls(tmp_path, capsys):
     assert [json.loads(x)["saga_id"] for x in capsys.readouterr().out.splitlines()] == ["ok1"]
     assert cli.main(["saga", "ls", str(tmp_path / "missing")]) == 1
     assert "cannot read" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# compaction: the log forgets finished sagas, never an unfinished one
+# ---------------------------------------------------------------------------
+
+
+def test_compaction_keeps_unfinished_sagas(tmp_path):
+    path = tmp_path / "s"
+
+    def stop(sc):
+        if sc.ctx == "stop":
+            raise KeyboardInterrupt
+        return sc.ctx
+
+    def build(**kw):
+        saga = Saga(path, durability="none", segment_bytes=8192, backoff=0, **kw)
+        saga.step("a", lambda sc: 1, lambda sc: None).step("b", stop, lambda sc: None)
+        return saga
+
+    saga = build(retention_bytes=3 * 8192, compact_every=0)
+    saga.run("x", saga_id="first-done")
+    with pytest.raises(KeyboardInterrupt):
+        saga.run("stop", saga_id="stays")  # unfinished: must survive compaction
+    for i in range(400):
+        saga.run(i)
+    deleted = saga.compact()
+    # nothing at or past the oldest unfinished saga is deleted: that is the first segment
+    assert deleted == 0 and saga.log.start_offset == 0
+    saga.close()
+    # reopened (reading from the low-water mark), it is still there; a
+    # definition whose b now fails compensates it
+    saga = Saga(
+        path,
+        durability="none",
+        segment_bytes=8192,
+        backoff=0,
+        retention_bytes=3 * 8192,
+        compact_every=150,
+    )
+    assert [i.saga_id for i in saga.unfinished()] == ["stays"]
+    saga.step("a", lambda sc: 1, lambda sc: None).step("b", lambda sc: 1 / 0, None, retries=0)
+    [info] = saga.recover()
+    assert info.state is SagaState.COMPENSATED
+    for i in range(400):
+        with pytest.raises(StepFailed):
+            saga.run(i)  # compacts by itself every 150
+    assert saga.log.start_offset > 0
+    saga.compact()
+    assert saga.unfinished() == []
+    saga.close()
+    infos = list_sagas(path)
+    assert "first-done" not in {i.saga_id for i in infos}  # its segment is gone
+    assert all(i.state.finished for i in infos) and len(infos) < 800
+    # reopen reads from the low-water mark: nothing unfinished, nothing lost
+    saga = build(retention_bytes=3 * 8192)
+    assert saga.unfinished() == [] and saga.recover() == []
+    saga.close()
