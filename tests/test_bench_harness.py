@@ -611,6 +611,10 @@ def test_cli_ok_run_and_options(fake_section_module, monkeypatch, capsys):
     assert main(["bench", "--only", "fakesec", "--list"]) == 0
     assert "thr [throughput" in capsys.readouterr().out
     assert main(["bench", "--only", "nosuchsection", "--quiet"]) == 2
+    # a listed section whose module has not landed is named, not run
+    monkeypatch.setattr(harness, "SECTIONS", harness.SECTIONS + ("qe_not_landed",))
+    assert main(["bench", "--only", "fakesec,qe_not_landed", "--quiet"]) == 2
+    assert "not in this build yet: qe_not_landed" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "--repeat", "0"])
 

@@ -52,7 +52,11 @@ def register(sub: Any) -> None:
         const="-",
         help="write the Markdown tables (README) to PATH, or stdout instead of the terminal table",
     )
-    p.add_argument("--plot", metavar="DIR", help="write PNG charts into DIR (needs matplotlib)")
+    p.add_argument(
+        "--plot",
+        metavar="DIR",
+        help="write PNG charts into DIR (needs matplotlib; the size and consumer sweeps run with --full)",
+    )
     p.add_argument("--repeat", metavar="N", type=_positive, help="repetitions of every case")
     p.add_argument("--messages", metavar="N", type=_positive, help="messages per case")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress display on stderr")
@@ -85,6 +89,14 @@ def main(args: argparse.Namespace) -> int:
         sections = harness.load_sections(only)
     except ValueError as exc:
         print(f"queue-engine bench: {exc}", file=sys.stderr)
+        return 2
+    loaded = {getattr(mod, "__name__", "").rsplit(".", 1)[-1] for _, mod in sections}
+    absent = [n for n in (only or []) if n not in loaded]
+    if absent:
+        print(
+            f"queue-engine bench: section(s) not in this build yet: {', '.join(absent)}",
+            file=sys.stderr,
+        )
         return 2
     if not sections:
         print("queue-engine bench: no benchmark section is available", file=sys.stderr)
