@@ -91,7 +91,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Type, Union
 
 from .errors import EngineError, Timeout
 
@@ -106,6 +106,8 @@ __all__ = [
 ]
 
 _logger = logging.getLogger("engine")
+
+Durability = Literal["always", "interval", "none"]
 
 
 # ---------------------------------------------------------------------------
@@ -387,7 +389,7 @@ class _Run:
 
     def fold(self, rec: Dict[str, Any], ts: int) -> None:
         t = rec["t"]
-        s = rec.get("s")
+        s: Any = rec.get("s")  # a str wherever a step is named (_decode checks it)
         self.updated_ns = ts
         if t == "start":
             self.inflight.add(s)
@@ -659,7 +661,7 @@ class Saga:
     def __init__(
         self,
         path: Union[str, os.PathLike[str]],
-        durability: str = "always",
+        durability: Durability = "always",
         *,
         segment_bytes: int = 16 << 20,
         retention_bytes: Optional[int] = None,
@@ -937,15 +939,23 @@ class Saga:
         if run.state is SagaState.COMPENSATING:
             by_name = {s.name: s for s in self._steps}
             for name in run.to_compensate():
-                exc = self._attempts(run, by_name[name], loop, compensating=True)
-                if exc is not None:
+                cexc = self._attempts(run, by_name[name], loop, compensating=True)
+                if cexc is not None:
                     self._emit(
                         run,
-                        [{"t": "end", "id": run.id, "st": "stuck", "s": name, "e": _describe(exc)}],
+                        [
+                            {
+                                "t": "end",
+                                "id": run.id,
+                                "st": "stuck",
+                                "s": name,
+                                "e": _describe(cexc),
+                            }
+                        ],
                         sync=True,
                     )
-                    err = SagaStuck(run.id, name, _describe(exc), run.failed_step)
-                    raise err from exc
+                    err = SagaStuck(run.id, name, _describe(cexc), run.failed_step)
+                    raise err from cexc
             self._emit(run, [{"t": "end", "id": run.id, "st": "compensated"}], sync=True)
             self._forget(run)
             err2 = StepFailed(

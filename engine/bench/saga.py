@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import threading
 import time
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, List, Literal, Tuple
 
 from engine.bench.harness import THROUGHPUT, Case, Contender, Profile, Run, Workload, digest
 
@@ -63,7 +63,9 @@ def _plain(wl: Workload) -> Run:
     return Run.timed(t0, t1, digest(out))
 
 
-def _saga(durability: str, threads: int = 1) -> Callable[[Workload], Run]:
+def _saga(
+    durability: Literal["always", "interval", "none"], threads: int = 1
+) -> Callable[[Workload], Run]:
     def run(wl: Workload) -> Run:
         from engine.saga import Saga
 
