@@ -101,7 +101,7 @@ def _latest(obj: Union[ShardedCounter, CounterMap], log: Any) -> Optional[bytes]
     from engine import LogReader
 
     want = _ckpt_key(obj)
-    if isinstance(log, (str, bytes, os.PathLike)):
+    if isinstance(log, (str, os.PathLike)):
         reader = LogReader(log, start=0)
     else:
         log.flush()

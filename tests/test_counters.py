@@ -627,3 +627,65 @@ def test_cli_counter_show(shm_name):
     assert shm_name in ls.stdout and m_name in ls.stdout
     bad = _cli("show", shm_name + "-missing")
     assert bad.returncode == 1 and "no such region" in bad.stderr
+
+
+# ---------------------------------------------------------------- stubs
+
+
+USAGE = """
+from __future__ import annotations
+from typing import Dict, List, Optional, Tuple, Union
+import engine
+from engine.counters import CounterAggregator, CounterMap, CounterMapFull, ShardedCounter
+
+c: ShardedCounter = engine.ShardedCounter.create("x", shards=8)
+c.add(); c.add(-3)
+total: int = c.value()
+drained: int = c.reset()
+shards: int = c.shards
+name: Optional[str] = c.name
+with ShardedCounter() as p:
+    p.add(1)
+m = CounterMap(capacity=64)
+m.add("k", 2); m.add(b"k")
+v: int = m["k"]
+top: List[Tuple[Union[str, bytes], int]] = m.top(3)
+n: int = len(m)
+agg = CounterAggregator(target=m)
+s = agg.sender(batch=16)
+s.add("k", 1); s.flush(); s.close()
+applied: int = agg.drain()
+err: CounterMapFull
+"""
+
+BAD_USAGE = """
+from engine.counters import ShardedCounter
+c = ShardedCounter()
+c.add("1")
+x: str = c.value()
+"""
+
+
+def test_stub_accepts_typical_usage_and_rejects_misuse(tmp_path):
+    pytest.importorskip("mypy")
+    good, bad = tmp_path / "good_usage.py", tmp_path / "bad_usage.py"
+    good.write_text(USAGE)
+    bad.write_text(BAD_USAGE)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--follow-imports=silent",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            str(good),
+            str(bad),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=str(Path(__file__).resolve().parents[1]),
+    ).stdout
+    assert "good_usage.py" not in out, out
+    assert 'bad_usage.py:4: error: Argument 1 to "add" of "ShardedCounter"' in out, out
+    assert "bad_usage.py:5: error: Incompatible types in assignment" in out, out
