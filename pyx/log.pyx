@@ -1282,6 +1282,9 @@ cdef class Log:
         cdef uint64_t off
         cdef int64_t ts = 0
         cdef int why = W_NONE
+        stem = _os.path.join(self._path, f"{base:020d}")
+        if _os.path.exists(stem + ".idx") and _os.path.exists(stem + ".tix"):
+            return  # cheap check at every open; readers validate and fall back to a scan
         spath = _os.path.join(self._path, _seg_name(base))
         s = _map_seg(spath, False, base, self._log_id_bytes, False)
         if s is None:
