@@ -26,6 +26,7 @@ from engine.bench.harness import (
     LatencyHistogram,
     Profile,
     Run,
+    Target,
     Workload,
     digest,
     run_case,
@@ -335,6 +336,7 @@ def _fake_section():
                     Contender("peer", honest),
                     Contender("ghost", honest, requires=("no_such_mod_qe",)),
                 ],
+                targets=[Target("ratio", 1e-6, "peer"), Target("min_msg_per_s", 1e18)],
             ),
             Case(
                 "lat",
@@ -431,8 +433,12 @@ def test_json_schema_is_stable(suite):
             "best_ours",
             "best_peer",
             "ratio",
+            "targets",
             "contenders",
         }
+        for t in c["targets"]:
+            assert set(t) == {"target", "kind", "required", "peer", "measured", "met"}
+            assert t["met"] in (True, False, None) and isinstance(t["target"], str)
         assert c["kind"] in ("throughput", "latency") and isinstance(c["verified"], bool)
         assert set(c["workload"]) == {"count", "size", "seed", "bytes", "checksum"}
         assert all(isinstance(v, int) for v in c["workload"].values())
@@ -485,6 +491,7 @@ def test_json_schema_is_stable(suite):
                     and 0 <= r["checksum"] < 1 << 64
                 )
     by = {c["name"]: c for c in data["cases"]}
+    assert [t["met"] for t in by["thr"]["targets"]] == [True, False]
     assert by["thr"]["verified"] and by["thr"]["best_peer"] == "peer" and by["thr"]["ratio"] > 0
     assert [k["status"] for k in by["thr"]["contenders"]] == ["ok", "ok", "skipped"]
     assert by["bad"]["failed"] and by["bad"]["contenders"][1]["status"] == "FAILED"
@@ -665,3 +672,54 @@ def test_full_profile_has_the_sweeps():
         3,
         4,
     ]
+
+
+def test_targets_met_not_met_and_not_measured():
+    def fixed(seconds, lat_ns=None):
+        def fn(wl):
+            r = honest(wl)
+            r.seconds = seconds
+            if lat_ns is not None:
+                r.latencies_ns = [lat_ns] * wl.count
+            return r
+
+        return fn
+
+    case = _case(
+        [Contender("ours", fixed(1.0), ours=True), Contender("peer", fixed(30.0))],
+        n=1000,
+    )
+    case.targets = [
+        Target("ratio", 25, "peer"),
+        Target("ratio", 40, "peer"),
+        Target("ratio", 2, "absent peer"),
+        Target("min_msg_per_s", 999),
+        Target("min_mb_per_s", 0.064),
+        Target("min_mb_per_s", 0.065),
+    ]
+    got = run_case(case, "t", Profile(repeat=1)).target_results()
+    assert [t["met"] for t in got] == [True, False, None, True, True, False]
+    assert got[0]["measured"] == pytest.approx(30.0)
+    assert got[0]["target"] == ">= 25x peer"
+    lat = _case(
+        [Contender("ours", fixed(1.0, 4_000), ours=True), Contender("peer", fixed(1.0, 50_000))],
+        kind=LATENCY,
+    )
+    lat.targets = [
+        Target("max_p50_ns", 5_000),
+        Target("max_p50_ns", 3_000),
+        Target("ratio", 10, "peer"),
+    ]
+    got = run_case(lat, "t", Profile(repeat=1)).target_results()
+    assert [t["met"] for t in got] == [True, False, True]
+    assert got[2]["measured"] == pytest.approx(12.5, rel=0.01)
+    text = report.render_terminal(
+        harness.SuiteResult(Profile(), [run_case(lat, "t", Profile(repeat=1))]),
+        color=False,
+        info=_INFO,
+    )
+    assert "target p50 <= 5 us: 4 us met" in text and "NOT MET" in text
+    md = report.render_markdown(
+        harness.SuiteResult(Profile(), [run_case(lat, "t", Profile(repeat=1))]), info=_INFO
+    )
+    assert "| p50 <= 3 us | t: c | 4 us | **not met** |" in md

@@ -366,10 +366,41 @@ class Case:
     ordered: bool = True  # a run that reports in_order=False fails
     repeat: Optional[int] = None  # default: profile.reps()
     params: Dict[str, Any] = field(default_factory=dict)  # for plots: {"sweep": "size", "x": 64}
+    targets: List[Target] = field(default_factory=list)  # goals checked and reported
 
     def __post_init__(self) -> None:
         if self.kind not in (THROUGHPUT, LATENCY):
             raise ValueError(f"case {self.name!r}: kind must be throughput or latency")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A goal for our best contender in a case, reported as met or not met.
+
+    ``kind``: ``"ratio"`` (ours / ``peer``'s headline >= ``value``; latency:
+    peer p50 / ours), ``"min_mb_per_s"`` (median MB/s >= ``value``),
+    ``"min_msg_per_s"`` or ``"max_p50_ns"`` (p50 <= ``value`` ns).
+    """
+
+    kind: str
+    value: float
+    peer: Optional[str] = None  # the contender name, for "ratio"
+    label: str = ""
+
+    def describe(self) -> str:
+        if self.label:
+            return self.label
+        if self.kind == "ratio":
+            return f">= {self.value:g}x {self.peer}"
+        if self.kind == "min_mb_per_s":
+            return (
+                f">= {self.value / 1000:g} GB/s"
+                if self.value >= 1000
+                else f">= {self.value:g} MB/s"
+            )
+        if self.kind == "min_msg_per_s":
+            return f">= {self.value:g} msg/s"
+        return f"p50 <= {self.value / 1000:g} us"
 
 
 # ---------------------------------------------------------------------------
@@ -602,6 +633,45 @@ class CaseResult:
         if not (ho > 0 and hp > 0):
             return None
         return hp / ho if self.case.kind == LATENCY else ho / hp
+
+    def target_results(self) -> List[Dict[str, Any]]:
+        """Each target: what it asks, what was measured, whether it is met
+        (``met`` is ``None`` when ours or the named peer did not run)."""
+        out = []
+        ours = self.best_ours
+        for t in self.case.targets:
+            measured: Optional[float] = None
+            if ours is not None:
+                if t.kind == "ratio":
+                    peer = next(
+                        (c for c in self.contenders if c.name == t.peer and c.status == OK), None
+                    )
+                    if peer is not None:
+                        ho, hp = self.headline(ours), self.headline(peer)
+                        if ho > 0 and hp > 0:
+                            measured = hp / ho if self.case.kind == LATENCY else ho / hp
+                elif t.kind in ("min_mb_per_s", "min_msg_per_s"):
+                    key = "mb_per_s" if t.kind == "min_mb_per_s" else "msg_per_s"
+                    measured = ours.rates(self.case.workload.size)[key]["median"]
+                elif t.kind == "max_p50_ns":
+                    lat = ours.latency()
+                    measured = lat["p50"] if lat else None
+            if measured is not None and not math.isfinite(measured):
+                measured = None
+            met: Optional[bool] = None
+            if measured is not None:
+                met = measured <= t.value if t.kind == "max_p50_ns" else measured >= t.value
+            out.append(
+                {
+                    "target": t.describe(),
+                    "kind": t.kind,
+                    "required": t.value,
+                    "peer": t.peer,
+                    "measured": measured,
+                    "met": met,
+                }
+            )
+        return out
 
 
 @dataclass

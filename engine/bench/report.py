@@ -18,6 +18,8 @@ JSON schema (``schema_version`` 1; keys are only ever added, never renamed)::
         "workload": {"count", "size", "seed", "bytes", "checksum"},
         "verified": bool, "failed": bool,
         "best_ours": str|null, "best_peer": str|null, "ratio": float|null,
+        "targets": [{"target": str, "kind": str, "required": float, "peer": str|null,
+                     "measured": float|null, "met": bool|null}],
         "contenders": [{
           "name", "ours": bool, "status": "ok"|"FAILED"|"skipped", "reason": str|null,
           "msg_per_s": {"median", "min", "max", "q1", "q3"},   # float|null each
@@ -94,6 +96,23 @@ def _size(n: int) -> str:
     if n >= 1024 and n % 1024 == 0:
         return f"{n // 1024} KiB"
     return f"{n} B"
+
+
+def _measured(t: Dict[str, Any]) -> str:
+    m = t["measured"]
+    if m is None:
+        return "-"
+    if t["kind"] == "ratio":
+        return _ratio(m)
+    if t["kind"] == "min_mb_per_s":
+        return _mb(m)
+    if t["kind"] == "min_msg_per_s":
+        return _si(m) + " msg/s"
+    return _us(m) + " us"
+
+
+def _met(t: Dict[str, Any]) -> str:
+    return {True: "met", False: "NOT MET", None: "not measured"}[t["met"]]
 
 
 def _verdict(cr: CaseResult) -> str:
@@ -200,6 +219,9 @@ def render_terminal(
         for c in cr.contenders:
             if c.status == FAILED:
                 lines.append(red(f"  FAILED {c.name}: {c.reason}"))
+        for t in cr.target_results():
+            line = f"  target {t['target']}: {_measured(t)} {_met(t)}"
+            lines.append(bold(line) if t["met"] else red(line) if t["met"] is False else line)
         lines.append("")
     for s in suite.skipped:
         lines.append(s)
@@ -291,6 +313,7 @@ def to_json(
                 "best_ours": bo.name if bo else None,
                 "best_peer": bp.name if bp else None,
                 "ratio": cr.ratio,
+                "targets": cr.target_results(),
                 "contenders": [_contender_json(cr, c) for c in cr.contenders],
             }
         )
@@ -408,6 +431,16 @@ def render_markdown(
                     f"| {case_cell} | {name} | {_us(s['p50'])} | {_us(s['p90'])} | {_us(s['p99'])} | "
                     f"{_us(s['p99_9'])} | {_us(s['max'])} | {ratio} |"
                 )
+        out.append("")
+    targets = [(cr, t) for cr in suite.cases for t in cr.target_results()]
+    if targets:
+        out += ["| Target | Case | Measured | |", "|---|---|---:|---|"]
+        for cr, t in targets:
+            met = {True: "met", False: "**not met**", None: "not measured"}[t["met"]]
+            out.append(
+                f"| {_md_escape(t['target'])} | {_md_escape(cr.section)}: {_md_escape(cr.case.name)} "
+                f"| {_measured(t)} | {met} |"
+            )
         out.append("")
     if suite.skipped:
         out.append(

@@ -27,6 +27,7 @@ from engine.bench.harness import (
     Contender,
     Profile,
     Run,
+    Target,
     Workload,
 )
 from engine.bench.peers import BARRIER_TIMEOUT, BATCH
@@ -278,6 +279,10 @@ def cases(profile: Profile) -> List[Case]:
             THROUGHPUT,
             wl,
             _flow_contenders(1),
+            targets=[
+                Target("ratio", 25, "multiprocessing.Queue"),
+                Target("ratio", 3, "pyzmq PUSH/PULL ipc"),
+            ],
         ),
         Case(
             "processes 1->1 batch",
@@ -296,6 +301,7 @@ def cases(profile: Profile) -> List[Case]:
                     "faster-fifo put_many/get_many", peers.procs_faster_fifo(1, BATCH), requires=FF
                 ),
             ],
+            targets=[Target("ratio", 10, "faster-fifo put_many/get_many")],
         ),
         Case(
             "processes 1->2 competing",
@@ -326,6 +332,7 @@ def cases(profile: Profile) -> List[Case]:
                 Contender("multiprocessing.Queue ndarray", peers.procs_mpqueue_array(ARRAY_ROWS)),
             ],
             unit="MB/s",
+            targets=[Target("min_mb_per_s", 2000)],
         ),
         Case(
             "ping-pong round trip",
@@ -351,6 +358,7 @@ def cases(profile: Profile) -> List[Case]:
                 Contender("faster-fifo pair", peers.pingpong_faster_fifo, requires=FF),
             ],
             unit="us",
+            targets=[Target("max_p50_ns", 5000)],
         ),
     ]
     if profile.full:
