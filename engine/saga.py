@@ -88,7 +88,6 @@ import random
 import signal
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Type, Union
@@ -590,8 +589,12 @@ def list_sagas(
 # ---------------------------------------------------------------------------
 
 
+# one encoder, built once: json.dumps with options builds a new one per call
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def _json_dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    return _ENCODER.encode(obj).encode()
 
 
 def _json_loads(data: bytes) -> Any:
@@ -854,26 +857,26 @@ class Saga:
         if not self._steps:
             raise ValueError("this saga has no steps: declare them with step() first")
         if saga_id is None:
-            saga_id = uuid.uuid4().hex
+            saga_id = os.urandom(16).hex()  # a random 128-bit id, as uuid4 without its cost
         elif not isinstance(saga_id, str) or not saga_id:
             raise TypeError(f"saga_id must be a non-empty str, not {saga_id!r}")
         names = [s.name for s in self._steps]
         begin = {"t": "begin", "id": saga_id, "ctx": ctx, "steps": names}
+        run = _Run(saga_id, ctx, names, 0, time.time_ns())
         try:
-            self._dumps(begin)
+            # only queued: begin and the first start share one sync (the
+            # first attempt writes both); encoding fails before anything is
+            self._emit(run, [begin], sync=False)
         except (TypeError, ValueError) as exc:
             raise TypeError(
                 f"ctx must be encodable by the saga's codec (JSON by default): {exc}"
             ) from exc
-        run = _Run(saga_id, ctx, names, 0, time.time_ns())
         with self._lock:
             if saga_id in self._runs:
                 raise ValueError(f"saga_id {saga_id!r} names an unfinished saga; call recover()")
             # read under the lock: compact() relies on it (see _low_water)
             run.begin_offset = self._log.next_offset
             self._runs[saga_id] = run
-        # begin and the first start share one sync (the first _attempt writes it)
-        self._emit(run, [begin], sync=False)
         return self._drive(run, loop)
 
     def recover(self, *, retry_stuck: bool = False) -> List[SagaInfo]:
