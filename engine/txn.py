@@ -496,6 +496,9 @@ class Participant(Protocol):
     def recover(self) -> List[str]: ...
 
 
+_CHECKED_TYPES: set = set()  # participant classes known to have the protocol's methods
+
+
 class Transaction:
     """One transaction of a :class:`Coordinator` (``coord.transaction()``).
 
@@ -520,9 +523,14 @@ class Transaction:
         """Add ``ops`` for ``participant`` (appended to earlier ones for it)."""
         if self.state != "active":
             raise EngineError(f"transaction {self.txid} is {self.state}; start a new one")
-        for attr in ("name", "prepare", "commit", "abort"):
-            if not hasattr(participant, attr):
-                raise TypeError(f"participant must have {attr!r} (see engine.txn.Participant)")
+        if type(participant) not in _CHECKED_TYPES:
+            for attr in ("name", "prepare", "commit", "abort", "recover"):
+                if not hasattr(participant, attr):
+                    raise TypeError(f"participant must have {attr!r} (see engine.txn.Participant)")
+            if not isinstance(participant, (_JournaledParticipant, RemoteParticipant)):
+                pass  # user classes: checked every time (their attributes may vary)
+            else:
+                _CHECKED_TYPES.add(type(participant))
         if isinstance(ops, (bytes, bytearray, memoryview, str)):
             raise TypeError("ops must be an iterable of operations, not a single bytes/str")
         lst = self._parts.get(participant)
@@ -963,6 +971,7 @@ class _JournaledParticipant:
         self._journal = _Journal(state_path, self._kind, durability, segment_bytes)
         self._doubt: Dict[str, Any] = {}  # txid -> info: prepared, outcome unknown
         self._marks: Dict[str, Any] = {}  # txid -> commit mark (LogParticipant)
+        self._done: List[str] = []  # committed txids awaiting their (batched) done record
         self._closed = False
 
     def _replay(self) -> None:
@@ -983,9 +992,13 @@ class _JournaledParticipant:
                 doubt[rec[1]] = rec[2]
             elif kind == "C":
                 marks[rec[1]] = rec[2]
-            elif kind == "A" or kind == "D":
+            elif kind == "A":
                 doubt.pop(rec[1], None)
                 marks.pop(rec[1], None)
+            elif kind == "D":
+                for t in rec[1]:
+                    doubt.pop(t, None)
+                    marks.pop(t, None)
         self._journal.records = []
         for txid, info in doubt.items():
             if txid in marks:
@@ -1049,16 +1062,22 @@ class _JournaledParticipant:
         self._apply(txid, info)
         if _ARMED:
             _crash_point("part.commit.after_apply", self.name)
+        batch = None
         with self._lock:
             if self._doubt.pop(txid, None) is None:
                 return
             self._release(txid, info)
             self._marks.pop(txid, None)
-            log = self._journal.log
-        # Not needed for safety (recovery sees the effect in the resource);
-        # it keeps `txn ls` and restarts short.
-        _journal_append(self._journal, log, ("D", txid), durable=False)
-        self._maybe_compact()
+            # Done records are not needed for safety (recovery sees the effect
+            # in the resource); batched, they keep `txn ls` and restarts short.
+            self._done.append(txid)
+            if len(self._done) >= 64:
+                batch, self._done = self._done, []
+                log = self._journal.log
+        if batch is not None:
+            _journal_append(self._journal, log, ("D", batch), durable=False)
+            if self._journal.appended >= self._compact_records:
+                self._maybe_compact()
 
     def abort(self, txid: str) -> None:
         """Drop the prepared ops of ``txid`` (idempotent; unknown txid: no-op)."""
@@ -1133,6 +1152,9 @@ class _JournaledParticipant:
             if self._closed:
                 return
             self._closed = True
+            if self._done:
+                self._journal.log.append(marshal.dumps(("D", self._done)))
+                self._done = []
             self._journal.close()
 
     def __enter__(self) -> Any:
@@ -1194,6 +1216,9 @@ class LogParticipant(_JournaledParticipant):
             raise TypeError("name is required")
         self.log = log
         self._commit_lock = threading.Lock()  # serializes batches into the log
+        self._commit_cv = threading.Condition(threading.Lock())  # group commit queue
+        self._commit_queue: List[List[Any]] = []  # [txid, info, done, error] waiting
+        self._leader = False  # a thread is writing a group now
         super().__init__(name, state_path or _default_state_path(path, name, "LogParticipant"),
                          getattr(log, "durability", "always"), compact_records, segment_bytes)
         self._replay()
@@ -1218,36 +1243,109 @@ class LogParticipant(_JournaledParticipant):
         return (values, keys if anykey else None)
 
     def _apply(self, txid: str, info: Any) -> None:
+        if txid in self._marks:
+            self._finish_marked(txid, info)  # recovery: a batch cut short by a crash
+            return
+        # Group commit: concurrent commits queue up; one thread (the leader)
+        # writes every queued batch with ONE durable mark write and ONE
+        # append_many (one sync each), then wakes the others.
+        req = [txid, info, False, None]  # txid, info, done, error
+        if not self._commit_queue and self._commit_lock.acquire(False):
+            # uncontended: write it now (no queue, no wakeups)
+            try:
+                self._commit_batch([req], locked=True)
+            finally:
+                self._commit_lock.release()
+            if _ARMED:
+                _crash_point("log.commit.after_append", self.name)
+            return
+        cv = self._commit_cv
+        with cv:
+            self._commit_queue.append(req)
+            while not req[2]:
+                if not self._leader:
+                    self._leader = True
+                    batch, self._commit_queue = self._commit_queue, []
+                    break
+                cv.wait()
+            else:
+                batch = None
+        if batch is not None:
+            err: Optional[BaseException] = None
+            try:
+                self._commit_batch(batch)
+            except BaseException as exc:
+                err = exc
+            with cv:
+                for r in batch:
+                    r[2], r[3] = True, err
+                self._leader = False
+                cv.notify_all()
+        if req[3] is not None:
+            raise req[3]
+        if _ARMED:
+            _crash_point("log.commit.after_append", self.name)
+
+    def _commit_batch(self, batch: List[List[Any]], locked: bool = False) -> None:
+        """Write the batches of ``batch`` (``[txid, info, ...]`` each) as one group."""
+        if not locked:
+            with self._commit_lock:
+                self._commit_batch(batch, True)
+            return
+        start = self.log.next_offset
+        marks = []
+        at = start
+        anykey = False
+        with self._lock:
+            for r in batch:
+                self._marks[r[0]] = at
+                marks.append(marshal.dumps(("C", r[0], at)))
+                at += len(r[1][0])
+                anykey = anykey or r[1][1] is not None
+            jlog = self._journal.log
+        if len(batch) == 1:
+            values, keys = batch[0][1]
+        else:
+            values = [x for r in batch for x in r[1][0]]
+            keys = None
+            if anykey:
+                keys = []
+                for r in batch:
+                    v, k = r[1]
+                    keys.extend([None] * len(v) if k is None else k)
+        if _ARMED:
+            _crash_point("log.commit.before_mark", self.name)
+        # Durable before the batch: after a crash a mark says where its
+        # batch starts, so recovery appends exactly what is missing.
+        try:
+            jlog.append_many(marks)
+            if self._journal.sync:
+                jlog.flush()
+        except Closed:
+            if jlog is self._journal.log:
+                raise
+        self._journal.appended += len(marks)
+        if _ARMED:
+            _crash_point("log.commit.after_mark", self.name)
+        if keys is not None:
+            self.log.append_many(values, keys)
+        else:
+            self.log.append_many(values)
+
+    def _finish_marked(self, txid: str, info: Any) -> None:
         values, keys = info
         with self._commit_lock:
-            mark = self._marks.get(txid)
-            if mark is None:
-                start = self.log.next_offset
-                with self._lock:
-                    self._marks[txid] = start
-                    jlog = self._journal.log
-                if _ARMED:
-                    _crash_point("log.commit.before_mark", self.name)
-                # Durable before the batch: after a crash it says where the
-                # batch starts, so recovery appends exactly what is missing.
-                _journal_append(self._journal, jlog, ("C", txid, start))
-                if _ARMED:
-                    _crash_point("log.commit.after_mark", self.name)
-                have = 0
-            else:
-                start = mark
-                have = self.log.next_offset - start
-                if have < 0:
-                    raise EngineError(
-                        f"log {getattr(self.log, 'path', '?')!r} ends before txn {txid}'s batch "
-                        f"(offset {start}): it was truncated behind the participant's back")
+            start = self._marks[txid]
+            have = self.log.next_offset - start
+            if have < 0:
+                raise EngineError(
+                    f"log {getattr(self.log, 'path', '?')!r} ends before txn {txid}'s batch "
+                    f"(offset {start}): it was truncated behind the participant's back")
             if have < len(values):
                 if keys is None:
                     self.log.append_many(values[have:])
                 else:
                     self.log.append_many(values[have:], keys[have:])
-        if _ARMED:
-            _crash_point("log.commit.after_append", self.name)
 
 
 def _store_apply(store: Any, ops: List[Tuple[bytes, Optional[bytes], int]]) -> None:

@@ -10,14 +10,15 @@ For a coordinator: transactions with a commit record and no end record yet
 coordinator writes every ``end_batch`` transactions), then the most recent
 ended (committed) ones.  Aborted transactions leave no record (presumed abort).
 
-For a participant: transactions *prepared* and not finished (in doubt: the
-coordinator decides; if the participant's process died after applying a
-commit, its done record may be missing, and opening the participant again
-sees the effect in the resource and settles it), *committing* (commit
-decided, batch being written), and recent commits and aborts.
+For a participant: transactions *prepared* with no outcome recorded (in
+doubt until the coordinator decides; done records are written in batches, so
+a very recent one may be committed already, and after a crash opening the
+participant sees applied effects in the resource and settles them), then
+recent commits and aborts.
 
-Exit status 0; 3 when something is unfinished or in doubt (so a cron job can
-alert); 1 when PATH is not a journal.
+Exit status 0; 3 when a coordinator has unfinished transactions or a
+participant has prepared ones older than ``--stale`` seconds (so a cron job
+can alert); 1 when PATH is not a journal.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def register(subparsers: Any) -> None:
     ls.add_argument("path", help="a Coordinator directory or a participant journal")
     ls.add_argument("--limit", type=int, default=20, help="recent transactions to show (default 20)")
     ls.add_argument("--json", action="store_true", help="one JSON object per line")
+    ls.add_argument("--stale", type=float, default=60.0,
+                    help="participant journals: a prepared txn older than this many seconds "
+                         "counts as in doubt for the exit status (default 60)")
     ls.set_defaults(func=_ls)
 
 
@@ -52,7 +56,7 @@ def _when(ns: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ns / 1e9)) + "Z"
 
 
-def summarize(path: str, limit: int = 20) -> Dict[str, Any]:
+def summarize(path: str, limit: int = 20, stale: float = 60.0) -> Dict[str, Any]:
     """What ``txn ls`` shows, as a dict: ``kind``, ``in_doubt`` and ``recent`` lists."""
     from engine.txn import read_journal
 
@@ -79,6 +83,7 @@ def summarize(path: str, limit: int = 20) -> Dict[str, Any]:
                         recent.append(e)
         doubt = list(pending.values())
         out["incarnation"] = inc
+        out["stale"] = len(doubt)
     else:
         prepared: Dict[str, Dict[str, Any]] = {}
         for _off, ts, rec in recs:
@@ -88,15 +93,22 @@ def summarize(path: str, limit: int = 20) -> Dict[str, Any]:
                     len(ops) if isinstance(ops, list) else 1)
                 prepared[rec[1]] = {"txid": rec[1], "state": "prepared", "time": ts, "ops": n}
             elif rec[0] == "C" and rec[1] in prepared:
-                prepared[rec[1]]["state"] = "committing"
-                prepared[rec[1]]["start_offset"] = rec[2]
+                # a commit mark: decided commit; the participant finishes it itself
+                e = prepared.pop(rec[1])
+                e["state"] = "committed"
+                e["start_offset"] = rec[2]
+                e["ended"] = ts
+                recent.append(e)
             elif rec[0] in ("A", "D"):
-                e = prepared.pop(rec[1], None)
-                if e is not None:
-                    e["state"] = "aborted" if rec[0] == "A" else "committed"
-                    e["ended"] = ts
-                    recent.append(e)
+                for t in ([rec[1]] if rec[0] == "A" else rec[1]):
+                    e = prepared.pop(t, None)
+                    if e is not None:
+                        e["state"] = "aborted" if rec[0] == "A" else "committed"
+                        e["ended"] = ts
+                        recent.append(e)
         doubt = list(prepared.values())
+        now = time.time_ns()
+        out["stale"] = sum(1 for e in doubt if now - e["time"] > stale * 1e9)
     out["in_doubt"] = doubt
     out["recent"] = recent[-limit:] if limit > 0 else []
     return out
@@ -106,14 +118,14 @@ def _ls(args: argparse.Namespace) -> int:
     from engine.errors import EngineError
 
     try:
-        info = summarize(args.path, args.limit)
+        info = summarize(args.path, args.limit, args.stale)
     except (OSError, EngineError) as exc:
         print(f"queue-engine txn ls: {exc}", file=sys.stderr)
         return 1
     if args.json:
         for e in info["in_doubt"] + info["recent"]:
             print(json.dumps(e))
-        return 3 if info["in_doubt"] else 0
+        return 3 if info["stale"] else 0
     print(f"{info['kind']} journal {info['path']} (id {info['id'][:12]}, "
           f"generation {info['generation']}"
           + (f", incarnation {info['incarnation']})" if "incarnation" in info else ")"))
@@ -127,4 +139,4 @@ def _ls(args: argparse.Namespace) -> int:
                                               if info["kind"] == "coordinator" else ""))
     for e in info["recent"]:
         print(f"  {e['txid']:<28} {e['state']:<11} {_when(e['time'])}")
-    return 3 if info["in_doubt"] else 0
+    return 3 if info["stale"] else 0
