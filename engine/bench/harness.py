@@ -423,7 +423,7 @@ class LatencyHistogram:
     def __init__(self) -> None:
         self._hdr: Any = None
         try:
-            from hdrh.histogram import HdrHistogram
+            from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped,unused-ignore]
 
             self._hdr = HdrHistogram(1, 3_600_000_000_000, 3)
         except Exception:

@@ -69,6 +69,7 @@ def package_version(dist: str) -> Optional[str]:
 
 def machine_info() -> Dict[str, Any]:
     """A JSON-ready description of this machine and the software measured."""
+    engine_version: Optional[str]
     try:
         from engine import __version__ as engine_version
     except Exception:  # pragma: no cover - partial tree

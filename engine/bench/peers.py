@@ -132,7 +132,7 @@ def run_children(
             for c in ready:
                 i = conns.index(c)  # type: ignore[arg-type]
                 try:
-                    status, res = c.recv()
+                    status, res = conns[i].recv()
                 except EOFError:
                     raise RuntimeError(
                         f"{roles[i][0].__name__} died (exit code {procs[i].exitcode})"
@@ -306,7 +306,7 @@ def _identity(b: Any) -> Any:
 def fifo_queue(max_size_bytes: int = FIFO_BYTES) -> Any:
     """A faster-fifo Queue moving raw bytes (no pickling: identity dumps,
     ``bytes`` loads, so it is measured on the same work as our ring)."""
-    import faster_fifo
+    import faster_fifo  # type: ignore[import-not-found,unused-ignore]
 
     return faster_fifo.Queue(max_size_bytes=max_size_bytes, loads=bytes, dumps=_identity)
 

@@ -588,7 +588,7 @@ def write_plots(suite: SuiteResult, directory: str) -> List[str]:
     if heads:
         fig, ax = plt.subplots(figsize=(9, 0.45 * len(heads) + 1.5))
         names = [f"{cr.section}: {cr.case.name}" for cr in heads]
-        vals = [cr.ratio for cr in heads]
+        vals = [float(cr.ratio or 0.0) for cr in heads]
         ax.barh(names, vals, color=["tab:green" if v >= 1 else "tab:red" for v in vals])
         ax.axvline(1.0, color="black", linewidth=1)
         ax.set_xscale("log")
