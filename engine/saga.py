@@ -359,6 +359,7 @@ class _Run:
         "lock",
         "pending",
         "exc",
+        "driving",
     )
 
     def __init__(self, saga_id: str, ctx: Any, steps: List[str], offset: int, ts: int) -> None:
@@ -385,6 +386,7 @@ class _Run:
         self.lock = threading.Lock()
         self.pending: List[Tuple[str, bytes]] = []  # (kind, encoded) records not yet written
         self.exc: Optional[BaseException] = None  # the last exception raised here (live runs)
+        self.driving = False  # a thread is driving it now (run() or recover()); under Saga._lock
 
     def fold(self, rec: Dict[str, Any], ts: int) -> None:
         t = rec["t"]
@@ -876,8 +878,13 @@ class Saga:
                 raise ValueError(f"saga_id {saga_id!r} names an unfinished saga; call recover()")
             # read under the lock: compact() relies on it (see _low_water)
             run.begin_offset = self._log.next_offset
+            run.driving = True
             self._runs[saga_id] = run
-        return self._drive(run, loop)
+        try:
+            return self._drive(run, loop)
+        finally:
+            with self._lock:
+                run.driving = False
 
     def recover(self, *, retry_stuck: bool = False) -> List[SagaInfo]:
         """Drive every unfinished saga in the log to an end; returns their infos.
@@ -891,27 +898,40 @@ class Saga:
         """
         self._check_open()
         with self._lock:
-            runs = sorted(self._runs.values(), key=lambda r: r.begin_offset)
+            # sagas that run() (or another recover()) drives right now are theirs
+            runs = sorted(
+                (r for r in self._runs.values() if not r.driving), key=lambda r: r.begin_offset
+            )
+            for r in runs:
+                r.driving = True
         out: List[SagaInfo] = []
-        names = [s.name for s in self._steps]
-        for run in runs:
-            if run.state is SagaState.STUCK and not retry_stuck:
-                out.append(run.info())
-                continue
-            if run.steps != names:
-                info = run.info()
-                info.error = f"saga was begun with steps {run.steps}, this Saga declares {names}; not recovered"
-                _logger.error("saga %s: %s", run.id, info.error)
-                out.append(info)
-                continue
-            if run.state is SagaState.STUCK:
-                self._emit(run, [{"t": "retry", "id": run.id}], sync=False)
-            try:
-                self._drive(run, None)
-            except (StepFailed, SagaStuck):
-                pass
-            out.append(run.info())
+        try:
+            for run in runs:
+                out.append(self._recover_one(run, retry_stuck))
+        finally:
+            with self._lock:
+                for r in runs:
+                    r.driving = False
         return out
+
+    def _recover_one(self, run: _Run, retry_stuck: bool) -> SagaInfo:
+        names = [s.name for s in self._steps]
+        if run.state is SagaState.STUCK and not retry_stuck:
+            return run.info()
+        if run.steps != names:
+            info = run.info()
+            info.error = (
+                f"saga was begun with steps {run.steps}, this Saga declares {names}; not recovered"
+            )
+            _logger.error("saga %s: %s", run.id, info.error)
+            return info
+        if run.state is SagaState.STUCK:
+            self._emit(run, [{"t": "retry", "id": run.id}], sync=False)
+        try:
+            self._drive(run, None)
+        except (StepFailed, SagaStuck):
+            pass
+        return run.info()
 
     def unfinished(self) -> List[SagaInfo]:
         """The sagas this Saga knows to be running, compensating or stuck."""

@@ -650,3 +650,49 @@ def test_compaction_keeps_unfinished_sagas(tmp_path):
     saga = build(retention_bytes=3 * 8192)
     assert saga.unfinished() == [] and saga.recover() == []
     saga.close()
+
+
+def test_threads_share_one_saga_and_recover_leaves_live_runs_alone(tmp_path):
+    rec = Recorder()
+    gate = threading.Event()
+    entered = threading.Event()
+
+    def slow(sc):
+        entered.set()
+        gate.wait(5)
+        return rec.action("slow")(sc)
+
+    saga = Saga(tmp_path / "s", durability="none", backoff=0)
+    for n in ("a", "b"):
+        saga.step(n, rec.action(n), rec.compensate(n))
+    errors = []
+
+    def worker(k):
+        try:
+            for i in range(50):
+                saga.run({"k": k, "i": i}, saga_id=f"t{k}-{i}")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    infos = list_sagas(tmp_path / "s")
+    assert len(infos) == 200 and all(i.state is SagaState.DONE for i in infos)
+    assert len(rec.applied) == 400
+    saga.close()
+
+    # a saga in flight in one thread is not driven by recover() in another
+    saga = Saga(tmp_path / "s2", durability="none", backoff=0)
+    saga.step("slow", slow, rec.compensate("slow"))
+    t = threading.Thread(target=saga.run, kwargs={"saga_id": "live"})
+    t.start()
+    assert entered.wait(5)
+    assert saga.recover() == []
+    gate.set()
+    t.join(5)
+    assert [k for _, n, k, _ in rec.calls if n == "slow"] == ["live:slow"]
+    saga.close()
