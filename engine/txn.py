@@ -712,7 +712,7 @@ class Coordinator:
             if not vote:
                 reason = f"participant {p.name!r} voted no"
                 break
-        names = tuple(p.name for p in parts)
+        names = tuple([p.name for p in parts])
         if reason is None:
             with self._lock:
                 # Checked under the lock that decision() takes: once decision()
@@ -724,15 +724,25 @@ class Coordinator:
                 else:
                     self._deciding[txid] = names
                     self._finishing.add(txid)
+                    reg = self._participants
                     for p in parts:
-                        self._participants[p.name] = p
+                        if reg.get(p.name) is not p:
+                            reg[p.name] = p
                     log = self._journal.log
         if reason is not None:
             self._finish_abort(tx, asked, reason, cause)
             return  # pragma: no cover - _finish_abort raises
         if _ARMED:
             _crash_point("coord.decision.before_write")
-        _journal_append(self._journal, log, ("C", txid, names))
+        # inline _journal_append: this is the hot path of every commit
+        try:
+            log.append(marshal.dumps(("C", txid, names)))
+            if self._journal.sync:
+                log.flush()  # the decision is durable before anyone hears of it
+        except Closed:
+            if log is self._journal.log:
+                raise
+        self._journal.appended += 1
         with self._lock:
             # only now, with the record durable, may decision() say "commit"
             self._pending[txid] = self._deciding.pop(txid)
@@ -1042,7 +1052,14 @@ class _JournaledParticipant:
         if _ARMED:
             _crash_point("part.prepare.before_write", self.name)
         try:
-            _journal_append(self._journal, log, ("P", txid, info))
+            try:
+                log.append(marshal.dumps(("P", txid, info)))
+                if self._journal.sync:
+                    log.flush()  # durable before the yes vote
+            except Closed:
+                if log is self._journal.log:
+                    raise
+            self._journal.appended += 1
         except BaseException:
             with self._lock:
                 if self._doubt.pop(txid, None) is not None:
@@ -1249,16 +1266,16 @@ class LogParticipant(_JournaledParticipant):
         # Group commit: concurrent commits queue up; one thread (the leader)
         # writes every queued batch with ONE durable mark write and ONE
         # append_many (one sync each), then wakes the others.
-        req = [txid, info, False, None]  # txid, info, done, error
         if not self._commit_queue and self._commit_lock.acquire(False):
             # uncontended: write it now (no queue, no wakeups)
             try:
-                self._commit_batch([req], locked=True)
+                self._commit_one(txid, info)
             finally:
                 self._commit_lock.release()
             if _ARMED:
                 _crash_point("log.commit.after_append", self.name)
             return
+        req = [txid, info, False, None]  # txid, info, done, error
         cv = self._commit_cv
         with cv:
             self._commit_queue.append(req)
@@ -1285,6 +1302,29 @@ class LogParticipant(_JournaledParticipant):
             raise req[3]
         if _ARMED:
             _crash_point("log.commit.after_append", self.name)
+
+    def _commit_one(self, txid: str, info: Any) -> None:
+        """:meth:`_commit_batch` for one transaction (the uncontended path)."""
+        start = self.log.next_offset
+        self._marks[txid] = start
+        jlog = self._journal.log
+        if _ARMED:
+            _crash_point("log.commit.before_mark", self.name)
+        try:
+            jlog.append(marshal.dumps(("C", txid, start)))
+            if self._journal.sync:
+                jlog.flush()
+        except Closed:
+            if jlog is self._journal.log:
+                raise
+        self._journal.appended += 1
+        if _ARMED:
+            _crash_point("log.commit.after_mark", self.name)
+        values, keys = info
+        if keys is None:
+            self.log.append_many(values)
+        else:
+            self.log.append_many(values, keys)
 
     def _commit_batch(self, batch: List[List[Any]], locked: bool = False) -> None:
         """Write the batches of ``batch`` (``[txid, info, ...]`` each) as one group."""

@@ -1,0 +1,198 @@
+"""The two-phase-commit section: committed transactions per second, 2 participants.
+
+Each workload message is one transaction: a :class:`engine.Coordinator`
+commits it atomically to two :class:`engine.Log` participants
+(:class:`engine.txn.LogParticipant`), the message going to log A and its
+8-byte sequence number to log B.  After the clock stops, log A is read back
+and digested (count + checksum; a transaction lost or applied twice fails the
+case) and log B's record count is checked.
+
+Peers, on the same messages:
+
+* SQLite (stdlib ``sqlite3``, WAL): one ``BEGIN; INSERT INTO a; INSERT INTO
+  b; COMMIT`` per transaction, ``synchronous=OFF`` for the non-durable case
+  (page cache, as ours) and ``synchronous=FULL`` for the durable one (one
+  connection: SQLite has one writer);
+* (pytest-benchmark only, ``bench/test_bench_txn.py``) the same two
+  ``Log.append`` calls with no transaction: what atomicity costs.
+
+Cases (quick / --full): durability "none", one thread (5,000 / 100,000
+transactions; target >= 50,000 txn/s); durability "always", 32 threads
+sharing the coordinator (1,000 / 10,000; target >= 2,000 txn/s: commit
+decisions, prepared records and batches of concurrent transactions are
+group-committed, so they share fsyncs).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import tempfile
+import threading
+import time
+from typing import Callable, List
+
+from engine.bench.harness import THROUGHPUT, Case, Contender, Profile, Run, Target, Workload, digest
+
+SECTION = "txn"
+
+OURS = ("engine._log", "engine.txn")
+THREADS = 32
+
+
+def _read_back(path: str) -> List[bytes]:
+    from engine._log import LogReader
+
+    with LogReader(path, start=0) as r:
+        return [bytes(rec.value) for rec in r]
+
+
+def _run_threads(n: int, count: int, body: Callable[[int], None]) -> tuple:
+    """Run ``body(i)`` for every i in range(count) over ``n`` threads; (t0, t1)."""
+    if n == 1:
+        t0 = time.perf_counter_ns()
+        for i in range(count):
+            body(i)
+        return t0, time.perf_counter_ns()
+    errors: List[BaseException] = []
+    start = threading.Barrier(n + 1)
+
+    def worker(k: int) -> None:
+        start.wait()
+        try:
+            for i in range(k, count, n):
+                body(i)
+        except BaseException as exc:  # reported below, never lost
+            errors.append(exc)
+
+    ts = [threading.Thread(target=worker, args=(k,)) for k in range(n)]
+    for t in ts:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter_ns()
+    for t in ts:
+        t.join()
+    t1 = time.perf_counter_ns()
+    if errors:
+        raise errors[0]
+    return t0, t1
+
+
+def _ours(durability: str, threads: int = 1) -> Callable[[Workload], Run]:
+    def run(wl: Workload) -> Run:
+        from engine._log import Log
+        from engine.txn import Coordinator, LogParticipant
+
+        payloads = wl.payloads()
+        tmp = tempfile.mkdtemp(prefix="qe-bench-txn-")
+        coord = Coordinator(f"{tmp}/coord", durability=durability)
+        la = Log(f"{tmp}/a", durability=durability)
+        lb = Log(f"{tmp}/b", durability=durability)
+        pa, pb = LogParticipant(la), LogParticipant(lb)
+        try:
+            def one(i: int) -> None:
+                msg = payloads[i]
+                with coord.transaction() as tx:
+                    tx.enlist(pa, (msg,))
+                    tx.enlist(pb, (msg[:8],))
+
+            t0, t1 = _run_threads(threads, wl.count, one)
+            if lb.next_offset != wl.count:
+                raise AssertionError(f"log B holds {lb.next_offset} records, not {wl.count}")
+            got = _read_back(f"{tmp}/a")
+        finally:
+            for x in (pa, pb, coord, la, lb):
+                x.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+        return Run.timed(t0, t1, digest(got))
+
+    return run
+
+
+def _plain_logs(durability: str, threads: int = 1) -> Callable[[Workload], Run]:
+    def run(wl: Workload) -> Run:
+        from engine._log import Log
+
+        payloads = wl.payloads()
+        tmp = tempfile.mkdtemp(prefix="qe-bench-txn-")
+        la = Log(f"{tmp}/a", durability=durability)
+        lb = Log(f"{tmp}/b", durability=durability)
+        try:
+            def one(i: int) -> None:
+                msg = payloads[i]
+                la.append(msg)
+                lb.append(msg[:8])
+
+            t0, t1 = _run_threads(threads, wl.count, one)
+            got = _read_back(f"{tmp}/a")
+        finally:
+            la.close()
+            lb.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+        return Run.timed(t0, t1, digest(got))
+
+    return run
+
+
+def _sqlite(synchronous: str) -> Callable[[Workload], Run]:
+    def run(wl: Workload) -> Run:
+        payloads = wl.payloads()
+        tmp = tempfile.mkdtemp(prefix="qe-bench-txn-")
+        db = sqlite3.connect(os.path.join(tmp, "db.sqlite"), isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={synchronous}")
+            db.execute("CREATE TABLE a (id INTEGER PRIMARY KEY, v BLOB)")
+            db.execute("CREATE TABLE b (id INTEGER PRIMARY KEY, v BLOB)")
+            ex = db.execute
+            t0 = time.perf_counter_ns()
+            for msg in payloads:
+                ex("BEGIN")
+                ex("INSERT INTO a (v) VALUES (?)", (msg,))
+                ex("INSERT INTO b (v) VALUES (?)", (msg[:8],))
+                ex("COMMIT")
+            t1 = time.perf_counter_ns()
+            got = [row[0] for row in db.execute("SELECT v FROM a ORDER BY id")]
+            (nb,) = db.execute("SELECT count(*) FROM b").fetchone()
+            if nb != wl.count:
+                raise AssertionError(f"table b holds {nb} rows, not {wl.count}")
+        finally:
+            db.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+        return Run.timed(t0, t1, digest(got))
+
+    return run
+
+
+def cases(profile: Profile) -> List[Case]:
+    """The 2PC cases: durability none (1 thread) and always (32 threads)."""
+    return [
+        Case(
+            name="2 participants, durability none",
+            description="one txn = prepare + commit on 2 Log participants (page cache), vs a "
+                        "SQLite txn inserting into 2 tables (synchronous=OFF)",
+            kind=THROUGHPUT,
+            workload=Workload(profile.count(quick=5_000, full=100_000), 64),
+            contenders=[
+                Contender("engine.Coordinator none", _ours("none"), ours=True, requires=OURS),
+                Contender("sqlite3 2 tables, synchronous=OFF", _sqlite("OFF")),
+            ],
+            targets=[Target("min_msg_per_s", 50_000, label=">= 50,000 txn/s")],
+        ),
+        Case(
+            name=f"2 participants, durability always, {THREADS} threads",
+            description=f"{THREADS} threads share one coordinator; prepared records, decisions "
+                        "and commits of concurrent txns share fsyncs (group commit); vs SQLite "
+                        "synchronous=FULL (one writer)",
+            kind=THROUGHPUT,
+            workload=Workload(profile.count(quick=1_000, full=10_000), 64),
+            ordered=False,  # threads interleave; count and checksum still cover every txn
+            contenders=[
+                Contender(f"engine.Coordinator always x{THREADS}", _ours("always", THREADS),
+                          ours=True, requires=OURS),
+                Contender("sqlite3 2 tables, synchronous=FULL", _sqlite("FULL")),
+            ],
+            targets=[Target("min_msg_per_s", 2_000, label=">= 2,000 durable txn/s")],
+        ),
+    ]
