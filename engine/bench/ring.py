@@ -111,21 +111,20 @@ def _ours_consumer(
 
     ring = Ring.attach(name)
     c = ring.consumer()
+    sink = peers.RowSink(wl) if how == "array" else None
     barrier.wait(BARRIER_TIMEOUT)
-    if how == "array":
-        got: List[np.ndarray] = []
+    if sink is not None:
         get_array = c.get_array
+        add = sink.add
         try:
             while True:
-                a = get_array(ARRAY_ROWS, np.uint8, None)
-                if len(a):
-                    got.append(a)
+                add(get_array(ARRAY_ROWS, np.uint8, None))
         except Closed:
             pass
         t1 = time.perf_counter_ns()
         c.close()
         ring.close()
-        return peers.array_result(t1, got, wl.size)
+        return sink.result(t1)
     out: List[Any] = []
     try:
         if how == "single":
