@@ -723,3 +723,23 @@ def test_targets_met_not_met_and_not_measured():
         harness.SuiteResult(Profile(), [run_case(lat, "t", Profile(repeat=1))]), info=_INFO
     )
     assert "| p50 <= 3 us | t: c | 4 us | **not met** |" in md
+
+
+def test_row_sink_counts_duplicate_rows():
+    from engine.bench.peers import RowSink
+
+    wl = Workload(100, 64)
+    arr = wl.array()
+    sink = RowSink(wl)
+    sink.add(arr[:60])
+    sink.add(arr[60:60])  # an empty batch is fine
+    sink.add(arr[60:])
+    t1, count, checksum, in_order = sink.result(5)
+    assert (t1, count, checksum, in_order) == (5, 100, wl.expected.checksum, True)
+    sink.add(arr[:10])  # ten rows delivered twice
+    _, count, _, _ = sink.result(6)
+    assert count == 110
+    lossy = RowSink(wl)
+    lossy.add(arr[1:])
+    _, count, checksum, _ = lossy.result(7)
+    assert count == 99 and checksum != wl.expected.checksum
