@@ -53,6 +53,16 @@ Rules a contender follows:
   skipped with ``skipped: NAME (pip install "queue-engine[bench]")``.
 * Raise any exception to report a broken contender (it fails the case); guard
   every blocking wait with a timeout so a lost message cannot hang the run.
+  :mod:`engine.bench.peers` has the process plumbing (``flow_run`` for 1->N
+  with a start barrier, CPU pinning and a deadline; ``pingpong_run``;
+  ``thread_run``; ``RowSink`` for array consumers) that sections may reuse.
+
+Optional ``Case`` fields: ``unit`` ("msg/s", "MB/s" or "us"; MB/s ranks by
+bandwidth), ``ordered=False`` for competing consumers, ``repeat`` (a fixed
+repetition count), ``params`` (plots: ``{"sweep": "size" | "consumers",
+"x": value, "group": title}``) and ``targets`` (:class:`Target` goals, e.g.
+``Target("ratio", 25, "multiprocessing.Queue")``, reported met / NOT MET).
+Add the section's module name to :data:`SECTIONS` when it lands.
 
 The runner interleaves contenders across repetitions (A B C, A B C, ...) so
 machine noise hits all of them alike, and reports the median and spread (min,
