@@ -1360,6 +1360,8 @@ cdef class Consumer:
             eng_store_relaxed_u64(&self._slot.bytes_got, self._bytes)
             if view:
                 self._view_adv = 1  # release the slot at the next call
+                # gate only on the viewed record, not a padding record before it
+                eng_store_release_u64(&self._slot.cursor, start)
                 return self._m.view[self._m.buf.len - self._cap + off + RING_REC_HDR:
                                     self._m.buf.len - self._cap + off + RING_REC_HDR + ln]
             out = PyBytes_FromStringAndSize(<char *>self._data + off + RING_REC_HDR, ln)
@@ -1377,6 +1379,7 @@ cdef class Consumer:
         self._bytes += ln
         if view:
             self._view_adv = size
+            eng_store_release_u64(&self._slot.cursor, self._cursor)
             eng_store_relaxed_u64(&self._slot.msgs_got, self._msgs)
             eng_store_relaxed_u64(&self._slot.bytes_got, self._bytes)
             return self._m.view[self._m.buf.len - self._cap + off + RING_REC_HDR:
@@ -1541,8 +1544,9 @@ cdef class Consumer:
                 elif ln != rowlen:
                     break
                 n += 1
+                endpos = pos + size  # never past the last row: a padding
+                # record after it belongs to the next message
             pos += size
-            endpos = pos
         if n == 0:
             self._cursor = endpos  # only padding was there
             self._advanced()
@@ -1571,7 +1575,7 @@ cdef class Consumer:
 
     cdef object _get_array_shared(self, Py_ssize_t maxn, object dt, Py_ssize_t isz):
         cdef ring_header_t *h = self._h
-        cdef uint64_t c, hd, pos, size, rowlen = 0, off
+        cdef uint64_t c, hd, pos, size, rowlen = 0, off, endpos = 0
         cdef uint32_t ln
         cdef Py_ssize_t n, i
         cdef bint first
@@ -1602,10 +1606,16 @@ cdef class Consumer:
                         elif ln != rowlen:
                             break
                         n += 1
+                        endpos = pos + size
                     pos += size
             except BaseException:
                 eng_store_release_u64(&self._slot.cursor, RING_IDLE)
                 raise
+            if n == 0:
+                # only padding was published (cannot happen with our own
+                # producer, which publishes padding with the next record)
+                endpos = pos
+            pos = endpos
             if pos == c:
                 eng_store_release_u64(&self._slot.cursor, RING_IDLE)
                 return _np.empty((0, 0), dtype=dt)
