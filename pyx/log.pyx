@@ -1204,6 +1204,10 @@ cdef class Log:
         # walk forward through later segments
         while True:
             if r == R_EOS:
+                # bytes after an end marker are never valid: garbage the kernel
+                # wrote there before a power loss goes
+                s = self._grow_back(s)
+                self._zero_tail(s, pos + _HDR)
                 nxt_base = off_out
                 later = [b for b in bases if b > s.base]
                 if later and later[0] == nxt_base:
@@ -1238,32 +1242,8 @@ cdef class Log:
             if r == R_BAD:
                 _logger.warning("log %s: torn tail in %s at byte %d (%s): truncated; records from offset %d on were never acknowledged as durable",
                                 path, s.path, pos, _WHY.get(why, "?"), off_out)
-            tail = _last_nonzero(s.p, pos, s.size)
-            if tail > pos:
-                memset(s.p + pos, 0, tail - pos)
-                self._recovered_bytes += tail - pos
-                _sync_range(s.fd, s.p, pos, tail)
-            want = _SEG_HEADER.unpack(PyBytes_FromStringAndSize(<const char *>s.p, _SEGHDR))[4]
-            if s.size < want:
-                # a truncated file (power loss before the size reached the disk):
-                # grow it back to its preallocated size, zero-filled
-                _logger.warning("log %s: segment %s was truncated to %d bytes; extending it back",
-                                path, s.path, s.size)
-                base = s.base
-                fd = _os.open(s.path, _os.O_RDWR)
-                try:
-                    _preallocate(fd, want)
-                    _os.fsync(fd)
-                finally:
-                    _os.close(fd)
-                n_ix = s.ix_n
-                s2 = _map_seg(s.path, True, base, self._log_id_bytes, True)
-                memcpy(s2.ix_rel, s.ix_rel, n_ix * sizeof(uint32_t))
-                memcpy(s2.ix_pos, s.ix_pos, n_ix * sizeof(uint32_t))
-                memcpy(s2.ix_ts, s.ix_ts, n_ix * sizeof(int64_t))
-                s2.ix_n = n_ix
-                s2.ix_next = s.ix_next
-                s = s2
+            self._zero_tail(s, pos)
+            s = self._grow_back(s)
             self._active = s
             self._bases.append(s.base)
             self._pos = pos
@@ -1295,6 +1275,43 @@ cdef class Log:
         s.ix_next = 0
         if _scan(s, _SEGHDR, base, True, &pos, &off, &ts, &why) == R_EOS:
             _write_index(self._path, s, pos)
+
+    cdef _Seg _grow_back(self, _Seg s):
+        """A segment file shorter than its header says (its size never reached
+        the disk before a power loss): grow it back, zero-filled, and remap."""
+        cdef _Seg s2
+        cdef size_t n_ix
+        want = _SEG_HEADER.unpack(PyBytes_FromStringAndSize(<const char *>s.p, _SEGHDR))[4]
+        if s.size >= want:
+            return s
+        _logger.warning("log %s: segment %s was truncated to %d bytes; extending it back",
+                        self._path, s.path, s.size)
+        fd = _os.open(s.path, _os.O_RDWR)
+        try:
+            _preallocate(fd, want)
+            _os.fsync(fd)
+        finally:
+            _os.close(fd)
+        n_ix = s.ix_n
+        s2 = _map_seg(s.path, True, s.base, self._log_id_bytes, True)
+        memcpy(s2.ix_rel, s.ix_rel, n_ix * sizeof(uint32_t))
+        memcpy(s2.ix_pos, s.ix_pos, n_ix * sizeof(uint32_t))
+        memcpy(s2.ix_ts, s.ix_ts, n_ix * sizeof(int64_t))
+        s2.ix_n = n_ix
+        s2.ix_next = s.ix_next
+        return s2
+
+    cdef _zero_tail(self, _Seg s, size_t pos):
+        """Zero [pos, end of segment) where it is not zero already, durably."""
+        cdef size_t tail
+        if pos >= s.size:
+            return
+        tail = _last_nonzero(s.p, pos, s.size)
+        if tail > pos:
+            memset(s.p + pos, 0, tail - pos)
+            self._recovered_bytes += tail - pos
+            if _sync_range(s.fd, s.p, pos, tail) != 0:
+                raise OSError(_errno.EIO, f"sync of {s.path} failed during recovery")
 
     cdef _seal(self, _Seg s, size_t pos):
         """Bookkeeping for a sealed segment met during recovery."""
