@@ -701,8 +701,9 @@ class KeyedConsumer:
     * **leave** (``close``): release every partition, free the slot, bump the
       epoch. **crash** (SIGKILL): any member notices the dead pid within
       ~50 ms while it runs ``get`` (or at its next call), frees the slot and
-      bumps the epoch. The message the dead member had taken but not
-      finished is lost (the ring is at-most-once across a crash); the next
+      bumps the epoch (a killed process counts as dead once its parent
+      has reaped it: a zombie still holds its pid). The message the dead
+      member had taken but not finished is lost (the ring is at-most-once across a crash); the next
       owner continues right after it, so order is kept.
     """
 
