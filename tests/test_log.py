@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -415,3 +416,30 @@ def test_closed_log_refuses(tmp_path):
         log.append(b"x")
     with pytest.raises(engine.Closed):
         log.flush()
+
+
+def test_cli_dump_verify_stats_repair(tmp_path, capsys):
+    from engine.cli import main
+
+    d = str(tmp_path / "log")
+    with engine.Log(d, durability="none", segment_bytes=4096) as log:
+        log.append_many([b"hello %d" % i for i in range(100)], keys=[b"k"] * 100)
+    engine.LogReader(d, group="g").commit(40)
+    assert main(["log", "dump", d, "--from", "5", "--count", "2", "--json"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(x)["value"] for x in lines] == ["hello 5", "hello 6"]
+    assert main(["log", "stats", d, "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["next_offset"] == 100 and st["groups"] == {"g": {"committed": 40, "lag": 60}}
+    assert main(["log", "verify", d]) == 0
+    capsys.readouterr()
+    seg = sorted(p for p in os.listdir(d) if p.endswith(".seg"))[1]
+    with open(os.path.join(d, seg), "r+b") as f:
+        f.seek(64 + 40)
+        f.write(b"\xff")
+    assert main(["log", "verify", d]) == 1
+    assert "DAMAGED" in capsys.readouterr().out
+    assert main(["log", "repair", d, "--truncate"]) == 0
+    assert main(["log", "verify", d]) == 0
+    assert main(["log", "tail", d, "--from", "0", "--count", "3"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) >= 3

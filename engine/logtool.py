@@ -1,0 +1,189 @@
+"""``queue-engine log``: inspect, follow, verify and repair a segment log directory.
+
+* ``log dump PATH [--from N] [--count N] [--json]``: print records.
+* ``log verify PATH [--json]``: check every segment (CRC, bounds, offsets,
+  chaining); exit status 1 when anything is damaged.
+* ``log stats PATH [--json]``: offsets, segments, bytes, consumer groups and their lag.
+* ``log tail PATH [--from N] [--group G] [--count N]``: follow new records
+  (default: from the current end) until Ctrl-C.
+* ``log repair PATH --truncate``: cut the log at its first damaged record
+  (later records are lost: run ``verify`` first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Dict, List, Optional
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("log", help="inspect, follow, verify and repair a segment log")
+    sub = p.add_subparsers(dest="log_command", metavar="ACTION")
+    sub.required = True
+
+    dump = sub.add_parser("dump", help="print records")
+    dump.add_argument("path", help="log directory")
+    dump.add_argument("--from", dest="start", type=int, default=None, help="first offset (default: oldest)")
+    dump.add_argument("--count", type=int, default=None, help="stop after N records")
+    dump.add_argument("--json", action="store_true", help="one JSON object per line")
+    dump.set_defaults(func=_dump)
+
+    verify = sub.add_parser("verify", help="check every segment; exit 1 on damage")
+    verify.add_argument("path", help="log directory")
+    verify.add_argument("--json", action="store_true", help="print JSON")
+    verify.set_defaults(func=_verify)
+
+    stats = sub.add_parser("stats", help="offsets, segments, bytes, groups")
+    stats.add_argument("path", help="log directory")
+    stats.add_argument("--json", action="store_true", help="print JSON")
+    stats.set_defaults(func=_stats)
+
+    tail = sub.add_parser("tail", help="follow new records until Ctrl-C")
+    tail.add_argument("path", help="log directory")
+    tail.add_argument("--from", dest="start", type=int, default=None, help="first offset (default: the end)")
+    tail.add_argument("--group", default=None, help="resume at this consumer group's offset (read-only)")
+    tail.add_argument("--count", type=int, default=None, help="stop after N records")
+    tail.add_argument("--json", action="store_true", help="one JSON object per line")
+    tail.set_defaults(func=_tail)
+
+    repair = sub.add_parser("repair", help="cut the log at its first damaged record")
+    repair.add_argument("path", help="log directory")
+    repair.add_argument("--truncate", action="store_true", required=True,
+                        help="required: confirms that records after the damage are dropped")
+    repair.set_defaults(func=_repair)
+
+
+def _text(b: Optional[bytes]) -> Any:
+    if b is None:
+        return None
+    try:
+        s = bytes(b).decode("utf-8")
+        if s.isprintable():
+            return s
+    except UnicodeDecodeError:
+        pass
+    return "0x" + bytes(b).hex()
+
+
+def _print_record(rec: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"offset": rec.offset, "timestamp": rec.timestamp,
+                          "key": _text(rec.key), "value": _text(rec.value)}))
+    else:
+        key = "" if rec.key is None else f" key={_text(rec.key)!r}"
+        print(f"{rec.offset}\t{rec.timestamp}{key}\t{_text(rec.value)!r}")
+
+
+def _dump(args: argparse.Namespace) -> int:
+    from engine import LogReader
+    from engine.errors import CorruptLog
+
+    n = 0
+    try:
+        with LogReader(args.path, start=args.start) as r:
+            for rec in r:
+                if args.count is not None and n >= args.count:
+                    break
+                _print_record(rec, args.json)
+                n += 1
+    except CorruptLog as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from engine._log import verify
+
+    results = verify(args.path)
+    bad = [r for r in results if r.error is not None]
+    if args.json:
+        print(json.dumps([{k: getattr(r, k) for k in r.__slots__} for r in results]))
+    else:
+        for r in results:
+            state = "ok" if r.error is None else f"DAMAGED at byte {r.error_position}: {r.error}"
+            print(f"{os.path.basename(r.segment)}  records={r.records}  next={r.next_offset}  "
+                  f"sealed={r.sealed}  {state}")
+        print(f"{len(results)} segments, {len(bad)} damaged")
+        if bad:
+            print("cut the log at the first damage with: queue-engine log repair --truncate "
+                  f"{args.path}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def _groups(path: str) -> Dict[str, int]:
+    from engine import LogReader
+
+    out: Dict[str, int] = {}
+    gdir = os.path.join(path, "groups")
+    if os.path.isdir(gdir):
+        for name in sorted(os.listdir(gdir)):
+            if name.startswith("."):
+                continue
+            try:
+                c = LogReader(path, group=name).committed()
+            except (ValueError, OSError):
+                continue
+            if c is not None:
+                out[name] = c
+    return out
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from engine._log import verify
+
+    results = verify(args.path)
+    size = sum(os.path.getsize(r.segment) for r in results)
+    nxt = results[-1].next_offset if results else 0
+    start = results[0].base_offset if results else 0
+    groups = _groups(args.path)
+    out = {
+        "path": args.path, "segments": len(results), "start_offset": start, "next_offset": nxt,
+        "records": (nxt - start) if nxt is not None and start is not None else None,
+        "disk_bytes": size, "damaged_segments": sum(1 for r in results if r.error),
+        "groups": {g: {"committed": c, "lag": max(0, nxt - c)} for g, c in groups.items()},
+    }
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for k, v in out.items():
+            if k != "groups":
+                print(f"{k}: {v}")
+        for g, v in out["groups"].items():  # type: ignore[union-attr]
+            print(f"group {g}: committed {v['committed']}, lag {v['lag']}")
+    return 0
+
+
+def _tail(args: argparse.Namespace) -> int:
+    from engine import LogReader
+    from engine._log import verify
+
+    start = args.start
+    if start is None and args.group is None:
+        results: List[Any] = verify(args.path)
+        start = results[-1].next_offset if results else 0
+    n = 0
+    with LogReader(args.path, start=start, group=args.group) as r:
+        while args.count is None or n < args.count:
+            rec = r.poll(timeout=1.0)
+            if rec is None:
+                continue
+            _print_record(rec, args.json)
+            sys.stdout.flush()
+            n += 1
+    return 0
+
+
+def _repair(args: argparse.Namespace) -> int:
+    from engine._log import repair_truncate
+
+    bad = repair_truncate(args.path)
+    if bad is None:
+        print("nothing to repair: every segment is intact")
+    else:
+        print(f"cut {os.path.basename(bad.segment)} at byte {bad.error_position} ({bad.error}); "
+              f"the log now ends at offset {bad.next_offset}")
+    return 0
