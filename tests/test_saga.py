@@ -696,3 +696,136 @@ def test_threads_share_one_saga_and_recover_leaves_live_runs_alone(tmp_path):
     t.join(5)
     assert [k for _, n, k, _ in rec.calls if n == "slow"] == ["live:slow"]
     saga.close()
+
+
+# ---------------------------------------------------------------------------
+# stateful: runs, interrupted runs, reopen and recover against a model
+# ---------------------------------------------------------------------------
+
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule  # noqa: E402
+
+STEPS3 = ["a", "b", "c"]
+
+
+class SagaMachine(RuleBasedStateMachine):
+    """The model: for each saga id, which step keys are in effect, and its
+    state (done / compensated / pending forward / pending backward). A saga
+    is steered by its ctx: ``fail`` (a step whose action always raises),
+    ``stop`` (a step whose action is interrupted once: KeyboardInterrupt, the
+    saga stays in the log) and ``stop_undo`` (likewise for a compensation)."""
+
+    def __init__(self):
+        super().__init__()
+        import tempfile
+
+        self.dir = tempfile.mkdtemp(prefix="saga-sm-")
+        self.effects = set()  # keys in effect (the "world")
+        self.stops_used = set()  # (saga id, kind, step) interruptions already spent
+        self.model = {}  # saga id -> expected final state once recovered
+        self.pending = set()  # saga ids the model knows to be unfinished
+        self.n = 0
+        self.saga = None
+
+    def _action(self, name):
+        def fn(sc):
+            stop = (sc.saga_id, "do", name)
+            if sc.ctx.get("stop") == name and stop not in self.stops_used:
+                self.stops_used.add(stop)
+                raise KeyboardInterrupt
+            if sc.ctx.get("fail") == name:
+                raise RuntimeError("fails")
+            self.effects.add(sc.key)
+            return name
+
+        return fn
+
+    def _undo(self, name):
+        def fn(sc):
+            stop = (sc.saga_id, "undo", name)
+            if sc.ctx.get("stop_undo") == name and stop not in self.stops_used:
+                self.stops_used.add(stop)
+                raise KeyboardInterrupt
+            self.effects.discard(sc.key)
+
+        return fn
+
+    def _open(self):
+        self.saga = Saga(f"{self.dir}/s", durability="none", retries=0, backoff=0)
+        for n in STEPS3:
+            self.saga.step(n, self._action(n), self._undo(n))
+
+    @initialize()
+    def start(self):
+        self._open()
+
+    @rule(
+        fail=st.sampled_from([None, *STEPS3]),
+        stop=st.sampled_from([None, *STEPS3]),
+        stop_undo=st.sampled_from([None, *STEPS3]),
+    )
+    def run(self, fail, stop, stop_undo):
+        self.n += 1
+        sid = f"s{self.n}"
+        ctx = {"fail": fail, "stop": stop, "stop_undo": stop_undo}
+        order = STEPS3
+        fail_i = order.index(fail) if fail else 99
+        stop_i = order.index(stop) if stop else 99
+        # undone in reverse, from the step before the failing one
+        undo_stops = stop_undo is not None and order.index(stop_undo) < fail_i
+        self.model[sid] = "done" if fail is None else "compensated"
+        try:
+            out = self.saga.run(ctx, saga_id=sid)
+        except KeyboardInterrupt:
+            assert stop_i <= fail_i or undo_stops
+            self.pending.add(sid)
+            return
+        except StepFailed as exc:
+            assert fail is not None and not (stop_i <= fail_i or undo_stops)
+            assert exc.compensated == list(reversed(order[:fail_i]))
+            return
+        assert fail is None and stop is None and out == {n: n for n in STEPS3}
+
+    @rule()
+    def reopen(self):
+        self.saga.close()
+        self._open()
+        assert {i.saga_id for i in self.saga.unfinished()} == self.pending
+
+    @rule()
+    def recover(self):
+        # a recovery may be interrupted again (by a compensation's stop)
+        try:
+            infos = self.saga.recover()
+        except KeyboardInterrupt:
+            # the sagas recovered before the interruption are finished
+            still = {i.saga_id for i in self.saga.unfinished()}
+            assert still <= self.pending
+            states = {i.saga_id: i.state.value for i in list_sagas(f"{self.dir}/s")}
+            for sid in self.pending - still:
+                assert states[sid] == self.model[sid], sid
+            self.pending = still
+            return
+        for i in infos:
+            assert i.state.value == self.model[i.saga_id], i
+            self.pending.discard(i.saga_id)
+        assert self.saga.unfinished() == [] and self.pending == set()
+
+    @invariant()
+    def world_matches(self):
+        for sid, final in self.model.items():
+            keys = {f"{sid}:{n}" for n in STEPS3}
+            if sid in self.pending:
+                continue  # mid-way: whatever prefix it reached
+            expect = keys if final == "done" else set()
+            assert keys & self.effects == expect, (sid, final, keys & self.effects)
+
+    def teardown(self):
+        import shutil
+
+        if self.saga is not None:
+            self.saga.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+SagaMachine.TestCase.settings = settings(max_examples=25, stateful_step_count=12, deadline=None)
+test_saga_state_machine = SagaMachine.TestCase
