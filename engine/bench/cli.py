@@ -121,8 +121,9 @@ def main(args: argparse.Namespace) -> int:
             return 2
     command = _command(args)
     progress = harness.Progress(enabled=not args.quiet)
-    suite = harness.run_suite(profile, progress=progress, sections=sections)
+    # before the run: the load average then is the machine's own background load
     info = machine_info()
+    suite = harness.run_suite(profile, progress=progress, sections=sections)
     if args.markdown == "-":
         sys.stdout.write(report.render_markdown(suite, command, info))
     else:

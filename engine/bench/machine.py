@@ -97,8 +97,13 @@ def machine_info() -> Dict[str, Any]:
 def machine_line(info: Optional[Dict[str, Any]] = None) -> str:
     """One line for a table caption: CPU, cores, OS/kernel, Python."""
     info = info or machine_info()
-    return (
+    line = (
         f"{info['cpu_model']}, {info['usable_cpus']} CPUs usable, "
         f"{info['system']} {info['kernel']} ({info['machine']}), "
         f"{info['python_implementation']} {info['python']}"
     )
+    load = info.get("loadavg")
+    if load:
+        # a busy machine skews every figure: say how busy it was
+        line += f", load average {load[0]:.1f}"
+    return line
