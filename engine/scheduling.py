@@ -745,7 +745,7 @@ class KeyedConsumer:
         reaped = False
         for i in range(MAX_MEMBERS):
             tok, pid = reg.member(i)
-            if tok and pid != self._pid and pid > 0 and not pid_alive(pid):
+            if tok and pid != self._pid and (not 0 < pid < 1 << 31 or not pid_alive(pid)):
                 if reg.claim_member(i, tok, 0, 0):
                     reaped = True
         if reaped:

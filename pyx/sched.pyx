@@ -59,6 +59,9 @@ cdef extern from "sched_layout.h" nogil:
         uint64_t next_token     # unique member tokens
         uint64_t closed         # producer closed
 
+    ctypedef struct eng_sched_counts_t:
+        uint64_t put[64]        # messages put per level
+
     ctypedef struct eng_sched_member_t:
         uint64_t token          # 0 = free
         int64_t pid             # member process
@@ -69,6 +72,7 @@ cdef extern from "sched_layout.h" nogil:
         eng_sched_meta_t meta           # immutable
         eng_sched_bell_t bell           # doorbell
         eng_sched_group_t group         # KeyedQueue group
+        eng_sched_counts_t counts       # per-level put counts (emptiness hint)
         uint8_t config[1]               # ENG_SCHED_CONFIG_MAX bytes in C
         eng_sched_member_t members[1]   # ENG_SCHED_MAX_MEMBERS in C
         uint64_t parts[1]               # ENG_SCHED_MAX_PARTS in C
@@ -474,13 +478,14 @@ cdef class _PQCore:
     cdef int64_t _next_due      # earliest due in _heap (INT64 max when empty)
     cdef uint64_t _dseen        # bell.delayed value at our last drain
     cdef uint64_t _hseq         # tie-breaker for _heap
+    cdef uint64_t *_seen        # per level: put count up to which everything was consumed (hint)
     cdef uint64_t *_nput        # messages put per level by this handle
     cdef uint64_t *_ngot        # messages got per level by this handle
     cdef uint64_t _aged         # messages served out of order by aging
 
     def __dealloc__(self):
         free(self._w); free(self._credit); free(self._eof); free(self._nlocal)
-        free(self._head_ts); free(self._nput); free(self._ngot)
+        free(self._head_ts); free(self._nput); free(self._ngot); free(self._seen)
 
     def _core_setup(self, _Region reg, int levels, str policy, weights, double max_wait):
         """Called once by PriorityQueue.__init__/attach before any put/get."""
@@ -499,7 +504,8 @@ cdef class _PQCore:
         self._head_ts = <int64_t *>calloc(levels, sizeof(int64_t))
         self._nput = <uint64_t *>calloc(levels, sizeof(uint64_t))
         self._ngot = <uint64_t *>calloc(levels, sizeof(uint64_t))
-        if (self._w == NULL or self._credit == NULL or self._eof == NULL or self._nlocal == NULL
+        self._seen = <uint64_t *>calloc(levels, sizeof(uint64_t))
+        if (self._seen == NULL or self._w == NULL or self._credit == NULL or self._eof == NULL or self._nlocal == NULL
                 or self._head_ts == NULL or self._nput == NULL or self._ngot == NULL):
             raise MemoryError()
         cdef int i
@@ -556,6 +562,9 @@ cdef class _PQCore:
         else:
             self._puts[priority](msg)
         self._nput[priority] += 1
+        cdef uint64_t *cnt = &self._r.counts.put[priority]
+        # single producer: a plain increment published with release (after the ring's)
+        eng_store_release_u64(cnt, eng_load_relaxed_u64(cnt) + 1)
         _ring_bell(self._r)
 
     def _put_later(self, msg, int priority, delay, at):
@@ -587,16 +596,42 @@ cdef class _PQCore:
     cdef object _level_take(self, int i):
         """Non-timestamped: the next message of level i, or None."""
         cdef object m
+        cdef uint64_t p
         if self._nlocal[i]:
             self._nlocal[i] -= 1
             return (<object>self._local[i]).popleft()[1]
         if self._eof[i]:
             return None
+        p = eng_load_acquire_u64(&self._r.counts.put[i])
+        if p == self._seen[i]:
+            return None   # nothing put since the ring was last seen empty
         try:
-            return self._gets[i]()
+            m = self._gets[i]()
         except Closed:
             self._eof[i] = 1
             return None
+        if m is None:
+            # empty now: every message counted in p was consumed (by someone)
+            self._seen[i] = p
+        else:
+            self._seen[i] += 1
+        return m
+
+    cdef object _ring_read(self, int i):
+        """One record of level i's ring, using the put-count hint (raw record)."""
+        cdef uint64_t p = eng_load_acquire_u64(&self._r.counts.put[i])
+        if p == self._seen[i]:
+            return None
+        try:
+            rec = self._gets[i]()
+        except Closed:
+            self._eof[i] = 1
+            return None
+        if rec is None:
+            self._seen[i] = p
+        else:
+            self._seen[i] += 1
+        return rec
 
     cdef int64_t _peek_ts(self, int i) except -2:
         """Timestamped: enqueue time of level i's head (-1: empty)."""
@@ -606,11 +641,7 @@ cdef class _PQCore:
             return self._head_ts[i]
         if self._eof[i]:
             return -1
-        try:
-            rec = self._gets[i]()
-        except Closed:
-            self._eof[i] = 1
-            return -1
+        rec = self._ring_read(i)
         if rec is None:
             return -1
         self._head_ts[i] = _ts_of(rec)
@@ -745,8 +776,25 @@ cdef class _PQCore:
             if not self._deof or self._heap:
                 return False
         for i in range(self._n):
-            if not self._eof[i] or self._nlocal[i] or self._heads[i] is not None:
+            if self._nlocal[i] or self._heads[i] is not None:
                 return False
+        for i in range(self._n):
+            if self._eof[i]:
+                continue
+            # a close does not move the put count: ask the ring itself
+            try:
+                rec = self._gets[i]()
+            except Closed:
+                self._eof[i] = 1
+                continue
+            if rec is not None:   # arrived meanwhile: keep it for the next take
+                self._seen[i] += 1
+                if self._ts:
+                    (<object>self._local[i]).append((_ts_of(rec), rec[8:]))
+                else:
+                    (<object>self._local[i]).append((0, rec))
+                self._nlocal[i] += 1
+            return False
         return True
 
     # ---- get ------------------------------------------------------------
@@ -817,6 +865,7 @@ cdef class _PQCore:
         cdef list out = []
         cdef int i
         cdef Py_ssize_t room
+        cdef uint64_t p
         m = self._take()
         if m is None:
             if timeout is not None and timeout == 0:
@@ -840,11 +889,18 @@ cdef class _PQCore:
                     break
                 if self._eof[i]:
                     continue
+                p = eng_load_acquire_u64(&self._r.counts.put[i])
+                if p == self._seen[i]:
+                    continue
                 try:
                     got = self._many[i](room, 0)
                 except Closed:
                     self._eof[i] = 1
                     continue
+                if len(got) < room:
+                    self._seen[i] = p   # drained: everything counted in p is consumed
+                else:
+                    self._seen[i] += len(got)
                 if got:
                     self._ngot[i] += len(got)
                     out.extend(got)

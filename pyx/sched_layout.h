@@ -11,6 +11,7 @@
  *   [ meta   128 B ]  immutable after creation
  *   [ bell   128 B ]  producer bumps seq when a consumer is waiting
  *   [ group  128 B ]  membership epoch, token source
+ *   [ counts 512 B ]  messages put per level (producer), an emptiness hint
  *   [ config 1792 B]  JSON settings written once by the creator
  *   [ members 64 x 64 B ]
  *   [ parts  4096 x 8 B ]  owner token per partition (0 = unowned)
@@ -23,7 +24,7 @@
 
 /* "QESCHED1" little-endian */
 #define ENG_SCHED_MAGIC 0x3144454843534551ULL
-#define ENG_SCHED_VERSION 1u
+#define ENG_SCHED_VERSION 2u
 #define ENG_SCHED_BLOCK 128u
 #define ENG_SCHED_CONFIG_MAX 1792u
 #define ENG_SCHED_MAX_MEMBERS 64u
@@ -62,6 +63,13 @@ typedef struct {
     uint8_t _pad[ENG_SCHED_BLOCK - 24];
 } eng_sched_group_t;
 
+/* Messages put per level, stored (release) by the single producer after each
+ * ring put.  A consumer that has seen count c of level i empty skips that
+ * ring's try_get while the count is still c: one load instead of a call. */
+typedef struct {
+    uint64_t put[64];        /* per level, monotonically increasing */
+} eng_sched_counts_t;
+
 typedef struct {
     uint64_t token;          /* 0 = free slot; else the member's unique token */
     int64_t pid;             /* member process (liveness check) */
@@ -74,6 +82,7 @@ typedef struct {
     eng_sched_meta_t meta;
     eng_sched_bell_t bell;
     eng_sched_group_t group;
+    eng_sched_counts_t counts;
     uint8_t config[ENG_SCHED_CONFIG_MAX];
     eng_sched_member_t members[ENG_SCHED_MAX_MEMBERS];
     uint64_t parts[ENG_SCHED_MAX_PARTS];   /* owner token, 0 = unowned */
@@ -87,10 +96,11 @@ _Static_assert(sizeof(eng_sched_group_t) == ENG_SCHED_BLOCK, "group block");
 _Static_assert(sizeof(eng_sched_member_t) == 64, "member slot");
 _Static_assert(offsetof(eng_sched_region_t, bell) == 128, "bell offset");
 _Static_assert(offsetof(eng_sched_region_t, group) == 256, "group offset");
-_Static_assert(offsetof(eng_sched_region_t, config) == 384, "config offset");
-_Static_assert(offsetof(eng_sched_region_t, members) == 2176, "members offset");
-_Static_assert(offsetof(eng_sched_region_t, parts) == 2176 + 64 * 64, "parts offset");
-_Static_assert(sizeof(eng_sched_region_t) == 2176 + 64 * 64 + 4096 * 8, "region size");
+_Static_assert(offsetof(eng_sched_region_t, counts) == 384, "counts offset");
+_Static_assert(offsetof(eng_sched_region_t, config) == 896, "config offset");
+_Static_assert(offsetof(eng_sched_region_t, members) == 2688, "members offset");
+_Static_assert(offsetof(eng_sched_region_t, parts) == 2688 + 64 * 64, "parts offset");
+_Static_assert(sizeof(eng_sched_region_t) == 2688 + 64 * 64 + 4096 * 8, "region size");
 _Static_assert(offsetof(eng_sched_region_t, members) % 64 == 0, "members aligned");
 
 #endif
