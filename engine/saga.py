@@ -327,6 +327,8 @@ _arm_crash(os.environ.get("ENGINE_CRASH_AT"), os.environ.get("ENGINE_CRASH_TRACE
 # ---------------------------------------------------------------------------
 
 # record kinds ("t"): begin, start, done, fail, abort, cstart, cdone, cfail, end, retry
+# kinds that name a step ("s")
+_STEP_KINDS = frozenset(("start", "done", "fail", "abort", "cstart", "cdone", "cfail"))
 _KINDS = frozenset(
     ("begin", "start", "done", "fail", "abort", "cstart", "cdone", "cfail", "end", "retry")
 )
@@ -459,7 +461,7 @@ class _Run:
                 (s for s in self.steps if s in self.inflight or s in self.uncertain), None
             )
         elif self.state is SagaState.COMPENSATING and self.comp_inflight:
-            current = next(s for s in reversed(self.steps) if s in self.comp_inflight)
+            current = next((s for s in reversed(self.steps) if s in self.comp_inflight), None)
         elif self.state is SagaState.STUCK:
             current = self.stuck_step
         return SagaInfo(
@@ -494,6 +496,9 @@ def _decode(raw: Any, loads: Callable[[bytes], Any]) -> Optional[Dict[str, Any]]
         or rec.get("t") not in _KINDS
         or not isinstance(rec.get("id"), str)
         or ("s" in rec and not isinstance(rec["s"], str))
+        or (rec["t"] in _STEP_KINDS and "s" not in rec)
+        or ("a" in rec and (type(rec["a"]) is not int or rec["a"] < 0))
+        or ("e" in rec and not isinstance(rec["e"], (str, type(None))))
     ):
         _logger.warning("saga log: skipping a malformed record %.80r", rec)
         return None
@@ -1199,7 +1204,12 @@ class Saga:
             if _ARMED:
                 kinds = "+".join(k for k, _ in batch)
                 _crash_point(f"saga.before-write:{kinds}")
-            self._log.append_many(values, [key] * len(values))
+            try:
+                self._log.append_many(values, [key] * len(values))
+            except BaseException:
+                # not written: keep them for the next write of this saga
+                run.pending[:0] = batch
+                raise
             if _ARMED:
                 _crash_point(f"saga.after-write:{kinds}")
         if self._events is not None:

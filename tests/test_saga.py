@@ -477,14 +477,27 @@ def test_garbage_records_are_skipped(tmp_path, caplog):
         b'{"t":"end","id":"good","st":"weird"}',
         b'{"t":"done","id":5}',
         b'{"t":"nope","id":"good"}',
+        b'{"t":"start","id":"good"}',
+        b'{"t":"start","id":"good","s":"a","a":"x"}',
+        b'{"t":"cstart","id":"good","s":"a","a":-1}',
+        b'{"t":"fail","id":"good","s":"a","e":[1]}',
+        b'{"t":"begin","id":"odd","steps":["a"],"ctx":null}',
+        b'{"t":"cstart","id":"odd","s":"zz","a":1}',
+        b"null",
+        b"",
     ):
         log.append(junk)
     log.close()
     infos = list_sagas(tmp_path / "s")
-    assert [(i.saga_id, i.state) for i in infos] == [("good", SagaState.DONE)]
+    assert [(i.saga_id, i.state) for i in infos] == [
+        ("good", SagaState.DONE),
+        ("odd", SagaState.RUNNING),
+    ]
     saga = Saga(tmp_path / "s", durability="none")
     saga.step("a", lambda sc: 1)
-    assert saga.recover() == []
+    # "odd" is a well-formed saga (its unknown step is ignored): recovered forward
+    [r] = saga.recover()
+    assert r.saga_id == "odd" and r.state is SagaState.DONE
     saga.close()
 
 
@@ -829,3 +842,67 @@ class SagaMachine(RuleBasedStateMachine):
 
 SagaMachine.TestCase.settings = settings(max_examples=25, stateful_step_count=12, deadline=None)
 test_saga_state_machine = SagaMachine.TestCase
+
+
+_junk_value = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 3),
+    st.text(max_size=3),
+    st.sampled_from(["a", "b", "x", "done", "stuck", "compensated"]),
+    st.lists(st.sampled_from(["a", "b", 1]), max_size=3),
+)
+_junk_record = st.one_of(
+    st.binary(max_size=20),
+    st.fixed_dictionaries(
+        {
+            "t": st.sampled_from(
+                sorted(
+                    [
+                        "begin",
+                        "start",
+                        "done",
+                        "fail",
+                        "abort",
+                        "cstart",
+                        "cdone",
+                        "cfail",
+                        "end",
+                        "retry",
+                        "x",
+                    ]
+                )
+            ),
+            "id": st.sampled_from(["p", "q", 7]),
+        },
+        optional={
+            "s": _junk_value,
+            "a": _junk_value,
+            "st": _junk_value,
+            "e": _junk_value,
+            "steps": _junk_value,
+            "r": _junk_value,
+            "u": _junk_value,
+        },
+    ).map(lambda d: json.dumps(d).encode()),
+)
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(records=st.lists(_junk_record, max_size=25))
+def test_hostile_saga_logs_never_break_open_ls_or_recover(tmp_path_factory, records):
+    path = tmp_path_factory.mktemp("junk") / "s"
+    log = engine.Log(path, durability="none", segment_bytes=1 << 16)
+    for r in records:
+        log.append(r)
+    log.close()
+    infos = list_sagas(path)
+    assert {i.saga_id for i in infos} <= {"p", "q"}
+    saga = Saga(path, durability="none", segment_bytes=1 << 16, backoff=0, compensate_retries=0)
+    saga.step("a", lambda sc: 1, lambda sc: None).step("b", lambda sc: 2, lambda sc: None)
+    for info in saga.recover():
+        # each ends somewhere, or is reported as another definition's
+        assert info.state is not SagaState.RUNNING or "not recovered" in (info.error or "")
+    saga.close()
