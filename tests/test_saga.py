@@ -889,9 +889,9 @@ _junk_record = st.one_of(
 
 
 @settings(
-    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(records=st.lists(_junk_record, max_size=25))
+@given(records=st.lists(_junk_record, max_size=40))
 def test_hostile_saga_logs_never_break_open_ls_or_recover(tmp_path_factory, records):
     path = tmp_path_factory.mktemp("junk") / "s"
     log = engine.Log(path, durability="none", segment_bytes=1 << 16)
