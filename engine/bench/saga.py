@@ -7,10 +7,10 @@ not at all, fails the case. The peer is the same three functions called one
 after another, with no log: the ratio (ours / peer, < 1) is the overhead of
 recording every step's start and outcome, durably or not.
 
-Cases (quick / --full): durability "none" (3,000 / 50,000 sagas: the page
-cache, survives a process crash), durability "always" (60 / 1,000 sagas:
+Cases (quick / --full): durability "none" (2,000 / 50,000 sagas: the page
+cache, survives a process crash), durability "always" (40 / 1,000 sagas:
 msync + fdatasync before each step, n + 1 = 4 syncs per saga), and "always"
-from 8 threads sharing one Saga (240 / 4,000 sagas: the log group-commits
+from 8 threads sharing one Saga (160 / 4,000 sagas: the log group-commits
 concurrent sagas' syncs).
 """
 
@@ -121,7 +121,7 @@ def cases(profile: Profile) -> List[Case]:
             name="3 steps, durability none",
             description="one saga = 3 logged steps (page cache), vs the 3 functions called directly",
             kind=THROUGHPUT,
-            workload=Workload(profile.count(quick=3_000, full=50_000), 64),
+            workload=Workload(profile.count(quick=2_000, full=50_000), 64),
             contenders=[
                 Contender("engine.Saga none", _saga("none"), ours=True, requires=OURS),
                 plain,
@@ -131,7 +131,7 @@ def cases(profile: Profile) -> List[Case]:
             name="3 steps, durability always",
             description="one saga = 3 logged steps, 4 msync+fdatasync per saga, vs the 3 functions called directly",
             kind=THROUGHPUT,
-            workload=Workload(profile.count(quick=60, full=1_000), 64),
+            workload=Workload(profile.count(quick=40, full=1_000), 64),
             contenders=[
                 Contender("engine.Saga always", _saga("always"), ours=True, requires=OURS),
                 plain,
@@ -141,7 +141,7 @@ def cases(profile: Profile) -> List[Case]:
             name=f"3 steps, durability always, {THREADS} threads",
             description=f"{THREADS} threads share one Saga: the log group-commits their syncs",
             kind=THROUGHPUT,
-            workload=Workload(profile.count(quick=240, full=4_000), 64),
+            workload=Workload(profile.count(quick=160, full=4_000), 64),
             ordered=False,  # threads interleave; count and checksum still cover every saga
             contenders=[
                 Contender(
