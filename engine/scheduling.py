@@ -745,7 +745,8 @@ class KeyedConsumer:
         reaped = False
         for i in range(MAX_MEMBERS):
             tok, pid = reg.member(i)
-            if tok and pid != self._pid and (not 0 < pid < 1 << 31 or not pid_alive(pid)):
+            # pid 0: a member between its token CAS and its pid store (alive)
+            if tok and pid not in (0, self._pid) and (not 0 < pid < 1 << 31 or not pid_alive(pid)):
                 if reg.claim_member(i, tok, 0, 0):
                     reaped = True
         if reaped:

@@ -156,8 +156,32 @@ cpdef uint64_t stable_hash(object key) except? 0:
     if isinstance(key, str):
         s = PyUnicode_AsUTF8AndSize(key, &n)
         return _fnv1a(<const uint8_t *>s, n)
+    cdef char digits[24]
+    cdef int64_t v
+    cdef uint64_t u
+    cdef int pos
+    if type(key) is int:
+        # the hash of its decimal text (== stable_hash(str(key))), without
+        # allocating the text when it fits in 64 bits
+        try:
+            v = key
+        except OverflowError:
+            key = str(key).encode()
+            return _fnv1a(<const uint8_t *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
+        pos = 24
+        u = <uint64_t>(-(v + 1)) + 1 if v < 0 else <uint64_t>v
+        while True:
+            pos -= 1
+            digits[pos] = <char>(48 + u % 10)
+            u //= 10
+            if u == 0:
+                break
+        if v < 0:
+            pos -= 1
+            digits[pos] = 45  # '-'
+        return _fnv1a(<const uint8_t *>&digits[pos], 24 - pos)
     if isinstance(key, int) and not isinstance(key, bool):
-        key = str(key).encode()
+        key = str(int(key)).encode()
         return _fnv1a(<const uint8_t *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
     if PyObject_GetBuffer(key, &view, PyBUF_SIMPLE) < 0:
         raise TypeError("key must be bytes-like, str or int")

@@ -529,6 +529,8 @@ def test_stable_hash_is_stable():
     # fixed values: the partition of a key must not depend on the process
     assert stable_hash(b"abc") == stable_hash("abc") == stable_hash(bytearray(b"abc"))
     assert stable_hash(12) == stable_hash(b"12")
+    for k in (0, 7, -1, -(2**63), 2**63 - 1, 2**63, 10**30, -(10**30)):
+        assert stable_hash(k) == stable_hash(str(k)), k
     assert len({stable_hash(i) % 8 for i in range(1000)}) == 8
     with pytest.raises(TypeError):
         stable_hash(1.5)
