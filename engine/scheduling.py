@@ -63,7 +63,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from engine.errors import Closed, EngineError, IncompatibleRegion, Timeout
 
 from ._sched import (  # type: ignore[import-not-found]
-    DELAY_HEADER,
     KIND_KEYED,
     KIND_PRIORITY,
     MAX_MEMBERS,
@@ -92,7 +91,7 @@ _REBALANCE_EVERY = 0.05  # s: a busy member re-checks liveness / pending moves t
 
 
 def _shm_dir() -> str:
-    from ._ring import SHM_DIR  # type: ignore[import-not-found]
+    from ._ring import SHM_DIR  # type: ignore[attr-defined]
 
     return str(SHM_DIR)
 
@@ -292,14 +291,14 @@ class PriorityQueue(_PQCore):
     @classmethod
     def create(cls, name: str, levels: int = 3, policy: str = "strict",
                weights: Optional[Sequence[int]] = None, max_wait: Optional[float] = None,
-               capacity: int = DEFAULT_CAPACITY, max_consumers: int = 1) -> "PriorityQueue":
+               capacity: int = DEFAULT_CAPACITY, max_consumers: int = 1) -> PriorityQueue:
         """Create a shared queue: region ``/dev/shm/NAME`` + rings ``NAME.L<i>``,
         ``NAME.delay`` (mode 0600). ``FileExistsError`` if NAME exists."""
         return cls(levels, policy, weights, max_wait, name=name, capacity=capacity,
                    max_consumers=max_consumers)
 
     @classmethod
-    def attach(cls, name: str) -> "PriorityQueue":
+    def attach(cls, name: str) -> PriorityQueue:
         """Open a queue another process created; its settings come from the
         region (validated: ``IncompatibleRegion`` for anything foreign)."""
         from ._ring import Ring
@@ -408,7 +407,7 @@ class PriorityQueue(_PQCore):
         if self._region is not None:
             self._region.close()
 
-    def __enter__(self) -> "PriorityQueue":
+    def __enter__(self) -> PriorityQueue:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -498,12 +497,12 @@ class KeyedQueue(_KQCore):
 
     @classmethod
     def create(cls, name: str, partitions: int = 4, key: Optional[Callable[[Any], Any]] = None,
-               capacity: int = DEFAULT_CAPACITY, delay_capacity: Optional[int] = None) -> "KeyedQueue":
+               capacity: int = DEFAULT_CAPACITY, delay_capacity: Optional[int] = None) -> KeyedQueue:
         """Create a shared keyed queue (``/dev/shm/NAME`` + ``NAME.P<i>``, ``NAME.D<i>``)."""
         return cls(partitions, key=key, name=name, capacity=capacity, delay_capacity=delay_capacity)
 
     @classmethod
-    def attach(cls, name: str, key: Optional[Callable[[Any], Any]] = None) -> "KeyedQueue":
+    def attach(cls, name: str, key: Optional[Callable[[Any], Any]] = None) -> KeyedQueue:
         """Open a keyed queue created elsewhere (the key function, if any, is
         per process: pass the same one)."""
         from ._ring import Ring
@@ -579,7 +578,7 @@ class KeyedQueue(_KQCore):
             self._region.add_delayed()  # type: ignore[union-attr]
         self._region.ring_bell()  # type: ignore[union-attr]
 
-    def consumer(self) -> "KeyedConsumer":
+    def consumer(self) -> KeyedConsumer:
         """Join the consumer group: a :class:`KeyedConsumer` that owns a share
         of the partitions (rebalanced as members join and leave)."""
         if self._closed:
@@ -634,7 +633,7 @@ class KeyedQueue(_KQCore):
         if self._region is not None:
             self._region.close()
 
-    def __enter__(self) -> "KeyedQueue":
+    def __enter__(self) -> KeyedQueue:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -989,7 +988,7 @@ class KeyedConsumer:
         except ValueError:
             pass
 
-    def __enter__(self) -> "KeyedConsumer":
+    def __enter__(self) -> KeyedConsumer:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -1023,6 +1022,8 @@ class DurablePriorityQueue:
         if unknown:
             raise TypeError(f"unexpected arguments for a durable queue: {sorted(unknown)}")
         levels, policy, w, mw = _validate_policy(levels, policy, weights, max_wait)
+        if durability not in ("always", "interval", "none"):
+            raise ValueError(f"durability must be 'always', 'interval' or 'none', not {durability!r}")
         self._path = os.fspath(path)
         os.makedirs(self._path, mode=0o700, exist_ok=True)
         meta = os.path.join(self._path, "queue.json")
@@ -1099,7 +1100,7 @@ class DurablePriorityQueue:
             readers = []
             for d in self._log_dirs():
                 if not os.path.exists(os.path.join(d, "meta")):
-                    Log(d, durability=self._durability).close()  # create it empty
+                    Log(d, durability=self._durability).close()  # type: ignore[arg-type]  # create it empty
                 readers.append(LogReader(d, group=self._group))
             self._readers = readers
         return self._readers
@@ -1260,7 +1261,7 @@ class DurablePriorityQueue:
         self._closed = True
         self._region.close()
 
-    def __enter__(self) -> "DurablePriorityQueue":
+    def __enter__(self) -> DurablePriorityQueue:
         return self
 
     def __exit__(self, *exc: object) -> None:

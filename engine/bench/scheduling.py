@@ -82,7 +82,7 @@ def ours_one_process(wl: Workload) -> Run:
 def queue_priorityqueue(wl: Workload) -> Run:
     msgs = wl.payloads()
     prio = _levels(len(msgs))
-    q: "queue.PriorityQueue[Any]" = queue.PriorityQueue()
+    q: queue.PriorityQueue[Any] = queue.PriorityQueue()
     qput, qget = q.put, q.get_nowait
     seq = iter(range(1 << 62))
 
