@@ -17,6 +17,7 @@ the same batching over multiprocessing.Queue (500k / 2M).
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
 import uuid
@@ -257,38 +258,89 @@ def ours_aggregator(wl: Workload) -> Run:
         Ring.unlink(ring_name)
 
 
+class _QueueRing:
+    """A multiprocessing.Queue dressed as a ring, so the peer runs the very same
+    CounterSender / CounterAggregator code: only the transport differs."""
+
+    max_message = 1 << 20
+
+    def __init__(self, q: Any) -> None:
+        self.q = q
+
+    def producer(self) -> _QueueProducer:
+        return _QueueProducer(self.q)
+
+    def consumer(self) -> _QueueConsumer:
+        return _QueueConsumer(self.q)
+
+
+class _QueueProducer:
+    def __init__(self, q: Any) -> None:
+        self.q = q
+
+    def put(self, msg: bytes, timeout: Any = None) -> None:
+        self.q.put(msg)
+
+    def close(self) -> None:
+        self.q.put(None)  # end of stream
+
+
+class _QueueConsumer:
+    def __init__(self, q: Any) -> None:
+        self.q = q
+        self.closed = False
+
+    def get_many(self, max: int = 1024, timeout: Any = 0) -> List[bytes]:
+        from engine import Closed
+
+        if self.closed:
+            raise Closed("sender closed")
+        out: List[bytes] = []
+        try:
+            m = self.q.get(timeout=timeout) if timeout else self.q.get_nowait()
+        except queue.Empty:
+            return out
+        while True:
+            if m is None:
+                self.closed = True
+                if out:
+                    return out
+                raise Closed("sender closed")
+            out.append(m)
+            if len(out) >= max:
+                return out
+            try:
+                m = self.q.get_nowait()
+            except queue.Empty:
+                return out
+
+    def close(self) -> None:
+        pass
+
+
 def _child_mpq_sender(wl: Workload, barrier: Any, q: Any) -> int:
+    from engine.counters import CounterSender
+
+    s = CounterSender(_QueueRing(q), batch=BATCH)
+    add = s.add
     keys = _keys()
     seq = [keys[i % KEYS] for i in range(wl.count)]
-    pending: dict = {}
-    adds = 0
     barrier.wait(peers.BARRIER_TIMEOUT)
     t0 = time.perf_counter_ns()
-    for k in seq:  # the same coalescing as CounterSender.add / flush
-        pending[k] = pending.get(k, 0) + 1
-        adds += 1
-        if adds >= BATCH:
-            q.put(pending)
-            pending, adds = {}, 0
-    if pending:
-        q.put(pending)
-    q.put(None)
+    for k in seq:
+        add(k)
+    s.close()
     return t0
 
 
 def _child_mpq_aggregator(wl: Workload, barrier: Any, q: Any, map_name: str) -> int:
-    from engine import CounterMap
+    from engine import CounterAggregator, CounterMap
 
-    m = CounterMap.attach(map_name)
+    agg = CounterAggregator(_QueueRing(q), target=CounterMap.attach(map_name))
     barrier.wait(peers.BARRIER_TIMEOUT)
-    while True:
-        batch = q.get(timeout=60)
-        if batch is None:
-            break
-        for k, n in batch.items():
-            m.add(k, n)
+    agg.run(max_messages=256, poll=0.05)
     t1 = time.perf_counter_ns()
-    m.close()
+    agg.close()
     return t1
 
 
