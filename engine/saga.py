@@ -49,7 +49,9 @@ returned, or ``None`` if its outcome is not known).
   ``queue-engine saga ls`` and :meth:`Saga.recover` report it, and
   ``recover(retry_stuck=True)`` tries again. It is never dropped.
 * Return values are written to the log (JSON by default, see ``codec``), so
-  they must be encodable; so must ``ctx``.
+  they must be encodable; so must ``ctx``. Treat ``ctx`` as read-only (a
+  recovered saga sees it as it was recorded) and pass data forward by
+  returning it: later steps read it in ``sc.results``.
 
 Durability
 ----------
@@ -67,6 +69,15 @@ Consecutive steps declared with the same ``group`` run in parallel (sync
 callables in worker threads, coroutines on the event loop). The stage ends
 when all of them have ended; if any failed, all completed steps are
 compensated in reverse declaration order.
+
+Compaction
+----------
+The log keeps every saga's records until :meth:`Saga.compact` (run by itself
+every ``compact_every`` finished sagas) records the *low-water mark*, the
+first record of the oldest unfinished saga, and applies the log's
+``retention_bytes`` / ``retention_age``: segments wholly below the mark may go,
+nothing an unfinished or stuck saga needs ever does. Reopening reads from the
+mark.
 
 Events
 ------
