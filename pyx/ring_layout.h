@@ -24,7 +24,7 @@
 #include <stdint.h>
 
 /* "QENGRING" little-endian; a region without it is not ours. */
-#define RING_MAGIC 0x474E49524E474551ULL
+#define RING_MAGIC 0x474E4952474E4551ULL
 #define RING_LAYOUT_VERSION 1u
 
 #define RING_BLOCK 128u             /* one padded block per writer */
