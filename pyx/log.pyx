@@ -23,7 +23,7 @@ Decisions (documented for users in the class docstrings):
 """
 
 cimport cython
-from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_CheckBuffer, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
@@ -61,6 +61,7 @@ cdef extern from "log_layout.h" nogil:
         int64_t timestamp_ns
         uint32_t key_len
         uint32_t flags
+    int eng_log_sync_range(int fd, void *addr, size_t length) noexcept
     ctypedef struct eng_notify:
         uint32_t magic
         uint32_t seq
@@ -220,15 +221,9 @@ cdef size_t _last_nonzero(const uint8_t *p, size_t pos, size_t size) noexcept no
 
 
 cdef int _sync_range(int fd, uint8_t *p, size_t lo, size_t hi) noexcept nogil:
-    """msync(MS_SYNC) the pages of [lo, hi) then fdatasync the file; 0 or errno."""
+    """Make the pages of [lo, hi) durable (see eng_log_sync_range); 0 or -1."""
     cdef size_t a = lo - (lo % _PAGE)
-    cdef int rc = 0
-    if hi > a:
-        if msync(p + a, hi - a, MS_SYNC) != 0:
-            rc = -1
-    if fdatasync(fd) != 0:
-        rc = -1
-    return rc
+    return eng_log_sync_range(fd, p + a, hi - a if hi > a else 0)
 
 
 def _set_sync_hook(fn):
@@ -991,8 +986,9 @@ cdef class Log:
     ``durability`` says when an append counts as done:
 
     * ``"always"``: ``append``/``append_many`` return only after the record's
-      bytes were written back with ``msync(MS_SYNC)`` and ``fdatasync`` (and,
-      for a new segment, the directory fsynced): an acknowledged record
+      bytes were written back with ``msync(MS_SYNC)`` (on Linux that is
+      fdatasync of the written range; elsewhere an fsync follows) and, for a
+      new segment, the file and directory were fsynced: an acknowledged record
       survives a process crash, a kernel crash and a power loss (as far as the
       disk honours flushes).  Concurrent appenders in several threads are
       group-committed: appends made while a sync runs share the next sync.
@@ -1438,8 +1434,9 @@ cdef class Log:
                 v = PyBytes_AS_STRING(value)
                 vlen = <size_t>PyBytes_GET_SIZE(value)
             else:
-                if PyObject_GetBuffer(value, &vb, PyBUF_SIMPLE) < 0:
-                    raise TypeError("value must be a bytes-like object")
+                if not PyObject_CheckBuffer(value):
+                    raise TypeError(f"value must be a bytes-like object, not {type(value).__name__}")
+                PyObject_GetBuffer(value, &vb, PyBUF_SIMPLE)
                 vbuf = True
                 v = <const char *>vb.buf
                 vlen = <size_t>vb.len
@@ -1449,8 +1446,9 @@ cdef class Log:
                     k = PyBytes_AS_STRING(key)
                     klen = <size_t>PyBytes_GET_SIZE(key)
                 else:
-                    if PyObject_GetBuffer(key, &kb, PyBUF_SIMPLE) < 0:
-                        raise TypeError("key must be a bytes-like object or None")
+                    if not PyObject_CheckBuffer(key):
+                        raise TypeError(f"key must be a bytes-like object or None, not {type(key).__name__}")
+                    PyObject_GetBuffer(key, &kb, PyBUF_SIMPLE)
                     kbuf = True
                     k = <const char *>kb.buf
                     klen = <size_t>kb.len
@@ -1521,8 +1519,9 @@ cdef class Log:
                         v = PyBytes_AS_STRING(value)
                         vlen = <size_t>PyBytes_GET_SIZE(value)
                     else:
-                        if PyObject_GetBuffer(value, &vb, PyBUF_SIMPLE) < 0:
-                            raise TypeError("values must hold bytes-like objects")
+                        if not PyObject_CheckBuffer(value):
+                            raise TypeError(f"values must hold bytes-like objects, not {type(value).__name__}")
+                        PyObject_GetBuffer(value, &vb, PyBUF_SIMPLE)
                         vbuf = True
                         v = <const char *>vb.buf
                         vlen = <size_t>vb.len
@@ -1534,8 +1533,9 @@ cdef class Log:
                                 k = PyBytes_AS_STRING(key)
                                 klen = <size_t>PyBytes_GET_SIZE(key)
                             else:
-                                if PyObject_GetBuffer(key, &kb, PyBUF_SIMPLE) < 0:
-                                    raise TypeError("keys must hold bytes-like objects or None")
+                                if not PyObject_CheckBuffer(key):
+                                    raise TypeError(f"keys must hold bytes-like objects or None, not {type(key).__name__}")
+                                PyObject_GetBuffer(key, &kb, PyBUF_SIMPLE)
                                 kbuf = True
                                 k = <const char *>kb.buf
                                 klen = <size_t>kb.len
@@ -2175,6 +2175,11 @@ cdef class LogReader:
 
     def __exit__(self, *exc):
         self.close()
+
+    @property
+    def log_id(self):
+        """The log's id (uuid string, from its meta file): what the bridge puts in message ids."""
+        return str(_uuid.UUID(bytes=self._log_id)) if self._log_id is not None else None
 
     @property
     def position(self):
