@@ -361,41 +361,6 @@ def mpqueue_aggregator(wl: Workload) -> Run:
         CounterMap.unlink(map_name)
 
 
-def _child_map_direct(
-    wl: Workload, barrier: Any, map_name: str, lo: int, n: int
-) -> Tuple[int, int]:
-    from engine import CounterMap
-
-    m = CounterMap.attach(map_name)
-    add = m.add
-    keys = _keys()
-    seq = [keys[i % KEYS] for i in range(lo, lo + n)]
-    barrier.wait(peers.BARRIER_TIMEOUT)
-    t0 = time.perf_counter_ns()
-    for k in seq:
-        add(k)
-    t1 = time.perf_counter_ns()
-    m.close()
-    return t0, t1
-
-
-def ours_map_direct(wl: Workload) -> Run:
-    """The same increments added straight into the shared CounterMap by the
-    sending process (no queue): what the aggregator is an alternative to."""
-    from engine import CounterMap
-
-    map_name = _name()
-    m = CounterMap.create(map_name, capacity=4 * KEYS)
-    try:
-        res = peers.run_children(wl, [(_child_map_direct, (map_name, 0, wl.count))])
-        t0, t1 = res[0]
-        ok = dict(m.items()) == _expected_map(wl.count)
-        return _verified(wl, t0, t1, wl.count if ok else -1, wl.count, "CounterMap direct")
-    finally:
-        m.close()
-        CounterMap.unlink(map_name)
-
-
 # ---------------------------------------------------------------------------
 # cases
 # ---------------------------------------------------------------------------
@@ -466,7 +431,6 @@ def cases(profile: Profile) -> List[Case]:
             Workload(profile.count(quick=500_000, full=2_000_000), 8),
             [
                 _ours("engine.CounterAggregator (Ring)", ours_aggregator),
-                _ours("engine.CounterMap direct add (no queue)", ours_map_direct),
                 Contender("multiprocessing.Queue-fed aggregator", mpqueue_aggregator),
             ],
             ordered=False,
