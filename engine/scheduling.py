@@ -964,8 +964,7 @@ class KeyedConsumer:
 
     def _count(self, n: int) -> None:
         self._delivered += n
-        if self._delivered & 1023 == 0 or n > 1:
-            self._reg.add_delivered(self._slot, n)
+        self._reg.add_delivered(self._slot, n)
 
     def close(self) -> None:
         """Leave the group: release every partition (the rest of each is read

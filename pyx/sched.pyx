@@ -278,8 +278,9 @@ cdef class _Region:
         self.name = name
 
     def __dealloc__(self):
+        self.r = NULL
         if self._held:
-            PyBuffer_Release(&self._view)
+            PyBuffer_Release(&self._view)   # then the mmap object unmaps when freed
             self._held = False
 
     cdef inline int _check(self) except -1:
@@ -288,17 +289,10 @@ cdef class _Region:
         return 0
 
     def close(self):
-        """Drop our pointer and the buffer export, then close the mmap."""
+        """Refuse further use.  The mapping itself goes when the last reference
+        to this object does (``__dealloc__``): a thread still asleep on the
+        doorbell holds one, so it never wakes up into unmapped memory."""
         self.r = NULL
-        if self._held:
-            PyBuffer_Release(&self._view)
-            self._held = False
-        if self.mm is not None:
-            try:
-                self.mm.close()
-            except BufferError:
-                pass  # someone else still exports it; it is unmapped with them
-            self.mm = None
 
     def initialize(self, uint32_t kind, bytes config):
         """Creator: write meta and config, then the magic (release)."""
