@@ -734,3 +734,29 @@ def test_shared_queue_competing_consumers(shm_name):
             everything.append(seq)
     assert sorted(everything) == list(range(n))  # exactly once overall
     PriorityQueue.unlink(shm_name)
+
+
+def test_keyed_survives_garbage_group_tables(shm_name):
+    """Random bytes over the member and owner tables: a consumer still joins,
+    reaps the garbage and consumes everything (no crash, no hang)."""
+    import mmap as _mmap
+
+    from engine._sched import REGION_SIZE
+
+    kq = KeyedQueue.create(shm_name, partitions=4)
+    try:
+        with open(f"/dev/shm/{shm_name}", "r+b") as f:
+            mm = _mmap.mmap(f.fileno(), REGION_SIZE)
+            rnd = random.Random(9)
+            start = 2688  # members, then partition owners (sched_layout.h)
+            mm[start:] = bytes(rnd.getrandbits(8) for _ in range(REGION_SIZE - start))
+            mm.close()
+        for i in range(100):
+            kq.put(struct.pack("<I", i), key=i % 7)
+        c = KeyedQueue.attach(shm_name).consumer()
+        got = sorted(struct.unpack("<I", c.get(timeout=2))[0] for _ in range(100))
+        assert got == list(range(100))
+        c.close()
+    finally:
+        kq.close()
+        KeyedQueue.unlink(shm_name)
