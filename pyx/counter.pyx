@@ -10,6 +10,7 @@
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+from libc.errno cimport errno
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy
 from posix.mman cimport (MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, MAP_SHARED, PROT_READ,
@@ -177,8 +178,7 @@ cdef class _Mapping:
         else:
             p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
         if p == MAP_FAILED:
-            import ctypes
-            err = ctypes.get_errno() or 12
+            err = errno
             raise OSError(err, f"mmap of {size} bytes failed: {os.strerror(err)}")
         self.base = <char *>p
         self.size = size
@@ -527,6 +527,11 @@ cdef class CounterMap:
     exactness and overflow rules.  ``capacity`` slots (a power of two) hold at
     most that many keys; a new key beyond that raises :class:`CounterMapFull`.
     Keep ``capacity`` about twice the keys you expect so probes stay short.
+
+    ``CounterMap()`` lives in private memory; ``CounterMap.create(name)`` /
+    ``CounterMap.attach(name)`` in a file under /dev/shm (mode 0600);
+    ``CounterMap(name)`` attaches the region as it exists (its capacity and
+    shards win), creating it with the given ones if it is missing.
 
     >>> m = CounterMap(capacity=64)
     >>> m.add("GET /"); m.add("GET /", 2); m.get("GET /")
