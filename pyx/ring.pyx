@@ -127,6 +127,15 @@ cdef int64_t _REAP_NS = 100000000
 cdef int64_t _NO_DEADLINE = -1
 
 cdef object _np = None
+cdef object _aio_mod = None  # engine.aio, imported on first async call
+
+
+cdef object _aio():
+    global _aio_mod
+    if _aio_mod is None:
+        from engine import aio
+        _aio_mod = aio
+    return _aio_mod
 
 
 cdef inline ring_slot_t *_slot_at(ring_header_t *h, uint32_t i) noexcept nogil:
@@ -446,6 +455,20 @@ cdef uint64_t _count_records(_Mapping m, uint64_t start, uint64_t end) noexcept 
     return n
 
 
+cdef bint _alive(int32_t pid):
+    """The process exists and is not a zombie (a killed child whose parent
+    has not reaped it yet is dead for us: it will never read again)."""
+    if not eng_pid_alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return True  # no /proc (macOS) or a race with its exit: trust kill(0)
+    i = stat.rfind(b")")
+    return not (i >= 0 and stat[i + 2:i + 3] in (b"Z", b"X"))
+
+
 cdef int _reap_dead(_Mapping m) except -1:
     """Free the slots of consumers whose process is gone.  Returns how many.
 
@@ -465,7 +488,7 @@ cdef int _reap_dead(_Mapping m) except -1:
         if eng_load_acquire_u32(&s.state) != RING_SLOT_ACTIVE:
             continue
         pid = eng_load_acquire_i32(&s.pid)
-        if pid <= 0 or eng_pid_alive(pid):
+        if pid <= 0 or _alive(pid):
             continue
         # One reaper wins: the pid CAS hands the slot over exactly once.
         if not eng_cas_i32(&s.pid, &pid, -1):
@@ -678,7 +701,7 @@ cdef class Ring:
             consumers.append({
                 "slot": i,
                 "pid": pid,
-                "alive": bool(eng_pid_alive(pid)),
+                "alive": _alive(pid),
                 "cursor": None if cur == RING_IDLE else cur,
                 "lag_bytes": lag,
                 "messages_got": eng_load_relaxed_u64(&s.msgs_got),
@@ -760,7 +783,7 @@ cdef class Producer:
         cdef int32_t me = _os.getpid()
         cdef int32_t cur = eng_load_acquire_i32(&h.prod.pid)
         while True:
-            if cur != 0 and (cur == me or eng_pid_alive(cur)):
+            if cur != 0 and (cur == me or _alive(cur)):
                 raise EngineError(
                     f"ring {m.label()} already has a live producer (pid {cur}); "
                     "close it first (one producer at a time)")
@@ -942,6 +965,28 @@ cdef class Producer:
         """Append one message if it fits right now; False if the ring is full."""
         self._check()
         return bool(self._put_obj(msg, 0))
+
+    def wait_space(self, Py_ssize_t nbytes, timeout=None):
+        """Wait until a message of ``nbytes`` bytes fits, without writing
+        anything: True then, False once ``timeout`` seconds passed.  Sleeps
+        on the same futex as ``put`` (GIL released, registered as a waiter);
+        made for ``engine.aio``'s waiter thread."""
+        self._check()
+        if nbytes < 0 or <uint64_t>nbytes > self._max_msg:
+            raise ValueError(f"nbytes must be between 0 and this ring's limit of "
+                             f"{self._max_msg}, not {nbytes}")
+        cdef uint64_t need = self._need(ring_rec_size(<uint64_t>nbytes))
+        if self._fits(need):
+            return True
+        self._refresh_gate()
+        if self._fits(need):
+            return True
+        return self._wait_room(need, _deadline(timeout)) == 1
+
+    def aput(self, msg, timeout=None):
+        """Coroutine: ``put`` that waits for room without blocking the event
+        loop (``engine.aio.aput``)."""
+        return _aio().aput(self, msg, timeout)
 
     cdef int _batch_item(self, const char *src, uint64_t n, int64_t deadline) except -1:
         # One record of a batch: publish only when we must wait.
@@ -1319,7 +1364,7 @@ cdef class Consumer:
             if now >= next_check:
                 # A producer that died without closing ends the stream too.
                 ppid = eng_load_acquire_i32(&h.prod.pid)
-                if ppid > 0 and not eng_pid_alive(ppid):
+                if ppid > 0 and not _alive(ppid):
                     if eng_cas_i32(&h.prod.pid, &ppid, 0):
                         eng_store_release_u32(&h.prod.closed, 1)
                     return 1
@@ -1417,6 +1462,33 @@ cdef class Consumer:
         if out is None:
             self._closed_empty()
         return out
+
+    def wait(self, timeout=None):
+        """Wait until a message is available or the stream ended, without
+        consuming anything: True then, False once ``timeout`` seconds passed
+        (None: no limit).  Sleeps on the same futex as ``get`` (GIL released,
+        registered as a waiter, so a producer in any process wakes it); made
+        for ``engine.aio``'s waiter thread.  ``Closed`` if this handle is
+        closed (also while waiting)."""
+        if self._m is None:
+            raise Closed("consumer is closed")
+        if self._ready():
+            return True
+        return self._wait(_deadline(timeout)) == 1
+
+    def aget(self, timeout=None):
+        """Coroutine: the next message without blocking the event loop
+        (``engine.aio.aget``); ``Timeout`` / ``Closed`` as in ``get``."""
+        return _aio().aget(self, timeout)
+
+    def aget_many(self, Py_ssize_t max=1024, timeout=None):
+        """Coroutine: up to ``max`` messages, waiting (without blocking the
+        event loop) for the first one (``engine.aio.aget_many``)."""
+        return _aio().aget_many(self, max, timeout)
+
+    def __aiter__(self):
+        """``async for msg in consumer``: every message until ``Closed``."""
+        return _aio().aiter_messages(self)
 
     def get_view(self, timeout=None):
         """Like ``get`` but a zero-copy read-only memoryview into the ring,
