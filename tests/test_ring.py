@@ -77,8 +77,14 @@ def test_many_consumer_slots_grow_the_header(shm_name):
 def test_put_get_roundtrip_all_buffer_kinds(mode):
     r = _ring_for(mode)
     p, c = r.producer(), r.consumer()
-    msgs = [b"", b"a", bytearray(b"bc"), memoryview(b"def"), np.arange(5, dtype=np.int16),
-            b"x" * 2000]
+    msgs = [
+        b"",
+        b"a",
+        bytearray(b"bc"),
+        memoryview(b"def"),
+        np.arange(5, dtype=np.int16),
+        b"x" * 2000,
+    ]
     for m in msgs:
         p.put(m)
     for m in msgs:
@@ -91,7 +97,7 @@ def test_wraparound_keeps_order_and_payloads(mode):
     r = _ring_for(mode, 4096)
     p, c = r.producer(), r.consumer()
     rnd = np.random.default_rng(1)
-    for i in range(3000):
+    for _i in range(3000):
         m = bytes(rnd.integers(0, 256, int(rnd.integers(0, 700)), dtype=np.uint8))
         p.put(m)
         assert c.get() == m
@@ -396,7 +402,7 @@ def test_ring_close_closes_handles_and_context_managers():
 def test_stats_fields():
     r = engine.Ring(4096, mode="broadcast", max_consumers=2)
     p = r.producer()
-    c1, c2 = r.consumer(), r.consumer()
+    c1, _c2 = r.consumer(), r.consumer()
     p.put_many([b"x" * 56] * 10)
     c1.get_many(4)
     s = r.stats()
@@ -535,3 +541,37 @@ def test_idle_waiter_burns_no_cpu():
         c.get(timeout=0.5)
     # spinning the whole time would cost ~0.5 s of CPU
     assert time.process_time() - t0 < 0.1
+
+
+# ---- the `queue-engine ring` command ---------------------------------------------------------------
+
+
+def test_cli_ring_ls_stats_unlink(shm_name, capsys):
+    import json
+
+    from engine.cli import main
+
+    r = engine.Ring.create(shm_name, 8192, mode="broadcast", max_consumers=2)
+    p, _c = r.producer(), r.consumer()
+    p.put(b"abc")
+    with open(f"/dev/shm/{shm_name}-foreign", "wb") as f:
+        f.write(b"\0" * 64)
+    assert main(["ring", "ls", "--json"]) == 0
+    listed = {x["name"]: x for x in json.loads(capsys.readouterr().out)}
+    assert listed[shm_name]["mode"] == "broadcast" and listed[shm_name]["capacity"] == 8192
+    assert f"{shm_name}-foreign" not in listed
+    assert main(["ring", "ls"]) == 0
+    assert shm_name in capsys.readouterr().out
+    assert main(["ring", "stats", shm_name, "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["messages_put"] == 1 and st["consumers"][0]["lag_bytes"] == 16
+    assert main(["ring", "stats", shm_name]) == 0
+    assert "messages_put: 1" in capsys.readouterr().out
+    assert main(["ring", "unlink", f"{shm_name}-foreign"]) == 1
+    assert "not a queue-engine ring" in capsys.readouterr().err
+    assert main(["ring", "unlink", shm_name]) == 0
+    assert main(["ring", "stats", shm_name]) == 1
+    assert "no such region" in capsys.readouterr().err
+    assert main(["ring", "unlink", shm_name]) == 1
+    assert main(["ring", "unlink", shm_name, "--missing-ok"]) == 0
+    r.close()

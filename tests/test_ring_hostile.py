@@ -17,12 +17,19 @@ from hypothesis import strategies as st
 import engine
 from engine import _ring
 
-HOSTILE = settings(max_examples=80, deadline=None,
-                   suppress_health_check=[HealthCheck.function_scoped_fixture])
+HOSTILE = settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 # header field offsets (ring_layout.h, static-asserted there)
-META = {"magic": (0, "<Q"), "version": (8, "<I"), "header_size": (12, "<I"),
-        "capacity": (16, "<Q"), "mode": (24, "<I"), "max_consumers": (28, "<I")}
+META = {
+    "magic": (0, "<Q"),
+    "version": (8, "<I"),
+    "header_size": (12, "<I"),
+    "capacity": (16, "<Q"),
+    "mode": (24, "<I"),
+    "max_consumers": (28, "<I"),
+}
 HEAD, PROD_PID, CLOSED = 128, 136, 140
 TAIL = 256 + 8
 CLAIM = 384
@@ -48,8 +55,13 @@ def _exercise(ring):
     try:
         ring.stats()
         with ring.consumer() as c:
-            for call in (c.try_get, lambda: c.get_many(50), lambda: c.get_array(50),
-                         lambda: c.get(timeout=0), lambda: c.get_view(timeout=0)):
+            for call in (
+                c.try_get,
+                lambda: c.get_many(50),
+                lambda: c.get_array(50),
+                lambda: c.get(timeout=0),
+                lambda: c.get_view(timeout=0),
+            ):
                 try:
                     x = call()
                     if isinstance(x, list):
@@ -101,8 +113,11 @@ def _poke(name, offset, fmt, value):
 
 
 @HOSTILE
-@given(field=st.sampled_from(sorted(META)), value=st.integers(0, 2**32 - 1),
-       wide=st.integers(0, 2**64 - 1))
+@given(
+    field=st.sampled_from(sorted(META)),
+    value=st.integers(0, 2**32 - 1),
+    wide=st.integers(0, 2**64 - 1),
+)
 def test_corrupt_header_fields(name, field, value, wide):
     engine.Ring.create(name, 8192, mode="broadcast", max_consumers=2).close()
     off, fmt = META[field]
@@ -118,9 +133,14 @@ def test_corrupt_header_fields(name, field, value, wide):
 
 
 def test_each_header_check_names_its_field(name):
-    cases = [("magic", 0, "bad magic"), ("version", 99, "layout version"),
-             ("header_size", 8192, "header size"), ("capacity", 12345, "capacity"),
-             ("mode", 7, "mode"), ("max_consumers", 0, "max_consumers")]
+    cases = [
+        ("magic", 0, "bad magic"),
+        ("version", 99, "layout version"),
+        ("header_size", 8192, "header size"),
+        ("capacity", 12345, "capacity"),
+        ("mode", 7, "mode"),
+        ("max_consumers", 0, "max_consumers"),
+    ]
     for field, value, msg in cases:
         engine.Ring.create(name, 8192, mode="broadcast", max_consumers=2).close()
         off, fmt = META[field]
@@ -131,11 +151,16 @@ def test_each_header_check_names_its_field(name):
 
 
 @HOSTILE
-@given(mode=st.sampled_from(["spsc", "broadcast", "shared"]),
-       where=st.sampled_from(["head", "tail", "claim", "slot", "len", "flags"]),
-       value=st.one_of(st.integers(0, 2**64 - 1), st.integers(0, 20000),
-                       st.sampled_from([2**64 - 1, 2**63, 8, 8192, 16384, 4])),
-       when=st.sampled_from(["before_attach", "after_attach"]))
+@given(
+    mode=st.sampled_from(["spsc", "broadcast", "shared"]),
+    where=st.sampled_from(["head", "tail", "claim", "slot", "len", "flags"]),
+    value=st.one_of(
+        st.integers(0, 2**64 - 1),
+        st.integers(0, 20000),
+        st.sampled_from([2**64 - 1, 2**63, 8, 8192, 16384, 4]),
+    ),
+    when=st.sampled_from(["before_attach", "after_attach"]),
+)
 def test_corrupt_cursors_and_lengths(name, mode, where, value, when):
     n = 1 if mode == "spsc" else 2
     # a ring with data in it (about 3 KiB of 8)
@@ -145,8 +170,14 @@ def test_corrupt_cursors_and_lengths(name, mode, where, value, when):
     c0 = r.consumer()
     c0.get_many(5)
     hdr = 4096
-    target = {"head": (HEAD, "<Q"), "tail": (TAIL, "<Q"), "claim": (CLAIM, "<Q"),
-              "slot": (SLOT0, "<Q"), "len": (hdr + 0, "<I"), "flags": (hdr + 4, "<I")}[where]
+    target = {
+        "head": (HEAD, "<Q"),
+        "tail": (TAIL, "<Q"),
+        "claim": (CLAIM, "<Q"),
+        "slot": (SLOT0, "<Q"),
+        "len": (hdr + 0, "<I"),
+        "flags": (hdr + 4, "<I"),
+    }[where]
     fmt = target[1]
     v = value if fmt == "<Q" else value % 2**32
     attached = None
@@ -166,8 +197,13 @@ def test_corrupt_cursors_and_lengths(name, mode, where, value, when):
         except engine.EngineError:
             pass
     # the live handles made before the corruption
-    for call in (c0.try_get, lambda: c0.get_many(100), lambda: c0.get_array(100),
-                 lambda: c0.get(timeout=0), lambda: c0.get_view(timeout=0)):
+    for call in (
+        c0.try_get,
+        lambda: c0.get_many(100),
+        lambda: c0.get_array(100),
+        lambda: c0.get(timeout=0),
+        lambda: c0.get_view(timeout=0),
+    ):
         try:
             x = call()
             if isinstance(x, bytes):

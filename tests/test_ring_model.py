@@ -104,8 +104,12 @@ class RingModel(RuleBasedStateMachine):
         m = self._msg(n)
         if not self._fits(n):
             return
-        obj = {"bytes": m, "bytearray": bytearray(m), "memoryview": memoryview(m),
-               "numpy": np.frombuffer(m, np.uint8)}[kind]
+        obj = {
+            "bytes": m,
+            "bytearray": bytearray(m),
+            "memoryview": memoryview(m),
+            "numpy": np.frombuffer(m, np.uint8),
+        }[kind]
         self.p.put(obj, timeout=0 if n else 2)
         self._push(m)
 

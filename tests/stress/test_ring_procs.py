@@ -26,8 +26,7 @@ def _produce_arrays(name, n):
 def _produce_bytes(name, n):
     with engine.Ring.attach(name) as r, r.producer() as p:
         for lo in range(0, n, CHUNK):
-            p.put_many([i.to_bytes(8, "little") for i in range(lo, min(n, lo + CHUNK))],
-                       timeout=60)
+            p.put_many([i.to_bytes(8, "little") for i in range(lo, min(n, lo + CHUNK))], timeout=60)
         # and some single puts at the end
         p.put((n).to_bytes(8, "little"), timeout=60)
 
@@ -43,8 +42,14 @@ def _consume_arrays(name, out, ready):
     except engine.Closed:
         pass
     got = np.concatenate(parts) if parts else np.empty(0, np.uint64)
-    out.put((len(got), int(got.sum()), bool(np.all(np.diff(got.astype(np.int64)) > 0)),
-             got.tobytes() if len(got) < 2_000_000 else b""))
+    out.put(
+        (
+            len(got),
+            int(got.sum()),
+            bool(np.all(np.diff(got.astype(np.int64)) > 0)),
+            got.tobytes() if len(got) < 2_000_000 else b"",
+        )
+    )
     c.close()
     r.close()
 
@@ -61,8 +66,9 @@ def _consume_bytes(name, out, ready):
     except engine.Closed:
         pass
     arr = np.array(vals, dtype=np.uint64)
-    out.put((len(arr), int(arr.sum()), bool(np.all(np.diff(arr.astype(np.int64)) > 0)),
-             arr.tobytes()))
+    out.put(
+        (len(arr), int(arr.sum()), bool(np.all(np.diff(arr.astype(np.int64)) > 0)), arr.tobytes())
+    )
     c.close()
     r.close()
 
@@ -92,7 +98,7 @@ def _run(name, mode, consumers, consumer_fn, producer_fn, n):
 
 def test_spsc_million_bytes_messages(shm_name):
     results, s, _ = _run(shm_name, "spsc", 1, _consume_bytes, _produce_bytes, N)
-    (count, total, increasing, raw), = results
+    ((count, total, increasing, raw),) = results
     assert count == N + 1 and increasing
     assert total == N * (N + 1) // 2
     assert np.array_equal(np.frombuffer(raw, np.uint64), np.arange(N + 1, dtype=np.uint64))
@@ -109,8 +115,9 @@ def test_broadcast_three_consumers_each_get_every_message(shm_name):
     assert s["messages_put"] == N and s["lost"] == 0
 
 
-@pytest.mark.parametrize("consumer_fn", [_consume_arrays, _consume_bytes],
-                         ids=["get_array", "get_many"])
+@pytest.mark.parametrize(
+    "consumer_fn", [_consume_arrays, _consume_bytes], ids=["get_array", "get_many"]
+)
 def test_shared_three_consumers_every_message_exactly_once(shm_name, consumer_fn):
     producer = _produce_arrays if consumer_fn is _consume_arrays else _produce_bytes
     n_expect = N if consumer_fn is _consume_arrays else N + 1
