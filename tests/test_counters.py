@@ -194,6 +194,46 @@ def test_reset_racing_adders_loses_nothing():
     assert sum(drained) + c.value() == 2 * n
 
 
+class ShardedCounterMachine(RuleBasedStateMachine):
+    """One thread's adds land on one shard: the model is a single int64."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = ShardedCounter(shards=4)
+        self.model = 0
+
+    @rule(
+        n=st.one_of(
+            st.integers(-1000, 1000),
+            st.integers(I64_MIN, I64_MAX),
+            st.sampled_from([I64_MAX, I64_MIN, 1, -1]),
+        )
+    )
+    def add(self, n):
+        if I64_MIN <= self.model + n <= I64_MAX:
+            self.c.add(n)
+            self.model += n
+        else:
+            with pytest.raises(OverflowError):
+                self.c.add(n)
+
+    @rule()
+    def reset(self):
+        assert self.c.reset() == self.model
+        self.model = 0
+
+    @invariant()
+    def same(self):
+        assert self.c.value() == self.model
+        values = self.c.shard_values()
+        assert values[self.c.current_shard()] == self.model
+        assert sum(1 for v in values if v) <= 1
+
+
+TestShardedCounterModel = ShardedCounterMachine.TestCase
+TestShardedCounterModel.settings = settings(max_examples=50, stateful_step_count=30, deadline=None)
+
+
 # ---------------------------------------------------------------- shared regions
 
 
