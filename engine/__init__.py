@@ -43,6 +43,7 @@ _LAZY = {
     "KeyedQueue": "engine.scheduling",
     "KeyedConsumer": "engine.scheduling",
     "DurablePriorityQueue": "engine.scheduling",
+    "DurableKeyedQueue": "engine.scheduling",
     "Saga": "engine.saga",
     "Coordinator": "engine.txn",
     "Transaction": "engine.txn",
@@ -84,9 +85,14 @@ if TYPE_CHECKING:
     from ._log import Log, LogReader, Record
     from ._ring import Consumer, Producer, Ring
     from .counters import CounterAggregator, CounterMap, ShardedCounter
-    from .versions import Deduplicator, VersionedStore, VersionGate
-    from .scheduling import DurablePriorityQueue, KeyedConsumer, KeyedQueue, PriorityQueue
     from .saga import Saga
+    from .scheduling import (
+        DurableKeyedQueue,
+        DurablePriorityQueue,
+        KeyedConsumer,
+        KeyedQueue,
+        PriorityQueue,
+    )
     from .txn import (
         Coordinator,
         LogParticipant,
@@ -97,3 +103,4 @@ if TYPE_CHECKING:
         StoreParticipant,
         Transaction,
     )
+    from .versions import Deduplicator, VersionedStore, VersionGate

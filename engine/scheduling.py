@@ -60,7 +60,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from engine.errors import Closed, EngineError, IncompatibleRegion, Timeout
+from engine.errors import Closed, EngineError, IncompatibleRegion, LogLocked, Timeout
 
 from ._sched import (  # type: ignore[import-not-found]
     KIND_KEYED,
@@ -78,7 +78,8 @@ from ._sched import (  # type: ignore[import-not-found]
     stable_hash,
 )
 
-__all__ = ["PriorityQueue", "KeyedQueue", "KeyedConsumer", "DurablePriorityQueue", "stable_hash"]
+__all__ = ["PriorityQueue", "KeyedQueue", "KeyedConsumer", "DurablePriorityQueue", "DurableKeyedQueue",
+           "stable_hash"]
 
 DEFAULT_CAPACITY = 1 << 20
 _NAME_MAX = 180
@@ -456,9 +457,18 @@ class KeyedQueue(_KQCore):
     / ``KeyedQueue.attach(name)`` / ``KeyedQueue.unlink(name)``.
     """
 
+    def __new__(cls, partitions: int = 4, key: Optional[Callable[[Any], Any]] = None,
+                name: Optional[str] = None, capacity: int = DEFAULT_CAPACITY,
+                delay_capacity: Optional[int] = None, durable: bool = False,
+                path: Optional[str] = None, **kw: Any) -> Any:
+        if durable:
+            return DurableKeyedQueue(partitions, key=key, path=path, **kw)
+        return super().__new__(cls)
+
     def __init__(self, partitions: int = 4, key: Optional[Callable[[Any], Any]] = None,
                  name: Optional[str] = None, capacity: int = DEFAULT_CAPACITY,
-                 delay_capacity: Optional[int] = None) -> None:
+                 delay_capacity: Optional[int] = None, durable: bool = False,
+                 path: Optional[str] = None) -> None:
         from ._ring import Ring
 
         if not isinstance(partitions, int) or isinstance(partitions, bool) or not 1 <= partitions <= MAX_PARTS:
@@ -512,7 +522,7 @@ class KeyedQueue(_KQCore):
         if not isinstance(parts, int) or not 1 <= parts <= MAX_PARTS:
             reg.close()
             raise IncompatibleRegion(name, f"bad partitions in configuration: {parts!r}")
-        self = cls.__new__(cls)
+        self = super().__new__(cls)
         self._name = name
         self._rings, self._drings, self._producers, self._dproducers = [], [], [], []
         self._closed = False
@@ -577,6 +587,10 @@ class KeyedQueue(_KQCore):
             self._dproducers[p].put(delayed_record(due, msg, p))
             self._region.add_delayed()  # type: ignore[union-attr]
         self._region.ring_bell()  # type: ignore[union-attr]
+
+    def _open_partition(self, p: int) -> _Owned:
+        """Open partition p for the member that now owns it."""
+        return _Owned(p, self._rings[p].consumer(), self._drings[p].consumer())
 
     def consumer(self) -> KeyedConsumer:
         """Join the consumer group: a :class:`KeyedConsumer` that owns a share
@@ -667,6 +681,13 @@ class _Owned:
 
     __slots__ = ("p", "data", "delay", "try_get", "many", "eof", "deof", "heap")
 
+    def ack(self) -> None:
+        """Commit what was handed out (durable partitions); rings have
+        nothing to commit (at-most-once across a crash)."""
+        ack = getattr(self.data, "ack", None)
+        if ack is not None:
+            ack()
+
     def __init__(self, p: int, data: Any, delay: Any) -> None:
         self.p = p
         self.data = data
@@ -706,7 +727,7 @@ class KeyedConsumer:
       owner continues right after it, so order is kept.
     """
 
-    def __init__(self, kq: KeyedQueue) -> None:
+    def __init__(self, kq: Any) -> None:
         reg = kq._region
         if reg is None:
             raise Closed("the queue is closed")
@@ -794,7 +815,7 @@ class KeyedConsumer:
                 pending = True
                 continue
             try:
-                own = _Owned(p, self._kq._rings[p].consumer(), self._kq._drings[p].consumer())
+                own = self._kq._open_partition(p)
             except BaseException:
                 reg.cas_owner(p, me, 0)
                 raise
@@ -805,8 +826,16 @@ class KeyedConsumer:
 
     def _drop(self, own: _Owned) -> None:
         del self._owned[own.p]
+        own.ack()  # durable: what was handed out counts as processed on a hand-over
         own.data.close()
         own.delay.close()
+
+    def ack(self) -> None:
+        """Durable queues: commit everything handed out so far (per owned
+        partition, durably); after a crash the next owner re-delivers only
+        what was not acked. Ring-backed queues: nothing to do."""
+        for own in self._order:
+            own.ack()
 
     @property
     def partitions(self) -> List[int]:
@@ -1270,3 +1299,214 @@ class DurablePriorityQueue:
         """Per-level put/got of this handle and the messages held un-acked."""
         return {"path": self._path, "levels": self._n, "policy": self._policy, "put": list(self._nput),
                 "got": list(self._ngot), "delayed_held": len(self._heap), "durable": True}
+
+
+class _LogPartition:
+    """The ring-consumer surface over a group reader of one partition log."""
+
+    __slots__ = ("reader",)
+
+    def __init__(self, reader: Any) -> None:
+        self.reader = reader
+
+    def try_get(self) -> Optional[bytes]:
+        rec = self.reader.read()
+        return None if rec is None else bytes(rec.value)
+
+    def get_many(self, n: int, timeout: Any = 0) -> List[bytes]:
+        return [bytes(r.value) for r in self.reader.read_many(n)]
+
+    def ack(self) -> None:
+        if not self.reader.closed and self.reader.committed() != self.reader.position:
+            self.reader.commit()
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+class _NoDelay:
+    def get_many(self, n: int, timeout: Any = 0) -> List[bytes]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+class DurableKeyedQueue:
+    """KeyedQueue over segment logs: ``DIR/P<i>`` per partition.
+
+    Same group protocol as :class:`KeyedConsumer` (the control region is the
+    file ``DIR/group``, shared by every process that opens DIR); each owner
+    reads its partitions with the consumer group ``group`` and
+    ``consumer.ack()`` commits what it was handed (a hand-over on rebalance
+    commits too). After a crash, the next owner re-delivers what the dead
+    one had not acked, in order. Delayed delivery is not offered here (use a
+    durable PriorityQueue for it). ``get`` never raises ``Closed``: a log has
+    no end of stream; use a timeout.
+    """
+
+    def __init__(self, partitions: int = 4, key: Optional[Callable[[Any], Any]] = None,
+                 path: Optional[str] = None, durability: str = "always", group: str = "kq",
+                 **kw: Any) -> None:
+        if path is None:
+            raise ValueError("durable=True needs path= (a directory for the logs)")
+        unknown = set(kw) - {"name", "capacity", "delay_capacity", "durable"}
+        if unknown:
+            raise TypeError(f"unexpected arguments for a durable keyed queue: {sorted(unknown)}")
+        if not isinstance(partitions, int) or isinstance(partitions, bool) or not 1 <= partitions <= MAX_PARTS:
+            raise ValueError(f"partitions must be an int 1..{MAX_PARTS}, not {partitions!r}")
+        if durability not in ("always", "interval", "none"):
+            raise ValueError(f"durability must be 'always', 'interval' or 'none', not {durability!r}")
+        if key is not None and not callable(key):
+            raise TypeError("key must be a function msg -> key, or None")
+        self._path = os.fspath(path)
+        os.makedirs(self._path, mode=0o700, exist_ok=True)
+        meta = os.path.join(self._path, "queue.json")
+        if os.path.exists(meta):
+            with open(meta, encoding="utf-8") as f:
+                old = json.load(f)
+            if old.get("partitions") != partitions:
+                raise ValueError(f"{self._path} holds a keyed queue with {old.get('partitions')} partitions, "
+                                 f"not {partitions} (a different count would move keys)")
+        else:
+            tmp = meta + ".tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({"partitions": partitions}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, meta)
+        self._np = partitions
+        self._keyfn = key
+        self._durability = durability
+        self._group = group
+        self._logs: Optional[List[Any]] = None
+        self._closed = False
+        self._members: List[KeyedConsumer] = []
+        self._default: Optional[KeyedConsumer] = None
+        self._nput = 0
+        self._region = self._open_group(os.path.join(self._path, "group"))
+
+    @staticmethod
+    def _open_group(path: str) -> _Region:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size != REGION_SIZE:
+                os.ftruncate(fd, REGION_SIZE)
+            mm = mmap.mmap(fd, REGION_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        reg = _Region(mm, path)
+        try:
+            ok = reg.validate(KIND_KEYED) is not None
+        except IncompatibleRegion:
+            ok = False
+        if not ok:
+            reg.initialize(KIND_KEYED, b"{}")
+        return reg
+
+    @property
+    def partitions(self) -> int:
+        """Number of partitions."""
+        return self._np
+
+    def _dirs(self) -> List[str]:
+        return [os.path.join(self._path, f"P{p}") for p in range(self._np)]
+
+    def partition_of(self, key: Any) -> int:
+        """The partition a key maps to (stable across processes and runs)."""
+        return int(stable_hash(key) % self._np)
+
+    def put(self, msg: Any, key: Any = None, delay: Any = None, at: Any = None) -> None:
+        """Append ``msg`` to its key's partition log (see KeyedQueue.put)."""
+        if self._closed:
+            raise Closed("the queue is closed")
+        if delay is not None or at is not None:
+            raise ValueError("delayed delivery is not offered by a durable KeyedQueue")
+        if key is None:
+            if self._keyfn is None:
+                raise TypeError("put() needs key= (or create the KeyedQueue with key=function)")
+            key = self._keyfn(msg)
+        if self._logs is None:
+            from ._log import Log  # type: ignore[import-not-found]
+
+            self._logs = [Log(d, durability=self._durability) for d in self._dirs()]  # type: ignore[arg-type]
+        self._logs[stable_hash(key) % self._np].append(msg)
+        self._nput += 1
+        self._region.ring_bell()
+
+    def _open_partition(self, p: int) -> _Owned:
+        from ._log import Log, LogReader
+
+        d = self._dirs()[p]
+        if not os.path.exists(os.path.join(d, "meta")):
+            try:
+                Log(d, durability=self._durability).close()  # type: ignore[arg-type]  # create it empty
+            except LogLocked:
+                pass  # a producer has it open: it exists
+        return _Owned(p, _LogPartition(LogReader(d, group=self._group)), _NoDelay())
+
+    def consumer(self) -> KeyedConsumer:
+        """Join the consumer group of this directory (any process)."""
+        if self._closed:
+            raise Closed("the queue is closed")
+        c = KeyedConsumer(self)
+        self._members.append(c)
+        return c
+
+    def get(self, timeout: Optional[float] = None) -> bytes:
+        """``get`` of this handle's default consumer."""
+        if self._default is None:
+            self._default = self.consumer()
+        return self._default.get(timeout)
+
+    def try_get(self) -> Optional[bytes]:
+        """``try_get`` of this handle's default consumer."""
+        if self._default is None:
+            self._default = self.consumer()
+        return self._default.try_get()
+
+    def get_many(self, max: int = 1024, timeout: Optional[float] = 0) -> List[bytes]:
+        """``get_many`` of this handle's default consumer."""
+        if self._default is None:
+            self._default = self.consumer()
+        return self._default.get_many(max, timeout)
+
+    def ack(self) -> None:
+        """``ack`` of this handle's default consumer."""
+        if self._default is not None:
+            self._default.ack()
+
+    def close_put(self) -> None:
+        """Close the partition logs (the producer role)."""
+        if self._logs is not None:
+            for lg in self._logs:
+                lg.close()
+            self._logs = None
+
+    def close(self) -> None:
+        """Leave the group (handing partitions over; what was handed out is
+        committed), close the logs. Idempotent."""
+        if self._closed:
+            return
+        for c in list(self._members):
+            c.close()
+        self.close_put()
+        self._closed = True
+        self._region.close()
+
+    def __enter__(self) -> DurableKeyedQueue:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def stats(self) -> Dict[str, Any]:
+        """Put count of this handle and the group's members."""
+        out: Dict[str, Any] = {"path": self._path, "partitions": self._np, "put": self._nput, "durable": True}
+        if not self._closed:
+            reg = self._region
+            out["members"] = [{"slot": i, "token": t, "pid": pid} for i in range(MAX_MEMBERS)
+                              for t, pid in [reg.member(i)] if t]
+            out["owners"] = [reg.owner(p) for p in range(self._np)]
+        return out

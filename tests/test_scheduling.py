@@ -760,3 +760,56 @@ def test_keyed_survives_garbage_group_tables(shm_name):
     finally:
         kq.close()
         KeyedQueue.unlink(shm_name)
+
+
+def _durable_keyed_child(path, out):
+    kq = KeyedQueue(partitions=4, durable=True, path=path, durability="none")
+    c = kq.consumer()
+    first = [c.get(timeout=5) for _ in range(150)]
+    c.ack()
+    extra = [c.get(timeout=5) for _ in range(20)]  # handed out, never acked
+    with open(out, "wb") as f:
+        f.write(b"".join(first) + b"".join(extra))
+    os.kill(os.getpid(), signal.SIGKILL)  # crash: no close, no hand-over commit
+
+
+def test_durable_keyed_order_ack_and_restart(tmp_path):
+    from engine.scheduling import DurableKeyedQueue
+
+    path = str(tmp_path / "kq")
+    kq = KeyedQueue(partitions=4, durable=True, path=path, durability="none")
+    assert isinstance(kq, DurableKeyedQueue)
+    for i in range(400):
+        kq.put(struct.pack("<II", i % 13, i), key=i % 13)
+    kq.close()
+    out = str(tmp_path / "child")
+    p = FORK.Process(target=_durable_keyed_child, args=(path, out))
+    p.start()
+    p.join(30)
+    assert p.exitcode == -signal.SIGKILL
+    data = open(out, "rb").read()
+    got = [struct.unpack_from("<II", data, j) for j in range(0, len(data), 8)]
+    first, extra = got[:150], got[150:]
+    kq2 = KeyedQueue(partitions=4, durable=True, path=path, durability="none")
+    c2 = kq2.consumer()
+    rest = []
+    while True:
+        b = c2.get_many(64, timeout=0.3)
+        if not b:
+            break
+        rest += [struct.unpack("<II", m) for m in b]
+    assert c2.partitions == [0, 1, 2, 3]  # the dead member's partitions moved
+    assert sorted(i for _, i in set(first) | set(rest)) == list(range(400))
+    assert set(extra) <= set(rest)  # un-acked ones were delivered again
+    assert not set(first) & set(rest)  # acked ones were not
+    per_key = {}
+    for k, i in rest:
+        assert i > per_key.get(k, -1)
+        per_key[k] = i
+    c2.ack()
+    kq2.close()
+    kq3 = KeyedQueue(partitions=4, durable=True, path=path, durability="none")
+    assert kq3.try_get() is None
+    kq3.close()
+    with pytest.raises(ValueError, match="partitions"):
+        KeyedQueue(partitions=5, durable=True, path=path)
