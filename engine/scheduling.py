@@ -49,6 +49,15 @@ Durable
     ``ack()`` marks everything this consumer was handed so far as processed
     (a durable group commit per log); whatever was not acked is delivered
     again after a restart. See :class:`DurablePriorityQueue`.
+    ``KeyedQueue(..., durable=True, path=DIR)`` keeps a log per partition
+    with the same consumer-group protocol; ``consumer.ack()`` commits (see
+    :class:`DurableKeyedQueue`).
+
+Threads
+    A handle's put side and get side may run on two different threads; two
+    threads must not call ``get`` on the same handle at once (give each
+    consumer thread its own handle: ``attach`` or ``kq.consumer()``).
+    ``close()`` from another thread wakes a blocked ``get`` (``Closed``).
 """
 
 from __future__ import annotations
@@ -455,6 +464,10 @@ class KeyedQueue(_KQCore):
     consumes only the partitions it owns (:class:`KeyedConsumer`).
     One producer at a time. Shared: ``KeyedQueue.create(name, partitions)``
     / ``KeyedQueue.attach(name)`` / ``KeyedQueue.unlink(name)``.
+    ``capacity`` is bytes per partition ring (``delay_capacity`` per
+    partition delay ring, default capacity / 8, at least 64 KiB);
+    ``durable=True, path=DIR`` gives a :class:`DurableKeyedQueue`.
+    ``close_put()`` ends the stream: consumers drain, then get ``Closed``.
     """
 
     def __new__(cls, partitions: int = 4, key: Optional[Callable[[Any], Any]] = None,
