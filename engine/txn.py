@@ -1010,13 +1010,18 @@ class _JournaledParticipant:
                     doubt.pop(t, None)
                     marks.pop(t, None)
         self._journal.records = []
+        # marked batches first, in the order they were written to the resource
+        marked = sorted((t for t in doubt if t in marks), key=lambda t: marks[t])
+        for txid in marked:
+            # the decision was commit and the apply may be partial: finish it
+            info = doubt[txid]
+            self._marks[txid] = marks[txid]
+            self._doubt[txid] = info
+            self._acquire(txid, info)
+            self.commit(txid)
         for txid, info in doubt.items():
             if txid in marks:
-                # the decision was commit and the apply may be partial: finish it
-                self._marks[txid] = marks[txid]
-                self._doubt[txid] = info
-                self._acquire(txid, info)
-                self.commit(txid)
+                continue
             elif self._applied(info):
                 continue  # committed before the crash
             else:
@@ -1306,8 +1311,11 @@ class LogParticipant(_JournaledParticipant):
     def _commit_one(self, txid: str, info: Any) -> None:
         """:meth:`_commit_batch` for one transaction (the uncontended path)."""
         start = self.log.next_offset
-        self._marks[txid] = start
-        jlog = self._journal.log
+        with self._lock:
+            # under the lock a journal switch takes: the mark is either in
+            # memory before the switch copies it, or written to the new log
+            self._marks[txid] = start
+            jlog = self._journal.log
         if _ARMED:
             _crash_point("log.commit.before_mark", self.name)
         try:
@@ -1736,23 +1744,28 @@ class RemoteParticipant:
             rid = self._nonce | next(self._rids)
             msg = marshal.dumps((rid, method, txid, ops))
             deadline = time.monotonic() + self.timeout
+            if self._rings is not None and self._ring_inodes() != self._inodes:
+                self._detach()  # the server restarted (new rings): attach afresh
             try:
-                _rq, _rs, prod, cons = self._attach()
+                rq, _rs, prod, cons = self._attach()
                 prod.put(msg, timeout=self.timeout)
                 while True:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise Timeout(f"participant {self.name!r} did not answer {method} in time")
-                    raw = cons.get(timeout=left)
+                    try:
+                        # in slices: a server that died is noticed within ~50 ms
+                        raw = cons.get(timeout=min(left, 0.05))
+                    except Timeout:
+                        if not any(c["alive"] for c in rq.stats()["consumers"]):
+                            raise EngineError(
+                                f"participant server {self.endpoint!r} is not running") from None
+                        continue
                     rrid, ok, result = marshal.loads(raw)
                     if rrid == rid:
                         break
-            except Timeout:
-                if self._ring_inodes() != self._inodes:
-                    self._detach()  # the server restarted (new rings): attach afresh
-                raise
-            except (Closed, EngineError, OSError, ValueError):
-                self._detach()  # the server closed or is gone: attach afresh next time
+            except Closed:
+                self._detach()  # the server closed its rings: attach afresh next time
                 raise
         if not ok:
             raise EngineError(f"participant {self.name!r}: {result}")

@@ -572,3 +572,20 @@ def test_remote_participant_over_rings(tmp_path, world, shm_name):
     finally:
         proc.kill()
         proc.join(10)
+
+
+def test_marked_batches_finish_in_log_order(world, tmp_path):
+    """A group of two batches marked, then a crash before either was appended:
+    recovery appends them at their marked offsets, whatever the prepare order."""
+    tx_x = world.coord.transaction()
+    tx_y = world.coord.transaction()
+    world.a.prepare(tx_x.txid, [b"x1", b"x2"])
+    world.a.prepare(tx_y.txid, [b"y1"])
+    start = world.la.next_offset
+    world.a._journal.append(("C", tx_y.txid, start))  # y first in the group
+    world.a._journal.append(("C", tx_x.txid, start + 1))
+    world.reopen()
+    assert values(tmp_path / "a") == [b"y1", b"x1", b"x2"]
+    assert world.a.recover() == []
+    world.reopen()
+    assert values(tmp_path / "a") == [b"y1", b"x1", b"x2"]  # and never again

@@ -206,3 +206,131 @@ def test_every_crash_point(tmp_path, nparts, vote_no):
     # commit) + 2 end; vote-no: 8 prepare steps + 3 per abort told; 3: + the offset
     assert len(points) >= {(2, False): 23, (3, False): 31, (2, True): 9, (3, True): 16}[
         (nparts, vote_no)]
+
+
+# ---------------------------------------------------------------------------
+# every party in its own process: the killed one dies alone
+
+
+def _serve_part(root: str, name: str, endpoint: str, spec, trace_path: str) -> None:
+    """Child: serve participant ``name`` over rings until killed."""
+    import engine.txn as txn_mod
+    from engine.txn import ParticipantServer
+
+    txn_mod._arm_crash(spec, trace_path)
+    if name == "A":
+        log = Log(os.path.join(root, "a"), durability="none", segment_bytes=SEG)
+        p = LogParticipant(log, name="A", segment_bytes=SEG)
+    else:
+        store = VersionedStore(os.path.join(root, "s"), durability="none", segment_bytes=SEG,
+                               snapshot_every=None)
+        p = StoreParticipant(store, name="S", state_path=os.path.join(root, "s.txn"),
+                             segment_bytes=SEG)
+    server = ParticipantServer(p, endpoint)
+    with open(os.path.join(root, f"up-{name}"), "w"):
+        pass
+    server.serve_forever()
+
+
+def _coord_proc(root: str, endpoints: dict, spec, trace_path: str) -> str:
+    import engine.txn as txn_mod
+    from engine.txn import RemoteParticipant
+
+    txn_mod._arm_crash(spec, trace_path)
+    coord = Coordinator(os.path.join(root, "coord"), durability="none", end_batch=1,
+                        segment_bytes=SEG)
+    ra = RemoteParticipant("A", endpoints["A"], timeout=2.0)
+    rs = RemoteParticipant("S", endpoints["S"], timeout=2.0)
+    try:
+        tx = coord.transaction()
+        with open(os.path.join(root, "txid"), "w") as f:
+            f.write(tx.txid)
+        with tx:
+            tx.enlist(ra, BATCH)
+            tx.enlist(rs, [(b"k1", b"90", 1), (b"k2", b"10", 1)])
+        return "committed"
+    except TransactionAborted:
+        return "aborted"
+    finally:
+        coord.close()
+        ra.close()
+        rs.close()
+
+
+def _spawn(fn, *args):
+    """Fork ``fn(*args)``; returns ``(pid, reaper thread)``.
+
+    The thread reaps the child the moment it dies, so a SIGKILLed server does
+    not linger as a zombie that still looks alive to the coordinator's
+    liveness check while this test waits for the coordinator process.
+    """
+    import threading
+
+    pid = os.fork()
+    if pid == 0:
+        try:
+            fn(*args)
+        finally:
+            os._exit(0)
+    reaper = threading.Thread(target=os.waitpid, args=(pid, 0), daemon=True)
+    reaper.start()
+    return pid, reaper
+
+
+def run_distributed(root: str, tag: str, spec, trace_path: str) -> None:
+    """One run: servers A and S and the coordinator, each in its own process."""
+    import signal
+    import time
+
+    World(root, 2).close()  # the initial state
+    endpoints = {n: f"qe-txn-{os.getpid()}-{tag}-{n}" for n in ("A", "S")}
+    servers = [_spawn(_serve_part, root, n, endpoints[n], spec, trace_path) for n in ("A", "S")]
+    try:
+        deadline = time.monotonic() + 30
+        while not all(os.path.exists(os.path.join(root, f"up-{n}")) for n in ("A", "S")):
+            assert time.monotonic() < deadline, "participant servers did not start"
+            time.sleep(0.005)
+        res = crashkit.run(_coord_proc, root, endpoints, spec, trace_path, hooks=(), timeout=60)
+        if res.error:
+            raise AssertionError(res.error)
+    finally:
+        for pid, reaper in servers:  # "restart everything": whoever is alive dies now
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            reaper.join(10)
+            assert not reaper.is_alive()
+        for n in endpoints.values():
+            for suffix in (".req", ".rsp"):
+                try:
+                    os.unlink(f"/dev/shm/{n}{suffix}")
+                except FileNotFoundError:
+                    pass
+
+
+def test_every_crash_point_separate_processes(tmp_path):
+    """Coordinator, Log participant and store participant in three processes
+    talking over rings; each crash point kills only the process it is in."""
+    from engine.txn import decision
+
+    base = str(tmp_path)
+    tpath = os.path.join(base, "trace")
+    run_distributed(os.path.join(base, "clean"), "clean", None, tpath)
+    with open(tpath) as f:
+        points = [line.strip() for line in f if line.strip()]
+    decided = points.index("coord.decision.after_write#1")
+    parties = {crashkit.split_point(p)[1] for p in points}
+    assert {"A", "S"} <= parties
+    for i, point in enumerate(points):
+        root = os.path.join(base, f"p{i}")
+        run_distributed(root, str(i), point, os.path.join(base, f"t{i}"))
+        with open(os.path.join(root, "txid")) as f:
+            txid = f.read()
+        committed = decision(os.path.join(root, "coord"), txid) == "commit"
+        if i >= decided:
+            assert committed, point
+        check_recovered(root, 2, expect_commit=committed, where=f"separate processes, {point}")
+        shutil.rmtree(root)
+    print(f"\n2PC, parties in separate processes: {len(points)} crash points covered")
+    assert len(points) >= 23
