@@ -238,8 +238,9 @@ class CounterAggregator:
 
     >>> agg = CounterAggregator()                      # private ring + map
     >>> s = agg.sender(); s.add("a", 2); s.add("a"); s.flush()
-    >>> agg.drain(); agg.target.get("a")
-    3
+    >>> agg.drain()                                     # messages applied
+    1
+    >>> agg.target.get("a")
     3
     """
 
