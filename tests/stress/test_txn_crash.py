@@ -40,6 +40,27 @@ from engine.versions import VersionedStore
 
 pytestmark = pytest.mark.crash
 
+
+@pytest.fixture
+def workdir(tmp_path):
+    """A fresh directory on tmpfs (/dev/shm) when there is one.
+
+    A SIGKILL keeps exactly what the page cache holds on any file system, so
+    these tests lose nothing there, and they run ~10x faster than on a busy
+    disk (directory creation, preallocation and the syncs of clean closes).
+    """
+    import tempfile
+
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    if base is None:
+        yield tmp_path
+        return
+    d = tempfile.mkdtemp(prefix="qe-txn-test-", dir=base)
+    try:
+        yield __import__("pathlib").Path(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
 SEG = 1 << 16
 BATCH = [b"T-a1", b"T-a2", b"T-a3"]
 RECOVERY_POINTS = [
@@ -173,8 +194,8 @@ def check_recovered(root: str, nparts: int, expect_commit: bool, where: str) -> 
 
 @pytest.mark.parametrize("nparts", [2, 3])
 @pytest.mark.parametrize("vote_no", [False, True], ids=["commit", "vote-no"])
-def test_every_crash_point(tmp_path, nparts, vote_no):
-    base = str(tmp_path)
+def test_every_crash_point(workdir, nparts, vote_no):
+    base = str(workdir)
     points = crashkit.trace(scenario, os.path.join(base, "trace"), nparts, vote_no)
     names = {crashkit.split_point(p)[:2] for p in points}
     # each party shows up: coordinator steps and each participant's own writes
@@ -309,12 +330,12 @@ def run_distributed(root: str, tag: str, spec, trace_path: str) -> None:
                     pass
 
 
-def test_every_crash_point_separate_processes(tmp_path):
+def test_every_crash_point_separate_processes(workdir):
     """Coordinator, Log participant and store participant in three processes
     talking over rings; each crash point kills only the process it is in."""
     from engine.txn import decision
 
-    base = str(tmp_path)
+    base = str(workdir)
     tpath = os.path.join(base, "trace")
     run_distributed(os.path.join(base, "clean"), "clean", None, tpath)
     with open(tpath) as f:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import threading
 import time
 
@@ -33,6 +34,27 @@ from engine.txn import Coordinator, LogParticipant, StoreParticipant
 from engine.versions import VersionedStore
 
 pytestmark = pytest.mark.crash
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """A fresh directory on tmpfs (/dev/shm) when there is one.
+
+    A SIGKILL keeps exactly what the page cache holds on any file system, so
+    these tests lose nothing there, and they run ~10x faster than on a busy
+    disk (directory creation, preallocation and the syncs of clean closes).
+    """
+    import tempfile
+
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    if base is None:
+        yield tmp_path
+        return
+    d = tempfile.mkdtemp(prefix="qe-txn-test-", dir=base)
+    try:
+        yield __import__("pathlib").Path(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 SEG = 1 << 16
 BANKS = 3
@@ -149,7 +171,8 @@ def check(root: str) -> int:
         bank.close()
 
 
-def test_random_crashes_conserve_money(tmp_path):
+def test_random_crashes_conserve_money(workdir):
+    tmp_path = workdir
     root = str(tmp_path / "bank")
     # the crash points a clean run passes (names only; the hit count is drawn)
     names = sorted({p.split("#")[0] for p in crashkit.trace(workload, str(tmp_path / "t"), 1, 30)})
