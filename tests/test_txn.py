@@ -13,6 +13,9 @@ import threading
 import time
 
 import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 import engine
 from engine import Log, LogReader, TransactionAborted, VersionConflict
@@ -589,3 +592,141 @@ def test_marked_batches_finish_in_log_order(world, tmp_path):
     assert world.a.recover() == []
     world.reopen()
     assert values(tmp_path / "a") == [b"y1", b"x1", b"x2"]  # and never again
+
+
+# ---------------------------------------------------------------------------
+# stateful test against a pure-Python model
+
+
+ACCTS = [(b, a) for b in range(2) for a in (b"x", b"y", b"z")]
+
+
+class BankModel(RuleBasedStateMachine):
+    """Transfers between two VersionedStores with an audit Log, against a dict model.
+
+    Rules commit, abort (stale version, exception in the block), leave a
+    transaction prepared with no decision, commit with one participant not
+    taking the commit, and reopen everything; after each rule the stores and
+    the audit log equal the model and nothing is in doubt once recovered.
+    """
+
+    def __init__(self):
+        super().__init__()
+        import tempfile
+
+        base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+        self.dir = tempfile.mkdtemp(prefix="qe-txn-model-", dir=base)
+        self.model = {k: 100 for k in ACCTS}
+        self.audit = []
+        self.open(fresh=True)
+
+    def open(self, fresh=False):
+        d = self.dir
+        self.stores = [VersionedStore(f"{d}/s{i}", durability="none", segment_bytes=SEG,
+                                      snapshot_every=7) for i in range(2)]
+        if fresh:
+            for i, s in enumerate(self.stores):
+                s.apply([("put", a, b"100") for (b, a) in ACCTS if b == i])
+        self.log = Log(f"{d}/audit", durability="none", segment_bytes=SEG)
+        self.coord = Coordinator(f"{d}/coord", durability="none", segment_bytes=SEG,
+                                 compact_records=40, end_batch=3)
+        self.parts = [StoreParticipant(s, name=f"s{i}", state_path=f"{d}/s{i}.txn",
+                                       segment_bytes=SEG, compact_records=40)
+                      for i, s in enumerate(self.stores)]
+        self.paudit = LogParticipant(self.log, name="audit", segment_bytes=SEG, compact_records=40)
+        self.coord.recover(self.parts + [self.paudit])
+
+    def close(self):
+        for x in self.parts + [self.paudit, self.coord, self.log] + self.stores:
+            x.close()
+
+    def teardown(self):
+        import shutil
+
+        self.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _ops(self, src, dst, amount, skew=0):
+        (b1, a1), (b2, a2) = src, dst
+        v1, bal1 = self.stores[b1].get(a1)
+        v2, bal2 = self.stores[b2].get(a2)
+        o1 = (a1, b"%d" % (int(bal1) - amount), v1 + skew)
+        o2 = (a2, b"%d" % (int(bal2) + amount), v2)
+        if b1 == b2:
+            return {b1: [o1, o2]}
+        return {b1: [o1], b2: [o2]}
+
+    def _enlist(self, tx, src, dst, amount, skew=0, parts=None):
+        parts = parts or self.parts
+        for b, ops in self._ops(src, dst, amount, skew).items():
+            tx.enlist(parts[b], ops)
+        tx.enlist(self.paudit, [b"%d %s %d %s %d" % (src[0], src[1], dst[0], dst[1], amount)])
+
+    def _apply_model(self, src, dst, amount):
+        self.model[src] -= amount
+        self.model[dst] += amount
+        self.audit.append(b"%d %s %d %s %d" % (src[0], src[1], dst[0], dst[1], amount))
+
+    pair = st.lists(st.sampled_from(ACCTS), min_size=2, max_size=2, unique=True)
+
+    @rule(p=pair, amount=st.integers(1, 30))
+    def transfer(self, p, amount):
+        with self.coord.transaction() as tx:
+            self._enlist(tx, p[0], p[1], amount)
+        self._apply_model(p[0], p[1], amount)
+
+    @rule(p=pair, amount=st.integers(1, 30))
+    def stale_transfer(self, p, amount):
+        with pytest.raises(TransactionAborted):
+            with self.coord.transaction() as tx:
+                self._enlist(tx, p[0], p[1], amount, skew=1)
+
+    @rule(p=pair, amount=st.integers(1, 30))
+    def block_raises(self, p, amount):
+        with pytest.raises(ZeroDivisionError):
+            with self.coord.transaction() as tx:
+                self._enlist(tx, p[0], p[1], amount)
+                raise ZeroDivisionError("the block fails")
+
+    @rule(p=pair, amount=st.integers(1, 30))
+    def prepared_then_restart(self, p, amount):
+        """Every participant prepared, no decision: after a restart, presumed abort."""
+        tx = self.coord.transaction()
+        self._enlist(tx, p[0], p[1], amount)
+        for part, ops in tx._parts.items():
+            assert part.prepare(tx.txid, ops)
+        self.close()
+        self.open()
+
+    @rule(p=pair, amount=st.integers(1, 30), which=st.integers(0, 2))
+    def commit_not_taken_then_restart(self, p, amount, which):
+        """Decided commit, one participant misses it: a restart finishes it."""
+        wrapped = [Flaky(x, fail={"commit"}) if i == which else x
+                   for i, x in enumerate(self.parts + [self.paudit])]
+        with self.coord.transaction() as tx:
+            for b, ops in self._ops(p[0], p[1], amount).items():
+                tx.enlist(wrapped[b], ops)
+            tx.enlist(wrapped[2], [b"%d %s %d %s %d" % (p[0][0], p[0][1], p[1][0], p[1][1],
+                                                         amount)])
+        self._apply_model(p[0], p[1], amount)
+        self.close()
+        self.open()
+
+    @rule()
+    def reopen(self):
+        self.close()
+        self.open()
+
+    @invariant()
+    def matches_model(self):
+        for (b, a), bal in self.model.items():
+            assert int(self.stores[b].get(a)[1]) == bal
+        assert sum(self.model.values()) == 600
+        assert values(self.log.path) == self.audit
+        assert [p.recover() for p in self.parts + [self.paudit]] == [[], [], []]
+        assert self.coord.in_doubt() == []
+
+
+TestBankModel = BankModel.TestCase
+TestBankModel.settings = settings(max_examples=20, stateful_step_count=12, deadline=None,
+                                  suppress_health_check=list(HealthCheck))
