@@ -951,9 +951,15 @@ class KeyedConsumer:
                 raise Closed("the producer closed the queue and every message has been consumed")
             return out
         try:
-            return [self.get(timeout)] + self.get_many(max - 1, 0) if max > 1 else [self.get(timeout)]
+            out.append(self.get(timeout))
         except Timeout:
             return out
+        if max > 1:
+            try:
+                out += self.get_many(max - 1, 0)
+            except Closed:
+                pass  # the stream ended right after the first one: Closed comes next call
+        return out
 
     def try_get(self) -> Optional[bytes]:
         """The next message of an owned partition, or None right now."""
@@ -1010,7 +1016,9 @@ class KeyedConsumer:
 
     def close(self) -> None:
         """Leave the group: release every partition (the rest of each is read
-        by its next owner), free the slot, wake the others. Idempotent."""
+        by its next owner), free the slot, wake the others. Idempotent.
+        Delayed messages this member still holds (not yet due) are dropped:
+        they live in this process's memory (ring-backed queues only)."""
         if self._closed:
             return
         self._closed = True
