@@ -6,7 +6,20 @@ Hand-written: keep it in step with pyx/log.pyx (tests run mypy over it).
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Literal, Optional, Sequence, Union
+from typing import (
+    Any,
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Literal,
+    Optional,
+    Sequence,
+    Union,
+)
 
 Durability = Literal["always", "interval", "none"]
 # any C-contiguous buffer (bytes, bytearray, memoryview, numpy arrays...)
@@ -84,6 +97,9 @@ class LogReader:
     def __next__(self) -> Record: ...
     def read(self) -> Optional[Record]: ...
     def poll(self, timeout: Optional[float] = 1.0) -> Optional[Record]: ...
+    def wait(self, timeout: Optional[float] = None) -> bool: ...
+    def apoll(self, timeout: Optional[float] = None) -> Coroutine[Any, Any, Optional[Record]]: ...
+    def __aiter__(self) -> AsyncIterator[Record]: ...
     def read_many(self, max_records: int = 1024) -> List[Record]: ...
     def seek(self, offset: int) -> None: ...
     def seek_time(self, ts_ns: int) -> int: ...

@@ -78,6 +78,16 @@ cdef extern from "<unistd.h>" nogil:
 eng_crc32c_init()
 
 _logger = _logging.getLogger("engine")
+_aio_mod = None  # engine.aio, imported on first async call
+
+
+def _aio():
+    global _aio_mod
+    if _aio_mod is None:
+        from engine import aio
+        _aio_mod = aio
+    return _aio_mod
+
 
 FORMAT_VERSION = ENG_LOG_FORMAT
 RECORD_HEADER_SIZE = 32
@@ -2068,6 +2078,85 @@ cdef class LogReader:
                 if n != NULL:
                     eng_fetch_sub_seqcst_u32(&n.waiters, 1)
             PyErr_CheckSignals()
+
+    cdef int _peek(self) except -1:
+        """1 when ``read()`` has something to say now (a record, the next
+        segment, damage to raise), 0 at the current end.  Moves nothing."""
+        cdef _Seg s = self._seg
+        cdef int why = W_NONE
+        cdef int r = _rec_check(s.p, s.size, self._pos, self._off, False, &why)
+        if r == R_END:
+            # read() checks each end position once for a segment that ends early
+            return self._zero_checked != self._pos
+        if r == R_EOS:
+            # the writer creates the next segment before it appends there
+            return any(b > s.base for b in _list_segments(self._path))
+        return 1
+
+    def wait(self, timeout=None):
+        """Wait up to ``timeout`` seconds (None: forever) until ``read()`` has
+        a record, without consuming it: True then, False on timeout.
+
+        Sleeps on the same futex as ``poll`` (GIL released, in slices of at
+        most 50 ms, registered as a waiter so the writer's wake reaches it);
+        made for ``engine.aio``'s waiter thread, so ``close()`` from another
+        thread meanwhile is safe (``Closed``)."""
+        cdef uint32_t seq
+        cdef int64_t deadline = 0, now, slice_ns
+        cdef eng_notify *n
+        cdef _Notify nt
+        self._check_open()
+        if timeout is not None:
+            if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
+                raise TypeError("timeout must be a number of seconds or None")
+            if timeout < 0:
+                raise ValueError("timeout must be >= 0 or None")
+        if self._peek():
+            return True
+        if timeout == 0:
+            return False
+        if timeout is not None:
+            deadline = eng_now_ns() + <int64_t>(timeout * 1e9)
+        while True:
+            self._check_open()
+            if self._notify is None:
+                self._notify = _open_notify(self._path, False)
+            nt = self._notify
+            n = NULL if nt is None else nt.n
+            if n != NULL:
+                # seq_cst: registering must precede the re-check (see _wake)
+                eng_fetch_add_seqcst_u32(&n.waiters, 1)
+            try:
+                seq = eng_load_seqcst_u32(&n.seq) if n != NULL else 0
+                if self._peek():
+                    return True
+                now = eng_now_ns()
+                if timeout is not None and now >= deadline:
+                    return False
+                slice_ns = 50_000_000
+                if timeout is not None and deadline - now < slice_ns:
+                    slice_ns = deadline - now
+                with nogil:
+                    if n != NULL:
+                        eng_futex_wait(&n.seq, seq, slice_ns)
+                    else:
+                        eng_futex_wait(&seq, seq, slice_ns if slice_ns < 2_000_000 else 2_000_000)
+            finally:
+                # close() in another thread unmaps the block (and sets nt.n
+                # to NULL) while we sleep: never touch it after that
+                if n != NULL and nt.n != NULL:
+                    eng_fetch_sub_seqcst_u32(&n.waiters, 1)
+            PyErr_CheckSignals()
+
+    def apoll(self, timeout=None):
+        """Coroutine: the next record, waiting without blocking the event
+        loop (``engine.aio.apoll``); None on timeout (default: no limit)."""
+        return _aio().apoll(self, timeout)
+
+    def __aiter__(self):
+        """``async for rec in reader``: tails the log (waits for new records)
+        until the reader is closed."""
+        return _aio().aiter_records(self)
 
     def seek(self, offset):
         """Continue reading at ``offset`` (ValueError past the end)."""

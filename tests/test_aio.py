@@ -1,0 +1,418 @@
+"""engine.aio: awaiting rings, logs and scheduling queues on the default
+asyncio loop and on uvloop (when installed): wake-ups from other processes,
+timeouts, cancellation that loses nothing and leaves no waiter behind, and an
+idle awaiting consumer that uses no CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import resource
+import threading
+import time
+
+import pytest
+
+import engine
+from engine import aio
+
+pytestmark = pytest.mark.timeout(120)
+CTX = mp.get_context("fork")
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is in the [test] extra off Windows
+    uvloop = None
+
+LOOPS = ["asyncio", pytest.param("uvloop", marks=pytest.mark.skipif(
+    uvloop is None, reason="uvloop is not installed"))]
+
+
+@pytest.fixture(params=LOOPS)
+def run(request):
+    """run(coro) on a fresh loop of the parametrized kind."""
+    def _run(coro):
+        loop = uvloop.new_event_loop() if request.param == "uvloop" else asyncio.new_event_loop()
+        try:
+            return loop.run_until_complete(coro)
+        finally:
+            loop.close()
+    return _run
+
+
+def _settled(deadline=1.0):
+    """Wait until no aio wait is in progress (a dropped wait ends within a slice)."""
+    end = time.monotonic() + deadline
+    while aio.active_waits() and time.monotonic() < end:
+        time.sleep(0.01)
+    return aio.active_waits()
+
+
+def _cpu():
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _put_later(name, msgs, delay):
+    time.sleep(delay)
+    with engine.Ring.attach(name) as r, r.producer() as p:
+        for m in msgs:
+            p.put(m, timeout=10)
+
+
+def _append_later(path, values, delay):
+    time.sleep(delay)
+    with engine.Log(path, durability="none") as lg:
+        for v in values:
+            lg.append(v)
+
+
+# ---------------------------------------------------------------- ring
+
+
+def test_aget_fast_path_in_order(run):
+    ring = engine.Ring(capacity=1 << 16)
+    p, c = ring.producer(), ring.consumer()
+    for i in range(100):
+        p.put(i.to_bytes(4, "little"))
+
+    async def main():
+        got = [int.from_bytes(await c.aget(), "little") for _ in range(60)]
+        got += [int.from_bytes(m, "little") for m in await c.aget_many(1000)]
+        return got
+
+    assert run(main()) == list(range(100))
+    ring.close()
+
+
+def test_aget_woken_by_another_process(run, shm_name):
+    ring = engine.Ring.create(shm_name, capacity=1 << 16)
+    c = ring.consumer()
+    proc = CTX.Process(target=_put_later, args=(shm_name, [b"a", b"b", b"c"], 0.3))
+    proc.start()
+
+    async def main():
+        t0 = time.monotonic()
+        first = await c.aget(timeout=10)
+        waited = time.monotonic() - t0
+        rest = [await c.aget(timeout=10), await c.aget(timeout=10)]
+        with pytest.raises(engine.Closed):  # the producer process closed its handle
+            await c.aget(timeout=10)
+        return [first] + rest, waited
+
+    got, waited = run(main())
+    proc.join(10)
+    assert got == [b"a", b"b", b"c"]
+    assert 0.2 < waited < 5
+    assert _settled() == 0
+    c.close()
+    ring.close()
+
+
+def test_timeouts(run):
+    ring = engine.Ring(capacity=1 << 16)
+    c = ring.consumer()
+    ring.producer()
+
+    async def main():
+        t0 = time.monotonic()
+        with pytest.raises(engine.Timeout):
+            await c.aget(timeout=0.1)
+        t1 = time.monotonic()
+        assert await c.aget_many(10, timeout=0.1) == []
+        t2 = time.monotonic()
+        with pytest.raises(engine.Timeout):
+            await c.aget(timeout=0)
+        return t1 - t0, t2 - t1
+
+    a, b = run(main())
+    assert 0.09 < a < 2 and 0.09 < b < 2
+    assert _settled() == 0
+    ring.close()
+
+
+def test_cancel_mid_wait_loses_nothing_and_leaves_no_waiter(run, shm_name):
+    ring = engine.Ring.create(shm_name, capacity=1 << 16)
+    c = ring.consumer()
+
+    async def main():
+        task = asyncio.ensure_future(c.aget())
+        await asyncio.sleep(0.2)
+        assert not task.done()
+        assert aio.active_waits() == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # the waiter thread drops the job and leaves the futex within a slice
+        await asyncio.sleep(0.2)
+        assert aio.active_waits() == 0
+        # a message put after the cancellation is received by the next await
+        proc = CTX.Process(target=_put_later, args=(shm_name, [b"after"], 0.1))
+        proc.start()
+        got = await c.aget(timeout=10)
+        proc.join(10)
+        return got
+
+    assert run(main()) == b"after"
+    with pytest.raises(engine.Closed):  # nothing else arrived, nothing was duplicated
+        c.try_get()
+    st = ring.stats()
+    assert st["messages_put"] == st["messages_got"] == 1
+    c.close()
+    ring.close()
+
+
+def test_cancellation_race_loses_no_message(run):
+    """Timeouts (cancellations) racing with puts from a thread: every message
+    arrives exactly once, in order."""
+    n = 2000
+    ring = engine.Ring(capacity=1 << 12)
+    p, c = ring.producer(), ring.consumer()
+
+    def producer():
+        for i in range(n):
+            p.put(i.to_bytes(4, "little"), timeout=10)
+            if i % 50 == 0:
+                time.sleep(0.002)
+        p.close()
+
+    async def main():
+        t = threading.Thread(target=producer)
+        t.start()
+        got = []
+        cancels = 0
+        while True:
+            try:
+                got.append(int.from_bytes(await asyncio.wait_for(c.aget(), 0.0005), "little"))
+            except asyncio.TimeoutError:
+                cancels += 1
+            except engine.Closed:
+                break
+        t.join()
+        return got, cancels
+
+    got, cancels = run(main())
+    assert got == list(range(n))
+    assert cancels > 0
+    assert _settled() == 0
+    ring.close()
+
+
+def test_async_for_until_closed(run):
+    ring = engine.Ring(capacity=1 << 12)
+    p, c = ring.producer(), ring.consumer()
+
+    def producer():
+        for i in range(500):
+            p.put(b"%d" % i, timeout=10)
+        p.close()
+
+    async def main():
+        t = threading.Thread(target=producer)
+        t.start()
+        out = [m async for m in c]
+        t.join()
+        return out
+
+    assert run(main()) == [b"%d" % i for i in range(500)]
+    ring.close()
+
+
+def test_aput_waits_for_room(run):
+    ring = engine.Ring(capacity=4096)
+    p, c = ring.producer(), ring.consumer()
+    msg = b"x" * 1000
+    while p.try_put(msg):
+        pass
+    full = ring.stats()["messages_put"]
+
+    async def main():
+        with pytest.raises(engine.Timeout):
+            await p.aput(msg, timeout=0.1)
+        # cancelled while waiting: the message is not put
+        task = asyncio.ensure_future(p.aput(b"C" * 1000))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        threading.Timer(0.2, lambda: c.get_many(2)).start()
+        t0 = time.monotonic()
+        await p.aput(b"L" * 1000, timeout=10)
+        return time.monotonic() - t0
+
+    waited = run(main())
+    assert 0.1 < waited < 5
+    rest = c.get_many(100)
+    assert rest[-1] == b"L" * 1000 and b"C" * 1000 not in rest
+    assert ring.stats()["messages_put"] == full + 1
+    assert _settled() == 0
+    ring.close()
+
+
+def test_second_waiter_on_same_handle_is_refused(run):
+    ring = engine.Ring(capacity=4096)
+    c = ring.consumer()
+    ring.producer()
+
+    async def main():
+        t = asyncio.ensure_future(c.aget())
+        await asyncio.sleep(0.05)
+        with pytest.raises(RuntimeError):
+            await c.aget()
+        t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t
+
+    run(main())
+    assert _settled() == 0
+    ring.close()
+
+
+def test_idle_awaiting_consumer_uses_no_cpu(run, shm_name):
+    ring = engine.Ring.create(shm_name, capacity=1 << 16)
+    c = ring.consumer()
+
+    async def main():
+        task = asyncio.ensure_future(c.aget())
+        await asyncio.sleep(0.1)  # settle: the wait is registered
+        c0, w0 = _cpu(), time.monotonic()
+        await asyncio.sleep(2.0)
+        used = (_cpu() - c0) / (time.monotonic() - w0)
+        assert not task.done()
+        proc = CTX.Process(target=_put_later, args=(shm_name, [b"wake"], 0))
+        proc.start()
+        got = await asyncio.wait_for(task, 10)
+        proc.join(10)
+        return used, got
+
+    used, got = run(main())
+    assert got == b"wake"
+    assert used < 0.02, f"idle awaiting consumer used {used:.1%} of a CPU"
+    c.close()
+    ring.close()
+
+
+# ---------------------------------------------------------------- log
+
+
+def test_apoll_woken_by_writer_process(run, tmp_path):
+    path = str(tmp_path / "log")
+    engine.Log(path, durability="none").close()
+    r = engine.LogReader(path)
+    proc = CTX.Process(target=_append_later, args=(path, [b"v0", b"v1", b"v2"], 0.3))
+    proc.start()
+
+    async def main():
+        assert await r.apoll(timeout=0.05) is None
+        first = await r.apoll(timeout=10)
+        rest = []
+        async for rec in r:
+            rest.append(rec)
+            if len(rest) == 2:
+                break
+        return [first] + rest
+
+    recs = run(main())
+    proc.join(10)
+    assert [(x.offset, x.value) for x in recs] == [(0, b"v0"), (1, b"v1"), (2, b"v2")]
+    assert _settled() == 0
+    r.close()
+
+
+def test_apoll_cancel_keeps_position_and_async_for_ends_on_close(run, tmp_path):
+    path = str(tmp_path / "log")
+    lg = engine.Log(path, durability="none")
+    r = engine.LogReader(path)
+
+    async def main():
+        task = asyncio.ensure_future(r.apoll())
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        lg.append(b"kept")
+        assert (await r.apoll(timeout=5)).value == b"kept"
+        lg.append(b"tail")
+
+        async def tail():
+            return [rec.value async for rec in r]
+
+        t = asyncio.ensure_future(tail())
+        await asyncio.sleep(0.2)
+        r.close()  # ends the async for (closing under a sleeping wait is safe)
+        return await asyncio.wait_for(t, 5)
+
+    assert run(main()) == [b"tail"]
+    assert _settled() == 0
+    lg.close()
+
+
+def test_idle_awaiting_reader_uses_no_cpu(run, tmp_path):
+    path = str(tmp_path / "log")
+    lg = engine.Log(path, durability="none")
+    r = engine.LogReader(path)
+
+    async def main():
+        task = asyncio.ensure_future(r.apoll())
+        await asyncio.sleep(0.1)
+        c0, w0 = _cpu(), time.monotonic()
+        await asyncio.sleep(2.0)
+        used = (_cpu() - c0) / (time.monotonic() - w0)
+        lg.append(b"wake")
+        return used, (await asyncio.wait_for(task, 5)).value
+
+    used, got = run(main())
+    assert got == b"wake"
+    assert used < 0.02, f"idle awaiting reader used {used:.1%} of a CPU"
+    r.close()
+    lg.close()
+
+
+# ---------------------------------------------------------------- scheduling
+
+
+def test_priority_queue_aget(run):
+    pq = engine.PriorityQueue(levels=3)
+
+    async def main():
+        threading.Timer(0.2, lambda: pq.put(b"late", priority=2)).start()
+        first = await aio.aget(pq, timeout=10)
+        for i, prio in enumerate([2, 0, 1]):
+            pq.put(b"m%d" % i, priority=prio)
+        order = [await aio.aget(pq, timeout=5) for _ in range(3)]
+        with pytest.raises(engine.Timeout):
+            await aio.aget(pq, timeout=0.1)
+        pq.put(b"delayed", delay=0.2)
+        t0 = time.monotonic()
+        d = await aio.aget(pq, timeout=5)
+        return first, order, d, time.monotonic() - t0
+
+    first, order, d, waited = run(main())
+    assert first == b"late"
+    assert order == [b"m1", b"m2", b"m0"]
+    assert d == b"delayed" and 0.19 < waited < 2
+    assert _settled() == 0
+    pq.close()
+
+
+def test_keyed_queue_aget_many_and_async_for(run):
+    kq = engine.KeyedQueue(partitions=2)
+
+    async def main():
+        def producer():
+            for i in range(300):
+                kq.put(b"%d" % i, key=i % 3)
+            kq.close_put()
+
+        threading.Timer(0.1, producer).start()
+        first = await aio.aget_many(kq, 50, timeout=10)
+        rest = [m async for m in aio.aiter_messages(kq)]
+        return first + rest
+
+    got = run(main())
+    assert sorted(got, key=int) == [b"%d" % i for i in range(300)]
+    for k in range(3):  # per key, in order
+        mine = [int(m) for m in got if int(m) % 3 == k]
+        assert mine == sorted(mine)
+    assert _settled() == 0
+    kq.close()
