@@ -970,6 +970,7 @@ class _JournaledParticipant:
     """
 
     _kind = "participant"
+    _locking = False  # True: _acquire/_release hold locks on the resource
 
     def __init__(self, name: str, state_path: str, durability: str,
                  compact_records: int, segment_bytes: int) -> None:
@@ -1052,7 +1053,8 @@ class _JournaledParticipant:
             if info is None:
                 return False
             self._doubt[txid] = info
-            self._acquire(txid, info)
+            if self._locking:
+                self._acquire(txid, info)
             log = self._journal.log
         if _ARMED:
             _crash_point("part.prepare.before_write", self.name)
@@ -1088,8 +1090,10 @@ class _JournaledParticipant:
         with self._lock:
             if self._doubt.pop(txid, None) is None:
                 return
-            self._release(txid, info)
-            self._marks.pop(txid, None)
+            if self._locking:
+                self._release(txid, info)
+            if self._marks:
+                self._marks.pop(txid, None)
             # Done records are not needed for safety (recovery sees the effect
             # in the resource); batched, they keep `txn ls` and restarts short.
             self._done.append(txid)
@@ -1250,7 +1254,10 @@ class LogParticipant(_JournaledParticipant):
         keys: List[Optional[bytes]] = []
         anykey = False
         for op in ops:
-            if isinstance(op, tuple):
+            if type(op) is bytes:  # the common case first
+                keys.append(None)
+                values.append(op)
+            elif isinstance(op, tuple):
                 if len(op) != 2:
                     raise ValueError("a LogParticipant op is a value or a (key, value) pair")
                 k = None if op[0] is None else _as_bytes(op[0], "key")
@@ -1434,6 +1441,7 @@ class StoreParticipant(_JournaledParticipant):
     """
 
     _kind = "store-participant"
+    _locking = True
 
     def __init__(self, store: Any, name: Optional[str] = None, state_path: Optional[str] = None,
                  *, durability: Optional[str] = None, compact_records: int = 50_000,
