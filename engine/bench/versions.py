@@ -1,0 +1,275 @@
+"""The versions section: engine.VersionedStore compare-and-set ``put`` and
+``get`` against the same operations on a plain dict under a
+``threading.Lock`` and on SQLite with a version column.
+
+Every contender does exactly the same thing per message: a compare-and-set
+of one key from version 1 to version 2 (``put(key, payload,
+expected_version=1)``; for SQLite ``UPDATE kv SET value=?, version=version+1
+WHERE key=? AND version=?`` checking ``rowcount == 1``), one distinct key per
+message.  The keys are created at version 1 before the clock starts.  After
+the clock stops every contender reads every value and version back; the
+values, in key order, are digested by the harness (so a lost, doubled or
+corrupted write fails the case) and every version must be 2.
+
+The store runs with ``durability="none"`` (page cache: survives a process
+crash, not a power loss) and automatic snapshots off (they run in a
+background thread every ``snapshot_every`` writes, the case would measure
+them too); SQLite runs in memory (``:memory:``, autocommit), the fair peer of
+"none": it never touches a disk either.
+
+The ``get`` case times one ``get(key)`` per message over the same keys,
+against ``dict.get`` under the lock and a SQLite ``SELECT``.
+
+Issue-4 targets (same run): CAS ``put`` >= 500,000/s and >= 10x the SQLite
+update; ``get`` within 3x of the locked dict.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import tempfile
+import threading
+import time
+from typing import Any, Dict, List, Tuple
+
+from engine.bench.harness import THROUGHPUT, Case, Contender, Profile, Run, Workload, digest
+
+SECTION = "versions"
+
+OURS = ("engine._log",)
+BUILD_HINT = "build it: pip install . (or python setup.py build_ext --inplace)"
+
+
+def _keys(n: int) -> List[bytes]:
+    return [b"key:%010d" % i for i in range(n)]
+
+
+def _check_versions(versions: List[int], who: str) -> None:
+    bad = sum(1 for v in versions if v != 2)
+    if bad:
+        raise AssertionError(f"{who}: {bad} keys are not at version 2 after one CAS each")
+
+
+# ---------------------------------------------------------------------------
+# engine.VersionedStore
+# ---------------------------------------------------------------------------
+
+
+class _Ours:
+    def __init__(self, n: int) -> None:
+        from engine.versions import VersionedStore
+
+        self.dir = tempfile.mkdtemp(prefix="qe-bench-versions-")
+        self.store = VersionedStore(
+            self.dir, durability="none", snapshot_every=None, segment_bytes=256 << 20
+        )
+        self.store.apply([("put", k, b"") for k in _keys(n)])  # every key at version 1
+
+    def close(self) -> None:
+        self.store.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def ours_put(wl: Workload) -> Run:
+    msgs = wl.payloads()
+    keys = _keys(wl.count)
+    o = _Ours(wl.count)
+    try:
+        put = o.store.put
+        pairs = list(zip(keys, msgs))
+        t0 = time.perf_counter_ns()
+        for k, m in pairs:
+            put(k, m, 1)
+        t1 = time.perf_counter_ns()
+        got = [o.store.get(k) for k in keys]
+    finally:
+        o.close()
+    _check_versions([g[0] for g in got], "VersionedStore")
+    return Run.timed(t0, t1, digest([g[1] for g in got]))
+
+
+def ours_get(wl: Workload) -> Run:
+    msgs = wl.payloads()
+    keys = _keys(wl.count)
+    o = _Ours(wl.count)
+    try:
+        o.store.apply([("put", k, m, 1) for k, m in zip(keys, msgs)])
+        get = o.store.get
+        out = []
+        append = out.append
+        t0 = time.perf_counter_ns()
+        for k in keys:
+            append(get(k))
+        t1 = time.perf_counter_ns()
+    finally:
+        o.close()
+    _check_versions([g[0] for g in out], "VersionedStore")
+    return Run.timed(t0, t1, digest([g[1] for g in out]))
+
+
+# ---------------------------------------------------------------------------
+# dict + threading.Lock: the same CAS, no log
+# ---------------------------------------------------------------------------
+
+
+class _LockedDict:
+    """The least a thread-safe CAS map can be in Python."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._data: Dict[bytes, Tuple[int, bytes]] = {}
+
+    def put(self, key: bytes, value: bytes, expected_version: Any = None) -> int:
+        with self._lock:
+            cur = self._data.get(key)
+            ver = 0 if cur is None else cur[0]
+            if expected_version is not None and expected_version != ver:
+                raise ValueError(f"version conflict on {key!r}")
+            ver += 1
+            self._data[key] = (ver, value)
+            return ver
+
+    def get(self, key: bytes) -> Tuple[int, Any]:
+        with self._lock:
+            return self._data.get(key, (0, None))
+
+
+def dict_put(wl: Workload) -> Run:
+    msgs = wl.payloads()
+    keys = _keys(wl.count)
+    d = _LockedDict()
+    for k in keys:
+        d.put(k, b"")
+    put = d.put
+    pairs = list(zip(keys, msgs))
+    t0 = time.perf_counter_ns()
+    for k, m in pairs:
+        put(k, m, 1)
+    t1 = time.perf_counter_ns()
+    got = [d.get(k) for k in keys]
+    _check_versions([g[0] for g in got], "dict + Lock")
+    return Run.timed(t0, t1, digest([g[1] for g in got]))
+
+
+def dict_get(wl: Workload) -> Run:
+    msgs = wl.payloads()
+    keys = _keys(wl.count)
+    d = _LockedDict()
+    for k, m in zip(keys, msgs):
+        d.put(k, b"")
+        d.put(k, m, 1)
+    get = d.get
+    out = []
+    append = out.append
+    t0 = time.perf_counter_ns()
+    for k in keys:
+        append(get(k))
+    t1 = time.perf_counter_ns()
+    _check_versions([g[0] for g in out], "dict + Lock")
+    return Run.timed(t0, t1, digest([g[1] for g in out]))
+
+
+# ---------------------------------------------------------------------------
+# SQLite with a version column (in memory, autocommit)
+# ---------------------------------------------------------------------------
+
+_UPDATE = "UPDATE kv SET value=?, version=version+1 WHERE key=? AND version=?"
+
+
+def _sqlite(keys: List[bytes]) -> sqlite3.Connection:
+    db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+    db.execute(
+        "CREATE TABLE kv (key BLOB PRIMARY KEY, value BLOB NOT NULL, version INTEGER NOT NULL)"
+    )
+    db.execute("BEGIN")
+    db.executemany("INSERT INTO kv VALUES (?, x'', 1)", [(k,) for k in keys])
+    db.execute("COMMIT")
+    return db
+
+
+def _sqlite_read(db: sqlite3.Connection, keys: List[bytes]) -> List[Tuple[int, bytes]]:
+    rows = dict((k, (v, val)) for k, val, v in db.execute("SELECT key, value, version FROM kv"))
+    return [rows[k] for k in keys]
+
+
+def sqlite_put(wl: Workload) -> Run:
+    msgs = wl.payloads()
+    keys = _keys(wl.count)
+    db = _sqlite(keys)
+    try:
+        ex = db.execute
+        pairs = list(zip(keys, msgs))
+        t0 = time.perf_counter_ns()
+        for k, m in pairs:
+            if ex(_UPDATE, (m, k, 1)).rowcount != 1:
+                raise AssertionError(f"sqlite: CAS of {k!r} failed")
+        t1 = time.perf_counter_ns()
+        got = _sqlite_read(db, keys)
+    finally:
+        db.close()
+    _check_versions([g[0] for g in got], "SQLite")
+    return Run.timed(t0, t1, digest([g[1] for g in got]))
+
+
+def sqlite_get(wl: Workload) -> Run:
+    msgs = wl.payloads()
+    keys = _keys(wl.count)
+    db = _sqlite(keys)
+    try:
+        db.execute("BEGIN")
+        db.executemany(_UPDATE, [(m, k, 1) for k, m in zip(keys, msgs)])
+        db.execute("COMMIT")
+        ex = db.execute
+        out = []
+        append = out.append
+        sel = "SELECT version, value FROM kv WHERE key=?"
+        t0 = time.perf_counter_ns()
+        for k in keys:
+            append(ex(sel, (k,)).fetchone())
+        t1 = time.perf_counter_ns()
+    finally:
+        db.close()
+    _check_versions([g[0] for g in out], "SQLite")
+    return Run.timed(t0, t1, digest([g[1] for g in out]))
+
+
+# ---------------------------------------------------------------------------
+# cases
+# ---------------------------------------------------------------------------
+
+
+def _ours(name: str, fn: Any) -> Contender:
+    return Contender(name, fn, ours=True, requires=OURS, pip_hint=BUILD_HINT)
+
+
+def cases(profile: Profile) -> List[Case]:
+    """The versions cases for this profile."""
+    n = profile.count(quick=30_000, full=300_000)
+    return [
+        Case(
+            "CAS put",
+            "put(key, value, expected_version=1) -> 2, one distinct key per message, "
+            "durability='none' vs a locked dict vs SQLite UPDATE ... WHERE version=? (in memory)",
+            THROUGHPUT,
+            Workload(n, 64),
+            [
+                _ours("engine.VersionedStore", ours_put),
+                Contender("dict + threading.Lock", dict_put),
+                Contender("sqlite3 version column (:memory:)", sqlite_put),
+            ],
+            params={"target_per_s": 500_000, "target_vs_sqlite": 10.0},
+        ),
+        Case(
+            "get",
+            "get(key) -> (version, value) of every key once",
+            THROUGHPUT,
+            Workload(n, 64),
+            [
+                _ours("engine.VersionedStore", ours_get),
+                Contender("dict + threading.Lock", dict_get),
+                Contender("sqlite3 SELECT (:memory:)", sqlite_get),
+            ],
+            params={"target_vs_locked_dict": 1 / 3},
+        ),
+    ]
