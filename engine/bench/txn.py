@@ -31,7 +31,7 @@ import sqlite3
 import tempfile
 import threading
 import time
-from typing import Callable, List
+from typing import Callable, List, Literal
 
 from engine.bench.harness import THROUGHPUT, Case, Contender, Profile, Run, Target, Workload, digest
 
@@ -79,7 +79,10 @@ def _run_threads(n: int, count: int, body: Callable[[int], None]) -> tuple:
     return t0, t1
 
 
-def _ours(durability: str, threads: int = 1) -> Callable[[Workload], Run]:
+Durability = Literal["always", "interval", "none"]
+
+
+def _ours(durability: Durability, threads: int = 1) -> Callable[[Workload], Run]:
     def run(wl: Workload) -> Run:
         from engine._log import Log
         from engine.txn import Coordinator, LogParticipant
@@ -110,7 +113,7 @@ def _ours(durability: str, threads: int = 1) -> Callable[[Workload], Run]:
     return run
 
 
-def _plain_logs(durability: str, threads: int = 1) -> Callable[[Workload], Run]:
+def _plain_logs(durability: Durability, threads: int = 1) -> Callable[[Workload], Run]:
     def run(wl: Workload) -> Run:
         from engine._log import Log
 
