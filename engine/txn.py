@@ -1102,8 +1102,8 @@ class _JournaledParticipant:
                 log = self._journal.log
         if batch is not None:
             _journal_append(self._journal, log, ("D", batch), durable=False)
-            if self._journal.appended >= self._compact_records:
-                self._maybe_compact()
+        if self._journal.appended >= self._compact_records:
+            self._maybe_compact()
 
     def abort(self, txid: str) -> None:
         """Drop the prepared ops of ``txid`` (idempotent; unknown txid: no-op)."""
