@@ -58,7 +58,14 @@ class _Region:
 
 class _PQCore:
     def _core_setup(
-        self, reg: _Region, levels: int, policy: str, weights: Optional[Sequence[int]], max_wait: float
+        self,
+        reg: _Region,
+        levels: int,
+        policy: str,
+        weights: Optional[Sequence[int]],
+        max_wait: float,
+        by_bytes: bool = False,
+        quantum: int = 4096,
     ) -> None: ...
     def _core_set_producers(self, puts: List[Callable[[Any], None]], dput: Callable[[Any], None]) -> None: ...
     def _core_set_consumers(

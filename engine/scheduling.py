@@ -4,10 +4,12 @@
     One ring per level (0 = most urgent, as in :class:`queue.PriorityQueue`).
     ``policy="strict"`` always serves the most urgent non-empty level;
     ``policy="weighted"`` shares service by ``weights[i]`` (deficit round robin
-    by message count). ``max_wait=seconds`` adds aging: every level message
-    carries its enqueue time in an 8-byte header, and the head of a level
-    1..n-1 that has waited ``max_wait / 2`` is served before anything else (the longest-waiting first), so no
-    message waits longer than ``max_wait`` behind a flood of more urgent ones
+    by message count, or by payload bytes with ``by="bytes"``: each visit
+    gives level i ``weights[i] * quantum`` bytes of credit, heads are read
+    ahead to know their size). ``max_wait=seconds`` adds aging: every level
+    message carries its enqueue time in an 8-byte header, and the head of a
+    level 1..n-1 that has waited ``max_wait / 2`` is served before anything
+    else (the longest-waiting first), so no message waits longer than ``max_wait`` behind a flood of more urgent ones
     as long as the consumer keeps up with the less urgent levels themselves
     (the bound the tests measure). Level 0 does not age: nothing outranks it,
     and aging its own backlog would turn an overloaded queue into one FIFO.
@@ -211,6 +213,15 @@ def _validate_policy(levels: Any, policy: Any, weights: Any, max_wait: Any) -> T
     return levels, policy, w, mw
 
 
+def _validate_by(by: Any, policy: str, quantum: Any) -> None:
+    if by not in ("count", "bytes"):
+        raise ValueError(f"by must be 'count' or 'bytes', not {by!r}")
+    if by == "bytes" and policy != "weighted":
+        raise ValueError("by='bytes' shares service by payload bytes: it needs policy='weighted'")
+    if not isinstance(quantum, int) or isinstance(quantum, bool) or not 1 <= quantum <= 1 << 30:
+        raise ValueError(f"quantum must be 1..2**30 bytes, not {quantum!r}")
+
+
 def _aging_threshold(max_wait: float) -> float:
     """Age at which a head is served first: half of max_wait, so the other
     half absorbs the consumer's own delays (a busy machine deschedules it for
@@ -234,6 +245,8 @@ class PriorityQueue(_PQCore):
     Parameters: ``levels`` (1..64); ``policy`` ``"strict"`` or ``"weighted"``;
     ``weights`` (weights[i] for level i, positive ints; weighted default
     2**(levels-1-i)); ``max_wait`` seconds (aging, see the module docs);
+    ``by`` ``"count"`` or ``"bytes"`` (weighted: share messages or payload
+    bytes; ``quantum`` bytes of credit per visit and unit of weight);
     ``name`` (create a shared queue, see :meth:`create`); ``capacity`` bytes
     per level ring; ``max_consumers`` (consuming processes at once, 1: spsc
     rings); ``durable``/``path``/``durability`` (a :class:`DurablePriorityQueue`).
@@ -256,15 +269,17 @@ class PriorityQueue(_PQCore):
     def __init__(self, levels: int = 3, policy: str = "strict", weights: Optional[Sequence[int]] = None,
                  max_wait: Optional[float] = None, name: Optional[str] = None,
                  capacity: int = DEFAULT_CAPACITY, durable: bool = False, path: Optional[str] = None,
-                 max_consumers: int = 1) -> None:
+                 max_consumers: int = 1, by: str = "count", quantum: int = 4096) -> None:
         from ._ring import Ring  # type: ignore[import-not-found]
 
         levels, policy, w, mw = _validate_policy(levels, policy, weights, max_wait)
+        _validate_by(by, policy, quantum)
         if not isinstance(max_consumers, int) or not 1 <= max_consumers <= 256:
             raise ValueError(f"max_consumers must be 1..256, not {max_consumers!r}")
         mode = "spsc" if max_consumers == 1 else "shared"
         config = {"levels": levels, "policy": policy, "weights": w, "max_wait": mw,
-                  "capacity": int(capacity), "max_consumers": max_consumers}
+                  "capacity": int(capacity), "max_consumers": max_consumers, "by": by,
+                  "quantum": int(quantum)}
         self._name = name
         self._rings: List[Any] = []
         self._producers: List[Any] = []
@@ -292,7 +307,8 @@ class PriorityQueue(_PQCore):
         self._config = config
         mw = float(config["max_wait"])
         self._core_setup(reg, config["levels"], config["policy"], config["weights"],
-                         _aging_threshold(mw) if mw > 0 else 0.0)
+                         _aging_threshold(mw) if mw > 0 else 0.0,
+                         config.get("by", "count") == "bytes", int(config.get("quantum", 4096)))
 
     @staticmethod
     def _ring_names(name: str, levels: int) -> List[str]:
@@ -301,11 +317,12 @@ class PriorityQueue(_PQCore):
     @classmethod
     def create(cls, name: str, levels: int = 3, policy: str = "strict",
                weights: Optional[Sequence[int]] = None, max_wait: Optional[float] = None,
-               capacity: int = DEFAULT_CAPACITY, max_consumers: int = 1) -> PriorityQueue:
+               capacity: int = DEFAULT_CAPACITY, max_consumers: int = 1, by: str = "count",
+               quantum: int = 4096) -> PriorityQueue:
         """Create a shared queue: region ``/dev/shm/NAME`` + rings ``NAME.L<i>``,
         ``NAME.delay`` (mode 0600). ``FileExistsError`` if NAME exists."""
         return cls(levels, policy, weights, max_wait, name=name, capacity=capacity,
-                   max_consumers=max_consumers)
+                   max_consumers=max_consumers, by=by, quantum=quantum)
 
     @classmethod
     def attach(cls, name: str) -> PriorityQueue:
@@ -317,6 +334,7 @@ class PriorityQueue(_PQCore):
         try:
             levels, policy, w, mw = _validate_policy(config.get("levels"), config.get("policy"),
                                                      config.get("weights"), config.get("max_wait") or None)
+            _validate_by(config.get("by", "count"), policy, config.get("quantum", 4096))
         except (ValueError, TypeError) as exc:
             reg.close()
             raise IncompatibleRegion(name, f"bad configuration: {exc}") from None
@@ -1064,13 +1082,18 @@ class DurablePriorityQueue:
 
     def __init__(self, levels: int = 3, policy: str = "strict", weights: Optional[Sequence[int]] = None,
                  max_wait: Optional[float] = None, path: Optional[str] = None,
-                 durability: str = "always", group: str = "pq", **kw: Any) -> None:
+                 durability: str = "always", group: str = "pq", by: str = "count",
+                 quantum: int = 4096, **kw: Any) -> None:
         if path is None:
             raise ValueError("durable=True needs path= (a directory for the logs)")
         unknown = set(kw) - {"name", "capacity", "durable", "max_consumers"}
         if unknown:
             raise TypeError(f"unexpected arguments for a durable queue: {sorted(unknown)}")
         levels, policy, w, mw = _validate_policy(levels, policy, weights, max_wait)
+        _validate_by(by, policy, quantum)
+        self._by_bytes = by == "bytes"
+        self._quantum = quantum
+        self._visited = False
         if durability not in ("always", "interval", "none"):
             raise ValueError(f"durability must be 'always', 'interval' or 'none', not {durability!r}")
         self._path = os.fspath(path)
@@ -1213,6 +1236,8 @@ class DurablePriorityQueue:
         if pick < 0:
             if self._policy == "strict":
                 pick = next((i for i in range(self._n) if buf[i]), -1)
+            elif self._by_bytes:
+                pick = self._pick_bytes()
             else:
                 i = self._rr
                 for _ in range(self._n + 1):
@@ -1230,6 +1255,30 @@ class DurablePriorityQueue:
         _ts, _log, _off, payload = buf[pick].popleft()
         self._ngot[pick] += 1
         return payload
+
+    def _pick_bytes(self) -> int:
+        """Deficit round robin by payload bytes (as in the compiled queue)."""
+        buf, n, i = self._buf, self._n, self._rr
+        while True:
+            any_ = False
+            for _ in range(n):
+                if buf[i]:
+                    any_ = True
+                    if not self._visited:
+                        self._credit[i] += self._w[i] * self._quantum
+                        self._visited = True
+                    size = len(buf[i][0][3])
+                    if size <= self._credit[i]:
+                        self._credit[i] -= size
+                        self._rr = i
+                        return i
+                else:
+                    self._credit[i] = 0
+                i = (i + 1) % n
+                self._visited = False
+            if not any_:
+                self._rr = i
+                return -1
 
     def try_get(self) -> Optional[bytes]:
         """The next message by policy, or None (not acked until :meth:`ack`)."""

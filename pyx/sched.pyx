@@ -478,6 +478,9 @@ cdef class _PQCore:
     cdef int _policy            # _STRICT or _WEIGHTED
     cdef bint _ts               # level records carry an 8-byte enqueue time (max_wait set)
     cdef int64_t _age_ns        # serve a head older than this first (0: no aging)
+    cdef bint _bytes            # weighted by bytes (DRR on payload sizes) instead of count
+    cdef int64_t _quantum       # bytes: credit a level gets per visit, times its weight
+    cdef bint _visited          # bytes: level _rr already got its quantum this visit
     cdef list _puts             # producer put bound methods per level, None until first put
     cdef object _dput           # delay ring put, None until first delayed put
     cdef list _gets             # consumer try_get bound methods per level, None until first get
@@ -505,7 +508,8 @@ cdef class _PQCore:
         free(self._w); free(self._credit); free(self._eof); free(self._nlocal)
         free(self._head_ts); free(self._nput); free(self._ngot); free(self._seen)
 
-    def _core_setup(self, _Region reg, int levels, str policy, weights, double max_wait):
+    def _core_setup(self, _Region reg, int levels, str policy, weights, double max_wait,
+                    bint by_bytes=False, int64_t quantum=4096):
         """Called once by PriorityQueue.__init__/attach before any put/get."""
         if levels < 1 or levels > 64:
             raise ValueError(f"levels must be 1..64, not {levels}")
@@ -515,6 +519,8 @@ cdef class _PQCore:
         self._policy = _WEIGHTED if policy == "weighted" else _STRICT
         self._age_ns = <int64_t>(max_wait * 1e9) if max_wait > 0 else 0
         self._ts = self._age_ns > 0
+        self._bytes = by_bytes and self._policy == _WEIGHTED
+        self._quantum = quantum if quantum > 0 else 4096
         self._w = <int64_t *>calloc(levels, sizeof(int64_t))
         self._credit = <int64_t *>calloc(levels, sizeof(int64_t))
         self._eof = <uint8_t *>calloc(levels, 1)
@@ -652,7 +658,8 @@ cdef class _PQCore:
         return rec
 
     cdef int64_t _peek_ts(self, int i) except -2:
-        """Timestamped: enqueue time of level i's head (-1: empty)."""
+        """Read-ahead modes: enqueue time of level i's head (0 without
+        timestamps; -1: empty)."""
         if self._nlocal[i]:
             return (<object>self._local[i])[0][0]
         if self._heads[i] is not None:
@@ -662,8 +669,12 @@ cdef class _PQCore:
         rec = self._ring_read(i)
         if rec is None:
             return -1
-        self._head_ts[i] = _ts_of(rec)
-        self._heads[i] = rec[8:]
+        if self._ts:
+            self._head_ts[i] = _ts_of(rec)
+            self._heads[i] = rec[8:]
+        else:   # read-ahead only for the head's size (weighted by bytes)
+            self._head_ts[i] = 0
+            self._heads[i] = rec
         return self._head_ts[i]
 
     cdef object _pop_head(self, int i):
@@ -724,6 +735,8 @@ cdef class _PQCore:
                     self._ngot[i] += 1
                     return m
             return None
+        if self._bytes:
+            return self._take_bytes()
         # weighted: deficit round robin by count.  Level i takes up to w[i]
         # messages per turn; an empty level forfeits the rest of its turn.
         i = self._rr
@@ -748,6 +761,41 @@ cdef class _PQCore:
                 self._rr = i
             return m
         return None
+
+    cdef Py_ssize_t _head_len(self, int i) except -1:
+        if self._nlocal[i]:
+            return len((<object>self._local[i])[0][1])
+        return len(self._heads[i])
+
+    cdef object _take_bytes(self):
+        """Weighted by bytes: deficit round robin (Shreedhar & Varghese).
+        Each visit to a non-empty level adds w[i] * quantum bytes of credit;
+        the level is served while its head fits in the credit; an empty level
+        loses its credit.  Heads are read ahead to know their size."""
+        cdef int i = self._rr, k, n = self._n
+        cdef Py_ssize_t size
+        cdef bint any_
+        while True:
+            any_ = False
+            for k in range(n):
+                if self._peek_ts(i) >= 0:
+                    any_ = True
+                    if not self._visited:
+                        self._credit[i] += self._w[i] * self._quantum
+                        self._visited = True
+                    size = self._head_len(i)
+                    if size <= self._credit[i]:
+                        self._credit[i] -= size
+                        self._rr = i
+                        self._ngot[i] += 1
+                        return self._pop_head(i)
+                else:
+                    self._credit[i] = 0
+                i = i + 1 if i + 1 < n else 0
+                self._visited = False
+            if not any_:
+                self._rr = i
+                return None
 
     cdef int _drain_delayed(self) except -1:
         cdef uint64_t seen = eng_load_acquire_u64(&self._r.bell.delayed)
@@ -895,7 +943,7 @@ cdef class _PQCore:
             except Timeout:
                 return out
         out.append(m)
-        if not self._ts and self._policy == _STRICT and not self._heap:
+        if not self._ts and not self._bytes and self._policy == _STRICT and not self._heap:
             # strict without aging: whole batches from the most urgent level
             # that has anything (each batch is one ring call)
             for i in range(self._n):

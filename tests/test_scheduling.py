@@ -105,6 +105,35 @@ def test_weighted_shares_within_5_percent_over_100k(weights):
         assert abs(counts[lv] - expected) <= 0.05 * expected, (lv, counts, weights)
 
 
+def test_weighted_by_bytes_shares_within_5_percent_over_100k():
+    weights = [3, 2, 1]
+    sizes = [16, 80, 400]  # the levels differ in message size: counts would not share bytes
+    queued = [100_000, 20_000, 5_000]  # every level stays backlogged for all 100,000 gets
+    total = 100_000
+    with PriorityQueue(levels=3, policy="weighted", weights=weights, by="bytes", capacity=1 << 22) as pq:
+        for lv in range(3):
+            for seq in range(queued[lv]):
+                pq.put(_msg(lv, seq, sizes[lv] - 8), lv)
+        got = [0] * 3
+        for _ in range(total):
+            m = pq.get(timeout=1)
+            got[_unmsg(m)[0]] += len(m)
+        assert all(pq.stats()["put"][lv] > pq.stats()["got"][lv] for lv in range(3))  # still backlogged
+    wsum = sum(weights)
+    for lv in range(3):
+        expected = sum(got) * weights[lv] / wsum
+        assert abs(got[lv] - expected) <= 0.05 * expected, (got, weights)
+
+
+def test_by_bytes_arguments():
+    with pytest.raises(ValueError, match="weighted"):
+        PriorityQueue(levels=2, by="bytes")
+    with pytest.raises(ValueError, match="by"):
+        PriorityQueue(levels=2, policy="weighted", by="size")
+    with pytest.raises(ValueError, match="quantum"):
+        PriorityQueue(levels=2, policy="weighted", by="bytes", quantum=0)
+
+
 def test_weighted_empty_level_gives_its_turn_away():
     with PriorityQueue(levels=3, policy="weighted", weights=[4, 2, 1]) as pq:
         for i in range(50):
@@ -127,13 +156,38 @@ def test_weighted_default_weights():
 class _Model:
     """Reference: a deque per level; strict, or deficit round robin by count."""
 
-    def __init__(self, n, policy, weights):
+    def __init__(self, n, policy, weights, quantum=0):
         self.q = [deque() for _ in range(n)]
         self.n = n
         self.policy = policy
         self.w = weights or [1] * n
         self.credit = [0] * n
         self.rr = 0
+        self.quantum = quantum  # > 0: weighted by bytes
+        self.visited = False
+
+    def _get_bytes(self):
+        i = self.rr
+        while True:
+            any_ = False
+            for _ in range(self.n):
+                if self.q[i]:
+                    any_ = True
+                    if not self.visited:
+                        self.credit[i] += self.w[i] * self.quantum
+                        self.visited = True
+                    size = len(self.q[i][0])
+                    if size <= self.credit[i]:
+                        self.credit[i] -= size
+                        self.rr = i
+                        return self.q[i].popleft()
+                else:
+                    self.credit[i] = 0
+                i = (i + 1) % self.n
+                self.visited = False
+            if not any_:
+                self.rr = i
+                return None
 
     def put(self, m, lv):
         self.q[lv].append(m)
@@ -144,6 +198,8 @@ class _Model:
                 if q:
                     return q.popleft()
             return None
+        if self.quantum:
+            return self._get_bytes()
         i = self.rr
         for _ in range(self.n + 1):
             if self.credit[i] <= 0:
@@ -158,15 +214,18 @@ class _Model:
 
 
 class PriorityMachine(RuleBasedStateMachine):
-    @initialize(n=st.integers(1, 5), weighted=st.booleans(), timestamped=st.booleans(), data=st.data())
-    def setup(self, n, weighted, timestamped, data):
+    @initialize(n=st.integers(1, 5), weighted=st.booleans(), timestamped=st.booleans(),
+                by_bytes=st.booleans(), quantum=st.sampled_from([1, 64, 200]), data=st.data())
+    def setup(self, n, weighted, timestamped, by_bytes, quantum, data):
         policy = "weighted" if weighted else "strict"
         weights = data.draw(st.lists(st.integers(1, 6), min_size=n, max_size=n)) if weighted else None
+        by_bytes = by_bytes and weighted
         # max_wait far beyond the test: the timestamped read-ahead path runs,
         # aging never triggers, so the model's order stays exact
         self.pq = PriorityQueue(levels=n, policy=policy, weights=weights, capacity=1 << 16,
-                                max_wait=1000.0 if timestamped else None)
-        self.model = _Model(n, policy, weights)
+                                max_wait=1000.0 if timestamped else None,
+                                by="bytes" if by_bytes else "count", quantum=quantum)
+        self.model = _Model(n, policy, weights, quantum if by_bytes else 0)
         self.n = n
         self.seq = 0
         self.queued = 0
@@ -571,8 +630,11 @@ def test_keyed_consumers_in_threads_with_join_and_leave():
     results = {}
     stop = threading.Event()
 
+    members = {}
+
     def consume(tag, limit_s):
         c = kq.consumer()
+        members[tag] = c
         got = []
         end = time.monotonic() + limit_s
         try:
@@ -594,6 +656,13 @@ def test_keyed_consumers_in_threads_with_join_and_leave():
         if i == n // 3:
             b = threading.Thread(target=consume, args=("early-leaver", 30))
             b.start()
+            # a hand-over takes a call of the old owner and a retry of the new
+            # one: wait for it, so the leaver really consumes before it leaves
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not (
+                    "early-leaver" in members and members["early-leaver"].partitions):
+                time.sleep(0.005)
+            assert members["early-leaver"].partitions, "the joiner never got a partition"
         if i == 2 * n // 3:
             stop.set()
     c = threading.Thread(target=consume, args=("c", 30))
@@ -813,3 +882,15 @@ def test_durable_keyed_order_ack_and_restart(tmp_path):
     kq3.close()
     with pytest.raises(ValueError, match="partitions"):
         KeyedQueue(partitions=5, durable=True, path=path)
+
+
+def test_durable_weighted_by_bytes(tmp_path):
+    with PriorityQueue(levels=2, policy="weighted", weights=[1, 1], by="bytes", quantum=100,
+                       durable=True, path=str(tmp_path / "b"), durability="none") as pq:
+        for _ in range(40):
+            pq.put(b"s" * 10, 0)
+            pq.put(b"L" * 100, 1)
+        got = [pq.get(timeout=1) for _ in range(22)]
+        small = sum(len(m) for m in got if m[:1] == b"s")
+        large = sum(len(m) for m in got if m[:1] == b"L")
+        assert abs(small - large) <= 100  # equal byte shares, not equal counts
