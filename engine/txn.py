@@ -64,26 +64,18 @@ import threading
 import time
 import uuid
 from typing import (
-    TYPE_CHECKING,
     Any,
     Dict,
     Iterable,
     List,
     Optional,
+    Protocol,
     Sequence,
     Tuple,
     Union,
 )
 
 from .errors import Closed, EngineError, LogLocked, Timeout, TransactionAborted
-
-if TYPE_CHECKING:  # pragma: no cover
-    from typing_extensions import Protocol
-else:
-    try:
-        from typing import Protocol
-    except ImportError:  # pragma: no cover - Python < 3.8
-        Protocol = object
 
 __all__ = [
     "Coordinator",
