@@ -111,11 +111,11 @@ class _Job:
         loop: asyncio.AbstractEventLoop,
         fut: asyncio.Future,
     ) -> None:
-        self.wait = wait          # non-consuming wait(seconds) -> ready
-        self.release = release    # undo a registration the job owns (doorbells)
-        self.loop = loop          # loop of the awaiting coroutine
-        self.fut = fut            # resolved (True) in the loop when ready
-        self.taken = False        # the thread has started waiting for it
+        self.wait = wait  # non-consuming wait(seconds) -> ready
+        self.release = release  # undo a registration the job owns (doorbells)
+        self.loop = loop  # loop of the awaiting coroutine
+        self.fut = fut  # resolved (True) in the loop when ready
+        self.taken = False  # the thread has started waiting for it
 
 
 def _resolve(fut: asyncio.Future, exc: Optional[BaseException]) -> None:
@@ -142,13 +142,15 @@ class _Waiter:
     def start(self, job: _Job) -> None:
         with self._cv:
             if self._job is not None and not self._job.fut.done():
-                raise RuntimeError("another task is already awaiting this handle; "
-                                   "use one awaiting task per handle")
+                raise RuntimeError(
+                    "another task is already awaiting this handle; use one awaiting task per handle"
+                )
             self._drop_locked()
             self._job = job
             if self._thread is None:
                 self._thread = threading.Thread(
-                    target=self._run, name="engine-aio-waiter", daemon=True)
+                    target=self._run, name="engine-aio-waiter", daemon=True
+                )
                 self._thread.start()
             else:
                 self._cv.notify()
@@ -230,9 +232,13 @@ def active_waits() -> int:
     return sum(1 for w in ws if w.busy)
 
 
-async def _ready(obj: Any, wait: Callable[[float], bool], deadline: Optional[float],
-                 release: Optional[Callable[[], None]] = None,
-                 tick: Optional[float] = None) -> bool:
+async def _ready(
+    obj: Any,
+    wait: Callable[[float], bool],
+    deadline: Optional[float],
+    release: Optional[Callable[[], None]] = None,
+    tick: Optional[float] = None,
+) -> bool:
     """Suspend until `wait` says ready (True), `deadline` (loop time) passes
     or `tick` seconds pass (False)."""
     loop = asyncio.get_running_loop()
@@ -298,8 +304,8 @@ class _Bell:
             nxt = self.reg.arm()
             if nxt != self.seq:
                 self.reg.disarm()
-                return True   # the bell moved since the loop re-checked
-            self.reg.sleep(self.seq, seconds)   # disarms the old registration
+                return True  # the bell moved since the loop re-checked
+            self.reg.sleep(self.seq, seconds)  # disarms the old registration
             self.seq = nxt
             return False  # the next call sees whether it moved during the sleep
 
@@ -327,8 +333,10 @@ def _waiting(obj: Any) -> Any:
         return None, obj._region, (_DELAY_TICK if obj._heap else 0.05)
     wait = getattr(obj, "wait", None)
     if wait is None:
-        raise TypeError(f"cannot await {type(obj).__name__}: expected a ring Consumer, "
-                        "a LogReader, a PriorityQueue, a KeyedQueue or a KeyedConsumer")
+        raise TypeError(
+            f"cannot await {type(obj).__name__}: expected a ring Consumer, "
+            "a LogReader, a PriorityQueue, a KeyedQueue or a KeyedConsumer"
+        )
     return wait, None, None
 
 

@@ -22,6 +22,7 @@ TOOLS = (
     "engine.bridgetool",
     "engine.sagatool",
     "engine.txntool",
+    "engine.statstool",
 )
 
 

@@ -2148,6 +2148,14 @@ cdef class LogReader:
                     eng_fetch_sub_seqcst_u32(&n.waiters, 1)
             PyErr_CheckSignals()
 
+    def stats(self):
+        """A dict: path, log id, group, position (next offset to read), the
+        group's committed offset (None without a group or commit), records
+        skipped by retention, closed."""
+        return {"path": self._path, "log_id": self.log_id, "group": self._group,
+                "position": self._off, "skipped": self._skipped, "closed": self._closed,
+                "committed": None if self._group is None or self._closed else self.committed()}
+
     def apoll(self, timeout=None):
         """Coroutine: the next record, waiting without blocking the event
         loop (``engine.aio.apoll``); None on timeout (default: no limit)."""

@@ -37,12 +37,15 @@ from libc.string cimport memcpy
 
 from eng_atomic cimport *
 
+import logging as _logging
 import mmap as _mmap
 import os as _os
 import time as _time
 import weakref as _weakref
 
 from engine.errors import Closed, EngineError, IncompatibleRegion, Timeout
+
+_logger = _logging.getLogger("engine")
 
 cdef extern from "ring_layout.h" nogil:
     uint64_t RING_MAGIC
@@ -510,6 +513,7 @@ cdef int _reap_dead(_Mapping m) except -1:
         eng_store_release_i32(&s.pid, 0)
         eng_store_release_u32(&s.state, RING_SLOT_FREE)
         reaped += 1
+        _logger.warning("ring %s: released consumer slot %d of dead process %d", m.label(), i, pid)
     if reaped:
         eng_fetch_add_u32(&h.space.space_seq, 1)
         eng_futex_wake(&h.space.space_seq, INT32_MAX)

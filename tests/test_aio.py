@@ -24,19 +24,25 @@ try:
 except ImportError:  # pragma: no cover - uvloop is in the [test] extra off Windows
     uvloop = None
 
-LOOPS = ["asyncio", pytest.param("uvloop", marks=pytest.mark.skipif(
-    uvloop is None, reason="uvloop is not installed"))]
+LOOPS = [
+    "asyncio",
+    pytest.param(
+        "uvloop", marks=pytest.mark.skipif(uvloop is None, reason="uvloop is not installed")
+    ),
+]
 
 
 @pytest.fixture(params=LOOPS)
 def run(request):
     """run(coro) on a fresh loop of the parametrized kind."""
+
     def _run(coro):
         loop = uvloop.new_event_loop() if request.param == "uvloop" else asyncio.new_event_loop()
         try:
             return loop.run_until_complete(coro)
         finally:
             loop.close()
+
     return _run
 
 

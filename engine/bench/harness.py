@@ -101,6 +101,7 @@ SECTIONS: Tuple[str, ...] = (
     "saga",
     "txn",
     "bridge",
+    "aio",
 )
 
 PIP_HINT = 'pip install "queue-engine[bench]"'

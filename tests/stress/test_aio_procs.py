@@ -22,16 +22,19 @@ try:
 except ImportError:  # pragma: no cover
     uvloop = None
 
-LOOPS = ["asyncio", pytest.param("uvloop", marks=pytest.mark.skipif(
-    uvloop is None, reason="uvloop is not installed"))]
+LOOPS = [
+    "asyncio",
+    pytest.param(
+        "uvloop", marks=pytest.mark.skipif(uvloop is None, reason="uvloop is not installed")
+    ),
+]
 
 
 def _produce(name, n, start):
     start.wait(30)
     with engine.Ring.attach(name) as r, r.producer() as p:
         for lo in range(0, n, CHUNK):
-            p.put_many([i.to_bytes(8, "little") for i in range(lo, min(n, lo + CHUNK))],
-                       timeout=60)
+            p.put_many([i.to_bytes(8, "little") for i in range(lo, min(n, lo + CHUNK))], timeout=60)
 
 
 @pytest.mark.parametrize("loop_kind", LOOPS)
