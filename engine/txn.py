@@ -762,10 +762,13 @@ class Coordinator:
                     continue
                 if _ARMED:
                     _crash_point("coord.commit.ack", p.name)
-        finally:
+        except BaseException:
             with self._lock:
                 self._finishing.discard(txid)
+            raise
         if failed:
+            with self._lock:
+                self._finishing.discard(txid)
             self._recent.append((txid, "committed, unacknowledged", time.time()))
             return False
         self._end(txid)
@@ -774,6 +777,7 @@ class Coordinator:
     def _end(self, txid: str) -> None:
         batch = None
         with self._lock:
+            self._finishing.discard(txid)
             if self._pending.pop(txid, None) is None:
                 return
             self.stats_committed += 1
