@@ -63,8 +63,13 @@ def test_txn_same_run(benchmark, workload):
     """Ours and the peers interleaved in one run: the ratios (machine noise hits all alike)."""
     wl = workload(3_000)
     wl_d = workload(320)
-    rates = {"ours_none": [], "sqlite_off": [], "plain_none": [], "ours_always32": [],
-             "sqlite_full": []}
+    rates = {
+        "ours_none": [],
+        "sqlite_off": [],
+        "plain_none": [],
+        "ours_always32": [],
+        "sqlite_full": [],
+    }
 
     def once():
         for key, fn, w, ordered in (

@@ -242,7 +242,10 @@ class _Journal:
     """
 
     def __init__(
-        self, path: Union[str, os.PathLike[str]], kind: str, durability: str,
+        self,
+        path: Union[str, os.PathLike[str]],
+        kind: str,
+        durability: str,
         segment_bytes: int = 1 << 20,
     ) -> None:
         if durability not in _DURABILITIES:
@@ -294,9 +297,11 @@ class _Journal:
     def _open_log(self, gen: int) -> Any:
         from ._log import Log
 
-        return Log(_gen_dir(self.path, gen),
-                   durability="interval" if self.durability == "interval" else "none",
-                   segment_bytes=self._segment_bytes)
+        return Log(
+            _gen_dir(self.path, gen),
+            durability="interval" if self.durability == "interval" else "none",
+            segment_bytes=self._segment_bytes,
+        )
 
     def append(self, rec: Tuple[Any, ...]) -> None:
         """Append one record now (durable per ``durability`` when this returns)."""
@@ -323,8 +328,9 @@ class _Journal:
         log.flush()
         if _ARMED:
             _crash_point("journal.switch.before_current", self.kind)
-        _write_atomic(self.path, _CURRENT,
-                      json.dumps({"kind": self.kind, "id": self.id, "gen": new}).encode())
+        _write_atomic(
+            self.path, _CURRENT, json.dumps({"kind": self.kind, "id": self.id, "gen": new}).encode()
+        )
         old, old_gen = self.log, self.gen
         self.log, self.gen, self.appended = log, new, len(recs)
         if _ARMED:
@@ -363,7 +369,9 @@ def _read_pid(path: str) -> Optional[int]:
         return None
 
 
-def _journal_append(journal: _Journal, log: Any, rec: Tuple[Any, ...], durable: bool = True) -> None:
+def _journal_append(
+    journal: _Journal, log: Any, rec: Tuple[Any, ...], durable: bool = True
+) -> None:
     """Append to the generation ``log`` captured under the owner's lock.
 
     ``durable``: the record must be on stable storage (with durability
@@ -381,7 +389,9 @@ def _journal_append(journal: _Journal, log: Any, rec: Tuple[Any, ...], durable: 
     journal.appended += 1
 
 
-def read_journal(path: Union[str, os.PathLike[str]], meta: bool = False) -> Tuple[Dict[str, Any], List[Any]]:
+def read_journal(
+    path: Union[str, os.PathLike[str]], meta: bool = False
+) -> Tuple[Dict[str, Any], List[Any]]:
     """Read a journal without owning it: ``(CURRENT info, records)``.
 
     Records are tuples whose first item is the type: coordinator ``("I",
@@ -529,7 +539,9 @@ class Transaction:
         if lst is None:
             for other in self._parts:
                 if other.name == participant.name:
-                    raise ValueError(f"two participants named {participant.name!r} in one transaction")
+                    raise ValueError(
+                        f"two participants named {participant.name!r} in one transaction"
+                    )
             self._parts[participant] = list(ops)
         else:
             lst.extend(ops)
@@ -757,8 +769,12 @@ class Coordinator:
                     # Decided is decided: the txn stays pending and recover()
                     # resends commit until the participant takes it.
                     failed += 1
-                    _logger.warning("txn %s: participant %r did not take commit; will resend",
-                                    txid, p.name, exc_info=True)
+                    _logger.warning(
+                        "txn %s: participant %r did not take commit; will resend",
+                        txid,
+                        p.name,
+                        exc_info=True,
+                    )
                     continue
                 if _ARMED:
                     _crash_point("coord.commit.ack", p.name)
@@ -805,8 +821,14 @@ class Coordinator:
             keep.extend(("C", t, names) for t, names in self._deciding.items())
             self._journal.switch(keep)
 
-    def _finish_abort(self, tx: Transaction, asked: Sequence[Any], reason: str,
-                      cause: Optional[BaseException] = None, raise_: bool = True) -> None:
+    def _finish_abort(
+        self,
+        tx: Transaction,
+        asked: Sequence[Any],
+        reason: str,
+        cause: Optional[BaseException] = None,
+        raise_: bool = True,
+    ) -> None:
         # Presumed abort: no record.  Tell whoever may have prepared (best effort:
         # a participant that misses it resolves it on recovery).
         tx.state = "aborted"
@@ -818,8 +840,9 @@ class Coordinator:
             try:
                 p.abort(tx.txid)
             except Exception:
-                _logger.warning("txn %s: participant %r did not take abort", tx.txid, p.name,
-                                exc_info=True)
+                _logger.warning(
+                    "txn %s: participant %r did not take abort", tx.txid, p.name, exc_info=True
+                )
         with self._lock:
             self.stats_aborted += 1
             self._recent.append((tx.txid, "aborted: " + reason, time.time()))
@@ -882,8 +905,13 @@ class Coordinator:
                         p.abort(txid)
                         out["aborted"] += 1
                 except Exception:
-                    _logger.warning("recover: participant %r did not take %s of %s", p.name, d,
-                                    txid, exc_info=True)
+                    _logger.warning(
+                        "recover: participant %r did not take %s of %s",
+                        p.name,
+                        d,
+                        txid,
+                        exc_info=True,
+                    )
         with self._lock:
             todo = [(t, n) for t, n in self._pending.items() if t not in self._finishing]
             for t, _n in todo:
@@ -968,8 +996,9 @@ class _JournaledParticipant:
     _kind = "participant"
     _locking = False  # True: _acquire/_release hold locks on the resource
 
-    def __init__(self, name: str, state_path: str, durability: str,
-                 compact_records: int, segment_bytes: int) -> None:
+    def __init__(
+        self, name: str, state_path: str, durability: str, compact_records: int, segment_bytes: int
+    ) -> None:
         if not isinstance(name, str) or not name:
             raise TypeError("name must be a non-empty str")
         self.name = name
@@ -1229,8 +1258,15 @@ class LogParticipant(_JournaledParticipant):
 
     _kind = "log-participant"
 
-    def __init__(self, log: Any, name: Optional[str] = None, state_path: Optional[str] = None,
-                 *, compact_records: int = 50_000, segment_bytes: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        log: Any,
+        name: Optional[str] = None,
+        state_path: Optional[str] = None,
+        *,
+        compact_records: int = 50_000,
+        segment_bytes: int = 1 << 20,
+    ) -> None:
         path = getattr(log, "path", None)
         if name is None:
             name = "log:" + os.path.basename(os.fspath(path).rstrip(os.sep)) if path else None
@@ -1241,8 +1277,13 @@ class LogParticipant(_JournaledParticipant):
         self._commit_cv = threading.Condition(threading.Lock())  # group commit queue
         self._commit_queue: List[List[Any]] = []  # [txid, info, done, error] waiting
         self._leader = False  # a thread is writing a group now
-        super().__init__(name, state_path or _default_state_path(path, name, "LogParticipant"),
-                         getattr(log, "durability", "always"), compact_records, segment_bytes)
+        super().__init__(
+            name,
+            state_path or _default_state_path(path, name, "LogParticipant"),
+            getattr(log, "durability", "always"),
+            compact_records,
+            segment_bytes,
+        )
         self._replay()
 
     def _check(self, txid: str, ops: Sequence[Any]) -> Any:
@@ -1391,7 +1432,8 @@ class LogParticipant(_JournaledParticipant):
             if have < 0:
                 raise EngineError(
                     f"log {getattr(self.log, 'path', '?')!r} ends before txn {txid}'s batch "
-                    f"(offset {start}): it was truncated behind the participant's back")
+                    f"(offset {start}): it was truncated behind the participant's back"
+                )
             if have < len(values):
                 if keys is None:
                     self.log.append_many(values[have:])
@@ -1439,9 +1481,16 @@ class StoreParticipant(_JournaledParticipant):
     _kind = "store-participant"
     _locking = True
 
-    def __init__(self, store: Any, name: Optional[str] = None, state_path: Optional[str] = None,
-                 *, durability: Optional[str] = None, compact_records: int = 50_000,
-                 segment_bytes: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        store: Any,
+        name: Optional[str] = None,
+        state_path: Optional[str] = None,
+        *,
+        durability: Optional[str] = None,
+        compact_records: int = 50_000,
+        segment_bytes: int = 1 << 20,
+    ) -> None:
         path = getattr(store, "path", None)
         if name is None:
             name = "store:" + os.path.basename(os.fspath(path).rstrip(os.sep)) if path else None
@@ -1449,9 +1498,16 @@ class StoreParticipant(_JournaledParticipant):
             raise TypeError("name is required")
         self.store = store
         self._locks: Dict[bytes, str] = {}  # key -> txid holding it
-        dur = durability or getattr(store, "durability", None) or getattr(store, "_durability", None)
-        super().__init__(name, state_path or _default_state_path(path, name, "StoreParticipant"),
-                         str(dur or "always"), compact_records, segment_bytes)
+        dur = (
+            durability or getattr(store, "durability", None) or getattr(store, "_durability", None)
+        )
+        super().__init__(
+            name,
+            state_path or _default_state_path(path, name, "StoreParticipant"),
+            str(dur or "always"),
+            compact_records,
+            segment_bytes,
+        )
         self._replay()
 
     def _check(self, txid: str, ops: Sequence[Any]) -> Any:
@@ -1461,7 +1517,9 @@ class StoreParticipant(_JournaledParticipant):
         seen = set()
         for op in ops:
             if not isinstance(op, tuple) or len(op) not in (2, 3):
-                raise ValueError("a StoreParticipant op is (key, value) or (key, value, expected_version)")
+                raise ValueError(
+                    "a StoreParticipant op is (key, value) or (key, value, expected_version)"
+                )
             key = _as_bytes(op[0], "key")
             value = None if op[1] is None else _as_bytes(op[1], "value")
             if key in seen:
@@ -1512,9 +1570,17 @@ class OffsetParticipant(_JournaledParticipant):
 
     _kind = "offset-participant"
 
-    def __init__(self, reader: Any, name: Optional[str] = None, state_path: Optional[str] = None,
-                 *, durability: str = "always", compact_records: int = 50_000,
-                 segment_bytes: int = 1 << 20, log_path: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        reader: Any,
+        name: Optional[str] = None,
+        state_path: Optional[str] = None,
+        *,
+        durability: str = "always",
+        compact_records: int = 50_000,
+        segment_bytes: int = 1 << 20,
+        log_path: Optional[str] = None,
+    ) -> None:
         group = getattr(reader, "group", None)
         if not group:
             raise ValueError("the reader needs a group= (its committed offset is what commits)")
@@ -1570,8 +1636,14 @@ class ParticipantServer:
     tuples, lists).
     """
 
-    def __init__(self, participant: Participant, endpoint: Optional[str] = None, *,
-                 capacity: int = 1 << 20, coordinator: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        participant: Participant,
+        endpoint: Optional[str] = None,
+        *,
+        capacity: int = 1 << 20,
+        coordinator: Optional[str] = None,
+    ) -> None:
         self.participant = participant
         self.endpoint = endpoint or participant.name.replace("/", "_").replace(":", "_")
         self._capacity = capacity
@@ -1651,8 +1723,9 @@ class ParticipantServer:
 
     def start(self) -> ParticipantServer:
         """Serve in a daemon thread."""
-        self._thread = threading.Thread(target=self.serve_forever, name=f"txn-server-{self.endpoint}",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self.serve_forever, name=f"txn-server-{self.endpoint}", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -1763,7 +1836,8 @@ class RemoteParticipant:
                     except Timeout:
                         if not any(c["alive"] for c in rq.stats()["consumers"]):
                             raise EngineError(
-                                f"participant server {self.endpoint!r} is not running") from None
+                                f"participant server {self.endpoint!r} is not running"
+                            ) from None
                         continue
                     rrid, ok, result = marshal.loads(raw)
                     if rrid == rid:

@@ -42,11 +42,17 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ls.add_argument("path", help="a Coordinator directory or a participant journal")
-    ls.add_argument("--limit", type=int, default=20, help="recent transactions to show (default 20)")
+    ls.add_argument(
+        "--limit", type=int, default=20, help="recent transactions to show (default 20)"
+    )
     ls.add_argument("--json", action="store_true", help="one JSON object per line")
-    ls.add_argument("--stale", type=float, default=60.0,
-                    help="participant journals: a prepared txn older than this many seconds "
-                         "counts as in doubt for the exit status (default 60)")
+    ls.add_argument(
+        "--stale",
+        type=float,
+        default=60.0,
+        help="participant journals: a prepared txn older than this many seconds "
+        "counts as in doubt for the exit status (default 60)",
+    )
     ls.set_defaults(func=_ls)
 
 
@@ -72,8 +78,12 @@ def summarize(path: str, limit: int = 20, stale: float = 60.0) -> Dict[str, Any]
             if rec[0] == "I":
                 inc = max(inc, rec[1])
             elif rec[0] == "C":
-                pending[rec[1]] = {"txid": rec[1], "state": "not ended", "time": ts,
-                                   "participants": list(rec[2])}
+                pending[rec[1]] = {
+                    "txid": rec[1],
+                    "state": "not ended",
+                    "time": ts,
+                    "participants": list(rec[2]),
+                }
             elif rec[0] == "E":
                 for t in rec[1]:
                     e = pending.pop(t, None)
@@ -89,8 +99,11 @@ def summarize(path: str, limit: int = 20, stale: float = 60.0) -> Dict[str, Any]
         for _off, ts, rec in recs:
             if rec[0] == "P":
                 ops = rec[2]
-                n = len(ops[0]) if isinstance(ops, tuple) and ops and isinstance(ops[0], list) else (
-                    len(ops) if isinstance(ops, list) else 1)
+                n = (
+                    len(ops[0])
+                    if isinstance(ops, tuple) and ops and isinstance(ops[0], list)
+                    else (len(ops) if isinstance(ops, list) else 1)
+                )
                 prepared[rec[1]] = {"txid": rec[1], "state": "prepared", "time": ts, "ops": n}
             elif rec[0] == "C" and rec[1] in prepared:
                 # a commit mark: decided commit; the participant finishes it itself
@@ -100,7 +113,7 @@ def summarize(path: str, limit: int = 20, stale: float = 60.0) -> Dict[str, Any]
                 e["ended"] = ts
                 recent.append(e)
             elif rec[0] in ("A", "D"):
-                for t in ([rec[1]] if rec[0] == "A" else rec[1]):
+                for t in [rec[1]] if rec[0] == "A" else rec[1]:
                     e = prepared.pop(t, None)
                     if e is not None:
                         e["state"] = "aborted" if rec[0] == "A" else "committed"
@@ -126,17 +139,24 @@ def _ls(args: argparse.Namespace) -> int:
         for e in info["in_doubt"] + info["recent"]:
             print(json.dumps(e))
         return 3 if info["stale"] else 0
-    print(f"{info['kind']} journal {info['path']} (id {info['id'][:12]}, "
-          f"generation {info['generation']}"
-          + (f", incarnation {info['incarnation']})" if "incarnation" in info else ")"))
-    label = ("committed, not ended (unacknowledged, or its end record is still batched)"
-             if info["kind"] == "coordinator" else "in doubt or unfinished")
+    print(
+        f"{info['kind']} journal {info['path']} (id {info['id'][:12]}, "
+        f"generation {info['generation']}"
+        + (f", incarnation {info['incarnation']})" if "incarnation" in info else ")")
+    )
+    label = (
+        "committed, not ended (unacknowledged, or its end record is still batched)"
+        if info["kind"] == "coordinator"
+        else "in doubt or unfinished"
+    )
     print(f"{label}: {len(info['in_doubt'])}")
     for e in info["in_doubt"]:
         extra = ", ".join(e.get("participants", [])) or f"{e.get('ops', '?')} op(s)"
         print(f"  {e['txid']:<28} {e['state']:<11} {_when(e['time'])}  {extra}")
-    print(f"recent: {len(info['recent'])}" + (" (aborts leave no record: presumed abort)"
-                                              if info["kind"] == "coordinator" else ""))
+    print(
+        f"recent: {len(info['recent'])}"
+        + (" (aborts leave no record: presumed abort)" if info["kind"] == "coordinator" else "")
+    )
     for e in info["recent"]:
         print(f"  {e['txid']:<28} {e['state']:<11} {_when(e['time'])}")
     return 3 if info["stale"] else 0

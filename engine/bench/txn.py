@@ -94,6 +94,7 @@ def _ours(durability: Durability, threads: int = 1) -> Callable[[Workload], Run]
         lb = Log(f"{tmp}/b", durability=durability)
         pa, pb = LogParticipant(la), LogParticipant(lb)
         try:
+
             def one(i: int) -> None:
                 msg = payloads[i]
                 with coord.transaction() as tx:
@@ -122,6 +123,7 @@ def _plain_logs(durability: Durability, threads: int = 1) -> Callable[[Workload]
         la = Log(f"{tmp}/a", durability=durability)
         lb = Log(f"{tmp}/b", durability=durability)
         try:
+
             def one(i: int) -> None:
                 msg = payloads[i]
                 la.append(msg)
@@ -174,7 +176,7 @@ def cases(profile: Profile) -> List[Case]:
         Case(
             name="2 participants, durability none",
             description="one txn = prepare + commit on 2 Log participants (page cache), vs a "
-                        "SQLite txn inserting into 2 tables (synchronous=OFF)",
+            "SQLite txn inserting into 2 tables (synchronous=OFF)",
             kind=THROUGHPUT,
             workload=Workload(profile.count(quick=5_000, full=100_000), 64),
             contenders=[
@@ -186,14 +188,18 @@ def cases(profile: Profile) -> List[Case]:
         Case(
             name=f"2 participants, durability always, {THREADS} threads",
             description=f"{THREADS} threads share one coordinator; prepared records, decisions "
-                        "and commits of concurrent txns share fsyncs (group commit); vs SQLite "
-                        "synchronous=FULL (one writer)",
+            "and commits of concurrent txns share fsyncs (group commit); vs SQLite "
+            "synchronous=FULL (one writer)",
             kind=THROUGHPUT,
             workload=Workload(profile.count(quick=1_000, full=10_000), 64),
             ordered=False,  # threads interleave; count and checksum still cover every txn
             contenders=[
-                Contender(f"engine.Coordinator always x{THREADS}", _ours("always", THREADS),
-                          ours=True, requires=OURS),
+                Contender(
+                    f"engine.Coordinator always x{THREADS}",
+                    _ours("always", THREADS),
+                    ours=True,
+                    requires=OURS,
+                ),
                 Contender("sqlite3 2 tables, synchronous=FULL", _sqlite("FULL")),
             ],
             targets=[Target("min_msg_per_s", 2_000, label=">= 2,000 durable txn/s")],
