@@ -276,6 +276,16 @@ def _snap_name(offset: int) -> str:
     return f"{_SNAP_PREFIX}{offset:020d}{_SNAP_SUFFIX}"
 
 
+def _remove_stale_temps(path: str) -> None:
+    """Delete snapshot temp files a killed writer left (we hold the writer lock)."""
+    for name in os.listdir(path):
+        if name.startswith("." + _SNAP_PREFIX) and name.endswith(".tmp"):
+            try:
+                os.unlink(os.path.join(path, name))
+            except FileNotFoundError:
+                pass
+
+
 def _list_snapshots(path: str) -> List[Tuple[int, str]]:
     """``(covered offset, file)`` of every snapshot in ``path``, newest first."""
     out = []
@@ -538,6 +548,7 @@ class VersionedStore:
             if self._group.committed() is None:
                 self._group.commit(self._log.start_offset)
             t0 = time.perf_counter()
+            _remove_stale_temps(self._path)
             covered, data, rejected = _load_state(
                 self._path, self._log.log_id, self._log.start_offset, self._log.next_offset, True
             )

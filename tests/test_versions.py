@@ -794,3 +794,93 @@ def test_gate_bad_input():
         g.accept(["unhashable"], 1)
     with pytest.raises(TypeError, match="version"):
         g.accept("k", "1")
+
+
+# ---------------------------------------------------------------------------
+# crash: a writer SIGKILLed at random moments (snapshots in flight included)
+# ---------------------------------------------------------------------------
+
+CRASH_CHILD = r"""
+import os, random, sys
+from engine.versions import VersionedStore
+
+path, durability = sys.argv[1], sys.argv[2]
+s = VersionedStore(path, durability=durability, snapshot_every=40)
+i = int(s.get("i")[1] or b"-1") + 1
+os.write(1, b"start %d\n" % i)  # one write(2) per line: a kill never tears it
+while True:
+    rng = random.Random(i)  # op i is a function of i alone: the parent replays it
+    ops = [("put", "i", b"%d" % i)]
+    for _ in range(rng.randint(1, 3)):
+        k = "k%d" % rng.randrange(12)
+        if rng.random() < 0.2:
+            ops.append(("delete", k))
+        else:
+            ops.append(("put", k, b"%d" % rng.randrange(10**6)))
+    s.apply(ops)
+    os.write(1, b"ack %d\n" % i)
+    i += 1
+"""
+
+
+def _crash_model(upto):
+    import random
+
+    model = {}
+    for i in range(upto + 1):
+        rng = random.Random(i)
+        writes = [(b"i", b"%d" % i)]
+        for _ in range(rng.randint(1, 3)):
+            k = b"k%d" % rng.randrange(12)
+            if rng.random() < 0.2:
+                writes.append((k, None))
+            else:
+                writes.append((k, b"%d" % rng.randrange(10**6)))
+        for k, v in writes:
+            if v is None:
+                model.pop(k, None)
+            else:
+                model[k] = (model.get(k, (0, b""))[0] + 1, v)
+    return model
+
+
+@pytest.mark.crash
+@pytest.mark.parametrize("durability", ["none", "always"])
+def test_writer_killed_keeps_every_acknowledged_batch(tmp_path, durability):
+    import random
+    import signal
+
+    rng = random.Random(durability)
+    path = tmp_path / "s"
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    acked = -1
+    kills = 8 if durability == "none" else 4
+    for _ in range(kills):
+        child = subprocess.Popen(
+            [sys.executable, "-c", CRASH_CHILD, str(path), durability],
+            stdout=subprocess.PIPE,
+            cwd=ROOT,
+            env=env,
+        )
+        target = acked + rng.randint(20, 150)
+        for line in child.stdout:
+            assert len(line.split()) == 2, line
+            word, n = line.split()
+            if word == b"ack":
+                acked = int(n)
+                if acked >= target:
+                    time.sleep(rng.random() * 0.003)
+                    child.send_signal(signal.SIGKILL)
+                    break
+        for line in child.stdout.read().splitlines():  # what it printed before dying
+            word, n = line.split()
+            if word == b"ack":
+                acked = int(n)
+        assert child.wait(timeout=60) == -signal.SIGKILL
+        with VersionedStore(path, durability=durability) as s:
+            stored = int(s.get("i")[1])
+            # every acknowledged batch is there; at most the one in flight too
+            assert stored in (acked, acked + 1), (stored, acked)
+            assert dict(s.items()) == _crash_model(stored)
+            assert not list(path.glob(".snap-*.tmp"))
+        acked = stored

@@ -96,7 +96,7 @@ def ours_get(wl: Workload) -> Run:
     try:
         o.store.apply([("put", k, m, 1) for k, m in zip(keys, msgs)])
         get = o.store.get
-        out = []
+        out: List[Any] = []
         append = out.append
         t0 = time.perf_counter_ns()
         for k in keys:
@@ -160,7 +160,7 @@ def dict_get(wl: Workload) -> Run:
         d.put(k, b"")
         d.put(k, m, 1)
     get = d.get
-    out = []
+    out: List[Any] = []
     append = out.append
     t0 = time.perf_counter_ns()
     for k in keys:
@@ -221,7 +221,7 @@ def sqlite_get(wl: Workload) -> Run:
         db.executemany(_UPDATE, [(m, k, 1) for k, m in zip(keys, msgs)])
         db.execute("COMMIT")
         ex = db.execute
-        out = []
+        out: List[Any] = []
         append = out.append
         sel = "SELECT version, value FROM kv WHERE key=?"
         t0 = time.perf_counter_ns()
