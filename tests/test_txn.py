@@ -738,3 +738,23 @@ class BankModel(RuleBasedStateMachine):
 TestBankModel = BankModel.TestCase
 TestBankModel.settings = settings(max_examples=20, stateful_step_count=12, deadline=None,
                                   suppress_health_check=list(HealthCheck))
+
+
+def test_bench_section_contenders_deliver():
+    """The `queue-engine bench` txn section: every contender moves the workload exactly."""
+    from engine.bench import txn as tb
+    from engine.bench.harness import Profile, Workload
+
+    cases = tb.cases(Profile())
+    assert [c.name for c in cases] and all(c.contenders for c in cases)
+    wl = Workload(64, 64)
+    for fn, ordered in (
+        (tb._ours("none"), True),
+        (tb._ours("always", 4), False),
+        (tb._sqlite("OFF"), True),
+        (tb._plain_logs("none"), True),
+    ):
+        run = fn(wl)
+        assert run.count == wl.count and run.checksum == wl.expected.checksum
+        if ordered:
+            assert run.in_order is not False
