@@ -99,8 +99,16 @@ class Flaky:
 
 
 def test_public_names():
-    for name in ("Coordinator", "Transaction", "Participant", "LogParticipant",
-                 "StoreParticipant", "OffsetParticipant", "ParticipantServer", "RemoteParticipant"):
+    for name in (
+        "Coordinator",
+        "Transaction",
+        "Participant",
+        "LogParticipant",
+        "StoreParticipant",
+        "OffsetParticipant",
+        "ParticipantServer",
+        "RemoteParticipant",
+    ):
         assert getattr(engine, name) is getattr(engine.txn, name)
         assert getattr(engine, name).__doc__
 
@@ -369,8 +377,9 @@ def test_offset_participant_consume_transform_produce(tmp_path, world):
     src = Log(str(tmp_path / "src"), durability="none", segment_bytes=SEG)
     src.append_many([b"m%d" % i for i in range(10)])
     reader = LogReader(str(tmp_path / "src"), group="billing")
-    op = OffsetParticipant(reader, state_path=str(tmp_path / "off.txn"), durability="none",
-                           segment_bytes=SEG)
+    op = OffsetParticipant(
+        reader, state_path=str(tmp_path / "off.txn"), durability="none", segment_bytes=SEG
+    )
     try:
         batch = reader.read_many(4)
         with world.coord.transaction() as tx:
@@ -396,8 +405,9 @@ def test_offset_participant_consume_transform_produce(tmp_path, world):
 
 
 def test_compaction_bounds_journals(tmp_path):
-    coord = Coordinator(tmp_path / "c", durability="none", compact_records=64, end_batch=4,
-                        segment_bytes=SEG)
+    coord = Coordinator(
+        tmp_path / "c", durability="none", compact_records=64, end_batch=4, segment_bytes=SEG
+    )
     log = Log(str(tmp_path / "a"), durability="none", segment_bytes=SEG)
     p = LogParticipant(log, compact_records=64, segment_bytes=SEG)
     flaky = Flaky(p, fail=set())
@@ -467,8 +477,9 @@ def test_threads_share_syncs(tmp_path):
         total = n_threads * per
         for path in ("a", "b"):
             vals = values(tmp_path / path)
-            assert sorted(vals) == sorted(b"%d-%d" % (k, i) for k in range(n_threads)
-                                          for i in range(per))
+            assert sorted(vals) == sorted(
+                b"%d-%d" % (k, i) for k in range(n_threads) for i in range(per)
+            )
         syncs = coord._journal.log.stats()["syncs"]
         assert syncs < total / 2  # far fewer syncs than commit decisions: they were shared
         for p in (a, b):
@@ -630,17 +641,23 @@ class BankModel(RuleBasedStateMachine):
 
     def open(self, fresh=False):
         d = self.dir
-        self.stores = [VersionedStore(f"{d}/s{i}", durability="none", segment_bytes=SEG,
-                                      snapshot_every=7) for i in range(2)]
+        self.stores = [
+            VersionedStore(f"{d}/s{i}", durability="none", segment_bytes=SEG, snapshot_every=7)
+            for i in range(2)
+        ]
         if fresh:
             for i, s in enumerate(self.stores):
                 s.apply([("put", a, b"100") for (b, a) in ACCTS if b == i])
         self.log = Log(f"{d}/audit", durability="none", segment_bytes=SEG)
-        self.coord = Coordinator(f"{d}/coord", durability="none", segment_bytes=SEG,
-                                 compact_records=40, end_batch=3)
-        self.parts = [StoreParticipant(s, name=f"s{i}", state_path=f"{d}/s{i}.txn",
-                                       segment_bytes=SEG, compact_records=40)
-                      for i, s in enumerate(self.stores)]
+        self.coord = Coordinator(
+            f"{d}/coord", durability="none", segment_bytes=SEG, compact_records=40, end_batch=3
+        )
+        self.parts = [
+            StoreParticipant(
+                s, name=f"s{i}", state_path=f"{d}/s{i}.txn", segment_bytes=SEG, compact_records=40
+            )
+            for i, s in enumerate(self.stores)
+        ]
         self.paudit = LogParticipant(self.log, name="audit", segment_bytes=SEG, compact_records=40)
         self.coord.recover(self.parts + [self.paudit])
 
@@ -709,13 +726,16 @@ class BankModel(RuleBasedStateMachine):
     @rule(p=pair, amount=st.integers(1, 30), which=st.integers(0, 2))
     def commit_not_taken_then_restart(self, p, amount, which):
         """Decided commit, one participant misses it: a restart finishes it."""
-        wrapped = [Flaky(x, fail={"commit"}) if i == which else x
-                   for i, x in enumerate(self.parts + [self.paudit])]
+        wrapped = [
+            Flaky(x, fail={"commit"}) if i == which else x
+            for i, x in enumerate(self.parts + [self.paudit])
+        ]
         with self.coord.transaction() as tx:
             for b, ops in self._ops(p[0], p[1], amount).items():
                 tx.enlist(wrapped[b], ops)
-            tx.enlist(wrapped[2], [b"%d %s %d %s %d" % (p[0][0], p[0][1], p[1][0], p[1][1],
-                                                         amount)])
+            tx.enlist(
+                wrapped[2], [b"%d %s %d %s %d" % (p[0][0], p[0][1], p[1][0], p[1][1], amount)]
+            )
         self._apply_model(p[0], p[1], amount)
         self.close()
         self.open()
@@ -736,8 +756,9 @@ class BankModel(RuleBasedStateMachine):
 
 
 TestBankModel = BankModel.TestCase
-TestBankModel.settings = settings(max_examples=20, stateful_step_count=12, deadline=None,
-                                  suppress_health_check=list(HealthCheck))
+TestBankModel.settings = settings(
+    max_examples=20, stateful_step_count=12, deadline=None, suppress_health_check=list(HealthCheck)
+)
 
 
 def test_bench_section_contenders_deliver():
