@@ -157,8 +157,9 @@ def run(
     return res
 
 
-def trace(fn: Callable[..., Any], *args: Any, timeout: float = 60.0,
-          hooks: Sequence[str] = HOOK_MODULES) -> List[str]:
+def trace(
+    fn: Callable[..., Any], *args: Any, timeout: float = 60.0, hooks: Sequence[str] = HOOK_MODULES
+) -> List[str]:
     """The crash points a clean run of ``fn(*args)`` hits, in order (``point#k``).
 
     Fails (AssertionError) if the clean run itself fails.

@@ -61,12 +61,19 @@ def workdir(tmp_path):
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
+
 SEG = 1 << 16
 BATCH = [b"T-a1", b"T-a2", b"T-a3"]
 RECOVERY_POINTS = [
-    "part.commit.before_apply", "part.commit.after_apply", "log.commit.after_append",
-    "part.abort.before_write", "part.abort.after_write", "coord.commit.send",
-    "coord.commit.ack", "coord.end.before_write", "coord.end.after_write",
+    "part.commit.before_apply",
+    "part.commit.after_apply",
+    "log.commit.after_append",
+    "part.abort.before_write",
+    "part.abort.after_write",
+    "coord.commit.send",
+    "coord.commit.ack",
+    "coord.end.before_write",
+    "coord.end.after_write",
 ]
 
 
@@ -76,8 +83,9 @@ class World:
     def __init__(self, root: str, nparts: int, compact: int = 50_000) -> None:
         fresh = not os.path.exists(os.path.join(root, "ready"))
         self.alog = Log(os.path.join(root, "a"), durability="none", segment_bytes=SEG)
-        self.store = VersionedStore(os.path.join(root, "s"), durability="none",
-                                    segment_bytes=SEG, snapshot_every=None)
+        self.store = VersionedStore(
+            os.path.join(root, "s"), durability="none", segment_bytes=SEG, snapshot_every=None
+        )
         self.src = None
         self.reader = None
         if nparts == 3:
@@ -90,16 +98,31 @@ class World:
                 self.src.append_many([b"in%d" % i for i in range(10)])
             with open(os.path.join(root, "ready"), "w"):
                 pass
-        self.coord = Coordinator(os.path.join(root, "coord"), durability="none", end_batch=1,
-                                 segment_bytes=SEG, compact_records=compact)
+        self.coord = Coordinator(
+            os.path.join(root, "coord"),
+            durability="none",
+            end_batch=1,
+            segment_bytes=SEG,
+            compact_records=compact,
+        )
         self.plog = LogParticipant(self.alog, name="A", segment_bytes=SEG, compact_records=compact)
-        self.pstore = StoreParticipant(self.store, name="S", state_path=os.path.join(root, "s.txn"),
-                                       segment_bytes=SEG, compact_records=compact)
+        self.pstore = StoreParticipant(
+            self.store,
+            name="S",
+            state_path=os.path.join(root, "s.txn"),
+            segment_bytes=SEG,
+            compact_records=compact,
+        )
         self.parts = [self.plog]
         if self.src is not None:
             self.reader = LogReader(os.path.join(root, "src"), group="g")
-            self.poff = OffsetParticipant(self.reader, name="O", state_path=os.path.join(root, "o.txn"),
-                                          durability="none", segment_bytes=SEG)
+            self.poff = OffsetParticipant(
+                self.reader,
+                name="O",
+                state_path=os.path.join(root, "o.txn"),
+                durability="none",
+                segment_bytes=SEG,
+            )
             self.parts.append(self.poff)
         self.parts.append(self.pstore)  # last: it is the one that votes no
 
@@ -111,10 +134,13 @@ class World:
             if self.reader is not None:
                 tx.enlist(self.poff, [5 if tag == b"T" else 8])
             bad = 1 if vote_no else 0
-            tx.enlist(self.pstore, [
-                (b"k1", b"%d" % (int(v1[1]) - 10), v1[0] + bad),
-                (b"k2", b"%d" % (int(v2[1]) + 10), v2[0]),
-            ])
+            tx.enlist(
+                self.pstore,
+                [
+                    (b"k1", b"%d" % (int(v1[1]) - 10), v1[0] + bad),
+                    (b"k2", b"%d" % (int(v2[1]) + 10), v2[0]),
+                ],
+            )
 
     def state(self) -> dict:
         with LogReader(self.alog.path, start=0) as r:
@@ -221,12 +247,16 @@ def test_every_crash_point(workdir, nparts, vote_no):
         # restart #2: everything, then check
         check_recovered(root, nparts, expect_commit=i >= decided, where=f"{point} / {rpoint}")
         shutil.rmtree(root)
-    print(f"\n2PC {nparts} participants, {'vote-no' if vote_no else 'commit'}: "
-          f"{len(points)} crash points covered, {fired_in_recovery} recoveries also killed")
+    print(
+        f"\n2PC {nparts} participants, {'vote-no' if vote_no else 'commit'}: "
+        f"{len(points)} crash points covered, {fired_in_recovery} recoveries also killed"
+    )
     # 2 participants: 8 prepare steps + 2 decision + 7 (Log commit) + 4 (store
     # commit) + 2 end; vote-no: 8 prepare steps + 3 per abort told; 3: + the offset
-    assert len(points) >= {(2, False): 23, (3, False): 31, (2, True): 9, (3, True): 16}[
-        (nparts, vote_no)]
+    assert (
+        len(points)
+        >= {(2, False): 23, (3, False): 31, (2, True): 9, (3, True): 16}[(nparts, vote_no)]
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -243,10 +273,12 @@ def _serve_part(root: str, name: str, endpoint: str, spec, trace_path: str) -> N
         log = Log(os.path.join(root, "a"), durability="none", segment_bytes=SEG)
         p = LogParticipant(log, name="A", segment_bytes=SEG)
     else:
-        store = VersionedStore(os.path.join(root, "s"), durability="none", segment_bytes=SEG,
-                               snapshot_every=None)
-        p = StoreParticipant(store, name="S", state_path=os.path.join(root, "s.txn"),
-                             segment_bytes=SEG)
+        store = VersionedStore(
+            os.path.join(root, "s"), durability="none", segment_bytes=SEG, snapshot_every=None
+        )
+        p = StoreParticipant(
+            store, name="S", state_path=os.path.join(root, "s.txn"), segment_bytes=SEG
+        )
     server = ParticipantServer(p, endpoint)
     with open(os.path.join(root, f"up-{name}"), "w"):
         pass
@@ -258,8 +290,9 @@ def _coord_proc(root: str, endpoints: dict, spec, trace_path: str) -> str:
     from engine.txn import RemoteParticipant
 
     txn_mod._arm_crash(spec, trace_path)
-    coord = Coordinator(os.path.join(root, "coord"), durability="none", end_batch=1,
-                        segment_bytes=SEG)
+    coord = Coordinator(
+        os.path.join(root, "coord"), durability="none", end_batch=1, segment_bytes=SEG
+    )
     ra = RemoteParticipant("A", endpoints["A"], timeout=2.0)
     rs = RemoteParticipant("S", endpoints["S"], timeout=2.0)
     try:
@@ -407,8 +440,9 @@ def test_crash_during_compaction(workdir):
             assert st["doubt"] == [[], []] and st["coord_doubt"] == [], (point, st)
             moved = int(st["k2"][1])
             # every committed transfer has its record in A, once, and nothing else is there
-            assert st["log"] == [b"setup"] + [b"t%d" % j for j in range(NTX) if j % 10 != 9][:moved], (
-                point, st)
+            assert (
+                st["log"] == [b"setup"] + [b"t%d" % j for j in range(NTX) if j % 10 != 9][:moved]
+            ), (point, st)
             assert int(st["k1"][1]) + moved == 100 and st["k1"][0] == 1 + moved, (point, st)
         finally:
             w.close()

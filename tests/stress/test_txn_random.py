@@ -56,6 +56,7 @@ def workdir(tmp_path):
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
+
 SEG = 1 << 16
 BANKS = 3
 ACCOUNTS = [b"acct%d" % i for i in range(4)]
@@ -67,8 +68,12 @@ class Bank:
     def __init__(self, root: str) -> None:
         fresh = not os.path.exists(os.path.join(root, "ready"))
         self.stores = [
-            VersionedStore(os.path.join(root, f"bank{i}"), durability="none", segment_bytes=SEG,
-                           snapshot_every=500)
+            VersionedStore(
+                os.path.join(root, f"bank{i}"),
+                durability="none",
+                segment_bytes=SEG,
+                snapshot_every=500,
+            )
             for i in range(BANKS)
         ]
         self.audit = Log(os.path.join(root, "audit"), durability="none", segment_bytes=SEG)
@@ -77,15 +82,26 @@ class Bank:
                 s.apply([("put", a, b"%d" % START) for a in ACCOUNTS])
             with open(os.path.join(root, "ready"), "w"):
                 pass
-        self.coord = Coordinator(os.path.join(root, "coord"), durability="none",
-                                 segment_bytes=SEG, end_batch=8, compact_records=300)
+        self.coord = Coordinator(
+            os.path.join(root, "coord"),
+            durability="none",
+            segment_bytes=SEG,
+            end_batch=8,
+            compact_records=300,
+        )
         self.parts = [
-            StoreParticipant(s, name=f"bank{i}", state_path=os.path.join(root, f"bank{i}.txn"),
-                             segment_bytes=SEG, compact_records=300)
+            StoreParticipant(
+                s,
+                name=f"bank{i}",
+                state_path=os.path.join(root, f"bank{i}.txn"),
+                segment_bytes=SEG,
+                compact_records=300,
+            )
             for i, s in enumerate(self.stores)
         ]
-        self.paudit = LogParticipant(self.audit, name="audit", segment_bytes=SEG,
-                                     compact_records=300)
+        self.paudit = LogParticipant(
+            self.audit, name="audit", segment_bytes=SEG, compact_records=300
+        )
         self.coord.recover(self.parts + [self.paudit])
 
     def transfer(self, rng: random.Random) -> bool:
@@ -101,7 +117,9 @@ class Bank:
             else:
                 tx.enlist(self.parts[b1], ops1)
                 tx.enlist(self.parts[b2], ops2)
-            tx.enlist(self.paudit, [b"%s %d %s %d %s %d" % (tx.txid.encode(), b1, a1, b2, a2, amount)])
+            tx.enlist(
+                self.paudit, [b"%s %d %s %d %s %d" % (tx.txid.encode(), b1, a1, b2, a2, amount)]
+            )
         return True
 
     def close(self) -> None:
@@ -186,14 +204,17 @@ def test_random_crashes_conserve_money(workdir):
         rounds += 1
         assert rounds < 200, "no progress"
         point = f"{rng.choice(names)}#{rng.randint(1, 60)}"
-        res = crashkit.run(workload, root, rounds, min(TARGET - committed + 10, 80), crash_at=point,
-                           timeout=120)
+        res = crashkit.run(
+            workload, root, rounds, min(TARGET - committed + 10, 80), crash_at=point, timeout=120
+        )
         if res.killed:
             crashes += 1
         else:
             res.unwrap()
         committed = check(root)
-    print(f"\nrandom 2PC: {committed} transactions committed across {crashes} SIGKILLs "
-          f"in {rounds} rounds, {time.monotonic() - t0:.1f} s")
+    print(
+        f"\nrandom 2PC: {committed} transactions committed across {crashes} SIGKILLs "
+        f"in {rounds} rounds, {time.monotonic() - t0:.1f} s"
+    )
     assert committed >= TARGET
     assert crashes >= 15
