@@ -544,9 +544,9 @@ class VersionedStore:
             flush_interval=flush_interval,
         )
         try:
-            self._group = LogReader(logdir, group=_SNAP_GROUP)
-            if self._group.committed() is None:
-                self._group.commit(self._log.start_offset)
+            self._pin = _GroupPin(logdir, _SNAP_GROUP)
+            if self._pin.committed() is None:
+                self._pin.commit(self._log.start_offset)
             t0 = time.perf_counter()
             _remove_stale_temps(self._path)
             covered, data, rejected = _load_state(
@@ -882,8 +882,8 @@ class VersionedStore:
         if len(keep) == _SNAP_KEEP:
             # the log is needed from the older kept snapshot on
             pin = keep[-1][0]
-            if (self._group.committed() or 0) < pin:
-                self._group.commit(pin)
+            if (self._pin.committed() or 0) < pin:
+                self._pin.commit(pin)
                 self._log.apply_retention()
 
     def flush(self) -> None:
@@ -930,7 +930,6 @@ class VersionedStore:
             self._final_revision = self._log.next_offset
             self._closed = True
             self._append = _closed_append
-            self._group.close()
             self._log.close()
 
     def __enter__(self) -> VersionedStore:
@@ -947,6 +946,29 @@ class VersionedStore:
     def follow(path: Union[str, os.PathLike[str]]) -> StoreFollower:
         """A read-only view of the store at ``path`` that tails its log (any process)."""
         return StoreFollower(path)
+
+
+class _GroupPin:
+    """A consumer group used only for its committed offset: with the log's
+    ``retain_uncommitted=True``, retention never deletes a segment holding
+    offsets at or after it.  A reader is opened per call (rare) so that none
+    stays open, mapping a segment that retention then could not free."""
+
+    def __init__(self, logdir: str, group: str) -> None:
+        self._logdir = logdir
+        self._group = group
+
+    def committed(self) -> Optional[int]:
+        from ._log import LogReader
+
+        with LogReader(self._logdir, group=self._group) as r:
+            return r.committed()
+
+    def commit(self, offset: int) -> None:
+        from ._log import LogReader
+
+        with LogReader(self._logdir, group=self._group) as r:
+            r.commit(offset)
 
 
 def _closed_append(value: Any, key: Any = None) -> int:
@@ -1232,9 +1254,9 @@ class Deduplicator:
         self._stamps: Optional[Deque[int]] = deque() if self._max_age_ns is not None else None
         self._repeats = 0
         try:
-            self._group = LogReader(self._path, group="dedup-window")
-            if self._group.committed() is None:
-                self._group.commit(self._log.start_offset)
+            self._pin = _GroupPin(self._path, "dedup-window")
+            if self._pin.committed() is None:
+                self._pin.commit(self._log.start_offset)
             t0 = time.perf_counter()
             replayed = self._replay(LogReader)
         except BaseException:
@@ -1310,7 +1332,7 @@ class Deduplicator:
         # let retention drop the segments that hold only forgotten ids
         self._next_pin = next_offset + self._pin_every
         oldest = next_offset - len(self._order)
-        self._group.commit(oldest)
+        self._pin.commit(oldest)
         self._log.apply_retention()
 
     def __contains__(self, msg_id: object) -> bool:
@@ -1347,7 +1369,6 @@ class Deduplicator:
                 return
             self._closed = True
             self._append = _closed_append
-            self._group.close()
             self._log.close()
 
     @property
