@@ -77,14 +77,14 @@ cdef extern from "ring_layout.h" nogil:
         int32_t pid               # producer process, 0 = none
         uint32_t closed           # 1 once closed
         uint32_t data_seq         # futex word consumers sleep on
-        uint32_t data_waiters     # sleeping consumers
+        uint32_t data_waiters     # 1 when a consumer may be sleeping (waker clears it)
         uint64_t msgs_put         # statistics
         uint64_t bytes_put        # statistics
         uint64_t waits            # producer sleeps for space
         uint64_t lost             # shared mode: lost to dead consumers
     ctypedef struct ring_space_t:
         uint32_t space_seq        # futex word the producer sleeps on
-        uint32_t space_waiters    # 1 while the producer sleeps
+        uint32_t space_waiters    # 1 when the producer may be sleeping (waker clears it)
         uint64_t tail             # retention floor (spsc/broadcast)
     ctypedef struct ring_claim_t:
         uint64_t claim            # shared mode claim cursor
@@ -522,11 +522,16 @@ cdef int _reap_dead(_Mapping m) except -1:
 
 cdef inline void _wake_producer(ring_header_t *h) noexcept nogil:
     # Called after a consumer advanced its cursor (release).  The full fence
-    # orders that store before the waiter-count load (StoreLoad): a producer
-    # that registered before re-checking its gate either sees our cursor or
-    # is seen here.
+    # orders that store before the sleeper-flag load (StoreLoad): a producer
+    # that raised the flag before re-checking its gate either sees our cursor
+    # or is seen here.  The waker clears the flag before bumping the sequence
+    # word, so a waiter that is slow to wake up costs one syscall, not one per
+    # message; a waiter that raised the flag again meanwhile either loaded
+    # the sequence before the bump (its futex_wait returns at once) or after
+    # it (then it sees our cursor when it re-checks).
     eng_fence_seqcst()
     if eng_load_relaxed_u32(&h.space.space_waiters):
+        eng_store_release_u32(&h.space.space_waiters, 0)
         eng_fetch_add_u32(&h.space.space_seq, 1)
         eng_futex_wake(&h.space.space_seq, INT32_MAX)
 
@@ -535,6 +540,7 @@ cdef inline void _wake_consumers(ring_header_t *h) noexcept nogil:
     # Same pattern for the producer after publishing head.
     eng_fence_seqcst()
     if eng_load_relaxed_u32(&h.prod.data_waiters):
+        eng_store_release_u32(&h.prod.data_waiters, 0)
         eng_fetch_add_u32(&h.prod.data_seq, 1)
         eng_futex_wake(&h.prod.data_seq, INT32_MAX)
 
@@ -911,13 +917,13 @@ cdef class Producer:
             if deadline > 0 and deadline - now < slice_ns:
                 slice_ns = deadline - now
             with nogil:
-                eng_fetch_add_seqcst_u32(&h.space.space_waiters, 1)
+                # seq_cst: the flag store is ordered before the re-check
+                eng_store_seqcst_u32(&h.space.space_waiters, 1)
                 seq = eng_load_acquire_u32(&h.space.space_seq)
                 self._gate = _compute_gate(m, self._head, &bad)
                 if not bad and not self._fits(need):
                     eng_futex_wait(&h.space.space_seq, seq, slice_ns)
                     self._gate = _compute_gate(m, self._head, &bad)
-                eng_fetch_sub_seqcst_u32(&h.space.space_waiters, 1)
             if bad:
                 raise m.corrupt("a consumer cursor is beyond head")
             if self._m is None:
@@ -1377,12 +1383,11 @@ cdef class Consumer:
             if deadline > 0 and deadline - now < slice_ns:
                 slice_ns = deadline - now
             with nogil:
-                eng_fetch_add_seqcst_u32(&h.prod.data_waiters, 1)
+                eng_store_seqcst_u32(&h.prod.data_waiters, 1)
                 seq = eng_load_acquire_u32(&h.prod.data_seq)
                 if not self._ready():
                     eng_futex_wait(&h.prod.data_seq, seq, slice_ns)
                 ok = self._ready()
-                eng_fetch_sub_seqcst_u32(&h.prod.data_waiters, 1)
             if self._m is None:
                 raise Closed("consumer was closed while waiting")
             if ok:

@@ -66,7 +66,7 @@ typedef struct {
     int32_t pid;             /* process holding the producer role, 0 = none */
     uint32_t closed;         /* 1 once the producer closed: drain, then Closed */
     uint32_t data_seq;       /* futex word consumers sleep on; bumped on publish when waited on */
-    uint32_t data_waiters;   /* consumers registered as sleeping (seq_cst) */
+    uint32_t data_waiters;   /* 1: a consumer may sleep; set by waiters (seq_cst), cleared by the waker */
     uint64_t msgs_put;       /* statistics (relaxed) */
     uint64_t bytes_put;      /* statistics (relaxed) */
     uint64_t waits;          /* times the producer slept for space (relaxed) */
@@ -78,7 +78,7 @@ typedef struct {
  * retention floor of spsc/broadcast rings. */
 typedef struct {
     uint32_t space_seq;      /* futex word the producer sleeps on */
-    uint32_t space_waiters;  /* 1 while the producer is registered as sleeping (seq_cst) */
+    uint32_t space_waiters;  /* 1: the producer may sleep; set by it (seq_cst), cleared by a waker */
     uint64_t tail;           /* spsc/broadcast: where a joining consumer starts; data at
                                 [tail, head) is kept while no consumer gates it */
     uint8_t _pad[RING_BLOCK - 16];
