@@ -804,6 +804,16 @@ class KeyedConsumer:
             reg.bump_epoch()
         return reaped
 
+    def _gone(self, token: int) -> bool:
+        """True if no member holds ``token`` now, or its process is dead.
+        Tokens are never reused, so once gone, an owner stays gone."""
+        reg = self._reg
+        for i in range(MAX_MEMBERS):
+            tok, pid = reg.member(i)
+            if tok == token:
+                return pid not in (0, self._pid) and (not 0 < pid < 1 << 31 or not pid_alive(pid))
+        return True
+
     def _live(self) -> List[int]:
         reg = self._reg
         toks = []
@@ -834,12 +844,13 @@ class KeyedConsumer:
                 self._drop(own)
                 reg.cas_owner(p, me, 0)
                 reg.force_bell()
-        liveset = set(live)
         for p in range(self._np):
             if live[p % n] != me or p in self._owned:
                 continue
             o = reg.owner(p)
-            if o != 0 and o in liveset:
+            # ``live`` may be stale (a member that joined since owns it now):
+            # only a fresh look at the member table may call an owner gone
+            if o != 0 and not self._gone(o):
                 pending = True  # the previous owner has not released it yet
                 continue
             if not reg.cas_owner(p, o, me):

@@ -894,3 +894,56 @@ def test_durable_weighted_by_bytes(tmp_path):
         small = sum(len(m) for m in got if m[:1] == b"s")
         large = sum(len(m) for m in got if m[:1] == b"L")
         assert abs(small - large) <= 100  # equal byte shares, not equal counts
+
+
+def test_keyed_membership_churn_keeps_ownership_exclusive():
+    """Members join and leave at random while messages flow: a partition is
+    never read by two members at once (the ring would refuse the second
+    reader), every message arrives once, and each key stays in order."""
+    import itertools
+
+    n = 40_000
+    kq = KeyedQueue(partitions=6, capacity=1 << 12)  # small rings: the producer waits on the churn
+    stamp = itertools.count()
+    received = []  # (stamp, key, seq)
+    errors = []
+    done = threading.Event()
+
+    def member(seed):
+        rnd = random.Random(seed)
+        try:
+            while not done.is_set():
+                c = kq.consumer()
+                end = time.monotonic() + rnd.uniform(0.01, 0.15)
+                try:
+                    while time.monotonic() < end:
+                        batch = c.get_many(64, timeout=0.01)
+                        t = next(stamp)  # before the next call, which may hand partitions over
+                        received.extend((t, *struct.unpack("<II", m)) for m in batch)
+                except Closed:
+                    done.set()
+                finally:
+                    c.close()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+            done.set()
+
+    threads = [threading.Thread(target=member, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for i in range(n):
+        kq.put(struct.pack("<II", i % 97, i), key=i % 97)
+    kq.close_put()
+    deadline = time.monotonic() + 60
+    while len(received) < n and time.monotonic() < deadline and not errors:
+        time.sleep(0.01)
+    done.set()
+    for t in threads:
+        t.join(10)
+    kq.close()
+    assert not errors, errors
+    assert sorted(r[2] for r in received) == list(range(n))
+    last = {}
+    for _t, k, i in sorted(received):
+        assert i > last.get(k, -1), f"key {k}: {i} after {last.get(k)}"
+        last[k] = i
