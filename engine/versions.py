@@ -433,6 +433,8 @@ def _load_state(
             if covered != offset:
                 raise ValueError(f"file name says offset {offset}, contents say {covered}")
             return offset, data, rejected
+        except FileNotFoundError:
+            continue  # pruned by the owner meanwhile (a follower racing a snapshot)
         except (OSError, ValueError) as exc:
             rejected += 1
             _logger.warning(
@@ -1033,10 +1035,18 @@ class StoreFollower:
             self._reader.close()
             self._reader = None
         log_id = _read_log_meta(self._logdir)
-        for _attempt in range(100):
-            covered, data, _ = _load_state(
-                self._path, log_id, _log_start(self._logdir), 1 << 62, False
-            )
+        for attempt in range(100):
+            try:
+                covered, data, _ = _load_state(
+                    self._path, log_id, _log_start(self._logdir), 1 << 62, False
+                )
+            except CorruptLog:
+                # the owner may be between writing a snapshot and pruning
+                # the log behind it: look again before giving up
+                if attempt >= 20:
+                    raise
+                time.sleep(0.05)
+                continue
             reader = LogReader(self._logdir, start=covered)
             if reader.skipped == 0:
                 break

@@ -624,6 +624,46 @@ def test_follower_survives_retention(tmp_path):
             assert dict(f.items()) == dict(s.items()) and f.revision == s.revision
 
 
+def test_followers_race_snapshots_and_retention(tmp_path):
+    # followers open and refresh while the owner snapshots and retention deletes
+    # segments under them; every view must be a consistent prefix
+    path = tmp_path / "s"
+    with store(path, snapshot_every=20, segment_bytes=4096) as s:
+        s.put("k0", b"1")
+        done = threading.Event()
+        errors = []
+
+        def owner():
+            try:
+                for i in range(4000):
+                    k = b"k%d" % (i % 13)
+                    s.put(k, b"%d" % (s.get(k)[0] + 1))  # value == its version
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+            finally:
+                done.set()
+
+        t = threading.Thread(target=owner)
+        t.start()
+        views = 0
+        while not done.is_set():
+            with VersionedStore.follow(path) as f:
+                last = f.revision
+                for _ in range(5):
+                    f.refresh()
+                    assert f.revision >= last
+                    last = f.revision
+                    assert all(int(v) == ver for _, (ver, v) in f.items())
+                    views += 1
+        t.join()
+        assert not errors, errors
+        assert views > 5
+        assert s.stats()["log"]["start_offset"] > 0  # retention did delete under them
+        with VersionedStore.follow(path) as f:
+            f.wait_for(s.revision, timeout=10)
+            assert dict(f.items()) == dict(s.items())
+
+
 FOLLOWER_CHILD = r"""
 import sys
 from engine.versions import VersionedStore
