@@ -65,6 +65,8 @@ this module does.
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import threading
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional
 
@@ -213,6 +215,18 @@ _registry_lock = threading.Lock()
 _waiters: Dict[int, _Waiter] = {}
 
 
+def _after_fork_in_child() -> None:
+    # The waiter threads do not exist in a forked child: forget them (a
+    # stale entry would hand jobs to a thread that never runs).
+    global _registry_lock, _waiters
+    _registry_lock = threading.Lock()
+    _waiters = {}
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _waiter_for(obj: Any) -> _Waiter:
     # Keyed by id(): a waiter is not bound to its handle (the job carries the
     # wait function), so an id reused after the handle died is harmless.
@@ -320,14 +334,15 @@ def _waiting(obj: Any) -> Any:
     """How to wait for `obj`: ``(wait, None, None)`` for an object with a
     non-consuming ``wait`` (ring Consumer, LogReader), or ``(None, region,
     tick)`` for a scheduling queue's doorbell."""
-    from engine import scheduling
-
-    if isinstance(obj, scheduling.KeyedConsumer):
+    scheduling = sys.modules.get("engine.scheduling")
+    if scheduling is None:  # not imported: obj cannot be one of its queues
+        pass
+    elif isinstance(obj, scheduling.KeyedConsumer):
         return None, obj._reg, _KEYED_TICK
-    if isinstance(obj, scheduling.PriorityQueue):
+    elif isinstance(obj, scheduling.PriorityQueue):
         held = obj._core_counts()[3]
         return None, obj._region, (_DELAY_TICK if held else None)
-    if isinstance(obj, scheduling.DurablePriorityQueue):
+    elif isinstance(obj, scheduling.DurablePriorityQueue):
         # its own get re-reads the logs every 50 ms: the writer may be
         # another process, and log appends do not ring the queue's bell
         return None, obj._region, (_DELAY_TICK if obj._heap else 0.05)
@@ -341,9 +356,8 @@ def _waiting(obj: Any) -> Any:
 
 
 def _target(obj: Any) -> Any:
-    from engine import scheduling
-
-    if isinstance(obj, scheduling.KeyedQueue):
+    scheduling = sys.modules.get("engine.scheduling")
+    if scheduling is not None and isinstance(obj, scheduling.KeyedQueue):
         # the same default member its synchronous get uses
         if obj._default is None:
             obj._default = obj.consumer()
