@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import resource
+import sys
 import threading
 import time
+import traceback
 
 import pytest
 
@@ -137,6 +139,20 @@ def test_timeouts(run):
     ring.close()
 
 
+def _threads_in_wait():
+    """Waiter threads that are inside a handle's wait (registered on its
+    futex) right now, from their Python stacks."""
+    frames = sys._current_frames()
+    out = []
+    for t in threading.enumerate():
+        if t.name != "engine-aio-waiter" or t.ident not in frames:
+            continue
+        stack = traceback.extract_stack(frames[t.ident])
+        if any(fr.line and "job.wait(" in fr.line for fr in stack):
+            out.append(t.name)
+    return out
+
+
 def test_cancel_mid_wait_loses_nothing_and_leaves_no_waiter(run, shm_name):
     ring = engine.Ring.create(shm_name, capacity=1 << 16)
     c = ring.consumer()
@@ -146,12 +162,15 @@ def test_cancel_mid_wait_loses_nothing_and_leaves_no_waiter(run, shm_name):
         await asyncio.sleep(0.2)
         assert not task.done()
         assert aio.active_waits() == 1
+        # (between its 50 ms slices the thread is out for microseconds: retry)
+        assert any(_threads_in_wait() for _ in range(5))
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         # the waiter thread drops the job and leaves the futex within a slice
         await asyncio.sleep(0.2)
         assert aio.active_waits() == 0
+        assert _threads_in_wait() == []
         # a message put after the cancellation is received by the next await
         proc = CTX.Process(target=_put_later, args=(shm_name, [b"after"], 0.1))
         proc.start()
