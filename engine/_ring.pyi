@@ -17,7 +17,9 @@ HEADER_SIZE: int
 RECORD_HEADER: int
 MIN_CAPACITY: int
 MAX_CAPACITY: int
+MAX_CONSUMERS: int
 MODES: tuple[str, ...]
+SHM_DIR: str
 
 class Ring:
     """A bounded ring of variable-length byte messages (private or in /dev/shm)."""
@@ -38,7 +40,7 @@ class Ring:
     @classmethod
     def attach(cls, name: str) -> Ring: ...
     @staticmethod
-    def unlink(name: str) -> None: ...
+    def unlink(name: str, missing_ok: bool = False) -> None: ...
     @property
     def name(self) -> Optional[str]: ...
     @property
@@ -105,7 +107,7 @@ class Consumer:
         ``Closed`` once the producer closed and everything is drained."""
     def get_view(self, timeout: Optional[float] = None) -> memoryview: ...
     def get_array(
-        self, max: int, dtype: npt.DTypeLike = np.uint8, timeout: Optional[float] = 0
+        self, max: int, dtype: Optional[npt.DTypeLike] = None, timeout: Optional[float] = 0
     ) -> npt.NDArray[Any]: ...
     def close(self) -> None: ...
     def __enter__(self) -> Consumer: ...
