@@ -27,11 +27,23 @@ import asyncio
 import os
 import socket
 import tempfile
+import time
 import uuid
 from typing import Any, List
 
+import numpy as np
+
 from engine.bench import peers
-from engine.bench.harness import LATENCY, Case, Contender, Profile, Run, Target, Workload
+from engine.bench.harness import (
+    LATENCY,
+    Case,
+    Contender,
+    Profile,
+    Run,
+    Target,
+    Workload,
+    digest,
+)
 from engine.bench.peers import BARRIER_TIMEOUT, WARMUP
 
 SECTION = "aio"
@@ -51,16 +63,43 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
+def _pingpong(wl: Workload, barrier: Any, send: Any, recv: Any, gap: float) -> Any:
+    """peers._pingpong, with ``gap`` seconds of silence before each request
+    (outside the clock) when ``gap > 0``: the echo is then asleep when the
+    request comes, so every sample pays the full wake-up path."""
+    if gap <= 0:
+        return peers._pingpong(wl, barrier, send, recv)
+    msgs = wl.payloads()
+    barrier.wait(BARRIER_TIMEOUT)
+    warm = msgs[0]
+    for _ in range(WARMUP):
+        send(warm)
+        if recv() != warm:
+            raise RuntimeError("warm-up echo differs")
+    lat = np.empty(len(msgs), np.int64)
+    out: List[Any] = []
+    now = time.perf_counter_ns
+    for i, m in enumerate(msgs):
+        time.sleep(gap)
+        t = now()
+        send(m)
+        r = recv()
+        lat[i] = now() - t
+        out.append(r)
+    d = digest(out)
+    return (lat, d.count, d.checksum, d.in_order)
+
+
 # ---------------------------------------------------------------- engine.Ring
 
 
-def _ring_ping(wl: Workload, barrier: Any, a: str, b: str) -> Any:
+def _ring_ping(wl: Workload, barrier: Any, a: str, b: str, gap: float) -> Any:
     from engine import Ring
 
     ra, rb = Ring.attach(a), Ring.attach(b)
     p, c = ra.producer(), rb.consumer()
     try:
-        return peers._pingpong(wl, barrier, p.put, lambda: c.get(REPLY_TIMEOUT))
+        return _pingpong(wl, barrier, p.put, lambda: c.get(REPLY_TIMEOUT), gap)
     finally:
         p.close()
         c.close()
@@ -68,7 +107,7 @@ def _ring_ping(wl: Workload, barrier: Any, a: str, b: str) -> Any:
         rb.close()
 
 
-def _ring_echo(wl: Workload, barrier: Any, a: str, b: str) -> None:
+def _ring_echo(wl: Workload, barrier: Any, a: str, b: str, gap: float) -> None:
     from engine import Ring
 
     ra, rb = Ring.attach(a), Ring.attach(b)
@@ -91,14 +130,14 @@ def _ring_echo(wl: Workload, barrier: Any, a: str, b: str) -> None:
         rb.close()
 
 
-def ours_ring(wl: Workload) -> Run:
+def ours_ring(wl: Workload, gap: float = 0.0) -> Run:
     from engine import Ring
 
     a, b = _ring_name(), _ring_name()
     ra = Ring.create(a, capacity=1 << 16)
     rb = Ring.create(b, capacity=1 << 16)
     try:
-        return peers.pingpong_run(wl, (_ring_ping, (a, b)), (_ring_echo, (a, b)))
+        return peers.pingpong_run(wl, (_ring_ping, (a, b, gap)), (_ring_echo, (a, b, gap)))
     finally:
         ra.close()
         rb.close()
@@ -119,17 +158,21 @@ def _recv_exactly(s: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def _sock_ping(wl: Workload, barrier: Any, ping: socket.socket, echo: socket.socket) -> Any:
+def _sock_ping(
+    wl: Workload, barrier: Any, ping: socket.socket, echo: socket.socket, gap: float
+) -> Any:
     echo.close()
     ping.settimeout(REPLY_TIMEOUT)
     size = wl.size
     try:
-        return peers._pingpong(wl, barrier, ping.sendall, lambda: _recv_exactly(ping, size))
+        return _pingpong(wl, barrier, ping.sendall, lambda: _recv_exactly(ping, size), gap)
     finally:
         ping.close()
 
 
-def _sock_echo(wl: Workload, barrier: Any, ping: socket.socket, echo: socket.socket) -> None:
+def _sock_echo(
+    wl: Workload, barrier: Any, ping: socket.socket, echo: socket.socket, gap: float
+) -> None:
     ping.close()
     size = wl.size
 
@@ -149,10 +192,12 @@ def _sock_echo(wl: Workload, barrier: Any, ping: socket.socket, echo: socket.soc
         loop.close()
 
 
-def peer_unix_socket(wl: Workload) -> Run:
+def peer_unix_socket(wl: Workload, gap: float = 0.0) -> Run:
     ping, echo = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        return peers.pingpong_run(wl, (_sock_ping, (ping, echo)), (_sock_echo, (ping, echo)))
+        return peers.pingpong_run(
+            wl, (_sock_ping, (ping, echo, gap)), (_sock_echo, (ping, echo, gap))
+        )
     finally:
         ping.close()
         echo.close()
@@ -161,7 +206,7 @@ def peer_unix_socket(wl: Workload) -> Run:
 # ---------------------------------------------------------------- zmq.asyncio
 
 
-def _zmq_ping(wl: Workload, barrier: Any, addr: str) -> Any:
+def _zmq_ping(wl: Workload, barrier: Any, addr: str, gap: float) -> Any:
     import zmq
 
     ctx = zmq.Context()
@@ -170,13 +215,13 @@ def _zmq_ping(wl: Workload, barrier: Any, addr: str) -> Any:
     s.setsockopt(zmq.RCVTIMEO, int(REPLY_TIMEOUT * 1000))
     s.connect(addr)
     try:
-        return peers._pingpong(wl, barrier, s.send, s.recv)
+        return _pingpong(wl, barrier, s.send, s.recv, gap)
     finally:
         s.close()
         ctx.term()
 
 
-def _zmq_echo(wl: Workload, barrier: Any, addr: str) -> None:
+def _zmq_echo(wl: Workload, barrier: Any, addr: str, gap: float) -> None:
     import zmq
     import zmq.asyncio
 
@@ -200,11 +245,11 @@ def _zmq_echo(wl: Workload, barrier: Any, addr: str) -> None:
         ctx.term()
 
 
-def peer_zmq_asyncio(wl: Workload) -> Run:
+def peer_zmq_asyncio(wl: Workload, gap: float = 0.0) -> Run:
     d = tempfile.mkdtemp(prefix="qe-bench-aio-")
     addr = f"ipc://{d}/pair"
     try:
-        return peers.pingpong_run(wl, (_zmq_ping, (addr,)), (_zmq_echo, (addr,)))
+        return peers.pingpong_run(wl, (_zmq_ping, (addr, gap)), (_zmq_echo, (addr, gap)))
     finally:
         try:
             os.unlink(f"{d}/pair")
@@ -215,9 +260,24 @@ def peer_zmq_asyncio(wl: Workload) -> Run:
 
 # ---------------------------------------------------------------- cases
 
+IDLE_GAP = 0.001  # s of silence before each request in the "idle echo" case
+
+
+def ours_ring_idle(wl: Workload) -> Run:
+    return ours_ring(wl, IDLE_GAP)
+
+
+def peer_unix_socket_idle(wl: Workload) -> Run:
+    return peer_unix_socket(wl, IDLE_GAP)
+
+
+def peer_zmq_asyncio_idle(wl: Workload) -> Run:
+    return peer_zmq_asyncio(wl, IDLE_GAP)
+
 
 def cases(profile: Profile) -> List[Case]:
     n = profile.count(quick=2_000, full=50_000)
+    n_idle = profile.count(quick=500, full=5_000)
     return [
         Case(
             "async round trip",
@@ -238,5 +298,24 @@ def cases(profile: Profile) -> List[Case]:
             ],
             unit="us",
             targets=[Target("ratio", 2, "asyncio Unix socket streams")],
-        )
+        ),
+        Case(
+            "async round trip, idle echo",
+            "the same with 1 ms of silence before each request: the echo's "
+            "wait is asleep (futex / epoll) when the request comes",
+            LATENCY,
+            Workload(n_idle, SIZE),
+            [
+                Contender(
+                    "engine.Ring aget (2 spsc rings)",
+                    ours_ring_idle,
+                    ours=True,
+                    requires=RING,
+                    pip_hint=BUILD_HINT,
+                ),
+                Contender("asyncio Unix socket streams", peer_unix_socket_idle),
+                Contender("pyzmq asyncio PAIR ipc", peer_zmq_asyncio_idle, requires=ZMQ),
+            ],
+            unit="us",
+        ),
     ]
