@@ -535,3 +535,27 @@ def test_stubs_type_the_async_api(tmp_path):
     ).stdout
     assert "good_aio.py" not in out, out
     assert "bad_aio.py:4: error: Incompatible types in assignment" in out, out
+
+
+# ---------------------------------------------------------------- bench section
+
+
+def test_bench_section_verifies_at_small_n():
+    from engine.bench import aio as bench_aio
+    from engine.bench.harness import LATENCY, OK, SKIPPED, Profile, run_case
+
+    profile = Profile(messages=50, repeat=1)
+    cases = bench_aio.cases(profile)
+    assert [c.name for c in cases] == ["async round trip", "async round trip, idle echo"]
+    for case in cases:
+        res = run_case(case, "aio", profile, skipped_lines=[])
+        ran = [c for c in res.contenders if c.status != SKIPPED]
+        assert {c.name for c in ran} >= {
+            "engine.Ring aget (2 spsc rings)",
+            "asyncio Unix socket streams",
+        }
+        for c in ran:
+            assert c.status == OK, f"{case.name} / {c.name}: {c.reason}"
+            assert [r.count for r in c.runs] == [case.workload.count]
+        assert case.kind == LATENCY
+        assert all(c.latency()["samples"] == case.workload.count for c in ran)
