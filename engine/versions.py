@@ -494,6 +494,10 @@ class VersionedStore:
     The log keeps every record the older of the two kept snapshots does not
     cover, so a damaged newest snapshot still rebuilds exactly.
 
+    ``segment_bytes`` is the log's segment size; one write (a put, or a whole
+    ``apply`` batch) must fit in a segment, else ``ValueError`` and nothing
+    changes.
+
     ``merge(key, current, proposed) -> value | None`` resolves a version
     conflict instead of raising: ``current`` is the value now stored (``None``
     if absent), the returned value is written at the next version, and

@@ -207,6 +207,18 @@ def test_apply_bad_ops(tmp_path, op):
         assert "x" not in s and s.revision == 1
 
 
+def test_write_larger_than_a_segment_changes_nothing(tmp_path):
+    with store(tmp_path / "s", segment_bytes=8192) as s:
+        s.put("a", b"1")
+        with pytest.raises(ValueError, match="segment_bytes"):
+            s.put("a", b"x" * 10_000)
+        with pytest.raises(ValueError, match="segment_bytes"):
+            s.apply([("put", "b", b"y" * 5000), ("put", "c", b"z" * 5000)])
+        assert s.get("a") == (1, b"1") and "b" not in s and s.revision == 1
+    with store(tmp_path / "s", segment_bytes=8192) as s:
+        assert dict(s.items()) == {b"a": (1, b"1")}
+
+
 def test_merge(tmp_path):
     def concat(key, current, proposed):
         return (current or b"") + b"+" + proposed
