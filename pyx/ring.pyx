@@ -1608,9 +1608,9 @@ cdef class Consumer:
             # same-size run in the same claim would need a look-ahead: claim
             # a walk of equal-size records directly.
             return self._get_array_shared(max, dt, isz)
-        # spsc/broadcast: walk to find the run, then copy.
-        if self._cursor == self._head:
-            self._load_head()
+        # spsc/broadcast: walk to find the run, then copy (a fresh head: one
+        # acquire load per batch, so everything published so far is seen).
+        self._load_head()
         hd = self._head
         pos = self._cursor
         endpos = pos

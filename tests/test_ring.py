@@ -575,3 +575,14 @@ def test_cli_ring_ls_stats_unlink(shm_name, capsys):
     assert main(["ring", "unlink", shm_name]) == 1
     assert main(["ring", "unlink", shm_name, "--missing-ok"]) == 0
     r.close()
+
+
+def test_get_array_sees_everything_published_so_far():
+    # regression (found by the state machine): a cached head must not hide
+    # messages published after the consumer's last call
+    r = engine.Ring(4096)
+    p, c = r.producer(), r.consumer()
+    p.put_array(np.array([[1], [2], [3]], np.uint8))
+    assert c.get() == b"\x01" and c.get() == b"\x02"
+    p.put(b"\x04")
+    assert c.get_array(2).tolist() == [[3], [4]]
