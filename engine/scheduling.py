@@ -69,7 +69,12 @@ import mmap
 import os
 import time
 from collections import deque
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, overload
+
+try:
+    from typing import Literal
+except ImportError:  # pragma: no cover - Python < 3.8
+    from typing_extensions import Literal  # type: ignore[assignment]
 
 from engine.errors import Closed, EngineError, IncompatibleRegion, LogLocked, Timeout
 
@@ -258,12 +263,22 @@ class PriorityQueue(_PQCore):
     run on different threads of one process.
     """
 
+    @overload
+    def __new__(cls, levels: int = ..., policy: str = ..., weights: Optional[Sequence[int]] = ...,
+                max_wait: Optional[float] = ..., name: Optional[str] = ..., capacity: int = ...,
+                durable: Literal[False] = ..., path: Optional[str] = ..., **kw: Any) -> PriorityQueue: ...
+
+    @overload
+    def __new__(cls, levels: int = ..., policy: str = ..., weights: Optional[Sequence[int]] = ...,
+                max_wait: Optional[float] = ..., name: Optional[str] = ..., capacity: int = ..., *,
+                durable: Literal[True], path: str, **kw: Any) -> DurablePriorityQueue: ...
+
     def __new__(cls, levels: int = 3, policy: str = "strict", weights: Optional[Sequence[int]] = None,
                 max_wait: Optional[float] = None, name: Optional[str] = None,
                 capacity: int = DEFAULT_CAPACITY, durable: bool = False, path: Optional[str] = None,
                 **kw: Any) -> Any:
-        if durable:
-            return DurablePriorityQueue(levels, policy, weights, max_wait, path=path, **kw)
+        if durable and not issubclass(cls, DurablePriorityQueue):
+            cls = DurablePriorityQueue  # Python then runs DurablePriorityQueue.__init__
         return super().__new__(cls)
 
     def __init__(self, levels: int = 3, policy: str = "strict", weights: Optional[Sequence[int]] = None,
@@ -410,6 +425,13 @@ class PriorityQueue(_PQCore):
         """True after :meth:`close`."""
         return self._closed
 
+    def ack(self) -> None:
+        """Nothing to acknowledge on a ring-backed queue (a message handed out
+        is delivered: at-most-once across a crash); durable queues commit here.
+        Present so code written for either kind runs on both."""
+        if self._closed:
+            raise Closed("the queue is closed")
+
     def close_put(self) -> None:
         """End the stream from the producer side: consumers (in any process)
         drain what is queued, delayed messages included, then get ``Closed``."""
@@ -488,12 +510,22 @@ class KeyedQueue(_KQCore):
     ``close_put()`` ends the stream: consumers drain, then get ``Closed``.
     """
 
+    @overload
+    def __new__(cls, partitions: int = ..., key: Optional[Callable[[Any], Any]] = ...,
+                name: Optional[str] = ..., capacity: int = ..., delay_capacity: Optional[int] = ...,
+                durable: Literal[False] = ..., path: Optional[str] = ..., **kw: Any) -> KeyedQueue: ...
+
+    @overload
+    def __new__(cls, partitions: int = ..., key: Optional[Callable[[Any], Any]] = ...,
+                name: Optional[str] = ..., capacity: int = ..., delay_capacity: Optional[int] = ..., *,
+                durable: Literal[True], path: str, **kw: Any) -> DurableKeyedQueue: ...
+
     def __new__(cls, partitions: int = 4, key: Optional[Callable[[Any], Any]] = None,
                 name: Optional[str] = None, capacity: int = DEFAULT_CAPACITY,
                 delay_capacity: Optional[int] = None, durable: bool = False,
                 path: Optional[str] = None, **kw: Any) -> Any:
-        if durable:
-            return DurableKeyedQueue(partitions, key=key, path=path, **kw)
+        if durable and not issubclass(cls, DurableKeyedQueue):
+            cls = DurableKeyedQueue  # Python then runs DurableKeyedQueue.__init__
         return super().__new__(cls)
 
     def __init__(self, partitions: int = 4, key: Optional[Callable[[Any], Any]] = None,
@@ -1078,7 +1110,7 @@ class KeyedConsumer:
 # ---------------------------------------------------------------------------
 
 
-class DurablePriorityQueue:
+class DurablePriorityQueue(PriorityQueue):
     """PriorityQueue over segment logs: ``DIR/L<i>`` per level, ``DIR/delay``.
 
     Same API as :class:`PriorityQueue` plus :meth:`ack`. The producer (one
@@ -1092,12 +1124,15 @@ class DurablePriorityQueue:
     """
 
     def __init__(self, levels: int = 3, policy: str = "strict", weights: Optional[Sequence[int]] = None,
-                 max_wait: Optional[float] = None, path: Optional[str] = None,
+                 max_wait: Optional[float] = None, name: Optional[str] = None,
+                 capacity: int = DEFAULT_CAPACITY, durable: bool = True, path: Optional[str] = None,
                  durability: str = "always", group: str = "pq", by: str = "count",
                  quantum: int = 4096, **kw: Any) -> None:
+        self._name = None
+        self._closed = True  # until set up
         if path is None:
             raise ValueError("durable=True needs path= (a directory for the logs)")
-        unknown = set(kw) - {"name", "capacity", "durable", "max_consumers"}
+        unknown = set(kw) - {"max_consumers"}
         if unknown:
             raise TypeError(f"unexpected arguments for a durable queue: {sorted(unknown)}")
         levels, policy, w, mw = _validate_policy(levels, policy, weights, max_wait)
@@ -1143,7 +1178,7 @@ class DurablePriorityQueue:
         self._nput = [0] * levels
         self._ngot = [0] * levels
         bell = os.path.join(self._path, "bell")
-        self._region = self._open_bell(bell)
+        self._bell = self._open_bell(bell)
 
     @staticmethod
     def _open_bell(path: str) -> _Region:
@@ -1201,12 +1236,12 @@ class DurablePriorityQueue:
                 wall_due = time.time_ns() + (due - now)
                 logs[-1].append(msg, key=wall_due.to_bytes(8, "little", signed=True) + priority.to_bytes(4, "little"))
                 self._nput[priority] += 1
-                self._region.add_delayed()
-                self._region.ring_bell()
+                self._bell.add_delayed()
+                self._bell.ring_bell()
                 return
         logs[priority].append(msg)
         self._nput[priority] += 1
-        self._region.ring_bell()
+        self._bell.ring_bell()
 
     # -- consumer ------------------------------------------------------------
     def _fill(self) -> None:
@@ -1298,7 +1333,7 @@ class DurablePriorityQueue:
     def get(self, timeout: Optional[float] = None) -> bytes:
         """The next message by policy, waiting up to ``timeout`` (``Timeout``)."""
         deadline = None if timeout is None else time.monotonic() + float(timeout)
-        reg = self._region
+        reg = self._bell
         while True:
             m = self._take()
             if m is not None:
@@ -1368,7 +1403,7 @@ class DurablePriorityQueue:
                 r.close()
             self._readers = None
         self._closed = True
-        self._region.close()
+        self._bell.close()
 
     def __enter__(self) -> DurablePriorityQueue:
         return self
@@ -1413,7 +1448,7 @@ class _NoDelay:
         pass
 
 
-class DurableKeyedQueue:
+class DurableKeyedQueue(KeyedQueue):
     """KeyedQueue over segment logs: ``DIR/P<i>`` per partition.
 
     Same group protocol as :class:`KeyedConsumer` (the control region is the
@@ -1427,13 +1462,13 @@ class DurableKeyedQueue:
     """
 
     def __init__(self, partitions: int = 4, key: Optional[Callable[[Any], Any]] = None,
-                 path: Optional[str] = None, durability: str = "always", group: str = "kq",
-                 **kw: Any) -> None:
+                 name: Optional[str] = None, capacity: int = DEFAULT_CAPACITY,
+                 delay_capacity: Optional[int] = None, durable: bool = True,
+                 path: Optional[str] = None, durability: str = "always", group: str = "kq") -> None:
+        self._name = None
+        self._closed = True  # until set up
         if path is None:
             raise ValueError("durable=True needs path= (a directory for the logs)")
-        unknown = set(kw) - {"name", "capacity", "delay_capacity", "durable"}
-        if unknown:
-            raise TypeError(f"unexpected arguments for a durable keyed queue: {sorted(unknown)}")
         if not isinstance(partitions, int) or isinstance(partitions, bool) or not 1 <= partitions <= MAX_PARTS:
             raise ValueError(f"partitions must be an int 1..{MAX_PARTS}, not {partitions!r}")
         if durability not in ("always", "interval", "none"):

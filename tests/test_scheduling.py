@@ -947,3 +947,55 @@ def test_keyed_membership_churn_keeps_ownership_exclusive():
     for _t, k, i in sorted(received):
         assert i > last.get(k, -1), f"key {k}: {i} after {last.get(k)}"
         last[k] = i
+
+
+_USAGE = '''\
+from typing import List, Optional
+
+import engine
+
+pq = engine.PriorityQueue(levels=3, policy="weighted", weights=[8, 3, 1], max_wait=0.5)
+pq.put(b"x", priority=1)
+pq.put(b"y", 2, delay=0.1)
+m: bytes = pq.get(timeout=1.0)
+opt: Optional[bytes] = pq.try_get()
+ms: List[bytes] = pq.get_many(10)
+pq.ack()
+pq.close()
+kq = engine.KeyedQueue(partitions=4, key=lambda msg: msg[:4])
+kq.put(b"z", key="user")
+c = kq.consumer()
+b: bytes = c.get(timeout=1.0)
+c.ack()
+c.close()
+kq.close()
+d = engine.DurablePriorityQueue(levels=2, path="/tmp/x", durability="none")
+d.put(b"a", priority=1)
+d.ack()
+'''
+_BAD_USAGE = '''\
+import engine
+
+pq = engine.PriorityQueue(levels=3)
+pq.put(b"x", priority="high")
+n: int = pq.get()
+'''
+
+
+def test_stubs_accept_typical_usage_and_reject_misuse(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("mypy")
+    good, bad = tmp_path / "good_usage.py", tmp_path / "bad_usage.py"
+    good.write_text(_USAGE)
+    bad.write_text(_BAD_USAGE)
+    out = subprocess.run(
+        [sys.executable, "-m", "mypy", "--follow-imports=silent", "--cache-dir", str(tmp_path / "cache"),
+         str(good), str(bad)],
+        capture_output=True, text=True, cwd=str(Path(__file__).resolve().parents[1]),
+    ).stdout
+    assert "good_usage.py" not in out, out
+    assert 'bad_usage.py:4: error: Argument "priority" to "put"' in out, out
+    assert "bad_usage.py:5: error: Incompatible types in assignment" in out, out
