@@ -189,17 +189,27 @@ def test_cancel_mid_wait_loses_nothing_and_leaves_no_waiter(run, shm_name):
 
 def test_cancellation_race_loses_no_message(run):
     """Timeouts (cancellations) racing with puts from a thread: every message
-    arrives exactly once, in order."""
-    n = 2000
+    arrives exactly once, in order. The producer resumes right after each
+    timeout, so its puts land while the next wait starts or is cancelled."""
+    rounds, per_round = 40, 50
     ring = engine.Ring(capacity=1 << 12)
     p, c = ring.producer(), ring.consumer()
+    timed_out = threading.Event()
 
     def producer():
-        for i in range(n):
-            p.put(i.to_bytes(4, "little"), timeout=10)
-            if i % 50 == 0:
-                time.sleep(0.002)
-        p.close()
+        i = 0
+        try:
+            for r in range(rounds):
+                for _ in range(per_round):
+                    p.put(i.to_bytes(4, "little"), timeout=10)
+                    i += 1
+                    if i % 7 == r % 7:
+                        time.sleep(0.0003)  # about the consumer's timeout: races it
+                if not timed_out.wait(10):
+                    return  # the consumer never timed out: the count check fails
+                timed_out.clear()
+        finally:
+            p.close()
 
     async def main():
         t = threading.Thread(target=producer)
@@ -211,14 +221,15 @@ def test_cancellation_race_loses_no_message(run):
                 got.append(int.from_bytes(await asyncio.wait_for(c.aget(), 0.0005), "little"))
             except asyncio.TimeoutError:
                 cancels += 1
+                timed_out.set()
             except engine.Closed:
                 break
         t.join()
         return got, cancels
 
     got, cancels = run(main())
-    assert got == list(range(n))
-    assert cancels > 0
+    assert got == list(range(rounds * per_round))
+    assert cancels >= rounds
     assert _settled() == 0
     ring.close()
 
