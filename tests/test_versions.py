@@ -764,11 +764,12 @@ def test_dedup_window_by_age(tmp_path):
         assert len(d) == 2 and "young" in d and "old" in d  # a longer age remembers them all
     # an id that aged out and came back: replay expires by each record's own
     # time, so the returned copy is the live one and survives the reopen
-    with Deduplicator(tmp_path / "d2", window=None, max_age=1.0, durability="none") as d:
+    # (an age long enough that a slow close + reopen on a loaded machine fits in it)
+    with Deduplicator(tmp_path / "d2", window=None, max_age=2.5, durability="none") as d:
         assert d.first_time("a")
-        time.sleep(1.1)
+        time.sleep(2.6)
         assert d.first_time("a")
-    with Deduplicator(tmp_path / "d2", window=None, max_age=1.0, durability="none") as d:
+    with Deduplicator(tmp_path / "d2", window=None, max_age=2.5, durability="none") as d:
         assert len(d) == 1 and "a" in d
 
 
