@@ -339,13 +339,13 @@ def _waiting(obj: Any) -> Any:
         pass
     elif isinstance(obj, scheduling.KeyedConsumer):
         return None, obj._reg, _KEYED_TICK
-    elif isinstance(obj, scheduling.PriorityQueue):
-        held = obj._core_counts()[3]
-        return None, obj._region, (_DELAY_TICK if held else None)
-    elif isinstance(obj, scheduling.DurablePriorityQueue):
+    elif isinstance(obj, scheduling.DurablePriorityQueue):  # before its base class
         # its own get re-reads the logs every 50 ms: the writer may be
         # another process, and log appends do not ring the queue's bell
         return None, obj._region, (_DELAY_TICK if obj._heap else 0.05)
+    elif isinstance(obj, scheduling.PriorityQueue):
+        held = obj._core_counts()[3]
+        return None, obj._region, (_DELAY_TICK if held else None)
     wait = getattr(obj, "wait", None)
     if wait is None:
         raise TypeError(

@@ -464,6 +464,25 @@ def test_priority_queue_aget(run):
     pq.close()
 
 
+def test_durable_queues_aget(run, tmp_path):
+    pq = engine.PriorityQueue(levels=2, durable=True, path=str(tmp_path / "pq"))
+    kq = engine.KeyedQueue(partitions=2, durable=True, path=str(tmp_path / "kq"))
+
+    async def main():
+        threading.Timer(0.2, lambda: pq.put(b"p", priority=1)).start()
+        a = await aio.aget(pq, timeout=10)
+        threading.Timer(0.2, lambda: kq.put(b"k", key=3)).start()
+        b = await aio.aget(kq, timeout=10)
+        with pytest.raises(engine.Timeout):
+            await aio.aget(pq, timeout=0.1)
+        return a, b
+
+    assert run(main()) == (b"p", b"k")
+    assert _settled() == 0
+    pq.close()
+    kq.close()
+
+
 def test_keyed_queue_aget_many_and_async_for(run):
     kq = engine.KeyedQueue(partitions=2)
 
