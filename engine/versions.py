@@ -1170,29 +1170,14 @@ class StoreFollower:
 
 
 def _read_log_meta(logdir: str) -> str:
-    """The log id of ``logdir``, read through a reader-side API (no writer lock)."""
-    from . import _log
+    """The log id of ``logdir``, through a reader (no writer lock needed)."""
+    from ._log import LogReader
 
-    get = getattr(_log, "read_log_id", None)
-    if get is not None:
-        return str(get(logdir))
-    return _meta_log_id(logdir)
-
-
-def _meta_log_id(logdir: str) -> str:
-    import json
-
-    with open(os.path.join(logdir, "meta"), "rb") as f:
-        raw = f.read(1 << 16)
-    try:
-        return str(json.loads(raw)["log_id"])
-    except Exception:
-        pass
-    for line in raw.decode("utf-8", "replace").splitlines():
-        name, _, value = line.partition("=")
-        if name.strip() == "log_id":
-            return value.strip()
-    raise ValueError(f"cannot read the log id from {logdir}/meta")
+    with LogReader(logdir, start=0) as r:
+        lid = r.log_id
+    if not lid:
+        raise CorruptLog(os.path.join(logdir, "meta"), 0, "the log has no id")
+    return str(lid)
 
 
 def _log_start(logdir: str) -> int:
