@@ -1179,6 +1179,7 @@ class DurablePriorityQueue(PriorityQueue):
         self._ngot = [0] * levels
         bell = os.path.join(self._path, "bell")
         self._bell = self._open_bell(bell)
+        self._region = self._bell  # the doorbell, under the name PriorityQueue uses (engine.aio)
 
     @staticmethod
     def _open_bell(path: str) -> _Region:
@@ -1301,6 +1302,10 @@ class DurablePriorityQueue(PriorityQueue):
         _ts, _log, _off, payload = buf[pick].popleft()
         self._ngot[pick] += 1
         return payload
+
+    def _core_counts(self) -> Tuple[List[int], List[int], int, int, List[int]]:  # type: ignore[override]
+        """(put, got, aged, delayed held, 0s): the compiled queue's shape."""
+        return list(self._nput), list(self._ngot), 0, len(self._heap), [0] * self._n
 
     def _pick_bytes(self) -> int:
         """Deficit round robin by payload bytes (as in the compiled queue)."""
