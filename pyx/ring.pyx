@@ -17,7 +17,30 @@ own read cursor.  ``shared``: consumers CAS a shared ``claim`` cursor forward
 and announce the position they are about to claim in their slot first
 (hazard-pointer style), so the producer never overwrites a record that a
 consumer is still copying.  Sleeping uses a futex word per direction and a
-waiter count: the waker pays a syscall only when someone is registered.
+sleeper flag: the waker pays a syscall only when someone may be asleep.
+
+Lifecycle and failure semantics (what a user can rely on)
+---------------------------------------------------------
+* ``Producer.close()`` ends the stream: consumers drain, then ``Closed``.
+  A producer process that dies without closing also ends it: a consumer
+  that waits notices within ~0.1 s and drains, then gets ``Closed``.  The
+  producer role of a dead process may be taken over by ``producer()``.
+* Messages put while no consumer is registered are kept (up to capacity);
+  a consumer that joins an spsc/broadcast ring starts at the retention
+  floor: where the last consumer that left stopped, so an spsc ring behaves
+  as a queue across consumer restarts.
+* Dead consumers (pid gone or a zombie) are released by a producer blocked
+  on them within ~0.1 s (and by ``consumer()`` when no slot is free).
+  broadcast: the producer goes on gated by the others.  spsc: what the dead
+  consumer had not read stays for its replacement.  shared: the message(s)
+  it had claimed but not finished copying are counted in
+  ``stats()["lost"]``: shared mode is at-most-once across a consumer crash
+  (use the Log for at-least-once).  A recycled pid looks alive: the slot is
+  then released only when that process exits too.
+* Every length and cursor read from shared memory is checked before use; a
+  violation raises ``IncompatibleRegion("corrupt ring: ...")``.
+* A handle is for one thread at a time (the ring itself is for many threads
+  and processes: one producer handle, one handle per consumer).
 """
 
 cimport cython
