@@ -66,6 +66,7 @@ cdef extern from "log_layout.h" nogil:
         uint32_t magic
         uint32_t seq
         uint32_t waiters
+        uint64_t active_base
 
 cdef extern from "<sys/mman.h>" nogil:
     int msync(void *addr, size_t length, int flags)
@@ -1258,6 +1259,7 @@ cdef class Log:
         s = self._active
         s.synced = self._pos
         self._durable = self._next
+        eng_store_release_u64(&self._notify.n.active_base, s.base)
         self._last_ts = max(ts, s.created_ns)
         self._write_ckpt(False)
 
@@ -1347,6 +1349,9 @@ cdef class Log:
         s = _map_seg(final, True, base, self._log_id_bytes, True)
         s.synced = _SEGHDR
         self._active = s
+        # release: the end marker of the previous segment and the new file
+        # exist before a reader can see the new base
+        eng_store_release_u64(&self._notify.n.active_base, base)
         self._pos = _SEGHDR
         self._bases.append(base)
         self._last_ts = max(self._last_ts, created)
@@ -1968,8 +1973,17 @@ cdef class LogReader:
                 continue
             if r == R_END:
                 if self._zero_checked != pos:
+                    # A zero length word is the end of data, unless the writer
+                    # already rolled past this segment: then the record (or
+                    # end marker) here is damaged and must not read as "the end".
                     self._zero_checked = pos
-                    later = [b for b in _list_segments(self._path) if b > s.base]
+                    if self._notify is None:
+                        self._notify = _open_notify(self._path, False)
+                    if self._notify is not None and eng_load_acquire_u32(&self._notify.n.magic) == ENG_NOTIFY_MAGIC:
+                        # a load, no syscall: tailing readers meet a new tail per record
+                        later = eng_load_acquire_u64(&self._notify.n.active_base) > s.base
+                    else:
+                        later = any(b > s.base for b in _list_segments(self._path))
                     if later and _rec_check(s.p, s.size, pos, self._off, True, &why) == R_END:
                         raise CorruptLog(s.path, pos, "segment ends without its end-of-segment "
                                          "marker but a later segment exists")

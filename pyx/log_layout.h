@@ -71,7 +71,10 @@ typedef struct {
     uint32_t seq;           /* futex word: bumped when records or segments appear */
     uint32_t waiters;       /* readers currently sleeping (seq_cst inc/dec) */
     uint32_t _pad0;
-    uint8_t _pad[48];
+    uint64_t active_base;   /* base of the writer's active segment (release store after
+                               the segment file exists): a reader that meets a zero length
+                               word in an older segment knows its end marker is damaged */
+    uint8_t _pad[40];
 } eng_notify;
 
 /* Header of the .idx / .tix files; entries follow. */
@@ -107,6 +110,7 @@ _Static_assert(offsetof(eng_rec_header, key_len) == 24, "key_len at 24");
 _Static_assert(offsetof(eng_rec_header, flags) == 28, "flags at 28");
 _Static_assert(sizeof(eng_notify) == 64, "notify block is one cache line");
 _Static_assert(offsetof(eng_notify, seq) == 4, "seq at 4");
+_Static_assert(offsetof(eng_notify, active_base) == 16, "active_base at 16");
 _Static_assert(sizeof(eng_index_header) == 32, "index header is 32 bytes");
 _Static_assert(sizeof(eng_idx_entry) == 8, "idx entry is 8 bytes");
 _Static_assert(sizeof(eng_tix_entry) == 16, "tix entry is 16 bytes");

@@ -177,3 +177,21 @@ def test_zero_length_stop_inside_sealed_segment_is_reported(tmp_path):
     with pytest.raises(engine.CorruptLog, match="end-of-segment"):
         list(engine.LogReader(d))
     assert [r for r in _log.verify(d) if r.error]
+
+
+def test_zeroed_length_in_the_middle_of_a_sealed_segment_is_reported(tmp_path):
+    d = tmp_path / "log"
+    vals, _ = _make_log(d)
+    name = _segments(d)[1]
+    img = bytearray((d / name).read_bytes())
+    pos = 64
+    for _ in range(3):  # walk to the fourth record
+        pos += (int.from_bytes(img[pos:pos + 4], "little") + 7) & ~7
+    base = int(name[:20])
+    img[pos:pos + 4] = b"\0\0\0\0"
+    (d / name).write_bytes(bytes(img))
+    got = []
+    with pytest.raises(engine.CorruptLog, match="end-of-segment"):
+        for rec in engine.LogReader(d):
+            got.append(rec)
+    assert [x.offset for x in got] == list(range(base + 3))
