@@ -200,7 +200,9 @@ class JetStreamForwarder:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         nc = await _connect(self.servers)
-        js = nc.jetstream(publish_async_max_pending=self.max_in_flight)
+        js = nc.jetstream()
+        acks = _AckWindow(nc)
+        await acks.start()
         reader = _log.LogReader(self.log_path, group=self.group)
         next_status = time.monotonic() + status_interval
         try:
@@ -226,7 +228,7 @@ class JetStreamForwarder:
                         continue
                     batch = [rec]
                 try:
-                    expected_last = await self._publish_batch(js, batch, log_id, expected_last)
+                    expected_last = await self._publish_batch(acks, batch, log_id, expected_last)
                 except _Resync as why:
                     log.warning("jetstream forward: %s; resynchronising with the stream", why)
                     self._status.resyncs += 1
@@ -305,10 +307,11 @@ class JetStreamForwarder:
         return last_id
 
     async def _publish_batch(
-        self, js: Any, batch: List[Any], log_id: str, expected_last: Optional[str]
+        self, acks: _AckWindow, batch: List[Any], log_id: str, expected_last: Optional[str]
     ) -> Optional[str]:
-        nats = _import_nats()
-        futures = []
+        nc = acks.nc
+        subject = self.subject
+        window = acks.open(len(batch))
         for rec in batch:
             mid = f"{log_id}:{rec.offset}"
             headers: Dict[str, str] = {HDR_MSG_ID: mid, HDR_TIMESTAMP: str(rec.timestamp)}
@@ -318,37 +321,85 @@ class JetStreamForwarder:
             if key is not None:
                 headers[HDR_KEY] = base64.b64encode(bytes(key)).decode("ascii")
             try:
-                fut = await js.publish_async(
-                    self.subject, bytes(rec.value), headers=headers
-                )
+                await nc.publish(subject, bytes(rec.value), reply=window + str(rec.offset),
+                                 headers=headers)
             except Exception as exc:
-                await self._settle(futures)
+                await acks.settle()
                 raise _Resync(f"publish failed: {exc!r}") from exc
-            futures.append(fut)
             expected_last = mid
-            self._status.in_flight = len(futures)
+        self._status.in_flight = len(batch)
         try:
-            acks = await asyncio.wait_for(asyncio.gather(*futures), self.ack_timeout)
-        except (asyncio.TimeoutError, nats.errors.Error, nats.js.errors.Error, Exception) as exc:
-            await self._settle(futures)
-            raise _Resync(f"acknowledgement failed: {exc!r}") from exc
+            await asyncio.wait_for(acks.all_in.wait(), self.ack_timeout)
+        except asyncio.TimeoutError:
+            await acks.settle()
+            raise _Resync(f"{acks.outstanding} of {len(batch)} acknowledgements missing after "
+                          f"{self.ack_timeout} s") from None
         finally:
             self._status.in_flight = 0
-        self._status.records += len(acks)
-        self._status.duplicates += sum(1 for a in acks if getattr(a, "duplicate", False))
+        if acks.errors:
+            raise _Resync(f"the stream refused a record: {acks.errors[0]!r}")
+        self._status.records += len(batch)
+        self._status.duplicates += acks.duplicates
         return expected_last
 
-    @staticmethod
-    async def _settle(futures: List[Any]) -> None:
-        """Let every outstanding publish finish (or fail) before resyncing, so
-        the stream's last message is final when we read it."""
-        if futures:
-            await asyncio.wait(futures, timeout=5.0)
-            for f in futures:
-                if not f.done():
-                    f.cancel()
-                elif not f.cancelled():
-                    f.exception()  # mark retrieved
+
+class _AckWindow:
+    """The acknowledgements of one batch of publishes, on one wildcard inbox.
+
+    JetStream answers every publish on its reply subject; ours is
+    ``<inbox>.<batch>.<offset>``, so an ack is matched to its batch without a
+    future, a token or a JSON decode per message (nats-py's ``publish_async``
+    does all three; this is what lets one Python process keep tens of
+    thousands of records a second in flight).  Only an ack that is not a plain
+    success is looked at closely.  Acks of an abandoned batch are ignored.
+    """
+
+    def __init__(self, nc: Any) -> None:
+        self.nc = nc
+        self.prefix = ""
+        self.sub: Any = None
+        self.batch = 0
+        self.outstanding = 0
+        self.duplicates = 0
+        self.errors: List[str] = []
+        self.all_in = asyncio.Event()
+
+    async def start(self) -> None:
+        self.prefix = self.nc.new_inbox()
+        self.sub = await self.nc.subscribe(self.prefix + ".*.*", cb=self._on_ack)
+
+    def open(self, n: int) -> str:
+        """Start counting a batch of n publishes; returns the reply prefix."""
+        self.batch += 1
+        self.outstanding = n
+        self.duplicates = 0
+        self.errors = []
+        self.all_in.clear()
+        return f"{self.prefix}.{self.batch}."
+
+    async def _on_ack(self, msg: Any) -> None:
+        _, batch, _ = msg.subject.rsplit(".", 2)
+        if int(batch) != self.batch:
+            return  # a late answer to a batch we gave up on
+        data = msg.data
+        if not data.startswith(b'{"stream"'):
+            # an error document, or a status message (503: no responders)
+            status = (msg.headers or {}).get("Status") if msg.headers else None
+            self.errors.append(data.decode("utf-8", "replace") or f"status {status}")
+        elif b'"duplicate":true' in data:
+            self.duplicates += 1
+        self.outstanding -= 1
+        if self.outstanding <= 0:
+            self.all_in.set()
+
+    async def settle(self) -> None:
+        """Give outstanding acks a moment to land before resyncing, so the
+        stream's last message is final when it is read."""
+        try:
+            await asyncio.wait_for(self.all_in.wait(), 2.0)
+        except asyncio.TimeoutError:
+            pass
+        self.batch += 1  # whatever still comes belongs to no batch
 
 
 class _Resync(Exception):
