@@ -29,7 +29,7 @@ def _make_log(path, n=200, seed=7):
     rng = random.Random(seed)
     vals, keys = [], []
     with engine.Log(path, durability="none", segment_bytes=SEG) as log:
-        for i in range(n):
+        for _i in range(n):
             v = rng.randbytes(rng.randrange(0, 300))
             k = rng.choice([None, b"", rng.randbytes(rng.randrange(1, 20))])
             log.append(v, key=k)
