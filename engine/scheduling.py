@@ -235,11 +235,39 @@ def _aging_threshold(max_wait: float) -> float:
 
 
 # ---------------------------------------------------------------------------
+# asyncio
+# ---------------------------------------------------------------------------
+
+
+class _Awaitable:
+    """``await q.aget()``, ``await q.aget_many(n)``, ``async for msg in q``:
+    the consumer side without blocking the event loop (see :mod:`engine.aio`)."""
+
+    def aget(self, timeout: Optional[float] = None) -> Any:
+        """Coroutine: the next message (``engine.aio.aget``)."""
+        from . import aio
+
+        return aio.aget(self, timeout)
+
+    def aget_many(self, max: int = 1024, timeout: Optional[float] = None) -> Any:
+        """Coroutine: up to ``max`` messages, waiting for the first one."""
+        from . import aio
+
+        return aio.aget_many(self, max, timeout)
+
+    def __aiter__(self) -> Any:
+        """``async for msg in q``: every message until ``Closed``."""
+        from . import aio
+
+        return aio.aiter_messages(self)
+
+
+# ---------------------------------------------------------------------------
 # PriorityQueue
 # ---------------------------------------------------------------------------
 
 
-class PriorityQueue(_PQCore):
+class PriorityQueue(_PQCore, _Awaitable):
     """Priority levels over rings (0 = most urgent).
 
     >>> pq = PriorityQueue(levels=3)
@@ -489,7 +517,7 @@ class PriorityQueue(_PQCore):
 # ---------------------------------------------------------------------------
 
 
-class KeyedQueue(_KQCore):
+class KeyedQueue(_KQCore, _Awaitable):
     """Key-ordered partitions over rings (Kafka partitions, in shared memory).
 
     >>> kq = KeyedQueue(partitions=4)
@@ -762,7 +790,7 @@ class _Owned:
         self.heap: List[Tuple[int, int, bytes]] = []
 
 
-class KeyedConsumer:
+class KeyedConsumer(_Awaitable):
     """One member of a KeyedQueue's consumer group.
 
     Protocol (all state in the control region, every step an atomic CAS):
