@@ -97,7 +97,7 @@ async def _read_back(url: str, stream: str, subject: str, n: int) -> List[bytes]
     return out
 
 
-def _fresh_stream(url: str) -> "tuple[str, str]":
+def _fresh_stream(url: str) -> tuple[str, str]:
     import nats
 
     k = next(_streams)
@@ -162,7 +162,7 @@ def _peer_publish_each(wl: Workload) -> Run:
     stream, subject = _fresh_stream(url)
     msgs = wl.payloads()
 
-    async def go() -> "tuple[int, int]":
+    async def go() -> tuple[int, int]:
         nc = await nats.connect(servers=[url])
         js = nc.jetstream()
         t0 = time.perf_counter_ns()
@@ -184,7 +184,7 @@ def _peer_publish_async(wl: Workload) -> Run:
     stream, subject = _fresh_stream(url)
     msgs = wl.payloads()
 
-    async def go() -> "tuple[int, int]":
+    async def go() -> tuple[int, int]:
         nc = await nats.connect(servers=[url])
         js = nc.jetstream(publish_async_max_pending=2048)
         t0 = time.perf_counter_ns()
