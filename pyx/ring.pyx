@@ -144,10 +144,11 @@ SHM_DIR = "/dev/shm" if _os.path.isdir("/dev/shm") else __import__("tempfile").g
 # Spin this long before sleeping: long enough that a consumer actively waiting
 # sees a message within a microsecond or two (ping-pong p50) and that a batch
 # consumer bridges the gap between two put_many batches without a futex
-# round trip (50 us slept on ~90% of 1024-message batches, 200 us on ~1%),
-# short enough that a waiter with nothing to do costs at most ~10% of a core
-# per wait before it sleeps with no CPU at all.
-cdef int64_t _SPIN_NS = 100000
+# round trip (cross-process, 1024-message batches: a 50 or 100 us budget
+# slept on ~85% of the batches, 200 us on ~1%, doubling the throughput),
+# and bounded, so a waiter with nothing to do sleeps with no CPU at all
+# after 0.2 ms.
+cdef int64_t _SPIN_NS = 200000
 # Longest futex sleep before re-taking the GIL to check signals / deadlines.
 cdef int64_t _SLICE_NS = 50000000
 # How often a waiting producer looks for dead consumers, a waiting consumer
