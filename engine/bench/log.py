@@ -1,0 +1,634 @@
+"""The log section: engine.Log / engine.LogReader against the on-disk queues
+people reach for in Python: queuelib's ``FifoDiskQueue``, persist-queue's file
+``Queue`` and ``SQLiteQueue``, and diskcache's ``Deque``, plus a plain-Python
+``os.write`` + ``os.fdatasync`` reference for durable batches.
+
+Every file lives in a fresh ``tempfile.TemporaryDirectory()`` under the system
+temp dir (a real disk here, not tmpfs: the case descriptions print the path),
+removed after each run. Every run reads back what it wrote, after its clock
+stops, and the harness checks count, checksum and order of what came back.
+
+Cases, 64-byte records (quick / --full):
+
+* ``append`` one record per call, ``durability="none"``, against
+  ``FifoDiskQueue.push`` (30k / 200k). Target: >= 5x queuelib.
+* the same ``append`` against the per-put-persistence queues (1k / 10k: they
+  manage 1-4k puts/s here, so the count is small for every contender):
+  persist-queue ``Queue.put`` (its defaults: flush and an info-file rewrite
+  per put, ``fsync`` every ``chunksize=100`` puts), ``SQLiteQueue.put``
+  (``auto_commit=True``: WAL commit with SQLite's default
+  ``synchronous=FULL``, an fsync per put) and ``Deque.append`` (one SQLite
+  transaction per append).
+* ``append_many`` of 1,000-record batches with ``durability="always"``
+  (one sync per batch) against ``os.write`` of the joined batch +
+  ``os.fdatasync`` per batch (20k / 200k), and against ``SQLiteQueue.put``
+  (2k / 20k, its per-put fsync is slow; the reference runs there too).
+  Every contender first writes one untimed warm-up batch of the same 100
+  payloads (file creation and the first sync are setup, paid once per
+  segment, i.e. per 64 MiB, by a log), dropped again on read-back.
+  Targets: clearly beat the plain ``os.write`` reference (>= 1.5x) and
+  >= 300x SQLiteQueue.
+* read back: ``LogReader`` iteration (``record.value``) against
+  ``FifoDiskQueue.pop`` (30k / 200k), and against persist-queue
+  ``Queue.get`` and diskcache ``Deque.popleft`` (1k / 10k); filling is
+  untimed. Target: >= 5x queuelib.
+* the verify/recovery scan, ``engine._log.verify(path)`` over a 256 MiB /
+  1 GiB log of 64-byte records written untimed (page cache warm). The unit is
+  MB/s of record bytes (64-byte value + 32-byte frame = 96 bytes per record,
+  the workload's size), so the segment headers and the preallocated tail it
+  also reads are not counted. Target: >= 1 GB/s.
+
+The scan returns counts, not values, so it cannot be digested. Its workload
+(:class:`_ScanWorkload`) expects the record count and a checksum of 0 ("not
+measured"): the count the harness checks is the one the scan reports, and the
+contender itself raises unless the scan also ends at the right next offset,
+covers exactly the record bytes written and reports no error. (Building the
+real digest of a 256 MiB / 1 GiB workload would cost seconds and gigabytes
+for a number no scan could match.)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, List
+
+from engine.bench.harness import (
+    THROUGHPUT,
+    Case,
+    Contender,
+    Digest,
+    Profile,
+    Run,
+    Target,
+    Workload,
+    digest,
+)
+
+SECTION = "log"
+
+OURS = ("engine._log",)
+BUILD_HINT = "build it: pip install . (or python setup.py build_ext --inplace)"
+QUEUELIB = ("queuelib",)
+PERSIST = ("persistqueue",)
+DISKCACHE = ("diskcache",)
+SIZE = 64  # bytes per record value
+BATCH = 1000  # records per append_many call / per reference write + sync
+FRAME = 32  # bytes of framing per record without a key (engine._log.RECORD_HEADER_SIZE)
+WARMUP = 100  # records written (and synced) untimed by every durable contender first
+SCAN_FILL_BATCH = 8192  # records per append_many while writing the scan's log (untimed)
+
+QUEUELIB_FIFO = "queuelib FifoDiskQueue"
+PQ_FILE = "persist-queue Queue (file)"
+PQ_SQLITE = "persist-queue SQLiteQueue"
+DISKCACHE_DEQUE = "diskcache Deque"
+REFERENCE = "os.write + os.fdatasync per batch"
+
+
+class _TempDir:
+    """A fresh directory under the system temp dir for one run."""
+
+    def __init__(self) -> None:
+        self.path = tempfile.mkdtemp(prefix="qe-bench-log-")
+
+    def __enter__(self) -> str:
+        return self.path
+
+    def __exit__(self, *exc: Any) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _where() -> str:
+    return f"files in a fresh directory under {tempfile.gettempdir()}"
+
+
+def _chunks(msgs: List[bytes], n: int) -> List[List[bytes]]:
+    return [msgs[i : i + n] for i in range(0, len(msgs), n)]
+
+
+def _warmup(msgs: List[bytes]) -> List[bytes]:
+    """The batch every durable contender writes before its clock starts (its
+    file creation and first sync are setup); it is dropped on read-back."""
+    return msgs[:WARMUP]
+
+
+def _after_warmup(got: List[bytes], msgs: List[bytes]) -> List[bytes]:
+    warm = _warmup(msgs)
+    if got[: len(warm)] != warm:
+        raise AssertionError("the warm-up batch did not come back first")
+    return got[len(warm) :]
+
+
+def _log_values(path: str) -> List[bytes]:
+    """Every value in a log directory, in order (after the clock)."""
+    from engine import LogReader
+
+    with LogReader(path) as r:
+        return [bytes(rec.value) for rec in r]
+
+
+@dataclass(frozen=True)
+class _ScanWorkload(Workload):
+    """``count`` records of ``size`` on-disk bytes for the verify scan: what
+    it expects is the record count; the checksum is not measured (0)."""
+
+    @property
+    def expected(self) -> Digest:
+        return Digest(self.count, 0, None)
+
+
+# ---------------------------------------------------------------------------
+# ours
+# ---------------------------------------------------------------------------
+
+
+def ours_append(wl: Workload) -> Run:
+    from engine import Log
+
+    msgs = wl.payloads()
+    with _TempDir() as d:
+        path = os.path.join(d, "log")
+        log = Log(path, durability="none")
+        try:
+            append = log.append
+            t0 = time.perf_counter_ns()
+            for m in msgs:
+                append(m)
+            t1 = time.perf_counter_ns()
+        finally:
+            log.close()
+        got = _log_values(path)
+    return Run.timed(t0, t1, digest(got))
+
+
+def ours_append_many_always(wl: Workload) -> Run:
+    from engine import Log
+
+    msgs = wl.payloads()
+    batches = _chunks(msgs, BATCH)
+    with _TempDir() as d:
+        path = os.path.join(d, "log")
+        log = Log(path, durability="always")
+        try:
+            append_many = log.append_many
+            append_many(_warmup(msgs))  # untimed: creates and syncs the first segment
+            t0 = time.perf_counter_ns()
+            for b in batches:
+                append_many(b)
+            t1 = time.perf_counter_ns()
+            if log.durable_offset < log.next_offset:
+                raise AssertionError(
+                    f"durable offset {log.durable_offset} < {log.next_offset} after durable batches"
+                )
+        finally:
+            log.close()
+        got = _log_values(path)
+    return Run.timed(t0, t1, digest(_after_warmup(got, msgs)))
+
+
+def _fill_log(path: str, msgs: List[bytes]) -> None:
+    from engine import Log
+
+    with Log(path, durability="none") as log:
+        for b in _chunks(msgs, SCAN_FILL_BATCH):
+            log.append_many(b)
+
+
+def ours_read(wl: Workload) -> Run:
+    from engine import LogReader
+
+    msgs = wl.payloads()
+    with _TempDir() as d:
+        path = os.path.join(d, "log")
+        _fill_log(path, msgs)
+        r = LogReader(path)
+        try:
+            out: List[Any] = []
+            append = out.append
+            t0 = time.perf_counter_ns()
+            for rec in r:
+                append(rec.value)
+            t1 = time.perf_counter_ns()
+        finally:
+            r.close()
+    return Run.timed(t0, t1, digest(out))
+
+
+def _scan_values(count: int) -> List[bytes]:
+    # distinct 64-byte values (sequence number + filler); the scan only reads
+    # the frames, so a cycle of 8192 of them is enough
+    n = min(count, SCAN_FILL_BATCH)
+    fill = bytes(range(SIZE - 8))
+    return [i.to_bytes(8, "little") + fill for i in range(n)]
+
+
+def ours_scan(wl: Workload) -> Run:
+    import engine._log as _log
+
+    if wl.size != SIZE + FRAME or _log._record_size(SIZE) != wl.size:
+        raise AssertionError(
+            f"scan workload size {wl.size} is not the on-disk size of a {SIZE}-byte record "
+            f"({_log._record_size(SIZE)})"
+        )
+    from engine import Log
+
+    vals = _scan_values(wl.count)
+    with _TempDir() as d:
+        path = os.path.join(d, "log")
+        with Log(path, durability="none") as log:
+            left = wl.count
+            while left:
+                k = min(left, len(vals))
+                log.append_many(vals if k == len(vals) else vals[:k])
+                left -= k
+        t0 = time.perf_counter_ns()
+        results = _log.verify(path)
+        t1 = time.perf_counter_ns()
+    errors = [f"{s.segment}@{s.error_position}: {s.error}" for s in results if s.error]
+    records = sum(s.records for s in results)
+    last = max(results, key=lambda s: s.base_offset) if results else None
+    header = _log.SEGMENT_HEADER_SIZE
+    record_bytes = sum(s.end_position - header for s in results)
+    problems = []
+    if errors:
+        problems.append("errors " + "; ".join(errors))
+    if records != wl.count:
+        problems.append(f"{records} records scanned, {wl.count} written")
+    if last is None or last.next_offset != wl.count:
+        problems.append(f"next offset {last.next_offset if last else None} != {wl.count}")
+    if record_bytes != wl.nbytes:
+        problems.append(f"{record_bytes} record bytes scanned, {wl.nbytes} written")
+    if problems:
+        raise AssertionError("verify scan: " + ", ".join(problems))
+    # every record was found and CRC-checked by the scan; a scan returns
+    # counts, not values, so there is no checksum to report (see _ScanWorkload)
+    return Run((t1 - t0) / 1e9, records, 0, None)
+
+
+# ---------------------------------------------------------------------------
+# peers
+# ---------------------------------------------------------------------------
+
+
+def queuelib_push(wl: Workload) -> Run:
+    from queuelib import FifoDiskQueue
+
+    msgs = wl.payloads()
+    with _TempDir() as d:
+        path = os.path.join(d, "q")
+        q = FifoDiskQueue(path)
+        try:
+            push = q.push
+            t0 = time.perf_counter_ns()
+            for m in msgs:
+                push(m)
+            t1 = time.perf_counter_ns()
+        finally:
+            q.close()
+        q = FifoDiskQueue(path)  # read back what it persisted
+        try:
+            got = _drain_queuelib(q)
+        finally:
+            q.close()
+    return Run.timed(t0, t1, digest(got))
+
+
+def _drain_queuelib(q: Any) -> List[bytes]:
+    out: List[bytes] = []
+    while True:
+        m = q.pop()
+        if m is None:
+            return out
+        out.append(m)
+
+
+def queuelib_pop(wl: Workload) -> Run:
+    from queuelib import FifoDiskQueue
+
+    msgs = wl.payloads()
+    with _TempDir() as d:
+        path = os.path.join(d, "q")
+        q = FifoDiskQueue(path)
+        for m in msgs:
+            q.push(m)
+        q.close()
+        q = FifoDiskQueue(path)
+        try:
+            out: List[Any] = []
+            append = out.append
+            pop = q.pop
+            rng = range(wl.count)
+            t0 = time.perf_counter_ns()
+            for _ in rng:
+                append(pop())
+            t1 = time.perf_counter_ns()
+            if q.pop() is not None:
+                raise AssertionError("FifoDiskQueue holds more than was pushed")
+        finally:
+            q.close()
+    return Run.timed(t0, t1, digest(out))
+
+
+def _pq_file(d: str) -> Any:
+    import persistqueue
+
+    # tempdir on the same file system: its info file is replaced by rename
+    return persistqueue.Queue(os.path.join(d, "q"), tempdir=d)
+
+
+def _drain_pq(q: Any, n: int) -> List[bytes]:
+    return [q.get(block=False) for _ in range(n)]
+
+
+def _pq_empty(q: Any) -> bool:
+    import persistqueue
+
+    try:
+        q.get(block=False)
+    except persistqueue.Empty:
+        return True
+    return False
+
+
+def pq_file_put(wl: Workload) -> Run:
+    msgs = wl.payloads()
+    with _TempDir() as d:
+        q = _pq_file(d)
+        put = q.put
+        t0 = time.perf_counter_ns()
+        for m in msgs:
+            put(m)
+        t1 = time.perf_counter_ns()
+        del q
+        q = _pq_file(d)  # read back what it persisted
+        got = _drain_pq(q, wl.count)
+        if not _pq_empty(q):
+            raise AssertionError("persist-queue Queue holds more than was put")
+        del q
+    return Run.timed(t0, t1, digest(got))
+
+
+def pq_file_get(wl: Workload) -> Run:
+    msgs = wl.payloads()
+    with _TempDir() as d:
+        q = _pq_file(d)
+        for m in msgs:
+            q.put(m)
+        del q
+        q = _pq_file(d)
+        out: List[Any] = []
+        append = out.append
+        get = q.get
+        rng = range(wl.count)
+        t0 = time.perf_counter_ns()
+        for _ in rng:
+            append(get(block=False))
+        t1 = time.perf_counter_ns()
+        if not _pq_empty(q):
+            raise AssertionError("persist-queue Queue holds more than was put")
+        del q
+    return Run.timed(t0, t1, digest(out))
+
+
+def _pq_sqlite(d: str) -> Any:
+    import persistqueue
+
+    return persistqueue.SQLiteQueue(os.path.join(d, "sq"), auto_commit=True)
+
+
+def _pq_sqlite_put(wl: Workload, warm: bool) -> Run:
+    msgs = wl.payloads()
+    with _TempDir() as d:
+        q = _pq_sqlite(d)
+        try:
+            put = q.put
+            if warm:
+                for m in _warmup(msgs):
+                    put(m)
+            t0 = time.perf_counter_ns()
+            for m in msgs:
+                put(m)
+            t1 = time.perf_counter_ns()
+        finally:
+            q.close()
+        q = _pq_sqlite(d)  # read back what it committed
+        try:
+            got = _drain_pq(q, wl.count + (len(_warmup(msgs)) if warm else 0))
+            if not _pq_empty(q):
+                raise AssertionError("SQLiteQueue holds more than was put")
+        finally:
+            q.close()
+    return Run.timed(t0, t1, digest(_after_warmup(got, msgs) if warm else got))
+
+
+def pq_sqlite_put(wl: Workload) -> Run:
+    return _pq_sqlite_put(wl, False)
+
+
+def pq_sqlite_put_warm(wl: Workload) -> Run:
+    """SQLiteQueue.put after the same untimed warm-up batch as the durable log."""
+    return _pq_sqlite_put(wl, True)
+
+
+def _deque(d: str) -> Any:
+    import diskcache  # type: ignore[import-untyped,unused-ignore]
+
+    return diskcache.Deque(directory=os.path.join(d, "dq"))
+
+
+def _close_deque(dq: Any) -> None:
+    dq.cache.close()
+
+
+def diskcache_append(wl: Workload) -> Run:
+    msgs = wl.payloads()
+    with _TempDir() as d:
+        dq = _deque(d)
+        try:
+            append = dq.append
+            t0 = time.perf_counter_ns()
+            for m in msgs:
+                append(m)
+            t1 = time.perf_counter_ns()
+        finally:
+            _close_deque(dq)
+        dq = _deque(d)  # read back what it stored
+        try:
+            got = list(dq)
+        finally:
+            _close_deque(dq)
+    return Run.timed(t0, t1, digest(got))
+
+
+def diskcache_popleft(wl: Workload) -> Run:
+    msgs = wl.payloads()
+    with _TempDir() as d:
+        dq = _deque(d)
+        try:
+            with dq.transact():  # one transaction: the fill is untimed anyway
+                for m in msgs:
+                    dq.append(m)
+        finally:
+            _close_deque(dq)
+        dq = _deque(d)
+        try:
+            out: List[Any] = []
+            append = out.append
+            popleft = dq.popleft
+            rng = range(wl.count)
+            t0 = time.perf_counter_ns()
+            for _ in rng:
+                append(popleft())
+            t1 = time.perf_counter_ns()
+            if len(dq):
+                raise AssertionError("diskcache Deque holds more than was appended")
+        finally:
+            _close_deque(dq)
+    return Run.timed(t0, t1, digest(out))
+
+
+_fdatasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
+
+
+def reference_write_sync(wl: Workload) -> Run:
+    """The least a durable batch append can be in Python: one ``os.write``
+    of the joined batch and one ``os.fdatasync`` per batch, no framing."""
+    msgs = wl.payloads()
+    batches = _chunks(msgs, BATCH)
+    with _TempDir() as d:
+        path = os.path.join(d, "data")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            write, sync, join = os.write, _fdatasync, b"".join
+            warm = join(_warmup(msgs))  # untimed, like every durable contender's
+            if write(fd, warm) != len(warm):
+                raise AssertionError("short write of the warm-up batch")
+            sync(fd)
+            t0 = time.perf_counter_ns()
+            for b in batches:
+                buf = join(b)
+                view = memoryview(buf)
+                while view:
+                    view = view[write(fd, view) :]
+                sync(fd)
+            t1 = time.perf_counter_ns()
+        finally:
+            os.close(fd)
+        with open(path, "rb") as f:
+            data = f.read()
+    got = [data[i : i + wl.size] for i in range(0, len(data), wl.size)]
+    return Run.timed(t0, t1, digest(_after_warmup(got, msgs)))
+
+
+# ---------------------------------------------------------------------------
+# cases
+# ---------------------------------------------------------------------------
+
+
+def _ours(name: str, fn: Any) -> Contender:
+    return Contender(name, fn, ours=True, requires=OURS, pip_hint=BUILD_HINT)
+
+
+def cases(profile: Profile) -> List[Case]:
+    """The log cases for this profile."""
+    where = _where()
+    n = profile.count(quick=30_000, full=200_000)
+    # the per-put-persistence peers manage 1-4k puts/s here: a small count
+    # for every contender of their cases keeps the quick suite quick
+    n_slow = profile.count(quick=1_000, full=10_000)
+    n_sync = profile.count(quick=20_000, full=200_000)
+    n_sqlite_sync = profile.count(quick=2_000, full=20_000)
+    scan_bytes = (1 << 30) if profile.full else (256 << 20)
+    scan_size = SIZE + FRAME
+    n_scan = profile.count(quick=scan_bytes // scan_size, full=scan_bytes // scan_size)
+    append_none = _ours('engine.Log append (durability="none")', ours_append)
+    reader = _ours("engine.LogReader iteration", ours_read)
+    return [
+        Case(
+            "append 64 B vs queuelib",
+            'append(value) one record per call, durability="none" (page cache), against '
+            f"FifoDiskQueue.push; {where}",
+            THROUGHPUT,
+            Workload(n, SIZE),
+            [append_none, Contender(QUEUELIB_FIFO, queuelib_push, requires=QUEUELIB)],
+            targets=[Target("ratio", 5, QUEUELIB_FIFO)],
+        ),
+        Case(
+            "append 64 B vs per-put queues",
+            'append(value), durability="none", against persist-queue Queue.put (defaults: '
+            "flush + info-file rename per put, fsync every 100 puts), SQLiteQueue.put "
+            "(auto_commit: an fsync per put) and diskcache Deque.append (a SQLite "
+            f"transaction per append); {where}",
+            THROUGHPUT,
+            Workload(n_slow, SIZE),
+            [
+                append_none,
+                Contender(PQ_FILE, pq_file_put, requires=PERSIST),
+                Contender(PQ_SQLITE, pq_sqlite_put, requires=PERSIST),
+                Contender(DISKCACHE_DEQUE, diskcache_append, requires=DISKCACHE),
+            ],
+        ),
+        Case(
+            "durable append_many vs os.write+fdatasync",
+            f'append_many of {BATCH}-record batches, durability="always" (one sync per '
+            f"batch), against os.write of the joined batch + os.fdatasync per batch in "
+            f"plain Python; each contender first writes one untimed warm-up batch (file "
+            f"creation, first sync); {where}",
+            THROUGHPUT,
+            Workload(n_sync, SIZE),
+            [
+                _ours('engine.Log append_many (durability="always")', ours_append_many_always),
+                Contender(REFERENCE, reference_write_sync),
+            ],
+            targets=[Target("ratio", 1.5, REFERENCE, label=f"clearly beats {REFERENCE} (>= 1.5x)")],
+        ),
+        Case(
+            "durable append_many vs SQLiteQueue",
+            f'append_many of {BATCH}-record batches, durability="always", against '
+            f"SQLiteQueue.put (auto_commit: an fsync per put), and the plain-Python "
+            f"{REFERENCE}; one untimed warm-up batch each; {where}",
+            THROUGHPUT,
+            Workload(n_sqlite_sync, SIZE),
+            [
+                _ours('engine.Log append_many (durability="always")', ours_append_many_always),
+                Contender(PQ_SQLITE, pq_sqlite_put_warm, requires=PERSIST),
+                Contender(REFERENCE, reference_write_sync),
+            ],
+            targets=[Target("ratio", 300, PQ_SQLITE)],
+        ),
+        Case(
+            "read back vs queuelib",
+            "iterate a closed log's values with LogReader (copies) against "
+            f"FifoDiskQueue.pop; filling untimed; {where}",
+            THROUGHPUT,
+            Workload(n, SIZE),
+            [reader, Contender(QUEUELIB_FIFO, queuelib_pop, requires=QUEUELIB)],
+            targets=[Target("ratio", 5, QUEUELIB_FIFO)],
+        ),
+        Case(
+            "read back vs per-put queues",
+            "LogReader iteration against persist-queue Queue.get and diskcache "
+            f"Deque.popleft; filling untimed; {where}",
+            THROUGHPUT,
+            Workload(n_slow, SIZE),
+            [
+                reader,
+                Contender(PQ_FILE, pq_file_get, requires=PERSIST),
+                Contender(DISKCACHE_DEQUE, diskcache_popleft, requires=DISKCACHE),
+            ],
+        ),
+        Case(
+            "verify scan",
+            f"engine._log.verify(path) over a {scan_bytes >> 20} MiB log of {SIZE}-byte "
+            f"records written untimed (page cache warm); MB/s of record bytes "
+            f"({scan_size} per record: value + frame); {where}",
+            THROUGHPUT,
+            _ScanWorkload(n_scan, scan_size),
+            [_ours("engine._log.verify", ours_scan)],
+            unit="MB/s",
+            targets=[Target("min_mb_per_s", 1000)],
+        ),
+    ]
