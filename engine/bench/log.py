@@ -101,8 +101,30 @@ class _TempDir:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+def _fs_type(path: str) -> str:
+    """The file system type of ``path`` from /proc/self/mounts ("" elsewhere):
+    the case text says whether the syncs reached a disk or a tmpfs."""
+    try:
+        with open("/proc/self/mounts") as f:
+            mounts = [line.split() for line in f]
+    except OSError:
+        return ""
+    real = os.path.realpath(path)
+    best, kind = "", ""
+    for m in mounts:
+        if len(m) < 3:
+            continue
+        mnt = m[1].replace("\\040", " ")
+        inside = real == mnt or real.startswith(mnt.rstrip("/") + "/")
+        if inside and len(mnt) >= len(best):
+            best, kind = mnt, m[2]
+    return kind
+
+
 def _where() -> str:
-    return f"files in a fresh directory under {tempfile.gettempdir()}"
+    tmp = tempfile.gettempdir()
+    kind = _fs_type(tmp)
+    return f"files in a fresh directory under {tmp}" + (f" ({kind})" if kind else "")
 
 
 def _chunks(msgs: List[bytes], n: int) -> List[List[bytes]]:
