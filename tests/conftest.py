@@ -16,6 +16,27 @@ _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
+# Child processes (`python -c ...`, `python -m engine`) put their working
+# directory first on sys.path; in the repository root that is the source tree's
+# uncompiled `engine/`, not the package under test.  So children get the
+# directory that holds the package these tests imported (site-packages for an
+# installed wheel, the checkout for an in-place build) on PYTHONPATH, and every
+# test runs from a scratch directory (fixture below).
+import engine as _engine  # noqa: E402
+
+_PKG_ROOT = str(Path(_engine.__file__).resolve().parent.parent)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (_PKG_ROOT, os.environ.get("PYTHONPATH", "")) if p
+)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _run_outside_the_source_tree(tmp_path_factory):
+    old = os.getcwd()
+    os.chdir(tmp_path_factory.getbasetemp())
+    yield
+    os.chdir(old)
+
 
 @pytest.fixture
 def shm_name(request):

@@ -153,14 +153,12 @@ def test_openmetrics_text_matches_prometheus_client():
 
 
 def _cli(*args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # conftest puts the package under test on PYTHONPATH for children
     return subprocess.run(
         [sys.executable, "-m", "engine", *args],
         capture_output=True,
         text=True,
         timeout=60,
-        cwd=str(ROOT),
-        env=env,
     )
 
 

@@ -7,14 +7,11 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 import engine
 from engine.versions import Deduplicator, StoreFollower, VersionedStore, VersionGate
-
-ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 def store(path, **kw):
@@ -694,8 +691,6 @@ def test_follower_in_another_process(tmp_path):
         child = subprocess.Popen(
             [sys.executable, "-c", FOLLOWER_CHILD, str(path)],
             stdout=subprocess.PIPE,
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": ROOT},
         )
         for i in range(500):
             s.put(b"n%d" % (i % 10), b"%d" % i)
@@ -905,15 +900,12 @@ def test_writer_killed_keeps_every_acknowledged_batch(tmp_path, durability):
 
     rng = random.Random(durability)
     path = tmp_path / "s"
-    env = {**os.environ, "PYTHONPATH": ROOT}
     acked = -1
     kills = 8 if durability == "none" else 4
     for _ in range(kills):
         child = subprocess.Popen(
             [sys.executable, "-c", CRASH_CHILD, str(path), durability],
             stdout=subprocess.PIPE,
-            cwd=ROOT,
-            env=env,
         )
         target = acked + rng.randint(20, 150)
         for line in child.stdout:

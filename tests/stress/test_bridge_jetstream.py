@@ -60,21 +60,39 @@ def _forward_proc(log_path, servers, stream="ORDERS", subject="orders", replicas
     )
 
 
+async def _retry(call, seconds=30.0):
+    import nats
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return await call()
+        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
 async def _read_stream(servers, stream, subject, expect):
-    """Every message of the stream, in stream order: (msg id, payload) pairs."""
+    """Every message of the stream, in stream order: (msg id, payload, key,
+    timestamp), read by sequence number (a consumer-free read: after a node
+    restart a push consumer can stall while its replica catches up)."""
     import nats
 
     nc = await nats.connect(servers=servers)
     js = nc.jetstream()
-    info = await js.stream_info(stream)
+    info = await _retry(lambda: js.stream_info(stream))
     assert info.state.messages == expect, f"stream holds {info.state.messages}, want {expect}"
-    sub = await js.subscribe(subject, ordered_consumer=True)
+    assert info.state.first_seq == 1 and info.state.last_seq == expect
+
+    async def one(seq):
+        msg = await _retry(lambda: js.get_msg(stream, seq))
+        h = msg.headers or {}
+        return (h.get("Nats-Msg-Id"), msg.data, h.get("Engine-Key"), h.get("Engine-Timestamp"))
+
     out = []
-    for _ in range(expect):
-        msg = await sub.next_msg(timeout=10)
-        out.append((msg.headers.get("Nats-Msg-Id"), msg.data,
-                    msg.headers.get("Engine-Key"), msg.headers.get("Engine-Timestamp")))
-    await sub.unsubscribe()
+    for lo in range(1, expect + 1, 256):
+        out += await asyncio.gather(*(one(q) for q in range(lo, min(expect, lo + 255) + 1)))
     await nc.close()
     return out
 
@@ -91,6 +109,14 @@ def _check_stream(servers, log_id, n, stream="ORDERS", subject="orders"):
     assert all(ts is not None and int(ts) > 0 for _, _, _, ts in got)
 
 
+def _committed(log_path) -> int:
+    reader = engine.LogReader(log_path, group="js")
+    try:
+        return reader.committed() or 0
+    finally:
+        reader.close()
+
+
 def test_forwarder_killed_at_random_moments_single_server(tmp_path):
     exe = require_nats()
     server = NatsServer(exe, tmp_path, "solo").start()
@@ -98,21 +124,25 @@ def test_forwarder_killed_at_random_moments_single_server(tmp_path):
         log_path = tmp_path / "outbox"
         log_id = _fill_log(log_path, N_RECORDS)
         rng = random.Random(1234)
-        kills = 0
-        finished = False
         deadline = time.monotonic() + 200
-        while kills < KILLS and time.monotonic() < deadline:
+        for kills in range(KILLS):
+            # A random moment, as progress: somewhere in the next share of what
+            # is left, so all the kills land mid-stream whatever the speed.
+            done = _committed(log_path)
+            share = (N_RECORDS - done) // (KILLS - kills + 1)
+            target = done + rng.randint(1, max(1, share))
             proc = _forward_proc(log_path, server.url)
-            time.sleep(rng.uniform(0.35, 0.9))  # import + connect take ~0.3 s
-            if proc.poll() is not None:
-                assert proc.returncode == 0, proc.stderr.read().decode()[-3000:]
-                finished = True
-                break
+            while proc.poll() is None and _committed(log_path) < target:
+                assert time.monotonic() < deadline, "the forwarder made no progress"
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0, 0.02))  # anywhere inside the next batch
+            assert proc.poll() is None, (
+                f"the forwarder finished before kill {kills + 1}: "
+                + proc.stderr.read().decode()[-3000:]
+            )
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            kills += 1
-        # The kills must all land mid-stream, before the forwarder could finish.
-        assert not finished and kills >= KILLS, f"only {kills} kills landed before the forwarder finished"
+        assert _committed(log_path) < N_RECORDS
         proc = _forward_proc(log_path, server.url)
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err.decode()[-3000:]
@@ -131,9 +161,13 @@ def test_cluster_node_killed_and_restarted_mid_stream(tmp_path):
         log_id = _fill_log(log_path, n)
         _wait_cluster_ready([n.url for n in nodes])
         proc = _forward_proc(log_path, urls, replicas=3)
-        time.sleep(1.5)
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and _committed(log_path) < n // 4:
+            assert time.monotonic() < deadline, "the forwarder made no progress"
+            time.sleep(0.005)
         victim = nodes[1]
         victim.kill()
+        assert proc.poll() is None and _committed(log_path) < n, "node killed too late"
         time.sleep(1.0)
         victim.start()
         _, err = proc.communicate(timeout=180)

@@ -20,7 +20,6 @@ Two recipes:
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import struct
@@ -36,7 +35,6 @@ from engine.versions import Deduplicator, VersionedStore
 
 pytestmark = pytest.mark.crash
 
-ROOT = str(Path(__file__).resolve().parent.parent.parent)
 N = 4000  # distinct messages
 RETRIES = 600  # producer duplicates mixed in
 KILLS = 12  # SIGKILLs per recipe (at least)
@@ -156,7 +154,6 @@ def test_consumer_killed_mid_stream_applies_each_message_once(tmp_path, recipe):
     amounts, total_records, last_effect, retried = _make_source(src, rng)
     state = tmp_path / "state"
     seen = tmp_path / "seen"
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     kills = 0
     runs = 0
     targeted = 0
@@ -185,8 +182,6 @@ def test_consumer_killed_mid_stream_applies_each_message_once(tmp_path, recipe):
         child = subprocess.Popen(
             [sys.executable, "-c", CONSUMER, str(src), str(state), str(seen), recipe, kill],
             stdout=subprocess.PIPE,
-            cwd=ROOT,
-            env=env,
         )
         try:
             assert child.stdout is not None

@@ -76,7 +76,8 @@ print("finished", flush=True)
 
 
 def _env():
-    return dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # conftest already puts the package under test on PYTHONPATH for children
+    return dict(os.environ)
 
 
 def _ensure_log(path):
