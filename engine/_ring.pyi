@@ -5,7 +5,6 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Any, AsyncIterator, Coroutine, Dict, Iterable, List, Optional, Type, Union
 
-import numpy as np
 import numpy.typing as npt
 
 # Any C-contiguous object that supports the buffer protocol.
@@ -117,3 +116,5 @@ class Consumer:
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
     ) -> None: ...
+
+def _have_futex() -> bool: ...

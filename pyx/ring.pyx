@@ -1791,3 +1791,9 @@ cdef class Consumer:
 
     def __exit__(self, exc_type, exc, tb):
         self.close()
+
+
+def _have_futex():
+    """True when blocking waits sleep on a real futex (False in the
+    ENGINE_PORTABLE build, which naps instead); CI checks which one it built."""
+    return bool(eng_have_futex())
