@@ -904,6 +904,8 @@ class Coordinator:
                     elif d == "abort":
                         p.abort(txid)
                         out["aborted"] += 1
+                    if d in ("commit", "abort"):
+                        _logger.info("recover: in-doubt %s resolved at %r: %s", txid, p.name, d)
                 except Exception:
                     _logger.warning(
                         "recover: participant %r did not take %s of %s",
@@ -927,6 +929,9 @@ class Coordinator:
             if not self._complete(txid, parts):
                 out["unfinished"] += 1
         self.flush()
+        if any(out.values()):
+            _logger.info("recover: %(committed)d committed, %(aborted)d aborted, "
+                         "%(resent)d commits resent, %(unfinished)d unfinished", out)
         return out
 
     def in_doubt(self) -> List[str]:

@@ -299,14 +299,17 @@ def test_decision_answers(world, tmp_path):
     world.open()
 
 
-def test_participant_restart_resolves_in_doubt(world, tmp_path):
+def test_participant_restart_resolves_in_doubt(world, tmp_path, caplog):
     # prepared at A and B, then the coordinator "crashes" before deciding
     tx = world.coord.transaction()
     assert world.a.prepare(tx.txid, [b"lost"]) and world.b.prepare(tx.txid, [b"lost"])
     world.reopen()
     assert world.a.recover() == [tx.txid] and world.b.recover() == [tx.txid]
+    caplog.set_level("INFO", logger="engine")
     out = world.coord.recover([world.a, world.b])
     assert out["aborted"] == 2
+    resolved = [r.getMessage() for r in caplog.records if "resolved" in r.getMessage()]
+    assert len(resolved) == 2 and all(tx.txid in m and m.endswith("abort") for m in resolved)
     assert world.a.recover() == [] and values(tmp_path / "a") == []
     world.reopen()
     assert world.a.recover() == []  # the abort record spares the question
