@@ -991,6 +991,23 @@ def _flusher(ref, stop, interval):
         log = None
 
 
+cdef inline bint _bytes_of(object obj, Py_buffer *view, const char **p, size_t *n,
+                           str what) except -1:
+    """Pointer and length of a bytes-like object: ``bytes`` directly, anything
+    else through the buffer protocol.  True when ``view`` was taken and must be
+    released by the caller.  ``TypeError`` "<what>, not <type>" otherwise."""
+    if PyBytes_CheckExact(obj):
+        p[0] = PyBytes_AS_STRING(obj)
+        n[0] = <size_t>PyBytes_GET_SIZE(obj)
+        return False
+    if not PyObject_CheckBuffer(obj):
+        raise TypeError(f"{what}, not {type(obj).__name__}")
+    PyObject_GetBuffer(obj, view, PyBUF_SIMPLE)
+    p[0] = <const char *>view.buf
+    n[0] = <size_t>view.len
+    return True
+
+
 cdef class Log:
     """The single writer of a log directory (created if missing).
 
@@ -1445,28 +1462,10 @@ cdef class Log:
         cdef int64_t ts
         self._enter()
         try:
-            if PyBytes_CheckExact(value):
-                v = PyBytes_AS_STRING(value)
-                vlen = <size_t>PyBytes_GET_SIZE(value)
-            else:
-                if not PyObject_CheckBuffer(value):
-                    raise TypeError(f"value must be a bytes-like object, not {type(value).__name__}")
-                PyObject_GetBuffer(value, &vb, PyBUF_SIMPLE)
-                vbuf = True
-                v = <const char *>vb.buf
-                vlen = <size_t>vb.len
+            vbuf = _bytes_of(value, &vb, &v, &vlen, "value must be a bytes-like object")
             if key is not None:
                 flags = ENG_REC_FLAG_KEY
-                if PyBytes_CheckExact(key):
-                    k = PyBytes_AS_STRING(key)
-                    klen = <size_t>PyBytes_GET_SIZE(key)
-                else:
-                    if not PyObject_CheckBuffer(key):
-                        raise TypeError(f"key must be a bytes-like object or None, not {type(key).__name__}")
-                    PyObject_GetBuffer(key, &kb, PyBUF_SIMPLE)
-                    kbuf = True
-                    k = <const char *>kb.buf
-                    klen = <size_t>kb.len
+                kbuf = _bytes_of(key, &kb, &k, &klen, "key must be a bytes-like object or None")
             if klen > 0xFFFF_0000 or vlen > 0xFFFF_0000:
                 raise ValueError("value is too large")
             self._room(_align8(_HDR + klen + vlen))
@@ -1530,30 +1529,13 @@ cdef class Log:
                 flags = 0
                 value = vl[i]
                 try:
-                    if PyBytes_CheckExact(value):
-                        v = PyBytes_AS_STRING(value)
-                        vlen = <size_t>PyBytes_GET_SIZE(value)
-                    else:
-                        if not PyObject_CheckBuffer(value):
-                            raise TypeError(f"values must hold bytes-like objects, not {type(value).__name__}")
-                        PyObject_GetBuffer(value, &vb, PyBUF_SIMPLE)
-                        vbuf = True
-                        v = <const char *>vb.buf
-                        vlen = <size_t>vb.len
+                    vbuf = _bytes_of(value, &vb, &v, &vlen, "values must hold bytes-like objects")
                     if kl is not None:
                         key = kl[i]
                         if key is not None:
                             flags = ENG_REC_FLAG_KEY
-                            if PyBytes_CheckExact(key):
-                                k = PyBytes_AS_STRING(key)
-                                klen = <size_t>PyBytes_GET_SIZE(key)
-                            else:
-                                if not PyObject_CheckBuffer(key):
-                                    raise TypeError(f"keys must hold bytes-like objects or None, not {type(key).__name__}")
-                                PyObject_GetBuffer(key, &kb, PyBUF_SIMPLE)
-                                kbuf = True
-                                k = <const char *>kb.buf
-                                klen = <size_t>kb.len
+                            kbuf = _bytes_of(key, &kb, &k, &klen,
+                                             "keys must hold bytes-like objects or None")
                     if klen > 0xFFFF_0000 or vlen > 0xFFFF_0000:
                         raise ValueError("value is too large")
                     self._room(_align8(_HDR + klen + vlen))
