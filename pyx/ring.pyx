@@ -563,29 +563,30 @@ cdef int _reap_dead(_Mapping m) except -1:
     return reaped
 
 
-cdef inline void _wake_producer(ring_header_t *h) noexcept nogil:
-    # Called after a consumer advanced its cursor (release).  The full fence
-    # orders that store before the sleeper-flag load (StoreLoad): a producer
-    # that raised the flag before re-checking its gate either sees our cursor
-    # or is seen here.  The waker clears the flag before bumping the sequence
-    # word, so a waiter that is slow to wake up costs one syscall, not one per
-    # message; a waiter that raised the flag again meanwhile either loaded
-    # the sequence before the bump (its futex_wait returns at once) or after
-    # it (then it sees our cursor when it re-checks).
+cdef inline void _wake_sleepers(uint32_t *sleeping, uint32_t *seq) noexcept nogil:
+    # Called after publishing a cursor (release).  The full fence orders that
+    # store before the sleeper-flag load (StoreLoad): a waiter that raised the
+    # flag before re-checking its condition either sees our cursor or is seen
+    # here.  The waker clears the flag before bumping the sequence word, so a
+    # waiter that is slow to wake up costs one syscall, not one per message; a
+    # waiter that raised the flag again meanwhile either loaded the sequence
+    # before the bump (its futex_wait returns at once) or after it (then it
+    # sees our cursor when it re-checks).
     eng_fence_seqcst()
-    if eng_load_relaxed_u32(&h.space.space_waiters):
-        eng_store_release_u32(&h.space.space_waiters, 0)
-        eng_fetch_add_u32(&h.space.space_seq, 1)
-        eng_futex_wake(&h.space.space_seq, INT32_MAX)
+    if eng_load_relaxed_u32(sleeping):
+        eng_store_release_u32(sleeping, 0)
+        eng_fetch_add_u32(seq, 1)
+        eng_futex_wake(seq, INT32_MAX)
+
+
+cdef inline void _wake_producer(ring_header_t *h) noexcept nogil:
+    # After a consumer advanced its cursor.
+    _wake_sleepers(&h.space.space_waiters, &h.space.space_seq)
 
 
 cdef inline void _wake_consumers(ring_header_t *h) noexcept nogil:
-    # Same pattern for the producer after publishing head.
-    eng_fence_seqcst()
-    if eng_load_relaxed_u32(&h.prod.data_waiters):
-        eng_store_release_u32(&h.prod.data_waiters, 0)
-        eng_fetch_add_u32(&h.prod.data_seq, 1)
-        eng_futex_wake(&h.prod.data_seq, INT32_MAX)
+    # After the producer published head.
+    _wake_sleepers(&h.prod.data_waiters, &h.prod.data_seq)
 
 
 cdef class Ring:
