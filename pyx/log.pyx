@@ -27,7 +27,8 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyOb
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc
+from libc.errno cimport errno
+from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset
 
 from crc32c cimport eng_crc32c, eng_crc32c_have_hw, eng_crc32c_hw, eng_crc32c_init, eng_crc32c_sw
@@ -62,11 +63,16 @@ cdef extern from "log_layout.h" nogil:
         uint32_t key_len
         uint32_t flags
     int eng_log_sync_range(int fd, void *addr, size_t length) noexcept
+    int ENG_LOG_PWRITE
+    int eng_log_pwrite_all(int fd, const void *buf, size_t length, uint64_t off) noexcept
+    int eng_log_zero_fill(int fd, uint64_t off, size_t length) noexcept
+    int eng_log_datasync(int fd) noexcept
     ctypedef struct eng_notify:
         uint32_t magic
         uint32_t seq
         uint32_t waiters
         uint64_t active_base
+        uint64_t published
 
 cdef extern from "<sys/mman.h>" nogil:
     int msync(void *addr, size_t length, int flags)
@@ -99,6 +105,9 @@ cdef size_t _HDR = 32        # record header bytes
 cdef size_t _SEGHDR = 64     # segment header bytes
 cdef size_t _PAGE = _mmap.PAGESIZE
 cdef size_t _MIN_SEGMENT = 4096
+cdef size_t _ZERO_MIN = 1 << 20      # durable path: zero at least this much ahead of the tail
+cdef size_t _ZERO_MAX = 16 << 20     # ... and at most this much per step
+cdef size_t _STAGE_KEEP = 4 << 20    # staging buffer kept between calls up to this size
 
 _SEG_RE = _re.compile(r"^(\d{20})\.seg$")
 _GROUP_RE = _re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -408,6 +417,7 @@ cdef class _Seg:
     cdef size_t size               # mapped bytes (file size at map time)
     cdef int fd                    # open file descriptor (-1 once closed)
     cdef size_t synced             # writer: bytes up to here are durable
+    cdef size_t zeroed             # writer, pwrite path: [0, zeroed) are written blocks (data or zeros)
     # sparse index (C arrays, capacity fixed at open from the segment size)
     cdef uint32_t *ix_rel          # relative offsets
     cdef uint32_t *ix_pos          # positions
@@ -650,6 +660,33 @@ cdef object _scan_mapped(object mm, str name, object base, object lid):
         PyBuffer_Release(&buf)
 
 
+cdef object _live_published(str path, uint64_t base):
+    """The published end of segment `base` while a writer process is alive
+    and appending there, else None (see log_layout.h)."""
+    cdef _Notify nt
+    cdef uint64_t p
+    try:
+        with open(_os.path.join(path, "writer.lock"), "rb") as f:
+            pid = int(f.read(32).decode().strip() or 0)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if pid <= 0 or not eng_pid_alive(pid):
+        return None
+    nt = _open_notify(path, False)
+    if nt is None:
+        return None
+    try:
+        if eng_load_acquire_u32(&nt.n.magic) != ENG_NOTIFY_MAGIC or \
+                eng_load_acquire_u64(&nt.n.active_base) != base:
+            return None
+        p = eng_load_acquire_u64(&nt.n.published)
+        if (p >> 32) != (base & 0xFFFFFFFFu):
+            return None
+        return <size_t>(p & 0xFFFFFFFFu)
+    finally:
+        nt.close()
+
+
 def verify(path):
     """Check every segment of a log directory; returns one :class:`ScanResult` each.
 
@@ -679,6 +716,13 @@ def verify(path):
             res = _scan_mapped(mm, spath, base, lid)
         finally:
             mm.close()
+        if res.error is not None and i == len(bases) - 1:
+            # a live writer's unpublished tail (framed but not yet synced and
+            # published) is in progress, not damage
+            pub = _live_published(path, base)
+            if pub is not None and res.error_position >= pub:
+                res.error = None
+                res.error_position = 0
         if res.error is None:
             last = i == len(bases) - 1
             if not last and not res.sealed:
@@ -1070,6 +1114,13 @@ cdef class Log:
     cdef uint64_t _n_syncs        # statistics
     cdef uint64_t _n_rolls        # statistics
     cdef uint64_t _recovered_bytes  # bytes zeroed by recovery at open
+    cdef bint _pw                 # durable path: pwrite + fdatasync, publish after the sync (Linux, "always")
+    cdef uint8_t *_stage          # pwrite path: records framed here, then written with one pwrite
+    cdef size_t _stage_cap        # bytes allocated at _stage
+    cdef size_t _stage_len        # bytes framed, not yet written
+    cdef size_t _wpos             # pwrite path: bytes of _active handed to pwrite (<= _pos)
+    cdef uint64_t _wnext          # pwrite path: offsets below this were handed to pwrite
+    cdef object _broken           # str: a write failed, appends refuse (reopen recovers)
     cdef bint _was_clean          # the last stop before this open was clean
     cdef object __weakref__
 
@@ -1105,6 +1156,7 @@ cdef class Log:
             raise ValueError("flush_interval must be in (0, 3600] seconds")
         self._path = path
         self._durability = {"none": D_NONE, "interval": D_INTERVAL, "always": D_ALWAYS}[durability]
+        self._pw = self._durability == D_ALWAYS and ENG_LOG_PWRITE
         self._segment_bytes = (segment_bytes + 7) & ~7
         self._retention_bytes = retention_bytes
         self._retention_age = None if retention_age is None else float(retention_age)
@@ -1275,7 +1327,13 @@ cdef class Log:
             break
         s = self._active
         s.synced = self._pos
+        s.zeroed = self._pos  # beyond it: zeros, maybe still unwritten blocks
         self._durable = self._next
+        self._wpos = self._pos
+        self._wnext = self._next
+        # published before active_base (see log_layout.h): readers trust length
+        # words only below it, and everything recovered is complete
+        self._publish(self._pos)
         eng_store_release_u64(&self._notify.n.active_base, s.base)
         self._last_ts = max(ts, s.created_ns)
         self._write_ckpt(False)
@@ -1365,11 +1423,15 @@ cdef class Log:
             _fsync_dir(path)
         s = _map_seg(final, True, base, self._log_id_bytes, True)
         s.synced = _SEGHDR
+        s.zeroed = _SEGHDR
         self._active = s
-        # release: the end marker of the previous segment and the new file
-        # exist before a reader can see the new base
-        eng_store_release_u64(&self._notify.n.active_base, base)
         self._pos = _SEGHDR
+        self._wpos = _SEGHDR
+        self._wnext = base
+        # release, in this order: the new segment's published end, then its
+        # base (after the end marker of the previous segment and the new file)
+        self._publish(_SEGHDR)
+        eng_store_release_u64(&self._notify.n.active_base, base)
         self._bases.append(base)
         self._last_ts = max(self._last_ts, created)
 
@@ -1385,6 +1447,7 @@ cdef class Log:
             self._lock_fd = -1
 
     def __dealloc__(self):
+        free(self._stage)
         # not closed: no sync, just let go of the lock (the next open recovers)
         if self._real is not None:
             _open_writers.discard(self._real)
@@ -1397,6 +1460,8 @@ cdef class Log:
         """Take the writer flag (waits while another thread rolls)."""
         if self._closed:
             raise Closed(f"log {self._path!r} is closed")
+        if self._broken is not None:
+            raise OSError(_errno.EIO, self._broken)
         while self._writing:
             # only possible while another thread is inside a roll (GIL released)
             _time.sleep(0.0001)
@@ -1413,6 +1478,70 @@ cdef class Log:
             eng_fetch_add_seqcst_u32(&self._notify.n.seq, 1)
             eng_futex_wake(&self._notify.n.seq, 0x7fffffff)
 
+    cdef inline void _publish(self, size_t pos) noexcept nogil:
+        # release: the records below pos are complete before a reader can see it
+        eng_store_release_u64(&self._notify.n.published,
+                              ((self._active.base & 0xFFFFFFFFu) << 32) | <uint64_t>pos)
+
+    cdef uint8_t *_stage_room(self, size_t need) except NULL:
+        """Pwrite path: room for `need` more framed bytes in the staging buffer."""
+        cdef size_t cap
+        cdef uint8_t *p
+        if self._stage_len + need > self._stage_cap:
+            cap = self._stage_cap * 2 if self._stage_cap else 65536
+            while cap < self._stage_len + need:
+                cap *= 2
+            p = <uint8_t *>realloc(self._stage, cap)
+            if p == NULL:
+                raise MemoryError()
+            self._stage = p
+            self._stage_cap = cap
+        return self._stage
+
+    cdef int _stage_flush(self) except -1:
+        """Pwrite path: write the framed bytes at their place in the active
+        segment (zeros ahead first, see log_layout.h).  Not durable, not
+        published yet: ``_sync_upto`` does both."""
+        cdef _Seg s = self._active
+        cdef size_t n = self._stage_len
+        cdef size_t at = self._wpos
+        cdef size_t end = at + n
+        cdef size_t ahead, zto
+        cdef int rc = 0
+        if n == 0:
+            return 0
+        self._stage_len = 0
+        if end > s.zeroed:
+            # zero a growing step ahead: a small log pays little, a big one
+            # turns few extents per sync
+            ahead = s.zeroed if s.zeroed > _ZERO_MIN else _ZERO_MIN
+            if ahead > _ZERO_MAX:
+                ahead = _ZERO_MAX
+            zto = end + ahead
+            zto -= zto % _PAGE
+            if zto > s.size:
+                zto = s.size
+            if zto > s.zeroed:
+                rc = eng_log_zero_fill(s.fd, s.zeroed, zto - s.zeroed)
+                if rc == 0:
+                    s.zeroed = zto
+        if rc == 0:
+            rc = eng_log_pwrite_all(s.fd, self._stage, n, at)
+        if rc != 0:
+            rc = errno or _errno.EIO
+            self._broken = (f"writing {s.path} failed ({_os.strerror(rc)}); records from offset "
+                            f"{self._wnext} on were not written: reopen the log to recover")
+            raise OSError(rc, self._broken)
+        if end > s.zeroed:
+            s.zeroed = end
+        self._wpos = end
+        self._wnext = self._next
+        if self._stage_cap > _STAGE_KEEP:
+            free(self._stage)
+            self._stage = NULL
+            self._stage_cap = 0
+        return 0
+
     cdef int _room(self, size_t need) except -1:
         """Roll to a new segment unless `need` bytes (+ an end marker) fit."""
         if need + _HDR > self._segment_bytes - _SEGHDR:
@@ -1427,6 +1556,8 @@ cdef class Log:
         cdef int rc
         cdef size_t endpos
         cdef int64_t ts = self._last_ts
+        if self._pw:
+            self._stage_flush()  # the records framed so far belong to this segment
         _write_rec(old.p, self._pos, self._next, ts, NULL, 0, ENG_REC_FLAG_EOS, NULL, 0)
         endpos = self._pos + _HDR
         if self._durability != D_NONE:
@@ -1460,6 +1591,7 @@ cdef class Log:
         cdef uint32_t flags = 0
         cdef uint64_t off
         cdef int64_t ts
+        cdef size_t need
         self._enter()
         try:
             vbuf = _bytes_of(value, &vb, &v, &vlen, "value must be a bytes-like object")
@@ -1468,15 +1600,24 @@ cdef class Log:
                 kbuf = _bytes_of(key, &kb, &k, &klen, "key must be a bytes-like object or None")
             if klen > 0xFFFF_0000 or vlen > 0xFFFF_0000:
                 raise ValueError("value is too large")
-            self._room(_align8(_HDR + klen + vlen))
+            need = _align8(_HDR + klen + vlen)
+            self._room(need)
             ts = eng_wall_ns()
             if ts < self._last_ts:
                 ts = self._last_ts
             self._last_ts = ts
             off = self._next
             self._active.ix_note(off, self._pos, ts)
-            self._pos += _write_rec(self._active.p, self._pos, off, ts, k, <uint32_t>klen, flags, v, vlen)
-            self._next = off + 1
+            if self._pw:
+                _write_rec(self._stage_room(need), self._stage_len, off, ts, k, <uint32_t>klen, flags, v, vlen)
+                self._stage_len += need
+                self._pos += need
+                self._next = off + 1
+                self._stage_flush()
+            else:
+                self._pos += _write_rec(self._active.p, self._pos, off, ts, k, <uint32_t>klen, flags, v, vlen)
+                self._next = off + 1
+                self._publish(self._pos)
             self._n_appends += 1
         finally:
             if vbuf:
@@ -1484,7 +1625,8 @@ cdef class Log:
             if kbuf:
                 PyBuffer_Release(&kb)
             self._writing = False
-        self._wake()
+        if not self._pw:
+            self._wake()  # the pwrite path publishes and wakes after its sync
         if self._durability == D_ALWAYS:
             self._sync_upto(off + 1)
         return off
@@ -1506,6 +1648,7 @@ cdef class Log:
         cdef uint64_t first
         cdef int64_t ts
         cdef Py_ssize_t i, n
+        cdef size_t need
         cdef list vl, kl = None
         if isinstance(values, (bytes, bytearray, memoryview, str)):
             raise TypeError("values must be an iterable of bytes-like objects, not a single buffer")
@@ -1538,10 +1681,19 @@ cdef class Log:
                                              "keys must hold bytes-like objects or None")
                     if klen > 0xFFFF_0000 or vlen > 0xFFFF_0000:
                         raise ValueError("value is too large")
-                    self._room(_align8(_HDR + klen + vlen))
+                    need = _align8(_HDR + klen + vlen)
+                    self._room(need)
                     self._active.ix_note(self._next, self._pos, ts)
-                    self._pos += _write_rec(self._active.p, self._pos, self._next, ts, k,
-                                            <uint32_t>klen, flags, v, vlen)
+                    if self._pw:
+                        if self._stage_len >= _STAGE_KEEP:
+                            self._stage_flush()  # bounded memory for huge batches
+                        _write_rec(self._stage_room(need), self._stage_len, self._next, ts, k,
+                                   <uint32_t>klen, flags, v, vlen)
+                        self._stage_len += need
+                        self._pos += need
+                    else:
+                        self._pos += _write_rec(self._active.p, self._pos, self._next, ts, k,
+                                                <uint32_t>klen, flags, v, vlen)
                     self._next += 1
                 finally:
                     if vbuf:
@@ -1550,9 +1702,17 @@ cdef class Log:
                         PyBuffer_Release(&kb)
             self._n_appends += <uint64_t>n
         finally:
-            self._writing = False
-            if self._next != first:
-                self._wake()
+            try:
+                # also after an error half way: the records framed so far
+                # have their offsets, so they are written (a prefix survives)
+                if self._pw:
+                    self._stage_flush()
+                elif self._next != first:
+                    self._publish(self._pos)
+            finally:
+                self._writing = False
+                if self._next != first and not self._pw:
+                    self._wake()
         if self._durability == D_ALWAYS and self._next != first:
             self._sync_upto(self._next)
         return range(first, self._next)
@@ -1565,6 +1725,7 @@ cdef class Log:
         cdef size_t lo, hi
         cdef uint64_t nxt
         cdef int rc = 0
+        cdef bint pw
         cond = self._cond
         with cond:
             while self._durable < target:
@@ -1573,13 +1734,18 @@ cdef class Log:
                     continue
                 s = self._active
                 lo = s.synced
-                hi = self._pos
-                nxt = self._next
+                pw = self._pw
+                # pwrite path: only what reached pwrite (a thread may be framing more)
+                hi = self._wpos if pw else self._pos
+                nxt = self._wnext if pw else self._next
                 self._syncing = True
                 cond.release()
                 try:
                     with nogil:
-                        rc = _sync_range(s.fd, s.p, lo, hi)
+                        if pw:
+                            rc = eng_log_datasync(s.fd)
+                        else:
+                            rc = _sync_range(s.fd, s.p, lo, hi)
                 finally:
                     cond.acquire()
                     self._syncing = False
@@ -1591,6 +1757,10 @@ cdef class Log:
                     s.synced = hi
                 if nxt > self._durable:
                     self._durable = nxt
+                if pw and s is self._active:
+                    # durable now: readers may see it (a roll meanwhile published the old segment whole)
+                    self._publish(hi)
+                    self._wake()
                 self._n_syncs += 1
                 if _sync_hook is not None:
                     _call_hook(self._path, {"kind": "data", "segment": s.base, "position": hi,
@@ -1807,6 +1977,7 @@ cdef class LogReader:
     cdef uint64_t _skipped       # records jumped over (retention)
     cdef bint _closed            # close() ran
     cdef size_t _zero_checked    # position where a "zero length" was last checked against later segments
+    cdef size_t _lim             # records of _seg below this are published (0: ask the notify block)
 
     def __cinit__(self):
         self._closed = True
@@ -1844,6 +2015,30 @@ cdef class LogReader:
         if self._closed:
             raise Closed("reader is closed")
 
+    cdef size_t _end_of(self, _Seg s) except? 0:
+        """Where s's published records end (s.size: everywhere; see
+        log_layout.h).  A length word alone proves a record complete only in
+        a sealed segment: the durable path writes with pwrite."""
+        cdef eng_notify *n
+        cdef uint64_t a, p
+        if self._notify is None:
+            self._notify = _open_notify(self._path, False)
+            if self._notify is None:
+                return s.size  # no writer ever ran here
+        n = self._notify.n
+        if eng_load_acquire_u32(&n.magic) != ENG_NOTIFY_MAGIC:
+            return s.size  # a writer of the first format: length words alone
+        a = eng_load_acquire_u64(&n.active_base)
+        if s.base < a:
+            return s.size  # sealed
+        if s.base > a:
+            return _SEGHDR  # created, not announced yet
+        # acquire after active_base: a roll stores the new published before the new base
+        p = eng_load_acquire_u64(&n.published)
+        if (p >> 32) != (s.base & 0xFFFFFFFFu):
+            return s.size  # rolled since: sealed
+        return <size_t>(p & 0xFFFFFFFFu)
+
     cdef _Seg _open_seg(self, uint64_t base):
         """Map segment `base` read-only (None if it does not exist)."""
         cdef _Seg s
@@ -1857,7 +2052,7 @@ cdef class LogReader:
     cdef _seek(self, uint64_t offset, bint count_skip):
         """Position at offset (or the first kept offset after it)."""
         cdef _Seg s = None
-        cdef size_t pos, i
+        cdef size_t pos, i, lim
         cdef uint64_t expect
         cdef int r, why = W_NONE
         for _attempt in range(100):
@@ -1879,6 +2074,7 @@ cdef class LogReader:
         _load_index(self._path, s)
         pos = _SEGHDR
         expect = s.base
+        lim = self._end_of(s)
         # last index entry at or before the offset
         i = s.ix_n
         while i > 0 and s.base + s.ix_rel[i - 1] > offset:
@@ -1890,7 +2086,7 @@ cdef class LogReader:
                 pos = _SEGHDR  # stale or damaged index: scan from the start
                 expect = s.base
         while expect < offset:
-            r = _rec_check(s.p, s.size, pos, expect, True, &why)
+            r = R_END if pos >= lim else _rec_check(s.p, s.size, pos, expect, True, &why)
             if r == R_REC:
                 pos += _align8((<const eng_rec_header *>(s.p + pos)).length)
                 expect += 1
@@ -1905,6 +2101,7 @@ cdef class LogReader:
                 s = s2
                 _load_index(self._path, s)
                 pos = _SEGHDR
+                lim = self._end_of(s)
                 i = s.ix_n
                 while i > 0 and s.base + s.ix_rel[i - 1] > offset:
                     i -= 1
@@ -1918,6 +2115,7 @@ cdef class LogReader:
         self._seg = s
         self._pos = pos
         self._off = expect
+        self._lim = 0
 
     cdef Record _next(self):
         """The next record, or None at the current end."""
@@ -1930,7 +2128,12 @@ cdef class LogReader:
         while True:
             s = self._seg
             pos = self._pos
-            r = _rec_check(s.p, s.size, pos, self._off, True, &why)
+            if pos >= self._lim:
+                self._lim = self._end_of(s)  # a load or two, once per published batch
+            if pos >= self._lim:
+                r = R_END
+            else:
+                r = _rec_check(s.p, s.size, pos, self._off, True, &why)
             if r == R_REC:
                 h = <const eng_rec_header *>(s.p + pos)
                 klen = h.key_len
@@ -1988,6 +2191,7 @@ cdef class LogReader:
             return True
         self._seg = s2
         self._pos = _SEGHDR
+        self._lim = 0
         return True
 
     def __iter__(self):
@@ -2080,7 +2284,9 @@ cdef class LogReader:
         segment, damage to raise), 0 at the current end.  Moves nothing."""
         cdef _Seg s = self._seg
         cdef int why = W_NONE
-        cdef int r = _rec_check(s.p, s.size, self._pos, self._off, False, &why)
+        cdef int r = R_END
+        if self._pos < self._end_of(s):
+            r = _rec_check(s.p, s.size, self._pos, self._off, False, &why)
         if r == R_END:
             # read() checks each end position once for a segment that ends early
             return self._zero_checked != self._pos
@@ -2202,13 +2408,15 @@ cdef class LogReader:
         i = s.ix_n
         while i > 0 and s.ix_ts[i - 1] >= ts_ns:
             i -= 1
-        if i > 0 and s.base + s.ix_rel[i - 1] >= self._off and \
+        if i > 0 and s.base + s.ix_rel[i - 1] >= self._off and s.ix_pos[i - 1] < self._end_of(s) and \
                 _rec_check(s.p, s.size, s.ix_pos[i - 1], s.base + s.ix_rel[i - 1], False, &why) == R_REC:
             self._pos = s.ix_pos[i - 1]
             self._off = s.base + s.ix_rel[i - 1]
         while True:
             s = self._seg
             pos = self._pos
+            if pos >= self._end_of(s):
+                return self._off
             r = _rec_check(s.p, s.size, pos, self._off, True, &why)
             if r == R_REC:
                 h = <const eng_rec_header *>(s.p + pos)
