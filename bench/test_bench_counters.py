@@ -67,7 +67,12 @@ def test_counter_add_2proc_sharded(benchmark):
 
 
 def test_counter_add_2proc_single_cell(benchmark):
-    _bench(benchmark, ctr.ours_add_2p(1), Workload(1_000_000, 8))
+    _bench(benchmark, ctr.single_cell_2p, Workload(1_000_000, 8))
+
+
+def test_counter_add_2proc_call_ceiling(benchmark):
+    # the same calls writing nothing: the most any one-call-per-add counter can do
+    _bench(benchmark, ctr.call_ceiling_2p, Workload(1_000_000, 8))
 
 
 def test_counter_add_2proc_mp_value(benchmark):
@@ -95,7 +100,8 @@ def test_counter_targets_same_run(benchmark):
     contenders = {
         "add_1p": (ctr.ours_add_1p, Workload(1_000_000, 8)),
         "add_2p": (ctr.ours_add_2p(None), Workload(1_000_000, 8)),
-        "single_cell_2p": (ctr.ours_add_2p(1), Workload(1_000_000, 8)),
+        "single_cell_2p": (ctr.single_cell_2p, Workload(1_000_000, 8)),
+        "call_ceiling_2p": (ctr.call_ceiling_2p, Workload(1_000_000, 8)),
         "mp_value_2p": (ctr.mpvalue_add_2p, Workload(100_000, 8)),
     }
     rates = {k: [] for k in contenders}
@@ -113,6 +119,9 @@ def test_counter_targets_same_run(benchmark):
     info["add_1p_target_15M"] = med["add_1p"] >= 15e6
     info["ratio_vs_mp_value"] = med["add_2p"] / med["mp_value_2p"]
     info["ratio_vs_single_cell"] = med["add_2p"] / med["single_cell_2p"]
+    # no counter called once per increment beats the call ceiling, so this
+    # ratio bounds the one above on this machine (the issue asks >= 2)
+    info["bound_vs_single_cell"] = med["call_ceiling_2p"] / med["single_cell_2p"]
     info["seconds"] = time.monotonic() - t0
     # sanity that holds on any machine: no lock is far faster than a lock
     assert med["add_2p"] > 5 * med["mp_value_2p"]

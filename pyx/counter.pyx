@@ -1,14 +1,19 @@
 # Sharded counters: cache-line-padded int64 cells in private or shared memory.
 #
 # ``add`` is one atomic read-modify-write on the caller's shard (picked from
-# the kernel thread id, cached in TLS), so adders on different threads or
-# processes rarely touch the same cache line; ``value`` sums the shards.  The
+# the kernel thread id), so adders on different threads or processes rarely
+# touch the same cache line; ``value`` sums the shards.  Each handle caches a
+# pointer to the caller's cell keyed by (Python thread state, fork
+# generation), so a repeated ``add`` from the same thread costs a compare, not
+# a TLS lookup; the hot ``add`` methods are ``binding=False`` (a plain builtin
+# method: CPython calls it directly, no bound-method object in between).  The
 # layout lives in counter_layout.h; this module maps regions, validates them
 # on attach and exposes ShardedCounter and CounterMap.
 """Sharded counters (compiled core of :mod:`engine.counters`)."""
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
+from cpython.pystate cimport PyThreadState, PyThreadState_Get
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.errno cimport errno
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
@@ -62,12 +67,14 @@ cdef extern from "counter_layout.h" nogil:
     uint64_t eng_counter_row_stride(uint32_t capacity) noexcept
     uint64_t eng_counter_region_size(uint32_t kind, uint32_t shards, uint32_t capacity) noexcept
     int eng_cell_add(int64_t *cell, int64_t n) noexcept
+    void eng_cell_fetch_add(int64_t *cell, int64_t n) noexcept
     int64_t eng_cell_exchange(int64_t *cell, int64_t v) noexcept
     int64_t eng_cell_load(const int64_t *cell) noexcept
     void eng_cells_sum(const char *first, uint64_t stride, uint32_t n,
                        int64_t *hi_out, uint64_t *lo_out) noexcept
     uint32_t eng_counter_thread_tag() noexcept
     int eng_counter_install_atfork() noexcept
+    uint32_t eng_counter_fork_generation() noexcept
     uint64_t eng_counter_hash(const uint8_t *key, uint32_t n, uint32_t flags) noexcept
 
 
@@ -315,6 +322,39 @@ cdef _Mapping _attach_shared(str name, uint32_t kind):
     return m
 
 
+# how _open_region gets its region
+cdef enum:
+    _OPEN_CREATE = 1          # create the shared region; FileExistsError if it exists
+    _OPEN_ATTACH = 2          # attach an existing shared region
+    _OPEN_EITHER = 3          # attach it, creating it first if it is missing
+
+
+cdef _Mapping _open_region(object name, uint32_t kind, uint32_t shards, uint32_t capacity,
+                           int how, bint same_shards):
+    """The one way a ShardedCounter or CounterMap gets its mapping.
+
+    ``how`` says create, attach or either; with either, ``name`` None means
+    private memory (create/attach reject None like any non-str name), and
+    ``same_shards`` (the caller asked for a shard count) refuses an existing
+    region with a different one.
+    """
+    if how == _OPEN_EITHER and name is None:
+        return _new_private(kind, shards, capacity)
+    if how == _OPEN_ATTACH:
+        return _attach_shared(name, kind)
+    if how == _OPEN_CREATE:
+        return _create_shared(name, kind, shards, capacity)
+    region_path(name)   # a bad name is a ValueError/TypeError, not an attach attempt
+    try:
+        return _create_shared(name, kind, shards, capacity)
+    except FileExistsError:
+        pass
+    cdef _Mapping m = _attach_shared(name, kind)
+    if same_shards and m.header().shards != shards:
+        raise IncompatibleRegion(name, f"exists with {m.header().shards} shards, asked for {shards}")
+    return m
+
+
 def unlink_region(name):
     """Remove the shared region ``name`` (mappings still open stay valid)."""
     os.unlink(region_path(name))
@@ -346,35 +386,29 @@ cdef class ShardedCounter:
     cdef _Mapping _map          # keeps the region mapped
     cdef char *_cells           # first cell, NULL once closed
     cdef uint32_t _mask         # shards - 1 (shards is a power of two)
+    cdef int64_t *_my_cell      # the cell of the thread in _my_ts (cache; NULL: none)
+    cdef PyThreadState *_my_ts  # thread state _my_cell was chosen for
+    cdef uint32_t _my_gen       # fork generation _my_cell was chosen in
 
     def __init__(self, name=None, shards=None):
-        if name is None:
-            sh = _check_shards(shards, _default_shards(4, 32, 1024))
-            self._bind(_new_private(ENG_COUNTER_KIND_COUNTER, sh, 0))
-            return
-        region_path(name)
-        try:
-            m = _create_shared(name, ENG_COUNTER_KIND_COUNTER,
-                               _check_shards(shards, _default_shards(4, 32, 1024)), 0)
-        except FileExistsError:
-            m = _attach_shared(name, ENG_COUNTER_KIND_COUNTER)
-            if shards is not None and m.header().shards != _check_shards(shards, 0):
-                raise IncompatibleRegion(
-                    name, f"exists with {m.header().shards} shards, asked for {shards}")
-        self._bind(m)
+        self._open(name, shards, _OPEN_EITHER)
 
-    cdef int _bind(self, _Mapping m) except -1:
+    cdef int _open(self, object name, object shards, int how) except -1:
+        cdef _Mapping m = _open_region(
+            name, ENG_COUNTER_KIND_COUNTER, _check_shards(shards, _default_shards(4, 32, 1024)),
+            0, how, shards is not None)
         self._map = m
         self._cells = m.base + ENG_COUNTER_BLOCK
         self._mask = m.header().shards - 1
+        self._my_cell = NULL
+        self._my_ts = NULL
         return 0
 
     @classmethod
     def create(cls, name, shards=None):
         """Create the shared counter ``name`` (``FileExistsError`` if it exists)."""
         cdef ShardedCounter self = cls.__new__(cls)
-        self._bind(_create_shared(name, ENG_COUNTER_KIND_COUNTER,
-                                  _check_shards(shards, _default_shards(4, 32, 1024)), 0))
+        self._open(name, shards, _OPEN_CREATE)
         return self
 
     @classmethod
@@ -382,7 +416,7 @@ cdef class ShardedCounter:
         """Attach the shared counter ``name``; ``IncompatibleRegion`` if it is
         missing, foreign, truncated or corrupt."""
         cdef ShardedCounter self = cls.__new__(cls)
-        self._bind(_attach_shared(name, ENG_COUNTER_KIND_COUNTER))
+        self._open(name, None, _OPEN_ATTACH)
         return self
 
     @staticmethod
@@ -395,17 +429,30 @@ cdef class ShardedCounter:
             raise Closed("counter is closed")
         return 0
 
-    def add(self, n=1):
-        """Add ``n`` (an int, may be negative) with one atomic op on this thread's shard."""
+    cdef inline int64_t *_cell_of_caller(self) except NULL:
+        # The cached cell while the same thread of the same process calls again
+        # (a compare of two words); otherwise pick it from the thread id.  Under
+        # free threading two threads may race on the cache and one may add to
+        # the other's cell: still exact (every add is atomic), merely shared.
+        cdef PyThreadState *ts = PyThreadState_Get()
+        if ts == self._my_ts and self._my_gen == eng_counter_fork_generation():
+            return self._my_cell
         if self._cells == NULL:
             raise Closed("counter is closed")
+        self._my_gen = eng_counter_fork_generation()
+        self._my_cell = <int64_t *>(
+            self._cells + <size_t>(eng_counter_thread_tag() & self._mask) * ENG_COUNTER_BLOCK)
+        self._my_ts = ts
+        return self._my_cell
+
+    @cython.binding(False)
+    def add(self, n=1):
+        """Add ``n`` (an int, may be negative) with one atomic op on this thread's shard."""
         if type(n) is not int and not isinstance(n, int):
             # explicit: Cython's C conversion would accept a float via __int__
             raise TypeError(f"n must be an int, not {type(n).__name__}")
         cdef int64_t v = n
-        cdef int64_t *cell = <int64_t *>(
-            self._cells + <size_t>(eng_counter_thread_tag() & self._mask) * ENG_COUNTER_BLOCK)
-        if eng_cell_add(cell, v) != 0:
+        if eng_cell_add(self._cell_of_caller(), v) != 0:
             raise OverflowError(f"adding {n} would take a shard of the counter out of int64")
 
     def value(self):
@@ -487,6 +534,8 @@ cdef class ShardedCounter:
     def close(self):
         """Unmap the counter (the shared region itself stays; see :meth:`unlink`)."""
         self._cells = NULL
+        self._my_cell = NULL
+        self._my_ts = NULL      # no thread state is NULL: the next add misses and raises Closed
         if self._map is not None:
             self._map.unmap()
 
@@ -507,6 +556,60 @@ cdef class ShardedCounter:
         if self._cells == NULL:
             return f"<ShardedCounter {self.name!r} closed>"
         return f"<ShardedCounter {self.name!r} shards={self.shards} value={self.value()}>"
+
+
+@cython.final
+cdef class _AtomicCell:
+    """The benchmark's single-shared-cell reference (not public API).
+
+    Attaches a shared ShardedCounter region of one shard and adds to that one
+    int64 with a plain atomic fetch_add (one ``lock xadd`` on x86): the
+    strongest form of "every adder on one cache line", with no overflow check
+    and no shard choice.  ``add`` has the same signature, argument checks and
+    call path as :meth:`ShardedCounter.add`, so the two differ only in where
+    the add lands; ``nop`` runs the same call and checks and writes nothing:
+    the ceiling of any add made by one Python call per increment.
+    """
+
+    cdef _Mapping _map          # keeps the region mapped
+    cdef int64_t *_cell         # the one cell, NULL once closed
+
+    def __init__(self, name):
+        cdef _Mapping m = _open_region(name, ENG_COUNTER_KIND_COUNTER, 1, 0, _OPEN_ATTACH, False)
+        if m.header().shards != 1:
+            raise IncompatibleRegion(name, f"has {m.header().shards} shards; the reference needs 1")
+        self._map = m
+        self._cell = <int64_t *>(m.base + ENG_COUNTER_BLOCK)
+
+    @cython.binding(False)
+    def add(self, n=1):
+        """Atomically add ``n`` (an int) to the one shared cell."""
+        if type(n) is not int and not isinstance(n, int):
+            raise TypeError(f"n must be an int, not {type(n).__name__}")
+        cdef int64_t v = n
+        if self._cell == NULL:
+            raise Closed("cell is closed")
+        eng_cell_fetch_add(self._cell, v)
+
+    @cython.binding(False)
+    def nop(self, n=1):
+        """The call and checks of :meth:`add` without the add."""
+        if type(n) is not int and not isinstance(n, int):
+            raise TypeError(f"n must be an int, not {type(n).__name__}")
+        cdef int64_t v = n
+        if self._cell == NULL:
+            raise Closed("cell is closed")
+
+    def value(self):
+        """The cell's value."""
+        if self._cell == NULL:
+            raise Closed("cell is closed")
+        return eng_cell_load(self._cell)
+
+    def close(self):
+        """Unmap the cell."""
+        self._cell = NULL
+        self._map.unmap()
 
 
 # ---------------------------------------------------------------------------
@@ -547,22 +650,19 @@ cdef class CounterMap:
     cdef uint64_t _stride       # bytes between two rows
     cdef uint32_t _cap_mask     # capacity - 1
     cdef uint32_t _shard_mask   # shards - 1
-    cdef int32_t _pid           # this process's pid, refreshed when forked
+    cdef char *_my_row          # the row of the thread in _my_ts (cache; NULL: none)
+    cdef PyThreadState *_my_ts  # thread state _my_row was chosen for
+    cdef uint32_t _my_gen       # fork generation _my_row was chosen in
 
     def __init__(self, name=None, capacity=1024, shards=None):
-        cap = _check_capacity(capacity)
-        sh = _check_shards(shards, _default_shards(2, 8, 64))
-        if name is None:
-            self._bind(_new_private(ENG_COUNTER_KIND_MAP, sh, cap))
-            return
-        region_path(name)
-        try:
-            m = _create_shared(name, ENG_COUNTER_KIND_MAP, sh, cap)
-        except FileExistsError:
-            m = _attach_shared(name, ENG_COUNTER_KIND_MAP)
-        self._bind(m)
+        # the existing region's capacity and shards win (documented above)
+        self._open(name, capacity, shards, _OPEN_EITHER)
 
-    cdef int _bind(self, _Mapping m) except -1:
+    cdef int _open(self, object name, object capacity, object shards, int how) except -1:
+        cdef uint32_t cap = 2 if how == _OPEN_ATTACH else _check_capacity(capacity)
+        cdef _Mapping m = _open_region(
+            name, ENG_COUNTER_KIND_MAP, _check_shards(shards, _default_shards(2, 8, 64)),
+            cap, how, False)
         cdef eng_counter_header *h = m.header()
         self._map = m
         self._hdr = h
@@ -571,15 +671,15 @@ cdef class CounterMap:
         self._stride = eng_counter_row_stride(h.capacity)
         self._cap_mask = h.capacity - 1
         self._shard_mask = h.shards - 1
+        self._my_row = NULL
+        self._my_ts = NULL
         return 0
 
     @classmethod
     def create(cls, name, capacity=1024, shards=None):
         """Create the shared map ``name`` (``FileExistsError`` if it exists)."""
         cdef CounterMap self = cls.__new__(cls)
-        self._bind(_create_shared(name, ENG_COUNTER_KIND_MAP,
-                                  _check_shards(shards, _default_shards(2, 8, 64)),
-                                  _check_capacity(capacity)))
+        self._open(name, capacity, shards, _OPEN_CREATE)
         return self
 
     @classmethod
@@ -587,7 +687,7 @@ cdef class CounterMap:
         """Attach the shared map ``name``; ``IncompatibleRegion`` if it is
         missing, foreign, truncated or corrupt."""
         cdef CounterMap self = cls.__new__(cls)
-        self._bind(_attach_shared(name, ENG_COUNTER_KIND_MAP))
+        self._open(name, None, None, _OPEN_ATTACH)
         return self
 
     @staticmethod
@@ -687,6 +787,18 @@ cdef class CounterMap:
             raise OverflowError(f"counter total {v} is outside int64")
         return v
 
+    cdef inline char *_row_of_caller(self) noexcept:
+        # As ShardedCounter._cell_of_caller: the caller's row, cached per
+        # (thread state, fork generation); the caller checked the map is open.
+        cdef PyThreadState *ts = PyThreadState_Get()
+        if ts != self._my_ts or self._my_gen != eng_counter_fork_generation():
+            self._my_gen = eng_counter_fork_generation()
+            self._my_row = self._rows + <size_t>(
+                eng_counter_thread_tag() & self._shard_mask) * self._stride
+            self._my_ts = ts
+        return self._my_row
+
+    @cython.binding(False)
     def add(self, key, n=1):
         """Add ``n`` to the counter ``key`` (created at 0 on first use)."""
         self._check_open()
@@ -694,7 +806,7 @@ cdef class CounterMap:
             raise TypeError(f"n must be an int, not {type(n).__name__}")
         cdef int64_t v = n
         cdef Py_ssize_t i = self._find(key, True)
-        if eng_cell_add(self._cell(<uint32_t>i, eng_counter_thread_tag() & self._shard_mask), v) != 0:
+        if eng_cell_add(<int64_t *>(self._row_of_caller() + <size_t>i * 8), v) != 0:
             raise OverflowError(f"adding {n} would take a shard of counter {key!r} out of int64")
 
     def get(self, key, default=0):
@@ -818,6 +930,8 @@ cdef class CounterMap:
     def close(self):
         """Unmap the map (the shared region itself stays; see :meth:`unlink`)."""
         self._hdr = NULL
+        self._my_row = NULL
+        self._my_ts = NULL
         if self._map is not None:
             self._map.unmap()
 

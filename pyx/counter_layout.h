@@ -124,6 +124,14 @@ static inline int eng_cell_add(int64_t *cell, int64_t n) {
     return 0;
 }
 
+/* A plain atomic fetch_add, no overflow check: only the benchmark's
+ * single-shared-cell reference (engine._counter._AtomicCell) uses it, as the
+ * strongest form of "one int64 on one cache line" (one lock xadd on x86; a
+ * CAS loop would re-read the line on every failed attempt). */
+static inline void eng_cell_fetch_add(int64_t *cell, int64_t n) {
+    __atomic_fetch_add(cell, n, __ATOMIC_RELAXED);
+}
+
 /* Swap in v and return what was there: reset() drains each cell with it, so
  * an add racing a reset is either in the returned total or still counted. */
 static inline int64_t eng_cell_exchange(int64_t *cell, int64_t v) {
@@ -179,7 +187,18 @@ static inline uint32_t eng_counter_thread_tag(void) {
     return eng_counter_thread_tag_slow();
 }
 
-static void eng_counter_atfork_child(void) { eng_tls_thread_tag = 0; }
+/* Bumped in every forked child.  A handle caches its shard pointer per
+ * (Python thread state, fork generation): the thread state alone would be
+ * the same pointer in a child forked from that thread, which must pick its
+ * own shard (its tid differs), not keep adding to its parent's. */
+static uint32_t eng_counter_fork_gen;
+
+static void eng_counter_atfork_child(void) {
+    eng_tls_thread_tag = 0;
+    eng_counter_fork_gen++;
+}
+
+static inline uint32_t eng_counter_fork_generation(void) { return eng_counter_fork_gen; }
 
 static inline int eng_counter_install_atfork(void) {
     return pthread_atfork(NULL, NULL, eng_counter_atfork_child);
