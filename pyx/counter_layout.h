@@ -160,7 +160,10 @@ static inline void eng_cells_sum(const char *first, uint64_t stride, uint32_t n,
  * distinct shards modulo a power of two, better than a random hash would.
  * Elsewhere (and in the ENGINE_PORTABLE build, so CI compiles and tests this
  * branch) a mix of pthread_self() and the pid.  A forked child inherits the
- * parent's TLS, so an atfork handler clears it in the child. */
+ * parent's TLS, so an atfork handler clears it in the child.  Handles do not
+ * read it per add: they cache their cell per (thread state, fork generation)
+ * and call this only when the caller changed (a TLS read in a dlopen()ed
+ * module is a call to __tls_get_addr). */
 static __thread uint32_t eng_tls_thread_tag;   /* tag + 1; 0 = not computed */
 
 #ifndef ENGINE_PORTABLE

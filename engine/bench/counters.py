@@ -662,6 +662,12 @@ def main() -> int:
         f"  bound on sharded / single cell: {py['bound_vs_single_cell']:.2f}x;"
         f" measured: {py['sharded_vs_single_cell']:.2f}x"
     )
+    if rows:
+        near = min(rows, key=lambda r: abs(r["work_ns"] - py["ns_per_call_per_process"]))
+        print(
+            f"C floor at the nearest spacing ({near['work_ns']:.0f} ns of work per add):"
+            f" separate lines / one line = {near['ratio']:.2f}x"
+        )
     return 0
 
 
