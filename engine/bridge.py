@@ -20,13 +20,26 @@ Each record is published with two headers:
   be overtaken by the records after it: they are refused too, not stored out
   of order.
 
-Up to ``max_in_flight`` publishes are outstanding at once.  When a batch is
-fully acknowledged the group offset is committed.  After any failure -- and on
-every start -- the forwarder asks the stream for its last message, reads the
+Up to ``max_in_flight`` publishes are outstanding at once, in batches of a
+quarter of that, each batch one socket write on a lean connection of our own
+(:mod:`engine._nats_wire`; nats-py still does the management calls).  Only
+the *last* record of a batch asks for an acknowledgement: by the chain above,
+JetStream stores that record only if its predecessor is the stream's last
+message, which it is only if that one was stored after *its* predecessor, and
+so on back to the batch before -- so one successful ack proves the whole
+batch is stored, in order, once; a record refused or lost anywhere in it
+makes the last one fail (or never be acknowledged) and the forwarder
+resynchronises.  (A duplicate ack for the last record says it was stored by
+an earlier attempt, under the same chain check.)
+
+The group offset is committed as batches complete, off the event loop and at
+most every 0.1 s (a commit is an fsync).  After any failure -- and on every
+start -- the forwarder asks the stream for its last message, reads the
 offset out of its ``Nats-Msg-Id`` and resumes right after it (or at the
 committed group offset, whichever is later).  So a crash between publish and
 commit re-sends nothing the stream already has, and anything re-sent anyway
-is dropped by the duplicate window.
+is dropped by the duplicate window.  ``BridgeStatus.duplicates`` counts the
+batches whose last record the stream already had.
 
 The record's key (base64) and timestamp (ns) travel as the headers
 ``Engine-Key`` and ``Engine-Timestamp``.
@@ -50,7 +63,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Union, cast
 
 from . import _nats_wire
 from .errors import EngineError
@@ -84,7 +97,7 @@ class BridgeStatus:
     """What a bridge has done so far (``.status()``; the CLI prints it)."""
 
     records: int = 0  # records forwarded (acknowledged) or ingested (appended)
-    duplicates: int = 0  # re-sent records the far side already had
+    duplicates: int = 0  # re-sent messages the far side already had (forwarder: batches)
     in_flight: int = 0  # publishes not yet acknowledged
     lag: int = 0  # records in the log not yet forwarded (forwarder only)
     resyncs: int = 0  # times the forwarder re-read the stream's last message
@@ -209,6 +222,8 @@ class JetStreamForwarder:
         try:
             await self._ensure_stream(js, nats)
             log_id = reader.log_id
+            if log_id is None:  # pragma: no cover - a log always has an id once opened
+                raise EngineError(f"{self.log_path}: the log has no id; is it a log directory?")
             self._wire = await self._reconnect()
             expected_last = await self._resync(js, reader, log_id)
             pipe = _Pipeline(self, reader, log_id, expected_last)
@@ -439,7 +454,7 @@ class _Pipeline:
         exp = self.expected_last
         expected = exp.encode() if exp is not None else None
         max_payload = wire.max_payload
-        frames = []
+        frames: List[bytes] = []
         add = frames.append
         b64 = binascii.b2a_base64
         for rec in batch:
@@ -597,6 +612,8 @@ class JetStreamIngest:
             raise ValueError("durable: a durable consumer name is required")
         if batch < 1:
             raise ValueError("batch must be >= 1")
+        if durability not in ("always", "interval", "none"):
+            raise ValueError(f"durability must be 'always', 'interval' or 'none', not {durability!r}")
         self.servers = _servers(servers)
         self.stream = stream
         self.durable = durable
@@ -653,7 +670,7 @@ class JetStreamIngest:
         nats = _import_nats()
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        out = _log.Log(self.log_path, durability=self.durability)
+        out = _log.Log(self.log_path, durability=cast(Any, self.durability))
         seen = self._recent_ids(out)
         nc = await _connect(self.servers)
         js = nc.jetstream()
