@@ -52,8 +52,11 @@ Durable
     (a durable group commit per log); whatever was not acked is delivered
     again after a restart. See :class:`DurablePriorityQueue`.
     ``KeyedQueue(..., durable=True, path=DIR)`` keeps a log per partition
-    with the same consumer-group protocol; ``consumer.ack()`` commits (see
-    :class:`DurableKeyedQueue`).
+    (plus ``DIR/D<p>`` for its delayed messages) with the same consumer-group
+    protocol; ``consumer.ack()`` commits (see :class:`DurableKeyedQueue`).
+    On both, a delayed message survives a restart with its wall-clock due
+    time, and an acked one is not delivered again even when it came due
+    before older ones (see :class:`_DelayLog`).
 
 Threads
     A handle's put side and get side may run on two different threads; two
@@ -64,9 +67,11 @@ Threads
 
 from __future__ import annotations
 
+import heapq
 import json
 import mmap
 import os
+import struct
 import time
 from collections import deque
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, overload
@@ -195,6 +200,22 @@ def _due_ns(delay: Any, at: Any) -> int:
     if a != a:
         raise ValueError("at must be a wall-clock time in seconds (time.time())")
     return now + (int(a * 1e9) - wall)
+
+
+def _wall_due_ns(delay: Any, at: Any) -> Optional[int]:
+    """Wall-clock due time (ns) of ``delay``/``at`` for a durable delay log,
+    or None if already due. Stored as wall-clock time because the monotonic
+    clock restarts with the machine; never earlier than :func:`_due_ns`."""
+    due = _due_ns(delay, at)
+    now = now_ns()
+    if due <= now:
+        return None
+    return time.time_ns() + (due - now)  # wall read after mono: only later
+
+
+def _delay_key(wall_due: int, tag: int) -> bytes:
+    """The key of a durable delay-log record: wall due (i64) + level/partition (u32)."""
+    return wall_due.to_bytes(8, "little", signed=True) + tag.to_bytes(4, "little")
 
 
 def _validate_policy(levels: Any, policy: Any, weights: Any, max_wait: Any) -> Tuple[int, str, Optional[List[int]], float]:
@@ -692,23 +713,30 @@ class KeyedQueue(_KQCore, _Awaitable):
         self._members.append(c)
         return c
 
-    def get(self, timeout: Optional[float] = None) -> bytes:
-        """``get`` of this handle's default consumer (joined on first use)."""
+    def _default_consumer(self) -> KeyedConsumer:
+        """This handle's default consumer, joined on first use (the get side
+        of both the ring-backed and the durable queue)."""
         if self._default is None:
             self._default = self.consumer()
-        return self._default.get(timeout)
+        return self._default
+
+    def get(self, timeout: Optional[float] = None) -> bytes:
+        """``get`` of this handle's default consumer (joined on first use)."""
+        return self._default_consumer().get(timeout)
 
     def try_get(self) -> Optional[bytes]:
         """``try_get`` of this handle's default consumer."""
-        if self._default is None:
-            self._default = self.consumer()
-        return self._default.try_get()
+        return self._default_consumer().try_get()
 
     def get_many(self, max: int = 1024, timeout: Optional[float] = 0) -> List[bytes]:
         """``get_many`` of this handle's default consumer."""
-        if self._default is None:
-            self._default = self.consumer()
-        return self._default.get_many(max, timeout)
+        return self._default_consumer().get_many(max, timeout)
+
+    def ack(self) -> None:
+        """``ack`` of this handle's default consumer, if it has one: durable
+        queues commit what it was handed; rings have nothing to commit."""
+        if self._default is not None:
+            self._default.ack()
 
     def close_put(self) -> None:
         """End the stream: consumers drain their partitions, then get ``Closed``."""
@@ -770,14 +798,11 @@ class KeyedQueue(_KQCore, _Awaitable):
 class _Owned:
     """A partition this member owns: its ring consumers and held delayed messages."""
 
-    __slots__ = ("p", "data", "delay", "try_get", "many", "eof", "deof", "heap")
+    __slots__ = ("p", "data", "delay", "try_get", "many", "eof", "deof", "heap", "_seq")
 
-    def ack(self) -> None:
-        """Commit what was handed out (durable partitions); rings have
-        nothing to commit (at-most-once across a crash)."""
-        ack = getattr(self.data, "ack", None)
-        if ack is not None:
-            ack()
+    # True: the delayed messages in ``heap`` exist only in this process, so the
+    # partition is handed over only once they are delivered
+    holds_delayed = True
 
     def __init__(self, p: int, data: Any, delay: Any) -> None:
         self.p = p
@@ -787,7 +812,39 @@ class _Owned:
         self.many = data.get_many
         self.eof = False
         self.deof = False
-        self.heap: List[Tuple[int, int, bytes]] = []
+        self.heap: List[Tuple[int, int, bytes]] = []  # heapq (due, tie-breaker, payload)
+        self._seq = 0
+
+    def ack(self) -> None:
+        """Commit what was handed out (durable partitions); rings have
+        nothing to commit (at-most-once across a crash)."""
+
+    def drain_delayed(self) -> None:
+        """Move what the delay ring holds into ``heap`` (until it is closed)."""
+        if self.deof:
+            return
+        heap = self.heap
+        while True:
+            try:
+                recs = self.delay.get_many(1024, 0)
+            except Closed:
+                self.deof = True
+                return
+            if not recs:
+                return
+            for rec in recs:
+                due, _p, payload = split_delayed(rec)
+                self._seq += 1
+                heapq.heappush(heap, (due, self._seq, payload))
+
+    def pop_due(self, now: int, room: int, out: List[bytes]) -> int:
+        """Append up to ``room`` delayed messages due at ``now`` to ``out``."""
+        heap = self.heap
+        n = 0
+        while heap and heap[0][0] <= now and n < room:
+            out.append(heapq.heappop(heap)[2])
+            n += 1
+        return n
 
 
 class KeyedConsumer(_Awaitable):
@@ -898,7 +955,7 @@ class KeyedConsumer(_Awaitable):
         # release first, so a partner waiting for them can go on
         for p, own in list(self._owned.items()):
             if live[p % n] != me:
-                if own.heap:
+                if own.heap and own.holds_delayed:
                     pending = True  # held delayed messages: release once delivered
                     continue
                 self._drop(own)
@@ -960,20 +1017,7 @@ class KeyedConsumer(_Awaitable):
         if d != self._dseen:
             self._dseen = d
             for own in self._order:
-                if own.deof:
-                    continue
-                while True:
-                    try:
-                        recs = own.delay.get_many(1024, 0)
-                    except Closed:
-                        own.deof = True
-                        break
-                    if not recs:
-                        break
-                    for rec in recs:
-                        due, _p, payload = split_delayed(rec)
-                        own.heap.append((due, len(own.heap), payload))
-                own.heap.sort()
+                own.drain_delayed()
 
     def _take(self, room: int, out: List[bytes]) -> int:
         order = self._order
@@ -987,9 +1031,8 @@ class KeyedConsumer(_Awaitable):
             if own.heap:
                 if now < 0:
                     now = now_ns()
-                while own.heap and own.heap[0][0] <= now and got < room:
-                    out.append(own.heap.pop(0)[2])
-                    got += 1
+                if own.heap[0][0] <= now:
+                    got += own.pop_due(now, room - got, out)
             if got >= room:
                 break
             if own.eof:
@@ -1138,6 +1181,141 @@ class KeyedConsumer(_Awaitable):
 # ---------------------------------------------------------------------------
 
 
+_DONE_MAGIC = b"EQDONE01"
+_DONE_ENTRY = struct.Struct("<QQ")  # offset, offset ^ _DONE_MASK: a torn or zeroed entry fails the check
+_DONE_MASK = (1 << 64) - 1
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class _DelayLog:
+    """Consumer side of one durable delay log (``DIR/delay``, ``DIR/D<p>``).
+
+    Records carry ``_delay_key(wall_due, tag)``. Delayed messages come due out
+    of offset order, so the group's committed offset (everything below it is
+    processed) can only move up to the oldest one still waiting. Those handed
+    out and acked above it are listed in a side file (``done_path``: magic,
+    the log's id, then 16-byte entries; written before ``ack`` returns) and
+    skipped when the log is read again. So after a restart an acked delayed
+    message is not delivered again, one handed out but not acked is, and one
+    not yet due keeps its wall-clock due time (it is not delayed again).
+    One process at a time consumes a delay log (the queue's group protocol).
+    """
+
+    def __init__(self, log_dir: str, done_path: str, group: str, sync: bool) -> None:
+        from ._log import LogReader  # type: ignore[import-not-found]
+
+        self.reader = LogReader(log_dir, group=group)
+        self._dir = log_dir
+        self._done_path = done_path
+        self._sync = sync
+        self._header = _DONE_MAGIC + str(self.reader.log_id).encode("ascii")
+        self._committed = self.reader.committed() or 0
+        self.handed: List[int] = []  # offsets handed out since the last ack
+        self.done, self._file_ok, self._entries = self._load()
+
+    def _load(self) -> Tuple[set, bool, int]:
+        """(acked offsets >= committed, file can be appended to, entries in it)."""
+        try:
+            with open(self._done_path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return set(), False, 0
+        h = len(self._header)
+        if data[:h] != self._header:
+            return set(), False, 0  # another log's list (the log was re-created): obsolete
+        done = set()
+        ok = (len(data) - h) % _DONE_ENTRY.size == 0
+        n = 0
+        for off, check in _DONE_ENTRY.iter_unpack(data[h:len(data) - (len(data) - h) % _DONE_ENTRY.size]):
+            if off ^ check != _DONE_MASK:
+                ok = False  # torn by a crash mid-append: rewrite before appending again
+                continue
+            n += 1
+            if off >= self._committed:
+                done.add(off)
+        return done, ok, n
+
+    def read(self, max_records: int) -> List[Tuple[int, int, int, int, bytes]]:
+        """Up to ``max_records`` records not yet acked, as (monotonic due,
+        offset, tag, timestamp, payload); ``[]`` only at the end of the log."""
+        out: List[Tuple[int, int, int, int, bytes]] = []
+        while len(out) < max_records:
+            recs = self.reader.read_many(max_records - len(out))
+            if not recs:
+                break
+            wall = time.time_ns()
+            mono = now_ns()  # read after the wall clock: the conversion only makes it later
+            for rec in recs:
+                off = rec.offset
+                if off in self.done:
+                    continue
+                key = rec.key
+                if key is None or len(key) != 12:
+                    raise EngineError(f"corrupt delayed record at offset {off} of {self._dir}")
+                key = bytes(key)
+                wall_due = int.from_bytes(key[:8], "little", signed=True)
+                out.append((mono + (wall_due - wall), off, int.from_bytes(key[8:], "little"),
+                            rec.timestamp, bytes(rec.value)))
+        return out
+
+    def ack(self, pending: Any) -> None:
+        """Everything handed out so far is processed; ``pending`` are the
+        offsets read but not handed out yet (still delayed, or due and queued)."""
+        r = self.reader
+        low = min(pending, default=r.position)
+        new = [o for o in self.handed if o >= low and o not in self.done]
+        self.handed = []
+        if new:
+            self.done.update(new)
+            if self._file_ok:
+                fd = os.open(self._done_path, os.O_WRONLY | os.O_APPEND, 0o600)
+                try:
+                    _write_all(fd, b"".join(_DONE_ENTRY.pack(o, o ^ _DONE_MASK) for o in new))
+                    if self._sync:
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)
+                self._entries += len(new)
+            else:
+                self._rewrite()
+        if low != self._committed:
+            r.commit(low)  # durable (temp file, fsync, rename) before the list may drop entries below it
+            self._committed = low
+            if self.done and min(self.done) < low:
+                self.done = {o for o in self.done if o >= low}
+        if self._entries > 2 * len(self.done) + 256:
+            self._rewrite()  # obsolete entries (below the committed offset) outnumber the live ones
+
+    def _rewrite(self) -> None:
+        d = os.path.dirname(self._done_path)
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        tmp = f"{self._done_path}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            _write_all(fd, self._header + b"".join(_DONE_ENTRY.pack(o, o ^ _DONE_MASK) for o in sorted(self.done)))
+            if self._sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self._done_path)
+        if self._sync:
+            dfd = os.open(d, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        self._file_ok = True
+        self._entries = len(self.done)
+
+    def close(self) -> None:
+        self.reader.close()
+
+
 class DurablePriorityQueue(PriorityQueue):
     """PriorityQueue over segment logs: ``DIR/L<i>`` per level, ``DIR/delay``.
 
@@ -1195,11 +1373,11 @@ class DurablePriorityQueue(PriorityQueue):
         self._durability = durability
         self._group = group
         self._logs: Optional[List[Any]] = None
-        self._readers: Optional[List[Any]] = None
-        # consumer state: per log (levels + delay) the offsets handed out / held
+        self._readers: Optional[List[Any]] = None  # one per level
+        self._dlog: Optional[_DelayLog] = None  # the delay log's consumer side
+        # consumer state: read-ahead per level (log == levels: a due delayed message)
         self._buf: List[deque] = [deque() for _ in range(levels)]  # (ts, log, offset, payload)
-        self._heap: List[Tuple[int, int, int, int, bytes]] = []  # (due, offset, level, ts, payload)
-        self._held: List[Dict[int, int]] = [dict() for _ in range(levels + 1)]  # offset -> 1 (not acked)
+        self._heap: List[Tuple[int, int, int, int, bytes]] = []  # heapq (due, offset, level, ts, payload)
         self._credit = [0] * levels
         self._rr = 0
         self._closed = False
@@ -1245,10 +1423,19 @@ class DurablePriorityQueue(PriorityQueue):
             from ._log import Log, LogReader
 
             readers = []
-            for d in self._log_dirs():
+            dirs = self._log_dirs()
+            for d in dirs:
                 if not os.path.exists(os.path.join(d, "meta")):
                     Log(d, durability=self._durability).close()  # type: ignore[arg-type]  # create it empty
+            for d in dirs[:-1]:
                 readers.append(LogReader(d, group=self._group))
+            try:
+                self._dlog = _DelayLog(dirs[-1], os.path.join(self._path, "delay-acked", f"delay.{self._group}"),
+                                       self._group, self._durability != "none")
+            except BaseException:
+                for r in readers:
+                    r.close()
+                raise
             self._readers = readers
         return self._readers
 
@@ -1258,12 +1445,9 @@ class DurablePriorityQueue(PriorityQueue):
             raise ValueError(f"priority must be 0..{self._n - 1}, not {priority!r}")
         logs = self._producer()
         if delay is not None or at is not None:
-            due = _due_ns(delay, at)
-            now = now_ns()
-            if due > now:
-                # stored as wall-clock ns: the monotonic clock restarts with the machine
-                wall_due = time.time_ns() + (due - now)
-                logs[-1].append(msg, key=wall_due.to_bytes(8, "little", signed=True) + priority.to_bytes(4, "little"))
+            wall_due = _wall_due_ns(delay, at)
+            if wall_due is not None:
+                logs[-1].append(msg, key=_delay_key(wall_due, priority))
                 self._nput[priority] += 1
                 self._bell.add_delayed()
                 self._bell.ring_bell()
@@ -1279,24 +1463,16 @@ class DurablePriorityQueue(PriorityQueue):
             if not self._buf[i]:
                 for rec in readers[i].read_many(256):
                     self._buf[i].append((rec.timestamp, i, rec.offset, bytes(rec.value)))
-                    self._held[i][rec.offset] = 1
-        for rec in readers[-1].read_many(256):
-            key = bytes(rec.key or b"")
-            if len(key) != 12:
-                raise EngineError(f"corrupt delayed record at offset {rec.offset} of {self._path}/delay")
-            wall_due = int.from_bytes(key[:8], "little", signed=True)
-            level = int.from_bytes(key[8:], "little")
-            mono, wall = now_ns(), time.time_ns()
-            due = mono + (wall_due - wall) + 1  # +1: never early after the conversion
-            if level >= self._n:
-                raise EngineError(f"delayed record for level {level} >= {self._n}")
-            self._held[-1][rec.offset] = 1
-            self._heap.append((due, rec.offset, level, rec.timestamp, bytes(rec.value)))
-        self._heap.sort()
-        now = now_ns()
-        while self._heap and self._heap[0][0] <= now:
-            due, off, level, ts, payload = self._heap.pop(0)
-            self._buf[level].appendleft((ts, self._n, off, payload))
+        heap = self._heap
+        for entry in self._dlog.read(256):  # type: ignore[union-attr]  # opened by _consumer
+            if entry[2] >= self._n:
+                raise EngineError(f"delayed record for level {entry[2]} >= {self._n}")
+            heapq.heappush(heap, entry)
+        if heap:
+            now = now_ns()
+            while heap and heap[0][0] <= now:
+                due, off, level, ts, payload = heapq.heappop(heap)
+                self._buf[level].appendleft((ts, self._n, off, payload))
 
     def _take(self) -> Optional[bytes]:
         self._fill()
@@ -1327,7 +1503,9 @@ class DurablePriorityQueue(PriorityQueue):
                     i = (i + 1) % self._n
         if pick < 0:
             return None
-        _ts, _log, _off, payload = buf[pick].popleft()
+        _ts, log, off, payload = buf[pick].popleft()
+        if log == self._n:
+            self._dlog.handed.append(off)  # type: ignore[union-attr]  # a delayed one: acked by the side list
         self._ngot[pick] += 1
         return payload
 
@@ -1406,18 +1584,16 @@ class DurablePriorityQueue(PriorityQueue):
         """Durably mark every message handed out so far as processed: each
         log's group offset moves to its first message still held here."""
         readers = self._consumer()
-        held_now: List[set] = [set() for _ in range(self._n + 1)]
+        held_now: List[List[int]] = [[] for _ in range(self._n + 1)]
         for i in range(self._n):
             for _ts, log, off, _p in self._buf[i]:
-                held_now[log].add(off)
-        for _due, off, _level, _ts, _p in self._heap:
-            held_now[-1].add(off)
+                held_now[log].append(off)
+        held_now[-1].extend(entry[1] for entry in self._heap)
         for j, r in enumerate(readers):
-            pos = r.position
-            low = min(held_now[j]) if held_now[j] else pos
-            self._held[j] = {o: 1 for o in held_now[j]}
+            low = min(held_now[j], default=r.position)
             if r.committed() != low:
                 r.commit(low)
+        self._dlog.ack(held_now[-1])  # type: ignore[union-attr]
 
     def close_put(self) -> None:
         """Close the logs (the producer role)."""
@@ -1435,6 +1611,9 @@ class DurablePriorityQueue(PriorityQueue):
             for r in self._readers:
                 r.close()
             self._readers = None
+        if self._dlog is not None:
+            self._dlog.close()
+            self._dlog = None
         self._closed = True
         self._bell.close()
 
@@ -1473,12 +1652,75 @@ class _LogPartition:
         self.reader.close()
 
 
-class _NoDelay:
-    def get_many(self, n: int, timeout: Any = 0) -> List[bytes]:
-        return []
+class _LogDelay:
+    """The delay log ``DIR/D<p>`` of a durable partition, read once it exists
+    (the producer creates it with the partition's first delayed put)."""
+
+    __slots__ = ("dir", "done_path", "group", "sync", "log")
+
+    def __init__(self, log_dir: str, done_path: str, group: str, sync: bool) -> None:
+        self.dir = log_dir
+        self.done_path = done_path
+        self.group = group
+        self.sync = sync
+        self.log: Optional[_DelayLog] = None
+
+    def read(self) -> List[Tuple[int, int, int, int, bytes]]:
+        """Every record not yet read or acked (see :meth:`_DelayLog.read`)."""
+        if self.log is None:
+            if not os.path.exists(os.path.join(self.dir, "meta")):
+                return []
+            self.log = _DelayLog(self.dir, self.done_path, self.group, self.sync)
+        out: List[Tuple[int, int, int, int, bytes]] = []
+        while True:
+            got = self.log.read(1024)
+            if not got:
+                return out
+            out += got
 
     def close(self) -> None:
-        pass
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+
+class _DurableOwned(_Owned):
+    """A durable partition: its group reader and its delay log. Delayed
+    messages not yet due stay in the log (only read ahead here), so the
+    partition can be handed over at once: the next owner reads them again
+    with their original due times."""
+
+    __slots__ = ()
+
+    holds_delayed = False
+
+    def ack(self) -> None:
+        """Commit what was handed out: the data log's group offset, and the
+        delay log's (plus its side list of delayed messages acked out of order)."""
+        self.data.ack()
+        log = self.delay.log
+        if log is not None:
+            log.ack([entry[1] for entry in self.heap])
+
+    def drain_delayed(self) -> None:
+        """Read new delay-log records into ``heap`` (a log never closes)."""
+        heap = self.heap
+        for due, off, tag, _ts, payload in self.delay.read():
+            if tag != self.p:
+                raise EngineError(f"delayed record {off} of {self.delay.dir} is for partition {tag}, not {self.p}")
+            heapq.heappush(heap, (due, off, payload))
+
+    def pop_due(self, now: int, room: int, out: List[bytes]) -> int:
+        """As :meth:`_Owned.pop_due`, noting each offset for the next ack."""
+        heap = self.heap
+        handed = self.delay.log.handed
+        n = 0
+        while heap and heap[0][0] <= now and n < room:
+            _due, off, payload = heapq.heappop(heap)
+            out.append(payload)
+            handed.append(off)
+            n += 1
+        return n
 
 
 class DurableKeyedQueue(KeyedQueue):
@@ -1489,9 +1731,22 @@ class DurableKeyedQueue(KeyedQueue):
     reads its partitions with the consumer group ``group`` and
     ``consumer.ack()`` commits what it was handed (a hand-over on rebalance
     commits too). After a crash, the next owner re-delivers what the dead
-    one had not acked, in order. Delayed delivery is not offered here (use a
-    durable PriorityQueue for it). ``get`` never raises ``Closed``: a log has
+    one had not acked, in order. ``get`` never raises ``Closed``: a log has
     no end of stream; use a timeout.
+
+    Delayed delivery (``put(msg, key=k, delay=s)`` or ``at=t``): the message
+    goes to the partition's delay log ``DIR/D<p>`` with its wall-clock due
+    time and is served by the partition's owner once due (never early; a
+    blocked ``get`` sleeps until the next due time). It survives a crash or
+    restart with its original due time, and ``ack`` covers it like any other
+    message (an acked one is not delivered again, see :class:`_DelayLog`).
+    As on rings, a delayed message is not ordered with its key's other
+    messages: it is served when due.
+
+    >>> kq = KeyedQueue(partitions=2, durable=True, path=d, durability="none")
+    >>> kq.put(b"reminder", key="u1", delay=0.05); kq.put(b"now", key="u1")
+    >>> c = kq.consumer(); c.get(timeout=1), c.get(timeout=1)
+    (b'now', b'reminder')
     """
 
     def __init__(self, partitions: int = 4, key: Optional[Callable[[Any], Any]] = None,
@@ -1530,10 +1785,12 @@ class DurableKeyedQueue(KeyedQueue):
         self._durability = durability
         self._group = group
         self._logs: Optional[List[Any]] = None
+        self._dlogs: Dict[int, Any] = {}  # partition -> its delay Log (producer side, opened on first use)
         self._closed = False
         self._members: List[KeyedConsumer] = []
         self._default: Optional[KeyedConsumer] = None
         self._nput = 0
+        self._ndelayed = 0
         self._region = self._open_group(os.path.join(self._path, "group"))
 
     @staticmethod
@@ -1567,22 +1824,37 @@ class DurableKeyedQueue(KeyedQueue):
         return int(stable_hash(key) % self._np)
 
     def put(self, msg: Any, key: Any = None, delay: Any = None, at: Any = None) -> None:
-        """Append ``msg`` to its key's partition log (see KeyedQueue.put)."""
+        """Append ``msg`` to its key's partition log (see KeyedQueue.put);
+        with ``delay``/``at`` still in the future, to the partition's delay log."""
         if self._closed:
             raise Closed("the queue is closed")
-        if delay is not None or at is not None:
-            raise ValueError("delayed delivery is not offered by a durable KeyedQueue")
         if key is None:
             if self._keyfn is None:
                 raise TypeError("put() needs key= (or create the KeyedQueue with key=function)")
             key = self._keyfn(msg)
-        if self._logs is None:
-            from ._log import Log  # type: ignore[import-not-found]
+        from ._log import Log  # type: ignore[import-not-found]
 
+        if self._logs is None:
             self._logs = [Log(d, durability=self._durability) for d in self._dirs()]  # type: ignore[arg-type]
-        self._logs[stable_hash(key) % self._np].append(msg)
+        p = stable_hash(key) % self._np
+        if delay is not None or at is not None:
+            wall_due = _wall_due_ns(delay, at)
+            if wall_due is not None:
+                dlog = self._dlogs.get(p)
+                if dlog is None:
+                    dlog = self._dlogs[p] = Log(self._delay_dir(p), durability=self._durability)  # type: ignore[arg-type]
+                dlog.append(msg, key=_delay_key(wall_due, p))
+                self._nput += 1
+                self._ndelayed += 1
+                self._region.add_delayed()  # owners re-read their delay logs
+                self._region.ring_bell()
+                return
+        self._logs[p].append(msg)
         self._nput += 1
         self._region.ring_bell()
+
+    def _delay_dir(self, p: int) -> str:
+        return os.path.join(self._path, f"D{p}")
 
     def _open_partition(self, p: int) -> _Owned:
         from ._log import Log, LogReader
@@ -1593,38 +1865,10 @@ class DurableKeyedQueue(KeyedQueue):
                 Log(d, durability=self._durability).close()  # type: ignore[arg-type]  # create it empty
             except LogLocked:
                 pass  # a producer has it open: it exists
-        return _Owned(p, _LogPartition(LogReader(d, group=self._group)), _NoDelay())
-
-    def consumer(self) -> KeyedConsumer:
-        """Join the consumer group of this directory (any process)."""
-        if self._closed:
-            raise Closed("the queue is closed")
-        c = KeyedConsumer(self)
-        self._members.append(c)
-        return c
-
-    def get(self, timeout: Optional[float] = None) -> bytes:
-        """``get`` of this handle's default consumer."""
-        if self._default is None:
-            self._default = self.consumer()
-        return self._default.get(timeout)
-
-    def try_get(self) -> Optional[bytes]:
-        """``try_get`` of this handle's default consumer."""
-        if self._default is None:
-            self._default = self.consumer()
-        return self._default.try_get()
-
-    def get_many(self, max: int = 1024, timeout: Optional[float] = 0) -> List[bytes]:
-        """``get_many`` of this handle's default consumer."""
-        if self._default is None:
-            self._default = self.consumer()
-        return self._default.get_many(max, timeout)
-
-    def ack(self) -> None:
-        """``ack`` of this handle's default consumer."""
-        if self._default is not None:
-            self._default.ack()
+        reader = LogReader(d, group=self._group)
+        done = os.path.join(self._path, "delay-acked", f"D{p}.{self._group}")
+        return _DurableOwned(p, _LogPartition(reader), _LogDelay(self._delay_dir(p), done, self._group,
+                                                                 self._durability != "none"))
 
     def close_put(self) -> None:
         """Close the partition logs (the producer role)."""
@@ -1632,6 +1876,9 @@ class DurableKeyedQueue(KeyedQueue):
             for lg in self._logs:
                 lg.close()
             self._logs = None
+        for lg in self._dlogs.values():
+            lg.close()
+        self._dlogs = {}
 
     def close(self) -> None:
         """Leave the group (handing partitions over; what was handed out is
@@ -1652,7 +1899,8 @@ class DurableKeyedQueue(KeyedQueue):
 
     def stats(self) -> Dict[str, Any]:
         """Put count of this handle and the group's members."""
-        out: Dict[str, Any] = {"path": self._path, "partitions": self._np, "put": self._nput, "durable": True}
+        out: Dict[str, Any] = {"path": self._path, "partitions": self._np, "put": self._nput,
+                               "put_delayed": self._ndelayed, "durable": True}
         if not self._closed:
             reg = self._region
             out["members"] = [{"slot": i, "token": t, "pid": pid} for i in range(MAX_MEMBERS)

@@ -268,3 +268,135 @@ def test_durable_producer_sigkill_keeps_every_returned_put(tmp_path):
             got.update(struct.unpack_from("<Q", m)[0] for m in batch)
     assert set(range(returned)) <= got
     assert len(got) <= returned + 1  # at most the put in flight at the kill
+
+
+# ---------------------------------------------------------------------------
+# durable delayed delivery under SIGKILL (KeyedQueue and PriorityQueue)
+# ---------------------------------------------------------------------------
+
+DREC = struct.Struct("<IQQ")  # message id, wall due ns (from the message), wall ns received; id START: consumer start
+START = 0xFFFFFFFF
+
+
+def _open_durable(kind, path):
+    if kind == "keyed":
+        q = KeyedQueue(partitions=3, durable=True, path=path, durability="none")
+        return q, q.consumer()
+    q = PriorityQueue(levels=3, durable=True, path=path, durability="none")
+    return q, q
+
+
+def _delayed_producer(kind, path, n, counter_path, seed):
+    """Put delayed messages (id, wall due ns) as fast as it can; the parent kills it."""
+    q, _ = _open_durable(kind, path)
+    fd = os.open(counter_path, os.O_RDWR)
+    mm = mmap.mmap(fd, 8)
+    rnd = random.Random(seed)
+    for i in range(n):
+        d = rnd.uniform(0.3, 1.2)
+        due = time.time_ns() + int(d * 1e9)  # read before the put: the earliest it may come
+        msg = struct.pack("<IQ", i, due)
+        if kind == "keyed":
+            q.put(msg, key=i % 11, delay=d)
+        else:
+            q.put(msg, priority=i % 3, delay=d)
+        mm[:8] = struct.pack("<Q", i + 1)  # put i returned
+        time.sleep(0.0003)  # a few thousand per second: each consumer reads them all back at start
+    os._exit(0)
+
+
+def _delayed_consumer(kind, path, out_path, ack_every, idle_s):
+    """Get, record (fsync'd before ack), ack every ack_every; until idle_s without a message."""
+    q, c = _open_durable(kind, path)
+    fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.write(fd, DREC.pack(START, 0, time.time_ns()))
+    buf = []
+    while True:
+        try:
+            m = c.get(timeout=idle_s)
+        except Exception:  # noqa: BLE001 - Timeout: nothing left
+            break
+        now = time.time_ns()
+        buf.append(DREC.pack(*struct.unpack_from("<IQ", m), now))
+        if len(buf) >= ack_every:
+            os.write(fd, b"".join(buf))
+            os.fsync(fd)  # what we processed is recorded before we ack it
+            c.ack()
+            buf = []
+    os.write(fd, b"".join(buf))
+    os.fsync(fd)
+    c.ack()
+    os.close(fd)
+    q.close()
+    os._exit(0)
+
+
+@pytest.mark.crash
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["keyed", "priority"])
+def test_durable_delayed_sigkill_keeps_due_times(kind, tmp_path):
+    """Producer SIGKILLed mid-stream, consumers SIGKILLed while delayed messages
+    are pending: every delayed put that returned is delivered, never before its
+    due time, and (once a consumer runs) not re-delayed; only what a killed
+    consumer had not acked comes twice."""
+    path = str(tmp_path / "q")
+    q, c = _open_durable(kind, path)
+    for i in range(11):  # create every log first (64 MiB each): the producer's time is its puts'
+        if kind == "keyed":
+            q.put(b"warm", key=i, delay=0.001)
+        else:
+            q.put(b"warm", priority=i % 3, delay=0.001)
+    assert [c.get(timeout=2) for _ in range(11)] == [b"warm"] * 11
+    c.ack()
+    q.close()
+    counter = str(tmp_path / "count")
+    with open(counter, "wb") as f:
+        f.write(b"\0" * 8)
+    rnd = random.Random(23)
+    p = FORK.Process(target=_delayed_producer, args=(kind, path, 10_000_000, counter, 5))
+    p.start()
+    deadline = time.monotonic() + 20
+    while struct.unpack("<Q", open(counter, "rb").read(8))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)  # opening the logs takes a while on a busy machine: kill it mid-puts
+    time.sleep(rnd.uniform(0.1, 0.3))
+    os.kill(p.pid, signal.SIGKILL)
+    p.join(10)
+    returned = struct.unpack("<Q", open(counter, "rb").read(8))[0]
+    assert returned > 50
+    out = str(tmp_path / "got")
+    kills = 0
+    for _ in range(4):  # killed while most delayed messages are still pending
+        p = FORK.Process(target=_delayed_consumer, args=(kind, path, out, 20, 5.0))
+        p.start()
+        time.sleep(rnd.uniform(0.1, 0.35))
+        os.kill(p.pid, signal.SIGKILL)
+        kills += 1
+        p.join(10)
+    p = FORK.Process(target=_delayed_consumer, args=(kind, path, out, 20, 1.5))  # runs to the end
+    p.start()
+    p.join(60)
+    assert p.exitcode == 0
+    data = open(out, "rb").read()
+    # (id, due, received, when that consumer delivered its first message: it was up)
+    ready, got = 0, []
+    for i, due, recv in DREC.iter_unpack(data[: len(data) - len(data) % DREC.size]):
+        if i == START:
+            ready = 0
+        else:
+            ready = ready or recv
+            got.append((i, due, recv, ready))
+    ids = [g[0] for g in got]
+    assert set(range(returned)) <= set(ids)  # every delayed put that returned, at least once
+    assert set(ids) <= set(range(returned + 1))  # plus at most the put in flight at the kill
+    assert len(ids) - len(set(ids)) <= kills * 20  # only a killed consumer's un-acked batch again
+    q, c = _open_durable(kind, path)
+    assert c.get_many(10, timeout=0.2) == []  # everything acked
+    q.close()
+    late = []
+    for i, due, recv, up in got:  # the due time travelled in the message
+        assert recv >= due, f"message {i} {(due - recv) / 1e6:.2f} ms early"
+        if due >= up + 50_000_000:  # due while a consumer was up (not before it had started)
+            late.append((recv - due) / 1e6)
+    assert late, "no message came due while a consumer ran"
+    # re-delayed after a restart would be >= 300 ms late; 100 ms leaves room for a busy machine
+    assert max(late) <= 100, f"late by up to {max(late):.1f} ms"
