@@ -36,7 +36,8 @@ __all__ = ["WireError", "AckTally", "WireConnection", "open_wire", "parse_url"]
 _CRLF = b"\r\n"
 #: The success form of a JetStream publish acknowledgement starts like this.
 _ACK_OK = b'{"stream"'
-_DUPLICATE = b'"duplicate":true'
+# ``"duplicate":true`` (newer servers) or ``"duplicate": true`` (2.9).
+_DUPLICATE = b'"duplicate"'
 # A receive buffer never holds more than this much of an unfinished frame
 # unless a frame announced itself bigger (a guard against a broken peer).
 _MAX_CONTROL_LINE = 64 * 1024
@@ -105,6 +106,7 @@ class WireConnection(asyncio.Protocol):
         self._can_write.set()
         self.lost: Optional[BaseException] = None
         self.last_error: Optional[str] = None
+        self.server_error: Optional[str] = None  # an -ERR not yet reported to the caller
         self.connect_urls: List[str] = []
         self.inbox = b""
         self._plen = 0
@@ -174,7 +176,7 @@ class WireConnection(asyncio.Protocol):
                 if tally is not None:
                     if buf.startswith(_ACK_OK, eol + 2):
                         if buf.find(_DUPLICATE, eol + 2, stop) >= 0:
-                            tally.duplicates += 1
+                            completed |= _duplicate(tally, buf[eol + 2:stop])
                     else:
                         tally.errors.append(
                             buf[eol + 2:stop].decode("utf-8", "replace") or "empty ack")
@@ -197,7 +199,7 @@ class WireConnection(asyncio.Protocol):
                     body = buf[eol + 2 + hsize:stop]
                     if body.startswith(_ACK_OK) and head.strip() == b"NATS/1.0":
                         if _DUPLICATE in body:
-                            tally.duplicates += 1
+                            completed |= _duplicate(tally, body)
                     else:
                         tally.errors.append(
                             (head + b" " + body).decode("utf-8", "replace").strip())
@@ -228,6 +230,7 @@ class WireConnection(asyncio.Protocol):
         elif word == b"-ERR":
             msg = line[4:].strip().strip(b"'").decode("utf-8", "replace")
             self.last_error = msg
+            self.server_error = msg
             # Most errors close the connection (the server says so by closing);
             # a permissions violation does not, but the publishes it names
             # will never be acknowledged: surface it now.
@@ -283,6 +286,21 @@ class WireConnection(asyncio.Protocol):
     @property
     def alive(self) -> bool:
         return self.lost is None and self._transport is not None
+
+
+def _duplicate(tally: AckTally, body: bytes) -> bool:
+    """Count a duplicate ack; True when it is really an error.
+
+    A clustered stream stages a message id (with sequence 0) when it proposes
+    the message, before it knows whether the message will be stored; a
+    "duplicate" of a staged id that was then refused names sequence 0 and
+    proves nothing was stored, so it must not count as a success."""
+    if b'"seq":0,' in body or b'"seq":0}' in body:
+        tally.errors.append("duplicate of a message the stream has not stored: "
+                            + body.decode("utf-8", "replace"))
+        return True
+    tally.duplicates += 1
+    return False
 
 
 def format_hpub(subject: bytes, reply: bytes, headers: bytes, payload: bytes) -> bytes:

@@ -395,6 +395,11 @@ class _Pipeline:
                 raise _Resync(f"the stream refused a record: {tally.errors[0]!r}")
         if not wire.alive:
             raise _Resync(str(wire.lost))
+        if wire.server_error is not None:
+            # e.g. a permissions violation: the connection stays up but the
+            # publishes it names are dropped; say so now, not at the ack timeout.
+            err, wire.server_error = wire.server_error, None
+            raise _Resync(f"the server said: {err}")
         stop = self.fwd._stop
         stopping = stop is not None and stop.is_set()
         room = self.fwd.max_in_flight - self.in_flight

@@ -78,25 +78,29 @@ STREAM = (
     + _msg(b"_INBOX.abc.99", b'{"stream":"S","seq":3}')  # an abandoned batch
     + _msg(b"_INBOX.abc.4", b"")
     + _msg(b"_INBOX.abc.5", b'{"stream":"S","seq":9}\r\nMSG _INBOX.abc.4 1 2\r\n')
+    + _msg(b"_INBOX.abc.6", b'{"stream":"S","seq":7,"duplicate": true}')  # 2.9's spelling
+    + _msg(b"_INBOX.abc.7", b'{"stream":"S","seq":0,"duplicate": true}')  # staged, not stored
     + b"PONG\r\n"
 )
 
 
 def _tallies(conn: nw.WireConnection) -> List[nw.AckTally]:
     out = [nw.AckTally(b"%d" % i, 10, 0, 9, 0.0, acks=2 if i == 1 else 1)
-           for i in range(1, 6)]
+           for i in range(1, 8)]
     for t in out:
         conn.batches[t.key] = t
     return out
 
 
 def _check(conn: nw.WireConnection, tallies: List[nw.AckTally]) -> None:
-    one, two, three, four, five = tallies
+    one, two, three, four, five, six, seven = tallies
     assert one.left == 0 and one.duplicates == 1 and not one.errors
     assert two.left == 0 and "wrong last msg ID" in two.errors[0]
     assert three.left == 0 and "503" in three.errors[0]
     assert four.left == 0 and four.errors == ["empty ack"]
     assert five.left == 0 and not five.errors and five.duplicates == 0
+    assert six.left == 0 and not six.errors and six.duplicates == 1
+    assert seven.left == 0 and "has not stored" in seven.errors[0] and not seven.duplicates
     assert conn.max_payload == 4096
     assert conn.connect_urls == ["127.0.0.1:1", "127.0.0.1:2"]
     tr = conn._transport
@@ -237,6 +241,13 @@ def test_a_refusal_mid_batch_fails_the_batch_tail(server):
             await conn.write(b"".join(frames))
             await asyncio.wait_for(conn.progress.wait(), 10)
             assert ok.left == 0 and not ok.errors
+            # A re-send of a stored record: the duplicate check comes first.
+            dup = nw.AckTally(b"3", 1, 6, 6, 0.0)
+            conn.batches[b"3"] = dup
+            conn.progress.clear()
+            await conn.write(_frame(b"chain", b"m6", b"m5", conn.inbox + b"3"))
+            await asyncio.wait_for(conn.progress.wait(), 10)
+            assert dup.left == 0 and not dup.errors and dup.duplicates == 1
         finally:
             conn.close()
         assert await _stream_ids(server.url, "CHAIN") == [f"m{i}" for i in range(7)]
