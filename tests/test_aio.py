@@ -506,67 +506,6 @@ def test_keyed_queue_aget_many_and_async_for(run):
     kq.close()
 
 
-# ---------------------------------------------------------------- stubs
-
-USAGE = """
-from __future__ import annotations
-from typing import List, Optional
-import engine
-from engine import aio
-from engine._log import Record
-
-async def main() -> None:
-    ring = engine.Ring(capacity=1 << 16)
-    p, c = ring.producer(), ring.consumer()
-    await p.aput(b"x", timeout=1.0)
-    m: bytes = await c.aget(timeout=1.0)
-    ms: List[bytes] = await c.aget_many(10)
-    async for x in c:
-        m = x
-    r = engine.LogReader("d")
-    rec: Optional[Record] = await r.apoll(timeout=1.0)
-    async for rr in r:
-        rec = rr
-    ok: bool = c.wait(0.1) and p.wait_space(10, 0.1) and r.wait(0.1)
-    m = await aio.aget(engine.PriorityQueue(levels=2), timeout=1.0)
-    print(m, ms, rec, ok, aio.active_waits())
-"""
-
-BAD_USAGE = """
-import engine
-async def main() -> None:
-    n: int = await engine.Ring().consumer().aget()
-"""
-
-
-def test_stubs_type_the_async_api(tmp_path):
-    pytest.importorskip("mypy")
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    good, bad = tmp_path / "good_aio.py", tmp_path / "bad_aio.py"
-    good.write_text(USAGE)
-    bad.write_text(BAD_USAGE)
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mypy",
-            "--follow-imports=silent",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            str(good),
-            str(bad),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=str(Path(__file__).resolve().parents[1]),
-    ).stdout
-    assert "good_aio.py" not in out, out
-    assert "bad_aio.py:4: error: Incompatible types in assignment" in out, out
-
-
 # ---------------------------------------------------------------- bench section
 
 
