@@ -1443,15 +1443,15 @@ class DurablePriorityQueue(PriorityQueue):
         """Append ``msg`` to level ``priority``'s log (durably, per ``durability``)."""
         if not isinstance(priority, int) or not 0 <= priority < self._n:
             raise ValueError(f"priority must be 0..{self._n - 1}, not {priority!r}")
+        # the due time counts from the call, not from after the logs are opened
+        wall_due = None if delay is None and at is None else _wall_due_ns(delay, at)
         logs = self._producer()
-        if delay is not None or at is not None:
-            wall_due = _wall_due_ns(delay, at)
-            if wall_due is not None:
-                logs[-1].append(msg, key=_delay_key(wall_due, priority))
-                self._nput[priority] += 1
-                self._bell.add_delayed()
-                self._bell.ring_bell()
-                return
+        if wall_due is not None:
+            logs[-1].append(msg, key=_delay_key(wall_due, priority))
+            self._nput[priority] += 1
+            self._bell.add_delayed()
+            self._bell.ring_bell()
+            return
         logs[priority].append(msg)
         self._nput[priority] += 1
         self._bell.ring_bell()
@@ -1832,23 +1832,23 @@ class DurableKeyedQueue(KeyedQueue):
             if self._keyfn is None:
                 raise TypeError("put() needs key= (or create the KeyedQueue with key=function)")
             key = self._keyfn(msg)
+        # the due time counts from the call, not from after the logs are opened
+        wall_due = None if delay is None and at is None else _wall_due_ns(delay, at)
         from ._log import Log  # type: ignore[import-not-found]
 
         if self._logs is None:
             self._logs = [Log(d, durability=self._durability) for d in self._dirs()]  # type: ignore[arg-type]
         p = stable_hash(key) % self._np
-        if delay is not None or at is not None:
-            wall_due = _wall_due_ns(delay, at)
-            if wall_due is not None:
-                dlog = self._dlogs.get(p)
-                if dlog is None:
-                    dlog = self._dlogs[p] = Log(self._delay_dir(p), durability=self._durability)  # type: ignore[arg-type]
-                dlog.append(msg, key=_delay_key(wall_due, p))
-                self._nput += 1
-                self._ndelayed += 1
-                self._region.add_delayed()  # owners re-read their delay logs
-                self._region.ring_bell()
-                return
+        if wall_due is not None:
+            dlog = self._dlogs.get(p)
+            if dlog is None:
+                dlog = self._dlogs[p] = Log(self._delay_dir(p), durability=self._durability)  # type: ignore[arg-type]
+            dlog.append(msg, key=_delay_key(wall_due, p))
+            self._nput += 1
+            self._ndelayed += 1
+            self._region.add_delayed()  # owners re-read their delay logs
+            self._region.ring_bell()
+            return
         self._logs[p].append(msg)
         self._nput += 1
         self._region.ring_bell()

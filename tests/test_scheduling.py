@@ -1225,12 +1225,12 @@ class DurableDelayMachine(RuleBasedStateMachine):
     def teardown(self):
         try:
             time.sleep(max([0.0] + [d - time.time() for d in self.due.values()]) + 0.002)
-            while True:
-                ms = self.q.c.get_many(64, timeout=0.05)
-                if not ms:
-                    break
-                for m in ms:
+            deadline = time.monotonic() + 5  # a busy machine may deliver late, never not at all
+            while self.delivered != set(self.due) and time.monotonic() < deadline:
+                for m in self.q.c.get_many(64, timeout=0.05):
                     self._got(m)
+            for m in self.q.c.get_many(64, timeout=0.05):  # and nothing acked comes again
+                self._got(m)
             assert self.delivered == set(self.due), sorted(set(self.due) - self.delivered)
             self.q.q.close()
         finally:
