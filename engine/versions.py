@@ -89,6 +89,11 @@ Threads and processes
 One ``VersionedStore`` per directory (the log's writer lock enforces it).
 Its methods are safe to call from many threads: compare + append + apply run
 under one lock, so of two CAS writers on the same version exactly one wins.
+With ``durability="always"`` a write waits for its sync *after* releasing
+that lock, so writers in several threads share one sync (group commit); the
+flip side is that another thread's ``get`` may see a write a moment before
+its ``put`` returns (a power loss in that moment loses it, as it loses any
+write whose ``put`` has not returned yet; a process crash loses neither).
 ``get`` takes no lock: each single read sees a whole write.  For a view of
 several keys that no batch is half-applied in, use :meth:`VersionedStore.get_many`
 or :meth:`VersionedStore.items` (they take the lock).
@@ -120,6 +125,7 @@ from typing import (
     Union,
 )
 
+from ._versions import _norm_key, _norm_value, _StoreCore
 from .errors import Closed, CorruptLog, EngineError, Timeout, VersionConflict
 
 __all__ = ["VersionedStore", "StoreFollower", "Deduplicator", "VersionGate"]
@@ -151,6 +157,7 @@ _DEL_HDR = struct.Struct("<BQ")  # op, old version
 _TXN_HDR = struct.Struct("<BI")  # op, entry count
 _TXN_ENTRY = struct.Struct("<BQII")  # op, version, key length, value length
 _MISSING: Tuple[int, None] = (0, None)
+_NEVER = 1 << 62  # a log offset never reached: no automatic snapshot
 
 _LOG_DIR = "log"
 _SNAP_PREFIX = "snap-"
@@ -162,23 +169,6 @@ _SNAP_HEAD = struct.Struct("<8sIIQQ")  # magic, format, log-id length, covered o
 _SNAP_ENTRY = struct.Struct("<IIQ")  # key length, value length, version
 _SNAP_TAIL = struct.Struct("<I")  # crc32 of everything before it
 _SNAP_KEEP = 2  # snapshots kept: if the newest is damaged, the older one + the log still rebuild
-
-
-def _norm_key(key: Any) -> bytes:
-    if isinstance(key, bytes):
-        return bytes(key)
-    if isinstance(key, str):
-        return key.encode("utf-8")
-    raise TypeError(f"key must be bytes or str, got {type(key).__name__}")
-
-
-def _norm_value(value: Any) -> bytes:
-    if isinstance(value, (str, int)) and not isinstance(value, bytes):
-        raise TypeError(f"value must be bytes-like, got {type(value).__name__}")
-    try:
-        return memoryview(value).tobytes()
-    except TypeError:
-        raise TypeError(f"value must be bytes-like, got {type(value).__name__}") from None
 
 
 def _check_expected(expected: Any) -> None:
@@ -478,7 +468,7 @@ def _replay(reader: Any, data: Dict[bytes, Tuple[int, bytes]], where: str) -> in
 # ---------------------------------------------------------------------------
 
 
-class VersionedStore:
+class VersionedStore(_StoreCore):
     """A durable key -> ``(version, value)`` map with compare-and-set writes.
 
     ``path`` is a directory (created 0700 if missing) holding the log
@@ -532,22 +522,32 @@ class VersionedStore:
         self._durability = durability
         self._snapshot_every = snapshot_every
         self._merge = merge
-        self._lock = threading.Lock()
-        self._closed = False
+        # (_lock, _closed, _data, _append, _sync_log and _snap_at are fields
+        # of the compiled _StoreCore, which runs put/get without this module)
         self._snap_thread: Optional[threading.Thread] = None
         self._snap_error: Optional[BaseException] = None
         self._snapshots_written = 0
         self._conflicts = 0
         self._merges = 0
         logdir = os.path.join(self._path, _LOG_DIR)
+        # "always": group commit across threads.  The log's own "always" syncs
+        # inside append, i.e. under the store's lock, so concurrent writers
+        # would take turns at one sync each.  Instead the log appends without
+        # waiting ("interval" with the longest period: its background sync
+        # practically never runs) and a write, once the lock is released,
+        # waits for log.flush() (_wait_durable): writers that appended
+        # meanwhile share that one sync (the log's flush is group-committed).
+        # flush() makes *everything* appended so far durable, rolled segments
+        # included, in every mode: that contract is all this relies on.
+        group_commit = durability == "always"
         # retention_bytes=0: drop every sealed segment the snapshot group does not pin
         self._log = Log(
             logdir,
-            durability=durability,
+            durability="interval" if group_commit else durability,
             segment_bytes=segment_bytes,
             retention_bytes=0,
             retain_uncommitted=True,
-            flush_interval=flush_interval,
+            flush_interval=3600.0 if group_commit else flush_interval,
         )
         try:
             self._pin = _GroupPin(logdir, _SNAP_GROUP)
@@ -563,14 +563,12 @@ class VersionedStore:
         except BaseException:
             self._log.close()
             raise
-        self._data: Dict[bytes, Tuple[int, bytes]] = data
-        self._get = data.get
+        self._data = data
         self._append = self._log.append
+        self._sync_log = self._log if group_commit else None
         self._final_revision = 0
-        self._acquire = self._lock.acquire
-        self._release = self._lock.release
         self._snap_offset = covered
-        self._snap_at = covered + snapshot_every if snapshot_every is not None else 1 << 63
+        self._snap_at = covered + snapshot_every if snapshot_every is not None else _NEVER
         self._open_stats = {
             "snapshot_offset": covered,
             "replayed_records": replayed,
@@ -582,19 +580,13 @@ class VersionedStore:
             self._snapshot_locked(wait=True)
 
     # -- reads -------------------------------------------------------------
-
-    def get(self, key: Key) -> Tuple[int, Optional[bytes]]:
-        """``(version, value)`` of ``key``; ``(0, None)`` if it is absent."""
-        if type(key) is not bytes:
-            key = _norm_key(key)
-        get = self._get  # (see put: a local, not a method call on self)
-        return get(key, _MISSING)
+    # get(key), __len__ and __contains__ are _StoreCore's (compiled)
 
     def get_many(self, keys: Iterable[Key]) -> List[Tuple[int, Optional[bytes]]]:
         """``get`` of several keys, read under the lock: no batch is seen half-applied."""
         norm = [_norm_key(k) for k in keys]
         with self._lock:
-            get = self._get
+            get = self._data.get
             return [get(k, _MISSING) for k in norm]
 
     def version(self, key: Key) -> int:
@@ -610,14 +602,6 @@ class VersionedStore:
         """The keys present now (bytes)."""
         with self._lock:
             return list(self._data)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def __contains__(self, key: object) -> bool:
-        if type(key) is not bytes:
-            key = _norm_key(key)
-        return key in self._data
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(self.keys())
@@ -636,63 +620,26 @@ class VersionedStore:
         return self._closed
 
     # -- writes ------------------------------------------------------------
-
-    def put(
-        self,
-        key: Key,
-        value: Any,
-        expected_version: Optional[int] = None,
-        merge: Optional[MergeFn] = None,
-    ) -> int:
-        """Write ``value`` under ``key``; return the new version.
-
-        With ``expected_version`` the write is a compare-and-set: it happens
-        only if the key's version is exactly that (0 = absent), else
-        :class:`VersionConflict` is raised and nothing changes, unless a
-        ``merge`` (here or the store's) resolves it.  ``expected_version`` is
-        compared with ``==``.
-        """
-        # the hot path: no keyword-only parameter (it would stop CPython from
-        # specialising the call), one lock, one dict lookup, one log append
-        if type(key) is not bytes:
-            key = _norm_key(key)
-        if type(value) is not bytes:
-            value = _norm_value(value)
-        # acquire/release, not `with` (half the cost of the context-manager
-        # protocol); bound methods are read as attributes into locals: a
-        # `self._x()` call of an instance attribute is a LOAD_METHOD CPython
-        # cannot specialise (a slow generic lookup), `x = self._x` is not
-        release = self._release
-        acquire = self._acquire
-        acquire()
-        try:
-            get = self._get
-            cur = get(key)
-            ver = 0 if cur is None else cur[0]
-            if expected_version is None or expected_version == ver:
-                ver += 1
-                append = self._append
-                off = append(value, key)
-                self._data[key] = (ver, value)
-                if off >= self._snap_at:
-                    self._snapshot_locked(False)
-                return ver
-        finally:
-            release()
-        return self._put_conflict(key, value, expected_version, merge)
+    # put(key, value, expected_version=None, merge=None) is _StoreCore's
+    # (compiled): the compare-and-set that passes never runs Python code;
+    # the one that fails lands in _put_conflict below.
 
     def _put_conflict(
         self, key: bytes, value: bytes, expected: Any, merge: Optional[MergeFn]
     ) -> int:
         _check_expected(expected)
         merge = merge if merge is not None else self._merge
+        get = self._data.get
         while True:
-            cur = self._get(key, _MISSING)
+            cur = get(key, _MISSING)
             if cur[0] == expected:  # changed back meanwhile: a plain CAS again
                 with self._lock:
-                    if self._get(key, _MISSING)[0] == expected:
-                        return self._write_locked(key, value, expected)
-                continue
+                    if get(key, _MISSING)[0] == expected:
+                        ver, off = self._write_locked(key, value, expected)
+                    else:
+                        continue
+                self._wait_durable(off)
+                return ver
             self._conflicts += 1
             if merge is None:
                 raise VersionConflict(key, expected, cur[0])
@@ -702,19 +649,21 @@ class VersionedStore:
             if type(merged) is not bytes:
                 merged = _norm_value(merged)
             with self._lock:
-                if self._get(key, _MISSING)[0] == cur[0]:
-                    self._merges += 1
-                    return self._write_locked(key, merged, cur[0])
-            # the key moved on while merge ran: merge against the newer value
+                if get(key, _MISSING)[0] != cur[0]:
+                    continue  # the key moved on while merge ran: merge against the newer value
+                self._merges += 1
+                ver, off = self._write_locked(key, merged, cur[0])
+            self._wait_durable(off)
+            return ver
 
-    def _write_locked(self, key: bytes, value: bytes, ver: int) -> int:
+    def _write_locked(self, key: bytes, value: bytes, ver: int) -> Tuple[int, int]:
         self._check_open()
         ver += 1
         off = self._append(value, key)
         self._data[key] = (ver, value)
         if off >= self._snap_at:
             self._snapshot_locked(wait=False)
-        return ver
+        return ver, off
 
     def delete(self, key: Key, expected_version: Optional[int] = None) -> bool:
         """Remove ``key``; ``True`` if it was there.
@@ -728,7 +677,7 @@ class VersionedStore:
         _check_expected(expected_version)
         with self._lock:
             self._check_open()
-            cur = self._get(k, _MISSING)
+            cur = self._data.get(k, _MISSING)
             if expected_version is not None and expected_version != cur[0]:
                 self._conflicts += 1
                 raise VersionConflict(k, expected_version, cur[0])
@@ -738,7 +687,8 @@ class VersionedStore:
             del self._data[k]
             if off >= self._snap_at:
                 self._snapshot_locked(wait=False)
-            return True
+        self._wait_durable(off)
+        return True
 
     def apply(self, ops: Iterable[Sequence[Any]], *, merge: Optional[MergeFn] = None) -> List[int]:
         """Apply a batch all-or-nothing (etcd ``Txn``); return each op's resulting version.
@@ -760,7 +710,7 @@ class VersionedStore:
         merge = merge if merge is not None else self._merge
         with self._lock:
             self._check_open()
-            get = self._get
+            get = self._data.get
             overlay: Dict[bytes, Tuple[int, Optional[bytes]]] = {}
             writes: List[Tuple[int, bytes, int, bytes]] = []
             result: List[int] = []
@@ -806,7 +756,8 @@ class VersionedStore:
                     data.pop(k, None)
             if off >= self._snap_at:
                 self._snapshot_locked(wait=False)
-            return result
+        self._wait_durable(off)
+        return result
 
     # -- snapshots, lifecycle ----------------------------------------------
 
@@ -841,7 +792,7 @@ class VersionedStore:
         offset = self._log.next_offset
         copy = dict(self._data)
         self._snap_at = (
-            offset + self._snapshot_every if self._snapshot_every is not None else 1 << 63
+            offset + self._snapshot_every if self._snapshot_every is not None else _NEVER
         )
         if wait:
             self._write_snapshot(offset, copy, True)

@@ -1,0 +1,275 @@
+# The compiled hot path of engine.versions.VersionedStore.
+#
+# A compare-and-set put is: normalise the key and value, take the store's
+# lock, look the key up, compare the version, append one log record, store
+# (version + 1, value), release.  In Python that is ~20 bytecodes, a
+# threading.Lock acquire/release (two calls that parse their arguments) and a
+# frame, which on a 2-core VM cost more than the log append itself.  Here it is
+# one C function: the lock is a PyThread lock taken without a Python call
+# (try first; block only under contention, GIL released, in slices so Ctrl-C
+# works), the dict is read with PyDict_GetItemWithError and the only Python
+# call left per put is the log's append (through its cached bound method).
+#
+# Everything that is not per-message (conflicts, merge, batches, snapshots,
+# reopen, close) stays in engine/versions.py, whose VersionedStore subclasses
+# _StoreCore: its fields are the store's state that both sides touch.
+"""Compiled core of :class:`engine.VersionedStore` (the ``put``/``get`` hot path)."""
+
+cimport cython
+from cpython.dict cimport PyDict_GetItemWithError, PyDict_SetItem
+from cpython.exc cimport PyErr_CheckSignals
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_DECREF, Py_INCREF, _Py_REFCNT
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_SET_ITEM
+from cpython.pythread cimport (NOWAIT_LOCK, PyThread_acquire_lock, PyThread_allocate_lock,
+                               PyThread_free_lock, PyThread_release_lock, PyThread_type_lock)
+from libc.stdint cimport int64_t
+
+from engine.errors import Closed
+
+
+cdef extern from "Python.h":
+    void PyObject_GC_UnTrack(void *op)
+
+
+cdef extern from "pythread.h":
+    ctypedef enum _LockStatus "PyLockStatus":
+        _LOCK_FAILURE "PY_LOCK_FAILURE"
+        _LOCK_ACQUIRED "PY_LOCK_ACQUIRED"
+        _LOCK_INTR "PY_LOCK_INTR"
+    _LockStatus PyThread_acquire_lock_timed(PyThread_type_lock lock, long long microseconds,
+                                            int intr_flag) nogil
+
+
+# a missing key: version 0, no value (returned as is, never copied)
+cdef tuple _MISSING = (0, None)
+# one blocking slice of a contended lock wait (us): then re-take the GIL for signals
+cdef long long _WAIT_SLICE_US = 50_000
+
+
+def _norm_key(key):
+    """``key`` as ``bytes`` (``str`` is UTF-8); ``TypeError`` for anything else."""
+    if type(key) is bytes:
+        return key
+    if isinstance(key, bytes):
+        return bytes(key)
+    if isinstance(key, str):
+        return (<str>key).encode("utf-8")
+    raise TypeError(f"key must be bytes or str, got {type(key).__name__}")
+
+
+def _norm_value(value):
+    """``value`` copied to ``bytes`` (any bytes-like object); ``TypeError`` otherwise."""
+    if type(value) is bytes:
+        return value
+    if isinstance(value, (str, int)) and not isinstance(value, bytes):
+        raise TypeError(f"value must be bytes-like, got {type(value).__name__}")
+    try:
+        return memoryview(value).tobytes()
+    except TypeError:
+        raise TypeError(f"value must be bytes-like, got {type(value).__name__}") from None
+
+
+cdef inline tuple _entry(object version, object value):
+    """A new ``(version, value)`` entry, untracked by the cyclic GC: it holds an
+    int and a bytes, so it can never be part of a cycle, and a dict holding
+    only such entries stays untracked too (a collection never walks a store
+    of a million keys).  CPython untracks such tuples itself, but only later,
+    in the collection that finds them."""
+    cdef tuple t = (version, value)
+    PyObject_GC_UnTrack(<PyObject *>t)
+    return t
+
+
+cdef inline void _reuse(PyObject *entry, object version, object value) noexcept:
+    """Overwrite the entry the store alone references (refcount 1: no reader
+    holds it, so no one can see it change) with ``(version, value)`` instead
+    of allocating a new tuple and freeing the old one (CPython's zip and
+    dict.items iterators reuse their result tuple the same way)."""
+    cdef PyObject *old0 = PyTuple_GET_ITEM(<object>entry, 0)
+    cdef PyObject *old1 = PyTuple_GET_ITEM(<object>entry, 1)
+    Py_INCREF(version)
+    Py_INCREF(value)
+    PyTuple_SET_ITEM(<object>entry, 0, version)
+    PyTuple_SET_ITEM(<object>entry, 1, value)
+    Py_DECREF(<object>old0)
+    Py_DECREF(<object>old1)
+    PyObject_GC_UnTrack(entry)  # (made by the Python layer: tracked until a collection)
+
+
+@cython.final
+cdef class _Mutex:
+    """The store's lock: ``threading.Lock``'s interface (``acquire``,
+    ``release``, ``locked``, ``with``), and C-level ``_take``/``_give`` so the
+    hot path takes it without a Python call.  Not reentrant."""
+
+    cdef PyThread_type_lock _lk   # the OS lock (a semaphore or mutex+cond, CPython's choice)
+    cdef bint _held               # taken (for locked(); read and written with the GIL held)
+
+    def __cinit__(self):
+        self._lk = PyThread_allocate_lock()
+        if self._lk == NULL:
+            raise MemoryError("cannot allocate a lock")
+
+    def __dealloc__(self):
+        if self._lk != NULL:
+            PyThread_free_lock(self._lk)
+            self._lk = NULL
+
+    cdef inline int _take(self) except -1:
+        # uncontended: one atomic, no GIL release (the common case)
+        if PyThread_acquire_lock(self._lk, NOWAIT_LOCK):
+            self._held = True
+            return 0
+        self._wait(-1.0)
+        return 0
+
+    cdef bint _wait(self, double timeout) except -1:
+        """Block for the lock with the GIL released, in slices (signals are
+        checked between them); ``timeout`` < 0: forever.  True if taken."""
+        cdef _LockStatus st = _LOCK_FAILURE
+        cdef long long left_us = -1 if timeout < 0 else <long long>(timeout * 1e6)
+        cdef long long slice_us
+        while True:
+            slice_us = _WAIT_SLICE_US if left_us < 0 or left_us > _WAIT_SLICE_US else left_us
+            with nogil:
+                st = PyThread_acquire_lock_timed(self._lk, slice_us, 0)
+            if st == _LOCK_ACQUIRED:
+                self._held = True
+                return True
+            if left_us >= 0:
+                left_us -= slice_us
+                if left_us <= 0:
+                    return False
+            PyErr_CheckSignals()  # raises KeyboardInterrupt (or what a handler raised)
+
+    cdef inline void _give(self) noexcept:
+        self._held = False
+        PyThread_release_lock(self._lk)
+
+    def acquire(self, blocking=True, timeout=-1):
+        """Take the lock; ``False`` if not taken (``blocking=False``, or after ``timeout`` s)."""
+        if PyThread_acquire_lock(self._lk, NOWAIT_LOCK):
+            self._held = True
+            return True
+        if not blocking:
+            return False
+        return self._wait(<double>timeout)
+
+    def release(self):
+        """Release the lock (``RuntimeError`` if it is not held)."""
+        if not self._held:
+            raise RuntimeError("release unlocked lock")
+        self._give()
+
+    def locked(self):
+        """Whether the lock is held (by any thread)."""
+        return self._held
+
+    def __enter__(self):
+        self._take()
+        return True
+
+    def __exit__(self, *exc):
+        self._give()
+        return False
+
+
+cdef class _StoreCore:
+    """The state and hot path of a :class:`engine.VersionedStore` (subclass it).
+
+    The subclass opens the log and loads the state, then sets ``_data``,
+    ``_append`` (the log's bound ``append``), ``_snap_at`` and, for
+    ``durability="always"``, ``_sync_log``.  ``put`` calls back into the subclass
+    only off the hot path: ``_check_open`` (closed), ``_snapshot_locked``
+    (a snapshot is due), ``_put_conflict`` (the compare failed).
+    """
+
+    cdef public dict _data          # key (bytes) -> (version, value): the store
+    cdef readonly _Mutex _lock      # guards _data, the log's order and the snapshot bookkeeping
+    cdef public object _append      # the log's bound append(value, key), or a stub raising Closed
+    cdef public object _sync_log    # the log when a write waits for its sync outside the lock, else None
+    cdef public int64_t _snap_at    # log offset at which the next automatic snapshot is due
+    cdef public bint _closed        # close() ran
+
+    def __cinit__(self, *args, **kwargs):
+        self._data = {}
+        self._lock = _Mutex()
+        self._snap_at = 1 << 62
+
+    def get(self, key):
+        """``(version, value)`` of ``key``; ``(0, None)`` if it is absent."""
+        cdef PyObject *p
+        if type(key) is not bytes:
+            key = _norm_key(key)
+        p = PyDict_GetItemWithError(self._data, key)
+        if p == NULL:
+            return _MISSING
+        return <object>p
+
+    def put(self, key, value, expected_version=None, merge=None):
+        """Write ``value`` under ``key``; return the new version.
+
+        With ``expected_version`` the write is a compare-and-set: it happens
+        only if the key's version is exactly that (0 = absent), else
+        :class:`engine.VersionConflict` is raised and nothing changes, unless
+        a ``merge`` (here or the store's) resolves it.  ``expected_version``
+        is compared with ``==``.
+        """
+        cdef PyObject *p
+        cdef object cur
+        cdef object ver
+        cdef object new = None
+        cdef object off = None
+        if type(key) is not bytes:
+            key = _norm_key(key)
+        if type(value) is not bytes:
+            value = _norm_value(value)
+        self._lock._take()
+        try:
+            if self._closed:
+                self._check_open()
+            p = PyDict_GetItemWithError(self._data, key)
+            ver = 0 if p == NULL else (<tuple>p)[0]
+            if expected_version is None or expected_version is ver or expected_version == ver:
+                new = ver + 1
+                off = self._append(value, key)
+                if p != NULL and _Py_REFCNT(p) == 1:
+                    # (the log call may have let other threads run, but every
+                    # change of _data takes the lock we hold: p is still the entry)
+                    _reuse(p, new, value)
+                else:
+                    PyDict_SetItem(self._data, key, _entry(new, value))
+                if <int64_t>off >= self._snap_at:
+                    self._snapshot_locked(False)
+        finally:
+            self._lock._give()
+        if new is None:
+            return self._put_conflict(key, value, expected_version, merge)
+        if self._sync_log is not None:
+            self._wait_durable(off)
+        return new
+
+    cpdef _wait_durable(self, off):
+        """Return once log offset ``off`` is on stable storage (``durability="always"``).
+
+        Called after the store's lock is released: writers in other threads
+        append meanwhile, and one sync (the log's group commit) covers all of
+        them.  A no-op when the store does not sync per write."""
+        log = self._sync_log
+        if log is None or log.durable_offset > off:
+            return
+        try:
+            log.flush()
+        except Closed:
+            # close() in another thread got there first; it syncs everything
+            if log.durable_offset <= off:
+                raise
+
+    def __len__(self):
+        return len(self._data)
+
+    def __contains__(self, key):
+        if type(key) is not bytes:
+            key = _norm_key(key)
+        return key in self._data
