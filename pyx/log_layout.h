@@ -164,9 +164,12 @@ static inline int eng_log_sync_range(int fd, void *addr, size_t len) {
  * bytes as soon as pwrite returns) and made durable with fdatasync; readers
  * learn about it from `published`.  Elsewhere (no such coherence promise
  * checked) the mapping + msync path stays.
- * Likewise blocks preallocated with fallocate are "unwritten" extents whose
- * first write makes fdatasync update the extent tree; the durable path writes
- * zeros ahead of the tail (eng_log_zero_fill) so fdatasync only moves data. */
+ * Blocks preallocated with fallocate are "unwritten" extents whose first
+ * write makes fdatasync update the extent tree too: pwrite+fdatasync of 96 KB
+ * into written (zeroed) blocks 0.35 ms, into fallocated ones 0.6 ms.  Zeroing
+ * in line (eng_log_zero_fill ahead of the tail) costs more bandwidth than it
+ * saves, so it is off (engine._log._set_zero_ahead); zero-filled segments made
+ * off the append path would get the 0.35 ms. */
 #include <errno.h>
 #include <string.h>
 
