@@ -94,6 +94,41 @@ def test_versions_put_loop_only(benchmark, tmp_path):
             benchmark.extra_info["per_s"] = n / benchmark.stats.stats.median
 
 
+def test_versions_put_always_threads(benchmark, tmp_path):
+    # durability="always" from 8 threads: each put returns once its record is
+    # on stable storage, and the sync runs outside the store lock, so writers
+    # share syncs (group commit); extra_info has puts per sync
+    import threading
+
+    from engine.versions import VersionedStore
+
+    n_threads, per = 8, 40
+    runs = []
+
+    def once():
+        path = tmp_path / f"a{len(runs)}"
+        with VersionedStore(path, durability="always", snapshot_every=None) as s:
+
+            def writer(t):
+                for i in range(per):
+                    s.put(b"t%d-%d" % (t, i), b"v" * 64, 0)
+
+            ts = [threading.Thread(target=writer, args=(t,)) for t in range(n_threads)]
+            t0 = time.perf_counter()
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            dt = time.perf_counter() - t0
+            syncs = s.stats()["log"]["syncs"]
+            assert len(s) == n_threads * per and s.revision == n_threads * per
+        runs.append((n_threads * per / dt, n_threads * per / max(1, syncs)))
+
+    benchmark.pedantic(once, rounds=ROUNDS, iterations=1)
+    benchmark.extra_info["per_s"] = statistics.median(r[0] for r in runs)
+    benchmark.extra_info["puts_per_sync"] = statistics.median(r[1] for r in runs)
+
+
 def test_versions_dedup_first_time(benchmark, tmp_path):
     from engine.versions import Deduplicator
 
