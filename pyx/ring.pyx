@@ -52,13 +52,29 @@ from cpython.buffer cimport (
 )
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
-from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.list cimport PyList_Append, PyList_New
 from cpython.ref cimport PyObject
-from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t, INT32_MAX, UINT64_MAX
 from libc.string cimport memcpy
 
 from eng_atomic cimport *
+
+# The batch paths walk a list/tuple with borrowed references and build their
+# result lists from raw new references: no reference-count traffic on the
+# caller's messages (a forked child's inherited list would copy-on-write
+# every page it increfs) and no temporaries per message.
+cdef extern from "Python.h":
+    PyObject **_seq_items "PySequence_Fast_ITEMS"(object o)
+    Py_ssize_t _seq_len "PySequence_Fast_GET_SIZE"(object o)
+    bint _is_bytes "PyBytes_CheckExact"(PyObject *o)
+    char *_bytes_ptr "PyBytes_AS_STRING"(PyObject *o)
+    Py_ssize_t _bytes_len "PyBytes_GET_SIZE"(PyObject *o)
+    PyObject *_new_bytes "PyBytes_FromStringAndSize"(const char *v, Py_ssize_t n)
+    void _list_fill "PyList_SET_ITEM"(object lst, Py_ssize_t i, PyObject *item)
+    void _set_size "Py_SET_SIZE"(object o, Py_ssize_t n)
+    void Py_DECREF_raw "Py_DECREF"(PyObject *o)
+    PyObject *PyErr_Occurred_raw "PyErr_Occurred"()
+    void PyErr_Clear_raw "PyErr_Clear"()
 
 import logging as _logging
 import mmap as _mmap
@@ -149,6 +165,13 @@ SHM_DIR = "/dev/shm" if _os.path.isdir("/dev/shm") else __import__("tempfile").g
 # and bounded, so a waiter with nothing to do sleeps with no CPU at all
 # after 0.2 ms.
 cdef int64_t _SPIN_NS = 200000
+# A batch call (put_many / put_array) publishes head every this many bytes,
+# not only at its end, so the consumer starts on the first part of a long
+# batch while the producer writes the rest (one release store and one fence
+# per 64 KiB: ~900 records of 64 bytes).
+cdef uint64_t _PUBLISH_BYTES = 65536
+# Slots a get_many result list is allocated with before it grows by appends.
+cdef Py_ssize_t _PREALLOC_MAX = 4096
 # Longest futex sleep before re-taking the GIL to check signals / deadlines.
 cdef int64_t _SLICE_NS = 50000000
 # How often a waiting producer looks for dead consumers, a waiting consumer
@@ -824,6 +847,7 @@ cdef class Producer:
     cdef uint64_t _max_msg      # largest payload
     cdef uint64_t _head         # our copy of head (we are its only writer)
     cdef uint64_t _gate         # cached lowest consumer position
+    cdef uint64_t _pub          # head as last published
     cdef uint64_t _msgs         # messages put by this handle's ring (stats mirror)
     cdef uint64_t _bytes        # bytes put (stats mirror)
     cdef int32_t _pid           # our pid, held in the producer block
@@ -852,6 +876,7 @@ cdef class Producer:
         p._max_msg = m.max_msg
         p._pid = me
         p._head = eng_load_acquire_u64(&h.prod.head)
+        p._pub = p._head
         p._msgs = eng_load_relaxed_u64(&h.prod.msgs_put)
         p._bytes = eng_load_relaxed_u64(&h.prod.bytes_put)
         cdef int bad = 0
@@ -916,10 +941,70 @@ cdef class Producer:
 
     cdef inline void _publish(self) noexcept nogil:
         cdef ring_header_t *h = self._h
+        self._pub = self._head
         eng_store_release_u64(&h.prod.head, self._head)
         eng_store_relaxed_u64(&h.prod.msgs_put, self._msgs)
         eng_store_relaxed_u64(&h.prod.bytes_put, self._bytes)
         _wake_consumers(h)
+
+    cdef inline uint64_t _run_rows(self, uint64_t rec, uint64_t left) noexcept nogil:
+        # How many records of `rec` bytes fit from head on without a wrap,
+        # within the cached gate and within one publish interval.
+        cdef uint64_t off = self._head & self._mask
+        cdef uint64_t room = self._cap - off
+        cdef uint64_t free = self._gate + self._cap - self._head
+        if free < room:
+            room = free
+        if room > _PUBLISH_BYTES:
+            room = _PUBLISH_BYTES
+        room //= rec
+        return room if room < left else left
+
+    cdef inline void _write_rows(self, const char *src, uint64_t n, uint64_t rec,
+                                 uint64_t k) noexcept nogil:
+        # k records of n payload bytes each, from k contiguous rows at src.
+        # Room was checked by _run_rows (no wrap inside the run).
+        cdef unsigned char *d = self._data + (self._head & self._mask)
+        cdef uint32_t *hdr
+        cdef uint64_t j
+        if n == 64:
+            # the common row size: a constant-size copy the compiler inlines
+            for j in range(k):
+                hdr = <uint32_t *>d
+                hdr[0] = 64
+                hdr[1] = 0
+                memcpy(d + RING_REC_HDR, src, 64)
+                d += rec
+                src += 64
+        else:
+            for j in range(k):
+                hdr = <uint32_t *>d
+                hdr[0] = <uint32_t>n
+                hdr[1] = 0
+                memcpy(d + RING_REC_HDR, src, n)
+                d += rec
+                src += n
+        self._head += k * rec
+        self._msgs += k
+        self._bytes += k * n
+
+    cdef inline bint _write_now(self, const char *src, uint64_t n) noexcept nogil:
+        # One record if it fits before the wrap within the cached gate: the
+        # batch fast path (no padding, no waiting, no Python).  0 = use
+        # _batch_item.
+        cdef uint64_t rec = ring_rec_size(n)
+        cdef uint64_t off = self._head & self._mask
+        cdef uint32_t *hdr
+        if n > self._max_msg or off + rec > self._cap or not self._fits(rec):
+            return False
+        hdr = <uint32_t *>(self._data + off)
+        hdr[0] = <uint32_t>n
+        hdr[1] = 0
+        memcpy(self._data + off + RING_REC_HDR, src, n)
+        self._head += rec
+        self._msgs += 1
+        self._bytes += n
+        return True
 
     cdef int _wait_room(self, uint64_t need, int64_t deadline) except -1:
         """Wait until `need` bytes fit.  1: they fit; 0: deadline passed.
@@ -1060,11 +1145,10 @@ cdef class Producer:
         self._write(src, n)
         return 1
 
-    @cython.boundscheck(False)
-    @cython.wraparound(False)
     def put_many(self, msgs, timeout=None):
-        """Append every message of ``msgs``, publishing once per batch (and
-        whenever it must wait for room).  Returns how many were put.
+        """Append every message of ``msgs``, publishing every 64 KiB and at
+        the end (and whenever it must wait for room).  Returns how many were
+        put.
 
         On an error (``TypeError`` / ``ValueError`` for one message,
         ``Timeout``) the messages before it are already put."""
@@ -1072,30 +1156,44 @@ cdef class Producer:
         cdef int64_t dl = _NO_DEADLINE
         if timeout is not None:
             dl = _deadline(timeout)
-        cdef Py_ssize_t i, n, count = 0
-        cdef object item
+        cdef Py_ssize_t i = 0, count = 0
+        cdef PyObject *item
+        cdef object held
         cdef Py_buffer view
         cdef int ok
+        cdef const char *src
+        cdef Py_ssize_t ln
         if type(msgs) is not list and type(msgs) is not tuple:
             msgs = list(msgs)
-        n = len(msgs)
         try:
-            for i in range(n):
-                if type(msgs) is list:
-                    item = <object>PyList_GET_ITEM(msgs, i)
+            # The length and item array are re-read every round: Python code
+            # (a buffer export, another thread while we wait) may resize a list.
+            while i < _seq_len(msgs):
+                item = _seq_items(msgs)[i]
+                if _is_bytes(item):
+                    src = _bytes_ptr(item)
+                    ln = _bytes_len(item)
+                    if self._write_now(src, <uint64_t>ln):
+                        count += 1
+                        i += 1
+                        if self._head - self._pub >= _PUBLISH_BYTES:
+                            self._publish()
+                        continue
+                    # may wait with the GIL released: own the message meanwhile
+                    held = <object>item
+                    ok = self._batch_item(src, <uint64_t>ln, dl)
                 else:
-                    item = <object>PyTuple_GET_ITEM(msgs, i)
-                if type(item) is bytes:
-                    ok = self._batch_item(PyBytes_AS_STRING(item), PyBytes_GET_SIZE(item), dl)
-                else:
-                    _get_buffer(item, &view)
+                    held = <object>item
+                    _get_buffer(held, &view)
                     try:
                         ok = self._batch_item(<const char *>view.buf, view.len, dl)
                     finally:
                         PyBuffer_Release(&view)
+                held = None
                 if not ok:
                     raise Timeout(f"ring stayed full for {timeout} s after {count} messages")
                 count += 1
+                i += 1
         finally:
             if self._m is not None:
                 self._publish()
@@ -1103,15 +1201,15 @@ cdef class Producer:
 
     def put_array(self, arr, timeout=None):
         """Append each row of a C-contiguous array (``arr[i]``, of
-        ``arr.nbytes // len(arr)`` bytes) as one message, publishing once per
-        batch.  Returns the number of rows."""
+        ``arr.nbytes // len(arr)`` bytes) as one message, publishing every
+        64 KiB and at the end.  Returns the number of rows."""
         self._check()
         cdef int64_t dl = _NO_DEADLINE
         if timeout is not None:
             dl = _deadline(timeout)
         cdef Py_buffer view
-        cdef Py_ssize_t rows, i
-        cdef uint64_t rowbytes
+        cdef Py_ssize_t rows
+        cdef uint64_t rowbytes, rec, i, k
         cdef const char *p
         _get_buffer(arr, &view)
         try:
@@ -1125,10 +1223,22 @@ cdef class Producer:
                 raise ValueError(f"rows of {rowbytes} bytes are larger than this ring's limit "
                                  f"of {self._max_msg} (capacity // 2 - 8)")
             p = <const char *>view.buf
+            rec = ring_rec_size(rowbytes)
+            i = 0
             try:
-                for i in range(rows):
-                    if not self._batch_item(p + i * rowbytes, rowbytes, dl):
-                        raise Timeout(f"ring stayed full for {timeout} s after {i} rows")
+                while i < <uint64_t>rows:
+                    k = self._run_rows(rec, <uint64_t>rows - i)
+                    if k == 0:
+                        # a wrap (padding record), a full ring or a stale
+                        # cached gate: the one-record path sorts it out
+                        if not self._batch_item(p + i * rowbytes, rowbytes, dl):
+                            raise Timeout(f"ring stayed full for {timeout} s after {i} rows")
+                        i += 1
+                    else:
+                        self._write_rows(p + i * rowbytes, rowbytes, rec, k)
+                        i += k
+                    if self._head - self._pub >= _PUBLISH_BYTES:
+                        self._publish()
             finally:
                 if self._m is not None:
                     self._publish()
@@ -1609,19 +1719,92 @@ cdef class Consumer:
                 eng_store_release_u64(&self._slot.cursor, RING_IDLE)
                 _wake_producer(self._h)
             return out
-        while n < max:
-            if self._cursor == self._head:
-                self._load_head()
-                if self._cursor == self._head:
+        return self._take_many(max)
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    cdef list _take_many(self, Py_ssize_t maxn):
+        """spsc/broadcast get_many: up to maxn messages from the cursor on
+        (re-loading head when it drained what it saw), into a list whose
+        slots are allocated up front.  Validation is inline (the same checks
+        as _rec_at); the cursor moves past exactly the records returned."""
+        if self._cursor == self._head:
+            self._load_head()
+        cdef uint64_t cur = self._cursor, hd = self._head
+        cdef uint64_t mask = self._mask, cap = self._cap, off, sz
+        cdef unsigned char *data = self._data
+        cdef uint32_t ln, fl
+        cdef PyObject *b = <PyObject *>1  # non-NULL: no allocation failed
+        cdef Py_ssize_t n = 0, k
+        cdef uint64_t nbytes = 0
+        cdef str bad = None
+        # Slots for the messages there can be (a record is >= 8 bytes);
+        # beyond that the list grows by appends.
+        k = <Py_ssize_t>((hd - cur) >> 3)
+        if k > maxn:
+            k = maxn
+        if k > _PREALLOC_MAX:
+            k = _PREALLOC_MAX
+        cdef list out = PyList_New(k)
+        cdef bint stop = False
+        while not stop:
+            while n < maxn and cur != hd:
+                off = cur & mask
+                ln = (<uint32_t *>(data + off))[0]
+                fl = (<uint32_t *>(data + off))[1]
+                if fl == 0:
+                    sz = ring_rec_size(ln)
+                    if off + sz > cap or sz > hd - cur:
+                        bad = (f"record at position {cur} (length {ln}, flags 0) crosses the "
+                               f"end of the data area or head {hd}")
+                        break
+                    b = _new_bytes(<char *>data + off + RING_REC_HDR, ln)
+                    if b == NULL:
+                        break  # MemoryError: return what we have, or raise it if nothing
+                    if n < k:
+                        _list_fill(out, n, b)  # steals the new reference
+                    else:
+                        try:
+                            PyList_Append(out, <object>b)
+                        finally:
+                            Py_DECREF_raw(b)
+                    n += 1
+                    nbytes += ln
+                elif fl == RING_FLAG_PAD:
+                    sz = cap - off
+                    if <uint64_t>ln + RING_REC_HDR != sz or sz > hd - cur:
+                        bad = f"bad padding record at position {cur}"
+                        break
+                else:
+                    bad = f"record at position {cur} (length {ln}, flags {fl}) has unknown flags"
                     break
-            if self._rec_at(self._cursor, self._head, &size, &ln):
-                off = self._cursor & self._mask
-                out.append(PyBytes_FromStringAndSize(<char *>self._data + off + RING_REC_HDR, ln))
-                self._bytes += ln
-                n += 1
-            self._cursor += size
+                cur += sz
+            stop = True
+            if cur == hd and n < maxn and bad is None and b != NULL:
+                # drained what we saw: take what was published meanwhile too
+                # (the list is made whole first: _load_head may raise)
+                if n < k:
+                    _set_size(out, n)
+                    k = n
+                self._cursor = cur
+                self._load_head()
+                if self._head != hd:
+                    hd = self._head
+                    stop = False
+        if n < k:
+            _set_size(out, n)  # the unused slots are NULL: nothing to release
+        self._cursor = cur
         self._msgs += n
+        self._bytes += nbytes
         self._advanced()
+        if n == 0:
+            if bad is not None:
+                raise self._m.corrupt(bad)
+            if PyErr_Occurred_raw() != NULL:
+                raise MemoryError()
+        # A problem after some messages: return them; the next call, at the
+        # same cursor, meets the problem again and raises it.
+        PyErr_Clear_raw()
         return out
 
     def get_array(self, Py_ssize_t max, dtype=None, timeout=0):
@@ -1642,59 +1825,105 @@ cdef class Consumer:
         cdef Py_ssize_t isz = dt.itemsize
         if not self._batch_ready(timeout):
             return _np.empty((0, 0), dtype=dt)
-        cdef uint64_t size, pos, start, end, off, rowlen = 0, endpos
-        cdef uint32_t ln
-        cdef Py_ssize_t n = 0, i
-        cdef bint first = True
-        cdef uint64_t hd
         if self._shared:
             # claim one message to learn the row size, then the rest of a
             # same-size run in the same claim would need a look-ahead: claim
             # a walk of equal-size records directly.
             return self._get_array_shared(max, dt, isz)
-        # spsc/broadcast: walk to find the run, then copy (a fresh head: one
-        # acquire load per batch, so everything published so far is seen).
+        return self._take_array(max, dt, isz)
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    @cython.cdivision(True)
+    cdef object _take_array(self, Py_ssize_t maxn, object dt, Py_ssize_t isz):
+        """spsc/broadcast get_array: one pass that validates and copies.
+
+        A fresh head (one acquire load per call, so everything published so
+        far is seen); padding records at the cursor are skipped; the first
+        message gives the row size, and the array is allocated for as many
+        rows of that size as [cursor, head) can hold.  The copy stops before
+        a message of another size, and never consumes a padding record after
+        the last row (it belongs to the next message).  Fewer rows than
+        allocated (padding or another size on the way): the array shrinks in
+        place."""
         self._load_head()
-        hd = self._head
-        pos = self._cursor
-        endpos = pos
-        while pos < hd and n < max:
-            if self._rec_at(pos, hd, &size, &ln):
-                if first:
-                    rowlen = ln
-                    first = False
-                    if isz == 0 or rowlen % isz:
-                        raise ValueError(f"message of {rowlen} bytes is not a whole number of "
-                                         f"{dt} items ({isz} bytes)")
-                elif ln != rowlen:
-                    break
-                n += 1
-                endpos = pos + size  # never past the last row: a padding
-                # record after it belongs to the next message
-            pos += size
-        if n == 0:
-            self._cursor = endpos  # only padding was there
+        cdef uint64_t hd = self._head, pos = self._cursor, endpos
+        cdef uint64_t mask = self._mask, cap = self._cap, off, sz, rec, rowlen
+        cdef unsigned char *data = self._data
+        cdef uint32_t ln = 0, fl
+        cdef Py_ssize_t kmax, n = 0
+        cdef int bad = 0
+        cdef char *dst
+        cdef Py_buffer view
+        # leading padding records (a wrap) belong to no row
+        while pos != hd:
+            off = pos & mask
+            ln = (<uint32_t *>(data + off))[0]
+            fl = (<uint32_t *>(data + off))[1]
+            if fl != RING_FLAG_PAD:
+                break
+            sz = cap - off
+            if <uint64_t>ln + RING_REC_HDR != sz or sz > hd - pos:
+                raise self._m.corrupt(f"bad padding record at position {pos}")
+            pos += sz
+        if pos == hd:
+            self._cursor = pos  # only padding was there
             self._advanced()
             return _np.empty((0, 0), dtype=dt)
-        arr = _np.empty((n, rowlen // isz), dtype=dt)
-        cdef Py_buffer view
-        PyObject_GetBuffer(arr, &view, PyBUF_C_CONTIGUOUS)
-        cdef char *dst = <char *>view.buf
-        pos = self._cursor
-        i = 0
+        if fl != 0:
+            raise self._m.corrupt(f"record at position {pos} (length {ln}, flags {fl}) has "
+                                  f"unknown flags")
+        rowlen = ln
+        if isz == 0 or rowlen % <uint64_t>isz:
+            raise ValueError(f"message of {rowlen} bytes is not a whole number of "
+                             f"{dt} items ({isz} bytes)")
+        rec = ring_rec_size(rowlen)
+        kmax = <Py_ssize_t>((hd - pos) // rec)
+        if kmax == 0:
+            raise self._m.corrupt(f"record at position {pos} (length {rowlen}) crosses head {hd}")
+        if kmax > maxn:
+            kmax = maxn
+        arr = _np.empty((kmax, rowlen // <uint64_t>isz), dtype=dt)
+        PyObject_GetBuffer(arr, &view, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE)
+        dst = <char *>view.buf
+        endpos = pos
         with nogil:
-            while i < n:
-                off = pos & self._mask
-                if (<uint32_t *>(self._data + off))[1] & RING_FLAG_PAD:
-                    pos += self._cap - off
+            while n < kmax and pos != hd:
+                off = pos & mask
+                ln = (<uint32_t *>(data + off))[0]
+                fl = (<uint32_t *>(data + off))[1]
+                if fl == RING_FLAG_PAD:
+                    sz = cap - off
+                    if <uint64_t>ln + RING_REC_HDR != sz or sz > hd - pos:
+                        bad = 1
+                        break
+                    pos += sz
                     continue
-                memcpy(dst + i * rowlen, self._data + off + RING_REC_HDR, rowlen)
-                pos += ring_rec_size(rowlen)
-                i += 1
+                if fl != 0:
+                    bad = 2
+                    break
+                if ln != rowlen:
+                    break  # another size: the next call starts there
+                if off + rec > cap or rec > hd - pos:
+                    bad = 3
+                    break
+                if rowlen == 64:
+                    memcpy(dst, data + off + RING_REC_HDR, 64)  # inlined
+                else:
+                    memcpy(dst, data + off + RING_REC_HDR, rowlen)
+                dst += rowlen
+                n += 1
+                pos += rec
+                endpos = pos
         PyBuffer_Release(&view)
+        if bad and n == 0:
+            raise self._m.corrupt(f"bad record at position {pos} (length {ln}, flags {fl})")
+        # (a problem after some rows: they are returned; the next call meets it)
+        if n < kmax:
+            arr.resize((n, rowlen // <uint64_t>isz), refcheck=False)  # nobody else sees it yet
         self._cursor = endpos
         self._msgs += n
-        self._bytes += n * rowlen
+        self._bytes += <uint64_t>n * rowlen
         self._advanced()
         return arr
 
