@@ -145,6 +145,14 @@ class JetStreamForwarder:
     ``create_stream=True`` creates the stream (``replicas`` copies, the given
     ``duplicate_window`` in seconds) when it does not exist.  ``run`` blocks;
     ``arun`` is the coroutine.  See the module docstring for the protocol.
+
+    The group offset is committed (durably: an fsync) at most every
+    ``commit_interval`` seconds, 0 meaning as often as the disk allows; it is
+    where a restart starts looking, the stream decides where it resumes.
+
+    The subject should be the forwarder's alone: a message someone else
+    publishes on it breaks the chain, costs a resynchronisation, and makes the
+    forwarder look back up to ``resync_scan`` messages for its own last record.
     """
 
     def __init__(
@@ -160,6 +168,8 @@ class JetStreamForwarder:
         create_stream: bool = True,
         replicas: int = 1,
         duplicate_window: float = 120.0,
+        resync_scan: int = 10_000,
+        commit_interval: float = 0.1,
     ) -> None:
         if not isinstance(group, str) or not group:
             raise ValueError("group: a non-empty consumer group name is required")
@@ -179,6 +189,10 @@ class JetStreamForwarder:
         self.create_stream = create_stream
         self.replicas = int(replicas)
         self.duplicate_window = float(duplicate_window)
+        self.resync_scan = int(resync_scan)
+        if commit_interval < 0:
+            raise ValueError("commit_interval must be >= 0")
+        self.commit_interval = float(commit_interval)
         self._status = BridgeStatus()
         self._stop: Optional[asyncio.Event] = None
 
@@ -305,14 +319,17 @@ class JetStreamForwarder:
     async def _resync(self, js: Any, reader: Any, log_id: str) -> Optional[str]:
         """Position the reader right after the last record the stream holds.
 
-        Returns the message id the next publish must name as the stream's last.
+        Returns the message id the next publish must name as the stream's last
+        (None: publish the next record unchecked).
         """
         nats = _import_nats()
         last_id: Optional[str] = None
+        last_seq = 0
         for attempt in range(200):
             try:
                 msg = await js.get_last_msg(self.stream, self.subject)
                 last_id = (msg.headers or {}).get(HDR_MSG_ID)
+                last_seq = int(msg.seq or 0)
                 break
             except nats.js.errors.NotFoundError:
                 last_id = None  # empty stream (or nothing on this subject)
@@ -325,20 +342,60 @@ class JetStreamForwarder:
             raise EngineError(f"stream {self.stream!r} did not answer for 20 s")
         committed = reader.committed()
         start = committed if committed is not None else reader.position
-        if last_id is not None:
-            lid, _, off = last_id.rpartition(":")
-            if lid == log_id and off.isdigit():
-                start = max(start, int(off) + 1)
-            elif lid != log_id:
-                # Another log published here last: the chain check cannot name
-                # our previous record, so publish the first one unchecked.
-                last_id = None
+        ours = _our_offset(last_id, log_id)
+        if last_seq and ours is None:
+            # Someone else published on our subject last.  The chain check
+            # cannot name a foreign message, so the next record goes unchecked;
+            # but it must be the one after *our* last record in the stream, not
+            # the committed offset (which may lag: re-sent records would be
+            # dropped as duplicates and the next new one, chained to a
+            # duplicate, refused forever).
+            last_id = None
+            ours = await self._scan_back(js, nats, log_id, last_seq)
+        if ours is not None:
+            start = max(start, ours + 1)
         reader.seek(start)
-        if start > 0 and last_id is None:
-            # The stream holds none of our records (new stream, or purged):
-            # chain from nothing; the duplicate window still guards re-sends.
-            return None
         return last_id
+
+    async def _scan_back(self, js: Any, nats: Any, log_id: str, last_seq: int) -> Optional[int]:
+        """Our newest record among the ``resync_scan`` stream messages before
+        ``last_seq`` (its log offset), or None."""
+
+        async def get(seq: int) -> Any:
+            for attempt in range(50):
+                try:
+                    return await js.get_msg(self.stream, seq)
+                except nats.js.errors.NotFoundError:
+                    return None  # deleted, or never there
+                except Exception:  # leader election in progress
+                    if attempt == 49:
+                        raise
+                    await asyncio.sleep(0.1)
+            return None  # pragma: no cover
+
+        lo = max(1, last_seq - self.resync_scan)
+        seq = last_seq - 1
+        while seq >= lo:
+            seqs = range(seq, max(lo, seq - 63) - 1, -1)
+            for msg in await asyncio.gather(*(get(q) for q in seqs)):
+                if msg is None or msg.subject != self.subject:
+                    continue
+                off = _our_offset((msg.headers or {}).get(HDR_MSG_ID), log_id)
+                if off is not None:
+                    return off
+            seq -= 64
+        log.warning("jetstream forward: none of this log's records among the last %d messages "
+                    "of stream %r; resuming at the committed offset (the duplicate window "
+                    "drops what was sent already)", self.resync_scan, self.stream)
+        return None
+
+
+def _our_offset(msg_id: Optional[str], log_id: str) -> Optional[int]:
+    """The log offset in a ``<log id>:<offset>`` message id of this log, else None."""
+    if msg_id is None:
+        return None
+    lid, _, off = msg_id.rpartition(":")
+    return int(off) if lid == log_id and off.isdigit() else None
 
 
 class _Pipeline:
@@ -369,7 +426,7 @@ class _Pipeline:
         # Several batches in flight: the next one is formatted and written
         # while the server stores the previous ones.
         self.chunk = max(1, fwd.max_in_flight // 4)
-        self.committer = _Committer(reader)
+        self.committer = _Committer(reader, fwd.commit_interval)
 
     async def step(self, until_caught_up: bool, max_records: Optional[int]) -> bool:
         """Retire finished batches, send more, or wait for acks; True when done."""

@@ -22,6 +22,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     fwd.add_argument("--stream", required=True)
     fwd.add_argument("--subject", required=True)
     fwd.add_argument("--max-in-flight", type=int, default=1024)
+    fwd.add_argument("--commit-interval", type=float, default=0.1,
+                     help="seconds between group-offset commits (default: 0.1)")
     fwd.add_argument("--replicas", type=int, default=1, help="replicas if the stream is created")
     fwd.add_argument("--until-caught-up", action="store_true", help="exit once the log is forwarded")
     fwd.add_argument("--status-interval", type=float, default=5.0)
@@ -56,6 +58,7 @@ def _forward(args: argparse.Namespace) -> int:
         subject=args.subject,
         max_in_flight=args.max_in_flight,
         replicas=args.replicas,
+        commit_interval=args.commit_interval,
     )
     status = fwd.run(
         until_caught_up=args.until_caught_up,

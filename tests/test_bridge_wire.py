@@ -348,3 +348,47 @@ def test_info_json_is_what_the_parser_expects(server):
             conn.close()
 
     asyncio.run(go())
+
+
+def test_forwarder_resumes_after_a_foreign_message_with_a_lagging_commit(server, tmp_path):
+    """A crash leaves the committed offset behind the stream, and someone else
+    published on the subject since: the forwarder must find its own last
+    record behind the foreign message (re-sending from the committed offset
+    would be dropped as duplicates and the next new record, chained to a
+    duplicate, refused forever)."""
+    import nats
+
+    from engine.bridge import JetStreamForwarder
+
+    path = tmp_path / "outbox"
+    with engine.Log(path, durability="none") as log:
+        log.append_many([b"v%d" % i for i in range(1000)])
+        log_id = log.log_id
+
+    def fwd():
+        return JetStreamForwarder(path, group="g", servers=server.url, stream="FOREIGN",
+                                  subject="foreign", max_in_flight=64)
+
+    assert fwd().run(max_records=300).records == 300
+    reader = engine.LogReader(path, group="g")
+    reader.commit(100)  # as if the forwarder crashed before committing 100..299
+    reader.close()
+
+    async def foreign():
+        nc = await nats.connect(servers=[server.url])
+        await nc.jetstream().publish("foreign", b"not ours", headers={"Nats-Msg-Id": "x:1"})
+        await nc.close()
+
+    asyncio.run(foreign())
+
+    async def go():
+        return await asyncio.wait_for(fwd().arun(until_caught_up=True), 60)
+
+    st = asyncio.run(go())
+    assert st.records == 700 and st.resyncs == 0
+    got = _read_all(server.url, "FOREIGN")
+    ids = [h.get("Nats-Msg-Id") for h, _ in got]
+    assert ids == [f"{log_id}:{i}" for i in range(300)] + ["x:1"] + [
+        f"{log_id}:{i}" for i in range(300, 1000)]
+    assert "Nats-Expected-Last-Msg-Id" not in got[301][0]  # the first after the foreign one
+    assert got[302][0]["Nats-Expected-Last-Msg-Id"] == f"{log_id}:300"

@@ -42,12 +42,17 @@ def _fill_log(path: Path, n: int) -> str:
         return log.log_id
 
 
+# commit_interval=0: the kills are placed by committed progress, so the
+# committed offset should trail the stream by one fsync, not by 0.1 s (at
+# ~50k records/s that would be 5,000 records of overshoot per kill, and 20
+# kills would not fit in 100,000 records).
 FORWARD_CHILD = """
 import sys
 from engine.bridge import JetStreamForwarder
 log_path, servers, stream, subject, replicas = sys.argv[1:6]
 JetStreamForwarder(log_path, group="js", servers=servers, stream=stream, subject=subject,
-                   max_in_flight=512, replicas=int(replicas)).run(until_caught_up=True)
+                   max_in_flight=512, replicas=int(replicas),
+                   commit_interval=0).run(until_caught_up=True)
 """
 
 
