@@ -398,6 +398,9 @@ def _our_offset(msg_id: Optional[str], log_id: str) -> Optional[int]:
     return int(off) if lid == log_id and off.isdigit() else None
 
 
+_WRITE_BYTES = 1 << 20  # one socket write of a batch holds about this much
+
+
 class _Pipeline:
     """The forwarder's publish window: batches of HPUB frames on the lean
     connection (:mod:`engine._nats_wire`), acknowledgements counted per batch.
@@ -425,7 +428,8 @@ class _Pipeline:
         self.batch_no = 0
         # Several batches in flight: the next one is formatted and written
         # while the server stores the previous ones.
-        self.chunk = max(1, fwd.max_in_flight // 4)
+        self.max_chunk = max(1, fwd.max_in_flight // 4)
+        self.chunk = self.max_chunk
         self.committer = _Committer(reader, fwd.commit_interval)
 
     async def step(self, until_caught_up: bool, max_records: Optional[int]) -> bool:
@@ -519,6 +523,7 @@ class _Pipeline:
         frames: List[bytes] = []
         add = frames.append
         b64 = binascii.b2a_base64
+        size = sent = 0
         for rec in batch:
             mid = b"%s:%d" % (lid, rec.offset)
             key = rec.key
@@ -537,6 +542,13 @@ class _Pipeline:
                     f"accepts at most {max_payload} (max_payload)")
             add(b"HPUB %s %d %d\r\n%s%s\r\n" % (subject, hl, total, hdr, value))
             expected = mid
+            size += total
+            if size - sent > _WRITE_BYTES and rec is not batch[-1]:
+                # Big records: hand the socket a few MiB at a time, not one
+                # copy of the whole batch.
+                sent = size
+                await self._write(wire, frames)
+                frames.clear()
         # The last frame again, now with the reply subject that asks for the ack.
         last = batch[-1]
         frames[-1] = b"HPUB %s %s%s %s" % (subject, wire.inbox, token,
@@ -548,6 +560,12 @@ class _Pipeline:
         self.in_flight += len(batch)
         self.status.in_flight = self.in_flight
         self.expected_last = expected.decode() if expected is not None else None
+        await self._write(wire, frames)
+        # Big records: fewer per batch, so a batch stays a few MiB.
+        self.chunk = max(1, min(self.max_chunk, _WRITE_BYTES * 4 * len(batch) // max(1, size)))
+
+    @staticmethod
+    async def _write(wire: _nats_wire.WireConnection, frames: List[bytes]) -> None:
         try:
             await wire.write(b"".join(frames))
         except Exception as exc:
