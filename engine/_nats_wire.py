@@ -18,8 +18,9 @@ protocol itself, just the part a publisher needs:
   a plain success is looked at closely.
 
 Management calls (stream info, last message) stay on nats-py: they are rare.
-Not supported here: TLS and NKEY/JWT authentication (a server that requires
-them is refused with a clear error).
+TLS: ``tls://`` URLs, a server that requires it, or an explicit
+``ssl.SSLContext`` upgrade the connection after the server's INFO (the NATS
+way).  Not supported: NKEY/JWT authentication (the server's -ERR says so).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import asyncio
 import json
 import random
 import secrets
+import ssl
 import urllib.parse
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -67,15 +69,13 @@ class AckTally:
 
 
 def parse_url(url: str) -> Tuple[str, int, Dict[str, str]]:
-    """``nats://[user:pass@|token@]host[:port]`` -> (host, port, CONNECT credentials)."""
+    """``nats|tls://[user:pass@|token@]host[:port]`` -> (host, port, CONNECT
+    credentials); a ``tls://`` URL adds ``{"tls_required": True}``."""
     if "://" not in url:
         url = "nats://" + url
     u = urllib.parse.urlsplit(url)
-    if u.scheme not in ("nats", "tcp"):
-        raise WireError(
-            f"{url!r}: the forwarder's publish path speaks plain nats:// only "
-            f"(TLS is not supported)"
-        )
+    if u.scheme not in ("nats", "tcp", "tls"):
+        raise WireError(f"{url!r}: not a NATS URL (nats://, tls://)")
     host = u.hostname or "127.0.0.1"
     port = u.port or 4222
     creds: Dict[str, str] = {}
@@ -84,6 +84,8 @@ def parse_url(url: str) -> Tuple[str, int, Dict[str, str]]:
         creds["pass"] = urllib.parse.unquote(u.password)
     elif u.username:
         creds["auth_token"] = urllib.parse.unquote(u.username)
+    if u.scheme == "tls":
+        creds["tls_required"] = True  # type: ignore[assignment]
     return host, port, creds
 
 
@@ -311,8 +313,10 @@ def format_hpub(subject: bytes, reply: bytes, headers: bytes, payload: bytes) ->
         subject, reply, hl, hl + len(payload), headers, payload)
 
 
-async def _open_one(url: str, name: str, timeout: float) -> WireConnection:
+async def _open_one(url: str, name: str, timeout: float,
+                    tls: Optional[ssl.SSLContext]) -> WireConnection:
     host, port, creds = parse_url(url)
+    want_tls = bool(creds.pop("tls_required", False)) or tls is not None
     loop = asyncio.get_running_loop()
     conn: WireConnection
     try:
@@ -322,9 +326,18 @@ async def _open_one(url: str, name: str, timeout: float) -> WireConnection:
         raise WireError(f"{url}: cannot connect: {exc!r}") from None
     try:
         info = await asyncio.wait_for(asyncio.shield(conn._first_info), timeout)
-        if info.get("tls_required"):
-            raise WireError(f"{url}: the server requires TLS, which the forwarder's "
-                            f"publish path does not speak")
+        if info.get("tls_required") or want_tls:
+            if not (info.get("tls_required") or info.get("tls_available")):
+                raise WireError(f"{url}: TLS was asked for but the server does not offer it")
+            ctx = tls if tls is not None else ssl.create_default_context()
+            old = conn._transport
+            assert old is not None
+            new = await asyncio.wait_for(
+                loop.start_tls(old, conn, ctx, server_hostname=host), timeout)
+            if new is None:  # pragma: no cover - only for a closed transport
+                raise WireError(f"{url}: the connection closed during the TLS handshake")
+            conn._transport = new  # type: ignore[assignment]
+            new.set_write_buffer_limits(high=4 << 20, low=1 << 20)
         if not info.get("headers", False):
             raise WireError(f"{url}: the server does not support message headers "
                             f"(nats-server >= 2.2 is needed)")
@@ -343,14 +356,18 @@ async def _open_one(url: str, name: str, timeout: float) -> WireConnection:
         conn.close()
         if isinstance(exc, asyncio.TimeoutError):
             raise WireError(f"{url}: no answer to CONNECT within {timeout} s") from None
+        if isinstance(exc, (ssl.SSLError, OSError)) and not isinstance(exc, WireError):
+            raise WireError(f"{url}: {exc!r}") from None
         raise
     return conn
 
 
 async def open_wire(servers: Sequence[str], *, name: str = "queue-engine forwarder",
-                    timeout: float = 2.0, known: Sequence[str] = ()) -> WireConnection:
+                    timeout: float = 2.0, known: Sequence[str] = (),
+                    tls: Optional[ssl.SSLContext] = None) -> WireConnection:
     """Connect to the first server that answers, trying ``servers`` and then
     the cluster URLs a previous connection learnt (``known``) in random order.
+    ``tls``: the context for TLS connections (default: the system's trust).
     Raises :class:`WireError` naming every failure when none does."""
     order = list(servers)
     random.shuffle(order)  # spread reconnects over the cluster
@@ -358,7 +375,7 @@ async def open_wire(servers: Sequence[str], *, name: str = "queue-engine forward
     errors = []
     for url in order:
         try:
-            return await _open_one(url, name, timeout)
+            return await _open_one(url, name, timeout, tls)
         except WireError as exc:
             errors.append(str(exc))
             # Authentication and feature refusals will not go away on retry

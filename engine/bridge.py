@@ -61,6 +61,7 @@ import binascii
 import collections
 import logging
 import os
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Union, cast
@@ -123,14 +124,16 @@ def _servers(servers: Union[str, Sequence[str]]) -> List[str]:
     return out
 
 
-async def _connect(servers: Sequence[str]) -> Any:
+async def _connect(servers: Sequence[str], tls: Optional[ssl.SSLContext] = None) -> Any:
     nats = _import_nats()
+    extra: Dict[str, Any] = {"tls": tls} if tls is not None else {}
     return await nats.connect(
         servers=list(servers),
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.2,
         connect_timeout=2,
         allow_reconnect=True,
+        **extra,
     )
 
 
@@ -149,6 +152,9 @@ class JetStreamForwarder:
     The group offset is committed (durably: an fsync) at most every
     ``commit_interval`` seconds, 0 meaning as often as the disk allows; it is
     where a restart starts looking, the stream decides where it resumes.
+
+    ``tls``: the SSL context for ``tls://`` servers or servers that require
+    TLS (default: the system's trust store).
 
     The subject should be the forwarder's alone: a message someone else
     publishes on it breaks the chain, costs a resynchronisation, and makes the
@@ -170,6 +176,7 @@ class JetStreamForwarder:
         duplicate_window: float = 120.0,
         resync_scan: int = 10_000,
         commit_interval: float = 0.1,
+        tls: Optional[ssl.SSLContext] = None,
     ) -> None:
         if not isinstance(group, str) or not group:
             raise ValueError("group: a non-empty consumer group name is required")
@@ -193,6 +200,7 @@ class JetStreamForwarder:
         if commit_interval < 0:
             raise ValueError("commit_interval must be >= 0")
         self.commit_interval = float(commit_interval)
+        self.tls = tls
         self._status = BridgeStatus()
         self._stop: Optional[asyncio.Event] = None
 
@@ -228,7 +236,7 @@ class JetStreamForwarder:
         nats = _import_nats()
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        nc = await _connect(self.servers)
+        nc = await _connect(self.servers, self.tls)
         js = nc.jetstream()
         reader = _log.LogReader(self.log_path, group=self.group)
         self._wire: Optional[_nats_wire.WireConnection] = None
@@ -286,7 +294,7 @@ class JetStreamForwarder:
         next_log = 0.0
         while True:
             try:
-                return await _nats_wire.open_wire(self.servers, known=known)
+                return await _nats_wire.open_wire(self.servers, known=known, tls=self.tls)
             except _nats_wire.WireError as exc:
                 if self._stop is not None and self._stop.is_set():
                     raise EngineError(f"stopped while reconnecting: {exc}") from None
@@ -687,6 +695,7 @@ class JetStreamIngest:
         durability: str = "always",
         window: int = 100_000,
         ack_wait: float = 30.0,
+        tls: Optional[ssl.SSLContext] = None,
     ) -> None:
         if not durable:
             raise ValueError("durable: a durable consumer name is required")
@@ -703,6 +712,7 @@ class JetStreamIngest:
         self.durability = durability
         self.window = int(window)
         self.ack_wait = float(ack_wait)
+        self.tls = tls
         self._status = BridgeStatus()
         self._stop: Optional[asyncio.Event] = None
 
@@ -752,7 +762,7 @@ class JetStreamIngest:
         self._stop = asyncio.Event()
         out = _log.Log(self.log_path, durability=cast(Any, self.durability))
         seen = self._recent_ids(out)
-        nc = await _connect(self.servers)
+        nc = await _connect(self.servers, self.tls)
         js = nc.jetstream()
         config = nats.js.api.ConsumerConfig(
             durable_name=self.durable,

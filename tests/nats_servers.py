@@ -55,6 +55,7 @@ class NatsServer:
         cluster_port: Optional[int] = None,
         routes: Optional[List[int]] = None,
         cluster_name: str = "qe",
+        extra: Optional[List[str]] = None,
     ) -> None:
         self.exe = exe
         self.name = name
@@ -62,6 +63,7 @@ class NatsServer:
         self.cluster_port = cluster_port
         self.routes = routes or []
         self.cluster_name = cluster_name
+        self.extra = list(extra or [])  # more nats-server flags (e.g. --tls ...)
         self.store = workdir / f"{name}-store"
         self.store.mkdir(parents=True, exist_ok=True)
         self.logfile = workdir / f"{name}.log"
@@ -74,7 +76,7 @@ class NatsServer:
     def start(self) -> NatsServer:
         cmd = [
             self.exe, "-js", "-sd", str(self.store), "-a", "127.0.0.1",
-            "-p", str(self.port), "-n", self.name,
+            "-p", str(self.port), "-n", self.name, *self.extra,
         ]
         if self.cluster_port is not None:
             cmd += ["--cluster_name", self.cluster_name,

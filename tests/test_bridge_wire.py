@@ -412,3 +412,56 @@ def test_forwarder_big_records(server, tmp_path):
     got = _read_all(server.url, "BIGREC")
     assert [h["Nats-Msg-Id"] for h, _ in got] == [f"{log_id}:{i}" for i in range(60)]
     assert [d for _, d in got] == values
+
+
+def test_forwarder_over_tls(tmp_path):
+    """A server that requires TLS: the lean connection upgrades after INFO
+    (as nats-py does) and verifies the server against the given context."""
+    import shutil
+    import ssl
+    import subprocess
+
+    import nats
+
+    from engine.bridge import JetStreamForwarder
+
+    exe = require_nats()
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl (to make a test certificate) is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        check=True, capture_output=True)
+    srv = NatsServer(exe, tmp_path, "tls", extra=["--tlscert", str(cert), "--tlskey", str(key)])
+    srv.start()
+    try:
+        ctx = ssl.create_default_context(cafile=str(cert))
+        path = tmp_path / "outbox"
+        with engine.Log(path, durability="none") as log:
+            log.append_many([b"v%d" % i for i in range(500)])
+            log_id = log.log_id
+        url = f"tls://127.0.0.1:{srv.port}"
+
+        async def untrusted():
+            with pytest.raises(nw.WireError, match="CERTIFICATE_VERIFY_FAILED"):
+                await nw.open_wire([url], tls=ssl.create_default_context())
+
+        asyncio.run(untrusted())
+        st = JetStreamForwarder(path, group="g", servers=url, stream="TLS", subject="tls",
+                                tls=ctx, max_in_flight=64).run(until_caught_up=True)
+        assert st.records == 500
+
+        async def check():
+            nc = await nats.connect(servers=[url], tls=ctx)
+            js = nc.jetstream()
+            ids = [(await js.get_msg("TLS", q)).headers["Nats-Msg-Id"] for q in range(1, 501)]
+            assert (await js.stream_info("TLS")).state.messages == 500
+            await nc.close()
+            return ids
+
+        assert asyncio.run(check()) == [f"{log_id}:{i}" for i in range(500)]
+    finally:
+        srv.stop()
