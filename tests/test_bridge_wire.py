@@ -165,8 +165,9 @@ def test_parse_url():
     assert nw.parse_url("localhost") == ("localhost", 4222, {})
     assert nw.parse_url("nats://u:p%40ss@h:1") == ("h", 1, {"user": "u", "pass": "p@ss"})
     assert nw.parse_url("nats://tok@h:1") == ("h", 1, {"auth_token": "tok"})
-    with pytest.raises(nw.WireError, match="TLS"):
-        nw.parse_url("tls://h:1")
+    assert nw.parse_url("tls://h") == ("h", 4222, {"tls_required": True})
+    with pytest.raises(nw.WireError, match="not a NATS URL"):
+        nw.parse_url("http://h:1")
 
 
 # -- against a real server -------------------------------------------------
