@@ -25,6 +25,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     fwd.add_argument("--commit-interval", type=float, default=0.1,
                      help="seconds between group-offset commits (default: 0.1)")
     fwd.add_argument("--replicas", type=int, default=1, help="replicas if the stream is created")
+    fwd.add_argument("--tls-ca", default=None,
+                     help="CA file to verify tls:// servers (default: the system's trust store)")
     fwd.add_argument("--until-caught-up", action="store_true", help="exit once the log is forwarded")
     fwd.add_argument("--status-interval", type=float, default=5.0)
     fwd.set_defaults(func=_forward)
@@ -37,10 +39,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ing.add_argument("--subject", default=None)
     ing.add_argument("--batch", type=int, default=256)
     ing.add_argument("--ack-wait", type=float, default=30.0, help="seconds before redelivery")
+    ing.add_argument("--tls-ca", default=None,
+                     help="CA file to verify tls:// servers (default: the system's trust store)")
     ing.add_argument("--until-caught-up", action="store_true",
                      help="exit once nothing is pending or unacknowledged")
     ing.add_argument("--status-interval", type=float, default=5.0)
     ing.set_defaults(func=_ingest)
+
+
+def _tls(args: argparse.Namespace):  # -> Optional[ssl.SSLContext]
+    if args.tls_ca is None:
+        return None
+    import ssl
+
+    return ssl.create_default_context(cafile=args.tls_ca)
 
 
 def _print_status(status) -> None:
@@ -59,6 +71,7 @@ def _forward(args: argparse.Namespace) -> int:
         max_in_flight=args.max_in_flight,
         replicas=args.replicas,
         commit_interval=args.commit_interval,
+        tls=_tls(args),
     )
     status = fwd.run(
         until_caught_up=args.until_caught_up,
@@ -74,7 +87,7 @@ def _ingest(args: argparse.Namespace) -> int:
 
     ing = JetStreamIngest(
         args.servers, args.stream, args.durable, args.log, subject=args.subject,
-        batch=args.batch, ack_wait=args.ack_wait,
+        batch=args.batch, ack_wait=args.ack_wait, tls=_tls(args),
     )
     status = ing.run(
         until_caught_up=args.until_caught_up, on_status=_print_status,
