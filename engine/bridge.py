@@ -208,7 +208,7 @@ class JetStreamForwarder:
         return self._status
 
     def stop(self) -> None:
-        """Ask a running forwarder to finish its batch and return (thread-safe)."""
+        """Ask a running forwarder to finish the batches in flight and return (thread-safe)."""
         if self._stop is not None:
             loop = self._loop
             loop.call_soon_threadsafe(self._stop.set)
