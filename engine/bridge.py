@@ -257,6 +257,13 @@ class JetStreamForwarder:
                     log.warning("jetstream forward: %s; resynchronising with the stream", why)
                     self._status.resyncs += 1
                     await pipe.abandon()
+                    if self._wire is not None and self._wire.alive:
+                        # Overdue acks on a connection that looks up: make sure
+                        # the server is still there, or re-sends go nowhere.
+                        try:
+                            await self._wire.ping(2.0)
+                        except Exception:
+                            self._wire.close()
                     if self._wire is None or not self._wire.alive:
                         self._wire = await self._reconnect()
                     await asyncio.sleep(0.1)

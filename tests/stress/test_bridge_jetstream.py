@@ -270,3 +270,50 @@ def test_ingest_killed_mid_stream_keeps_each_message_once(tmp_path):
         assert set(keys) == {b"m%d" % i for i in range(n)}
     finally:
         server.stop()
+
+
+def test_server_frozen_mid_stream_and_thawed(tmp_path):
+    """SIGSTOP the server while the forwarder publishes (the TCP connection
+    stays up, nothing answers), SIGCONT it seconds later: the forwarder times
+    out its acks, finds the connection dead or alive by a PING, resumes from
+    the stream's last record, and the stream ends with every record once."""
+    import threading
+
+    from engine.bridge import JetStreamForwarder
+
+    exe = require_nats()
+    server = NatsServer(exe, tmp_path, "solo").start()
+    try:
+        log_path = tmp_path / "outbox"
+        n = 30_000
+        log_id = _fill_log(log_path, n)
+        fwd = JetStreamForwarder(log_path, group="js", servers=server.url, stream="ORDERS",
+                                 subject="orders", max_in_flight=256, ack_timeout=1.0,
+                                 commit_interval=0)
+        result = {}
+
+        def run():
+            try:
+                result["status"] = fwd.run(until_caught_up=True)
+            except BaseException as exc:  # surfaced by the assertion below
+                result["error"] = exc
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        deadline = time.monotonic() + 60
+        while _committed(log_path) < n // 5:
+            assert time.monotonic() < deadline and t.is_alive(), result
+            time.sleep(0.002)
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(3.0)
+            assert t.is_alive(), f"the forwarder finished against a frozen server: {result}"
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        t.join(120)
+        assert not t.is_alive(), "the forwarder did not finish after the thaw"
+        assert "error" not in result, result["error"]
+        assert result["status"].resyncs >= 1
+        _check_stream([server.url], log_id, n)
+    finally:
+        server.stop()
