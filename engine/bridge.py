@@ -463,8 +463,9 @@ class _Pipeline:
             self.status.records += tally.count
             self.status.duplicates += tally.duplicates
             commit_to = tally.last_offset + 1
-        if commit_to >= 0:
-            self.committer.offer(commit_to)
+        # Also with nothing new: an offset held back by the interval is
+        # committed on a later step (an idle forwarder polls every 0.2 s).
+        self.committer.offer(commit_to)
         self.status.in_flight = self.in_flight
         for tally in window:
             if tally.errors:
@@ -503,7 +504,7 @@ class _Pipeline:
             return stopping
         timeout = window[0].sent_at + self.fwd.ack_timeout - time.monotonic()
         if timeout <= 0:
-            raise _Resync(f"{window[0].left} of {window[0].count} acknowledgements missing "
+            raise _Resync(f"no acknowledgement for a batch of {window[0].count} records "
                           f"after {self.fwd.ack_timeout} s")
         wire.progress.clear()
         try:
@@ -633,7 +634,7 @@ class _Committer:
     def offer(self, offset: int) -> None:
         if offset > self.wanted:
             self.wanted = offset
-        if self.task is None and time.monotonic() >= self.next_at:
+        if self.task is None and self.wanted > self.done and time.monotonic() >= self.next_at:
             self._start()
 
     def _start(self) -> None:

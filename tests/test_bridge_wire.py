@@ -466,3 +466,34 @@ def test_forwarder_over_tls(tmp_path):
         assert asyncio.run(check()) == [f"{log_id}:{i}" for i in range(500)]
     finally:
         srv.stop()
+
+
+def test_idle_forwarder_commits_what_the_interval_held_back(server, tmp_path):
+    import threading
+    import time
+
+    from engine.bridge import JetStreamForwarder
+
+    path = tmp_path / "outbox"
+    with engine.Log(path, durability="none") as log:
+        log.append_many([b"v%d" % i for i in range(100)])
+    f = JetStreamForwarder(path, group="g", servers=server.url, stream="IDLE", subject="idle",
+                           max_in_flight=64, commit_interval=0.5)
+    t = threading.Thread(target=f.run, daemon=True)
+    t.start()
+    try:
+        reader = engine.LogReader(path, group="g")
+        deadline = time.monotonic() + 10
+        while reader.committed() != 100:
+            assert time.monotonic() < deadline, f"committed {reader.committed()} of 100"
+            time.sleep(0.02)
+        assert t.is_alive()  # still running, idle: the commit did not wait for the end
+        reader.close()
+    finally:
+        deadline = time.monotonic() + 5
+        while f._stop is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        f.stop()
+        t.join(10)
+    assert not t.is_alive()
+    assert f.status().records == 100
