@@ -645,7 +645,9 @@ def main() -> int:
     if not rows:
         print("C floor: no C compiler (cc/gcc/clang) found; skipped")
     else:
-        print("C floor: 2 processes, lock add + W ns of other work per add (ns per add per process)")
+        print(
+            "C floor: 2 processes, lock add + W ns of other work per add (ns per add per process)"
+        )
         print("     W   one line   separate lines   separate/one")
         for r in rows:
             print(
