@@ -40,7 +40,12 @@ journals stay bounded.
 
 Durability: ``"always"`` survives power loss (every prepared/commit record is
 fsynced before the next step), ``"none"`` survives a process crash (SIGKILL)
-but not a power loss, exactly like :class:`engine.Log`.
+but not a power loss, exactly like :class:`engine.Log`.  With nothing to sync
+(``"none"``, ``"interval"``) each party writes its record under its state
+lock instead of around a sync (and an uncontended LogParticipant commits its
+mark, batch and done list in one hold of its locks): the same records in the
+same order with the same crash points as the synced path, which
+``tests/test_txn_fastpath.py`` checks record by record.
 
 Crash points: :func:`_crash_point` marks every step of the protocol (before
 and after each durable write and each message).  ``ENGINE_CRASH_AT=<point>``
