@@ -415,6 +415,23 @@ cdef dict _all_groups(str path):
 # ---------------------------------------------------------------- segments
 
 @cython.final
+def _sync_paths(list paths):
+    """fdatasync each rolled segment file by path (its writer fd is closed);
+    a segment removed by retention meanwhile needs no sync."""
+    for path in paths:
+        try:
+            fd = _os.open(path, _os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            if hasattr(_os, "fdatasync"):
+                _os.fdatasync(fd)
+            else:
+                _os.fsync(fd)
+        finally:
+            _os.close(fd)
+
+
 cdef class _Seg:
     """One mapped segment file (writer: read/write, reader: read-only)."""
     cdef readonly str path         # file path
@@ -1119,6 +1136,7 @@ cdef class Log:
     cdef bint _closed             # close() ran
     cdef bint _syncing            # a sync is in flight (group commit)
     cdef object _cond             # threading.Condition guarding _syncing/_durable
+    cdef list _unsynced_old       # durability="none": paths of rolled segments not yet synced
     cdef object _stop             # threading.Event stopping the flusher
     cdef object _thread           # the interval flusher
     cdef _Notify _notify          # shared wake-up block
@@ -1176,6 +1194,7 @@ cdef class Log:
         self._retain_uncommitted = bool(retain_uncommitted)
         self._flush_interval = flush_interval
         self._cond = _threading.Condition()
+        self._unsynced_old = []
         self._bases = []
 
         _os.makedirs(path, mode=0o700, exist_ok=True)
@@ -1579,6 +1598,9 @@ cdef class Log:
             if rc != 0:
                 raise OSError(_errno.EIO, f"sync of {old.path} failed")
             old.synced = endpos
+        else:
+            # no sync per roll in this mode, but flush() must still reach this segment
+            self._unsynced_old.append(old.path)
         _write_index(self._path, old, self._pos)
         self._create_segment(self._next, ts)
         self._n_rolls += 1
@@ -1744,6 +1766,19 @@ cdef class Log:
             while self._durable < target:
                 if self._syncing:
                     cond.wait()
+                    continue
+                olds = self._unsynced_old
+                if olds:
+                    # durability="none": rolled segments first (their fds are closed)
+                    self._unsynced_old = []
+                    self._syncing = True
+                    cond.release()
+                    try:
+                        _sync_paths(olds)
+                    finally:
+                        cond.acquire()
+                        self._syncing = False
+                        cond.notify_all()
                     continue
                 s = self._active
                 lo = s.synced

@@ -109,6 +109,35 @@ def test_value_too_large_for_segment(tmp_path):
     assert [len(r.value) for r in engine.LogReader(tmp_path)] == [3900, 3900]
 
 
+def test_flush_in_none_mode_syncs_rolled_segments_too(tmp_path, monkeypatch):
+    # durability="none" never syncs on a roll, so flush() must reach the rolled
+    # segments as well as the active one ("every record appended so far")
+    synced = []
+    real_datasync = os.fdatasync
+    real_fsync = os.fsync
+
+    def note(real):
+        def call(fd):
+            synced.append(os.fstat(fd).st_ino)
+            return real(fd)
+        return call
+
+    monkeypatch.setattr(os, "fdatasync", note(real_datasync))
+    monkeypatch.setattr(os, "fsync", note(real_fsync))
+    with engine.Log(tmp_path, durability="none", segment_bytes=SEG) as log:
+        for v in _values(3000):
+            log.append(v)
+        segs = sorted(p for p in os.listdir(tmp_path) if p.endswith(".seg"))
+        assert len(segs) >= 3
+        synced.clear()
+        log.flush()
+        rolled = {os.stat(tmp_path / p).st_ino for p in segs[:-1]}
+        assert rolled <= set(synced), "flush() left a rolled segment unsynced"
+        synced.clear()
+        log.flush()  # nothing new: the rolled ones are not synced again
+        assert not (rolled & set(synced))
+
+
 def test_second_writer_is_locked_in_process_and_across_processes(tmp_path):
     log = engine.Log(tmp_path, durability="none")
     with pytest.raises(engine.LogLocked) as ei:
