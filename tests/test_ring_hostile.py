@@ -277,3 +277,29 @@ def test_random_header_bytes_over_a_valid_ring(name):
 def test_layout_constants():
     assert _ring.MAGIC == int.from_bytes(b"QENGRING", "little")
     assert _ring.HEADER_SIZE == 4096 and _ring.RECORD_HEADER == 8
+
+
+def test_batch_gets_return_the_good_prefix_then_raise(name):
+    # A corrupt record after good ones: get_many / get_array hand back the
+    # messages before it (nothing is lost), and the next call, which starts
+    # at the bad record, raises.
+    r = engine.Ring.create(name, 8192)
+    p, c = r.producer(), r.consumer()
+    p.put_many([b"a" * 56, b"b" * 56, b"c" * 56])  # 64-byte records at 0, 64, 128
+    _poke(name, 4096 + 128 + 4, "<I", 7)  # unknown flags on the third
+    assert c.get_many(10) == [b"a" * 56, b"b" * 56]
+    with pytest.raises(engine.IncompatibleRegion, match="corrupt ring"):
+        c.get_many(10)
+    _poke(name, 4096 + 128 + 4, "<I", 0)
+    assert c.get_many(10) == [b"c" * 56]
+    p.put_array(np.arange(3 * 56, dtype=np.uint8).reshape(3, 56))  # records at 192, 256, 320
+    _poke(name, 4096 + 320, "<I", 5000)  # the third row runs past head
+    got = c.get_array(10)
+    assert got.tolist() == np.arange(2 * 56, dtype=np.uint8).reshape(2, 56).tolist()
+    with pytest.raises(engine.IncompatibleRegion, match="corrupt ring"):
+        c.get_array(10)
+    _poke(name, 4096 + 320, "<I", 56)
+    assert c.get_array(10).tolist() == [list(range(112, 168))]
+    c.close()
+    p.close()
+    r.close()
