@@ -140,16 +140,22 @@ _Static_assert(sizeof(eng_tix_entry) == 16, "tix entry is 16 bytes");
 #include <sys/mman.h>
 #include <unistd.h>
 
+/* fsync, or F_FULLFSYNC where macOS has it (its plain fsync stops at the
+ * drive's cache); the fallback for the non-Linux paths below */
+static inline int eng_log_fsync_full(int fd) {
+#if defined(__APPLE__) && defined(F_FULLFSYNC)
+    if (fcntl(fd, F_FULLFSYNC) == 0) return 0;
+#endif
+    return fsync(fd);
+}
+
 static inline int eng_log_sync_range(int fd, void *addr, size_t len) {
     if (len && msync(addr, len, MS_SYNC) != 0) return -1;
 #if defined(__linux__)
     (void)fd;
     return 0;
-#elif defined(__APPLE__) && defined(F_FULLFSYNC)
-    if (fcntl(fd, F_FULLFSYNC) == 0) return 0;
-    return fsync(fd);
 #else
-    return fsync(fd);
+    return eng_log_fsync_full(fd);
 #endif
 }
 
@@ -211,11 +217,8 @@ static inline int eng_log_zero_fill(int fd, uint64_t off, size_t len) {
 static inline int eng_log_datasync(int fd) {
 #if defined(__linux__)
     return fdatasync(fd);
-#elif defined(__APPLE__) && defined(F_FULLFSYNC)
-    if (fcntl(fd, F_FULLFSYNC) == 0) return 0;
-    return fsync(fd);
 #else
-    return fsync(fd);
+    return eng_log_fsync_full(fd);
 #endif
 }
 
