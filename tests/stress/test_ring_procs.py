@@ -105,6 +105,49 @@ def test_spsc_million_bytes_messages(shm_name):
     assert s["messages_put"] == N + 1 and s["messages_got"] == 0  # consumer left
 
 
+def _produce_rows64(name, n):
+    # 64-byte rows (the row size put_array/get_array copy with an inlined
+    # constant-size copy): row i is i, i+1, ..., i+7 as uint64
+    with engine.Ring.attach(name) as r, r.producer() as p:
+        for lo in range(0, n, 8192):
+            base = np.arange(lo, min(n, lo + 8192), dtype=np.uint64)
+            p.put_array(base[:, None] + np.arange(8, dtype=np.uint64), timeout=60)
+
+
+def _consume_rows64(name, out, ready):
+    r = engine.Ring.attach(name)
+    c = r.consumer()
+    ready.set()
+    parts = []
+    try:
+        while True:
+            parts.append(c.get_array(8192, dtype=np.uint64, timeout=None))
+    except engine.Closed:
+        pass
+    got = np.concatenate(parts) if parts else np.empty((0, 8), np.uint64)
+    first = got[:, 0]
+    out.put(
+        (
+            got.shape,
+            bool(
+                np.array_equal(
+                    got - first[:, None], np.tile(np.arange(8, dtype=np.uint64), (len(got), 1))
+                )
+            ),
+            bool(np.array_equal(first, np.arange(len(got), dtype=np.uint64))),
+        )
+    )
+    c.close()
+    r.close()
+
+
+def test_spsc_million_64_byte_rows(shm_name):
+    results, s, _ = _run(shm_name, "spsc", 1, _consume_rows64, _produce_rows64, N)
+    ((shape, rows_intact, in_order),) = results
+    assert shape == (N, 8) and rows_intact and in_order
+    assert s["messages_put"] == N
+
+
 def test_broadcast_three_consumers_each_get_every_message(shm_name):
     results, s, _ = _run(shm_name, "broadcast", 3, _consume_arrays, _produce_arrays, N)
     want = np.arange(N, dtype=np.uint64)
