@@ -436,7 +436,7 @@ def cases(profile: Profile) -> List[Case]:
             "add 1 process",
             "add(1) in a tight loop, one process (one message = one increment)",
             THROUGHPUT,
-            Workload(profile.count(quick=1_000_000, full=5_000_000), 8),
+            Workload(profile.count(quick=500_000, full=5_000_000), 8),
             [
                 _ours("engine.ShardedCounter", ours_add_1p),
                 Contender(MP_VALUE, mpvalue_add_1p),
@@ -449,7 +449,7 @@ def cases(profile: Profile) -> List[Case]:
             "add 2 processes vs multiprocessing.Value",
             "two processes add(1) to one shared counter at once; aggregate rate",
             THROUGHPUT,
-            Workload(profile.count(quick=300_000, full=1_000_000), 8),
+            Workload(profile.count(quick=150_000, full=1_000_000), 8),
             [
                 _ours("engine.ShardedCounter", ours_add_2p(None)),
                 Contender(MP_VALUE, mpvalue_add_2p),
@@ -474,7 +474,7 @@ def cases(profile: Profile) -> List[Case]:
             "CounterMap vs Manager().dict()",
             f"one process, {KEYS} keys round robin, add(key)",
             THROUGHPUT,
-            Workload(profile.count(quick=20_000, full=100_000), 8),
+            Workload(profile.count(quick=5_000, full=100_000), 8),
             [
                 _ours("engine.CounterMap", ours_map_1p),
                 Contender("multiprocessing.Manager().dict()", manager_dict_1p),

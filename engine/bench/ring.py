@@ -291,7 +291,7 @@ def cases(profile: Profile) -> List[Case]:
     """Every ring case for this profile."""
     # quick: sized so the slowest peers (multiprocessing.Queue, faster-fifo
     # single put/get) keep the default suite under a minute on 2 cores
-    n = profile.count(quick=100_000, full=1_000_000)
+    n = profile.count(quick=50_000, full=1_000_000)
     size = 64
     wl = Workload(n, size)
     out = [
@@ -343,7 +343,7 @@ def cases(profile: Profile) -> List[Case]:
             THROUGHPUT,
             # the slowest peers pay for two consumers on two cores: half the
             # quick count
-            Workload(profile.count(quick=50_000, full=1_000_000), size),
+            Workload(profile.count(quick=25_000, full=1_000_000), size),
             _flow_contenders(2),
             ordered=False,
         ),
