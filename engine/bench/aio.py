@@ -276,8 +276,8 @@ def peer_zmq_asyncio_idle(wl: Workload) -> Run:
 
 
 def cases(profile: Profile) -> List[Case]:
-    n = profile.count(quick=2_000, full=50_000)
-    n_idle = profile.count(quick=250, full=5_000)
+    n = profile.count(quick=1_000, full=50_000)
+    n_idle = profile.count(quick=150, full=5_000)
     return [
         Case(
             "async round trip",

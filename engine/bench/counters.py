@@ -474,7 +474,7 @@ def cases(profile: Profile) -> List[Case]:
             "CounterMap vs Manager().dict()",
             f"one process, {KEYS} keys round robin, add(key)",
             THROUGHPUT,
-            Workload(profile.count(quick=5_000, full=100_000), 8),
+            Workload(profile.count(quick=3_000, full=100_000), 8),
             [
                 _ours("engine.CounterMap", ours_map_1p),
                 Contender("multiprocessing.Manager().dict()", manager_dict_1p),

@@ -560,10 +560,10 @@ def cases(profile: Profile) -> List[Case]:
     n = profile.count(quick=30_000, full=200_000)
     # the per-put-persistence peers manage 1-4k puts/s here: a small count
     # for every contender of their cases keeps the quick suite quick
-    n_slow = profile.count(quick=1_000, full=10_000)
+    n_slow = profile.count(quick=500, full=10_000)
     n_sync = profile.count(quick=20_000, full=200_000)
-    n_sqlite_sync = profile.count(quick=2_000, full=20_000)
-    scan_bytes = (1 << 30) if profile.full else (256 << 20)
+    n_sqlite_sync = profile.count(quick=1_000, full=20_000)
+    scan_bytes = (1 << 30) if profile.full else (128 << 20)
     scan_size = SIZE + FRAME
     n_scan = profile.count(quick=scan_bytes // scan_size, full=scan_bytes // scan_size)
     append_none = _ours('engine.Log append (durability="none")', ours_append)

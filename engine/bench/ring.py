@@ -291,7 +291,7 @@ def cases(profile: Profile) -> List[Case]:
     """Every ring case for this profile."""
     # quick: sized so the slowest peers (multiprocessing.Queue, faster-fifo
     # single put/get) keep the default suite under a minute on 2 cores
-    n = profile.count(quick=50_000, full=1_000_000)
+    n = profile.count(quick=40_000, full=1_000_000)
     size = 64
     wl = Workload(n, size)
     out = [
@@ -299,7 +299,9 @@ def cases(profile: Profile) -> List[Case]:
             "threads 1->1",
             "one producer thread, one consumer thread, put/get",
             THROUGHPUT,
-            wl,
+            # faster-fifo and queue.Queue move < 100k msg/s between threads:
+            # a smaller quick count keeps them from dominating the quick suite
+            Workload(profile.count(quick=20_000, full=1_000_000), size),
             [
                 Contender(
                     "engine.Ring", ours_threads, ours=True, requires=RING, pip_hint=BUILD_HINT
@@ -343,7 +345,7 @@ def cases(profile: Profile) -> List[Case]:
             THROUGHPUT,
             # the slowest peers pay for two consumers on two cores: half the
             # quick count
-            Workload(profile.count(quick=25_000, full=1_000_000), size),
+            Workload(profile.count(quick=15_000, full=1_000_000), size),
             _flow_contenders(2),
             ordered=False,
         ),
@@ -373,7 +375,7 @@ def cases(profile: Profile) -> List[Case]:
             "cross-process round trip of one 64-byte message, waiter spinning",
             LATENCY,
             Workload(
-                profile.count(quick=2_000, full=100_000)
+                profile.count(quick=1_000, full=100_000)
                 if profile.messages is None
                 else max(1, n // 10),
                 size,

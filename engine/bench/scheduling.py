@@ -345,7 +345,7 @@ def mpqueue_keyed(wl: Workload) -> Run:
 
 
 def cases(profile: Profile) -> List[Case]:
-    one = Workload(count=profile.count(quick=100_000, full=1_000_000), size=64)
+    one = Workload(count=profile.count(quick=50_000, full=1_000_000), size=64)
     two = Workload(count=profile.count(quick=25_000, full=500_000), size=64)
     req = ("engine._sched", "engine._ring")
     return [

@@ -262,7 +262,7 @@ def _ours(name: str, fn: Any) -> Contender:
 
 def cases(profile: Profile) -> List[Case]:
     """The versions cases for this profile."""
-    n = profile.count(quick=30_000, full=300_000)
+    n = profile.count(quick=20_000, full=300_000)
     return [
         Case(
             "CAS put vs SQLite",
