@@ -210,26 +210,6 @@ def ours_threads(wl: Workload) -> Run:
         ring.close()
 
 
-# faster-fifo batch peer: peers._ff_producer with its batches built before the
-# clock, exactly like ours (see _batches); the consumer is the peers' one
-def _ff_batch_producer(wl: Workload, barrier: Any, q: Any) -> int:
-    batches = _batches(wl.payloads())
-    barrier.wait(BARRIER_TIMEOUT)
-    t0 = time.perf_counter_ns()
-    put_many = q.put_many
-    for ch in batches:
-        put_many(ch, True, 30.0)
-    q.put(peers.FIFO_END, True, 30.0)
-    return t0
-
-
-def ff_batch_procs(wl: Workload) -> Run:
-    """faster-fifo put_many/get_many (``max_messages_to_get=BATCH``) across
-    processes, the buffer as big as our ring, raw bytes."""
-    q = peers.fifo_queue()
-    return peers.flow_run(wl, (_ff_batch_producer, (q,)), [(peers._ff_consumer, (q, BATCH))])
-
-
 # ping-pong: two spsc rings, a (ping) and b (pong)
 def _ours_ping(wl: Workload, barrier: Any, a: str, b: str) -> Any:
     from engine import Ring
@@ -335,7 +315,9 @@ def cases(profile: Profile) -> List[Case]:
                     requires=RING,
                     pip_hint=BUILD_HINT,
                 ),
-                Contender("faster-fifo put_many/get_many", ff_batch_procs, requires=FF),
+                Contender(
+                    "faster-fifo put_many/get_many", peers.procs_faster_fifo(1, BATCH), requires=FF
+                ),
             ],
             targets=[Target("ratio", 10, "faster-fifo put_many/get_many")],
         ),
