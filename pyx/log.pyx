@@ -110,8 +110,8 @@ cdef size_t _ZERO_MAX = 16 << 20     # ... and at most this much per step
 cdef size_t _STAGE_KEEP = 4 << 20    # staging buffer kept between calls up to this size
 # Off: zeros written in line cost more bandwidth than the extent updates they
 # save (measured here, 1000 x 64 B durable batches vs os.write+fdatasync: 0.58x
-# with zero-fill ahead, 0.87x without, 200 batches); pre-zeroed segments made
-# off the append path would be the way to use it (see log_layout.h).
+# with zero-fill ahead, 0.87x without, 200 batches); a background zeroer
+# competes with the writer for the device and is no better (see log_layout.h).
 cdef bint _zero_ahead = False        # durable path writes zeros ahead of the tail
 
 
