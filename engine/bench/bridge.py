@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, List, Optional
 
-from .harness import THROUGHPUT, Case, Contender, Profile, Run, Workload, digest
+from .harness import THROUGHPUT, Case, Contender, Profile, Run, Target, Workload, digest
 
 SECTION = "bridge"
 
@@ -236,5 +236,6 @@ def cases(profile: Profile) -> List[Case]:
                 ),
             ],
             repeat=profile.reps(quick=1, full=3),
+            targets=[Target("min_msg_per_s", 50_000)],
         )
     ]

@@ -31,7 +31,7 @@ from collections import deque
 from typing import Any, List, Optional, Tuple
 
 from engine.bench import peers
-from engine.bench.harness import Case, Contender, Profile, Run, Workload, digest
+from engine.bench.harness import Case, Contender, Profile, Run, Target, Workload, digest
 
 SECTION = "scheduling"
 LEVELS = 3
@@ -54,7 +54,9 @@ def _levels(n: int) -> List[int]:
 # ---------------------------------------------------------------------------
 
 
-def _one_process(put: Any, get: Any, msgs: List[bytes], prio: List[int]) -> Tuple[int, int, List[bytes]]:
+def _one_process(
+    put: Any, get: Any, msgs: List[bytes], prio: List[int]
+) -> Tuple[int, int, List[bytes]]:
     out: List[bytes] = []
     append = out.append
     n = len(msgs)
@@ -205,7 +207,9 @@ def _mpq_levels_producer(wl: Workload, barrier: Any, qs: List[Any]) -> int:
     return t0
 
 
-def _mpq_levels_consumer(wl: Workload, barrier: Any, qs: List[Any]) -> Tuple[int, int, int, Optional[bool]]:
+def _mpq_levels_consumer(
+    wl: Workload, barrier: Any, qs: List[Any]
+) -> Tuple[int, int, int, Optional[bool]]:
     from multiprocessing.connection import wait
 
     out: List[bytes] = []
@@ -321,7 +325,9 @@ def _mpq_keyed_producer(wl: Workload, barrier: Any, qs: List[Any]) -> int:
     return t0
 
 
-def _mpq_keyed_consumer(wl: Workload, barrier: Any, qs: List[Any], j: int) -> Tuple[int, int, int, Optional[bool]]:
+def _mpq_keyed_consumer(
+    wl: Workload, barrier: Any, qs: List[Any], j: int
+) -> Tuple[int, int, int, Optional[bool]]:
     q = qs[j]
     out: List[bytes] = []
     append = out.append
@@ -340,7 +346,9 @@ def mpqueue_keyed(wl: Workload) -> Run:
     ctx = peers.mp_context()
     qs = [ctx.Queue() for _ in range(2)]
     return peers.flow_run(
-        wl, (_mpq_keyed_producer, (qs,)), [(_mpq_keyed_consumer, (qs, 0)), (_mpq_keyed_consumer, (qs, 1))]
+        wl,
+        (_mpq_keyed_producer, (qs,)),
+        [(_mpq_keyed_consumer, (qs, 0)), (_mpq_keyed_consumer, (qs, 1))],
     )
 
 
@@ -361,6 +369,7 @@ def cases(profile: Profile) -> List[Case]:
                 Contender("heapq + Lock", heapq_locked),
                 Contender("deque per level + Lock", deque_per_level_locked),
             ],
+            targets=[Target("ratio", 8, "queue.PriorityQueue")],
         ),
         Case(
             name="priority 3 levels, 2 processes",
@@ -372,6 +381,7 @@ def cases(profile: Profile) -> List[Case]:
                 Contender("engine.PriorityQueue", ours_two_processes, ours=True, requires=req),
                 Contender("multiprocessing.Queue per level", mpqueue_per_level),
             ],
+            targets=[Target("ratio", 10, "multiprocessing.Queue per level")],
         ),
         Case(
             name="keyed 1 -> 2 processes",
