@@ -211,7 +211,7 @@ def cases(profile: Profile) -> List[Case]:
             file=sys.stderr,
         )
         return []
-    wl = Workload(count=profile.count(quick=10_000, full=100_000), size=64)
+    wl = Workload(count=profile.count(quick=6_000, full=100_000), size=64)
     hint = 'pip install "queue-engine[nats]"'
     return [
         Case(

@@ -271,7 +271,7 @@ def cases(profile: Profile) -> List[Case]:
     """Every ring case for this profile."""
     # quick: sized so the slowest peers (multiprocessing.Queue, faster-fifo
     # single put/get) keep the default suite under a minute on 2 cores
-    n = profile.count(quick=40_000, full=1_000_000)
+    n = profile.count(quick=30_000, full=1_000_000)
     size = 64
     wl = Workload(n, size)
     out = [
