@@ -1128,16 +1128,19 @@ def test_durable_keyed_delayed_partition_hands_over_at_once(tmp_path):
     a = kq.consumer()
     assert a.get_many(10, timeout=0.05) == [] and a.partitions == [0, 1, 2, 3]
     due = {}
+    # a delay well above what 40 puts take on a loaded 2-core CI machine (the
+    # first put creates the logs): none may be due at the try_get below
     for i in range(40):
-        due[i] = time.monotonic() + 0.3
-        kq.put(struct.pack("<I", i), key=i, delay=0.3)
+        due[i] = time.monotonic() + 1.0
+        kq.put(struct.pack("<I", i), key=i, delay=1.0)
+    assert time.monotonic() < min(due.values())
     assert a.try_get() is None  # read ahead, held, none due
     kq2 = KeyedQueue(partitions=4, durable=True, path=path, durability="none")
     b = kq2.consumer()
     got = {"a": [], "b": []}
 
     def run(tag, c):
-        end = time.monotonic() + 1.0
+        end = time.monotonic() + 2.0
         while time.monotonic() < end:
             for m in c.get_many(64, timeout=0.02):
                 got[tag].append((struct.unpack("<I", m)[0], time.monotonic()))
