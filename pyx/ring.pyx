@@ -931,7 +931,13 @@ cdef class Producer:
             hdr[1] = RING_FLAG_PAD
             self._head += self._cap - off
             off = 0
-        hdr = <uint32_t *>(self._data + off)
+        self._put_rec(off, rec, src, n)
+
+    cdef inline void _put_rec(self, uint64_t off, uint64_t rec, const char *src,
+                              uint64_t n) noexcept nogil:
+        # One message record at data offset `off` (room and wrap already
+        # settled by the caller), then the private cursor and counters.
+        cdef uint32_t *hdr = <uint32_t *>(self._data + off)
         hdr[0] = <uint32_t>n
         hdr[1] = 0
         memcpy(self._data + off + RING_REC_HDR, src, n)
@@ -994,16 +1000,9 @@ cdef class Producer:
         # _batch_item.
         cdef uint64_t rec = ring_rec_size(n)
         cdef uint64_t off = self._head & self._mask
-        cdef uint32_t *hdr
         if n > self._max_msg or off + rec > self._cap or not self._fits(rec):
             return False
-        hdr = <uint32_t *>(self._data + off)
-        hdr[0] = <uint32_t>n
-        hdr[1] = 0
-        memcpy(self._data + off + RING_REC_HDR, src, n)
-        self._head += rec
-        self._msgs += 1
-        self._bytes += n
+        self._put_rec(off, rec, src, n)
         return True
 
     cdef int _wait_room(self, uint64_t need, int64_t deadline) except -1:

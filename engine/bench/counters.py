@@ -113,19 +113,24 @@ def lock_int_add_1p(wl: Workload) -> Run:
 # ---------------------------------------------------------------------------
 
 
-def _child_add(wl: Workload, barrier: Any, name: str, n: int) -> Tuple[int, int]:
-    from engine import ShardedCounter
-
-    c = ShardedCounter.attach(name)
-    add = c.add
+def _timed_adds(add: Any, n: int, barrier: Any) -> Tuple[int, int]:
+    # the one timed loop of the 2-process cases: n calls of add(1) after the barrier
     rng = range(n)
     barrier.wait(peers.BARRIER_TIMEOUT)
     t0 = time.perf_counter_ns()
     for _ in rng:
         add(1)
-    t1 = time.perf_counter_ns()
-    c.close()
-    return t0, t1
+    return t0, time.perf_counter_ns()
+
+
+def _child_add(wl: Workload, barrier: Any, name: str, n: int) -> Tuple[int, int]:
+    from engine import ShardedCounter
+
+    c = ShardedCounter.attach(name)
+    try:
+        return _timed_adds(c.add, n, barrier)
+    finally:
+        c.close()
 
 
 def _child_mpvalue(wl: Workload, barrier: Any, v: Any, n: int) -> Tuple[int, int]:
@@ -144,15 +149,11 @@ def _child_cell(wl: Workload, barrier: Any, name: str, n: int, method: str) -> T
     from engine._counter import _AtomicCell
 
     cell = _AtomicCell(name)
-    add = getattr(cell, method)  # "add", or "nop" for the call ceiling
-    rng = range(n)
-    barrier.wait(peers.BARRIER_TIMEOUT)
-    t0 = time.perf_counter_ns()
-    for _ in rng:
-        add(1)
-    t1 = time.perf_counter_ns()
-    cell.close()
-    return t0, t1
+    try:
+        # "add", or "nop" for the call ceiling
+        return _timed_adds(getattr(cell, method), n, barrier)
+    finally:
+        cell.close()
 
 
 def _span(res: List[Tuple[int, int]]) -> Tuple[int, int]:
