@@ -31,17 +31,23 @@ def _produce_bytes(name, n):
         p.put((n).to_bytes(8, "little"), timeout=60)
 
 
+def _drain_arrays(name, ready, rows, width):
+    # attach, signal ready, get_array uint64 blocks of `rows` until Closed;
+    # every row received, in order, as one (n, width) array
+    with engine.Ring.attach(name) as r, r.consumer() as c:
+        ready.set()
+        parts = []
+        try:
+            while True:
+                # an empty block comes back (0, 0): the reshape keeps concatenate happy
+                parts.append(c.get_array(rows, dtype=np.uint64, timeout=None).reshape(-1, width))
+        except engine.Closed:
+            pass
+    return np.concatenate(parts) if parts else np.empty((0, width), np.uint64)
+
+
 def _consume_arrays(name, out, ready):
-    r = engine.Ring.attach(name)
-    c = r.consumer()
-    ready.set()
-    parts = []
-    try:
-        while True:
-            parts.append(c.get_array(CHUNK, dtype=np.uint64, timeout=None).ravel())
-    except engine.Closed:
-        pass
-    got = np.concatenate(parts) if parts else np.empty(0, np.uint64)
+    got = _drain_arrays(name, ready, CHUNK, 1).ravel()
     out.put(
         (
             len(got),
@@ -50,8 +56,6 @@ def _consume_arrays(name, out, ready):
             got.tobytes() if len(got) < 2_000_000 else b"",
         )
     )
-    c.close()
-    r.close()
 
 
 def _consume_bytes(name, out, ready):
@@ -115,16 +119,7 @@ def _produce_rows64(name, n):
 
 
 def _consume_rows64(name, out, ready):
-    r = engine.Ring.attach(name)
-    c = r.consumer()
-    ready.set()
-    parts = []
-    try:
-        while True:
-            parts.append(c.get_array(8192, dtype=np.uint64, timeout=None))
-    except engine.Closed:
-        pass
-    got = np.concatenate(parts) if parts else np.empty((0, 8), np.uint64)
+    got = _drain_arrays(name, ready, 8192, 8)
     first = got[:, 0]
     out.put(
         (
@@ -137,8 +132,6 @@ def _consume_rows64(name, out, ready):
             bool(np.array_equal(first, np.arange(len(got), dtype=np.uint64))),
         )
     )
-    c.close()
-    r.close()
 
 
 def test_spsc_million_64_byte_rows(shm_name):
