@@ -148,8 +148,11 @@ def test_threads_use_different_shards():
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_forked_child_picks_its_own_shard(shm_name):
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm-cache"])
+def test_forked_child_picks_its_own_shard(shm_name, warm):
     c = ShardedCounter.create(shm_name, shards=4096)
+    if warm:
+        c.add(1)  # the parent's thread state and cell are now cached in the handle
     mine = c.current_shard()
     r, w = os.pipe()
     pid = os.fork()
@@ -164,8 +167,10 @@ def test_forked_child_picks_its_own_shard(shm_name):
     os.close(r)
     os.waitpid(pid, 0)
     assert child_shard != mine
-    assert c.shard_values()[child_shard] == 7
-    assert c.value() == 7
+    vals = c.shard_values()
+    assert vals[mine] == (1 if warm else 0)
+    assert vals[child_shard] == 7
+    assert c.value() == 7 + (1 if warm else 0)
 
 
 def test_reset_racing_adders_loses_nothing():

@@ -71,29 +71,6 @@ def test_cached_cell_follows_the_calling_thread():
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_forked_child_with_a_warm_cache_picks_its_own_shard(shm_name):
-    c = ShardedCounter.create(shm_name, shards=4096)
-    c.add(1)  # the parent's thread state and cell are cached in the handle
-    mine = c.current_shard()
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: same thread-state pointer, other process
-        try:
-            c.add(7)
-            os.write(w, struct.pack("<i", c.current_shard()))
-        finally:
-            os._exit(0)
-    os.close(w)
-    child_shard = struct.unpack("<i", os.read(r, 4))[0]
-    os.close(r)
-    os.waitpid(pid, 0)
-    assert child_shard != mine
-    vals = c.shard_values()
-    assert vals[mine] == 1
-    assert vals[child_shard] == 7
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_forked_child_with_a_warm_map_cache_uses_its_own_row(shm_name):
     m = CounterMap.create(shm_name, capacity=2, shards=4096)
     m.add("k")  # warms the row cache; "k" takes some slot
