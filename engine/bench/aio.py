@@ -35,6 +35,7 @@ import numpy as np
 
 from engine.bench import peers
 from engine.bench.harness import (
+    BUILD_HINT,
     LATENCY,
     Case,
     Contender,
@@ -49,7 +50,6 @@ from engine.bench.peers import BARRIER_TIMEOUT, WARMUP
 SECTION = "aio"
 
 RING = ("engine._ring",)
-BUILD_HINT = "build it: pip install . (or python setup.py build_ext --inplace)"
 ZMQ = ("zmq",)
 SIZE = 64
 REPLY_TIMEOUT = 30.0  # a lost message fails the run instead of hanging it

@@ -34,12 +34,20 @@ import uuid
 from typing import Any, List, Tuple
 
 from engine.bench import peers
-from engine.bench.harness import THROUGHPUT, Case, Contender, Profile, Run, Target, Workload
+from engine.bench.harness import (
+    BUILD_HINT,
+    THROUGHPUT,
+    Case,
+    Contender,
+    Profile,
+    Run,
+    Target,
+    Workload,
+)
 
 SECTION = "counters"
 
 OURS = ("engine._counter",)
-BUILD_HINT = "build it: pip install . (or python setup.py build_ext --inplace)"
 KEYS = 64  # distinct keys in the CounterMap / aggregator cases
 BATCH = 4096  # increments coalesced per aggregator message, for both contenders
 SINGLE_CELL = "single shared atomic cell (fetch_add)"

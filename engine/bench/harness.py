@@ -107,6 +107,8 @@ SECTIONS: Tuple[str, ...] = (
 PIP_HINT = 'pip install "queue-engine[bench]"'
 
 THROUGHPUT = "throughput"
+# pip_hint for our own contenders: missing means an unbuilt source tree, not a missing extra
+BUILD_HINT = "build it: pip install . (or python setup.py build_ext --inplace)"
 LATENCY = "latency"
 
 _U64 = np.uint64

@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, List
 
 from engine.bench.harness import (
+    BUILD_HINT,
     THROUGHPUT,
     Case,
     Contender,
@@ -71,7 +72,6 @@ from engine.bench.harness import (
 SECTION = "log"
 
 OURS = ("engine._log",)
-BUILD_HINT = "build it: pip install . (or python setup.py build_ext --inplace)"
 QUEUELIB = ("queuelib",)
 PERSIST = ("persistqueue",)
 DISKCACHE = ("diskcache",)

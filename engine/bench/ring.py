@@ -22,6 +22,7 @@ import numpy as np
 
 from engine.bench import peers
 from engine.bench.harness import (
+    BUILD_HINT,
     LATENCY,
     THROUGHPUT,
     Case,
@@ -36,8 +37,6 @@ from engine.bench.peers import BARRIER_TIMEOUT, BATCH
 SECTION = "ring"
 
 RING = ("engine._ring",)
-# ours missing means an unbuilt source tree, not a missing extra
-BUILD_HINT = "build it: pip install . (or python setup.py build_ext --inplace)"
 FF = ("faster_fifo",)
 ZMQ = ("zmq",)
 CAPACITY = 1 << 24  # 16 MiB, the same buffer as faster-fifo gets

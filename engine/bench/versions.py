@@ -39,6 +39,7 @@ import time
 from typing import Any, Dict, List, Tuple
 
 from engine.bench.harness import (
+    BUILD_HINT,
     THROUGHPUT,
     Case,
     Contender,
@@ -52,7 +53,6 @@ from engine.bench.harness import (
 SECTION = "versions"
 
 OURS = ("engine._log", "engine._versions")
-BUILD_HINT = "build it: pip install . (or python setup.py build_ext --inplace)"
 SQLITE_PUT = "sqlite3 version column (:memory:)"
 LOCKED_DICT = "dict + threading.Lock"
 
