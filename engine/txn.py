@@ -47,6 +47,12 @@ mark, batch and done list in one hold of its locks): the same records in the
 same order with the same crash points as the synced path, which
 ``tests/test_txn_fastpath.py`` checks record by record.
 
+Compiled core: the per-transaction steps (:class:`Transaction`, a
+coordinator's ``transaction``/``_commit``/``_complete``, a participant's
+``prepare``/``commit``, a LogParticipant's check and uncontended commit, the
+record encoder) are in ``pyx/txn.pyx`` (``engine._txn``); the classes here
+subclass its cores and keep everything that is not per transaction.
+
 Crash points: :func:`_crash_point` marks every step of the protocol (before
 and after each durable write and each message).  ``ENGINE_CRASH_AT=<point>``
 (or ``<point>#<k>`` for its k-th hit) SIGKILLs the process there; the tests in
@@ -62,7 +68,6 @@ import itertools
 import json
 import logging
 import marshal
-import operator
 import os
 import shutil
 import signal
@@ -81,6 +86,18 @@ from typing import (
     Union,
 )
 
+from ._txn import (
+    Transaction,
+    _as_bytes,
+    _CoordCore,
+    _encode,
+    _journal_append,
+    _JournalCore,
+    _LogPartCore,
+    _PartCore,
+    _set_crash_hook,
+    _trust,
+)
 from .errors import Closed, EngineError, LogLocked, Timeout, TransactionAborted
 
 __all__ = [
@@ -102,8 +119,9 @@ _logger = logging.getLogger("engine")
 # versions >= 3 build a hash table per call to share repeated objects, which
 # costs ~40% of a dumps() of these small tuples and saves nothing here.
 # marshal.loads reads every version, so journals written before still read.
+# Journal records are written by _encode (engine._txn): marshal's bytes for
+# version 2, without its per-call overhead.
 _dumps = marshal.dumps
-_name_of = operator.attrgetter("name")
 
 # ---------------------------------------------------------------------------
 # crash points (tests only; one global bool load on the hot path when unarmed)
@@ -136,6 +154,7 @@ def _arm_crash(spec: Optional[str], trace_path: Optional[str] = None) -> None:
     if trace_path:
         _CRASH_TRACE_FD = os.open(trace_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     _ARMED = _CRASH_AT is not None or _CRASH_TRACE_FD >= 0
+    _set_crash_hook(_crash_point if _ARMED else None)  # the compiled core's points
 
 
 def _crash_point(name: str, party: Optional[str] = None) -> None:
@@ -243,7 +262,7 @@ def _read_gen(gen_dir: str, meta: bool = False) -> List[Any]:
     return out
 
 
-class _Journal:
+class _Journal(_JournalCore):
     """The durable state of one party: a segment log per generation.
 
     ``CURRENT`` (JSON, replaced atomically) names the kind of journal, its id
@@ -318,7 +337,7 @@ class _Journal:
 
     def append(self, rec: Tuple[Any, ...]) -> None:
         """Append one record now (durable per ``durability`` when this returns)."""
-        self.log.append(_dumps(rec, 2))
+        self.log.append(_encode(rec))
         if self.sync:
             self.log.flush()
         self.appended += 1
@@ -335,7 +354,7 @@ class _Journal:
         gdir = _gen_dir(self.path, new)
         _new_gen_dir(gdir)
         log = self._open_log(new)
-        recs = [_dumps(r, 2) for r in keep]
+        recs = [_encode(r) for r in keep]
         if recs:
             log.append_many(recs)
         log.flush()
@@ -380,26 +399,6 @@ def _read_pid(path: str) -> Optional[int]:
             return int(f.read(32).decode() or "0") or None
     except (OSError, ValueError):
         return None
-
-
-def _journal_append(
-    journal: _Journal, log: Any, rec: Tuple[Any, ...], durable: bool = True
-) -> None:
-    """Append to the generation ``log`` captured under the owner's lock.
-
-    ``durable``: the record must be on stable storage (with durability
-    ``"always"``) before this returns.  If a concurrent switch already closed
-    that generation, the record is in the new one (carried from memory), so
-    a ``Closed`` there is not an error.
-    """
-    try:
-        log.append(_dumps(rec, 2))
-        if durable and journal.sync:
-            log.flush()
-    except Closed:
-        if log is journal.log:
-            raise
-    journal.appended += 1
 
 
 def read_journal(
@@ -511,96 +510,7 @@ class Participant(Protocol):
     def recover(self) -> List[str]: ...
 
 
-_CHECKED_TYPES: set = set()  # participant classes known to have the protocol's methods
-
-
-class Transaction:
-    """One transaction of a :class:`Coordinator` (``coord.transaction()``).
-
-    Enlist work with :meth:`enlist` (alias :meth:`add`), then :meth:`commit`
-    or :meth:`abort`; as a context manager it commits on a clean exit and
-    aborts when the block raises.  ``state`` is ``"active"``,
-    ``"committed"`` or ``"aborted"``.
-    """
-
-    __slots__ = ("_coord", "txid", "deadline", "state", "_parts", "reason", "_doomed")
-
-    def __init__(self, coord: Coordinator, txid: str, deadline: float) -> None:
-        self._coord = coord
-        self.txid = txid
-        self.deadline = deadline  # time.monotonic() after which it aborts
-        self.state = "active"
-        self._parts: Dict[Any, List[Any]] = {}
-        self.reason: Optional[str] = None
-        self._doomed = False  # decision() answered "abort" after the deadline
-
-    def enlist(self, participant: Participant, ops: Iterable[Any]) -> Transaction:
-        """Add ``ops`` for ``participant`` (appended to earlier ones for it)."""
-        if self.state != "active":
-            raise EngineError(f"transaction {self.txid} is {self.state}; start a new one")
-        if type(participant) not in _CHECKED_TYPES:
-            for attr in ("name", "prepare", "commit", "abort", "recover"):
-                if not hasattr(participant, attr):
-                    raise TypeError(f"participant must have {attr!r} (see engine.txn.Participant)")
-            if not isinstance(participant, (_JournaledParticipant, RemoteParticipant)):
-                pass  # user classes: checked every time (their attributes may vary)
-            else:
-                _CHECKED_TYPES.add(type(participant))
-        tops = type(ops)
-        if tops is not tuple and tops is not list and isinstance(
-            ops, (bytes, bytearray, memoryview, str)
-        ):
-            raise TypeError("ops must be an iterable of operations, not a single bytes/str")
-        parts = self._parts
-        lst = parts.get(participant)
-        if lst is None:
-            if parts:
-                name = participant.name
-                for other in parts:
-                    if other.name == name:
-                        raise ValueError(f"two participants named {name!r} in one transaction")
-            parts[participant] = list(ops)
-        else:
-            lst.extend(ops)
-        return self
-
-    add = enlist
-
-    @property
-    def participants(self) -> List[Any]:
-        """The enlisted participants, in enlistment order."""
-        return list(self._parts)
-
-    def commit(self) -> None:
-        """Run two-phase commit; raises :class:`~engine.TransactionAborted` on abort."""
-        if self.state != "active":
-            if self.state == "committed":
-                return
-            raise TransactionAborted(self.txid, self.reason or "already aborted")
-        self._coord._commit(self)
-
-    def abort(self, reason: str = "aborted by the application") -> None:
-        """Abort (nothing was prepared yet, so nothing needs undoing)."""
-        if self.state == "active":
-            self._coord._finish_abort(self, [], reason, raise_=False)
-
-    def __enter__(self) -> Transaction:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            if self.state == "active":
-                self._coord._commit(self)  # commit() without its call: the hot path
-            else:
-                self.commit()
-        elif self.state == "active":
-            self.abort(f"the transaction block raised {exc_type.__name__}")
-
-    def __repr__(self) -> str:
-        return f"<Transaction {self.txid} {self.state} {len(self._parts)} participant(s)>"
-
-
-class Coordinator:
+class Coordinator(_CoordCore):
     """The coordinator of two-phase-commit transactions, with its durable log.
 
     ``path`` is a directory (created, mode 0700) holding the coordinator's
@@ -637,10 +547,8 @@ class Coordinator:
         self.timeout = float(timeout)
         self._end_batch = int(end_batch)
         self._compact_records = int(compact_records)
-        self._lock = threading.Lock()
+        # (the lock and the tables are the compiled core's: _CoordCore)
         self._journal = _Journal(path, "coordinator", durability, segment_bytes)
-        # committed, not yet ended: txid -> participant names
-        self._pending: Dict[str, Tuple[str, ...]] = {}
         inc = 0
         for rec in self._journal.records:
             kind = rec[0]
@@ -656,16 +564,8 @@ class Coordinator:
         # Durable before any txid of this incarnation exists: txids never repeat.
         self._journal.append(("I", self._inc))
         self._journal.log.flush()
-        self._prefix = f"{self._journal.id[:12]}-{self._inc:x}-"
-        self._txid_fmt = self._prefix + "%x"  # the prefix is hex digits and "-": no "%"
-        self._seq = itertools.count(1)
-        self._active: Dict[str, Transaction] = {}  # txid -> transaction being decided
-        self._deciding: Dict[str, Tuple[str, ...]] = {}  # commit record being written
-        self._finishing: set = set()  # committed txids whose commit phase runs now
-        self._ended: List[str] = []  # ended txids awaiting their end record
-        self._participants: Dict[str, Any] = {}  # name -> participant, for resends
-        self._registered: Optional[List[Any]] = None  # last participant list put in it
-        self._recent: collections.deque[Tuple[str, str, float]] = collections.deque(maxlen=256)
+        self._prefix = f"{self._journal.id[:12]}-{self._inc:x}-"  # txid: prefix + hex seq
+        self._recent = collections.deque(maxlen=256)
         self._closed = False
         self.stats_committed = 0
         self.stats_aborted = 0
@@ -686,189 +586,6 @@ class Coordinator:
     def closed(self) -> bool:
         """True once :meth:`close` ran."""
         return self._closed
-
-    # -- transactions
-
-    def transaction(self, timeout: Optional[float] = None) -> Transaction:
-        """Start a transaction (a context manager: commit on exit, abort on error)."""
-        if self._closed:
-            raise Closed("the coordinator is closed")
-        if timeout is None:
-            t = self.timeout  # checked by __init__
-        else:
-            t = float(timeout)
-            if not t > 0:
-                raise ValueError(f"timeout must be positive, not {timeout!r}")
-        seq = next(self._seq)
-        txid = self._txid_fmt % seq
-        now = time.monotonic()
-        tx = Transaction(self, txid, now + t)
-        self._active[txid] = tx
-        if not seq & 4095:
-            # forget transactions abandoned without commit/abort once overdue
-            for old in [x for x in list(self._active.values()) if x.deadline < now]:
-                with self._lock:
-                    if old.state == "active":
-                        old._doomed = True
-                self._active.pop(old.txid, None)
-        return tx
-
-    def _commit(self, tx: Transaction) -> None:
-        txid = tx.txid
-        parts = tx._parts
-        if not parts:
-            tx.state = "committed"
-            self._active.pop(txid, None)
-            return
-        asked: List[Any] = []
-        cause: Optional[BaseException] = None
-        reason = None
-        deadline = tx.deadline
-        monotonic = time.monotonic
-        for p, ops in parts.items():
-            if monotonic() > deadline:
-                reason = "timed out before every participant prepared"
-                break
-            if _ARMED:
-                _crash_point("coord.prepare.send", p.name)
-            asked.append(p)
-            try:
-                vote = p.prepare(txid, ops)
-            except Exception as exc:  # a raising participant votes no
-                reason = f"participant {p.name!r} failed to prepare: {exc}"
-                cause = exc
-                break
-            if _ARMED:
-                _crash_point("coord.prepare.vote", p.name)
-            if not vote:
-                reason = f"participant {p.name!r} voted no"
-                break
-        journal = self._journal
-        sync = journal.sync
-        if reason is None:
-            names = tuple(map(_name_of, asked))  # every participant prepared
-            lock = self._lock
-            # acquire/release, not "with": a third of the cost on this hot path
-            lock.acquire()
-            try:
-                # Checked under the lock that decision() takes: once decision()
-                # answered "abort" for an overdue txn, it can never commit.
-                if self._closed:
-                    reason = "the coordinator closed"
-                elif tx._doomed or monotonic() > deadline:
-                    reason = "timed out before the decision"
-                else:
-                    self._finishing.add(txid)
-                    if asked != self._registered:  # the same objects as last time: skip
-                        reg = self._participants
-                        for p in asked:
-                            if reg.get(p.name) is not p:
-                                reg[p.name] = p
-                        self._registered = asked
-                    log = journal.log
-                    if sync:
-                        # the sync runs outside the lock (group commit);
-                        # decision() says "pending" meanwhile
-                        self._deciding[txid] = names
-                    else:
-                        # No sync to wait for: write the decision under the
-                        # lock, so no compaction can switch generations in
-                        # between and decision() says "commit" exactly once
-                        # the record is in the log (the same records and
-                        # crash points as the synced path).
-                        if _ARMED:
-                            _crash_point("coord.decision.before_write")
-                        try:
-                            log.append(_dumps(("C", txid, names), 2))
-                        except BaseException:
-                            # whether the record landed is unknown: "pending"
-                            # until a restart reads the log
-                            self._deciding[txid] = names
-                            self._finishing.discard(txid)
-                            raise
-                        journal.appended += 1
-                        self._pending[txid] = names
-            finally:
-                lock.release()
-        if reason is not None:
-            self._finish_abort(tx, asked, reason, cause)
-            return  # pragma: no cover - _finish_abort raises
-        if sync:
-            if _ARMED:
-                _crash_point("coord.decision.before_write")
-            try:
-                log.append(_dumps(("C", txid, names), 2))
-                log.flush()  # the decision is durable before anyone hears of it
-            except Closed:
-                if log is journal.log:
-                    raise
-            journal.appended += 1
-            with self._lock:
-                # only now, with the record durable, may decision() say "commit"
-                self._pending[txid] = self._deciding.pop(txid)
-        if _ARMED:
-            _crash_point("coord.decision.after_write")
-        tx.state = "committed"
-        self._active.pop(txid, None)
-        self._complete(txid, asked)
-
-    def _complete(self, txid: str, parts: Sequence[Any]) -> bool:
-        """Tell every participant to commit; end the txn when all acknowledged."""
-        failed = 0
-        try:
-            for p in parts:
-                if _ARMED:
-                    _crash_point("coord.commit.send", p.name)
-                try:
-                    p.commit(txid)
-                except Exception:
-                    # Decided is decided: the txn stays pending and recover()
-                    # resends commit until the participant takes it.
-                    failed += 1
-                    _logger.warning(
-                        "txn %s: participant %r did not take commit; will resend",
-                        txid,
-                        p.name,
-                        exc_info=True,
-                    )
-                    continue
-                if _ARMED:
-                    _crash_point("coord.commit.ack", p.name)
-        except BaseException:
-            with self._lock:
-                self._finishing.discard(txid)
-            raise
-        if failed:
-            with self._lock:
-                self._finishing.discard(txid)
-            self._recent.append((txid, "committed, unacknowledged", time.time()))
-            return False
-        # every participant acknowledged: the txn ends (inline: the hot path)
-        batch = None
-        lock = self._lock
-        lock.acquire()
-        try:
-            self._finishing.discard(txid)
-            if self._pending.pop(txid, None) is None:
-                return True
-            self.stats_committed += 1
-            self._recent.append((txid, "committed", time.time()))
-            ended = self._ended
-            ended.append(txid)
-            if len(ended) >= self._end_batch:
-                batch, self._ended = ended, []
-                log = self._journal.log
-        finally:
-            lock.release()
-        if batch is not None:
-            if _ARMED:
-                _crash_point("coord.end.before_write")
-            _journal_append(self._journal, log, ("E", batch), durable=False)
-            if _ARMED:
-                _crash_point("coord.end.after_write")
-            if self._journal.appended >= self._compact_records:
-                self._compact()
-        return True
 
     def _compact(self) -> None:
         with self._lock:
@@ -1048,7 +765,7 @@ class Coordinator:
 # built-in participants
 
 
-class _JournaledParticipant:
+class _JournaledParticipant(_PartCore):
     """Shared machinery: a journal of ``P`` (prepared), ``C`` (commit mark)
     and ``A`` (aborted) records and the in-doubt table rebuilt from it.
 
@@ -1067,13 +784,9 @@ class _JournaledParticipant:
         if not isinstance(name, str) or not name:
             raise TypeError("name must be a non-empty str")
         self.name = name
-        self._lock = threading.Lock()
         self._compact_records = int(compact_records)
         self._journal = _Journal(state_path, self._kind, durability, segment_bytes)
-        self._doubt: Dict[str, Any] = {}  # txid -> info: prepared, outcome unknown
-        self._marks: Dict[str, Any] = {}  # txid -> commit mark (LogParticipant)
-        self._done: List[str] = []  # committed txids awaiting their (batched) done record
-        self._closed = False
+        # the lock and the _doubt/_marks/_done tables are the compiled core's (_PartCore)
 
     def _replay(self) -> None:
         # Called by subclasses once their resource is set up.
@@ -1131,89 +844,6 @@ class _JournaledParticipant:
 
     def _applied(self, info: Any) -> bool:
         return False
-
-    def prepare(self, txid: str, ops: Sequence[Any]) -> bool:
-        """Check and durably record ``ops``; ``True`` = ready to commit."""
-        journal = self._journal
-        lock = self._lock
-        lock.acquire()  # not "with": a third of the cost on this hot path
-        try:
-            if self._closed:
-                raise Closed(f"participant {self.name!r} is closed")
-            doubt = self._doubt
-            if txid in doubt:
-                return True  # a resent prepare
-            info = self._check(txid, ops)
-            if info is None:
-                return False
-            doubt[txid] = info
-            if self._locking:
-                self._acquire(txid, info)
-            log = journal.log
-            if not journal.sync:
-                # No sync to wait for: write under the lock (no compaction
-                # can switch generations in between), same record and points.
-                if _ARMED:
-                    _crash_point("part.prepare.before_write", self.name)
-                try:
-                    log.append(_dumps(("P", txid, info), 2))
-                except BaseException:
-                    del doubt[txid]
-                    self._release(txid, info)
-                    raise
-                journal.appended += 1
-                if _ARMED:
-                    _crash_point("part.prepare.after_write", self.name)
-                return True
-        finally:
-            lock.release()
-        if _ARMED:
-            _crash_point("part.prepare.before_write", self.name)
-        try:
-            try:
-                log.append(_dumps(("P", txid, info), 2))
-                log.flush()  # durable before the yes vote
-            except Closed:
-                if log is journal.log:
-                    raise
-            journal.appended += 1
-        except BaseException:
-            with self._lock:
-                if self._doubt.pop(txid, None) is not None:
-                    self._release(txid, info)
-            raise
-        if _ARMED:
-            _crash_point("part.prepare.after_write", self.name)
-        return True
-
-    def commit(self, txid: str) -> None:
-        """Apply the prepared ops of ``txid`` (idempotent; unknown txid: no-op)."""
-        info = self._doubt.get(txid)
-        if info is None:
-            return
-        if _ARMED:
-            _crash_point("part.commit.before_apply", self.name)
-        self._apply(txid, info)
-        if _ARMED:
-            _crash_point("part.commit.after_apply", self.name)
-        batch = None
-        with self._lock:
-            if self._doubt.pop(txid, None) is None:
-                return
-            if self._locking:
-                self._release(txid, info)
-            if self._marks:
-                self._marks.pop(txid, None)
-            # Done records are not needed for safety (recovery sees the effect
-            # in the resource); batched, they keep `txn ls` and restarts short.
-            self._done.append(txid)
-            if len(self._done) >= 64:
-                batch, self._done = self._done, []
-                log = self._journal.log
-        if batch is not None:
-            _journal_append(self._journal, log, ("D", batch), durable=False)
-        if self._journal.appended >= self._compact_records:
-            self._maybe_compact()
 
     def abort(self, txid: str) -> None:
         """Drop the prepared ops of ``txid`` (idempotent; unknown txid: no-op)."""
@@ -1289,7 +919,7 @@ class _JournaledParticipant:
                 return
             self._closed = True
             if self._done:
-                self._journal.log.append(_dumps(("D", self._done), 2))
+                self._journal.log.append(_encode(("D", self._done)))
                 self._done = []
             self._journal.close()
 
@@ -1310,23 +940,13 @@ class _JournaledParticipant:
         raise NotImplementedError
 
 
-def _as_bytes(x: Any, what: str) -> bytes:
-    if isinstance(x, bytes):
-        return x
-    if isinstance(x, str):
-        return x.encode()
-    if isinstance(x, (bytearray, memoryview)):
-        return bytes(x)
-    raise TypeError(f"{what} must be bytes-like or str, not {type(x).__name__}")
-
-
 def _default_state_path(resource_path: Optional[str], name: str, kind: str) -> str:
     if resource_path is None:
         raise TypeError(f"{kind} needs state_path= (its resource has no .path to derive it from)")
     return os.fspath(resource_path).rstrip(os.sep) + ".txn"
 
 
-class LogParticipant(_JournaledParticipant):
+class LogParticipant(_LogPartCore, _JournaledParticipant):
     """Atomic appends to an :class:`engine.Log`: a transaction's batch for this
     log appears in it whole (contiguously) or not at all.
 
@@ -1358,10 +978,7 @@ class LogParticipant(_JournaledParticipant):
         if name is None:
             raise TypeError("name is required")
         self.log = log
-        self._commit_lock = threading.Lock()  # serializes batches into the log
         self._commit_cv = threading.Condition(threading.Lock())  # group commit queue
-        self._commit_queue: List[List[Any]] = []  # [txid, info, done, error] waiting
-        self._leader = False  # a thread is writing a group now
         super().__init__(
             name,
             state_path or _default_state_path(path, name, "LogParticipant"),
@@ -1370,97 +987,6 @@ class LogParticipant(_JournaledParticipant):
             segment_bytes,
         )
         self._replay()
-
-    def _check(self, txid: str, ops: Sequence[Any]) -> Any:
-        if type(ops) is list and len(ops) == 1 and type(ops[0]) is bytes:
-            return (ops[:], None)  # one value, no key: the common case
-        values: List[bytes] = []
-        keys: List[Optional[bytes]] = []
-        anykey = False
-        for op in ops:
-            if type(op) is bytes:  # the common case first
-                keys.append(None)
-                values.append(op)
-            elif isinstance(op, tuple):
-                if len(op) != 2:
-                    raise ValueError("a LogParticipant op is a value or a (key, value) pair")
-                k = None if op[0] is None else _as_bytes(op[0], "key")
-                anykey = anykey or k is not None
-                keys.append(k)
-                values.append(_as_bytes(op[1], "value"))
-            else:
-                keys.append(None)
-                values.append(_as_bytes(op, "value"))
-        if not values:
-            raise ValueError("a LogParticipant needs at least one value")
-        return (values, keys if anykey else None)
-
-    def commit(self, txid: str) -> None:
-        """Append the prepared batch of ``txid`` to the log (idempotent; unknown txid: no-op)."""
-        journal = self._journal
-        if (
-            journal.sync
-            or self._closed
-            or self._commit_queue
-            or txid in self._marks
-            or not self._commit_lock.acquire(False)
-        ):
-            # durable, contended (group commit) or finishing a marked batch
-            _JournaledParticipant.commit(self, txid)
-            return
-        # Uncontended and nothing to sync: the general path's steps (same
-        # records, same crash points, same order) under one hold of each
-        # lock; the state lock keeps a journal switch out for the whole
-        # commit, so the mark and the done list go to the live generation.
-        lock = self._lock
-        try:
-            lock.acquire()
-            try:
-                info = self._doubt.get(txid)
-                if info is None:
-                    return
-                if _ARMED:
-                    _crash_point("part.commit.before_apply", self.name)
-                log = self.log
-                start = log.next_offset
-                if _ARMED:
-                    _crash_point("log.commit.before_mark", self.name)
-                # durable (as the log is) before the batch: after a crash the
-                # mark says where the batch starts, so recovery appends exactly
-                # what is missing
-                try:
-                    journal.log.append(_dumps(("C", txid, start), 2))
-                    journal.appended += 1
-                    if _ARMED:
-                        _crash_point("log.commit.after_mark", self.name)
-                    values, keys = info
-                    if keys is not None:
-                        log.append_many(values, keys)
-                    elif len(values) == 1:
-                        log.append(values[0])  # the same record, a cheaper call
-                    else:
-                        log.append_many(values)
-                except BaseException:
-                    # the mark may be in the journal: a resend (or recovery)
-                    # finishes the batch from it, as the general path does
-                    self._marks[txid] = start
-                    raise
-                if _ARMED:
-                    _crash_point("log.commit.after_append", self.name)
-                    _crash_point("part.commit.after_apply", self.name)
-                del self._doubt[txid]
-                done = self._done
-                done.append(txid)
-                if len(done) >= 64:
-                    self._done = []
-                    journal.log.append(_dumps(("D", done), 2))
-                    journal.appended += 1
-            finally:
-                lock.release()
-        finally:
-            self._commit_lock.release()
-        if journal.appended >= self._compact_records:
-            self._maybe_compact()
 
     def _apply(self, txid: str, info: Any) -> None:
         if txid in self._marks:
@@ -1517,7 +1043,7 @@ class LogParticipant(_JournaledParticipant):
         if _ARMED:
             _crash_point("log.commit.before_mark", self.name)
         try:
-            jlog.append(_dumps(("C", txid, start), 2))
+            jlog.append(_encode(("C", txid, start)))
             if self._journal.sync:
                 jlog.flush()
         except Closed:
@@ -1545,7 +1071,7 @@ class LogParticipant(_JournaledParticipant):
         with self._lock:
             for r in batch:
                 self._marks[r[0]] = at
-                marks.append(_dumps(("C", r[0], at), 2))
+                marks.append(_encode(("C", r[0], at)))
                 at += len(r[1][0])
                 anykey = anykey or r[1][1] is not None
             jlog = self._journal.log
@@ -2033,3 +1559,7 @@ class RemoteParticipant:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+# their types are checked once at enlist (a user's participant class every time)
+_trust(_JournaledParticipant, RemoteParticipant)

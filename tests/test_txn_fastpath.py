@@ -201,13 +201,13 @@ def test_threads_mix_fast_and_group_commit(tmp_path, monkeypatch):
     n_threads, per = 8, 150
     errors = []
     general = []  # commits that found the fast path taken and went the general way
-    plain_commit = txn_mod._JournaledParticipant.commit
+    plain_apply = LogParticipant._apply  # (only the general path calls _apply)
 
-    def counting_commit(self, txid):
+    def counting_apply(self, txid, info):
         general.append(txid)
-        plain_commit(self, txid)
+        plain_apply(self, txid, info)
 
-    monkeypatch.setattr(txn_mod._JournaledParticipant, "commit", counting_commit)
+    monkeypatch.setattr(LogParticipant, "_apply", counting_apply)
 
     def worker(r, k):
         try:

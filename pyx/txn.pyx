@@ -1,0 +1,813 @@
+# cython: binding=False
+# The compiled hot path of engine.txn (two-phase commit).
+#
+# A non-durable transaction with two Log participants is seven log appends
+# (two prepared records, one commit decision, two commit marks, two data
+# batches) and bookkeeping around them: a txid, a Transaction, locks, dicts.
+# In Python the bookkeeping cost three times the appends (~20 us a transaction
+# on our 2-core VM against ~2.5 us of appends), and marshal.dumps of the small
+# record tuples cost ~1 us each (its write buffer starts small and grows).
+# Here the same steps run as C: fields of cdef classes instead of instance
+# dicts, PyThread locks taken without a Python call (_Mutex, mutex.pxi) and
+# records encoded straight into their bytes (_encode: byte for byte what
+# marshal.dumps(rec, 2) writes, which tests/test_txn_core.py checks).
+#
+# What is not per transaction (recovery, compaction, abort, the group commit
+# of durable transactions, queries) stays in engine/txn.py, whose Coordinator,
+# _Journal and participants subclass the cores below: their fields are the
+# state both sides touch.  The steps, records, locks and crash points are the
+# ones engine/txn.py documents; each method here says which it mirrors.
+"""Compiled core of :mod:`engine.txn`: :class:`Transaction` and the
+per-transaction paths of the coordinator and the journaled participants."""
+
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_GetItemWithError, PyDict_SetItem
+from cpython.exc cimport PyErr_CheckSignals
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.object cimport PyObject
+from cpython.pythread cimport (NOWAIT_LOCK, PyThread_acquire_lock, PyThread_allocate_lock,
+                               PyThread_free_lock, PyThread_release_lock, PyThread_type_lock)
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
+from libc.stdint cimport int64_t, uint8_t, uint32_t
+from libc.stdio cimport snprintf
+from libc.string cimport memcpy
+
+import logging
+import marshal
+import time
+
+from engine.errors import Closed, EngineError, TransactionAborted
+
+include "mutex.pxi"
+
+
+cdef extern from "Python.h":
+    bint PyUnicode_IS_ASCII(object o)
+    void *PyUnicode_DATA(object o)
+    Py_ssize_t PyUnicode_GET_LENGTH(object o)
+    object PyUnicode_DecodeASCII(const char *s, Py_ssize_t size, const char *errors)
+
+
+_logger = logging.getLogger("engine")
+cdef object _monotonic = time.monotonic
+cdef object _wall = time.time
+cdef object _dumps = marshal.dumps
+
+
+# ---------------------------------------------------------------------------
+# crash points: engine.txn owns them (_arm_crash / _crash_point) and hands the
+# hook over here while armed; unarmed, a point costs one C bool test
+
+cdef bint _armed = False
+cdef object _hook = None
+
+
+def _set_crash_hook(hook):
+    """``hook(name, party)`` is called at every crash point; None disarms."""
+    global _armed, _hook
+    _hook = hook
+    _armed = hook is not None
+
+
+# ---------------------------------------------------------------------------
+# records: marshal format version 2, written directly
+#
+# The journal records are small tuples of str, bytes, int, None and nested
+# tuples/lists.  marshal.dumps(rec, 2) starts from a 50-byte buffer, grows it
+# and checks every object's type against its whole table; knowing the shapes,
+# we size the record first and write it once.  Anything else (a non-ASCII
+# str, an int beyond 32 bits, another type) goes to marshal.dumps itself, so
+# the bytes are always marshal's: every reader decodes them with marshal.loads.
+
+cdef enum:
+    _TOO_BIG = 0x7FFFFFFF  # marshal's length field is a signed 32-bit int
+
+
+cdef Py_ssize_t _sized(object o, int depth) except -2:
+    """Bytes ``o`` takes in marshal v2, or -1 if we leave it to marshal."""
+    cdef Py_ssize_t n, i, sub, total
+    cdef type t = type(o)
+    if depth > 8:
+        return -1
+    if t is str:
+        if not PyUnicode_IS_ASCII(o):
+            return -1
+        n = PyUnicode_GET_LENGTH(o)
+        return 5 + n if n <= _TOO_BIG else -1
+    if t is bytes:
+        n = PyBytes_GET_SIZE(o)
+        return 5 + n if n <= _TOO_BIG else -1
+    if o is None:
+        return 1
+    if t is int:
+        return 5 if -0x80000000 <= o <= 0x7FFFFFFF else -1
+    if t is tuple:
+        n = PyTuple_GET_SIZE(o)
+        total = 5
+        for i in range(n):
+            sub = _sized(<object>PyTuple_GET_ITEM(o, i), depth + 1)
+            if sub < 0:
+                return -1
+            total += sub
+        return total
+    if t is list:
+        n = PyList_GET_SIZE(o)
+        total = 5
+        for i in range(n):
+            sub = _sized(<object>PyList_GET_ITEM(o, i), depth + 1)
+            if sub < 0:
+                return -1
+            total += sub
+        return total
+    return -1
+
+
+cdef inline char *_put_len(char *p, uint8_t code, uint32_t n) noexcept:
+    p[0] = <char>code
+    p[1] = <char>(n & 0xFF)
+    p[2] = <char>((n >> 8) & 0xFF)
+    p[3] = <char>((n >> 16) & 0xFF)
+    p[4] = <char>((n >> 24) & 0xFF)
+    return p + 5
+
+
+cdef char *_written(object o, char *p):
+    """Write ``o`` (already sized by _sized) at ``p``; returns the end."""
+    cdef Py_ssize_t n, i
+    cdef type t = type(o)
+    if t is str:
+        n = PyUnicode_GET_LENGTH(o)
+        p = _put_len(p, b'u', <uint32_t>n)
+        memcpy(p, PyUnicode_DATA(o), n)
+        return p + n
+    if t is bytes:
+        n = PyBytes_GET_SIZE(o)
+        p = _put_len(p, b's', <uint32_t>n)
+        memcpy(p, PyBytes_AS_STRING(o), n)
+        return p + n
+    if o is None:
+        p[0] = b'N'
+        return p + 1
+    if t is int:
+        return _put_len(p, b'i', <uint32_t><int64_t>o)
+    if t is tuple:
+        n = PyTuple_GET_SIZE(o)
+        p = _put_len(p, b'(', <uint32_t>n)
+        for i in range(n):
+            p = _written(<object>PyTuple_GET_ITEM(o, i), p)
+        return p
+    # list (the only other shape _sized accepts)
+    n = PyList_GET_SIZE(o)
+    p = _put_len(p, b'[', <uint32_t>n)
+    for i in range(n):
+        p = _written(<object>PyList_GET_ITEM(o, i), p)
+    return p
+
+
+cpdef bytes _encode(object rec):
+    """``marshal.dumps(rec, 2)``, byte for byte, without marshal's overhead
+    for the shapes journal records have."""
+    cdef Py_ssize_t n = _sized(rec, 0)
+    cdef bytes out
+    if n < 0:
+        return _dumps(rec, 2)
+    out = PyBytes_FromStringAndSize(NULL, n)
+    _written(rec, PyBytes_AS_STRING(out))
+    return out
+
+
+def _journal_append(_JournalCore journal, log, rec, durable=True):
+    """Append ``rec`` to the generation ``log`` captured under the owner's lock.
+
+    ``durable``: the record must be on stable storage (with durability
+    ``"always"``) before this returns.  If a concurrent switch already closed
+    that generation, the record is in the new one (carried from memory), so
+    a ``Closed`` there is not an error.
+    """
+    try:
+        log.append(_encode(rec))
+        if durable and journal.sync:
+            log.flush()
+    except Closed:
+        if log is journal.log:
+            raise
+    journal.appended += 1
+
+
+cdef class _JournalCore:
+    """The fields of an ``engine.txn._Journal`` that the hot paths touch."""
+
+    cdef public object log           # the live generation (an engine.Log)
+    cdef public bint sync            # durability "always": flush() at the records that must be durable
+    cdef public Py_ssize_t appended  # records in this generation (approximate)
+
+
+# ---------------------------------------------------------------------------
+# transactions
+
+cdef set _CHECKED_TYPES = set()   # participant classes known to have the protocol's methods
+cdef tuple _TRUSTED = ()          # bases whose subclasses are checked once (see _trust)
+
+
+def _trust(*classes):
+    """Participant classes whose subclasses keep the protocol's methods: their
+    types are checked once, a user's class at every enlist."""
+    global _TRUSTED
+    _TRUSTED = _TRUSTED + classes
+
+
+@cython.final
+cdef class Transaction:
+    """One transaction of a :class:`Coordinator` (``coord.transaction()``).
+
+    Enlist work with :meth:`enlist` (alias :meth:`add`), then :meth:`commit`
+    or :meth:`abort`; as a context manager it commits on a clean exit and
+    aborts when the block raises.  ``state`` is ``"active"``,
+    ``"committed"`` or ``"aborted"``.
+    """
+
+    cdef readonly _CoordCore _coord
+    cdef readonly str txid
+    cdef public double deadline   # time.monotonic() after which it aborts
+    cdef public str state
+    cdef public dict _parts       # participant -> its ops (a list), in enlistment order
+    cdef public object reason     # why it aborted (str) or None
+    cdef public bint _doomed      # decision() answered "abort" after the deadline
+
+    def __cinit__(self):
+        self.state = "active"
+
+    def __init__(self, _CoordCore coord, str txid, double deadline):
+        self._coord = coord
+        self.txid = txid
+        self.deadline = deadline
+        self.state = "active"
+        self._parts = {}
+        self.reason = None
+        self._doomed = False
+
+    def enlist(self, participant, ops):
+        """Add ``ops`` for ``participant`` (appended to earlier ones for it)."""
+        cdef type tp = type(participant)
+        cdef PyObject *lst
+        if self.state != "active":
+            raise EngineError(f"transaction {self.txid} is {self.state}; start a new one")
+        if tp not in _CHECKED_TYPES:
+            for attr in ("name", "prepare", "commit", "abort", "recover"):
+                if not hasattr(participant, attr):
+                    raise TypeError(f"participant must have {attr!r} (see engine.txn.Participant)")
+            if isinstance(participant, _TRUSTED):
+                _CHECKED_TYPES.add(tp)
+            # user classes: checked every time (their attributes may vary)
+        tops = type(ops)
+        if tops is not tuple and tops is not list and isinstance(
+            ops, (bytes, bytearray, memoryview, str)
+        ):
+            raise TypeError("ops must be an iterable of operations, not a single bytes/str")
+        parts = self._parts
+        lst = PyDict_GetItemWithError(parts, participant)
+        if lst == NULL:
+            if parts:
+                name = participant.name
+                for other in parts:
+                    if other.name == name:
+                        raise ValueError(f"two participants named {name!r} in one transaction")
+            PyDict_SetItem(parts, participant, list(ops))
+        else:
+            (<list>lst).extend(ops)
+        return self
+
+    def add(self, participant, ops):
+        """Alias of :meth:`enlist`."""
+        return self.enlist(participant, ops)
+
+    @property
+    def participants(self):
+        """The enlisted participants, in enlistment order."""
+        return list(self._parts)
+
+    def commit(self):
+        """Run two-phase commit; raises :class:`~engine.TransactionAborted` on abort."""
+        if self.state != "active":
+            if self.state == "committed":
+                return
+            raise TransactionAborted(self.txid, self.reason or "already aborted")
+        self._coord._commit_c(self)
+
+    def abort(self, reason="aborted by the application"):
+        """Abort (nothing was prepared yet, so nothing needs undoing)."""
+        if self.state == "active":
+            self._coord._finish_abort(self, [], reason, raise_=False)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            if self.state == "active":
+                self._coord._commit_c(self)
+            else:
+                self.commit()
+        elif self.state == "active":
+            self.abort(f"the transaction block raised {exc_type.__name__}")
+
+    def __repr__(self):
+        return f"<Transaction {self.txid} {self.state} {len(self._parts)} participant(s)>"
+
+
+# ---------------------------------------------------------------------------
+# the coordinator
+
+
+cdef class _CoordCore:
+    """The state and per-transaction path of an ``engine.txn.Coordinator``.
+
+    The subclass opens the journal and reads it, then sets the fields; the
+    hot path calls back into it only off the commit path: ``_finish_abort``
+    (a transaction aborts) and ``_compact`` (the journal is due a switch).
+    """
+
+    cdef public double timeout            # default transaction timeout (s)
+    cdef public Py_ssize_t _end_batch     # ended txids per "E" record
+    cdef public Py_ssize_t _compact_records
+    cdef readonly _Mutex _lock            # guards the dicts below and the journal's order
+    cdef public _JournalCore _journal
+    cdef public dict _pending             # committed, not yet ended: txid -> participant names
+    cdef public dict _active              # txid -> Transaction being decided
+    cdef public dict _deciding            # commit record being written (synced outside the lock)
+    cdef public set _finishing            # committed txids whose commit phase runs now
+    cdef public list _ended               # ended txids awaiting their end record
+    cdef public dict _participants        # name -> participant, for resends
+    cdef public object _registered        # the last participant list put in _participants
+    cdef public object _recent            # deque of (txid, outcome, wall time)
+    cdef public bint _closed
+    cdef public Py_ssize_t stats_committed
+    cdef public Py_ssize_t stats_aborted
+    cdef public int64_t _inc              # this opening's incarnation
+    cdef public int64_t _seq              # txids issued in this incarnation
+    cdef str _prefix_s                    # "<journal id[:12]>-<incarnation hex>-"
+    cdef bytes _prefix_b                  # the same, ASCII, for snprintf
+
+    def __cinit__(self, *args, **kwargs):
+        self._lock = _Mutex()
+        self._pending = {}
+        self._active = {}
+        self._deciding = {}
+        self._finishing = set()
+        self._ended = []
+        self._participants = {}
+        self._prefix_s = ""
+        self._prefix_b = b""
+
+    @property
+    def _prefix(self):
+        """Every txid of this incarnation starts with it (hex digits and ``-``)."""
+        return self._prefix_s
+
+    @_prefix.setter
+    def _prefix(self, str value):
+        if not value.isascii() or len(value) > 64:
+            raise ValueError("a txid prefix is at most 64 ASCII characters")
+        self._prefix_s = value
+        self._prefix_b = value.encode("ascii")
+
+    def transaction(self, timeout=None):
+        """Start a transaction (a context manager: commit on exit, abort on error)."""
+        cdef double t
+        cdef char buf[96]
+        cdef int n
+        if self._closed:
+            raise Closed("the coordinator is closed")
+        if timeout is None:
+            t = self.timeout  # checked by __init__
+        else:
+            t = float(timeout)
+            if not t > 0:
+                raise ValueError(f"timeout must be positive, not {timeout!r}")
+        self._seq += 1
+        n = snprintf(buf, sizeof(buf), "%s%llx", PyBytes_AS_STRING(self._prefix_b),
+                     <unsigned long long>self._seq)
+        txid = PyUnicode_DecodeASCII(buf, n, NULL)
+        now = <double>_monotonic()
+        # Transaction(self, txid, now + t) without parsing arguments
+        tx = <Transaction>Transaction.__new__(Transaction)
+        tx._coord = self
+        tx.txid = txid
+        tx.deadline = now + t
+        tx.state = "active"
+        tx._parts = {}
+        self._active[txid] = tx
+        if not self._seq & 4095:
+            # forget transactions abandoned without commit/abort once overdue
+            for old in [x for x in list(self._active.values()) if (<Transaction>x).deadline < now]:
+                with self._lock:
+                    if (<Transaction>old).state == "active":
+                        (<Transaction>old)._doomed = True
+                self._active.pop((<Transaction>old).txid, None)
+        return tx
+
+    def _commit(self, Transaction tx):
+        """Run two-phase commit for ``tx`` (``tx.commit()`` calls this)."""
+        self._commit_c(tx)
+
+    cdef int _commit_c(self, Transaction tx) except -1:
+        # engine.txn documents the protocol; this is its prepare and decide
+        cdef str txid = tx.txid
+        cdef dict parts = tx._parts
+        cdef list asked
+        cdef object cause = None
+        cdef object reason = None
+        cdef double deadline = tx.deadline
+        cdef _JournalCore journal = self._journal
+        cdef bint sync = journal.sync
+        cdef tuple names
+        cdef object log = None
+        if not parts:
+            tx.state = "committed"
+            self._active.pop(txid, None)
+            return 0
+        asked = []
+        for p, ops in parts.items():
+            if <double>_monotonic() > deadline:
+                reason = "timed out before every participant prepared"
+                break
+            if _armed:
+                _hook("coord.prepare.send", p.name)
+            asked.append(p)
+            try:
+                vote = p.prepare(txid, ops)
+            except Exception as exc:  # a raising participant votes no
+                reason = f"participant {p.name!r} failed to prepare: {exc}"
+                cause = exc
+                break
+            if _armed:
+                _hook("coord.prepare.vote", p.name)
+            if not vote:
+                reason = f"participant {p.name!r} voted no"
+                break
+        if reason is None:
+            names = tuple([p.name for p in asked])  # every participant prepared
+            self._lock._take()
+            try:
+                # Checked under the lock that decision() takes: once decision()
+                # answered "abort" for an overdue txn, it can never commit.
+                if self._closed:
+                    reason = "the coordinator closed"
+                elif tx._doomed or <double>_monotonic() > deadline:
+                    reason = "timed out before the decision"
+                else:
+                    self._finishing.add(txid)
+                    if asked != self._registered:  # the same objects as last time: skip
+                        reg = self._participants
+                        for p in asked:
+                            if reg.get(p.name) is not p:
+                                reg[p.name] = p
+                        self._registered = asked
+                    log = journal.log
+                    if sync:
+                        # the sync runs outside the lock (group commit);
+                        # decision() says "pending" meanwhile
+                        self._deciding[txid] = names
+                    else:
+                        # No sync to wait for: write the decision under the
+                        # lock, so no compaction can switch generations in
+                        # between and decision() says "commit" exactly once
+                        # the record is in the log (the same records and
+                        # crash points as the synced path).
+                        if _armed:
+                            _hook("coord.decision.before_write", None)
+                        try:
+                            log.append(_encode(("C", txid, names)))
+                        except BaseException:
+                            # whether the record landed is unknown: "pending"
+                            # until a restart reads the log
+                            self._deciding[txid] = names
+                            self._finishing.discard(txid)
+                            raise
+                        journal.appended += 1
+                        self._pending[txid] = names
+            finally:
+                self._lock._give()
+        if reason is not None:
+            self._finish_abort(tx, asked, reason, cause)
+            return 0  # (_finish_abort raises)
+        if sync:
+            if _armed:
+                _hook("coord.decision.before_write", None)
+            try:
+                log.append(_encode(("C", txid, names)))
+                log.flush()  # the decision is durable before anyone hears of it
+            except Closed:
+                if log is journal.log:
+                    raise
+            journal.appended += 1
+            with self._lock:
+                # only now, with the record durable, may decision() say "commit"
+                self._pending[txid] = self._deciding.pop(txid)
+        if _armed:
+            _hook("coord.decision.after_write", None)
+        tx.state = "committed"
+        self._active.pop(txid, None)
+        self._complete_c(txid, asked)
+        return 0
+
+    def _complete(self, str txid, parts):
+        """Tell every participant to commit; end the txn when all acknowledged."""
+        return self._complete_c(txid, list(parts))
+
+    cdef bint _complete_c(self, str txid, list parts) except -1:
+        cdef Py_ssize_t failed = 0
+        cdef list batch = None
+        cdef object log = None
+        try:
+            for p in parts:
+                if _armed:
+                    _hook("coord.commit.send", p.name)
+                try:
+                    p.commit(txid)
+                except Exception:
+                    # Decided is decided: the txn stays pending and recover()
+                    # resends commit until the participant takes it.
+                    failed += 1
+                    _logger.warning(
+                        "txn %s: participant %r did not take commit; will resend",
+                        txid,
+                        p.name,
+                        exc_info=True,
+                    )
+                    continue
+                if _armed:
+                    _hook("coord.commit.ack", p.name)
+        except BaseException:
+            with self._lock:
+                self._finishing.discard(txid)
+            raise
+        if failed:
+            with self._lock:
+                self._finishing.discard(txid)
+            self._recent.append((txid, "committed, unacknowledged", _wall()))
+            return False
+        # every participant acknowledged: the txn ends (inline: the hot path)
+        self._lock._take()
+        try:
+            self._finishing.discard(txid)
+            if self._pending.pop(txid, None) is None:
+                return True
+            self.stats_committed += 1
+            self._recent.append((txid, "committed", _wall()))
+            self._ended.append(txid)
+            if len(self._ended) >= self._end_batch:
+                batch, self._ended = self._ended, []
+                log = self._journal.log
+        finally:
+            self._lock._give()
+        if batch is not None:
+            if _armed:
+                _hook("coord.end.before_write", None)
+            _journal_append(self._journal, log, ("E", batch), durable=False)
+            if _armed:
+                _hook("coord.end.after_write", None)
+            if self._journal.appended >= self._compact_records:
+                self._compact()
+        return True
+
+
+# ---------------------------------------------------------------------------
+# participants
+
+
+cdef class _PartCore:
+    """The state, prepare and commit of an ``engine.txn._JournaledParticipant``.
+
+    Calls back into the subclass for what differs between participants:
+    ``_check`` (through :meth:`_check_c`), ``_apply``, ``_acquire`` and
+    ``_release`` (when the class sets ``_locking``), ``_maybe_compact``.
+    """
+
+    cdef public str name
+    cdef readonly _Mutex _lock           # guards the tables below and the journal's order
+    cdef public _JournalCore _journal
+    cdef public dict _doubt              # txid -> info: prepared, outcome unknown
+    cdef public dict _marks              # txid -> commit mark (LogParticipant)
+    cdef public list _done               # committed txids awaiting their (batched) done record
+    cdef public bint _closed
+    cdef public Py_ssize_t _compact_records
+    cdef bint _c_locking                 # the class's _locking: _acquire/_release hold resource locks
+
+    def __cinit__(self, *args, **kwargs):
+        self._lock = _Mutex()
+        self._doubt = {}
+        self._marks = {}
+        self._done = []
+        self._c_locking = bool(getattr(type(self), "_locking", False))
+
+    cdef object _check_c(self, str txid, object ops):
+        return self._check(txid, ops)
+
+    def prepare(self, str txid, ops):
+        """Check and durably record ``ops``; ``True`` = ready to commit."""
+        cdef _JournalCore journal = self._journal
+        cdef object info, log
+        self._lock._take()
+        try:
+            if self._closed:
+                raise Closed(f"participant {self.name!r} is closed")
+            if txid in self._doubt:
+                return True  # a resent prepare
+            info = self._check_c(txid, ops)
+            if info is None:
+                return False
+            self._doubt[txid] = info
+            if self._c_locking:
+                self._acquire(txid, info)
+            log = journal.log
+            if not journal.sync:
+                # No sync to wait for: write under the lock (no compaction
+                # can switch generations in between), same record and points.
+                if _armed:
+                    _hook("part.prepare.before_write", self.name)
+                try:
+                    log.append(_encode(("P", txid, info)))
+                except BaseException:
+                    del self._doubt[txid]
+                    self._release(txid, info)
+                    raise
+                journal.appended += 1
+                if _armed:
+                    _hook("part.prepare.after_write", self.name)
+                return True
+        finally:
+            self._lock._give()
+        if _armed:
+            _hook("part.prepare.before_write", self.name)
+        try:
+            try:
+                log.append(_encode(("P", txid, info)))
+                log.flush()  # durable before the yes vote
+            except Closed:
+                if log is journal.log:
+                    raise
+            journal.appended += 1
+        except BaseException:
+            with self._lock:
+                if self._doubt.pop(txid, None) is not None:
+                    self._release(txid, info)
+            raise
+        if _armed:
+            _hook("part.prepare.after_write", self.name)
+        return True
+
+    def commit(self, str txid):
+        """Apply the prepared ops of ``txid`` (idempotent; unknown txid: no-op)."""
+        self._commit_general(txid)
+
+    cdef int _commit_general(self, str txid) except -1:
+        cdef list batch = None
+        cdef object log = None
+        info = self._doubt.get(txid)
+        if info is None:
+            return 0
+        if _armed:
+            _hook("part.commit.before_apply", self.name)
+        self._apply(txid, info)
+        if _armed:
+            _hook("part.commit.after_apply", self.name)
+        with self._lock:
+            if self._doubt.pop(txid, None) is None:
+                return 0
+            if self._c_locking:
+                self._release(txid, info)
+            if self._marks:
+                self._marks.pop(txid, None)
+            # Done records are not needed for safety (recovery sees the effect
+            # in the resource); batched, they keep `txn ls` and restarts short.
+            self._done.append(txid)
+            if len(self._done) >= 64:
+                batch, self._done = self._done, []
+                log = self._journal.log
+        if batch is not None:
+            _journal_append(self._journal, log, ("D", batch), durable=False)
+        if self._journal.appended >= self._compact_records:
+            self._maybe_compact()
+        return 0
+
+
+cdef class _LogPartCore(_PartCore):
+    """:class:`engine.txn.LogParticipant`'s check and its uncontended commit."""
+
+    cdef public object log               # the engine.Log the batches go to
+    cdef readonly _Mutex _commit_lock    # serializes batches into the log
+    cdef public list _commit_queue       # [txid, info, done, error] waiting for the group commit
+    cdef public bint _leader             # a thread is writing a group now
+
+    def __cinit__(self, *args, **kwargs):
+        self._commit_lock = _Mutex()
+        self._commit_queue = []
+
+    def _check(self, str txid, ops):
+        """The durable form of ``ops``: ``(values, keys or None)``."""
+        return self._check_c(txid, ops)
+
+    cdef object _check_c(self, str txid, object ops):
+        cdef list values, keys
+        cdef bint anykey = False
+        if type(ops) is list and PyList_GET_SIZE(ops) == 1 and type(<object>PyList_GET_ITEM(ops, 0)) is bytes:
+            return (ops[:], None)  # one value, no key: the common case
+        values = []
+        keys = []
+        for op in ops:
+            if type(op) is bytes:  # the common case first
+                keys.append(None)
+                values.append(op)
+            elif isinstance(op, tuple):
+                if len(op) != 2:
+                    raise ValueError("a LogParticipant op is a value or a (key, value) pair")
+                k = None if op[0] is None else _as_bytes(op[0], "key")
+                anykey = anykey or k is not None
+                keys.append(k)
+                values.append(_as_bytes(op[1], "value"))
+            else:
+                keys.append(None)
+                values.append(_as_bytes(op, "value"))
+        if not values:
+            raise ValueError("a LogParticipant needs at least one value")
+        return (values, keys if anykey else None)
+
+    def commit(self, str txid):
+        """Append the prepared batch of ``txid`` to the log (idempotent; unknown txid: no-op)."""
+        cdef _JournalCore journal = self._journal
+        cdef list values, done
+        if (
+            journal.sync
+            or self._closed
+            or self._commit_queue
+            or txid in self._marks
+            or not self._commit_lock._try()
+        ):
+            # durable, contended (group commit) or finishing a marked batch
+            self._commit_general(txid)
+            return
+        # Uncontended and nothing to sync: the general path's steps (same
+        # records, same crash points, same order) under one hold of each
+        # lock; the state lock keeps a journal switch out for the whole
+        # commit, so the mark and the done list go to the live generation.
+        try:
+            self._lock._take()
+            try:
+                info = self._doubt.get(txid)
+                if info is None:
+                    return
+                if _armed:
+                    _hook("part.commit.before_apply", self.name)
+                log = self.log
+                start = log.next_offset
+                if _armed:
+                    _hook("log.commit.before_mark", self.name)
+                # durable (as the log is) before the batch: after a crash the
+                # mark says where the batch starts, so recovery appends exactly
+                # what is missing
+                try:
+                    journal.log.append(_encode(("C", txid, start)))
+                    journal.appended += 1
+                    if _armed:
+                        _hook("log.commit.after_mark", self.name)
+                    values, keys = info
+                    if keys is not None:
+                        log.append_many(values, keys)
+                    elif len(values) == 1:
+                        log.append(values[0])  # the same record, a cheaper call
+                    else:
+                        log.append_many(values)
+                except BaseException:
+                    # the mark may be in the journal: a resend (or recovery)
+                    # finishes the batch from it, as the general path does
+                    self._marks[txid] = start
+                    raise
+                if _armed:
+                    _hook("log.commit.after_append", self.name)
+                    _hook("part.commit.after_apply", self.name)
+                del self._doubt[txid]
+                done = self._done
+                done.append(txid)
+                if len(done) >= 64:
+                    self._done = []
+                    journal.log.append(_encode(("D", done)))
+                    journal.appended += 1
+            finally:
+                self._lock._give()
+        finally:
+            self._commit_lock._give()
+        if journal.appended >= self._compact_records:
+            self._maybe_compact()
+
+
+def _as_bytes(x, what):
+    """``x`` as bytes (str is UTF-8); TypeError for anything else."""
+    if isinstance(x, bytes):
+        return x
+    if isinstance(x, str):
+        return x.encode()
+    if isinstance(x, (bytearray, memoryview)):
+        return bytes(x)
+    raise TypeError(f"{what} must be bytes-like or str, not {type(x).__name__}")
