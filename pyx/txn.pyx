@@ -49,10 +49,37 @@ cdef extern from "Python.h":
     object PyUnicode_DecodeASCII(const char *s, Py_ssize_t size, const char *errors)
 
 
+cdef extern from *:
+    """
+    #if defined(__linux__)
+    #include <time.h>
+    /* time.monotonic() is CLOCK_MONOTONIC on Linux: read it without a Python call */
+    static double eng_monotonic(void) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+    }
+    #define ENG_HAVE_MONOTONIC 1
+    #else
+    static double eng_monotonic(void) { return -1.0; }
+    #define ENG_HAVE_MONOTONIC 0
+    #endif
+    """
+    double eng_monotonic() nogil
+    bint ENG_HAVE_MONOTONIC
+
+
 _logger = logging.getLogger("engine")
 cdef object _monotonic = time.monotonic
 cdef object _wall = time.time
 cdef object _dumps = marshal.dumps
+
+
+cdef inline double _now() except? -1.0:
+    """``time.monotonic()`` (the clock transaction deadlines are on)."""
+    if ENG_HAVE_MONOTONIC:
+        return eng_monotonic()
+    return <double>_monotonic()
 
 
 # ---------------------------------------------------------------------------
@@ -190,7 +217,7 @@ def _journal_append(_JournalCore journal, log, rec, durable=True):
         if durable and journal.sync:
             log.flush()
     except Closed:
-        if log is journal.log:
+        if log is journal._log:
             raise
     journal.appended += 1
 
@@ -198,9 +225,20 @@ def _journal_append(_JournalCore journal, log, rec, durable=True):
 cdef class _JournalCore:
     """The fields of an ``engine.txn._Journal`` that the hot paths touch."""
 
-    cdef public object log           # the live generation (an engine.Log)
+    cdef object _log                 # the live generation (an engine.Log), or None once closed
+    cdef object _append              # its bound append (looked up once, not per record)
     cdef public bint sync            # durability "always": flush() at the records that must be durable
     cdef public Py_ssize_t appended  # records in this generation (approximate)
+
+    @property
+    def log(self):
+        """The live generation (an :class:`engine.Log`); None once closed."""
+        return self._log
+
+    @log.setter
+    def log(self, value):
+        self._append = None if value is None else value.append
+        self._log = value
 
 
 # ---------------------------------------------------------------------------
@@ -389,7 +427,7 @@ cdef class _CoordCore:
         n = snprintf(buf, sizeof(buf), "%s%llx", PyBytes_AS_STRING(self._prefix_b),
                      <unsigned long long>self._seq)
         txid = PyUnicode_DecodeASCII(buf, n, NULL)
-        now = <double>_monotonic()
+        now = _now()
         # Transaction(self, txid, now + t) without parsing arguments
         tx = <Transaction>Transaction.__new__(Transaction)
         tx._coord = self
@@ -429,14 +467,17 @@ cdef class _CoordCore:
             return 0
         asked = []
         for p, ops in parts.items():
-            if <double>_monotonic() > deadline:
+            if _now() > deadline:
                 reason = "timed out before every participant prepared"
                 break
             if _armed:
                 _hook("coord.prepare.send", p.name)
             asked.append(p)
             try:
-                vote = p.prepare(txid, ops)
+                if isinstance(p, _PartCore):  # a C call (cpdef: a Python override still wins)
+                    vote = (<_PartCore>p).prepare(txid, ops)
+                else:
+                    vote = p.prepare(txid, ops)
             except Exception as exc:  # a raising participant votes no
                 reason = f"participant {p.name!r} failed to prepare: {exc}"
                 cause = exc
@@ -454,7 +495,7 @@ cdef class _CoordCore:
                 # answered "abort" for an overdue txn, it can never commit.
                 if self._closed:
                     reason = "the coordinator closed"
-                elif tx._doomed or <double>_monotonic() > deadline:
+                elif tx._doomed or _now() > deadline:
                     reason = "timed out before the decision"
                 else:
                     self._finishing.add(txid)
@@ -464,7 +505,7 @@ cdef class _CoordCore:
                             if reg.get(p.name) is not p:
                                 reg[p.name] = p
                         self._registered = asked
-                    log = journal.log
+                    log = journal._log
                     if sync:
                         # the sync runs outside the lock (group commit);
                         # decision() says "pending" meanwhile
@@ -478,7 +519,7 @@ cdef class _CoordCore:
                         if _armed:
                             _hook("coord.decision.before_write", None)
                         try:
-                            log.append(_encode(("C", txid, names)))
+                            journal._append(_encode(("C", txid, names)))
                         except BaseException:
                             # whether the record landed is unknown: "pending"
                             # until a restart reads the log
@@ -499,7 +540,7 @@ cdef class _CoordCore:
                 log.append(_encode(("C", txid, names)))
                 log.flush()  # the decision is durable before anyone hears of it
             except Closed:
-                if log is journal.log:
+                if log is journal._log:
                     raise
             journal.appended += 1
             with self._lock:
@@ -525,7 +566,10 @@ cdef class _CoordCore:
                 if _armed:
                     _hook("coord.commit.send", p.name)
                 try:
-                    p.commit(txid)
+                    if isinstance(p, _PartCore):
+                        (<_PartCore>p).commit(txid)
+                    else:
+                        p.commit(txid)
                 except Exception:
                     # Decided is decided: the txn stays pending and recover()
                     # resends commit until the participant takes it.
@@ -559,7 +603,7 @@ cdef class _CoordCore:
             self._ended.append(txid)
             if len(self._ended) >= self._end_batch:
                 batch, self._ended = self._ended, []
-                log = self._journal.log
+                log = self._journal._log
         finally:
             self._lock._give()
         if batch is not None:
@@ -605,7 +649,7 @@ cdef class _PartCore:
     cdef object _check_c(self, str txid, object ops):
         return self._check(txid, ops)
 
-    def prepare(self, str txid, ops):
+    cpdef prepare(self, str txid, ops):
         """Check and durably record ``ops``; ``True`` = ready to commit."""
         cdef _JournalCore journal = self._journal
         cdef object info, log
@@ -621,14 +665,14 @@ cdef class _PartCore:
             self._doubt[txid] = info
             if self._c_locking:
                 self._acquire(txid, info)
-            log = journal.log
+            log = journal._log
             if not journal.sync:
                 # No sync to wait for: write under the lock (no compaction
                 # can switch generations in between), same record and points.
                 if _armed:
                     _hook("part.prepare.before_write", self.name)
                 try:
-                    log.append(_encode(("P", txid, info)))
+                    journal._append(_encode(("P", txid, info)))
                 except BaseException:
                     del self._doubt[txid]
                     self._release(txid, info)
@@ -646,7 +690,7 @@ cdef class _PartCore:
                 log.append(_encode(("P", txid, info)))
                 log.flush()  # durable before the yes vote
             except Closed:
-                if log is journal.log:
+                if log is journal._log:
                     raise
             journal.appended += 1
         except BaseException:
@@ -658,7 +702,7 @@ cdef class _PartCore:
             _hook("part.prepare.after_write", self.name)
         return True
 
-    def commit(self, str txid):
+    cpdef commit(self, str txid):
         """Apply the prepared ops of ``txid`` (idempotent; unknown txid: no-op)."""
         self._commit_general(txid)
 
@@ -685,7 +729,7 @@ cdef class _PartCore:
             self._done.append(txid)
             if len(self._done) >= 64:
                 batch, self._done = self._done, []
-                log = self._journal.log
+                log = self._journal._log
         if batch is not None:
             _journal_append(self._journal, log, ("D", batch), durable=False)
         if self._journal.appended >= self._compact_records:
@@ -696,7 +740,8 @@ cdef class _PartCore:
 cdef class _LogPartCore(_PartCore):
     """:class:`engine.txn.LogParticipant`'s check and its uncontended commit."""
 
-    cdef public object log               # the engine.Log the batches go to
+    cdef object _log                     # the engine.Log the batches go to
+    cdef object _log_append              # its bound append (looked up once)
     cdef readonly _Mutex _commit_lock    # serializes batches into the log
     cdef public list _commit_queue       # [txid, info, done, error] waiting for the group commit
     cdef public bint _leader             # a thread is writing a group now
@@ -704,6 +749,19 @@ cdef class _LogPartCore(_PartCore):
     def __cinit__(self, *args, **kwargs):
         self._commit_lock = _Mutex()
         self._commit_queue = []
+
+    @property
+    def log(self):
+        """The :class:`engine.Log` this participant appends batches to."""
+        return self._log
+
+    @log.setter
+    def log(self, value):
+        append = getattr(value, "append", None)
+        if append is None:
+            raise TypeError(f"a LogParticipant needs an engine.Log, not {type(value).__name__}")
+        self._log_append = append
+        self._log = value
 
     def _check(self, str txid, ops):
         """The durable form of ``ops``: ``(values, keys or None)``."""
@@ -734,7 +792,7 @@ cdef class _LogPartCore(_PartCore):
             raise ValueError("a LogParticipant needs at least one value")
         return (values, keys if anykey else None)
 
-    def commit(self, str txid):
+    cpdef commit(self, str txid):
         """Append the prepared batch of ``txid`` to the log (idempotent; unknown txid: no-op)."""
         cdef _JournalCore journal = self._journal
         cdef list values, done
@@ -760,7 +818,7 @@ cdef class _LogPartCore(_PartCore):
                     return
                 if _armed:
                     _hook("part.commit.before_apply", self.name)
-                log = self.log
+                log = self._log
                 start = log.next_offset
                 if _armed:
                     _hook("log.commit.before_mark", self.name)
@@ -768,7 +826,7 @@ cdef class _LogPartCore(_PartCore):
                 # mark says where the batch starts, so recovery appends exactly
                 # what is missing
                 try:
-                    journal.log.append(_encode(("C", txid, start)))
+                    journal._append(_encode(("C", txid, start)))
                     journal.appended += 1
                     if _armed:
                         _hook("log.commit.after_mark", self.name)
@@ -776,7 +834,7 @@ cdef class _LogPartCore(_PartCore):
                     if keys is not None:
                         log.append_many(values, keys)
                     elif len(values) == 1:
-                        log.append(values[0])  # the same record, a cheaper call
+                        self._log_append(values[0])  # the same record, a cheaper call
                     else:
                         log.append_many(values)
                 except BaseException:
@@ -792,7 +850,7 @@ cdef class _LogPartCore(_PartCore):
                 done.append(txid)
                 if len(done) >= 64:
                     self._done = []
-                    journal.log.append(_encode(("D", done)))
+                    journal._append(_encode(("D", done)))
                     journal.appended += 1
             finally:
                 self._lock._give()
