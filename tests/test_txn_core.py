@@ -133,3 +133,35 @@ def test_crash_hook_sees_every_point_of_the_compiled_path(tmp_path):
         "part.commit.after_apply@A",
         "coord.commit.ack@A",
     ]
+
+
+def test_python_overrides_of_a_built_in_participant_still_run(tmp_path):
+    """The coordinator calls the built-in participants in C (cpdef), but a
+    subclass's Python prepare/commit must still be the one that runs."""
+    from engine import Log, LogReader, TransactionAborted
+
+    calls = []
+
+    class Picky(LogParticipant):
+        def prepare(self, txid, ops):
+            calls.append(("prepare", txid))
+            if ops == [b"no"]:
+                return False
+            return super().prepare(txid, ops)
+
+        def commit(self, txid):
+            calls.append(("commit", txid))
+            super().commit(txid)
+
+    log = Log(str(tmp_path / "a"), durability="none")
+    with Coordinator(tmp_path / "c", durability="none") as coord, Picky(log, name="A") as p:
+        with coord.transaction() as tx:
+            tx.enlist(p, [b"yes"])
+        assert calls == [("prepare", tx.txid), ("commit", tx.txid)]
+        with pytest.raises(TransactionAborted, match="voted no"):
+            with coord.transaction() as tx2:
+                tx2.enlist(p, [b"no"])
+        assert calls[-1] == ("prepare", tx2.txid) and len(calls) == 3
+    with LogReader(str(tmp_path / "a"), start=0) as r:
+        assert [bytes(rec.value) for rec in r] == [b"yes"]
+    log.close()
