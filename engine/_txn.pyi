@@ -76,16 +76,6 @@ class _CoordCore:
     def transaction(self, timeout: Optional[float] = None) -> Transaction: ...
     def _commit(self, tx: Transaction) -> None: ...
     def _complete(self, txid: str, parts: Sequence[Any]) -> bool: ...
-    # provided by the subclass (engine.txn.Coordinator)
-    def _finish_abort(
-        self,
-        tx: Transaction,
-        asked: Sequence[Any],
-        reason: str,
-        cause: Optional[BaseException] = None,
-        raise_: bool = True,
-    ) -> None: ...
-    def _compact(self) -> None: ...
 
 class _PartCore:
     name: str

@@ -28,7 +28,7 @@ from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.object cimport PyObject
 from cpython.pythread cimport (NOWAIT_LOCK, PyThread_acquire_lock, PyThread_allocate_lock,
                                PyThread_free_lock, PyThread_release_lock, PyThread_type_lock)
-from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
+from cpython.sequence cimport PySequence_Fast_GET_SIZE, PySequence_Fast_ITEMS
 from libc.stdint cimport int64_t, uint8_t, uint32_t
 from libc.stdio cimport snprintf
 from libc.string cimport memcpy
@@ -114,6 +114,7 @@ cdef enum:
 cdef Py_ssize_t _sized(object o, int depth) except -2:
     """Bytes ``o`` takes in marshal v2, or -1 if we leave it to marshal."""
     cdef Py_ssize_t n, i, sub, total
+    cdef PyObject **items
     cdef type t = type(o)
     if depth > 8:
         return -1
@@ -129,20 +130,12 @@ cdef Py_ssize_t _sized(object o, int depth) except -2:
         return 1
     if t is int:
         return 5 if -0x80000000 <= o <= 0x7FFFFFFF else -1
-    if t is tuple:
-        n = PyTuple_GET_SIZE(o)
+    if t is tuple or t is list:
+        n = PySequence_Fast_GET_SIZE(o)
+        items = PySequence_Fast_ITEMS(o)
         total = 5
         for i in range(n):
-            sub = _sized(<object>PyTuple_GET_ITEM(o, i), depth + 1)
-            if sub < 0:
-                return -1
-            total += sub
-        return total
-    if t is list:
-        n = PyList_GET_SIZE(o)
-        total = 5
-        for i in range(n):
-            sub = _sized(<object>PyList_GET_ITEM(o, i), depth + 1)
+            sub = _sized(<object>items[i], depth + 1)
             if sub < 0:
                 return -1
             total += sub
@@ -162,6 +155,7 @@ cdef inline char *_put_len(char *p, uint8_t code, uint32_t n) noexcept:
 cdef char *_written(object o, char *p):
     """Write ``o`` (already sized by _sized) at ``p``; returns the end."""
     cdef Py_ssize_t n, i
+    cdef PyObject **items
     cdef type t = type(o)
     if t is str:
         n = PyUnicode_GET_LENGTH(o)
@@ -178,17 +172,12 @@ cdef char *_written(object o, char *p):
         return p + 1
     if t is int:
         return _put_len(p, b'i', <uint32_t><int64_t>o)
-    if t is tuple:
-        n = PyTuple_GET_SIZE(o)
-        p = _put_len(p, b'(', <uint32_t>n)
-        for i in range(n):
-            p = _written(<object>PyTuple_GET_ITEM(o, i), p)
-        return p
-    # list (the only other shape _sized accepts)
-    n = PyList_GET_SIZE(o)
-    p = _put_len(p, b'[', <uint32_t>n)
+    # a tuple or a list (the only other shapes _sized accepts)
+    n = PySequence_Fast_GET_SIZE(o)
+    items = PySequence_Fast_ITEMS(o)
+    p = _put_len(p, b'(' if t is tuple else b'[', <uint32_t>n)
     for i in range(n):
-        p = _written(<object>PyList_GET_ITEM(o, i), p)
+        p = _written(<object>items[i], p)
     return p
 
 
