@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 
 from engine import Log, LogReader
 from engine.txn import Coordinator, LogParticipant
@@ -41,9 +42,9 @@ def main(n: int) -> None:
                     tx.enlist(pb, (msg[:8],))
 
         run(0, WARMUP)
-        t0 = os.times()
+        t0, w0 = os.times(), time.perf_counter()
         run(WARMUP, WARMUP + n)
-        t1 = os.times()
+        t1, w1 = os.times(), time.perf_counter()
         for x in (pa, pb, coord):
             x.close()
         with LogReader(f"{tmp}/a", start=0) as r:
@@ -53,7 +54,11 @@ def main(n: int) -> None:
         la.close()
         lb.close()
         user, system = (t1.user - t0.user) / n * 1e6, (t1.system - t0.system) / n * 1e6
-        print(f"{n} txns: {user + system:.2f} us CPU per txn (user {user:.2f}, system {system:.2f})")
+        wall = (w1 - w0) / n * 1e6
+        print(
+            f"{n} txns: {user + system:.2f} us CPU per txn (user {user:.2f}, system {system:.2f}), "
+            f"{wall:.2f} us wall ({1e6 / wall:,.0f} txn/s)"
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
