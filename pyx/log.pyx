@@ -73,6 +73,7 @@ cdef extern from "log_layout.h" nogil:
         uint32_t waiters
         uint64_t active_base
         uint64_t published
+        uint64_t published_next
 
 cdef extern from "<sys/mman.h>" nogil:
     int msync(void *addr, size_t length, int flags)
@@ -1365,7 +1366,7 @@ cdef class Log:
         self._wnext = self._next
         # published before active_base (see log_layout.h): readers trust length
         # words only below it, and everything recovered is complete
-        self._publish(self._pos)
+        self._publish(self._pos, self._next)
         eng_store_release_u64(&self._notify.n.active_base, s.base)
         self._last_ts = max(ts, s.created_ns)
         self._write_ckpt(False)
@@ -1462,7 +1463,7 @@ cdef class Log:
         self._wnext = base
         # release, in this order: the new segment's published end, then its
         # base (after the end marker of the previous segment and the new file)
-        self._publish(_SEGHDR)
+        self._publish(_SEGHDR, base)
         eng_store_release_u64(&self._notify.n.active_base, base)
         self._bases.append(base)
         self._last_ts = max(self._last_ts, created)
@@ -1510,8 +1511,10 @@ cdef class Log:
             eng_fetch_add_seqcst_u32(&self._notify.n.seq, 1)
             eng_futex_wake(&self._notify.n.seq, 0x7fffffff)
 
-    cdef inline void _publish(self, size_t pos) noexcept nogil:
-        # release: the records below pos are complete before a reader can see it
+    cdef inline void _publish(self, size_t pos, uint64_t next_off) noexcept nogil:
+        # release: the records below pos are complete before a reader can see it;
+        # next_off (the offset after them) first, for readers' end_offset
+        eng_store_release_u64(&self._notify.n.published_next, next_off + 1)
         eng_store_release_u64(&self._notify.n.published,
                               ((self._active.base & 0xFFFFFFFFu) << 32) | <uint64_t>pos)
 
@@ -1652,7 +1655,7 @@ cdef class Log:
             else:
                 self._pos += _write_rec(self._active.p, self._pos, off, ts, k, <uint32_t>klen, flags, v, vlen)
                 self._next = off + 1
-                self._publish(self._pos)
+                self._publish(self._pos, self._next)
             self._n_appends += 1
         finally:
             if vbuf:
@@ -1743,7 +1746,7 @@ cdef class Log:
                 if self._pw:
                     self._stage_flush()
                 elif self._next != first:
-                    self._publish(self._pos)
+                    self._publish(self._pos, self._next)
             finally:
                 self._writing = False
                 if self._next != first and not self._pw:
@@ -1807,7 +1810,7 @@ cdef class Log:
                     self._durable = nxt
                 if pw and s is self._active:
                     # durable now: readers may see it (a roll meanwhile published the old segment whole)
-                    self._publish(hi)
+                    self._publish(hi, nxt)
                     self._wake()
                 self._n_syncs += 1
                 if _sync_hook is not None:
@@ -2534,6 +2537,26 @@ cdef class LogReader:
     def position(self):
         """Offset of the next record this reader returns."""
         return self._off
+
+    @property
+    def end_offset(self):
+        """The offset after the last record the writer has published: what
+        :attr:`position` reaches once this reader has caught up, so
+        ``end_offset - position`` is its lag in records.  A moment's snapshot
+        (the writer goes on).  None when no writer has said: none ever opened
+        the log, or one built before this property existed wrote it."""
+        cdef uint64_t e
+        self._check_open()
+        if self._notify is None:
+            self._notify = _open_notify(self._path, False)
+            if self._notify is None:
+                return None
+        if eng_load_acquire_u32(&self._notify.n.magic) != ENG_NOTIFY_MAGIC:
+            return None
+        e = eng_load_acquire_u64(&self._notify.n.published_next)
+        if e == 0:
+            return None
+        return max(e - 1, self._off)  # never behind what this reader already returned
 
     @property
     def group(self):

@@ -86,7 +86,10 @@ typedef struct {
                                the segment file exists): a reader that meets a zero length
                                word in an older segment knows its end marker is damaged */
     uint64_t published;     /* (base low 32 bits << 32) | end of the complete records (release) */
-    uint8_t _pad[32];
+    uint64_t published_next; /* 1 + the offset after the last published record, stored
+                               (release) before `published`: a reader's lag without walking
+                               records; 0 = never set (a writer built before this field) */
+    uint8_t _pad[24];
 } eng_notify;
 
 /* Header of the .idx / .tix files; entries follow. */
@@ -124,6 +127,7 @@ _Static_assert(sizeof(eng_notify) == 64, "notify block is one cache line");
 _Static_assert(offsetof(eng_notify, seq) == 4, "seq at 4");
 _Static_assert(offsetof(eng_notify, active_base) == 16, "active_base at 16");
 _Static_assert(offsetof(eng_notify, published) == 24, "published at 24");
+_Static_assert(offsetof(eng_notify, published_next) == 32, "published_next at 32");
 _Static_assert(sizeof(eng_index_header) == 32, "index header is 32 bytes");
 _Static_assert(sizeof(eng_idx_entry) == 8, "idx entry is 8 bytes");
 _Static_assert(sizeof(eng_tix_entry) == 16, "tix entry is 16 bytes");

@@ -47,6 +47,40 @@ def test_append_read_roundtrip_with_rolls(tmp_path):
         r.read()
 
 
+@pytest.mark.parametrize("durability", ["none", "always"])
+def test_end_offset_is_the_published_end(tmp_path, durability):
+    """``end_offset - position`` is a reader's lag: the writer publishes its
+    next offset with every batch (both write paths, across rolls, to readers
+    in other processes); a notify block whose writer never set it says None."""
+    d = tmp_path / "log"
+    with engine.Log(d, durability=durability, segment_bytes=SEG) as log:
+        r = engine.LogReader(d, start=0)
+        assert r.end_offset == 0 and r.position == 0
+        for v in _values(1500):
+            log.append(v)
+        assert r.end_offset == 1500 and log.stats()["rolls"] >= 1
+        assert len(r.read_many(400)) == 400 and r.end_offset - r.position == 1100
+        log.append_many(_values(100))
+        assert r.end_offset == 1600
+    assert r.end_offset == 1600  # the writer closed: its last publish stands
+    child = (
+        "import engine, sys\n"
+        "with engine.Log(sys.argv[1], durability=sys.argv[2], segment_bytes=1 << 16) as log:\n"
+        "    log.append_many([b'from another process'] * 250)\n"
+    )
+    subprocess.run([sys.executable, "-c", child, str(d), durability], check=True, timeout=60)
+    assert r.end_offset == 1850
+    assert len(r.read_many(5000)) == 1450 and r.end_offset == r.position == 1850
+    r.close()
+    with pytest.raises(engine.Closed):
+        _ = r.end_offset
+    with open(d / "notify", "r+b") as f:  # as a writer built before the field left it
+        f.seek(32)
+        f.write(bytes(8))
+    with engine.LogReader(d, start=0) as r2:
+        assert r2.end_offset is None
+
+
 def test_empty_key_differs_from_none_and_buffers_accepted(tmp_path):
     with engine.Log(tmp_path, durability="none") as log:
         log.append(b"a", key=b"")
