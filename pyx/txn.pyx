@@ -25,12 +25,12 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.dict cimport PyDict_GetItemWithError, PyDict_SetItem
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.object cimport PyObject
 from cpython.pythread cimport (NOWAIT_LOCK, PyThread_acquire_lock, PyThread_allocate_lock,
                                PyThread_free_lock, PyThread_release_lock, PyThread_type_lock)
 from cpython.sequence cimport PySequence_Fast_GET_SIZE, PySequence_Fast_ITEMS
 from libc.stdint cimport int64_t, uint8_t, uint32_t
-from libc.stdio cimport snprintf
 from libc.string cimport memcpy
 
 import logging
@@ -75,6 +75,21 @@ cdef object _wall = time.time
 cdef object _dumps = marshal.dumps
 
 
+cdef inline int _hex(char *out, unsigned long long v) noexcept:
+    """Write ``"%x" % v`` at ``out`` (at most 16 characters); returns its length."""
+    cdef char digits[16]
+    cdef int n = 0, i
+    while True:
+        digits[n] = b"0123456789abcdef"[v & 15]
+        n += 1
+        v >>= 4
+        if v == 0:
+            break
+    for i in range(n):
+        out[i] = digits[n - 1 - i]
+    return n
+
+
 cdef inline double _now() except? -1.0:
     """``time.monotonic()`` (the clock transaction deadlines are on)."""
     if ENG_HAVE_MONOTONIC:
@@ -115,6 +130,8 @@ cdef Py_ssize_t _sized(object o, int depth) except -2:
     """Bytes ``o`` takes in marshal v2, or -1 if we leave it to marshal."""
     cdef Py_ssize_t n, i, sub, total
     cdef PyObject **items
+    cdef long long v
+    cdef int overflow = 0
     cdef type t = type(o)
     if depth > 8:
         return -1
@@ -129,7 +146,8 @@ cdef Py_ssize_t _sized(object o, int depth) except -2:
     if o is None:
         return 1
     if t is int:
-        return 5 if -0x80000000 <= o <= 0x7FFFFFFF else -1
+        v = PyLong_AsLongLongAndOverflow(o, &overflow)
+        return 5 if overflow == 0 and -0x80000000 <= v <= 0x7FFFFFFF else -1
     if t is tuple or t is list:
         n = PySequence_Fast_GET_SIZE(o)
         items = PySequence_Fast_ITEMS(o)
@@ -191,6 +209,34 @@ cpdef bytes _encode(object rec):
     out = PyBytes_FromStringAndSize(NULL, n)
     _written(rec, PyBytes_AS_STRING(out))
     return out
+
+
+cdef bytes _encode_rec(str kind, str txid, object body):
+    """``_encode((kind, txid, body))`` without building the tuple: the shape
+    of the per-transaction records (P, C decision, C mark)."""
+    cdef Py_ssize_t nk, nt, nb
+    cdef bytes out
+    cdef char *p
+    if kind is None or txid is None or not (PyUnicode_IS_ASCII(kind) and PyUnicode_IS_ASCII(txid)):
+        return _encode((kind, txid, body))
+    nb = _sized(body, 1)
+    if nb < 0:
+        return _encode((kind, txid, body))
+    nk = PyUnicode_GET_LENGTH(kind)
+    nt = PyUnicode_GET_LENGTH(txid)
+    out = PyBytes_FromStringAndSize(NULL, 5 + 5 + nk + 5 + nt + nb)
+    p = _put_len(PyBytes_AS_STRING(out), b'(', 3)
+    p = _put_len(p, b'u', <uint32_t>nk)
+    memcpy(p, PyUnicode_DATA(kind), nk)
+    p = _put_len(p + nk, b'u', <uint32_t>nt)
+    memcpy(p, PyUnicode_DATA(txid), nt)
+    _written(body, p + nt)
+    return out
+
+
+def _encode_record(kind, txid, body):
+    """``_encode_rec`` for tests: must equal ``marshal.dumps((kind, txid, body), 2)``."""
+    return _encode_rec(kind, txid, body)
 
 
 def _journal_append(_JournalCore journal, log, rec, durable=True):
@@ -413,8 +459,10 @@ cdef class _CoordCore:
             if not t > 0:
                 raise ValueError(f"timeout must be positive, not {timeout!r}")
         self._seq += 1
-        n = snprintf(buf, sizeof(buf), "%s%llx", PyBytes_AS_STRING(self._prefix_b),
-                     <unsigned long long>self._seq)
+        # txid = prefix + "%x" % seq (the prefix is at most 64 characters)
+        n = <int>PyBytes_GET_SIZE(self._prefix_b)
+        memcpy(buf, PyBytes_AS_STRING(self._prefix_b), n)
+        n += _hex(buf + n, <unsigned long long>self._seq)
         txid = PyUnicode_DecodeASCII(buf, n, NULL)
         now = _now()
         # Transaction(self, txid, now + t) without parsing arguments
@@ -463,8 +511,8 @@ cdef class _CoordCore:
                 _hook("coord.prepare.send", p.name)
             asked.append(p)
             try:
-                if isinstance(p, _PartCore):  # a C call (cpdef: a Python override still wins)
-                    vote = (<_PartCore>p).prepare(txid, ops)
+                if isinstance(p, _PartCore) and (<_PartCore>p)._c_prepare:
+                    vote = (<_PartCore>p)._prepare_c(txid, ops)  # a C call
                 else:
                     vote = p.prepare(txid, ops)
             except Exception as exc:  # a raising participant votes no
@@ -477,7 +525,8 @@ cdef class _CoordCore:
                 reason = f"participant {p.name!r} voted no"
                 break
         if reason is None:
-            names = tuple([p.name for p in asked])  # every participant prepared
+            names = tuple([(<_PartCore>p).name if isinstance(p, _PartCore) else p.name
+                           for p in asked])  # every participant prepared
             self._lock._take()
             try:
                 # Checked under the lock that decision() takes: once decision()
@@ -508,7 +557,7 @@ cdef class _CoordCore:
                         if _armed:
                             _hook("coord.decision.before_write", None)
                         try:
-                            journal._append(_encode(("C", txid, names)))
+                            journal._append(_encode_rec("C", txid, names))
                         except BaseException:
                             # whether the record landed is unknown: "pending"
                             # until a restart reads the log
@@ -526,7 +575,7 @@ cdef class _CoordCore:
             if _armed:
                 _hook("coord.decision.before_write", None)
             try:
-                log.append(_encode(("C", txid, names)))
+                log.append(_encode_rec("C", txid, names))
                 log.flush()  # the decision is durable before anyone hears of it
             except Closed:
                 if log is journal._log:
@@ -555,8 +604,8 @@ cdef class _CoordCore:
                 if _armed:
                     _hook("coord.commit.send", p.name)
                 try:
-                    if isinstance(p, _PartCore):
-                        (<_PartCore>p).commit(txid)
+                    if isinstance(p, _PartCore) and (<_PartCore>p)._c_commit:
+                        (<_PartCore>p)._commit_c(txid)  # a C call
                     else:
                         p.commit(txid)
                 except Exception:
@@ -627,19 +676,27 @@ cdef class _PartCore:
     cdef public bint _closed
     cdef public Py_ssize_t _compact_records
     cdef bint _c_locking                 # the class's _locking: _acquire/_release hold resource locks
+    cdef readonly bint _c_prepare        # the class keeps our prepare: the coordinator calls it in C
+    cdef readonly bint _c_commit         # ... and our commit
 
     def __cinit__(self, *args, **kwargs):
+        cdef type tp = type(self)
         self._lock = _Mutex()
         self._doubt = {}
         self._marks = {}
         self._done = []
-        self._c_locking = bool(getattr(type(self), "_locking", False))
+        self._c_locking = bool(getattr(tp, "_locking", False))
+        self._c_prepare = getattr(tp, "prepare", None) is _OUR_PREPARE
+        self._c_commit = getattr(tp, "commit", None) in _OUR_COMMITS
 
     cdef object _check_c(self, str txid, object ops):
         return self._check(txid, ops)
 
-    cpdef prepare(self, str txid, ops):
+    def prepare(self, str txid, ops):
         """Check and durably record ``ops``; ``True`` = ready to commit."""
+        return self._prepare_c(txid, ops)
+
+    cdef object _prepare_c(self, str txid, object ops):
         cdef _JournalCore journal = self._journal
         cdef object info, log
         self._lock._take()
@@ -661,7 +718,7 @@ cdef class _PartCore:
                 if _armed:
                     _hook("part.prepare.before_write", self.name)
                 try:
-                    journal._append(_encode(("P", txid, info)))
+                    journal._append(_encode_rec("P", txid, info))
                 except BaseException:
                     del self._doubt[txid]
                     self._release(txid, info)
@@ -676,7 +733,7 @@ cdef class _PartCore:
             _hook("part.prepare.before_write", self.name)
         try:
             try:
-                log.append(_encode(("P", txid, info)))
+                log.append(_encode_rec("P", txid, info))
                 log.flush()  # durable before the yes vote
             except Closed:
                 if log is journal._log:
@@ -691,9 +748,12 @@ cdef class _PartCore:
             _hook("part.prepare.after_write", self.name)
         return True
 
-    cpdef commit(self, str txid):
+    def commit(self, str txid):
         """Apply the prepared ops of ``txid`` (idempotent; unknown txid: no-op)."""
-        self._commit_general(txid)
+        self._commit_c(txid)
+
+    cdef int _commit_c(self, str txid) except -1:
+        return self._commit_general(txid)
 
     cdef int _commit_general(self, str txid) except -1:
         cdef list batch = None
@@ -781,8 +841,11 @@ cdef class _LogPartCore(_PartCore):
             raise ValueError("a LogParticipant needs at least one value")
         return (values, keys if anykey else None)
 
-    cpdef commit(self, str txid):
+    def commit(self, str txid):
         """Append the prepared batch of ``txid`` to the log (idempotent; unknown txid: no-op)."""
+        self._commit_c(txid)
+
+    cdef int _commit_c(self, str txid) except -1:
         cdef _JournalCore journal = self._journal
         cdef list values, done
         if (
@@ -793,8 +856,7 @@ cdef class _LogPartCore(_PartCore):
             or not self._commit_lock._try()
         ):
             # durable, contended (group commit) or finishing a marked batch
-            self._commit_general(txid)
-            return
+            return self._commit_general(txid)
         # Uncontended and nothing to sync: the general path's steps (same
         # records, same crash points, same order) under one hold of each
         # lock; the state lock keeps a journal switch out for the whole
@@ -804,7 +866,7 @@ cdef class _LogPartCore(_PartCore):
             try:
                 info = self._doubt.get(txid)
                 if info is None:
-                    return
+                    return 0
                 if _armed:
                     _hook("part.commit.before_apply", self.name)
                 log = self._log
@@ -815,7 +877,7 @@ cdef class _LogPartCore(_PartCore):
                 # mark says where the batch starts, so recovery appends exactly
                 # what is missing
                 try:
-                    journal._append(_encode(("C", txid, start)))
+                    journal._append(_encode_rec("C", txid, start))
                     journal.appended += 1
                     if _armed:
                         _hook("log.commit.after_mark", self.name)
@@ -847,6 +909,13 @@ cdef class _LogPartCore(_PartCore):
             self._commit_lock._give()
         if journal.appended >= self._compact_records:
             self._maybe_compact()
+        return 0
+
+
+# The coordinator calls a built-in participant's prepare/commit in C unless
+# its class overrides them in Python (checked when the object is made).
+cdef object _OUR_PREPARE = _PartCore.__dict__["prepare"]
+cdef tuple _OUR_COMMITS = (_PartCore.__dict__["commit"], _LogPartCore.__dict__["commit"])
 
 
 def _as_bytes(x, what):

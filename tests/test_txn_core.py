@@ -40,6 +40,13 @@ def test_encode_writes_marshal_version_2_bytes(rec):
     assert _txn._encode(rec) == marshal.dumps(rec, 2)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["P", "C", "é"]), st.none() | st.text(max_size=30), records)
+def test_encode_record_writes_the_tuple_marshal_writes(kind, txid, body):
+    # the per-transaction records, written without building their tuple
+    assert _txn._encode_record(kind, txid, body) == marshal.dumps((kind, txid, body), 2)
+
+
 @pytest.mark.parametrize(
     "rec",
     [
@@ -87,6 +94,9 @@ def test_transaction_built_by_hand_and_by_the_coordinator(tmp_path):
         assert isinstance(tx, Transaction) and tx.state == "active" and tx.reason is None
         assert tx.txid.startswith(coord._prefix) and int(tx.txid.rsplit("-", 1)[1], 16) == 1
         assert coord.transaction().txid.endswith("-2")  # sequence numbers, in hex
+        for seq in (15, 255, 2**32 - 1, 2**63 - 2):
+            coord._seq = seq
+            assert coord.transaction().txid == f"{coord._prefix}{seq + 1:x}"
         tx.abort("by hand")
         assert tx.state == "aborted" and tx.reason == "by hand"
         with pytest.raises(TypeError):
