@@ -33,6 +33,8 @@ from cpython.sequence cimport PySequence_Fast_GET_SIZE, PySequence_Fast_ITEMS
 from libc.stdint cimport int64_t, uint8_t, uint32_t
 from libc.string cimport memcpy
 
+from eng_atomic cimport eng_now_ns
+
 import logging
 import marshal
 import time
@@ -51,22 +53,15 @@ cdef extern from "Python.h":
 
 cdef extern from *:
     """
+    /* time.monotonic() is CLOCK_MONOTONIC on Linux (eng_now_ns); elsewhere
+       CPython may use another clock, so there we ask it */
     #if defined(__linux__)
-    #include <time.h>
-    /* time.monotonic() is CLOCK_MONOTONIC on Linux: read it without a Python call */
-    static double eng_monotonic(void) {
-        struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-    }
-    #define ENG_HAVE_MONOTONIC 1
+    #define ENG_MONOTONIC_IS_PYTHONS 1
     #else
-    static double eng_monotonic(void) { return -1.0; }
-    #define ENG_HAVE_MONOTONIC 0
+    #define ENG_MONOTONIC_IS_PYTHONS 0
     #endif
     """
-    double eng_monotonic() nogil
-    bint ENG_HAVE_MONOTONIC
+    bint ENG_MONOTONIC_IS_PYTHONS
 
 
 _logger = logging.getLogger("engine")
@@ -92,8 +87,8 @@ cdef inline int _hex(char *out, unsigned long long v) noexcept:
 
 cdef inline double _now() except? -1.0:
     """``time.monotonic()`` (the clock transaction deadlines are on)."""
-    if ENG_HAVE_MONOTONIC:
-        return eng_monotonic()
+    if ENG_MONOTONIC_IS_PYTHONS:
+        return <double>eng_now_ns() * 1e-9
     return <double>_monotonic()
 
 
