@@ -83,6 +83,7 @@ except ImportError:  # pragma: no cover - Python < 3.8
 
 from engine.errors import Closed, EngineError, IncompatibleRegion, LogLocked, Timeout
 
+from ._log import _check_segment_bytes  # type: ignore[import-not-found]
 from ._sched import (  # type: ignore[import-not-found]
     KIND_KEYED,
     KIND_PRIORITY,
@@ -1192,6 +1193,14 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+def _open_log(log_dir: str, q: Any) -> Any:
+    """Open (creating it if need be) one of a durable queue's logs with the
+    queue's settings."""
+    from ._log import Log  # type: ignore[import-not-found]
+
+    return Log(log_dir, durability=q._durability, segment_bytes=q._segment_bytes)
+
+
 class _DelayLog:
     """Consumer side of one durable delay log (``DIR/delay``, ``DIR/D<p>``).
 
@@ -1327,13 +1336,16 @@ class DurablePriorityQueue(PriorityQueue):
     not acked are delivered again (in level order); acked ones never are.
     ``durability`` is the logs' (``"always"``: put returns after fsync;
     ``"none"``: survives a process crash, not a power loss).
+    ``segment_bytes`` is the logs' segment size (see :class:`engine.Log`):
+    each log preallocates one segment on disk as soon as it is opened, so a
+    queue takes ``(levels + 1) * segment_bytes`` before its first message.
     """
 
     def __init__(self, levels: int = 3, policy: str = "strict", weights: Optional[Sequence[int]] = None,
                  max_wait: Optional[float] = None, name: Optional[str] = None,
                  capacity: int = DEFAULT_CAPACITY, durable: bool = True, path: Optional[str] = None,
                  durability: str = "always", group: str = "pq", by: str = "count",
-                 quantum: int = 4096, **kw: Any) -> None:
+                 quantum: int = 4096, segment_bytes: int = 16 << 20, **kw: Any) -> None:
         self._name = None
         self._closed = True  # until set up
         if path is None:
@@ -1348,6 +1360,8 @@ class DurablePriorityQueue(PriorityQueue):
         self._visited = False
         if durability not in ("always", "interval", "none"):
             raise ValueError(f"durability must be 'always', 'interval' or 'none', not {durability!r}")
+        _check_segment_bytes(segment_bytes)
+        self._segment_bytes = segment_bytes
         self._path = os.fspath(path)
         os.makedirs(self._path, mode=0o700, exist_ok=True)
         meta = os.path.join(self._path, "queue.json")
@@ -1411,22 +1425,20 @@ class DurablePriorityQueue(PriorityQueue):
         if self._closed:
             raise Closed("the queue is closed")
         if self._logs is None:
-            from ._log import Log  # type: ignore[import-not-found]
-
-            self._logs = [Log(d, durability=self._durability) for d in self._log_dirs()]  # type: ignore[arg-type]
+            self._logs = [_open_log(d, self) for d in self._log_dirs()]
         return self._logs
 
     def _consumer(self) -> List[Any]:
         if self._closed:
             raise Closed("the queue is closed")
         if self._readers is None:
-            from ._log import Log, LogReader
+            from ._log import LogReader  # type: ignore[import-not-found]
 
             readers = []
             dirs = self._log_dirs()
             for d in dirs:
                 if not os.path.exists(os.path.join(d, "meta")):
-                    Log(d, durability=self._durability).close()  # type: ignore[arg-type]  # create it empty
+                    _open_log(d, self).close()  # create it empty
             for d in dirs[:-1]:
                 readers.append(LogReader(d, group=self._group))
             try:
@@ -1752,7 +1764,8 @@ class DurableKeyedQueue(KeyedQueue):
     def __init__(self, partitions: int = 4, key: Optional[Callable[[Any], Any]] = None,
                  name: Optional[str] = None, capacity: int = DEFAULT_CAPACITY,
                  delay_capacity: Optional[int] = None, durable: bool = True,
-                 path: Optional[str] = None, durability: str = "always", group: str = "kq") -> None:
+                 path: Optional[str] = None, durability: str = "always", group: str = "kq",
+                 segment_bytes: int = 16 << 20) -> None:
         self._name = None
         self._closed = True  # until set up
         if path is None:
@@ -1763,6 +1776,8 @@ class DurableKeyedQueue(KeyedQueue):
             raise ValueError(f"durability must be 'always', 'interval' or 'none', not {durability!r}")
         if key is not None and not callable(key):
             raise TypeError("key must be a function msg -> key, or None")
+        _check_segment_bytes(segment_bytes)
+        self._segment_bytes = segment_bytes
         self._path = os.fspath(path)
         os.makedirs(self._path, mode=0o700, exist_ok=True)
         meta = os.path.join(self._path, "queue.json")
@@ -1834,15 +1849,13 @@ class DurableKeyedQueue(KeyedQueue):
             key = self._keyfn(msg)
         # the due time counts from the call, not from after the logs are opened
         wall_due = None if delay is None and at is None else _wall_due_ns(delay, at)
-        from ._log import Log  # type: ignore[import-not-found]
-
         if self._logs is None:
-            self._logs = [Log(d, durability=self._durability) for d in self._dirs()]  # type: ignore[arg-type]
+            self._logs = [_open_log(d, self) for d in self._dirs()]
         p = stable_hash(key) % self._np
         if wall_due is not None:
             dlog = self._dlogs.get(p)
             if dlog is None:
-                dlog = self._dlogs[p] = Log(self._delay_dir(p), durability=self._durability)  # type: ignore[arg-type]
+                dlog = self._dlogs[p] = _open_log(self._delay_dir(p), self)
             dlog.append(msg, key=_delay_key(wall_due, p))
             self._nput += 1
             self._ndelayed += 1
@@ -1857,12 +1870,12 @@ class DurableKeyedQueue(KeyedQueue):
         return os.path.join(self._path, f"D{p}")
 
     def _open_partition(self, p: int) -> _Owned:
-        from ._log import Log, LogReader
+        from ._log import LogReader  # type: ignore[import-not-found]
 
         d = self._dirs()[p]
         if not os.path.exists(os.path.join(d, "meta")):
             try:
-                Log(d, durability=self._durability).close()  # type: ignore[arg-type]  # create it empty
+                _open_log(d, self).close()  # create it empty
             except LogLocked:
                 pass  # a producer has it open: it exists
         reader = LogReader(d, group=self._group)

@@ -845,6 +845,16 @@ def repair_truncate(path):
     return first_bad
 
 
+def _check_segment_bytes(segment_bytes):
+    """Raise TypeError / ValueError unless ``segment_bytes`` is a valid
+    segment size. Layers that open their logs lazily (the durable queues)
+    call it up front, so a bad size fails at construction, not at first put."""
+    if not isinstance(segment_bytes, int) or isinstance(segment_bytes, bool):
+        raise TypeError("segment_bytes must be an int")
+    if segment_bytes < <Py_ssize_t>_MIN_SEGMENT or segment_bytes > (1 << 32) - 4096:
+        raise ValueError(f"segment_bytes must be in [{_MIN_SEGMENT}, 2**32 - 4096], not {segment_bytes}")
+
+
 cdef _remove_segment(str path, uint64_t base):
     for ext in (".seg", ".idx", ".tix"):
         try:
@@ -1168,10 +1178,7 @@ cdef class Log:
         path = _os.fsdecode(_os.fspath(path))
         if durability not in ("always", "interval", "none"):
             raise ValueError(f"durability must be 'always', 'interval' or 'none', not {durability!r}")
-        if not isinstance(segment_bytes, int) or isinstance(segment_bytes, bool):
-            raise TypeError("segment_bytes must be an int")
-        if segment_bytes < <Py_ssize_t>_MIN_SEGMENT or segment_bytes > (1 << 32) - 4096:
-            raise ValueError(f"segment_bytes must be in [{_MIN_SEGMENT}, 2**32 - 4096], not {segment_bytes}")
+        _check_segment_bytes(segment_bytes)
         if retention_bytes is not None:
             if not isinstance(retention_bytes, int) or isinstance(retention_bytes, bool):
                 raise TypeError("retention_bytes must be an int or None")

@@ -18,6 +18,8 @@ import pytest
 import engine
 from engine import aio
 
+SEG = 1 << 20  # durable queues' segment size here (each log preallocates one)
+
 pytestmark = pytest.mark.timeout(120)
 CTX = mp.get_context("fork")
 
@@ -465,8 +467,8 @@ def test_priority_queue_aget(run):
 
 
 def test_durable_queues_aget(run, tmp_path):
-    pq = engine.PriorityQueue(levels=2, durable=True, path=str(tmp_path / "pq"))
-    kq = engine.KeyedQueue(partitions=2, durable=True, path=str(tmp_path / "kq"))
+    pq = engine.PriorityQueue(levels=2, durable=True, path=str(tmp_path / "pq"), segment_bytes=SEG)
+    kq = engine.KeyedQueue(partitions=2, durable=True, path=str(tmp_path / "kq"), segment_bytes=SEG)
 
     async def main():
         threading.Timer(0.2, lambda: pq.put(b"p", priority=1)).start()

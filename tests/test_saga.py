@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import threading
 import time
 
@@ -64,6 +65,7 @@ class Recorder:
 def make(tmp_path, rec, names=NAMES, durability="none", **kw):
     kw.setdefault("backoff", 0.0)
     kw.setdefault("max_backoff", 0.0)
+    kw.setdefault("segment_bytes", 1 << 20)  # the log preallocates a segment; keep tests' disk small
     saga = Saga(tmp_path / "saga", durability=durability, **kw)
     for n in names:
         saga.step(n, rec.action(n), rec.compensate(n))
@@ -558,6 +560,7 @@ def test_any_failure_plan_matches_model(tmp_path_factory, n, retries, comp_retri
     if outcome != "stuck":
         applied = sorted(k.split(":")[1] for k in rec.applied)
         assert applied == (NAMES[:n] if outcome == "done" else [])
+    shutil.rmtree(path)  # one directory per example: don't keep 60 of them
 
 
 # ---------------------------------------------------------------------------

@@ -27,6 +27,8 @@ from engine import Closed, IncompatibleRegion, Timeout
 from engine.scheduling import DurablePriorityQueue, KeyedQueue, PriorityQueue, stable_hash
 
 FORK = mp.get_context("fork")
+# durable queues in tests: 1 MiB segments (each log preallocates one on open)
+SEG = 1 << 20
 
 
 def _msg(level: int, seq: int, pad: int = 0) -> bytes:
@@ -713,7 +715,7 @@ def test_keyed_group_full_and_closed():
 
 def test_durable_survives_restart_and_redelivers_unacked(tmp_path):
     path = tmp_path / "pq"
-    pq = PriorityQueue(levels=3, durable=True, path=str(path), durability="none")
+    pq = PriorityQueue(levels=3, durable=True, path=str(path), durability="none", segment_bytes=SEG)
     assert isinstance(pq, DurablePriorityQueue)
     for i in range(30):
         pq.put(_msg(i % 3, i), priority=i % 3)
@@ -722,7 +724,7 @@ def test_durable_survives_restart_and_redelivers_unacked(tmp_path):
     pq.ack()
     extra = [_unmsg(pq.get(timeout=1)) for _ in range(5)]  # handed out, not acked
     pq.close()
-    pq = PriorityQueue(levels=3, durable=True, path=str(path), durability="none")
+    pq = PriorityQueue(levels=3, durable=True, path=str(path), durability="none", segment_bytes=SEG)
     rest = []
     while True:
         m = pq.try_get()
@@ -733,19 +735,50 @@ def test_durable_survives_restart_and_redelivers_unacked(tmp_path):
     assert rest[:5] == extra  # redelivered
     assert sorted(first + rest) == sorted((i % 3, i) for i in range(30))
     pq.close()
-    pq = PriorityQueue(levels=3, durable=True, path=str(path), durability="none")
+    pq = PriorityQueue(levels=3, durable=True, path=str(path), durability="none", segment_bytes=SEG)
     assert pq.try_get() is None  # everything acked
     pq.close()
 
 
+@pytest.mark.parametrize("kind", ["priority", "keyed"])
+def test_durable_segment_bytes_sizes_the_logs_and_bad_sizes_fail_at_construction(tmp_path, kind):
+    def make(path, seg):
+        if kind == "priority":
+            return PriorityQueue(levels=2, durable=True, path=str(path), durability="none", segment_bytes=seg)
+        return KeyedQueue(partitions=2, durable=True, path=str(path), durability="none", segment_bytes=seg)
+
+    for bad, exc in [(1000, ValueError), (1 << 33, ValueError), (1.5 * SEG, TypeError), (True, TypeError)]:
+        with pytest.raises(exc, match="segment_bytes"):
+            make(tmp_path / f"bad{bad!r}", bad)
+    seg = 64 << 10
+    q = make(tmp_path / "q", seg)
+    put = (lambda i: q.put(b"%06d" % i + b"." * 1000, priority=i % 2)) if kind == "priority" else (
+        lambda i: q.put(b"%06d" % i + b"." * 1000, key=i % 2))
+    for i in range(300):  # ~300 KiB: several 64 KiB segments per log
+        put(i)
+    c = q if kind == "priority" else q.consumer()
+    got = sorted(int(c.get(timeout=1)[:6]) for _ in range(300))
+    assert got == list(range(300))
+    c.ack()
+    q.close()
+    segs = list((tmp_path / "q").rglob("*.seg"))
+    data = ["L0", "L1"] if kind == "priority" else ["P0", "P1"]
+    for d in data:  # each holds ~150 KiB, so it rolled into 3 segments of 64 KiB
+        assert len(list((tmp_path / "q" / d).glob("*.seg"))) == 3
+    assert all(f.stat().st_size == seg for f in segs)
+    assert sum(f.stat().st_size for f in segs) < 2 * 300 * 1100 + 4 * seg  # nothing sized by the default
+
+
 def test_durable_delayed_and_strict(tmp_path):
-    with PriorityQueue(levels=2, durable=True, path=str(tmp_path / "d"), durability="none") as pq:
+    with PriorityQueue(levels=2, durable=True, path=str(tmp_path / "d"), durability="none", segment_bytes=SEG) as pq:
+        t = time.monotonic()
         pq.put(b"d", 0, delay=0.03)
         pq.put(b"low", 1)
         assert pq.get(timeout=1) == b"low"
-        t = time.monotonic()
-        assert pq.get(timeout=1) == b"d"
-        assert time.monotonic() - t <= 0.05
+        assert pq.get(timeout=5) == b"d"
+        # never early; woken at the due time, not at the end of the timeout
+        # (the bound leaves room for a loaded 2-core machine)
+        assert 0.03 <= time.monotonic() - t < 1.0
         pq.ack()
 
 
@@ -832,7 +865,7 @@ def test_keyed_survives_garbage_group_tables(shm_name):
 
 
 def _durable_keyed_child(path, out):
-    kq = KeyedQueue(partitions=4, durable=True, path=path, durability="none")
+    kq = KeyedQueue(partitions=4, durable=True, path=path, durability="none", segment_bytes=SEG)
     c = kq.consumer()
     first = [c.get(timeout=5) for _ in range(150)]
     c.ack()
@@ -846,7 +879,7 @@ def test_durable_keyed_order_ack_and_restart(tmp_path):
     from engine.scheduling import DurableKeyedQueue
 
     path = str(tmp_path / "kq")
-    kq = KeyedQueue(partitions=4, durable=True, path=path, durability="none")
+    kq = KeyedQueue(partitions=4, durable=True, path=path, durability="none", segment_bytes=SEG)
     assert isinstance(kq, DurableKeyedQueue)
     for i in range(400):
         kq.put(struct.pack("<II", i % 13, i), key=i % 13)
@@ -859,7 +892,7 @@ def test_durable_keyed_order_ack_and_restart(tmp_path):
     data = open(out, "rb").read()
     got = [struct.unpack_from("<II", data, j) for j in range(0, len(data), 8)]
     first, extra = got[:150], got[150:]
-    kq2 = KeyedQueue(partitions=4, durable=True, path=path, durability="none")
+    kq2 = KeyedQueue(partitions=4, durable=True, path=path, durability="none", segment_bytes=SEG)
     c2 = kq2.consumer()
     rest = []
     while True:
@@ -877,16 +910,16 @@ def test_durable_keyed_order_ack_and_restart(tmp_path):
         per_key[k] = i
     c2.ack()
     kq2.close()
-    kq3 = KeyedQueue(partitions=4, durable=True, path=path, durability="none")
+    kq3 = KeyedQueue(partitions=4, durable=True, path=path, durability="none", segment_bytes=SEG)
     assert kq3.try_get() is None
     kq3.close()
     with pytest.raises(ValueError, match="partitions"):
-        KeyedQueue(partitions=5, durable=True, path=path)
+        KeyedQueue(partitions=5, durable=True, path=path, segment_bytes=SEG)
 
 
 def test_durable_weighted_by_bytes(tmp_path):
     with PriorityQueue(levels=2, policy="weighted", weights=[1, 1], by="bytes", quantum=100,
-                       durable=True, path=str(tmp_path / "b"), durability="none") as pq:
+                       durable=True, path=str(tmp_path / "b"), durability="none", segment_bytes=SEG) as pq:
         for _ in range(40):
             pq.put(b"s" * 10, 0)
             pq.put(b"L" * 100, 1)
@@ -961,10 +994,10 @@ class _Durable:
     def __init__(self, kind, path):
         self.kind, self.path = kind, str(path)
         if kind == "keyed":
-            self.q = KeyedQueue(partitions=3, durable=True, path=self.path, durability="none")
+            self.q = KeyedQueue(partitions=3, durable=True, path=self.path, durability="none", segment_bytes=SEG)
             self.c = self.q.consumer()
         else:
-            self.q = PriorityQueue(levels=3, durable=True, path=self.path, durability="none")
+            self.q = PriorityQueue(levels=3, durable=True, path=self.path, durability="none", segment_bytes=SEG)
             self.c = self.q
 
     def put(self, msg, i, **when):
@@ -1124,7 +1157,7 @@ def test_durable_keyed_delayed_partition_hands_over_at_once(tmp_path):
     releases it at once on rebalance (they stay in the log); the new owner
     delivers them at their due times, each once."""
     path = str(tmp_path / "kq")
-    kq = KeyedQueue(partitions=4, durable=True, path=path, durability="none")
+    kq = KeyedQueue(partitions=4, durable=True, path=path, durability="none", segment_bytes=SEG)
     a = kq.consumer()
     assert a.get_many(10, timeout=0.05) == [] and a.partitions == [0, 1, 2, 3]
     due = {}
@@ -1135,7 +1168,7 @@ def test_durable_keyed_delayed_partition_hands_over_at_once(tmp_path):
         kq.put(struct.pack("<I", i), key=i, delay=1.0)
     assert time.monotonic() < min(due.values())
     assert a.try_get() is None  # read ahead, held, none due
-    kq2 = KeyedQueue(partitions=4, durable=True, path=path, durability="none")
+    kq2 = KeyedQueue(partitions=4, durable=True, path=path, durability="none", segment_bytes=SEG)
     b = kq2.consumer()
     got = {"a": [], "b": []}
 

@@ -28,6 +28,8 @@ from engine import Closed
 from engine.scheduling import KeyedQueue, PriorityQueue
 
 FORK = mp.get_context("fork")
+# durable queues in tests: 1 MiB segments (each log preallocates one on open)
+SEG = 1 << 20
 KEYS = 100_000
 REC = struct.Struct("<II")  # key, per-key sequence number
 
@@ -178,7 +180,7 @@ def test_keyed_rebalance_join_and_sigkill_keeps_key_order(shm_name, tmp_path):
 
 def _durable_consumer(path, out_path, ack_every):
     """Get, record (fsync'd before ack), ack every ack_every; forever."""
-    pq = PriorityQueue(levels=3, durable=True, path=path, durability="none")
+    pq = PriorityQueue(levels=3, durable=True, path=path, durability="none", segment_bytes=SEG)
     fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     buf = []
     while True:
@@ -202,7 +204,7 @@ def _durable_consumer(path, out_path, ack_every):
 
 
 def _durable_producer(path, n, counter_path):
-    pq = PriorityQueue(levels=3, durable=True, path=path, durability="none")
+    pq = PriorityQueue(levels=3, durable=True, path=path, durability="none", segment_bytes=SEG)
     fd = os.open(counter_path, os.O_RDWR)
     mm = mmap.mmap(fd, 8)
     for i in range(n):
@@ -217,7 +219,7 @@ def _durable_producer(path, n, counter_path):
 def test_durable_consumer_sigkill_loses_nothing_acked(tmp_path):
     path = str(tmp_path / "q")
     n = 6000
-    with PriorityQueue(levels=3, durable=True, path=path, durability="none") as pq:
+    with PriorityQueue(levels=3, durable=True, path=path, durability="none", segment_bytes=SEG) as pq:
         for i in range(n):
             pq.put(struct.pack("<Q", i) + b"d" * 24, priority=i % 3)
     out = str(tmp_path / "got")
@@ -241,7 +243,7 @@ def test_durable_consumer_sigkill_loses_nothing_acked(tmp_path):
     dups = len(ids) - n
     # only messages handed out after a killed consumer's last ack come again
     assert dups <= kills * 50, (dups, kills)
-    with PriorityQueue(levels=3, durable=True, path=path, durability="none") as pq:
+    with PriorityQueue(levels=3, durable=True, path=path, durability="none", segment_bytes=SEG) as pq:
         assert pq.try_get() is None  # everything acked
 
 
@@ -259,7 +261,7 @@ def test_durable_producer_sigkill_keeps_every_returned_put(tmp_path):
     p.join(10)
     returned = struct.unpack("<Q", open(counter, "rb").read(8))[0]
     assert returned > 100
-    with PriorityQueue(levels=3, durable=True, path=path, durability="none") as pq:
+    with PriorityQueue(levels=3, durable=True, path=path, durability="none", segment_bytes=SEG) as pq:
         got = set()
         while True:
             batch = pq.get_many(4096)
@@ -280,9 +282,9 @@ START = 0xFFFFFFFF
 
 def _open_durable(kind, path):
     if kind == "keyed":
-        q = KeyedQueue(partitions=3, durable=True, path=path, durability="none")
+        q = KeyedQueue(partitions=3, durable=True, path=path, durability="none", segment_bytes=SEG)
         return q, q.consumer()
-    q = PriorityQueue(levels=3, durable=True, path=path, durability="none")
+    q = PriorityQueue(levels=3, durable=True, path=path, durability="none", segment_bytes=SEG)
     return q, q
 
 
