@@ -87,10 +87,9 @@ __all__ = [
 _SLICE = 0.05
 # A waiter thread with no work for this long exits (a new one starts on demand).
 _IDLE_EXIT = 10.0
-# Doorbell waits of a queue holding delayed messages re-check this often:
-# their due time is not visible from here (the synchronous get sleeps exactly
-# until it), so async delivery of a delayed message is late by up to this.
-_DELAY_TICK = 0.005
+# A durable PriorityQueue re-reads its logs this often while awaited (as its
+# synchronous get does): appends by another process do not ring its bell.
+_LOG_TICK = 0.05
 # A KeyedConsumer must take part in rebalancing while it waits (the
 # synchronous get re-checks this often too).
 _KEYED_TICK = 0.05
@@ -338,14 +337,18 @@ def _waiting(obj: Any) -> Any:
     if scheduling is None:  # not imported: obj cannot be one of its queues
         pass
     elif isinstance(obj, scheduling.KeyedConsumer):
-        return None, obj._reg, _KEYED_TICK
+        # wake for rebalancing, and exactly when its next delayed message is due
+        due_in = obj._due_in()
+        return None, obj._reg, (_KEYED_TICK if due_in is None else min(_KEYED_TICK, due_in))
     elif isinstance(obj, scheduling.DurablePriorityQueue):  # before its base class
         # its own get re-reads the logs every 50 ms: the writer may be
         # another process, and log appends do not ring the queue's bell
-        return None, obj._region, (_DELAY_TICK if obj._heap else 0.05)
+        due_in = obj._due_in()
+        return None, obj._region, (_LOG_TICK if due_in is None else min(_LOG_TICK, due_in))
     elif isinstance(obj, scheduling.PriorityQueue):
-        held = obj._core_counts()[3]
-        return None, obj._region, (_DELAY_TICK if held else None)
+        # a delayed put (any process) rings the bell; one already held is
+        # served when due, exactly
+        return None, obj._region, obj._due_in()
     wait = getattr(obj, "wait", None)
     if wait is None:
         raise TypeError(

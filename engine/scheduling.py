@@ -1063,9 +1063,12 @@ class KeyedConsumer(_Awaitable):
                 return False
         return True
 
-    def _next_due(self) -> Optional[int]:
+    def _due_in(self) -> Optional[float]:
+        """Seconds until the earliest delayed message this member holds comes
+        due (None: it holds none). A waiting get sleeps no longer than this;
+        so does an awaiting one (``engine.aio``)."""
         due = [own.heap[0][0] for own in self._order if own.heap]
-        return min(due) if due else None
+        return max(1e-6, (min(due) - now_ns()) / 1e9) if due else None
 
     def get_many(self, max: int = 1024, timeout: Optional[float] = 0) -> List[bytes]:
         """Up to ``max`` messages from the owned partitions (each partition's
@@ -1138,9 +1141,9 @@ class KeyedConsumer(_Awaitable):
                     reg.disarm()
                     raise Timeout(f"no message within {timeout} s")
                 wait = min(wait, left)
-            nd = self._next_due()
-            if nd is not None:
-                wait = min(wait, max(1e-6, (nd - now_ns()) / 1e9))
+            due_in = self._due_in()
+            if due_in is not None:
+                wait = min(wait, due_in)
             reg.sleep(seq, wait)
 
     def _count(self, n: int) -> None:
@@ -1521,6 +1524,12 @@ class DurablePriorityQueue(PriorityQueue):
         self._ngot[pick] += 1
         return payload
 
+    def _due_in(self) -> Optional[float]:  # type: ignore[override]
+        """Seconds until the earliest delayed message read so far comes due
+        (None: none waiting). A waiting get sleeps no longer than this; so
+        does an awaiting one (``engine.aio``)."""
+        return max(1e-6, (self._heap[0][0] - now_ns()) / 1e9) if self._heap else None
+
     def _core_counts(self) -> Tuple[List[int], List[int], int, int, List[int]]:  # type: ignore[override]
         """(put, got, aged, delayed held, 0s): the compiled queue's shape."""
         return list(self._nput), list(self._ngot), 0, len(self._heap), [0] * self._n
@@ -1573,8 +1582,9 @@ class DurablePriorityQueue(PriorityQueue):
                     reg.disarm()
                     raise Timeout(f"no message within {timeout} s")
                 wait = min(wait, left)
-            if self._heap:
-                wait = min(wait, max(1e-6, (self._heap[0][0] - now_ns()) / 1e9))
+            due_in = self._due_in()
+            if due_in is not None:
+                wait = min(wait, due_in)
             reg.sleep(seq, wait)
 
     def get_many(self, max: int = 1024, timeout: Optional[float] = 0) -> List[bytes]:

@@ -980,6 +980,15 @@ cdef class _PQCore:
             out.append(m)
         return out
 
+    def _due_in(self):
+        """Seconds until the earliest delayed message this handle holds comes
+        due (None: it holds none); engine.aio sleeps no longer than this."""
+        cdef int64_t left
+        if self._next_due == 0x7FFFFFFFFFFFFFFF:
+            return None
+        left = self._next_due - eng_now_ns()
+        return left / 1e9 if left > 1000 else 1e-6
+
     def _core_counts(self):
         """(put per level, got per level, aged) for stats()."""
         cdef int i

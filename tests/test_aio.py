@@ -485,6 +485,39 @@ def test_durable_queues_aget(run, tmp_path):
     kq.close()
 
 
+@pytest.mark.parametrize("kind", ["priority", "priority-durable", "keyed", "keyed-durable"])
+def test_awaited_delayed_message_wakes_at_its_due_time(run, tmp_path, kind):
+    # The waiter sleeps until the held delayed message's due time, not in
+    # fixed polling ticks (which made it late, or woke it every 5 ms).
+    durable = kind.endswith("durable")
+    kw = {"durable": True, "path": str(tmp_path / "q"), "durability": "none", "segment_bytes": SEG} if durable else {}
+    q = engine.PriorityQueue(levels=2, **kw) if kind.startswith("priority") else engine.KeyedQueue(partitions=2, **kw)
+    put_at = time.monotonic()  # the due time counts from the call
+    if kind.startswith("priority"):
+        q.put(b"d", priority=1, delay=0.5)
+    else:
+        q.put(b"d", key=1, delay=0.5)
+    target = aio._target(q)
+    assert target.try_get() is None  # not due: now held by this consumer
+    tick = aio._waiting(target)[2]
+    if kind == "priority":
+        assert tick is not None and 0.3 < tick <= 0.5  # nothing else to poll for
+    else:
+        assert tick is not None and tick <= 0.05  # rebalancing / re-reading the logs
+    time.sleep(max(0.0, put_at + 0.48 - time.monotonic()))
+    tick = aio._waiting(target)[2]
+    assert tick is not None and tick <= 0.025  # wakes at the due time
+
+    async def main():
+        m = await aio.aget(q, timeout=5)
+        return m, time.monotonic() - put_at
+
+    m, waited = run(main())
+    assert m == b"d" and 0.49 <= waited < 2  # never early
+    assert _settled() == 0
+    q.close()
+
+
 def test_keyed_queue_aget_many_and_async_for(run):
     kq = engine.KeyedQueue(partitions=2)
 
