@@ -96,6 +96,7 @@ from ._sched import (  # type: ignore[import-not-found]
     delayed_record,
     now_ns,
     pid_alive,
+    reserve_file,
     split_delayed,
     stable_hash,
 )
@@ -136,7 +137,7 @@ def _create_region(name: Optional[str], kind: int, config: Dict[str, Any]) -> _R
         path = _check_name(name)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, REGION_SIZE)
+            reserve_file(fd, REGION_SIZE)
             mm = mmap.mmap(fd, REGION_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
@@ -1409,7 +1410,10 @@ class DurablePriorityQueue(PriorityQueue):
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             if os.fstat(fd).st_size != REGION_SIZE:
+                # two processes may both get here: ftruncate to the size is
+                # idempotent, and reserving allocates without touching data
                 os.ftruncate(fd, REGION_SIZE)
+                reserve_file(fd, REGION_SIZE)
             mm = mmap.mmap(fd, REGION_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
@@ -1823,7 +1827,10 @@ class DurableKeyedQueue(KeyedQueue):
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             if os.fstat(fd).st_size != REGION_SIZE:
+                # two processes may both get here: ftruncate to the size is
+                # idempotent, and reserving allocates without touching data
                 os.ftruncate(fd, REGION_SIZE)
+                reserve_file(fd, REGION_SIZE)
             mm = mmap.mmap(fd, REGION_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)

@@ -30,6 +30,8 @@ import uuid
 
 from engine.errors import Closed, EngineError, IncompatibleRegion
 
+include "reserve.pxi"
+
 
 cdef extern from "counter_layout.h" nogil:
     uint64_t ENG_COUNTER_MAGIC
@@ -232,7 +234,7 @@ cdef _Mapping _create_shared(str name, uint32_t kind, uint32_t shards, uint32_t 
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
     try:
         os.fchmod(fd, 0o600)
-        os.ftruncate(fd, size)
+        _reserve_file(fd, size)  # ENOSPC here, not SIGBUS in an add
         m.map_fd(fd, size)
         _init_header(m.base, kind, shards, capacity, size)
         os.link(tmp, path)

@@ -326,17 +326,29 @@ cdef _fsync_dir(str path):
         _os.close(fd)
 
 
+cdef _discard(str path):
+    try:
+        _os.unlink(path)
+    except OSError:
+        pass
+
+
 cdef _atomic_write(str directory, str name, bytes data, bint durable):
     """Write temp, (fsync), rename, (fsync dir): the file is old or new, never torn."""
     tmp = _os.path.join(directory, f".{name}.{_os.getpid()}.tmp")
     fd = _os.open(tmp, _os.O_WRONLY | _os.O_CREAT | _os.O_TRUNC, 0o600)
     try:
-        _os.write(fd, data)
-        if durable:
-            _os.fsync(fd)
-    finally:
-        _os.close(fd)
-    _os.replace(tmp, _os.path.join(directory, name))
+        try:
+            if _os.write(fd, data) != len(data):
+                raise OSError(_errno.ENOSPC, f"short write to {tmp}")
+            if durable:
+                _os.fsync(fd)
+        finally:
+            _os.close(fd)
+        _os.replace(tmp, _os.path.join(directory, name))
+    except BaseException:
+        _discard(tmp)  # a full disk must not also keep the half-written temp
+        raise
     if durable:
         _fsync_dir(directory)
 
@@ -808,7 +820,7 @@ def repair_truncate(path):
                                  and eng_crc32c(0, PyBytes_AS_STRING(hdr), 60) == crc
                                  and segb >= size and segb <= (1 << 32))
                 if ok_header and segb > size:
-                    _preallocate(fd, segb)  # truncated: grow back, then look again
+                    _reserve_file(fd, segb)  # truncated: grow back, then look again
                     _os.fsync(fd)
                     continue
                 if not ok_header:
@@ -863,13 +875,7 @@ cdef _remove_segment(str path, uint64_t base):
             pass
 
 
-cdef _preallocate(int fd, Py_ssize_t size):
-    try:
-        _os.posix_fallocate(fd, 0, size)
-    except (AttributeError, OSError) as exc:
-        if isinstance(exc, OSError) and exc.errno not in (_errno.EOPNOTSUPP, _errno.EINVAL, _errno.ENOSYS):
-            raise
-        _os.ftruncate(fd, size)
+include "reserve.pxi"
 
 
 cdef int _take_lock(str path) except -1:
@@ -1411,7 +1417,7 @@ cdef class Log:
                         self._path, s.path, s.size)
         fd = _os.open(s.path, _os.O_RDWR)
         try:
-            _preallocate(fd, want)
+            _reserve_file(fd, want)
             _os.fsync(fd)
         finally:
             _os.close(fd)
@@ -1452,13 +1458,17 @@ cdef class Log:
         created = max(_time.time_ns(), min_ts)
         fd = _os.open(tmp, _os.O_RDWR | _os.O_CREAT | _os.O_TRUNC, 0o600)
         try:
-            _preallocate(fd, self._segment_bytes)
-            _os.pwrite(fd, _make_seg_header(base, self._segment_bytes, self._log_id_bytes, created), 0)
-            if self._durability != D_NONE:
-                _os.fsync(fd)
-        finally:
-            _os.close(fd)
-        _os.replace(tmp, final)
+            try:
+                _reserve_file(fd, self._segment_bytes)  # ENOSPC here: the log stays as it was
+                _os.pwrite(fd, _make_seg_header(base, self._segment_bytes, self._log_id_bytes, created), 0)
+                if self._durability != D_NONE:
+                    _os.fsync(fd)
+            finally:
+                _os.close(fd)
+            _os.replace(tmp, final)
+        except BaseException:
+            _discard(tmp)  # give back what fallocate took before it failed
+            raise
         if self._durability != D_NONE:
             _fsync_dir(path)
         s = _map_seg(final, True, base, self._log_id_bytes, True)

@@ -84,6 +84,8 @@ import weakref as _weakref
 
 from engine.errors import Closed, EngineError, IncompatibleRegion, Timeout
 
+include "reserve.pxi"
+
 _logger = _logging.getLogger("engine")
 
 cdef extern from "ring_layout.h" nogil:
@@ -348,7 +350,7 @@ cdef _Mapping _new_region(object name, object path, uint64_t cap, uint32_t mode,
         fd = _os.open(path, _os.O_RDWR | _os.O_CREAT | _os.O_EXCL, 0o600)
         try:
             _os.fchmod(fd, 0o600)  # umask may only have removed bits; be explicit
-            _os.ftruncate(fd, total)
+            _reserve_file(fd, total)  # ENOSPC here, not SIGBUS in a put
             mm = _mmap.mmap(fd, total, flags=_map_flags(total))
         except BaseException:
             _os.close(fd)

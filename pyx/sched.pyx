@@ -29,6 +29,8 @@ from collections import deque as _deque
 
 from engine.errors import Closed, EngineError, IncompatibleRegion, Timeout
 
+include "reserve.pxi"
+
 
 cdef extern from "sched_layout.h" nogil:
     uint64_t ENG_SCHED_MAGIC
@@ -108,6 +110,13 @@ cdef int64_t _deadline(object timeout) except? -2:
     if t > 1e9:
         return _NO_DEADLINE
     return eng_now_ns() + <int64_t>(t * 1e9) + 1
+
+
+def reserve_file(int fd, Py_ssize_t size):
+    """Grow the file at ``fd`` to ``size`` bytes with its blocks allocated
+    (see reserve.pxi): a region that does not fit fails with ENOSPC when it
+    is created, instead of SIGBUS on first use."""
+    _reserve_file(fd, size)
 
 
 def now_ns():
