@@ -40,7 +40,7 @@ def list_rings() -> List[Dict[str, Any]]:
     magic, with what its header says (unvalidated: see ``ring stats``)."""
     from engine._ring import MAGIC, MODES, SHM_DIR
 
-    out = []
+    out: List[Dict[str, Any]] = []
     try:
         names = sorted(os.listdir(SHM_DIR))
     except OSError:

@@ -10,7 +10,6 @@ Needs root (CAP_SYS_ADMIN) for the mounts: CI runs as root.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys

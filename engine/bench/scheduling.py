@@ -240,7 +240,7 @@ def _mpq_levels_consumer(
             break  # strict: start again from the most urgent level
         if not got:
             if can_wait:
-                wait([r for r, lv in zip(readers, live) if lv], timeout=0.01)
+                wait([r for r, lv in zip(readers, live) if lv and r is not None], timeout=0.01)
             else:
                 time.sleep(0.0001)
     t1 = time.perf_counter_ns()
