@@ -123,6 +123,7 @@ cdef extern from "ring_layout.h" nogil:
         uint64_t bytes_put        # statistics
         uint64_t waits            # producer sleeps for space
         uint64_t lost             # shared mode: lost to dead consumers
+        uint64_t pid_start        # start time of pid, 0 = unknown
     ctypedef struct ring_space_t:
         uint32_t space_seq        # futex word the producer sleeps on
         uint32_t space_waiters    # 1 when the producer may be sleeping (waker clears it)
@@ -137,6 +138,7 @@ cdef extern from "ring_layout.h" nogil:
         uint64_t bytes_got        # statistics
         uint64_t waits            # sleeps for data
         uint64_t claim_end        # shared: end of the last claimed batch
+        uint64_t pid_start        # start time of pid, 0 = unknown
     ctypedef struct ring_header_t:
         ring_meta_t meta
         ring_producer_t prod
@@ -526,9 +528,43 @@ cdef uint64_t _count_records(_Mapping m, uint64_t start, uint64_t end) noexcept 
     return n
 
 
-cdef bint _alive(int32_t pid):
-    """The process exists and is not a zombie (a killed child whose parent
-    has not reaped it yet is dead for us: it will never read again)."""
+cdef uint64_t _stat_start(bytes stat):
+    """Field 22 of /proc/PID/stat (start time, clock ticks after boot), 0 if
+    unreadable. The command name (field 2) may hold spaces: count from ')'."""
+    cdef Py_ssize_t i = stat.rfind(b")")
+    if i < 0:
+        return 0
+    fields = stat[i + 2:].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return 0
+
+
+cdef int32_t _start_pid = 0
+cdef uint64_t _start_val = 0
+
+
+cdef uint64_t _my_start():
+    """This process's start time (cached per pid: a forked child has its own)."""
+    global _start_pid, _start_val
+    cdef int32_t me = _os.getpid()
+    if me != _start_pid:
+        try:
+            with open("/proc/self/stat", "rb") as f:
+                _start_val = _stat_start(f.read())
+        except OSError:
+            _start_val = 0  # no /proc (macOS): liveness by pid alone
+        _start_pid = me
+    return _start_val
+
+
+cdef bint _alive(int32_t pid, uint64_t start):
+    """The process exists, is not a zombie (a killed child whose parent has
+    not reaped it yet is dead for us: it will never read again), and, when
+    `start` is known, is the process that took the role: a pid reused by a
+    new process after the owner died has another start time."""
+    cdef uint64_t now_start
     if not eng_pid_alive(pid):
         return False
     try:
@@ -537,7 +573,13 @@ cdef bint _alive(int32_t pid):
     except OSError:
         return True  # no /proc (macOS) or a race with its exit: trust kill(0)
     i = stat.rfind(b")")
-    return not (i >= 0 and stat[i + 2:i + 3] in (b"Z", b"X"))
+    if i >= 0 and stat[i + 2:i + 3] in (b"Z", b"X"):
+        return False
+    if start != 0:
+        now_start = _stat_start(stat)
+        if now_start != 0 and now_start != start:
+            return False
+    return True
 
 
 cdef int _reap_dead(_Mapping m) except -1:
@@ -559,7 +601,7 @@ cdef int _reap_dead(_Mapping m) except -1:
         if eng_load_acquire_u32(&s.state) != RING_SLOT_ACTIVE:
             continue
         pid = eng_load_acquire_i32(&s.pid)
-        if pid <= 0 or _alive(pid):
+        if pid <= 0 or _alive(pid, eng_load_acquire_u64(&s.pid_start)):
             continue
         # One reaper wins: the pid CAS hands the slot over exactly once.
         if not eng_cas_i32(&s.pid, &pid, -1):
@@ -780,7 +822,7 @@ cdef class Ring:
             consumers.append({
                 "slot": i,
                 "pid": pid,
-                "alive": _alive(pid),
+                "alive": _alive(pid, eng_load_acquire_u64(&s.pid_start)),
                 "cursor": None if cur == RING_IDLE else cur,
                 "lag_bytes": lag,
                 "messages_got": eng_load_relaxed_u64(&s.msgs_got),
@@ -861,14 +903,26 @@ cdef class Producer:
         if eng_load_acquire_u32(&h.prod.closed):
             raise Closed(f"ring {m.label()} is closed: no more messages can be put")
         cdef int32_t me = _os.getpid()
+        cdef uint64_t my_start = _my_start()
         cdef int32_t cur = eng_load_acquire_i32(&h.prod.pid)
+        cdef uint64_t cur_start
         while True:
-            if cur != 0 and (cur == me or _alive(cur)):
-                raise EngineError(
-                    f"ring {m.label()} already has a live producer (pid {cur}); "
-                    "close it first (one producer at a time)")
+            if cur != 0:
+                cur_start = eng_load_acquire_u64(&h.prod.pid_start)
+                # our own pid is ours only if the start time says so: a dead
+                # producer's pid may have been reused by this very process
+                if (cur == me and (cur_start == 0 or cur_start == my_start)) or (
+                        cur != me and _alive(cur, cur_start)):
+                    raise EngineError(
+                        f"ring {m.label()} already has a live producer (pid {cur}); "
+                        "close it first (one producer at a time)")
+            # The start time belongs to whoever holds the pid: clear it before
+            # the CAS, so a checker that sees our pid never pairs it with the
+            # previous owner's start (it sees 0, "unknown", or ours).
+            eng_store_release_u64(&h.prod.pid_start, 0)
             if eng_cas_i32(&h.prod.pid, &cur, me):
                 break
+        eng_store_release_u64(&h.prod.pid_start, my_start)
         cdef Producer p = Producer.__new__(Producer)
         p._m = m
         p._h = h
@@ -1325,6 +1379,8 @@ cdef class Consumer:
         c._mask = m.mask
         c._mode = m.mode
         c._shared = m.mode == RING_MODE_SHARED
+        # start before pid: while pid is 0 the slot is skipped by reapers
+        eng_store_release_u64(&s.pid_start, _my_start())
         eng_store_release_i32(&s.pid, me)
         eng_store_relaxed_u64(&s.msgs_got, 0)
         eng_store_relaxed_u64(&s.bytes_got, 0)
@@ -1529,7 +1585,7 @@ cdef class Consumer:
             if now >= next_check:
                 # A producer that died without closing ends the stream too.
                 ppid = eng_load_acquire_i32(&h.prod.pid)
-                if ppid > 0 and not _alive(ppid):
+                if ppid > 0 and not _alive(ppid, eng_load_acquire_u64(&h.prod.pid_start)):
                     if eng_cas_i32(&h.prod.pid, &ppid, 0):
                         eng_store_release_u32(&h.prod.closed, 1)
                     return 1

@@ -71,7 +71,11 @@ typedef struct {
     uint64_t bytes_put;      /* statistics (relaxed) */
     uint64_t waits;          /* times the producer slept for space (relaxed) */
     uint64_t lost;           /* shared mode: messages claimed by consumers that died */
-    uint8_t _pad[RING_BLOCK - 56];
+    uint64_t pid_start;      /* start time of `pid` (/proc/PID/stat field 22), 0 = unknown:
+                                tells a dead producer from a new process that reused its pid.
+                                Cleared before the pid CAS, set after it (see Producer._make).
+                                Was padding (zero) in rings made before it: they read 0. */
+    uint8_t _pad[RING_BLOCK - 64];
 } ring_producer_t;
 
 /* Written by consumers to wake a producer waiting for space, and the
@@ -100,7 +104,8 @@ typedef struct {
     uint64_t bytes_got;      /* statistics (relaxed) */
     uint64_t waits;          /* times this consumer slept for data (relaxed) */
     uint64_t claim_end;      /* shared: end of the batch being claimed (for lost counting) */
-    uint8_t _pad[RING_BLOCK - 48];
+    uint64_t pid_start;      /* start time of `pid`, 0 = unknown; stored before `pid` */
+    uint8_t _pad[RING_BLOCK - 56];
 } ring_slot_t;
 
 typedef struct {
@@ -124,6 +129,8 @@ _Static_assert(offsetof(ring_producer_t, data_seq) == 16, "prod.data_seq");
 _Static_assert(offsetof(ring_producer_t, lost) == 48, "prod.lost");
 _Static_assert(offsetof(ring_space_t, tail) == 8, "space.tail");
 _Static_assert(offsetof(ring_slot_t, claim_end) == 40, "slot.claim_end");
+_Static_assert(offsetof(ring_producer_t, pid_start) == 56, "prod.pid_start");
+_Static_assert(offsetof(ring_slot_t, pid_start) == 48, "slot.pid_start");
 _Static_assert(offsetof(ring_header_t, prod) == 1 * RING_BLOCK, "header.prod");
 _Static_assert(offsetof(ring_header_t, space) == 2 * RING_BLOCK, "header.space");
 _Static_assert(offsetof(ring_header_t, claim) == 3 * RING_BLOCK, "header.claim");
