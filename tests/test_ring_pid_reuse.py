@@ -42,7 +42,8 @@ def _hold_producer(name, ready):
 def _hold_consumer(name, ready):
     c = engine.Ring.attach(name).consumer()
     ready.set()
-    time.sleep(60)
+    time.sleep(60)  # SIGKILLed holding the slot
+    c.close()
 
 
 def _die_holding(target, name):
