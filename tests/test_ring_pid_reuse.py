@@ -87,11 +87,18 @@ def stranger():
         proc.wait()
 
 
-def test_reused_producer_pid_ends_the_stream_and_frees_the_role(shm_name, stranger):
-    ring = engine.Ring.create(shm_name, capacity=1 << 16)
+def _dead_producer_pid_reused(name, stranger):
+    """A ring and a consumer; its producer put one message, died, and its pid
+    now names the stranger."""
+    ring = engine.Ring.create(name, capacity=1 << 16)
     c = ring.consumer()
-    _die_holding(_hold_producer, shm_name)
-    _reuse_pid(shm_name, PROD_PID, PROD_START, stranger())
+    _die_holding(_hold_producer, name)
+    _reuse_pid(name, PROD_PID, PROD_START, stranger())
+    return ring, c
+
+
+def test_reused_producer_pid_ends_the_stream(shm_name, stranger):
+    ring, c = _dead_producer_pid_reused(shm_name, stranger)
     assert c.get(timeout=5) == b"last words"
     t = time.monotonic()
     with pytest.raises(engine.Closed):
@@ -101,10 +108,7 @@ def test_reused_producer_pid_ends_the_stream_and_frees_the_role(shm_name, strang
 
 
 def test_reused_producer_pid_does_not_block_a_new_producer(shm_name, stranger):
-    ring = engine.Ring.create(shm_name, capacity=1 << 16)
-    c = ring.consumer()
-    _die_holding(_hold_producer, shm_name)
-    _reuse_pid(shm_name, PROD_PID, PROD_START, stranger())
+    ring, c = _dead_producer_pid_reused(shm_name, stranger)
     with ring.producer() as p:  # takes the role over from the dead holder
         p.put(b"new")
     assert c.get(timeout=5) == b"last words"
