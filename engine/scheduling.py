@@ -783,7 +783,7 @@ class KeyedQueue(_KQCore, _Awaitable):
             return out
         members = []
         for i in range(MAX_MEMBERS):
-            tok, pid = reg.member(i)
+            tok, pid, _start = reg.member(i)
             if tok:
                 members.append({"slot": i, "token": tok, "pid": pid, "delivered": reg.member_delivered(i)})
         out["members"] = members
@@ -795,6 +795,15 @@ class KeyedQueue(_KQCore, _Awaitable):
     def __repr__(self) -> str:
         where = f"name={self._name!r}" if self._name else "private"
         return f"<KeyedQueue {where} partitions={self._config['partitions']}>"
+
+
+def _member_dead(pid: int, start: int) -> bool:
+    """A group member's process is gone: exited, a zombie, or its pid now
+    names another process (a start time that differs from the one recorded).
+    pid 0 is a member between its token CAS and its pid store: alive."""
+    if pid == 0:
+        return False
+    return not 0 < pid < 1 << 31 or not pid_alive(pid, start)
 
 
 class _Owned:
@@ -898,7 +907,7 @@ class KeyedConsumer(_Awaitable):
         self._slot = -1
         for _ in range(2):
             for i in range(MAX_MEMBERS):
-                tok, pid = reg.member(i)
+                tok, _pid, _start = reg.member(i)
                 if tok == 0 and reg.claim_member(i, 0, self._token, self._pid):
                     self._slot = i
                     break
@@ -914,9 +923,8 @@ class KeyedConsumer(_Awaitable):
         reg = self._reg
         reaped = False
         for i in range(MAX_MEMBERS):
-            tok, pid = reg.member(i)
-            # pid 0: a member between its token CAS and its pid store (alive)
-            if tok and pid not in (0, self._pid) and (not 0 < pid < 1 << 31 or not pid_alive(pid)):
+            tok, pid, start = reg.member(i)
+            if tok and tok != self._token and _member_dead(pid, start):
                 if reg.claim_member(i, tok, 0, 0):
                     reaped = True
         if reaped:
@@ -928,16 +936,16 @@ class KeyedConsumer(_Awaitable):
         Tokens are never reused, so once gone, an owner stays gone."""
         reg = self._reg
         for i in range(MAX_MEMBERS):
-            tok, pid = reg.member(i)
+            tok, pid, start = reg.member(i)
             if tok == token:
-                return pid not in (0, self._pid) and (not 0 < pid < 1 << 31 or not pid_alive(pid))
+                return tok != self._token and _member_dead(pid, start)
         return True
 
     def _live(self) -> List[int]:
         reg = self._reg
         toks = []
         for i in range(MAX_MEMBERS):
-            tok, _pid = reg.member(i)
+            tok, _pid, _start = reg.member(i)
             if tok:
                 toks.append(tok)
         toks.sort()
@@ -1934,6 +1942,6 @@ class DurableKeyedQueue(KeyedQueue):
         if not self._closed:
             reg = self._region
             out["members"] = [{"slot": i, "token": t, "pid": pid} for i in range(MAX_MEMBERS)
-                              for t, pid in [reg.member(i)] if t]
+                              for t, pid, _start in [reg.member(i)] if t]
             out["owners"] = [reg.owner(p) for p in range(self._np)]
         return out

@@ -85,6 +85,7 @@ import weakref as _weakref
 from engine.errors import Closed, EngineError, IncompatibleRegion, Timeout
 
 include "reserve.pxi"
+include "liveness.pxi"
 
 _logger = _logging.getLogger("engine")
 
@@ -526,60 +527,6 @@ cdef uint64_t _count_records(_Mapping m, uint64_t start, uint64_t end) noexcept 
             break
         pos += size
     return n
-
-
-cdef uint64_t _stat_start(bytes stat):
-    """Field 22 of /proc/PID/stat (start time, clock ticks after boot), 0 if
-    unreadable. The command name (field 2) may hold spaces: count from ')'."""
-    cdef Py_ssize_t i = stat.rfind(b")")
-    if i < 0:
-        return 0
-    fields = stat[i + 2:].split()
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return 0
-
-
-cdef int32_t _start_pid = 0
-cdef uint64_t _start_val = 0
-
-
-cdef uint64_t _my_start():
-    """This process's start time (cached per pid: a forked child has its own)."""
-    global _start_pid, _start_val
-    cdef int32_t me = _os.getpid()
-    if me != _start_pid:
-        try:
-            with open("/proc/self/stat", "rb") as f:
-                _start_val = _stat_start(f.read())
-        except OSError:
-            _start_val = 0  # no /proc (macOS): liveness by pid alone
-        _start_pid = me
-    return _start_val
-
-
-cdef bint _alive(int32_t pid, uint64_t start):
-    """The process exists, is not a zombie (a killed child whose parent has
-    not reaped it yet is dead for us: it will never read again), and, when
-    `start` is known, is the process that took the role: a pid reused by a
-    new process after the owner died has another start time."""
-    cdef uint64_t now_start
-    if not eng_pid_alive(pid):
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return True  # no /proc (macOS) or a race with its exit: trust kill(0)
-    i = stat.rfind(b")")
-    if i >= 0 and stat[i + 2:i + 3] in (b"Z", b"X"):
-        return False
-    if start != 0:
-        now_start = _stat_start(stat)
-        if now_start != 0 and now_start != start:
-            return False
-    return True
 
 
 cdef int _reap_dead(_Mapping m) except -1:

@@ -30,6 +30,7 @@ from collections import deque as _deque
 from engine.errors import Closed, EngineError, IncompatibleRegion, Timeout
 
 include "reserve.pxi"
+include "liveness.pxi"
 
 
 cdef extern from "sched_layout.h" nogil:
@@ -69,6 +70,7 @@ cdef extern from "sched_layout.h" nogil:
         int64_t pid             # member process
         int64_t joined_ns       # informational
         uint64_t delivered      # statistics
+        uint64_t pid_start      # start time of pid, 0 = unknown
 
     ctypedef struct eng_sched_region_t:
         eng_sched_meta_t meta           # immutable
@@ -124,9 +126,11 @@ def now_ns():
     return eng_now_ns()
 
 
-def pid_alive(int32_t pid):
-    """True if a process with this pid exists (any user)."""
-    return bool(eng_pid_alive(pid))
+def pid_alive(int32_t pid, uint64_t start=0):
+    """True if a process with this pid exists (any user), is not a zombie
+    and, when ``start`` is known (not 0), started at that time: not a new
+    process that reused a dead member's pid (see liveness.pxi)."""
+    return bool(_alive(pid, start))
 
 
 cdef inline void _ring_bell(eng_sched_region_t *r) noexcept nogil:
@@ -423,15 +427,19 @@ cdef class _Region:
         return eng_fetch_add_u64(&self.r.group.next_token, 1)
 
     def member(self, uint32_t i):
-        """(token, pid) of member slot i (acquire)."""
+        """(token, pid, pid start time) of member slot i (acquire; the start
+        is read after the pid, which was stored after it)."""
         self._check()
         if i >= ENG_SCHED_MAX_MEMBERS:
             raise IndexError(i)
         cdef eng_sched_member_t *m = &self.r.members[i]
-        return eng_load_acquire_u64(&m.token), eng_load_acquire_i64(&m.pid)
+        tok = eng_load_acquire_u64(&m.token)
+        pid = eng_load_acquire_i64(&m.pid)
+        return tok, pid, eng_load_acquire_u64(&m.pid_start)
 
     def claim_member(self, uint32_t i, uint64_t expected, uint64_t token, int64_t pid):
-        """CAS member slot i's token expected -> token (then sets pid)."""
+        """CAS member slot i's token expected -> token, then set pid (with its
+        start time when it is this process: pid 0 frees the slot)."""
         self._check()
         if i >= ENG_SCHED_MAX_MEMBERS:
             raise IndexError(i)
@@ -439,6 +447,8 @@ cdef class _Region:
         cdef uint64_t exp = expected
         if not eng_cas_u64(&m.token, &exp, token):
             return False
+        # start before pid: a checker that reads this pid reads its start
+        eng_store_release_u64(&m.pid_start, _my_start() if pid == _lv_os.getpid() else 0)
         eng_store_release_i64(&m.pid, pid)
         eng_store_relaxed_u64(<uint64_t *>&m.joined_ns, <uint64_t>eng_wall_ns())
         return True

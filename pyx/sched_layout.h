@@ -75,7 +75,9 @@ typedef struct {
     int64_t pid;             /* member process (liveness check) */
     int64_t joined_ns;       /* wall clock at join, informational */
     uint64_t delivered;      /* messages this member delivered (relaxed, statistics) */
-    uint8_t _pad[32];
+    uint64_t pid_start;      /* start time of `pid` (/proc/PID/stat field 22), 0 = unknown;
+                                stored before `pid`. Was padding (zero) in older regions. */
+    uint8_t _pad[24];
 } eng_sched_member_t;
 
 typedef struct {
@@ -94,6 +96,7 @@ _Static_assert(sizeof(eng_sched_meta_t) == ENG_SCHED_BLOCK, "meta block");
 _Static_assert(sizeof(eng_sched_bell_t) == ENG_SCHED_BLOCK, "bell block");
 _Static_assert(sizeof(eng_sched_group_t) == ENG_SCHED_BLOCK, "group block");
 _Static_assert(sizeof(eng_sched_member_t) == 64, "member slot");
+_Static_assert(offsetof(eng_sched_member_t, pid_start) == 32, "member.pid_start");
 _Static_assert(offsetof(eng_sched_region_t, bell) == 128, "bell offset");
 _Static_assert(offsetof(eng_sched_region_t, group) == 256, "group offset");
 _Static_assert(offsetof(eng_sched_region_t, counts) == 384, "counts offset");

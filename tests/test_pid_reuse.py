@@ -1,6 +1,7 @@
 """A dead role holder whose pid was reused by a new process is still dead.
 
-A producer or consumer is SIGKILLed; then its pid field in the shared header
+A ring producer or consumer, or a keyed consumer-group member, is SIGKILLed;
+then its pid field in the shared header
 is pointed at a live, unrelated process (what the kernel does when it hands
 the pid out again), keeping the dead holder's start time. Liveness by pid
 alone would take the stranger for the holder: consumers would wait for a
@@ -21,6 +22,7 @@ import time
 import pytest
 
 import engine
+from engine.scheduling import KeyedQueue
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc start times")
 
@@ -30,6 +32,8 @@ PROD_PID = 1 * BLOCK + 8  # ring_producer_t.pid
 PROD_START = 1 * BLOCK + 56  # ring_producer_t.pid_start
 SLOT0_PID = 4 * BLOCK + 8  # ring_slot_t.pid of slot 0
 SLOT0_START = 4 * BLOCK + 48  # ring_slot_t.pid_start
+MEMBER0_PID = 2688 + 8  # eng_sched_member_t.pid of member slot 0 (sched_layout.h)
+MEMBER0_START = 2688 + 32  # eng_sched_member_t.pid_start
 
 
 def _hold_producer(name, ready):
@@ -139,3 +143,31 @@ def test_a_live_holder_is_still_alive(shm_name):
     p.put(b"x")
     assert c.get(timeout=1) == b"x"
     ring.close()
+
+
+def _join_group(name, ready):
+    c = KeyedQueue.attach(name).consumer()
+    deadline = time.monotonic() + 20
+    while c.partitions != [0, 1, 2, 3]:  # the only member: takes every partition
+        assert c.try_get() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    ready.set()
+    time.sleep(60)  # SIGKILLed holding them
+    c.close()
+
+
+def test_reused_member_pid_gives_its_partitions_back(shm_name, stranger):
+    kq = KeyedQueue.create(shm_name, partitions=4)
+    try:
+        _die_holding(_join_group, shm_name)
+        _reuse_pid(shm_name, MEMBER0_PID, MEMBER0_START, stranger())
+        for i in range(100):
+            kq.put(struct.pack("<I", i), key=i % 7)
+        c = kq.consumer()  # reaps the dead member, then owns its partitions
+        got = sorted(struct.unpack("<I", c.get(timeout=5))[0] for _ in range(100))
+        assert got == list(range(100))
+        assert c.partitions == [0, 1, 2, 3]
+        c.close()
+    finally:
+        kq.close()
+        KeyedQueue.unlink(shm_name)
