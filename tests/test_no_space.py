@@ -113,3 +113,47 @@ def test_full_disk_stops_appends_with_enospc_and_loses_nothing(tmp_path):
         print("ok", len(vals))
         """)
     assert out.startswith("ok ")
+
+
+@needs_mounts
+def test_close_on_a_full_disk_releases_the_writer_and_loses_nothing(tmp_path):
+    out = _run_full(tmp_path, """
+        path = os.path.join(D, "log")
+        fillers = [os.path.join(D, "room")]  # given back at the end: room for a new segment
+        with open(fillers[0], "wb") as f:
+            f.write(b"\\0" * (512 << 10))
+        log = engine.Log(path, segment_bytes=256 << 10, durability="always")
+        vals = []
+        try:
+            while True:
+                v = b"%08d" % len(vals) + os.urandom(500)
+                log.append(v)
+                vals.append(v)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+        try:  # take the last free block too: close cannot write its index or checkpoint
+            for i in range(10_000):
+                fillers.append(os.path.join(D, f"filler{i}"))
+                with open(fillers[-1], "wb") as f:
+                    f.write(b"\\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+        try:
+            log.close()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+        assert log.closed
+        with engine.LogReader(path) as r:  # readable while the disk is full
+            assert [bytes(x.value) for x in r] == vals
+        for f in fillers:
+            if os.path.exists(f):
+                os.unlink(f)
+        log = engine.Log(path, segment_bytes=256 << 10)  # the writer lock was released
+        assert log.next_offset == len(vals)
+        log.append(b"after")
+        log.close()
+        with engine.LogReader(path) as r:
+            assert [bytes(x.value) for x in r] == vals + [b"after"]
+        print("ok", len(vals))
+        """)
+    assert out.startswith("ok ")
