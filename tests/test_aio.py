@@ -489,22 +489,23 @@ def test_durable_queues_aget(run, tmp_path):
 def test_awaited_delayed_message_wakes_at_its_due_time(run, tmp_path, kind):
     # The waiter sleeps until the held delayed message's due time, not in
     # fixed polling ticks (which made it late, or woke it every 5 ms).
+    DELAY = 1.0  # s: room for a slow first put (it opens the logs) on a loaded machine
     durable = kind.endswith("durable")
     kw = {"durable": True, "path": str(tmp_path / "q"), "durability": "none", "segment_bytes": SEG} if durable else {}
     q = engine.PriorityQueue(levels=2, **kw) if kind.startswith("priority") else engine.KeyedQueue(partitions=2, **kw)
     put_at = time.monotonic()  # the due time counts from the call
     if kind.startswith("priority"):
-        q.put(b"d", priority=1, delay=0.5)
+        q.put(b"d", priority=1, delay=DELAY)
     else:
-        q.put(b"d", key=1, delay=0.5)
+        q.put(b"d", key=1, delay=DELAY)
     target = aio._target(q)
     assert target.try_get() is None  # not due: now held by this consumer
     tick = aio._waiting(target)[2]
     if kind == "priority":
-        assert tick is not None and 0.3 < tick <= 0.5  # nothing else to poll for
+        assert tick is not None and DELAY / 2 < tick <= DELAY  # nothing else to poll for
     else:
         assert tick is not None and tick <= 0.05  # rebalancing / re-reading the logs
-    time.sleep(max(0.0, put_at + 0.48 - time.monotonic()))
+    time.sleep(max(0.0, put_at + DELAY - 0.02 - time.monotonic()))
     tick = aio._waiting(target)[2]
     assert tick is not None and tick <= 0.025  # wakes at the due time
 
@@ -513,7 +514,7 @@ def test_awaited_delayed_message_wakes_at_its_due_time(run, tmp_path, kind):
         return m, time.monotonic() - put_at
 
     m, waited = run(main())
-    assert m == b"d" and 0.49 <= waited < 2  # never early
+    assert m == b"d" and DELAY - 0.01 <= waited < DELAY + 2  # never early
     assert _settled() == 0
     q.close()
 
