@@ -19,6 +19,11 @@ previous reply). Ours: the waiter thread spins ~50 us in ``Consumer.wait``
 a request that comes within that window skips the futex wake-up; one that
 comes later pays it (the p90/p99 columns).
 Target: our p50 at least 2x better than the Unix-socket pair.
+
+Case: delayed delivery, awaited (quick 60 / --full 1,000 messages, each due
+5 ms after its put): how late an awaited delayed message arrives, ours
+(``KeyedQueue`` in shared memory, ``aio.aget``) against what one process
+would write with asyncio alone (``loop.call_later`` + ``asyncio.Queue``).
 """
 
 from __future__ import annotations
@@ -275,9 +280,72 @@ def peer_zmq_asyncio_idle(wl: Workload) -> Run:
     return peer_zmq_asyncio(wl, IDLE_GAP)
 
 
+# ---------------------------------------------------------------- delayed delivery
+
+DELAY = 0.005  # s: every message of the delayed-delivery case is due this long after its put
+
+
+def _lateness(msgs: List[bytes], put_later: Any, get: Any) -> Run:
+    """Put each message due in DELAY (``put_later(i, msg)``), await it
+    (``await get()``); one sample per message: arrival - due time. A message
+    delivered early, or another than the one put, fails the run."""
+
+    async def main() -> Any:
+        lat = np.empty(len(msgs), np.int64)
+        out: List[bytes] = []
+        now = time.perf_counter_ns  # CLOCK_MONOTONIC, the clock the queue's delays use
+        delay_ns = int(DELAY * 1e9)
+        t0 = now()
+        for i, m in enumerate(msgs):
+            due = now() + delay_ns  # before the put: the put's own cost counts as lateness
+            put_later(i, m)
+            got = await get()
+            lat[i] = now() - due
+            if got != m or lat[i] < -1_000_000:  # 1 ms: clock reads straddle the put
+                raise RuntimeError(f"message {i}: {len(got)} bytes, {lat[i] / 1e6:.3f} ms after its due time")
+            out.append(got)
+        return t0, now(), lat, out
+
+    loop = _new_loop()
+    try:
+        t0, t1, lat, out = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    return Run.timed(t0, t1, digest(out), lat)
+
+
+def ours_keyed_delayed(wl: Workload) -> Run:
+    from engine import aio
+    from engine.scheduling import KeyedQueue
+
+    kq = KeyedQueue(partitions=2)
+    try:
+        return _lateness(
+            wl.payloads(),
+            lambda i, m: kq.put(m, key=i, delay=DELAY),
+            lambda: aio.aget(kq, timeout=REPLY_TIMEOUT),
+        )
+    finally:
+        kq.close()
+
+
+def peer_asyncio_call_later(wl: Workload) -> Run:
+    q: Any = None
+
+    def put_later(i: int, m: bytes) -> None:
+        nonlocal q
+        loop = asyncio.get_running_loop()
+        if q is None:
+            q = asyncio.Queue()
+        loop.call_later(DELAY, q.put_nowait, m)
+
+    return _lateness(wl.payloads(), put_later, lambda: asyncio.wait_for(q.get(), REPLY_TIMEOUT))
+
+
 def cases(profile: Profile) -> List[Case]:
     n = profile.count(quick=1_000, full=50_000)
     n_idle = profile.count(quick=150, full=5_000)
+    n_delayed = profile.count(quick=60, full=1_000)
     return [
         Case(
             "async round trip",
@@ -315,6 +383,25 @@ def cases(profile: Profile) -> List[Case]:
                 ),
                 Contender("asyncio Unix socket streams", peer_unix_socket_idle),
                 Contender("pyzmq asyncio PAIR ipc", peer_zmq_asyncio_idle, requires=ZMQ),
+            ],
+            unit="us",
+        ),
+        Case(
+            "delayed delivery, awaited",
+            f"put a message due in {DELAY * 1e3:g} ms, await it; the sample is how late it "
+            "arrives. Ours: KeyedQueue.put(delay=) + aio.aget (shared memory, any process "
+            "may put); peer: loop.call_later + asyncio.Queue (one process only)",
+            LATENCY,
+            Workload(n_delayed, SIZE),
+            [
+                Contender(
+                    "engine.KeyedQueue delay + aget",
+                    ours_keyed_delayed,
+                    ours=True,
+                    requires=RING,
+                    pip_hint=BUILD_HINT,
+                ),
+                Contender("asyncio call_later + Queue", peer_asyncio_call_later),
             ],
             unit="us",
         ),
