@@ -1536,7 +1536,7 @@ class DurablePriorityQueue(PriorityQueue):
         self._ngot[pick] += 1
         return payload
 
-    def _due_in(self) -> Optional[float]:  # type: ignore[override]
+    def _due_in(self) -> Optional[float]:
         """Seconds until the earliest delayed message read so far comes due
         (None: none waiting). A waiting get sleeps no longer than this; so
         does an awaiting one (``engine.aio``)."""
