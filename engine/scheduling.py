@@ -797,6 +797,12 @@ class KeyedQueue(_KQCore, _Awaitable):
         return f"<KeyedQueue {where} partitions={self._config['partitions']}>"
 
 
+def _seconds_until(due_ns: int) -> float:
+    """Seconds from now to the monotonic time ``due_ns``; at least 1 us, so
+    a wait for something already due still returns at once."""
+    return max(1e-6, (due_ns - now_ns()) / 1e9)
+
+
 def _member_dead(pid: int, start: int) -> bool:
     """A group member's process is gone: exited, a zombie, or its pid now
     names another process (a start time that differs from the one recorded).
@@ -1077,7 +1083,7 @@ class KeyedConsumer(_Awaitable):
         due (None: it holds none). A waiting get sleeps no longer than this;
         so does an awaiting one (``engine.aio``)."""
         due = [own.heap[0][0] for own in self._order if own.heap]
-        return max(1e-6, (min(due) - now_ns()) / 1e9) if due else None
+        return _seconds_until(min(due)) if due else None
 
     def get_many(self, max: int = 1024, timeout: Optional[float] = 0) -> List[bytes]:
         """Up to ``max`` messages from the owned partitions (each partition's
@@ -1540,7 +1546,7 @@ class DurablePriorityQueue(PriorityQueue):
         """Seconds until the earliest delayed message read so far comes due
         (None: none waiting). A waiting get sleeps no longer than this; so
         does an awaiting one (``engine.aio``)."""
-        return max(1e-6, (self._heap[0][0] - now_ns()) / 1e9) if self._heap else None
+        return _seconds_until(self._heap[0][0]) if self._heap else None
 
     def _core_counts(self) -> Tuple[List[int], List[int], int, int, List[int]]:  # type: ignore[override]
         """(put, got, aged, delayed held, 0s): the compiled queue's shape."""
