@@ -29,6 +29,7 @@ A closed object is skipped at scrape time (and dropped from the collector).
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import weakref
@@ -322,6 +323,11 @@ def families(objects: List[Tuple[Any, str]]) -> Families:
 
 
 def _fmt(v: float) -> str:
+    """One sample value as the OpenMetrics text format spells it."""
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
     if v == int(v) and abs(v) < 2**63:
         return str(int(v))
     return repr(v)
@@ -331,9 +337,30 @@ def _esc(s: str) -> str:
     return s.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+class _Snapshot:
+    """A ``prometheus_client`` collector over families already gathered."""
+
+    def __init__(self, fams: Families) -> None:
+        self._fams = fams
+
+    def collect(self) -> Iterator[Any]:
+        return _metric_families(self._fams)
+
+
 def openmetrics_text(fams: Families) -> str:
-    """OpenMetrics text of ``fams`` (what ``prometheus_client`` would print),
-    without needing ``prometheus_client``."""
+    """OpenMetrics text of ``fams``: ``prometheus_client``'s own exposition
+    when it is installed, else the same format written here."""
+    try:
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.openmetrics.exposition import generate_latest
+    except ImportError:
+        return _openmetrics_text(fams)
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_Snapshot(fams))
+    return generate_latest(reg).decode("utf-8")
+
+
+def _openmetrics_text(fams: Families) -> str:
     out: List[str] = []
     for name in sorted(fams):
         typ, help_, samples = fams[name]
@@ -424,17 +451,22 @@ class _Collector:
         return []
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        return _metric_families(families(self._live()))
 
-        for name, (typ, help_, samples) in sorted(families(self._live()).items()):
-            keys = sorted({k for labels, _ in samples for k in labels})
-            if typ == "counter":
-                fam: Any = CounterMetricFamily(name, help_, labels=keys)
-            else:
-                fam = GaugeMetricFamily(name, help_, labels=keys)
-            for labels, v in samples:
-                fam.add_metric([labels.get(k, "") for k in keys], v)
-            yield fam
+
+def _metric_families(fams: Families) -> Iterator[Any]:
+    """``fams`` as ``prometheus_client`` metric families."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    for name, (typ, help_, samples) in sorted(fams.items()):
+        keys = sorted({k for labels, _ in samples for k in labels})
+        if typ == "counter":
+            fam: Any = CounterMetricFamily(name, help_, labels=keys)
+        else:
+            fam = GaugeMetricFamily(name, help_, labels=keys)
+        for labels, v in samples:
+            fam.add_metric([labels.get(k, "") for k in keys], v)
+        yield fam
 
 
 _collectors: weakref.WeakKeyDictionary[Any, _Collector] = weakref.WeakKeyDictionary()

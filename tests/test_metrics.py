@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -136,20 +137,34 @@ def test_openmetrics_text_matches_prometheus_client():
     ring.consumer()
     p.put_many([b"x"] * 4)
     metrics.register(ring, name="r", registry=reg)
-    ours = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for f in text_string_to_metric_families(
-            metrics.openmetrics_text(metrics.families([(ring, "r")]))
-        )
-        for s in f.samples
-    }
-    theirs = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for f in text_string_to_metric_families(generate_latest(reg).decode())
-        for s in f.samples
-    }
-    assert ours == theirs
+    fams = metrics.families([(ring, "r")])
+    theirs = _samples(generate_latest(reg).decode())
+    # with prometheus_client installed its exposition is used; without it,
+    # the fallback writer must print the same samples
+    assert _samples(metrics.openmetrics_text(fams)) == theirs
+    assert _samples(metrics._openmetrics_text(fams)) == theirs
     ring.close()
+
+
+def _samples(text):
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+
+
+@pytest.mark.parametrize("writer", ["openmetrics_text", "_openmetrics_text"])
+def test_openmetrics_text_writes_nan_and_infinities(writer):
+    fams = {
+        "engine_x": ("gauge", "a gauge", [({"v": "nan"}, math.nan), ({"v": "pinf"}, math.inf),
+                                          ({"v": "ninf"}, -math.inf), ({"v": "half"}, 0.5)]),
+    }
+    got = _samples(getattr(metrics, writer)(fams))
+    assert math.isnan(got[("engine_x", (("v", "nan"),))])
+    assert got[("engine_x", (("v", "pinf"),))] == math.inf
+    assert got[("engine_x", (("v", "ninf"),))] == -math.inf
+    assert got[("engine_x", (("v", "half"),))] == 0.5
 
 
 def _cli(*args):
