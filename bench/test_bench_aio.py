@@ -1,4 +1,4 @@
-"""pytest-benchmark cases for engine.aio (issue 8).
+"""pytest-benchmark cases for engine.aio.
 
 Run: ``python -m pytest bench/test_bench_aio.py --benchmark-only``.
 One unique name per case (no parametrize); every case verifies delivery

@@ -1,4 +1,4 @@
-"""pytest-benchmark cases for sharded counters (issue 5).
+"""pytest-benchmark cases for sharded counters.
 
 Run: ``python -m pytest bench/test_bench_counters.py --benchmark-only``.
 One unique name per case (no parametrize).  Every case verifies the exact

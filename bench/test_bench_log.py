@@ -1,4 +1,4 @@
-"""pytest-benchmark cases for the segment log (issue 3).
+"""pytest-benchmark cases for the segment log.
 
 Run: ``python -m pytest bench/test_bench_log.py --benchmark-only``.
 One unique name per case (no parametrize); each verifies delivery (count

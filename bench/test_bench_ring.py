@@ -1,4 +1,4 @@
-"""pytest-benchmark microbenchmarks of engine.Ring (issue 2).
+"""pytest-benchmark microbenchmarks of engine.Ring.
 
 Run: ``python -m pytest bench/test_bench_ring.py --benchmark-only``.
 One unique name per case (no parametrize).  Each round moves a batch of the

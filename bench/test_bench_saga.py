@@ -1,4 +1,4 @@
-"""pytest-benchmark cases for sagas (issue 11): the cost of durability.
+"""pytest-benchmark cases for sagas: the cost of durability.
 
 Run: ``python -m pytest bench/test_bench_saga.py --benchmark-only``.
 One unique name per case (no parametrize). Each case runs the contenders of

@@ -1,4 +1,4 @@
-"""pytest-benchmark cases for engine.scheduling (issue 6).
+"""pytest-benchmark cases for engine.scheduling.
 
 Run: ``python -m pytest bench/test_bench_sched.py --benchmark-only``.
 One unique name per case (no parametrize); every case verifies delivery

@@ -1,4 +1,4 @@
-"""pytest-benchmark cases for two-phase commit (issue 7): committed txn/s, 2 participants.
+"""pytest-benchmark cases for two-phase commit: committed txn/s, 2 participants.
 
 Run: ``python -m pytest bench/test_bench_txn.py --benchmark-only``.
 One unique name per case (no parametrize).  Each case runs a contender of

@@ -1,4 +1,4 @@
-"""pytest-benchmark cases for version checks (issue 4).
+"""pytest-benchmark cases for version checks.
 
 Run: ``python -m pytest bench/test_bench_versions.py --benchmark-only``.
 One unique name per case (no parametrize).  The contenders are those of

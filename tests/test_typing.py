@@ -1,12 +1,12 @@
-"""The hand-written stubs and annotations against a typical usage file.
+"""Types: the hand-written stubs and the package's own annotations.
 
 One mypy run over one file that uses the public API the way DESIGN.md and
 the READMEs show it (ring, log, scheduling, counters, versions, 2PC, asyncio),
 plus a few misuses, each marked ``# E: <part of the expected message>``:
 mypy must report exactly the marked lines, with those messages. So a stub
 that drifts from its module (a missing method, a wrong return type, an
-argument that became ``Any``) fails here. (Before: one mypy run per
-area in test_aio.py, test_counters.py and test_scheduling.py.)
+argument that became ``Any``) fails here.  A second run checks the package's
+own code (``engine/``).
 """
 
 from __future__ import annotations
@@ -156,3 +156,17 @@ def test_stubs_accept_typical_usage_and_reject_misuse(tmp_path):
     for lineno, fragment in expected.items():
         assert any(fragment in msg for msg in reported.get(lineno, [])), (
             f"line {lineno} ({USAGE.splitlines()[lineno - 1].strip()}) not reported with {fragment!r}:\n{out.stdout}")
+
+
+
+
+def test_package_code_type_checks(tmp_path):
+    """mypy over the package's own code (engine/), not only a usage file."""
+    pytest.importorskip("mypy")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / "cache"), "engine"],
+        capture_output=True, text=True, cwd=str(root),
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+

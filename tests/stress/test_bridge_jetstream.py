@@ -1,4 +1,4 @@
-"""The JetStream bridge against real nats-server processes (issue 10).
+"""The JetStream bridge against real nats-server processes.
 
 * a forwarder SIGKILLed at >= 20 random moments while it forwards 100,000
   records: the stream ends with every record exactly once, in log order;
