@@ -33,6 +33,8 @@ import ssl
 import urllib.parse
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from .errors import EngineError
+
 __all__ = ["WireError", "AckTally", "WireConnection", "open_wire", "parse_url"]
 
 _CRLF = b"\r\n"
@@ -45,7 +47,7 @@ _DUPLICATE = b'"duplicate"'
 _MAX_CONTROL_LINE = 64 * 1024
 
 
-class WireError(ConnectionError):
+class WireError(EngineError, ConnectionError):
     """The NATS connection failed, was refused, or was closed by the server."""
 
 

@@ -497,3 +497,10 @@ def test_idle_forwarder_commits_what_the_interval_held_back(server, tmp_path):
         t.join(10)
     assert not t.is_alive()
     assert f.status().records == 100
+
+
+def test_wire_error_is_an_engine_error():
+    from engine._nats_wire import WireError
+
+    assert issubclass(WireError, engine.EngineError)
+    assert issubclass(WireError, ConnectionError)  # callers that catch ConnectionError still do
