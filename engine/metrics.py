@@ -388,7 +388,7 @@ class LogDirectory:
 
     def stats(self) -> Dict[str, Any]:
         from engine._log import verify
-        from engine.logtool import _groups
+        from engine.cli.log import _groups
 
         results = verify(self.path)
         nxt = results[-1].next_offset if results else 0

@@ -17,33 +17,41 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     fwd = ops.add_parser("forward", help="publish every log record to a stream, exactly once")
     fwd.add_argument("log", help="log directory")
-    fwd.add_argument("--group", default="jetstream", help="consumer group (default: jetstream)")
-    fwd.add_argument("--servers", default="nats://127.0.0.1:4222", help="comma-separated URLs")
-    fwd.add_argument("--stream", required=True)
-    fwd.add_argument("--subject", required=True)
-    fwd.add_argument("--max-in-flight", type=int, default=1024)
+    fwd.add_argument("--group", default="jetstream",
+                     help="the log's consumer group that records what was forwarded")
+    fwd.add_argument("--servers", default="nats://127.0.0.1:4222",
+                     help="comma-separated NATS server URLs (nats:// or tls://)")
+    fwd.add_argument("--stream", required=True,
+                     help="JetStream stream to publish into (created if missing)")
+    fwd.add_argument("--subject", required=True, help="subject every record is published on")
+    fwd.add_argument("--max-in-flight", type=int, default=1024,
+                     help="publishes awaiting their acknowledgement at most")
     fwd.add_argument("--commit-interval", type=float, default=0.1,
-                     help="seconds between group-offset commits (default: 0.1)")
+                     help="seconds between group-offset commits")
     fwd.add_argument("--replicas", type=int, default=1, help="replicas if the stream is created")
     fwd.add_argument("--tls-ca", default=None,
                      help="CA file to verify tls:// servers (default: the system's trust store)")
     fwd.add_argument("--until-caught-up", action="store_true", help="exit once the log is forwarded")
-    fwd.add_argument("--status-interval", type=float, default=5.0)
+    fwd.add_argument("--status-interval", type=float, default=5.0,
+                     help="seconds between status lines on stderr")
     fwd.set_defaults(func=_forward)
 
     ing = ops.add_parser("ingest", help="append a stream into a local log, each message once")
     ing.add_argument("log", help="log directory")
-    ing.add_argument("--servers", default="nats://127.0.0.1:4222")
-    ing.add_argument("--stream", required=True)
+    ing.add_argument("--servers", default="nats://127.0.0.1:4222",
+                     help="comma-separated NATS server URLs (nats:// or tls://)")
+    ing.add_argument("--stream", required=True, help="JetStream stream to read")
     ing.add_argument("--durable", required=True, help="durable consumer name")
-    ing.add_argument("--subject", default=None)
-    ing.add_argument("--batch", type=int, default=256)
+    ing.add_argument("--subject", default=None,
+                     help="only messages on this subject (default: the whole stream)")
+    ing.add_argument("--batch", type=int, default=256, help="messages fetched per request")
     ing.add_argument("--ack-wait", type=float, default=30.0, help="seconds before redelivery")
     ing.add_argument("--tls-ca", default=None,
                      help="CA file to verify tls:// servers (default: the system's trust store)")
     ing.add_argument("--until-caught-up", action="store_true",
                      help="exit once nothing is pending or unacknowledged")
-    ing.add_argument("--status-interval", type=float, default=5.0)
+    ing.add_argument("--status-interval", type=float, default=5.0,
+                     help="seconds between status lines on stderr")
     ing.set_defaults(func=_ingest)
 
 

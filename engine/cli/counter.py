@@ -20,7 +20,7 @@ def register(subparsers: Any) -> None:
 
     show = sub.add_parser("show", help="print a counter's value or a counter map's entries")
     show.add_argument("name", help="shared region name (as given to ShardedCounter.create)")
-    show.add_argument("--top", type=int, default=50, help="map: show the N largest (default 50)")
+    show.add_argument("--top", type=int, default=50, help="map: show the N largest")
     show.add_argument("--json", action="store_true", help="print JSON")
     show.set_defaults(func=_show)
 

@@ -39,11 +39,10 @@ def register(subparsers: Any) -> None:
         "ls",
         help="list in-doubt and recent transactions of a coordinator or participant journal",
         description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ls.add_argument("path", help="a Coordinator directory or a participant journal")
     ls.add_argument(
-        "--limit", type=int, default=20, help="recent transactions to show (default 20)"
+        "--limit", type=int, default=20, help="recent transactions to show"
     )
     ls.add_argument("--json", action="store_true", help="one JSON object per line")
     ls.add_argument(
@@ -51,7 +50,7 @@ def register(subparsers: Any) -> None:
         type=float,
         default=60.0,
         help="participant journals: a prepared txn older than this many seconds "
-        "counts as in doubt for the exit status (default 60)",
+        "counts as in doubt for the exit status",
     )
     ls.set_defaults(func=_ls)
 

@@ -29,8 +29,8 @@ def register(subparsers: Any) -> None:
 
 def _objects(args: argparse.Namespace) -> Tuple[List[Tuple[Any, str]], List[Any], int]:
     import engine
+    from engine.cli.ring import list_rings
     from engine.metrics import LogDirectory
-    from engine.ringtool import list_rings
 
     objs: List[Tuple[Any, str]] = []
     opened: List[Any] = []
@@ -54,6 +54,7 @@ def _objects(args: argparse.Namespace) -> Tuple[List[Tuple[Any, str]], List[Any]
 
 
 def _stats(args: argparse.Namespace) -> int:
+    from engine.cli import error_line
     from engine.errors import EngineError
     from engine.metrics import families, openmetrics_text
 
@@ -63,7 +64,7 @@ def _stats(args: argparse.Namespace) -> int:
             try:
                 fams = families(objs)
             except EngineError as exc:  # a damaged log: say which, print nothing half-done
-                print(f"queue-engine stats: {exc}", file=sys.stderr)
+                print(f"queue-engine stats: {error_line(exc)}", file=sys.stderr)
                 return 1
             sys.stdout.write(openmetrics_text(fams))
             return rc
@@ -73,6 +74,7 @@ def _stats(args: argparse.Namespace) -> int:
                 out[name] = obj.stats()
             except (EngineError, OSError) as exc:
                 out[name] = {"error": str(exc)}
+                print(f"queue-engine stats: {name}: {error_line(exc)}", file=sys.stderr)
                 rc = 1
         print(json.dumps(out, indent=1, default=str))
         return rc
