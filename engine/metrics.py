@@ -387,30 +387,9 @@ class LogDirectory:
         self.path = path
 
     def stats(self) -> Dict[str, Any]:
-        from engine._log import verify
-        from engine.cli.log import _groups
+        from engine.logadmin import log_stats
 
-        results = verify(self.path)
-        nxt = results[-1].next_offset if results else 0
-        start = results[0].base_offset if results else 0
-        size = 0
-        for r in results:
-            try:
-                size += os.path.getsize(r.segment)
-            except OSError:  # retention removed it meanwhile
-                pass
-        return {
-            "path": self.path,
-            "segments": len(results),
-            "start_offset": start,
-            "next_offset": nxt,
-            "records": nxt - start,
-            "disk_bytes": size,
-            "damaged_segments": sum(1 for r in results if r.error),
-            "groups": {
-                g: {"committed": c, "lag": max(0, nxt - c)} for g, c in _groups(self.path).items()
-            },
-        }
+        return log_stats(self.path)
 
 
 # ---------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 
 def register(subparsers: Any) -> None:
@@ -114,45 +114,17 @@ def _verify(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def _groups(path: str) -> Dict[str, int]:
-    from engine import LogReader
-
-    out: Dict[str, int] = {}
-    gdir = os.path.join(path, "groups")
-    if os.path.isdir(gdir):
-        for name in sorted(os.listdir(gdir)):
-            if name.startswith("."):
-                continue
-            try:
-                c = LogReader(path, group=name).committed()
-            except (ValueError, OSError):
-                continue
-            if c is not None:
-                out[name] = c
-    return out
-
-
 def _stats(args: argparse.Namespace) -> int:
-    from engine._log import verify
+    from engine.logadmin import log_stats
 
-    results = verify(args.path)
-    size = sum(os.path.getsize(r.segment) for r in results)
-    nxt = results[-1].next_offset if results else 0
-    start = results[0].base_offset if results else 0
-    groups = _groups(args.path)
-    out = {
-        "path": args.path, "segments": len(results), "start_offset": start, "next_offset": nxt,
-        "records": (nxt - start) if nxt is not None and start is not None else None,
-        "disk_bytes": size, "damaged_segments": sum(1 for r in results if r.error),
-        "groups": {g: {"committed": c, "lag": max(0, nxt - c)} for g, c in groups.items()},
-    }
+    out = log_stats(args.path)
     if args.json:
         print(json.dumps(out))
     else:
         for k, v in out.items():
             if k != "groups":
                 print(f"{k}: {v}")
-        for g, v in out["groups"].items():  # type: ignore[union-attr]
+        for g, v in out["groups"].items():
             print(f"group {g}: committed {v['committed']}, lag {v['lag']}")
     return 0
 
