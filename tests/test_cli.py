@@ -143,3 +143,39 @@ def test_verbose_shows_library_log_messages(tmp_path, monkeypatch):
             if isinstance(h, logging.StreamHandler) and h.stream is sys.stderr:
                 log.removeHandler(h)
         log.setLevel(logging.NOTSET)
+
+
+def test_json_means_json_objects_on_stdout(tmp_path, shm_name):
+    """``--json`` everywhere: stdout is JSON objects, one per line (a single
+    object for a report, one per item for a listing or a stream)."""
+    import json
+
+    import engine
+
+    log_dir = str(tmp_path / "log")
+    with engine.Log(log_dir, durability="none") as log:
+        log.append_many([b"a", b"b", b"c"])
+    ring = engine.Ring.create(shm_name, 8192)
+    counter = engine.ShardedCounter.create(shm_name + "-c", shards=2)
+    try:
+        cases = [
+            ["log", "dump", log_dir, "--json"],
+            ["log", "verify", log_dir, "--json"],
+            ["log", "stats", log_dir, "--json"],
+            ["ring", "ls", "--json"],
+            ["ring", "stats", shm_name, "--json"],
+            ["counter", "ls", "--json"],
+            ["counter", "show", shm_name + "-c", "--json"],
+        ]
+        for args in cases:
+            proc = _run(args)
+            assert proc.returncode == 0, (args, proc.stderr)
+            lines = proc.stdout.splitlines()
+            assert lines, args
+            for line in lines:
+                assert isinstance(json.loads(line), dict), (args, line)
+    finally:
+        counter.close()
+        engine.ShardedCounter.unlink(shm_name + "-c")
+        ring.close()
+        engine.Ring.unlink(shm_name)

@@ -557,7 +557,7 @@ def test_cli_ring_ls_stats_unlink(shm_name, capsys):
     with open(f"/dev/shm/{shm_name}-foreign", "wb") as f:
         f.write(b"\0" * 64)
     assert main(["ring", "ls", "--json"]) == 0
-    listed = {x["name"]: x for x in json.loads(capsys.readouterr().out)}
+    listed = {x["name"]: x for x in map(json.loads, capsys.readouterr().out.splitlines())}
     assert listed[shm_name]["mode"] == "broadcast" and listed[shm_name]["capacity"] == 8192
     assert f"{shm_name}-foreign" not in listed
     assert main(["ring", "ls"]) == 0

@@ -25,7 +25,7 @@ def register(subparsers: Any) -> None:
     show.set_defaults(func=_show)
 
     ls = sub.add_parser("ls", help="list counter regions under /dev/shm")
-    ls.add_argument("--json", action="store_true", help="print JSON")
+    ls.add_argument("--json", action="store_true", help="one JSON object per line")
     ls.set_defaults(func=_ls)
 
 
@@ -106,7 +106,8 @@ def _ls(args: argparse.Namespace) -> int:
             continue
         rows.append(info)
     if args.json:
-        print(json.dumps(rows))
+        for info in rows:
+            print(json.dumps(info))
         return 0
     for info in rows:
         extra = (

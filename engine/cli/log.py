@@ -101,7 +101,11 @@ def _verify(args: argparse.Namespace) -> int:
     results = verify(args.path)
     bad = [r for r in results if r.error is not None]
     if args.json:
-        print(json.dumps([{k: getattr(r, k) for k in r.__slots__} for r in results]))  # type: ignore[attr-defined]  # a cdef class's fields
+        print(json.dumps({
+            "path": args.path,
+            "segments": [{k: getattr(r, k) for k in r.__slots__} for r in results],  # type: ignore[attr-defined]  # a cdef class's fields
+            "damaged": len(bad),
+        }))
     else:
         for r in results:
             state = "ok" if r.error is None else f"DAMAGED at byte {r.error_position}: {r.error}"

@@ -21,7 +21,7 @@ def register(subparsers: Any) -> None:
     sub.required = True
 
     ls = sub.add_parser("ls", help="list the rings under /dev/shm")
-    ls.add_argument("--json", action="store_true", help="print JSON")
+    ls.add_argument("--json", action="store_true", help="one JSON object per line")
     ls.set_defaults(func=_ls)
 
     st = sub.add_parser("stats", help="print a ring's statistics")
@@ -72,7 +72,8 @@ def list_rings() -> List[Dict[str, Any]]:
 def _ls(args: argparse.Namespace) -> int:
     rings = list_rings()
     if args.json:
-        print(json.dumps(rings))
+        for r in rings:
+            print(json.dumps(r))
         return 0
     if not rings:
         print("no rings")
