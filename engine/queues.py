@@ -157,7 +157,7 @@ class Queue(QueueCore):
         got, lock takeovers from dead holders."""
         return dict(self._stats())
 
-    def __enter__(self) -> "Queue":
+    def __enter__(self) -> Queue:
         return self
 
     def __exit__(self, *exc: Any) -> None:
