@@ -133,13 +133,16 @@ cdef int _SPIN = 256
 # payloads at least this big are copied with the GIL released
 cdef Py_ssize_t _NOGIL_COPY = 1 << 16
 
-# This process's pid, refreshed in a forked child: the lock word is the pid.
+# This process's pid and start time, refreshed in a forked child: the lock
+# word is the pid, the start time tells it from a later process with the same pid.
 cdef uint32_t _PID = <uint32_t>_os.getpid()
+cdef uint64_t _START = _my_start()
 
 
 def _after_fork():
-    global _PID
+    global _PID, _START
     _PID = <uint32_t>_os.getpid()
+    _START = _my_start()
 
 
 _os.register_at_fork(after_in_child=_after_fork)
@@ -190,6 +193,8 @@ cdef class QueueCore:
     cdef uint32_t _flavour        # MPQ_FLAVOUR_*
     cdef readonly object _name    # region name (file name under SHM_DIR)
     cdef readonly bint _closed    # this handle was closed (put/get raise ValueError)
+    cdef object _last             # the record _take1 copied out (handed over at once)
+    cdef uint32_t _last_kind      # its kind
 
     def __dealloc__(self):
         if self._has_buf:
@@ -322,7 +327,7 @@ cdef class QueueCore:
         """Take a side's lock; False when the deadline passed first."""
         cdef uint32_t free = 0
         if eng_cas_u32(&lk.owner, &free, _PID):
-            eng_store_release_u64(&lk.owner_start, _my_start())
+            eng_store_release_u64(&lk.owner_start, _START)
             return True
         return self._lock_slow(lk, cur, deadline)
 
@@ -337,14 +342,14 @@ cdef class QueueCore:
             if eng_load_relaxed_u32(&lk.owner) == 0:
                 free = 0
                 if eng_cas_u32(&lk.owner, &free, _PID):
-                    eng_store_release_u64(&lk.owner_start, _my_start())
+                    eng_store_release_u64(&lk.owner_start, _START)
                     return True
         while True:
             seen = eng_load_acquire_u32(&lk.owner)
             if seen == 0:
                 free = 0
                 if eng_cas_u32(&lk.owner, &free, _PID):
-                    eng_store_release_u64(&lk.owner_start, _my_start())
+                    eng_store_release_u64(&lk.owner_start, _START)
                     return True
                 continue
             if seen != suspect:
@@ -354,7 +359,7 @@ cdef class QueueCore:
                 if not _alive(<int32_t>seen, eng_load_acquire_u64(&lk.owner_start)):
                     free = seen
                     if eng_cas_u32(&lk.owner, &free, _PID):
-                        eng_store_release_u64(&lk.owner_start, _my_start())
+                        eng_store_release_u64(&lk.owner_start, _START)
                         eng_fetch_add_relaxed_u64(&lk.takeovers, 1)
                         _repair(cur)
                         return True
@@ -378,6 +383,18 @@ cdef class QueueCore:
         eng_fence_seqcst()  # the release, then "is anyone asleep?" (Dekker with the waiter)
         if eng_load_relaxed_u32(&lk.waiters) != 0:
             eng_futex_wake(&lk.owner, 1)
+
+    cdef inline void _unlock_ring(self, mpq_lock_t *lk, mpq_bell_t *b, int n) noexcept:
+        """Unlock after a commit and ring the other side's bell: one fence
+        orders the commit and the release before both "is anyone asleep?"."""
+        eng_store_relaxed_u64(&lk.owner_start, 0)
+        eng_store_release_u32(&lk.owner, 0)
+        eng_fence_seqcst()
+        if eng_load_relaxed_u32(&lk.waiters) != 0:
+            eng_futex_wake(&lk.owner, 1)
+        if eng_load_relaxed_u32(&b.waiters) != 0:
+            eng_fetch_add_u32(&b.seq, 1)
+            eng_futex_wake(&b.seq, n)
 
     # ---- doorbells -------------------------------------------------------
 
@@ -436,6 +453,9 @@ cdef class QueueCore:
         cdef Py_ssize_t size
         if type(obj) is bytes:
             return (MPQ_KIND_BYTES, obj, None, PyBytes_GET_SIZE(obj))
+        if _plain(obj):
+            data = _dumps(obj, 5)
+            return (MPQ_KIND_PICKLE, data, None, PyBytes_GET_SIZE(data))
         bufs = []
         data = _dumps(obj, 5, buffer_callback=bufs.append)
         if not bufs:
@@ -526,9 +546,11 @@ cdef class QueueCore:
                     self._commit(&h.prod, tail, n)
                     ok = True
             finally:
-                self._unlock(&h.plock)
+                if ok:
+                    self._unlock_ring(&h.plock, &h.data, INT32_MAX)
+                else:
+                    self._unlock(&h.plock)
             if ok:
-                self._ring(&h.data, 1 if n == 1 else INT32_MAX)
                 return True
             if deadline >= 0 and eng_now_ns() >= deadline:
                 return False
@@ -539,14 +561,57 @@ cdef class QueueCore:
         else ``queue.Full``."""
         self._check_open()
         cdef int64_t deadline = _deadline(block, timeout)
-        it = self._encode(obj)
-        cdef uint64_t size = it[3]
+        cdef uint32_t kind
+        cdef uint64_t size
+        cdef object payload
+        cdef list raws = None
+        if type(obj) is bytes:
+            kind = MPQ_KIND_BYTES
+            payload = obj
+        elif _plain(obj):
+            kind = MPQ_KIND_PICKLE
+            payload = _dumps(obj, 5)
+        else:
+            it = self._encode(obj)
+            kind = it[0]
+            payload = it[1]
+            raws = it[2]
+            size = it[3]
+        if kind != MPQ_KIND_OOB:
+            size = <uint64_t>PyBytes_GET_SIZE(payload)
         if size > self._max_msg:
             raise ValueError(f"message of {size} bytes is larger than this queue takes "
                              f"({self._max_msg}: half its capacity); create it with a larger capacity=")
-        if not self._put_encoded([it], MPQ_REC_HDR + _align8(size), deadline):
+        if not self._put1(kind, payload, raws, size, deadline):
             raise Full
         return None
+
+    cdef bint _put1(self, uint32_t kind, object payload, list raws, uint64_t size,
+                    int64_t deadline) except -1:
+        """Put one encoded message; False on timeout."""
+        cdef mpq_header_t *h = self._h
+        cdef uint64_t need = MPQ_REC_HDR + _align8(size)
+        cdef uint64_t tail
+        cdef bint ok
+        while True:
+            if not self._lock(&h.plock, &h.prod, deadline):
+                return False
+            ok = False
+            try:
+                if self._has_room(need, 1):
+                    tail = self._write(eng_load_relaxed_u64(&h.prod.pos), kind, payload, raws, size)
+                    self._commit(&h.prod, tail, 1)
+                    ok = True
+            finally:
+                if ok:
+                    self._unlock_ring(&h.plock, &h.data, 1)
+                else:
+                    self._unlock(&h.plock)
+            if ok:
+                return True
+            if deadline >= 0 and eng_now_ns() >= deadline:
+                return False
+            self._sleep(&h.space, 1, need, 1, deadline)
 
     def _record_bytes(self, obj):
         """Record bytes obj would take (what ``_wait_writable`` waits for)."""
@@ -587,7 +652,15 @@ cdef class QueueCore:
 
     cdef uint64_t _take(self, uint64_t head, uint64_t tail, list out) except 0:
         """Copy the record at head into out as (kind, object); returns the
-        head after it.  Validates everything read from shared memory."""
+        head after it."""
+        head = self._take1(head, tail)
+        out.append((self._last_kind, self._last))
+        self._last = None
+        return head
+
+    cdef uint64_t _take1(self, uint64_t head, uint64_t tail) except 0:
+        """Copy the record at head into _last (_last_kind its kind); returns
+        the head after it.  Validates everything read from shared memory."""
         cdef uint64_t idx = head & self._mask
         cdef uint32_t *hdr = <uint32_t *>(self._data + idx)
         cdef uint32_t n = hdr[0]
@@ -614,7 +687,8 @@ cdef class QueueCore:
         else:
             obj = PyBytes_FromStringAndSize(NULL, n)
             _copy(<unsigned char *>PyBytes_AS_STRING(obj), src, n)
-        out.append((kind, obj))
+        self._last_kind = kind
+        self._last = obj
         return head + rec
 
     cdef list _get_raw(self, Py_ssize_t most, int64_t deadline):
@@ -636,9 +710,11 @@ cdef class QueueCore:
                 if i:
                     self._commit(&h.cons, head, <uint64_t>i)
             finally:
-                self._unlock(&h.clock)
+                if i:
+                    self._unlock_ring(&h.clock, &h.space, INT32_MAX)
+                else:
+                    self._unlock(&h.clock)
             if out:
-                self._ring(&h.space, INT32_MAX)
                 return out
             if deadline >= 0 and eng_now_ns() >= deadline:
                 return None
@@ -678,11 +754,31 @@ cdef class QueueCore:
         """Remove and return a message; wait for one when ``block`` (at most
         ``timeout`` s), else ``queue.Empty``."""
         self._check_open()
-        cdef list got = self._get_raw(1, _deadline(block, timeout))
-        if got is None:
-            raise Empty
-        kind, raw = got[0]
-        return self._decode(kind, raw)
+        cdef int64_t deadline = _deadline(block, timeout)
+        cdef mpq_header_t *h = self._h
+        cdef uint64_t head, tail
+        cdef object raw = None
+        while True:
+            if not self._lock(&h.clock, &h.cons, deadline):
+                raise Empty
+            try:
+                head = eng_load_relaxed_u64(&h.cons.pos)
+                tail = eng_load_acquire_u64(&h.prod.pos)
+                if head != tail:
+                    head = self._take1(head, tail)
+                    raw = self._last
+                    self._last = None
+                    self._commit(&h.cons, head, 1)
+            finally:
+                if raw is not None:
+                    self._unlock_ring(&h.clock, &h.space, INT32_MAX)
+                else:
+                    self._unlock(&h.clock)
+            if raw is not None:
+                return self._decode(self._last_kind, raw)
+            if deadline >= 0 and eng_now_ns() >= deadline:
+                raise Empty
+            self._sleep(&h.data, 0, 0, 0, deadline)
 
     def get_nowait(self):
         """``get(False)``."""
@@ -806,6 +902,22 @@ cdef class QueueCore:
             "producer_lock_takeovers": eng_load_relaxed_u64(&h.plock.takeovers),
             "consumer_lock_takeovers": eng_load_relaxed_u64(&h.clock.takeovers),
         }
+
+
+cdef inline bint _plain(object obj):
+    """True for objects that pickle without out-of-band buffers for sure:
+    scalars, and tuples/lists of up to 16 scalars (the common small message;
+    pickling it needs no buffer callback)."""
+    cdef type t = type(obj)
+    if t is int or t is str or t is float or t is bool or obj is None:
+        return True
+    if (t is tuple or t is list) and len(obj) <= 16:
+        for x in obj:
+            t = type(x)
+            if not (t is int or t is str or t is float or t is bool or t is bytes or x is None):
+                return False
+        return True
+    return False
 
 
 cdef inline void _copy(unsigned char *dst, const char *src, Py_ssize_t n) noexcept:
