@@ -256,13 +256,17 @@ def targets_for(payload: Payload, producers: int, consumers: int) -> List[Tuple[
     return out
 
 
-def run(window: float = 0.3, windows: int = 3, progress: bool = True) -> List[Dict[str, Any]]:
-    """Every case, every contender (in the same run); a list of case dicts."""
+def run(window: float = 0.3, windows: int = 3, progress: bool = True,
+        only: Optional[str] = None) -> List[Dict[str, Any]]:
+    """Every case (or those whose name contains ``only``), every contender
+    (in the same run); a list of case dicts."""
     window = max(window, 0.25)
     rows = []
     for payload in PAYLOADS:
         for producers, consumers in TOPOLOGIES:
             case = f"{payload.name} {producers}->{consumers}"
+            if only and only not in case:
+                continue
             res: List[Result] = []
             for name, factory, ours, module in CONTENDERS:
                 r = Result(name, ours)
@@ -316,8 +320,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--window", type=float, default=0.3, help="seconds per timed window (>= 0.25)")
     ap.add_argument("--windows", type=int, default=3, help="timed windows per contender")
     ap.add_argument("--json", action="store_true", help="JSON on stdout instead of the table")
+    ap.add_argument("--only", help="run the cases whose name contains this (e.g. 'small', '4->1')")
     args = ap.parse_args(argv)
-    rows = run(args.window, args.windows)
+    rows = run(args.window, args.windows, only=args.only)
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
     failed = any(c["error"] and c["error"].startswith("FAILED") for r in rows for c in r["contenders"])
     return 1 if failed else 0
