@@ -37,6 +37,10 @@ from cpython.exc cimport PyErr_CheckSignals
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t, INT32_MAX
 from libc.string cimport memcpy
 
+
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
+
 from eng_atomic cimport *
 
 import mmap as _mmap
@@ -130,6 +134,8 @@ cdef int64_t _SUSPECT_NS = 20_000_000
 # spins (pause instructions) before a waiter sleeps: a lock is held for
 # a memcpy, and a message usually arrives within microseconds when busy
 cdef int _SPIN = 256
+# sched_yield calls before a waiter sleeps on the futex
+cdef int _YIELDS = 8
 # payloads at least this big are copied with the GIL released
 cdef Py_ssize_t _NOGIL_COPY = 1 << 16
 
@@ -435,6 +441,15 @@ cdef class QueueCore:
                 ready = self._has_data() if which == 0 else self._has_room(need, n)
                 if ready:
                     break
+            # then give the CPU away a few times before a futex sleep: on a
+            # machine with fewer free cores than busy processes the other side
+            # runs sooner, and a sleeping waiter costs the waker a syscall
+            if not ready:
+                for i in range(_YIELDS):
+                    sched_yield()
+                    ready = self._has_data() if which == 0 else self._has_room(need, n)
+                    if ready:
+                        break
             if not ready:
                 seq = eng_load_acquire_u32(&b.seq)
                 eng_fetch_add_seqcst_u32(&b.waiters, 1)

@@ -9,8 +9,9 @@ Method (steady state, the same for every contender)
 Producers put as fast as the queue takes messages, one ``put`` per message,
 into a *bounded* queue (so they wait for the consumers); consumers ``get``
 one at a time and count into a shared counter. After a warm-up, the parent
-reads the counters at the start and end of each timed window (>= 0.25 s) and
-reports the median rate over the windows. Then producers stop, consumers
+reads the counters at the start and end of each timed window (>= 0.25 s).
+Contenders alternate over repetitions (fresh processes each time) and each
+reports the median rate over all its windows. Then producers stop, consumers
 drain, and the run is verified: every message put was got exactly once, each
 producer's messages came out in order at each consumer, and every payload's
 content checks (a wrong answer fails the case).
@@ -256,10 +257,13 @@ def targets_for(payload: Payload, producers: int, consumers: int) -> List[Tuple[
     return out
 
 
-def run(window: float = 0.3, windows: int = 3, progress: bool = True,
+def run(window: float = 0.3, windows: int = 2, reps: int = 3, progress: bool = True,
         only: Optional[str] = None) -> List[Dict[str, Any]]:
-    """Every case (or those whose name contains ``only``), every contender
-    (in the same run); a list of case dicts."""
+    """Every case (or those whose name contains ``only``), every contender,
+    in the same run.  Contenders alternate across ``reps`` repetitions
+    (A B C, A B C, ...) so machine noise hits them alike; each repetition is
+    a fresh set of processes timing ``windows`` windows, and a contender's
+    figure is the median of all its windows.  Returns a list of case dicts."""
     window = max(window, 0.25)
     rows = []
     for payload in PAYLOADS:
@@ -267,24 +271,26 @@ def run(window: float = 0.3, windows: int = 3, progress: bool = True,
             case = f"{payload.name} {producers}->{consumers}"
             if only and only not in case:
                 continue
-            res: List[Result] = []
-            for name, factory, ours, module in CONTENDERS:
-                r = Result(name, ours)
-                if not _available(module):
-                    r.error = f"skipped: {module} not installed"
-                else:
+            res = [Result(name, ours) for name, _, ours, _ in CONTENDERS]
+            for _ in range(reps):
+                for r, (_name, factory, _, module) in zip(res, CONTENDERS):
+                    if r.error:
+                        continue
+                    if not _available(module):
+                        r.error = f"skipped: {module} not installed"
+                        continue
                     try:
-                        r.rates = measure(factory, payload, producers, consumers, window, windows)
+                        r.rates += measure(factory, payload, producers, consumers, window, windows)
                     except Exception as exc:  # a broken contender fails its case, loudly
                         r.error = f"FAILED: {type(exc).__name__}: {exc}"
-                res.append(r)
+            for r in res:
                 if progress:
-                    print(f"  {case:24} {name:22} "
+                    print(f"  {case:24} {r.contender:22} "
                           f"{r.error or f'{r.msg_per_s:12,.0f} msg/s {r.msg_per_s * payload.size / 1e9:8.3f} GB/s'}",
                           file=sys.stderr, flush=True)
             ours_r = next(r for r in res if r.ours)
             ratios = {r.contender: ours_r.msg_per_s / r.msg_per_s for r in res
-                      if not r.ours and r.rates and ours_r.rates}
+                      if not r.ours and r.rates and ours_r.rates and not r.error and not ours_r.error}
             goals = [{"peer": peer, "required": need, "measured": ratios.get(peer),
                       "met": None if peer not in ratios else ratios[peer] >= need}
                      for peer, need in targets_for(payload, producers, consumers)]
@@ -318,11 +324,12 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m engine.bench.queues", description=__doc__.split("\n")[0])
     ap.add_argument("--window", type=float, default=0.3, help="seconds per timed window (>= 0.25)")
-    ap.add_argument("--windows", type=int, default=3, help="timed windows per contender")
+    ap.add_argument("--windows", type=int, default=2, help="timed windows per repetition")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions per contender (interleaved)")
     ap.add_argument("--json", action="store_true", help="JSON on stdout instead of the table")
     ap.add_argument("--only", help="run the cases whose name contains this (e.g. 'small', '4->1')")
     args = ap.parse_args(argv)
-    rows = run(args.window, args.windows, only=args.only)
+    rows = run(args.window, args.windows, args.reps, only=args.only)
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
     failed = any(c["error"] and c["error"].startswith("FAILED") for r in rows for c in r["contenders"])
     return 1 if failed else 0
