@@ -306,6 +306,123 @@ def run(window: float = 0.3, windows: int = 2, reps: int = 3, progress: bool = T
     return rows
 
 
+# ---------------------------------------------------------------------------
+# the harness's section interface (queue-engine bench): fixed-count runs
+# ---------------------------------------------------------------------------
+
+
+def _wrap(kind: str, payload: bytes, i: int) -> Any:
+    if kind == "small tuple":
+        return (i, payload)
+    if kind == "1 KiB bytes":
+        return payload
+    return np.frombuffer(payload, np.uint8)
+
+
+def _unwrap(kind: str, msg: Any) -> Any:
+    return msg[1] if kind == "small tuple" else msg
+
+
+def _fixed_producer(q: Any, kind: str, msgs: List[bytes], first: int, step: int, barrier: Any) -> None:
+    barrier.wait(60)
+    for i in range(first, len(msgs), step):
+        q.put(_wrap(kind, msgs[i], i), timeout=60)
+
+
+def _fixed_consumer(q: Any, kind: str, barrier: Any, conn: Any) -> None:
+    from engine.bench.harness import digest
+
+    barrier.wait(60)
+    got = []
+    t_end = time.perf_counter_ns()
+    while True:
+        msg = q.get(timeout=60)
+        if msg is None:
+            break
+        got.append(_unwrap(kind, msg))
+        t_end = time.perf_counter_ns()
+    d = digest(got)  # after the clock stopped
+    conn.send((t_end, d.count, d.checksum, d.in_order))
+    conn.close()
+
+
+def _fixed_run(factory: Callable[[int], Any], payload: Payload, producers: int, consumers: int,
+               wl: Any) -> Any:
+    """Move the workload's payloads (producers take every producers-th one),
+    consumers digest what they got; the clock runs from the start barrier to
+    the last consumer's last message."""
+    from engine.bench.harness import Digest, Run
+
+    ctx = mp.get_context("fork")
+    msgs = wl.payloads()  # built before the fork, outside the clock
+    q = factory(payload.maxsize)
+    barrier = ctx.Barrier(producers + consumers + 1)
+    pipes = [ctx.Pipe(duplex=False) for _ in range(consumers)]
+    cs = [ctx.Process(target=_fixed_consumer, args=(q, payload.name, barrier, pipes[i][1]), daemon=True)
+          for i in range(consumers)]
+    ps = [ctx.Process(target=_fixed_producer, args=(q, payload.name, msgs, t, producers, barrier),
+                      daemon=True) for t in range(producers)]
+    try:
+        for p in cs + ps:
+            p.start()
+        barrier.wait(60)
+        t0 = time.perf_counter_ns()
+        for p in ps:
+            p.join(600)
+            if p.exitcode != 0:
+                raise RuntimeError(f"a producer ended with {p.exitcode}")
+        for _ in cs:
+            q.put(None, timeout=60)
+        ends = []
+        for recv, _ in pipes:
+            if not recv.poll(600):
+                raise RuntimeError("a consumer did not finish")
+            ends.append(recv.recv())
+    finally:
+        for p in cs + ps:
+            if p.is_alive():
+                p.kill()
+            p.join(5)
+    if len(ends) == 1:
+        t1, count, checksum, in_order = ends[0]
+        d = Digest(count, checksum, in_order)
+    else:
+        d = Digest.combine(Digest(c, s, o) for _, c, s, o in ends)
+        t1 = max(e[0] for e in ends)
+    return Run.timed(t0, t1, d)
+
+
+def cases(profile: Any) -> List[Any]:
+    """The cases of this section for ``queue-engine bench`` (fixed message
+    counts; ``python -m engine.bench.queues`` measures steady-state windows)."""
+    import functools
+
+    from engine.bench.harness import Case, Contender, Target, Workload
+
+    sizes = {"small tuple": (16, 100_000, 1_000_000), "1 KiB bytes": (1024, 50_000, 500_000),
+             "1 MB ndarray": (ARRAY_BYTES, 200, 1_000)}
+    out = []
+    for payload in PAYLOADS:
+        size, quick, full = sizes[payload.name]
+        for producers, consumers in TOPOLOGIES:
+            out.append(Case(
+                name=f"{payload.name} {producers}->{consumers}",
+                description=f"drop-in object queue, {producers} producer(s) -> {consumers} "
+                            f"consumer(s), one put/get per message, bounded queue",
+                kind="throughput",
+                workload=Workload(profile.count(quick=quick, full=full), size),
+                contenders=[Contender(name, functools.partial(_fixed_run, factory, payload, producers,
+                                                              consumers),
+                                      ours=ours, requires=(module,))
+                            for name, factory, ours, module in CONTENDERS],
+                unit="MB/s" if payload.name == "1 MB ndarray" else "msg/s",
+                ordered=producers == 1 and consumers == 1,
+                targets=[Target("ratio", need, peer) for peer, need in
+                         targets_for(payload, producers, consumers)],
+            ))
+    return out
+
+
 def format_table(rows: List[Dict[str, Any]]) -> str:
     lines = [f"{'case':24} {'contender':22} {'msg/s':>12} {'GB/s':>8}  ratio (ours / it)"]
     for row in rows:
