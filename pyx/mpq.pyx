@@ -377,18 +377,16 @@ cdef class QueueCore:
             if wait_ns > _SUSPECT_NS:
                 wait_ns = _SUSPECT_NS
             with nogil:
-                eng_fetch_add_seqcst_u32(&lk.waiters, 1)
+                eng_store_seqcst_u32(&lk.waiters, 1)
                 if eng_load_seqcst_u32(&lk.owner) == seen:
                     eng_futex_wait(&lk.owner, seen, wait_ns)
-                eng_fetch_sub_seqcst_u32(&lk.waiters, 1)
             PyErr_CheckSignals()
 
     cdef inline void _unlock(self, mpq_lock_t *lk) noexcept:
         eng_store_relaxed_u64(&lk.owner_start, 0)  # ordered before the release below
         eng_store_release_u32(&lk.owner, 0)
         eng_fence_seqcst()  # the release, then "is anyone asleep?" (Dekker with the waiter)
-        if eng_load_relaxed_u32(&lk.waiters) != 0:
-            eng_futex_wake(&lk.owner, 1)
+        _wake_all(&lk.waiters, &lk.owner, False)
 
     cdef inline void _unlock_ring(self, mpq_lock_t *lk, mpq_bell_t *b, int n) noexcept:
         """Unlock after a commit and ring the other side's bell: one fence
@@ -396,19 +394,14 @@ cdef class QueueCore:
         eng_store_relaxed_u64(&lk.owner_start, 0)
         eng_store_release_u32(&lk.owner, 0)
         eng_fence_seqcst()
-        if eng_load_relaxed_u32(&lk.waiters) != 0:
-            eng_futex_wake(&lk.owner, 1)
-        if eng_load_relaxed_u32(&b.waiters) != 0:
-            eng_fetch_add_u32(&b.seq, 1)
-            eng_futex_wake(&b.seq, n)
+        _wake_all(&lk.waiters, &lk.owner, False)
+        _wake_all(&b.waiters, &b.seq, True)
 
     # ---- doorbells -------------------------------------------------------
 
     cdef inline void _ring(self, mpq_bell_t *b, int n) noexcept:
         eng_fence_seqcst()  # the commit, then "is anyone asleep?"
-        if eng_load_relaxed_u32(&b.waiters) != 0:
-            eng_fetch_add_u32(&b.seq, 1)
-            eng_futex_wake(&b.seq, n)
+        _wake_all(&b.waiters, &b.seq, True)
 
     cdef inline bint _has_data(self) noexcept nogil:
         return eng_load_acquire_u64(&self._h.prod.pos) != eng_load_acquire_u64(&self._h.cons.pos)
@@ -452,11 +445,10 @@ cdef class QueueCore:
                         break
             if not ready:
                 seq = eng_load_acquire_u32(&b.seq)
-                eng_fetch_add_seqcst_u32(&b.waiters, 1)
+                eng_store_seqcst_u32(&b.waiters, 1)
                 ready = self._has_data() if which == 0 else self._has_room(need, n)
                 if not ready:
                     eng_futex_wait(&b.seq, seq, wait_ns)
-                eng_fetch_sub_seqcst_u32(&b.waiters, 1)
         PyErr_CheckSignals()
         return 0
 
@@ -867,9 +859,7 @@ cdef class QueueCore:
                 break
         if done + 1 >= put:
             eng_fence_seqcst()
-            if eng_load_relaxed_u32(&t.waiters) != 0:
-                eng_fetch_add_u32(&t.seq, 1)
-                eng_futex_wake(&t.seq, INT32_MAX)
+            _wake_all(&t.waiters, &t.seq, True)
         return None
 
     def _unfinished(self):
@@ -895,11 +885,10 @@ cdef class QueueCore:
                 return False
             with nogil:
                 seq = eng_load_acquire_u32(&t.seq)
-                eng_fetch_add_seqcst_u32(&t.waiters, 1)
+                eng_store_seqcst_u32(&t.waiters, 1)
                 done = eng_load_seqcst_u64(&t.done) >= eng_load_seqcst_u64(&self._h.prod.count)
                 if not done:
                     eng_futex_wait(&t.seq, seq, wait_ns)
-                eng_fetch_sub_seqcst_u32(&t.waiters, 1)
             PyErr_CheckSignals()
 
     def _stats(self):
@@ -917,6 +906,23 @@ cdef class QueueCore:
             "producer_lock_takeovers": eng_load_relaxed_u64(&h.plock.takeovers),
             "consumer_lock_takeovers": eng_load_relaxed_u64(&h.clock.takeovers),
         }
+
+
+cdef inline void _wake_all(uint32_t *flag, uint32_t *word, bint bump) noexcept nogil:
+    """Wake every sleeper on word if the sleepers' flag is set (the caller
+    fenced after its store).  Sleepers set the flag; the waker clears it and
+    wakes them all, so a sleeper killed in its sleep costs at most one
+    needless wake (a count of sleepers would stay raised for ever).  bump:
+    word is a doorbell sequence, moved so a sleeper about to sleep on the old
+    value returns at once.  (A lock word is not bumped: a thread that sets
+    the flag just before it is cleared and sleeps on the next holder's pid
+    sleeps one slice at most, _SUSPECT_NS.)"""
+    if eng_load_relaxed_u32(flag) == 0:
+        return
+    eng_store_release_u32(flag, 0)
+    if bump:
+        eng_fetch_add_u32(word, 1)
+    eng_futex_wake(word, INT32_MAX)
 
 
 cdef inline bint _plain(object obj):

@@ -75,7 +75,7 @@ typedef struct {
 /* A robust lock.  owner is the futex word: 0 free, else the holder's pid. */
 typedef struct {
     uint32_t owner;          /* holder pid, set by CAS from 0 (or from a dead holder's pid) */
-    uint32_t waiters;        /* threads asleep on owner (seq_cst inc/dec) */
+    uint32_t waiters;        /* 1: a thread may sleep on owner (set by it, cleared by the waker) */
     uint64_t owner_start;    /* holder's start time (/proc stat field 22), 0 = unknown;
                                 set after the CAS, cleared before the release */
     uint64_t takeovers;      /* locks taken from a dead holder (statistics) */
@@ -92,10 +92,11 @@ typedef struct {
     uint8_t _pad[MPQ_BLOCK - 40];
 } mpq_cursor_t;
 
-/* A doorbell: waiters sleep on seq; a waker bumps seq and wakes when waiters > 0. */
+/* A doorbell: waiters sleep on seq; a waker that finds waiters set clears it,
+ * bumps seq and wakes them all. */
 typedef struct {
     uint32_t seq;            /* futex word */
-    uint32_t waiters;        /* sleepers registered (seq_cst inc/dec) */
+    uint32_t waiters;        /* 1: a sleeper may be on seq (set by it, seq_cst; cleared by the waker) */
     uint8_t _pad[MPQ_BLOCK - 8];
 } mpq_bell_t;
 
@@ -103,7 +104,7 @@ typedef struct {
 typedef struct {
     uint64_t done;           /* task_done calls (CAS, never above prod.count) */
     uint32_t seq;            /* futex word join() sleeps on */
-    uint32_t waiters;        /* join() sleepers */
+    uint32_t waiters;        /* 1: a join() may sleep on seq (as in mpq_bell_t) */
     uint8_t _pad[MPQ_BLOCK - 16];
 } mpq_tasks_t;
 
