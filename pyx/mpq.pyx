@@ -84,6 +84,7 @@ cdef extern from "mpq_layout.h" nogil:
         uint32_t waiters
         uint64_t owner_start
         uint64_t takeovers
+        uint64_t owner_ns
     ctypedef struct mpq_cursor_t:
         uint64_t pos
         uint64_t count
@@ -143,6 +144,19 @@ cdef Py_ssize_t _NOGIL_COPY = 1 << 16
 # word is the pid, the start time tells it from a later process with the same pid.
 cdef uint32_t _PID = <uint32_t>_os.getpid()
 cdef uint64_t _START = _my_start()
+
+
+cdef uint64_t _pid_ns():
+    """This process's pid namespace (an inode number), 0 when unknown."""
+    try:
+        return _os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+# A pid means something only in its own pid namespace: a lock holder in
+# another one (a container sharing /dev/shm) is never judged dead by its pid.
+cdef uint64_t _NS = _pid_ns()
 
 
 def _after_fork():
@@ -334,12 +348,14 @@ cdef class QueueCore:
         cdef uint32_t free = 0
         if eng_cas_u32(&lk.owner, &free, _PID):
             eng_store_release_u64(&lk.owner_start, _START)
+            eng_store_release_u64(&lk.owner_ns, _NS)
             return True
         return self._lock_slow(lk, cur, deadline)
 
     cdef bint _lock_slow(self, mpq_lock_t *lk, mpq_cursor_t *cur, int64_t deadline) except -1:
         cdef uint32_t seen, free
         cdef uint32_t suspect = 0
+        cdef uint64_t ns
         cdef int64_t suspect_since = 0
         cdef int64_t wait_ns
         cdef int i
@@ -349,6 +365,7 @@ cdef class QueueCore:
                 free = 0
                 if eng_cas_u32(&lk.owner, &free, _PID):
                     eng_store_release_u64(&lk.owner_start, _START)
+                    eng_store_release_u64(&lk.owner_ns, _NS)
                     return True
         while True:
             seen = eng_load_acquire_u32(&lk.owner)
@@ -356,16 +373,19 @@ cdef class QueueCore:
                 free = 0
                 if eng_cas_u32(&lk.owner, &free, _PID):
                     eng_store_release_u64(&lk.owner_start, _START)
+                    eng_store_release_u64(&lk.owner_ns, _NS)
                     return True
                 continue
             if seen != suspect:
                 suspect = seen
                 suspect_since = eng_now_ns()
             elif eng_now_ns() - suspect_since >= _SUSPECT_NS:
-                if not _alive(<int32_t>seen, eng_load_acquire_u64(&lk.owner_start)):
+                ns = eng_load_acquire_u64(&lk.owner_ns)
+                if (ns == 0 or ns == _NS) and not _alive(<int32_t>seen, eng_load_acquire_u64(&lk.owner_start)):
                     free = seen
                     if eng_cas_u32(&lk.owner, &free, _PID):
                         eng_store_release_u64(&lk.owner_start, _START)
+                        eng_store_release_u64(&lk.owner_ns, _NS)
                         eng_fetch_add_relaxed_u64(&lk.takeovers, 1)
                         _repair(cur)
                         return True
@@ -384,6 +404,7 @@ cdef class QueueCore:
 
     cdef inline void _unlock(self, mpq_lock_t *lk) noexcept:
         eng_store_relaxed_u64(&lk.owner_start, 0)  # ordered before the release below
+        eng_store_relaxed_u64(&lk.owner_ns, 0)
         eng_store_release_u32(&lk.owner, 0)
         eng_fence_seqcst()  # the release, then "is anyone asleep?" (Dekker with the waiter)
         _wake_all(&lk.waiters, &lk.owner, False)
@@ -392,6 +413,7 @@ cdef class QueueCore:
         """Unlock after a commit and ring the other side's bell: one fence
         orders the commit and the release before both "is anyone asleep?"."""
         eng_store_relaxed_u64(&lk.owner_start, 0)
+        eng_store_relaxed_u64(&lk.owner_ns, 0)
         eng_store_release_u32(&lk.owner, 0)
         eng_fence_seqcst()
         _wake_all(&lk.waiters, &lk.owner, False)

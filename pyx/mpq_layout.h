@@ -79,7 +79,9 @@ typedef struct {
     uint64_t owner_start;    /* holder's start time (/proc stat field 22), 0 = unknown;
                                 set after the CAS, cleared before the release */
     uint64_t takeovers;      /* locks taken from a dead holder (statistics) */
-    uint8_t _pad[MPQ_BLOCK - 24];
+    uint64_t owner_ns;       /* holder's pid namespace (inode of /proc/self/ns/pid), 0 = unknown;
+                                a holder in another namespace is never judged by its pid */
+    uint8_t _pad[MPQ_BLOCK - 32];
 } mpq_lock_t;
 
 /* One side's cursor, written only by that side's lock holder. */
@@ -138,6 +140,7 @@ _Static_assert(sizeof(mpq_tasks_t) == MPQ_BLOCK, "tasks is one block");
 _Static_assert(offsetof(mpq_meta_t, maxsize) == 24, "meta.maxsize");
 _Static_assert(offsetof(mpq_meta_t, created_ns) == 40, "meta.created_ns");
 _Static_assert(offsetof(mpq_lock_t, owner_start) == 8, "lock.owner_start");
+_Static_assert(offsetof(mpq_lock_t, owner_ns) == 24, "lock.owner_ns");
 _Static_assert(offsetof(mpq_cursor_t, prev_count) == 32, "cursor.prev_count");
 _Static_assert(offsetof(mpq_header_t, plock) == 128, "plock");
 _Static_assert(offsetof(mpq_header_t, prod) == 256, "prod");

@@ -319,6 +319,20 @@ def test_a_live_lock_holder_is_waited_for():
     raw.close()
 
 
+def test_a_holder_in_another_pid_namespace_is_never_judged_by_its_pid():
+    q = Queue()
+    raw = _raw(q)
+    my_ns = os.stat("/proc/self/ns/pid").st_ino
+    struct.pack_into("<IIQQQ", raw, PLOCK, _dead_pid(), 0, 0, 0, my_ns + 1)
+    with pytest.raises(queue.Full):
+        q.put(1, timeout=0.3)  # its pid names nobody here, yet it may be alive
+    assert q.stats()["producer_lock_takeovers"] == 0
+    struct.pack_into("<Q", raw, PLOCK + 24, my_ns)  # the same namespace: dead, taken over
+    q.put(1, timeout=5)
+    assert q.stats()["producer_lock_takeovers"] == 1
+    raw.close()
+
+
 def test_hostile_region_is_refused_not_crashed():
     q = Queue(capacity=4096)
     q.put(b"abc")

@@ -121,7 +121,9 @@ def crash_producer(q: Any, log_fd: int, tag: int) -> None:
     acknowledged).  Every incarnation of a producer has its own tag."""
     seq = 0
     while True:
-        body = bytes([seq % 251]) * (seq % 3000)
+        # every 16th message is big: its copy keeps the lock held long enough
+        # for some kills to land inside the producers' and consumers' locks
+        body = bytes([seq % 251]) * (seq % 3000 if seq % 16 else 300_000 + seq % 1000)
         q.put((tag, seq, zlib.crc32(body), body) if seq % 5 else
               (tag, seq, -1, np.full(seq % 500, seq, dtype=np.int32)), timeout=60)
         os.write(log_fd, seq.to_bytes(8, "little"))
@@ -137,6 +139,6 @@ def crash_consumer(q: Any, log_fd: int) -> None:
                 assert isinstance(body, np.ndarray) and body.shape == (seq % 500,), (tag, seq)
                 assert (body == seq).all(), (tag, seq)
             else:
-                assert body == bytes([seq % 251]) * (seq % 3000), (tag, seq)
+                assert body == bytes([seq % 251]) * (seq % 3000 if seq % 16 else 300_000 + seq % 1000), (tag, seq)
                 assert check == zlib.crc32(body), (tag, seq)
             os.write(log_fd, tag.to_bytes(4, "little") + seq.to_bytes(8, "little"))

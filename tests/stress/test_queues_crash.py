@@ -56,7 +56,7 @@ def _read_pairs(path):
 
 def test_sigkill_producers_and_consumers(tmp_path):
     ctx = mp.get_context("fork")
-    q = engine.Queue(capacity=1 << 18)
+    q = engine.Queue(capacity=1 << 21)
     rng = random.Random(int.from_bytes(os.urandom(4), "little"))
     procs = {}  # pid -> (role, Process, log path, tag)
     next_tag = [0]
