@@ -36,7 +36,7 @@ import asyncio
 import os
 import secrets
 import time
-import weakref
+from multiprocessing.util import Finalize
 from queue import Empty, Full
 from typing import Any, Optional
 
@@ -116,7 +116,10 @@ class Queue(QueueCore):
         except BaseException:
             _release(name, os.getpid())
             raise
-        self._finalizer: Optional[weakref.finalize] = weakref.finalize(self, _release, name, os.getpid())
+        # multiprocessing's Finalize, not weakref.finalize: it also runs when a
+        # multiprocessing child that created a queue exits (os._exit skips atexit)
+        self._finalizer: Optional[Finalize] = Finalize(self, _release, args=(name, os.getpid()),
+                                                       exitpriority=-10)
 
     def __reduce__(self) -> Any:
         return (_rebuild, (type(self), self._name))

@@ -388,6 +388,18 @@ def test_nothing_is_left_in_dev_shm(tmp_path, method, end):
     assert not os.path.exists(path)
 
 
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_child_process_that_created_a_queue_removes_it_when_it_exits(method):
+    ctx = mp.get_context(method)
+    recv, send = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=kit.make_queue_and_exit, args=(send,))
+    p.start()
+    name = recv.recv()
+    p.join(60)
+    assert p.exitcode == 0
+    assert not os.path.exists(os.path.join(SHM_DIR, name))
+
+
 def test_garbage_collected_creator_removes_its_region():
     q = Queue()
     path = os.path.join(SHM_DIR, q.name)

@@ -142,3 +142,12 @@ def crash_consumer(q: Any, log_fd: int) -> None:
                 assert body == bytes([seq % 251]) * (seq % 3000 if seq % 16 else 300_000 + seq % 1000), (tag, seq)
                 assert check == zlib.crc32(body), (tag, seq)
             os.write(log_fd, tag.to_bytes(4, "little") + seq.to_bytes(8, "little"))
+
+
+def make_queue_and_exit(conn: Any) -> None:
+    """Create a queue (kept referenced until the process ends) and report its name."""
+    global _POOL_Q
+    import engine
+
+    _POOL_Q = engine.Queue()
+    conn.send(_POOL_Q.name)
