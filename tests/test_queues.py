@@ -275,6 +275,42 @@ def test_many_producers_many_consumers_every_message_once_in_order_per_producer(
         assert sorted(seen[t]) == list(range(n)), f"producer {t}: lost or duplicated"
 
 
+def test_many_threads_share_one_handle():
+    q = Queue(maxsize=50, capacity=1 << 16)
+    n, producers, consumers = 2000, 4, 4
+    got = [[] for _ in range(consumers)]
+
+    def produce(t):
+        for i in range(n):
+            q.put((t, i, b"x" * (i % 300)), timeout=30)
+
+    def consume(c):
+        while True:
+            item = q.get(timeout=30)
+            if item is None:
+                return
+            got[c].append(item)
+
+    ts = [threading.Thread(target=produce, args=(t,)) for t in range(producers)]
+    cs = [threading.Thread(target=consume, args=(c,)) for c in range(consumers)]
+    for t in ts + cs:
+        t.start()
+    for t in ts:
+        t.join(60)
+    for _ in cs:
+        q.put(None)
+    for c in cs:
+        c.join(60)
+    seen = defaultdict(list)
+    for items in got:
+        last = {}
+        for t, i, body in items:
+            assert body == b"x" * (i % 300) and i > last.get(t, -1)
+            last[t] = i
+            seen[t].append(i)
+    assert {t: sorted(v) for t, v in seen.items()} == {t: list(range(n)) for t in range(producers)}
+
+
 def test_a_dead_lock_holder_is_taken_over_and_its_half_commit_rolled_back():
     q = Queue()
     q.put("kept")
