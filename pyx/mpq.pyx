@@ -409,7 +409,7 @@ cdef class QueueCore:
         eng_fence_seqcst()  # the release, then "is anyone asleep?" (Dekker with the waiter)
         _wake_all(&lk.waiters, &lk.owner, False)
 
-    cdef inline void _unlock_ring(self, mpq_lock_t *lk, mpq_bell_t *b, int n) noexcept:
+    cdef inline void _unlock_ring(self, mpq_lock_t *lk, mpq_bell_t *b) noexcept:
         """Unlock after a commit and ring the other side's bell: one fence
         orders the commit and the release before both "is anyone asleep?"."""
         eng_store_relaxed_u64(&lk.owner_start, 0)
@@ -420,10 +420,6 @@ cdef class QueueCore:
         _wake_all(&b.waiters, &b.seq, True)
 
     # ---- doorbells -------------------------------------------------------
-
-    cdef inline void _ring(self, mpq_bell_t *b, int n) noexcept:
-        eng_fence_seqcst()  # the commit, then "is anyone asleep?"
-        _wake_all(&b.waiters, &b.seq, True)
 
     cdef inline bint _has_data(self) noexcept nogil:
         return eng_load_acquire_u64(&self._h.prod.pos) != eng_load_acquire_u64(&self._h.cons.pos)
@@ -576,7 +572,7 @@ cdef class QueueCore:
                     ok = True
             finally:
                 if ok:
-                    self._unlock_ring(&h.plock, &h.data, INT32_MAX)
+                    self._unlock_ring(&h.plock, &h.data)
                 else:
                     self._unlock(&h.plock)
             if ok:
@@ -633,7 +629,7 @@ cdef class QueueCore:
                     ok = True
             finally:
                 if ok:
-                    self._unlock_ring(&h.plock, &h.data, 1)
+                    self._unlock_ring(&h.plock, &h.data)
                 else:
                     self._unlock(&h.plock)
             if ok:
@@ -740,7 +736,7 @@ cdef class QueueCore:
                     self._commit(&h.cons, head, <uint64_t>i)
             finally:
                 if i:
-                    self._unlock_ring(&h.clock, &h.space, INT32_MAX)
+                    self._unlock_ring(&h.clock, &h.space)
                 else:
                     self._unlock(&h.clock)
             if out:
@@ -800,7 +796,7 @@ cdef class QueueCore:
                     self._commit(&h.cons, head, 1)
             finally:
                 if raw is not None:
-                    self._unlock_ring(&h.clock, &h.space, INT32_MAX)
+                    self._unlock_ring(&h.clock, &h.space)
                 else:
                     self._unlock(&h.clock)
             if raw is not None:
