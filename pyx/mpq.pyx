@@ -676,10 +676,13 @@ cdef class QueueCore:
     # ---- consuming -------------------------------------------------------
 
     cdef uint64_t _take(self, uint64_t head, uint64_t tail, list out) except 0:
-        """Copy the record at head into out as (kind, object); returns the
-        head after it."""
+        """Copy the record at head onto out as kind, object (two items: no
+        tuple is made while the lock is held, since allocating a GC-tracked
+        object may run a collection, and a finalizer that used this queue
+        would wait for the lock its own thread holds); returns the head after it."""
         head = self._take1(head, tail)
-        out.append((self._last_kind, self._last))
+        out.append(self._last_kind)  # 1..3: cached small ints, no allocation
+        out.append(self._last)
         self._last = None
         return head
 
@@ -717,7 +720,8 @@ cdef class QueueCore:
         return head + rec
 
     cdef list _get_raw(self, Py_ssize_t most, int64_t deadline):
-        """Up to `most` raw messages (at least one), or None on timeout."""
+        """Up to `most` raw messages (at least one) as a flat list of kind,
+        raw, kind, raw, ...; None on timeout."""
         cdef mpq_header_t *h = self._h
         cdef uint64_t head, tail, start
         cdef list out = []
@@ -816,9 +820,10 @@ cdef class QueueCore:
         if max_messages_to_get < 1:
             raise ValueError(f"max_messages_to_get must be >= 1, got {max_messages_to_get}")
         cdef list got = self._get_raw(max_messages_to_get, _deadline(block, timeout))
+        cdef Py_ssize_t i
         if got is None:
             raise Empty
-        return [self._decode(kind, raw) for kind, raw in got]
+        return [self._decode(got[i], got[i + 1]) for i in range(0, len(got), 2)]
 
     # ---- state -----------------------------------------------------------
 
