@@ -53,6 +53,9 @@ _LAZY = {
     "OffsetParticipant": "engine.txn",
     "ParticipantServer": "engine.txn",
     "RemoteParticipant": "engine.txn",
+    "Queue": "engine.queues",
+    "JoinableQueue": "engine.queues",
+    "SimpleQueue": "engine.queues",
 }
 
 __all__ = [
@@ -85,6 +88,7 @@ if TYPE_CHECKING:
     from ._log import Log, LogReader, Record
     from ._ring import Consumer, Producer, Ring
     from .counters import CounterAggregator, CounterMap, ShardedCounter
+    from .queues import JoinableQueue, Queue, SimpleQueue
     from .saga import Saga
     from .scheduling import (
         DurableKeyedQueue,
