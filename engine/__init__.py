@@ -53,6 +53,7 @@ _LAZY = {
     "OffsetParticipant": "engine.txn",
     "ParticipantServer": "engine.txn",
     "RemoteParticipant": "engine.txn",
+    "backup": "engine.backup",
 }
 
 __all__ = [
@@ -84,6 +85,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from ._log import Log, LogReader, Record
     from ._ring import Consumer, Producer, Ring
+    from .backup import backup
     from .counters import CounterAggregator, CounterMap, ShardedCounter
     from .saga import Saga
     from .scheduling import (
