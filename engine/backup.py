@@ -68,6 +68,7 @@ whole.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -192,7 +193,7 @@ def _write_file(path: str, data: bytes) -> None:
 
 
 def _read_fd(fd: int) -> bytes:
-    out = []
+    out: List[bytes] = []
     pos = 0
     while True:
         chunk = os.pread(fd, 1 << 20, pos)
@@ -203,35 +204,45 @@ def _read_fd(fd: int) -> bytes:
 
 
 class _Copier:
-    """Moves byte ranges between descriptors (copy_file_range, else
-    pread/pwrite) and counts them for the report and the progress callback."""
+    """Moves byte ranges between descriptors and counts them for the report
+    and the progress callback.  In the kernel where it can: copy_file_range
+    (same file system), else sendfile (page cache to page cache across file
+    systems), else pread/pwrite."""
 
     def __init__(self, progress: Optional[ProgressFn], total: int) -> None:
         self.progress = progress
         self.total = total
         self.copied = 0
         self.seconds = 0.0
-        self._cfr = hasattr(os, "copy_file_range")
+        self._ways = [w for w in ("copy_file_range", "sendfile") if hasattr(os, w)] + ["pwrite"]
+
+    def _step(self, src_fd: int, dst_fd: int, pos: int, n: int) -> int:
+        while True:
+            way = self._ways[0]
+            try:
+                if way == "copy_file_range":
+                    return os.copy_file_range(src_fd, dst_fd, n, pos, pos)
+                if way == "sendfile":
+                    os.lseek(dst_fd, pos, os.SEEK_SET)  # sendfile writes at the file position
+                    return os.sendfile(dst_fd, src_fd, pos, n)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                self._ways.pop(0)  # not between these files here: the next way
+                continue
+            data = os.pread(src_fd, min(n, 8 << 20), pos)
+            view = memoryview(data)
+            off = pos
+            while view:
+                k = os.pwrite(dst_fd, view, off)
+                view, off = view[k:], off + k
+            return len(data)
 
     def copy(self, src_fd: int, dst_fd: int, start: int, end: int) -> None:
         t0 = time.perf_counter()
         pos = start
         while pos < end:
-            n = min(_CHUNK, end - pos)
-            done = 0
-            if self._cfr:
-                try:
-                    done = os.copy_file_range(src_fd, dst_fd, n, pos, pos)
-                except OSError:
-                    self._cfr = False  # cross-device or unsupported here: plain copy
-            if not self._cfr:
-                data = os.pread(src_fd, n, pos)
-                done = len(data)
-                view = memoryview(data)
-                off = pos
-                while view:
-                    k = os.pwrite(dst_fd, view, off)
-                    view, off = view[k:], off + k
+            done = self._step(src_fd, dst_fd, pos, min(_CHUNK, end - pos))
             if done == 0:
                 raise EngineError(f"source file ended at byte {pos} while {end} were expected; "
                                   "was it truncated during the backup?")
@@ -684,7 +695,8 @@ class _Run:
     def copy_files(self) -> None:
         for rel, fd in sorted(self.plan.files.items()):
             d, name = os.path.split(rel)
-            data: Optional[bytes] = _read_fd(fd)
+            raw = _read_fd(fd)
+            data: Optional[bytes] = raw
             m = _SNAP_RE.match(name)
             store_log = self.plan.logs.get(os.path.join(d, "log"))
             if m and store_log is not None:
@@ -692,7 +704,7 @@ class _Run:
                     data = None  # describes records the copy does not hold
                     self.report.snapshots_dropped += 1
             elif os.path.basename(d) == "delay-acked":
-                data = self._filter_done(os.path.dirname(d), name, data)
+                data = self._filter_done(os.path.dirname(d), name, raw)
             dpath = os.path.join(self.dst, rel)
             if data is None:
                 if os.path.exists(dpath):
