@@ -916,7 +916,9 @@ def _trusted_end(run: _Run, lg: _PinnedLog) -> None:
     if not lg.segs or lg.cut[0] not in lg.segs:
         return
     with open(os.path.join(dst_dir, f"{lg.cut[0]:020d}.seg"), "rb") as f:
-        res = scan_segment(f.read(lg.cut[1]), lg.cut[0])
+        res = scan_segment(f.read(), lg.cut[0])  # the cut segment only: the rest is trusted
+    if res.error is not None or res.end_position != lg.cut[1]:
+        raise CorruptLog(res.segment, res.error_position, f"the copy fails its check ({res.error})")
     lg.next_offset = res.next_offset
     lg.start_offset = min(b for b in lg.segs if b <= lg.cut[0])
     raw = _CHECKPOINT.pack(_CKPT_MAGIC, lg.cut[0], lg.cut[1], lg.next_offset, 1, 0)

@@ -316,3 +316,66 @@ def test_durable_queue_restores_without_live_members(tmp_path):
     got = sorted(q2.get(timeout=5) for _ in range(20))
     q2.close()
     assert got == sorted(b"m%d" % i for i in range(20))
+
+
+def test_acked_delayed_offsets_past_the_cut_are_not_copied(tmp_path, monkeypatch):
+    """The durable queue lists delayed messages acked above its group offset;
+    entries past the copy's cut would make the restored queue skip the new
+    messages that get those offsets."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    q = engine.DurablePriorityQueue(levels=1, path=str(src / "pq"), durability="none")
+    q.put(b"wait", delay=3600)  # holds the delay log's group offset at 0
+    q.put(b"d0", delay=0.001)
+    assert q.get(timeout=5) == b"d0"
+    q.ack()  # the list of acked offsets exists before T (offset 1)
+    assert os.listdir(src / "pq" / "delay-acked")
+
+    def after_t():
+        q.put(b"d1", delay=0.001)
+        q.put(b"d2", delay=0.001)
+        assert sorted([q.get(timeout=5), q.get(timeout=5)]) == [b"d1", b"d2"]
+        q.ack()
+
+    _act_at_t(monkeypatch, after_t)
+    engine.backup(src, dst)
+    q.close()
+    q2 = engine.DurablePriorityQueue(levels=1, path=str(dst / "pq"), durability="none")
+    try:
+        q2.put(b"new1", delay=0.001)
+        q2.put(b"new2", delay=0.001)
+        assert sorted([q2.get(timeout=5), q2.get(timeout=5)]) == [b"new1", b"new2"]
+    finally:
+        q2.close()
+
+
+def test_backup_without_verification_restores_the_same(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    log = Log(src / "l", durability="none", segment_bytes=8192)
+    log.append_many([b"r%d" % i for i in range(500)])
+    _act_at_t(monkeypatch, lambda: log.append_many([b"late"] * 50))
+    report = engine.backup(src, tmp_path / "dst", verify=False)
+    log.close()
+    assert report.verified_segments == 0 and report.log_ends == {"l": 500}
+    assert _values(tmp_path / "dst" / "l") == [b"r%d" % i for i in range(500)]
+    with Log(tmp_path / "dst" / "l") as copy:
+        assert copy.next_offset == 500
+
+
+def test_saga_log_restores_and_recovers(tmp_path, monkeypatch):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    saga = engine.Saga(str(src / "saga"), durability="none", segment_bytes=8192)
+    saga.step("one", lambda sc: None, lambda sc: None).step("two", lambda sc: None, lambda sc: None)
+    for i in range(5):
+        saga.run(saga_id=f"s{i}")
+    _act_at_t(monkeypatch, lambda: [saga.run(saga_id=f"late{i}") for i in range(5)])
+    engine.backup(src, dst)
+    saga.close()
+    from engine.saga import list_sagas
+
+    infos = list_sagas(str(dst / "saga"))
+    assert sorted(i.saga_id for i in infos) == [f"s{i}" for i in range(5)]
+    assert {i.state.value for i in infos} == {"done"}
+    again = engine.Saga(str(dst / "saga"), durability="none", segment_bytes=8192)
+    again.step("one", lambda sc: None, lambda sc: None).step("two", lambda sc: None, lambda sc: None)
+    assert again.recover() == []
+    again.close()
