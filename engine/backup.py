@@ -337,17 +337,19 @@ def _pin_log(src: str, rel: str) -> _PinnedLog:
     return _PinnedLog(rel, meta, log_id, segs, anchor)
 
 
-def _read_current(path: str) -> Optional[Dict[str, Any]]:
+def _read_current(path: str) -> Optional[Tuple[bytes, Dict[str, Any]]]:
+    """A journal's CURRENT file: (its bytes, decoded), None if it has none."""
     try:
         with open(os.path.join(path, "CURRENT"), "rb") as f:
-            cur = json.loads(f.read(4096).decode())
+            raw = f.read(4096)
+        cur = json.loads(raw.decode())
     except FileNotFoundError:
         return None
     except (ValueError, UnicodeDecodeError) as exc:
         raise EngineError(f"journal {path!r}: unreadable CURRENT file ({exc})") from None
     if not isinstance(cur, dict) or not isinstance(cur.get("gen"), int):
         raise EngineError(f"journal {path!r}: CURRENT names no generation")
-    return cur
+    return raw, cur
 
 
 @dataclass
@@ -392,11 +394,10 @@ def _pin(src: str) -> _Plan:
             gens: Optional[str] = None
             if "CURRENT" in names:
                 for _ in range(_ATTEMPTS):
-                    with open(os.path.join(path, "CURRENT"), "rb") as f:
-                        raw = f.read(4096)
-                    cur = _read_current(path)
-                    if cur is None:
+                    got = _read_current(path)
+                    if got is None:
                         break
+                    raw, cur = got
                     gens = f"gen-{cur['gen']:08d}"
                     gpath = os.path.join(path, gens)
                     try:
@@ -406,7 +407,7 @@ def _pin(src: str) -> _Plan:
                     if not _is_log_dir(gpath, gnames):
                         break
                     pinned = _pin_log(src, os.path.join(rel, gens))
-                    if _read_current(path) == cur:
+                    if _read_current(path) == got:
                         plan.logs[pinned.rel] = pinned
                         plan.dirs.append(pinned.rel)
                         plan.journals[rel] = (raw, cur["gen"])
@@ -432,6 +433,8 @@ def _pin(src: str) -> _Plan:
                     continue
                 if name.startswith(".") and name.endswith(".tmp"):
                     continue  # a writer's temp file, never part of the state
+                if gens is not None and name == "CURRENT":
+                    continue  # written from what the pin read
                 if queue_dir and name in _QUEUE_SCRATCH:
                     continue
                 if name.endswith(".lock"):
@@ -856,7 +859,7 @@ def backup(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], *, increm
         try:
             t_ns = _clock()
             report.cut_ns = t_ns
-            if any(_read_current(os.path.join(src, rel)) != json.loads(raw.decode())
+            if any((_read_current(os.path.join(src, rel)) or (b"",))[0] != raw
                    for rel, (raw, _gen) in plan.journals.items()):
                 raise _Retry()
             for lg in plan.logs.values():
