@@ -379,3 +379,31 @@ def test_saga_log_restores_and_recovers(tmp_path, monkeypatch):
     again.step("one", lambda sc: None, lambda sc: None).step("two", lambda sc: None, lambda sc: None)
     assert again.recover() == []
     again.close()
+
+
+def test_a_torn_tail_is_cut_and_damage_before_it_is_not(tmp_path):
+    """A killed writer's half-written last record is not published: the copy
+    ends before it, as the log's own recovery would.  The same bytes inside
+    the published part are damage: CorruptLog."""
+    import struct
+
+    from engine._log import scan_segment
+
+    src = tmp_path / "src"
+    log = Log(src / "l", durability="none")
+    log.append_many([b"v%d" % i for i in range(100)])
+    log._simulate_crash()
+    (seg,) = [src / "l" / n for n in os.listdir(src / "l") if n.endswith(".seg")]
+    end = scan_segment(seg.read_bytes()).end_position
+    with open(seg, "r+b") as f:  # a record header whose body never arrived
+        f.seek(end)
+        f.write(struct.pack("<IIQqII", 32 + 40, 0xDEADBEEF, 100, time.time_ns(), 0, 0) + b"\x01" * 8)
+    report = engine.backup(src, tmp_path / "dst")
+    assert report.log_ends == {"l": 100}
+    assert _values(tmp_path / "dst" / "l") == [b"v%d" % i for i in range(100)]
+    with Log(src / "l", durability="none") as again:  # the source's recovery agrees
+        assert again.next_offset == 100
+    # now damage a published record in the middle of the active segment
+    _flip(seg, end - 8)
+    with pytest.raises(CorruptLog):
+        engine.backup(src, tmp_path / "dst2")
