@@ -391,6 +391,8 @@ def _pin(src: str) -> _Plan:
             if _is_log_dir(path, names):
                 plan.logs[rel] = _pin_log(src, rel)
                 continue
+            if "meta" not in names and any(_SEG_RE.match(n) for n in names):
+                raise CorruptLog(os.path.join(path, "meta"), 0, "segments exist but the meta file is missing")
             gens: Optional[str] = None
             if "CURRENT" in names:
                 for _ in range(_ATTEMPTS):
