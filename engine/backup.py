@@ -473,11 +473,26 @@ class _Window:
         return self.data[pos - self.start: pos - self.start + n]
 
 
+def _check_rec(read: Callable[[int, int], bytes], pos: int, size: int) -> Optional[Tuple[int, int, int, int]]:
+    """The record at ``pos`` as ``(padded length, offset, timestamp, flags)``
+    when it is whole (bounds and CRC as the log checks them), else None."""
+    head = read(pos, _RECHDR) if pos + _RECHDR <= size else b""
+    if len(head) < _RECHDR:
+        return None
+    length, crc, off, ts, klen, flags = _REC.unpack(head)
+    padded = (length + 7) & ~7
+    if length < _RECHDR or klen > length - _RECHDR or pos + padded > size:
+        return None
+    body = read(pos + 8, padded - 8)
+    if len(body) != padded - 8 or _crc(body, _crc(head[:4])) != crc:
+        return None
+    return padded, off, ts, flags
+
+
 def _find_cut(src: str, lg: _PinnedLog, t_ns: int) -> None:
     """Set lg.cut: the end of the last complete record with timestamp <= T."""
     path = os.path.join(src, lg.rel)
-    bases = sorted(lg.segs)
-    if not bases:
+    if not lg.segs:
         lg.cut = (0, 0)
         return
     base, pos = lg.anchor
@@ -486,58 +501,42 @@ def _find_cut(src: str, lg: _PinnedLog, t_ns: int) -> None:
         seg.size = os.fstat(seg.fd).st_size
         win = _Window(seg)
         while True:
-            head = win.get(pos, _RECHDR) if pos + _RECHDR <= seg.size else b""
-            if len(head) < _RECHDR:
-                lg.cut = (base, pos)
+            head = win.get(pos, 4) if pos + _RECHDR <= seg.size else b""
+            if len(head) < 4 or head == b"\0\0\0\0":
+                lg.cut = (base, pos)  # the end of what is written
                 return
-            length, crc, _off, ts, klen, flags = _REC.unpack(head)
-            if length == 0:
-                lg.cut = (base, pos)
-                return
-            if flags & _FLAG_EOS and length == _RECHDR:
-                nxt = _off
-                if nxt not in lg.segs:
-                    # the roll may be creating it right now
-                    if nxt in _list_bases(path):
-                        s = _open_seg(os.path.join(path, f"{nxt:020d}.seg"), nxt)
-                        if s is not None:
-                            lg.segs[nxt] = s
-                if nxt in lg.segs and nxt > base:
-                    base, pos = nxt, _SEGHDR
-                    break
-                lg.cut = (base, pos)  # no next segment yet: end before the marker
-                return
-            padded = (length + 7) & ~7
-            ok = _RECHDR <= length and klen <= length - _RECHDR and pos + padded <= seg.size
-            if ok and ts > t_ns:
-                lg.cut = (base, pos)
-                return
-            if ok:
-                body = win.get(pos + 8, padded - 8)
-                ok = len(body) == padded - 8 and _crc(body, _crc(head[:4])) == crc
-            if not ok:
+            rec = _check_rec(win.get, pos, seg.size)
+            if rec is None:
                 if _in_progress(path, base, pos, seg):
                     lg.cut = (base, pos)
                     return
-                win.start, win.data = 0, b""  # completed meanwhile: read it again
+                win.start, win.data = 0, b""  # completed while we read it: read it again
                 continue
+            padded, off, ts, flags = rec
+            if flags & _FLAG_EOS:
+                if off not in lg.segs and off in _list_bases(path):
+                    s = _open_seg(os.path.join(path, f"{off:020d}.seg"), off)  # rolled during the walk
+                    if s is not None:
+                        lg.segs[off] = s
+                if off in lg.segs and off > base:
+                    base, pos = off, _SEGHDR
+                    break
+                lg.cut = (base, pos)  # no next segment yet: end before the marker
+                return
+            if ts > t_ns:
+                lg.cut = (base, pos)
+                return
             pos += padded
 
 
 def _in_progress(path: str, base: int, pos: int, seg: _Seg) -> bool:
     """A record at (base, pos) failed its checks.  True: the writer has not
     published it (in flight, or the torn tail of a killed writer).  False: it
-    is valid now (it completed while we read it).  CorruptLog: the writer
+    is whole now (it completed while we read it).  CorruptLog: the writer
     published it, so it is damage."""
     note = _read_notify(path)
-    head = os.pread(seg.fd, _RECHDR, pos)
-    if len(head) == _RECHDR:
-        length = _REC.unpack(head)[0]
-        padded = (length + 7) & ~7
-        body = os.pread(seg.fd, max(0, padded - 8), pos + 8)
-        if (_RECHDR <= length and pos + padded <= seg.size and len(body) == padded - 8
-                and _crc(body, _crc(head[:4])) == _REC.unpack(head)[1]):
-            return False
+    if _check_rec(lambda p, n: os.pread(seg.fd, n, p), pos, seg.size) is not None:
+        return False
     if note is None:
         if base == max(_list_bases(path) or [base]):
             return True  # no published position to compare with: the last segment's tail
