@@ -407,3 +407,44 @@ def test_a_torn_tail_is_cut_and_damage_before_it_is_not(tmp_path):
     _flip(seg, end - 8)
     with pytest.raises(CorruptLog):
         engine.backup(src, tmp_path / "dst2")
+
+
+def test_keyed_queue_copy_has_no_live_members_and_keeps_acks(tmp_path):
+    """The source's consumer is a live group member holding partitions; the
+    copy must not inherit it (its control region is not copied), and what it
+    acked stays acked in the copy."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    kq = engine.DurableKeyedQueue(partitions=2, path=str(src / "kq"), durability="none")
+    for i in range(40):
+        kq.put(b"m%d" % i, key=b"k%d" % (i % 5))
+    c = kq.consumer()
+    first = [c.get(timeout=5) for _ in range(10)]
+    c.ack()
+    engine.backup(src, dst)  # while the member is alive and holds its partitions
+    assert not os.path.exists(dst / "kq" / "group")
+    kq2 = engine.DurableKeyedQueue(partitions=2, path=str(dst / "kq"), durability="none")
+    c2 = kq2.consumer()
+    rest = [c2.get(timeout=5) for _ in range(30)]
+    with pytest.raises(engine.Timeout):
+        c2.get(timeout=0.2)
+    assert sorted(first + rest) == sorted(b"m%d" % i for i in range(40))
+    kq2.close()
+    c.close()
+    kq.close()
+
+
+def test_an_interrupted_backup_is_never_taken_for_a_complete_one(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    with Log(src / "l", durability="none", segment_bytes=8192) as log:
+        log.append_many([b"x" * 100] * 300)
+        engine.backup(src, dst)
+        log.append_many([b"y" * 100] * 300)
+
+    def boom(done, total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        engine.backup(src, dst, incremental=True, progress=boom)
+    assert not os.path.exists(dst / "backup.json")
+    with pytest.raises(EngineError, match="interrupted"):
+        engine.backup(src, dst, incremental=True)
