@@ -376,9 +376,38 @@ def _is_log_dir(path: str, names: List[str]) -> bool:
     return "meta" in names and (any(_SEG_RE.match(n) for n in names) or "groups" in names)
 
 
+def _pin_journal(src: str, rel: str, plan: _Plan) -> None:
+    """Pin the generation a journal's CURRENT names (and that CURRENT)."""
+    path = os.path.join(src, rel) if rel else src
+    for _ in range(_ATTEMPTS):
+        got = _read_current(path)
+        if got is None:
+            return
+        raw, cur = got
+        gen_rel = os.path.join(rel, f"gen-{cur['gen']:08d}")
+        try:
+            names = os.listdir(os.path.join(src, gen_rel))
+        except FileNotFoundError:
+            continue  # switched meanwhile
+        if not _is_log_dir(os.path.join(src, gen_rel), names):
+            return  # a journal being created: nothing written yet
+        pinned = _pin_log(src, gen_rel)
+        if _read_current(path) == got:
+            plan.logs[gen_rel] = pinned
+            plan.dirs.append(gen_rel)
+            plan.journals[rel] = (raw, cur["gen"])
+            return
+        for s in pinned.segs.values():
+            os.close(s.fd)
+    raise EngineError(f"journal {path!r} keeps switching generations; try again")
+
+
 def _pin(src: str) -> _Plan:
-    """Walk src: pin every log, journal generation and plain file (step 1)."""
+    """Walk src: pin every log, journal generation and plain file (step 1).
+    Journals last, just before T: the shorter the time from a journal's pin
+    to T, the less likely a compaction in between forces a retry."""
     plan = _Plan()
+    journals: List[str] = []
     try:
         stack = [""]
         while stack:
@@ -387,8 +416,6 @@ def _pin(src: str) -> _Plan:
             try:
                 names = os.listdir(path)
             except FileNotFoundError:
-                if rel and os.path.basename(rel).startswith("gen-"):
-                    raise _Retry() from None  # a compaction removed it: pin again
                 continue
             plan.dirs.append(rel)
             if _is_log_dir(path, names):
@@ -396,31 +423,9 @@ def _pin(src: str) -> _Plan:
                 continue
             if "meta" not in names and any(_SEG_RE.match(n) for n in names):
                 raise CorruptLog(os.path.join(path, "meta"), 0, "segments exist but the meta file is missing")
-            gens: Optional[str] = None
-            if "CURRENT" in names:
-                for _ in range(_ATTEMPTS):
-                    got = _read_current(path)
-                    if got is None:
-                        break
-                    raw, cur = got
-                    gens = f"gen-{cur['gen']:08d}"
-                    gpath = os.path.join(path, gens)
-                    try:
-                        gnames = os.listdir(gpath)
-                    except FileNotFoundError:
-                        continue
-                    if not _is_log_dir(gpath, gnames):
-                        break
-                    pinned = _pin_log(src, os.path.join(rel, gens))
-                    if _read_current(path) == got:
-                        plan.logs[pinned.rel] = pinned
-                        plan.dirs.append(pinned.rel)
-                        plan.journals[rel] = (raw, cur["gen"])
-                        break
-                    for s in pinned.segs.values():
-                        os.close(s.fd)
-                else:
-                    raise EngineError(f"journal {path!r} keeps switching generations; try again")
+            journal = "CURRENT" in names
+            if journal:
+                journals.append(rel)
             queue_dir = "queue.json" in names
             for name in sorted(names):
                 child = os.path.join(rel, name) if rel else name
@@ -430,15 +435,15 @@ def _pin(src: str) -> _Plan:
                 except FileNotFoundError:
                     continue
                 if stat.S_ISDIR(st.st_mode):
-                    if gens is not None and _GEN_RE.match(name):
-                        continue  # a journal: only its live generation (pinned above)
+                    if journal and _GEN_RE.match(name):
+                        continue  # a journal: only its live generation (pinned below)
                     stack.append(child)
                     continue
                 if not stat.S_ISREG(st.st_mode):
                     continue
                 if name.startswith(".") and name.endswith(".tmp"):
                     continue  # a writer's temp file, never part of the state
-                if gens is not None and name == "CURRENT":
+                if journal and name == "CURRENT":
                     continue  # written from what the pin read
                 if queue_dir and name in _QUEUE_SCRATCH:
                     continue
@@ -448,6 +453,8 @@ def _pin(src: str) -> _Plan:
                     plan.files[child] = os.open(cpath, os.O_RDONLY)
                 except FileNotFoundError:
                     continue
+        for rel in journals:
+            _pin_journal(src, rel, plan)
         return plan
     except BaseException:
         plan.close()
@@ -868,10 +875,7 @@ def backup(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], *, increm
     copier = _Copier(progress, 0)
     for attempt in range(1, _ATTEMPTS + 1):
         report = BackupReport(src=src, dst=dst, cut_ns=0, incremental=incremental, attempts=attempt)
-        try:
-            plan = _pin(src)
-        except _Retry:
-            continue
+        plan = _pin(src)
         run: Optional[_Run] = None
         try:
             t_ns = _clock()
