@@ -43,9 +43,10 @@ How: the cut at one instant T
 4. *Derived state*.  Group offset files committed past a log's cut are clamped
    to it (at-least-once is kept: a consumer of the copy re-reads, never skips).
    A durable queue's list of acked delayed offsets loses entries past the
-   cut.  VersionedStore snapshots covering more than the cut are dropped; if
-   no kept snapshot can be continued by the copied log (retention raced the
-   pin), the attempt starts again.
+   cut.  VersionedStore snapshots written after the pin are not copied, and
+   any covering more than the cut would be dropped; if no kept snapshot can
+   be continued by the copied log (retention raced the pin), the attempt
+   starts again.  Journals are pinned last, just before T.
 5. *Finish*.  Each copied log gets a clean checkpoint at its cut (what a clean
    close leaves; the cut segment's index is left out and rebuilt by the
    scan that checks the checkpoint), lock, notify and scratch files are not
