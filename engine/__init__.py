@@ -56,6 +56,7 @@ _LAZY = {
     "Queue": "engine.queues",
     "JoinableQueue": "engine.queues",
     "SimpleQueue": "engine.queues",
+    "backup": "engine.backups",
 }
 
 __all__ = [
@@ -87,6 +88,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from ._log import Log, LogReader, Record
     from ._ring import Consumer, Producer, Ring
+    from .backups import backup
     from .counters import CounterAggregator, CounterMap, ShardedCounter
     from .queues import JoinableQueue, Queue, SimpleQueue
     from .saga import Saga

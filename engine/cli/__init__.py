@@ -32,6 +32,7 @@ TOOLS = (
     "engine.cli.saga",
     "engine.cli.txn",
     "engine.cli.stats",
+    "engine.cli.backup",
 )
 
 
