@@ -46,7 +46,7 @@ import time as _time
 import uuid as _uuid
 import weakref as _weakref
 
-from engine.errors import Closed, CorruptLog, LogLocked
+from engine.errors import Closed, CorruptLog, LogBroken, LogLocked
 
 cdef extern from "log_layout.h" nogil:
     int ENG_LOG_FORMAT
@@ -1076,7 +1076,9 @@ def _flusher(ref, stop, interval):
         try:
             (<Log>log)._flush_if_dirty()
         except Exception:  # noqa: BLE001 - a background failure must be seen, not kill the thread
+            # the log is broken now (every later append raises it): say so once, stop
             _logger.exception("log %s: background flush failed", (<Log>log)._path)
+            return
         log = None
 
 
@@ -1168,7 +1170,14 @@ cdef class Log:
     cdef size_t _stage_len        # bytes framed, not yet written
     cdef size_t _wpos             # pwrite path: bytes of _active handed to pwrite (<= _pos)
     cdef uint64_t _wnext          # pwrite path: offsets below this were handed to pwrite
-    cdef object _broken           # str: a write failed, appends refuse (reopen recovers)
+    cdef object _broken           # str: the first failed write or sync; everything refuses (reopen recovers)
+    cdef int _broken_errno        # its errno
+    cdef bint _dir_dirty          # durability="none": segments created since the last dir fsync
+    cdef object _ckpt_lock        # threading.Lock: one checkpoint write at a time, never moving back
+    cdef uint64_t _ckpt_base      # segment and position of the last checkpoint written
+    cdef uint64_t _ckpt_pos
+    cdef int64_t _ckpt_ns         # when (monotonic ns): syncs move it at most every _CKPT_EVERY_NS
+    cdef long _pid                # the process that opened the log (a fork's child may not use it)
     cdef bint _was_clean          # the last stop before this open was clean
     cdef object __weakref__
 
@@ -1208,6 +1217,8 @@ cdef class Log:
         self._retain_uncommitted = bool(retain_uncommitted)
         self._flush_interval = flush_interval
         self._cond = _threading.Condition()
+        self._ckpt_lock = _threading.Lock()
+        self._pid = _os.getpid()
         self._unsynced_old = []
         self._bases = []
 
@@ -1218,6 +1229,7 @@ cdef class Log:
         self._lock_fd = _take_lock(path)
         _open_writers.add(real)
         self._real = real
+        _live_writers.add(self)
         try:
             self._open()
         except BaseException:
@@ -1508,10 +1520,7 @@ cdef class Log:
 
     cdef int _enter(self) except -1:
         """Take the writer flag (waits while another thread rolls)."""
-        if self._closed:
-            raise Closed(f"log {self._path!r} is closed")
-        if self._broken is not None:
-            raise OSError(_errno.EIO, self._broken)
+        self._check_usable()
         while self._writing:
             # only possible while another thread is inside a roll (GIL released)
             _time.sleep(0.0001)
@@ -1519,6 +1528,28 @@ cdef class Log:
                 raise Closed(f"log {self._path!r} is closed")
         self._writing = True
         return 0
+
+    cdef int _check_usable(self) except -1:
+        """Closed, LogBroken or (in a forked child) Closed unless appends may go on."""
+        if self._pid != _os.getpid():
+            raise Closed(f"log {self._path!r} was opened by process {self._pid}; this process "
+                         "(a fork of it) may not use its writer: open the log anew here once "
+                         "the parent has closed it")
+        if self._closed:
+            raise Closed(f"log {self._path!r} is closed")
+        if self._broken is not None:
+            raise LogBroken(self._path, self._broken, self._broken_errno)
+        return 0
+
+    cdef object _fail(self, int err, str what):
+        """Mark the log broken by `what` (the first failure wins) and return the
+        error to raise: after a failed write or sync nothing later may be
+        acknowledged (the kernel may have dropped the pages and reports it once)."""
+        if self._broken is None:
+            self._broken = f"{what} ({_os.strerror(err) if err else 'error'})"
+            self._broken_errno = err or _errno.EIO
+            _logger.error("log %s: %s: the log is broken; reopen it to recover", self._path, self._broken)
+        return LogBroken(self._path, self._broken, self._broken_errno)
 
     cdef inline void _wake(self) noexcept nogil:
         # StoreLoad: the published length must be ordered before reading the
@@ -1581,9 +1612,7 @@ cdef class Log:
             rc = eng_log_pwrite_all(s.fd, self._stage, n, at)
         if rc != 0:
             rc = errno or _errno.EIO
-            self._broken = (f"writing {s.path} failed ({_os.strerror(rc)}); records from offset "
-                            f"{self._wnext} on were not written: reopen the log to recover")
-            raise OSError(rc, self._broken)
+            raise self._fail(rc, f"writing {s.path} failed at offset {self._wnext}")
         if end > s.zeroed:
             s.zeroed = end
         self._wpos = end
@@ -1608,6 +1637,7 @@ cdef class Log:
         cdef int rc
         cdef size_t endpos
         cdef int64_t ts = self._last_ts
+        cdef int err
         if self._pw:
             self._stage_flush()  # the records framed so far belong to this segment
         _write_rec(old.p, self._pos, self._next, ts, NULL, 0, ENG_REC_FLAG_EOS, NULL, 0)
@@ -1615,18 +1645,32 @@ cdef class Log:
         if self._durability != D_NONE:
             with nogil:
                 rc = _sync_range(old.fd, old.p, old.synced, endpos)
+                err = errno
             if rc != 0:
-                raise OSError(_errno.EIO, f"sync of {old.path} failed")
+                raise self._fail(err, f"sync of {old.path} failed at its roll")
+        try:
+            _write_index(self._path, old, self._pos)
+            self._create_segment(self._next, ts)
+        except BaseException:
+            # the roll did not happen (a full disk, say): the old segment stays
+            # active, its end marker goes again and its synced mark stays below
+            # it, so a smaller record written there later is synced in full
+            eng_store_release_u32(<uint32_t *>(old.p + self._pos), 0)
+            raise
+        if self._durability != D_NONE:
             old.synced = endpos
         else:
-            # no sync per roll in this mode, but flush() must still reach this segment
+            # no sync per roll in this mode, but flush() must still reach this
+            # segment and the directory entry of the new one
             self._unsynced_old.append(old.path)
-        _write_index(self._path, old, self._pos)
-        self._create_segment(self._next, ts)
+            self._dir_dirty = True
         self._n_rolls += 1
         if self._durability != D_NONE:
             self._durable = self._next
-            self._write_ckpt(False)
+            try:
+                self._write_ckpt(False)
+            except OSError as exc:
+                raise self._fail(exc.errno or _errno.EIO, f"writing the checkpoint of {self._path} failed")
         self._wake()
         if self._retention_bytes is not None or self._retention_age is not None:
             self._apply_retention()
@@ -1781,20 +1825,34 @@ cdef class Log:
         cdef uint64_t nxt
         cdef int rc = 0
         cdef bint pw
+        cdef int err = 0
         cond = self._cond
         with cond:
-            while self._durable < target:
+            while True:
+                # a failed sync anywhere (another thread's, the flusher's)
+                # fails every waiter: a later sync's success proves nothing
+                if self._broken is not None:
+                    raise LogBroken(self._path, self._broken, self._broken_errno)
+                if self._durable >= target:
+                    break
                 if self._syncing:
                     cond.wait()
                     continue
                 olds = self._unsynced_old
-                if olds:
-                    # durability="none": rolled segments first (their fds are closed)
+                if olds or self._dir_dirty:
+                    # durability="none": rolled segments first (their fds are
+                    # closed), then the directory entries of the new ones
                     self._unsynced_old = []
+                    self._dir_dirty = False
                     self._syncing = True
                     cond.release()
                     try:
-                        _sync_paths(olds)
+                        try:
+                            _sync_paths(olds)
+                            _fsync_dir(self._path)
+                        except OSError as exc:
+                            raise self._fail(exc.errno or _errno.EIO,
+                                             f"syncing the rolled segments of {self._path} failed")
                     finally:
                         cond.acquire()
                         self._syncing = False
@@ -1814,13 +1872,17 @@ cdef class Log:
                             rc = eng_log_datasync(s.fd)
                         else:
                             rc = _sync_range(s.fd, s.p, lo, hi)
+                        err = errno
                 finally:
                     cond.acquire()
+                    if rc != 0:
+                        # before any waiter wakes: none may start a sync of its own
+                        exc = self._fail(err, f"{'fdatasync' if pw else 'msync'} of {s.path} failed "
+                                              f"with offsets from {self._durable} unsynced")
                     self._syncing = False
                     cond.notify_all()
                 if rc != 0:
-                    raise OSError(_errno.EIO, f"msync/fdatasync of {s.path} failed; records from "
-                                  f"offset {self._durable} on may not be durable")
+                    raise exc
                 if hi > s.synced:
                     s.synced = hi
                 if nxt > self._durable:
@@ -1839,24 +1901,42 @@ cdef class Log:
             self._sync_upto(self._next)
 
     def flush(self):
-        """Make every record appended so far durable (in every durability mode)."""
-        if self._closed:
-            raise Closed(f"log {self._path!r} is closed")
+        """Make every record appended so far durable (in every durability mode).
+
+        Raises :class:`engine.LogBroken` once any write or sync has failed."""
+        self._check_usable()
         self._sync_upto(self._next)
 
     def close(self):
-        """Sync, write the clean-shutdown checkpoint and release the directory. Idempotent."""
+        """Sync, write the clean-shutdown checkpoint and release the directory. Idempotent.
+
+        On a broken log (:class:`engine.LogBroken`) it writes nothing more and
+        still releases the directory, so the log can be reopened; a sync that
+        fails in ``close`` itself raises, after the release.  In a forked child
+        it only lets go of the inherited handle: the parent's files and lock
+        are left alone."""
         if self._closed:
+            return
+        if self._pid != _os.getpid():
+            self._drop_inherited()
             return
         if self._thread is not None:
             self._stop.set()
-            self._thread.join()
+            if self._thread is not _threading.current_thread():
+                self._thread.join()
             self._thread = None
-        self._enter()
+        if self._broken is not None:
+            self._writing = True  # nothing more goes to the files
+        else:
+            self._enter()
         try:
-            self._sync_upto(self._next)
-            _write_index(self._path, self._active, self._pos)
-            self._write_ckpt(True)
+            if self._broken is None:
+                self._sync_upto(self._next)
+                _write_index(self._path, self._active, self._pos)
+                try:
+                    self._write_ckpt(True)
+                except OSError as exc:
+                    raise self._fail(exc.errno or _errno.EIO, f"writing the checkpoint of {self._path} failed")
         finally:
             self._closed = True
             self._writing = False
@@ -1867,6 +1947,20 @@ cdef class Log:
             self._notify = None
             self._active = None
             self._release()
+
+    cdef _drop_inherited(self):
+        """In a forked child: let go of the inherited handle without touching
+        the parent's files (no sync, no checkpoint, no wake-up).  Closing the
+        inherited lock fd does not release the parent's flock, which belongs
+        to the open file description the parent still holds."""
+        self._closed = True
+        self._thread = None
+        self._waiters = NULL
+        if self._notify is not None:
+            self._notify.close()
+            self._notify = None
+        self._active = None
+        self._release()
 
     def _simulate_crash(self):
         """Test hook: stop like a SIGKILLed process (no sync, no checkpoint, no index).
@@ -1901,8 +1995,7 @@ cdef class Log:
         segment, nor (``retain_uncommitted=True``) a segment holding offsets a
         consumer group has not committed.  Returns the number of segments deleted.
         """
-        if self._closed:
-            raise Closed(f"log {self._path!r} is closed")
+        self._check_usable()
         return self._apply_retention()
 
     cdef int _apply_retention(self) except -1:
@@ -2012,6 +2105,26 @@ cdef class Log:
 
     def __repr__(self):
         return f"<engine.Log {self._path!r} next_offset={self._next} durability={self.durability}>"
+
+
+_live_writers = _weakref.WeakSet()  # open Log objects of this process
+
+
+def _after_fork_in_child():
+    """A forked child must not hold the parent's writer lock: its copy of the
+    lock fd would keep the lock after the parent closes.  Closing the copy
+    leaves the parent's flock alone (it belongs to the open file description)."""
+    cdef Log log
+    for obj in list(_live_writers):
+        log = <Log>obj
+        if log._lock_fd >= 0:
+            _os.close(log._lock_fd)
+            log._lock_fd = -1
+        log._real = None
+    _open_writers.clear()
+
+
+_os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # ---------------------------------------------------------------- readers
