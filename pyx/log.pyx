@@ -114,6 +114,9 @@ cdef size_t _STAGE_KEEP = 4 << 20    # staging buffer kept between calls up to t
 # with zero-fill ahead, 0.87x without, 200 batches); a background zeroer
 # competes with the writer for the device and is no better (see log_layout.h).
 cdef bint _zero_ahead = False        # durable path writes zeros ahead of the tail
+# a sync moves the checkpoint (the recovery point) at most this often: three
+# more device flushes (temp file, rename, directory) a second
+cdef int64_t _CKPT_EVERY_NS = 1_000_000_000
 
 
 def _set_zero_ahead(on):
@@ -252,6 +255,28 @@ cdef size_t _last_nonzero(const uint8_t *p, size_t pos, size_t size) noexcept no
     return pos
 
 
+cdef Py_ssize_t _valid_after(const uint8_t *p, size_t size, size_t pos, uint64_t expect) noexcept nogil:
+    """Position of a valid record or end marker after pos (8-byte aligned,
+    CRC32C correct, an offset that fits the bytes between: in [expect,
+    expect + (q - pos) / 32]), or -1.  Damage followed by valid data is
+    corruption, not a torn tail: a torn write leaves nothing valid after it."""
+    cdef size_t end = _last_nonzero(p, pos, size)
+    cdef size_t q = pos + 8
+    cdef uint32_t length
+    cdef const eng_rec_header *h
+    while q + _HDR <= end:
+        length = (<const uint32_t *>(p + q))[0]
+        if length >= _HDR and _align8(length) <= size - q:
+            h = <const eng_rec_header *>(p + q)
+            if (h.offset >= expect and h.offset - expect <= (q - pos) // _HDR
+                    and h.key_len <= length - _HDR
+                    and not (h.flags & ~(<uint32_t>ENG_REC_FLAGS_KNOWN))
+                    and _rec_crc(p + q, length) == h.crc):
+                return <Py_ssize_t>q
+        q += 8
+    return -1
+
+
 cdef int _sync_range(int fd, uint8_t *p, size_t lo, size_t hi) noexcept nogil:
     """Make the pages of [lo, hi) durable (see eng_log_sync_range); 0 or -1."""
     cdef size_t a = lo - (lo % _PAGE)
@@ -335,7 +360,7 @@ cdef _discard(str path):
 
 cdef _atomic_write(str directory, str name, bytes data, bint durable):
     """Write temp, (fsync), rename, (fsync dir): the file is old or new, never torn."""
-    tmp = _os.path.join(directory, f".{name}.{_os.getpid()}.tmp")
+    tmp = _os.path.join(directory, f".{name}.{_os.getpid()}.{_threading.get_ident()}.tmp")
     fd = _os.open(tmp, _os.O_WRONLY | _os.O_CREAT | _os.O_TRUNC, 0o600)
     try:
         try:
@@ -1307,6 +1332,7 @@ cdef class Log:
                     raise CorruptLog(_os.path.join(path, _seg_name(ck_base)), ck_pos,
                                      "the checkpoint's segment is missing")
         self._was_clean = bool(clean)
+        walked = []  # segment files whose records recovery accepts past the checkpoint
         i = bases.index(ck_base)
         self._bases = bases[:i]
         for b in self._bases:
@@ -1321,6 +1347,19 @@ cdef class Log:
         if ck_pos < _SEGHDR or ck_pos > s.size:
             raise CorruptLog(spath, ck_pos, f"segment is shorter than the last checkpoint ({s.size} bytes)")
         covered = _load_index(path, s) if clean else 0
+        if covered >= ck_pos:
+            # from the last index entry, not the checkpoint: the last record's
+            # timestamp (timestamps never go back) comes from the records
+            if s.ix_n:
+                pos = s.ix_pos[s.ix_n - 1]
+                off_out = s.base + s.ix_rel[s.ix_n - 1]
+            else:
+                pos = _SEGHDR
+                off_out = s.base
+            ts = s.created_ns
+            r = _scan(s, pos, off_out, True, &pos, &off_out, &ts, &why)
+            if pos < ck_pos or (pos == ck_pos and off_out != ck_next):
+                covered = 0  # a stale index: check everything from the start
         if covered < ck_pos:
             # (re)build the index from the start, verifying the known-good part
             s.ix_n = 0
@@ -1330,11 +1369,7 @@ cdef class Log:
             if pos < ck_pos or (pos == ck_pos and off_out != ck_next):
                 raise CorruptLog(spath, pos, _WHY.get(why, "records end before the last checkpoint")
                                  if r == R_BAD else "records end before the last checkpoint")
-        else:
-            pos = ck_pos
-            off_out = ck_next
-            ts = s.ix_ts[s.ix_n - 1] if s.ix_n else s.created_ns
-            r = _scan(s, pos, ck_next, True, &pos, &off_out, &ts, &why)
+        walked.append(spath)
         # walk forward through later segments
         while True:
             if r == R_EOS:
@@ -1349,15 +1384,18 @@ cdef class Log:
                     spath = _os.path.join(path, _seg_name(nxt_base))
                     s2 = _map_seg(spath, True, nxt_base, self._log_id_bytes, False, True)
                     if s2 is None:
+                        self._check_no_records_after(s, later, pos)
                         _logger.warning("log %s: dropping segment %s with a damaged header (torn roll)",
                                         path, spath)
                         for b in later:
                             _remove_segment(path, b)
                         self._bases.append(s.base)
+                        self._sync_recovered(walked)
                         self._create_segment(nxt_base, ts)
                         self._next = nxt_base
                         break
                     s = s2
+                    walked.append(spath)
                     ts = max(ts, s.created_ns)
                     r = _scan(s, _SEGHDR, nxt_base, True, &pos, &off_out, &ts, &why)
                     continue
@@ -1365,16 +1403,23 @@ cdef class Log:
                     _logger.warning("log %s: dropping segment %020d not chained to the log", path, b)
                     _remove_segment(path, b)
                 self._seal(s, pos)
+                self._sync_recovered(walked)
                 self._create_segment(nxt_base, ts)
                 self._next = nxt_base
                 break
-            # R_END or R_BAD: the log ends here
+            # R_END or R_BAD: the log ends here, unless valid data follows:
+            # then it is damage (CorruptLog; `repair --truncate` cuts it)
             later = [b for b in bases if b > s.base]
+            q = _valid_after(s.p, s.size, pos, off_out)
+            if q >= 0:
+                raise CorruptLog(s.path, pos, f"{_WHY.get(why, 'a zero length word') if r == R_BAD else 'a zero length word'} "
+                                 f"followed by a valid record at byte {q}: damage, not a torn tail")
+            self._check_no_records_after(s, later, pos)
             for b in later:
-                _logger.warning("log %s: dropping segment %020d after the torn tail of %s", path, b, s.path)
+                _logger.warning("log %s: dropping segment %020d (no records) after the torn tail of %s", path, b, s.path)
                 _remove_segment(path, b)
             if r == R_BAD:
-                _logger.warning("log %s: torn tail in %s at byte %d (%s): truncated; records from offset %d on were never acknowledged as durable",
+                _logger.warning("log %s: torn tail in %s at byte %d (%s) after the last checkpoint: truncated from offset %d",
                                 path, s.path, pos, _WHY.get(why, "?"), off_out)
             self._zero_tail(s, pos)
             s = self._grow_back(s)
@@ -1384,6 +1429,10 @@ cdef class Log:
             self._next = off_out
             break
         s = self._active
+        # durable before visible: what recovery accepted (maybe only in the
+        # page cache of a killed writer) is synced before readers see it and
+        # before a checkpoint covers it
+        self._sync_recovered(walked)
         s.synced = self._pos
         s.zeroed = self._pos  # beyond it: zeros, maybe still unwritten blocks
         self._durable = self._next
@@ -1395,6 +1444,30 @@ cdef class Log:
         eng_store_release_u64(&self._notify.n.active_base, s.base)
         self._last_ts = max(ts, s.created_ns)
         self._write_ckpt(False)
+
+    cdef _sync_recovered(self, list paths):
+        """fdatasync the segments recovery accepted and fsync the directory
+        (a writer in "none" mode synced neither); a failure fails the open."""
+        try:
+            _sync_paths(paths)
+            _fsync_dir(self._path)
+        except OSError as exc:
+            raise LogBroken(self._path, f"recovery could not sync {len(paths)} segment(s) "
+                            f"({_os.strerror(exc.errno) if exc.errno else exc})",
+                            exc.errno or _errno.EIO) from None
+        del paths[:]
+
+    cdef _check_no_records_after(self, _Seg s, list later, size_t pos):
+        """CorruptLog when a later segment holds a record: the log cannot end
+        in s (a roll syncs the end marker before the next segment exists)."""
+        cdef _Seg s2
+        cdef int why = W_NONE
+        for b in later:
+            spath = _os.path.join(self._path, _seg_name(b))
+            s2 = _map_seg(spath, False, b, self._log_id_bytes, False, True)
+            if s2 is not None and _rec_check(s2.p, s2.size, _SEGHDR, b, True, &why) in (R_REC, R_EOS):
+                raise CorruptLog(s.path, pos, f"the segment ends without its end marker but segment "
+                                 f"{_seg_name(b)} after it holds records: damage, not a torn tail")
 
     cdef _check_sealed_index(self, uint64_t base):
         """Rebuild the index files of a sealed segment when missing or stale."""
@@ -1481,9 +1554,15 @@ cdef class Log:
         except BaseException:
             _discard(tmp)  # give back what fallocate took before it failed
             raise
-        if self._durability != D_NONE:
-            _fsync_dir(path)
-        s = _map_seg(final, True, base, self._log_id_bytes, True)
+        try:
+            if self._durability != D_NONE:
+                _fsync_dir(path)
+            s = _map_seg(final, True, base, self._log_id_bytes, True)
+        except BaseException:
+            # no orphan: a segment nobody appends to would read as the log's
+            # next segment at the following open
+            _discard(final)
+            raise
         s.synced = _SEGHDR
         s.zeroed = _SEGHDR
         self._active = s
@@ -1498,7 +1577,19 @@ cdef class Log:
         self._last_ts = max(self._last_ts, created)
 
     cdef _write_ckpt(self, bint clean):
-        _write_checkpoint(self._path, self._active.base, self._pos, self._next, clean)
+        self._ckpt_at(self._active.base, self._pos, self._next, clean)
+
+    cdef _ckpt_at(self, uint64_t base, size_t pos, uint64_t nxt, bint clean):
+        """Write the checkpoint (base, pos, nxt): every record before it is
+        durable and intact, so damage there is CorruptLog, never a torn tail.
+        One writer at a time (syncing and rolling threads), never backwards."""
+        with self._ckpt_lock:
+            if (base, pos) < (self._ckpt_base, self._ckpt_pos) and not clean:
+                return
+            _write_checkpoint(self._path, base, pos, nxt, clean)
+            self._ckpt_base = base
+            self._ckpt_pos = pos
+            self._ckpt_ns = eng_now_ns()
 
     cdef _release(self):
         if self._real is not None:
@@ -1892,6 +1983,22 @@ cdef class Log:
                     self._publish(hi, nxt)
                     self._wake()
                 self._n_syncs += 1
+                if s is self._active and eng_now_ns() - self._ckpt_ns >= _CKPT_EVERY_NS:
+                    # the recovery point follows the durable end (Kafka's
+                    # recovery-point checkpoint): damage before it is never
+                    # taken for a torn tail
+                    self._syncing = True
+                    cond.release()
+                    try:
+                        try:
+                            self._ckpt_at(s.base, hi, nxt, False)
+                        except OSError as exc:
+                            raise self._fail(exc.errno or _errno.EIO,
+                                             f"writing the checkpoint of {self._path} failed")
+                    finally:
+                        cond.acquire()
+                        self._syncing = False
+                        cond.notify_all()
                 if _sync_hook is not None:
                     _call_hook(self._path, {"kind": "data", "segment": s.base, "position": hi,
                                             "next_offset": nxt})
