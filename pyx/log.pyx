@@ -726,17 +726,33 @@ cdef object _scan_mapped(object mm, str name, object base, object lid):
         PyBuffer_Release(&buf)
 
 
+cdef bint _writer_holds_lock(str path) except -1:
+    """True while some writer holds the directory's lock: tested on the lock
+    itself (a non-blocking shared flock), never by the pid written in it (a
+    reused pid, or this very process, would look alive)."""
+    import fcntl
+    try:
+        fd = _os.open(_os.path.join(path, "writer.lock"), _os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (_errno.EWOULDBLOCK, _errno.EAGAIN, _errno.EACCES):
+                return True
+            raise
+        return False  # closing the fd drops the shared lock at once
+    finally:
+        _os.close(fd)
+
+
 cdef object _live_published(str path, uint64_t base):
-    """The published end of segment `base` while a writer process is alive
-    and appending there, else None (see log_layout.h)."""
+    """The published end of segment `base` while a writer holds the log and
+    appends there, else None (see log_layout.h)."""
     cdef _Notify nt
     cdef uint64_t p
-    try:
-        with open(_os.path.join(path, "writer.lock"), "rb") as f:
-            pid = int(f.read(32).decode().strip() or 0)
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    if pid <= 0 or not eng_pid_alive(pid):
+    if not _writer_holds_lock(path):
         return None
     nt = _open_notify(path, False)
     if nt is None:
@@ -751,6 +767,45 @@ cdef object _live_published(str path, uint64_t base):
         return <size_t>(p & 0xFFFFFFFFu)
     finally:
         nt.close()
+
+
+cdef tuple _read_all(int fd, size_t size):
+    """(bytearray of the file, 0, None), or (None, position, reason) when a
+    read fails (EIO on a damaged sector)."""
+    buf = bytearray(size)
+    view = memoryview(buf)
+    cdef size_t at = 0
+    try:
+        while at < size:
+            n = _os.preadv(fd, [view[at:at + min(size - at, 1 << 20)]], at)
+            if n == 0:
+                return None, at, "file shrank while being read"
+            at += n
+    except OSError as exc:
+        return None, at, f"unreadable at byte {at} ({_os.strerror(exc.errno) if exc.errno else exc})"
+    finally:
+        view.release()
+    return buf, 0, None
+
+
+cdef _probe_readable(str spath, size_t start):
+    """CorruptLog when the segment cannot be read from start on (EIO): the
+    scan that follows reads it through a mapping, where the same damage
+    would be a fatal SIGBUS."""
+    fd = _os.open(spath, _os.O_RDONLY)
+    try:
+        size = _os.fstat(fd).st_size
+        at = start - start % _PAGE
+        while at < size:
+            try:
+                n = len(_os.pread(fd, min(size - at, 1 << 20), at))
+            except OSError as exc:
+                raise CorruptLog(spath, at, f"unreadable ({_os.strerror(exc.errno) if exc.errno else exc})") from None
+            if n == 0:
+                break
+            at += n
+    finally:
+        _os.close(fd)
 
 
 def verify(path):
@@ -769,23 +824,28 @@ def verify(path):
     bases = _list_segments(path)
     for i, base in enumerate(bases):
         spath = _os.path.join(path, _seg_name(base))
+        # the published end before the scan: bytes the scan finds past it are
+        # a live writer's tail in progress; read after, it could cover bytes
+        # the scan saw half-written
+        pub = _live_published(path, base) if i == len(bases) - 1 else None
         fd = _os.open(spath, _os.O_RDONLY)
         try:
             size = _os.fstat(fd).st_size
             if size == 0:
                 results.append(ScanResult(spath, base, 0, base, 0, False, "empty segment file", 0, 0))
                 continue
-            mm = _mmap.mmap(fd, size, prot=_mmap.PROT_READ)
+            # read, not mapped: a damaged sector is an EIO here, where a
+            # mapping would kill the process with SIGBUS
+            data, bad_at, why = _read_all(fd, size)
         finally:
             _os.close(fd)
-        try:
-            res = _scan_mapped(mm, spath, base, lid)
-        finally:
-            mm.close()
+        if why is not None:
+            results.append(ScanResult(spath, base, 0, base, bad_at, False, why, bad_at, bad_at))
+            continue
+        res = _scan_mapped(data, spath, base, lid)
         if res.error is not None and i == len(bases) - 1:
             # a live writer's unpublished tail (framed but not yet synced and
             # published) is in progress, not damage
-            pub = _live_published(path, base)
             if pub is not None and res.error_position >= pub:
                 res.error = None
                 res.error_position = 0
@@ -1247,7 +1307,16 @@ cdef class Log:
         self._unsynced_old = []
         self._bases = []
 
+        made = []  # directories this open creates, deepest first
+        d = _os.path.abspath(path)
+        while not _os.path.isdir(d):
+            made.append(d)
+            d = _os.path.dirname(d)
         _os.makedirs(path, mode=0o700, exist_ok=True)
+        for d in made:
+            # each new directory's entry must be durable too, or a power loss
+            # takes the whole log with it
+            _fsync_dir(_os.path.dirname(d))
         real = _os.path.realpath(path)
         if real in _open_writers:
             raise LogLocked(path, _os.getpid())
@@ -1339,6 +1408,7 @@ cdef class Log:
             self._check_sealed_index(b)
         # the checkpoint segment must be intact up to the checkpoint
         spath = _os.path.join(path, _seg_name(ck_base))
+        _probe_readable(spath, 0)
         s = _map_seg(spath, True, ck_base, self._log_id_bytes, False, True)
         if s is None:
             # tolerated only when the segment was created after the checkpoint
@@ -1382,6 +1452,7 @@ cdef class Log:
                 if later and later[0] == nxt_base:
                     self._seal(s, pos)
                     spath = _os.path.join(path, _seg_name(nxt_base))
+                    _probe_readable(spath, 0)
                     s2 = _map_seg(spath, True, nxt_base, self._log_id_bytes, False, True)
                     if s2 is None:
                         self._check_no_records_after(s, later, pos)

@@ -2,7 +2,7 @@
  * shim.c -- LD_PRELOAD fault injection for the engine's tests
  * (built by tests/faultkit.py with the system C compiler; never shipped).
  *
- * Wraps the file syscalls the log and its journals make and, while armed,
+ * Wraps the file syscalls (and pread/preadv, for read errors of damaged sectors) the log and its journals make and, while armed,
  * counts them and fails one chosen call -- SQLite's "ioerr" tests, done
  * from outside against the real compiled code.  The compiled modules call
  * libc through the PLT, so the dynamic linker routes them here.
@@ -34,9 +34,9 @@
 #include <unistd.h>
 
 enum { F_PWRITE, F_WRITE, F_FDATASYNC, F_FSYNC, F_MSYNC, F_FALLOCATE, F_FTRUNCATE,
-       F_RENAME, F_OPEN, F_MMAP, F_N };
+       F_RENAME, F_OPEN, F_MMAP, F_PREAD, F_N };
 static const char *names[F_N] = {"pwrite", "write", "fdatasync", "fsync", "msync",
-                                 "fallocate", "ftruncate", "rename", "open", "mmap"};
+                                 "fallocate", "ftruncate", "rename", "open", "mmap", "pread"};
 
 static int armed;               /* qe_fi_arm(1) ran and qe_fi_arm(0) did not */
 static int inited;
@@ -268,3 +268,31 @@ void *mmap(void *addr, size_t n, int prot, int flags, int fd, off_t off) {
 void *mmap64(void *addr, size_t n, int prot, int flags, int fd, off_t off) {
     return do_mmap("mmap64", addr, n, prot, flags, fd, off);
 }
+
+static ssize_t do_pread(const char *sym, int fd, void *buf, size_t n, off_t off) {
+    REAL(ssize_t, sym, int, void *, size_t, off_t);
+    int e = decide(F_PREAD, fd_counts(fd));
+    if (e > 0) { errno = e; return -1; }
+    return real(fd, buf, n, off);
+}
+ssize_t pread(int fd, void *buf, size_t n, off_t off) { return do_pread("pread", fd, buf, n, off); }
+ssize_t pread64(int fd, void *buf, size_t n, off_t off) { return do_pread("pread64", fd, buf, n, off); }
+
+#include <sys/uio.h>
+static ssize_t do_preadv(const char *sym, int fd, const struct iovec *iov, int cnt, off_t off) {
+    REAL(ssize_t, sym, int, const struct iovec *, int, off_t);
+    int e = decide(F_PREAD, fd_counts(fd));
+    if (e > 0) { errno = e; return -1; }
+    return real(fd, iov, cnt, off);
+}
+ssize_t preadv(int fd, const struct iovec *iov, int cnt, off_t off) { return do_preadv("preadv", fd, iov, cnt, off); }
+ssize_t preadv64(int fd, const struct iovec *iov, int cnt, off_t off) { return do_preadv("preadv64", fd, iov, cnt, off); }
+
+static ssize_t do_preadv2(const char *sym, int fd, const struct iovec *iov, int cnt, off_t off, int fl) {
+    REAL(ssize_t, sym, int, const struct iovec *, int, off_t, int);
+    int e = decide(F_PREAD, fd_counts(fd));
+    if (e > 0) { errno = e; return -1; }
+    return real(fd, iov, cnt, off, fl);
+}
+ssize_t preadv2(int fd, const struct iovec *iov, int cnt, off_t off, int fl) { return do_preadv2("preadv2", fd, iov, cnt, off, fl); }
+ssize_t preadv64v2(int fd, const struct iovec *iov, int cnt, off_t off, int fl) { return do_preadv2("preadv64v2", fd, iov, cnt, off, fl); }
