@@ -816,8 +816,12 @@ def verify(path):
     unsealed.  Read-only: safe while a writer is running (the active
     segment's in-progress tail reads as its end).
     """
-    cdef _Seg s
-    path = _os.fspath(path)
+    return _verify(_os.fspath(path), True)
+
+
+cdef list _verify(str path, bint writer_may_run):
+    """verify(); writer_may_run=False when the caller holds the lock itself
+    (repair): no tail is then in progress."""
     meta = _read_meta(path)
     lid = meta["log_uuid"].bytes
     results = []
@@ -827,7 +831,7 @@ def verify(path):
         # the published end before the scan: bytes the scan finds past it are
         # a live writer's tail in progress; read after, it could cover bytes
         # the scan saw half-written
-        pub = _live_published(path, base) if i == len(bases) - 1 else None
+        pub = _live_published(path, base) if writer_may_run and i == len(bases) - 1 else None
         fd = _os.open(spath, _os.O_RDONLY)
         try:
             size = _os.fstat(fd).st_size
@@ -878,7 +882,7 @@ def repair_truncate(path):
     lock_fd = _take_lock(path)
     try:
         for _pass in range(3):
-            results = verify(path)
+            results = _verify(path, False)
             bad = next((r for r in results if r.error is not None), None)
             if bad is None:
                 break

@@ -39,6 +39,16 @@ def test_a_live_pid_in_writer_lock_does_not_hide_damage(tmp_path, pid):
     assert bad and "non-zero bytes" in bad[0].error
 
 
+def test_repair_holding_the_lock_itself_still_sees_the_damage(tmp_path):
+    d = str(tmp_path / "log")
+    end = _crashed_log_with_garbage_tail(d)
+    bad = _log.repair_truncate(d)
+    assert bad is not None and bad.error_position == end
+    assert all(r.error is None for r in _log.verify(d))
+    with engine.Log(d, durability="none", segment_bytes=1 << 16) as log:
+        assert log.next_offset == 30
+
+
 def test_a_writer_holding_the_lock_still_hides_its_tail_in_progress(tmp_path):
     d = str(tmp_path / "log")
     with engine.Log(d, durability="none", segment_bytes=1 << 16) as log:
