@@ -129,12 +129,14 @@ _GROUP_RE = _re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SEG_HEADER = _struct.Struct("<8sIIQQ16sqII")
 _INDEX_HEADER = _struct.Struct("<8sQIIII")
 _CHECKPOINT = _struct.Struct("<8sQQQII")
-_GROUP = _struct.Struct("<8sQI")
+_GROUP = _struct.Struct("<8sQI")        # first format: magic, offset, crc
+_GROUP2 = _struct.Struct("<8sQQI4x")    # magic, offset, epoch (truncations known at the reader's open), crc
 _SEG_MAGIC = b"QELOGSG1"
 _IDX_MAGIC = b"QELOGIX1"
 _TIX_MAGIC = b"QELOGTX1"
 _CKPT_MAGIC = b"QELOGCK1"
 _GROUP_MAGIC = b"QELOGGR1"
+_GROUP2_MAGIC = b"QELOGGR2"
 
 # in-process registry of directories with an open writer: fcntl/flock alone
 # would let a second Log in the same process through on some platforms.
@@ -421,18 +423,66 @@ def _check_group(group):
 
 cdef object _read_group(str path, str group):
     """Committed offset of a group, or None if it never committed."""
+    got = _read_group_epoch(path, group)
+    return None if got is None else got[0]
+
+
+cdef object _read_group_epoch(str path, str group):
+    """(committed offset, epoch) of a group, or None if it never committed.
+    The first file format has no epoch: 0."""
     gpath = _os.path.join(path, "groups", group)
     try:
         with open(gpath, "rb") as f:
             data = f.read(64)
     except FileNotFoundError:
         return None
-    if len(data) != _GROUP.size:
+    if len(data) == _GROUP.size:
+        magic, off, crc = _GROUP.unpack(data)
+        if magic != _GROUP_MAGIC or eng_crc32c(0, PyBytes_AS_STRING(data), 16) != crc:
+            raise CorruptLog(gpath, 0, "group file fails its check")
+        return off, 0
+    if len(data) != _GROUP2.size:
         raise CorruptLog(gpath, 0, "group file has the wrong size")
-    magic, off, crc = _GROUP.unpack(data)
-    if magic != _GROUP_MAGIC or eng_crc32c(0, PyBytes_AS_STRING(data), 16) != crc:
+    magic, off, epoch, crc = _GROUP2.unpack(data)
+    if magic != _GROUP2_MAGIC or eng_crc32c(0, PyBytes_AS_STRING(data), 24) != crc:
         raise CorruptLog(gpath, 0, "group file fails its check")
-    return off
+    return off, epoch
+
+
+# ---------------------------------------------------------------- truncations
+# The `truncations` file lists, in order, the offset from which each unclean
+# recovery or repair may have changed the log: records at or past it that a
+# reader saw before may be gone, and new records may reuse their offsets.
+# Truncation i (from 1) is epoch i.  A group commit stores the epoch its
+# reader opened in; a group behind a later truncation whose committed offset
+# is past that truncation resumes there (a logged reset), so it never skips
+# the new records that reuse those offsets.
+
+cdef list _read_truncations(str path):
+    tpath = _os.path.join(path, "truncations")
+    try:
+        with open(tpath, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return []
+    try:
+        doc = _json.loads(raw.decode("utf-8"))
+        offs = [int(o) for o in doc["offsets"]]
+        body = _json.dumps(offs).encode()
+        if eng_crc32c(0, PyBytes_AS_STRING(body), len(body)) != doc["crc"]:
+            raise ValueError("crc")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise CorruptLog(tpath, 0, "truncations file fails its check") from None
+    return offs
+
+
+cdef _note_truncation(str path, uint64_t at):
+    """Record (durably) that records from offset `at` on may have changed."""
+    offs = _read_truncations(path)
+    offs.append(int(at))
+    body = _json.dumps(offs).encode()
+    doc = {"offsets": offs, "crc": eng_crc32c(0, PyBytes_AS_STRING(body), len(body))}
+    _atomic_write(path, "truncations", _json.dumps(doc).encode(), True)
 
 
 cdef dict _all_groups(str path):
@@ -937,6 +987,8 @@ def repair_truncate(path):
             if bad.sealed or cut != bad.end_position:
                 pass
             _write_checkpoint(path, base, cut, bad.next_offset, False)
+        if first_bad is not None:
+            _note_truncation(path, first_bad.next_offset)
         _fsync_dir(path)
     finally:
         _os.close(lock_fd)
@@ -1508,6 +1560,10 @@ cdef class Log:
         # page cache of a killed writer) is synced before readers see it and
         # before a checkpoint covers it
         self._sync_recovered(walked)
+        if not clean:
+            # records past the recovered end may have been read before the
+            # crash (see _note_truncation): groups past it resume here
+            _note_truncation(path, self._next)
         s.synced = self._pos
         s.zeroed = self._pos  # beyond it: zeros, maybe still unwritten blocks
         self._durable = self._next
@@ -2318,6 +2374,11 @@ cdef class LogReader:
     ``group`` names a consumer group: the reader resumes at the group's
     committed offset (or ``start`` if it never committed) and ``commit()``
     stores its position durably (at-least-once: process, then commit).
+    If the log lost records past the group's committed offset since (an
+    unclean recovery cut a tail that readers had seen, or ``repair``), the
+    group resumes at the first offset that may have changed, with a warning
+    on the ``"engine"`` logger, so it never skips new records that reuse
+    those offsets.
 
     Iterating (``for rec in reader``) returns records up to the current end
     and stops, like a file; ``poll(timeout)`` waits for the next record.
@@ -2341,6 +2402,7 @@ cdef class LogReader:
     cdef bint _closed            # close() ran
     cdef size_t _zero_checked    # position where a "zero length" was last checked against later segments
     cdef size_t _lim             # records of _seg below this are published (0: ask the notify block)
+    cdef uint64_t _epoch         # truncations known when the reader opened (stored with commits)
 
     def __cinit__(self):
         self._closed = True
@@ -2368,11 +2430,47 @@ cdef class LogReader:
         self._zero_checked = <size_t>-1
         self._notify = _open_notify(path, False)
         self._closed = False
+        truncs = _read_truncations(path)
+        self._epoch = len(truncs)
         if group is not None:
-            committed = _read_group(path, group)
-            if committed is not None:
-                start = committed
+            got = _read_group_epoch(path, group)
+            if got is not None:
+                start = self._group_start(got[0], got[1], truncs)
         self._seek(0 if start is None else start, start is not None)
+
+    cdef object _group_start(self, uint64_t committed, uint64_t epoch, list truncs):
+        """Where a group resumes: its committed offset, unless the log was
+        truncated below it since (a later truncation, or the end is before
+        it): then the first offset that may have changed, logged."""
+        cdef uint64_t at = committed
+        for t in truncs[epoch:]:
+            if t < at:
+                at = t
+        if at == committed:
+            end = self._end_offset_now()
+            if end is not None and end < committed:
+                at = end
+        if at != committed:
+            _logger.warning("log %s: group %r committed offset %d, but the log was truncated "
+                            "below it (records from %d on may have changed); resuming at %d",
+                            self._path, self._group, committed, at, at)
+        return at
+
+    cdef object _end_offset_now(self):
+        """The log's end as the segment files say (None when unknown)."""
+        cdef _Seg s
+        cdef size_t pos
+        cdef uint64_t off
+        cdef int64_t ts = 0
+        cdef int why = W_NONE
+        bases = _list_segments(self._path)
+        if not bases:
+            return None
+        s = self._open_seg(bases[-1])
+        if s is None:
+            return None
+        _scan(s, _SEGHDR, s.base, False, &pos, &off, &ts, &why)
+        return off
 
     cdef _check_open(self):
         if self._closed:
@@ -2811,11 +2909,11 @@ cdef class LogReader:
             raise TypeError("offset must be an int or None")
         elif offset < 0:
             raise ValueError(f"offset must be >= 0, not {offset}")
-        raw = _GROUP.pack(_GROUP_MAGIC, offset, 0)
-        crc = eng_crc32c(0, PyBytes_AS_STRING(raw), 16)
+        raw = _GROUP2.pack(_GROUP2_MAGIC, offset, self._epoch, 0)
+        crc = eng_crc32c(0, PyBytes_AS_STRING(raw), 24)
         gdir = _os.path.join(self._path, "groups")
         _os.makedirs(gdir, mode=0o700, exist_ok=True)
-        _atomic_write(gdir, self._group, raw[:16] + _struct.pack("<I", crc), True)
+        _atomic_write(gdir, self._group, raw[:24] + _struct.pack("<I", crc) + bytes(4), True)
         _call_hook(self._path, {"kind": "group", "group": self._group, "offset": offset})
 
     def committed(self):
