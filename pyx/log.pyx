@@ -1035,8 +1035,13 @@ cdef int _take_lock(str path) except -1:
         if exc.errno in (_errno.EWOULDBLOCK, _errno.EAGAIN, _errno.EACCES):
             raise LogLocked(path, holder) from None
         raise
-    _os.ftruncate(fd, 0)
-    _os.pwrite(fd, f"{_os.getpid()}\n".encode(), 0)
+    try:
+        # the pid is for messages only (LogLocked says who holds it): the
+        # lock is the flock, so failing to write it fails nothing
+        _os.ftruncate(fd, 0)
+        _os.pwrite(fd, f"{_os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass
     return fd
 
 

@@ -49,6 +49,7 @@ static size_t prefix_len;
 static const char *out_path;
 static long counts[F_N];
 static long total;
+static long nfaults;            /* faults injected so far */
 static char faults[4096];       /* "fault ..." lines, appended */
 static size_t faults_len;
 
@@ -102,6 +103,9 @@ void qe_fi_arm(int on) {
     if (!on) dump();
 }
 
+/* Faults injected so far: a workload checks whether one fired inside a call. */
+long qe_fi_nfaults(void) { return __atomic_load_n(&nfaults, __ATOMIC_SEQ_CST); }
+
 __attribute__((destructor)) static void at_exit_dump(void) {
     if (armed) dump();
 }
@@ -130,6 +134,7 @@ static int decide(int f, int counted) {
     long k = target == -1 ? t : (target == f ? c : -1);
     if (k < 0 || !(k == nth || (sticky && k > nth))) return 0;
     if (err_kind == -1 && f != F_PWRITE && f != F_WRITE) return 0;
+    __atomic_add_fetch(&nfaults, 1, __ATOMIC_SEQ_CST);
     if (faults_len < sizeof faults - 128) {
         const char *en = err_kind == -1 ? "SHORT" : err_kind == EIO ? "EIO" :
                          err_kind == ENOSPC ? "ENOSPC" : err_kind == EFBIG ? "EFBIG" : "EINTR";
