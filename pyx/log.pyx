@@ -1442,7 +1442,7 @@ cdef class Log:
         if not bases:
             nxt = 0 if ck is None else ck[2]
             self._bases = []
-            self._create_segment(nxt, 0)
+            self._create_segment(nxt, 0, True)
             self._next = nxt
             self._durable = nxt
             self._write_ckpt(False)
@@ -1523,7 +1523,7 @@ cdef class Log:
                             _remove_segment(path, b)
                         self._bases.append(s.base)
                         self._sync_recovered(walked)
-                        self._create_segment(nxt_base, ts)
+                        self._create_segment(nxt_base, ts, True)
                         self._next = nxt_base
                         break
                     s = s2
@@ -1536,7 +1536,7 @@ cdef class Log:
                     _remove_segment(path, b)
                 self._seal(s, pos)
                 self._sync_recovered(walked)
-                self._create_segment(nxt_base, ts)
+                self._create_segment(nxt_base, ts, True)
                 self._next = nxt_base
                 break
             # R_END or R_BAD: the log ends here, unless valid data follows:
@@ -1591,6 +1591,7 @@ cdef class Log:
             raise LogBroken(self._path, f"recovery could not sync {len(paths)} segment(s) "
                             f"({_os.strerror(exc.errno) if exc.errno else exc})",
                             exc.errno or _errno.EIO) from None
+        _call_hook(self._path, {"kind": "recovery", "segments": [_os.path.basename(p) for p in paths]})
         del paths[:]
 
     cdef _check_no_records_after(self, _Seg s, list later, size_t pos):
@@ -1642,6 +1643,7 @@ cdef class Log:
             _os.fsync(fd)
         finally:
             _os.close(fd)
+        _call_hook(self._path, {"kind": "recovery", "segments": [_os.path.basename(s.path)]})
         n_ix = s.ix_n
         s2 = _map_seg(s.path, True, s.base, self._log_id_bytes, True)
         memcpy(s2.ix_rel, s.ix_rel, n_ix * sizeof(uint32_t))
@@ -1662,6 +1664,7 @@ cdef class Log:
             self._recovered_bytes += tail - pos
             if _sync_range(s.fd, s.p, pos, tail) != 0:
                 raise OSError(_errno.EIO, f"sync of {s.path} failed during recovery")
+            _call_hook(self._path, {"kind": "recovery", "segments": [_os.path.basename(s.path)]})
 
     cdef _seal(self, _Seg s, size_t pos):
         """Bookkeeping for a sealed segment met during recovery."""
@@ -1670,8 +1673,11 @@ cdef class Log:
         if not _os.path.exists(_os.path.join(self._path, f"{s.base:020d}.idx")):
             _write_index(self._path, s, pos)
 
-    cdef _create_segment(self, uint64_t base, int64_t min_ts):
-        """Create, preallocate and map segment `base`; it becomes _active."""
+    cdef _create_segment(self, uint64_t base, int64_t min_ts, bint durable=False):
+        """Create, preallocate and map segment `base`; it becomes _active.
+        Synced (file and directory) unless durability="none" and not `durable`
+        (recovery: the checkpoint written next names it)."""
+        durable = durable or self._durability != D_NONE
         path = self._path
         name = _seg_name(base)
         final = _os.path.join(path, name)
@@ -1682,7 +1688,7 @@ cdef class Log:
             try:
                 _reserve_file(fd, self._segment_bytes)  # ENOSPC here: the log stays as it was
                 _os.pwrite(fd, _make_seg_header(base, self._segment_bytes, self._log_id_bytes, created), 0)
-                if self._durability != D_NONE:
+                if durable:
                     _os.fsync(fd)
             finally:
                 _os.close(fd)
@@ -1691,7 +1697,7 @@ cdef class Log:
             _discard(tmp)  # give back what fallocate took before it failed
             raise
         try:
-            if self._durability != D_NONE:
+            if durable:
                 _fsync_dir(path)
             s = _map_seg(final, True, base, self._log_id_bytes, True)
         except BaseException:
@@ -1875,6 +1881,9 @@ cdef class Log:
                 err = errno
             if rc != 0:
                 raise self._fail(err, f"sync of {old.path} failed at its roll")
+            if _sync_hook is not None:
+                _call_hook(self._path, {"kind": "data", "segment": old.base, "position": endpos,
+                                        "next_offset": self._next})
         try:
             _write_index(self._path, old, self._pos)
             self._create_segment(self._next, ts)
