@@ -287,6 +287,45 @@ except Exception as exc:
 report(out)
 """
 
+SAGA = """
+import engine
+from engine.saga import Saga, SagaState, list_sagas
+d = {d!r}
+def make():
+    s = Saga(d, durability="always", segment_bytes=1 << 16, retries=0, compensate_retries=1,
+             backoff=0.001)
+    s.step("a", lambda sc: "ra", lambda sc: None).step("b", lambda sc: "rb", lambda sc: None)
+    return s
+t = Tally()
+acked, tried = [], set()
+arm()
+ok, sg = t.op(make)
+if ok:
+    for i in range(12):
+        tried.add("s%d" % i)
+        ok, _ = t.op(sg.run, None, saga_id="s%d" % i)
+        if ok:
+            acked.append("s%d" % i)
+    t.release(sg.close)
+disarm()
+out = t.as_dict()
+out.update(lost=0, corrupt=0, works=False)
+try:
+    sg2 = make()
+    sg2.recover()
+    infos = dict((x.saga_id, x) for x in list_sagas(d))
+    out["lost"] = sum(1 for s in acked if s not in infos or infos[s].state != SagaState.DONE)
+    out["corrupt"] = sum(1 for s in infos if s not in tried)
+    # every saga begun is finished now, one way or the other
+    out["corrupt"] += sum(1 for x in infos.values() if x.state not in (SagaState.DONE, SagaState.COMPENSATED))
+    sg2.run(None, saga_id="after")
+    out["works"] = any(x.saga_id == "after" and x.state == SagaState.DONE for x in list_sagas(d))
+    sg2.close()
+except Exception as exc:
+    out["error"] = repr(exc)
+report(out)
+"""
+
 COMPONENTS = {
     "Log always": LOG.format(mode="always"),
     "Log interval": LOG.format(mode="interval"),
@@ -295,6 +334,7 @@ COMPONENTS = {
     "VersionedStore": STORE,
     "Deduplicator": DEDUP,
     "Coordinator + 2 LogParticipants": COORD,
+    "Saga": SAGA,
     "durable PriorityQueue": QUEUE.format(kind="priority"),
     "durable KeyedQueue": QUEUE.format(kind="keyed"),
 }
