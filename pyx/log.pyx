@@ -1323,7 +1323,8 @@ cdef class Log:
     cdef uint64_t _ckpt_base      # segment and position of the last checkpoint written
     cdef uint64_t _ckpt_pos
     cdef int64_t _ckpt_ns         # when (monotonic ns): syncs move it at most every _CKPT_EVERY_NS
-    cdef long _pid                # the process that opened the log (a fork's child may not use it)
+    cdef long _pid                # the process that opened the log (for the message)
+    cdef bint _in_child           # set in a fork's child (os.register_at_fork): the handle is inert
     cdef bint _was_clean          # the last stop before this open was clean
     cdef object __weakref__
 
@@ -1764,7 +1765,7 @@ cdef class Log:
 
     cdef int _check_usable(self) except -1:
         """Closed, LogBroken or (in a forked child) Closed unless appends may go on."""
-        if self._pid != _os.getpid():
+        if self._in_child:
             raise Closed(f"log {self._path!r} was opened by process {self._pid}; this process "
                          "(a fork of it) may not use its writer: open the log anew here once "
                          "the parent has closed it")
@@ -2169,7 +2170,7 @@ cdef class Log:
         are left alone."""
         if self._closed:
             return
-        if self._pid != _os.getpid():
+        if self._in_child:
             self._drop_inherited()
             return
         if self._thread is not None:
@@ -2369,6 +2370,7 @@ def _after_fork_in_child():
     cdef Log log
     for obj in list(_live_writers):
         log = <Log>obj
+        log._in_child = True
         if log._lock_fd >= 0:
             _os.close(log._lock_fd)
             log._lock_fd = -1
