@@ -838,13 +838,18 @@ cdef tuple _read_all(int fd, size_t size):
     return buf, 0, None
 
 
-cdef _probe_readable(str spath, size_t start):
-    """CorruptLog when the segment cannot be read from start on (EIO): the
-    scan that follows reads it through a mapping, where the same damage
-    would be a fatal SIGBUS."""
+cdef size_t _PROBE_NEAR = 1 << 20  # clean open: bytes probed either side of the checkpoint
+
+
+cdef _probe_readable(str spath, size_t start, size_t end=0):
+    """CorruptLog when the segment cannot be read in [start, end) (end 0:
+    the file's end) (EIO): the scan that follows reads it through a
+    mapping, where the same damage would be a fatal SIGBUS."""
     fd = _os.open(spath, _os.O_RDONLY)
     try:
         size = _os.fstat(fd).st_size
+        if end and end < size:
+            size = end
         at = start - start % _PAGE
         while at < size:
             try:
@@ -1470,7 +1475,10 @@ cdef class Log:
             self._check_sealed_index(b)
         # the checkpoint segment must be intact up to the checkpoint
         spath = _os.path.join(path, _seg_name(ck_base))
-        _probe_readable(spath, 0)
+        # after a clean stop only the records near the checkpoint are read
+        # (from the last index entry on); else the whole segment may be
+        _probe_readable(spath, 0 if not clean else max(ck_pos, _PROBE_NEAR) - _PROBE_NEAR,
+                        ck_pos + _PROBE_NEAR if clean else 0)
         s = _map_seg(spath, True, ck_base, self._log_id_bytes, False, True)
         if s is None:
             # tolerated only when the segment was created after the checkpoint
@@ -1564,8 +1572,10 @@ cdef class Log:
         s = self._active
         # durable before visible: what recovery accepted (maybe only in the
         # page cache of a killed writer) is synced before readers see it and
-        # before a checkpoint covers it
-        self._sync_recovered(walked)
+        # before a checkpoint covers it.  A clean stop synced everything up
+        # to its checkpoint: nothing to do unless records lie past it
+        if not clean or len(walked) > 1 or self._pos != ck_pos or self._recovered_bytes:
+            self._sync_recovered(walked)
         if not clean:
             # records past the recovered end may have been read before the
             # crash (see _note_truncation): groups past it resume here
