@@ -1273,9 +1273,18 @@ cdef class Log:
       makes everything so far durable in every mode.
 
     After any crash, reopening recovers: it scans from the last checkpoint,
-    keeps every valid record and truncates a torn tail (logged on the
-    ``"engine"`` logger).  A damaged record before the checkpoint raises
-    :class:`engine.CorruptLog` instead of being skipped.
+    keeps every valid record, syncs it before readers see it, and truncates
+    a torn tail (logged on the ``"engine"`` logger).  A damaged record before
+    the checkpoint, or one followed by any valid record or by a later
+    segment holding records, raises :class:`engine.CorruptLog` instead of
+    being skipped (``queue-engine log repair --truncate`` cuts it).
+
+    If a write or a sync fails, the log is broken: that call and every
+    waiting and later ``append``/``append_many``/``flush`` raise
+    :class:`engine.LogBroken` naming the first error (the kernel may have
+    dropped the unsynced pages, so no later success would be true).
+    ``close()`` still releases the directory; reopen to recover.  A forked
+    child cannot use its parent's writer (:class:`engine.Closed`).
 
     One writer per directory: a second ``Log`` on the same directory (in this
     or another process) raises :class:`engine.LogLocked`.  Several threads may
