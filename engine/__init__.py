@@ -17,6 +17,7 @@ from .errors import (
     CorruptLog,
     EngineError,
     IncompatibleRegion,
+    LogBroken,
     LogLocked,
     Timeout,
     TransactionAborted,
@@ -68,6 +69,7 @@ __all__ = [
     "CorruptLog",
     "VersionConflict",
     "TransactionAborted",
+    "LogBroken",
     *_LAZY,
 ]
 

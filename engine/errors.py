@@ -18,6 +18,7 @@ __all__ = [
     "CorruptLog",
     "VersionConflict",
     "TransactionAborted",
+    "LogBroken",
 ]
 
 
@@ -104,3 +105,27 @@ class TransactionAborted(EngineError):
         self.txid = txid
         self.reason = reason
         super().__init__(f"transaction {txid} aborted: {reason}")
+
+
+class LogBroken(EngineError, OSError):
+    """A write or sync of the log failed: the writer refuses everything after it.
+
+    After a failed ``fdatasync``/``msync``/``fsync`` the kernel may have dropped
+    the dirty pages and reports the error only once, so a later sync that
+    succeeds proves nothing (PostgreSQL's "fsyncgate").  Every waiting and later
+    ``append``, ``append_many`` and ``flush`` raises this error, naming the
+    first one (``cause``; ``errno`` is its errno, so it is also an ``OSError``).
+    ``close()`` still releases the directory: reopen the log (``engine.Log``)
+    to recover from what is on disk.
+    """
+
+    def __init__(self, path: str, cause: str, err: int) -> None:
+        self.path = path
+        self.cause = cause
+        OSError.__init__(
+            self, err, f"log {path!r} is broken: {cause}; nothing after that is acknowledged: "
+            "close it and reopen the log to recover from what is on disk"
+        )
+
+    def __str__(self) -> str:
+        return str(self.args[1])

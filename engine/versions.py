@@ -526,6 +526,9 @@ class VersionedStore(_StoreCore):
         # of the compiled _StoreCore, which runs put/get without this module)
         self._snap_thread: Optional[threading.Thread] = None
         self._snap_error: Optional[BaseException] = None
+        # a forked child inherits this object: it may not write snapshots
+        # into the parent's directory (its log refuses appends by itself)
+        self._owner_pid = os.getpid()
         self._snapshots_written = 0
         self._conflicts = 0
         self._merges = 0
@@ -869,7 +872,15 @@ class VersionedStore(_StoreCore):
             raise Closed(f"VersionedStore {self._path!r} is closed")
 
     def close(self) -> None:
-        """Finish a snapshot in flight, write a last one if writes happened since, close the log."""
+        """Finish a snapshot in flight, write a last one if writes happened since, close the log.
+
+        In a forked child it only lets go of the inherited store: no
+        snapshot, nothing written (the parent owns the directory)."""
+        if os.getpid() != self._owner_pid:
+            self._closed = True
+            self._append = _closed_append
+            self._log.close()  # inert in a child: drops the handle, touches no file
+            return
         while True:
             self._join_snapshot_thread()
             with self._lock:

@@ -46,7 +46,7 @@ import time as _time
 import uuid as _uuid
 import weakref as _weakref
 
-from engine.errors import Closed, CorruptLog, LogLocked
+from engine.errors import Closed, CorruptLog, LogBroken, LogLocked
 
 cdef extern from "log_layout.h" nogil:
     int ENG_LOG_FORMAT
@@ -114,6 +114,9 @@ cdef size_t _STAGE_KEEP = 4 << 20    # staging buffer kept between calls up to t
 # with zero-fill ahead, 0.87x without, 200 batches); a background zeroer
 # competes with the writer for the device and is no better (see log_layout.h).
 cdef bint _zero_ahead = False        # durable path writes zeros ahead of the tail
+# a sync moves the checkpoint (the recovery point) at most this often: three
+# more device flushes (temp file, rename, directory) a second
+cdef int64_t _CKPT_EVERY_NS = 1_000_000_000
 
 
 def _set_zero_ahead(on):
@@ -126,12 +129,14 @@ _GROUP_RE = _re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SEG_HEADER = _struct.Struct("<8sIIQQ16sqII")
 _INDEX_HEADER = _struct.Struct("<8sQIIII")
 _CHECKPOINT = _struct.Struct("<8sQQQII")
-_GROUP = _struct.Struct("<8sQI")
+_GROUP = _struct.Struct("<8sQI")        # first format: magic, offset, crc
+_GROUP2 = _struct.Struct("<8sQQI4x")    # magic, offset, epoch (truncations known at the reader's open), crc
 _SEG_MAGIC = b"QELOGSG1"
 _IDX_MAGIC = b"QELOGIX1"
 _TIX_MAGIC = b"QELOGTX1"
 _CKPT_MAGIC = b"QELOGCK1"
 _GROUP_MAGIC = b"QELOGGR1"
+_GROUP2_MAGIC = b"QELOGGR2"
 
 # in-process registry of directories with an open writer: fcntl/flock alone
 # would let a second Log in the same process through on some platforms.
@@ -252,6 +257,28 @@ cdef size_t _last_nonzero(const uint8_t *p, size_t pos, size_t size) noexcept no
     return pos
 
 
+cdef Py_ssize_t _valid_after(const uint8_t *p, size_t size, size_t pos, uint64_t expect) noexcept nogil:
+    """Position of a valid record or end marker after pos (8-byte aligned,
+    CRC32C correct, an offset that fits the bytes between: in [expect,
+    expect + (q - pos) / 32]), or -1.  Damage followed by valid data is
+    corruption, not a torn tail: a torn write leaves nothing valid after it."""
+    cdef size_t end = _last_nonzero(p, pos, size)
+    cdef size_t q = pos + 8
+    cdef uint32_t length
+    cdef const eng_rec_header *h
+    while q + _HDR <= end:
+        length = (<const uint32_t *>(p + q))[0]
+        if length >= _HDR and _align8(length) <= size - q:
+            h = <const eng_rec_header *>(p + q)
+            if (h.offset >= expect and h.offset - expect <= (q - pos) // _HDR
+                    and h.key_len <= length - _HDR
+                    and not (h.flags & ~(<uint32_t>ENG_REC_FLAGS_KNOWN))
+                    and _rec_crc(p + q, length) == h.crc):
+                return <Py_ssize_t>q
+        q += 8
+    return -1
+
+
 cdef int _sync_range(int fd, uint8_t *p, size_t lo, size_t hi) noexcept nogil:
     """Make the pages of [lo, hi) durable (see eng_log_sync_range); 0 or -1."""
     cdef size_t a = lo - (lo % _PAGE)
@@ -335,7 +362,7 @@ cdef _discard(str path):
 
 cdef _atomic_write(str directory, str name, bytes data, bint durable):
     """Write temp, (fsync), rename, (fsync dir): the file is old or new, never torn."""
-    tmp = _os.path.join(directory, f".{name}.{_os.getpid()}.tmp")
+    tmp = _os.path.join(directory, f".{name}.{_os.getpid()}.{_threading.get_ident()}.tmp")
     fd = _os.open(tmp, _os.O_WRONLY | _os.O_CREAT | _os.O_TRUNC, 0o600)
     try:
         try:
@@ -396,18 +423,66 @@ def _check_group(group):
 
 cdef object _read_group(str path, str group):
     """Committed offset of a group, or None if it never committed."""
+    got = _read_group_epoch(path, group)
+    return None if got is None else got[0]
+
+
+cdef object _read_group_epoch(str path, str group):
+    """(committed offset, epoch) of a group, or None if it never committed.
+    The first file format has no epoch: 0."""
     gpath = _os.path.join(path, "groups", group)
     try:
         with open(gpath, "rb") as f:
             data = f.read(64)
     except FileNotFoundError:
         return None
-    if len(data) != _GROUP.size:
+    if len(data) == _GROUP.size:
+        magic, off, crc = _GROUP.unpack(data)
+        if magic != _GROUP_MAGIC or eng_crc32c(0, PyBytes_AS_STRING(data), 16) != crc:
+            raise CorruptLog(gpath, 0, "group file fails its check")
+        return off, 0
+    if len(data) != _GROUP2.size:
         raise CorruptLog(gpath, 0, "group file has the wrong size")
-    magic, off, crc = _GROUP.unpack(data)
-    if magic != _GROUP_MAGIC or eng_crc32c(0, PyBytes_AS_STRING(data), 16) != crc:
+    magic, off, epoch, crc = _GROUP2.unpack(data)
+    if magic != _GROUP2_MAGIC or eng_crc32c(0, PyBytes_AS_STRING(data), 24) != crc:
         raise CorruptLog(gpath, 0, "group file fails its check")
-    return off
+    return off, epoch
+
+
+# ---------------------------------------------------------------- truncations
+# The `truncations` file lists, in order, the offset from which each unclean
+# recovery or repair may have changed the log: records at or past it that a
+# reader saw before may be gone, and new records may reuse their offsets.
+# Truncation i (from 1) is epoch i.  A group commit stores the epoch its
+# reader opened in; a group behind a later truncation whose committed offset
+# is past that truncation resumes there (a logged reset), so it never skips
+# the new records that reuse those offsets.
+
+cdef list _read_truncations(str path):
+    tpath = _os.path.join(path, "truncations")
+    try:
+        with open(tpath, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return []
+    try:
+        doc = _json.loads(raw.decode("utf-8"))
+        offs = [int(o) for o in doc["offsets"]]
+        body = _json.dumps(offs).encode()
+        if eng_crc32c(0, PyBytes_AS_STRING(body), len(body)) != doc["crc"]:
+            raise ValueError("crc")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise CorruptLog(tpath, 0, "truncations file fails its check") from None
+    return offs
+
+
+cdef _note_truncation(str path, uint64_t at):
+    """Record (durably) that records from offset `at` on may have changed."""
+    offs = _read_truncations(path)
+    offs.append(int(at))
+    body = _json.dumps(offs).encode()
+    doc = {"offsets": offs, "crc": eng_crc32c(0, PyBytes_AS_STRING(body), len(body))}
+    _atomic_write(path, "truncations", _json.dumps(doc).encode(), True)
 
 
 cdef dict _all_groups(str path):
@@ -701,17 +776,33 @@ cdef object _scan_mapped(object mm, str name, object base, object lid):
         PyBuffer_Release(&buf)
 
 
+cdef bint _writer_holds_lock(str path) except -1:
+    """True while some writer holds the directory's lock: tested on the lock
+    itself (a non-blocking shared flock), never by the pid written in it (a
+    reused pid, or this very process, would look alive)."""
+    import fcntl
+    try:
+        fd = _os.open(_os.path.join(path, "writer.lock"), _os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (_errno.EWOULDBLOCK, _errno.EAGAIN, _errno.EACCES):
+                return True
+            raise
+        return False  # closing the fd drops the shared lock at once
+    finally:
+        _os.close(fd)
+
+
 cdef object _live_published(str path, uint64_t base):
-    """The published end of segment `base` while a writer process is alive
-    and appending there, else None (see log_layout.h)."""
+    """The published end of segment `base` while a writer holds the log and
+    appends there, else None (see log_layout.h)."""
     cdef _Notify nt
     cdef uint64_t p
-    try:
-        with open(_os.path.join(path, "writer.lock"), "rb") as f:
-            pid = int(f.read(32).decode().strip() or 0)
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    if pid <= 0 or not eng_pid_alive(pid):
+    if not _writer_holds_lock(path):
         return None
     nt = _open_notify(path, False)
     if nt is None:
@@ -728,6 +819,50 @@ cdef object _live_published(str path, uint64_t base):
         nt.close()
 
 
+cdef tuple _read_all(int fd, size_t size):
+    """(bytearray of the file, 0, None), or (None, position, reason) when a
+    read fails (EIO on a damaged sector)."""
+    buf = bytearray(size)
+    view = memoryview(buf)
+    cdef size_t at = 0
+    try:
+        while at < size:
+            n = _os.preadv(fd, [view[at:at + min(size - at, 1 << 20)]], at)
+            if n == 0:
+                return None, at, "file shrank while being read"
+            at += n
+    except OSError as exc:
+        return None, at, f"unreadable at byte {at} ({_os.strerror(exc.errno) if exc.errno else exc})"
+    finally:
+        view.release()
+    return buf, 0, None
+
+
+cdef size_t _PROBE_NEAR = 1 << 20  # clean open: bytes probed either side of the checkpoint
+
+
+cdef _probe_readable(str spath, size_t start, size_t end=0):
+    """CorruptLog when the segment cannot be read in [start, end) (end 0:
+    the file's end) (EIO): the scan that follows reads it through a
+    mapping, where the same damage would be a fatal SIGBUS."""
+    fd = _os.open(spath, _os.O_RDONLY)
+    try:
+        size = _os.fstat(fd).st_size
+        if end and end < size:
+            size = end
+        at = start - start % _PAGE
+        while at < size:
+            try:
+                n = len(_os.pread(fd, min(size - at, 1 << 20), at))
+            except OSError as exc:
+                raise CorruptLog(spath, at, f"unreadable ({_os.strerror(exc.errno) if exc.errno else exc})") from None
+            if n == 0:
+                break
+            at += n
+    finally:
+        _os.close(fd)
+
+
 def verify(path):
     """Check every segment of a log directory; returns one :class:`ScanResult` each.
 
@@ -736,31 +871,40 @@ def verify(path):
     unsealed.  Read-only: safe while a writer is running (the active
     segment's in-progress tail reads as its end).
     """
-    cdef _Seg s
-    path = _os.fspath(path)
+    return _verify(_os.fspath(path), True)
+
+
+cdef list _verify(str path, bint writer_may_run):
+    """verify(); writer_may_run=False when the caller holds the lock itself
+    (repair): no tail is then in progress."""
     meta = _read_meta(path)
     lid = meta["log_uuid"].bytes
     results = []
     bases = _list_segments(path)
     for i, base in enumerate(bases):
         spath = _os.path.join(path, _seg_name(base))
+        # the published end before the scan: bytes the scan finds past it are
+        # a live writer's tail in progress; read after, it could cover bytes
+        # the scan saw half-written
+        pub = _live_published(path, base) if writer_may_run and i == len(bases) - 1 else None
         fd = _os.open(spath, _os.O_RDONLY)
         try:
             size = _os.fstat(fd).st_size
             if size == 0:
                 results.append(ScanResult(spath, base, 0, base, 0, False, "empty segment file", 0, 0))
                 continue
-            mm = _mmap.mmap(fd, size, prot=_mmap.PROT_READ)
+            # read, not mapped: a damaged sector is an EIO here, where a
+            # mapping would kill the process with SIGBUS
+            data, bad_at, why = _read_all(fd, size)
         finally:
             _os.close(fd)
-        try:
-            res = _scan_mapped(mm, spath, base, lid)
-        finally:
-            mm.close()
+        if why is not None:
+            results.append(ScanResult(spath, base, 0, base, bad_at, False, why, bad_at, bad_at))
+            continue
+        res = _scan_mapped(data, spath, base, lid)
         if res.error is not None and i == len(bases) - 1:
             # a live writer's unpublished tail (framed but not yet synced and
             # published) is in progress, not damage
-            pub = _live_published(path, base)
             if pub is not None and res.error_position >= pub:
                 res.error = None
                 res.error_position = 0
@@ -793,7 +937,7 @@ def repair_truncate(path):
     lock_fd = _take_lock(path)
     try:
         for _pass in range(3):
-            results = verify(path)
+            results = _verify(path, False)
             bad = next((r for r in results if r.error is not None), None)
             if bad is None:
                 break
@@ -848,6 +992,8 @@ def repair_truncate(path):
             if bad.sealed or cut != bad.end_position:
                 pass
             _write_checkpoint(path, base, cut, bad.next_offset, False)
+        if first_bad is not None:
+            _note_truncation(path, first_bad.next_offset)
         _fsync_dir(path)
     finally:
         _os.close(lock_fd)
@@ -894,8 +1040,13 @@ cdef int _take_lock(str path) except -1:
         if exc.errno in (_errno.EWOULDBLOCK, _errno.EAGAIN, _errno.EACCES):
             raise LogLocked(path, holder) from None
         raise
-    _os.ftruncate(fd, 0)
-    _os.pwrite(fd, f"{_os.getpid()}\n".encode(), 0)
+    try:
+        # the pid is for messages only (LogLocked says who holds it): the
+        # lock is the flock, so failing to write it fails nothing
+        _os.ftruncate(fd, 0)
+        _os.pwrite(fd, f"{_os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass
     return fd
 
 
@@ -1076,7 +1227,9 @@ def _flusher(ref, stop, interval):
         try:
             (<Log>log)._flush_if_dirty()
         except Exception:  # noqa: BLE001 - a background failure must be seen, not kill the thread
+            # the log is broken now (every later append raises it): say so once, stop
             _logger.exception("log %s: background flush failed", (<Log>log)._path)
+            return
         log = None
 
 
@@ -1120,9 +1273,18 @@ cdef class Log:
       makes everything so far durable in every mode.
 
     After any crash, reopening recovers: it scans from the last checkpoint,
-    keeps every valid record and truncates a torn tail (logged on the
-    ``"engine"`` logger).  A damaged record before the checkpoint raises
-    :class:`engine.CorruptLog` instead of being skipped.
+    keeps every valid record, syncs it before readers see it, and truncates
+    a torn tail (logged on the ``"engine"`` logger).  A damaged record before
+    the checkpoint, or one followed by any valid record or by a later
+    segment holding records, raises :class:`engine.CorruptLog` instead of
+    being skipped (``queue-engine log repair --truncate`` cuts it).
+
+    If a write or a sync fails, the log is broken: that call and every
+    waiting and later ``append``/``append_many``/``flush`` raise
+    :class:`engine.LogBroken` naming the first error (the kernel may have
+    dropped the unsynced pages, so no later success would be true).
+    ``close()`` still releases the directory; reopen to recover.  A forked
+    child cannot use its parent's writer (:class:`engine.Closed`).
 
     One writer per directory: a second ``Log`` on the same directory (in this
     or another process) raises :class:`engine.LogLocked`.  Several threads may
@@ -1168,7 +1330,15 @@ cdef class Log:
     cdef size_t _stage_len        # bytes framed, not yet written
     cdef size_t _wpos             # pwrite path: bytes of _active handed to pwrite (<= _pos)
     cdef uint64_t _wnext          # pwrite path: offsets below this were handed to pwrite
-    cdef object _broken           # str: a write failed, appends refuse (reopen recovers)
+    cdef object _broken           # str: the first failed write or sync; everything refuses (reopen recovers)
+    cdef int _broken_errno        # its errno
+    cdef bint _dir_dirty          # durability="none": segments created since the last dir fsync
+    cdef object _ckpt_lock        # threading.Lock: one checkpoint write at a time, never moving back
+    cdef uint64_t _ckpt_base      # segment and position of the last checkpoint written
+    cdef uint64_t _ckpt_pos
+    cdef int64_t _ckpt_ns         # when (monotonic ns): syncs move it at most every _CKPT_EVERY_NS
+    cdef long _pid                # the process that opened the log (for the message)
+    cdef bint _in_child           # set in a fork's child (os.register_at_fork): the handle is inert
     cdef bint _was_clean          # the last stop before this open was clean
     cdef object __weakref__
 
@@ -1208,16 +1378,28 @@ cdef class Log:
         self._retain_uncommitted = bool(retain_uncommitted)
         self._flush_interval = flush_interval
         self._cond = _threading.Condition()
+        self._ckpt_lock = _threading.Lock()
+        self._pid = _os.getpid()
         self._unsynced_old = []
         self._bases = []
 
+        made = []  # directories this open creates, deepest first
+        d = _os.path.abspath(path)
+        while not _os.path.isdir(d):
+            made.append(d)
+            d = _os.path.dirname(d)
         _os.makedirs(path, mode=0o700, exist_ok=True)
+        for d in made:
+            # each new directory's entry must be durable too, or a power loss
+            # takes the whole log with it
+            _fsync_dir(_os.path.dirname(d))
         real = _os.path.realpath(path)
         if real in _open_writers:
             raise LogLocked(path, _os.getpid())
         self._lock_fd = _take_lock(path)
         _open_writers.add(real)
         self._real = real
+        _live_writers.add(self)
         try:
             self._open()
         except BaseException:
@@ -1275,7 +1457,7 @@ cdef class Log:
         if not bases:
             nxt = 0 if ck is None else ck[2]
             self._bases = []
-            self._create_segment(nxt, 0)
+            self._create_segment(nxt, 0, True)
             self._next = nxt
             self._durable = nxt
             self._write_ckpt(False)
@@ -1295,12 +1477,17 @@ cdef class Log:
                     raise CorruptLog(_os.path.join(path, _seg_name(ck_base)), ck_pos,
                                      "the checkpoint's segment is missing")
         self._was_clean = bool(clean)
+        walked = []  # segment files whose records recovery accepts past the checkpoint
         i = bases.index(ck_base)
         self._bases = bases[:i]
         for b in self._bases:
             self._check_sealed_index(b)
         # the checkpoint segment must be intact up to the checkpoint
         spath = _os.path.join(path, _seg_name(ck_base))
+        # after a clean stop only the records near the checkpoint are read
+        # (from the last index entry on); else the whole segment may be
+        _probe_readable(spath, 0 if not clean else max(ck_pos, _PROBE_NEAR) - _PROBE_NEAR,
+                        ck_pos + _PROBE_NEAR if clean else 0)
         s = _map_seg(spath, True, ck_base, self._log_id_bytes, False, True)
         if s is None:
             # tolerated only when the segment was created after the checkpoint
@@ -1309,6 +1496,19 @@ cdef class Log:
         if ck_pos < _SEGHDR or ck_pos > s.size:
             raise CorruptLog(spath, ck_pos, f"segment is shorter than the last checkpoint ({s.size} bytes)")
         covered = _load_index(path, s) if clean else 0
+        if covered >= ck_pos:
+            # from the last index entry, not the checkpoint: the last record's
+            # timestamp (timestamps never go back) comes from the records
+            if s.ix_n:
+                pos = s.ix_pos[s.ix_n - 1]
+                off_out = s.base + s.ix_rel[s.ix_n - 1]
+            else:
+                pos = _SEGHDR
+                off_out = s.base
+            ts = s.created_ns
+            r = _scan(s, pos, off_out, True, &pos, &off_out, &ts, &why)
+            if pos < ck_pos or (pos == ck_pos and off_out != ck_next):
+                covered = 0  # a stale index: check everything from the start
         if covered < ck_pos:
             # (re)build the index from the start, verifying the known-good part
             s.ix_n = 0
@@ -1318,11 +1518,7 @@ cdef class Log:
             if pos < ck_pos or (pos == ck_pos and off_out != ck_next):
                 raise CorruptLog(spath, pos, _WHY.get(why, "records end before the last checkpoint")
                                  if r == R_BAD else "records end before the last checkpoint")
-        else:
-            pos = ck_pos
-            off_out = ck_next
-            ts = s.ix_ts[s.ix_n - 1] if s.ix_n else s.created_ns
-            r = _scan(s, pos, ck_next, True, &pos, &off_out, &ts, &why)
+        walked.append(spath)
         # walk forward through later segments
         while True:
             if r == R_EOS:
@@ -1335,17 +1531,21 @@ cdef class Log:
                 if later and later[0] == nxt_base:
                     self._seal(s, pos)
                     spath = _os.path.join(path, _seg_name(nxt_base))
+                    _probe_readable(spath, 0)
                     s2 = _map_seg(spath, True, nxt_base, self._log_id_bytes, False, True)
                     if s2 is None:
+                        self._check_no_records_after(s, later, pos)
                         _logger.warning("log %s: dropping segment %s with a damaged header (torn roll)",
                                         path, spath)
                         for b in later:
                             _remove_segment(path, b)
                         self._bases.append(s.base)
-                        self._create_segment(nxt_base, ts)
+                        self._sync_recovered(walked)
+                        self._create_segment(nxt_base, ts, True)
                         self._next = nxt_base
                         break
                     s = s2
+                    walked.append(spath)
                     ts = max(ts, s.created_ns)
                     r = _scan(s, _SEGHDR, nxt_base, True, &pos, &off_out, &ts, &why)
                     continue
@@ -1353,16 +1553,23 @@ cdef class Log:
                     _logger.warning("log %s: dropping segment %020d not chained to the log", path, b)
                     _remove_segment(path, b)
                 self._seal(s, pos)
-                self._create_segment(nxt_base, ts)
+                self._sync_recovered(walked)
+                self._create_segment(nxt_base, ts, True)
                 self._next = nxt_base
                 break
-            # R_END or R_BAD: the log ends here
+            # R_END or R_BAD: the log ends here, unless valid data follows:
+            # then it is damage (CorruptLog; `repair --truncate` cuts it)
             later = [b for b in bases if b > s.base]
+            q = _valid_after(s.p, s.size, pos, off_out)
+            if q >= 0:
+                raise CorruptLog(s.path, pos, f"{_WHY.get(why, 'a zero length word') if r == R_BAD else 'a zero length word'} "
+                                 f"followed by a valid record at byte {q}: damage, not a torn tail")
+            self._check_no_records_after(s, later, pos)
             for b in later:
-                _logger.warning("log %s: dropping segment %020d after the torn tail of %s", path, b, s.path)
+                _logger.warning("log %s: dropping segment %020d (no records) after the torn tail of %s", path, b, s.path)
                 _remove_segment(path, b)
             if r == R_BAD:
-                _logger.warning("log %s: torn tail in %s at byte %d (%s): truncated; records from offset %d on were never acknowledged as durable",
+                _logger.warning("log %s: torn tail in %s at byte %d (%s) after the last checkpoint: truncated from offset %d",
                                 path, s.path, pos, _WHY.get(why, "?"), off_out)
             self._zero_tail(s, pos)
             s = self._grow_back(s)
@@ -1372,6 +1579,16 @@ cdef class Log:
             self._next = off_out
             break
         s = self._active
+        # durable before visible: what recovery accepted (maybe only in the
+        # page cache of a killed writer) is synced before readers see it and
+        # before a checkpoint covers it.  A clean stop synced everything up
+        # to its checkpoint: nothing to do unless records lie past it
+        if not clean or len(walked) > 1 or self._pos != ck_pos or self._recovered_bytes:
+            self._sync_recovered(walked)
+        if not clean:
+            # records past the recovered end may have been read before the
+            # crash (see _note_truncation): groups past it resume here
+            _note_truncation(path, self._next)
         s.synced = self._pos
         s.zeroed = self._pos  # beyond it: zeros, maybe still unwritten blocks
         self._durable = self._next
@@ -1383,6 +1600,31 @@ cdef class Log:
         eng_store_release_u64(&self._notify.n.active_base, s.base)
         self._last_ts = max(ts, s.created_ns)
         self._write_ckpt(False)
+
+    cdef _sync_recovered(self, list paths):
+        """fdatasync the segments recovery accepted and fsync the directory
+        (a writer in "none" mode synced neither); a failure fails the open."""
+        try:
+            _sync_paths(paths)
+            _fsync_dir(self._path)
+        except OSError as exc:
+            raise LogBroken(self._path, f"recovery could not sync {len(paths)} segment(s) "
+                            f"({_os.strerror(exc.errno) if exc.errno else exc})",
+                            exc.errno or _errno.EIO) from None
+        _call_hook(self._path, {"kind": "recovery", "segments": [_os.path.basename(p) for p in paths]})
+        del paths[:]
+
+    cdef _check_no_records_after(self, _Seg s, list later, size_t pos):
+        """CorruptLog when a later segment holds a record: the log cannot end
+        in s (a roll syncs the end marker before the next segment exists)."""
+        cdef _Seg s2
+        cdef int why = W_NONE
+        for b in later:
+            spath = _os.path.join(self._path, _seg_name(b))
+            s2 = _map_seg(spath, False, b, self._log_id_bytes, False, True)
+            if s2 is not None and _rec_check(s2.p, s2.size, _SEGHDR, b, True, &why) in (R_REC, R_EOS):
+                raise CorruptLog(s.path, pos, f"the segment ends without its end marker but segment "
+                                 f"{_seg_name(b)} after it holds records: damage, not a torn tail")
 
     cdef _check_sealed_index(self, uint64_t base):
         """Rebuild the index files of a sealed segment when missing or stale."""
@@ -1421,6 +1663,7 @@ cdef class Log:
             _os.fsync(fd)
         finally:
             _os.close(fd)
+        _call_hook(self._path, {"kind": "recovery", "segments": [_os.path.basename(s.path)]})
         n_ix = s.ix_n
         s2 = _map_seg(s.path, True, s.base, self._log_id_bytes, True)
         memcpy(s2.ix_rel, s.ix_rel, n_ix * sizeof(uint32_t))
@@ -1441,6 +1684,7 @@ cdef class Log:
             self._recovered_bytes += tail - pos
             if _sync_range(s.fd, s.p, pos, tail) != 0:
                 raise OSError(_errno.EIO, f"sync of {s.path} failed during recovery")
+            _call_hook(self._path, {"kind": "recovery", "segments": [_os.path.basename(s.path)]})
 
     cdef _seal(self, _Seg s, size_t pos):
         """Bookkeeping for a sealed segment met during recovery."""
@@ -1449,8 +1693,11 @@ cdef class Log:
         if not _os.path.exists(_os.path.join(self._path, f"{s.base:020d}.idx")):
             _write_index(self._path, s, pos)
 
-    cdef _create_segment(self, uint64_t base, int64_t min_ts):
-        """Create, preallocate and map segment `base`; it becomes _active."""
+    cdef _create_segment(self, uint64_t base, int64_t min_ts, bint durable=False):
+        """Create, preallocate and map segment `base`; it becomes _active.
+        Synced (file and directory) unless durability="none" and not `durable`
+        (recovery: the checkpoint written next names it)."""
+        durable = durable or self._durability != D_NONE
         path = self._path
         name = _seg_name(base)
         final = _os.path.join(path, name)
@@ -1461,7 +1708,7 @@ cdef class Log:
             try:
                 _reserve_file(fd, self._segment_bytes)  # ENOSPC here: the log stays as it was
                 _os.pwrite(fd, _make_seg_header(base, self._segment_bytes, self._log_id_bytes, created), 0)
-                if self._durability != D_NONE:
+                if durable:
                     _os.fsync(fd)
             finally:
                 _os.close(fd)
@@ -1469,9 +1716,15 @@ cdef class Log:
         except BaseException:
             _discard(tmp)  # give back what fallocate took before it failed
             raise
-        if self._durability != D_NONE:
-            _fsync_dir(path)
-        s = _map_seg(final, True, base, self._log_id_bytes, True)
+        try:
+            if durable:
+                _fsync_dir(path)
+            s = _map_seg(final, True, base, self._log_id_bytes, True)
+        except BaseException:
+            # no orphan: a segment nobody appends to would read as the log's
+            # next segment at the following open
+            _discard(final)
+            raise
         s.synced = _SEGHDR
         s.zeroed = _SEGHDR
         self._active = s
@@ -1486,7 +1739,19 @@ cdef class Log:
         self._last_ts = max(self._last_ts, created)
 
     cdef _write_ckpt(self, bint clean):
-        _write_checkpoint(self._path, self._active.base, self._pos, self._next, clean)
+        self._ckpt_at(self._active.base, self._pos, self._next, clean)
+
+    cdef _ckpt_at(self, uint64_t base, size_t pos, uint64_t nxt, bint clean):
+        """Write the checkpoint (base, pos, nxt): every record before it is
+        durable and intact, so damage there is CorruptLog, never a torn tail.
+        One writer at a time (syncing and rolling threads), never backwards."""
+        with self._ckpt_lock:
+            if (base, pos) < (self._ckpt_base, self._ckpt_pos) and not clean:
+                return
+            _write_checkpoint(self._path, base, pos, nxt, clean)
+            self._ckpt_base = base
+            self._ckpt_pos = pos
+            self._ckpt_ns = eng_now_ns()
 
     cdef _release(self):
         if self._real is not None:
@@ -1508,10 +1773,7 @@ cdef class Log:
 
     cdef int _enter(self) except -1:
         """Take the writer flag (waits while another thread rolls)."""
-        if self._closed:
-            raise Closed(f"log {self._path!r} is closed")
-        if self._broken is not None:
-            raise OSError(_errno.EIO, self._broken)
+        self._check_usable()
         while self._writing:
             # only possible while another thread is inside a roll (GIL released)
             _time.sleep(0.0001)
@@ -1519,6 +1781,28 @@ cdef class Log:
                 raise Closed(f"log {self._path!r} is closed")
         self._writing = True
         return 0
+
+    cdef int _check_usable(self) except -1:
+        """Closed, LogBroken or (in a forked child) Closed unless appends may go on."""
+        if self._in_child:
+            raise Closed(f"log {self._path!r} was opened by process {self._pid}; this process "
+                         "(a fork of it) may not use its writer: open the log anew here once "
+                         "the parent has closed it")
+        if self._closed:
+            raise Closed(f"log {self._path!r} is closed")
+        if self._broken is not None:
+            raise LogBroken(self._path, self._broken, self._broken_errno)
+        return 0
+
+    cdef object _fail(self, int err, str what):
+        """Mark the log broken by `what` (the first failure wins) and return the
+        error to raise: after a failed write or sync nothing later may be
+        acknowledged (the kernel may have dropped the pages and reports it once)."""
+        if self._broken is None:
+            self._broken = f"{what} ({_os.strerror(err) if err else 'error'})"
+            self._broken_errno = err or _errno.EIO
+            _logger.error("log %s: %s: the log is broken; reopen it to recover", self._path, self._broken)
+        return LogBroken(self._path, self._broken, self._broken_errno)
 
     cdef inline void _wake(self) noexcept nogil:
         # StoreLoad: the published length must be ordered before reading the
@@ -1581,9 +1865,7 @@ cdef class Log:
             rc = eng_log_pwrite_all(s.fd, self._stage, n, at)
         if rc != 0:
             rc = errno or _errno.EIO
-            self._broken = (f"writing {s.path} failed ({_os.strerror(rc)}); records from offset "
-                            f"{self._wnext} on were not written: reopen the log to recover")
-            raise OSError(rc, self._broken)
+            raise self._fail(rc, f"writing {s.path} failed at offset {self._wnext}")
         if end > s.zeroed:
             s.zeroed = end
         self._wpos = end
@@ -1608,6 +1890,7 @@ cdef class Log:
         cdef int rc
         cdef size_t endpos
         cdef int64_t ts = self._last_ts
+        cdef int err
         if self._pw:
             self._stage_flush()  # the records framed so far belong to this segment
         _write_rec(old.p, self._pos, self._next, ts, NULL, 0, ENG_REC_FLAG_EOS, NULL, 0)
@@ -1615,18 +1898,35 @@ cdef class Log:
         if self._durability != D_NONE:
             with nogil:
                 rc = _sync_range(old.fd, old.p, old.synced, endpos)
+                err = errno
             if rc != 0:
-                raise OSError(_errno.EIO, f"sync of {old.path} failed")
+                raise self._fail(err, f"sync of {old.path} failed at its roll")
+            if _sync_hook is not None:
+                _call_hook(self._path, {"kind": "data", "segment": old.base, "position": endpos,
+                                        "next_offset": self._next})
+        try:
+            _write_index(self._path, old, self._pos)
+            self._create_segment(self._next, ts)
+        except BaseException:
+            # the roll did not happen (a full disk, say): the old segment stays
+            # active, its end marker goes again and its synced mark stays below
+            # it, so a smaller record written there later is synced in full
+            eng_store_release_u32(<uint32_t *>(old.p + self._pos), 0)
+            raise
+        if self._durability != D_NONE:
             old.synced = endpos
         else:
-            # no sync per roll in this mode, but flush() must still reach this segment
+            # no sync per roll in this mode, but flush() must still reach this
+            # segment and the directory entry of the new one
             self._unsynced_old.append(old.path)
-        _write_index(self._path, old, self._pos)
-        self._create_segment(self._next, ts)
+            self._dir_dirty = True
         self._n_rolls += 1
         if self._durability != D_NONE:
             self._durable = self._next
-            self._write_ckpt(False)
+            try:
+                self._write_ckpt(False)
+            except OSError as exc:
+                raise self._fail(exc.errno or _errno.EIO, f"writing the checkpoint of {self._path} failed")
         self._wake()
         if self._retention_bytes is not None or self._retention_age is not None:
             self._apply_retention()
@@ -1781,20 +2081,34 @@ cdef class Log:
         cdef uint64_t nxt
         cdef int rc = 0
         cdef bint pw
+        cdef int err = 0
         cond = self._cond
         with cond:
-            while self._durable < target:
+            while True:
+                # a failed sync anywhere (another thread's, the flusher's)
+                # fails every waiter: a later sync's success proves nothing
+                if self._broken is not None:
+                    raise LogBroken(self._path, self._broken, self._broken_errno)
+                if self._durable >= target:
+                    break
                 if self._syncing:
                     cond.wait()
                     continue
                 olds = self._unsynced_old
-                if olds:
-                    # durability="none": rolled segments first (their fds are closed)
+                if olds or self._dir_dirty:
+                    # durability="none": rolled segments first (their fds are
+                    # closed), then the directory entries of the new ones
                     self._unsynced_old = []
+                    self._dir_dirty = False
                     self._syncing = True
                     cond.release()
                     try:
-                        _sync_paths(olds)
+                        try:
+                            _sync_paths(olds)
+                            _fsync_dir(self._path)
+                        except OSError as exc:
+                            raise self._fail(exc.errno or _errno.EIO,
+                                             f"syncing the rolled segments of {self._path} failed")
                     finally:
                         cond.acquire()
                         self._syncing = False
@@ -1814,13 +2128,17 @@ cdef class Log:
                             rc = eng_log_datasync(s.fd)
                         else:
                             rc = _sync_range(s.fd, s.p, lo, hi)
+                        err = errno
                 finally:
                     cond.acquire()
+                    if rc != 0:
+                        # before any waiter wakes: none may start a sync of its own
+                        exc = self._fail(err, f"{'fdatasync' if pw else 'msync'} of {s.path} failed "
+                                              f"with offsets from {self._durable} unsynced")
                     self._syncing = False
                     cond.notify_all()
                 if rc != 0:
-                    raise OSError(_errno.EIO, f"msync/fdatasync of {s.path} failed; records from "
-                                  f"offset {self._durable} on may not be durable")
+                    raise exc
                 if hi > s.synced:
                     s.synced = hi
                 if nxt > self._durable:
@@ -1830,6 +2148,22 @@ cdef class Log:
                     self._publish(hi, nxt)
                     self._wake()
                 self._n_syncs += 1
+                if s is self._active and eng_now_ns() - self._ckpt_ns >= _CKPT_EVERY_NS:
+                    # the recovery point follows the durable end (Kafka's
+                    # recovery-point checkpoint): damage before it is never
+                    # taken for a torn tail
+                    self._syncing = True
+                    cond.release()
+                    try:
+                        try:
+                            self._ckpt_at(s.base, hi, nxt, False)
+                        except OSError as exc:
+                            raise self._fail(exc.errno or _errno.EIO,
+                                             f"writing the checkpoint of {self._path} failed")
+                    finally:
+                        cond.acquire()
+                        self._syncing = False
+                        cond.notify_all()
                 if _sync_hook is not None:
                     _call_hook(self._path, {"kind": "data", "segment": s.base, "position": hi,
                                             "next_offset": nxt})
@@ -1839,24 +2173,42 @@ cdef class Log:
             self._sync_upto(self._next)
 
     def flush(self):
-        """Make every record appended so far durable (in every durability mode)."""
-        if self._closed:
-            raise Closed(f"log {self._path!r} is closed")
+        """Make every record appended so far durable (in every durability mode).
+
+        Raises :class:`engine.LogBroken` once any write or sync has failed."""
+        self._check_usable()
         self._sync_upto(self._next)
 
     def close(self):
-        """Sync, write the clean-shutdown checkpoint and release the directory. Idempotent."""
+        """Sync, write the clean-shutdown checkpoint and release the directory. Idempotent.
+
+        On a broken log (:class:`engine.LogBroken`) it writes nothing more and
+        still releases the directory, so the log can be reopened; a sync that
+        fails in ``close`` itself raises, after the release.  In a forked child
+        it only lets go of the inherited handle: the parent's files and lock
+        are left alone."""
         if self._closed:
+            return
+        if self._in_child:
+            self._drop_inherited()
             return
         if self._thread is not None:
             self._stop.set()
-            self._thread.join()
+            if self._thread is not _threading.current_thread():
+                self._thread.join()
             self._thread = None
-        self._enter()
+        if self._broken is not None:
+            self._writing = True  # nothing more goes to the files
+        else:
+            self._enter()
         try:
-            self._sync_upto(self._next)
-            _write_index(self._path, self._active, self._pos)
-            self._write_ckpt(True)
+            if self._broken is None:
+                self._sync_upto(self._next)
+                _write_index(self._path, self._active, self._pos)
+                try:
+                    self._write_ckpt(True)
+                except OSError as exc:
+                    raise self._fail(exc.errno or _errno.EIO, f"writing the checkpoint of {self._path} failed")
         finally:
             self._closed = True
             self._writing = False
@@ -1867,6 +2219,20 @@ cdef class Log:
             self._notify = None
             self._active = None
             self._release()
+
+    cdef _drop_inherited(self):
+        """In a forked child: let go of the inherited handle without touching
+        the parent's files (no sync, no checkpoint, no wake-up).  Closing the
+        inherited lock fd does not release the parent's flock, which belongs
+        to the open file description the parent still holds."""
+        self._closed = True
+        self._thread = None
+        self._waiters = NULL
+        if self._notify is not None:
+            self._notify.close()
+            self._notify = None
+        self._active = None
+        self._release()
 
     def _simulate_crash(self):
         """Test hook: stop like a SIGKILLed process (no sync, no checkpoint, no index).
@@ -1901,8 +2267,7 @@ cdef class Log:
         segment, nor (``retain_uncommitted=True``) a segment holding offsets a
         consumer group has not committed.  Returns the number of segments deleted.
         """
-        if self._closed:
-            raise Closed(f"log {self._path!r} is closed")
+        self._check_usable()
         return self._apply_retention()
 
     cdef int _apply_retention(self) except -1:
@@ -2014,6 +2379,27 @@ cdef class Log:
         return f"<engine.Log {self._path!r} next_offset={self._next} durability={self.durability}>"
 
 
+_live_writers = _weakref.WeakSet()  # open Log objects of this process
+
+
+def _after_fork_in_child():
+    """A forked child must not hold the parent's writer lock: its copy of the
+    lock fd would keep the lock after the parent closes.  Closing the copy
+    leaves the parent's flock alone (it belongs to the open file description)."""
+    cdef Log log
+    for obj in list(_live_writers):
+        log = <Log>obj
+        log._in_child = True
+        if log._lock_fd >= 0:
+            _os.close(log._lock_fd)
+            log._lock_fd = -1
+        log._real = None
+    _open_writers.clear()
+
+
+_os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 # ---------------------------------------------------------------- readers
 
 cdef class LogReader:
@@ -2023,6 +2409,11 @@ cdef class LogReader:
     ``group`` names a consumer group: the reader resumes at the group's
     committed offset (or ``start`` if it never committed) and ``commit()``
     stores its position durably (at-least-once: process, then commit).
+    If the log lost records past the group's committed offset since (an
+    unclean recovery cut a tail that readers had seen, or ``repair``), the
+    group resumes at the first offset that may have changed, with a warning
+    on the ``"engine"`` logger, so it never skips new records that reuse
+    those offsets.
 
     Iterating (``for rec in reader``) returns records up to the current end
     and stops, like a file; ``poll(timeout)`` waits for the next record.
@@ -2046,6 +2437,7 @@ cdef class LogReader:
     cdef bint _closed            # close() ran
     cdef size_t _zero_checked    # position where a "zero length" was last checked against later segments
     cdef size_t _lim             # records of _seg below this are published (0: ask the notify block)
+    cdef uint64_t _epoch         # truncations known when the reader opened (stored with commits)
 
     def __cinit__(self):
         self._closed = True
@@ -2073,11 +2465,47 @@ cdef class LogReader:
         self._zero_checked = <size_t>-1
         self._notify = _open_notify(path, False)
         self._closed = False
+        truncs = _read_truncations(path)
+        self._epoch = len(truncs)
         if group is not None:
-            committed = _read_group(path, group)
-            if committed is not None:
-                start = committed
+            got = _read_group_epoch(path, group)
+            if got is not None:
+                start = self._group_start(got[0], got[1], truncs)
         self._seek(0 if start is None else start, start is not None)
+
+    cdef object _group_start(self, uint64_t committed, uint64_t epoch, list truncs):
+        """Where a group resumes: its committed offset, unless the log was
+        truncated below it since (a later truncation, or the end is before
+        it): then the first offset that may have changed, logged."""
+        cdef uint64_t at = committed
+        for t in truncs[epoch:]:
+            if t < at:
+                at = t
+        if at == committed:
+            end = self._end_offset_now()
+            if end is not None and end < committed:
+                at = end
+        if at != committed:
+            _logger.warning("log %s: group %r committed offset %d, but the log was truncated "
+                            "below it (records from %d on may have changed); resuming at %d",
+                            self._path, self._group, committed, at, at)
+        return at
+
+    cdef object _end_offset_now(self):
+        """The log's end as the segment files say (None when unknown)."""
+        cdef _Seg s
+        cdef size_t pos
+        cdef uint64_t off
+        cdef int64_t ts = 0
+        cdef int why = W_NONE
+        bases = _list_segments(self._path)
+        if not bases:
+            return None
+        s = self._open_seg(bases[-1])
+        if s is None:
+            return None
+        _scan(s, _SEGHDR, s.base, False, &pos, &off, &ts, &why)
+        return off
 
     cdef _check_open(self):
         if self._closed:
@@ -2516,11 +2944,11 @@ cdef class LogReader:
             raise TypeError("offset must be an int or None")
         elif offset < 0:
             raise ValueError(f"offset must be >= 0, not {offset}")
-        raw = _GROUP.pack(_GROUP_MAGIC, offset, 0)
-        crc = eng_crc32c(0, PyBytes_AS_STRING(raw), 16)
+        raw = _GROUP2.pack(_GROUP2_MAGIC, offset, self._epoch, 0)
+        crc = eng_crc32c(0, PyBytes_AS_STRING(raw), 24)
         gdir = _os.path.join(self._path, "groups")
         _os.makedirs(gdir, mode=0o700, exist_ok=True)
-        _atomic_write(gdir, self._group, raw[:16] + _struct.pack("<I", crc), True)
+        _atomic_write(gdir, self._group, raw[:24] + _struct.pack("<I", crc) + bytes(4), True)
         _call_hook(self._path, {"kind": "group", "group": self._group, "offset": offset})
 
     def committed(self):
