@@ -67,6 +67,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Union, cast
 
 from . import _nats_wire
+from ._fsutil import check_durability
 from .errors import EngineError
 
 __all__ = ["JetStreamForwarder", "JetStreamIngest", "BridgeStatus"]
@@ -709,8 +710,7 @@ class JetStreamIngest:
             raise ValueError("durable: a durable consumer name is required")
         if batch < 1:
             raise ValueError("batch must be >= 1")
-        if durability not in ("always", "interval", "none"):
-            raise ValueError(f"durability must be 'always', 'interval' or 'none', not {durability!r}")
+        check_durability(durability)
         self.servers = _servers(servers)
         self.stream = stream
         self.durable = durable

@@ -83,6 +83,7 @@ except ImportError:  # pragma: no cover - Python < 3.8
 
 from engine.errors import Closed, EngineError, IncompatibleRegion, LogLocked, Timeout
 
+from ._fsutil import atomic_write, check_durability, write_all
 from ._log import _check_segment_bytes  # type: ignore[import-not-found]
 from ._sched import (  # type: ignore[import-not-found]
     KIND_KEYED,
@@ -1205,12 +1206,6 @@ _DONE_ENTRY = struct.Struct("<QQ")  # offset, offset ^ _DONE_MASK: a torn or zer
 _DONE_MASK = (1 << 64) - 1
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 def _open_log(log_dir: str, q: Any) -> Any:
     """Open (creating it if need be) one of a durable queue's logs with the
     queue's settings."""
@@ -1302,7 +1297,7 @@ class _DelayLog:
             if self._file_ok:
                 fd = os.open(self._done_path, os.O_WRONLY | os.O_APPEND, 0o600)
                 try:
-                    _write_all(fd, b"".join(_DONE_ENTRY.pack(o, o ^ _DONE_MASK) for o in new))
+                    write_all(fd, b"".join(_DONE_ENTRY.pack(o, o ^ _DONE_MASK) for o in new))
                     if self._sync:
                         os.fsync(fd)
                 finally:
@@ -1321,21 +1316,8 @@ class _DelayLog:
     def _rewrite(self) -> None:
         d = os.path.dirname(self._done_path)
         os.makedirs(d, mode=0o700, exist_ok=True)
-        tmp = f"{self._done_path}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            _write_all(fd, self._header + b"".join(_DONE_ENTRY.pack(o, o ^ _DONE_MASK) for o in sorted(self.done)))
-            if self._sync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self._done_path)
-        if self._sync:
-            dfd = os.open(d, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+        body = self._header + b"".join(_DONE_ENTRY.pack(o, o ^ _DONE_MASK) for o in sorted(self.done))
+        atomic_write(d, os.path.basename(self._done_path), body, self._sync)
         self._file_ok = True
         self._entries = len(self.done)
 
@@ -1376,8 +1358,7 @@ class DurablePriorityQueue(PriorityQueue):
         self._by_bytes = by == "bytes"
         self._quantum = quantum
         self._visited = False
-        if durability not in ("always", "interval", "none"):
-            raise ValueError(f"durability must be 'always', 'interval' or 'none', not {durability!r}")
+        check_durability(durability)
         _check_segment_bytes(segment_bytes)
         self._segment_bytes = segment_bytes
         self._path = os.fspath(path)
@@ -1390,13 +1371,7 @@ class DurablePriorityQueue(PriorityQueue):
             if old.get("levels") != levels:
                 raise ValueError(f"{self._path} holds a queue with {old.get('levels')} levels, not {levels}")
         else:
-            tmp = meta + ".tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(config, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, meta)
+            atomic_write(self._path, "queue.json", json.dumps(config).encode())
         self._config = config
         self._n = levels
         self._policy = policy
@@ -1800,8 +1775,7 @@ class DurableKeyedQueue(KeyedQueue):
             raise ValueError("durable=True needs path= (a directory for the logs)")
         if not isinstance(partitions, int) or isinstance(partitions, bool) or not 1 <= partitions <= MAX_PARTS:
             raise ValueError(f"partitions must be an int 1..{MAX_PARTS}, not {partitions!r}")
-        if durability not in ("always", "interval", "none"):
-            raise ValueError(f"durability must be 'always', 'interval' or 'none', not {durability!r}")
+        check_durability(durability)
         if key is not None and not callable(key):
             raise TypeError("key must be a function msg -> key, or None")
         _check_segment_bytes(segment_bytes)
@@ -1816,13 +1790,7 @@ class DurableKeyedQueue(KeyedQueue):
                 raise ValueError(f"{self._path} holds a keyed queue with {old.get('partitions')} partitions, "
                                  f"not {partitions} (a different count would move keys)")
         else:
-            tmp = meta + ".tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"partitions": partitions}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, meta)
+            atomic_write(self._path, "queue.json", json.dumps({"partitions": partitions}).encode())
         self._np = partitions
         self._keyfn = key
         self._durability = durability

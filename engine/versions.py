@@ -117,7 +117,6 @@ from typing import (
     Iterable,
     Iterator,
     List,
-    Literal,
     Optional,
     Sequence,
     Set,
@@ -125,6 +124,7 @@ from typing import (
     Union,
 )
 
+from ._fsutil import Durability, atomic_write, check_durability
 from ._versions import _norm_key, _norm_value, _StoreCore
 from .errors import Closed, CorruptLog, EngineError, Timeout, VersionConflict
 
@@ -133,7 +133,6 @@ __all__ = ["VersionedStore", "StoreFollower", "Deduplicator", "VersionGate"]
 _logger = logging.getLogger("engine")
 
 Key = Union[bytes, str]
-Durability = Literal["always", "interval", "none"]
 MergeFn = Callable[[bytes, Optional[bytes], bytes], Optional[bytes]]
 
 # ---------------------------------------------------------------------------
@@ -176,19 +175,6 @@ def _check_expected(expected: Any) -> None:
         if isinstance(expected, int) and not isinstance(expected, bool) and expected >= 0:
             return
         raise TypeError(f"expected_version must be an int >= 0 or None, got {expected!r}")
-
-
-def _check_durability(durability: str) -> None:
-    if durability not in ("always", "interval", "none"):
-        raise ValueError(f"durability must be 'always', 'interval' or 'none', got {durability!r}")
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _corrupt(where: str, position: int, reason: str) -> CorruptLog:
@@ -300,14 +286,12 @@ def _write_snapshot(
     count: int,
     durable: bool = True,
 ) -> str:
-    """Write a snapshot atomically: temp file, fsync, rename, fsync the directory.
+    """Write a snapshot atomically (:func:`engine._fsutil.atomic_write`).
 
-    ``durable=False`` (a ``durability="none"`` store) skips both fsyncs: the
+    ``durable=False`` (a ``durability="none"`` store) skips the fsyncs: the
     rename alone keeps it atomic through a process crash, as the log is."""
-    final = os.path.join(path, _snap_name(offset))
-    tmp = os.path.join(path, f".{_snap_name(offset)}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
+
+    def chunks() -> Iterator[bytes]:
         lid = log_id.encode("utf-8")
         crc = 0
         buf: List[bytes] = [
@@ -326,35 +310,16 @@ def _write_snapshot(
             if size >= 1 << 20:
                 chunk = b"".join(buf)
                 crc = zlib.crc32(chunk, crc)
-                _write_all(fd, chunk)
+                yield chunk
                 buf.clear()
                 size = 0
         if written != count:
             raise RuntimeError("snapshot changed while being written")
         chunk = b"".join(buf)
         crc = zlib.crc32(chunk, crc)
-        _write_all(fd, chunk + _SNAP_TAIL.pack(crc))
-        if durable:
-            os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    os.close(fd)
-    os.replace(tmp, final)
-    if durable:
-        _fsync_dir(path)
-    return final
+        yield chunk + _SNAP_TAIL.pack(crc)
 
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+    return atomic_write(path, _snap_name(offset), chunks(), durable)
 
 
 def _read_snapshot(file: str, log_id: str) -> Tuple[int, Dict[bytes, Tuple[int, bytes]]]:
@@ -512,7 +477,7 @@ class VersionedStore(_StoreCore):
     ) -> None:
         from ._log import Log, LogReader
 
-        _check_durability(durability)
+        check_durability(durability)
         if snapshot_every is not None and (type(snapshot_every) is not int or snapshot_every < 1):
             raise ValueError(f"snapshot_every must be an int >= 1 or None, got {snapshot_every!r}")
         if merge is not None and not callable(merge):
@@ -1188,7 +1153,7 @@ class Deduplicator:
     ) -> None:
         from ._log import Log, LogReader
 
-        _check_durability(durability)
+        check_durability(durability)
         if window is not None and (type(window) is not int or window < 1):
             raise ValueError(f"window must be an int >= 1 or None, got {window!r}")
         if max_age is not None and not (isinstance(max_age, (int, float)) and max_age > 0):

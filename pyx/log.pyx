@@ -46,6 +46,7 @@ import time as _time
 import uuid as _uuid
 import weakref as _weakref
 
+from engine._fsutil import atomic_write as _atomic_write, check_durability as _check_durability, fsync_dir as _fsync_dir
 from engine.errors import Closed, CorruptLog, LogBroken, LogLocked
 
 cdef extern from "log_layout.h" nogil:
@@ -345,39 +346,11 @@ def _record_size(value_len, key_len=0):
 
 # ---------------------------------------------------------------- small files
 
-cdef _fsync_dir(str path):
-    fd = _os.open(path, _os.O_RDONLY)
-    try:
-        _os.fsync(fd)
-    finally:
-        _os.close(fd)
-
-
 cdef _discard(str path):
     try:
         _os.unlink(path)
     except OSError:
         pass
-
-
-cdef _atomic_write(str directory, str name, bytes data, bint durable):
-    """Write temp, (fsync), rename, (fsync dir): the file is old or new, never torn."""
-    tmp = _os.path.join(directory, f".{name}.{_os.getpid()}.{_threading.get_ident()}.tmp")
-    fd = _os.open(tmp, _os.O_WRONLY | _os.O_CREAT | _os.O_TRUNC, 0o600)
-    try:
-        try:
-            if _os.write(fd, data) != len(data):
-                raise OSError(_errno.ENOSPC, f"short write to {tmp}")
-            if durable:
-                _os.fsync(fd)
-        finally:
-            _os.close(fd)
-        _os.replace(tmp, _os.path.join(directory, name))
-    except BaseException:
-        _discard(tmp)  # a full disk must not also keep the half-written temp
-        raise
-    if durable:
-        _fsync_dir(directory)
 
 
 cdef dict _read_meta(str path):
@@ -1352,8 +1325,7 @@ cdef class Log:
         if not isinstance(path, (str, bytes, _os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
         path = _os.fsdecode(_os.fspath(path))
-        if durability not in ("always", "interval", "none"):
-            raise ValueError(f"durability must be 'always', 'interval' or 'none', not {durability!r}")
+        _check_durability(durability)
         _check_segment_bytes(segment_bytes)
         if retention_bytes is not None:
             if not isinstance(retention_bytes, int) or isinstance(retention_bytes, bool):
