@@ -496,3 +496,53 @@ def test_an_interrupted_backup_is_never_taken_for_a_complete_one(tmp_path):
     assert not os.path.exists(dst / "backup.json")
     with pytest.raises(EngineError, match="interrupted"):
         engine.backup(src, dst, incremental=True)
+
+
+def test_cut_by_time_reads_a_descriptor_as_the_whole_image(tmp_path):
+    """The log's walk for the cut, through pread windows (records crossing
+    their edges) and over the same bytes in memory, stops at the same place:
+    the timestamp limit, the end of what is written, a torn record."""
+    from engine._log import SEGMENT_HEADER_SIZE, cut_by_time
+
+    values = [bytes([65 + i % 26]) * (70_000 + 4099 * i) for i in range(40)]
+    with Log(tmp_path / "l", durability="none") as log:
+        stamps = []
+        for v in values:
+            log.append(v)
+            stamps.append(time.time_ns())
+            time.sleep(0.0005)
+    (seg,) = [tmp_path / "l" / n for n in os.listdir(tmp_path / "l") if n.endswith(".seg")]
+    image = seg.read_bytes()
+    ends = [SEGMENT_HEADER_SIZE]
+    for v in values:
+        ends.append(ends[-1] + _record_size(len(v)))
+    assert ends[-1] > 3 << 20  # several windows
+
+    def both(pos, limit, expect=None):
+        fd = os.open(seg, os.O_RDONLY)
+        try:
+            a = cut_by_time(fd, pos, limit, expect)
+        finally:
+            os.close(fd)
+        b = cut_by_time(image, pos, limit, expect)
+        got = (a.end_position, a.records, a.next_offset, a.sealed, a.error)
+        assert got == (b.end_position, b.records, b.next_offset, b.sealed, b.error)
+        return a
+
+    r = both(SEGMENT_HEADER_SIZE, 2**63 - 1, 0)  # everything: the end of what is written
+    assert (r.end_position, r.records, r.next_offset, r.error) == (ends[-1], 40, 40, None)
+    r = both(ends[7], stamps[24])  # from a record boundary, its own offset; up to record 24
+    assert (r.base_offset, r.end_position, r.records, r.next_offset) == (7, ends[25], 18, 25)
+    r = both(ends[7], stamps[24], expect=8)  # the wrong offset there: not a record of this walk
+    assert r.records == 0 and r.error == "record offset out of sequence"
+    torn = bytearray(image)
+    torn[ends[30] + 40] ^= 1  # record 30's body
+    seg.write_bytes(bytes(torn))
+    image = bytes(torn)
+    r = both(SEGMENT_HEADER_SIZE, 2**63 - 1, 0)
+    assert (r.end_position, r.records, r.error) == (ends[30], 30, "CRC32C mismatch")
+    torn[ends[30]:ends[30] + 4] = (1 << 31).to_bytes(4, "little")  # a length past the file
+    seg.write_bytes(bytes(torn))
+    image = bytes(torn)
+    r = both(ends[29], 2**63 - 1)
+    assert (r.end_position, r.records, r.error) == (ends[30], 1, "record length out of bounds")
