@@ -610,7 +610,7 @@ def cut_by_time(segment, position, ts_limit, expect=None):
     cdef const uint8_t *p
     cdef size_t pos = position
     cdef int64_t limit = ts_limit
-    cdef size_t origin = 0, size = 0, local = 0, need = 0, fsize = 0, want
+    cdef size_t origin = 0, size = 0, local = 0, need = 0, fsize = 0, want, got
     cdef uint32_t length
     cdef uint64_t exp = 0
     cdef uint64_t n = 0
@@ -668,7 +668,8 @@ def cut_by_time(segment, position, ts_limit, expect=None):
         want = min(max(_CUT_WINDOW, need), fsize - pos if fsize > pos else 0)
         data = _os.pread(segment, want, pos) if want else b""
         origin = pos
-        whole = len(data) < want or pos + len(data) >= fsize
+        got = <size_t>len(data)
+        whole = got < want or pos + got >= fsize
     name = "<fd>" if by_fd else "<buffer>"
     if r == R_BAD:
         return ScanResult(name, exp - n, n, exp, pos, False, _WHY[why], pos, pos - position)
