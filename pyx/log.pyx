@@ -526,10 +526,14 @@ def read_groups(path):
     except FileNotFoundError:
         return out
     for name in sorted(names):
-        if _GROUP_RE.match(name):
+        if not _GROUP_RE.match(name):
+            continue
+        try:
             got = _read_group_epoch(path, name)
-            if got is not None:  # removed since the listing
-                out[name] = got
+        except IsADirectoryError:
+            continue  # not a group file
+        if got is not None:  # None: removed since the listing
+            out[name] = got
     return out
 
 
