@@ -17,6 +17,7 @@ from typing import (
     List,
     Literal,
     Optional,
+    Tuple,
     Union,
 )
 
@@ -144,3 +145,21 @@ def _set_sync_hook(fn: Optional[Callable[[str, Dict[str, Any]], None]]) -> None:
 def _set_zero_ahead(on: bool) -> None: ...
 def _check_segment_bytes(segment_bytes: int) -> None: ...
 def _record_size(value_len: int, key_len: int = 0) -> int: ...
+
+# for engine.backups: the log's files read and written by the log's own code
+def read_group(path: Union[str, os.PathLike[str]], group: str) -> Optional[Tuple[int, int]]:
+    """(committed offset, epoch) of a group, None if it never committed."""
+def read_groups(path: Union[str, os.PathLike[str]]) -> Dict[str, Tuple[int, int]]:
+    """Every committed group: name -> (committed offset, epoch)."""
+def write_group(path: Union[str, os.PathLike[str]], group: str, offset: int, epoch: int) -> None:
+    """Store a group's committed offset and epoch durably (as LogReader.commit)."""
+def published_end(path: Union[str, os.PathLike[str]]) -> Optional[Tuple[int, int]]:
+    """(segment base, byte position) the writer published, None if unknown."""
+def cut_by_time(
+    segment: Union[int, _BytesLike], position: int, ts_limit: int, expect: Optional[int] = None
+) -> ScanResult:
+    """Walk records from position while timestamps are <= ts_limit; where to cut."""
+def write_clean_checkpoint(
+    path: Union[str, os.PathLike[str]], segment_base: int, position: int, next_offset: int
+) -> None:
+    """Write the checkpoint a clean close leaves (the log ends at that point)."""

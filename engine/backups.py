@@ -34,14 +34,17 @@ How: the cut at one instant T
 3. *Cut*.  Each log is copied up to its last complete record whose timestamp
    is <= T (records carry the wall clock at append, never going back within a
    log).  The walk starts at the anchor: earlier records are older than T by
-   construction, so only records appended during the backup are parsed in
-   Python; everything else moves with ``os.copy_file_range``.
+   construction, so only records appended during the backup are walked (by
+   ``engine._log.cut_by_time``, with recovery's checks); everything else
+   moves with ``os.copy_file_range``.
    Causality: if record B depends on A (A's append returned before B's
    timestamp was read) and B is in the copy (ts_B <= T), A completed before T,
    and every log is read after T, so A is in the copy of its log with
    ts_A < ts_B <= T.
 4. *Derived state*.  Group offset files committed past a log's cut are clamped
-   to it (at-least-once is kept: a consumer of the copy re-reads, never skips).
+   to it (at-least-once is kept: a consumer of the copy re-reads, never skips);
+   each keeps its epoch, and the log's ``truncations`` file (which the epochs
+   count) is copied as it is.
    A durable queue's list of acked delayed offsets loses entries past the
    cut.  VersionedStore snapshots written after the pin are not copied, and
    any covering more than the cut would be dropped; if no kept snapshot can
@@ -75,11 +78,23 @@ import os
 import re
 import shutil
 import stat
-import struct
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+# the log's own readers and writers of its files: this module knows none of
+# their byte layouts
+from ._log import (
+    SEGMENT_HEADER_SIZE,
+    _crc32c,
+    cut_by_time,
+    published_end,
+    read_groups,
+    scan_segment,
+    write_clean_checkpoint,
+    write_group,
+)
+from ._log import verify as verify_log
 from .errors import CorruptLog, EngineError
 
 __all__ = ["backup", "BackupReport"]
@@ -91,27 +106,18 @@ _MANIFEST = "backup.json"     # written last: DST holds a complete backup
 _MANIFEST_FORMAT = 1
 _CHUNK = 64 << 20             # copy_file_range step (progress granularity)
 _TAIL_FP = 4096               # bytes before a segment's copied end in its fingerprint
-_WALK_WINDOW = 1 << 20        # pread window of the record walk
 _clock = time.time_ns         # the instant T (tests replace it to act at T)
 
-# on-disk layout of engine._log (pyx/log_layout.h, pyx/log.pyx)
+# a log directory's files (names only: their contents are engine._log's)
 _SEG_RE = re.compile(r"^(\d{20})\.seg$")
-_SEG_HEADER = struct.Struct("<8sIIQQ16sqII")
-_REC = struct.Struct("<IIQqII")          # length, crc, offset, timestamp, key_len, flags
-_NOTIFY = struct.Struct("<IIIIQQQ")      # magic, seq, waiters, pad, active_base, published, next
-_CHECKPOINT = struct.Struct("<8sQQQII")  # magic, segment, position, next offset, clean, crc
-_GROUP = struct.Struct("<8sQI")          # magic, committed offset, crc
-_SEG_MAGIC = b"QELOGSG1"
-_CKPT_MAGIC = b"QELOGCK1"
-_GROUP_MAGIC = b"QELOGGR1"
-_NOTIFY_MAGIC = 0x324E4F54
-_SEGHDR = 64
-_RECHDR = 32
-_FLAG_EOS = 1
-
-# a log's files never copied: its held lock, the live wake-up block, the
-# checkpoint (the copy gets its own); elsewhere no *.lock file is copied either
+_SEGHDR = SEGMENT_HEADER_SIZE
+# never copied: the held lock, the live wake-up block, the checkpoint (the
+# copy gets its own); elsewhere no *.lock file is copied either
 _LOG_SKIP = {"writer.lock", "notify", "checkpoint"}
+# the offsets from which recoveries and repairs may have changed the log; a
+# group's epoch counts its entries, so the copy keeps it as it is (it is only
+# ever appended to)
+_TRUNCATIONS = "truncations"
 # durable queues (a directory with queue.json): shared scratch regions that
 # name live member processes; the queue re-creates them empty
 _QUEUE_SCRATCH = {"bell", "group"}
@@ -161,12 +167,6 @@ class _Retry(Exception):
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def _crc(data: Any, crc: int = 0) -> int:
-    from ._log import _crc32c  # type: ignore[import-not-found]
-
-    return int(_crc32c(data, crc=crc))
 
 
 def _fsync_path(path: str, directory: bool = False) -> None:
@@ -278,22 +278,6 @@ class _PinnedLog:
     start_offset: int = 0         # first offset of the copy
 
 
-def _read_notify(path: str) -> Optional[Tuple[int, int]]:
-    """(active segment base, published position) of a log, None if unknown."""
-    try:
-        with open(os.path.join(path, "notify"), "rb") as f:
-            raw = f.read(_NOTIFY.size)
-    except OSError:
-        return None
-    if len(raw) < _NOTIFY.size:
-        return None
-    magic, _seq, _w, _pad, active, published, _nxt = _NOTIFY.unpack(raw)
-    pos = published & 0xFFFFFFFF
-    if magic != _NOTIFY_MAGIC or (published >> 32) != (active & 0xFFFFFFFF) or pos < _SEGHDR or pos % 8:
-        return None
-    return active, pos
-
-
 def _open_seg(path: str, base: int) -> Optional[_Seg]:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -321,7 +305,7 @@ def _pin_log(src: str, rel: str) -> _PinnedLog:
         log_id = uuid.UUID(json.loads(meta.decode())["log_id"]).bytes
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         raise CorruptLog(os.path.join(path, "meta"), 0, "unreadable meta file") from None
-    note = _read_notify(path)  # before the listing: the anchor's segment is then listed
+    note = published_end(path)  # before the listing: the anchor's segment is then listed
     segs: Dict[int, _Seg] = {}
     for base in _list_bases(path):
         s = _open_seg(os.path.join(path, f"{base:020d}.seg"), base)
@@ -463,38 +447,6 @@ def _pin(src: str) -> _Plan:
 # ---------------------------------------------------------------- the cut
 
 
-class _Window:
-    """Reads a pinned segment through a pread window (no mapping: a file that
-    shrinks under us reads short, never faults)."""
-
-    def __init__(self, seg: _Seg) -> None:
-        self.seg = seg
-        self.start = 0
-        self.data = b""
-
-    def get(self, pos: int, n: int) -> bytes:
-        if pos < self.start or pos + n > self.start + len(self.data):
-            self.start = pos
-            self.data = os.pread(self.seg.fd, max(n, _WALK_WINDOW), pos)
-        return self.data[pos - self.start: pos - self.start + n]
-
-
-def _check_rec(read: Callable[[int, int], bytes], pos: int, size: int) -> Optional[Tuple[int, int, int, int]]:
-    """The record at ``pos`` as ``(padded length, offset, timestamp, flags)``
-    when it is whole (bounds and CRC as the log checks them), else None."""
-    head = read(pos, _RECHDR) if pos + _RECHDR <= size else b""
-    if len(head) < _RECHDR:
-        return None
-    length, crc, off, ts, klen, flags = _REC.unpack(head)
-    padded = (length + 7) & ~7
-    if length < _RECHDR or klen > length - _RECHDR or pos + padded > size:
-        return None
-    body = read(pos + 8, padded - 8)
-    if len(body) != padded - 8 or _crc(body, _crc(head[:4])) != crc:
-        return None
-    return padded, off, ts, flags
-
-
 def _find_cut(src: str, lg: _PinnedLog, t_ns: int) -> None:
     """Set lg.cut: the end of the last complete record with timestamp <= T."""
     path = os.path.join(src, lg.rel)
@@ -502,54 +454,47 @@ def _find_cut(src: str, lg: _PinnedLog, t_ns: int) -> None:
         lg.cut = (0, 0)
         return
     base, pos = lg.anchor
+    expect: Optional[int] = None  # the offset at the anchor: its record's own
     while True:
         seg = lg.segs[base]
-        seg.size = os.fstat(seg.fd).st_size
-        win = _Window(seg)
-        while True:
-            head = win.get(pos, 4) if pos + _RECHDR <= seg.size else b""
-            if len(head) < 4 or head == b"\0\0\0\0":
-                lg.cut = (base, pos)  # the end of what is written
-                return
-            rec = _check_rec(win.get, pos, seg.size)
-            if rec is None:
-                if _in_progress(path, base, pos, seg):
-                    lg.cut = (base, pos)
-                    return
-                win.start, win.data = 0, b""  # completed while we read it: read it again
-                continue
-            padded, off, ts, flags = rec
-            if flags & _FLAG_EOS:
-                if off not in lg.segs and off in _list_bases(path):
-                    s = _open_seg(os.path.join(path, f"{off:020d}.seg"), off)  # rolled during the walk
-                    if s is not None:
-                        lg.segs[off] = s
-                if off in lg.segs and off > base:
-                    base, pos = off, _SEGHDR
-                    break
-                lg.cut = (base, pos)  # no next segment yet: end before the marker
-                return
-            if ts > t_ns:
+        res = cut_by_time(seg.fd, pos, t_ns, expect)
+        if res.records:
+            pos, expect = res.end_position, res.next_offset
+        if res.error is not None:
+            if _in_progress(path, base, pos, expect, seg, t_ns):
                 lg.cut = (base, pos)
                 return
-            pos += padded
+            continue  # completed while we read it: walk on from it
+        if not res.sealed:
+            lg.cut = (base, pos)  # the end of what is written, or a record after T
+            return
+        nxt = res.next_offset  # an end-of-segment marker at pos names the next segment
+        if nxt not in lg.segs and nxt in _list_bases(path):
+            s = _open_seg(os.path.join(path, f"{nxt:020d}.seg"), nxt)  # rolled during the walk
+            if s is not None:
+                lg.segs[nxt] = s
+        if nxt not in lg.segs or nxt <= base:
+            lg.cut = (base, pos)  # no next segment yet: end before the marker
+            return
+        base, pos, expect = nxt, _SEGHDR, nxt
 
 
-def _in_progress(path: str, base: int, pos: int, seg: _Seg) -> bool:
-    """A record at (base, pos) failed its checks.  True: the writer has not
+def _in_progress(path: str, base: int, pos: int, expect: Optional[int], seg: _Seg, t_ns: int) -> bool:
+    """The record at (base, pos) failed its checks.  True: the writer has not
     published it (in flight, or the torn tail of a killed writer).  False: it
     is whole now (it completed while we read it).  CorruptLog: the writer
     published it, so it is damage."""
-    note = _read_notify(path)
-    if _check_rec(lambda p, n: os.pread(seg.fd, n, p), pos, seg.size) is not None:
+    note = published_end(path)  # before the second look: what it calls published is final
+    again = cut_by_time(seg.fd, pos, t_ns, expect)
+    if again.error is None or again.records:
         return False
     if note is None:
         if base == max(_list_bases(path) or [base]):
             return True  # no published position to compare with: the last segment's tail
     elif note[0] == base and pos >= note[1]:
         return True
-    raise CorruptLog(seg.path, pos, "damaged record in a part of the log its writer already "
-                     "published; run 'queue-engine log verify' on the source")
+    raise CorruptLog(seg.path, pos, f"damaged record ({again.error}) in a part of the log its writer "
+                     "already published; run 'queue-engine log verify' on the source")
 
 
 # ---------------------------------------------------------------- copying
@@ -559,7 +504,7 @@ def _fingerprint(fd: int, upto: int) -> Tuple[int, int]:
     head = os.pread(fd, _SEGHDR, 0)
     lo = max(_SEGHDR, upto - _TAIL_FP)
     tail = os.pread(fd, max(0, upto - lo), lo) if upto > lo else b""
-    return _crc(head), _crc(tail)
+    return int(_crc32c(head)), int(_crc32c(tail))
 
 
 class _Run:
@@ -647,45 +592,36 @@ class _Run:
         self.report.bytes_total += end
 
     def _copy_groups(self, lg: _PinnedLog, src_dir: str, dst_dir: str) -> None:
-        gsrc = os.path.join(src_dir, "groups")
+        """The log's consumer-group offsets, each with its epoch, then its
+        truncations file.  Read in that order: the file is only appended to,
+        so the copy's holds every truncation a copied group's epoch counts."""
+        groups = read_groups(src_dir)
         gdst = os.path.join(dst_dir, "groups")
         os.makedirs(gdst, mode=0o700, exist_ok=True)
-        try:
-            names = sorted(os.listdir(gsrc))
-        except FileNotFoundError:
-            names = []
         for name in os.listdir(gdst):
-            if name not in names:
+            if name not in groups:
                 os.unlink(os.path.join(gdst, name))
-        for name in names:
-            if name.startswith("."):
-                continue
-            gpath = os.path.join(gsrc, name)
-            try:
-                with open(gpath, "rb") as f:
-                    data = f.read(64)
-            except (FileNotFoundError, IsADirectoryError):
-                continue
-            if len(data) != _GROUP.size:
-                raise CorruptLog(gpath, 0, "group file has the wrong size")
-            magic, off, crc = _GROUP.unpack(data)
-            if magic != _GROUP_MAGIC or _crc(data[:16]) != crc:
-                raise CorruptLog(gpath, 0, "group file fails its check")
+        for name, (off, epoch) in groups.items():
             if off > lg.next_offset:
                 # committed past the cut: the copy's consumer re-reads from the
                 # cut (at-least-once), never skips what is appended there next
                 off = lg.next_offset
-                head = _GROUP_MAGIC + struct.pack("<Q", off)
-                data = head + struct.pack("<I", _crc(head))
                 self.report.groups_clamped += 1
-            _write_file(os.path.join(gdst, name), data)
+            write_group(dst_dir, name, off, epoch)
+        tdst = os.path.join(dst_dir, _TRUNCATIONS)
+        try:
+            with open(os.path.join(src_dir, _TRUNCATIONS), "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            if os.path.exists(tdst):
+                os.unlink(tdst)  # left by an earlier backup of a log since re-created
+            return
+        _write_file(tdst, raw)
 
     def finish_log(self, lg: _PinnedLog) -> None:
         """Verify the copied log and give it a clean checkpoint at its cut."""
-        from ._log import verify  # type: ignore[import-not-found]
-
         dst_dir = os.path.join(self.dst, lg.rel)
-        results = verify(dst_dir)
+        results = verify_log(dst_dir)
         for r in results:
             if r.error is not None:
                 raise CorruptLog(r.segment, r.error_position,
@@ -700,8 +636,7 @@ class _Run:
                                   f"{last.base_offset}, not at the cut {lg.cut}")
             lg.next_offset = last.next_offset
             lg.start_offset = results[0].base_offset
-            raw = _CHECKPOINT.pack(_CKPT_MAGIC, lg.cut[0], lg.cut[1], lg.next_offset, 1, 0)
-            _write_file(os.path.join(dst_dir, "checkpoint"), raw[:36] + struct.pack("<I", _crc(raw[:36])))
+            write_clean_checkpoint(dst_dir, lg.cut[0], lg.cut[1], lg.next_offset)
         self.report.log_ends[lg.rel] = lg.next_offset
 
     # -- plain files
@@ -935,8 +870,6 @@ def backup(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], *, increm
 
 def _trusted_end(run: _Run, lg: _PinnedLog) -> None:
     """verify=False: take the cut's next offset from its last record header."""
-    from ._log import scan_segment  # type: ignore[import-not-found]
-
     dst_dir = os.path.join(run.dst, lg.rel)
     if not lg.segs or lg.cut[0] not in lg.segs:
         return
@@ -946,6 +879,5 @@ def _trusted_end(run: _Run, lg: _PinnedLog) -> None:
         raise CorruptLog(res.segment, res.error_position, f"the copy fails its check ({res.error})")
     lg.next_offset = res.next_offset
     lg.start_offset = min(b for b in lg.segs if b <= lg.cut[0])
-    raw = _CHECKPOINT.pack(_CKPT_MAGIC, lg.cut[0], lg.cut[1], lg.next_offset, 1, 0)
-    _write_file(os.path.join(dst_dir, "checkpoint"), raw[:36] + struct.pack("<I", _crc(raw[:36])))
+    write_clean_checkpoint(dst_dir, lg.cut[0], lg.cut[1], lg.next_offset)
     run.report.log_ends[lg.rel] = lg.next_offset

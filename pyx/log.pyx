@@ -473,6 +473,201 @@ cdef dict _all_groups(str path):
     return out
 
 
+
+# ---------------------------------------------------------------- for backup
+# What engine.backups needs to copy a live log without knowing its byte
+# layouts: the group files, the published end, a record walk with recovery's
+# checks, and a clean checkpoint.  The files' formats live only in this module.
+
+def read_group(path, group):
+    """``(committed offset, epoch)`` of consumer group ``group`` of the log
+    directory ``path``, or None when it never committed.  The epoch is the
+    number of truncations (see the ``truncations`` file) the committing
+    reader knew of.  Raises CorruptLog when the group file fails its check."""
+    _check_group(group)
+    return _read_group_epoch(_os.fspath(path), group)
+
+
+def read_groups(path):
+    """Every committed group of the log directory ``path``:
+    ``{name: (committed offset, epoch)}`` (see :func:`read_group`).  Files
+    that are not group files (temp files) are left out."""
+    path = _os.fspath(path)
+    out = {}
+    try:
+        names = _os.listdir(_os.path.join(path, "groups"))
+    except FileNotFoundError:
+        return out
+    for name in sorted(names):
+        if not _GROUP_RE.match(name):
+            continue
+        try:
+            got = _read_group_epoch(path, name)
+        except IsADirectoryError:
+            continue  # not a group file
+        if got is not None:  # None: removed since the listing
+            out[name] = got
+    return out
+
+
+cdef _write_group(str path, str group, uint64_t offset, uint64_t epoch):
+    raw = _GROUP2.pack(_GROUP2_MAGIC, offset, epoch, 0)
+    crc = eng_crc32c(0, PyBytes_AS_STRING(raw), 24)
+    gdir = _os.path.join(path, "groups")
+    _os.makedirs(gdir, mode=0o700, exist_ok=True)
+    _atomic_write(gdir, group, raw[:24] + _struct.pack("<I", crc) + bytes(4), True)
+
+
+def write_group(path, group, offset, epoch):
+    """Store group ``group``'s committed ``offset`` and ``epoch`` in the log
+    directory ``path`` durably (temp file, fsync, rename, fsync directory),
+    as :meth:`LogReader.commit` does."""
+    _check_group(group)
+    for name, v in (("offset", offset), ("epoch", epoch)):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise TypeError(f"{name} must be an int")
+        if v < 0 or v >= (1 << 64):
+            raise ValueError(f"{name} must be in [0, 2**64), not {v}")
+    _write_group(_os.fspath(path), group, offset, epoch)
+
+
+def published_end(path):
+    """``(segment base, byte position)`` of the log directory ``path``: every
+    record of that segment before the position is complete and was published
+    by its writer (a live one, or the last one before a crash).  None when the
+    ``notify`` block is missing, of another format, or inconsistent (read
+    while a roll updated it)."""
+    cdef const eng_notify *n
+    cdef uint64_t base, p
+    cdef size_t pos
+    try:
+        with open(_os.path.join(_os.fspath(path), "notify"), "rb") as f:
+            data = f.read(sizeof(eng_notify))
+    except FileNotFoundError:
+        return None
+    if len(data) < <Py_ssize_t>sizeof(eng_notify):
+        return None
+    n = <const eng_notify *>PyBytes_AS_STRING(data)
+    if n.magic != ENG_NOTIFY_MAGIC:
+        return None
+    base = n.active_base
+    p = n.published
+    pos = <size_t>(p & 0xFFFFFFFFu)
+    if (p >> 32) != (base & 0xFFFFFFFFu) or pos < _SEGHDR or pos % 8:
+        return None
+    return int(base), int(pos)
+
+
+cdef size_t _CUT_WINDOW = 1 << 20  # bytes read per step of cut_by_time on a descriptor
+
+
+def cut_by_time(segment, position, ts_limit, expect=None):
+    """Walk a segment's records from ``position`` while their timestamps are
+    <= ``ts_limit``; returns a :class:`ScanResult` saying where to cut.
+
+    ``segment``: an open file descriptor of the segment (read with pread, so
+    a file that shrinks meanwhile reads short, never faults) or a buffer
+    holding its image from byte 0.  ``position`` is a record boundary;
+    ``expect`` the offset of the record there (None: that record's own, once
+    its CRC checks).  Each record is checked as recovery checks it (bounds,
+    flags, CRC32C, offset sequence).  In the result, ``end_position`` is the
+    cut (records before it are taken), ``records`` how many were taken,
+    ``base_offset`` the offset at ``position`` and ``next_offset`` the offset
+    after them.  The walk stops at:
+
+    * the end of what is written (a zero length word), or a record stamped
+      after ``ts_limit``: ``error`` None, ``sealed`` False;
+    * the end-of-segment marker: ``sealed`` True, ``next_offset`` is then the
+      next segment's base;
+    * an invalid record: ``error`` says why (``error_position`` =
+      ``end_position``).  Whether that is a tail still being written or
+      damage is the caller's call, by :func:`published_end`.
+    """
+    cdef Py_buffer buf
+    cdef const uint8_t *p
+    cdef size_t pos = position
+    cdef int64_t limit = ts_limit
+    cdef size_t origin = 0, size = 0, local = 0, need = 0, fsize = 0, want, got
+    cdef uint32_t length
+    cdef uint64_t exp = 0
+    cdef uint64_t n = 0
+    cdef int r = R_END
+    cdef int why = W_NONE
+    cdef bint known = expect is not None
+    cdef bint by_fd = isinstance(segment, int) and not isinstance(segment, bool)
+    cdef bint whole = not by_fd    # the bytes held reach the end of the segment
+    cdef bint short                # the record at `local` reaches past the bytes held
+    cdef const eng_rec_header *h
+    if known:
+        exp = expect
+    if by_fd:
+        fsize = _os.fstat(segment).st_size
+        data = b""
+        origin = pos
+    else:
+        data = segment
+    while True:
+        short = False
+        PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
+        try:
+            p = <const uint8_t *>buf.buf
+            size = <size_t>buf.len
+            local = pos - origin  # origin is where the bytes held start: <= pos
+            while not short:
+                if not whole:
+                    need = _HDR
+                    if size - local >= 4:
+                        length = (<const uint32_t *>(p + local))[0]
+                        if length > _HDR:
+                            need = _align8(length)
+                    if size - local < need:
+                        short = True
+                        break
+                if not known and local <= size and size - local >= _HDR:
+                    exp = (<const eng_rec_header *>(p + local)).offset
+                    known = True
+                r = _rec_check(p, size, local, exp, True, &why)
+                if r != R_REC:
+                    break
+                h = <const eng_rec_header *>(p + local)
+                if h.timestamp_ns > limit:
+                    r = R_END
+                    break
+                local += _align8(h.length)
+                exp += 1
+                n += 1
+            pos = origin + local
+        finally:
+            PyBuffer_Release(&buf)
+        if not short:
+            break
+        # read on from the record at pos, at least all of it (never past the file)
+        want = min(max(_CUT_WINDOW, need), fsize - pos if fsize > pos else 0)
+        data = _os.pread(segment, want, pos) if want else b""
+        origin = pos
+        got = <size_t>len(data)
+        whole = got < want or pos + got >= fsize
+    name = "<fd>" if by_fd else "<buffer>"
+    if r == R_BAD:
+        return ScanResult(name, exp - n, n, exp, pos, False, _WHY[why], pos, pos - position)
+    return ScanResult(name, exp - n, n, exp, pos, r == R_EOS, None, 0, pos - position)
+
+
+def write_clean_checkpoint(path, segment_base, position, next_offset):
+    """Write the checkpoint a clean close leaves into the log directory
+    ``path``: the log ends at byte ``position`` of segment ``segment_base``,
+    before offset ``next_offset``.  The next open trusts it (``was_clean``)
+    after checking the records near it.  Durable (temp, fsync, rename)."""
+    for name, v in (("segment_base", segment_base), ("position", position), ("next_offset", next_offset)):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise TypeError(f"{name} must be an int")
+        if v < 0 or v >= (1 << 64):
+            raise ValueError(f"{name} must be in [0, 2**64), not {v}")
+    if position < <Py_ssize_t>_SEGHDR or position % 8:
+        raise ValueError(f"position must be a record boundary past the segment header, not {position}")
+    _put_checkpoint(_os.fspath(path), segment_base, position, next_offset, True)
+
+
 # ---------------------------------------------------------------- segments
 
 @cython.final
@@ -1038,10 +1233,15 @@ cdef object _read_checkpoint(str path):
     return (base, pos, nxt, clean)
 
 
-cdef _write_checkpoint(str path, uint64_t base, uint64_t pos, uint64_t nxt, bint clean):
+cdef _put_checkpoint(str path, uint64_t base, uint64_t pos, uint64_t nxt, bint clean):
+    """Write the checkpoint file durably (no sync hook: see _write_checkpoint)."""
     raw = _CHECKPOINT.pack(_CKPT_MAGIC, base, pos, nxt, 1 if clean else 0, 0)
     crc = eng_crc32c(0, PyBytes_AS_STRING(raw), 36)
     _atomic_write(path, "checkpoint", raw[:36] + _struct.pack("<I", crc), True)
+
+
+cdef _write_checkpoint(str path, uint64_t base, uint64_t pos, uint64_t nxt, bint clean):
+    _put_checkpoint(path, base, pos, nxt, clean)
     _call_hook(path, {"kind": "checkpoint", "segment": base, "position": pos, "next_offset": nxt})
 
 
@@ -2916,11 +3116,7 @@ cdef class LogReader:
             raise TypeError("offset must be an int or None")
         elif offset < 0:
             raise ValueError(f"offset must be >= 0, not {offset}")
-        raw = _GROUP2.pack(_GROUP2_MAGIC, offset, self._epoch, 0)
-        crc = eng_crc32c(0, PyBytes_AS_STRING(raw), 24)
-        gdir = _os.path.join(self._path, "groups")
-        _os.makedirs(gdir, mode=0o700, exist_ok=True)
-        _atomic_write(gdir, self._group, raw[:24] + _struct.pack("<I", crc) + bytes(4), True)
+        _write_group(self._path, self._group, offset, self._epoch)
         _call_hook(self._path, {"kind": "group", "group": self._group, "offset": offset})
 
     def committed(self):

@@ -203,6 +203,57 @@ def test_group_committed_past_the_cut_is_clamped(tmp_path, monkeypatch):
     assert _group_file(src / "l", "fast") == 150
 
 
+def test_truncations_and_group_epochs_survive_the_backup(tmp_path, monkeypatch):
+    """A log recovered once after a crash (truncation 1) whose groups commit
+    at epoch 1: the copy keeps the truncations file and every group's epoch,
+    also for a group clamped to the cut.  So a truncation of the restored
+    copy below a group's offset makes that group re-read from it."""
+    from engine._log import read_group, verify
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    log = Log(src / "l", durability="none")
+    log.append_many([b"a%03d" % i for i in range(50)])
+    log._simulate_crash()
+    log = Log(src / "l", durability="none")  # unclean: truncation 1, at offset 50
+    log.append_many([b"b%03d" % i for i in range(50, 100)])
+    with LogReader(src / "l", group="g") as r:
+        r.commit(80)
+    assert read_group(src / "l", "g") == (80, 1)
+
+    def after_t():
+        log.append_many([b"c%03d" % i for i in range(100, 120)])
+        with LogReader(src / "l", group="late") as r:
+            r.commit(120)
+
+    _act_at_t(monkeypatch, after_t)
+    report = engine.backup(src, dst)
+    log.close()
+    assert report.log_ends == {"l": 100} and report.groups_clamped == 1
+    assert read_group(dst / "l", "g") == (80, 1)
+    assert read_group(dst / "l", "late") == (100, 1)  # clamped to the cut, same epoch
+    assert (dst / "l" / "truncations").read_bytes() == (src / "l" / "truncations").read_bytes()
+    assert [r.error for r in verify(dst / "l")] == [None]
+    with Log(dst / "l", durability="none") as copy:
+        assert copy.stats()["was_clean"] and copy.next_offset == 100
+    assert _values(dst / "l")[48:52] == [b"a048", b"a049", b"b050", b"b051"]
+
+    # power loss on the restored copy: records from 60 on never reached the
+    # disk; the next open truncates there (truncation 2) and appends reuse
+    # offsets 60.. past the group's 80
+    rec = _record_size(4)
+    (seg,) = [dst / "l" / n for n in os.listdir(dst / "l") if n.endswith(".seg")]
+    with open(seg, "r+b") as f:
+        f.seek(64 + 60 * rec)
+        f.write(b"\0" * (40 * rec))
+    os.unlink(dst / "l" / "checkpoint")
+    with Log(dst / "l", durability="none") as copy:
+        assert copy.next_offset == 60
+        copy.append_many([b"d%03d" % i for i in range(60, 120)])
+    with LogReader(dst / "l", group="g") as r:
+        assert r.position == 60  # re-reads the new records, never skips 60..79
+        assert bytes(r.read().value) == b"d060"
+
+
 def test_snapshot_newer_than_the_cut_is_not_used(tmp_path, monkeypatch):
     src, dst = tmp_path / "src", tmp_path / "dst"
     store = engine.VersionedStore(src / "s", durability="none", snapshot_every=None)
@@ -445,3 +496,53 @@ def test_an_interrupted_backup_is_never_taken_for_a_complete_one(tmp_path):
     assert not os.path.exists(dst / "backup.json")
     with pytest.raises(EngineError, match="interrupted"):
         engine.backup(src, dst, incremental=True)
+
+
+def test_cut_by_time_reads_a_descriptor_as_the_whole_image(tmp_path):
+    """The log's walk for the cut, through pread windows (records crossing
+    their edges) and over the same bytes in memory, stops at the same place:
+    the timestamp limit, the end of what is written, a torn record."""
+    from engine._log import SEGMENT_HEADER_SIZE, cut_by_time
+
+    values = [bytes([65 + i % 26]) * (70_000 + 4099 * i) for i in range(40)]
+    with Log(tmp_path / "l", durability="none") as log:
+        stamps = []
+        for v in values:
+            log.append(v)
+            stamps.append(time.time_ns())
+            time.sleep(0.0005)
+    (seg,) = [tmp_path / "l" / n for n in os.listdir(tmp_path / "l") if n.endswith(".seg")]
+    image = seg.read_bytes()
+    ends = [SEGMENT_HEADER_SIZE]
+    for v in values:
+        ends.append(ends[-1] + _record_size(len(v)))
+    assert ends[-1] > 3 << 20  # several windows
+
+    def both(pos, limit, expect=None):
+        fd = os.open(seg, os.O_RDONLY)
+        try:
+            a = cut_by_time(fd, pos, limit, expect)
+        finally:
+            os.close(fd)
+        b = cut_by_time(image, pos, limit, expect)
+        got = (a.end_position, a.records, a.next_offset, a.sealed, a.error)
+        assert got == (b.end_position, b.records, b.next_offset, b.sealed, b.error)
+        return a
+
+    r = both(SEGMENT_HEADER_SIZE, 2**63 - 1, 0)  # everything: the end of what is written
+    assert (r.end_position, r.records, r.next_offset, r.error) == (ends[-1], 40, 40, None)
+    r = both(ends[7], stamps[24])  # from a record boundary, its own offset; up to record 24
+    assert (r.base_offset, r.end_position, r.records, r.next_offset) == (7, ends[25], 18, 25)
+    r = both(ends[7], stamps[24], expect=8)  # the wrong offset there: not a record of this walk
+    assert r.records == 0 and r.error == "record offset out of sequence"
+    torn = bytearray(image)
+    torn[ends[30] + 40] ^= 1  # record 30's body
+    seg.write_bytes(bytes(torn))
+    image = bytes(torn)
+    r = both(SEGMENT_HEADER_SIZE, 2**63 - 1, 0)
+    assert (r.end_position, r.records, r.error) == (ends[30], 30, "CRC32C mismatch")
+    torn[ends[30]:ends[30] + 4] = (1 << 31).to_bytes(4, "little")  # a length past the file
+    seg.write_bytes(bytes(torn))
+    image = bytes(torn)
+    r = both(ends[29], 2**63 - 1)
+    assert (r.end_position, r.records, r.error) == (ends[30], 1, "record length out of bounds")
