@@ -82,6 +82,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+from ._fsutil import atomic_write, fsync_dir
+
 # the log's own readers and writers of its files: this module knows none of
 # their byte layouts
 from ._log import (
@@ -169,8 +171,8 @@ class _Retry(Exception):
 # ---------------------------------------------------------------- helpers
 
 
-def _fsync_path(path: str, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -178,20 +180,10 @@ def _fsync_path(path: str, directory: bool = False) -> None:
 
 
 def _write_file(path: str, data: bytes, durable: bool = True) -> None:
-    """Write a small file of the copy atomically (temp, fsync, rename);
-    ``durable=False`` for what the log itself writes unsynced (its index
-    files: checked when read, rebuilt when damaged)."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.backup.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    """A small file of the copy, written atomically; ``durable=False`` for
+    what the log itself writes unsynced (its index files: checked when read,
+    rebuilt when damaged)."""
+    atomic_write(os.path.dirname(path), os.path.basename(path), data, durable)
 
 
 def _read_fd(fd: int) -> bytes:
@@ -749,13 +741,13 @@ def _fsync_files(paths: List[str]) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
-        list(pool.map(lambda p: _fsync_path(p), paths))  # re-raises the first error
+        list(pool.map(_fsync_file, paths))  # re-raises the first error
 
 
 def _fsync_tree(dst: str) -> None:
     for dirpath, _dirnames, _filenames in os.walk(dst):
-        _fsync_path(dirpath, directory=True)
-    _fsync_path(os.path.dirname(os.path.abspath(dst)), directory=True)
+        fsync_dir(dirpath)
+    fsync_dir(os.path.dirname(os.path.abspath(dst)))
 
 
 def backup(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], *, incremental: bool = False,
@@ -804,7 +796,7 @@ def backup(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], *, increm
     man_path = os.path.join(dst, _MANIFEST)
     if os.path.exists(man_path):
         os.unlink(man_path)  # until this run finishes, dst is not a complete backup
-        _fsync_path(dst, directory=True)
+        fsync_dir(dst)
     report = BackupReport(src=src, dst=dst, cut_ns=0, incremental=incremental)
     copier = _Copier(progress, 0)
     for attempt in range(1, _ATTEMPTS + 1):
@@ -862,7 +854,7 @@ def backup(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], *, increm
             "format": _MANIFEST_FORMAT, "src": os.path.realpath(src), "cut_ns": report.cut_ns,
             "log_ends": report.log_ends, "segments": run.segments,
         }, indent=1).encode())
-        _fsync_path(dst, directory=True)
+        fsync_dir(dst)
         return report
     raise EngineError(f"backup of {src!r}: the journals kept compacting at the cut in {_ATTEMPTS} attempts; "
                       "try again (or pause compaction)")
