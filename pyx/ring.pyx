@@ -825,7 +825,8 @@ cdef class Ring:
             consumers.append({
                 "slot": i,
                 "pid": pid,
-                "alive": _alive(pid, eng_load_acquire_u64(&s.pid_start)),
+                "alive": _alive(pid, eng_load_acquire_u64(&s.pid_start),
+                                eng_load_acquire_u64(&s.pid_ns)),
                 "cursor": None if cur == RING_IDLE else cur,
                 "lag_bytes": lag,
                 "messages_got": eng_load_relaxed_u64(&s.msgs_got),
