@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import mmap
 import multiprocessing as mp
-import os
 import random
 import struct
 import threading
