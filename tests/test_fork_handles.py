@@ -249,3 +249,57 @@ def test_fork_generation_counts_forks():
     os.close(r)
     os.close(w)
     assert child_gen == _sched.fork_generation() + 1
+
+
+def _await_in_child(name, c, ready, q):
+    import asyncio
+
+    async def main():
+        try:
+            await asyncio.wait_for(c.aget(), 3)  # inherited: an error, never a hang
+        except engine.EngineError as exc:
+            assert "attach anew" in str(exc)
+        else:
+            raise AssertionError("an inherited consumer was awaited")
+        mine = engine.Ring.attach(name).consumer()  # attached anew: a fresh waiter thread
+        ready.set()
+        while True:  # it joins at the retention floor: older messages may come first
+            msg = await asyncio.wait_for(mine.aget(), 5)
+            if msg == b"child":
+                return msg
+
+    try:
+        q.put(asyncio.run(main()))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        q.put(repr(exc))
+
+
+def test_forked_child_awaits_a_handle_attached_anew(shm_name):
+    """The parent's aio waiter threads do not survive fork: awaiting an
+    inherited handle fails at once, and a handle attached anew in the child
+    gets a waiter of its own."""
+    import asyncio
+    import multiprocessing as mp
+    import threading
+
+    from engine import aio
+
+    ctx = mp.get_context("fork")
+    ring = engine.Ring.create(shm_name, capacity=4096, mode="broadcast", max_consumers=2)
+    p, c = ring.producer(), ring.consumer()
+
+    async def main():
+        threading.Timer(0.2, lambda: p.put(b"parent")).start()
+        return await c.aget(timeout=5)
+
+    assert asyncio.run(main()) == b"parent"
+    assert aio._waiters  # an idle waiter thread is kept in the parent
+    ready, q = ctx.Event(), ctx.Queue()
+    proc = ctx.Process(target=_await_in_child, args=(shm_name, c, ready, q))
+    proc.start()
+    assert ready.wait(10)
+    p.put(b"child")
+    got = q.get(timeout=30)
+    proc.join(10)
+    assert got == b"child"
+    assert c.get(timeout=1) == b"child"  # the parent's consumer is untouched
