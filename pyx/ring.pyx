@@ -35,10 +35,24 @@ Lifecycle and failure semantics (what a user can rely on)
   consumer had not read stays for its replacement.  shared: the message(s)
   it had claimed but not finished copying are counted in
   ``stats()["lost"]``: shared mode is at-most-once across a consumer crash
-  (use the Log for at-least-once).  A recycled pid looks alive: the slot is
-  then released only when that process exits too.
+  (use the Log for at-least-once).  A pid the kernel handed to a new
+  process is told from the dead holder by its start time.
 * Every length and cursor read from shared memory is checked before use; a
   violation raises ``IncompatibleRegion("corrupt ring: ...")``.
+* ``fork()``: a Producer or Consumer inherited by a child is inert there.
+  Using it raises ``EngineError`` (attach anew in the child); closing,
+  dropping it or the child's exit touch nothing shared, so the parent keeps
+  its producer role and consumer slots.  The Ring handle itself is a mapping
+  and stays usable: ``ring.consumer()`` in the child registers a new slot.
+* Pid namespaces: each holder records its pid namespace beside its pid.  A
+  holder in another namespace (a container sharing /dev/shm but not pids)
+  is never taken for dead: its slot or role is freed by its own close(), by
+  a process in its namespace, or with the region.  A consumer killed in
+  another container therefore gates a broadcast/spsc producer until someone
+  in that container (or ``Ring.unlink`` and a new ring) clears it.
+* A producer whose stream was ended under it (a consumer took it for dead)
+  gets ``Closed`` from ``put``: nothing is put into a stream that consumers
+  have stopped reading.
 * A handle is for one thread at a time (the ring itself is for many threads
   and processes: one producer handle, one handle per consumer).
 """
@@ -152,7 +166,7 @@ cdef extern from "ring_layout.h" nogil:
         uint64_t msgs_got         # statistics
         uint64_t bytes_got        # statistics
         uint64_t waits            # sleeps for data
-        uint64_t claim_end        # shared: end of the last claimed batch
+        uint64_t claim_end        # shared: end of the batch being claimed (stored before the CAS)
         uint64_t pid_start        # start time of pid, 0 = unknown
         uint64_t pid_ns           # pid namespace inode of pid, 0 = unknown
         uint32_t sleeping         # 1 while counted in prod.data_waiters
@@ -1572,15 +1586,16 @@ cdef class Consumer:
                     raise
                 pos += size
             # claim_end before the CAS (0 again if it fails): a reaper then
-            # counts [c, pos) as lost only if this claim may have happened
-            eng_store_seqcst_u64(&self._slot.claim_end, pos)
+            # counts [c, pos) as lost only if this claim may have happened.
+            # Relaxed: only a reaper reads it, after this process died.
+            eng_store_relaxed_u64(&self._slot.claim_end, pos)
             if eng_cas_u64(&h.claim.claim, &c, pos):
                 if cnt == 0:
                     continue  # we consumed a padding record only
                 start[0] = c
                 end[0] = pos
                 return 1
-            eng_store_release_u64(&self._slot.claim_end, 0)
+            eng_store_relaxed_u64(&self._slot.claim_end, 0)
 
     cdef inline int _avail(self) except -1:
         """spsc/broadcast: 1 if a record is at the cursor (refreshing head)."""
@@ -2144,9 +2159,9 @@ cdef class Consumer:
                 eng_store_release_u64(&self._slot.cursor, RING_IDLE)
                 return _np.empty((0, 0), dtype=dt)
             # claim_end before the CAS, 0 again if it fails (see _claim)
-            eng_store_seqcst_u64(&self._slot.claim_end, pos)
+            eng_store_relaxed_u64(&self._slot.claim_end, pos)
             if not eng_cas_u64(&h.claim.claim, &c, pos):
-                eng_store_release_u64(&self._slot.claim_end, 0)
+                eng_store_relaxed_u64(&self._slot.claim_end, 0)
                 continue
             if n == 0:
                 continue
