@@ -996,15 +996,20 @@ cdef class Producer:
         return self._m is None or bool(eng_load_acquire_u32(&self._h.prod.closed))
 
     cdef inline int _check(self) except -1:
+        # One branch on the hot path; the reasons are sorted out off it.
+        if (self._m is None or self._gen != eng_fork_generation()
+                or eng_load_acquire_u32(&self._h.prod.closed)):
+            return self._refuse()
+        return 0
+
+    cdef int _refuse(self) except -1:
         if self._m is None:
             raise Closed("producer is closed")
         if self._gen != eng_fork_generation():
             raise _inherited("producer", self._pid)
-        if eng_load_acquire_u32(&self._h.prod.closed):
-            # ended under us (a consumer took us for dead): never put into a
-            # stream the consumers will stop reading
-            raise Closed(f"ring {self._m.label()} was closed: no more messages can be put")
-        return 0
+        # ended under us (a consumer took us for dead): never put into a
+        # stream the consumers will stop reading
+        raise Closed(f"ring {self._m.label()} was closed: no more messages can be put")
 
     cdef inline uint64_t _need(self, uint64_t rec) noexcept nogil:
         # bytes a record takes at the current head, with the padding record
@@ -1501,13 +1506,16 @@ cdef class Consumer:
         return self._m is None
 
     cdef inline int _check(self) except -1:
-        if self._m is None:
-            raise Closed("consumer is closed")
-        if self._gen != eng_fork_generation():
-            raise _inherited("consumer", self._pid)
+        if self._m is None or self._gen != eng_fork_generation():
+            return self._refuse()
         if self._view_adv:
             self._release_view()
         return 0
+
+    cdef int _refuse(self) except -1:
+        if self._m is None:
+            raise Closed("consumer is closed")
+        raise _inherited("consumer", self._pid)
 
     cdef void _release_view(self) noexcept:
         # The previous get_view's record may now be overwritten.
