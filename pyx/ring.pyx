@@ -104,9 +104,22 @@ include "liveness.pxi"
 
 _logger = _logging.getLogger("engine")
 
-# Handles record the fork generation they were made in (see eng_atomic.h).
-if eng_install_fork_hook() != 0:
-    raise ImportError("engine._ring: pthread_atfork failed")
+# Every live Producer / Consumer of this process.  In a forked child they
+# are all disowned at once (after_in_child below): the hot path then keeps
+# its single "is this handle open?" test and pays nothing per call for fork
+# safety.
+_live_handles = _weakref.WeakSet()
+
+
+def _disown_inherited():
+    """Run in a forked child: every handle made before the fork becomes
+    inert (its role, slot and mapping stay with the parent)."""
+    for hnd in list(_live_handles):
+        hnd._disown()
+
+
+if hasattr(_os, "register_at_fork"):
+    _os.register_at_fork(after_in_child=_disown_inherited)
 
 
 cdef object _inherited(str what, int32_t owner):
@@ -913,7 +926,7 @@ cdef class Producer:
     cdef uint64_t _msgs         # messages put by this handle's ring (stats mirror)
     cdef uint64_t _bytes        # bytes put (stats mirror)
     cdef int32_t _pid           # our pid, held in the producer block
-    cdef uint32_t _gen          # fork generation the role was taken in
+    cdef bint _forked           # inherited across fork(): inert (and _m is None)
     cdef object __weakref__
 
     @staticmethod
@@ -972,7 +985,7 @@ cdef class Producer:
         p._mask = m.mask
         p._max_msg = m.max_msg
         p._pid = me
-        p._gen = eng_fork_generation()
+        _live_handles.add(p)
         p._head = eng_load_acquire_u64(&h.prod.head)
         p._pub = p._head
         p._msgs = eng_load_relaxed_u64(&h.prod.msgs_put)
@@ -985,10 +998,16 @@ cdef class Producer:
         return p
 
     def __dealloc__(self):
-        # A handle inherited across fork() never gives back the parent's role.
+        # A handle inherited across fork() has _m None: the role is the parent's.
         cdef int32_t me = self._pid
-        if self._m is not None and self._h != NULL and self._gen == eng_fork_generation():
+        if self._m is not None and self._h != NULL:
             eng_cas_i32(&self._h.prod.pid, &me, 0)
+
+    def _disown(self):
+        """fork() child: this handle is the parent's; make it inert here."""
+        if self._m is not None:
+            self._forked = True
+            self._m = None
 
     @property
     def closed(self):
@@ -997,16 +1016,15 @@ cdef class Producer:
 
     cdef inline int _check(self) except -1:
         # One branch on the hot path; the reasons are sorted out off it.
-        if (self._m is None or self._gen != eng_fork_generation()
-                or eng_load_acquire_u32(&self._h.prod.closed)):
+        if self._m is None or eng_load_acquire_u32(&self._h.prod.closed):
             return self._refuse()
         return 0
 
     cdef int _refuse(self) except -1:
+        if self._forked:
+            raise _inherited("producer", self._pid)
         if self._m is None:
             raise Closed("producer is closed")
-        if self._gen != eng_fork_generation():
-            raise _inherited("producer", self._pid)
         # ended under us (a consumer took us for dead): never put into a
         # stream the consumers will stop reading
         raise Closed(f"ring {self._m.label()} was closed: no more messages can be put")
@@ -1367,10 +1385,7 @@ cdef class Producer:
         In a process forked after this handle was made, only the handle is
         closed: the stream and the role stay with the parent."""
         if self._m is None:
-            return
-        if self._gen != eng_fork_generation():
-            self._m = None
-            return
+            return  # closed, or inherited across fork() (inert: the stream is the parent's)
         cdef ring_header_t *h = self._h
         self._publish()
         eng_store_release_u32(&h.prod.closed, 1)
@@ -1415,7 +1430,7 @@ cdef class Consumer:
     cdef uint32_t _idx          # slot index
     cdef bint _shared           # mode == shared
     cdef int32_t _pid           # our pid, held in the slot
-    cdef uint32_t _gen          # fork generation the slot was taken in
+    cdef bint _forked           # inherited across fork(): inert (and _m is None)
     cdef object __weakref__
 
     @staticmethod
@@ -1448,7 +1463,7 @@ cdef class Consumer:
         c._mode = m.mode
         c._shared = m.mode == RING_MODE_SHARED
         c._pid = me
-        c._gen = eng_fork_generation()
+        _live_handles.add(c)
         # start and namespace before pid: while pid is 0 the slot is skipped
         # by reapers
         eng_store_release_u64(&s.claim_end, 0)
@@ -1491,9 +1506,16 @@ cdef class Consumer:
         _wake_producer(self._h)
 
     def __dealloc__(self):
-        # A handle inherited across fork() never frees the parent's slot.
-        if self._m is not None and self._slot != NULL and self._gen == eng_fork_generation():
+        # A handle inherited across fork() has _m None: the slot is the parent's.
+        if self._m is not None and self._slot != NULL:
             self._release_slot()
+
+    def _disown(self):
+        """fork() child: this handle is the parent's; make it inert here."""
+        if self._m is not None:
+            self._forked = True
+            self._view_adv = 0
+            self._m = None
 
     @property
     def slot(self):
@@ -1506,16 +1528,16 @@ cdef class Consumer:
         return self._m is None
 
     cdef inline int _check(self) except -1:
-        if self._m is None or self._gen != eng_fork_generation():
+        if self._m is None:
             return self._refuse()
         if self._view_adv:
             self._release_view()
         return 0
 
     cdef int _refuse(self) except -1:
-        if self._m is None:
-            raise Closed("consumer is closed")
-        raise _inherited("consumer", self._pid)
+        if self._forked:
+            raise _inherited("consumer", self._pid)
+        raise Closed("consumer is closed")
 
     cdef void _release_view(self) noexcept:
         # The previous get_view's record may now be overwritten.
@@ -1800,9 +1822,7 @@ cdef class Consumer:
         for ``engine.aio``'s waiter thread.  ``Closed`` if this handle is
         closed (also while waiting)."""
         if self._m is None:
-            raise Closed("consumer is closed")
-        if self._gen != eng_fork_generation():
-            raise _inherited("consumer", self._pid)
+            return self._refuse()
         if self._ready():
             return True
         return self._wait(_deadline(timeout)) == 1
@@ -2227,10 +2247,7 @@ cdef class Consumer:
         for the next consumer).  In a process forked after this handle was
         made, only the handle is closed: the slot stays with the parent."""
         if self._m is None:
-            return
-        if self._gen != eng_fork_generation():
-            self._m = None
-            return
+            return  # closed, or inherited across fork() (inert: the slot is the parent's)
         self._release_slot()
         # wake a thread of ours that may be sleeping in this handle
         eng_fetch_add_u32(&self._h.prod.data_seq, 1)
