@@ -233,13 +233,13 @@ static inline int eng_pid_alive(int32_t pid) {
 }
 
 /* ---- fork generation ------------------------------------------------- */
-/* Bumped in every forked child by a pthread_atfork handler.  A handle that
- * holds a role in shared memory (a producer pid, a consumer slot) records the
- * generation it was made in; a different one at use means the handle was
- * inherited across fork() and belongs to the parent.  One relaxed load and a
- * compare per call: the hot path does not call getpid().  Each compiled
- * module that includes this header has its own counter and installs its own
- * handler (eng_install_fork_hook, once at import). */
+/* Bumped in every forked child by a pthread_atfork handler (so forks made
+ * from C count too).  An object that must not be used across fork() (a queue
+ * handle, a group member) records the generation it was made in; another one
+ * at use means it was inherited and belongs to the parent.  One relaxed load
+ * and a compare per call, no getpid() syscall.  Each compiled module that
+ * includes this header has its own counter and installs its own handler
+ * (eng_install_fork_hook, once at import). */
 static uint32_t eng_fork_gen __attribute__((unused));
 static void eng_fork_child_hook(void) {
     __atomic_store_n(&eng_fork_gen, eng_fork_gen + 1, __ATOMIC_RELAXED);
