@@ -290,6 +290,7 @@ def _start_time(pid):
 
 
 @linux_only
+@pytest.mark.stress
 def test_racing_takeover_keeps_the_winners_start_time(shm_name):
     """Racers take over a dead (zombie) producer's role at once. Checking
     the zombie reads /proc, so losers reach their clear of the start time
