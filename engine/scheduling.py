@@ -486,7 +486,10 @@ class PriorityQueue(_PQCore, _Awaitable):
 
     def close_put(self) -> None:
         """End the stream from the producer side: consumers (in any process)
-        drain what is queued, delayed messages included, then get ``Closed``."""
+        drain what is queued, delayed messages included, then get ``Closed``.
+        ``EngineError`` in a process forked after this handle was opened."""
+        if self._region is not None and not self._closed:
+            self._region.check_fork("queue")
         for p in self._producers:
             p.close()
         if self._region is not None and not self._closed:
@@ -495,7 +498,9 @@ class PriorityQueue(_PQCore, _Awaitable):
     def close(self) -> None:
         """Release this handle: closes the producer role if held (so consumers
         drain, then get ``Closed``), the consumer slots and the mappings.
-        Shared files stay until :meth:`unlink`. Idempotent."""
+        Shared files stay until :meth:`unlink`. Idempotent. In a process
+        forked after this handle was opened, only the handle is released: the
+        roles and slots stay with the parent (the ring handles are inert)."""
         if self._closed:
             return
         self._closed = True
@@ -742,8 +747,10 @@ class KeyedQueue(_KQCore, _Awaitable):
             self._default.ack()
 
     def close_put(self) -> None:
-        """End the stream: consumers drain their partitions, then get ``Closed``."""
+        """End the stream: consumers drain their partitions, then get ``Closed``.
+        ``EngineError`` in a process forked after this handle was opened."""
         if self._region is not None and not self._closed:
+            self._region.check_fork("queue")
             if not self._producers:
                 self._open_producers()
             for p in self._producers + self._dproducers:
@@ -752,12 +759,15 @@ class KeyedQueue(_KQCore, _Awaitable):
 
     def close(self) -> None:
         """Leave the group (every consumer of this handle), give up the
-        producer role (ending the stream) and unmap. Idempotent."""
+        producer role (ending the stream) and unmap. Idempotent. In a process
+        forked after this handle was opened, only the handle is released:
+        membership, partitions and the stream stay with the parent."""
         if self._closed:
             return
         for c in list(self._members):
             c.close()
-        if self._producers:
+        inherited = self._region is not None and self._region.inherited
+        if self._producers and not inherited:
             self.close_put()
         self._closed = True
         self._core_close()
@@ -784,7 +794,7 @@ class KeyedQueue(_KQCore, _Awaitable):
             return out
         members = []
         for i in range(MAX_MEMBERS):
-            tok, pid, _start = reg.member(i)
+            tok, pid, _start, _ns = reg.member(i)
             if tok:
                 members.append({"slot": i, "token": tok, "pid": pid, "delivered": reg.member_delivered(i)})
         out["members"] = members
@@ -804,13 +814,14 @@ def _seconds_until(due_ns: int) -> float:
     return max(1e-6, (due_ns - now_ns()) / 1e9)
 
 
-def _member_dead(pid: int, start: int) -> bool:
+def _member_dead(pid: int, start: int, ns: int = 0) -> bool:
     """A group member's process is gone: exited, a zombie, or its pid now
     names another process (a start time that differs from the one recorded).
-    pid 0 is a member between its token CAS and its pid store: alive."""
+    pid 0 is a member between its token CAS and its pid store: alive. So is
+    a member in another pid namespace (``ns`` known and not ours)."""
     if pid == 0:
         return False
-    return not 0 < pid < 1 << 31 or not pid_alive(pid, start)
+    return not 0 < pid < 1 << 31 or not pid_alive(pid, start, ns)
 
 
 class _Owned:
@@ -914,7 +925,7 @@ class KeyedConsumer(_Awaitable):
         self._slot = -1
         for _ in range(2):
             for i in range(MAX_MEMBERS):
-                tok, _pid, _start = reg.member(i)
+                tok, _pid, _start, _ns = reg.member(i)
                 if tok == 0 and reg.claim_member(i, 0, self._token, self._pid):
                     self._slot = i
                     break
@@ -930,8 +941,8 @@ class KeyedConsumer(_Awaitable):
         reg = self._reg
         reaped = False
         for i in range(MAX_MEMBERS):
-            tok, pid, start = reg.member(i)
-            if tok and tok != self._token and _member_dead(pid, start):
+            tok, pid, start, ns = reg.member(i)
+            if tok and tok != self._token and _member_dead(pid, start, ns):
                 if reg.claim_member(i, tok, 0, 0):
                     reaped = True
         if reaped:
@@ -943,16 +954,16 @@ class KeyedConsumer(_Awaitable):
         Tokens are never reused, so once gone, an owner stays gone."""
         reg = self._reg
         for i in range(MAX_MEMBERS):
-            tok, pid, start = reg.member(i)
+            tok, pid, start, ns = reg.member(i)
             if tok == token:
-                return tok != self._token and _member_dead(pid, start)
+                return tok != self._token and _member_dead(pid, start, ns)
         return True
 
     def _live(self) -> List[int]:
         reg = self._reg
         toks = []
         for i in range(MAX_MEMBERS):
-            tok, _pid, _start = reg.member(i)
+            tok, _pid, _start, _ns = reg.member(i)
             if tok:
                 toks.append(tok)
         toks.sort()
@@ -1028,6 +1039,7 @@ class KeyedConsumer(_Awaitable):
         if self._closed:
             raise Closed("this consumer is closed")
         reg = self._reg
+        reg.check_fork("keyed consumer")
         if reg.epoch != self._epoch or time.monotonic() >= self._next_check:
             self._rebalance()
         d = reg.delayed
@@ -1175,6 +1187,15 @@ class KeyedConsumer(_Awaitable):
             return
         self._closed = True
         reg = self._reg
+        if reg.inherited:
+            # forked child: the slot, the partitions and their ring slots
+            # are the parent's; drop our references only
+            self._owned, self._order = {}, []
+            try:
+                self._kq._members.remove(self)
+            except ValueError:
+                pass
+            return
         try:
             for own in list(self._owned.values()):
                 self._drop(own)
@@ -1916,6 +1937,6 @@ class DurableKeyedQueue(KeyedQueue):
         if not self._closed:
             reg = self._region
             out["members"] = [{"slot": i, "token": t, "pid": pid} for i in range(MAX_MEMBERS)
-                              for t, pid, _start in [reg.member(i)] if t]
+                              for t, pid, _start, _ns in [reg.member(i)] if t]
             out["owners"] = [reg.owner(p) for p in range(self._np)]
         return out

@@ -15,6 +15,7 @@
 #define ENG_ATOMIC_H
 
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
@@ -128,6 +129,10 @@ static inline uint32_t eng_fetch_add_seqcst_u32(uint32_t *p, uint32_t v) {
 static inline uint32_t eng_fetch_sub_seqcst_u32(uint32_t *p, uint32_t v) {
     return __atomic_fetch_sub(p, v, __ATOMIC_SEQ_CST);
 }
+/* Swap in v, return what was there (acq_rel: a hand-over of a flag). */
+static inline uint32_t eng_exchange_u32(uint32_t *p, uint32_t v) {
+    return __atomic_exchange_n(p, v, __ATOMIC_ACQ_REL);
+}
 static inline int eng_cas_u32(uint32_t *p, uint32_t *expected, uint32_t desired) {
     return __atomic_compare_exchange_n(p, expected, desired, 0,
                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
@@ -225,6 +230,26 @@ static inline int eng_pid_alive(int32_t pid) {
     if (pid <= 0) return 0;
     if (kill((pid_t)pid, 0) == 0) return 1;
     return errno == EPERM;
+}
+
+/* ---- fork generation ------------------------------------------------- */
+/* Bumped in every forked child by a pthread_atfork handler (so forks made
+ * from C count too).  An object that must not be used across fork() (a queue
+ * handle, a group member) records the generation it was made in; another one
+ * at use means it was inherited and belongs to the parent.  One relaxed load
+ * and a compare per call, no getpid() syscall.  Each compiled module that
+ * includes this header has its own counter and installs its own handler
+ * (eng_install_fork_hook, once at import). */
+static uint32_t eng_fork_gen __attribute__((unused));
+static void eng_fork_child_hook(void) {
+    __atomic_store_n(&eng_fork_gen, eng_fork_gen + 1, __ATOMIC_RELAXED);
+}
+static inline uint32_t eng_fork_generation(void) {
+    return __atomic_load_n(&eng_fork_gen, __ATOMIC_RELAXED);
+}
+/* 0 on success (pthread_atfork's result otherwise). */
+static inline int eng_install_fork_hook(void) {
+    return pthread_atfork(NULL, NULL, eng_fork_child_hook);
 }
 
 #endif /* ENG_ATOMIC_H */

@@ -33,6 +33,7 @@ cdef extern from "eng_atomic.h" nogil:
     uint32_t eng_fetch_add_u32(uint32_t *p, uint32_t v) noexcept
     uint32_t eng_fetch_add_seqcst_u32(uint32_t *p, uint32_t v) noexcept
     uint32_t eng_fetch_sub_seqcst_u32(uint32_t *p, uint32_t v) noexcept
+    uint32_t eng_exchange_u32(uint32_t *p, uint32_t v) noexcept
     int eng_cas_u32(uint32_t *p, uint32_t *expected, uint32_t desired) noexcept
     int32_t eng_load_acquire_i32(const int32_t *p) noexcept
     void eng_store_release_i32(int32_t *p, int32_t v) noexcept
@@ -49,3 +50,6 @@ cdef extern from "eng_atomic.h" nogil:
     int eng_have_futex() noexcept
 
     int eng_pid_alive(int32_t pid) noexcept
+
+    uint32_t eng_fork_generation() noexcept    # bumped in every forked child
+    int eng_install_fork_hook() noexcept       # 0 on success; call once per module

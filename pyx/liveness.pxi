@@ -1,7 +1,14 @@
 # Process liveness for shared-memory roles (included by ring.pyx and
-# sched.pyx: one source). A role holder records its pid and its start time;
-# a checker calls it dead when the pid is gone, a zombie, or now names a
-# process with another start time (the kernel reused the pid).
+# sched.pyx: one source). A role holder records its pid, its start time and
+# its pid namespace; a checker calls it dead when the pid is gone, a zombie,
+# or now names a process with another start time (the kernel reused the pid).
+#
+# Pid namespaces: containers that share /dev/shm but not a pid namespace
+# (Kubernetes pods, docker --ipc=container:) cannot see each other's pids.
+# A holder whose recorded namespace differs from the checker's is therefore
+# always alive for it: its role is released only by its own close(), by a
+# checker in its namespace, or by removing the region. 0 = unknown (no
+# /proc/self/ns): liveness by pid and start time, as before.
 #
 # The including module cimports eng_pid_alive (eng_atomic) and uint64_t /
 # int32_t.
@@ -40,12 +47,37 @@ cdef uint64_t _my_start():
     return _start_val
 
 
-cdef bint _alive(int32_t pid, uint64_t start):
+cdef int32_t _ns_pid = 0
+cdef uint64_t _ns_val = 0
+
+
+cdef uint64_t _my_ns():
+    """Inode of this process's pid namespace (/proc/self/ns/pid), 0 if
+    unknown; cached per pid (a forked child may be in another one after
+    unshare)."""
+    global _ns_pid, _ns_val
+    cdef int32_t me = _lv_os.getpid()
+    if me != _ns_pid:
+        try:
+            _ns_val = _lv_os.stat("/proc/self/ns/pid").st_ino
+        except OSError:
+            _ns_val = 0
+        _ns_pid = me
+    return _ns_val
+
+
+cdef bint _alive(int32_t pid, uint64_t start, uint64_t ns=0):
     """The process exists, is not a zombie (a killed child whose parent has
     not reaped it yet is dead for us: it will never read again), and, when
     `start` is known, is the process that took the role: a pid reused by a
-    new process after the owner died has another start time."""
-    cdef uint64_t now_start
+    new process after the owner died has another start time.  A holder in
+    another pid namespace (`ns` known and not ours) is alive: we cannot
+    tell."""
+    cdef uint64_t now_start, mine
+    if ns != 0:
+        mine = _my_ns()
+        if mine != 0 and mine != ns:
+            return True
     if not eng_pid_alive(pid):
         return False
     try:

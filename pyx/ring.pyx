@@ -35,10 +35,24 @@ Lifecycle and failure semantics (what a user can rely on)
   consumer had not read stays for its replacement.  shared: the message(s)
   it had claimed but not finished copying are counted in
   ``stats()["lost"]``: shared mode is at-most-once across a consumer crash
-  (use the Log for at-least-once).  A recycled pid looks alive: the slot is
-  then released only when that process exits too.
+  (use the Log for at-least-once).  A pid the kernel handed to a new
+  process is told from the dead holder by its start time.
 * Every length and cursor read from shared memory is checked before use; a
   violation raises ``IncompatibleRegion("corrupt ring: ...")``.
+* ``fork()``: a Producer or Consumer inherited by a child is inert there.
+  Using it raises ``EngineError`` (attach anew in the child); closing,
+  dropping it or the child's exit touch nothing shared, so the parent keeps
+  its producer role and consumer slots.  The Ring handle itself is a mapping
+  and stays usable: ``ring.consumer()`` in the child registers a new slot.
+* Pid namespaces: each holder records its pid namespace beside its pid.  A
+  holder in another namespace (a container sharing /dev/shm but not pids)
+  is never taken for dead: its slot or role is freed by its own close(), by
+  a process in its namespace, or with the region.  A consumer killed in
+  another container therefore gates a broadcast/spsc producer until someone
+  in that container (or ``Ring.unlink`` and a new ring) clears it.
+* A producer whose stream was ended under it (a consumer took it for dead)
+  gets ``Closed`` from ``put``: nothing is put into a stream that consumers
+  have stopped reading.
 * A handle is for one thread at a time (the ring itself is for many threads
   and processes: one producer handle, one handle per consumer).
 """
@@ -46,6 +60,7 @@ Lifecycle and failure semantics (what a user can rely on)
 cimport cython
 from cpython.buffer cimport (
     PyBUF_C_CONTIGUOUS,
+    PyBUF_FORMAT,
     PyBUF_WRITABLE,
     PyBuffer_Release,
     PyObject_GetBuffer,
@@ -89,6 +104,31 @@ include "liveness.pxi"
 
 _logger = _logging.getLogger("engine")
 
+# Every live Producer / Consumer of this process.  In a forked child they
+# are all disowned at once (after_in_child below): the hot path then keeps
+# its single "is this handle open?" test and pays nothing per call for fork
+# safety.
+_live_handles = _weakref.WeakSet()
+
+
+def _disown_inherited():
+    """Run in a forked child: every handle made before the fork becomes
+    inert (its role, slot and mapping stay with the parent)."""
+    for hnd in list(_live_handles):
+        hnd._disown()
+
+
+if hasattr(_os, "register_at_fork"):
+    _os.register_at_fork(after_in_child=_disown_inherited)
+
+
+cdef object _inherited(str what, int32_t owner):
+    """The error for a handle used in a process forked after it was made."""
+    return EngineError(
+        f"this ring {what} was made by process {owner} and inherited across fork(): it is inert "
+        f"here (its role stays with process {owner}); attach anew in this process, e.g. "
+        f"Ring.attach(name).{what}()")
+
 cdef extern from "ring_layout.h" nogil:
     uint64_t RING_MAGIC
     uint32_t RING_LAYOUT_VERSION
@@ -119,15 +159,16 @@ cdef extern from "ring_layout.h" nogil:
         int32_t pid               # producer process, 0 = none
         uint32_t closed           # 1 once closed
         uint32_t data_seq         # futex word consumers sleep on
-        uint32_t data_waiters     # 1 when a consumer may be sleeping (waker clears it)
+        uint32_t data_waiters     # consumers that may be asleep (each adds / subtracts 1)
         uint64_t msgs_put         # statistics
         uint64_t bytes_put        # statistics
         uint64_t waits            # producer sleeps for space
         uint64_t lost             # shared mode: lost to dead consumers
         uint64_t pid_start        # start time of pid, 0 = unknown
+        uint64_t pid_ns           # pid namespace inode of pid, 0 = unknown
     ctypedef struct ring_space_t:
         uint32_t space_seq        # futex word the producer sleeps on
-        uint32_t space_waiters    # 1 when the producer may be sleeping (waker clears it)
+        uint32_t space_waiters    # producer threads that may be asleep (add / subtract 1)
         uint64_t tail             # retention floor (spsc/broadcast)
     ctypedef struct ring_claim_t:
         uint64_t claim            # shared mode claim cursor
@@ -138,8 +179,10 @@ cdef extern from "ring_layout.h" nogil:
         uint64_t msgs_got         # statistics
         uint64_t bytes_got        # statistics
         uint64_t waits            # sleeps for data
-        uint64_t claim_end        # shared: end of the last claimed batch
+        uint64_t claim_end        # shared: end of the batch being claimed (stored before the CAS)
         uint64_t pid_start        # start time of pid, 0 = unknown
+        uint64_t pid_ns           # pid namespace inode of pid, 0 = unknown
+        uint32_t sleeping         # 1 while counted in prod.data_waiters
     ctypedef struct ring_header_t:
         ring_meta_t meta
         ring_producer_t prod
@@ -217,10 +260,27 @@ cdef int64_t _deadline(object timeout) except? -2:
     return eng_now_ns() + <int64_t>(t * 1e9) + 1
 
 
+cdef bint _format_has_objects(const char *fmt) noexcept:
+    """True if a struct-module format string has an 'O' (PyObject *) item.
+    Field names of structured types (between colons) are skipped."""
+    cdef bint in_name = False
+    if fmt == NULL:
+        return False
+    while fmt[0] != 0:
+        if fmt[0] == 58:  # ':'
+            in_name = not in_name
+        elif fmt[0] == 79 and not in_name:  # 'O'
+            return True
+        fmt += 1
+    return False
+
+
 cdef inline int _get_buffer(object msg, Py_buffer *view) except -1:
-    """Borrow a C-contiguous buffer of msg; TypeError for anything else."""
+    """Borrow a C-contiguous buffer of msg; TypeError for anything else,
+    and for a buffer of Python objects (their addresses mean nothing to
+    another process or after the objects are freed)."""
     try:
-        PyObject_GetBuffer(msg, view, PyBUF_C_CONTIGUOUS)
+        PyObject_GetBuffer(msg, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)
     except (BufferError, ValueError):
         raise TypeError(
             f"message must be a C-contiguous buffer (bytes, bytearray, memoryview, numpy), "
@@ -229,6 +289,11 @@ cdef inline int _get_buffer(object msg, Py_buffer *view) except -1:
         raise TypeError(
             f"message must be bytes-like (bytes, bytearray, memoryview, numpy), "
             f"not {type(msg).__name__}") from None
+    if _format_has_objects(view.format):
+        PyBuffer_Release(view)
+        raise TypeError(
+            f"message must hold plain bytes, not Python objects (a {type(msg).__name__} "
+            f"of object items): serialise them first")
     return 0
 
 
@@ -511,20 +576,30 @@ cdef int _raise_tail(ring_header_t *h, uint64_t pos) noexcept nogil:
 
 
 cdef uint64_t _count_records(_Mapping m, uint64_t start, uint64_t end) noexcept nogil:
-    """Messages (not padding) in [start, end), reading only validated lengths."""
+    """Messages (not padding) in [start, end), reading only validated lengths.
+
+    start and end come from shared memory: both must be 8-aligned and at
+    most a capacity apart, so every record header read (8 bytes at an
+    8-aligned offset below capacity) lies inside the data area.  The walk
+    stops at the first record that does not fit in [pos, end)."""
     cdef uint64_t pos = start, off, n = 0, size
     cdef uint32_t ln, fl
-    while pos < end and end - pos <= m.cap:
+    if start & 7 or end & 7 or end < start or end - start > m.cap:
+        return 0
+    while pos < end:
         off = pos & m.mask
         ln = (<uint32_t *>(m.data + off))[0]
         fl = (<uint32_t *>(m.data + off))[1]
-        if fl & RING_FLAG_PAD:
+        if fl == RING_FLAG_PAD:
             size = m.cap - off
-        else:
+        elif fl == 0:
             size = ring_rec_size(ln)
-            n += 1
-        if off + size > m.cap or size == 0:
+        else:
             break
+        if off + size > m.cap or size > end - pos:
+            break
+        if fl == 0:
+            n += 1
         pos += size
     return n
 
@@ -548,24 +623,34 @@ cdef int _reap_dead(_Mapping m) except -1:
         if eng_load_acquire_u32(&s.state) != RING_SLOT_ACTIVE:
             continue
         pid = eng_load_acquire_i32(&s.pid)
-        if pid <= 0 or _alive(pid, eng_load_acquire_u64(&s.pid_start)):
+        if pid <= 0 or _alive(pid, eng_load_acquire_u64(&s.pid_start),
+                              eng_load_acquire_u64(&s.pid_ns)):
             continue
         # One reaper wins: the pid CAS hands the slot over exactly once.
         if not eng_cas_i32(&s.pid, &pid, -1):
             continue
         cur = eng_load_seqcst_u64(&s.cursor)
         head = eng_load_acquire_u64(&h.prod.head)
-        if cur != RING_IDLE and cur <= head and head - cur <= m.cap:
+        # Every value below comes from shared memory: an unaligned or
+        # out-of-range cursor is ignored (the slot is freed all the same).
+        if cur != RING_IDLE and (cur & 7) == 0 and cur <= head and head - cur <= m.cap:
             if m.mode == RING_MODE_SHARED:
+                # Lost: only a batch the dead consumer may have claimed,
+                # [cursor, claim_end) with claim_end stored before its claim
+                # CAS and the claim cursor past it.  A position it had only
+                # announced (claim_end 0 or stale, <= cursor) was lost by
+                # nobody: a competitor claimed it, or it is still unclaimed.
                 cl = eng_load_seqcst_u64(&h.claim.claim)
-                if cl > cur:
-                    end = eng_load_relaxed_u64(&s.claim_end)
-                    if end > cl or end <= cur:
-                        end = cl
+                end = eng_load_acquire_u64(&s.claim_end)
+                if cur < end and end <= cl and cl <= head:
                     n = _count_records(m, cur, end)
                     eng_fetch_add_relaxed_u64(&h.prod.lost, n if n > 0 else 1)
             else:
                 _raise_tail(h, cur)
+        # A consumer killed while asleep is still counted among the waiters.
+        if eng_exchange_u32(&s.sleeping, 0):
+            eng_fetch_sub_seqcst_u32(&h.prod.data_waiters, 1)
+        eng_store_release_u64(&s.claim_end, 0)
         eng_store_release_u64(&s.cursor, RING_IDLE)
         eng_store_release_i32(&s.pid, 0)
         eng_store_release_u32(&s.state, RING_SLOT_FREE)
@@ -577,18 +662,16 @@ cdef int _reap_dead(_Mapping m) except -1:
     return reaped
 
 
-cdef inline void _wake_sleepers(uint32_t *sleeping, uint32_t *seq) noexcept nogil:
+cdef inline void _wake_sleepers(uint32_t *waiters, uint32_t *seq) noexcept nogil:
     # Called after publishing a cursor (release).  The full fence orders that
-    # store before the sleeper-flag load (StoreLoad): a waiter that raised the
-    # flag before re-checking its condition either sees our cursor or is seen
-    # here.  The waker clears the flag before bumping the sequence word, so a
-    # waiter that is slow to wake up costs one syscall, not one per message; a
-    # waiter that raised the flag again meanwhile either loaded the sequence
-    # before the bump (its futex_wait returns at once) or after it (then it
-    # sees our cursor when it re-checks).
+    # store before the waiter-count load (StoreLoad): a waiter that counted
+    # itself (then fenced) before re-checking its condition either sees our
+    # cursor or is seen here.  The waker never writes the count: each waiter
+    # adds itself and takes itself out, so a wake-up cannot erase the
+    # registration of a waiter that just went back to sleep (a competitor
+    # took the message, or another consumer still gates the producer).
     eng_fence_seqcst()
-    if eng_load_relaxed_u32(sleeping):
-        eng_store_release_u32(sleeping, 0)
+    if eng_load_relaxed_u32(waiters):  # ordered by the fence above
         eng_fetch_add_u32(seq, 1)
         eng_futex_wake(seq, INT32_MAX)
 
@@ -769,7 +852,8 @@ cdef class Ring:
             consumers.append({
                 "slot": i,
                 "pid": pid,
-                "alive": _alive(pid, eng_load_acquire_u64(&s.pid_start)),
+                "alive": _alive(pid, eng_load_acquire_u64(&s.pid_start),
+                                eng_load_acquire_u64(&s.pid_ns)),
                 "cursor": None if cur == RING_IDLE else cur,
                 "lag_bytes": lag,
                 "messages_got": eng_load_relaxed_u64(&s.msgs_got),
@@ -842,6 +926,7 @@ cdef class Producer:
     cdef uint64_t _msgs         # messages put by this handle's ring (stats mirror)
     cdef uint64_t _bytes        # bytes put (stats mirror)
     cdef int32_t _pid           # our pid, held in the producer block
+    cdef bint _forked           # inherited across fork(): inert (and _m is None)
     cdef object __weakref__
 
     @staticmethod
@@ -851,25 +936,47 @@ cdef class Producer:
             raise Closed(f"ring {m.label()} is closed: no more messages can be put")
         cdef int32_t me = _os.getpid()
         cdef uint64_t my_start = _my_start()
-        cdef int32_t cur = eng_load_acquire_i32(&h.prod.pid)
-        cdef uint64_t cur_start
+        cdef uint64_t my_ns = _my_ns()
+        cdef int32_t cur
+        cdef uint64_t cur_start, cur_ns
         while True:
+            # A consistent (pid, start, ns): a holder stores start and ns
+            # after its pid CAS, so seeing the pid unchanged after reading
+            # them means they are that holder's (or 0 while it takes over).
+            cur = eng_load_acquire_i32(&h.prod.pid)
+            cur_start = eng_load_acquire_u64(&h.prod.pid_start)
+            cur_ns = eng_load_acquire_u64(&h.prod.pid_ns)
+            if eng_load_acquire_i32(&h.prod.pid) != cur:
+                continue
             if cur != 0:
-                cur_start = eng_load_acquire_u64(&h.prod.pid_start)
                 # our own pid is ours only if the start time says so: a dead
                 # producer's pid may have been reused by this very process
-                if (cur == me and (cur_start == 0 or cur_start == my_start)) or (
-                        cur != me and _alive(cur, cur_start)):
+                if (cur == me and (cur_start == 0 or cur_start == my_start)
+                        and (cur_ns == 0 or cur_ns == my_ns)) or (
+                        cur != me and _alive(cur, cur_start, cur_ns)):
                     raise EngineError(
                         f"ring {m.label()} already has a live producer (pid {cur}); "
                         "close it first (one producer at a time)")
             # The start time belongs to whoever holds the pid: clear it before
-            # the CAS, so a checker that sees our pid never pairs it with the
-            # previous owner's start (it sees 0, "unknown", or ours).
-            eng_store_release_u64(&h.prod.pid_start, 0)
+            # the pid CAS, so a checker that sees our pid never pairs it with
+            # the previous owner's start (it sees 0, "unknown", or ours).  A
+            # CAS from the value just read, not a store: a racer that took the
+            # role meanwhile has stored its own start, which must stay.
+            if not eng_cas_u64(&h.prod.pid_start, &cur_start, 0):
+                continue
             if eng_cas_i32(&h.prod.pid, &cur, me):
                 break
+        eng_store_release_u64(&h.prod.pid_ns, my_ns)
         eng_store_release_u64(&h.prod.pid_start, my_start)
+        # Only the role holder sleeps on space_seq: a count left by a holder
+        # killed while asleep would cost every consumer a syscall per read.
+        eng_store_seqcst_u32(&h.space.space_waiters, 0)
+        # A consumer that found the previous holder dead stores `closed`
+        # before it frees the role: re-checked here, so the stream it ended
+        # is never handed to us.
+        if eng_load_acquire_u32(&h.prod.closed):
+            eng_cas_i32(&h.prod.pid, &me, 0)
+            raise Closed(f"ring {m.label()} is closed: no more messages can be put")
         cdef Producer p = Producer.__new__(Producer)
         p._m = m
         p._h = h
@@ -878,6 +985,7 @@ cdef class Producer:
         p._mask = m.mask
         p._max_msg = m.max_msg
         p._pid = me
+        _live_handles.add(p)
         p._head = eng_load_acquire_u64(&h.prod.head)
         p._pub = p._head
         p._msgs = eng_load_relaxed_u64(&h.prod.msgs_put)
@@ -890,9 +998,16 @@ cdef class Producer:
         return p
 
     def __dealloc__(self):
+        # A handle inherited across fork() has _m None: the role is the parent's.
         cdef int32_t me = self._pid
         if self._m is not None and self._h != NULL:
             eng_cas_i32(&self._h.prod.pid, &me, 0)
+
+    def _disown(self):
+        """fork() child: this handle is the parent's; make it inert here."""
+        if self._m is not None:
+            self._forked = True
+            self._m = None
 
     @property
     def closed(self):
@@ -900,9 +1015,19 @@ cdef class Producer:
         return self._m is None or bool(eng_load_acquire_u32(&self._h.prod.closed))
 
     cdef inline int _check(self) except -1:
+        # One branch on the hot path; the reasons are sorted out off it.
+        if self._m is None or eng_load_acquire_u32(&self._h.prod.closed):
+            return self._refuse()
+        return 0
+
+    cdef int _refuse(self) except -1:
+        if self._forked:
+            raise _inherited("producer", self._pid)
         if self._m is None:
             raise Closed("producer is closed")
-        return 0
+        # ended under us (a consumer took us for dead): never put into a
+        # stream the consumers will stop reading
+        raise Closed(f"ring {self._m.label()} was closed: no more messages can be put")
 
     cdef inline uint64_t _need(self, uint64_t rec) noexcept nogil:
         # bytes a record takes at the current head, with the padding record
@@ -1048,19 +1173,25 @@ cdef class Producer:
             if deadline > 0 and deadline - now < slice_ns:
                 slice_ns = deadline - now
             with nogil:
-                # seq_cst: the flag store is ordered before the re-check
-                eng_store_seqcst_u32(&h.space.space_waiters, 1)
+                # Count ourselves, then a full fence: the registration is seen
+                # before the re-check's loads (Dekker with _wake_sleepers; an
+                # RMW alone does not order later acquire loads on ARMv8).
+                eng_fetch_add_seqcst_u32(&h.space.space_waiters, 1)
+                eng_fence_seqcst()
                 seq = eng_load_acquire_u32(&h.space.space_seq)
                 self._gate = _compute_gate(m, self._head, &bad)
                 if not bad and not self._fits(need):
                     eng_futex_wait(&h.space.space_seq, seq, slice_ns)
                     self._gate = _compute_gate(m, self._head, &bad)
+                eng_fetch_sub_seqcst_u32(&h.space.space_waiters, 1)
             if bad:
                 raise m.corrupt("a consumer cursor is beyond head")
             if self._m is None:
                 raise Closed("producer was closed while waiting")
             if self._fits(need):
                 return 1
+            if eng_load_acquire_u32(&h.prod.closed):
+                raise Closed(f"ring {m.label()} was closed while waiting for room")
             PyErr_CheckSignals()
 
     cdef int _put_ptr(self, const char *src, uint64_t n, int64_t deadline) except -1:
@@ -1249,9 +1380,12 @@ cdef class Producer:
         return rows
 
     def close(self):
-        """End the stream: consumers drain what is left, then get ``Closed``."""
+        """End the stream: consumers drain what is left, then get ``Closed``.
+
+        In a process forked after this handle was made, only the handle is
+        closed: the stream and the role stay with the parent."""
         if self._m is None:
-            return
+            return  # closed, or inherited across fork() (inert: the stream is the parent's)
         cdef ring_header_t *h = self._h
         self._publish()
         eng_store_release_u32(&h.prod.closed, 1)
@@ -1295,6 +1429,8 @@ cdef class Consumer:
     cdef uint32_t _mode         # RING_MODE_*
     cdef uint32_t _idx          # slot index
     cdef bint _shared           # mode == shared
+    cdef int32_t _pid           # our pid, held in the slot
+    cdef bint _forked           # inherited across fork(): inert (and _m is None)
     cdef object __weakref__
 
     @staticmethod
@@ -1326,8 +1462,13 @@ cdef class Consumer:
         c._mask = m.mask
         c._mode = m.mode
         c._shared = m.mode == RING_MODE_SHARED
-        # start before pid: while pid is 0 the slot is skipped by reapers
+        c._pid = me
+        _live_handles.add(c)
+        # start and namespace before pid: while pid is 0 the slot is skipped
+        # by reapers
+        eng_store_release_u64(&s.claim_end, 0)
         eng_store_release_u64(&s.pid_start, _my_start())
+        eng_store_release_u64(&s.pid_ns, _my_ns())
         eng_store_release_i32(&s.pid, me)
         eng_store_relaxed_u64(&s.msgs_got, 0)
         eng_store_relaxed_u64(&s.bytes_got, 0)
@@ -1365,8 +1506,16 @@ cdef class Consumer:
         _wake_producer(self._h)
 
     def __dealloc__(self):
+        # A handle inherited across fork() has _m None: the slot is the parent's.
         if self._m is not None and self._slot != NULL:
             self._release_slot()
+
+    def _disown(self):
+        """fork() child: this handle is the parent's; make it inert here."""
+        if self._m is not None:
+            self._forked = True
+            self._view_adv = 0
+            self._m = None
 
     @property
     def slot(self):
@@ -1380,10 +1529,15 @@ cdef class Consumer:
 
     cdef inline int _check(self) except -1:
         if self._m is None:
-            raise Closed("consumer is closed")
+            return self._refuse()
         if self._view_adv:
             self._release_view()
         return 0
+
+    cdef int _refuse(self) except -1:
+        if self._forked:
+            raise _inherited("consumer", self._pid)
+        raise Closed("consumer is closed")
 
     cdef void _release_view(self) noexcept:
         # The previous get_view's record may now be overwritten.
@@ -1413,12 +1567,12 @@ cdef class Consumer:
         cdef uint64_t sz
         if fl & RING_FLAG_PAD:
             sz = self._cap - off
-            if fl != RING_FLAG_PAD or <uint64_t>n + RING_REC_HDR != sz or pos + sz > head:
+            if fl != RING_FLAG_PAD or <uint64_t>n + RING_REC_HDR != sz or sz > head - pos:
                 raise self._m.corrupt(f"bad padding record at position {pos}")
             size[0] = sz
             return 0
         sz = ring_rec_size(n)
-        if fl != 0 or off + sz > self._cap or pos + sz > head:
+        if fl != 0 or off + sz > self._cap or sz > head - pos:
             raise self._m.corrupt(
                 f"record at position {pos} (length {n}, flags {fl}) crosses the end of the "
                 f"data area or head {head}")
@@ -1461,13 +1615,17 @@ cdef class Consumer:
                     eng_store_release_u64(&self._slot.cursor, RING_IDLE)
                     raise
                 pos += size
+            # claim_end before the CAS (0 again if it fails): a reaper then
+            # counts [c, pos) as lost only if this claim may have happened.
+            # Relaxed: only a reaper reads it, after this process died.
+            eng_store_relaxed_u64(&self._slot.claim_end, pos)
             if eng_cas_u64(&h.claim.claim, &c, pos):
-                eng_store_relaxed_u64(&self._slot.claim_end, pos)
                 if cnt == 0:
                     continue  # we consumed a padding record only
                 start[0] = c
                 end[0] = pos
                 return 1
+            eng_store_relaxed_u64(&self._slot.claim_end, 0)
 
     cdef inline int _avail(self) except -1:
         """spsc/broadcast: 1 if a record is at the cursor (refreshing head)."""
@@ -1531,20 +1689,33 @@ cdef class Consumer:
                 return 0
             if now >= next_check:
                 # A producer that died without closing ends the stream too.
+                # `closed` first, then the role is freed: a new producer can
+                # take the role only after the stream is marked closed, and
+                # it re-checks `closed` (Producer._make), so its messages are
+                # never put into a stream the consumers have stopped reading.
                 ppid = eng_load_acquire_i32(&h.prod.pid)
-                if ppid > 0 and not _alive(ppid, eng_load_acquire_u64(&h.prod.pid_start)):
-                    if eng_cas_i32(&h.prod.pid, &ppid, 0):
-                        eng_store_release_u32(&h.prod.closed, 1)
+                if ppid > 0 and not _alive(ppid, eng_load_acquire_u64(&h.prod.pid_start),
+                                           eng_load_acquire_u64(&h.prod.pid_ns)):
+                    eng_store_seqcst_u32(&h.prod.closed, 1)
+                    eng_cas_i32(&h.prod.pid, &ppid, 0)
                     return 1
                 next_check = now + _REAP_NS
             slice_ns = _SLICE_NS
             if deadline > 0 and deadline - now < slice_ns:
                 slice_ns = deadline - now
             with nogil:
-                eng_store_seqcst_u32(&h.prod.data_waiters, 1)
+                # Count ourselves (the slot flag lets a reaper take the count
+                # back if we die asleep), then a full fence: the registration
+                # is seen before the re-check's loads (Dekker with
+                # _wake_sleepers; ARMv8 may hoist acquire loads above an RMW).
+                eng_store_release_u32(&self._slot.sleeping, 1)
+                eng_fetch_add_seqcst_u32(&h.prod.data_waiters, 1)
+                eng_fence_seqcst()
                 seq = eng_load_acquire_u32(&h.prod.data_seq)
                 if not self._ready():
                     eng_futex_wait(&h.prod.data_seq, seq, slice_ns)
+                if eng_exchange_u32(&self._slot.sleeping, 0):
+                    eng_fetch_sub_seqcst_u32(&h.prod.data_waiters, 1)
                 ok = self._ready()
             if self._m is None:
                 raise Closed("consumer was closed while waiting")
@@ -1562,10 +1733,25 @@ cdef class Consumer:
         if self._shared:
             if not self._claim(1, &start, &end):
                 return None
-            # skip a leading padding record claimed together with the message
-            while not self._rec_at(start, end, &size, &ln):
-                start += size
-            off = start & self._mask
+            try:
+                # skip a leading padding record claimed together with the message
+                while not self._rec_at(start, end, &size, &ln):
+                    start += size
+                off = start & self._mask
+                if view:
+                    out = self._m.view[self._m.buf.len - self._cap + off + RING_REC_HDR:
+                                       self._m.buf.len - self._cap + off + RING_REC_HDR + ln]
+                else:
+                    out = PyBytes_FromStringAndSize(<char *>self._data + off + RING_REC_HDR, ln)
+            except BaseException:
+                # A MemoryError (or a corrupt record) after the claim: the
+                # message is ours and cannot be handed out, so it is lost
+                # (at-most-once) and counted; the slot must not keep
+                # announcing it, or the producer stays gated on it.
+                eng_fetch_add_relaxed_u64(&self._h.prod.lost, 1)
+                eng_store_release_u64(&self._slot.cursor, RING_IDLE)
+                _wake_producer(self._h)
+                raise
             self._msgs += 1
             self._bytes += ln
             eng_store_relaxed_u64(&self._slot.msgs_got, self._msgs)
@@ -1574,9 +1760,7 @@ cdef class Consumer:
                 self._view_adv = 1  # release the slot at the next call
                 # gate only on the viewed record, not a padding record before it
                 eng_store_release_u64(&self._slot.cursor, start)
-                return self._m.view[self._m.buf.len - self._cap + off + RING_REC_HDR:
-                                    self._m.buf.len - self._cap + off + RING_REC_HDR + ln]
-            out = PyBytes_FromStringAndSize(<char *>self._data + off + RING_REC_HDR, ln)
+                return out
             eng_store_release_u64(&self._slot.cursor, RING_IDLE)
             _wake_producer(self._h)
             return out
@@ -1638,7 +1822,7 @@ cdef class Consumer:
         for ``engine.aio``'s waiter thread.  ``Closed`` if this handle is
         closed (also while waiting)."""
         if self._m is None:
-            raise Closed("consumer is closed")
+            return self._refuse()
         if self._ready():
             return True
         return self._wait(_deadline(timeout)) == 1
@@ -1709,14 +1893,29 @@ cdef class Consumer:
                 if not self._claim(<uint64_t>max, &start, &end):
                     return out
                 pos = start
-                while pos < end:
-                    if self._rec_at(pos, end, &size, &ln):
-                        off = pos & self._mask
-                        out.append(PyBytes_FromStringAndSize(
-                            <char *>self._data + off + RING_REC_HDR, ln))
-                        self._bytes += ln
-                        n += 1
-                    pos += size
+                try:
+                    while pos < end:
+                        if self._rec_at(pos, end, &size, &ln):
+                            off = pos & self._mask
+                            out.append(PyBytes_FromStringAndSize(
+                                <char *>self._data + off + RING_REC_HDR, ln))
+                            self._bytes += ln
+                            n += 1
+                        pos += size
+                except BaseException:
+                    # A MemoryError (or a corrupt record) inside our claim:
+                    # the rest of it is lost (at-most-once) and counted; the
+                    # slot stops announcing it; what was copied is returned.
+                    size = _count_records(self._m, pos, end)
+                    eng_fetch_add_relaxed_u64(&self._h.prod.lost, size if size > 0 else 1)
+                    self._msgs += n
+                    eng_store_relaxed_u64(&self._slot.msgs_got, self._msgs)
+                    eng_store_relaxed_u64(&self._slot.bytes_got, self._bytes)
+                    eng_store_release_u64(&self._slot.cursor, RING_IDLE)
+                    _wake_producer(self._h)
+                    if n == 0:
+                        raise
+                    return out
                 self._msgs += n
                 eng_store_relaxed_u64(&self._slot.msgs_got, self._msgs)
                 eng_store_relaxed_u64(&self._slot.bytes_got, self._bytes)
@@ -1826,6 +2025,9 @@ cdef class Consumer:
             import numpy
             _np = numpy
         dt = _np.dtype(_np.uint8 if dtype is None else dtype)
+        if dt.hasobject:
+            # the rows would be message bytes taken for object pointers
+            raise TypeError(f"dtype must hold plain data, not Python objects: {dt}")
         cdef Py_ssize_t isz = dt.itemsize
         if not self._batch_ready(timeout):
             return _np.empty((0, 0), dtype=dt)
@@ -1932,13 +2134,20 @@ cdef class Consumer:
         return arr
 
     cdef object _get_array_shared(self, Py_ssize_t maxn, object dt, Py_ssize_t isz):
+        """Shared get_array: walk (validating) a run of equal-size records
+        from the claim cursor, claim exactly that run, then copy it.  The
+        copy re-validates every header it reads (a record can change under
+        us only in a hostile region, but nothing read from shared memory is
+        trusted twice)."""
         cdef ring_header_t *h = self._h
-        cdef uint64_t c, hd, pos, size, rowlen = 0, off, endpos = 0
-        cdef uint32_t ln
+        cdef uint64_t c, hd, pos, size, rowlen = 0, off, endpos = 0, rec, cap = self._cap
+        cdef uint32_t ln, fl
         cdef Py_ssize_t n, i
         cdef bint first
+        cdef int bad
         cdef Py_buffer view
         cdef char *dst
+        cdef unsigned char *data = self._data
         while True:
             c = eng_load_seqcst_u64(&h.claim.claim)
             eng_store_seqcst_u64(&self._slot.cursor, c)
@@ -1977,30 +2186,54 @@ cdef class Consumer:
             if pos == c:
                 eng_store_release_u64(&self._slot.cursor, RING_IDLE)
                 return _np.empty((0, 0), dtype=dt)
-            if not eng_cas_u64(&h.claim.claim, &c, pos):
-                continue
+            # claim_end before the CAS, 0 again if it fails (see _claim)
             eng_store_relaxed_u64(&self._slot.claim_end, pos)
+            if not eng_cas_u64(&h.claim.claim, &c, pos):
+                eng_store_relaxed_u64(&self._slot.claim_end, 0)
+                continue
             if n == 0:
                 continue
             try:
                 arr = _np.empty((n, rowlen // isz), dtype=dt)
                 PyObject_GetBuffer(arr, &view, PyBUF_C_CONTIGUOUS)
             except BaseException:
+                # the claimed rows cannot be handed out: lost (at-most-once)
+                eng_fetch_add_relaxed_u64(&h.prod.lost, <uint64_t>n)
                 eng_store_release_u64(&self._slot.cursor, RING_IDLE)
+                _wake_producer(h)
                 raise
             dst = <char *>view.buf
-            pos = eng_load_relaxed_u64(&self._slot.cursor)
+            rec = ring_rec_size(rowlen)
+            pos = c  # the start we claimed (ours, not re-read from the region)
             i = 0
+            bad = 0
             with nogil:
                 while i < n:
+                    if pos >= endpos:
+                        bad = 1
+                        break
                     off = pos & self._mask
-                    if (<uint32_t *>(self._data + off))[1] & RING_FLAG_PAD:
-                        pos += self._cap - off
+                    ln = (<uint32_t *>(data + off))[0]
+                    fl = (<uint32_t *>(data + off))[1]
+                    if fl == RING_FLAG_PAD:
+                        size = cap - off
+                        if <uint64_t>ln + RING_REC_HDR != size or size > endpos - pos:
+                            bad = 1
+                            break
+                        pos += size
                         continue
-                    memcpy(dst + i * rowlen, self._data + off + RING_REC_HDR, rowlen)
-                    pos += ring_rec_size(rowlen)
+                    if fl != 0 or ln != rowlen or off + rec > cap or rec > endpos - pos:
+                        bad = 1
+                        break
+                    memcpy(dst + i * rowlen, data + off + RING_REC_HDR, rowlen)
+                    pos += rec
                     i += 1
             PyBuffer_Release(&view)
+            if bad:
+                eng_fetch_add_relaxed_u64(&h.prod.lost, <uint64_t>(n - i))
+                eng_store_release_u64(&self._slot.cursor, RING_IDLE)
+                _wake_producer(h)
+                raise self._m.corrupt(f"record at position {pos} changed while it was claimed")
             self._msgs += n
             self._bytes += n * rowlen
             eng_store_relaxed_u64(&self._slot.msgs_got, self._msgs)
@@ -2011,9 +2244,10 @@ cdef class Consumer:
 
     def close(self):
         """Leave the ring: free the slot (in spsc mode what is unread stays
-        for the next consumer)."""
+        for the next consumer).  In a process forked after this handle was
+        made, only the handle is closed: the slot stays with the parent."""
         if self._m is None:
-            return
+            return  # closed, or inherited across fork() (inert: the slot is the parent's)
         self._release_slot()
         # wake a thread of ours that may be sleeping in this handle
         eng_fetch_add_u32(&self._h.prod.data_seq, 1)

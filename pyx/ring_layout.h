@@ -25,7 +25,7 @@
 
 /* "QENGRING" little-endian; a region without it is not ours. */
 #define RING_MAGIC 0x474E4952474E4551ULL
-#define RING_LAYOUT_VERSION 1u
+#define RING_LAYOUT_VERSION 2u
 
 #define RING_BLOCK 128u             /* one padded block per writer */
 #define RING_PAGE 4096u
@@ -66,23 +66,30 @@ typedef struct {
     int32_t pid;             /* process holding the producer role, 0 = none */
     uint32_t closed;         /* 1 once the producer closed: drain, then Closed */
     uint32_t data_seq;       /* futex word consumers sleep on; bumped on publish when waited on */
-    uint32_t data_waiters;   /* 1: a consumer may sleep; set by waiters (seq_cst), cleared by the waker */
+    uint32_t data_waiters;   /* consumers that may be asleep on data_seq: each adds 1 before its
+                                re-check and subtracts 1 after it woke (seq_cst); wakers only
+                                read it, so no waker can erase another waiter's registration */
     uint64_t msgs_put;       /* statistics (relaxed) */
     uint64_t bytes_put;      /* statistics (relaxed) */
     uint64_t waits;          /* times the producer slept for space (relaxed) */
     uint64_t lost;           /* shared mode: messages claimed by consumers that died */
     uint64_t pid_start;      /* start time of `pid` (/proc/PID/stat field 22), 0 = unknown:
                                 tells a dead producer from a new process that reused its pid.
-                                Cleared before the pid CAS, set after it (see Producer._make).
-                                Was padding (zero) in rings made before it: they read 0. */
-    uint8_t _pad[RING_BLOCK - 64];
+                                Cleared (CAS from the dead holder's value) before the pid CAS,
+                                set after it (see Producer._make). */
+    uint64_t pid_ns;         /* inode of the holder's /proc/self/ns/pid, 0 = unknown: a holder
+                                in another pid namespace is never taken for dead (its pid
+                                means nothing here).  Stored after the pid CAS, before pid_start. */
+    uint8_t _pad[RING_BLOCK - 72];
 } ring_producer_t;
 
 /* Written by consumers to wake a producer waiting for space, and the
  * retention floor of spsc/broadcast rings. */
 typedef struct {
     uint32_t space_seq;      /* futex word the producer sleeps on */
-    uint32_t space_waiters;  /* 1: the producer may sleep; set by it (seq_cst), cleared by a waker */
+    uint32_t space_waiters;  /* producer threads that may be asleep on space_seq (added before the
+                                re-check, subtracted after waking, seq_cst); wakers only read it.
+                                A new producer resets it: only the role holder waits on it. */
     uint64_t tail;           /* spsc/broadcast: where a joining consumer starts; data at
                                 [tail, head) is kept while no consumer gates it */
     uint8_t _pad[RING_BLOCK - 16];
@@ -103,9 +110,15 @@ typedef struct {
     uint64_t msgs_got;       /* statistics (relaxed) */
     uint64_t bytes_got;      /* statistics (relaxed) */
     uint64_t waits;          /* times this consumer slept for data (relaxed) */
-    uint64_t claim_end;      /* shared: end of the batch being claimed (for lost counting) */
+    uint64_t claim_end;      /* shared: end of the batch this consumer is claiming from `cursor`:
+                                stored before the claim CAS, 0 again if the CAS fails, so a
+                                reaper counts as lost only a range the dead consumer may own,
+                                never one it had merely announced */
     uint64_t pid_start;      /* start time of `pid`, 0 = unknown; stored before `pid` */
-    uint8_t _pad[RING_BLOCK - 56];
+    uint64_t pid_ns;         /* pid namespace inode of `pid`, 0 = unknown; stored before `pid` */
+    uint32_t sleeping;       /* 1 while this consumer is counted in prod.data_waiters: a reaper
+                                that frees a dead sleeper's slot takes its count back */
+    uint8_t _pad[RING_BLOCK - 68];
 } ring_slot_t;
 
 typedef struct {
@@ -131,6 +144,9 @@ _Static_assert(offsetof(ring_space_t, tail) == 8, "space.tail");
 _Static_assert(offsetof(ring_slot_t, claim_end) == 40, "slot.claim_end");
 _Static_assert(offsetof(ring_producer_t, pid_start) == 56, "prod.pid_start");
 _Static_assert(offsetof(ring_slot_t, pid_start) == 48, "slot.pid_start");
+_Static_assert(offsetof(ring_producer_t, pid_ns) == 64, "prod.pid_ns");
+_Static_assert(offsetof(ring_slot_t, pid_ns) == 56, "slot.pid_ns");
+_Static_assert(offsetof(ring_slot_t, sleeping) == 64, "slot.sleeping");
 _Static_assert(offsetof(ring_header_t, prod) == 1 * RING_BLOCK, "header.prod");
 _Static_assert(offsetof(ring_header_t, space) == 2 * RING_BLOCK, "header.space");
 _Static_assert(offsetof(ring_header_t, claim) == 3 * RING_BLOCK, "header.claim");

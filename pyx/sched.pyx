@@ -32,6 +32,11 @@ from engine.errors import Closed, EngineError, IncompatibleRegion, Timeout
 include "reserve.pxi"
 include "liveness.pxi"
 
+# Queues and group members record the fork generation their region was
+# mapped in (see eng_atomic.h): in a forked child they are inert.
+if eng_install_fork_hook() != 0:
+    raise ImportError("engine._sched: pthread_atfork failed")
+
 
 cdef extern from "sched_layout.h" nogil:
     uint64_t ENG_SCHED_MAGIC
@@ -71,6 +76,7 @@ cdef extern from "sched_layout.h" nogil:
         int64_t joined_ns       # informational
         uint64_t delivered      # statistics
         uint64_t pid_start      # start time of pid, 0 = unknown
+        uint64_t pid_ns         # pid namespace inode of pid, 0 = unknown
 
     ctypedef struct eng_sched_region_t:
         eng_sched_meta_t meta           # immutable
@@ -126,11 +132,27 @@ def now_ns():
     return eng_now_ns()
 
 
-def pid_alive(int32_t pid, uint64_t start=0):
+def pid_alive(int32_t pid, uint64_t start=0, uint64_t ns=0):
     """True if a process with this pid exists (any user), is not a zombie
     and, when ``start`` is known (not 0), started at that time: not a new
-    process that reused a dead member's pid (see liveness.pxi)."""
-    return bool(_alive(pid, start))
+    process that reused a dead member's pid; and always when ``ns`` (its pid
+    namespace inode) is known and not ours (see liveness.pxi)."""
+    return bool(_alive(pid, start, ns))
+
+
+cdef object _inherited(str what, int32_t owner):
+    """The error for a handle used in a process forked after it was made."""
+    return EngineError(
+        f"this {what} was opened by process {owner} and inherited across fork(): it is inert "
+        f"here (its rings, slots and group membership stay with process {owner}); attach "
+        f"anew in this process, e.g. PriorityQueue.attach(name) / KeyedQueue.attach(name)")
+
+
+def fork_generation():
+    """How many times this process's ancestors forked since this module was
+    imported (0 in the importing process): a handle made at another
+    generation was inherited across fork()."""
+    return eng_fork_generation()
 
 
 cdef inline void _ring_bell(eng_sched_region_t *r) noexcept nogil:
@@ -276,6 +298,8 @@ cdef class _Region:
     cdef eng_sched_region_t *r  # the region, NULL after close
     cdef object mm              # the mmap.mmap object
     cdef readonly object name   # shm name or None (private)
+    cdef uint32_t _gen          # fork generation it was mapped in
+    cdef readonly int32_t pid   # process that mapped it
 
     def __init__(self, mm, name=None):
         if PyObject_GetBuffer(mm, &self._view, PyBUF_WRITABLE) < 0:
@@ -288,6 +312,8 @@ cdef class _Region:
                                      f"a scheduling region has {ENG_SCHED_REGION_SIZE}")
         self.r = <eng_sched_region_t *>self._view.buf
         self.mm = mm
+        self._gen = eng_fork_generation()
+        self.pid = getpid()
         self.name = name
 
     def __dealloc__(self):
@@ -295,6 +321,17 @@ cdef class _Region:
         if self._held:
             PyBuffer_Release(&self._view)   # then the mmap object unmaps when freed
             self._held = False
+
+    @property
+    def inherited(self):
+        """True in a process forked after this region was mapped: every
+        queue handle and group member over it is inert there."""
+        return self._gen != eng_fork_generation()
+
+    def check_fork(self, str what="queue"):
+        """Raise ``EngineError`` if this region was inherited across fork()."""
+        if self._gen != eng_fork_generation():
+            raise _inherited(what, self.pid)
 
     cdef inline int _check(self) except -1:
         if self.r == NULL:
@@ -427,15 +464,16 @@ cdef class _Region:
         return eng_fetch_add_u64(&self.r.group.next_token, 1)
 
     def member(self, uint32_t i):
-        """(token, pid, pid start time) of member slot i (acquire; the start
-        is read after the pid, which was stored after it)."""
+        """(token, pid, pid start time, pid namespace inode) of member slot i
+        (acquire; start and namespace are read after the pid, which was
+        stored after them)."""
         self._check()
         if i >= ENG_SCHED_MAX_MEMBERS:
             raise IndexError(i)
         cdef eng_sched_member_t *m = &self.r.members[i]
         tok = eng_load_acquire_u64(&m.token)
         pid = eng_load_acquire_i64(&m.pid)
-        return tok, pid, eng_load_acquire_u64(&m.pid_start)
+        return tok, pid, eng_load_acquire_u64(&m.pid_start), eng_load_acquire_u64(&m.pid_ns)
 
     def claim_member(self, uint32_t i, uint64_t expected, uint64_t token, int64_t pid):
         """CAS member slot i's token expected -> token, then set pid (with its
@@ -447,8 +485,11 @@ cdef class _Region:
         cdef uint64_t exp = expected
         if not eng_cas_u64(&m.token, &exp, token):
             return False
-        # start before pid: a checker that reads this pid reads its start
-        eng_store_release_u64(&m.pid_start, _my_start() if pid == _lv_os.getpid() else 0)
+        # start and namespace before pid: a checker that reads this pid
+        # reads them too
+        cdef bint mine = pid == _lv_os.getpid()
+        eng_store_release_u64(&m.pid_start, _my_start() if mine else 0)
+        eng_store_release_u64(&m.pid_ns, _my_ns() if mine else 0)
         eng_store_release_i64(&m.pid, pid)
         eng_store_relaxed_u64(<uint64_t *>&m.joined_ns, <uint64_t>eng_wall_ns())
         return True
@@ -584,6 +625,8 @@ cdef class _PQCore:
     cdef inline int _check(self) except -1:
         if self._r == NULL:
             raise Closed("the queue is closed")
+        if self._reg._gen != eng_fork_generation():
+            raise _inherited("queue", self._reg.pid)
         return 0
 
     # ---- put ------------------------------------------------------------
@@ -592,8 +635,7 @@ cdef class _PQCore:
         (0 = most urgent).  ``delay=seconds`` or ``at=time.time()``-style
         wall-clock time: invisible until then, then served by its priority.
         Blocks while the level's ring is full."""
-        if self._r == NULL:
-            raise Closed("the queue is closed")
+        self._check()
         if priority < 0 or priority >= self._n:
             raise ValueError(f"priority must be 0..{self._n - 1}, not {priority}")
         if delay is not None or at is not None:
@@ -896,8 +938,7 @@ cdef class _PQCore:
         """The next message by policy, waiting up to ``timeout`` seconds
         (None: as long as it takes) -> ``engine.Timeout``; ``engine.Closed``
         once the producer closed and everything was served."""
-        if self._r == NULL:
-            raise Closed("the queue is closed")
+        self._check()
         m = self._take()
         if m is not None:
             return m
@@ -1065,6 +1106,8 @@ cdef class _KQCore:
         PriorityQueue (a delayed message is ordered by its due time)."""
         if self._r == NULL:
             raise Closed("the queue is closed")
+        if self._reg._gen != eng_fork_generation():
+            raise _inherited("queue", self._reg.pid)
         if key is None:
             if self._keyfn is None:
                 raise TypeError("put() needs key= (or create the KeyedQueue with key=function)")

@@ -77,7 +77,9 @@ typedef struct {
     uint64_t delivered;      /* messages this member delivered (relaxed, statistics) */
     uint64_t pid_start;      /* start time of `pid` (/proc/PID/stat field 22), 0 = unknown;
                                 stored before `pid`. Was padding (zero) in older regions. */
-    uint8_t _pad[24];
+    uint64_t pid_ns;         /* inode of the member's pid namespace, 0 = unknown; stored before
+                                `pid`: a member in another namespace is never taken for dead */
+    uint8_t _pad[16];
 } eng_sched_member_t;
 
 typedef struct {
@@ -97,6 +99,7 @@ _Static_assert(sizeof(eng_sched_bell_t) == ENG_SCHED_BLOCK, "bell block");
 _Static_assert(sizeof(eng_sched_group_t) == ENG_SCHED_BLOCK, "group block");
 _Static_assert(sizeof(eng_sched_member_t) == 64, "member slot");
 _Static_assert(offsetof(eng_sched_member_t, pid_start) == 32, "member.pid_start");
+_Static_assert(offsetof(eng_sched_member_t, pid_ns) == 40, "member.pid_ns");
 _Static_assert(offsetof(eng_sched_region_t, bell) == 128, "bell offset");
 _Static_assert(offsetof(eng_sched_region_t, group) == 256, "group offset");
 _Static_assert(offsetof(eng_sched_region_t, counts) == 384, "counts offset");
