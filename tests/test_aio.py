@@ -330,39 +330,6 @@ def test_idle_awaiting_consumer_uses_no_cpu(run, shm_name):
     ring.close()
 
 
-def _await_in_child(ring, p, c, q):
-    threading.Timer(0.1, lambda: p.put(b"child")).start()
-
-    async def main():
-        return await asyncio.wait_for(c.aget(), 3)  # no timeout of its own: a dead waiter hangs
-
-    try:
-        q.put(asyncio.run(main()))
-    except BaseException as exc:
-        q.put(repr(exc))
-
-
-def test_forked_child_awaits_the_same_handle(run):
-    """The waiter threads do not survive fork: a child awaiting a handle the
-    parent awaited before must get a fresh waiter, not hang on a dead one."""
-    ring = engine.Ring(capacity=4096)
-    p, c = ring.producer(), ring.consumer()
-
-    async def main():
-        threading.Timer(0.3, lambda: p.put(b"parent")).start()
-        return await c.aget(timeout=5)
-
-    assert run(main()) == b"parent"
-    assert aio.active_waits() == 0 and aio._waiters  # an idle waiter thread is kept
-    q = CTX.Queue()
-    proc = CTX.Process(target=_await_in_child, args=(ring, p, c, q))
-    proc.start()
-    got = q.get(timeout=30)
-    proc.join(10)
-    assert got == b"child"
-    ring.close()
-
-
 # ---------------------------------------------------------------- log
 
 
