@@ -76,7 +76,8 @@ typedef struct {
     int64_t joined_ns;       /* wall clock at join, informational */
     uint64_t delivered;      /* messages this member delivered (relaxed, statistics) */
     uint64_t pid_start;      /* start time of `pid` (/proc/PID/stat field 22), 0 = unknown;
-                                stored before `pid`. Was padding (zero) in older regions. */
+                                stored before `pid` (0 in a region of an older build: check by
+                                pid alone) */
     uint64_t pid_ns;         /* inode of the member's pid namespace, 0 = unknown; stored before
                                 `pid`: a member in another namespace is never taken for dead */
     uint8_t _pad[16];
