@@ -765,6 +765,42 @@ class Coordinator(_CoordCore):
 # built-in participants
 
 
+def _fold_participant(
+    records: Iterable[Tuple[Any, ...]], keys: Any
+) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """A participant journal's unfinished transactions: ``(doubt, marks)``.
+
+    ``doubt``: txid -> prepared ops, in journal order, for every transaction
+    prepared and neither aborted nor done; ``marks``: txid -> commit mark for
+    those of them marked committed.  ``keys(info)`` names the resource locks a
+    transaction held: a later prepare taking one proves the earlier holder had
+    finished (applied if it committed), so it leaves ``doubt``.
+    """
+    doubt: Dict[str, Any] = {}
+    marks: Dict[str, Any] = {}
+    holder: Dict[Any, str] = {}  # lock key -> last txid that prepared it
+    for rec in records:
+        kind = rec[0]
+        if kind == "P":
+            for k in keys(rec[2]):
+                prev = holder.get(k)
+                if prev is not None and prev in doubt and prev not in marks:
+                    del doubt[prev]
+                holder[k] = rec[1]
+            doubt[rec[1]] = rec[2]
+        elif kind == "C":
+            marks[rec[1]] = rec[2]
+        elif kind == "A":
+            doubt.pop(rec[1], None)
+            marks.pop(rec[1], None)
+        elif kind == "D":
+            for t in rec[1]:
+                doubt.pop(t, None)
+                marks.pop(t, None)
+    # a mark without its prepared record says nothing (its txn finished)
+    return doubt, {t: m for t, m in marks.items() if t in doubt}
+
+
 class _JournaledParticipant(_PartCore):
     """Shared machinery: a journal of ``P`` (prepared), ``C`` (commit mark)
     and ``A`` (aborted) records and the in-doubt table rebuilt from it.
@@ -789,48 +825,30 @@ class _JournaledParticipant(_PartCore):
         # the lock and the _doubt/_marks/_done tables are the compiled core's (_PartCore)
 
     def _replay(self) -> None:
-        # Called by subclasses once their resource is set up.
-        doubt: Dict[str, Any] = {}
-        marks: Dict[str, Any] = {}
-        holder: Dict[Any, str] = {}  # lock key -> last txid that prepared it
-        for rec in self._journal.records:
-            kind = rec[0]
-            if kind == "P":
-                for k in self._keys(rec[2]):
-                    prev = holder.get(k)
-                    if prev is not None and prev in doubt and prev not in marks:
-                        # A later txn took this key's lock, so ``prev`` had
-                        # finished (applied if it committed) before it.
-                        del doubt[prev]
-                    holder[k] = rec[1]
-                doubt[rec[1]] = rec[2]
-            elif kind == "C":
-                marks[rec[1]] = rec[2]
-            elif kind == "A":
-                doubt.pop(rec[1], None)
-                marks.pop(rec[1], None)
-            elif kind == "D":
-                for t in rec[1]:
-                    doubt.pop(t, None)
-                    marks.pop(t, None)
+        # Called by subclasses once their resource is set up.  Two phases, in
+        # this order (invariant R1 of the module docstring): first every
+        # table is rebuilt from the journal, then the marked batches are
+        # finished.  Finishing writes records, a write may compact, and a
+        # compaction keeps exactly what the tables hold: so nothing may be
+        # written while a transaction the journal still needs is missing
+        # from them.
+        doubt, marks = _fold_participant(self._journal.records, self._keys)
         self._journal.records = []
-        # marked batches first, in the order they were written to the resource
-        marked = sorted((t for t in doubt if t in marks), key=lambda t: marks[t])
-        for txid in marked:
-            # the decision was commit and the apply may be partial: finish it
-            info = doubt[txid]
-            self._marks[txid] = marks[txid]
-            self._doubt[txid] = info
-            self._acquire(txid, info)
-            self.commit(txid)
         for txid, info in doubt.items():
             if txid in marks:
-                continue
+                # the decision was commit and the apply may be partial
+                self._marks[txid] = marks[txid]
             elif self._applied(info):
-                continue  # committed before the crash
-            else:
-                self._doubt[txid] = info
-                self._acquire(txid, info)
+                continue  # committed and applied before the crash
+            self._doubt[txid] = info
+            self._acquire(txid, info)
+        # marked batches in the order they were written to the resource
+        for txid in sorted(self._marks, key=self._marks.__getitem__):
+            if _ARMED:
+                _crash_point("part.replay.before_finish", self.name)
+            self.commit(txid)
+            if _ARMED:
+                _crash_point("part.replay.after_finish", self.name)
 
     # hooks (defaults suit participants without locks)
     def _keys(self, info: Any) -> Iterable[Any]:
