@@ -127,29 +127,46 @@ _dumps = marshal.dumps
 # crash points (tests only; one global bool load on the hot path when unarmed)
 
 _ARMED = False  # a crash point or a trace is set
-_CRASH_AT: Optional[str] = None  # full point name to die at
+_CRASH_AT: Optional[str] = None  # full point name to die at, or "*" (any point)
 _CRASH_NTH = 1  # ... on its n-th hit
-_CRASH_HITS: Dict[str, int] = {}  # point -> hits so far
+_CRASH_RAISE = False  # raise _SimulatedCrash instead of SIGKILL
+_CRASH_HITS: Dict[str, int] = {}  # point -> hits so far ("*": all points)
 _CRASH_TRACE_FD = -1  # fd that receives every hit, one line each (or -1)
 
 
-def _arm_crash(spec: Optional[str], trace_path: Optional[str] = None) -> None:
-    """Arm the crash hook: die at ``spec`` (``"point"`` or ``"point#k"``).
+class _SimulatedCrash(BaseException):
+    """Raised at an armed crash point in ``action="raise"`` mode (tests only).
 
-    ``trace_path`` (optional) receives every point hit, one line each, written
-    unbuffered so the trace survives the SIGKILL.  ``spec=None`` with no trace
-    disarms.  Used by ``tests/crashkit.py``; also read from the environment
+    A ``BaseException``: no ``except Exception`` of the protocol catches it,
+    so it unwinds to the test, which then abandons every object without a
+    clean close (``_simulate_crash``), as a SIGKILL would, and reopens.
+    """
+
+
+def _arm_crash(
+    spec: Optional[str], trace_path: Optional[str] = None, action: str = "kill"
+) -> None:
+    """Arm the crash hook: die at ``spec`` (``"point"``, ``"point#k"`` or ``"*#k"``).
+
+    ``"*#k"`` is the k-th hit of any point.  ``action="kill"`` SIGKILLs the
+    process there; ``action="raise"`` raises :class:`_SimulatedCrash`
+    instead (in-process crash tests).  ``trace_path`` (optional) receives
+    every point hit, one line each, written unbuffered so the trace survives
+    the SIGKILL.  ``spec=None`` with no trace disarms.  Used by
+    ``tests/crashkit.py``; also read from the environment
     (``ENGINE_CRASH_AT``, ``ENGINE_CRASH_TRACE``) at import.
     """
-    global _ARMED, _CRASH_AT, _CRASH_NTH, _CRASH_TRACE_FD
+    global _ARMED, _CRASH_AT, _CRASH_NTH, _CRASH_TRACE_FD, _CRASH_RAISE
+    if action not in ("kill", "raise"):
+        raise ValueError(f"action must be 'kill' or 'raise', not {action!r}")
     _CRASH_HITS.clear()
     if _CRASH_TRACE_FD >= 0:
         os.close(_CRASH_TRACE_FD)
         _CRASH_TRACE_FD = -1
-    _CRASH_AT, _CRASH_NTH = None, 1
+    _CRASH_AT, _CRASH_NTH, _CRASH_RAISE = None, 1, action == "raise"
     if spec:
         name, _, nth = spec.partition("#")
-        _CRASH_AT = name
+        _CRASH_AT = name or "*"
         _CRASH_NTH = int(nth) if nth else 1
     if trace_path:
         _CRASH_TRACE_FD = os.open(trace_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -161,15 +178,20 @@ def _crash_point(name: str, party: Optional[str] = None) -> None:
     """A named step of the protocol: SIGKILL this process if armed for it.
 
     The full point name is ``name`` or ``name@party`` (the participant's
-    name), so a test can crash one party at one step.  Call sites check the
-    module flag ``_ARMED`` first so an unarmed process pays one global load.
+    name, or the journal's kind for journal points), so a test can crash one
+    party at one step.  Call sites check the module flag ``_ARMED`` first so
+    an unarmed process pays one global load.
     """
     full = name if party is None else f"{name}@{party}"
     hits = _CRASH_HITS.get(full, 0) + 1
     _CRASH_HITS[full] = hits
+    every = _CRASH_HITS.get("*", 0) + 1
+    _CRASH_HITS["*"] = every
     if _CRASH_TRACE_FD >= 0:
         os.write(_CRASH_TRACE_FD, f"{full}#{hits}\n".encode())
-    if full == _CRASH_AT and hits == _CRASH_NTH:
+    if (full == _CRASH_AT and hits == _CRASH_NTH) or (_CRASH_AT == "*" and every == _CRASH_NTH):
+        if _CRASH_RAISE:
+            raise _SimulatedCrash(full)
         os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(10)  # pragma: no cover - the signal is delivered first
 
@@ -346,23 +368,41 @@ class _Journal(_JournalCore):
         """Start generation ``gen + 1`` holding ``keep``; drop the old one.
 
         Called with the owner's state lock held, ``keep`` built from the
-        owner's in-memory state at that moment.  An append racing with the
-        switch may land in the old generation: its content is in ``keep``
-        already (owners update memory before they append), so losing it is fine.
+        owner's in-memory state at that moment, which must hold everything
+        the journal still needs (invariant J2 of the module docstring).  An
+        append racing with the switch may land in the old generation: its
+        content is in ``keep`` already (owners update memory before they
+        append), so losing it is fine.
+
+        Crash-safe at every step: until ``CURRENT`` names the new generation
+        the old one is the journal (the half-built new one is removed at the
+        next open); from then on the new one is, complete and synced.
         """
         new = self.gen + 1
         gdir = _gen_dir(self.path, new)
         _new_gen_dir(gdir)
-        log = self._open_log(new)
-        recs = [_encode(r) for r in keep]
-        if recs:
-            log.append_many(recs)
-        log.flush()
         if _ARMED:
-            _crash_point("journal.switch.before_current", self.kind)
-        _write_atomic(
-            self.path, _CURRENT, json.dumps({"kind": self.kind, "id": self.id, "gen": new}).encode()
-        )
+            _crash_point("journal.switch.begin", self.kind)
+        log = self._open_log(new)
+        try:
+            recs = [_encode(r) for r in keep]
+            if recs:
+                log.append_many(recs)
+            if _ARMED:
+                _crash_point("journal.switch.after_write", self.kind)
+            log.flush()
+            if _ARMED:
+                _crash_point("journal.switch.before_current", self.kind)
+            _write_atomic(
+                self.path,
+                _CURRENT,
+                json.dumps({"kind": self.kind, "id": self.id, "gen": new}).encode(),
+            )
+        except BaseException:
+            # the old generation stays the journal; the next switch (or open)
+            # removes what was built of the new one
+            log.close()
+            raise
         old, old_gen = self.log, self.gen
         self.log, self.gen, self.appended = log, new, len(recs)
         if _ARMED:
@@ -372,6 +412,8 @@ class _Journal(_JournalCore):
         except Exception:  # pragma: no cover - closing a healthy log does not fail
             _logger.exception("closing the old journal generation failed")
         shutil.rmtree(_gen_dir(self.path, old_gen), ignore_errors=True)
+        if _ARMED:
+            _crash_point("journal.switch.after_remove", self.kind)
 
     def close(self) -> None:
         try:
@@ -380,6 +422,14 @@ class _Journal(_JournalCore):
                 self.log = None
         finally:
             self._unlock()
+
+    def _simulate_crash(self) -> None:
+        """Test hook: stop as a SIGKILLed owner would (nothing more written,
+        no sync, the owner lock released)."""
+        if self.log is not None:
+            self.log._simulate_crash()
+            self.log = None
+        self._unlock()
 
     def _unlock(self) -> None:
         if self._lock_fd >= 0:
@@ -561,9 +611,13 @@ class Coordinator(_CoordCore):
                 inc = max(inc, rec[1])
         self._journal.records = []
         self._inc = inc + 1
+        if _ARMED:
+            _crash_point("coord.open.before_incarnation", None)
         # Durable before any txid of this incarnation exists: txids never repeat.
         self._journal.append(("I", self._inc))
         self._journal.log.flush()
+        if _ARMED:
+            _crash_point("coord.open.after_incarnation", None)
         self._prefix = f"{self._journal.id[:12]}-{self._inc:x}-"  # txid: prefix + hex seq
         self._recent = collections.deque(maxlen=256)
         self._closed = False
@@ -751,6 +805,13 @@ class Coordinator(_CoordCore):
             self._closed = True
             self._journal.close()
 
+    def _simulate_crash(self) -> None:
+        """Test hook: stop as a SIGKILLed process would (no ``end`` batch
+        written, the journal's lock released)."""
+        with self._lock:
+            self._closed = True
+            self._journal._simulate_crash()
+
     def __enter__(self) -> Coordinator:
         return self
 
@@ -937,9 +998,20 @@ class _JournaledParticipant(_PartCore):
                 return
             self._closed = True
             if self._done:
+                if _ARMED:
+                    _crash_point("part.close.before_done", self.name)
                 self._journal.log.append(_encode(("D", self._done)))
                 self._done = []
+                if _ARMED:
+                    _crash_point("part.close.after_done", self.name)
             self._journal.close()
+
+    def _simulate_crash(self) -> None:
+        """Test hook: stop as a SIGKILLed process would (no ``done`` batch
+        written, the journal's lock released; the resource is the caller's)."""
+        with self._lock:
+            self._closed = True
+            self._journal._simulate_crash()
 
     def __enter__(self) -> Any:
         return self
@@ -1133,10 +1205,14 @@ class LogParticipant(_LogPartCore, _JournaledParticipant):
                     f"(offset {start}): it was truncated behind the participant's back"
                 )
             if have < len(values):
+                if _ARMED:
+                    _crash_point("log.finish.before_append", self.name)
                 if keys is None:
                     self.log.append_many(values[have:])
                 else:
                     self.log.append_many(values[have:], keys[have:])
+                if _ARMED:
+                    _crash_point("log.finish.after_append", self.name)
 
 
 def _store_apply(store: Any, ops: List[Tuple[bytes, Optional[bytes], int]]) -> None:
