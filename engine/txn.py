@@ -599,6 +599,19 @@ class Coordinator(_CoordCore):
         self._compact_records = int(compact_records)
         # (the lock and the tables are the compiled core's: _CoordCore)
         self._journal = _Journal(path, "coordinator", durability, segment_bytes)
+        try:
+            self._open_journal()
+        except BaseException:
+            self._journal.close()  # a failed open lets go of the journal at once
+            raise
+        self._prefix = f"{self._journal.id[:12]}-{self._inc:x}-"  # txid: prefix + hex seq
+        self._recent = collections.deque(maxlen=256)
+        self._closed = False
+        self.stats_committed = 0
+        self.stats_aborted = 0
+
+    def _open_journal(self) -> None:
+        """Rebuild the tables from the journal, then start this incarnation."""
         inc = 0
         for rec in self._journal.records:
             kind = rec[0]
@@ -618,11 +631,6 @@ class Coordinator(_CoordCore):
         self._journal.log.flush()
         if _ARMED:
             _crash_point("coord.open.after_incarnation", None)
-        self._prefix = f"{self._journal.id[:12]}-{self._inc:x}-"  # txid: prefix + hex seq
-        self._recent = collections.deque(maxlen=256)
-        self._closed = False
-        self.stats_committed = 0
-        self.stats_aborted = 0
 
     # -- properties
 
@@ -886,7 +894,19 @@ class _JournaledParticipant(_PartCore):
         # the lock and the _doubt/_marks/_done tables are the compiled core's (_PartCore)
 
     def _replay(self) -> None:
-        # Called by subclasses once their resource is set up.  Two phases, in
+        """Rebuild the tables from the journal and finish marked batches.
+
+        Called by subclasses once their resource is set up; if it fails the
+        journal is let go at once (its lock with it).
+        """
+        try:
+            self._replay_journal()
+        except BaseException:
+            self._journal.close()
+            raise
+
+    def _replay_journal(self) -> None:
+        # Two phases, in
         # this order (invariant R1 of the module docstring): first every
         # table is rebuilt from the journal, then the marked batches are
         # finished.  Finishing writes records, a write may compact, and a
