@@ -79,6 +79,42 @@ first record of the oldest unfinished saga, and applies the log's
 nothing an unfinished or stuck saga needs ever does. Reopening reads from the
 mark.
 
+Invariants
+----------
+What every change to running, recovery or compaction must keep (the crash
+tests in ``tests/stress/test_saga_crash.py`` and the state machine in
+``tests/test_saga_model.py`` check them):
+
+* **S1, log before effect.** A step's ``start`` record is written (durable
+  per ``durability``) before its action or compensation runs; its outcome
+  goes out with the next durable write of the saga (the next ``start``, or
+  the ``end``), so before the next action runs. So after a crash every step
+  that may have taken effect is ``done`` or in flight (outcome unknown) in
+  the log.
+* **S2, one saga's records in order.** A saga's records reach the log in the
+  order they were folded (``_emit`` appends under the saga's lock): a
+  ``start`` never lands before its ``begin``, an ``end`` never before the
+  outcomes it sums up.
+* **S3, the fold decides.** Live runs, recovery and ``saga ls`` all derive a
+  saga's state from its records with one fold (``_Run.fold``); a step in
+  flight when its writer died counts as uncertain, and an uncertain step is
+  compensated when the saga goes backward.
+* **S4, forward or backward, never both.** Once an ``abort`` record is
+  written a saga only compensates; it ends ``compensated`` (every step that
+  was done or uncertain undone, in reverse order) or ``stuck``. Without one
+  it only goes forward and ends ``done``.
+* **S5, never dropped.** An unfinished or stuck saga stays in ``_runs`` until
+  its ``end`` record (``done`` or ``compensated``) is written; ``stuck`` is
+  not finished and stays until a retry finishes it.
+* **S6, the low-water mark is below every unfinished saga.** ``compact``
+  records as the mark the smallest ``begin_offset`` of ``_runs`` (or the log's
+  end), read under the lock that registers new runs, whose begin records land
+  at or after the ``next_offset`` read then. Retention never deletes a
+  segment at or past the mark, and a reopen folds from it: so every record of
+  every unfinished saga survives compaction and is folded again, at every
+  crash point of compaction (before or after the mark is written, before or
+  after segments are deleted).
+
 Events
 ------
 ``events=`` takes an :class:`engine.Log` (each saga record is appended to it as

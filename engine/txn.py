@@ -38,6 +38,53 @@ Journals are segment logs in generation directories; when one grows past
 unfinished transactions) into a fresh generation and deletes the old one, so
 journals stay bounded.
 
+Invariants (what every change to the protocol, replay or compaction must
+keep; ``tests/stress/test_txn_crash.py`` and
+``tests/stress/test_txn_replay_crash.py`` SIGKILL real processes at every
+crash point, ``tests/test_txn_model.py`` runs a state machine per
+participant kind with crashes at any point and journals compacting every few
+records):
+
+* **P1, prepared before yes.** A participant votes yes only once its ``P``
+  record (the ops) is durable; from then until an outcome it can commit them
+  whatever happens (its locks stay held, nothing is refused).
+* **P2, decided before told.** The commit record is durable before any
+  participant hears commit; no commit record means abort (presumed abort),
+  and once :meth:`Coordinator.decision` answered ``"abort"`` for a txid no
+  commit record for it can be written.
+* **P3, no prepared transaction is forgotten.** Commit and abort are
+  idempotent and a txid a participant does not know is a no-op; so a
+  participant must keep every prepared transaction whose outcome it has not
+  applied until it applies one, through crashes, reopens and compactions
+  (J1-J3, R1 protect this).
+* **P4, ended after every ack.** The coordinator forgets a committed
+  transaction (``E`` record) only once every participant acknowledged its
+  commit; until then :meth:`Coordinator.recover` resends it.
+* **L1, mark before batch** (LogParticipant). The commit mark (where the
+  batch starts in the log) is in the journal before any of the batch is in
+  the log, and batches go to the log in mark order by its only writer, so
+  recovery appends exactly the missing tail.
+* **J1, memory first.** An owner puts a transaction in its tables (in doubt,
+  marks, the coordinator's pending and deciding) before it appends the record
+  that says so, under the lock a journal switch takes.
+* **J2, a switch keeps what is needed.** A new generation is written from
+  the tables alone: every transaction prepared and not finished (with its
+  mark), every commit decision not ended, the incarnation.  So the tables
+  must hold all of it whenever a write that may switch runs (R1).
+* **J3, one live generation.** ``CURRENT`` names it and is replaced
+  atomically once the new generation is complete and synced; a crash before
+  that leaves the old one live (the half-built one is removed at open), one
+  after it the new one.
+* **R1, replay: tables first, then writes.** On open an owner folds its
+  whole journal into its tables (in doubt, marks, locks) before it writes
+  anything: finishing marked batches writes records, and any write may
+  switch generations (J2).
+* **R2, finished needs no record.** What was applied is recognised from the
+  resource (a marked batch's length in the log, a store key's version moved
+  off the one prepared, a group offset at or past the one prepared), so
+  ``D``/``A`` records and compaction may drop finished transactions without
+  changing any outcome.
+
 Durability: ``"always"`` survives power loss (every prepared/commit record is
 fsynced before the next step), ``"none"`` survives a process crash (SIGKILL)
 but not a power loss, exactly like :class:`engine.Log`.  With nothing to sync

@@ -49,6 +49,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     invariant,
+    precondition,
     rule,
     run_state_machine_as_test,
 )
@@ -249,6 +250,52 @@ class World:
         self.objs = []
 
 
+def _txn_record(kind: str, n: int, nvals: int, ctr: Optional[int]) -> Dict[str, Any]:
+    """What transaction ``n`` writes, as the checks read it."""
+    return {
+        "vals": [b"%d:%d" % (n, j) for j in range(nvals)],
+        "keys": [b"t%d-%d" % (n, j) for j in range(nvals)] if kind == "store" else [],
+        "ctr": COUNTERS[ctr] if kind == "store" and ctr is not None else None,
+        "outcome": "unknown",
+    }
+
+
+def _run_txn(w: World, t: Dict[str, Any], n: int, s_first: bool, no_vote: Optional[str]) -> None:
+    """Run transaction ``n`` (raises TransactionAborted if it aborts)."""
+    vals = t["vals"]
+    if w.kind == "store":
+        ops: Any = [(k, b"v") for k in t["keys"]]
+        if t["ctr"] is not None:
+            ver, val = w.store.get(t["ctr"])
+            ops.append((t["ctr"], b"%d" % (int(val) + 1), ver))
+    elif w.kind == "offset":
+        ops = [n]
+    else:
+        ops = [b"S" + v for v in vals]
+    order = [(w.s, ops), (w.p, [b"P" + v for v in vals])]
+    if not s_first:
+        order.reverse()
+    if no_vote == "first":
+        order.insert(0, (NoVoter(), [b"n"]))
+    elif no_vote == "last":
+        order.append((NoVoter(), [b"n"]))
+    with w.coord.transaction() as tx:
+        for part, o in order:
+            tx.enlist(part, o)
+
+
+def _child_txn(kind: str, root: str, t: Dict[str, Any], n: int) -> str:
+    """In a forked child: open everything, run transaction ``n``, close."""
+    w = World(kind, root, "", None)
+    try:
+        _run_txn(w, t, n, True, None)
+        return "committed"
+    except TransactionAborted:
+        return "aborted"
+    finally:
+        w.close()
+
+
 def _log_values(path: str) -> List[bytes]:
     with LogReader(path, start=0) as r:
         return [bytes(rec.value) for rec in r]
@@ -256,6 +303,7 @@ def _log_values(path: str) -> List[bytes]:
 
 class TxnMachine(RuleBasedStateMachine):
     kind = "log"
+    sigkill = False  # also run transactions in forked processes, SIGKILLed
 
     def __init__(self) -> None:
         super().__init__()
@@ -355,37 +403,14 @@ class TxnMachine(RuleBasedStateMachine):
         crash=st.one_of(st.none(), st.integers(1, 24)),
     )
     def transaction(self, nvals, s_first, no_vote, ctr, crash):
-        w = self.w
         self.n += 1
         n = self.n
         STATS[self.kind]["transactions"] += 1
-        vals = [b"%d:%d" % (n, j) for j in range(nvals)]
-        t: Dict[str, Any] = {"vals": vals, "keys": [], "ctr": None, "outcome": "unknown"}
-        if self.kind == "store":
-            ops: Any = [(b"t%d-%d" % (n, j), b"v") for j in range(nvals)]
-            t["keys"] = [op[0] for op in ops]
-            if ctr is not None:
-                key = COUNTERS[ctr]
-                ver, val = w.store.get(key)
-                ops.append((key, b"%d" % (int(val) + 1), ver))
-                t["ctr"] = key
-        elif self.kind == "offset":
-            ops = [n]
-        else:
-            ops = [b"S" + v for v in vals]
+        t = _txn_record(self.kind, n, nvals, ctr)
         self.txns[n] = t
-        order = [(w.s, ops), (w.p, [b"P" + v for v in vals])]
-        if not s_first:
-            order.reverse()
-        if no_vote == "first":
-            order.insert(0, (NoVoter(), [b"n"]))
-        elif no_vote == "last":
-            order.append((NoVoter(), [b"n"]))
         self._arm(crash)
         try:
-            with w.coord.transaction() as tx:
-                for part, o in order:
-                    tx.enlist(part, o)
+            _run_txn(self.w, t, n, s_first, no_vote)
             t["outcome"] = "committed"
         except TransactionAborted:
             t["outcome"] = "aborted"
@@ -408,6 +433,27 @@ class TxnMachine(RuleBasedStateMachine):
     def plain_transaction(self, nvals, ctr):
         """A transaction with no crash armed (builds journals up to compaction)."""
         self.transaction(nvals, True, None, ctr, None)
+
+    @precondition(lambda self: self.sigkill and self.kind != "remote")
+    @rule(nvals=st.integers(1, 3), ctr=st.sampled_from([None, 0, 1]), crash=st.integers(1, 30))
+    def transaction_sigkilled(self, nvals, ctr, crash):
+        """A transaction in a forked process that a real SIGKILL stops at
+        its k-th crash point (this process closes everything first: one
+        owner per journal)."""
+        self.w.close()
+        self.w = None
+        self.n += 1
+        n = self.n
+        STATS[self.kind]["transactions"] += 1
+        t = _txn_record(self.kind, n, nvals, ctr)
+        self.txns[n] = t
+        res = crashkit.run(_child_txn, self.kind, self.root, t, n, crash_at=f"*#{crash}")
+        if res.killed:
+            STATS[self.kind]["SIGKILLs"] += 1
+        else:
+            t["outcome"] = res.unwrap()
+        STATS[self.kind][t["outcome"]] += 1
+        self._open(None)
 
     @rule(crash=st.one_of(st.none(), st.integers(1, 12)))
     def crash_and_reopen(self, crash):
@@ -557,13 +603,14 @@ MACHINES = {"log": TxnMachine, "store": StoreMachine, "offset": OffsetMachine,
             "remote": RemoteMachine}
 
 
-def _run(kind: str, examples: int, steps: int) -> None:
+def _run(kind: str, examples: int, steps: int, sigkill: bool = False) -> None:
     examples = int(os.environ.get("QE_TXN_MODEL_EXAMPLES", examples))
     steps = int(os.environ.get("QE_TXN_MODEL_STEPS", steps))
     STATS[kind].clear()
     POINTS[kind].clear()
+    machine = type(MACHINES[kind].__name__, (MACHINES[kind],), {"sigkill": sigkill})
     run_state_machine_as_test(
-        MACHINES[kind],
+        machine,
         settings=settings(
             max_examples=examples,
             stateful_step_count=steps,
@@ -582,7 +629,8 @@ def _run(kind: str, examples: int, steps: int) -> None:
         f"{len(POINTS[kind])} distinct crash points fired, "
         f"{s['crash reopens']} crash reopens, {s['clean reopens']} clean reopens, "
         f"{s['recovers']} recovers, {s['full checks']} full checks, "
-        f"{s['journal switches']} journal switches"
+        f"{s['journal switches']} journal switches, "
+        f"{s['SIGKILLs']} transactions SIGKILLed in a child"
     )
     assert s["full checks"] >= s["examples"]  # every example ends with a full check
 
@@ -595,4 +643,4 @@ def test_model(kind):
 @pytest.mark.crash
 @pytest.mark.parametrize("kind", sorted(MACHINES))
 def test_model_heavy(kind):
-    _run(kind, examples=150, steps=40)
+    _run(kind, examples=30, steps=40, sigkill=True)
