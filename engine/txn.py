@@ -65,8 +65,8 @@ records):
   the log, and batches go to the log in mark order by its only writer, so
   recovery appends exactly the missing tail.
 * **J1, memory first.** An owner puts a transaction in its tables (in doubt,
-  marks, the coordinator's pending and deciding) before it appends the record
-  that says so, under the lock a journal switch takes.
+  marks, the coordinator's pending and deciding), under the lock a journal
+  switch takes, before it appends the record that says so.
 * **J2, a switch keeps what is needed.** A new generation is written from
   the tables alone: every transaction prepared and not finished (with its
   mark), every commit decision not ended, the incarnation.  So the tables
@@ -101,9 +101,13 @@ record encoder) are in ``pyx/txn.pyx`` (``engine._txn``); the classes here
 subclass its cores and keep everything that is not per transaction.
 
 Crash points: :func:`_crash_point` marks every step of the protocol (before
-and after each durable write and each message).  ``ENGINE_CRASH_AT=<point>``
-(or ``<point>#<k>`` for its k-th hit) SIGKILLs the process there; the tests in
-``tests/stress/test_txn_crash.py`` use it through ``tests/crashkit.py``.
+and after each durable write and each message) and every record that open,
+replay, close and a journal switch write (including the moments between two
+generations).  ``ENGINE_CRASH_AT=<point>`` (or ``<point>#<k>`` for its k-th
+hit, ``*#<k>`` for the k-th point of any name) SIGKILLs the process there; the
+tests in ``tests/stress/test_txn_crash.py`` use it through
+``tests/crashkit.py``, and in-process tests arm it to raise instead
+(``_arm_crash(..., action="raise")``).
 """
 
 from __future__ import annotations
