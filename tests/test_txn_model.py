@@ -1,7 +1,9 @@
 """Stateful tests of two-phase commit: every participant kind against a model.
 
 A hypothesis ``RuleBasedStateMachine`` per participant kind (``log``,
-``store``, ``offset``, ``remote``) runs a coordinator, the participant under
+``store``, ``offset``, ``remote``; and ``log-always``: the log kind with every
+log and journal at ``durability="always"``, whose prepare and commit take the
+synced paths) runs a coordinator, the participant under
 test ("S") and a LogParticipant partner ("P"), every journal with the
 smallest ``compact_records`` (so journals switch generations every few
 transactions, with transactions in doubt and during replay), and interleaves:
@@ -162,8 +164,11 @@ class _Server:
 class World:
     """Every party of one machine, opened on ``root`` (a restart = a new World)."""
 
-    def __init__(self, kind: str, root: str, endpoint: str, server: Optional[_Server]) -> None:
+    def __init__(
+        self, kind: str, root: str, endpoint: str, server: Optional[_Server], dur: str = "none"
+    ) -> None:
         self.kind = kind
+        self.dur = dur  # every log's and journal's durability
         self.root = root
         self.objs: List[Any] = []  # opened so far, in order (abandoned in reverse)
         self.server = server
@@ -178,19 +183,19 @@ class World:
         self.coord = self._add(
             Coordinator(
                 j(root, "coord"),
-                durability="none",
+                durability=self.dur,
                 end_batch=2,
                 compact_records=COMPACT,
                 segment_bytes=SEG,
             )
         )
-        self.plog = self._add(Log(j(root, "p"), durability="none", segment_bytes=SEG))
+        self.plog = self._add(Log(j(root, "p"), durability=self.dur, segment_bytes=SEG))
         self.p = self._add(
             LogParticipant(self.plog, name="P", compact_records=COMPACT, segment_bytes=SEG)
         )
         self.slog = self.store = self.reader = None
         if kind == "log":
-            self.slog = self._add(Log(j(root, "s"), durability="none", segment_bytes=SEG))
+            self.slog = self._add(Log(j(root, "s"), durability=self.dur, segment_bytes=SEG))
             self.s = self._add(
                 LogParticipant(self.slog, name="S", compact_records=COMPACT, segment_bytes=SEG)
             )
@@ -198,7 +203,7 @@ class World:
             fresh = not os.path.exists(j(root, "s"))
             self.store = self._add(
                 VersionedStore(
-                    j(root, "s"), durability="none", segment_bytes=SEG, snapshot_every=None
+                    j(root, "s"), durability=self.dur, segment_bytes=SEG, snapshot_every=None
                 )
             )
             if fresh:
@@ -216,7 +221,7 @@ class World:
         elif kind == "offset":
             if not os.path.exists(j(root, "src")):
                 # offsets committed are transaction numbers: records to match
-                with Log(j(root, "src"), durability="none", segment_bytes=SEG) as src:
+                with Log(j(root, "src"), durability=self.dur, segment_bytes=SEG) as src:
                     src.append_many([b"in"] * 512)
             self.reader = self._add(LogReader(j(root, "src"), group="g"))
             self.s = self._add(
@@ -224,7 +229,7 @@ class World:
                     self.reader,
                     name="S",
                     state_path=j(root, "s.txn"),
-                    durability="none",
+                    durability=self.dur,
                     compact_records=COMPACT,
                     segment_bytes=SEG,
                 )
@@ -284,9 +289,9 @@ def _run_txn(w: World, t: Dict[str, Any], n: int, s_first: bool, no_vote: Option
             tx.enlist(part, o)
 
 
-def _child_txn(kind: str, root: str, t: Dict[str, Any], n: int) -> str:
+def _child_txn(kind: str, dur: str, root: str, t: Dict[str, Any], n: int) -> str:
     """In a forked child: open everything, run transaction ``n``, close."""
-    w = World(kind, root, "", None)
+    w = World(kind, root, "", None, dur)
     try:
         _run_txn(w, t, n, True, None)
         return "committed"
@@ -303,11 +308,13 @@ def _log_values(path: str) -> List[bytes]:
 
 class TxnMachine(RuleBasedStateMachine):
     kind = "log"
+    label = "log"  # the name its figures are printed under
+    durability = "none"  # of every log and journal (with "always": synced paths)
     sigkill = False  # also run transactions in forked processes, SIGKILLed
 
     def __init__(self) -> None:
         super().__init__()
-        STATS[self.kind]["examples"] += 1
+        STATS[self.label]["examples"] += 1
         self.root = _tmpdir()
         self.endpoint = f"qe-txn-model-{os.getpid()}-{os.path.basename(self.root)}"
         self.server: Optional[_Server] = None
@@ -329,7 +336,7 @@ class TxnMachine(RuleBasedStateMachine):
             try:
                 if self.kind == "remote" and self.server is None:
                     self.server = _Server(self.root, self.endpoint)
-                self.w = World(self.kind, self.root, self.endpoint, self.server)
+                self.w = World(self.kind, self.root, self.endpoint, self.server, self.durability)
                 self._disarm()
                 return
             except crashkit.SimulatedCrash as exc:
@@ -347,8 +354,8 @@ class TxnMachine(RuleBasedStateMachine):
 
     def _crashed(self, exc: BaseException, what: str) -> None:
         self._disarm()
-        STATS[self.kind][what] += 1
-        POINTS[self.kind].add(str(exc).split("#")[0])
+        STATS[self.label][what] += 1
+        POINTS[self.label].add(str(exc).split("#")[0])
         if self.w is not None:
             self.w.abandon()
             self.w = None
@@ -380,7 +387,7 @@ class TxnMachine(RuleBasedStateMachine):
             gens = [self.w.coord._journal.gen, self.w.p._journal.gen]
             s_part = self.server.part if self.server is not None else self.w.s
             gens.append(s_part._journal.gen)
-            STATS[self.kind]["journal switches"] += sum(g - 1 for g in gens)
+            STATS[self.label]["journal switches"] += sum(g - 1 for g in gens)
             self.w.close()
             self.w = None
             if self.server is not None:
@@ -405,7 +412,7 @@ class TxnMachine(RuleBasedStateMachine):
     def transaction(self, nvals, s_first, no_vote, ctr, crash):
         self.n += 1
         n = self.n
-        STATS[self.kind]["transactions"] += 1
+        STATS[self.label]["transactions"] += 1
         t = _txn_record(self.kind, n, nvals, ctr)
         self.txns[n] = t
         self._arm(crash)
@@ -425,7 +432,7 @@ class TxnMachine(RuleBasedStateMachine):
             if t["outcome"] == "committed":
                 t["outcome"] = "decided"
             self._server_check()
-        STATS[self.kind][t["outcome"]] += 1
+        STATS[self.label][t["outcome"]] += 1
         if no_vote is not None:
             assert t["outcome"] in ("aborted", "unknown"), t
 
@@ -444,21 +451,23 @@ class TxnMachine(RuleBasedStateMachine):
         self.w = None
         self.n += 1
         n = self.n
-        STATS[self.kind]["transactions"] += 1
+        STATS[self.label]["transactions"] += 1
         t = _txn_record(self.kind, n, nvals, ctr)
         self.txns[n] = t
-        res = crashkit.run(_child_txn, self.kind, self.root, t, n, crash_at=f"*#{crash}")
+        res = crashkit.run(
+            _child_txn, self.kind, self.durability, self.root, t, n, crash_at=f"*#{crash}"
+        )
         if res.killed:
-            STATS[self.kind]["SIGKILLs"] += 1
+            STATS[self.label]["SIGKILLs"] += 1
         else:
             t["outcome"] = res.unwrap()
-        STATS[self.kind][t["outcome"]] += 1
+        STATS[self.label][t["outcome"]] += 1
         self._open(None)
 
     @rule(crash=st.one_of(st.none(), st.integers(1, 12)))
     def crash_and_reopen(self, crash):
         """A crash between steps, then a reopen that itself may crash."""
-        STATS[self.kind]["crash reopens"] += 1
+        STATS[self.label]["crash reopens"] += 1
         self.w.abandon()
         self.w = None
         if self.kind == "remote" and self.server is not None:
@@ -468,7 +477,7 @@ class TxnMachine(RuleBasedStateMachine):
 
     @rule(crash=st.one_of(st.none(), st.integers(1, 8)))
     def clean_reopen(self, crash):
-        STATS[self.kind]["clean reopens"] += 1
+        STATS[self.label]["clean reopens"] += 1
         self._arm(crash)
         try:
             self.w.close()
@@ -487,7 +496,7 @@ class TxnMachine(RuleBasedStateMachine):
 
     @rule(crash=st.one_of(st.none(), st.integers(1, 30)))
     def recover(self, crash):
-        STATS[self.kind]["recovers"] += 1
+        STATS[self.label]["recovers"] += 1
         self._arm(crash)
         try:
             self.w.coord.recover(self.w.parts())
@@ -562,7 +571,7 @@ class TxnMachine(RuleBasedStateMachine):
         if self.kind == "offset":
             want = max((n for n in self.txns if applied["P"][n]), default=None)
             assert w.reader.committed() == want, ("offset", w.reader.committed(), want)
-        STATS[self.kind]["full checks"] += 1
+        STATS[self.label]["full checks"] += 1
 
     def _recover_and_check(self) -> None:
         self.w.coord.recover(self.w.parts())
@@ -572,7 +581,7 @@ class TxnMachine(RuleBasedStateMachine):
     def acknowledged_outcomes_hold(self):
         if self.w is None:
             return
-        STATS[self.kind]["steps"] += 1
+        STATS[self.label]["steps"] += 1
         applied = self._applied()
         for n, t in self.txns.items():
             for name, at in applied.items():
@@ -587,20 +596,30 @@ class TxnMachine(RuleBasedStateMachine):
                     assert c is not None and c >= n, ("offset", c, n)
 
 
+class SyncedLogMachine(TxnMachine):
+    label = "log-always"
+    durability = "always"
+
+
 class StoreMachine(TxnMachine):
-    kind = "store"
+    kind = label = "store"
 
 
 class OffsetMachine(TxnMachine):
-    kind = "offset"
+    kind = label = "offset"
 
 
 class RemoteMachine(TxnMachine):
-    kind = "remote"
+    kind = label = "remote"
 
 
-MACHINES = {"log": TxnMachine, "store": StoreMachine, "offset": OffsetMachine,
-            "remote": RemoteMachine}
+MACHINES = {
+    "log": TxnMachine,
+    "log-always": SyncedLogMachine,
+    "store": StoreMachine,
+    "offset": OffsetMachine,
+    "remote": RemoteMachine,
+}
 
 
 def _run(kind: str, examples: int, steps: int, sigkill: bool = False) -> None:
