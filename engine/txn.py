@@ -376,13 +376,20 @@ class _Journal(_JournalCore):
             raise
         os.ftruncate(self._lock_fd, 0)
         os.write(self._lock_fd, str(os.getpid()).encode())
+        try:
+            self._open_live(kind)
+        except BaseException:
+            self.close()  # a failed open lets go of the lock at once
+            raise
+
+    def _open_live(self, kind: str) -> None:
+        """Read ``CURRENT``, drop other generations, open and read the live one."""
         cur = _read_current(self.path)
         if cur is None:
             cur = {"kind": kind, "id": uuid.uuid4().hex, "gen": 1}
             _new_gen_dir(_gen_dir(self.path, 1))
             _write_atomic(self.path, _CURRENT, json.dumps(cur).encode())
         elif cur["kind"] != kind:
-            self._unlock()
             raise EngineError(
                 f"{self.path!r} is a {cur['kind']} journal, not a {kind} journal; use another path"
             )

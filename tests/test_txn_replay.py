@@ -123,3 +123,28 @@ def test_replay_compaction_keeps_in_doubt_txn(tmp_path):
     b = _values(os.path.join(root, "b"))
     assert a == [b"a%d" % i for i in range(filled)] + [b"X"]
     assert b == [b"b%d" % i for i in range(filled)] + [b"X"]
+
+
+def test_a_failed_open_lets_go_of_the_journal(tmp_path):
+    """An open that fails (here: a journal record that does not decode)
+    releases the journal's owner lock at once: the next open fails the
+    same way, not with LogLocked."""
+    import pytest
+
+    from engine.errors import EngineError
+
+    log = Log(str(tmp_path / "a"), durability="none")
+    LogParticipant(log, name="A").close()
+    Coordinator(str(tmp_path / "c"), durability="none").close()
+    for gen in (tmp_path / "a.txn" / "gen-00000001", tmp_path / "c" / "gen-00000001"):
+        with Log(str(gen), durability="none") as g:
+            g.append(b"not a journal record")
+    for _attempt in range(2):
+        with pytest.raises(EngineError, match="undecodable") as e1:
+            LogParticipant(log, name="A")
+        with pytest.raises(EngineError, match="undecodable") as e2:
+            Coordinator(str(tmp_path / "c"), durability="none")
+        # the failed objects are still referenced (by the tracebacks): the
+        # lock must not depend on their collection
+        assert e1.value is not None and e2.value is not None
+    log.close()
