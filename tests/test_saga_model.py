@@ -94,6 +94,7 @@ class SagaMachine(RuleBasedStateMachine):
         # saga id -> acknowledged outcome: done | compensated | stuck | unknown
         self.sagas: Dict[str, str] = {}
         self.resolved: Dict[str, bool] = {}  # saga id -> all effects (True) / none
+        self.retried: set = set()  # stuck sagas a recover(retry_stuck=True) may have finished
         self.saga: Optional[Saga] = None
         self._open(None)
 
@@ -216,6 +217,8 @@ class SagaMachine(RuleBasedStateMachine):
     @rule(retry_stuck=st.booleans(), crash=st.one_of(st.none(), st.integers(1, 30)))
     def recover(self, retry_stuck, crash):
         STATS["recovers"] += 1
+        if retry_stuck:
+            self.retried.update(s for s, o in self.sagas.items() if o == "stuck")
         self._arm(crash)
         try:
             self.saga.recover(retry_stuck=retry_stuck)
@@ -262,9 +265,10 @@ class SagaMachine(RuleBasedStateMachine):
                 assert c == len(STEPS) and sid not in known, ("done saga", sid, c)
             elif outcome == "compensated":
                 assert c == 0 and sid not in known, ("compensated saga", sid, c)
-            elif outcome == "stuck" and sid not in self.resolved:
-                # never dropped: known until a recovery finishes it
-                assert sid in known, ("stuck saga forgotten", sid)
+            elif outcome == "stuck" and sid not in known:
+                # never dropped: known until a retry finishes it, wholly undone
+                assert sid in self.resolved or sid in self.retried, ("stuck saga forgotten", sid)
+                assert c == 0, ("stuck saga finished with effects", sid, c)
 
 
 def _run(examples: int, steps: int) -> None:
