@@ -79,6 +79,42 @@ first record of the oldest unfinished saga, and applies the log's
 nothing an unfinished or stuck saga needs ever does. Reopening reads from the
 mark.
 
+Invariants
+----------
+What every change to running, recovery or compaction must keep (the crash
+tests in ``tests/stress/test_saga_crash.py`` and the state machine in
+``tests/test_saga_model.py`` check them):
+
+* **S1, log before effect.** A step's ``start`` record is written (durable
+  per ``durability``) before its action or compensation runs; its outcome
+  goes out with the next durable write of the saga (the next ``start``, or
+  the ``end``), so before the next action runs. So after a crash every step
+  that may have taken effect is ``done`` or in flight (outcome unknown) in
+  the log.
+* **S2, one saga's records in order.** A saga's records reach the log in the
+  order they were folded (``_emit`` appends under the saga's lock): a
+  ``start`` never lands before its ``begin``, an ``end`` never before the
+  outcomes it sums up.
+* **S3, the fold decides.** Live runs, recovery and ``saga ls`` all derive a
+  saga's state from its records with one fold (``_Run.fold``); a step in
+  flight when its writer died counts as uncertain, and an uncertain step is
+  compensated when the saga goes backward.
+* **S4, forward or backward, never both.** Once an ``abort`` record is
+  written a saga only compensates; it ends ``compensated`` (every step that
+  was done or uncertain undone, in reverse order) or ``stuck``. Without one
+  it only goes forward and ends ``done``.
+* **S5, never dropped.** An unfinished or stuck saga stays in ``_runs`` until
+  its ``end`` record (``done`` or ``compensated``) is written; ``stuck`` is
+  not finished and stays until a retry finishes it.
+* **S6, the low-water mark is below every unfinished saga.** ``compact``
+  records as the mark the smallest ``begin_offset`` of ``_runs`` (or the log's
+  end), read under the lock that registers new runs, whose begin records land
+  at or after the ``next_offset`` read then. Retention never deletes a
+  segment at or past the mark, and a reopen folds from it: so every record of
+  every unfinished saga survives compaction and is folded again, at every
+  crash point of compaction (before or after the mark is written, before or
+  after segments are deleted).
+
 Events
 ------
 ``events=`` takes an :class:`engine.Log` (each saga record is appended to it as
@@ -104,6 +140,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Type, Union
 
 from .errors import EngineError, Timeout
+from .txn import _SimulatedCrash
 
 __all__ = [
     "Saga",
@@ -280,25 +317,32 @@ class SagaInfo:
 _ARMED = False
 _CRASH_AT: Optional[str] = None  # a point name, "*" (any point) or None
 _CRASH_NTH = 1  # die at this hit of _CRASH_AT
+_CRASH_RAISE = False  # raise _SimulatedCrash instead of SIGKILL (in-process tests)
 _CRASH_HITS: Dict[str, int] = {}  # point name -> hits so far ("*": all points)
 _CRASH_TRACE_FD = -1  # every hit is appended here as "point#k"
 
 
-def _arm_crash(spec: Optional[str], trace_path: Optional[str] = None) -> None:
+def _arm_crash(
+    spec: Optional[str], trace_path: Optional[str] = None, action: str = "kill"
+) -> None:
     """Arm the crash hook (tests only): die by SIGKILL at ``spec``.
 
     ``spec`` is ``"point"`` (its first hit), ``"point#k"`` (its k-th hit) or
     ``"*#k"`` (the k-th hit of any point); ``trace_path`` receives every hit as
     a line ``point#k``, written unbuffered so the trace survives the kill.
-    ``None`` and no trace disarm. Also read from ``ENGINE_CRASH_AT`` and
-    ``ENGINE_CRASH_TRACE`` at import (see tests/crashkit.py).
+    ``action="raise"`` raises ``engine.txn._SimulatedCrash`` there instead of
+    the SIGKILL (in-process crash tests). ``None`` and no trace disarm. Also
+    read from ``ENGINE_CRASH_AT`` and ``ENGINE_CRASH_TRACE`` at import (see
+    tests/crashkit.py).
     """
-    global _ARMED, _CRASH_AT, _CRASH_NTH, _CRASH_TRACE_FD
+    global _ARMED, _CRASH_AT, _CRASH_NTH, _CRASH_TRACE_FD, _CRASH_RAISE
+    if action not in ("kill", "raise"):
+        raise ValueError(f"action must be 'kill' or 'raise', not {action!r}")
     _CRASH_HITS.clear()
     if _CRASH_TRACE_FD >= 0:
         os.close(_CRASH_TRACE_FD)
         _CRASH_TRACE_FD = -1
-    _CRASH_AT, _CRASH_NTH = None, 1
+    _CRASH_AT, _CRASH_NTH, _CRASH_RAISE = None, 1, action == "raise"
     if spec:
         name, _, nth = spec.partition("#")
         _CRASH_AT = name or "*"
@@ -326,6 +370,8 @@ def _crash_point(name: str, party: Optional[str] = None) -> None:
     if _CRASH_TRACE_FD >= 0:
         os.write(_CRASH_TRACE_FD, f"{full}#{hits}\n".encode())
     if (full == _CRASH_AT and hits == _CRASH_NTH) or (_CRASH_AT == "*" and every == _CRASH_NTH):
+        if _CRASH_RAISE:
+            raise _SimulatedCrash(full)
         os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(10)  # the signal is delivered first; never go on
 
@@ -1032,11 +1078,15 @@ class Saga:
         from engine._log import LogReader
 
         low = self._low_water()
+        if _ARMED:
+            _crash_point("saga.compact.before_low_water")
         reader = LogReader(self._path, group=_LOW_WATER_GROUP)
         try:
             reader.commit(low)
         finally:
             reader.close()
+        if _ARMED:
+            _crash_point("saga.compact.after_low_water")
         return low
 
     def compact(self) -> int:
@@ -1051,7 +1101,10 @@ class Saga:
         """
         self._check_open()
         self._commit_low_water()
-        return int(self._log.apply_retention())
+        deleted = int(self._log.apply_retention())
+        if _ARMED:
+            _crash_point("saga.compact.after_retention")
+        return deleted
 
     def _run_stage(
         self, run: _Run, todo: List[_Step], loop: Optional[asyncio.AbstractEventLoop]
@@ -1278,6 +1331,18 @@ class Saga:
             if not self._loop.is_running():
                 self._loop.close()
         self._log.close()
+
+    def _simulate_crash(self) -> None:
+        """Test hook: stop as a SIGKILLed process would (queued records are
+        not written, the log is not synced, its lock is released)."""
+        self._closed = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            if self._loop_thread is not None:
+                self._loop_thread.join(5)
+        self._log._simulate_crash()
 
     @property
     def closed(self) -> bool:

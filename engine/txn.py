@@ -38,6 +38,53 @@ Journals are segment logs in generation directories; when one grows past
 unfinished transactions) into a fresh generation and deletes the old one, so
 journals stay bounded.
 
+Invariants (what every change to the protocol, replay or compaction must
+keep; ``tests/stress/test_txn_crash.py`` and
+``tests/stress/test_txn_replay_crash.py`` SIGKILL real processes at every
+crash point, ``tests/test_txn_model.py`` runs a state machine per
+participant kind with crashes at any point and journals compacting every few
+records):
+
+* **P1, prepared before yes.** A participant votes yes only once its ``P``
+  record (the ops) is durable; from then until an outcome it can commit them
+  whatever happens (its locks stay held, nothing is refused).
+* **P2, decided before told.** The commit record is durable before any
+  participant hears commit; no commit record means abort (presumed abort),
+  and once :meth:`Coordinator.decision` answered ``"abort"`` for a txid no
+  commit record for it can be written.
+* **P3, no prepared transaction is forgotten.** Commit and abort are
+  idempotent and a txid a participant does not know is a no-op; so a
+  participant must keep every prepared transaction whose outcome it has not
+  applied until it applies one, through crashes, reopens and compactions
+  (J1-J3, R1 protect this).
+* **P4, ended after every ack.** The coordinator forgets a committed
+  transaction (``E`` record) only once every participant acknowledged its
+  commit; until then :meth:`Coordinator.recover` resends it.
+* **L1, mark before batch** (LogParticipant). The commit mark (where the
+  batch starts in the log) is in the journal before any of the batch is in
+  the log, and batches go to the log in mark order by its only writer, so
+  recovery appends exactly the missing tail.
+* **J1, memory first.** An owner puts a transaction in its tables (in doubt,
+  marks, the coordinator's pending and deciding), under the lock a journal
+  switch takes, before it appends the record that says so.
+* **J2, a switch keeps what is needed.** A new generation is written from
+  the tables alone: every transaction prepared and not finished (with its
+  mark), every commit decision not ended, the incarnation.  So the tables
+  must hold all of it whenever a write that may switch runs (R1).
+* **J3, one live generation.** ``CURRENT`` names it and is replaced
+  atomically once the new generation is complete and synced; a crash before
+  that leaves the old one live (the half-built one is removed at open), one
+  after it the new one.
+* **R1, replay: tables first, then writes.** On open an owner folds its
+  whole journal into its tables (in doubt, marks, locks) before it writes
+  anything: finishing marked batches writes records, and any write may
+  switch generations (J2).
+* **R2, finished needs no record.** What was applied is recognised from the
+  resource (a marked batch's length in the log, a store key's version moved
+  off the one prepared, a group offset at or past the one prepared), so
+  ``D``/``A`` records and compaction may drop finished transactions without
+  changing any outcome.
+
 Durability: ``"always"`` survives power loss (every prepared/commit record is
 fsynced before the next step), ``"none"`` survives a process crash (SIGKILL)
 but not a power loss, exactly like :class:`engine.Log`.  With nothing to sync
@@ -54,9 +101,13 @@ record encoder) are in ``pyx/txn.pyx`` (``engine._txn``); the classes here
 subclass its cores and keep everything that is not per transaction.
 
 Crash points: :func:`_crash_point` marks every step of the protocol (before
-and after each durable write and each message).  ``ENGINE_CRASH_AT=<point>``
-(or ``<point>#<k>`` for its k-th hit) SIGKILLs the process there; the tests in
-``tests/stress/test_txn_crash.py`` use it through ``tests/crashkit.py``.
+and after each durable write and each message) and every record that open,
+replay, close and a journal switch write (including the moments between two
+generations).  ``ENGINE_CRASH_AT=<point>`` (or ``<point>#<k>`` for its k-th
+hit, ``*#<k>`` for the k-th point of any name) SIGKILLs the process there; the
+tests in ``tests/stress/test_txn_crash.py`` use it through
+``tests/crashkit.py``, and in-process tests arm it to raise instead
+(``_arm_crash(..., action="raise")``).
 """
 
 from __future__ import annotations
@@ -127,29 +178,46 @@ _dumps = marshal.dumps
 # crash points (tests only; one global bool load on the hot path when unarmed)
 
 _ARMED = False  # a crash point or a trace is set
-_CRASH_AT: Optional[str] = None  # full point name to die at
+_CRASH_AT: Optional[str] = None  # full point name to die at, or "*" (any point)
 _CRASH_NTH = 1  # ... on its n-th hit
-_CRASH_HITS: Dict[str, int] = {}  # point -> hits so far
+_CRASH_RAISE = False  # raise _SimulatedCrash instead of SIGKILL
+_CRASH_HITS: Dict[str, int] = {}  # point -> hits so far ("*": all points)
 _CRASH_TRACE_FD = -1  # fd that receives every hit, one line each (or -1)
 
 
-def _arm_crash(spec: Optional[str], trace_path: Optional[str] = None) -> None:
-    """Arm the crash hook: die at ``spec`` (``"point"`` or ``"point#k"``).
+class _SimulatedCrash(BaseException):
+    """Raised at an armed crash point in ``action="raise"`` mode (tests only).
 
-    ``trace_path`` (optional) receives every point hit, one line each, written
-    unbuffered so the trace survives the SIGKILL.  ``spec=None`` with no trace
-    disarms.  Used by ``tests/crashkit.py``; also read from the environment
+    A ``BaseException``: no ``except Exception`` of the protocol catches it,
+    so it unwinds to the test, which then abandons every object without a
+    clean close (``_simulate_crash``), as a SIGKILL would, and reopens.
+    """
+
+
+def _arm_crash(
+    spec: Optional[str], trace_path: Optional[str] = None, action: str = "kill"
+) -> None:
+    """Arm the crash hook: die at ``spec`` (``"point"``, ``"point#k"`` or ``"*#k"``).
+
+    ``"*#k"`` is the k-th hit of any point.  ``action="kill"`` SIGKILLs the
+    process there; ``action="raise"`` raises :class:`_SimulatedCrash`
+    instead (in-process crash tests).  ``trace_path`` (optional) receives
+    every point hit, one line each, written unbuffered so the trace survives
+    the SIGKILL.  ``spec=None`` with no trace disarms.  Used by
+    ``tests/crashkit.py``; also read from the environment
     (``ENGINE_CRASH_AT``, ``ENGINE_CRASH_TRACE``) at import.
     """
-    global _ARMED, _CRASH_AT, _CRASH_NTH, _CRASH_TRACE_FD
+    global _ARMED, _CRASH_AT, _CRASH_NTH, _CRASH_TRACE_FD, _CRASH_RAISE
+    if action not in ("kill", "raise"):
+        raise ValueError(f"action must be 'kill' or 'raise', not {action!r}")
     _CRASH_HITS.clear()
     if _CRASH_TRACE_FD >= 0:
         os.close(_CRASH_TRACE_FD)
         _CRASH_TRACE_FD = -1
-    _CRASH_AT, _CRASH_NTH = None, 1
+    _CRASH_AT, _CRASH_NTH, _CRASH_RAISE = None, 1, action == "raise"
     if spec:
         name, _, nth = spec.partition("#")
-        _CRASH_AT = name
+        _CRASH_AT = name or "*"
         _CRASH_NTH = int(nth) if nth else 1
     if trace_path:
         _CRASH_TRACE_FD = os.open(trace_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -161,15 +229,20 @@ def _crash_point(name: str, party: Optional[str] = None) -> None:
     """A named step of the protocol: SIGKILL this process if armed for it.
 
     The full point name is ``name`` or ``name@party`` (the participant's
-    name), so a test can crash one party at one step.  Call sites check the
-    module flag ``_ARMED`` first so an unarmed process pays one global load.
+    name, or the journal's kind for journal points), so a test can crash one
+    party at one step.  Call sites check the module flag ``_ARMED`` first so
+    an unarmed process pays one global load.
     """
     full = name if party is None else f"{name}@{party}"
     hits = _CRASH_HITS.get(full, 0) + 1
     _CRASH_HITS[full] = hits
+    every = _CRASH_HITS.get("*", 0) + 1
+    _CRASH_HITS["*"] = every
     if _CRASH_TRACE_FD >= 0:
         os.write(_CRASH_TRACE_FD, f"{full}#{hits}\n".encode())
-    if full == _CRASH_AT and hits == _CRASH_NTH:
+    if (full == _CRASH_AT and hits == _CRASH_NTH) or (_CRASH_AT == "*" and every == _CRASH_NTH):
+        if _CRASH_RAISE:
+            raise _SimulatedCrash(full)
         os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(10)  # pragma: no cover - the signal is delivered first
 
@@ -303,13 +376,20 @@ class _Journal(_JournalCore):
             raise
         os.ftruncate(self._lock_fd, 0)
         os.write(self._lock_fd, str(os.getpid()).encode())
+        try:
+            self._open_live(kind)
+        except BaseException:
+            self.close()  # a failed open lets go of the lock at once
+            raise
+
+    def _open_live(self, kind: str) -> None:
+        """Read ``CURRENT``, drop other generations, open and read the live one."""
         cur = _read_current(self.path)
         if cur is None:
             cur = {"kind": kind, "id": uuid.uuid4().hex, "gen": 1}
             _new_gen_dir(_gen_dir(self.path, 1))
             _write_atomic(self.path, _CURRENT, json.dumps(cur).encode())
         elif cur["kind"] != kind:
-            self._unlock()
             raise EngineError(
                 f"{self.path!r} is a {cur['kind']} journal, not a {kind} journal; use another path"
             )
@@ -346,23 +426,41 @@ class _Journal(_JournalCore):
         """Start generation ``gen + 1`` holding ``keep``; drop the old one.
 
         Called with the owner's state lock held, ``keep`` built from the
-        owner's in-memory state at that moment.  An append racing with the
-        switch may land in the old generation: its content is in ``keep``
-        already (owners update memory before they append), so losing it is fine.
+        owner's in-memory state at that moment, which must hold everything
+        the journal still needs (invariant J2 of the module docstring).  An
+        append racing with the switch may land in the old generation: its
+        content is in ``keep`` already (owners update memory before they
+        append), so losing it is fine.
+
+        Crash-safe at every step: until ``CURRENT`` names the new generation
+        the old one is the journal (the half-built new one is removed at the
+        next open); from then on the new one is, complete and synced.
         """
         new = self.gen + 1
         gdir = _gen_dir(self.path, new)
         _new_gen_dir(gdir)
-        log = self._open_log(new)
-        recs = [_encode(r) for r in keep]
-        if recs:
-            log.append_many(recs)
-        log.flush()
         if _ARMED:
-            _crash_point("journal.switch.before_current", self.kind)
-        _write_atomic(
-            self.path, _CURRENT, json.dumps({"kind": self.kind, "id": self.id, "gen": new}).encode()
-        )
+            _crash_point("journal.switch.begin", self.kind)
+        log = self._open_log(new)
+        try:
+            recs = [_encode(r) for r in keep]
+            if recs:
+                log.append_many(recs)
+            if _ARMED:
+                _crash_point("journal.switch.after_write", self.kind)
+            log.flush()
+            if _ARMED:
+                _crash_point("journal.switch.before_current", self.kind)
+            _write_atomic(
+                self.path,
+                _CURRENT,
+                json.dumps({"kind": self.kind, "id": self.id, "gen": new}).encode(),
+            )
+        except BaseException:
+            # the old generation stays the journal; the next switch (or open)
+            # removes what was built of the new one
+            log.close()
+            raise
         old, old_gen = self.log, self.gen
         self.log, self.gen, self.appended = log, new, len(recs)
         if _ARMED:
@@ -372,6 +470,8 @@ class _Journal(_JournalCore):
         except Exception:  # pragma: no cover - closing a healthy log does not fail
             _logger.exception("closing the old journal generation failed")
         shutil.rmtree(_gen_dir(self.path, old_gen), ignore_errors=True)
+        if _ARMED:
+            _crash_point("journal.switch.after_remove", self.kind)
 
     def close(self) -> None:
         try:
@@ -380,6 +480,14 @@ class _Journal(_JournalCore):
                 self.log = None
         finally:
             self._unlock()
+
+    def _simulate_crash(self) -> None:
+        """Test hook: stop as a SIGKILLed owner would (nothing more written,
+        no sync, the owner lock released)."""
+        if self.log is not None:
+            self.log._simulate_crash()
+            self.log = None
+        self._unlock()
 
     def _unlock(self) -> None:
         if self._lock_fd >= 0:
@@ -549,6 +657,19 @@ class Coordinator(_CoordCore):
         self._compact_records = int(compact_records)
         # (the lock and the tables are the compiled core's: _CoordCore)
         self._journal = _Journal(path, "coordinator", durability, segment_bytes)
+        try:
+            self._open_journal()
+        except BaseException:
+            self._journal.close()  # a failed open lets go of the journal at once
+            raise
+        self._prefix = f"{self._journal.id[:12]}-{self._inc:x}-"  # txid: prefix + hex seq
+        self._recent = collections.deque(maxlen=256)
+        self._closed = False
+        self.stats_committed = 0
+        self.stats_aborted = 0
+
+    def _open_journal(self) -> None:
+        """Rebuild the tables from the journal, then start this incarnation."""
         inc = 0
         for rec in self._journal.records:
             kind = rec[0]
@@ -561,14 +682,13 @@ class Coordinator(_CoordCore):
                 inc = max(inc, rec[1])
         self._journal.records = []
         self._inc = inc + 1
+        if _ARMED:
+            _crash_point("coord.open.before_incarnation", None)
         # Durable before any txid of this incarnation exists: txids never repeat.
         self._journal.append(("I", self._inc))
         self._journal.log.flush()
-        self._prefix = f"{self._journal.id[:12]}-{self._inc:x}-"  # txid: prefix + hex seq
-        self._recent = collections.deque(maxlen=256)
-        self._closed = False
-        self.stats_committed = 0
-        self.stats_aborted = 0
+        if _ARMED:
+            _crash_point("coord.open.after_incarnation", None)
 
     # -- properties
 
@@ -751,6 +871,13 @@ class Coordinator(_CoordCore):
             self._closed = True
             self._journal.close()
 
+    def _simulate_crash(self) -> None:
+        """Test hook: stop as a SIGKILLed process would (no ``end`` batch
+        written, the journal's lock released)."""
+        with self._lock:
+            self._closed = True
+            self._journal._simulate_crash()
+
     def __enter__(self) -> Coordinator:
         return self
 
@@ -763,6 +890,42 @@ class Coordinator(_CoordCore):
 
 # ---------------------------------------------------------------------------
 # built-in participants
+
+
+def _fold_participant(
+    records: Iterable[Tuple[Any, ...]], keys: Any
+) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """A participant journal's unfinished transactions: ``(doubt, marks)``.
+
+    ``doubt``: txid -> prepared ops, in journal order, for every transaction
+    prepared and neither aborted nor done; ``marks``: txid -> commit mark for
+    those of them marked committed.  ``keys(info)`` names the resource locks a
+    transaction held: a later prepare taking one proves the earlier holder had
+    finished (applied if it committed), so it leaves ``doubt``.
+    """
+    doubt: Dict[str, Any] = {}
+    marks: Dict[str, Any] = {}
+    holder: Dict[Any, str] = {}  # lock key -> last txid that prepared it
+    for rec in records:
+        kind = rec[0]
+        if kind == "P":
+            for k in keys(rec[2]):
+                prev = holder.get(k)
+                if prev is not None and prev in doubt and prev not in marks:
+                    del doubt[prev]
+                holder[k] = rec[1]
+            doubt[rec[1]] = rec[2]
+        elif kind == "C":
+            marks[rec[1]] = rec[2]
+        elif kind == "A":
+            doubt.pop(rec[1], None)
+            marks.pop(rec[1], None)
+        elif kind == "D":
+            for t in rec[1]:
+                doubt.pop(t, None)
+                marks.pop(t, None)
+    # a mark without its prepared record says nothing (its txn finished)
+    return doubt, {t: m for t, m in marks.items() if t in doubt}
 
 
 class _JournaledParticipant(_PartCore):
@@ -789,48 +952,42 @@ class _JournaledParticipant(_PartCore):
         # the lock and the _doubt/_marks/_done tables are the compiled core's (_PartCore)
 
     def _replay(self) -> None:
-        # Called by subclasses once their resource is set up.
-        doubt: Dict[str, Any] = {}
-        marks: Dict[str, Any] = {}
-        holder: Dict[Any, str] = {}  # lock key -> last txid that prepared it
-        for rec in self._journal.records:
-            kind = rec[0]
-            if kind == "P":
-                for k in self._keys(rec[2]):
-                    prev = holder.get(k)
-                    if prev is not None and prev in doubt and prev not in marks:
-                        # A later txn took this key's lock, so ``prev`` had
-                        # finished (applied if it committed) before it.
-                        del doubt[prev]
-                    holder[k] = rec[1]
-                doubt[rec[1]] = rec[2]
-            elif kind == "C":
-                marks[rec[1]] = rec[2]
-            elif kind == "A":
-                doubt.pop(rec[1], None)
-                marks.pop(rec[1], None)
-            elif kind == "D":
-                for t in rec[1]:
-                    doubt.pop(t, None)
-                    marks.pop(t, None)
+        """Rebuild the tables from the journal and finish marked batches.
+
+        Called by subclasses once their resource is set up; if it fails the
+        journal is let go at once (its lock with it).
+        """
+        try:
+            self._replay_journal()
+        except BaseException:
+            self._journal.close()
+            raise
+
+    def _replay_journal(self) -> None:
+        # Two phases, in
+        # this order (invariant R1 of the module docstring): first every
+        # table is rebuilt from the journal, then the marked batches are
+        # finished.  Finishing writes records, a write may compact, and a
+        # compaction keeps exactly what the tables hold: so nothing may be
+        # written while a transaction the journal still needs is missing
+        # from them.
+        doubt, marks = _fold_participant(self._journal.records, self._keys)
         self._journal.records = []
-        # marked batches first, in the order they were written to the resource
-        marked = sorted((t for t in doubt if t in marks), key=lambda t: marks[t])
-        for txid in marked:
-            # the decision was commit and the apply may be partial: finish it
-            info = doubt[txid]
-            self._marks[txid] = marks[txid]
-            self._doubt[txid] = info
-            self._acquire(txid, info)
-            self.commit(txid)
         for txid, info in doubt.items():
             if txid in marks:
-                continue
+                # the decision was commit and the apply may be partial
+                self._marks[txid] = marks[txid]
             elif self._applied(info):
-                continue  # committed before the crash
-            else:
-                self._doubt[txid] = info
-                self._acquire(txid, info)
+                continue  # committed and applied before the crash
+            self._doubt[txid] = info
+            self._acquire(txid, info)
+        # marked batches in the order they were written to the resource
+        for txid in sorted(self._marks, key=self._marks.__getitem__):
+            if _ARMED:
+                _crash_point("part.replay.before_finish", self.name)
+            self.commit(txid)
+            if _ARMED:
+                _crash_point("part.replay.after_finish", self.name)
 
     # hooks (defaults suit participants without locks)
     def _keys(self, info: Any) -> Iterable[Any]:
@@ -919,9 +1076,20 @@ class _JournaledParticipant(_PartCore):
                 return
             self._closed = True
             if self._done:
+                if _ARMED:
+                    _crash_point("part.close.before_done", self.name)
                 self._journal.log.append(_encode(("D", self._done)))
                 self._done = []
+                if _ARMED:
+                    _crash_point("part.close.after_done", self.name)
             self._journal.close()
+
+    def _simulate_crash(self) -> None:
+        """Test hook: stop as a SIGKILLed process would (no ``done`` batch
+        written, the journal's lock released; the resource is the caller's)."""
+        with self._lock:
+            self._closed = True
+            self._journal._simulate_crash()
 
     def __enter__(self) -> Any:
         return self
@@ -1115,10 +1283,14 @@ class LogParticipant(_LogPartCore, _JournaledParticipant):
                     f"(offset {start}): it was truncated behind the participant's back"
                 )
             if have < len(values):
+                if _ARMED:
+                    _crash_point("log.finish.before_append", self.name)
                 if keys is None:
                     self.log.append_many(values[have:])
                 else:
                     self.log.append_many(values[have:], keys[have:])
+                if _ARMED:
+                    _crash_point("log.finish.after_append", self.name)
 
 
 def _store_apply(store: Any, ops: List[Tuple[bytes, Optional[bytes], int]]) -> None:

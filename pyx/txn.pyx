@@ -775,7 +775,11 @@ cdef class _PartCore:
                 batch, self._done = self._done, []
                 log = self._journal._log
         if batch is not None:
+            if _armed:
+                _hook("part.done.before_write", self.name)
             _journal_append(self._journal, log, ("D", batch), durable=False)
+            if _armed:
+                _hook("part.done.after_write", self.name)
         if self._journal.appended >= self._compact_records:
             self._maybe_compact()
         return 0
@@ -896,8 +900,12 @@ cdef class _LogPartCore(_PartCore):
                 done.append(txid)
                 if len(done) >= 64:
                     self._done = []
+                    if _armed:
+                        _hook("part.done.before_write", self.name)
                     journal._append(_encode(("D", done)))
                     journal.appended += 1
+                    if _armed:
+                        _hook("part.done.after_write", self.name)
             finally:
                 self._lock._give()
         finally:

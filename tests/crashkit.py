@@ -51,8 +51,34 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from engine.txn import _SimulatedCrash
+
 HOOK_MODULES: Sequence[str] = ("engine.txn",)
 """Modules armed in the child (each must define ``_arm_crash``)."""
+
+ALL_HOOK_MODULES: Sequence[str] = ("engine.txn", "engine.saga")
+"""Every module with crash points."""
+
+SimulatedCrash = _SimulatedCrash
+"""Raised at a crash point armed by :func:`arm_in_process` (a BaseException)."""
+
+
+def arm_in_process(spec: Optional[str], hooks: Sequence[str] = ALL_HOOK_MODULES) -> None:
+    """Arm ``spec`` in this process to *raise* :class:`SimulatedCrash`.
+
+    For in-process crash tests (hypothesis state machines): the exception
+    unwinds to the test, which abandons every object without a clean close
+    (their ``_simulate_crash()``), as a SIGKILL would, and reopens.  ``spec``
+    as for :func:`run` (``"*#k"``: the k-th point hit from now); ``None``
+    disarms.
+    """
+    for name in hooks:
+        importlib.import_module(name)._arm_crash(spec, None, "raise" if spec else "kill")
+
+
+def hits(hooks: Sequence[str] = ALL_HOOK_MODULES) -> int:
+    """Crash points hit since the last arming, over ``hooks``."""
+    return sum(importlib.import_module(n)._CRASH_HITS.get("*", 0) for n in hooks)
 
 
 @dataclass

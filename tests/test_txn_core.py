@@ -129,6 +129,8 @@ def test_crash_hook_sees_every_point_of_the_compiled_path(tmp_path):
         txn_mod._arm_crash(None)
     seen = [line.rsplit("#", 1)[0] for line in trace.read_text().split()]
     assert seen == [
+        "coord.open.before_incarnation",
+        "coord.open.after_incarnation",
         "coord.prepare.send@A",
         "part.prepare.before_write@A",
         "part.prepare.after_write@A",
@@ -142,6 +144,8 @@ def test_crash_hook_sees_every_point_of_the_compiled_path(tmp_path):
         "log.commit.after_append@A",
         "part.commit.after_apply@A",
         "coord.commit.ack@A",
+        "part.close.before_done@A",
+        "part.close.after_done@A",
     ]
 
 
