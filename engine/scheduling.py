@@ -101,12 +101,13 @@ from ._sched import (  # type: ignore[import-not-found]
     split_delayed,
     stable_hash,
 )
+from ._shm import SHM_DIR, region_path
 
 __all__ = ["PriorityQueue", "KeyedQueue", "KeyedConsumer", "DurablePriorityQueue", "DurableKeyedQueue",
            "stable_hash"]
 
 DEFAULT_CAPACITY = 1 << 20
-_NAME_MAX = 180
+_SUFFIX_ROOM = 20  # room for the suffix of a derived region (NAME.L63, NAME.P1023, NAME.delay)
 _REBALANCE_EVERY = 0.05  # s: a busy member re-checks liveness / pending moves this often
 
 
@@ -116,17 +117,11 @@ _REBALANCE_EVERY = 0.05  # s: a busy member re-checks liveness / pending moves t
 
 
 def _shm_dir() -> str:
-    from ._ring import SHM_DIR  # type: ignore[attr-defined]
-
-    return str(SHM_DIR)
+    return SHM_DIR
 
 
 def _check_name(name: Any) -> str:
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a str, not {type(name).__name__}")
-    if not name or len(name) > _NAME_MAX or "/" in name or "\0" in name or name in (".", ".."):
-        raise ValueError(f"name must be 1-{_NAME_MAX} characters without '/', got {name!r}")
-    return os.path.join(_shm_dir(), name)
+    return region_path(name, suffix_room=_SUFFIX_ROOM)
 
 
 def _create_region(name: Optional[str], kind: int, config: Dict[str, Any]) -> _Region:

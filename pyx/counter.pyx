@@ -28,6 +28,7 @@ from eng_atomic cimport *
 import os
 import uuid
 
+from engine._shm import SHM_DIR, region_path
 from engine.errors import Closed, EngineError, IncompatibleRegion
 
 include "reserve.pxi"
@@ -88,7 +89,6 @@ MAX_SHARDS = ENG_COUNTER_MAX_SHARDS
 MAX_CAPACITY = ENG_COUNTER_MAX_CAPACITY
 _INT64_MIN = -(1 << 63)
 _INT64_MAX = (1 << 63) - 1
-_SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 
 class CounterMapFull(EngineError, ValueError):
@@ -110,21 +110,6 @@ class CounterMapFull(EngineError, ValueError):
 # ---------------------------------------------------------------------------
 # regions
 
-def _shm_dir():
-    if _SHM_DIR is not None:
-        return _SHM_DIR
-    import tempfile
-    return tempfile.gettempdir()
-
-
-def region_path(name):
-    """The file that backs the shared region ``name``."""
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a str, not {type(name).__name__}")
-    if (not name or len(name) > 200 or "/" in name or "\x00" in name or name.startswith(".")):
-        raise ValueError(
-            f"name {name!r}: use 1-200 characters, no '/', no NUL, not starting with '.'")
-    return os.path.join(_shm_dir(), name)
 
 
 def _next_pow2(n):

@@ -49,6 +49,7 @@ import pickle as _pickle
 import queue as _queue
 import time as _time
 
+from engine._shm import SHM_DIR, region_path
 from engine.errors import IncompatibleRegion
 
 include "reserve.pxi"
@@ -118,7 +119,6 @@ HEADER_SIZE = MPQ_HEADER_BYTES
 MIN_CAPACITY = MPQ_MIN_CAPACITY
 MAX_CAPACITY = MPQ_MAX_CAPACITY
 FLAVOURS = ("queue", "joinable", "simple")
-SHM_DIR = "/dev/shm" if _os.path.isdir("/dev/shm") else __import__("tempfile").gettempdir()
 
 Empty = _queue.Empty
 Full = _queue.Full
@@ -234,7 +234,7 @@ cdef class QueueCore:
         if flavour not in FLAVOURS:
             raise ValueError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
         cdef uint64_t total = MPQ_HEADER_BYTES + cap
-        path = _os.path.join(SHM_DIR, name)
+        path = region_path(name)
         fd = _os.open(path, _os.O_RDWR | _os.O_CREAT | _os.O_EXCL, 0o600)
         try:
             _os.fchmod(fd, 0o600)
@@ -263,7 +263,7 @@ cdef class QueueCore:
 
     def _attach(self, str name):
         """Map the existing region ``SHM_DIR/name``, validating its header."""
-        path = _os.path.join(SHM_DIR, name)
+        path = region_path(name)
         try:
             fd = _os.open(path, _os.O_RDWR)
         except FileNotFoundError:

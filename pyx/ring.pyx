@@ -97,6 +97,7 @@ import os as _os
 import time as _time
 import weakref as _weakref
 
+from engine._shm import SHM_DIR, region_path
 from engine.errors import Closed, EngineError, IncompatibleRegion, Timeout
 
 include "reserve.pxi"
@@ -203,7 +204,6 @@ MIN_CAPACITY = RING_MIN_CAPACITY
 MAX_CAPACITY = RING_MAX_CAPACITY
 MAX_CONSUMERS = RING_MAX_CONSUMERS
 MODES = ("spsc", "broadcast", "shared")
-SHM_DIR = "/dev/shm" if _os.path.isdir("/dev/shm") else __import__("tempfile").gettempdir()
 
 # Spin this long before sleeping: long enough that a consumer actively waiting
 # sees a message within a microsecond or two (ping-pong p50) and that a batch
@@ -298,11 +298,7 @@ cdef inline int _get_buffer(object msg, Py_buffer *view) except -1:
 
 
 def _check_name(name):
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a str, not {type(name).__name__}")
-    if not name or len(name) > 200 or "/" in name or "\0" in name or name in (".", ".."):
-        raise ValueError(f"name must be 1-200 characters without '/', got {name!r}")
-    return _os.path.join(SHM_DIR, name)
+    return region_path(name)
 
 
 def _mode_code(mode):

@@ -57,6 +57,7 @@ from hypothesis.stateful import (
 )
 
 from engine._log import Log, LogReader
+from engine._ring import Ring
 from engine.errors import TransactionAborted
 from engine.txn import (
     Coordinator,
@@ -398,6 +399,8 @@ class TxnMachine(RuleBasedStateMachine):
                 self.w.abandon()
             if self.server is not None:
                 self.server.kill()
+            for suffix in (".req", ".rsp"):  # a killed server leaves its rings, as a crash would
+                Ring.unlink(self.endpoint + suffix, missing_ok=True)
             shutil.rmtree(self.root, ignore_errors=True)
 
     # -- rules

@@ -90,11 +90,12 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _ls(args: argparse.Namespace) -> int:
-    from engine._counter import _shm_dir, read_header
+    from engine._counter import read_header
+    from engine._shm import SHM_DIR
     from engine.errors import IncompatibleRegion
 
     rows = []
-    d = _shm_dir()
+    d = SHM_DIR
     for entry in sorted(os.listdir(d)):
         if entry.startswith("."):
             continue
