@@ -20,6 +20,8 @@ MAX_CONSUMERS: int
 MODES: tuple[str, ...]
 SHM_DIR: str
 
+def list_rings() -> List[Dict[str, Any]]: ...
+
 class Ring:
     """A bounded ring of variable-length byte messages (private or in /dev/shm)."""
 

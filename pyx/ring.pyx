@@ -301,6 +301,42 @@ def _check_name(name):
     return region_path(name)
 
 
+def list_rings():
+    """Every region in :data:`SHM_DIR` that starts with the ring magic, with
+    what its header says: name, bytes, version, capacity, mode and
+    max_consumers.  Read without mapping or attaching (nothing is
+    registered, nothing validated beyond the magic): ``Ring.attach`` is what
+    checks a region."""
+    cdef ring_meta_t meta
+    out = []
+    try:
+        names = sorted(_os.listdir(SHM_DIR))
+    except OSError:
+        return out
+    for name in names:
+        path = _os.path.join(SHM_DIR, name)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(sizeof(ring_meta_t))
+            size = _os.stat(path).st_size
+        except OSError:
+            continue
+        if len(head) < sizeof(ring_meta_t):
+            continue
+        memcpy(&meta, <const char *>head, sizeof(ring_meta_t))
+        if meta.magic != RING_MAGIC:
+            continue
+        out.append({
+            "name": name,
+            "bytes": size,
+            "version": meta.version,
+            "capacity": meta.capacity,
+            "mode": MODES[meta.mode] if meta.mode < len(MODES) else f"?{meta.mode}",
+            "max_consumers": meta.max_consumers,
+        })
+    return out
+
+
 def _mode_code(mode):
     if mode == "spsc":
         return RING_MODE_SPSC

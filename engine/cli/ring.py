@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import struct
 import sys
-from typing import Any, Dict, List
+from typing import Any
 
 
 def register(subparsers: Any) -> None:
@@ -35,41 +33,9 @@ def register(subparsers: Any) -> None:
     un.set_defaults(func=_unlink)
 
 
-def list_rings() -> List[Dict[str, Any]]:
-    """Every file in the shared-memory directory that starts with the ring
-    magic, with what its header says (unvalidated: see ``ring stats``)."""
-    from engine._ring import MAGIC, MODES, SHM_DIR
-
-    out: List[Dict[str, Any]] = []
-    try:
-        names = sorted(os.listdir(SHM_DIR))
-    except OSError:
-        return out
-    for name in names:
-        path = os.path.join(SHM_DIR, name)
-        try:
-            with open(path, "rb") as f:
-                head = f.read(32)
-            size = os.stat(path).st_size
-        except OSError:
-            continue
-        if len(head) < 32 or struct.unpack_from("<Q", head, 0)[0] != MAGIC:
-            continue
-        version, _hsize, capacity, mode, nslots = struct.unpack_from("<IIQII", head, 8)
-        out.append(
-            {
-                "name": name,
-                "bytes": size,
-                "version": version,
-                "capacity": capacity,
-                "mode": MODES[mode] if mode < len(MODES) else f"?{mode}",
-                "max_consumers": nslots,
-            }
-        )
-    return out
-
-
 def _ls(args: argparse.Namespace) -> int:
+    from engine._ring import list_rings
+
     rings = list_rings()
     if args.json:
         for r in rings:

@@ -29,7 +29,7 @@ def register(subparsers: Any) -> None:
 
 def _objects(args: argparse.Namespace) -> Tuple[List[Tuple[Any, str]], List[Any], int]:
     import engine
-    from engine.cli.ring import list_rings
+    from engine._ring import list_rings
     from engine.metrics import LogDirectory
 
     objs: List[Tuple[Any, str]] = []
