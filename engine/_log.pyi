@@ -151,6 +151,8 @@ def read_group(path: Union[str, os.PathLike[str]], group: str) -> Optional[Tuple
     """(committed offset, epoch) of a group, None if it never committed."""
 def read_groups(path: Union[str, os.PathLike[str]]) -> Dict[str, Tuple[int, int]]:
     """Every committed group: name -> (committed offset, epoch)."""
+def group_in_use(path: Union[str, os.PathLike[str]], group: str) -> bool: ...
+def reset_group(path: Union[str, os.PathLike[str]], group: str, offset: int) -> None: ...
 def write_group(path: Union[str, os.PathLike[str]], group: str, offset: int, epoch: int) -> None:
     """Store a group's committed offset and epoch durably (as LogReader.commit)."""
 def published_end(path: Union[str, os.PathLike[str]]) -> Optional[Tuple[int, int]]:

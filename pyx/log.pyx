@@ -47,7 +47,7 @@ import uuid as _uuid
 import weakref as _weakref
 
 from engine._fsutil import atomic_write as _atomic_write, check_durability as _check_durability, fsync_dir as _fsync_dir
-from engine.errors import Closed, CorruptLog, LogBroken, LogLocked
+from engine.errors import Closed, CorruptLog, EngineError, LogBroken, LogLocked
 
 cdef extern from "log_layout.h" nogil:
     int ENG_LOG_FORMAT
@@ -516,6 +516,59 @@ cdef _write_group(str path, str group, uint64_t offset, uint64_t epoch):
     gdir = _os.path.join(path, "groups")
     _os.makedirs(gdir, mode=0o700, exist_ok=True)
     _atomic_write(gdir, group, raw[:24] + _struct.pack("<I", crc) + bytes(4), True)
+
+
+cdef int _open_group_lock(str path, str group, int how) except -2:
+    """The group's use lock (``groups/.GROUP.lock``) taken with ``flock(how)``
+    (shared by every reader of the group, exclusive for a reset); -1 when
+    ``how`` is non-blocking and someone holds it the other way."""
+    import fcntl
+    gdir = _os.path.join(path, "groups")
+    _os.makedirs(gdir, mode=0o700, exist_ok=True)
+    fd = _os.open(_os.path.join(gdir, f".{group}.lock"),
+                  _os.O_RDWR | _os.O_CREAT | _os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, how)
+    except OSError as exc:
+        _os.close(fd)
+        if exc.errno in (_errno.EWOULDBLOCK, _errno.EAGAIN, _errno.EACCES):
+            return -1
+        raise
+    return fd
+
+
+def group_in_use(path, group):
+    """True while a ``LogReader(path, group=group)`` is open in any process."""
+    _check_group(group)
+    import fcntl
+    fd = _open_group_lock(_os.fspath(path), group, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    if fd < 0:
+        return True
+    _os.close(fd)
+    return False
+
+
+def reset_group(path, group, offset):
+    """Move group ``group`` of the log directory ``path`` to ``offset`` (its
+    next read starts there), durably.  Refuses with :class:`EngineError`
+    while a reader of the group is open in any process: stop its consumers
+    first.  The stored epoch is the log's current truncation count."""
+    _check_group(group)
+    if not isinstance(offset, int) or isinstance(offset, bool):
+        raise TypeError("offset must be an int")
+    if offset < 0 or offset >= (1 << 64):
+        raise ValueError(f"offset must be in [0, 2**64), not {offset}")
+    import fcntl
+    path = _os.fspath(path)
+    _read_meta(path)  # a log directory, or FileNotFoundError / CorruptLog
+    fd = _open_group_lock(path, group, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    if fd < 0:
+        raise EngineError(f"group {group!r} of {path} is in use by an open reader; "
+                          "stop its consumers, then reset")
+    try:
+        _write_group(path, group, offset, len(_read_truncations(path)))
+    finally:
+        _os.close(fd)
 
 
 def write_group(path, group, offset, epoch):
@@ -2610,9 +2663,15 @@ cdef class LogReader:
     cdef size_t _zero_checked    # position where a "zero length" was last checked against later segments
     cdef size_t _lim             # records of _seg below this are published (0: ask the notify block)
     cdef uint64_t _epoch         # truncations known when the reader opened (stored with commits)
+    cdef int _group_fd           # the group's use lock, held shared while open (-1: none)
 
     def __cinit__(self):
         self._closed = True
+        self._group_fd = -1
+
+    def __dealloc__(self):
+        if self._group_fd >= 0:  # a reader dropped without close() lets go of its group
+            _os.close(self._group_fd)
 
     def __init__(self, path, start=None, group=None, copy=True):
         if not isinstance(path, (str, bytes, _os.PathLike)):
@@ -2640,6 +2699,8 @@ cdef class LogReader:
         truncs = _read_truncations(path)
         self._epoch = len(truncs)
         if group is not None:
+            import fcntl
+            self._group_fd = _open_group_lock(path, group, fcntl.LOCK_SH)
             got = _read_group_epoch(path, group)
             if got is not None:
                 start = self._group_start(got[0], got[1], truncs)
@@ -3134,6 +3195,9 @@ cdef class LogReader:
         if self._notify is not None:
             self._notify.close()
             self._notify = None
+        if self._group_fd >= 0:
+            _os.close(self._group_fd)
+            self._group_fd = -1
 
     def __enter__(self):
         return self

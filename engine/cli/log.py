@@ -6,6 +6,9 @@
 * ``log stats PATH [--json]``: offsets, segments, bytes, consumer groups and their lag.
 * ``log tail PATH [--from N] [--group G] [--count N]``: follow new records
   (default: from the current end) until Ctrl-C.
+* ``log groups ls|describe|reset PATH [GROUP]``: consumer groups; ``reset``
+  (``--to-offset N``, ``--to-time NS`` or ``--to-end``) refuses while a
+  reader of the group is open.
 * ``log repair PATH --truncate``: cut the log at its first damaged record
   (later records are lost: run ``verify`` first).
 """
@@ -48,6 +51,35 @@ def register(subparsers: Any) -> None:
     tail.add_argument("--count", type=int, default=None, help="stop after N records")
     tail.add_argument("--json", action="store_true", help="one JSON object per line")
     tail.set_defaults(func=_tail)
+
+    groups = sub.add_parser(
+        "groups", help="consumer groups: list, describe, reset (kafka-consumer-groups style)"
+    )
+    gsub = groups.add_subparsers(dest="groups_command", metavar="ACTION")
+    gsub.required = True
+    gls = gsub.add_parser("ls", help="every committed group with its offset and lag")
+    gls.add_argument("path", help="log directory")
+    gls.add_argument("--json", action="store_true", help="one JSON object per line")
+    gls.set_defaults(func=_groups_ls)
+    gdesc = gsub.add_parser("describe", help="one group: committed offset, lag, in use")
+    gdesc.add_argument("path", help="log directory")
+    gdesc.add_argument("group", help="group name")
+    gdesc.add_argument("--json", action="store_true", help="print JSON")
+    gdesc.set_defaults(func=_groups_describe)
+    greset = gsub.add_parser(
+        "reset", help="move a group's committed offset (refused while a reader of it is open)"
+    )
+    greset.add_argument("path", help="log directory")
+    greset.add_argument("group", help="group name")
+    where = greset.add_mutually_exclusive_group(required=True)
+    where.add_argument("--to-offset", type=int, default=None, metavar="N",
+                       help="the group's next read starts at offset N")
+    where.add_argument("--to-time", type=int, default=None, metavar="NS",
+                       help="at the first record stamped at or after NS (ns since the epoch)")
+    where.add_argument("--to-end", action="store_true",
+                       help="at the log's end: skip everything appended so far")
+    greset.add_argument("--json", action="store_true", help="print JSON")
+    greset.set_defaults(func=_groups_reset)
 
     repair = sub.add_parser("repair", help="cut the log at its first damaged record")
     repair.add_argument("path", help="log directory")
@@ -130,6 +162,44 @@ def _stats(args: argparse.Namespace) -> int:
                 print(f"{k}: {v}")
         for g, v in out["groups"].items():
             print(f"group {g}: committed {v['committed']}, lag {v['lag']}")
+    return 0
+
+
+def _groups_ls(args: argparse.Namespace) -> int:
+    from engine.logadmin import log_stats
+
+    groups = log_stats(args.path)["groups"]
+    for name, g in groups.items():
+        if args.json:
+            print(json.dumps({"group": name, **g}))
+        else:
+            print(f"{name}\tcommitted {g['committed']}\tlag {g['lag']}")
+    if not groups and not args.json:
+        print("no committed groups")
+    return 0
+
+
+def _groups_describe(args: argparse.Namespace) -> int:
+    from engine.logadmin import describe_group
+
+    out = describe_group(args.path, args.group)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for k, v in out.items():
+            print(f"{k}: {v}")
+    return 0
+
+
+def _groups_reset(args: argparse.Namespace) -> int:
+    from engine.logadmin import reset_group
+
+    at = reset_group(args.path, args.group, to_offset=args.to_offset, to_time=args.to_time,
+                     to_end=args.to_end)
+    if args.json:
+        print(json.dumps({"path": args.path, "group": args.group, "offset": at}))
+    else:
+        print(f"group {args.group} now resumes at offset {at}")
     return 0
 
 
