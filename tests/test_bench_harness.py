@@ -861,3 +861,60 @@ def test_row_sink_counts_duplicate_rows():
     lossy.add(arr[1:])
     _, count, checksum, _ = lossy.result(7)
     assert count == 99 and checksum != wl.expected.checksum
+
+
+# ---------------------------------------------------------------------------
+# --check: quick ratios against the --full volume; --json - on stdout
+# ---------------------------------------------------------------------------
+
+
+def _check_section():
+    def cases(profile):
+        return [
+            # holds: the same rates at every volume
+            Case(
+                "steady",
+                "ratio 2 at every volume",
+                THROUGHPUT,
+                Workload(profile.count(300, 600), 64),
+                [Contender("ours", paced(20_000), ours=True), Contender("peer", paced(10_000))],
+            ),
+            # a quick ratio that does not hold at the full volume (x2 apart)
+            Case(
+                "drifts",
+                "ratio 4 quick, 2 full",
+                THROUGHPUT,
+                Workload(profile.count(300, 600), 64),
+                [
+                    Contender("ours", paced(20_000 if profile.full else 40_000), ours=True),
+                    Contender("peer", paced(10_000)),
+                ],
+            ),
+        ]
+
+    mod = types.SimpleNamespace(SECTION="chk", cases=cases)
+    mod.__name__ = "engine.bench.chk"
+    return mod
+
+
+def test_check_reports_quick_ratios_that_do_not_hold(monkeypatch, capsys):
+    from engine.cli import main
+
+    monkeypatch.setitem(sys.modules, "engine.bench.chk", _check_section())
+    monkeypatch.setattr(harness, "SECTIONS", harness.SECTIONS + ("chk",))
+    monkeypatch.setattr(harness, "CHECK_SECTIONS", ("chk",))
+    rc = main(["bench", "--only", "chk", "--check", "--quiet", "--json", "-"])
+    captured = capsys.readouterr()
+    assert rc == 3 and "CHECK" in captured.err
+    data = json.loads(captured.out)  # stdout holds the JSON alone; the table went to stderr
+    assert "check chk: drifts: quick 4x, full 2x (x2.00) DIFFERS" in captured.err
+    rows = {r["case"]: r for r in data["check"]}
+    assert rows["steady"]["ok"] is True and rows["steady"]["factor"] == pytest.approx(1, abs=0.02)
+    assert rows["drifts"]["ok"] is False
+    assert rows["drifts"]["quick_ratio"] == pytest.approx(4, rel=0.02)
+    assert rows["drifts"]["full_ratio"] == pytest.approx(2, rel=0.02)
+    # every run of the check is a steady-state window too
+    for c in data["cases"]:
+        for k in c["contenders"]:
+            assert all(r["valid"] and r["window_seconds"] >= 0.25 for r in k["runs"])
+    assert "--check" in data["command"] and data["pinning"].startswith("CPU pinning")

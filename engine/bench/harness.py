@@ -799,6 +799,7 @@ class SuiteResult:
     skipped: List[str] = field(default_factory=list)  # "skipped: NAME (hint)" lines, deduplicated
     errors: List[str] = field(default_factory=list)  # sections that failed to build their cases
     notes: List[str] = field(default_factory=list)  # lines for the report's end (e.g. --check)
+    checks: List[Any] = field(default_factory=list)  # CheckRow per case (--check)
     started_wall: float = 0.0
     seconds: float = 0.0
 
@@ -1094,3 +1095,79 @@ def run_suite(
     progress.done()
     suite.seconds = time.monotonic() - t0
     return suite
+
+
+# ---------------------------------------------------------------------------
+# --check: do the quick ratios hold at the --full volume?
+# ---------------------------------------------------------------------------
+
+CHECK_SECTIONS: Tuple[str, ...] = ("ring", "log")  # the sections --check reruns at full volume
+CHECK_FACTOR = 1.3  # a quick ratio may differ from the full one by at most this factor
+
+
+@dataclass
+class CheckRow:
+    """One case's quick ratio next to its ratio at the ``--full`` volume."""
+
+    section: str
+    case: str
+    quick: Optional[float]
+    full: Optional[float]
+
+    @property
+    def factor(self) -> Optional[float]:
+        """max(quick/full, full/quick); ``None`` when either is missing."""
+        q, f = self.quick, self.full
+        if q is None or f is None or not (q > 0 and f > 0):
+            return None
+        return max(q / f, f / q)
+
+    @property
+    def ok(self) -> Optional[bool]:
+        fac = self.factor
+        return None if fac is None else fac <= CHECK_FACTOR
+
+    def line(self) -> str:
+        def r(x: Optional[float]) -> str:
+            return "-" if x is None else f"{x:.3g}x"
+
+        fac = self.factor
+        verdict = {True: "holds", False: f"DIFFERS (> x{CHECK_FACTOR:g})", None: "not compared"}
+        return (
+            f"check {self.section}: {self.case}: quick {r(self.quick)}, full {r(self.full)}"
+            + (f" (x{fac:.2f})" if fac is not None else "")
+            + f" {verdict[self.ok]}"
+        )
+
+
+def run_check(
+    quick: SuiteResult,
+    sections: List[Tuple[str, Any]],
+    progress: Optional[Progress] = None,
+) -> List[CheckRow]:
+    """Rerun every case of ``sections`` that ``quick`` ran, at the ``--full``
+    volume (the full profile's message counts, the quick repetitions), and
+    pair each quick ratio with the full one. Adds one note per case to
+    ``quick.notes``; a full-volume case that fails verification fails the
+    suite like any other."""
+    p = quick.profile
+    full = Profile(
+        full=True, messages=p.messages, repeat=p.repeat or p.reps(), min_window=p.min_window
+    )
+    ran = {(cr.section, cr.case.name): cr for cr in quick.cases}
+    rows: List[CheckRow] = []
+    for name, mod in sections:
+        try:
+            cases = [c for c in mod.cases(full) if (name, c.name) in ran]
+        except Exception as exc:
+            quick.errors.append(f"FAILED: check {name}: cases() raised {type(exc).__name__}: {exc}")
+            continue
+        for case in cases:
+            res = run_case(case, name, full, progress, quick.skipped)
+            if res.failed:
+                quick.cases.append(res)  # a failure at full volume fails the run
+            rows.append(CheckRow(name, case.name, ran[(name, case.name)].ratio, res.ratio))
+    for row in rows:
+        quick.notes.append(row.line())
+    quick.checks = rows
+    return rows

@@ -12,7 +12,8 @@ JSON schema (``schema_version`` 1; keys are only ever added, never renamed)::
                   "platform", "python", "python_implementation", "engine_version",
                   "packages": {dist: version|null}, "loadavg"},
       "skipped": [str], "errors": [str],
-      "min_window_s": float, "pinning": str,
+      "min_window_s": float, "pinning": str, "notes": [str],
+      "check": [{"section", "case", "quick_ratio", "full_ratio", "factor", "ok"}],  # --check
       "cases": [{
         "section", "name", "description", "kind": "throughput"|"latency", "unit",
         "ordered": bool, "params": {...},
@@ -409,6 +410,17 @@ def to_json(
             "min_window_s": p.min_window,
             "pinning": pinning_line(),
             "notes": list(suite.notes),
+            "check": [
+                {
+                    "section": r.section,
+                    "case": r.case,
+                    "quick_ratio": r.quick,
+                    "full_ratio": r.full,
+                    "factor": r.factor,
+                    "ok": r.ok,
+                }
+                for r in suite.checks
+            ],
             "cases": cases,
         }
     )
