@@ -515,6 +515,7 @@ def test_json_schema_is_stable(suite):
         "min_window_s",
         "pinning",
         "notes",
+        "check",
         "cases",
     }
     assert data["ok"] is False  # the lossy contender
