@@ -271,7 +271,7 @@ def test_sizing_grows_each_contender_to_a_steady_window():
         assert all(
             harness.MIN_WINDOW_S <= r.window_seconds <= 2 * harness.TARGET_WINDOW_S for r in c.runs
         )
-        assert c.warmups and c.warmups[0].count == 1000  # the warm-up ran the case's count first
+        assert c.warmups and c.warmups[0].count == 1000  # the warm-up ran the case count first
         assert c.rates(64)["msg_per_s"]["median"] == pytest.approx(rate, rel=0.01)
     assert res.ratio == pytest.approx(4.0, rel=0.02)
     spread = res.ratio_spread()
@@ -919,3 +919,19 @@ def test_check_reports_quick_ratios_that_do_not_hold(monkeypatch, capsys):
         for k in c["contenders"]:
             assert all(r["valid"] and r["window_seconds"] >= 0.25 for r in k["runs"])
     assert "--check" in data["command"] and data["pinning"].startswith("CPU pinning")
+
+
+def test_saga_section_ranks_a_sqlite_saga_table_not_plain_calls():
+    from engine.bench import saga
+
+    profile = Profile(messages=24, repeat=1, min_window=0)
+    for case in saga.cases(profile):
+        res = run_case(case, "saga", profile)
+        assert res.verified, case.name
+        names = [c.name for c in res.contenders]
+        assert saga.FLOOR in names  # the floor is shown...
+        assert res.best_peer is not None and res.best_peer.name.startswith("sqlite3 saga table")
+        floor = next(c for c in res.contenders if c.name == saga.FLOOR)
+        assert floor.status == OK and not floor.rank  # ...measured, never the best peer
+        sync = "FULL" if "always" in case.name else "OFF"
+        assert f"synchronous={sync}" in res.best_peer.name

@@ -136,6 +136,7 @@ TARGET_WINDOW_S = 0.4  # what sizing aims for: a margin above the minimum for no
 VOLUME_FACTOR = 4  # ... or move this many times the largest buffer of any contender
 SIZED_BYTES_CAP = 160 << 20  # payload bytes of one sized workload (the payloads live in memory)
 SIZED_COUNT_CAP = 2_500_000  # messages of one sized workload
+WARMUP_RUNS = 3  # at most this many warm-up (and sizing) runs per contender
 P99_9_MIN_SAMPLES = 1000  # below this p99.9 is the max in disguise: not reported
 
 _U64 = np.uint64
@@ -658,7 +659,10 @@ class ContenderResult:
         return [r for r in self.runs if r.ok and r.valid]
 
     def rates(self, size: int) -> Dict[str, Dict[str, float]]:
-        msgs = [x for x in (r.rate() for r in self.valid_runs()) if math.isfinite(x)]
+        """Spread of msg/s and MB/s over the valid runs (a reference row,
+        never ranked: over every verified run)."""
+        runs = self.valid_runs() if self.rank else self.ok_runs()
+        msgs = [x for x in (r.rate() for r in runs) if math.isfinite(x)]
         mbs = [m * size / 1e6 for m in msgs]
         return {"msg_per_s": _spread(msgs), "mb_per_s": _spread(mbs)}
 
@@ -974,11 +978,13 @@ def _warm_up(
     res: ContenderResult,
     progress: Progress,
 ) -> None:
-    """One untimed run per contender before its repetitions; it also sizes
-    the contender's workload to the window (a second warm-up at the new
-    size when the first was too short to estimate a rate from)."""
+    """Untimed runs per contender before its repetitions that also size its
+    workload: run, and while the window falls short of most of
+    :data:`TARGET_WINDOW_S`, grow the workload and run again at the new size
+    (a first, cold run is slower than the warm ones that follow, so one
+    estimate undershoots). Reference rows are not sized."""
     wl = case.workload
-    for attempt in range(2):
+    for attempt in range(WARMUP_RUNS):
         progress.update(f"{section}: {case.name} - {cont.name} (warm-up, {wl.count:,} msgs)")
         run, why = _attempt(case, cont, wl)
         rec = _record(case, profile, res, -1 - attempt, run, why)
@@ -987,15 +993,15 @@ def _warm_up(
             res.runs.append(rec)
             _fail(res, why, section, case, progress)
             break
-        if not (profile.sizing and case.sizable):
+        if not (profile.sizing and case.sizable and cont.rank):
             break
         ws = rec.window_seconds or 0.0
+        if ws >= 0.75 * TARGET_WINDOW_S:
+            break
         new = sized_workload(case, wl, ws)
         if new is wl:
-            break
+            break  # capped: the volume rule decides
         wl = new
-        if ws >= 0.2 * profile.min_window:
-            break  # long enough to trust its rate: no second warm-up
     res.workload = None if wl is case.workload else wl
 
 

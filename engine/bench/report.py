@@ -186,8 +186,11 @@ def _throughput_cells(cr: CaseResult, c: ContenderResult, min_window: float) -> 
     window = f"{w['seconds']['median']:.3g} s / {_si(w['messages']['median'])}"
     valid = len(c.valid_runs())
     head = _si(m["median"]) + ("" if c.status == OK else " FAILED")
-    if not valid:
+    if not valid and c.rank:
         head = f"INVALID (window < {min_window:g} s)"
+    elif not valid:
+        valid = len(c.ok_runs())  # a reference row: shown whatever its window
+        head += " (short window)"
     return [
         head,
         _mb(b["median"]) if valid else "",
@@ -501,7 +504,7 @@ def render_markdown(
                     sp = cr.ratio_spread()
                     if sp:
                         ratio += f" ({_ratio(sp['min'])}-{_ratio(sp['max'])})"
-                if not c.valid_runs():
+                if not c.valid_runs() and c.rank:
                     out.append(
                         f"| {case_cell} | {name} | {count_cell} | {w:.3g} s | invalid (short window) | | | |"
                     )
