@@ -935,3 +935,14 @@ def test_saga_section_ranks_a_sqlite_saga_table_not_plain_calls():
         assert floor.status == OK and not floor.rank  # ...measured, never the best peer
         sync = "FULL" if "always" in case.name else "OFF"
         assert f"synchronous={sync}" in res.best_peer.name
+
+
+def test_quick_profile_runs_the_named_cases_of_each_section():
+    for name, mod in harness.load_sections():
+        quick = getattr(mod, "QUICK", None)
+        full = [c.name for c in mod.cases(Profile(full=True))]
+        if quick is not None:
+            assert set(quick) <= set(full), name  # every QUICK name is a real case
+        picked = [c.name for c in mod.cases(Profile()) if harness.in_profile(mod, c, Profile())]
+        assert picked == [n for n in full if quick is None or n in quick]
+        assert all(harness.in_profile(mod, c, Profile(full=True)) for c in mod.cases(Profile()))

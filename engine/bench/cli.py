@@ -139,6 +139,8 @@ def main(args: argparse.Namespace) -> int:
         for name, mod in sections:
             print(name)
             for case in mod.cases(profile):
+                if not harness.in_profile(mod, case, profile):
+                    continue
                 names = ", ".join(c.name for c in case.contenders)
                 print(
                     f"  {case.name} [{case.kind}, {case.workload.count:,} x {case.workload.size} B]: {names}"

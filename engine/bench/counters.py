@@ -46,6 +46,11 @@ from engine.bench.harness import (
 )
 
 SECTION = "counters"
+# the cases the quick profile runs (fewer cases, never shorter windows); --full runs all
+QUICK = (
+    "add 1 process",
+    "add 2 processes vs multiprocessing.Value",
+)
 
 OURS = ("engine._counter",)
 KEYS = 64  # distinct keys in the CounterMap / aggregator cases

@@ -81,6 +81,8 @@ repetition count), ``params`` (plots: ``{"sweep": "size" | "consumers",
 ``buffer_bytes`` (see above) and ``sizable=False`` for a workload whose count
 must not change. ``Contender(rank=False)`` is a reference row (a floor such as
 plain function calls): measured and shown, never ranked.
+A section may define ``QUICK``, the names of the cases the quick profile runs
+(default: all); ``--full`` runs every case.
 Add the section's module name to :data:`SECTIONS` when it lands.
 
 The runner interleaves contenders across repetitions (A B C, A B C, ...) so
@@ -135,7 +137,7 @@ MIN_WINDOW_S = 0.25  # a throughput run's window must last this long (or move VO
 TARGET_WINDOW_S = 0.4  # what sizing aims for: a margin above the minimum for noisy machines
 VOLUME_FACTOR = 4  # ... or move this many times the largest buffer of any contender
 SIZED_BYTES_CAP = 160 << 20  # payload bytes of one sized workload (the payloads live in memory)
-SIZED_COUNT_CAP = 2_500_000  # messages of one sized workload
+SIZED_COUNT_CAP = 2_000_000  # messages of one sized workload
 WARMUP_RUNS = 3  # at most this many warm-up (and sizing) runs per contender
 P99_9_MIN_SAMPLES = 1000  # below this p99.9 is the max in disguise: not reported
 
@@ -1078,6 +1080,15 @@ def load_sections(only: Optional[Sequence[str]] = None) -> List[Tuple[str, Any]]
     return out
 
 
+def in_profile(mod: Any, case: Case, profile: Profile) -> bool:
+    """Whether ``case`` runs in ``profile``: ``--full`` runs every case; the
+    quick profile runs the names in the section's ``QUICK`` tuple (every
+    case when the section has none). The quick suite stays short by running
+    fewer cases, never shorter windows."""
+    quick = getattr(mod, "QUICK", None)
+    return profile.full or quick is None or case.name in quick
+
+
 def run_suite(
     profile: Profile,
     only: Optional[Sequence[str]] = None,
@@ -1097,7 +1108,8 @@ def run_suite(
             progress.message(msg)
             continue
         for case in cases:
-            suite.cases.append(run_case(case, name, profile, progress, suite.skipped))
+            if in_profile(mod, case, profile):
+                suite.cases.append(run_case(case, name, profile, progress, suite.skipped))
     progress.done()
     suite.seconds = time.monotonic() - t0
     return suite

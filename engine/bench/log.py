@@ -70,6 +70,13 @@ from engine.bench.harness import (
 )
 
 SECTION = "log"
+# the cases the quick profile runs (fewer cases, never shorter windows); --full runs all
+QUICK = (
+    "append 64 B vs queuelib",
+    "durable append_many vs os.write+fdatasync",
+    "read back vs queuelib",
+    "verify scan",
+)
 
 OURS = ("engine._log",)
 QUEUELIB = ("queuelib",)

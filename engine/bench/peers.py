@@ -558,9 +558,14 @@ def _ff_consumer(wl: Workload, barrier: Any, q: Any, batch: int, n_consumers: in
         while not done:
             if t_w is None and len(out) >= warm:
                 t_w, n_w = time.perf_counter_ns(), len(out)
-            for m in get_many(True, 30.0, batch):
+            got = get_many(True, 30.0, batch)
+            for j, m in enumerate(got):
                 if not m:
-                    done = True  # the end marker is the producer's last message
+                    # the end markers are the producer's last messages: hand
+                    # back any that belong to the other consumers
+                    done = True
+                    for _ in range(len(got) - j - 1):
+                        q.put(FIFO_END, True, 30.0)
                     break
                 out.append(m)
     else:
@@ -582,13 +587,21 @@ def _ff_consumer(wl: Workload, barrier: Any, q: Any, batch: int, n_consumers: in
     return consumer_result(t1, out, (t_w, n_w))
 
 
-def procs_faster_fifo(n_consumers: int = 1, batch: int = 0) -> Callable[[Workload], Run]:
+def procs_faster_fifo(
+    n_consumers: int = 1, batch: int = 0, get_batch: Optional[int] = None
+) -> Callable[[Workload], Run]:
+    """faster-fifo across processes: ``batch`` messages per ``put_many`` (0:
+    one ``put`` each) and up to ``get_batch`` per ``get_many`` (default
+    ``batch``; 0: one ``get`` each). faster-fifo's README recommends
+    ``get_many`` on the consumer side: one lock and one wake-up per batch."""
+    gb = batch if get_batch is None else get_batch
+
     def fn(wl: Workload) -> Run:
         q = fifo_queue()
         return flow_run(
             wl,
             (_ff_producer, (q, n_consumers, batch)),
-            [(_ff_consumer, (q, batch, n_consumers))] * n_consumers,
+            [(_ff_consumer, (q, gb, n_consumers))] * n_consumers,
         )
 
     return fn

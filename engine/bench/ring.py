@@ -35,6 +35,13 @@ from engine.bench.harness import (
 from engine.bench.peers import BARRIER_TIMEOUT, BATCH, BUFFER_BYTES, FLOW_BUFFER_BYTES
 
 SECTION = "ring"
+# the cases the quick profile runs (fewer cases, never shorter windows); --full runs all
+QUICK = (
+    "processes 1->1 put/get",
+    "processes 1->1 batch",
+    "processes 1->1 arrays",
+    "ping-pong round trip",
+)
 
 RING = ("engine._ring",)
 FF = ("faster_fifo",)
@@ -278,6 +285,12 @@ def _flow_contenders(n_consumers: int = 1, shared: bool = False) -> List[Contend
         ),
         Contender("multiprocessing.Queue", peers.procs_mpqueue(n_consumers)),
         Contender("faster-fifo", peers.procs_faster_fifo(n_consumers), requires=FF),
+        # faster-fifo at its best: single puts, its get_many on the consumer side
+        Contender(
+            "faster-fifo put + get_many",
+            peers.procs_faster_fifo(n_consumers, 0, BATCH),
+            requires=FF,
+        ),
         Contender("pyzmq PUSH/PULL ipc", peers.procs_zmq(n_consumers), requires=ZMQ),
     ]
 

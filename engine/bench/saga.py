@@ -32,6 +32,10 @@ from typing import Any, Callable, List, Literal, Tuple
 from engine.bench.harness import THROUGHPUT, Case, Contender, Profile, Run, Workload, digest
 
 SECTION = "saga"
+# the cases the quick profile runs (fewer cases, never shorter windows); --full runs all
+QUICK = (
+    "3 steps, durability always",
+)
 
 OURS = ("engine._log", "engine.saga")
 THREADS = 8

@@ -51,6 +51,10 @@ from engine.bench.harness import (
 )
 
 SECTION = "versions"
+# the cases the quick profile runs (fewer cases, never shorter windows); --full runs all
+QUICK = (
+    "CAS put vs SQLite",
+)
 
 OURS = ("engine._log", "engine._versions")
 SQLITE_PUT = "sqlite3 version column (:memory:)"
