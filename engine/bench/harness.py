@@ -438,6 +438,8 @@ class Case:
     targets: List[Target] = field(default_factory=list)  # goals checked and reported
     buffer_bytes: int = 0  # the largest buffer of any contender (the volume rule for windows)
     sizable: bool = True  # False: the workload's count is fixed (no sizing to the window)
+    max_bytes: Optional[int] = None  # sizing's cap on count x size (default SIZED_BYTES_CAP and
+    # SIZED_COUNT_CAP, for payload lists); cases whose contenders build no list may go higher
 
     def __post_init__(self) -> None:
         if self.kind not in (THROUGHPUT, LATENCY):
@@ -913,7 +915,10 @@ def sized_workload(case: Case, wl: Workload, window_seconds: float) -> Workload:
     if not (window_seconds > 0 and math.isfinite(window_seconds)):
         return wl
     need = wl.count * TARGET_WINDOW_S / window_seconds
-    cap = max(1, min(SIZED_COUNT_CAP, SIZED_BYTES_CAP // max(1, wl.size)))
+    if case.max_bytes is not None:
+        cap = max(1, case.max_bytes // max(1, wl.size))
+    else:
+        cap = max(1, min(SIZED_COUNT_CAP, SIZED_BYTES_CAP // max(1, wl.size)))
     n = min(_round_up(need), max(cap, wl.count))
     if n <= wl.count:
         return wl

@@ -75,7 +75,6 @@ QUICK = (
     "append 64 B vs queuelib",
     "durable append_many vs os.write+fdatasync",
     "read back vs queuelib",
-    "verify scan",
 )
 
 OURS = ("engine._log",)

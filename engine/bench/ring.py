@@ -383,6 +383,8 @@ def cases(profile: Profile) -> List[Case]:
             ],
             unit="MB/s",
             buffer_bytes=BUFFER_BYTES,
+            # rows travel as one array (no payload list): room for a 0.25 s window at GB/s
+            max_bytes=512 << 20,
             targets=[Target("min_mb_per_s", 2000)],
         ),
         Case(
