@@ -30,9 +30,10 @@ def _producer(ep: str, n: int, size: int, hwm: int, ready: mp.Event, pin: int) -
     s = ctx.socket(zmq.PUSH)
     if hwm:
         s.setsockopt(zmq.SNDHWM, hwm)
-    s.bind(ep)
     msgs = [i.to_bytes(8, "little") + b"x" * (size - 8) for i in range(n)]
-    ready.wait()
+    if not ready.wait(60):
+        raise TimeoutError("the consumer never bound")
+    s.connect(ep)  # the consumer has bound: no reconnect race
     for m in msgs:
         s.send(m)
     s.send(b"")
@@ -40,16 +41,19 @@ def _producer(ep: str, n: int, size: int, hwm: int, ready: mp.Event, pin: int) -
     ctx.term()
 
 
-def _consumer(ep: str, n: int, warm: int, hwm: int, ready: mp.Event, out: mp.Queue, pin: int) -> None:
+def _consumer(
+    ep: str, n: int, warm: int, hwm: int, ready: mp.Event, out: mp.Queue, pin: int
+) -> None:
     import zmq
 
     if pin >= 0:
         os.sched_setaffinity(0, {pin})
     ctx = zmq.Context()
     s = ctx.socket(zmq.PULL)
+    s.setsockopt(zmq.RCVTIMEO, 30_000)  # a lost message fails the run, never hangs it
     if hwm:
         s.setsockopt(zmq.RCVHWM, hwm)
-    s.connect(ep)
+    s.bind(ep)
     ready.set()
     got = []
     recv = s.recv
@@ -90,7 +94,9 @@ def once(n: int, size: int, hwm: int, pin: bool) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--messages", type=int, default=1_000_000)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=3)

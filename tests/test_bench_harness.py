@@ -284,7 +284,7 @@ def test_sizing_is_capped_in_memory():
     big = harness.sized_workload(case, wl, 1e-9)
     assert big.count * big.size <= harness.SIZED_BYTES_CAP
     assert harness.sized_workload(case, wl, 10.0) is wl  # never shrinks
-    assert harness.sized_workload(case, wl, 0.01).count == 40_000  # 1000 * 0.4 / 0.01
+    assert harness.sized_workload(case, wl, 0.01).count == 50_000  # 1000 * 0.5 / 0.01
 
 
 def test_p99_9_needs_a_thousand_samples():

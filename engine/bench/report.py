@@ -13,7 +13,8 @@ JSON schema (``schema_version`` 1; keys are only ever added, never renamed)::
                   "packages": {dist: version|null}, "loadavg"},
       "skipped": [str], "errors": [str],
       "min_window_s": float, "pinning": str, "notes": [str],
-      "check": [{"section", "case", "quick_ratio", "full_ratio", "factor", "ok"}],  # --check
+      "check": [{"section", "case", "quick_ratio", "full_ratio", "factor", "ok",  # --check
+                 "quick_ratio_spread", "full_ratio_spread", "full_contenders": [...]}],
       "cases": [{
         "section", "name", "description", "kind": "throughput"|"latency", "unit",
         "ordered": bool, "params": {...},
@@ -421,6 +422,13 @@ def to_json(
                     "full_ratio": r.full,
                     "factor": r.factor,
                     "ok": r.ok,
+                    "quick_ratio_spread": r.quick_result.ratio_spread() if r.quick_result else None,
+                    "full_ratio_spread": r.full_result.ratio_spread() if r.full_result else None,
+                    "full_contenders": (
+                        [_contender_json(r.full_result, c) for c in r.full_result.contenders]
+                        if r.full_result
+                        else []
+                    ),
                 }
                 for r in suite.checks
             ],

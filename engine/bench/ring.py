@@ -1,14 +1,19 @@
 """The ring section: engine.Ring against queue.Queue, queue.SimpleQueue,
 multiprocessing.Queue/Pipe, faster-fifo and pyzmq on the same workload.
 
-Cases, 64-byte messages (quick / --full): threads 1->1 (100k / 1M);
-processes 1->1 single put/get (100k / 1M); processes 1->1 batch
-(put_many/get_many, 1024 per call for every contender, the batches built
-before the clock for both; 100k / 1M); processes
-1->2 competing consumers (50k / 1M); put_array/get_array rows (1M / 4M);
-cross-process ping-pong round-trip latency (2k / 100k round trips). --full
-adds a message-size sweep (1 B-64 KiB, processes 1->1) and a consumer-count
-sweep (1-4, mode="shared") for the plots.
+Every bounded contender gets the same 4 MiB buffer (``peers.BUFFER_BYTES``),
+and every throughput run is a steady-state window (see
+:mod:`engine.bench.harness`): the counts below are where sizing starts, and
+each contender's workload grows until its window lasts ~0.4 s.
+
+Cases, 64-byte messages (starting count quick / --full): threads 1->1 (20k /
+1M); processes 1->1 single put/get (30k / 1M), faster-fifo also with its
+``get_many`` consumer; processes 1->1 batch (put_many/get_many, 1024 per call
+for every contender, the batches built before the clock for both); processes
+1->2 competing consumers; put_array/get_array rows (1M / 4M); cross-process
+ping-pong round-trip latency (1k / 100k round trips). The quick profile runs
+the ``QUICK`` cases; --full adds the rest, a message-size sweep (1 B-64 KiB,
+processes 1->1) and a consumer-count sweep (1-4, mode="shared") for the plots.
 """
 
 from __future__ import annotations
@@ -297,8 +302,8 @@ def _flow_contenders(n_consumers: int = 1, shared: bool = False) -> List[Contend
 
 def cases(profile: Profile) -> List[Case]:
     """Every ring case for this profile."""
-    # quick: sized so the slowest peers (multiprocessing.Queue, faster-fifo
-    # single put/get) keep the default suite under a minute on 2 cores
+    # the starting count: the harness's warm-up grows each contender's
+    # workload until its window lasts ~0.4 s, in quick and --full alike
     n = profile.count(quick=30_000, full=1_000_000)
     size = 64
     wl = Workload(n, size)
