@@ -47,10 +47,7 @@ from engine.bench.harness import (
 
 SECTION = "counters"
 # the cases the quick profile runs (fewer cases, never shorter windows); --full runs all
-QUICK = (
-    "add 1 process",
-    "add 2 processes vs multiprocessing.Value",
-)
+QUICK = ("add 2 processes vs multiprocessing.Value",)
 
 OURS = ("engine._counter",)
 KEYS = 64  # distinct keys in the CounterMap / aggregator cases

@@ -137,7 +137,7 @@ MIN_WINDOW_S = 0.25  # a throughput run's window must last this long (or move VO
 TARGET_WINDOW_S = 0.5  # what sizing aims for: a margin above the minimum for noisy machines
 VOLUME_FACTOR = 4  # ... or move this many times the largest buffer of any contender
 SIZED_BYTES_CAP = 160 << 20  # payload bytes of one sized workload (the payloads live in memory)
-SIZED_COUNT_CAP = 2_000_000  # messages of one sized workload
+SIZED_COUNT_CAP = 1_500_000  # messages of one sized workload (past it the volume rule applies)
 WARMUP_RUNS = 3  # at most this many warm-up (and sizing) runs per contender
 P99_9_MIN_SAMPLES = 1000  # below this p99.9 is the max in disguise: not reported
 
