@@ -54,9 +54,7 @@ from engine.bench.peers import BARRIER_TIMEOUT, WARMUP
 
 SECTION = "aio"
 # the cases the quick profile runs (fewer cases, never shorter windows); --full runs all
-QUICK = (
-    "async round trip",
-)
+QUICK = ("async round trip",)
 
 RING = ("engine._ring",)
 ZMQ = ("zmq",)

@@ -33,9 +33,7 @@ from engine.bench.harness import THROUGHPUT, Case, Contender, Profile, Run, Work
 
 SECTION = "saga"
 # the cases the quick profile runs (fewer cases, never shorter windows); --full runs all
-QUICK = (
-    "3 steps, durability always",
-)
+QUICK = ("3 steps, durability always",)
 
 OURS = ("engine._log", "engine.saga")
 THREADS = 8
