@@ -109,7 +109,7 @@ def _case(contenders, kind=THROUGHPUT, ordered=True, n=500, size=64):
 
 def test_honest_contenders_verify_and_get_a_ratio():
     case = _case([Contender("ours", honest, ours=True), Contender("peer", honest)])
-    res = run_case(case, "t", Profile(repeat=3))
+    res = run_case(case, "t", Profile(min_window=0, repeat=3))
     assert not res.failed and res.verified
     for c in res.contenders:
         assert c.status == OK
@@ -123,7 +123,7 @@ def test_honest_contenders_verify_and_get_a_ratio():
 def test_broken_contender_fails_the_case_loudly(broken, capsys):
     case = _case([Contender("ours", honest, ours=True), Contender("broken", broken)])
     progress = harness.Progress(stream=sys.stderr, enabled=True)
-    res = run_case(case, "t", Profile(repeat=2), progress)
+    res = run_case(case, "t", Profile(min_window=0, repeat=2), progress)
     assert res.failed and not res.verified
     bad = res.contenders[1]
     assert bad.status == FAILED and bad.reason
@@ -138,7 +138,7 @@ def test_broken_contender_fails_the_case_loudly(broken, capsys):
 
 def test_failure_reasons_say_what_went_wrong():
     def reason(fn, **kw):
-        res = run_case(_case([Contender("x", fn)], **kw), "t", Profile(repeat=1))
+        res = run_case(_case([Contender("x", fn)], **kw), "t", Profile(min_window=0, repeat=1))
         return res.contenders[0].reason
 
     assert "lost 1" in reason(loses_one)
@@ -152,12 +152,14 @@ def test_failure_reasons_say_what_went_wrong():
 
 
 def test_latency_case_needs_samples():
-    res = run_case(_case([Contender("x", honest)], kind=LATENCY), "t", Profile(repeat=1))
+    res = run_case(
+        _case([Contender("x", honest)], kind=LATENCY), "t", Profile(min_window=0, repeat=1)
+    )
     assert res.failed and "no latency samples" in res.contenders[0].reason
     res = run_case(
         _case([Contender("x", lambda wl: _deliver(wl, lat=True))], kind=LATENCY),
         "t",
-        Profile(repeat=2),
+        Profile(min_window=0, repeat=2),
     )
     assert not res.failed
     lat = res.contenders[0].latency()
@@ -177,7 +179,7 @@ def test_contenders_are_interleaved_across_repetitions():
     case = _case(
         [Contender("a", rec("a"), ours=True), Contender("b", rec("b")), Contender("c", rec("c"))]
     )
-    run_case(case, "t", Profile(repeat=3))
+    run_case(case, "t", Profile(min_window=0, repeat=3))
     assert calls == ["a", "b", "c"] * 3
 
 
@@ -189,23 +191,125 @@ def test_missing_requirement_is_skipped_with_a_pip_line():
             Contender("ghost", honest, requires=("no_such_mod_qe",)),
         ]
     )
-    res = run_case(case, "t", Profile(repeat=1), skipped_lines=lines)
+    res = run_case(case, "t", Profile(min_window=0, repeat=1), skipped_lines=lines)
     ghost = res.contenders[1]
     assert ghost.status == SKIPPED and ghost.runs == []
     assert lines == ['skipped: ghost (pip install "queue-engine[bench]")']
     assert res.verified and not res.failed and res.ratio is None
 
 
+# ---------------------------------------------------------------------------
+# steady state: windows, warm-up, sizing, validity
+# ---------------------------------------------------------------------------
+
+
+def paced(rate: float, warm_s: float = 0.0):
+    """A contender that moves ``rate`` msg/s after ``warm_s`` s of start-up
+    (reported as its in-run warm-up), delivering every message."""
+
+    def fn(wl):
+        msgs = wl.payloads()
+        t0 = 1_000_000_000
+        t_warm = t0 + int(warm_s * 1e9)
+        n_warm = min(wl.count, 10)
+        t1 = t_warm + int((wl.count - n_warm) / rate * 1e9)
+        return Run.timed(t0, t1, digest(list(msgs)), window=(t_warm, n_warm))
+
+    return fn
+
+
+def test_run_window_excludes_the_warm_up():
+    wl = Workload(100, 8)
+    r = Run.timed(0, 2_000_000_000, digest(wl.payloads()), window=(1_500_000_000, 40))
+    assert r.seconds == 2.0 and r.window() == (0.5, 60)
+    assert Run.timed(0, 10, digest(wl.payloads())).window() == (1e-8, 100)
+
+
+def test_short_windows_are_flagged_invalid_and_never_ranked():
+    # --messages pins the count: no sizing, so the short windows stay short
+    case = _case([Contender("ours", paced(1e9), ours=True), Contender("peer", paced(1e3))], n=600)
+    res = run_case(case, "t", Profile(messages=600, repeat=2))
+    ours, peer = res.contenders
+    assert ours.status == OK and len(ours.runs) == 2 and all(r.ok for r in ours.runs)
+    assert not any(r.valid for r in ours.runs) and ours.valid_runs() == []
+    assert all(r.valid and r.window_seconds >= 0.25 for r in peer.runs)
+    # the fast-looking but invalid ours is not ranked: no ratio, no best ours
+    assert res.best_ours is None and res.ratio is None and res.best_peer is peer
+    assert math.isnan(ours.rates(64)["msg_per_s"]["median"])
+    # every run, the warm-up included, keeps its window for the JSON
+    assert len(ours.warmups) == 1 and ours.warmups[0].window_count == 590
+    data = report.to_json(harness.SuiteResult(Profile(), [res]), "x", _INFO)
+    runs = data["cases"][0]["contenders"][0]["runs"]
+    assert [r["valid"] for r in runs] == [False, False]
+    assert runs[0]["window_count"] == 590 and runs[0]["window_seconds"] > 0
+    text = report.render_terminal(harness.SuiteResult(Profile(), [res]), color=False, info=_INFO)
+    assert "INVALID" in text
+
+
+def test_the_volume_rule_validates_a_short_window():
+    case = _case([Contender("ours", paced(1e9), ours=True)], n=600, size=64)
+    case.buffer_bytes = 600 * 64 // harness.VOLUME_FACTOR  # the window moves 4x the buffer...
+    res = run_case(case, "t", Profile(messages=600, repeat=1))
+    assert not res.contenders[0].runs[0].valid  # ...but its 590 messages fall short of 600
+    case.buffer_bytes = 590 * 64 // harness.VOLUME_FACTOR
+    res = run_case(case, "t", Profile(messages=600, repeat=1))
+    assert res.contenders[0].runs[0].valid
+
+
+def test_sizing_grows_each_contender_to_a_steady_window():
+    case = _case(
+        [Contender("ours", paced(400_000, 0.05), ours=True), Contender("peer", paced(100_000))],
+        n=1000,
+    )
+    res = run_case(case, "t", Profile(repeat=2))
+    assert not res.failed and res.verified
+    for c, rate in zip(res.contenders, (400_000, 100_000)):
+        wl = c.workload
+        assert wl is not None and wl.count > 1000
+        # sized from the warm-up so the window lasts about TARGET_WINDOW_S
+        assert all(r.ok and r.valid and r.count == wl.count for r in c.runs)
+        assert all(
+            harness.MIN_WINDOW_S <= r.window_seconds <= 2 * harness.TARGET_WINDOW_S for r in c.runs
+        )
+        assert c.warmups and c.warmups[0].count == 1000  # the warm-up ran the case count first
+        assert c.rates(64)["msg_per_s"]["median"] == pytest.approx(rate, rel=0.01)
+    assert res.ratio == pytest.approx(4.0, rel=0.02)
+    spread = res.ratio_spread()
+    assert spread is not None and spread["min"] <= spread["median"] <= spread["max"]
+
+
+def test_sizing_is_capped_in_memory():
+    wl = Workload(1000, 64)
+    case = _case([Contender("x", honest)], n=1000)
+    big = harness.sized_workload(case, wl, 1e-9)
+    assert big.count * big.size <= harness.SIZED_BYTES_CAP
+    assert harness.sized_workload(case, wl, 10.0) is wl  # never shrinks
+    assert harness.sized_workload(case, wl, 0.01).count == 50_000  # 1000 * 0.5 / 0.01
+
+
+def test_p99_9_needs_a_thousand_samples():
+    h = LatencyHistogram()
+    h.record(range(1, 1000))
+    assert math.isnan(h.summary()["p99_9"]) and h.summary()["samples"] == 999
+    h.record([5000])
+    assert h.summary()["p99_9"] > 0
+    assert math.isnan(harness.exact_percentiles(list(range(1, 500)))["p99_9"])
+
+
 def test_profile_scaling_and_overrides():
     assert Profile().count(10, 100) == 10 and Profile(full=True).count(10, 100) == 100
     assert Profile(messages=7).count(10, 100) == 7
     assert (
-        Profile().reps() == 3 and Profile(full=True).reps() == 5 and Profile(repeat=2).reps() == 2
+        Profile().reps() == 2
+        and Profile(full=True).reps() == 5
+        and Profile(min_window=0, repeat=3).reps() == 3
     )
     case = _case([Contender("x", honest)])
     case.repeat = 4
-    assert len(run_case(case, "t", Profile()).contenders[0].runs) == 4
-    assert len(run_case(case, "t", Profile(repeat=1)).contenders[0].runs) == 1  # --repeat wins
+    assert len(run_case(case, "t", Profile(min_window=0)).contenders[0].runs) == 4
+    assert (
+        len(run_case(case, "t", Profile(min_window=0, repeat=1)).contenders[0].runs) == 1
+    )  # --repeat wins
 
 
 # ---------------------------------------------------------------------------
@@ -384,7 +488,7 @@ def _fake_section():
 
 @pytest.fixture
 def suite():
-    return run_suite(Profile(repeat=2), sections=[("fake", _fake_section())])
+    return run_suite(Profile(min_window=0, repeat=2), sections=[("fake", _fake_section())])
 
 
 _SPREAD = {"median", "min", "max", "q1", "q3"}
@@ -408,6 +512,10 @@ def test_json_schema_is_stable(suite):
         "machine",
         "skipped",
         "errors",
+        "min_window_s",
+        "pinning",
+        "notes",
+        "check",
         "cases",
     }
     assert data["ok"] is False  # the lossy contender
@@ -433,6 +541,8 @@ def test_json_schema_is_stable(suite):
             "best_ours",
             "best_peer",
             "ratio",
+            "ratio_spread",
+            "buffer_bytes",
             "targets",
             "contenders",
         }
@@ -452,7 +562,12 @@ def test_json_schema_is_stable(suite):
                 "msg_per_s",
                 "mb_per_s",
                 "latency_ns",
+                "rank",
+                "workload_count",
+                "valid_runs",
+                "window",
                 "runs",
+                "warmups",
             }
             assert k["status"] in ("ok", "FAILED", "skipped")
             assert set(k["msg_per_s"]) == _SPREAD and set(k["mb_per_s"]) == _SPREAD
@@ -480,6 +595,9 @@ def test_json_schema_is_stable(suite):
                     "latency_ns",
                     "msg_per_s",
                     "mb_per_s",
+                    "window_seconds",
+                    "window_count",
+                    "valid",
                 }
                 if c["kind"] == "latency" and r["ok"]:
                     assert set(r["latency_ns"]) == {"p50", "p90", "p99", "p99_9", "max"}
@@ -512,7 +630,7 @@ def test_markdown_renders(suite):
         if ln.startswith("|"):
             assert ln.count("|") - ln.count("\\|") == ncols, ln
     assert "| **ours** |" in md  # ours in bold
-    assert "fake: bad **FAILED**" in md and "| lossy | FAILED |" in md
+    assert "fake: bad **FAILED**" in md and "| lossy | 100 x 8 B | | FAILED |" in md
     assert "ghost" in md and "Not installed here" in md
     assert "ghost |" not in md  # a skipped contender gets no row
 
@@ -524,7 +642,7 @@ def test_markdown_says_when_ours_loses():
         return r
 
     res = run_suite(
-        Profile(repeat=1),
+        Profile(min_window=0, repeat=1),
         sections=[
             (
                 "s",
@@ -697,7 +815,7 @@ def test_targets_met_not_met_and_not_measured():
         Target("min_mb_per_s", 0.064),
         Target("min_mb_per_s", 0.065),
     ]
-    got = run_case(case, "t", Profile(repeat=1)).target_results()
+    got = run_case(case, "t", Profile(min_window=0, repeat=1)).target_results()
     assert [t["met"] for t in got] == [True, False, None, True, True, False]
     assert got[0]["measured"] == pytest.approx(30.0)
     assert got[0]["target"] == ">= 25x peer"
@@ -710,17 +828,18 @@ def test_targets_met_not_met_and_not_measured():
         Target("max_p50_ns", 3_000),
         Target("ratio", 10, "peer"),
     ]
-    got = run_case(lat, "t", Profile(repeat=1)).target_results()
+    got = run_case(lat, "t", Profile(min_window=0, repeat=1)).target_results()
     assert [t["met"] for t in got] == [True, False, True]
     assert got[2]["measured"] == pytest.approx(12.5, rel=0.01)
     text = report.render_terminal(
-        harness.SuiteResult(Profile(), [run_case(lat, "t", Profile(repeat=1))]),
+        harness.SuiteResult(Profile(), [run_case(lat, "t", Profile(min_window=0, repeat=1))]),
         color=False,
         info=_INFO,
     )
     assert "target p50 <= 5 us: 4 us met" in text and "NOT MET" in text
     md = report.render_markdown(
-        harness.SuiteResult(Profile(), [run_case(lat, "t", Profile(repeat=1))]), info=_INFO
+        harness.SuiteResult(Profile(), [run_case(lat, "t", Profile(min_window=0, repeat=1))]),
+        info=_INFO,
     )
     assert "| p50 <= 3 us | t: c | 4 us | **not met** |" in md
 
@@ -743,3 +862,87 @@ def test_row_sink_counts_duplicate_rows():
     lossy.add(arr[1:])
     _, count, checksum, _ = lossy.result(7)
     assert count == 99 and checksum != wl.expected.checksum
+
+
+# ---------------------------------------------------------------------------
+# --check: quick ratios against the --full volume; --json - on stdout
+# ---------------------------------------------------------------------------
+
+
+def _check_section():
+    def cases(profile):
+        return [
+            # holds: the same rates at every volume
+            Case(
+                "steady",
+                "ratio 2 at every volume",
+                THROUGHPUT,
+                Workload(profile.count(300, 600), 64),
+                [Contender("ours", paced(20_000), ours=True), Contender("peer", paced(10_000))],
+            ),
+            # a quick ratio that does not hold at the full volume (x2 apart)
+            Case(
+                "drifts",
+                "ratio 4 quick, 2 full",
+                THROUGHPUT,
+                Workload(profile.count(300, 600), 64),
+                [
+                    Contender("ours", paced(20_000 if profile.full else 40_000), ours=True),
+                    Contender("peer", paced(10_000)),
+                ],
+            ),
+        ]
+
+    mod = types.SimpleNamespace(SECTION="chk", cases=cases)
+    mod.__name__ = "engine.bench.chk"
+    return mod
+
+
+def test_check_reports_quick_ratios_that_do_not_hold(monkeypatch, capsys):
+    from engine.cli import main
+
+    monkeypatch.setitem(sys.modules, "engine.bench.chk", _check_section())
+    monkeypatch.setattr(harness, "SECTIONS", harness.SECTIONS + ("chk",))
+    monkeypatch.setattr(harness, "CHECK_SECTIONS", ("chk",))
+    rc = main(["bench", "--only", "chk", "--check", "--quiet", "--json", "-"])
+    captured = capsys.readouterr()
+    assert rc == 3 and "CHECK" in captured.err
+    data = json.loads(captured.out)  # stdout holds the JSON alone; the table went to stderr
+    assert "check chk: drifts: quick 4x, full 2x (x2.00) DIFFERS" in captured.err
+    rows = {r["case"]: r for r in data["check"]}
+    assert rows["steady"]["ok"] is True and rows["steady"]["factor"] == pytest.approx(1, abs=0.02)
+    assert rows["drifts"]["ok"] is False
+    assert rows["drifts"]["quick_ratio"] == pytest.approx(4, rel=0.02)
+    assert rows["drifts"]["full_ratio"] == pytest.approx(2, rel=0.02)
+    # every run of the check is a steady-state window too
+    for c in data["cases"]:
+        for k in c["contenders"]:
+            assert all(r["valid"] and r["window_seconds"] >= 0.25 for r in k["runs"])
+    assert "--check" in data["command"] and data["pinning"].startswith("CPU pinning")
+
+
+def test_saga_section_ranks_a_sqlite_saga_table_not_plain_calls():
+    from engine.bench import saga
+
+    profile = Profile(messages=24, repeat=1, min_window=0)
+    for case in saga.cases(profile):
+        res = run_case(case, "saga", profile)
+        assert res.verified, case.name
+        names = [c.name for c in res.contenders]
+        assert saga.FLOOR in names  # the floor is shown...
+        assert res.best_peer is not None and res.best_peer.name.startswith("sqlite3 saga table")
+        floor = next(c for c in res.contenders if c.name == saga.FLOOR)
+        assert floor.status == OK and not floor.rank  # ...measured, never the best peer
+        sync = "FULL" if "always" in case.name else "OFF"
+        assert f"synchronous={sync}" in res.best_peer.name
+
+
+def test_quick_profile_runs_the_named_cases_of_each_section():
+    for name, mod in harness.load_sections():
+        quick = getattr(mod, "QUICK", None)
+        full = [c.name for c in mod.cases(Profile(full=True))]
+        if quick is not None:
+            assert set(quick) <= set(full), name  # every QUICK name is a real case
+        picked = [c.name for c in mod.cases(Profile()) if harness.in_profile(mod, c, Profile())]
+        assert picked == [n for n in full if quick is None or n in quick]
+        assert all(harness.in_profile(mod, c, Profile(full=True)) for c in mod.cases(Profile()))

@@ -53,6 +53,8 @@ from engine.bench.harness import (
 from engine.bench.peers import BARRIER_TIMEOUT, WARMUP
 
 SECTION = "aio"
+# the cases the quick profile runs (fewer cases, never shorter windows); --full runs all
+QUICK = ("async round trip",)
 
 RING = ("engine._ring",)
 ZMQ = ("zmq",)

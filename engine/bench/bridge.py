@@ -28,6 +28,8 @@ from typing import Any, List, Optional
 from .harness import THROUGHPUT, Case, Contender, Profile, Run, Target, Workload, digest
 
 SECTION = "bridge"
+# the cases the quick profile runs (fewer cases, never shorter windows); --full runs all
+QUICK: tuple = ()  # --full only (a NATS server and a read-back per run)
 
 _REQUIRES = ("nats", "engine._log")
 _server: Optional[subprocess.Popen] = None
@@ -204,6 +206,53 @@ def _peer_publish_async(wl: Workload) -> Run:
     return _verify(url, stream, subject, wl, t0, t1)
 
 
+CHAIN_BATCH = 1024  # records per acknowledged batch in the nats-py chain
+
+
+def _peer_chain(wl: Workload) -> Run:
+    """nats-py publishing the forwarder's own protocol: every record names its
+    predecessor (``Nats-Expected-Last-Msg-Id``), plain publishes for all but
+    the last record of each batch, and ``publish_async`` (an awaited ack) for
+    the last, which JetStream stores only if the whole batch before it was
+    stored in order. The acks of successive batches are pipelined like the
+    forwarder's window. This is what the bridge would do on nats-py: the
+    ratio against it is what the lean wire client (``engine._nats_wire``)
+    buys."""
+    import nats
+
+    url = _ensure_server()
+    stream, subject = _fresh_stream(url)
+    msgs = wl.payloads()
+
+    async def go() -> tuple[int, int]:
+        nc = await nats.connect(servers=[url])
+        js = nc.jetstream(publish_async_max_pending=64)
+        publish = nc.publish
+        t0 = time.perf_counter_ns()
+        futs: List[Any] = []
+        prev: Optional[str] = None
+        n = len(msgs)
+        for b0 in range(0, n, CHAIN_BATCH):
+            last = min(n, b0 + CHAIN_BATCH) - 1
+            for i in range(b0, last + 1):
+                mid = str(i)
+                hdr = {"Nats-Msg-Id": mid}
+                if prev is not None:
+                    hdr["Nats-Expected-Last-Msg-Id"] = prev
+                if i == last:
+                    futs.append(await js.publish_async(subject, msgs[i], headers=hdr))
+                else:
+                    await publish(subject, msgs[i], headers=hdr)
+                prev = mid
+        await asyncio.gather(*futs)  # a broken chain fails its batch's ack: raises
+        t1 = time.perf_counter_ns()
+        await nc.close()
+        return t0, t1
+
+    t0, t1 = asyncio.run(go())
+    return _verify(url, stream, subject, wl, t0, t1)
+
+
 def cases(profile: Profile) -> List[Case]:
     if _nats_server() is None:
         print(
@@ -217,13 +266,20 @@ def cases(profile: Profile) -> List[Case]:
         Case(
             name="forward to JetStream (acked)",
             description="64 B log records published to a local JetStream stream, every "
-            "record confirmed stored before the clock stops (peers: an ack per message; "
-            "ours: the chained ack of each batch); read back and digested after",
+            "record confirmed stored before the clock stops (ours and the nats-py chain: "
+            "the chained ack of each batch; the other peers: an ack per message); read back "
+            "and digested after",
             kind=THROUGHPUT,
             workload=wl,
             contenders=[
                 Contender(
                     "JetStreamForwarder", _ours, ours=True, requires=_REQUIRES, pip_hint=hint
+                ),
+                Contender(
+                    "nats-py chained batches (one ack per batch)",
+                    _peer_chain,
+                    requires=("nats",),
+                    pip_hint=hint,
                 ),
                 Contender(
                     "nats-py publish_async", _peer_publish_async, requires=("nats",), pip_hint=hint

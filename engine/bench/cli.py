@@ -9,13 +9,20 @@ from typing import Any
 
 EPILOG = """\
 examples:
-  queue-engine bench                          quick suite (< 60 s on 2 cores)
+  queue-engine bench                          quick suite (about 90-120 s on 2 cores)
   queue-engine bench --full --json bench.json everything, every raw figure to a file
   queue-engine bench --only ring --markdown   the README table for the ring section
   queue-engine bench --full --plot plots/     PNG charts (needs matplotlib)
+  queue-engine bench --check                  quick suite, then ring and log at the --full
+                                              volume: do the quick ratios hold (within x1.3)?
+  queue-engine bench --json - | jq .cases     the JSON on stdout (the table goes to stderr)
+
+Throughput is measured in steady state: each run's window starts after a
+warm-up and lasts >= 0.25 s; shorter runs are flagged invalid and not ranked.
 
 Peers that are not installed are skipped: pip install "queue-engine[bench]".
-The exit status is 1 when any run lost, duplicated or corrupted a message.
+The exit status is 1 when any run lost, duplicated or corrupted a message,
+3 when --check finds a quick ratio that differs from the full one by > x1.3.
 """
 
 
@@ -44,7 +51,22 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--full", action="store_true", help="more messages and repetitions, every sweep")
     p.add_argument("--only", metavar="SECTIONS", help="comma-separated sections, e.g. ring,log")
-    p.add_argument("--json", metavar="PATH", help="write every raw figure and the machine to PATH")
+    p.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write every raw figure and the machine to PATH ('-': stdout, the table to stderr)",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="then rerun the ring and log cases at the --full volume and report every ratio "
+        "that differs from the quick one by more than x1.3",
+    )
+    p.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="do not pin benchmark processes to CPUs (pinned by default where there are enough)",
+    )
     p.add_argument(
         "--markdown",
         metavar="PATH",
@@ -69,6 +91,10 @@ def _command(args: argparse.Namespace) -> str:
     parts = ["queue-engine", "bench"]
     if args.full:
         parts.append("--full")
+    if getattr(args, "check", False):
+        parts.append("--check")
+    if getattr(args, "no_pin", False):
+        parts.append("--no-pin")
     for flag in ("only", "repeat", "messages", "json", "plot"):
         value = getattr(args, flag)
         if value is not None:
@@ -80,8 +106,16 @@ def _command(args: argparse.Namespace) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """Handler: run, print, write; 1 if any case FAILED, 2 on bad usage."""
-    from engine.bench import harness, report
+    import os
+
+    from engine.bench import harness, peers, report
     from engine.bench.machine import machine_info
+
+    if args.json == "-" and args.markdown == "-":
+        print("queue-engine bench: --json - and --markdown - both want stdout", file=sys.stderr)
+        return 2
+    if args.no_pin:
+        os.environ[peers.PIN_ENV] = "0"  # children inherit it
 
     profile = harness.Profile(full=args.full, messages=args.messages, repeat=args.repeat)
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
@@ -105,6 +139,8 @@ def main(args: argparse.Namespace) -> int:
         for name, mod in sections:
             print(name)
             for case in mod.cases(profile):
+                if not harness.in_profile(mod, case, profile):
+                    continue
                 names = ", ".join(c.name for c in case.contenders)
                 print(
                     f"  {case.name} [{case.kind}, {case.workload.count:,} x {case.workload.size} B]: {names}"
@@ -124,16 +160,21 @@ def main(args: argparse.Namespace) -> int:
     # before the run: the load average then is the machine's own background load
     info = machine_info()
     suite = harness.run_suite(profile, progress=progress, sections=sections)
+    if args.check:
+        check = [(n, m) for n, m in sections if n in harness.CHECK_SECTIONS]
+        harness.run_check(suite, check, progress)
+        progress.done()
     if args.markdown == "-":
         sys.stdout.write(report.render_markdown(suite, command, info))
     else:
-        report.print_terminal(suite, info=info)
+        report.print_terminal(suite, stream=sys.stderr if args.json == "-" else None, info=info)
         if args.markdown:
             with open(args.markdown, "w", encoding="utf-8") as f:
                 f.write(report.render_markdown(suite, command, info))
     if args.json:
         report.write_json(suite, args.json, command, info)
-        print(f"wrote {args.json}", file=sys.stderr)
+        if args.json != "-":
+            print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
         for path in report.write_plots(suite, args.plot):
             print(f"wrote {path}", file=sys.stderr)
@@ -144,4 +185,11 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    if any(r.ok is False for r in suite.checks):
+        print(
+            f"queue-engine bench: CHECK - a quick ratio differs from the --full one by more "
+            f"than x{harness.CHECK_FACTOR:g} (see above)",
+            file=sys.stderr,
+        )
+        return 3
     return 0

@@ -46,6 +46,8 @@ from engine.bench.harness import (
 )
 
 SECTION = "counters"
+# the cases the quick profile runs (fewer cases, never shorter windows); --full runs all
+QUICK = ("add 2 processes vs multiprocessing.Value",)
 
 OURS = ("engine._counter",)
 KEYS = 64  # distinct keys in the CounterMap / aggregator cases
@@ -440,7 +442,7 @@ def _ours(name: str, fn: Any) -> Contender:
 
 def cases(profile: Profile) -> List[Case]:
     """Every counters case for this profile."""
-    return [
+    out = [
         Case(
             "add 1 process",
             "add(1) in a tight loop, one process (one message = one increment)",
@@ -503,6 +505,11 @@ def cases(profile: Profile) -> List[Case]:
             ordered=False,
         ),
     ]
+    for case in out:
+        # the contenders count increments, they keep no payloads: sizing may
+        # go to the ~8 M increments a 0.4 s window takes at these rates
+        case.max_bytes = 128 << 20
+    return out
 
 
 # ---------------------------------------------------------------------------

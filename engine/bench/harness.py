@@ -57,11 +57,32 @@ Rules a contender follows:
   with a start barrier, CPU pinning and a deadline; ``pingpong_run``;
   ``thread_run``; ``RowSink`` for array consumers) that sections may reuse.
 
+Steady state (throughput cases)
+-------------------------------
+A rate is only worth quoting once start-up is over and the producer has had to
+wait for its consumer. So every throughput run reports a *window*: the seconds
+and messages after an in-run warm-up (``Run.timed(..., window=(t_warm_ns,
+n_warm))``: the consumer stamps the clock once it has received its first
+``n_warm`` messages; without it the window is the whole timed region). Before
+its measured repetitions each contender runs once untimed as a warm-up, and,
+unless ``--messages`` pins the count, that run sizes the contender's workload
+so its window lasts about :data:`TARGET_WINDOW_S` (capped in memory by
+:data:`SIZED_BYTES_CAP`). A run is *valid* when its window lasts at least
+``Profile.min_window`` (:data:`MIN_WINDOW_S`) or moves at least
+:data:`VOLUME_FACTOR` times ``Case.buffer_bytes`` (the largest buffer of any
+contender); an invalid run is verified and recorded, flagged, and never
+ranked. Every run's window goes into the JSON.
+
 Optional ``Case`` fields: ``unit`` ("msg/s", "MB/s" or "us"; MB/s ranks by
 bandwidth), ``ordered=False`` for competing consumers, ``repeat`` (a fixed
 repetition count), ``params`` (plots: ``{"sweep": "size" | "consumers",
 "x": value, "group": title}``) and ``targets`` (:class:`Target` goals, e.g.
 ``Target("ratio", 25, "multiprocessing.Queue")``, reported met / NOT MET).
+``buffer_bytes`` (see above) and ``sizable=False`` for a workload whose count
+must not change. ``Contender(rank=False)`` is a reference row (a floor such as
+plain function calls): measured and shown, never ranked.
+A section may define ``QUICK``, the names of the cases the quick profile runs
+(default: all); ``--full`` runs every case.
 Add the section's module name to :data:`SECTIONS` when it lands.
 
 The runner interleaves contenders across repetitions (A B C, A B C, ...) so
@@ -89,8 +110,8 @@ import numpy as np
 
 SCHEMA_VERSION = 1
 
-# Section modules, in run order (ring first). A module that does not exist yet
-# is skipped; add a name here when its section lands.
+# Section modules, in run order (ring first), one name per line. A module that
+# does not exist yet is skipped; add a name here when its section lands.
 SECTIONS: Tuple[str, ...] = (
     "ring",
     "log",
@@ -111,6 +132,15 @@ THROUGHPUT = "throughput"
 BUILD_HINT = "build it: pip install . (or python setup.py build_ext --inplace)"
 LATENCY = "latency"
 
+# steady-state windows (see the module docstring)
+MIN_WINDOW_S = 0.25  # a throughput run's window must last this long (or move VOLUME_FACTOR buffers)
+TARGET_WINDOW_S = 0.5  # what sizing aims for: a margin above the minimum for noisy machines
+VOLUME_FACTOR = 4  # ... or move this many times the largest buffer of any contender
+SIZED_BYTES_CAP = 160 << 20  # payload bytes of one sized workload (the payloads live in memory)
+SIZED_COUNT_CAP = 1_500_000  # messages of one sized workload (past it the volume rule applies)
+WARMUP_RUNS = 3  # at most this many warm-up (and sizing) runs per contender
+P99_9_MIN_SAMPLES = 1000  # below this p99.9 is the max in disguise: not reported
+
 _U64 = np.uint64
 _MASK64 = (1 << 64) - 1
 
@@ -122,12 +152,22 @@ _MASK64 = (1 << 64) - 1
 
 @dataclass(frozen=True)
 class Profile:
-    """How big a run is: ``quick`` (the default, the whole suite < 60 s on 2
-    cores) or ``full``; ``messages``/``repeat`` override every case."""
+    """How big a run is: ``quick`` (the default: each section's ``QUICK``
+    cases, 2 repetitions, about 90-120 s on 2 cores) or ``full`` (every case,
+    5 repetitions); both size every throughput window alike.
+    ``messages``/``repeat`` override every case (``messages`` turns sizing
+    off, so its short runs are flagged invalid)."""
 
     full: bool = False
-    messages: Optional[int] = None  # --messages N: every case's message count
+    messages: Optional[int] = None  # --messages N: every case's message count (no sizing)
     repeat: Optional[int] = None  # --repeat N: repetitions of every case
+    min_window: float = MIN_WINDOW_S  # shortest valid throughput window (0: no minimum, no sizing)
+
+    @property
+    def sizing(self) -> bool:
+        """Whether throughput workloads are sized to the window (not when
+        ``--messages`` pins the count or there is no minimum)."""
+        return self.messages is None and self.min_window > 0
 
     @property
     def name(self) -> str:
@@ -140,7 +180,7 @@ class Profile:
             return max(1, int(self.messages))
         return int(full if self.full else quick)
 
-    def reps(self, quick: int = 3, full: int = 5) -> int:
+    def reps(self, quick: int = 2, full: int = 5) -> int:
         """Repetitions for a case: ``--repeat`` if given, else quick or full."""
         if self.repeat is not None:
             return max(1, int(self.repeat))
@@ -326,6 +366,8 @@ class Run:
     checksum: int  # Digest.checksum of what was delivered
     in_order: Optional[bool] = None  # True/False if the contender can tell
     latencies_ns: Optional[Sequence[int]] = None  # latency cases: one sample per round trip
+    window_seconds: Optional[float] = None  # steady state: seconds after the in-run warm-up
+    window_count: Optional[int] = None  # messages delivered in that window
 
     @classmethod
     def timed(
@@ -334,9 +376,25 @@ class Run:
         t1_ns: int,
         d: Digest,
         latencies_ns: Optional[Sequence[int]] = None,
+        window: Optional[Tuple[int, int]] = None,
     ) -> Run:
-        """A run from ``perf_counter_ns`` stamps and the consumer's digest."""
-        return cls((t1_ns - t0_ns) / 1e9, d.count, d.checksum, d.in_order, latencies_ns)
+        """A run from ``perf_counter_ns`` stamps and the consumer's digest;
+        ``window=(t_warm_ns, n_warm)``: the consumer had ``n_warm`` messages
+        at ``t_warm_ns``, and the steady-state window runs from there to
+        ``t1_ns``."""
+        run = cls((t1_ns - t0_ns) / 1e9, d.count, d.checksum, d.in_order, latencies_ns)
+        if window is not None:
+            t_warm, n_warm = window
+            run.window_seconds = (t1_ns - t_warm) / 1e9
+            run.window_count = d.count - n_warm
+        return run
+
+    def window(self) -> Tuple[float, int]:
+        """(seconds, messages) of the steady-state window (the whole timed
+        region when the contender reports no warm-up)."""
+        if self.window_seconds is None or self.window_count is None:
+            return self.seconds, self.count
+        return self.window_seconds, self.window_count
 
 
 RunFn = Callable[[Workload], Run]
@@ -351,6 +409,7 @@ class Contender:
     ours: bool = False
     requires: Tuple[str, ...] = ()  # import names; missing => skipped
     pip_hint: str = PIP_HINT
+    rank: bool = True  # False: a reference row (a floor), shown but never ranked
 
     def missing(self) -> List[str]:
         """The ``requires`` entries that cannot be imported here."""
@@ -380,6 +439,10 @@ class Case:
     repeat: Optional[int] = None  # default: profile.reps()
     params: Dict[str, Any] = field(default_factory=dict)  # for plots: {"sweep": "size", "x": 64}
     targets: List[Target] = field(default_factory=list)  # goals checked and reported
+    buffer_bytes: int = 0  # the largest buffer of any contender (the volume rule for windows)
+    sizable: bool = True  # False: the workload's count is fixed (no sizing to the window)
+    max_bytes: Optional[int] = None  # sizing's cap on count x size (default SIZED_BYTES_CAP and
+    # SIZED_COUNT_CAP, for payload lists); cases whose contenders build no list may go higher
 
     def __post_init__(self) -> None:
         if self.kind not in (THROUGHPUT, LATENCY):
@@ -499,6 +562,8 @@ class LatencyHistogram:
     def summary(self) -> Dict[str, float]:
         """p50/p90/p99/p99.9/max/min in ns, plus the sample count."""
         out = {_pkey(p): self.percentile(p) for p in PERCENTILES}
+        if self.total < P99_9_MIN_SAMPLES:
+            out["p99_9"] = math.nan  # from fewer samples it is the max, not a p99.9
         out["max"] = float(self.max)
         out["min"] = float(self.min)
         out["samples"] = float(self.total)
@@ -514,6 +579,8 @@ def exact_percentiles(samples_ns: Sequence[int]) -> Dict[str, float]:
     repetitions; the headline figures come from the merged histogram)."""
     arr = np.asarray(samples_ns, dtype=np.float64)
     out = {_pkey(p): float(np.percentile(arr, p, method="inverted_cdf")) for p in PERCENTILES}
+    if arr.size < P99_9_MIN_SAMPLES:
+        out["p99_9"] = math.nan
     out["max"] = float(arr.max())
     return out
 
@@ -566,6 +633,15 @@ class RunRecord:
     ok: bool
     error: Optional[str] = None
     latency_ns: Optional[Dict[str, float]] = None  # this run's exact percentiles (latency cases)
+    window_seconds: Optional[float] = None  # the steady-state window (throughput)
+    window_count: Optional[int] = None
+    valid: bool = True  # False: the window was shorter than the minimum (never ranked)
+
+    def rate(self) -> float:
+        """Messages per second over the window (NaN when there is none)."""
+        ws = self.window_seconds if self.window_seconds is not None else self.seconds
+        wc = self.window_count if self.window_count is not None else self.count
+        return wc / ws if ws and ws > 0 and wc > 0 else math.nan
 
 
 @dataclass
@@ -578,15 +654,31 @@ class ContenderResult:
     reason: Optional[str] = None  # skipped: the hint; FAILED: the first error
     runs: List[RunRecord] = field(default_factory=list)
     histogram: Optional[LatencyHistogram] = None
+    rank: bool = True  # False: a reference row, never the best peer
+    workload: Optional[Workload] = None  # the workload it ran (sized), if not the case's
+    warmups: List[RunRecord] = field(default_factory=list)  # untimed warm-up/sizing runs
 
     def ok_runs(self) -> List[RunRecord]:
         return [r for r in self.runs if r.ok]
 
+    def valid_runs(self) -> List[RunRecord]:
+        """Verified runs whose window met the minimum: the ones that rank."""
+        return [r for r in self.runs if r.ok and r.valid]
+
     def rates(self, size: int) -> Dict[str, Dict[str, float]]:
-        good = [r for r in self.ok_runs() if r.seconds > 0]
-        msgs = [r.count / r.seconds for r in good]
-        mbs = [r.count * size / r.seconds / 1e6 for r in good]
+        """Spread of msg/s and MB/s over the valid runs (a reference row,
+        never ranked: over every verified run)."""
+        runs = self.valid_runs() if self.rank else self.ok_runs()
+        msgs = [x for x in (r.rate() for r in runs) if math.isfinite(x)]
+        mbs = [m * size / 1e6 for m in msgs]
         return {"msg_per_s": _spread(msgs), "mb_per_s": _spread(mbs)}
+
+    def windows(self) -> Dict[str, Dict[str, float]]:
+        """Spread of the runs' window seconds and messages (every verified run)."""
+        ok = self.ok_runs()
+        secs = [r.window_seconds if r.window_seconds is not None else r.seconds for r in ok]
+        cnts = [float(r.window_count if r.window_count is not None else r.count) for r in ok]
+        return {"seconds": _spread(secs), "messages": _spread(cnts)}
 
     def latency(self) -> Optional[Dict[str, float]]:
         return self.histogram.summary() if self.histogram is not None else None
@@ -611,8 +703,9 @@ class CaseResult:
 
     def headline(self, c: ContenderResult) -> float:
         """The figure a contender is ranked by: median msg/s (MB/s if the
-        case unit is MB/s) for throughput, p50 in ns for latency."""
-        if c.status != OK or not c.ok_runs():
+        case unit is MB/s) over its valid windows for throughput, p50 in ns
+        for latency."""
+        if c.status != OK or not c.valid_runs():
             return math.nan
         if self.case.kind == LATENCY:
             lat = c.latency()
@@ -621,7 +714,11 @@ class CaseResult:
         return c.rates(self.case.workload.size)[key]["median"]
 
     def _best(self, ours: bool) -> Optional[ContenderResult]:
-        pool = [c for c in self.contenders if c.ours == ours and c.status == OK and c.ok_runs()]
+        pool = [
+            c
+            for c in self.contenders
+            if c.ours == ours and c.rank and c.status == OK and c.valid_runs()
+        ]
         if not pool:
             return None
         if self.case.kind == LATENCY:
@@ -646,6 +743,23 @@ class CaseResult:
         if not (ho > 0 and hp > 0):
             return None
         return hp / ho if self.case.kind == LATENCY else ho / hp
+
+    def ratio_spread(self) -> Optional[Dict[str, float]]:
+        """The ratio per repetition (ours / best peer, runs paired by
+        repetition, both valid): its median, min, max and quartiles."""
+        o, p = self.best_ours, self.best_peer
+        if o is None or p is None:
+            return None
+        if self.case.kind == LATENCY:
+            po = {r.rep: r.latency_ns["p50"] for r in o.valid_runs() if r.latency_ns}
+            pp = {r.rep: r.latency_ns["p50"] for r in p.valid_runs() if r.latency_ns}
+            vals = [pp[k] / po[k] for k in po if k in pp and po[k] > 0]
+        else:
+            ro = {r.rep: r.rate() for r in o.valid_runs()}
+            rp = {r.rep: r.rate() for r in p.valid_runs()}
+            vals = [ro[k] / rp[k] for k in ro if k in rp and rp[k] > 0]
+        vals = [v for v in vals if math.isfinite(v)]
+        return _spread(vals) if vals else None
 
     def target_results(self) -> List[Dict[str, Any]]:
         """Each target: what it asks, what was measured, whether it is met
@@ -695,6 +809,8 @@ class SuiteResult:
     cases: List[CaseResult] = field(default_factory=list)
     skipped: List[str] = field(default_factory=list)  # "skipped: NAME (hint)" lines, deduplicated
     errors: List[str] = field(default_factory=list)  # sections that failed to build their cases
+    notes: List[str] = field(default_factory=list)  # lines for the report's end (e.g. --check)
+    checks: List[Any] = field(default_factory=list)  # CheckRow per case (--check)
     started_wall: float = 0.0
     seconds: float = 0.0
 
@@ -747,9 +863,10 @@ class Progress:
             self._width = 0
 
 
-def verify(case: Case, run: Run) -> Optional[str]:
-    """``None`` if the run delivered exactly the workload, else why not."""
-    exp = case.workload.expected
+def verify(case: Case, run: Run, wl: Optional[Workload] = None) -> Optional[str]:
+    """``None`` if the run delivered exactly the workload (``wl``, else the
+    case's), else why not."""
+    exp = (wl or case.workload).expected
     problems = []
     if run.count != exp.count:
         kind = "lost" if run.count < exp.count else "duplicated"
@@ -760,9 +877,142 @@ def verify(case: Case, run: Run) -> Optional[str]:
         problems.append("out of order")
     if not (run.seconds > 0 and math.isfinite(run.seconds)):
         problems.append(f"bad timing {run.seconds!r}")
+    if run.window_seconds is not None and not (
+        math.isfinite(run.window_seconds) and 0 <= (run.window_count or 0) <= run.count
+    ):
+        problems.append(f"bad window {run.window_seconds!r} s, {run.window_count!r} messages")
     if case.kind == LATENCY and (run.latencies_ns is None or len(run.latencies_ns) == 0):
         problems.append("no latency samples")
     return "; ".join(problems) or None
+
+
+def window_valid(case: Case, profile: Profile, seconds: float, count: int) -> bool:
+    """Whether a throughput window is long enough to rank: ``min_window``
+    seconds, or ``VOLUME_FACTOR`` times the case's largest buffer."""
+    if case.kind == LATENCY:
+        return True
+    if seconds >= profile.min_window:
+        return True
+    return case.buffer_bytes > 0 and count * case.workload.size >= VOLUME_FACTOR * case.buffer_bytes
+
+
+_STEPS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
+
+
+def _round_up(n: float) -> int:
+    """``n`` rounded up to 1, 1.5, 2, 2.5, 3, 4, 5, 6 or 8 x 10**k, so that
+    contenders of similar speed share one (cached) workload."""
+    if n <= 1:
+        return 1
+    k = 10 ** math.floor(math.log10(n))
+    for step in _STEPS:
+        if step * k >= n:
+            return int(step * k)
+    return int(10 * k)
+
+
+def sized_workload(case: Case, wl: Workload, window_seconds: float) -> Workload:
+    """The workload whose window would last :data:`TARGET_WINDOW_S`, from a
+    run of ``wl`` whose window lasted ``window_seconds`` (never smaller than
+    ``wl``; capped in memory, where the volume rule takes over)."""
+    if not (window_seconds > 0 and math.isfinite(window_seconds)):
+        return wl
+    need = wl.count * TARGET_WINDOW_S / window_seconds
+    if case.max_bytes is not None:
+        cap = max(1, case.max_bytes // max(1, wl.size))
+    else:
+        cap = max(1, min(SIZED_COUNT_CAP, SIZED_BYTES_CAP // max(1, wl.size)))
+    n = min(_round_up(need), max(cap, wl.count))
+    if n <= wl.count:
+        return wl
+    return Workload(n, wl.size, wl.seed)
+
+
+def _record(
+    case: Case,
+    profile: Profile,
+    res: ContenderResult,
+    rep: int,
+    run: Optional[Run],
+    why: Optional[str],
+) -> RunRecord:
+    if why is None and run is not None:
+        ws, wc = run.window()
+        rec = RunRecord(
+            rep,
+            run.seconds,
+            run.count,
+            run.checksum & _MASK64,
+            run.in_order,
+            True,
+            window_seconds=ws,
+            window_count=wc,
+            valid=window_valid(case, profile, ws, wc),
+        )
+        if run.latencies_ns is not None and case.kind == LATENCY:
+            rec.latency_ns = exact_percentiles(run.latencies_ns)
+        return rec
+    return RunRecord(
+        rep,
+        run.seconds if run else math.nan,
+        run.count if run else -1,
+        (run.checksum & _MASK64) if run else 0,
+        run.in_order if run else None,
+        False,
+        why,
+    )
+
+
+def _attempt(case: Case, cont: Contender, wl: Workload) -> Tuple[Optional[Run], Optional[str]]:
+    try:
+        run = cont.fn(wl)
+        if not isinstance(run, Run):
+            raise TypeError(f"contender returned {type(run).__name__}, not Run")
+        return run, verify(case, run, wl)
+    except Exception as exc:  # a broken contender fails the case, loudly
+        tb = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        return None, f"raised {tb}"
+
+
+def _fail(res: ContenderResult, why: str, section: str, case: Case, progress: Progress) -> None:
+    res.status = FAILED
+    res.reason = why
+    progress.message(f"FAILED: {section}: {case.name} - {res.name}: {why}")
+
+
+def _warm_up(
+    case: Case,
+    section: str,
+    profile: Profile,
+    cont: Contender,
+    res: ContenderResult,
+    progress: Progress,
+) -> None:
+    """Untimed runs per contender before its repetitions that also size its
+    workload: run, and while the window falls short of most of
+    :data:`TARGET_WINDOW_S`, grow the workload and run again at the new size
+    (a first, cold run is slower than the warm ones that follow, so one
+    estimate undershoots). Reference rows are not sized."""
+    wl = case.workload
+    for attempt in range(WARMUP_RUNS):
+        progress.update(f"{section}: {case.name} - {cont.name} (warm-up, {wl.count:,} msgs)")
+        run, why = _attempt(case, cont, wl)
+        rec = _record(case, profile, res, -1 - attempt, run, why)
+        res.warmups.append(rec)
+        if why is not None:
+            res.runs.append(rec)
+            _fail(res, why, section, case, progress)
+            break
+        if not (profile.sizing and case.sizable and cont.rank):
+            break
+        ws = rec.window_seconds or 0.0
+        if ws >= 0.8 * TARGET_WINDOW_S:
+            break  # the warm runs that follow are faster, but not by 1.6x
+        new = sized_workload(case, wl, ws)
+        if new is wl:
+            break  # capped: the volume rule decides
+        wl = new
+    res.workload = None if wl is case.workload else wl
 
 
 def run_case(
@@ -772,13 +1022,14 @@ def run_case(
     progress: Optional[Progress] = None,
     skipped_lines: Optional[List[str]] = None,
 ) -> CaseResult:
-    """Run every available contender ``repeat`` times, interleaved, verifying
-    each run. Never raises for a contender's failure: it is recorded."""
+    """Warm up (and size) each available contender, then run every one
+    ``repeat`` times, interleaved, verifying each run. Never raises for a
+    contender's failure: it is recorded."""
     progress = progress or Progress(enabled=False)
     results: List[ContenderResult] = []
     live: List[Tuple[Contender, ContenderResult]] = []
     for cont in case.contenders:
-        res = ContenderResult(cont.name, cont.ours)
+        res = ContenderResult(cont.name, cont.ours, rank=cont.rank)
         results.append(res)
         missing = cont.missing()
         if missing:
@@ -796,43 +1047,22 @@ def run_case(
         reps = profile.reps()
     # build the payloads once, before any clock (forked children inherit them)
     _ = case.workload.expected
+    if profile.min_window > 0 and case.kind != LATENCY:
+        for cont, res in live:
+            _warm_up(case, section, profile, cont, res, progress)
     for rep in range(reps):
         for cont, res in live:
             if res.status == FAILED:
                 continue
+            wl = res.workload or case.workload
             progress.update(f"{section}: {case.name} - {cont.name} ({rep + 1}/{reps})")
-            try:
-                run = cont.fn(case.workload)
-                if not isinstance(run, Run):
-                    raise TypeError(f"contender returned {type(run).__name__}, not Run")
-                why = verify(case, run)
-            except Exception as exc:  # a broken contender fails the case, loudly
-                tb = traceback.format_exception_only(type(exc), exc)[-1].strip()
-                why = f"raised {tb}"
-                run = None
-            if why is None and run is not None:
-                rec = RunRecord(
-                    rep, run.seconds, run.count, run.checksum & _MASK64, run.in_order, True
-                )
-                if res.histogram is not None and run.latencies_ns is not None:
-                    res.histogram.record(run.latencies_ns)
-                    rec.latency_ns = exact_percentiles(run.latencies_ns)
-                res.runs.append(rec)
-            else:
-                res.status = FAILED
-                res.reason = why
-                res.runs.append(
-                    RunRecord(
-                        rep,
-                        run.seconds if run else math.nan,
-                        run.count if run else -1,
-                        (run.checksum & _MASK64) if run else 0,
-                        run.in_order if run else None,
-                        False,
-                        why,
-                    )
-                )
-                progress.message(f"FAILED: {section}: {case.name} - {cont.name}: {why}")
+            run, why = _attempt(case, cont, wl)
+            rec = _record(case, profile, res, rep, run, why)
+            res.runs.append(rec)
+            if why is not None:
+                _fail(res, why, section, case, progress)
+            elif res.histogram is not None and run is not None and run.latencies_ns is not None:
+                res.histogram.record(run.latencies_ns)
     return CaseResult(section, case, results)
 
 
@@ -858,6 +1088,15 @@ def load_sections(only: Optional[Sequence[str]] = None) -> List[Tuple[str, Any]]
     return out
 
 
+def in_profile(mod: Any, case: Case, profile: Profile) -> bool:
+    """Whether ``case`` runs in ``profile``: ``--full`` runs every case; the
+    quick profile runs the names in the section's ``QUICK`` tuple (every
+    case when the section has none). The quick suite stays short by running
+    fewer cases, never shorter windows."""
+    quick = getattr(mod, "QUICK", None)
+    return profile.full or quick is None or case.name in quick
+
+
 def run_suite(
     profile: Profile,
     only: Optional[Sequence[str]] = None,
@@ -877,7 +1116,87 @@ def run_suite(
             progress.message(msg)
             continue
         for case in cases:
-            suite.cases.append(run_case(case, name, profile, progress, suite.skipped))
+            if in_profile(mod, case, profile):
+                suite.cases.append(run_case(case, name, profile, progress, suite.skipped))
     progress.done()
     suite.seconds = time.monotonic() - t0
     return suite
+
+
+# ---------------------------------------------------------------------------
+# --check: do the quick ratios hold at the --full volume?
+# ---------------------------------------------------------------------------
+
+CHECK_SECTIONS: Tuple[str, ...] = ("ring", "log")  # the sections --check reruns at full volume
+CHECK_FACTOR = 1.3  # a quick ratio may differ from the full one by at most this factor
+
+
+@dataclass
+class CheckRow:
+    """One case's quick ratio next to its ratio at the ``--full`` volume."""
+
+    section: str
+    case: str
+    quick: Optional[float]
+    full: Optional[float]
+    quick_result: Optional[CaseResult] = None  # both runs, for the JSON
+    full_result: Optional[CaseResult] = None
+
+    @property
+    def factor(self) -> Optional[float]:
+        """max(quick/full, full/quick); ``None`` when either is missing."""
+        q, f = self.quick, self.full
+        if q is None or f is None or not (q > 0 and f > 0):
+            return None
+        return max(q / f, f / q)
+
+    @property
+    def ok(self) -> Optional[bool]:
+        fac = self.factor
+        return None if fac is None else fac <= CHECK_FACTOR
+
+    def line(self) -> str:
+        def r(x: Optional[float]) -> str:
+            return "-" if x is None else f"{x:.3g}x"
+
+        fac = self.factor
+        verdict = {True: "holds", False: f"DIFFERS (> x{CHECK_FACTOR:g})", None: "not compared"}
+        return (
+            f"check {self.section}: {self.case}: quick {r(self.quick)}, full {r(self.full)}"
+            + (f" (x{fac:.2f})" if fac is not None else "")
+            + f" {verdict[self.ok]}"
+        )
+
+
+def run_check(
+    quick: SuiteResult,
+    sections: List[Tuple[str, Any]],
+    progress: Optional[Progress] = None,
+) -> List[CheckRow]:
+    """Rerun every case of ``sections`` that ``quick`` ran, at the ``--full``
+    volume (the full profile's message counts, the quick repetitions), and
+    pair each quick ratio with the full one. Adds one note per case to
+    ``quick.notes``; a full-volume case that fails verification fails the
+    suite like any other."""
+    p = quick.profile
+    full = Profile(
+        full=True, messages=p.messages, repeat=p.repeat or p.reps(), min_window=p.min_window
+    )
+    ran = {(cr.section, cr.case.name): cr for cr in quick.cases}
+    rows: List[CheckRow] = []
+    for name, mod in sections:
+        try:
+            cases = [c for c in mod.cases(full) if (name, c.name) in ran]
+        except Exception as exc:
+            quick.errors.append(f"FAILED: check {name}: cases() raised {type(exc).__name__}: {exc}")
+            continue
+        for case in cases:
+            res = run_case(case, name, full, progress, quick.skipped)
+            if res.failed:
+                quick.cases.append(res)  # a failure at full volume fails the run
+            q = ran[(name, case.name)]
+            rows.append(CheckRow(name, case.name, q.ratio, res.ratio, q, res))
+    for row in rows:
+        quick.notes.append(row.line())
+    quick.checks = rows
+    return rows

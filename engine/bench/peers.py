@@ -9,8 +9,15 @@ tuples; the parent kills every child that is not done by the deadline, so a
 lost message fails the case instead of hanging the run.
 
 Producer functions return ``t0_ns``; consumer functions return
-``(t_end_ns, count, checksum, in_order)``; ping-pong pingers return
+``(t_end_ns, count, checksum, in_order)``, or with a steady-state window
+``(t_end_ns, count, checksum, in_order, t_warm_ns, n_warm)``: the consumer
+stamps the clock once it holds its share of :func:`warm_count` messages, and
+the window runs from there to its last message (start-up, connection set-up
+and first-touch page faults stay outside it). Ping-pong pingers return
 ``(latencies_ns ndarray, count, checksum, in_order)``.
+
+Every bounded transport gets the same buffer, :data:`BUFFER_BYTES`, smaller
+than any sized workload, so a producer has to wait for its consumer.
 """
 
 from __future__ import annotations
@@ -32,7 +39,13 @@ from engine.bench.harness import Digest, Run, Workload, digest, digest_array
 
 BATCH = 1024  # messages per put_many/get_many call, for every contender alike
 BARRIER_TIMEOUT = 60.0
-FIFO_BYTES = 1 << 24  # faster-fifo buffer, the same size as our ring
+BUFFER_BYTES = 4 << 20  # every bounded buffer: our ring, faster-fifo, each pyzmq queue
+FIFO_BYTES = BUFFER_BYTES  # faster-fifo buffer, the same size as our ring
+# the largest buffer of any flow contender: pyzmq holds up to BUFFER_BYTES on
+# each side (SNDHWM + RCVHWM), the case's volume rule counts both
+FLOW_BUFFER_BYTES = 2 * BUFFER_BYTES
+WARM_FRACTION = 10  # the first tenth of a stream (at most WARM_MAX messages) warms up
+WARM_MAX = 200_000
 WARMUP = 1000  # ping-pong round trips before the measured ones
 
 ChildFn = Callable[..., Any]
@@ -50,10 +63,22 @@ def mp_context() -> Any:
     return mp.get_context(method)
 
 
+PIN_ENV = "QE_BENCH_PIN"  # "0": never pin (queue-engine bench --no-pin)
+
+
+def pinning() -> bool:
+    """Whether benchmark processes pin themselves to CPUs (the default)."""
+    return os.environ.get(PIN_ENV, "1") != "0"
+
+
 def cpu_plan(n: int) -> List[Optional[int]]:
     """A CPU per process when there are at least ``n`` usable CPUs (one core
-    each, no migrations); none otherwise (pinning two busy processes to one
-    core would measure the scheduler, not the queue)."""
+    each, no migrations: two processes on two cores stay on their own core,
+    which makes runs repeatable); none otherwise (pinning two busy processes
+    to one core would measure the scheduler, not the queue), or when
+    :func:`pinning` is off."""
+    if not pinning():
+        return [None] * n
     try:
         cpus = sorted(os.sched_getaffinity(0))  # type: ignore[attr-defined]
     except (AttributeError, OSError):
@@ -163,12 +188,17 @@ def flow_run(
     t0 = res[0]
     ends = res[1:]
     if len(ends) == 1:
-        t1, count, checksum, in_order = ends[0]
+        t1, count, checksum, in_order = ends[0][:4]
         d = Digest(count, checksum, in_order)
     else:
-        d = Digest.combine(Digest(c, s, o) for _, c, s, o in ends)
+        d = Digest.combine(Digest(e[1], e[2], e[3]) for e in ends)
         t1 = max(e[0] for e in ends)
-    return Run.timed(t0, t1, d)
+    window = None
+    if all(len(e) == 6 for e in ends):
+        # conservative for competing consumers: from the first consumer's
+        # stamp, counting only what each received after its own stamp
+        window = (min(e[4] for e in ends), sum(e[5] for e in ends))
+    return Run.timed(t0, t1, d, window=window)
 
 
 def pingpong_run(
@@ -186,10 +216,25 @@ def pingpong_run(
     return Run(max(total, 1e-9), count, checksum, in_order, lat)
 
 
-def consumer_result(t1: int, received: Any) -> Tuple[int, int, int, Optional[bool]]:
-    """What a consumer child sends back (digest computed after its clock)."""
+def warm_count(wl: Workload, n_consumers: int = 1) -> int:
+    """Messages each of ``n_consumers`` receives before it stamps the start
+    of its steady-state window."""
+    return max(1, min(wl.count // WARM_FRACTION, WARM_MAX) // max(1, n_consumers))
+
+
+def consumer_result(
+    t1: int, received: Any, warm: Optional[Tuple[Optional[int], int]] = None
+) -> Tuple[Any, ...]:
+    """What a consumer child sends back (digest computed after its clock);
+    ``warm=(t_warm_ns, n_warm)`` adds its window's start (``t_warm_ns`` None:
+    the stream ended before the warm-up did, an empty window)."""
     d = digest(received)
-    return (t1, d.count, d.checksum, d.in_order)
+    if warm is None:
+        return (t1, d.count, d.checksum, d.in_order)
+    t_w, n_w = warm
+    if t_w is None:
+        t_w, n_w = t1, d.count
+    return (t1, d.count, d.checksum, d.in_order, t_w, n_w)
 
 
 class RowSink:
@@ -218,9 +263,13 @@ class RowSink:
         self.dst[self.n : self.n + k] = rows[:k]
         self.n += k
 
-    def result(self, t1: int) -> Tuple[int, int, int, Optional[bool]]:
+    def result(self, t1: int, warm: Optional[Tuple[Optional[int], int]] = None) -> Tuple[Any, ...]:
         d = digest_array(self.dst[: self.n])
-        return (t1, d.count + self.extra, d.checksum, d.in_order)
+        out: Tuple[Any, ...] = (t1, d.count + self.extra, d.checksum, d.in_order)
+        if warm is not None:
+            t_w, n_w = warm
+            out += (t1, out[1]) if t_w is None else (t_w, n_w)
+        return out
 
 
 def ipc_endpoint() -> str:
@@ -289,7 +338,11 @@ def thread_run(
     for key in ("perr", "cerr"):
         if key in box:
             raise box[key]
-    return Run.timed(box["t0"], box["t1"], digest(box["out"]))
+    out, window = box["out"], None
+    if isinstance(out, tuple):  # (received, (t_warm_ns, n_warm))
+        out, (t_w, n_w) = out
+        window = (t_w, n_w) if t_w is not None else (box["t1"], len(out))
+    return Run.timed(box["t0"], box["t1"], digest(out), window=window)
 
 
 def _q_threads(factory: Callable[[], Any]) -> Callable[[Workload], Run]:
@@ -303,14 +356,20 @@ def _q_threads(factory: Callable[[], Any]) -> Callable[[Workload], Run]:
                 put(m)
             put(None)
 
-        def consume() -> List[Any]:
+        def consume() -> Any:
             out: List[Any] = []
             get = q.get
             append = out.append
+            for _ in range(warm_count(wl)):
+                m = get()
+                if m is None:
+                    return out, (None, 0)
+                append(m)
+            t_w = time.perf_counter_ns()
             while True:
                 m = get()
                 if m is None:
-                    return out
+                    return out, (t_w, warm_count(wl))
                 append(m)
 
         return thread_run(wl, produce, consume)
@@ -347,14 +406,20 @@ def threads_faster_fifo(wl: Workload) -> Run:
             put(m, True, 30.0)
         put(FIFO_END, True, 30.0)
 
-    def consume() -> List[Any]:
+    def consume() -> Any:
         out: List[Any] = []
         get = q.get
         append = out.append
+        for _ in range(warm_count(wl)):
+            m = get(True, 30.0)
+            if not m:
+                return out, (None, 0)
+            append(m)
+        t_w = time.perf_counter_ns()
         while True:
             m = get(True, 30.0)
             if not m:
-                return out
+                return out, (t_w, warm_count(wl))
             append(m)
 
     return thread_run(wl, produce, consume)
@@ -383,14 +448,17 @@ def _mpq_producer(wl: Workload, barrier: Any, q: Any, n_consumers: int, batch: i
     return t0
 
 
-def _mpq_consumer(
-    wl: Workload, barrier: Any, q: Any, batch: int
-) -> Tuple[int, int, int, Optional[bool]]:
+def _mpq_consumer(wl: Workload, barrier: Any, q: Any, batch: int, n_consumers: int) -> Any:
     barrier.wait(BARRIER_TIMEOUT)
     out: List[Any] = []
     get = q.get
     append = out.append
+    warm = warm_count(wl, n_consumers)
+    t_w: Optional[int] = None
+    n_w = 0
     while True:
+        if t_w is None and len(out) >= warm:
+            t_w, n_w = time.perf_counter_ns(), len(out)
         m = get(timeout=30.0)
         if m is None:
             break
@@ -399,14 +467,16 @@ def _mpq_consumer(
         else:
             append(m)
     t1 = time.perf_counter_ns()
-    return consumer_result(t1, out)
+    return consumer_result(t1, out, (t_w, n_w))
 
 
 def procs_mpqueue(n_consumers: int = 1) -> Callable[[Workload], Run]:
     def fn(wl: Workload) -> Run:
         q = mp_context().Queue()
         return flow_run(
-            wl, (_mpq_producer, (q, n_consumers, 0)), [(_mpq_consumer, (q, 0))] * n_consumers
+            wl,
+            (_mpq_producer, (q, n_consumers, 0)),
+            [(_mpq_consumer, (q, 0, n_consumers))] * n_consumers,
         )
 
     return fn
@@ -425,16 +495,21 @@ def _mpq_array_producer(wl: Workload, barrier: Any, q: Any, rows: int) -> int:
     return t0
 
 
-def _mpq_array_consumer(wl: Workload, barrier: Any, q: Any) -> Tuple[int, int, int, Optional[bool]]:
+def _mpq_array_consumer(wl: Workload, barrier: Any, q: Any) -> Any:
     sink = RowSink(wl)
+    warm = warm_count(wl)
+    t_w: Optional[int] = None
+    n_w = 0
     barrier.wait(BARRIER_TIMEOUT)
     while True:
+        if t_w is None and sink.n >= warm:
+            t_w, n_w = time.perf_counter_ns(), sink.n
         a = q.get(timeout=30.0)
         if a is None:
             break
         sink.add(a)
     t1 = time.perf_counter_ns()
-    return sink.result(t1)
+    return sink.result(t1, (t_w, n_w))
 
 
 def procs_mpqueue_array(rows: int = 8192) -> Callable[[Workload], Run]:
@@ -471,37 +546,62 @@ def _ff_producer(wl: Workload, barrier: Any, q: Any, n_consumers: int, batch: in
     return t0
 
 
-def _ff_consumer(
-    wl: Workload, barrier: Any, q: Any, batch: int
-) -> Tuple[int, int, int, Optional[bool]]:
+def _ff_consumer(wl: Workload, barrier: Any, q: Any, batch: int, n_consumers: int) -> Any:
     barrier.wait(BARRIER_TIMEOUT)
     out: List[Any] = []
+    warm = warm_count(wl, n_consumers)
+    t_w: Optional[int] = None
+    n_w = 0
     if batch:
         get_many = q.get_many
         done = False
         while not done:
-            for m in get_many(True, 30.0, batch):
+            if t_w is None and len(out) >= warm:
+                t_w, n_w = time.perf_counter_ns(), len(out)
+            got = get_many(True, 30.0, batch)
+            for j, m in enumerate(got):
                 if not m:
-                    done = True  # the end marker is the producer's last message
+                    # the end markers are the producer's last messages: hand
+                    # back any that belong to the other consumers
+                    done = True
+                    for _ in range(len(got) - j - 1):
+                        q.put(FIFO_END, True, 30.0)
                     break
                 out.append(m)
     else:
         get = q.get
         append = out.append
-        while True:
+        for _ in range(warm):
             m = get(True, 30.0)
             if not m:
                 break
             append(m)
+        else:
+            t_w, n_w = time.perf_counter_ns(), warm
+            while True:
+                m = get(True, 30.0)
+                if not m:
+                    break
+                append(m)
     t1 = time.perf_counter_ns()
-    return consumer_result(t1, out)
+    return consumer_result(t1, out, (t_w, n_w))
 
 
-def procs_faster_fifo(n_consumers: int = 1, batch: int = 0) -> Callable[[Workload], Run]:
+def procs_faster_fifo(
+    n_consumers: int = 1, batch: int = 0, get_batch: Optional[int] = None
+) -> Callable[[Workload], Run]:
+    """faster-fifo across processes: ``batch`` messages per ``put_many`` (0:
+    one ``put`` each) and up to ``get_batch`` per ``get_many`` (default
+    ``batch``; 0: one ``get`` each). faster-fifo's README recommends
+    ``get_many`` on the consumer side: one lock and one wake-up per batch."""
+    gb = batch if get_batch is None else get_batch
+
     def fn(wl: Workload) -> Run:
         q = fifo_queue()
         return flow_run(
-            wl, (_ff_producer, (q, n_consumers, batch)), [(_ff_consumer, (q, batch))] * n_consumers
+            wl,
+            (_ff_producer, (q, n_consumers, batch)),
+            [(_ff_consumer, (q, gb, n_consumers))] * n_consumers,
         )
 
     return fn
@@ -517,16 +617,21 @@ def _ff_array_producer(wl: Workload, barrier: Any, q: Any, rows: int) -> int:
     return t0
 
 
-def _ff_array_consumer(wl: Workload, barrier: Any, q: Any) -> Tuple[int, int, int, Optional[bool]]:
+def _ff_array_consumer(wl: Workload, barrier: Any, q: Any) -> Any:
     sink = RowSink(wl)
+    warm = warm_count(wl)
+    t_w: Optional[int] = None
+    n_w = 0
     barrier.wait(BARRIER_TIMEOUT)
     while True:
+        if t_w is None and sink.n >= warm:
+            t_w, n_w = time.perf_counter_ns(), sink.n
         b = q.get(True, 30.0)
         if not b:
             break
         sink.add(np.frombuffer(b, np.uint8).reshape(-1, wl.size))
     t1 = time.perf_counter_ns()
-    return sink.result(t1)
+    return sink.result(t1, (t_w, n_w))
 
 
 def procs_faster_fifo_array(rows: int = 8192) -> Callable[[Workload], Run]:
@@ -544,6 +649,26 @@ def procs_faster_fifo_array(rows: int = 8192) -> Callable[[Workload], Run]:
 # ---------------------------------------------------------------------------
 
 
+def zmq_tune(s: Any, size: int) -> None:
+    """pyzmq's throughput settings (the zguide and pyzmq docs): high-water
+    marks that hold :data:`BUFFER_BYTES` of messages on each side instead of
+    the default 1,000 messages, so the pipe never idles on a full queue."""
+    import zmq
+
+    hwm = max(1000, BUFFER_BYTES // max(1, size))
+    s.setsockopt(zmq.SNDHWM, hwm)
+    s.setsockopt(zmq.RCVHWM, hwm)
+
+
+def zmq_zero_copy(size: int) -> bool:
+    """Zero-copy only where it helps: pyzmq copies below its
+    ``COPY_THRESHOLD`` (64 KiB) anyway, and for small messages the copy is
+    cheaper than tracking a frame (pyzmq docs, "Performance")."""
+    import zmq
+
+    return size >= getattr(zmq, "COPY_THRESHOLD", 65536)
+
+
 def _zmq_producer(
     wl: Workload, barrier: Any, ep: str, bound: Any, done: Any, n_consumers: int
 ) -> int:
@@ -552,15 +677,21 @@ def _zmq_producer(
     ctx = zmq.Context()
     s = ctx.socket(zmq.PUSH)
     s.setsockopt(zmq.LINGER, 5000)
+    zmq_tune(s, wl.size)
     s.bind(ep)
     bound.set()
     msgs = wl.payloads()
     try:
         barrier.wait(BARRIER_TIMEOUT)
         t0 = time.perf_counter_ns()
-        send = s.send
-        for m in msgs:
-            send(m)
+        if zmq_zero_copy(wl.size):
+            send = s.send
+            for m in msgs:
+                send(m, copy=False)
+        else:
+            send = s.send
+            for m in msgs:
+                send(m)
         # PUSH round-robins, so one consumer may get two end markers: repeat
         # them until every consumer reported done (extra ones are dropped)
         end = time.monotonic() + 30.0
@@ -577,13 +708,18 @@ def _zmq_producer(
 
 
 def _zmq_consumer(
-    wl: Workload, barrier: Any, ep: str, bound: Any, done: Any
-) -> Tuple[int, int, int, Optional[bool]]:
+    wl: Workload, barrier: Any, ep: str, bound: Any, done: Any, n_consumers: int = 1
+) -> Any:
     import zmq
 
     ctx = zmq.Context()
     s = ctx.socket(zmq.PULL)
     s.setsockopt(zmq.RCVTIMEO, 30_000)
+    zmq_tune(s, wl.size)
+    zero_copy = zmq_zero_copy(wl.size)
+    warm = warm_count(wl, n_consumers)
+    t_w: Optional[int] = None
+    n_w = 0
     try:
         if not bound.wait(BARRIER_TIMEOUT):
             raise TimeoutError("producer never bound")
@@ -593,15 +729,31 @@ def _zmq_consumer(
         out: List[Any] = []
         recv = s.recv
         append = out.append
-        while True:
-            m = recv()
-            if not m:
-                break
-            append(m)
+        if zero_copy:
+            while True:
+                if t_w is None and len(out) >= warm:
+                    t_w, n_w = time.perf_counter_ns(), len(out)
+                f = recv(copy=False)
+                if not len(f):
+                    break
+                append(f.buffer)
+        else:
+            for _ in range(warm):
+                m = recv()
+                if not m:
+                    break
+                append(m)
+            else:
+                t_w, n_w = time.perf_counter_ns(), warm
+                while True:
+                    m = recv()
+                    if not m:
+                        break
+                    append(m)
         t1 = time.perf_counter_ns()
         with done.get_lock():
             done.value += 1
-        return consumer_result(t1, out)
+        return consumer_result(t1, out, (t_w, n_w))
     finally:
         s.close(linger=0)
         ctx.term()
@@ -617,7 +769,7 @@ def procs_zmq(n_consumers: int = 1) -> Callable[[Workload], Run]:
             return flow_run(
                 wl,
                 (_zmq_producer, (ep, bound, done, n_consumers)),
-                [(_zmq_consumer, (ep, bound, done))] * n_consumers,
+                [(_zmq_consumer, (ep, bound, done, n_consumers))] * n_consumers,
             )
         finally:
             _remove_endpoint(ep)

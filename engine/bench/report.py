@@ -12,12 +12,17 @@ JSON schema (``schema_version`` 1; keys are only ever added, never renamed)::
                   "platform", "python", "python_implementation", "engine_version",
                   "packages": {dist: version|null}, "loadavg"},
       "skipped": [str], "errors": [str],
+      "min_window_s": float, "pinning": str, "notes": [str],
+      "check": [{"section", "case", "quick_ratio", "full_ratio", "factor", "ok",  # --check
+                 "quick_ratio_spread", "full_ratio_spread", "full_contenders": [...]}],
       "cases": [{
         "section", "name", "description", "kind": "throughput"|"latency", "unit",
         "ordered": bool, "params": {...},
         "workload": {"count", "size", "seed", "bytes", "checksum"},
+        "buffer_bytes": int,
         "verified": bool, "failed": bool,
         "best_ours": str|null, "best_peer": str|null, "ratio": float|null,
+        "ratio_spread": {"median", "min", "max", "q1", "q3"}|null,  # per repetition
         "targets": [{"target": str, "kind": str, "required": float, "peer": str|null,
                      "measured": float|null, "met": bool|null}],
         "contenders": [{
@@ -25,9 +30,12 @@ JSON schema (``schema_version`` 1; keys are only ever added, never renamed)::
           "msg_per_s": {"median", "min", "max", "q1", "q3"},   # float|null each
           "mb_per_s":  {"median", "min", "max", "q1", "q3"},
           "latency_ns": {"p50", "p90", "p99", "p99_9", "max", "min", "samples"}|null,
+          "rank": bool, "workload_count": int, "valid_runs": int,
+          "window": {"seconds": {spread}, "messages": {spread}},
           "runs": [{"rep", "seconds", "count", "checksum", "in_order", "ok", "error",
                     "latency_ns": {"p50", "p90", "p99", "p99_9", "max"}|null,
-                    "msg_per_s", "mb_per_s"}]
+                    "msg_per_s", "mb_per_s", "window_seconds", "window_count", "valid"}],
+          "warmups": [the same as runs; rep -1, -2]
         }]
       }]
     }
@@ -48,12 +56,15 @@ from engine.bench.harness import (
     OK,
     SCHEMA_VERSION,
     SKIPPED,
+    VOLUME_FACTOR,
     CaseResult,
     ContenderResult,
     LatencyHistogram,
+    RunRecord,
     SuiteResult,
 )
 from engine.bench.machine import machine_info, machine_line
+from engine.bench.peers import cpu_plan, pinning
 
 # ---------------------------------------------------------------------------
 # number formatting
@@ -123,14 +134,37 @@ def _verdict(cr: CaseResult) -> str:
     return "not run"
 
 
+def _spread_text(cr: CaseResult) -> str:
+    sp = cr.ratio_spread()
+    if not sp:
+        return ""
+    return f" ({_ratio(sp['min'])}-{_ratio(sp['max'])} across repetitions)"
+
+
 def _ratio_note(cr: CaseResult) -> str:
     r = cr.ratio
     bo, bp = cr.best_ours, cr.best_peer
     if r is None or bo is None or bp is None:
-        return "no ratio (ours or every peer missing)"
+        return "no ratio (ours or every ranked peer missing or invalid)"
     if r >= 1:
-        return f"ours {_ratio(r)} vs best peer {bp.name}"
-    return f"ours LOSES: {_ratio(r)} of best peer {bp.name}"
+        return f"ours {_ratio(r)}{_spread_text(cr)} vs best peer {bp.name}"
+    return f"ours LOSES: {_ratio(r)}{_spread_text(cr)} of best peer {bp.name}"
+
+
+def pinning_line() -> str:
+    """How the benchmark's processes are placed, for the report."""
+    if not pinning():
+        return "CPU pinning: off (--no-pin)"
+    if cpu_plan(2)[0] is None:
+        return "CPU pinning: off (fewer than 2 usable CPUs)"
+    return (
+        "CPU pinning: each process of a multi-process case on its own CPU while there are "
+        "enough CPUs (2 processes on 2 cores: one each), for repeatable runs"
+    )
+
+
+def _display_name(c: ContenderResult) -> str:
+    return c.name + ("" if c.rank else " (reference, not ranked)")
 
 
 # ---------------------------------------------------------------------------
@@ -138,18 +172,33 @@ def _ratio_note(cr: CaseResult) -> str:
 # ---------------------------------------------------------------------------
 
 
-def _throughput_cells(cr: CaseResult, c: ContenderResult) -> List[str]:
+def _count(c: ContenderResult, cr: CaseResult) -> int:
+    return (c.workload or cr.case.workload).count
+
+
+def _throughput_cells(cr: CaseResult, c: ContenderResult, min_window: float) -> List[str]:
     if c.status == SKIPPED:
-        return ["skipped", "", "", ""]
+        return ["skipped", "", "", "", "", ""]
     if c.status == FAILED and not c.ok_runs():
-        return ["FAILED", "", "", ""]
+        return ["FAILED", "", "", "", "", ""]
     rates = c.rates(cr.case.workload.size)
     m, b = rates["msg_per_s"], rates["mb_per_s"]
+    w = c.windows()
+    window = f"{w['seconds']['median']:.3g} s / {_si(w['messages']['median'])}"
+    valid = len(c.valid_runs())
+    head = _si(m["median"]) + ("" if c.status == OK else " FAILED")
+    if not valid and c.rank:
+        head = f"INVALID (window < {min_window:g} s)"
+    elif not valid:
+        valid = len(c.ok_runs())  # a reference row: shown whatever its window
+        head += " (short window)"
     return [
-        _si(m["median"]) + ("" if c.status == OK else " FAILED"),
-        _mb(b["median"]),
-        f"{_si(m['min'])}-{_si(m['max'])}",
-        f"{len(c.ok_runs())}",
+        head,
+        _mb(b["median"]) if valid else "",
+        f"{_si(m['min'])}-{_si(m['max'])}" if valid else "",
+        window,
+        f"{_count(c, cr):,}",
+        f"{valid}/{len(c.ok_runs())}",
     ]
 
 
@@ -190,6 +239,8 @@ def render_terminal(
     lines = [
         f"queue-engine bench ({suite.profile.name}) on {machine_line(info)}",
         "every run verified: message count + order-independent checksum of every payload",
+        f"throughput: steady-state windows after a warm-up, >= {suite.profile.min_window:g} s "
+        f"(or {VOLUME_FACTOR}x the largest buffer) to rank; {pinning_line()}",
         "",
     ]
     section = None
@@ -205,16 +256,29 @@ def render_terminal(
         note = red(note) if "LOSES" in note else bold(note)
         lines.append(
             f"{cr.case.name}: {cr.case.description} "
-            f"[{wl.count:,} x {_size(wl.size)}, {reps} reps] {verdict}; {note}"
+            f"[{_size(wl.size)} messages, {reps} reps] {verdict}; {note}"
         )
         if cr.case.kind == LATENCY:
             rows = [["contender", "p50 us", "p90 us", "p99 us", "p99.9 us", "max us", "samples"]]
             for c in cr.contenders:
-                rows.append([("* " if c.ours else "  ") + c.name] + _latency_cells(c))
+                rows.append([("* " if c.ours else "  ") + _display_name(c)] + _latency_cells(c))
         else:
-            rows = [["contender", "msg/s", "bandwidth", "min-max msg/s", "runs"]]
+            rows = [
+                [
+                    "contender",
+                    "msg/s",
+                    "bandwidth",
+                    "min-max msg/s",
+                    "window (median)",
+                    "messages",
+                    "valid runs",
+                ]
+            ]
             for c in cr.contenders:
-                rows.append([("* " if c.ours else "  ") + c.name] + _throughput_cells(cr, c))
+                rows.append(
+                    [("* " if c.ours else "  ") + _display_name(c)]
+                    + _throughput_cells(cr, c, suite.profile.min_window)
+                )
         lines.extend(_table(rows))
         for c in cr.contenders:
             if c.status == FAILED:
@@ -228,6 +292,8 @@ def render_terminal(
     for e in suite.errors:
         lines.append(red(e))
     n_fail = sum(1 for c in suite.cases if c.failed) + len(suite.errors)
+    for note in suite.notes:
+        lines.append(note)
     lines.append(
         f"{len(suite.cases)} cases in {suite.seconds:.1f} s: "
         + (red(f"{n_fail} FAILED") if n_fail else "all verified")
@@ -255,6 +321,25 @@ def _clean(obj: Any) -> Any:
     return _num(obj)
 
 
+def _run_json(r: RunRecord, size: int) -> Dict[str, Any]:
+    rate = r.rate() if r.ok else math.nan
+    return {
+        "rep": r.rep,
+        "seconds": r.seconds,
+        "count": r.count,
+        "checksum": r.checksum,
+        "in_order": r.in_order,
+        "ok": r.ok,
+        "error": r.error,
+        "latency_ns": r.latency_ns,
+        "msg_per_s": rate,
+        "mb_per_s": rate * size / 1e6,
+        "window_seconds": r.window_seconds,
+        "window_count": r.window_count,
+        "valid": r.valid,
+    }
+
+
 def _contender_json(cr: CaseResult, c: ContenderResult) -> Dict[str, Any]:
     size = cr.case.workload.size
     rates = c.rates(size)
@@ -266,21 +351,12 @@ def _contender_json(cr: CaseResult, c: ContenderResult) -> Dict[str, Any]:
         "msg_per_s": rates["msg_per_s"],
         "mb_per_s": rates["mb_per_s"],
         "latency_ns": c.latency(),
-        "runs": [
-            {
-                "rep": r.rep,
-                "seconds": r.seconds,
-                "count": r.count,
-                "checksum": r.checksum,
-                "in_order": r.in_order,
-                "ok": r.ok,
-                "error": r.error,
-                "latency_ns": r.latency_ns,
-                "msg_per_s": (r.count / r.seconds) if r.ok and r.seconds > 0 else None,
-                "mb_per_s": (r.count * size / r.seconds / 1e6) if r.ok and r.seconds > 0 else None,
-            }
-            for r in c.runs
-        ],
+        "rank": c.rank,
+        "workload_count": _count(c, cr),
+        "valid_runs": len(c.valid_runs()),
+        "window": c.windows(),
+        "runs": [_run_json(r, size) for r in c.runs],
+        "warmups": [_run_json(r, size) for r in c.warmups],
     }
 
 
@@ -308,11 +384,13 @@ def to_json(
                     "bytes": wl.nbytes,
                     "checksum": wl.expected.checksum,
                 },
+                "buffer_bytes": cr.case.buffer_bytes,
                 "verified": cr.verified,
                 "failed": cr.failed,
                 "best_ours": bo.name if bo else None,
                 "best_peer": bp.name if bp else None,
                 "ratio": cr.ratio,
+                "ratio_spread": cr.ratio_spread(),
                 "targets": cr.target_results(),
                 "contenders": [_contender_json(cr, c) for c in cr.contenders],
             }
@@ -333,6 +411,27 @@ def to_json(
             "machine": info if info is not None else machine_info(),
             "skipped": list(suite.skipped),
             "errors": list(suite.errors),
+            "min_window_s": p.min_window,
+            "pinning": pinning_line(),
+            "notes": list(suite.notes),
+            "check": [
+                {
+                    "section": r.section,
+                    "case": r.case,
+                    "quick_ratio": r.quick,
+                    "full_ratio": r.full,
+                    "factor": r.factor,
+                    "ok": r.ok,
+                    "quick_ratio_spread": r.quick_result.ratio_spread() if r.quick_result else None,
+                    "full_ratio_spread": r.full_result.ratio_spread() if r.full_result else None,
+                    "full_contenders": (
+                        [_contender_json(r.full_result, c) for c in r.full_result.contenders]
+                        if r.full_result
+                        else []
+                    ),
+                }
+                for r in suite.checks
+            ],
             "cases": cases,
         }
     )
@@ -345,6 +444,11 @@ def write_json(
     info: Optional[Dict[str, Any]] = None,
 ) -> None:
     data = to_json(suite, command, info)
+    if path == "-":
+        json.dump(data, sys.stdout, indent=1, allow_nan=False)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1, allow_nan=False)
@@ -370,15 +474,18 @@ def render_markdown(
     out = [
         f"Measured with `{cmd}` on {machine_line(info)}; "
         f"{suite.profile.name} profile, medians of interleaved repetitions, "
-        "every run verified (count + checksum).",
+        "every run verified (count + checksum). Throughput is the steady state: each run's "
+        f"window starts after a warm-up and lasts >= {suite.profile.min_window:g} s (or moves "
+        f"{VOLUME_FACTOR}x the largest buffer); the ratio's range is its spread across "
+        f"repetitions. {pinning_line()}.",
         "",
     ]
     thr = [cr for cr in suite.cases if cr.case.kind != LATENCY]
     lat = [cr for cr in suite.cases if cr.case.kind == LATENCY]
     if thr:
         out += [
-            "| Case | Messages | Contender | msg/s (median) | bandwidth | spread (min-max msg/s) | vs best peer |",
-            "|---|---|---|---:|---:|---:|---:|",
+            "| Case | Contender | Messages | Window (median) | msg/s (median) | bandwidth | spread (min-max msg/s) | vs best peer (range) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         for cr in thr:
             wl = cr.case.workload
@@ -389,26 +496,36 @@ def render_markdown(
                 case_cell = f"{_md_escape(cr.section)}: {_md_escape(cr.case.name)}" if first else ""
                 if first and cr.failed:
                     case_cell += " **FAILED**"
-                size_cell = f"{wl.count:,} x {_size(wl.size)}" if first else ""
                 first = False
-                name = f"**{_md_escape(c.name)}**" if c.ours else _md_escape(c.name)
+                name = _md_escape(_display_name(c))
+                name = f"**{name}**" if c.ours else name
+                count_cell = f"{_count(c, cr):,} x {_size(wl.size)}"
                 if c.status == FAILED:
-                    out.append(f"| {case_cell} | {size_cell} | {name} | FAILED | | | |")
+                    out.append(f"| {case_cell} | {name} | {count_cell} | | FAILED | | | |")
                     continue
+                w = c.windows()["seconds"]["median"]
                 rates = c.rates(wl.size)
                 m, b = rates["msg_per_s"], rates["mb_per_s"]
                 ratio = ""
                 if c.ours and cr.best_ours is c and cr.ratio is not None:
                     ratio = f"**{_ratio(cr.ratio)}**" + (" (loses)" if cr.ratio < 1 else "")
+                    sp = cr.ratio_spread()
+                    if sp:
+                        ratio += f" ({_ratio(sp['min'])}-{_ratio(sp['max'])})"
+                if not c.valid_runs() and c.rank:
+                    out.append(
+                        f"| {case_cell} | {name} | {count_cell} | {w:.3g} s | invalid (short window) | | | |"
+                    )
+                    continue
                 out.append(
-                    f"| {case_cell} | {size_cell} | {name} | {_si(m['median'])} | {_mb(b['median'])} | "
-                    f"{_si(m['min'])}-{_si(m['max'])} | {ratio} |"
+                    f"| {case_cell} | {name} | {count_cell} | {w:.3g} s | {_si(m['median'])} | "
+                    f"{_mb(b['median'])} | {_si(m['min'])}-{_si(m['max'])} | {ratio} |"
                 )
         out.append("")
     if lat:
         out += [
-            "| Latency case | Contender | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | vs best peer (p50) |",
-            "|---|---|---:|---:|---:|---:|---:|---:|",
+            "| Latency case | Contender | samples | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | vs best peer (p50) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for cr in lat:
             first = True
@@ -419,17 +536,21 @@ def render_markdown(
                 if first and cr.failed:
                     case_cell += " **FAILED**"
                 first = False
-                name = f"**{_md_escape(c.name)}**" if c.ours else _md_escape(c.name)
+                name = _md_escape(_display_name(c))
+                name = f"**{name}**" if c.ours else name
                 s = c.latency()
                 if c.status == FAILED or not s:
-                    out.append(f"| {case_cell} | {name} | FAILED | | | | | |")
+                    out.append(f"| {case_cell} | {name} | | FAILED | | | | | |")
                     continue
                 ratio = ""
                 if c.ours and cr.best_ours is c and cr.ratio is not None:
                     ratio = f"**{_ratio(cr.ratio)}**" + (" (loses)" if cr.ratio < 1 else "")
+                    sp = cr.ratio_spread()
+                    if sp:
+                        ratio += f" ({_ratio(sp['min'])}-{_ratio(sp['max'])})"
                 out.append(
-                    f"| {case_cell} | {name} | {_us(s['p50'])} | {_us(s['p90'])} | {_us(s['p99'])} | "
-                    f"{_us(s['p99_9'])} | {_us(s['max'])} | {ratio} |"
+                    f"| {case_cell} | {name} | {int(s['samples']):,} | {_us(s['p50'])} | "
+                    f"{_us(s['p90'])} | {_us(s['p99'])} | {_us(s['p99_9'])} | {_us(s['max'])} | {ratio} |"
                 )
         out.append("")
     targets = [(cr, t) for cr in suite.cases for t in cr.target_results()]
@@ -441,6 +562,9 @@ def render_markdown(
                 f"| {_md_escape(t['target'])} | {_md_escape(cr.section)}: {_md_escape(cr.case.name)} "
                 f"| {_measured(t)} | {met} |"
             )
+        out.append("")
+    for note in suite.notes:
+        out.append(note)
         out.append("")
     if suite.skipped:
         out.append(
@@ -481,7 +605,7 @@ def write_plots(suite: SuiteResult, directory: str) -> List[str]:
         for cr in crs:
             x = cr.case.params.get("x")
             for c in cr.contenders:
-                if c.status != OK or not c.ok_runs():
+                if c.status != OK or not c.valid_runs() or not c.rank:
                     continue
                 r = c.rates(cr.case.workload.size)[key]
                 out.setdefault(c.name, []).append((x, r["median"], r["min"], r["max"], c.ours))

@@ -1,14 +1,19 @@
 """The ring section: engine.Ring against queue.Queue, queue.SimpleQueue,
 multiprocessing.Queue/Pipe, faster-fifo and pyzmq on the same workload.
 
-Cases, 64-byte messages (quick / --full): threads 1->1 (100k / 1M);
-processes 1->1 single put/get (100k / 1M); processes 1->1 batch
-(put_many/get_many, 1024 per call for every contender, the batches built
-before the clock for both; 100k / 1M); processes
-1->2 competing consumers (50k / 1M); put_array/get_array rows (1M / 4M);
-cross-process ping-pong round-trip latency (2k / 100k round trips). --full
-adds a message-size sweep (1 B-64 KiB, processes 1->1) and a consumer-count
-sweep (1-4, mode="shared") for the plots.
+Every bounded contender gets the same 4 MiB buffer (``peers.BUFFER_BYTES``),
+and every throughput run is a steady-state window (see
+:mod:`engine.bench.harness`): the counts below are where sizing starts, and
+each contender's workload grows until its window lasts ~0.4 s.
+
+Cases, 64-byte messages (starting count quick / --full): threads 1->1 (20k /
+1M); processes 1->1 single put/get (30k / 1M), faster-fifo also with its
+``get_many`` consumer; processes 1->1 batch (put_many/get_many, 1024 per call
+for every contender, the batches built before the clock for both); processes
+1->2 competing consumers; put_array/get_array rows (1M / 4M); cross-process
+ping-pong round-trip latency (1k / 100k round trips). The quick profile runs
+the ``QUICK`` cases; --full adds the rest, a message-size sweep (1 B-64 KiB,
+processes 1->1) and a consumer-count sweep (1-4, mode="shared") for the plots.
 """
 
 from __future__ import annotations
@@ -32,14 +37,21 @@ from engine.bench.harness import (
     Target,
     Workload,
 )
-from engine.bench.peers import BARRIER_TIMEOUT, BATCH
+from engine.bench.peers import BARRIER_TIMEOUT, BATCH, BUFFER_BYTES, FLOW_BUFFER_BYTES
 
 SECTION = "ring"
+# the cases the quick profile runs (fewer cases, never shorter windows); --full runs all
+QUICK = (
+    "processes 1->1 put/get",
+    "processes 1->1 batch",
+    "processes 1->1 arrays",
+    "ping-pong round trip",
+)
 
 RING = ("engine._ring",)
 FF = ("faster_fifo",)
 ZMQ = ("zmq",)
-CAPACITY = 1 << 24  # 16 MiB, the same buffer as faster-fifo gets
+CAPACITY = BUFFER_BYTES  # 4 MiB, the buffer every peer gets (smaller than any sized workload)
 ARRAY_ROWS = 8192  # rows per put_array / get_array call (and per peer block)
 SIZES = (1, 8, 64, 512, 4096, 16384, 65536)
 CONSUMERS = (1, 2, 3, 4)
@@ -121,18 +133,24 @@ def _ours_producer(wl: Workload, barrier: Any, name: str, how: str) -> int:
 
 
 def _ours_consumer(
-    wl: Workload, barrier: Any, name: str, how: str
-) -> Tuple[int, int, int, Optional[bool]]:
+    wl: Workload, barrier: Any, name: str, how: str, n_consumers: int = 1
+) -> Tuple[Any, ...]:
     from engine import Closed, Ring
 
     ring = Ring.attach(name)
     c = ring.consumer()
     sink = peers.RowSink(wl) if how == "array" else None
+    warm = peers.warm_count(wl, n_consumers)
+    t_w: Optional[int] = None
+    n_w = 0
     barrier.wait(BARRIER_TIMEOUT)
     if sink is not None:
         get_array = c.get_array
         add = sink.add
         try:
+            while sink.n < warm:
+                add(get_array(ARRAY_ROWS, np.uint8, None))
+            t_w, n_w = time.perf_counter_ns(), sink.n
             while True:
                 add(get_array(ARRAY_ROWS, np.uint8, None))
         except Closed:
@@ -140,17 +158,23 @@ def _ours_consumer(
         t1 = time.perf_counter_ns()
         c.close()
         ring.close()
-        return sink.result(t1)
+        return sink.result(t1, (t_w, n_w))
     out: List[Any] = []
     try:
         if how == "single":
             get = c.get
             append = out.append
+            for _ in range(warm):
+                append(get())
+            t_w, n_w = time.perf_counter_ns(), warm
             while True:
                 append(get())
         else:
             get_many = c.get_many
             extend = out.extend
+            while len(out) < warm:
+                extend(get_many(BATCH, None))
+            t_w, n_w = time.perf_counter_ns(), len(out)
             while True:
                 extend(get_many(BATCH, None))
     except Closed:
@@ -158,7 +182,7 @@ def _ours_consumer(
     t1 = time.perf_counter_ns()
     c.close()
     ring.close()
-    return peers.consumer_result(t1, out)
+    return peers.consumer_result(t1, out, (t_w, n_w))
 
 
 def ours_procs(
@@ -173,7 +197,7 @@ def ours_procs(
             return peers.flow_run(
                 wl,
                 (_ours_producer, (name, how)),
-                [(_ours_consumer, (name, how))] * n_consumers,
+                [(_ours_consumer, (name, how, n_consumers))] * n_consumers,
             )
 
     return fn
@@ -193,15 +217,19 @@ def ours_threads(wl: Workload) -> Run:
             put(m)
         p.close()
 
-    def consume() -> List[Any]:
+    def consume() -> Any:
         out: List[Any] = []
         get = c.get
         append = out.append
+        t_w: Optional[int] = None
         try:
+            for _ in range(peers.warm_count(wl)):
+                append(get())
+            t_w = time.perf_counter_ns()
             while True:
                 append(get())
         except Closed:
-            return out
+            return out, (t_w, peers.warm_count(wl))
 
     try:
         return peers.thread_run(wl, produce, consume)
@@ -262,14 +290,20 @@ def _flow_contenders(n_consumers: int = 1, shared: bool = False) -> List[Contend
         ),
         Contender("multiprocessing.Queue", peers.procs_mpqueue(n_consumers)),
         Contender("faster-fifo", peers.procs_faster_fifo(n_consumers), requires=FF),
+        # faster-fifo at its best: single puts, its get_many on the consumer side
+        Contender(
+            "faster-fifo put + get_many",
+            peers.procs_faster_fifo(n_consumers, 0, BATCH),
+            requires=FF,
+        ),
         Contender("pyzmq PUSH/PULL ipc", peers.procs_zmq(n_consumers), requires=ZMQ),
     ]
 
 
 def cases(profile: Profile) -> List[Case]:
     """Every ring case for this profile."""
-    # quick: sized so the slowest peers (multiprocessing.Queue, faster-fifo
-    # single put/get) keep the default suite under a minute on 2 cores
+    # the starting count: the harness's warm-up grows each contender's
+    # workload until its window lasts ~0.4 s, in quick and --full alike
     n = profile.count(quick=30_000, full=1_000_000)
     size = 64
     wl = Workload(n, size)
@@ -289,6 +323,7 @@ def cases(profile: Profile) -> List[Case]:
                 Contender("queue.SimpleQueue", peers.threads_simplequeue),
                 Contender("faster-fifo", peers.threads_faster_fifo, requires=FF),
             ],
+            buffer_bytes=BUFFER_BYTES,
         ),
         Case(
             "processes 1->1 put/get",
@@ -296,6 +331,7 @@ def cases(profile: Profile) -> List[Case]:
             THROUGHPUT,
             wl,
             _flow_contenders(1),
+            buffer_bytes=FLOW_BUFFER_BYTES,
             targets=[
                 Target("ratio", 25, "multiprocessing.Queue"),
                 Target("ratio", 3, "pyzmq PUSH/PULL ipc"),
@@ -318,6 +354,7 @@ def cases(profile: Profile) -> List[Case]:
                     "faster-fifo put_many/get_many", peers.procs_faster_fifo(1, BATCH), requires=FF
                 ),
             ],
+            buffer_bytes=BUFFER_BYTES,
             targets=[Target("ratio", 10, "faster-fifo put_many/get_many")],
         ),
         Case(
@@ -329,6 +366,7 @@ def cases(profile: Profile) -> List[Case]:
             Workload(profile.count(quick=15_000, full=1_000_000), size),
             _flow_contenders(2),
             ordered=False,
+            buffer_bytes=FLOW_BUFFER_BYTES,
         ),
         Case(
             "processes 1->1 arrays",
@@ -349,6 +387,9 @@ def cases(profile: Profile) -> List[Case]:
                 Contender("multiprocessing.Queue ndarray", peers.procs_mpqueue_array(ARRAY_ROWS)),
             ],
             unit="MB/s",
+            buffer_bytes=BUFFER_BYTES,
+            # rows travel as one array (no payload list): room for a 0.25 s window at GB/s
+            max_bytes=512 << 20,
             targets=[Target("min_mb_per_s", 2000)],
         ),
         Case(
@@ -389,6 +430,7 @@ def cases(profile: Profile) -> List[Case]:
                     THROUGHPUT,
                     Workload(cnt, s),
                     _flow_contenders(1),
+                    buffer_bytes=FLOW_BUFFER_BYTES,
                     repeat=profile.reps(quick=3, full=3),
                     params={"sweep": "size", "x": s, "group": "ring processes 1->1"},
                 )
@@ -402,6 +444,7 @@ def cases(profile: Profile) -> List[Case]:
                     Workload(profile.count(quick=100_000, full=100_000), size),
                     _flow_contenders(k, shared=True),
                     ordered=k == 1,
+                    buffer_bytes=FLOW_BUFFER_BYTES,
                     repeat=profile.reps(quick=3, full=3),
                     params={"sweep": "consumers", "x": k, "group": "ring processes 1->N"},
                 )

@@ -34,6 +34,8 @@ from engine.bench import peers
 from engine.bench.harness import Case, Contender, Profile, Run, Target, Workload, digest
 
 SECTION = "scheduling"
+# the cases the quick profile runs (fewer cases, never shorter windows); --full runs all
+QUICK = ("priority 3 levels, 2 processes",)
 LEVELS = 3
 ROUND = 4096  # puts, then gets, per round (bounded memory for every contender)
 KEYS = 1000

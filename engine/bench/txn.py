@@ -39,6 +39,8 @@ SECTION = "txn"
 
 OURS = ("engine._log", "engine.txn")
 THREADS = 32
+# the cases the quick profile runs (fewer cases, never shorter windows); --full runs all
+QUICK = (f"2 participants, durability always, {THREADS} threads",)
 
 
 def _read_back(path: str) -> List[bytes]:

@@ -51,6 +51,8 @@ from engine.bench.harness import (
 )
 
 SECTION = "versions"
+# the cases the quick profile runs (fewer cases, never shorter windows); --full runs all
+QUICK: tuple = ()  # --full only: its sized SQLite peer alone costs the quick suite ~25 s
 
 OURS = ("engine._log", "engine._versions")
 SQLITE_PUT = "sqlite3 version column (:memory:)"
