@@ -34,7 +34,7 @@ def test_measure_fails_loudly_on_a_lossy_queue():
 
 
 def test_cases_run_through_the_harness():
-    profile = harness.Profile(messages=2000, repeat=1)
+    profile = harness.Profile(messages=2000, repeat=1, min_window=0)
     cases = qb.cases(profile)
     assert [c.name for c in cases][:3] == ["small tuple 1->1", "small tuple 4->1", "small tuple 1->4"]
     assert len(cases) == 9

@@ -123,6 +123,7 @@ SECTIONS: Tuple[str, ...] = (
     "txn",
     "bridge",
     "aio",
+    "queues",
 )
 
 PIP_HINT = 'pip install "queue-engine[bench]"'

@@ -37,6 +37,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 SECTION = "queues"
+# the cases the quick profile runs (fewer cases, never shorter windows); --full runs all
+QUICK = ("small tuple 1->1", "small tuple 4->1", "1 MB ndarray 1->1")
 
 CAPACITY = 1 << 24  # bytes of shared buffer for engine.Queue and faster-fifo alike
 SMALL_MAXSIZE = 10_000  # messages queued at most (small and 1 KiB cases)
@@ -416,6 +418,7 @@ def cases(profile: Any) -> List[Any]:
                                       ours=ours, requires=(module,))
                             for name, factory, ours, module in CONTENDERS],
                 unit="MB/s" if payload.name == "1 MB ndarray" else "msg/s",
+                buffer_bytes=CAPACITY,
                 ordered=producers == 1 and consumers == 1,
                 targets=[Target("ratio", need, peer) for peer, need in
                          targets_for(payload, producers, consumers)],
