@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from engine._counter import (
     KEY_MAX,
@@ -32,7 +32,7 @@ from engine._counter import (
     read_header,
     region_path,
 )
-from engine.errors import Closed, EngineError
+from engine.errors import Closed, CorruptLog
 
 __all__ = [
     "ShardedCounter",
@@ -71,17 +71,17 @@ def _encode_items(items: Iterable[Any]) -> bytes:
     return b"".join(parts)
 
 
-def _decode_items(buf: bytes) -> Dict[Key, int]:
+def _decode_items(buf: bytes, where: str) -> Dict[Key, int]:
     out: Dict[Key, int] = {}
     pos = len(_MAP_TAG)
     while pos < len(buf):
         if pos + _ENTRY.size > len(buf):
-            raise EngineError("counter map checkpoint record is truncated")
+            raise CorruptLog(where, 0, "counter map checkpoint record is truncated")
         value, flags, klen = _ENTRY.unpack_from(buf, pos)
         pos += _ENTRY.size
         raw = bytes(buf[pos : pos + klen])
         if len(raw) != klen:
-            raise EngineError("counter map checkpoint record is truncated")
+            raise CorruptLog(where, 0, "counter map checkpoint record is truncated")
         pos += klen
         out[raw.decode() if flags & 1 else raw] = value
     return out
@@ -96,8 +96,9 @@ def _checkpoint(obj: Union[ShardedCounter, CounterMap], log: Any) -> int:
     return int(log.append(payload, key=_ckpt_key(obj)))
 
 
-def _latest(obj: Union[ShardedCounter, CounterMap], log: Any) -> Optional[bytes]:
-    """The payload of the latest checkpoint of ``obj`` in ``log`` (a Log or a path)."""
+def _latest(obj: Union[ShardedCounter, CounterMap], log: Any) -> Optional[Tuple[bytes, str]]:
+    """The payload of the latest checkpoint of ``obj`` in ``log`` (a Log or a
+    path), and where it is (for errors)."""
     from engine import LogReader
 
     want = _ckpt_key(obj)
@@ -106,28 +107,30 @@ def _latest(obj: Union[ShardedCounter, CounterMap], log: Any) -> Optional[bytes]
     else:
         log.flush()
         reader = log.reader(start=log.start_offset)
-    found: Optional[bytes] = None
+    found: Optional[Tuple[bytes, str]] = None
+    where = os.fspath(log) if isinstance(log, (str, os.PathLike)) else str(getattr(log, "path", log))
     with reader:
         for rec in reader:
             if rec.key is not None and bytes(rec.key) == want:
-                found = bytes(rec.value)
+                found = bytes(rec.value), f"{where} (record {rec.offset})"
     return found
 
 
 def _restore(obj: Union[ShardedCounter, CounterMap], log: Any) -> Any:
-    payload = _latest(obj, log)
-    if payload is None:
+    found = _latest(obj, log)
+    if found is None:
         return None
+    payload, where = found
     if isinstance(obj, CounterMap):
         if not payload.startswith(_MAP_TAG):
-            raise EngineError(f"record keyed {_ckpt_key(obj)!r} is not a counter map checkpoint")
-        values = _decode_items(payload)
+            raise CorruptLog(where, 0, f"record keyed {_ckpt_key(obj)!r} is not a counter map checkpoint")
+        values = _decode_items(payload, where)
         obj.reset()
         for key, value in values.items():
             obj.add(key, value)
         return values
     if len(payload) != 12 or not payload.startswith(_COUNTER_TAG):
-        raise EngineError(f"record keyed {_ckpt_key(obj)!r} is not a counter checkpoint")
+        raise CorruptLog(where, 0, f"record keyed {_ckpt_key(obj)!r} is not a counter checkpoint")
     (value,) = struct.unpack_from("<q", payload, 4)
     obj._set(value)
     return value

@@ -81,7 +81,7 @@ try:
 except ImportError:  # pragma: no cover - Python < 3.8
     from typing_extensions import Literal  # type: ignore[assignment]
 
-from engine.errors import Closed, EngineError, IncompatibleRegion, LogLocked, Timeout
+from engine.errors import Closed, CorruptLog, EngineError, IncompatibleRegion, LogLocked, Timeout
 
 from ._fsutil import atomic_write, check_durability, write_all
 from ._log import _check_segment_bytes  # type: ignore[import-not-found]
@@ -1294,7 +1294,7 @@ class _DelayLog:
                     continue
                 key = rec.key
                 if key is None or len(key) != 12:
-                    raise EngineError(f"corrupt delayed record at offset {off} of {self._dir}")
+                    raise CorruptLog(self._dir, 0, f"delayed record {off} has no due-time key")
                 key = bytes(key)
                 wall_due = int.from_bytes(key[:8], "little", signed=True)
                 out.append((mono + (wall_due - wall), off, int.from_bytes(key[8:], "little"),
@@ -1490,7 +1490,8 @@ class DurablePriorityQueue(PriorityQueue):
         heap = self._heap
         for entry in self._dlog.read(256):  # type: ignore[union-attr]  # opened by _consumer
             if entry[2] >= self._n:
-                raise EngineError(f"delayed record for level {entry[2]} >= {self._n}")
+                raise CorruptLog(self._dlog._dir, 0,  # type: ignore[union-attr]  # opened by _consumer
+                                 f"delayed record {entry[1]} is for level {entry[2]} >= {self._n}")
             heapq.heappush(heap, entry)
         if heap:
             now = now_ns()
@@ -1738,7 +1739,7 @@ class _DurableOwned(_Owned):
         heap = self.heap
         for due, off, tag, _ts, payload in self.delay.read():
             if tag != self.p:
-                raise EngineError(f"delayed record {off} of {self.delay.dir} is for partition {tag}, not {self.p}")
+                raise CorruptLog(self.delay.dir, 0, f"delayed record {off} is for partition {tag}, not {self.p}")
             heapq.heappush(heap, (due, off, payload))
 
     def pop_due(self, now: int, room: int, out: List[bytes]) -> int:

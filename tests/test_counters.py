@@ -672,3 +672,21 @@ def test_cli_counter_show(shm_name):
     assert shm_name in ls.stdout and m_name in ls.stdout
     bad = _cli("show", shm_name + "-missing")
     assert bad.returncode == 1 and "no such region" in bad.stderr
+
+
+def test_a_damaged_checkpoint_record_is_corrupt_log(tmp_path):
+    """A counter checkpoint record that is not one is reported as corrupt
+    data (CorruptLog naming the log and the record), not a bare EngineError."""
+    from engine.counters import _ckpt_key
+
+    path = str(tmp_path / "ckpt")
+    m = CounterMap(capacity=16)
+    c = ShardedCounter()
+    with engine.Log(path, durability="none") as log:
+        log.append(b"QEM1" + b"\x01", key=_ckpt_key(m))  # a truncated entry
+        log.append(b"junk", key=_ckpt_key(c))
+    for obj in (m, c):
+        with pytest.raises(engine.CorruptLog, match="record 0|record 1"):
+            obj.restore(path)
+    m.close()
+    c.close()
