@@ -6,7 +6,7 @@ Hand-written: keep it in step with pyx/counter.pyx (tests run mypy over it).
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union, final
 
 from engine.errors import EngineError
 
@@ -57,6 +57,7 @@ class ShardedCounter:
     def __enter__(self) -> ShardedCounter: ...
     def __exit__(self, *exc: object) -> bool: ...
 
+@final
 class _AtomicCell:
     """The benchmark's single-shared-cell reference (one fetch_add, one line)."""
 

@@ -19,16 +19,20 @@ from typing import (
     Optional,
     Tuple,
     Union,
+    final,
 )
 
-Durability = Literal["always", "interval", "none"]
+from engine._fsutil import Durability
+
 # any C-contiguous buffer (bytes, bytearray, memoryview, numpy arrays...)
 _BytesLike = Union[bytes, bytearray, memoryview, Any]
 
 FORMAT_VERSION: int
+DEF_SEGMENT_BYTES: int
 RECORD_HEADER_SIZE: int
 SEGMENT_HEADER_SIZE: int
 
+@final
 class Record:
     """One record of the log (immutable)."""
 
@@ -135,6 +139,18 @@ class ScanResult:
     error: Optional[str]
     error_position: int
     bytes_scanned: int
+    def __init__(
+        self,
+        segment: str,
+        base_offset: int,
+        records: int,
+        next_offset: int,
+        end_position: int,
+        sealed: bool,
+        error: Optional[str],
+        error_position: int,
+        bytes_scanned: int,
+    ) -> None: ...
 
 def verify(path: Union[str, os.PathLike[str]]) -> List[ScanResult]: ...
 def scan_segment(data: _BytesLike, expected_base: Optional[int] = None) -> ScanResult: ...

@@ -7,7 +7,7 @@ Hand-written: keep it in step with pyx/sched.pyx.
 from __future__ import annotations
 
 import mmap
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union, final
 
 _Buffer = Union[bytes, bytearray, memoryview, Any]
 
@@ -30,6 +30,7 @@ def stable_hash(key: Union[bytes, str, int, _Buffer]) -> int: ...
 def split_delayed(rec: bytes) -> Tuple[int, int, bytes]: ...
 def delayed_record(due_ns: int, msg: _Buffer, level: int) -> bytes: ...
 
+@final
 class _Region:
     name: Optional[str]
     pid: int

@@ -8,8 +8,21 @@ Hand-written: keep it in step with pyx/txn.pyx (tests run mypy over it).
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable, Dict, Iterable, List, Literal, Optional, Sequence, Set, Tuple
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    Literal,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    final,
+)
 
+@final
 class _Mutex:
     """A lock with ``threading.Lock``'s interface."""
 
@@ -31,6 +44,7 @@ class _JournalCore:
     sync: bool
     appended: int
 
+@final
 class Transaction:
     """One transaction of a :class:`engine.txn.Coordinator` (``coord.transaction()``)."""
 
