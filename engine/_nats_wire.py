@@ -338,7 +338,7 @@ async def _open_one(url: str, name: str, timeout: float,
                 loop.start_tls(old, conn, ctx, server_hostname=host), timeout)
             if new is None:  # pragma: no cover - only for a closed transport
                 raise WireError(f"{url}: the connection closed during the TLS handshake")
-            conn._transport = new  # type: ignore[assignment]
+            conn._transport = new
             new.set_write_buffer_limits(high=4 << 20, low=1 << 20)
         if not info.get("headers", False):
             raise WireError(f"{url}: the server does not support message headers "

@@ -74,18 +74,13 @@ import os
 import struct
 import time
 from collections import deque
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, overload
-
-try:
-    from typing import Literal
-except ImportError:  # pragma: no cover - Python < 3.8
-    from typing_extensions import Literal  # type: ignore[assignment]
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, overload
 
 from engine.errors import Closed, CorruptLog, EngineError, IncompatibleRegion, LogLocked, Timeout
 
 from ._fsutil import atomic_write, check_durability, write_all
-from ._log import _check_segment_bytes  # type: ignore[import-not-found]
-from ._sched import (  # type: ignore[import-not-found]
+from ._log import _check_segment_bytes
+from ._sched import (
     KIND_KEYED,
     KIND_PRIORITY,
     MAX_MEMBERS,
@@ -332,7 +327,7 @@ class PriorityQueue(_PQCore, _Awaitable):
                  max_wait: Optional[float] = None, name: Optional[str] = None,
                  capacity: int = DEFAULT_CAPACITY, durable: bool = False, path: Optional[str] = None,
                  max_consumers: int = 1, by: str = "count", quantum: int = 4096) -> None:
-        from ._ring import Ring  # type: ignore[import-not-found]
+        from ._ring import Ring
 
         levels, policy, w, mw = _validate_policy(levels, policy, weights, max_wait)
         _validate_by(by, policy, quantum)
@@ -700,8 +695,8 @@ class KeyedQueue(_KQCore, _Awaitable):
             self._producers[p].put(msg)  # already due: an ordinary put, in key order
         else:
             self._dproducers[p].put(delayed_record(due, msg, p))
-            self._region.add_delayed()  # type: ignore[union-attr]
-        self._region.ring_bell()  # type: ignore[union-attr]
+            self._region.add_delayed()
+        self._region.ring_bell()
 
     def _open_partition(self, p: int) -> _Owned:
         """Open partition p for the member that now owns it."""
@@ -1225,7 +1220,7 @@ _DONE_MASK = (1 << 64) - 1
 def _open_log(log_dir: str, q: Any) -> Any:
     """Open (creating it if need be) one of a durable queue's logs with the
     queue's settings."""
-    from ._log import Log  # type: ignore[import-not-found]
+    from ._log import Log
 
     return Log(log_dir, durability=q._durability, segment_bytes=q._segment_bytes)
 
@@ -1245,7 +1240,7 @@ class _DelayLog:
     """
 
     def __init__(self, log_dir: str, done_path: str, group: str, sync: bool) -> None:
-        from ._log import LogReader  # type: ignore[import-not-found]
+        from ._log import LogReader
 
         self.reader = LogReader(log_dir, group=group)
         self._dir = log_dir
@@ -1444,7 +1439,7 @@ class DurablePriorityQueue(PriorityQueue):
         if self._closed:
             raise Closed("the queue is closed")
         if self._readers is None:
-            from ._log import LogReader  # type: ignore[import-not-found]
+            from ._log import LogReader
 
             readers = []
             dirs = self._log_dirs()
@@ -1540,7 +1535,7 @@ class DurablePriorityQueue(PriorityQueue):
         does an awaiting one (``engine.aio``)."""
         return _seconds_until(self._heap[0][0]) if self._heap else None
 
-    def _core_counts(self) -> Tuple[List[int], List[int], int, int, List[int]]:  # type: ignore[override]
+    def _core_counts(self) -> Tuple[List[int], List[int], int, int, List[int]]:
         """(put, got, aged, delayed held, 0s): the compiled queue's shape."""
         return list(self._nput), list(self._ngot), 0, len(self._heap), [0] * self._n
 
@@ -1886,7 +1881,7 @@ class DurableKeyedQueue(KeyedQueue):
         return os.path.join(self._path, f"D{p}")
 
     def _open_partition(self, p: int) -> _Owned:
-        from ._log import LogReader  # type: ignore[import-not-found]
+        from ._log import LogReader
 
         d = self._dirs()[p]
         if not os.path.exists(os.path.join(d, "meta")):

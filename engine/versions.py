@@ -1311,7 +1311,7 @@ class Deduplicator:
 def _norm_id(msg_id: Any) -> Union[bytes, int]:
     t = type(msg_id)
     if t is bytes or t is int:
-        return msg_id  # type: ignore[no-any-return]
+        return msg_id
     if isinstance(msg_id, str):
         return msg_id.encode("utf-8")
     if isinstance(msg_id, bytes):

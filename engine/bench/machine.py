@@ -53,7 +53,7 @@ def cpu_model() -> str:
 def usable_cpus() -> int:
     """CPUs this process may run on (affinity mask where the OS has one)."""
     try:
-        return len(os.sched_getaffinity(0))  # type: ignore[attr-defined]
+        return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
 

@@ -80,7 +80,7 @@ def cpu_plan(n: int) -> List[Optional[int]]:
     if not pinning():
         return [None] * n
     try:
-        cpus = sorted(os.sched_getaffinity(0))  # type: ignore[attr-defined]
+        cpus = sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return [None] * n
     if len(cpus) < n:
@@ -92,7 +92,7 @@ def _pin(cpu: Optional[int]) -> None:
     if cpu is None:
         return
     try:
-        os.sched_setaffinity(0, {cpu})  # type: ignore[attr-defined]
+        os.sched_setaffinity(0, {cpu})
     except (AttributeError, OSError):
         pass
 
@@ -155,7 +155,7 @@ def run_children(
                 raise TimeoutError(f"no result after {timeout:.0f} s from {names} (lost messages?)")
             ready = mp.connection.wait([conns[i] for i in pending], timeout=min(left, 1.0))
             for c in ready:
-                i = conns.index(c)  # type: ignore[arg-type]
+                i = conns.index(c)
                 try:
                     status, res = conns[i].recv()
                 except EOFError:
