@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import threading
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional
 
@@ -87,12 +86,6 @@ __all__ = [
 _SLICE = 0.05
 # A waiter thread with no work for this long exits (a new one starts on demand).
 _IDLE_EXIT = 10.0
-# A durable PriorityQueue re-reads its logs this often while awaited (as its
-# synchronous get does): appends by another process do not ring its bell.
-_LOG_TICK = 0.05
-# A KeyedConsumer must take part in rebalancing while it waits (the
-# synchronous get re-checks this often too).
-_KEYED_TICK = 0.05
 
 
 # ---------------------------------------------------------------------------
@@ -332,23 +325,12 @@ class _Bell:
 def _waiting(obj: Any) -> Any:
     """How to wait for `obj`: ``(wait, None, None)`` for an object with a
     non-consuming ``wait`` (ring Consumer, LogReader), or ``(None, region,
-    tick)`` for a scheduling queue's doorbell."""
-    scheduling = sys.modules.get("engine.scheduling")
-    if scheduling is None:  # not imported: obj cannot be one of its queues
-        pass
-    elif isinstance(obj, scheduling.KeyedConsumer):
-        # wake for rebalancing, and exactly when its next delayed message is due
-        due_in = obj._due_in()
-        return None, obj._reg, (_KEYED_TICK if due_in is None else min(_KEYED_TICK, due_in))
-    elif isinstance(obj, scheduling.DurablePriorityQueue):  # before its base class
-        # its own get re-reads the logs every 50 ms: the writer may be
-        # another process, and log appends do not ring the queue's bell
-        due_in = obj._due_in()
-        return None, obj._region, (_LOG_TICK if due_in is None else min(_LOG_TICK, due_in))
-    elif isinstance(obj, scheduling.PriorityQueue):
-        # a delayed put (any process) rings the bell; one already held is
-        # served when due, exactly
-        return None, obj._region, obj._due_in()
+    tick)`` for a scheduling queue, which says itself (``_doorbell()``) which
+    region's doorbell to sleep on and for how long at most."""
+    doorbell = getattr(obj, "_doorbell", None)
+    if doorbell is not None:
+        region, tick = doorbell()
+        return None, region, tick
     wait = getattr(obj, "wait", None)
     if wait is None:
         raise TypeError(
@@ -359,13 +341,10 @@ def _waiting(obj: Any) -> Any:
 
 
 def _target(obj: Any) -> Any:
-    scheduling = sys.modules.get("engine.scheduling")
-    if scheduling is not None and isinstance(obj, scheduling.KeyedQueue):
-        # the same default member its synchronous get uses
-        if obj._default is None:
-            obj._default = obj.consumer()
-        return obj._default
-    return obj
+    """What awaiting ``obj`` reads from: itself, or the member a queue
+    delegates its gets to (``_awaited()``, a KeyedQueue's default consumer)."""
+    awaited = getattr(obj, "_awaited", None)
+    return obj if awaited is None else awaited()
 
 
 async def _take(obj: Any, take: Callable[[], Any], deadline: Optional[float]) -> Any:

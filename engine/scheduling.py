@@ -104,6 +104,7 @@ __all__ = ["PriorityQueue", "KeyedQueue", "KeyedConsumer", "DurablePriorityQueue
 DEFAULT_CAPACITY = 1 << 20
 _SUFFIX_ROOM = 20  # room for the suffix of a derived region (NAME.L63, NAME.P1023, NAME.delay)
 _REBALANCE_EVERY = 0.05  # s: a busy member re-checks liveness / pending moves this often
+_LOG_REREAD = 0.05  # s: a waiting durable queue re-reads its logs (appends ring no bell)
 
 
 # ---------------------------------------------------------------------------
@@ -510,6 +511,12 @@ class PriorityQueue(_PQCore, _Awaitable):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _doorbell(self) -> Tuple[Any, Optional[float]]:
+        """What an awaiting ``engine.aio`` call sleeps on: the queue's bell
+        (a put or delayed put by any process rings it), until a delayed
+        message already held comes due."""
+        return self._region, self._due_in()
+
     def stats(self) -> Dict[str, Any]:
         """Counters of this handle and the rings: per-level put/got, pending
         delayed messages, messages served early by aging, ring usage."""
@@ -774,6 +781,13 @@ class KeyedQueue(_KQCore, _Awaitable):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _awaited(self) -> KeyedConsumer:
+        """The member an awaiting ``engine.aio`` call reads from: the same
+        default member the synchronous get uses."""
+        if self._default is None:
+            self._default = self.consumer()
+        return self._default
 
     def stats(self) -> Dict[str, Any]:
         """Partition owners, member pids and delivery counts, ring usage."""
@@ -1087,6 +1101,13 @@ class KeyedConsumer(_Awaitable):
         so does an awaiting one (``engine.aio``)."""
         due = [own.heap[0][0] for own in self._order if own.heap]
         return _seconds_until(min(due)) if due else None
+
+    def _doorbell(self) -> Tuple[Any, Optional[float]]:
+        """What an awaiting ``engine.aio`` call sleeps on: the group's bell,
+        for at most the rebalancing tick or until the next delayed message
+        is due."""
+        due_in = self._due_in()
+        return self._reg, (_REBALANCE_EVERY if due_in is None else min(_REBALANCE_EVERY, due_in))
 
     def get_many(self, max: int = 1024, timeout: Optional[float] = 0) -> List[bytes]:
         """Up to ``max`` messages from the owned partitions (each partition's
@@ -1535,6 +1556,13 @@ class DurablePriorityQueue(PriorityQueue):
         does an awaiting one (``engine.aio``)."""
         return _seconds_until(self._heap[0][0]) if self._heap else None
 
+    def _doorbell(self) -> Tuple[Any, Optional[float]]:
+        """What an awaiting ``engine.aio`` call sleeps on: the queue's bell,
+        for at most the log re-read tick (an append by another process rings
+        no bell) or until the next delayed message is due."""
+        due_in = self._due_in()
+        return self._region, (_LOG_REREAD if due_in is None else min(_LOG_REREAD, due_in))
+
     def _core_counts(self) -> Tuple[List[int], List[int], int, int, List[int]]:
         """(put, got, aged, delayed held, 0s): the compiled queue's shape."""
         return list(self._nput), list(self._ngot), 0, len(self._heap), [0] * self._n
@@ -1580,7 +1608,7 @@ class DurablePriorityQueue(PriorityQueue):
             if m is not None:
                 reg.disarm()
                 return m
-            wait = 0.05  # the log writer may be another process: re-read at least this often
+            wait = _LOG_REREAD  # the log writer may be another process
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
