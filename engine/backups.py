@@ -660,7 +660,7 @@ class _Run:
         lg = self.plan.logs.get(os.path.join(qdir, name.split(".", 1)[0]))
         if lg is None:
             return data
-        from .scheduling import _DONE_ENTRY, _DONE_MAGIC
+        from .scheduling.durable import _DONE_ENTRY, _DONE_MAGIC
 
         if not data.startswith(_DONE_MAGIC):
             return data
