@@ -41,5 +41,5 @@ def test_cases_run_through_the_harness():
     case = cases[1]
     case.contenders = [c for c in case.contenders if c.ours]
     res = harness.run_case(case, qb.SECTION, profile)
-    assert res.verified, [c.status for c in res.contenders]
+    assert res.verified, [(c.status, c.reason, [r.error for r in c.runs]) for c in res.contenders]
     assert res.headline(res.contenders[0]) > 0

@@ -325,8 +325,10 @@ def _unwrap(kind: str, msg: Any) -> Any:
     return msg[1] if kind == "small tuple" else msg
 
 
-def _fixed_producer(q: Any, kind: str, msgs: List[bytes], first: int, step: int, barrier: Any) -> None:
+def _fixed_producer(q: Any, kind: str, msgs: List[bytes], first: int, step: int, barrier: Any,
+                    starts: Any) -> None:
     barrier.wait(60)
+    starts.put(time.perf_counter_ns())  # the clock starts at the first producer's start
     for i in range(first, len(msgs), step):
         q.put(_wrap(kind, msgs[i], i), timeout=60)
 
@@ -359,16 +361,16 @@ def _fixed_run(factory: Callable[[int], Any], payload: Payload, producers: int, 
     msgs = wl.payloads()  # built before the fork, outside the clock
     q = factory(payload.maxsize)
     barrier = ctx.Barrier(producers + consumers + 1)
+    starts = ctx.SimpleQueue()  # CLOCK_MONOTONIC stamps: comparable across processes
     pipes = [ctx.Pipe(duplex=False) for _ in range(consumers)]
     cs = [ctx.Process(target=_fixed_consumer, args=(q, payload.name, barrier, pipes[i][1]), daemon=True)
           for i in range(consumers)]
-    ps = [ctx.Process(target=_fixed_producer, args=(q, payload.name, msgs, t, producers, barrier),
-                      daemon=True) for t in range(producers)]
+    ps = [ctx.Process(target=_fixed_producer, args=(q, payload.name, msgs, t, producers, barrier,
+                                                    starts), daemon=True) for t in range(producers)]
     try:
         for p in cs + ps:
             p.start()
         barrier.wait(60)
-        t0 = time.perf_counter_ns()
         for p in ps:
             p.join(600)
             if p.exitcode != 0:
@@ -391,6 +393,7 @@ def _fixed_run(factory: Callable[[int], Any], payload: Payload, producers: int, 
     else:
         d = Digest.combine(Digest(c, s, o) for _, c, s, o in ends)
         t1 = max(e[0] for e in ends)
+    t0 = min(starts.get() for _ in range(producers))
     return Run.timed(t0, t1, d)
 
 
