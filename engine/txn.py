@@ -374,9 +374,10 @@ class _Journal(_JournalCore):
             if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise LogLocked(self.path, _read_pid(self.path)) from None
             raise
-        os.ftruncate(self._lock_fd, 0)
-        os.write(self._lock_fd, str(os.getpid()).encode())
         try:
+            # the owner's pid, for the LogLocked message of a second opener
+            os.ftruncate(self._lock_fd, 0)
+            os.write(self._lock_fd, str(os.getpid()).encode())
             self._open_live(kind)
         except BaseException:
             self.close()  # a failed open lets go of the lock at once
@@ -866,10 +867,13 @@ class Coordinator(_CoordCore):
         """Write pending ``end`` records and release the journal."""
         if self._closed:
             return
-        self.flush()
-        with self._lock:
-            self._closed = True
-            self._journal.close()
+        try:
+            self.flush()
+        finally:
+            # a failed end write (a broken journal) still lets go of the journal
+            with self._lock:
+                self._closed = True
+                self._journal.close()
 
     def _simulate_crash(self) -> None:
         """Test hook: stop as a SIGKILLed process would (no ``end`` batch
@@ -982,7 +986,10 @@ class _JournaledParticipant(_PartCore):
             self._doubt[txid] = info
             self._acquire(txid, info)
         # marked batches in the order they were written to the resource
-        for txid in sorted(self._marks, key=self._marks.__getitem__):
+        # (ties: in the order the marks were written; a broken log gives the
+        # marks written after it broke the same offset)
+        order = {t: i for i, t in enumerate(marks)}
+        for txid in sorted(self._marks, key=lambda t: (self._marks[t], order[t])):
             if _ARMED:
                 _crash_point("part.replay.before_finish", self.name)
             self.commit(txid)
@@ -1075,14 +1082,17 @@ class _JournaledParticipant(_PartCore):
             if self._closed:
                 return
             self._closed = True
-            if self._done:
-                if _ARMED:
-                    _crash_point("part.close.before_done", self.name)
-                self._journal.log.append(_encode(("D", self._done)))
-                self._done = []
-                if _ARMED:
-                    _crash_point("part.close.after_done", self.name)
-            self._journal.close()
+            try:
+                if self._done:
+                    if _ARMED:
+                        _crash_point("part.close.before_done", self.name)
+                    self._journal.log.append(_encode(("D", self._done)))
+                    self._done = []
+                    if _ARMED:
+                        _crash_point("part.close.after_done", self.name)
+            finally:
+                # a failed done write (a broken journal) still lets go of the journal
+                self._journal.close()
 
     def _simulate_crash(self) -> None:
         """Test hook: stop as a SIGKILLed process would (no ``done`` batch
@@ -1147,6 +1157,7 @@ class LogParticipant(_LogPartCore, _JournaledParticipant):
             raise TypeError("name is required")
         self.log = log
         self._commit_cv = threading.Condition(threading.Lock())  # group commit queue
+        self._finish_floor = 0  # where the last marked batch finished ends (see _finish_marked)
         super().__init__(
             name,
             state_path or _default_state_path(path, name, "LogParticipant"),
@@ -1273,15 +1284,29 @@ class LogParticipant(_LogPartCore, _JournaledParticipant):
             self.log.append_many(values)
 
     def _finish_marked(self, txid: str, info: Any) -> None:
+        """Make the log hold ``txid``'s batch, whole and once, from its mark on.
+
+        The mark says where the batch was to start; what the log holds there
+        is checked record by record, because a mark is durable before its
+        batch and the batch's write may have failed (a broken log keeps the
+        marks of later commits at the same offset) or stopped part way (a
+        crash: a prefix at the log's end).  Marked batches are finished in
+        the order they were written, each placed after the previous one
+        (``_finish_floor``).
+        """
         values, keys = info
         with self._commit_lock:
             start = self._marks[txid]
-            have = self.log.next_offset - start
-            if have < 0:
+            end = self.log.next_offset
+            if end < start:
                 raise EngineError(
                     f"log {getattr(self.log, 'path', '?')!r} ends before txn {txid}'s batch "
                     f"(offset {start}): it was truncated behind the participant's back"
                 )
+            pos = max(start, self._finish_floor)
+            at, have = self._locate(pos, end, values, keys)
+            if at is None:
+                at, have = end, 0  # not in the log at all: the whole batch goes at its end
             if have < len(values):
                 if _ARMED:
                     _crash_point("log.finish.before_append", self.name)
@@ -1291,6 +1316,37 @@ class LogParticipant(_LogPartCore, _JournaledParticipant):
                     self.log.append_many(values[have:], keys[have:])
                 if _ARMED:
                     _crash_point("log.finish.after_append", self.name)
+            self._finish_floor = at + len(values)
+
+    def _locate(
+        self, pos: int, end: int, values: List[bytes], keys: Optional[List[Any]]
+    ) -> Tuple[Optional[int], int]:
+        """Where the batch is in the log at or after ``pos``: ``(offset, records
+        there)``, records < ``len(values)`` only for a prefix at the log's end;
+        ``(None, 0)`` when no place from ``pos`` on holds it."""
+        if pos >= end:
+            return pos, 0
+        path = getattr(self.log, "path", None)
+        if path is None:
+            # no reader for this log: trust the count past the mark (one writer)
+            return pos, min(end - pos, len(values))
+        from ._log import LogReader
+
+        recs: List[Tuple[bytes, Optional[bytes]]] = []
+        with LogReader(path, start=pos) as reader:
+            while len(recs) < end - pos:
+                got = reader.read_many(end - pos - len(recs))
+                if not got:
+                    break
+                recs.extend((bytes(r.value), None if r.key is None else bytes(r.key)) for r in got)
+        want = [(v, None if keys is None else keys[i]) for i, v in enumerate(values)]
+        for i in range(len(recs)):
+            n = 0
+            while n < len(want) and i + n < len(recs) and recs[i + n] == want[n]:
+                n += 1
+            if n == len(want) or i + n == len(recs):
+                return pos + i, n
+        return None, 0
 
 
 def _store_apply(store: Any, ops: List[Tuple[bytes, Optional[bytes], int]]) -> None:
