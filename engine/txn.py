@@ -121,7 +121,6 @@ import logging
 import marshal
 import os
 import shutil
-import signal
 import threading
 import time
 import uuid
@@ -137,6 +136,8 @@ from typing import (
     Union,
 )
 
+from . import _crashpoints as _cp
+from ._fsutil import Durability, atomic_write, check_durability
 from ._txn import (
     Transaction,
     _as_bytes,
@@ -146,7 +147,6 @@ from ._txn import (
     _JournalCore,
     _LogPartCore,
     _PartCore,
-    _set_crash_hook,
     _trust,
 )
 from .errors import Closed, EngineError, LogLocked, Timeout, TransactionAborted
@@ -177,77 +177,12 @@ _dumps = marshal.dumps
 # ---------------------------------------------------------------------------
 # crash points (tests only; one global bool load on the hot path when unarmed)
 
-_ARMED = False  # a crash point or a trace is set
-_CRASH_AT: Optional[str] = None  # full point name to die at, or "*" (any point)
-_CRASH_NTH = 1  # ... on its n-th hit
-_CRASH_RAISE = False  # raise _SimulatedCrash instead of SIGKILL
-_CRASH_HITS: Dict[str, int] = {}  # point -> hits so far ("*": all points)
-_CRASH_TRACE_FD = -1  # fd that receives every hit, one line each (or -1)
-
-
-class _SimulatedCrash(BaseException):
-    """Raised at an armed crash point in ``action="raise"`` mode (tests only).
-
-    A ``BaseException``: no ``except Exception`` of the protocol catches it,
-    so it unwinds to the test, which then abandons every object without a
-    clean close (``_simulate_crash``), as a SIGKILL would, and reopens.
-    """
-
-
-def _arm_crash(
-    spec: Optional[str], trace_path: Optional[str] = None, action: str = "kill"
-) -> None:
-    """Arm the crash hook: die at ``spec`` (``"point"``, ``"point#k"`` or ``"*#k"``).
-
-    ``"*#k"`` is the k-th hit of any point.  ``action="kill"`` SIGKILLs the
-    process there; ``action="raise"`` raises :class:`_SimulatedCrash`
-    instead (in-process crash tests).  ``trace_path`` (optional) receives
-    every point hit, one line each, written unbuffered so the trace survives
-    the SIGKILL.  ``spec=None`` with no trace disarms.  Used by
-    ``tests/crashkit.py``; also read from the environment
-    (``ENGINE_CRASH_AT``, ``ENGINE_CRASH_TRACE``) at import.
-    """
-    global _ARMED, _CRASH_AT, _CRASH_NTH, _CRASH_TRACE_FD, _CRASH_RAISE
-    if action not in ("kill", "raise"):
-        raise ValueError(f"action must be 'kill' or 'raise', not {action!r}")
-    _CRASH_HITS.clear()
-    if _CRASH_TRACE_FD >= 0:
-        os.close(_CRASH_TRACE_FD)
-        _CRASH_TRACE_FD = -1
-    _CRASH_AT, _CRASH_NTH, _CRASH_RAISE = None, 1, action == "raise"
-    if spec:
-        name, _, nth = spec.partition("#")
-        _CRASH_AT = name or "*"
-        _CRASH_NTH = int(nth) if nth else 1
-    if trace_path:
-        _CRASH_TRACE_FD = os.open(trace_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    _ARMED = _CRASH_AT is not None or _CRASH_TRACE_FD >= 0
-    _set_crash_hook(_crash_point if _ARMED else None)  # the compiled core's points
-
-
-def _crash_point(name: str, party: Optional[str] = None) -> None:
-    """A named step of the protocol: SIGKILL this process if armed for it.
-
-    The full point name is ``name`` or ``name@party`` (the participant's
-    name, or the journal's kind for journal points), so a test can crash one
-    party at one step.  Call sites check the module flag ``_ARMED`` first so
-    an unarmed process pays one global load.
-    """
-    full = name if party is None else f"{name}@{party}"
-    hits = _CRASH_HITS.get(full, 0) + 1
-    _CRASH_HITS[full] = hits
-    every = _CRASH_HITS.get("*", 0) + 1
-    _CRASH_HITS["*"] = every
-    if _CRASH_TRACE_FD >= 0:
-        os.write(_CRASH_TRACE_FD, f"{full}#{hits}\n".encode())
-    if (full == _CRASH_AT and hits == _CRASH_NTH) or (_CRASH_AT == "*" and every == _CRASH_NTH):
-        if _CRASH_RAISE:
-            raise _SimulatedCrash(full)
-        os.kill(os.getpid(), signal.SIGKILL)
-        time.sleep(10)  # pragma: no cover - the signal is delivered first
-
-
-_arm_crash(os.environ.get("ENGINE_CRASH_AT"), os.environ.get("ENGINE_CRASH_TRACE"))
+# (engine._crashpoints: one state for every module's points; tests/crashkit.py
+# arms them through these names)
+_SimulatedCrash = _cp.SimulatedCrash
+_arm_crash = _cp.arm
+_crash_point = _cp.point
+_CRASH_HITS = _cp.hits
 
 
 # ---------------------------------------------------------------------------
@@ -255,30 +190,6 @@ _arm_crash(os.environ.get("ENGINE_CRASH_AT"), os.environ.get("ENGINE_CRASH_TRACE
 
 _CURRENT = "CURRENT"
 _OWNER_LOCK = "owner.lock"
-_DURABILITIES = ("always", "interval", "none")
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(directory: str, name: str, data: bytes) -> None:
-    # temp + fsync + rename + fsync dir: the file is either the old or the new one
-    tmp = os.path.join(directory, f".{name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, os.path.join(directory, name))
-    _fsync_dir(directory)
-
-
 def _read_current(path: str) -> Optional[Dict[str, Any]]:
     try:
         with open(os.path.join(path, _CURRENT), "rb") as f:
@@ -353,8 +264,7 @@ class _Journal(_JournalCore):
         durability: str,
         segment_bytes: int = 1 << 20,
     ) -> None:
-        if durability not in _DURABILITIES:
-            raise ValueError(f"durability must be one of {_DURABILITIES}, not {durability!r}")
+        check_durability(durability)
         self.path = os.fspath(path)
         self.kind = kind
         self.durability = durability
@@ -389,7 +299,7 @@ class _Journal(_JournalCore):
         if cur is None:
             cur = {"kind": kind, "id": uuid.uuid4().hex, "gen": 1}
             _new_gen_dir(_gen_dir(self.path, 1))
-            _write_atomic(self.path, _CURRENT, json.dumps(cur).encode())
+            atomic_write(self.path, _CURRENT, json.dumps(cur).encode())
         elif cur["kind"] != kind:
             raise EngineError(
                 f"{self.path!r} is a {cur['kind']} journal, not a {kind} journal; use another path"
@@ -402,6 +312,10 @@ class _Journal(_JournalCore):
             # switch, or a half-built new one before it
             if entry.startswith("gen-") and entry != live:
                 shutil.rmtree(os.path.join(self.path, entry), ignore_errors=True)
+            # a CURRENT replacement a crash interrupted (atomic_write's temp;
+            # the lock we hold keeps every other writer out)
+            elif entry.startswith(f".{_CURRENT}.") and entry.endswith(".tmp"):
+                os.unlink(os.path.join(self.path, entry))
         # the writer first: opening it recovers the log (cuts a torn tail)
         self.log = self._open_log(self.gen)
         self.records: List[Tuple[Any, ...]] = _read_gen(_gen_dir(self.path, self.gen))
@@ -440,19 +354,19 @@ class _Journal(_JournalCore):
         new = self.gen + 1
         gdir = _gen_dir(self.path, new)
         _new_gen_dir(gdir)
-        if _ARMED:
+        if _cp.armed:
             _crash_point("journal.switch.begin", self.kind)
         log = self._open_log(new)
         try:
             recs = [_encode(r) for r in keep]
             if recs:
                 log.append_many(recs)
-            if _ARMED:
+            if _cp.armed:
                 _crash_point("journal.switch.after_write", self.kind)
             log.flush()
-            if _ARMED:
+            if _cp.armed:
                 _crash_point("journal.switch.before_current", self.kind)
-            _write_atomic(
+            atomic_write(
                 self.path,
                 _CURRENT,
                 json.dumps({"kind": self.kind, "id": self.id, "gen": new}).encode(),
@@ -464,14 +378,14 @@ class _Journal(_JournalCore):
             raise
         old, old_gen = self.log, self.gen
         self.log, self.gen, self.appended = log, new, len(recs)
-        if _ARMED:
+        if _cp.armed:
             _crash_point("journal.switch.after_current", self.kind)
         try:
             old.close()
         except Exception:  # pragma: no cover - closing a healthy log does not fail
             _logger.exception("closing the old journal generation failed")
         shutil.rmtree(_gen_dir(self.path, old_gen), ignore_errors=True)
-        if _ARMED:
+        if _cp.armed:
             _crash_point("journal.switch.after_remove", self.kind)
 
     def close(self) -> None:
@@ -642,7 +556,7 @@ class Coordinator(_CoordCore):
     def __init__(
         self,
         path: Union[str, os.PathLike[str]],
-        durability: str = "always",
+        durability: Durability = "always",
         timeout: float = 30.0,
         *,
         end_batch: int = 64,
@@ -683,12 +597,12 @@ class Coordinator(_CoordCore):
                 inc = max(inc, rec[1])
         self._journal.records = []
         self._inc = inc + 1
-        if _ARMED:
+        if _cp.armed:
             _crash_point("coord.open.before_incarnation", None)
         # Durable before any txid of this incarnation exists: txids never repeat.
         self._journal.append(("I", self._inc))
         self._journal.log.flush()
-        if _ARMED:
+        if _cp.armed:
             _crash_point("coord.open.after_incarnation", None)
 
     # -- properties
@@ -732,7 +646,7 @@ class Coordinator(_CoordCore):
         tx.reason = reason
         self._active.pop(tx.txid, None)
         for p in asked:
-            if _ARMED:
+            if _cp.armed:
                 _crash_point("coord.abort.send", p.name)
             try:
                 p.abort(tx.txid)
@@ -990,10 +904,10 @@ class _JournaledParticipant(_PartCore):
         # marks written after it broke the same offset)
         order = {t: i for i, t in enumerate(marks)}
         for txid in sorted(self._marks, key=lambda t: (self._marks[t], order[t])):
-            if _ARMED:
+            if _cp.armed:
                 _crash_point("part.replay.before_finish", self.name)
             self.commit(txid)
-            if _ARMED:
+            if _cp.armed:
                 _crash_point("part.replay.after_finish", self.name)
 
     # hooks (defaults suit participants without locks)
@@ -1022,12 +936,12 @@ class _JournaledParticipant(_PartCore):
                 raise EngineError(f"txn {txid} is committed at {self.name!r}; cannot abort it")
             self._release(txid, info)
             log = self._journal.log
-        if _ARMED:
+        if _cp.armed:
             _crash_point("part.abort.before_write", self.name)
         # Not needed for safety (no outcome = ask the coordinator = abort);
         # it spares that question after a restart.
         _journal_append(self._journal, log, ("A", txid), durable=False)
-        if _ARMED:
+        if _cp.armed:
             _crash_point("part.abort.after_write", self.name)
         self._maybe_compact()
 
@@ -1084,11 +998,11 @@ class _JournaledParticipant(_PartCore):
             self._closed = True
             try:
                 if self._done:
-                    if _ARMED:
+                    if _cp.armed:
                         _crash_point("part.close.before_done", self.name)
                     self._journal.log.append(_encode(("D", self._done)))
                     self._done = []
-                    if _ARMED:
+                    if _cp.armed:
                         _crash_point("part.close.after_done", self.name)
             finally:
                 # a failed done write (a broken journal) still lets go of the journal
@@ -1180,7 +1094,7 @@ class LogParticipant(_LogPartCore, _JournaledParticipant):
                 self._commit_one(txid, info)
             finally:
                 self._commit_lock.release()
-            if _ARMED:
+            if _cp.armed:
                 _crash_point("log.commit.after_append", self.name)
             return
         req = [txid, info, False, None]  # txid, info, done, error
@@ -1208,7 +1122,7 @@ class LogParticipant(_LogPartCore, _JournaledParticipant):
                 cv.notify_all()
         if req[3] is not None:
             raise req[3]
-        if _ARMED:
+        if _cp.armed:
             _crash_point("log.commit.after_append", self.name)
 
     def _commit_one(self, txid: str, info: Any) -> None:
@@ -1219,7 +1133,7 @@ class LogParticipant(_LogPartCore, _JournaledParticipant):
             # memory before the switch copies it, or written to the new log
             self._marks[txid] = start
             jlog = self._journal.log
-        if _ARMED:
+        if _cp.armed:
             _crash_point("log.commit.before_mark", self.name)
         try:
             jlog.append(_encode(("C", txid, start)))
@@ -1229,7 +1143,7 @@ class LogParticipant(_LogPartCore, _JournaledParticipant):
             if jlog is self._journal.log:
                 raise
         self._journal.appended += 1
-        if _ARMED:
+        if _cp.armed:
             _crash_point("log.commit.after_mark", self.name)
         values, keys = info
         if keys is None:
@@ -1264,7 +1178,7 @@ class LogParticipant(_LogPartCore, _JournaledParticipant):
                 for r in batch:
                     v, k = r[1]
                     keys.extend([None] * len(v) if k is None else k)
-        if _ARMED:
+        if _cp.armed:
             _crash_point("log.commit.before_mark", self.name)
         # Durable before the batch: after a crash a mark says where its
         # batch starts, so recovery appends exactly what is missing.
@@ -1276,7 +1190,7 @@ class LogParticipant(_LogPartCore, _JournaledParticipant):
             if jlog is self._journal.log:
                 raise
         self._journal.appended += len(marks)
-        if _ARMED:
+        if _cp.armed:
             _crash_point("log.commit.after_mark", self.name)
         if keys is not None:
             self.log.append_many(values, keys)
@@ -1308,13 +1222,13 @@ class LogParticipant(_LogPartCore, _JournaledParticipant):
             if at is None:
                 at, have = end, 0  # not in the log at all: the whole batch goes at its end
             if have < len(values):
-                if _ARMED:
+                if _cp.armed:
                     _crash_point("log.finish.before_append", self.name)
                 if keys is None:
                     self.log.append_many(values[have:])
                 else:
                     self.log.append_many(values[have:], keys[have:])
-                if _ARMED:
+                if _cp.armed:
                     _crash_point("log.finish.after_append", self.name)
             self._finish_floor = at + len(values)
 
@@ -1484,7 +1398,7 @@ class OffsetParticipant(_JournaledParticipant):
         name: Optional[str] = None,
         state_path: Optional[str] = None,
         *,
-        durability: str = "always",
+        durability: Durability = "always",
         compact_records: int = 50_000,
         segment_bytes: int = 1 << 20,
         log_path: Optional[str] = None,

@@ -93,7 +93,7 @@ cdef inline double _now() except? -1.0:
 
 
 # ---------------------------------------------------------------------------
-# crash points: engine.txn owns them (_arm_crash / _crash_point) and hands the
+# crash points: engine._crashpoints owns them (arm / point) and hands the
 # hook over here while armed; unarmed, a point costs one C bool test
 
 cdef bint _armed = False
