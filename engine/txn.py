@@ -149,7 +149,7 @@ from ._txn import (
     _PartCore,
     _trust,
 )
-from .errors import Closed, EngineError, LogLocked, Timeout, TransactionAborted
+from .errors import Closed, CorruptLog, EngineError, LogLocked, Timeout, TransactionAborted
 
 __all__ = [
     "Coordinator",
@@ -207,9 +207,9 @@ def _read_current(path: str) -> Optional[Dict[str, Any]]:
         ):
             raise ValueError("missing fields")
     except (ValueError, UnicodeDecodeError) as exc:
-        raise EngineError(
-            f"transaction journal {path!r}: unreadable {_CURRENT} file ({exc}); "
-            "it is not a queue-engine journal or it was damaged"
+        raise _CorruptJournal(
+            os.path.join(path, _CURRENT), None,
+            f"unreadable ({exc}): it is not a queue-engine journal or it was damaged",
         ) from None
     return cur
 
@@ -218,14 +218,30 @@ def _gen_dir(path: str, gen: int) -> str:
     return os.path.join(path, f"gen-{gen:08d}")
 
 
-def _decode(raw: Any) -> Tuple[Any, ...]:
-    """Decode one journal record (a marshalled tuple, first item a type code)."""
+class _CorruptJournal(CorruptLog):
+    """A journal's ``CURRENT`` file or one of its records does not decode.
+
+    ``segment`` is the file or generation directory, ``position`` the
+    record's offset in that generation's log (``None`` for ``CURRENT``).
+    """
+
+    def __init__(self, where: str, offset: Optional[int], reason: str) -> None:
+        self.segment = where
+        self.position = -1 if offset is None else offset
+        self.reason = reason
+        at = "" if offset is None else f" record {offset}"
+        EngineError.__init__(self, f"corrupt transaction journal {where!r}{at}: {reason}")
+
+
+def _decode(raw: Any, where: str = "?", offset: Optional[int] = None) -> Tuple[Any, ...]:
+    """Decode one journal record (a marshalled tuple, first item a type code);
+    :class:`~engine.CorruptLog` if it is not one."""
     try:
         rec = marshal.loads(bytes(raw))
     except (ValueError, EOFError, TypeError) as exc:
-        raise EngineError(f"undecodable transaction journal record: {exc}") from None
+        raise _CorruptJournal(where, offset, f"undecodable record ({exc})") from None
     if not isinstance(rec, tuple) or not rec or not isinstance(rec[0], str):
-        raise EngineError("undecodable transaction journal record: not a typed tuple")
+        raise _CorruptJournal(where, offset, "undecodable record (not a typed tuple)")
     return rec
 
 
@@ -240,9 +256,9 @@ def _read_gen(gen_dir: str, meta: bool = False) -> List[Any]:
             if not batch:
                 break
             if meta:
-                out.extend((r.offset, r.timestamp, _decode(r.value)) for r in batch)
+                out.extend((r.offset, r.timestamp, _decode(r.value, gen_dir, r.offset)) for r in batch)
             else:
-                out.extend(_decode(r.value) for r in batch)
+                out.extend(_decode(r.value, gen_dir, r.offset) for r in batch)
     return out
 
 

@@ -131,7 +131,7 @@ def test_a_failed_open_lets_go_of_the_journal(tmp_path):
     same way, not with LogLocked."""
     import pytest
 
-    from engine.errors import EngineError
+    from engine.errors import CorruptLog
 
     log = Log(str(tmp_path / "a"), durability="none")
     LogParticipant(log, name="A").close()
@@ -140,9 +140,9 @@ def test_a_failed_open_lets_go_of_the_journal(tmp_path):
         with Log(str(gen), durability="none") as g:
             g.append(b"not a journal record")
     for _attempt in range(2):
-        with pytest.raises(EngineError, match="undecodable") as e1:
+        with pytest.raises(CorruptLog, match="undecodable") as e1:
             LogParticipant(log, name="A")
-        with pytest.raises(EngineError, match="undecodable") as e2:
+        with pytest.raises(CorruptLog, match="undecodable") as e2:
             Coordinator(str(tmp_path / "c"), durability="none")
         # the failed objects are still referenced (by the tracebacks): the
         # lock must not depend on their collection
@@ -227,3 +227,18 @@ def test_marked_batches_of_a_broken_log_are_all_finished(tmp_path):
     assert _values(os.path.join(root, "b")) == [b"b%d" % i for i in range(6)]
     for o in (pa, pb, coord, la, lb):
         o.close()
+
+
+def test_a_damaged_current_file_is_corrupt_log(tmp_path):
+    """A journal whose CURRENT file does not parse raises CorruptLog naming
+    the file, and lets go of the lock (the next open fails the same way)."""
+    import pytest
+
+    from engine.errors import CorruptLog
+
+    Coordinator(str(tmp_path / "c"), durability="none").close()
+    (tmp_path / "c" / "CURRENT").write_bytes(b"{not json")
+    for _attempt in range(2):
+        with pytest.raises(CorruptLog, match="CURRENT") as e:
+            Coordinator(str(tmp_path / "c"), durability="none")
+        assert e.value.segment == str(tmp_path / "c" / "CURRENT")
