@@ -139,6 +139,13 @@ from typing import (
 from . import _crashpoints as _cp
 from ._fsutil import Durability, atomic_write, check_durability
 from ._txn import (
+    REC_ABORTED,
+    REC_DECISION,
+    REC_DONE,
+    REC_ENDED,
+    REC_INCARNATION,
+    REC_MARK,
+    REC_PREPARED,
     Transaction,
     _as_bytes,
     _CoordCore,
@@ -162,6 +169,7 @@ __all__ = [
     "RemoteParticipant",
     "decision",
     "read_journal",
+    "summarize_journal",
 ]
 
 _logger = logging.getLogger("engine")
@@ -445,10 +453,11 @@ def read_journal(
 ) -> Tuple[Dict[str, Any], List[Any]]:
     """Read a journal without owning it: ``(CURRENT info, records)``.
 
-    Records are tuples whose first item is the type: coordinator ``("I",
-    incarnation)``, ``("C", txid, participant names)`` (commit decision),
-    ``("E", [txids])`` (ended); participant ``("P", txid, ops)`` (prepared),
-    ``("C", txid, start offset)`` (commit mark), ``("A", txid)`` (aborted).
+    Records are tuples whose first item is the kind (``REC_*``, see
+    ``engine._txn``): coordinator ``(REC_INCARNATION, incarnation)``,
+    ``(REC_DECISION, txid, participant names)``, ``(REC_ENDED, [txids])``;
+    participant ``(REC_PREPARED, txid, ops)``, ``(REC_MARK, txid, start
+    offset)``, ``(REC_ABORTED, txid)``, ``(REC_DONE, [txids])``.
     With ``meta=True`` each item is ``(offset, timestamp_ns, record)``.
     Works while the owner runs (readers of an ``engine.Log`` may be in any
     process).  Used by ``queue-engine txn ls``.
@@ -467,6 +476,84 @@ def read_journal(
                 raise
             cur = new
     raise EngineError(f"{path!r}: the journal keeps switching generations; try again")
+
+
+def summarize_journal(
+    path: Union[str, os.PathLike[str]], limit: int = 20, stale: float = 60.0
+) -> Dict[str, Any]:
+    """A journal's unfinished and recent transactions (what ``queue-engine txn ls`` shows).
+
+    Returns a dict: ``path``, ``kind`` (``"coordinator"`` or a participant
+    kind), ``id``, ``generation``; ``in_doubt``: coordinator transactions
+    committed and not ended, or participant transactions prepared with no
+    outcome, oldest first; ``recent``: the last ``limit`` finished ones
+    (coordinator: committed and ended; participant: committed or aborted);
+    each a dict with ``txid``, ``state``, ``time`` (ns) and ``participants``
+    (coordinator) or ``ops`` (participant, their count).  ``stale``: how many
+    need attention (coordinator: every unfinished one; participant: prepared
+    longer than ``stale`` seconds ago); ``incarnation`` for a coordinator.
+    Reads only (:func:`read_journal`): safe while the owner runs.
+    """
+    path = os.fspath(path)
+    cur, recs = read_journal(path, meta=True)
+    kind = cur["kind"]
+    doubt: List[Dict[str, Any]] = []
+    recent: List[Dict[str, Any]] = []
+    out: Dict[str, Any] = {"path": path, "kind": kind, "id": cur["id"], "generation": cur["gen"]}
+    if kind == "coordinator":
+        pending: Dict[str, Dict[str, Any]] = {}
+        inc = 0
+        for _off, ts, rec in recs:
+            if rec[0] == REC_INCARNATION:
+                inc = max(inc, rec[1])
+            elif rec[0] == REC_DECISION:
+                pending[rec[1]] = {
+                    "txid": rec[1],
+                    "state": "not ended",
+                    "time": ts,
+                    "participants": list(rec[2]),
+                }
+            elif rec[0] == REC_ENDED:
+                for t in rec[1]:
+                    e = pending.pop(t, None)
+                    if e is not None:
+                        e["state"] = "committed"
+                        e["ended"] = ts
+                        recent.append(e)
+        doubt = list(pending.values())
+        out["incarnation"] = inc
+        out["stale"] = len(doubt)
+    else:
+        prepared: Dict[str, Dict[str, Any]] = {}
+        for _off, ts, rec in recs:
+            if rec[0] == REC_PREPARED:
+                ops = rec[2]
+                n = (
+                    len(ops[0])
+                    if isinstance(ops, tuple) and ops and isinstance(ops[0], list)
+                    else (len(ops) if isinstance(ops, list) else 1)
+                )
+                prepared[rec[1]] = {"txid": rec[1], "state": "prepared", "time": ts, "ops": n}
+            elif rec[0] == REC_MARK and rec[1] in prepared:
+                # a commit mark: decided commit; the participant finishes it itself
+                e = prepared.pop(rec[1])
+                e["state"] = "committed"
+                e["start_offset"] = rec[2]
+                e["ended"] = ts
+                recent.append(e)
+            elif rec[0] in (REC_ABORTED, REC_DONE):
+                for t in [rec[1]] if rec[0] == REC_ABORTED else rec[1]:
+                    e = prepared.pop(t, None)
+                    if e is not None:
+                        e["state"] = "aborted" if rec[0] == REC_ABORTED else "committed"
+                        e["ended"] = ts
+                        recent.append(e)
+        doubt = list(prepared.values())
+        now = time.time_ns()
+        out["stale"] = sum(1 for e in doubt if now - e["time"] > stale * 1e9)
+    out["in_doubt"] = doubt
+    out["recent"] = recent[-limit:] if limit > 0 else []
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -511,9 +598,9 @@ def decision(path: Union[str, os.PathLike[str]], txid: str) -> str:
         _cur, recs = read_journal(path)
         max_inc = 0
         for rec in recs:
-            if rec[0] == "C" and rec[1] == txid:
+            if rec[0] == REC_DECISION and rec[1] == txid:
                 return "commit"
-            if rec[0] == "I":
+            if rec[0] == REC_INCARNATION:
                 max_inc = max(max_inc, rec[1])
         if running and parts[1] >= max_inc:
             return "pending"
@@ -604,19 +691,19 @@ class Coordinator(_CoordCore):
         inc = 0
         for rec in self._journal.records:
             kind = rec[0]
-            if kind == "C":
+            if kind == REC_DECISION:
                 self._pending[rec[1]] = tuple(rec[2])
-            elif kind == "E":
+            elif kind == REC_ENDED:
                 for t in rec[1]:
                     self._pending.pop(t, None)
-            elif kind == "I":
+            elif kind == REC_INCARNATION:
                 inc = max(inc, rec[1])
         self._journal.records = []
         self._inc = inc + 1
         if _cp.armed:
             _crash_point("coord.open.before_incarnation", None)
         # Durable before any txid of this incarnation exists: txids never repeat.
-        self._journal.append(("I", self._inc))
+        self._journal.append((REC_INCARNATION, self._inc))
         self._journal.log.flush()
         if _cp.armed:
             _crash_point("coord.open.after_incarnation", None)
@@ -642,10 +729,10 @@ class Coordinator(_CoordCore):
         with self._lock:
             if self._closed or self._journal.appended < self._compact_records:
                 return
-            keep: List[Tuple[Any, ...]] = [("I", self._inc)]
-            keep.extend(("C", t, names) for t, names in self._pending.items())
+            keep: List[Tuple[Any, ...]] = [(REC_INCARNATION, self._inc)]
+            keep.extend((REC_DECISION, t, names) for t, names in self._pending.items())
             # a commit record in flight may land in the old generation: carry it
-            keep.extend(("C", t, names) for t, names in self._deciding.items())
+            keep.extend((REC_DECISION, t, names) for t, names in self._deciding.items())
             self._journal.switch(keep)
 
     def _finish_abort(
@@ -777,7 +864,7 @@ class Coordinator(_CoordCore):
             batch, self._ended = self._ended, []
             log = self._journal.log
         if batch and log is not None:
-            _journal_append(self._journal, log, ("E", batch), durable=False)
+            _journal_append(self._journal, log, (REC_ENDED, batch), durable=False)
 
     def stats(self) -> Dict[str, Any]:
         """Counters and sizes (committed, aborted, in flight, unfinished, journal)."""
@@ -842,19 +929,19 @@ def _fold_participant(
     holder: Dict[Any, str] = {}  # lock key -> last txid that prepared it
     for rec in records:
         kind = rec[0]
-        if kind == "P":
+        if kind == REC_PREPARED:
             for k in keys(rec[2]):
                 prev = holder.get(k)
                 if prev is not None and prev in doubt and prev not in marks:
                     del doubt[prev]
                 holder[k] = rec[1]
             doubt[rec[1]] = rec[2]
-        elif kind == "C":
+        elif kind == REC_MARK:
             marks[rec[1]] = rec[2]
-        elif kind == "A":
+        elif kind == REC_ABORTED:
             doubt.pop(rec[1], None)
             marks.pop(rec[1], None)
-        elif kind == "D":
+        elif kind == REC_DONE:
             for t in rec[1]:
                 doubt.pop(t, None)
                 marks.pop(t, None)
@@ -956,7 +1043,7 @@ class _JournaledParticipant(_PartCore):
             _crash_point("part.abort.before_write", self.name)
         # Not needed for safety (no outcome = ask the coordinator = abort);
         # it spares that question after a restart.
-        _journal_append(self._journal, log, ("A", txid), durable=False)
+        _journal_append(self._journal, log, (REC_ABORTED, txid), durable=False)
         if _cp.armed:
             _crash_point("part.abort.after_write", self.name)
         self._maybe_compact()
@@ -1001,9 +1088,9 @@ class _JournaledParticipant(_PartCore):
                 return
             keep: List[Tuple[Any, ...]] = []
             for txid, info in self._doubt.items():
-                keep.append(("P", txid, info))
+                keep.append((REC_PREPARED, txid, info))
                 if txid in self._marks:
-                    keep.append(("C", txid, self._marks[txid]))
+                    keep.append((REC_MARK, txid, self._marks[txid]))
             self._journal.switch(keep)
 
     def close(self) -> None:
@@ -1016,7 +1103,7 @@ class _JournaledParticipant(_PartCore):
                 if self._done:
                     if _cp.armed:
                         _crash_point("part.close.before_done", self.name)
-                    self._journal.log.append(_encode(("D", self._done)))
+                    self._journal.log.append(_encode((REC_DONE, self._done)))
                     self._done = []
                     if _cp.armed:
                         _crash_point("part.close.after_done", self.name)
@@ -1152,7 +1239,7 @@ class LogParticipant(_LogPartCore, _JournaledParticipant):
         if _cp.armed:
             _crash_point("log.commit.before_mark", self.name)
         try:
-            jlog.append(_encode(("C", txid, start)))
+            jlog.append(_encode((REC_MARK, txid, start)))
             if self._journal.sync:
                 jlog.flush()
         except Closed:
@@ -1180,7 +1267,7 @@ class LogParticipant(_LogPartCore, _JournaledParticipant):
         with self._lock:
             for r in batch:
                 self._marks[r[0]] = at
-                marks.append(_encode(("C", r[0], at)))
+                marks.append(_encode((REC_MARK, r[0], at)))
                 at += len(r[1][0])
                 anykey = anykey or r[1][1] is not None
             jlog = self._journal.log
