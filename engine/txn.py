@@ -100,7 +100,8 @@ coordinator's ``transaction``/``_commit``/``_complete``, a participant's
 record encoder) are in ``pyx/txn.pyx`` (``engine._txn``); the classes here
 subclass its cores and keep everything that is not per transaction.
 
-Crash points: :func:`_crash_point` marks every step of the protocol (before
+Crash points (``engine._crashpoints``, shared with ``engine.saga`` and the
+compiled core): ``_crash_point`` marks every step of the protocol (before
 and after each durable write and each message) and every record that open,
 replay, close and a journal switch write (including the moments between two
 generations).  ``ENGINE_CRASH_AT=<point>`` (or ``<point>#<k>`` for its k-th
