@@ -132,15 +132,15 @@ import json
 import logging
 import os
 import random
-import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 
+from . import _crashpoints as _cp
+from ._fsutil import Durability, check_durability
 from .errors import EngineError, Timeout
-from .txn import _SimulatedCrash
 
 __all__ = [
     "Saga",
@@ -153,8 +153,6 @@ __all__ = [
 ]
 
 _logger = logging.getLogger("engine")
-
-Durability = Literal["always", "interval", "none"]
 
 
 # ---------------------------------------------------------------------------
@@ -311,72 +309,15 @@ class SagaInfo:
 # crash points (tests SIGKILL the process at a named moment)
 # ---------------------------------------------------------------------------
 
-# The contract of tests/crashkit.py (shared with engine.txn): _arm_crash(spec,
-# trace_path) and _crash_point(name). Call sites test _ARMED first, so an
-# unarmed process pays one global load per point.
-_ARMED = False
-_CRASH_AT: Optional[str] = None  # a point name, "*" (any point) or None
-_CRASH_NTH = 1  # die at this hit of _CRASH_AT
-_CRASH_RAISE = False  # raise _SimulatedCrash instead of SIGKILL (in-process tests)
-_CRASH_HITS: Dict[str, int] = {}  # point name -> hits so far ("*": all points)
-_CRASH_TRACE_FD = -1  # every hit is appended here as "point#k"
-
-
-def _arm_crash(
-    spec: Optional[str], trace_path: Optional[str] = None, action: str = "kill"
-) -> None:
-    """Arm the crash hook (tests only): die by SIGKILL at ``spec``.
-
-    ``spec`` is ``"point"`` (its first hit), ``"point#k"`` (its k-th hit) or
-    ``"*#k"`` (the k-th hit of any point); ``trace_path`` receives every hit as
-    a line ``point#k``, written unbuffered so the trace survives the kill.
-    ``action="raise"`` raises ``engine.txn._SimulatedCrash`` there instead of
-    the SIGKILL (in-process crash tests). ``None`` and no trace disarm. Also
-    read from ``ENGINE_CRASH_AT`` and ``ENGINE_CRASH_TRACE`` at import (see
-    tests/crashkit.py).
-    """
-    global _ARMED, _CRASH_AT, _CRASH_NTH, _CRASH_TRACE_FD, _CRASH_RAISE
-    if action not in ("kill", "raise"):
-        raise ValueError(f"action must be 'kill' or 'raise', not {action!r}")
-    _CRASH_HITS.clear()
-    if _CRASH_TRACE_FD >= 0:
-        os.close(_CRASH_TRACE_FD)
-        _CRASH_TRACE_FD = -1
-    _CRASH_AT, _CRASH_NTH, _CRASH_RAISE = None, 1, action == "raise"
-    if spec:
-        name, _, nth = spec.partition("#")
-        _CRASH_AT = name or "*"
-        _CRASH_NTH = int(nth) if nth else 1
-    if trace_path:
-        _CRASH_TRACE_FD = os.open(trace_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    _ARMED = _CRASH_AT is not None or _CRASH_TRACE_FD >= 0
-
-
-def _crash_point(name: str, party: Optional[str] = None) -> None:
-    """A named moment at which a crash test may SIGKILL this process.
-
-    The full name is ``name`` or ``name@party``. Saga points: ``saga.before-write:KINDS``
-    and ``saga.after-write:KINDS`` around each durable write (KINDS: the
-    records written, e.g. ``done+start``), ``saga.action:STEP:enter|exit`` and
-    ``saga.compensate:STEP:enter|exit`` around each call.
-    """
-    if not _ARMED:
-        return
-    full = name if party is None else f"{name}@{party}"
-    hits = _CRASH_HITS.get(full, 0) + 1
-    _CRASH_HITS[full] = hits
-    every = _CRASH_HITS.get("*", 0) + 1
-    _CRASH_HITS["*"] = every
-    if _CRASH_TRACE_FD >= 0:
-        os.write(_CRASH_TRACE_FD, f"{full}#{hits}\n".encode())
-    if (full == _CRASH_AT and hits == _CRASH_NTH) or (_CRASH_AT == "*" and every == _CRASH_NTH):
-        if _CRASH_RAISE:
-            raise _SimulatedCrash(full)
-        os.kill(os.getpid(), signal.SIGKILL)
-        time.sleep(10)  # the signal is delivered first; never go on
-
-
-_arm_crash(os.environ.get("ENGINE_CRASH_AT"), os.environ.get("ENGINE_CRASH_TRACE"))
+# (engine._crashpoints: one state for every module's points; tests/crashkit.py
+# arms them through these names).  Saga points: ``saga.before-write:KINDS``
+# and ``saga.after-write:KINDS`` around each durable write (KINDS: the records
+# written, e.g. ``done+start``), ``saga.action:STEP:enter|exit`` and
+# ``saga.compensate:STEP:enter|exit`` around each call, ``saga.compact.*``.
+_SimulatedCrash = _cp.SimulatedCrash
+_arm_crash = _cp.arm
+_crash_point = _cp.point
+_CRASH_HITS = _cp.hits
 
 
 # ---------------------------------------------------------------------------
@@ -741,10 +682,7 @@ class Saga:
         events: Any = None,
         codec: Optional[Tuple[Callable[[Any], bytes], Callable[[bytes], Any]]] = None,
     ) -> None:
-        if durability not in ("always", "interval", "none"):
-            raise ValueError(
-                f"durability must be 'always', 'interval' or 'none', not {durability!r}"
-            )
+        check_durability(durability)
         for argname, value in (("retries", retries), ("compensate_retries", compensate_retries)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{argname} must be an int >= 0, not {value!r}")
@@ -1078,14 +1016,14 @@ class Saga:
         from engine._log import LogReader
 
         low = self._low_water()
-        if _ARMED:
+        if _cp.armed:
             _crash_point("saga.compact.before_low_water")
         reader = LogReader(self._path, group=_LOW_WATER_GROUP)
         try:
             reader.commit(low)
         finally:
             reader.close()
-        if _ARMED:
+        if _cp.armed:
             _crash_point("saga.compact.after_low_water")
         return low
 
@@ -1102,7 +1040,7 @@ class Saga:
         self._check_open()
         self._commit_low_water()
         deleted = int(self._log.apply_retention())
-        if _ARMED:
+        if _cp.armed:
             _crash_point("saga.compact.after_retention")
         return deleted
 
@@ -1157,7 +1095,7 @@ class Saga:
                 compensating,
             )
             where = "compensate" if compensating else "action"
-            if _ARMED:
+            if _cp.armed:
                 _crash_point(f"saga.{where}:{name}:enter")
             try:
                 result = self._call(fn, is_async, sc, step.timeout, loop)
@@ -1174,7 +1112,7 @@ class Saga:
                     return exc
                 self._sleep_backoff(tries)
                 continue
-            if _ARMED:
+            if _cp.armed:
                 _crash_point(f"saga.{where}:{name}:exit")
             ok: Dict[str, Any] = {"t": k_ok, "id": run.id, "s": name}
             if not compensating:
@@ -1265,7 +1203,7 @@ class Saga:
             run.pending = []
             values = [b for _, b in batch]
             key = run.id.encode()
-            if _ARMED:
+            if _cp.armed:
                 kinds = "+".join(k for k, _ in batch)
                 _crash_point(f"saga.before-write:{kinds}")
             try:
@@ -1274,7 +1212,7 @@ class Saga:
                 # not written: keep them for the next write of this saga
                 run.pending[:0] = batch
                 raise
-            if _ARMED:
+            if _cp.armed:
                 _crash_point(f"saga.after-write:{kinds}")
         if self._events is not None:
             self._publish(key, values)

@@ -100,7 +100,8 @@ coordinator's ``transaction``/``_commit``/``_complete``, a participant's
 record encoder) are in ``pyx/txn.pyx`` (``engine._txn``); the classes here
 subclass its cores and keep everything that is not per transaction.
 
-Crash points: :func:`_crash_point` marks every step of the protocol (before
+Crash points (``engine._crashpoints``, shared with ``engine.saga`` and the
+compiled core): ``_crash_point`` marks every step of the protocol (before
 and after each durable write and each message) and every record that open,
 replay, close and a journal switch write (including the moments between two
 generations).  ``ENGINE_CRASH_AT=<point>`` (or ``<point>#<k>`` for its k-th
@@ -121,7 +122,6 @@ import logging
 import marshal
 import os
 import shutil
-import signal
 import threading
 import time
 import uuid
@@ -137,7 +137,16 @@ from typing import (
     Union,
 )
 
+from . import _crashpoints as _cp
+from ._fsutil import Durability, atomic_write, check_durability
 from ._txn import (
+    REC_ABORTED,
+    REC_DECISION,
+    REC_DONE,
+    REC_ENDED,
+    REC_INCARNATION,
+    REC_MARK,
+    REC_PREPARED,
     Transaction,
     _as_bytes,
     _CoordCore,
@@ -146,10 +155,9 @@ from ._txn import (
     _JournalCore,
     _LogPartCore,
     _PartCore,
-    _set_crash_hook,
     _trust,
 )
-from .errors import Closed, EngineError, LogLocked, Timeout, TransactionAborted
+from .errors import Closed, CorruptLog, EngineError, LogLocked, Timeout, TransactionAborted
 
 __all__ = [
     "Coordinator",
@@ -162,6 +170,7 @@ __all__ = [
     "RemoteParticipant",
     "decision",
     "read_journal",
+    "summarize_journal",
 ]
 
 _logger = logging.getLogger("engine")
@@ -177,77 +186,12 @@ _dumps = marshal.dumps
 # ---------------------------------------------------------------------------
 # crash points (tests only; one global bool load on the hot path when unarmed)
 
-_ARMED = False  # a crash point or a trace is set
-_CRASH_AT: Optional[str] = None  # full point name to die at, or "*" (any point)
-_CRASH_NTH = 1  # ... on its n-th hit
-_CRASH_RAISE = False  # raise _SimulatedCrash instead of SIGKILL
-_CRASH_HITS: Dict[str, int] = {}  # point -> hits so far ("*": all points)
-_CRASH_TRACE_FD = -1  # fd that receives every hit, one line each (or -1)
-
-
-class _SimulatedCrash(BaseException):
-    """Raised at an armed crash point in ``action="raise"`` mode (tests only).
-
-    A ``BaseException``: no ``except Exception`` of the protocol catches it,
-    so it unwinds to the test, which then abandons every object without a
-    clean close (``_simulate_crash``), as a SIGKILL would, and reopens.
-    """
-
-
-def _arm_crash(
-    spec: Optional[str], trace_path: Optional[str] = None, action: str = "kill"
-) -> None:
-    """Arm the crash hook: die at ``spec`` (``"point"``, ``"point#k"`` or ``"*#k"``).
-
-    ``"*#k"`` is the k-th hit of any point.  ``action="kill"`` SIGKILLs the
-    process there; ``action="raise"`` raises :class:`_SimulatedCrash`
-    instead (in-process crash tests).  ``trace_path`` (optional) receives
-    every point hit, one line each, written unbuffered so the trace survives
-    the SIGKILL.  ``spec=None`` with no trace disarms.  Used by
-    ``tests/crashkit.py``; also read from the environment
-    (``ENGINE_CRASH_AT``, ``ENGINE_CRASH_TRACE``) at import.
-    """
-    global _ARMED, _CRASH_AT, _CRASH_NTH, _CRASH_TRACE_FD, _CRASH_RAISE
-    if action not in ("kill", "raise"):
-        raise ValueError(f"action must be 'kill' or 'raise', not {action!r}")
-    _CRASH_HITS.clear()
-    if _CRASH_TRACE_FD >= 0:
-        os.close(_CRASH_TRACE_FD)
-        _CRASH_TRACE_FD = -1
-    _CRASH_AT, _CRASH_NTH, _CRASH_RAISE = None, 1, action == "raise"
-    if spec:
-        name, _, nth = spec.partition("#")
-        _CRASH_AT = name or "*"
-        _CRASH_NTH = int(nth) if nth else 1
-    if trace_path:
-        _CRASH_TRACE_FD = os.open(trace_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    _ARMED = _CRASH_AT is not None or _CRASH_TRACE_FD >= 0
-    _set_crash_hook(_crash_point if _ARMED else None)  # the compiled core's points
-
-
-def _crash_point(name: str, party: Optional[str] = None) -> None:
-    """A named step of the protocol: SIGKILL this process if armed for it.
-
-    The full point name is ``name`` or ``name@party`` (the participant's
-    name, or the journal's kind for journal points), so a test can crash one
-    party at one step.  Call sites check the module flag ``_ARMED`` first so
-    an unarmed process pays one global load.
-    """
-    full = name if party is None else f"{name}@{party}"
-    hits = _CRASH_HITS.get(full, 0) + 1
-    _CRASH_HITS[full] = hits
-    every = _CRASH_HITS.get("*", 0) + 1
-    _CRASH_HITS["*"] = every
-    if _CRASH_TRACE_FD >= 0:
-        os.write(_CRASH_TRACE_FD, f"{full}#{hits}\n".encode())
-    if (full == _CRASH_AT and hits == _CRASH_NTH) or (_CRASH_AT == "*" and every == _CRASH_NTH):
-        if _CRASH_RAISE:
-            raise _SimulatedCrash(full)
-        os.kill(os.getpid(), signal.SIGKILL)
-        time.sleep(10)  # pragma: no cover - the signal is delivered first
-
-
-_arm_crash(os.environ.get("ENGINE_CRASH_AT"), os.environ.get("ENGINE_CRASH_TRACE"))
+# (engine._crashpoints: one state for every module's points; tests/crashkit.py
+# arms them through these names)
+_SimulatedCrash = _cp.SimulatedCrash
+_arm_crash = _cp.arm
+_crash_point = _cp.point
+_CRASH_HITS = _cp.hits
 
 
 # ---------------------------------------------------------------------------
@@ -255,30 +199,6 @@ _arm_crash(os.environ.get("ENGINE_CRASH_AT"), os.environ.get("ENGINE_CRASH_TRACE
 
 _CURRENT = "CURRENT"
 _OWNER_LOCK = "owner.lock"
-_DURABILITIES = ("always", "interval", "none")
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(directory: str, name: str, data: bytes) -> None:
-    # temp + fsync + rename + fsync dir: the file is either the old or the new one
-    tmp = os.path.join(directory, f".{name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, os.path.join(directory, name))
-    _fsync_dir(directory)
-
-
 def _read_current(path: str) -> Optional[Dict[str, Any]]:
     try:
         with open(os.path.join(path, _CURRENT), "rb") as f:
@@ -296,9 +216,9 @@ def _read_current(path: str) -> Optional[Dict[str, Any]]:
         ):
             raise ValueError("missing fields")
     except (ValueError, UnicodeDecodeError) as exc:
-        raise EngineError(
-            f"transaction journal {path!r}: unreadable {_CURRENT} file ({exc}); "
-            "it is not a queue-engine journal or it was damaged"
+        raise _CorruptJournal(
+            os.path.join(path, _CURRENT), None,
+            f"unreadable ({exc}): it is not a queue-engine journal or it was damaged",
         ) from None
     return cur
 
@@ -307,14 +227,30 @@ def _gen_dir(path: str, gen: int) -> str:
     return os.path.join(path, f"gen-{gen:08d}")
 
 
-def _decode(raw: Any) -> Tuple[Any, ...]:
-    """Decode one journal record (a marshalled tuple, first item a type code)."""
+class _CorruptJournal(CorruptLog):
+    """A journal's ``CURRENT`` file or one of its records does not decode.
+
+    ``segment`` is the file or generation directory, ``position`` the
+    record's offset in that generation's log (``None`` for ``CURRENT``).
+    """
+
+    def __init__(self, where: str, offset: Optional[int], reason: str) -> None:
+        self.segment = where
+        self.position = -1 if offset is None else offset
+        self.reason = reason
+        at = "" if offset is None else f" record {offset}"
+        EngineError.__init__(self, f"corrupt transaction journal {where!r}{at}: {reason}")
+
+
+def _decode(raw: Any, where: str = "?", offset: Optional[int] = None) -> Tuple[Any, ...]:
+    """Decode one journal record (a marshalled tuple, first item a type code);
+    :class:`~engine.CorruptLog` if it is not one."""
     try:
         rec = marshal.loads(bytes(raw))
     except (ValueError, EOFError, TypeError) as exc:
-        raise EngineError(f"undecodable transaction journal record: {exc}") from None
+        raise _CorruptJournal(where, offset, f"undecodable record ({exc})") from None
     if not isinstance(rec, tuple) or not rec or not isinstance(rec[0], str):
-        raise EngineError("undecodable transaction journal record: not a typed tuple")
+        raise _CorruptJournal(where, offset, "undecodable record (not a typed tuple)")
     return rec
 
 
@@ -329,9 +265,9 @@ def _read_gen(gen_dir: str, meta: bool = False) -> List[Any]:
             if not batch:
                 break
             if meta:
-                out.extend((r.offset, r.timestamp, _decode(r.value)) for r in batch)
+                out.extend((r.offset, r.timestamp, _decode(r.value, gen_dir, r.offset)) for r in batch)
             else:
-                out.extend(_decode(r.value) for r in batch)
+                out.extend(_decode(r.value, gen_dir, r.offset) for r in batch)
     return out
 
 
@@ -353,8 +289,7 @@ class _Journal(_JournalCore):
         durability: str,
         segment_bytes: int = 1 << 20,
     ) -> None:
-        if durability not in _DURABILITIES:
-            raise ValueError(f"durability must be one of {_DURABILITIES}, not {durability!r}")
+        check_durability(durability)
         self.path = os.fspath(path)
         self.kind = kind
         self.durability = durability
@@ -374,9 +309,10 @@ class _Journal(_JournalCore):
             if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise LogLocked(self.path, _read_pid(self.path)) from None
             raise
-        os.ftruncate(self._lock_fd, 0)
-        os.write(self._lock_fd, str(os.getpid()).encode())
         try:
+            # the owner's pid, for the LogLocked message of a second opener
+            os.ftruncate(self._lock_fd, 0)
+            os.write(self._lock_fd, str(os.getpid()).encode())
             self._open_live(kind)
         except BaseException:
             self.close()  # a failed open lets go of the lock at once
@@ -388,7 +324,7 @@ class _Journal(_JournalCore):
         if cur is None:
             cur = {"kind": kind, "id": uuid.uuid4().hex, "gen": 1}
             _new_gen_dir(_gen_dir(self.path, 1))
-            _write_atomic(self.path, _CURRENT, json.dumps(cur).encode())
+            atomic_write(self.path, _CURRENT, json.dumps(cur).encode())
         elif cur["kind"] != kind:
             raise EngineError(
                 f"{self.path!r} is a {cur['kind']} journal, not a {kind} journal; use another path"
@@ -401,6 +337,10 @@ class _Journal(_JournalCore):
             # switch, or a half-built new one before it
             if entry.startswith("gen-") and entry != live:
                 shutil.rmtree(os.path.join(self.path, entry), ignore_errors=True)
+            # a CURRENT replacement a crash interrupted (atomic_write's temp;
+            # the lock we hold keeps every other writer out)
+            elif entry.startswith(f".{_CURRENT}.") and entry.endswith(".tmp"):
+                os.unlink(os.path.join(self.path, entry))
         # the writer first: opening it recovers the log (cuts a torn tail)
         self.log = self._open_log(self.gen)
         self.records: List[Tuple[Any, ...]] = _read_gen(_gen_dir(self.path, self.gen))
@@ -439,19 +379,19 @@ class _Journal(_JournalCore):
         new = self.gen + 1
         gdir = _gen_dir(self.path, new)
         _new_gen_dir(gdir)
-        if _ARMED:
+        if _cp.armed:
             _crash_point("journal.switch.begin", self.kind)
         log = self._open_log(new)
         try:
             recs = [_encode(r) for r in keep]
             if recs:
                 log.append_many(recs)
-            if _ARMED:
+            if _cp.armed:
                 _crash_point("journal.switch.after_write", self.kind)
             log.flush()
-            if _ARMED:
+            if _cp.armed:
                 _crash_point("journal.switch.before_current", self.kind)
-            _write_atomic(
+            atomic_write(
                 self.path,
                 _CURRENT,
                 json.dumps({"kind": self.kind, "id": self.id, "gen": new}).encode(),
@@ -463,14 +403,14 @@ class _Journal(_JournalCore):
             raise
         old, old_gen = self.log, self.gen
         self.log, self.gen, self.appended = log, new, len(recs)
-        if _ARMED:
+        if _cp.armed:
             _crash_point("journal.switch.after_current", self.kind)
         try:
             old.close()
         except Exception:  # pragma: no cover - closing a healthy log does not fail
             _logger.exception("closing the old journal generation failed")
         shutil.rmtree(_gen_dir(self.path, old_gen), ignore_errors=True)
-        if _ARMED:
+        if _cp.armed:
             _crash_point("journal.switch.after_remove", self.kind)
 
     def close(self) -> None:
@@ -514,10 +454,11 @@ def read_journal(
 ) -> Tuple[Dict[str, Any], List[Any]]:
     """Read a journal without owning it: ``(CURRENT info, records)``.
 
-    Records are tuples whose first item is the type: coordinator ``("I",
-    incarnation)``, ``("C", txid, participant names)`` (commit decision),
-    ``("E", [txids])`` (ended); participant ``("P", txid, ops)`` (prepared),
-    ``("C", txid, start offset)`` (commit mark), ``("A", txid)`` (aborted).
+    Records are tuples whose first item is the kind (``REC_*``, see
+    ``engine._txn``): coordinator ``(REC_INCARNATION, incarnation)``,
+    ``(REC_DECISION, txid, participant names)``, ``(REC_ENDED, [txids])``;
+    participant ``(REC_PREPARED, txid, ops)``, ``(REC_MARK, txid, start
+    offset)``, ``(REC_ABORTED, txid)``, ``(REC_DONE, [txids])``.
     With ``meta=True`` each item is ``(offset, timestamp_ns, record)``.
     Works while the owner runs (readers of an ``engine.Log`` may be in any
     process).  Used by ``queue-engine txn ls``.
@@ -536,6 +477,84 @@ def read_journal(
                 raise
             cur = new
     raise EngineError(f"{path!r}: the journal keeps switching generations; try again")
+
+
+def summarize_journal(
+    path: Union[str, os.PathLike[str]], limit: int = 20, stale: float = 60.0
+) -> Dict[str, Any]:
+    """A journal's unfinished and recent transactions (what ``queue-engine txn ls`` shows).
+
+    Returns a dict: ``path``, ``kind`` (``"coordinator"`` or a participant
+    kind), ``id``, ``generation``; ``in_doubt``: coordinator transactions
+    committed and not ended, or participant transactions prepared with no
+    outcome, oldest first; ``recent``: the last ``limit`` finished ones
+    (coordinator: committed and ended; participant: committed or aborted);
+    each a dict with ``txid``, ``state``, ``time`` (ns) and ``participants``
+    (coordinator) or ``ops`` (participant, their count).  ``stale``: how many
+    need attention (coordinator: every unfinished one; participant: prepared
+    longer than ``stale`` seconds ago); ``incarnation`` for a coordinator.
+    Reads only (:func:`read_journal`): safe while the owner runs.
+    """
+    path = os.fspath(path)
+    cur, recs = read_journal(path, meta=True)
+    kind = cur["kind"]
+    doubt: List[Dict[str, Any]] = []
+    recent: List[Dict[str, Any]] = []
+    out: Dict[str, Any] = {"path": path, "kind": kind, "id": cur["id"], "generation": cur["gen"]}
+    if kind == "coordinator":
+        pending: Dict[str, Dict[str, Any]] = {}
+        inc = 0
+        for _off, ts, rec in recs:
+            if rec[0] == REC_INCARNATION:
+                inc = max(inc, rec[1])
+            elif rec[0] == REC_DECISION:
+                pending[rec[1]] = {
+                    "txid": rec[1],
+                    "state": "not ended",
+                    "time": ts,
+                    "participants": list(rec[2]),
+                }
+            elif rec[0] == REC_ENDED:
+                for t in rec[1]:
+                    e = pending.pop(t, None)
+                    if e is not None:
+                        e["state"] = "committed"
+                        e["ended"] = ts
+                        recent.append(e)
+        doubt = list(pending.values())
+        out["incarnation"] = inc
+        out["stale"] = len(doubt)
+    else:
+        prepared: Dict[str, Dict[str, Any]] = {}
+        for _off, ts, rec in recs:
+            if rec[0] == REC_PREPARED:
+                ops = rec[2]
+                n = (
+                    len(ops[0])
+                    if isinstance(ops, tuple) and ops and isinstance(ops[0], list)
+                    else (len(ops) if isinstance(ops, list) else 1)
+                )
+                prepared[rec[1]] = {"txid": rec[1], "state": "prepared", "time": ts, "ops": n}
+            elif rec[0] == REC_MARK and rec[1] in prepared:
+                # a commit mark: decided commit; the participant finishes it itself
+                e = prepared.pop(rec[1])
+                e["state"] = "committed"
+                e["start_offset"] = rec[2]
+                e["ended"] = ts
+                recent.append(e)
+            elif rec[0] in (REC_ABORTED, REC_DONE):
+                for t in [rec[1]] if rec[0] == REC_ABORTED else rec[1]:
+                    e = prepared.pop(t, None)
+                    if e is not None:
+                        e["state"] = "aborted" if rec[0] == REC_ABORTED else "committed"
+                        e["ended"] = ts
+                        recent.append(e)
+        doubt = list(prepared.values())
+        now = time.time_ns()
+        out["stale"] = sum(1 for e in doubt if now - e["time"] > stale * 1e9)
+    out["in_doubt"] = doubt
+    out["recent"] = recent[-limit:] if limit > 0 else []
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -580,9 +599,9 @@ def decision(path: Union[str, os.PathLike[str]], txid: str) -> str:
         _cur, recs = read_journal(path)
         max_inc = 0
         for rec in recs:
-            if rec[0] == "C" and rec[1] == txid:
+            if rec[0] == REC_DECISION and rec[1] == txid:
                 return "commit"
-            if rec[0] == "I":
+            if rec[0] == REC_INCARNATION:
                 max_inc = max(max_inc, rec[1])
         if running and parts[1] >= max_inc:
             return "pending"
@@ -641,7 +660,7 @@ class Coordinator(_CoordCore):
     def __init__(
         self,
         path: Union[str, os.PathLike[str]],
-        durability: str = "always",
+        durability: Durability = "always",
         timeout: float = 30.0,
         *,
         end_batch: int = 64,
@@ -673,21 +692,21 @@ class Coordinator(_CoordCore):
         inc = 0
         for rec in self._journal.records:
             kind = rec[0]
-            if kind == "C":
+            if kind == REC_DECISION:
                 self._pending[rec[1]] = tuple(rec[2])
-            elif kind == "E":
+            elif kind == REC_ENDED:
                 for t in rec[1]:
                     self._pending.pop(t, None)
-            elif kind == "I":
+            elif kind == REC_INCARNATION:
                 inc = max(inc, rec[1])
         self._journal.records = []
         self._inc = inc + 1
-        if _ARMED:
+        if _cp.armed:
             _crash_point("coord.open.before_incarnation", None)
         # Durable before any txid of this incarnation exists: txids never repeat.
-        self._journal.append(("I", self._inc))
+        self._journal.append((REC_INCARNATION, self._inc))
         self._journal.log.flush()
-        if _ARMED:
+        if _cp.armed:
             _crash_point("coord.open.after_incarnation", None)
 
     # -- properties
@@ -711,10 +730,10 @@ class Coordinator(_CoordCore):
         with self._lock:
             if self._closed or self._journal.appended < self._compact_records:
                 return
-            keep: List[Tuple[Any, ...]] = [("I", self._inc)]
-            keep.extend(("C", t, names) for t, names in self._pending.items())
+            keep: List[Tuple[Any, ...]] = [(REC_INCARNATION, self._inc)]
+            keep.extend((REC_DECISION, t, names) for t, names in self._pending.items())
             # a commit record in flight may land in the old generation: carry it
-            keep.extend(("C", t, names) for t, names in self._deciding.items())
+            keep.extend((REC_DECISION, t, names) for t, names in self._deciding.items())
             self._journal.switch(keep)
 
     def _finish_abort(
@@ -731,7 +750,7 @@ class Coordinator(_CoordCore):
         tx.reason = reason
         self._active.pop(tx.txid, None)
         for p in asked:
-            if _ARMED:
+            if _cp.armed:
                 _crash_point("coord.abort.send", p.name)
             try:
                 p.abort(tx.txid)
@@ -846,7 +865,7 @@ class Coordinator(_CoordCore):
             batch, self._ended = self._ended, []
             log = self._journal.log
         if batch and log is not None:
-            _journal_append(self._journal, log, ("E", batch), durable=False)
+            _journal_append(self._journal, log, (REC_ENDED, batch), durable=False)
 
     def stats(self) -> Dict[str, Any]:
         """Counters and sizes (committed, aborted, in flight, unfinished, journal)."""
@@ -866,10 +885,13 @@ class Coordinator(_CoordCore):
         """Write pending ``end`` records and release the journal."""
         if self._closed:
             return
-        self.flush()
-        with self._lock:
-            self._closed = True
-            self._journal.close()
+        try:
+            self.flush()
+        finally:
+            # a failed end write (a broken journal) still lets go of the journal
+            with self._lock:
+                self._closed = True
+                self._journal.close()
 
     def _simulate_crash(self) -> None:
         """Test hook: stop as a SIGKILLed process would (no ``end`` batch
@@ -908,19 +930,19 @@ def _fold_participant(
     holder: Dict[Any, str] = {}  # lock key -> last txid that prepared it
     for rec in records:
         kind = rec[0]
-        if kind == "P":
+        if kind == REC_PREPARED:
             for k in keys(rec[2]):
                 prev = holder.get(k)
                 if prev is not None and prev in doubt and prev not in marks:
                     del doubt[prev]
                 holder[k] = rec[1]
             doubt[rec[1]] = rec[2]
-        elif kind == "C":
+        elif kind == REC_MARK:
             marks[rec[1]] = rec[2]
-        elif kind == "A":
+        elif kind == REC_ABORTED:
             doubt.pop(rec[1], None)
             marks.pop(rec[1], None)
-        elif kind == "D":
+        elif kind == REC_DONE:
             for t in rec[1]:
                 doubt.pop(t, None)
                 marks.pop(t, None)
@@ -982,11 +1004,14 @@ class _JournaledParticipant(_PartCore):
             self._doubt[txid] = info
             self._acquire(txid, info)
         # marked batches in the order they were written to the resource
-        for txid in sorted(self._marks, key=self._marks.__getitem__):
-            if _ARMED:
+        # (ties: in the order the marks were written; a broken log gives the
+        # marks written after it broke the same offset)
+        order = {t: i for i, t in enumerate(marks)}
+        for txid in sorted(self._marks, key=lambda t: (self._marks[t], order[t])):
+            if _cp.armed:
                 _crash_point("part.replay.before_finish", self.name)
             self.commit(txid)
-            if _ARMED:
+            if _cp.armed:
                 _crash_point("part.replay.after_finish", self.name)
 
     # hooks (defaults suit participants without locks)
@@ -1015,12 +1040,12 @@ class _JournaledParticipant(_PartCore):
                 raise EngineError(f"txn {txid} is committed at {self.name!r}; cannot abort it")
             self._release(txid, info)
             log = self._journal.log
-        if _ARMED:
+        if _cp.armed:
             _crash_point("part.abort.before_write", self.name)
         # Not needed for safety (no outcome = ask the coordinator = abort);
         # it spares that question after a restart.
-        _journal_append(self._journal, log, ("A", txid), durable=False)
-        if _ARMED:
+        _journal_append(self._journal, log, (REC_ABORTED, txid), durable=False)
+        if _cp.armed:
             _crash_point("part.abort.after_write", self.name)
         self._maybe_compact()
 
@@ -1064,9 +1089,9 @@ class _JournaledParticipant(_PartCore):
                 return
             keep: List[Tuple[Any, ...]] = []
             for txid, info in self._doubt.items():
-                keep.append(("P", txid, info))
+                keep.append((REC_PREPARED, txid, info))
                 if txid in self._marks:
-                    keep.append(("C", txid, self._marks[txid]))
+                    keep.append((REC_MARK, txid, self._marks[txid]))
             self._journal.switch(keep)
 
     def close(self) -> None:
@@ -1075,14 +1100,17 @@ class _JournaledParticipant(_PartCore):
             if self._closed:
                 return
             self._closed = True
-            if self._done:
-                if _ARMED:
-                    _crash_point("part.close.before_done", self.name)
-                self._journal.log.append(_encode(("D", self._done)))
-                self._done = []
-                if _ARMED:
-                    _crash_point("part.close.after_done", self.name)
-            self._journal.close()
+            try:
+                if self._done:
+                    if _cp.armed:
+                        _crash_point("part.close.before_done", self.name)
+                    self._journal.log.append(_encode((REC_DONE, self._done)))
+                    self._done = []
+                    if _cp.armed:
+                        _crash_point("part.close.after_done", self.name)
+            finally:
+                # a failed done write (a broken journal) still lets go of the journal
+                self._journal.close()
 
     def _simulate_crash(self) -> None:
         """Test hook: stop as a SIGKILLed process would (no ``done`` batch
@@ -1147,6 +1175,7 @@ class LogParticipant(_LogPartCore, _JournaledParticipant):
             raise TypeError("name is required")
         self.log = log
         self._commit_cv = threading.Condition(threading.Lock())  # group commit queue
+        self._finish_floor = 0  # where the last marked batch finished ends (see _finish_marked)
         super().__init__(
             name,
             state_path or _default_state_path(path, name, "LogParticipant"),
@@ -1169,7 +1198,7 @@ class LogParticipant(_LogPartCore, _JournaledParticipant):
                 self._commit_one(txid, info)
             finally:
                 self._commit_lock.release()
-            if _ARMED:
+            if _cp.armed:
                 _crash_point("log.commit.after_append", self.name)
             return
         req = [txid, info, False, None]  # txid, info, done, error
@@ -1197,7 +1226,7 @@ class LogParticipant(_LogPartCore, _JournaledParticipant):
                 cv.notify_all()
         if req[3] is not None:
             raise req[3]
-        if _ARMED:
+        if _cp.armed:
             _crash_point("log.commit.after_append", self.name)
 
     def _commit_one(self, txid: str, info: Any) -> None:
@@ -1208,17 +1237,17 @@ class LogParticipant(_LogPartCore, _JournaledParticipant):
             # memory before the switch copies it, or written to the new log
             self._marks[txid] = start
             jlog = self._journal.log
-        if _ARMED:
+        if _cp.armed:
             _crash_point("log.commit.before_mark", self.name)
         try:
-            jlog.append(_encode(("C", txid, start)))
+            jlog.append(_encode((REC_MARK, txid, start)))
             if self._journal.sync:
                 jlog.flush()
         except Closed:
             if jlog is self._journal.log:
                 raise
         self._journal.appended += 1
-        if _ARMED:
+        if _cp.armed:
             _crash_point("log.commit.after_mark", self.name)
         values, keys = info
         if keys is None:
@@ -1239,7 +1268,7 @@ class LogParticipant(_LogPartCore, _JournaledParticipant):
         with self._lock:
             for r in batch:
                 self._marks[r[0]] = at
-                marks.append(_encode(("C", r[0], at)))
+                marks.append(_encode((REC_MARK, r[0], at)))
                 at += len(r[1][0])
                 anykey = anykey or r[1][1] is not None
             jlog = self._journal.log
@@ -1253,7 +1282,7 @@ class LogParticipant(_LogPartCore, _JournaledParticipant):
                 for r in batch:
                     v, k = r[1]
                     keys.extend([None] * len(v) if k is None else k)
-        if _ARMED:
+        if _cp.armed:
             _crash_point("log.commit.before_mark", self.name)
         # Durable before the batch: after a crash a mark says where its
         # batch starts, so recovery appends exactly what is missing.
@@ -1265,7 +1294,7 @@ class LogParticipant(_LogPartCore, _JournaledParticipant):
             if jlog is self._journal.log:
                 raise
         self._journal.appended += len(marks)
-        if _ARMED:
+        if _cp.armed:
             _crash_point("log.commit.after_mark", self.name)
         if keys is not None:
             self.log.append_many(values, keys)
@@ -1273,24 +1302,69 @@ class LogParticipant(_LogPartCore, _JournaledParticipant):
             self.log.append_many(values)
 
     def _finish_marked(self, txid: str, info: Any) -> None:
+        """Make the log hold ``txid``'s batch, whole and once, from its mark on.
+
+        The mark says where the batch was to start; what the log holds there
+        is checked record by record, because a mark is durable before its
+        batch and the batch's write may have failed (a broken log keeps the
+        marks of later commits at the same offset) or stopped part way (a
+        crash: a prefix at the log's end).  Marked batches are finished in
+        the order they were written, each placed after the previous one
+        (``_finish_floor``).
+        """
         values, keys = info
         with self._commit_lock:
             start = self._marks[txid]
-            have = self.log.next_offset - start
-            if have < 0:
+            end = self.log.next_offset
+            if end < start:
                 raise EngineError(
                     f"log {getattr(self.log, 'path', '?')!r} ends before txn {txid}'s batch "
                     f"(offset {start}): it was truncated behind the participant's back"
                 )
+            pos = max(start, self._finish_floor)
+            at, have = self._locate(pos, end, values, keys)
+            if at is None:
+                at, have = end, 0  # not in the log at all: the whole batch goes at its end
             if have < len(values):
-                if _ARMED:
+                if _cp.armed:
                     _crash_point("log.finish.before_append", self.name)
                 if keys is None:
                     self.log.append_many(values[have:])
                 else:
                     self.log.append_many(values[have:], keys[have:])
-                if _ARMED:
+                if _cp.armed:
                     _crash_point("log.finish.after_append", self.name)
+            self._finish_floor = at + len(values)
+
+    def _locate(
+        self, pos: int, end: int, values: List[bytes], keys: Optional[List[Any]]
+    ) -> Tuple[Optional[int], int]:
+        """Where the batch is in the log at or after ``pos``: ``(offset, records
+        there)``, records < ``len(values)`` only for a prefix at the log's end;
+        ``(None, 0)`` when no place from ``pos`` on holds it."""
+        if pos >= end:
+            return pos, 0
+        path = getattr(self.log, "path", None)
+        if path is None:
+            # no reader for this log: trust the count past the mark (one writer)
+            return pos, min(end - pos, len(values))
+        from ._log import LogReader
+
+        recs: List[Tuple[bytes, Optional[bytes]]] = []
+        with LogReader(path, start=pos) as reader:
+            while len(recs) < end - pos:
+                got = reader.read_many(end - pos - len(recs))
+                if not got:
+                    break
+                recs.extend((bytes(r.value), None if r.key is None else bytes(r.key)) for r in got)
+        want = [(v, None if keys is None else keys[i]) for i, v in enumerate(values)]
+        for i in range(len(recs)):
+            n = 0
+            while n < len(want) and i + n < len(recs) and recs[i + n] == want[n]:
+                n += 1
+            if n == len(want) or i + n == len(recs):
+                return pos + i, n
+        return None, 0
 
 
 def _store_apply(store: Any, ops: List[Tuple[bytes, Optional[bytes], int]]) -> None:
@@ -1428,7 +1502,7 @@ class OffsetParticipant(_JournaledParticipant):
         name: Optional[str] = None,
         state_path: Optional[str] = None,
         *,
-        durability: str = "always",
+        durability: Durability = "always",
         compact_records: int = 50_000,
         segment_bytes: int = 1 << 20,
         log_path: Optional[str] = None,

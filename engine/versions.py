@@ -126,7 +126,7 @@ from typing import (
 
 from ._fsutil import Durability, atomic_write, check_durability
 from ._versions import _norm_key, _norm_value, _StoreCore
-from .errors import Closed, CorruptLog, EngineError, Timeout, VersionConflict
+from .errors import Closed, CorruptLog, EngineError, LogBroken, Timeout, VersionConflict
 
 __all__ = ["VersionedStore", "StoreFollower", "Deduplicator", "VersionGate"]
 
@@ -554,6 +554,7 @@ class VersionedStore(_StoreCore):
         """``get`` of several keys, read under the lock: no batch is seen half-applied."""
         norm = [_norm_key(k) for k in keys]
         with self._lock:
+            self._check_broken()
             get = self._data.get
             return [get(k, _MISSING) for k in norm]
 
@@ -564,11 +565,13 @@ class VersionedStore(_StoreCore):
     def items(self) -> Iterator[Tuple[bytes, Tuple[int, bytes]]]:
         """``(key, (version, value))`` pairs of a consistent copy of the store."""
         with self._lock:
+            self._check_broken()
             return iter(list(self._data.items()))
 
     def keys(self) -> List[bytes]:
         """The keys present now (bytes)."""
         with self._lock:
+            self._check_broken()
             return list(self._data)
 
     def __iter__(self) -> Iterator[bytes]:
@@ -627,7 +630,11 @@ class VersionedStore(_StoreCore):
     def _write_locked(self, key: bytes, value: bytes, ver: int) -> Tuple[int, int]:
         self._check_open()
         ver += 1
-        off = self._append(value, key)
+        try:
+            off = self._append(value, key)
+        except LogBroken as exc:
+            self._note_broken(exc)
+            raise
         self._data[key] = (ver, value)
         if off >= self._snap_at:
             self._snapshot_locked(wait=False)
@@ -651,7 +658,11 @@ class VersionedStore(_StoreCore):
                 raise VersionConflict(k, expected_version, cur[0])
             if cur[1] is None:
                 return False
-            off = self._append(_DEL_HDR.pack(_OP_DEL, cur[0]) + k)
+            try:
+                off = self._append(_DEL_HDR.pack(_OP_DEL, cur[0]) + k)
+            except LogBroken as exc:
+                self._note_broken(exc)
+                raise
             del self._data[k]
             if off >= self._snap_at:
                 self._snapshot_locked(wait=False)
@@ -712,10 +723,14 @@ class VersionedStore(_StoreCore):
                     result.append(ver)
             if not writes:
                 return result
-            if len(writes) == 1 and writes[0][0] == _OP_PUT:
-                off = self._append(writes[0][3], writes[0][1])
-            else:
-                off = self._append(_encode_txn(writes))
+            try:
+                if len(writes) == 1 and writes[0][0] == _OP_PUT:
+                    off = self._append(writes[0][3], writes[0][1])
+                else:
+                    off = self._append(_encode_txn(writes))
+            except LogBroken as exc:
+                self._note_broken(exc)
+                raise
             # puts become visible together (one dict.update); then the deletes
             data = self._data
             data.update({k: v for k, v in overlay.items() if v[1] is not None})  # type: ignore[misc]

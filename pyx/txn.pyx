@@ -64,6 +64,19 @@ cdef extern from *:
     bint ENG_MONOTONIC_IS_PYTHONS
 
 
+# Journal record kinds: the first item of every record (one letter each on
+# disk).  A coordinator's journal holds INCARNATION, DECISION and ENDED; a
+# participant's holds PREPARED, MARK, ABORTED and DONE.  DECISION and MARK
+# share a letter but never a journal: a journal's kind (its CURRENT file)
+# says which table a letter belongs to.
+REC_INCARNATION = "I"  # ("I", incarnation): a coordinator incarnation began
+REC_DECISION = "C"     # ("C", txid, participant names): the coordinator decided commit
+REC_ENDED = "E"        # ("E", [txids]): every participant acknowledged these commits
+REC_PREPARED = "P"     # ("P", txid, ops): the participant voted yes and holds the ops
+REC_MARK = "C"         # ("C", txid, start): commit decided; a log participant's batch starts at start
+REC_ABORTED = "A"      # ("A", txid): the participant dropped the ops
+REC_DONE = "D"         # ("D", [txids]): the participant finished these commits
+
 _logger = logging.getLogger("engine")
 cdef object _monotonic = time.monotonic
 cdef object _wall = time.time
@@ -93,7 +106,7 @@ cdef inline double _now() except? -1.0:
 
 
 # ---------------------------------------------------------------------------
-# crash points: engine.txn owns them (_arm_crash / _crash_point) and hands the
+# crash points: engine._crashpoints owns them (arm / point) and hands the
 # hook over here while armed; unarmed, a point costs one C bool test
 
 cdef bint _armed = False
@@ -552,7 +565,7 @@ cdef class _CoordCore:
                         if _armed:
                             _hook("coord.decision.before_write", None)
                         try:
-                            journal._append(_encode_rec("C", txid, names))
+                            journal._append(_encode_rec(REC_DECISION, txid, names))
                         except BaseException:
                             # whether the record landed is unknown: "pending"
                             # until a restart reads the log
@@ -570,7 +583,7 @@ cdef class _CoordCore:
             if _armed:
                 _hook("coord.decision.before_write", None)
             try:
-                log.append(_encode_rec("C", txid, names))
+                log.append(_encode_rec(REC_DECISION, txid, names))
                 log.flush()  # the decision is durable before anyone hears of it
             except Closed:
                 if log is journal._log:
@@ -642,7 +655,7 @@ cdef class _CoordCore:
         if batch is not None:
             if _armed:
                 _hook("coord.end.before_write", None)
-            _journal_append(self._journal, log, ("E", batch), durable=False)
+            _journal_append(self._journal, log, (REC_ENDED, batch), durable=False)
             if _armed:
                 _hook("coord.end.after_write", None)
             if self._journal.appended >= self._compact_records:
@@ -713,7 +726,7 @@ cdef class _PartCore:
                 if _armed:
                     _hook("part.prepare.before_write", self.name)
                 try:
-                    journal._append(_encode_rec("P", txid, info))
+                    journal._append(_encode_rec(REC_PREPARED, txid, info))
                 except BaseException:
                     del self._doubt[txid]
                     self._release(txid, info)
@@ -728,7 +741,7 @@ cdef class _PartCore:
             _hook("part.prepare.before_write", self.name)
         try:
             try:
-                log.append(_encode_rec("P", txid, info))
+                log.append(_encode_rec(REC_PREPARED, txid, info))
                 log.flush()  # durable before the yes vote
             except Closed:
                 if log is journal._log:
@@ -777,7 +790,7 @@ cdef class _PartCore:
         if batch is not None:
             if _armed:
                 _hook("part.done.before_write", self.name)
-            _journal_append(self._journal, log, ("D", batch), durable=False)
+            _journal_append(self._journal, log, (REC_DONE, batch), durable=False)
             if _armed:
                 _hook("part.done.after_write", self.name)
         if self._journal.appended >= self._compact_records:
@@ -876,7 +889,7 @@ cdef class _LogPartCore(_PartCore):
                 # mark says where the batch starts, so recovery appends exactly
                 # what is missing
                 try:
-                    journal._append(_encode_rec("C", txid, start))
+                    journal._append(_encode_rec(REC_MARK, txid, start))
                     journal.appended += 1
                     if _armed:
                         _hook("log.commit.after_mark", self.name)
@@ -902,7 +915,7 @@ cdef class _LogPartCore(_PartCore):
                     self._done = []
                     if _armed:
                         _hook("part.done.before_write", self.name)
-                    journal._append(_encode(("D", done)))
+                    journal._append(_encode((REC_DONE, done)))
                     journal.appended += 1
                     if _armed:
                         _hook("part.done.after_write", self.name)

@@ -25,7 +25,7 @@ from cpython.pythread cimport (NOWAIT_LOCK, PyThread_acquire_lock, PyThread_allo
                                PyThread_free_lock, PyThread_release_lock, PyThread_type_lock)
 from libc.stdint cimport int64_t
 
-from engine.errors import Closed
+from engine.errors import Closed, LogBroken
 
 
 cdef extern from "Python.h":
@@ -105,15 +105,33 @@ cdef class _StoreCore:
     cdef public object _sync_log    # the log when a write waits for its sync outside the lock, else None
     cdef public int64_t _snap_at    # log offset at which the next automatic snapshot is due
     cdef public bint _closed        # close() ran
+    cdef public object _broken      # the LogBroken a write or sync of the log raised, or None
+    # (from then on reads raise it too: the table may hold a write whose
+    # put raised, which must never be seen as if it were acknowledged)
 
     def __cinit__(self, *args, **kwargs):
         self._data = {}
         self._lock = _Mutex()
         self._snap_at = 1 << 62
 
+    cpdef _check_broken(self):
+        """Raise :class:`engine.LogBroken` if a write or sync of the log failed."""
+        b = self._broken
+        if b is not None:
+            raise LogBroken(b.path, b.cause, b.errno)
+
+    cpdef _note_broken(self, exc):
+        """Remember ``exc`` if it is a :class:`engine.LogBroken` (reads refuse from then on)."""
+        if isinstance(exc, LogBroken) and self._broken is None:
+            self._broken = exc
+
     def get(self, key):
-        """``(version, value)`` of ``key``; ``(0, None)`` if it is absent."""
+        """``(version, value)`` of ``key``; ``(0, None)`` if it is absent.
+
+        Raises :class:`engine.LogBroken` once a write or sync of the log failed."""
         cdef PyObject *p
+        if self._broken is not None:
+            self._check_broken()
         if type(key) is not bytes:
             key = _norm_key(key)
         p = PyDict_GetItemWithError(self._data, key)
@@ -147,7 +165,11 @@ cdef class _StoreCore:
             ver = 0 if p == NULL else (<tuple>p)[0]
             if expected_version is None or expected_version is ver or expected_version == ver:
                 new = ver + 1
-                off = self._append(value, key)
+                try:
+                    off = self._append(value, key)
+                except LogBroken as exc:
+                    self._note_broken(exc)
+                    raise
                 if p != NULL and _Py_REFCNT(p) == 1:
                     # (the log call may have let other threads run, but every
                     # change of _data takes the lock we hold: p is still the entry)
@@ -175,15 +197,22 @@ cdef class _StoreCore:
             return
         try:
             log.flush()
+        except LogBroken as exc:
+            self._note_broken(exc)
+            raise
         except Closed:
             # close() in another thread got there first; it syncs everything
             if log.durable_offset <= off:
                 raise
 
     def __len__(self):
+        if self._broken is not None:
+            self._check_broken()
         return len(self._data)
 
     def __contains__(self, key):
+        if self._broken is not None:
+            self._check_broken()
         if type(key) is not bytes:
             key = _norm_key(key)
         return key in self._data

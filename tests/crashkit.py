@@ -51,7 +51,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from engine.txn import _SimulatedCrash
+from engine import _crashpoints
 
 HOOK_MODULES: Sequence[str] = ("engine.txn",)
 """Modules armed in the child (each must define ``_arm_crash``)."""
@@ -59,7 +59,7 @@ HOOK_MODULES: Sequence[str] = ("engine.txn",)
 ALL_HOOK_MODULES: Sequence[str] = ("engine.txn", "engine.saga")
 """Every module with crash points."""
 
-SimulatedCrash = _SimulatedCrash
+SimulatedCrash = _crashpoints.SimulatedCrash
 """Raised at a crash point armed by :func:`arm_in_process` (a BaseException)."""
 
 
@@ -77,8 +77,11 @@ def arm_in_process(spec: Optional[str], hooks: Sequence[str] = ALL_HOOK_MODULES)
 
 
 def hits(hooks: Sequence[str] = ALL_HOOK_MODULES) -> int:
-    """Crash points hit since the last arming, over ``hooks``."""
-    return sum(importlib.import_module(n)._CRASH_HITS.get("*", 0) for n in hooks)
+    """Crash points hit since the last arming (every module's points share one
+    count, engine._crashpoints; ``hooks`` are imported so theirs exist)."""
+    for n in hooks:
+        importlib.import_module(n)
+    return _crashpoints.hits.get("*", 0)
 
 
 @dataclass

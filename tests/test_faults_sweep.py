@@ -347,32 +347,14 @@ def _check(rows):
     assert sum(r.points for r in rows) > 0
 
 
-# Found by these sweeps, in engine/txn.py (not this module's to change):
-# - a Coordinator or LogParticipant whose construction fails after taking its
-#   journal's lock (a failed write of the pid, of the journal log) keeps the
-#   lock: the same process then gets LogLocked;
-# - a LogParticipant whose data log breaks (LogBroken) in the middle of
-#   commits loses those transactions: the coordinator reports them committed
-#   and resends the commit at recover(), but the participant journaled its
-#   commit mark before the append failed and after reopening treats them as
-#   applied, so their records never reach its log (half-applied transactions).
-_TXN_BUGS = pytest.mark.xfail(strict=True, reason="engine/txn.py: lock kept after a failed "
-                              "construction; commits lost when a participant's log breaks")
-
-
-def _params():
-    return [pytest.param(c, marks=_TXN_BUGS) if c.startswith("Coordinator") else c
-            for c in COMPONENTS]
-
-
-@pytest.mark.parametrize("component", _params())
+@pytest.mark.parametrize("component", list(COMPONENTS))
 def test_sweep_sampled(tmp_path, component):
     rows = faultkit.sweep(component, COMPONENTS[component], str(tmp_path), errs=("EIO",), max_points=1)
     _check(rows)
 
 
 @pytest.mark.crash
-@pytest.mark.parametrize("component", _params())
+@pytest.mark.parametrize("component", list(COMPONENTS))
 def test_sweep_wide(tmp_path, component):
     errs = ("EIO", "ENOSPC", "EFBIG", "EINTR", "SHORT")
     rows = faultkit.sweep(component, COMPONENTS[component], str(tmp_path), errs=errs,

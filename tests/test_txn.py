@@ -782,3 +782,30 @@ def test_bench_section_contenders_deliver():
         assert run.count == wl.count and run.checksum == wl.expected.checksum
         if ordered:
             assert run.in_order is not False
+
+
+def test_summarize_journal_lists_in_doubt_and_recent(tmp_path):
+    """The library's journal summary (what `queue-engine txn ls` prints):
+    a participant's prepared txn is in doubt, a committed one is recent, and
+    the coordinator lists the commit as ended."""
+    from engine import Coordinator, Log, LogParticipant
+    from engine.txn import summarize_journal
+
+    with Log(str(tmp_path / "a"), durability="none") as log:
+        coord = Coordinator(str(tmp_path / "c"), durability="none")
+        part = LogParticipant(log, name="A")
+        with coord.transaction() as tx:
+            tx.enlist(part, [b"x", b"y"])
+        assert part.prepare("ext-1-1", [b"z"])  # prepared, outcome unknown
+        coord.flush()
+        p = summarize_journal(str(tmp_path / "a.txn"), stale=0.0)
+        c = summarize_journal(str(tmp_path / "c"))
+        part.abort("ext-1-1")
+        part.close()
+        coord.close()
+    assert p["kind"] == "log-participant"
+    assert [(e["txid"], e["state"], e["ops"]) for e in p["in_doubt"]] == [("ext-1-1", "prepared", 1)]
+    assert [(e["state"], e["ops"]) for e in p["recent"]] == [("committed", 2)]
+    assert p["stale"] == 1
+    assert c["kind"] == "coordinator" and c["in_doubt"] == [] and c["stale"] == 0
+    assert [(e["state"], e["participants"]) for e in c["recent"]] == [("committed", ["A"])]

@@ -131,7 +131,7 @@ def test_a_failed_open_lets_go_of_the_journal(tmp_path):
     same way, not with LogLocked."""
     import pytest
 
-    from engine.errors import EngineError
+    from engine.errors import CorruptLog
 
     log = Log(str(tmp_path / "a"), durability="none")
     LogParticipant(log, name="A").close()
@@ -140,11 +140,105 @@ def test_a_failed_open_lets_go_of_the_journal(tmp_path):
         with Log(str(gen), durability="none") as g:
             g.append(b"not a journal record")
     for _attempt in range(2):
-        with pytest.raises(EngineError, match="undecodable") as e1:
+        with pytest.raises(CorruptLog, match="undecodable") as e1:
             LogParticipant(log, name="A")
-        with pytest.raises(EngineError, match="undecodable") as e2:
+        with pytest.raises(CorruptLog, match="undecodable") as e2:
             Coordinator(str(tmp_path / "c"), durability="none")
         # the failed objects are still referenced (by the tracebacks): the
         # lock must not depend on their collection
         assert e1.value is not None and e2.value is not None
     log.close()
+
+
+def test_a_failed_pid_write_lets_go_of_the_journal(tmp_path, monkeypatch):
+    """The journal's owner lock is let go when writing the owner's pid into
+    it fails (the step right after taking the lock)."""
+    import pytest
+
+    from engine.errors import LogLocked
+
+    def fail(*args):
+        raise OSError(5, "Input/output error")
+
+    log = Log(str(tmp_path / "a"), durability="none")
+    for make in (lambda: Coordinator(str(tmp_path / "c"), durability="none"),
+                 lambda: LogParticipant(log, name="A")):
+        with monkeypatch.context() as m:
+            m.setattr(os, "ftruncate", fail)
+            with pytest.raises(OSError) as e:
+                make()
+            assert not isinstance(e.value, LogLocked)
+        make().close()  # not LogLocked: the failed open let go of the lock
+    log.close()
+
+
+class _BreakingLog:
+    """An engine.Log whose appends fail (as a broken log's do) once
+    ``broken`` is set, without moving its end."""
+
+    def __init__(self, log):
+        self._log = log
+        self.broken = False
+
+    def __getattr__(self, name):
+        return getattr(self._log, name)
+
+    def append_many(self, *args):
+        if self.broken:
+            raise OSError(5, "Input/output error")
+        return self._log.append_many(*args)
+
+
+def test_marked_batches_of_a_broken_log_are_all_finished(tmp_path):
+    """Commits whose data append failed leave their marks in the journal,
+    all at the offset where the log stopped.  On reopen every one of those
+    batches is appended once, in commit order: counting records past a mark
+    would take the first batch for all of them."""
+    root = str(tmp_path)
+    la = Log(os.path.join(root, "a"), durability="always")
+    lb = Log(os.path.join(root, "b"), durability="always")
+    wrapped = _BreakingLog(la)
+    coord = Coordinator(os.path.join(root, "c"), durability="always")
+    pa = LogParticipant(wrapped, name="A", state_path=os.path.join(root, "a.txn"))
+    pb = LogParticipant(lb, name="B")
+    for i in range(2):
+        with coord.transaction() as tx:
+            tx.enlist(pa, [b"a%d" % i])
+            tx.enlist(pb, [b"b%d" % i])
+    wrapped.broken = True
+    for i in range(2, 6):
+        # committed: the decision is durable; A's part is resent at recover()
+        with coord.transaction() as tx:
+            tx.enlist(pa, [b"a%d" % i, b"a%d+" % i])
+            tx.enlist(pb, [b"b%d" % i])
+    pa._simulate_crash()
+    pb.close()
+    coord.close()
+    la.close()
+
+    la = Log(os.path.join(root, "a"), durability="always")
+    coord = Coordinator(os.path.join(root, "c"), durability="always")
+    pa = LogParticipant(la, name="A", state_path=os.path.join(root, "a.txn"))
+    pb = LogParticipant(lb, name="B")
+    coord.recover([pa, pb])
+    assert pa.recover() == []
+    want = [b"a0", b"a1"] + [x for i in range(2, 6) for x in (b"a%d" % i, b"a%d+" % i)]
+    assert _values(os.path.join(root, "a")) == want
+    assert _values(os.path.join(root, "b")) == [b"b%d" % i for i in range(6)]
+    for o in (pa, pb, coord, la, lb):
+        o.close()
+
+
+def test_a_damaged_current_file_is_corrupt_log(tmp_path):
+    """A journal whose CURRENT file does not parse raises CorruptLog naming
+    the file, and lets go of the lock (the next open fails the same way)."""
+    import pytest
+
+    from engine.errors import CorruptLog
+
+    Coordinator(str(tmp_path / "c"), durability="none").close()
+    (tmp_path / "c" / "CURRENT").write_bytes(b"{not json")
+    for _attempt in range(2):
+        with pytest.raises(CorruptLog, match="CURRENT") as e:
+            Coordinator(str(tmp_path / "c"), durability="none")
+        assert e.value.segment == str(tmp_path / "c" / "CURRENT")

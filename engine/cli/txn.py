@@ -27,7 +27,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Any, Dict, List
+from typing import Any
 
 
 def register(subparsers: Any) -> None:
@@ -61,76 +61,12 @@ def _when(ns: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ns / 1e9)) + "Z"
 
 
-def summarize(path: str, limit: int = 20, stale: float = 60.0) -> Dict[str, Any]:
-    """What ``txn ls`` shows, as a dict: ``kind``, ``in_doubt`` and ``recent`` lists."""
-    from engine.txn import read_journal
-
-    cur, recs = read_journal(path, meta=True)
-    kind = cur["kind"]
-    doubt: List[Dict[str, Any]] = []
-    recent: List[Dict[str, Any]] = []
-    out: Dict[str, Any] = {"path": path, "kind": kind, "id": cur["id"], "generation": cur["gen"]}
-    if kind == "coordinator":
-        pending: Dict[str, Dict[str, Any]] = {}
-        inc = 0
-        for _off, ts, rec in recs:
-            if rec[0] == "I":
-                inc = max(inc, rec[1])
-            elif rec[0] == "C":
-                pending[rec[1]] = {
-                    "txid": rec[1],
-                    "state": "not ended",
-                    "time": ts,
-                    "participants": list(rec[2]),
-                }
-            elif rec[0] == "E":
-                for t in rec[1]:
-                    e = pending.pop(t, None)
-                    if e is not None:
-                        e["state"] = "committed"
-                        e["ended"] = ts
-                        recent.append(e)
-        doubt = list(pending.values())
-        out["incarnation"] = inc
-        out["stale"] = len(doubt)
-    else:
-        prepared: Dict[str, Dict[str, Any]] = {}
-        for _off, ts, rec in recs:
-            if rec[0] == "P":
-                ops = rec[2]
-                n = (
-                    len(ops[0])
-                    if isinstance(ops, tuple) and ops and isinstance(ops[0], list)
-                    else (len(ops) if isinstance(ops, list) else 1)
-                )
-                prepared[rec[1]] = {"txid": rec[1], "state": "prepared", "time": ts, "ops": n}
-            elif rec[0] == "C" and rec[1] in prepared:
-                # a commit mark: decided commit; the participant finishes it itself
-                e = prepared.pop(rec[1])
-                e["state"] = "committed"
-                e["start_offset"] = rec[2]
-                e["ended"] = ts
-                recent.append(e)
-            elif rec[0] in ("A", "D"):
-                for t in [rec[1]] if rec[0] == "A" else rec[1]:
-                    e = prepared.pop(t, None)
-                    if e is not None:
-                        e["state"] = "aborted" if rec[0] == "A" else "committed"
-                        e["ended"] = ts
-                        recent.append(e)
-        doubt = list(prepared.values())
-        now = time.time_ns()
-        out["stale"] = sum(1 for e in doubt if now - e["time"] > stale * 1e9)
-    out["in_doubt"] = doubt
-    out["recent"] = recent[-limit:] if limit > 0 else []
-    return out
-
-
 def _ls(args: argparse.Namespace) -> int:
     from engine.errors import EngineError
+    from engine.txn import summarize_journal
 
     try:
-        info = summarize(args.path, args.limit, args.stale)
+        info = summarize_journal(args.path, args.limit, args.stale)
     except (OSError, EngineError) as exc:
         print(f"queue-engine txn ls: {exc}", file=sys.stderr)
         return 1
