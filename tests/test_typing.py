@@ -190,8 +190,11 @@ def test_stubs_match_the_compiled_modules(tmp_path):
         r"engine\._\w+\.(\w+\.)?__reduce_cython__",
         r"engine\._\w+\.(\w+\.)?__setstate_cython__",
     ]) + "\n")
-    # run where the imported package lives, so stubs and runtime are one copy
-    where = Path(engine.__file__).resolve().parents[1]
+    # stubs and runtime must be one copy: an installed package is found from
+    # anywhere (not from site-packages itself, whose modules would shadow
+    # mypy's own); a source-tree build is checked from its checkout
+    parent = Path(engine.__file__).resolve().parents[1]
+    where = parent if (parent / "pyproject.toml").exists() else tmp_path
     out = subprocess.run(
         [sys.executable, "-m", "mypy.stubtest", "--ignore-disjoint-bases",
          "--allowlist", str(allow), *(f"engine.{m}" for m in _COMPILED)],
