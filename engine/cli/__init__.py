@@ -20,6 +20,7 @@ import argparse
 import importlib
 import logging
 import sys
+import time
 from typing import Any, Optional, Sequence
 
 # sub-command modules, in the order --help lists them
@@ -90,6 +91,13 @@ def _configure_logging(verbose: int) -> None:
     log = logging.getLogger("engine")
     log.addHandler(handler)
     log.setLevel(level)
+
+
+def when_utc(ns: int) -> str:
+    """A wall-clock time in ns as ``YYYY-MM-DD HH:MM:SSZ`` (``-`` for 0)."""
+    if not ns:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ns / 1e9)) + "Z"
 
 
 def error_line(exc: BaseException) -> str:

@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from typing import Any, List
+
+from engine.cli import when_utc
 
 _STATES = ("running", "compensating", "done", "compensated", "stuck")
 
@@ -44,12 +45,6 @@ def register(subparsers: Any) -> None:
     ls.add_argument("--limit", type=int, default=None, help="only the N most recent sagas")
     ls.add_argument("--json", action="store_true", help="one JSON object per line")
     ls.set_defaults(func=_ls)
-
-
-def _when(ns: int) -> str:
-    if not ns:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ns / 1e9)) + "Z"
 
 
 def _ls(args: argparse.Namespace) -> int:
@@ -86,7 +81,7 @@ def _ls(args: argparse.Namespace) -> int:
                 err = err[:57] + "..."
             print(
                 f"{i.saga_id[:32]:32}  {i.state.value:12}  {step[:16]:16}  {done:>5}  "
-                f"{i.attempts:>5}  {_when(i.updated_ns):20}  {err}"
+                f"{i.attempts:>5}  {when_utc(i.updated_ns):20}  {err}"
             )
         summary = ", ".join(f"{counts[s]} {s}" for s in _STATES)
         print(f"{len(infos)} sagas: {summary}")

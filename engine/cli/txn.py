@@ -26,8 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from typing import Any
+
+from engine.cli import when_utc
 
 
 def register(subparsers: Any) -> None:
@@ -53,12 +54,6 @@ def register(subparsers: Any) -> None:
         "counts as in doubt for the exit status",
     )
     ls.set_defaults(func=_ls)
-
-
-def _when(ns: int) -> str:
-    if not ns:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ns / 1e9)) + "Z"
 
 
 def _ls(args: argparse.Namespace) -> int:
@@ -87,11 +82,11 @@ def _ls(args: argparse.Namespace) -> int:
     print(f"{label}: {len(info['in_doubt'])}")
     for e in info["in_doubt"]:
         extra = ", ".join(e.get("participants", [])) or f"{e.get('ops', '?')} op(s)"
-        print(f"  {e['txid']:<28} {e['state']:<11} {_when(e['time'])}  {extra}")
+        print(f"  {e['txid']:<28} {e['state']:<11} {when_utc(e['time'])}  {extra}")
     print(
         f"recent: {len(info['recent'])}"
         + (" (aborts leave no record: presumed abort)" if info["kind"] == "coordinator" else "")
     )
     for e in info["recent"]:
-        print(f"  {e['txid']:<28} {e['state']:<11} {_when(e['time'])}")
+        print(f"  {e['txid']:<28} {e['state']:<11} {when_utc(e['time'])}")
     return 3 if info["stale"] else 0
