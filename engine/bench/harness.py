@@ -101,6 +101,7 @@ import importlib.util
 import math
 import statistics
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -127,6 +128,40 @@ SECTIONS: Tuple[str, ...] = (
 )
 
 PIP_HINT = 'pip install "queue-engine[bench]"'
+
+
+def run_in_threads(threads: int, count: int, body: Callable[[int, int], Any]) -> Tuple[int, int]:
+    """``body(k, i)`` for every i in range(count), item i on thread
+    ``k = i % threads`` (``k`` names per-thread state, a connection say);
+    returns the clock stamps (t0, t1) around the threads' work.  The first
+    error of any thread is raised after all of them ended."""
+    if threads == 1:
+        t0 = time.perf_counter_ns()
+        for i in range(count):
+            body(0, i)
+        return t0, time.perf_counter_ns()
+    errors: List[BaseException] = []
+    start = threading.Barrier(threads + 1)
+
+    def worker(k: int) -> None:
+        start.wait()
+        try:
+            for i in range(k, count, threads):
+                body(k, i)
+        except BaseException as exc:  # reported below, never lost
+            errors.append(exc)
+
+    ts = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+    for t in ts:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter_ns()
+    for t in ts:
+        t.join()
+    t1 = time.perf_counter_ns()
+    if errors:
+        raise errors[0]
+    return t0, t1
 
 THROUGHPUT = "throughput"
 # pip_hint for our own contenders: missing means an unbuilt source tree, not a missing extra

@@ -25,11 +25,19 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import threading
 import time
 from typing import Any, Callable, List, Literal, Tuple
 
-from engine.bench.harness import THROUGHPUT, Case, Contender, Profile, Run, Workload, digest
+from engine.bench.harness import (
+    THROUGHPUT,
+    Case,
+    Contender,
+    Profile,
+    Run,
+    Workload,
+    digest,
+    run_in_threads,
+)
 
 SECTION = "saga"
 # the cases the quick profile runs (fewer cases, never shorter windows); --full runs all
@@ -115,7 +123,7 @@ def _sqlite(synchronous: str, threads: int = 1) -> Callable[[Workload], Run]:
                     one(db, i)
                 t1 = time.perf_counter_ns()
             else:
-                t0, t1 = _threaded(wl, threads, lambda k, i: one(dbs[k], i))
+                t0, t1 = run_in_threads(threads, wl.count, lambda k, i: one(dbs[k], i))
             (done,) = (
                 dbs[0].execute("SELECT count(*) FROM saga_steps WHERE state = 'done'").fetchone()
             )
@@ -128,32 +136,6 @@ def _sqlite(synchronous: str, threads: int = 1) -> Callable[[Workload], Run]:
         return Run.timed(t0, t1, digest(out))
 
     return run
-
-
-def _threaded(wl: Workload, threads: int, call: Callable[[int, int], Any]) -> Tuple[int, int]:
-    """Sagas ``k, k + threads, ...`` on thread ``k``; returns the clock stamps."""
-    errors: List[BaseException] = []
-    start = threading.Barrier(threads + 1)
-
-    def worker(k: int) -> None:
-        start.wait()
-        try:
-            for i in range(k, wl.count, threads):
-                call(k, i)
-        except BaseException as exc:  # reported below, never lost
-            errors.append(exc)
-
-    ts = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
-    for t in ts:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter_ns()
-    for t in ts:
-        t.join()
-    t1 = time.perf_counter_ns()
-    if errors:
-        raise errors[0]
-    return t0, t1
 
 
 def _saga(
@@ -177,7 +159,7 @@ def _saga(
                     saga.run(i)
                 t1 = time.perf_counter_ns()
             else:
-                t0, t1 = _threaded(wl, threads, lambda _k, i: saga.run(i))
+                t0, t1 = run_in_threads(threads, wl.count, lambda _k, i: saga.run(i))
         finally:
             saga.close()
             shutil.rmtree(tmp, ignore_errors=True)

@@ -29,11 +29,20 @@ import os
 import shutil
 import sqlite3
 import tempfile
-import threading
 import time
 from typing import Callable, List, Literal
 
-from engine.bench.harness import THROUGHPUT, Case, Contender, Profile, Run, Target, Workload, digest
+from engine.bench.harness import (
+    THROUGHPUT,
+    Case,
+    Contender,
+    Profile,
+    Run,
+    Target,
+    Workload,
+    digest,
+    run_in_threads,
+)
 
 SECTION = "txn"
 
@@ -48,37 +57,6 @@ def _read_back(path: str) -> List[bytes]:
 
     with LogReader(path, start=0) as r:
         return [bytes(rec.value) for rec in r]
-
-
-def _run_threads(n: int, count: int, body: Callable[[int], None]) -> tuple:
-    """Run ``body(i)`` for every i in range(count) over ``n`` threads; (t0, t1)."""
-    if n == 1:
-        t0 = time.perf_counter_ns()
-        for i in range(count):
-            body(i)
-        return t0, time.perf_counter_ns()
-    errors: List[BaseException] = []
-    start = threading.Barrier(n + 1)
-
-    def worker(k: int) -> None:
-        start.wait()
-        try:
-            for i in range(k, count, n):
-                body(i)
-        except BaseException as exc:  # reported below, never lost
-            errors.append(exc)
-
-    ts = [threading.Thread(target=worker, args=(k,)) for k in range(n)]
-    for t in ts:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter_ns()
-    for t in ts:
-        t.join()
-    t1 = time.perf_counter_ns()
-    if errors:
-        raise errors[0]
-    return t0, t1
 
 
 Durability = Literal["always", "interval", "none"]
@@ -103,7 +81,7 @@ def _ours(durability: Durability, threads: int = 1) -> Callable[[Workload], Run]
                     tx.enlist(pa, (msg,))
                     tx.enlist(pb, (msg[:8],))
 
-            t0, t1 = _run_threads(threads, wl.count, one)
+            t0, t1 = run_in_threads(threads, wl.count, lambda _k, i: one(i))
             if lb.next_offset != wl.count:
                 raise AssertionError(f"log B holds {lb.next_offset} records, not {wl.count}")
             got = _read_back(f"{tmp}/a")
@@ -131,7 +109,7 @@ def _plain_logs(durability: Durability, threads: int = 1) -> Callable[[Workload]
                 la.append(msg)
                 lb.append(msg[:8])
 
-            t0, t1 = _run_threads(threads, wl.count, one)
+            t0, t1 = run_in_threads(threads, wl.count, lambda _k, i: one(i))
             got = _read_back(f"{tmp}/a")
         finally:
             la.close()
