@@ -235,19 +235,7 @@ cdef class QueueCore:
             raise ValueError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
         cdef uint64_t total = MPQ_HEADER_BYTES + cap
         path = region_path(name)
-        fd = _os.open(path, _os.O_RDWR | _os.O_CREAT | _os.O_EXCL, 0o600)
-        try:
-            _os.fchmod(fd, 0o600)
-            _reserve_file(fd, total)  # ENOSPC here, not SIGBUS in a put
-            mm = _mmap.mmap(fd, total, flags=_mmap.MAP_SHARED)
-        except BaseException:
-            _os.close(fd)
-            try:
-                _os.unlink(path)
-            except OSError:
-                pass
-            raise
-        _os.close(fd)
+        mm = _create_mapped(path, total, _mmap.MAP_SHARED)
         self._map(mm, name)
         cdef mpq_header_t *h = self._h
         h.meta.version = MPQ_LAYOUT_VERSION

@@ -11,6 +11,7 @@
 # it. Filesystems that cannot allocate (no fallocate) get the plain ftruncate.
 
 import errno as _rsv_errno
+import mmap as _rsv_mmap
 import os as _rsv_os
 
 
@@ -25,3 +26,22 @@ cdef _reserve_file(int fd, Py_ssize_t size):
         if exc.errno not in (_rsv_errno.EOPNOTSUPP, _rsv_errno.EINVAL, _rsv_errno.ENOSYS):
             raise
         _rsv_os.ftruncate(fd, size)
+
+
+cdef object _create_mapped(str path, Py_ssize_t size, int flags):
+    """Create the shared region file `path` (mode 0600, refusing one that
+    exists), allocate its `size` bytes and map them with mmap `flags`; on any
+    failure the file is removed again.  Returns the mmap."""
+    fd = _rsv_os.open(path, _rsv_os.O_RDWR | _rsv_os.O_CREAT | _rsv_os.O_EXCL | _rsv_os.O_CLOEXEC, 0o600)
+    try:
+        _rsv_os.fchmod(fd, 0o600)  # umask may only have removed bits; be explicit
+        _reserve_file(fd, size)  # ENOSPC here, not SIGBUS in a put
+        return _rsv_mmap.mmap(fd, size, flags=flags)
+    except BaseException:
+        try:
+            _rsv_os.unlink(path)
+        except OSError:
+            pass
+        raise
+    finally:
+        _rsv_os.close(fd)

@@ -447,19 +447,7 @@ cdef _Mapping _new_region(object name, object path, uint64_t cap, uint32_t mode,
     if path is None:
         mm = _mmap.mmap(-1, total, flags=_map_flags(total))
     else:
-        fd = _os.open(path, _os.O_RDWR | _os.O_CREAT | _os.O_EXCL, 0o600)
-        try:
-            _os.fchmod(fd, 0o600)  # umask may only have removed bits; be explicit
-            _reserve_file(fd, total)  # ENOSPC here, not SIGBUS in a put
-            mm = _mmap.mmap(fd, total, flags=_map_flags(total))
-        except BaseException:
-            _os.close(fd)
-            try:
-                _os.unlink(path)
-            except OSError:
-                pass
-            raise
-        _os.close(fd)
+        mm = _create_mapped(path, total, _map_flags(total))
     cdef _Mapping m = _Mapping.__new__(_Mapping)
     m.attach_mm(mm, name)
     cdef ring_header_t *h = m.h

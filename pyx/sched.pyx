@@ -127,6 +127,13 @@ def reserve_file(int fd, Py_ssize_t size):
     _reserve_file(fd, size)
 
 
+def create_mapped(str path, Py_ssize_t size):
+    """Create the shared region file ``path`` (0600, blocks allocated, see
+    reserve.pxi) and return its shared mapping; the file is removed again if
+    that fails."""
+    return _create_mapped(path, size, _rsv_mmap.MAP_SHARED)
+
+
 def now_ns():
     """CLOCK_MONOTONIC in ns (the clock every header and due time uses)."""
     return eng_now_ns()

@@ -14,8 +14,8 @@ from engine.errors import IncompatibleRegion
 from .._sched import (
     REGION_SIZE,
     _Region,
+    create_mapped,
     now_ns,
-    reserve_file,
 )
 from .._shm import SHM_DIR, region_path
 
@@ -45,16 +45,7 @@ def _create_region(name: Optional[str], kind: int, config: Dict[str, Any]) -> _R
         reg = _Region(mm, None)
     else:
         path = _check_name(name)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            reserve_file(fd, REGION_SIZE)
-            mm = mmap.mmap(fd, REGION_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            os.close(fd)
-            os.unlink(path)
-            raise
-        os.close(fd)
-        reg = _Region(mm, name)
+        reg = _Region(create_mapped(path, REGION_SIZE), name)
     reg.initialize(kind, blob)
     return reg
 

@@ -63,6 +63,31 @@ def _open_log(log_dir: str, q: Any) -> Any:
     return Log(log_dir, durability=q._durability, segment_bytes=q._segment_bytes)
 
 
+def _open_scratch_region(path: str, kind: int) -> _Region:
+    """Open (creating it if need be) a durable queue's shared scratch region
+    beside its logs: the doorbell, or the keyed group's membership.  Its
+    contents are rebuilt by whoever uses them, so a missing or foreign one
+    is initialised afresh."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_size != REGION_SIZE:
+            # two processes may both get here: ftruncate to the size is
+            # idempotent, and reserving allocates without touching data
+            os.ftruncate(fd, REGION_SIZE)
+            reserve_file(fd, REGION_SIZE)
+        mm = mmap.mmap(fd, REGION_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    reg = _Region(mm, path)
+    try:
+        ok = reg.validate(kind) is not None
+    except IncompatibleRegion:
+        ok = False
+    if not ok:
+        reg.initialize(kind, b"{}")
+    return reg
+
+
 class _DelayLog:
     """Consumer side of one durable delay log (``DIR/delay``, ``DIR/D<p>``).
 
@@ -245,23 +270,7 @@ class DurablePriorityQueue(PriorityQueue):
 
     @staticmethod
     def _open_bell(path: str) -> _Region:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            if os.fstat(fd).st_size != REGION_SIZE:
-                # two processes may both get here: ftruncate to the size is
-                # idempotent, and reserving allocates without touching data
-                os.ftruncate(fd, REGION_SIZE)
-                reserve_file(fd, REGION_SIZE)
-            mm = mmap.mmap(fd, REGION_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            os.close(fd)
-        reg = _Region(mm, path)
-        try:
-            if reg.validate(KIND_PRIORITY) is None:
-                reg.initialize(KIND_PRIORITY, b"{}")
-        except IncompatibleRegion:
-            reg.initialize(KIND_PRIORITY, b"{}")  # the bell is scratch state: reset it
-        return reg
+        return _open_scratch_region(path, KIND_PRIORITY)
 
     def _log_dirs(self) -> List[str]:
         return [os.path.join(self._path, f"L{i}") for i in range(self._n)] + [os.path.join(self._path, "delay")]
@@ -663,24 +672,7 @@ class DurableKeyedQueue(KeyedQueue):
 
     @staticmethod
     def _open_group(path: str) -> _Region:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            if os.fstat(fd).st_size != REGION_SIZE:
-                # two processes may both get here: ftruncate to the size is
-                # idempotent, and reserving allocates without touching data
-                os.ftruncate(fd, REGION_SIZE)
-                reserve_file(fd, REGION_SIZE)
-            mm = mmap.mmap(fd, REGION_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            os.close(fd)
-        reg = _Region(mm, path)
-        try:
-            ok = reg.validate(KIND_KEYED) is not None
-        except IncompatibleRegion:
-            ok = False
-        if not ok:
-            reg.initialize(KIND_KEYED, b"{}")
-        return reg
+        return _open_scratch_region(path, KIND_KEYED)
 
     @property
     def partitions(self) -> int:
