@@ -1,5 +1,6 @@
 """File-system helpers every durable object shares: one durability check, one
-full write, one directory fsync and one atomic file replacement.
+full write, one directory fsync, one durable directory creation and one atomic
+file replacement.
 
 An atomic write leaves the file either old or new, never torn: the data goes
 to a temp file in the same directory (named for this process and thread, so
@@ -23,6 +24,7 @@ __all__ = [
     "atomic_write",
     "check_durability",
     "fsync_dir",
+    "make_dirs",
     "write_all",
 ]
 
@@ -60,6 +62,32 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_dirs(path: str, mode: int = 0o700) -> list:
+    """Create the directory ``path`` and its missing parents (no error if it
+    exists) and fsync the parent of each directory created, so the new names
+    survive a power loss.  If one of those fsyncs fails, the directories this
+    call created are removed again before the error is raised: a retry then
+    creates and syncs them anew, instead of finding them present but never
+    made durable.  Returns the directories created, deepest first."""
+    made = []
+    d = os.path.abspath(path)
+    while not os.path.isdir(d):
+        made.append(d)
+        d = os.path.dirname(d)
+    os.makedirs(path, mode=mode, exist_ok=True)
+    try:
+        for d in made:
+            fsync_dir(os.path.dirname(d))
+    except BaseException:
+        for d in made:
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+        raise
+    return made
 
 
 def atomic_write(

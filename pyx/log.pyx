@@ -46,7 +46,8 @@ import time as _time
 import uuid as _uuid
 import weakref as _weakref
 
-from engine._fsutil import atomic_write as _atomic_write, check_durability as _check_durability, fsync_dir as _fsync_dir
+from engine._fsutil import (atomic_write as _atomic_write, check_durability as _check_durability,
+                            fsync_dir as _fsync_dir, make_dirs as _make_dirs)
 from engine.errors import Closed, CorruptLog, EngineError, LogBroken, LogLocked
 
 cdef extern from "log_layout.h" nogil:
@@ -1608,16 +1609,9 @@ cdef class Log:
         self._unsynced_old = []
         self._bases = []
 
-        made = []  # directories this open creates, deepest first
-        d = _os.path.abspath(path)
-        while not _os.path.isdir(d):
-            made.append(d)
-            d = _os.path.dirname(d)
-        _os.makedirs(path, mode=0o700, exist_ok=True)
-        for d in made:
-            # each new directory's entry must be durable too, or a power loss
-            # takes the whole log with it
-            _fsync_dir(_os.path.dirname(d))
+        # each new directory's entry must be durable too, or a power loss
+        # takes the whole log with it
+        _make_dirs(path)
         real = _os.path.realpath(path)
         if real in _open_writers:
             raise LogLocked(path, _os.getpid())

@@ -42,6 +42,14 @@ def disarm():
     _fi_lib.qe_fi_arm(0)
 def nfaults():
     return _fi_lib.qe_fi_nfaults()
+def synced_so_far():
+    # lines of the sync trace so far (run(..., trace=True)): a workload
+    # notes it before a step to tell that step's syncs from earlier ones
+    try:
+        with open(_fi_os.environ["QE_FI_TRACE"]) as f:
+            return sum(1 for _ in f)
+    except (KeyError, FileNotFoundError):
+        return 0
 def report(obj):
     _fi_sys.stdout.write("\nFIREPORT " + _fi_json.dumps(obj) + "\n")
     _fi_sys.stdout.flush()
@@ -135,19 +143,25 @@ class Result:
     counts: dict = field(default_factory=dict)   # function -> calls numbered ("all": total)
     faults: list = field(default_factory=list)   # (function, k, err) of each injected fault
     report: Any = None                           # the workload's last report(obj)
+    # with trace=True: the successful syncs of files under the prefix while
+    # armed, in order: ("fsync"|"fdatasync", path) or ("msync", path, offset, length)
+    trace: list = field(default_factory=list)
 
 
 def run(source: str, *, prefix: str, func: Optional[str] = None, nth: int = 0, err: str = "EIO",
-        sticky: bool = False, timeout: float = 120.0, env: Optional[dict] = None) -> Result:
+        sticky: bool = False, timeout: float = 120.0, env: Optional[dict] = None,
+        trace: bool = False) -> Result:
     """Run ``source`` in a child with the shim preloaded; fail call ``nth`` of ``func``
     (a name of FUNCS or "all") with ``err`` (one of ERRS).  ``func=None``: count only.
-    Only calls on paths under ``prefix`` are numbered."""
+    Only calls on paths under ``prefix`` are numbered.  ``trace``: record every
+    successful sync of such a path while armed (``Result.trace``)."""
     if func is not None and func != "all" and func not in FUNCS:
         raise ValueError(f"func must be one of {FUNCS} or 'all', not {func!r}")
     if err not in ERRS:
         raise ValueError(f"err must be one of {ERRS}, not {err!r}")
     with tempfile.TemporaryDirectory() as td:
         out = os.path.join(td, "counts")
+        trace_out = os.path.join(td, "trace")
         e = dict(os.environ)
         e.update(env or {})
         e.update({
@@ -159,6 +173,8 @@ def run(source: str, *, prefix: str, func: Optional[str] = None, nth: int = 0, e
             "QE_FI_STICKY": "1" if sticky else "0",
             "QE_FI_OUT": out,
         })
+        if trace:
+            e["QE_FI_TRACE"] = trace_out
         p = subprocess.run([sys.executable, "-c", PRELUDE + source], env=e, capture_output=True,
                            text=True, timeout=timeout)
         counts: dict = {}
@@ -173,11 +189,21 @@ def run(source: str, *, prefix: str, func: Optional[str] = None, nth: int = 0, e
                         faults.append((parts[1], int(parts[2]), parts[3]))
         except FileNotFoundError:
             pass
+        synced: list = []
+        if trace and os.path.exists(trace_out):
+            with open(trace_out) as f:
+                for line in f:
+                    kind, rest = line.rstrip("\n").split(" ", 1)
+                    if kind == "msync":
+                        path, off, length = rest.rsplit(" ", 2)
+                        synced.append((kind, path, int(off), int(length)))
+                    else:
+                        synced.append((kind, rest))
     rep = None
     for line in p.stdout.splitlines():
         if line.startswith("FIREPORT "):
             rep = json.loads(line[len("FIREPORT "):])
-    return Result(p.returncode, p.stdout, p.stderr, counts, faults, rep)
+    return Result(p.returncode, p.stdout, p.stderr, counts, faults, rep, synced)
 
 
 SYNC_FUNCS = ("fdatasync", "fsync", "msync")

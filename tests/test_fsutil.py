@@ -1,5 +1,5 @@
-"""engine._fsutil: the one atomic write, full write, directory fsync and
-durability check that every durable object uses."""
+"""engine._fsutil: the one atomic write, full write, directory fsync, durable
+directory creation and durability check that every durable object uses."""
 
 from __future__ import annotations
 
@@ -75,3 +75,25 @@ def test_every_durable_object_checks_durability_the_same_way(tmp_path):
             make("sometimes")
         with pytest.raises(TypeError):
             make(3)
+
+
+def test_make_dirs_syncs_each_new_name_and_undoes_itself_on_failure(tmp_path, monkeypatch):
+    synced = []
+    real = _fsutil.fsync_dir
+    monkeypatch.setattr(_fsutil, "fsync_dir", lambda p: (synced.append(p), real(p)))
+    root = str(tmp_path)
+    made = _fsutil.make_dirs(os.path.join(root, "a", "b"))
+    assert made == [f"{root}/a/b", f"{root}/a"]
+    assert synced == [f"{root}/a", root]            # "b" in a, "a" in root
+    assert (os.stat(f"{root}/a/b").st_mode & 0o777) == 0o700
+    synced.clear()
+    assert _fsutil.make_dirs(f"{root}/a/b") == [] and synced == []   # present: nothing to do
+
+    def failing(p):
+        raise OSError(errno.EIO, "fsync failed")
+
+    monkeypatch.setattr(_fsutil, "fsync_dir", failing)
+    with pytest.raises(OSError) as ei:
+        _fsutil.make_dirs(f"{root}/c/d")
+    assert ei.value.errno == errno.EIO
+    assert not os.path.exists(f"{root}/c")   # a retry creates and syncs them anew

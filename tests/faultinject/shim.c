@@ -18,6 +18,11 @@
  *   QE_FI_STICKY  1: every numbered call from the NTH on fails (a device gone)
  *   QE_FI_OUT     file the counts and the faults are written to when the
  *                 process disarms or exits: "count NAME N", "fault NAME K ERR"
+ *   QE_FI_TRACE   file each numbered sync call on a path under the prefix
+ *                 appends a line to as it returns successfully:
+ *                 "fsync PATH", "fdatasync PATH" (the whole file) or
+ *                 "msync PATH OFF LEN" (the file range the mapping maps there),
+ *                 so a test can check what became durable, and when
  * Counting starts only once the workload calls qe_fi_arm(1) (ctypes), so the
  * interpreter's own start-up and imports are not numbered.
  */
@@ -52,6 +57,8 @@ static long total;
 static long nfaults;            /* faults injected so far */
 static char faults[4096];       /* "fault ..." lines, appended */
 static size_t faults_len;
+static const char *trace_path;
+static int trace_fd = -1;
 
 static void init(void) {
     if (inited) return;
@@ -63,6 +70,7 @@ static void init(void) {
     prefix = getenv("QE_FI_PREFIX");
     prefix_len = prefix ? strlen(prefix) : 0;
     out_path = getenv("QE_FI_OUT");
+    trace_path = getenv("QE_FI_TRACE");
     nth = n ? atol(n) : 0;
     sticky = s && s[0] == '1';
     err_kind = EIO;
@@ -144,6 +152,76 @@ static int decide(int f, int counted) {
     return err_kind;
 }
 
+/* ---- the sync trace (QE_FI_TRACE) ---- */
+
+static void trace_line(const char *line, size_t n) {
+    if (!trace_path) return;
+    if (trace_fd < 0) {
+        int (*ropen)(const char *, int, ...) = dlsym(RTLD_NEXT, "open");
+        trace_fd = ropen(trace_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+        if (trace_fd < 0) return;
+    }
+    ssize_t (*rwrite)(int, const void *, size_t) = dlsym(RTLD_NEXT, "write");
+    (void)rwrite(trace_fd, line, n);
+}
+
+/* "NAME PATH" for a whole-file sync of fd, when the fd's file is under the prefix */
+static void trace_fd_sync(const char *name, int fd) {
+    if (!trace_path || !armed) return;
+    char link[64], path[4096], line[4200];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, path, sizeof path - 1);
+    if (n <= 0) return;
+    path[n] = 0;
+    if (!path_counts(path)) return;
+    int k = snprintf(line, sizeof line, "%s %s\n", name, path);
+    if (k > 0 && (size_t)k < sizeof line) trace_line(line, (size_t)k);
+}
+
+/* "msync PATH OFF LEN": the file range of [addr, addr+len), from the mapping
+ * that holds addr in /proc/self/maps, when its file is under the prefix */
+static void trace_msync_locked(void *addr, size_t len);
+static void trace_msync(void *addr, size_t len) {
+    static int busy;   /* one thread at a time uses the maps buffer */
+    if (!trace_path || !armed) return;
+    while (__atomic_exchange_n(&busy, 1, __ATOMIC_ACQUIRE)) {}
+    trace_msync_locked(addr, len);
+    __atomic_store_n(&busy, 0, __ATOMIC_RELEASE);
+}
+static void trace_msync_locked(void *addr, size_t len) {
+    static char maps[1 << 17];
+    int (*ropen)(const char *, int, ...) = dlsym(RTLD_NEXT, "open");
+    ssize_t (*rread)(int, void *, size_t) = dlsym(RTLD_NEXT, "read");
+    int fd = ropen("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return;
+    size_t got = 0;
+    for (;;) {
+        ssize_t r = rread(fd, maps + got, sizeof maps - 1 - got);
+        if (r <= 0) break;
+        got += (size_t)r;
+    }
+    close(fd);
+    maps[got] = 0;
+    unsigned long a = (unsigned long)addr;
+    for (char *line = maps; line && *line; ) {
+        char *eol = strchr(line, '\n');
+        if (eol) *eol = 0;
+        unsigned long lo, hi, off;
+        int pathpos = 0;
+        if (sscanf(line, "%lx-%lx %*s %lx %*s %*s %n", &lo, &hi, &off, &pathpos) == 3
+                && pathpos > 0 && lo <= a && a < hi) {
+            const char *path = line + pathpos;
+            if (path_counts(path)) {
+                char out[4200];
+                int k = snprintf(out, sizeof out, "msync %s %lu %zu\n", path, off + (a - lo), len);
+                if (k > 0 && (size_t)k < sizeof out) trace_line(out, (size_t)k);
+            }
+            return;
+        }
+        line = eol ? eol + 1 : NULL;
+    }
+}
+
 #define REAL(ret, name, ...) \
     static ret (*real)(__VA_ARGS__); \
     if (!real) real = (ret (*)(__VA_ARGS__))dlsym(RTLD_NEXT, name)
@@ -170,21 +248,27 @@ int fdatasync(int fd) {
     REAL(int, "fdatasync", int);
     int e = decide(F_FDATASYNC, fd_counts(fd));
     if (e > 0) { errno = e; return -1; }
-    return real(fd);
+    int rc = real(fd);
+    if (rc == 0) trace_fd_sync("fdatasync", fd);
+    return rc;
 }
 
 int fsync(int fd) {
     REAL(int, "fsync", int);
     int e = decide(F_FSYNC, fd_counts(fd));
     if (e > 0) { errno = e; return -1; }
-    return real(fd);
+    int rc = real(fd);
+    if (rc == 0) trace_fd_sync("fsync", fd);
+    return rc;
 }
 
 int msync(void *addr, size_t n, int flags) {
     REAL(int, "msync", void *, size_t, int);
     int e = decide(F_MSYNC, 1);
     if (e > 0) { errno = e; return -1; }
-    return real(addr, n, flags);
+    int rc = real(addr, n, flags);
+    if (rc == 0) trace_msync(addr, n);
+    return rc;
 }
 
 static int do_posix_fallocate(const char *sym, int fd, off_t off, off_t len) {
