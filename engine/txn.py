@@ -138,7 +138,7 @@ from typing import (
 )
 
 from . import _crashpoints as _cp
-from ._fsutil import Durability, atomic_write, check_durability
+from ._fsutil import Durability, atomic_write, check_durability, make_dirs
 from ._txn import (
     REC_ABORTED,
     REC_DECISION,
@@ -299,7 +299,7 @@ class _Journal(_JournalCore):
         # is the log's group commit, so concurrent transactions share syncs.
         self.sync = durability == "always"
         self._segment_bytes = segment_bytes
-        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        make_dirs(self.path)  # its name and each new parent's durable
         self._lock_fd = os.open(os.path.join(self.path, _OWNER_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

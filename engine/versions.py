@@ -124,7 +124,7 @@ from typing import (
     Union,
 )
 
-from ._fsutil import Durability, atomic_write, check_durability
+from ._fsutil import Durability, atomic_write, check_durability, make_dirs
 from ._versions import _norm_key, _norm_value, _StoreCore
 from .errors import Closed, CorruptLog, EngineError, LogBroken, Timeout, VersionConflict
 
@@ -483,7 +483,7 @@ class VersionedStore(_StoreCore):
         if merge is not None and not callable(merge):
             raise TypeError("merge must be callable(key, current, proposed) or None")
         self._path = os.fspath(path)
-        os.makedirs(self._path, mode=0o700, exist_ok=True)
+        make_dirs(self._path)  # its name and each new parent's durable
         self._durability = durability
         self._snapshot_every = snapshot_every
         self._merge = merge

@@ -12,7 +12,7 @@ msync of a file under the test's directory, msync as a file range).
   record was.
 * A new log directory's name, and each new parent's, is fsynced in its
   parent; a failed fsync there removes what was created, so a retry syncs the
-  names again.
+  names again.  So is the directory of every component built on logs.
 """
 
 from __future__ import annotations
@@ -186,3 +186,31 @@ def test_a_failed_parent_fsync_leaves_nothing_a_retry_would_trust(tmp_path):
     synced = _dir_syncs(res.trace[rep["trace_before_retry"]:])
     for parent in (f"{root}/a/b", f"{root}/a", root):
         assert parent in synced, f"the retry never fsynced {parent}; directory fsyncs: {synced}"
+
+
+# Each component in root/x/c with root present: "x" in root and "c" in x are new.
+COMPONENT = """
+import engine
+p = {p!r}
+arm()
+obj = {make}
+obj.close()
+disarm()
+report("ok")
+"""
+
+
+@pytest.mark.parametrize("make", [
+    "engine.VersionedStore(p)",
+    "engine.Coordinator(p)",
+    "engine.Saga(p)",
+    "engine.DurablePriorityQueue(path=p)",
+    "engine.DurableKeyedQueue(path=p)",
+])
+def test_a_new_component_directory_fsyncs_each_new_name(tmp_path, make):
+    root = os.path.realpath(tmp_path)
+    res = faultkit.run(COMPONENT.format(p=f"{root}/x/c", make=make), prefix=root, trace=True)
+    assert res.rc == 0 and res.report == "ok", res.stderr[-3000:]
+    synced = _dir_syncs(res.trace)
+    for parent in (f"{root}/x", root):
+        assert parent in synced, f"{parent} never fsynced; directory fsyncs: {synced}"

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from engine.errors import Closed, CorruptLog, IncompatibleRegion, LogLocked, Timeout
 
-from .._fsutil import atomic_write, check_durability, write_all
+from .._fsutil import atomic_write, check_durability, make_dirs, write_all
 from .._log import _check_segment_bytes
 from .._sched import (
     KIND_KEYED,
@@ -189,7 +189,7 @@ class _DelayLog:
 
     def _rewrite(self) -> None:
         d = os.path.dirname(self._done_path)
-        os.makedirs(d, mode=0o700, exist_ok=True)
+        make_dirs(d)
         body = self._header + b"".join(_DONE_ENTRY.pack(o, o ^ _DONE_MASK) for o in sorted(self.done))
         atomic_write(d, os.path.basename(self._done_path), body, self._sync)
         self._file_ok = True
@@ -236,7 +236,7 @@ class DurablePriorityQueue(PriorityQueue):
         _check_segment_bytes(segment_bytes)
         self._segment_bytes = segment_bytes
         self._path = os.fspath(path)
-        os.makedirs(self._path, mode=0o700, exist_ok=True)
+        make_dirs(self._path)  # its name and each new parent's durable
         meta = os.path.join(self._path, "queue.json")
         config = {"levels": levels, "policy": policy, "weights": w, "max_wait": mw}
         if os.path.exists(meta):
@@ -647,7 +647,7 @@ class DurableKeyedQueue(KeyedQueue):
         _check_segment_bytes(segment_bytes)
         self._segment_bytes = segment_bytes
         self._path = os.fspath(path)
-        os.makedirs(self._path, mode=0o700, exist_ok=True)
+        make_dirs(self._path)  # its name and each new parent's durable
         meta = os.path.join(self._path, "queue.json")
         if os.path.exists(meta):
             with open(meta, encoding="utf-8") as f:
