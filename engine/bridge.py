@@ -250,6 +250,10 @@ class JetStreamForwarder:
             self._wire = await self._reconnect()
             expected_last = await self._resync(js, reader, log_id)
             pipe = _Pipeline(self, reader, log_id, expected_last)
+            # the stream holds everything below where the resync put the
+            # reader: the group offset goes there too, even with nothing left
+            # to send (a restart after the last acks, before their commit)
+            pipe.committer.offer(reader.position)
             next_status = time.monotonic() + status_interval
             while True:
                 try:
@@ -269,6 +273,7 @@ class JetStreamForwarder:
                         self._wire = await self._reconnect()
                     await asyncio.sleep(0.1)
                     pipe.expected_last = await self._resync(js, reader, log_id)
+                    pipe.committer.offer(reader.position)
                     continue
                 if done:
                     await pipe.committer.flush()
@@ -628,7 +633,8 @@ class _Committer:
         self.reader = reader
         self.interval = interval
         self.wanted = -1  # newest offset offered
-        self.done = -1  # newest offset on disk (or being written)
+        committed = reader.committed()
+        self.done = -1 if committed is None else committed  # newest offset on disk (or being written)
         self.task: Optional[asyncio.Future[None]] = None
         self.next_at = 0.0
 

@@ -1,0 +1,150 @@
+"""Fault sweep of the JetStream forwarder's group-offset commits (and its
+reads of the log) against a real nats-server: count the forwarder's file
+syscalls on the log directory once, then fail chosen calls k with each errno
+(tests/faultkit.py), and check every time:
+
+* no false success: ``run(until_caught_up=True)`` returns only with every
+  record in the stream and the group committed to the log's end;
+* nothing acknowledged is lost: every offset below the committed group
+  offset is in the stream (a commit never runs ahead of the stream);
+* nothing corrupt: the stream holds each record at most once, in log order,
+  with its exact bytes, and the group file still reads;
+* it works again: a forwarder run without faults completes the stream, each
+  record exactly once.
+
+The default run fails the middle call of each function with EIO (a few
+seconds), and every fsync at once: each commit fails, and the restart that
+finds everything in the stream must still commit the group to the end.  The
+``crash`` marker adds ENOSPC, EINTR and short writes at the first and last
+calls too and prints the summary table
+(``pytest -m crash -s tests/test_faults_bridge.py``).
+"""
+
+from __future__ import annotations
+
+import faultkit
+import pytest
+from nats_servers import NatsServer, require_nats
+
+pytestmark = [pytest.mark.skipif(not faultkit.available(), reason="needs Linux and a C compiler"),
+              pytest.mark.timeout(300)]
+
+N = 40
+
+# formatted with url and n first, then (by faultkit.sweep) with d
+FORWARD = """
+import asyncio, hashlib, engine, nats, nats.js.errors
+from engine.bridge import JetStreamForwarder
+d, url, n = {{d!r}}, {url!r}, {n}
+tag = hashlib.sha1(d.encode()).hexdigest()[:12]
+stream, subject = "FI" + tag, "fi." + tag
+def val(o):
+    return b"r%d-" % o + bytes([o % 251]) * (o % 23)
+with engine.Log(d, durability="none", segment_bytes=4096) as log:   # the outbox, before arming
+    log.append_many([val(o) for o in range(n)])
+    log_id = log.log_id
+def forward():
+    # small batches and a commit after each: many commits to fail
+    fwd = JetStreamForwarder(d, group="js", servers=url, stream=stream, subject=subject,
+                             max_in_flight=8, commit_interval=0, ack_timeout=5.0)
+    st = fwd.run(until_caught_up=True)
+    return st.records
+def committed():
+    with engine.LogReader(d, group="js") as r:
+        return r.committed() or 0
+async def stream_offsets():
+    nc = await nats.connect(servers=[url])
+    try:
+        js = nc.jetstream()
+        try:
+            info = await js.stream_info(stream)
+        except nats.js.errors.NotFoundError:
+            return []   # the forwarder failed before it created the stream
+        got = []
+        if info.state.messages == 0:
+            return got
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            m = await js.get_msg(stream, seq)
+            lid, _, off = (m.headers or dict()).get("Nats-Msg-Id", "").rpartition(":")
+            got.append((lid, int(off) if off.isdigit() else -1, bytes(m.data or b"")))
+        return got
+    finally:
+        await nc.close()
+def bad_of(got):
+    # records out of order, repeated, foreign or altered
+    offs = [o for _, o, _ in got]
+    return (sum(1 for lid, o, v in got if lid != log_id or o < 0 or o >= n or v != val(o))
+            + sum(1 for a, b in zip(offs, offs[1:]) if b != a + 1)
+            + (1 if offs and offs[0] != 0 else 0))
+t = Tally()
+arm()
+ok, r = t.op(forward)
+disarm()
+out = t.as_dict()
+out.update(lost=0, corrupt=0, works=False)
+try:
+    got = asyncio.run(stream_offsets())
+    have = set(o for _, o, _ in got)
+    c = committed()
+    out["committed"], out["stream"] = c, len(got)
+    # a success claims the whole log forwarded and committed
+    if ok and (c != n or have != set(range(n))):
+        out["false_success"] += 1
+    out["lost"] = sum(1 for o in range(c) if o not in have)
+    out["corrupt"] = bad_of(got)
+    # no faults: the forwarder finishes the job, each record once, in order
+    forward()
+    got = asyncio.run(stream_offsets())
+    out["works"] = ([o for _, o, _ in got] == list(range(n)) and bad_of(got) == 0
+                    and committed() == n)
+except Exception as exc:
+    out["error"] = repr(exc)
+report(out)
+"""
+
+
+@pytest.fixture
+def nats_url(tmp_path_factory):
+    exe = require_nats()
+    server = NatsServer(exe, tmp_path_factory.mktemp("nats"), "fi").start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def _check(rows):
+    bad = [(r.component, r.err, r.failures[:3]) for r in rows
+           if r.false_success or r.lost or r.corrupt or r.not_working]
+    assert not bad, bad
+    assert sum(r.points for r in rows) > 0
+
+
+def test_forwarder_commit_sweep_sampled(tmp_path, nats_url):
+    rows = faultkit.sweep("JetStream forwarder", FORWARD.format(url=nats_url, n=N), str(tmp_path),
+                          errs=("EIO",), max_points=1)
+    _check(rows)
+
+
+def test_a_forwarder_whose_commits_all_failed_commits_at_its_restart(tmp_path, nats_url):
+    # every fsync under the log fails: each group commit fails, the records
+    # still reach the stream, the run raises at its last commit; the restart
+    # finds everything in the stream, sends nothing and must still commit
+    d = tmp_path / "log"
+    res = faultkit.run(FORWARD.format(url=nats_url, n=N).format(d=str(d)), prefix=str(tmp_path),
+                       func="fsync", nth=1, err="EIO", sticky=True)
+    assert res.rc == 0, res.stderr[-3000:]
+    assert res.faults
+    rep = res.report
+    assert rep["kinds"] == ["OSError"] and rep["raised"] == 1
+    assert rep["committed"] == 0 and rep["stream"] == N
+    assert rep["false_success"] == rep["lost"] == rep["corrupt"] == 0
+    assert rep["works"], rep
+
+
+@pytest.mark.crash
+def test_forwarder_commit_sweep_wide(tmp_path, nats_url):
+    rows = faultkit.sweep("JetStream forwarder", FORWARD.format(url=nats_url, n=N), str(tmp_path),
+                          errs=("EIO", "ENOSPC", "EINTR", "SHORT"), max_points=2)
+    print("\n" + faultkit.table(rows))
+    _check(rows)
