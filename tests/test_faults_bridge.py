@@ -1,7 +1,8 @@
-"""Fault sweep of the JetStream forwarder's group-offset commits (and its
-reads of the log) against a real nats-server: count the forwarder's file
-syscalls on the log directory once, then fail chosen calls k with each errno
-(tests/faultkit.py), and check every time:
+"""Fault sweeps of the JetStream bridge against a real nats-server: count
+its file syscalls on the log directory once, then fail chosen calls k with
+each errno (tests/faultkit.py), and check every time.
+
+The forwarder (its group-offset commits and its reads of the log):
 
 * no false success: ``run(until_caught_up=True)`` returns only with every
   record in the stream and the group committed to the log's end;
@@ -12,9 +13,15 @@ syscalls on the log directory once, then fail chosen calls k with each errno
 * it works again: a forwarder run without faults completes the stream, each
   record exactly once.
 
-The default run fails the middle call of each function with EIO (a few
-seconds), and every fsync at once: each commit fails, and the restart that
-finds everything in the stream must still commit the group to the end.  The
+The ingest (its appends to the log): a success means every message is in
+the log; every message the consumer acknowledged (its ack floor) is in the
+log after recovery; no message is logged twice or altered; a run without
+faults logs the rest (redelivered after ``ack_wait``), each message once.
+
+The default run fails the middle call of each function of the forwarder
+and the middle write and sync of the ingest with EIO (seconds), and every
+fsync of the forwarder at once: each commit fails, and the restart that finds
+everything in the stream must still commit the group to the end.  The
 ``crash`` marker adds ENOSPC, EINTR and short writes at the first and last
 calls too and prints the summary table
 (``pytest -m crash -s tests/test_faults_bridge.py``).
@@ -102,6 +109,71 @@ except Exception as exc:
 report(out)
 """
 
+# formatted with url and n first, then (by faultkit.sweep) with d
+INGEST = """
+import asyncio, hashlib, engine, nats, nats.js.errors
+from engine.bridge import JetStreamIngest
+d, url, n = {{d!r}}, {url!r}, {n}
+tag = hashlib.sha1(d.encode()).hexdigest()[:12]
+stream, subject = "FI" + tag, "fi." + tag
+def val(i):
+    return b"m%d-" % i + bytes([i % 251]) * (i % 23)
+async def publish():   # the stream to ingest, before arming
+    nc = await nats.connect(servers=[url])
+    try:
+        js = nc.jetstream()
+        await js.add_stream(name=stream, subjects=[subject])
+        for i in range(n):
+            await js.publish(subject, val(i), headers=dict([("Nats-Msg-Id", "id%d" % i)]))
+    finally:
+        await nc.close()
+asyncio.run(publish())
+def ingest():
+    ing = JetStreamIngest(url, stream, "ing", d, subject=subject, batch=4, ack_wait=1.0)
+    return ing.run(until_caught_up=True).records
+async def acked():
+    # the stream sequences the consumer acknowledged, all of them at or below the floor
+    nc = await nats.connect(servers=[url])
+    try:
+        info = await nc.jetstream().consumer_info(stream, "ing")
+        return info.ack_floor.stream_seq or 0
+    except nats.js.errors.NotFoundError:
+        return 0   # the ingest failed before it made its consumer
+    finally:
+        await nc.close()
+def logged():
+    # (message id, value) of each record, in log order
+    return [(bytes(r.key).decode(), bytes(r.value)) for r in engine.LogReader(d)]
+def bad_of(recs):
+    ids = [k for k, _ in recs]
+    return (sum(1 for k, v in recs if not k.startswith("id") or val(int(k[2:])) != v)
+            + len(ids) - len(set(ids)))
+t = Tally()
+arm()
+ok, r = t.op(ingest)
+disarm()
+out = t.as_dict()
+out.update(lost=0, corrupt=0, works=False)
+try:
+    floor = asyncio.run(acked())
+    engine.Log(d).close()    # recovery, as the next ingest would run it
+    recs = logged()
+    have = set(k for k, _ in recs)
+    out["floor"], out["logged"] = floor, len(recs)
+    if ok and have != set("id%d" % i for i in range(n)):
+        out["false_success"] += 1
+    # stream sequence s carries id s-1
+    out["lost"] = sum(1 for s in range(1, floor + 1) if "id%d" % (s - 1) not in have)
+    out["corrupt"] = bad_of(recs)
+    # no faults: the rest arrives (redelivered after ack_wait), each once
+    ingest()
+    recs = logged()
+    out["works"] = bad_of(recs) == 0 and set(k for k, _ in recs) == set("id%d" % i for i in range(n))
+except Exception as exc:
+    out["error"] = repr(exc)
+report(out)
+"""
+
 
 @pytest.fixture
 def nats_url(tmp_path_factory):
@@ -148,3 +220,11 @@ def test_forwarder_commit_sweep_wide(tmp_path, nats_url):
                           errs=("EIO", "ENOSPC", "EINTR", "SHORT"), max_points=2)
     print("\n" + faultkit.table(rows))
     _check(rows)
+
+
+def test_ingest_sweep_sampled(tmp_path, nats_url):
+    # the appends' writes and syncs (a failed run waits ack_wait for its redelivery)
+    rows = faultkit.sweep("JetStream ingest", INGEST.format(url=nats_url, n=N), str(tmp_path),
+                          funcs=("pwrite", "fdatasync"), errs=("EIO",), max_points=1)
+    _check(rows)
+
