@@ -118,12 +118,17 @@ def _covered(trace, path, lo, hi):
     return at >= hi
 
 
-def test_a_roll_that_cannot_create_its_segment_keeps_the_synced_mark_below_its_end_marker(tmp_path):
-    res = _roll(tmp_path, "fallocate", "ENOSPC")   # the new segment's blocks
+@pytest.mark.parametrize("func,err,errno_", [
+    ("fallocate", "ENOSPC", 28),   # the new segment's blocks: a full disk
+    ("rename", "EIO", 5),          # the old segment's index file, before the new segment
+])
+def test_a_roll_that_cannot_create_its_segment_keeps_the_synced_mark_below_its_end_marker(
+        tmp_path, func, err, errno_):
+    res = _roll(tmp_path, func, err)
     assert res.rc == 0, res.stderr[-3000:]
-    assert res.faults == [("fallocate", 1, "ENOSPC")]
+    assert res.faults == [(func, 1, err)]
     rep = res.report
-    assert rep["big"] == ["OSError", 28]        # a full disk: the log goes on in the old segment
+    assert rep["big"] == ["OSError", errno_]    # the roll did not happen: the log goes on in the old segment
     assert rep["small"] == 1 and rep["flush"] is None
     pos, length = rep["where"]
     # offset 1 was written over the end marker, its header in the page's last bytes
