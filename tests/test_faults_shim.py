@@ -1,8 +1,11 @@
 """The fault-injection shim itself: it numbers the workload's calls, fails
-the chosen one with the chosen error, and reaches the compiled log's calls
-(msync / fdatasync / pwrite go through the PLT into the shim)."""
+the chosen one with the chosen error, reaches the compiled log's calls
+(msync / fdatasync / pwrite go through the PLT into the shim) and traces the
+syncs that succeeded."""
 
 from __future__ import annotations
+
+import mmap
 
 import faultkit
 import pytest
@@ -96,3 +99,40 @@ def test_calls_outside_the_prefix_are_not_numbered(tmp_path):
     res = faultkit.run(WORKLOAD.format(d=str(tmp_path / "log")), prefix=str(tmp_path / "elsewhere"))
     assert res.rc == 0, res.stderr
     assert res.counts["fdatasync"] == 0 and res.counts["pwrite"] == 0
+
+
+TRACED = """
+import mmap, os
+d = {d!r}
+page = mmap.PAGESIZE
+with open(os.path.join(d, "f"), "wb") as f:
+    f.write(bytes(4 * page))
+fd = os.open(os.path.join(d, "f"), os.O_RDWR)
+m = mmap.mmap(fd, 3 * page, offset=page)   # file bytes [page, 4 * page)
+arm()
+m[page:page + 10] = b"x" * 10
+m.flush(page, page)                          # msync of file bytes [2 * page, 3 * page)
+os.fsync(fd)
+os.fdatasync(fd)
+dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+os.fsync(dfd)
+disarm()
+os.fsync(dfd)                                # not armed: not traced
+report(page)
+"""
+
+
+def test_the_trace_names_each_synced_file_and_msync_range(tmp_path):
+    d = str(tmp_path)
+    res = faultkit.run(TRACED.format(d=d), prefix=d, trace=True)
+    assert res.rc == 0, res.stderr
+    page = res.report
+    f = f"{d}/f"
+    assert res.trace == [("msync", f, 2 * page, page), ("fsync", f), ("fdatasync", f), ("fsync", d)]
+
+
+def test_a_failed_sync_is_not_traced(tmp_path):
+    d = str(tmp_path)
+    res = faultkit.run(TRACED.format(d=d), prefix=d, trace=True, func="fsync", nth=1, err="EIO")
+    assert res.rc != 0 and "Input/output error" in res.stderr
+    assert res.trace == [("msync", f"{d}/f", 2 * mmap.PAGESIZE, mmap.PAGESIZE)]   # the fsync raised
