@@ -64,14 +64,14 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def make_dirs(path: str, mode: int = 0o700) -> list:
+def make_dirs(path: str, mode: int = 0o700) -> list[str]:
     """Create the directory ``path`` and its missing parents (no error if it
     exists) and fsync the parent of each directory created, so the new names
     survive a power loss.  If one of those fsyncs fails, the directories this
     call created are removed again before the error is raised: a retry then
     creates and syncs them anew, instead of finding them present but never
     made durable.  Returns the directories created, deepest first."""
-    made = []
+    made: list[str] = []
     d = os.path.abspath(path)
     while not os.path.isdir(d):
         made.append(d)
