@@ -95,21 +95,27 @@ def test_a_read_error_is_reported_not_a_crash(tmp_path):
 
 
 FLUSH = """
-import engine
+import os, engine
 log = engine.Log({d!r}, durability="none", segment_bytes=4096)
 for i in range(200):
     log.append(b"x" * 60)
 arm()
 log.flush()
 disarm()
+report(sorted(n for n in os.listdir({d!r}) if n.endswith(".seg")))
 log.close()
 """
 
 
 @needs_shim
 def test_flush_in_none_syncs_the_directory_of_new_segments(tmp_path):
-    d = str(tmp_path / "log")
-    res = faultkit.run(FLUSH.format(d=d), prefix=str(tmp_path))
+    d = os.path.realpath(tmp_path / "log")
+    res = faultkit.run(FLUSH.format(d=d), prefix=d, trace=True)
     assert res.rc == 0, res.stderr[-2000:]
-    assert res.counts["fdatasync"] >= 3   # the rolled segments
-    assert res.counts["fsync"] >= 1       # and the directory holding their names
+    segs = res.report
+    assert len(segs) >= 3
+    synced = {t[1] for t in res.trace}
+    # every segment (the rolled ones by fdatasync, the active one by msync) ...
+    assert {f"{d}/{n}" for n in segs} <= synced, (segs, res.trace)
+    # ... and the directory holding their names
+    assert ("fsync", d) in res.trace, res.trace
