@@ -392,8 +392,12 @@ class WireConnection(asyncio.Protocol):
     def connection_lost(self, exc: Optional[Exception]) -> None:
         if self.lost is None:
             why = self.last_error or (repr(exc) if exc else "closed by the server")
-            refused = isinstance(exc, ssl.SSLError) or _is_auth_error(self.last_error)
-            self.lost = (AuthError if refused else WireError)(f"connection lost: {why}")
+            if isinstance(exc, ssl.SSLError):
+                self.lost = AuthError(f"connection lost: {explain_refusal(exc)}")
+            elif _is_auth_error(self.last_error):
+                self.lost = AuthError(f"connection lost: {why}")
+            else:
+                self.lost = WireError(f"connection lost: {why}")
         self._transport = None
         if not self._first_info.done():
             self._first_info.set_exception(self.lost)
@@ -539,11 +543,12 @@ class WireConnection(asyncio.Protocol):
             await self._can_write.wait()
         self._write(data)
 
-    async def ping(self, timeout: float) -> None:
-        """Round trip to the server: everything written before is processed."""
+    async def ping(self, timeout: float, before: bytes = b"") -> None:
+        """Round trip to the server: everything written before is processed.
+        ``before``: frames to send in the same write, ahead of the PING."""
         fut: asyncio.Future[None] = self._loop.create_future()
         self._pongs.append(fut)
-        self._write(b"PING\r\n")
+        self._write(before + b"PING\r\n")
         await asyncio.wait_for(fut, timeout)
 
     def close(self) -> None:
@@ -560,6 +565,19 @@ class WireConnection(asyncio.Protocol):
 
 def _is_auth_error(msg: Optional[str]) -> bool:
     return msg is not None and msg.strip().lower().startswith(_AUTH_ERRORS)
+
+
+def explain_refusal(exc: BaseException) -> str:
+    """``exc`` (a refused connection) and what to check for it."""
+    text = repr(exc)
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return text + " -- the server's certificate is not trusted: give its CA (tls_ca)"
+    if "ALERT" in text.upper() and "CERTIFICATE" in text.upper():
+        return text + (" -- the server did not accept our client certificate: give one "
+                       "its CA trusts (tls_cert, tls_key)")
+    if _is_auth_error(str(exc).split("nats: ", 1)[-1].strip("'")) or "Authorization" in text:
+        return text + " -- check the credentials (URL user/token, creds, nkey_seed)"
+    return text
 
 
 def _duplicate(tally: AckTally, body: bytes) -> bool:
@@ -604,7 +622,7 @@ async def _open_one(url: str, name: str, timeout: float, tls: Optional[ssl.SSLCo
             _, conn = await asyncio.wait_for(
                 loop.create_connection(lambda: WireConnection(loop), host, port), timeout)
     except ssl.SSLError as exc:
-        raise AuthError(f"{url}: TLS handshake failed: {exc!r}") from None
+        raise AuthError(f"{url}: TLS handshake failed: {explain_refusal(exc)}") from None
     except (OSError, asyncio.TimeoutError) as exc:
         raise WireError(f"{url}: cannot connect: {exc!r}") from None
     try:
@@ -634,17 +652,19 @@ async def _open_one(url: str, name: str, timeout: float, tls: Optional[ssl.SSLCo
                 opts.update(credentials.connect_fields(str(info.get("nonce") or "")))
             except ValueError as exc:  # e.g. a creds file replaced by a broken one
                 raise AuthError(f"{url}: {exc}") from None
-        conn._write(b"CONNECT " + json.dumps(opts, separators=(",", ":")).encode() + _CRLF)
         conn.inbox = b"_INBOX.%s." % secrets.token_hex(11).encode()
         conn._plen = len(conn.inbox)
-        conn._write(b"SUB %s* 1\r\n" % conn.inbox)
-        await conn.ping(timeout)  # CONNECT and SUB accepted (or -ERR)
+        # CONNECT, SUB and PING in one write: a server that refuses CONNECT
+        # answers -ERR and closes, and a second write racing that close would
+        # fail (EPIPE) before the -ERR that says why is read.
+        await conn.ping(timeout, b"CONNECT " + json.dumps(opts, separators=(",", ":")).encode()
+                        + b"\r\nSUB %s* 1\r\n" % conn.inbox)  # accepted, or -ERR
     except BaseException as exc:
         conn.close()
         if isinstance(exc, asyncio.TimeoutError):
             raise WireError(f"{url}: no answer to CONNECT within {timeout} s") from None
         if isinstance(exc, ssl.SSLError):
-            raise AuthError(f"{url}: TLS handshake failed: {exc!r}") from None
+            raise AuthError(f"{url}: TLS handshake failed: {explain_refusal(exc)}") from None
         if isinstance(exc, OSError) and not isinstance(exc, WireError):
             raise WireError(f"{url}: {exc!r}") from None
         if isinstance(exc, WireError) and not str(exc).startswith(url):

@@ -214,7 +214,8 @@ async def _connect(settings: _NatsSettings) -> Any:
         pass
     exc = refused.result()
     raise _nats_wire.AuthError(
-        f"{', '.join(settings.servers)}: the connection was refused: {exc!r}"
+        f"{', '.join(settings.servers)}: the connection was refused: "
+        f"{_nats_wire.explain_refusal(exc)}"
         + (f" ({settings.credentials!r})" if settings.credentials else ""))
 
 
@@ -893,8 +894,12 @@ class JetStreamIngest:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         out = _log.Log(self.log_path, durability=cast(Any, self.durability))
-        seen = self._recent_ids(out)
-        nc = await _connect(self._nats)
+        try:
+            seen = self._recent_ids(out)
+            nc = await _connect(self._nats)
+        except BaseException:
+            out.close()
+            raise
         js = nc.jetstream()
         config = nats.js.api.ConsumerConfig(
             durable_name=self.durable,
