@@ -55,7 +55,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 from .errors import EngineError
 
 __all__ = ["WireError", "AuthError", "AckTally", "WireConnection", "Credentials",
-           "open_wire", "parse_url", "resolve_servers", "tls_context", "DEFAULT_URL"]
+           "open_wire", "parse_url", "redact", "resolve_servers", "tls_context", "DEFAULT_URL"]
 
 #: The server tried when neither the caller nor ``NATS_URL`` names one.
 DEFAULT_URL = "nats://127.0.0.1:4222"
@@ -109,6 +109,17 @@ def resolve_servers(servers: Union[str, Sequence[str], None] = None) -> List[str
     for url in out:
         parse_url(url)  # a malformed URL fails here, not at the first reconnect
     return out
+
+
+def redact(url: str) -> str:
+    """``url`` fit for a message: a password or token in it becomes ``***``."""
+    scheme, sep, rest = url.rpartition("://")
+    userinfo, at, hostport = rest.rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    hidden = f"{user}:***" if colon else "***"
+    return f"{scheme}{sep}{hidden}@{hostport}"
 
 
 def tls_context(ca: Optional[_PathLike] = None, cert: Optional[_PathLike] = None,
@@ -341,7 +352,7 @@ def parse_url(url: str) -> Tuple[str, int, Dict[str, str]]:
         url = "nats://" + url
     u = urllib.parse.urlsplit(url)
     if u.scheme not in ("nats", "tcp", "tls"):
-        raise WireError(f"{url!r}: not a NATS URL (nats://, tls://)")
+        raise WireError(f"{redact(url)!r}: not a NATS URL (nats://, tls://)")
     host = u.hostname or "127.0.0.1"
     port = u.port or 4222
     creds: Dict[str, str] = {}
@@ -607,6 +618,7 @@ async def _open_one(url: str, name: str, timeout: float, tls: Optional[ssl.SSLCo
                     credentials: Optional[Credentials],
                     tls_handshake_first: bool) -> WireConnection:
     host, port, creds = parse_url(url)
+    shown = redact(url)  # for messages: no password or token
     want_tls = (bool(creds.pop("tls_required", False)) or tls is not None
                 or tls_handshake_first)
     ctx = tls if tls is not None else ssl.create_default_context()
@@ -622,24 +634,24 @@ async def _open_one(url: str, name: str, timeout: float, tls: Optional[ssl.SSLCo
             _, conn = await asyncio.wait_for(
                 loop.create_connection(lambda: WireConnection(loop), host, port), timeout)
     except ssl.SSLError as exc:
-        raise AuthError(f"{url}: TLS handshake failed: {explain_refusal(exc)}") from None
+        raise AuthError(f"{shown}: TLS handshake failed: {explain_refusal(exc)}") from None
     except (OSError, asyncio.TimeoutError) as exc:
-        raise WireError(f"{url}: cannot connect: {exc!r}") from None
+        raise WireError(f"{shown}: cannot connect: {exc!r}") from None
     try:
         info = await asyncio.wait_for(asyncio.shield(conn._first_info), timeout)
         if not tls_handshake_first and (info.get("tls_required") or want_tls):
             if not (info.get("tls_required") or info.get("tls_available")):
-                raise WireError(f"{url}: TLS was asked for but the server does not offer it")
+                raise WireError(f"{shown}: TLS was asked for but the server does not offer it")
             old = conn._transport
             assert old is not None
             new = await asyncio.wait_for(
                 loop.start_tls(old, conn, ctx, server_hostname=host), timeout)
             if new is None:  # pragma: no cover - only for a closed transport
-                raise WireError(f"{url}: the connection closed during the TLS handshake")
+                raise WireError(f"{shown}: the connection closed during the TLS handshake")
             conn._transport = new
             new.set_write_buffer_limits(high=4 << 20, low=1 << 20)
         if not info.get("headers", False):
-            raise WireError(f"{url}: the server does not support message headers "
+            raise WireError(f"{shown}: the server does not support message headers "
                             f"(nats-server >= 2.2 is needed)")
         opts: Dict[str, Any] = {
             "verbose": False, "pedantic": False, "tls_required": False,
@@ -651,7 +663,7 @@ async def _open_one(url: str, name: str, timeout: float, tls: Optional[ssl.SSLCo
             try:
                 opts.update(credentials.connect_fields(str(info.get("nonce") or "")))
             except ValueError as exc:  # e.g. a creds file replaced by a broken one
-                raise AuthError(f"{url}: {exc}") from None
+                raise AuthError(f"{shown}: {exc}") from None
         conn.inbox = b"_INBOX.%s." % secrets.token_hex(11).encode()
         conn._plen = len(conn.inbox)
         # CONNECT, SUB and PING in one write: a server that refuses CONNECT
@@ -662,13 +674,13 @@ async def _open_one(url: str, name: str, timeout: float, tls: Optional[ssl.SSLCo
     except BaseException as exc:
         conn.close()
         if isinstance(exc, asyncio.TimeoutError):
-            raise WireError(f"{url}: no answer to CONNECT within {timeout} s") from None
+            raise WireError(f"{shown}: no answer to CONNECT within {timeout} s") from None
         if isinstance(exc, ssl.SSLError):
-            raise AuthError(f"{url}: TLS handshake failed: {explain_refusal(exc)}") from None
+            raise AuthError(f"{shown}: TLS handshake failed: {explain_refusal(exc)}") from None
         if isinstance(exc, OSError) and not isinstance(exc, WireError):
-            raise WireError(f"{url}: {exc!r}") from None
-        if isinstance(exc, WireError) and not str(exc).startswith(url):
-            raise type(exc)(f"{url}: {exc}") from None
+            raise WireError(f"{shown}: {exc!r}") from None
+        if isinstance(exc, WireError) and not str(exc).startswith(shown):
+            raise type(exc)(f"{shown}: {exc}") from None
         raise
     return conn
 

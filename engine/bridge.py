@@ -214,7 +214,7 @@ async def _connect(settings: _NatsSettings) -> Any:
         pass
     exc = refused.result()
     raise _nats_wire.AuthError(
-        f"{', '.join(settings.servers)}: the connection was refused: "
+        f"{', '.join(map(_nats_wire.redact, settings.servers))}: the connection was refused: "
         f"{_nats_wire.explain_refusal(exc)}"
         + (f" ({settings.credentials!r})" if settings.credentials else ""))
 

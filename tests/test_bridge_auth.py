@@ -166,20 +166,24 @@ def round_trip(tmp: Path, stream: str, n: int = 300, **conn: Any) -> None:
     assert got == [(f"{log_id}:{i}".encode(), v) for i, v in enumerate(values)]
 
 
-def refused(match: str, stream: str, tmp: Path, **conn: Any) -> None:
-    """Both bridges refuse to start with ``conn``, at once, saying why."""
+def refused(match: str, stream: str, tmp: Path, **conn: Any) -> List[str]:
+    """Both bridges refuse to start with ``conn``, at once, saying why (the
+    messages are returned)."""
     from engine.bridge import JetStreamForwarder, JetStreamIngest
 
     src = tmp / f"{stream}-refused"
     with engine.Log(src, durability="none") as log:
         log.append(b"never sent")
     servers = conn.pop("servers", None)
+    messages = []
     for make in (lambda: JetStreamForwarder(src, "g", servers, stream, stream.lower(), **conn),
                  lambda: JetStreamIngest(servers, stream, "d", tmp / "unused", **conn)):
         t0 = time.monotonic()
-        with pytest.raises(nw.AuthError, match=match):
+        with pytest.raises(nw.AuthError, match=match) as err:
             make().run(until_caught_up=True)
         assert time.monotonic() - t0 < 10  # refused, not retried until a timeout
+        messages.append(str(err.value))
+    return messages
 
 
 # -- NKEY users ----------------------------------------------------------------
@@ -388,6 +392,9 @@ def test_seed_and_creds_files_are_checked_up_front(tmp_path):
 def test_connection_settings_are_checked_up_front(tmp_path, monkeypatch):
     from engine.bridge import JetStreamIngest
 
+    assert nw.redact("nats://u:pw@h:1") == "nats://u:***@h:1"
+    assert nw.redact("tls://t0ken@h") == "tls://***@h"
+    assert nw.redact("nats://h:1") == "nats://h:1"
     monkeypatch.delenv("NATS_URL", raising=False)
     assert nw.resolve_servers(None) == [nw.DEFAULT_URL]
     assert nw.resolve_servers(["nats://a:1", "tls://b:2"]) == ["nats://a:1", "tls://b:2"]
@@ -466,6 +473,15 @@ def test_user_password_and_token_in_the_url(auth, good, bad, tmp_path):
     try:
         url = f"nats://{{}}127.0.0.1:{srv.port}"
         round_trip(tmp_path, "URLAUTH", servers=url.format(good))
-        refused("Authorization Violation", "URLBAD", tmp_path, servers=url.format(bad))
+        for msg in refused("Authorization Violation", "URLBAD", tmp_path,
+                           servers=url.format(bad)):
+            assert "wrong" not in msg  # the password / token is not repeated
+
+        async def lean():
+            with pytest.raises(nw.AuthError, match="Authorization Violation") as err:
+                await nw.open_wire([url.format(bad)])
+            assert "wrong" not in str(err.value)
+
+        asyncio.run(lean())
     finally:
         srv.stop()
