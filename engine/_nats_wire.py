@@ -146,6 +146,8 @@ def tls_context(ca: Optional[_PathLike] = None, cert: Optional[_PathLike] = None
 # An encoded seed: 'S', the key type (Operator, Account, User), 56 more base32
 # characters -- 36 bytes: 2 prefix, 32 Ed25519 seed, 2 CRC16.
 _SEED = re.compile(r"S[OAU][A-Z2-7]{56}")
+# What is meant as a seed, not a path, even with a character missing or wrong.
+_SEEDISH = re.compile(r"S[A-Za-z0-9]{40,80}")
 # A decorated block of a creds file: a -----BEGIN ...----- line, one line of
 # content, an ------END ...------ line (nats.go's parser, same shape).
 _BLOCK = re.compile(r"^\s*-{3,}[^\n]*-{3,}\s*\r?\n\s*([\w\-.=]+)\s*\r?\n\s*-{3,}[^\n]*-{3,}\s*$",
@@ -251,7 +253,9 @@ class Credentials:
         self._seed_text: Optional[str] = None  # the seed, when given as such
         if nkey_seed is not None:
             text = os.fspath(nkey_seed).strip()
-            if _SEED.fullmatch(text):
+            if _SEED.fullmatch(text) or (_SEEDISH.fullmatch(text) and not os.path.exists(text)):
+                # The seed itself (a mistyped one fails here without being
+                # repeated in the message, as a path would be).
                 _check_user_seed(text, "nkey_seed")
                 self._seed_text = text
             else:
@@ -294,14 +298,6 @@ class Credentials:
         kp = _keypair(self.seed())
         try:
             return bytes(kp.sign(nonce.encode()))
-        finally:
-            kp.wipe()
-
-    def public_key(self) -> str:
-        """The user's public NKEY (``U...``)."""
-        kp = _keypair(self.seed())
-        try:
-            return bytes(kp.public_key).decode()
         finally:
             kp.wipe()
 
@@ -521,8 +517,10 @@ class WireConnection(asyncio.Protocol):
             if self._pongs:
                 fut = self._pongs.pop(0)
                 if not fut.done():
-                    err = AuthError if _is_auth_error(msg) else WireError
-                    fut.set_exception(err(f"server error: {msg}"))
+                    if _is_auth_error(msg):
+                        fut.set_exception(AuthError(f"server error: {msg}{_CHECK_CREDENTIALS}"))
+                    else:
+                        fut.set_exception(WireError(f"server error: {msg}"))
             self.progress.set()
         elif word == b"INFO":
             info = json.loads(line[5:])
@@ -574,6 +572,9 @@ class WireConnection(asyncio.Protocol):
         return self.lost is None and self._transport is not None
 
 
+_CHECK_CREDENTIALS = " -- check the credentials (user/password or token in the URL, creds, nkey_seed)"
+
+
 def _is_auth_error(msg: Optional[str]) -> bool:
     return msg is not None and msg.strip().lower().startswith(_AUTH_ERRORS)
 
@@ -587,7 +588,7 @@ def explain_refusal(exc: BaseException) -> str:
         return text + (" -- the server did not accept our client certificate: give one "
                        "its CA trusts (tls_cert, tls_key)")
     if _is_auth_error(str(exc).split("nats: ", 1)[-1].strip("'")) or "Authorization" in text:
-        return text + " -- check the credentials (URL user/token, creds, nkey_seed)"
+        return text + _CHECK_CREDENTIALS
     return text
 
 

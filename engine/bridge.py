@@ -181,13 +181,13 @@ async def _connect(settings: _NatsSettings) -> Any:
     refused: asyncio.Future[BaseException] = loop.create_future()
 
     async def on_error(exc: BaseException) -> None:
-        if _refusal(exc, nats):
-            if not refused.done():
-                refused.set_result(exc)
-                return
-            log.warning("jetstream: the server refused the connection: %r", exc)
-        else:
-            log.info("jetstream: %r", exc)
+        if not _refusal(exc, nats):
+            log.info("jetstream: %r", exc)  # a server down: nats-py retries
+        elif not connecting.done() and not refused.done():
+            refused.set_result(exc)  # at start: the settings are wrong
+        else:  # on a reconnect: the user may be revoked for now; keep trying
+            log.warning("jetstream: the server refused the connection: %s",
+                        _nats_wire.explain_refusal(exc))
 
     nc = nats.NATS()
     connecting = asyncio.ensure_future(nc.connect(

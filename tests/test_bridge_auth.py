@@ -368,6 +368,9 @@ def test_seed_and_creds_files_are_checked_up_front(tmp_path):
     with pytest.raises(ValueError, match="damaged") as err:
         nw.Credentials(nkey_seed=damaged)
     assert damaged not in str(err.value)  # a secret never lands in a message
+    with pytest.raises(ValueError, match="no NKEY seed found") as err:
+        nw.Credentials(nkey_seed=user[:-1])  # a character lost in a copy
+    assert user[:-1] not in str(err.value)
     with pytest.raises(ValueError, match="account seed"):
         nw.Credentials(nkey_seed=new_seed(nkeys.PREFIX_BYTE_ACCOUNT))
     with pytest.raises(ValueError, match="cannot read"):
