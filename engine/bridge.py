@@ -8,6 +8,10 @@ consumer appended into a local log, each message once.
 Requires the ``nats`` extra (``pip install "queue-engine[nats]"``); nothing in
 the core imports this module.
 
+Both bridges connect as NATS users do: ``NATS_URL`` when no server is given,
+``user:password@``/``token@`` URLs, an NKEY seed or a creds file (JWT and
+seed), TLS with a CA and a client certificate -- see :class:`JetStreamForwarder`.
+
 How the forwarder makes "exactly once, in order" hold
 ------------------------------------------------------
 Each record is published with two headers:
@@ -57,6 +61,7 @@ between append and ack is recognised and acknowledged without a second append.
 from __future__ import annotations
 
 import asyncio
+import base64
 import binascii
 import collections
 import logging
@@ -116,26 +121,102 @@ class BridgeStatus:
         )
 
 
-def _servers(servers: Union[str, Sequence[str]]) -> List[str]:
-    if isinstance(servers, str):
-        return [s.strip() for s in servers.split(",") if s.strip()]
-    out = list(servers)
-    if not out:
-        raise ValueError("servers: give at least one NATS URL, e.g. nats://127.0.0.1:4222")
-    return out
+class _NatsSettings:
+    """Where and how a bridge connects -- servers, TLS, credentials -- for
+    both its lean publish connection and its nats-py connection."""
+
+    def __init__(self, servers: Union[str, Sequence[str], None], tls: Optional[ssl.SSLContext],
+                 tls_ca: Optional[_PathLike], tls_cert: Optional[_PathLike],
+                 tls_key: Optional[_PathLike], tls_handshake_first: bool,
+                 creds: Optional[_PathLike], nkey_seed: Optional[_PathLike]) -> None:
+        self.servers = _nats_wire.resolve_servers(servers)
+        if tls is not None and (tls_ca or tls_cert or tls_key):
+            raise ValueError("give tls (an ssl.SSLContext) or tls_ca/tls_cert/tls_key, not both")
+        if tls is None and (tls_ca or tls_cert or tls_key or tls_handshake_first):
+            tls = _nats_wire.tls_context(tls_ca, tls_cert, tls_key)
+        self.tls = tls
+        self.tls_handshake_first = bool(tls_handshake_first)
+        self.credentials = _nats_wire.Credentials(creds=creds, nkey_seed=nkey_seed)
+
+    def open_wire(self, known: Sequence[str]) -> Any:
+        """The lean publish connection (a coroutine: see :func:`_nats_wire.open_wire`)."""
+        return _nats_wire.open_wire(self.servers, known=known, tls=self.tls,
+                                    credentials=self.credentials,
+                                    tls_handshake_first=self.tls_handshake_first)
+
+    def nats_py_options(self) -> Dict[str, Any]:
+        """nats-py's ``connect`` arguments for the same servers, TLS and identity."""
+        opts: Dict[str, Any] = {}
+        if self.tls is not None:
+            opts["tls"] = self.tls
+        if self.tls_handshake_first:
+            opts["tls_handshake_first"] = True
+        cred = self.credentials
+        if cred.creds:
+            # The same creds-file parser as the lean connection, read at every connect.
+            opts["user_jwt_cb"] = lambda: (cred.jwt() or "").encode()
+            opts["signature_cb"] = lambda nonce: base64.b64encode(cred.sign(nonce))
+        elif cred:
+            opts["nkeys_seed_str"] = cred.seed()
+        return opts
 
 
-async def _connect(servers: Sequence[str], tls: Optional[ssl.SSLContext] = None) -> Any:
+def _refusal(exc: BaseException, nats: Any) -> bool:
+    """True for a connect failure that retrying with the same settings will not
+    cure: the server refused the credentials, or TLS failed (verification, a
+    client certificate the server requires)."""
+    if isinstance(exc, (nats.errors.AuthorizationError, ssl.SSLError)):
+        return True
+    return _nats_wire._is_auth_error(str(exc).split("nats: ", 1)[-1].strip("'"))
+
+
+async def _connect(settings: _NatsSettings) -> Any:
+    """nats-py's connection (management calls, the ingest's consumer).
+
+    A server that is down is waited for (nats-py keeps retrying); a refusal
+    of the credentials or the TLS handshake raises :class:`_nats_wire.AuthError`
+    at once instead of retrying forever."""
     nats = _import_nats()
-    extra: Dict[str, Any] = {"tls": tls} if tls is not None else {}
-    return await nats.connect(
-        servers=list(servers),
+    loop = asyncio.get_running_loop()
+    refused: asyncio.Future[BaseException] = loop.create_future()
+
+    async def on_error(exc: BaseException) -> None:
+        if not _refusal(exc, nats):
+            log.info("jetstream: %r", exc)  # a server down: nats-py retries
+        elif not connecting.done() and not refused.done():
+            refused.set_result(exc)  # at start: the settings are wrong
+        else:  # on a reconnect: the user may be revoked for now; keep trying
+            log.warning("jetstream: the server refused the connection: %s",
+                        _nats_wire.explain_refusal(exc))
+
+    nc = nats.NATS()
+    connecting = asyncio.ensure_future(nc.connect(
+        servers=list(settings.servers),
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.2,
         connect_timeout=2,
         allow_reconnect=True,
-        **extra,
-    )
+        error_cb=on_error,
+        **settings.nats_py_options(),
+    ))
+    try:
+        await asyncio.wait({connecting, refused}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        connecting.cancel()
+        raise
+    if connecting.done():
+        connecting.result()
+        return nc
+    connecting.cancel()
+    try:
+        await asyncio.wait_for(nc.close(), 2)
+    except BaseException:  # half-open: nothing to drain
+        pass
+    exc = refused.result()
+    raise _nats_wire.AuthError(
+        f"{', '.join(map(_nats_wire.redact, settings.servers))}: the connection was refused: "
+        f"{_nats_wire.explain_refusal(exc)}"
+        + (f" ({settings.credentials!r})" if settings.credentials else ""))
 
 
 class JetStreamForwarder:
@@ -154,8 +235,29 @@ class JetStreamForwarder:
     ``commit_interval`` seconds, 0 meaning as often as the disk allows; it is
     where a restart starts looking, the stream decides where it resumes.
 
-    ``tls``: the SSL context for ``tls://`` servers or servers that require
-    TLS (default: the system's trust store).
+    Connecting (as the ``nats`` tool and the NATS client libraries do):
+
+    * ``servers``: a URL, a comma-separated list or a sequence of URLs
+      (``nats://``, ``tls://``; ``user:password@`` or ``token@`` in the URL);
+      None: the ``NATS_URL`` environment variable, else ``nats://127.0.0.1:4222``;
+    * ``creds``: a creds file (user JWT and NKEY seed, from ``nsc``), or
+      ``nkey_seed``: an NKEY user seed, as a file or the seed itself
+      (``SU...``); either needs the ``nkeys`` package (the ``nats`` extra);
+    * ``tls_ca``: the CA file that verifies the server (default: the system's
+      trust store); ``tls_cert``/``tls_key``: the client certificate a server
+      with ``verify: true`` asks for; or ``tls``: an ``ssl.SSLContext`` of your
+      own instead of these.  TLS starts after the server's INFO when the URL is
+      ``tls://``, the server requires it or a TLS setting is given;
+      ``tls_handshake_first`` starts it before INFO (servers configured with
+      ``handshake_first``).
+
+    A refused identity (wrong seed, revoked user, a certificate either side
+    cannot verify) raises :class:`engine._nats_wire.AuthError` at start; a
+    server that is down is waited for.
+
+    >>> JetStreamForwarder("data/orders", "jetstream", None, "ORDERS", "orders",
+    ...                    creds="/etc/orders/orders.creds",
+    ...                    tls_ca="/etc/orders/ca.pem")                # doctest: +SKIP
 
     The subject should be the forwarder's alone: a message someone else
     publishes on it breaks the chain, costs a resynchronisation, and makes the
@@ -166,7 +268,7 @@ class JetStreamForwarder:
         self,
         log_path: _PathLike,
         group: str,
-        servers: Union[str, Sequence[str]],
+        servers: Union[str, Sequence[str], None],
         stream: str,
         subject: str,
         *,
@@ -178,6 +280,12 @@ class JetStreamForwarder:
         resync_scan: int = 10_000,
         commit_interval: float = 0.1,
         tls: Optional[ssl.SSLContext] = None,
+        tls_ca: Optional[_PathLike] = None,
+        tls_cert: Optional[_PathLike] = None,
+        tls_key: Optional[_PathLike] = None,
+        tls_handshake_first: bool = False,
+        creds: Optional[_PathLike] = None,
+        nkey_seed: Optional[_PathLike] = None,
     ) -> None:
         if not isinstance(group, str) or not group:
             raise ValueError("group: a non-empty consumer group name is required")
@@ -189,7 +297,9 @@ class JetStreamForwarder:
             raise ValueError("max_in_flight must be >= 1")
         self.log_path = os.fspath(log_path)
         self.group = group
-        self.servers = _servers(servers)
+        self._nats = _NatsSettings(servers, tls, tls_ca, tls_cert, tls_key,
+                                   tls_handshake_first, creds, nkey_seed)
+        self.servers = self._nats.servers
         self.stream = stream
         self.subject = subject
         self.max_in_flight = int(max_in_flight)
@@ -201,7 +311,7 @@ class JetStreamForwarder:
         if commit_interval < 0:
             raise ValueError("commit_interval must be >= 0")
         self.commit_interval = float(commit_interval)
-        self.tls = tls
+        self.tls = self._nats.tls
         self._status = BridgeStatus()
         self._stop: Optional[asyncio.Event] = None
 
@@ -237,7 +347,7 @@ class JetStreamForwarder:
         nats = _import_nats()
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        nc = await _connect(self.servers, self.tls)
+        nc = await _connect(self._nats)
         js = nc.jetstream()
         reader = _log.LogReader(self.log_path, group=self.group)
         self._wire: Optional[_nats_wire.WireConnection] = None
@@ -247,7 +357,7 @@ class JetStreamForwarder:
             log_id = reader.log_id
             if log_id is None:  # pragma: no cover - a log always has an id once opened
                 raise EngineError(f"{self.log_path}: the log has no id; is it a log directory?")
-            self._wire = await self._reconnect()
+            self._wire = await self._reconnect(first=True)
             expected_last = await self._resync(js, reader, log_id)
             pipe = _Pipeline(self, reader, log_id, expected_last)
             # the stream holds everything below where the resync put the
@@ -297,9 +407,11 @@ class JetStreamForwarder:
                 pass
         return self._status
 
-    async def _reconnect(self) -> _nats_wire.WireConnection:
+    async def _reconnect(self, first: bool = False) -> _nats_wire.WireConnection:
         """Open the publish connection, retrying (any server, any cluster URL
-        learnt so far) until one answers or the forwarder is stopped."""
+        learnt so far) until one answers or the forwarder is stopped.  At
+        start (``first``) a refused identity raises instead: nats-py just
+        connected with it, so the settings are wrong, not the moment."""
         known: List[str] = []
         if self._wire is not None:
             known = self._wire.connect_urls
@@ -307,8 +419,10 @@ class JetStreamForwarder:
         next_log = 0.0
         while True:
             try:
-                return await _nats_wire.open_wire(self.servers, known=known, tls=self.tls)
+                return await self._nats.open_wire(known)
             except _nats_wire.WireError as exc:
+                if first and isinstance(exc, _nats_wire.AuthError):
+                    raise
                 if self._stop is not None and self._stop.is_set():
                     raise EngineError(f"stopped while reconnecting: {exc}") from None
                 if time.monotonic() >= next_log:
@@ -696,11 +810,14 @@ class JetStreamIngest:
     A durable pull consumer named ``durable`` fetches batches; each batch is
     appended to the log at ``log_path`` (the log's ``durability``, ``always``
     by default) *before* it is acknowledged.  See the module docstring.
+
+    ``servers``, ``creds``/``nkey_seed`` and the TLS settings: as for
+    :class:`JetStreamForwarder` (None: ``NATS_URL``, else the local server).
     """
 
     def __init__(
         self,
-        servers: Union[str, Sequence[str]],
+        servers: Union[str, Sequence[str], None],
         stream: str,
         durable: str,
         log_path: _PathLike,
@@ -711,13 +828,21 @@ class JetStreamIngest:
         window: int = 100_000,
         ack_wait: float = 30.0,
         tls: Optional[ssl.SSLContext] = None,
+        tls_ca: Optional[_PathLike] = None,
+        tls_cert: Optional[_PathLike] = None,
+        tls_key: Optional[_PathLike] = None,
+        tls_handshake_first: bool = False,
+        creds: Optional[_PathLike] = None,
+        nkey_seed: Optional[_PathLike] = None,
     ) -> None:
         if not durable:
             raise ValueError("durable: a durable consumer name is required")
         if batch < 1:
             raise ValueError("batch must be >= 1")
         check_durability(durability)
-        self.servers = _servers(servers)
+        self._nats = _NatsSettings(servers, tls, tls_ca, tls_cert, tls_key,
+                                   tls_handshake_first, creds, nkey_seed)
+        self.servers = self._nats.servers
         self.stream = stream
         self.durable = durable
         self.log_path = os.fspath(log_path)
@@ -726,7 +851,7 @@ class JetStreamIngest:
         self.durability = durability
         self.window = int(window)
         self.ack_wait = float(ack_wait)
-        self.tls = tls
+        self.tls = self._nats.tls
         self._status = BridgeStatus()
         self._stop: Optional[asyncio.Event] = None
 
@@ -775,8 +900,12 @@ class JetStreamIngest:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         out = _log.Log(self.log_path, durability=cast(Any, self.durability))
-        seen = self._recent_ids(out)
-        nc = await _connect(self.servers, self.tls)
+        try:
+            seen = self._recent_ids(out)
+            nc = await _connect(self._nats)
+        except BaseException:
+            out.close()
+            raise
         js = nc.jetstream()
         config = nats.js.api.ConsumerConfig(
             durable_name=self.durable,

@@ -1,10 +1,16 @@
 """``queue-engine bridge jetstream forward|ingest``: run a JetStream bridge until
-interrupted, printing a one-line status every few seconds."""
+interrupted, printing a one-line status every few seconds.
+
+The connection options and their environment variables are those of the
+``nats`` command-line tool: ``NATS_URL``, ``NATS_CREDS``, ``NATS_NKEY``,
+``NATS_CA``, ``NATS_CERT``, ``NATS_KEY``."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import Any, Dict
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -19,8 +25,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     fwd.add_argument("log", help="log directory")
     fwd.add_argument("--group", default="jetstream",
                      help="the log's consumer group that records what was forwarded")
-    fwd.add_argument("--servers", default="nats://127.0.0.1:4222",
-                     help="comma-separated NATS server URLs (nats:// or tls://)")
     fwd.add_argument("--stream", required=True,
                      help="JetStream stream to publish into (created if missing)")
     fwd.add_argument("--subject", required=True, help="subject every record is published on")
@@ -29,8 +33,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     fwd.add_argument("--commit-interval", type=float, default=0.1,
                      help="seconds between group-offset commits")
     fwd.add_argument("--replicas", type=int, default=1, help="replicas if the stream is created")
-    fwd.add_argument("--tls-ca", default=None,
-                     help="CA file to verify tls:// servers (default: the system's trust store)")
+    _connection_args(fwd)
     fwd.add_argument("--until-caught-up", action="store_true", help="exit once the log is forwarded")
     fwd.add_argument("--status-interval", type=float, default=5.0,
                      help="seconds between status lines on stderr")
@@ -38,16 +41,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     ing = ops.add_parser("ingest", help="append a stream into a local log, each message once")
     ing.add_argument("log", help="log directory")
-    ing.add_argument("--servers", default="nats://127.0.0.1:4222",
-                     help="comma-separated NATS server URLs (nats:// or tls://)")
     ing.add_argument("--stream", required=True, help="JetStream stream to read")
     ing.add_argument("--durable", required=True, help="durable consumer name")
     ing.add_argument("--subject", default=None,
                      help="only messages on this subject (default: the whole stream)")
     ing.add_argument("--batch", type=int, default=256, help="messages fetched per request")
     ing.add_argument("--ack-wait", type=float, default=30.0, help="seconds before redelivery")
-    ing.add_argument("--tls-ca", default=None,
-                     help="CA file to verify tls:// servers (default: the system's trust store)")
+    _connection_args(ing)
     ing.add_argument("--until-caught-up", action="store_true",
                      help="exit once nothing is pending or unacknowledged")
     ing.add_argument("--status-interval", type=float, default=5.0,
@@ -55,12 +55,34 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ing.set_defaults(func=_ingest)
 
 
-def _tls(args: argparse.Namespace):  # -> Optional[ssl.SSLContext]
-    if args.tls_ca is None:
-        return None
-    import ssl
+def _connection_args(p: argparse.ArgumentParser) -> None:
+    """Where and as whom to connect; each option defaults to the environment
+    variable the ``nats`` tool reads for it."""
+    env = os.environ.get
+    p.add_argument("--servers", default=None,
+                   help="comma-separated NATS server URLs (nats:// or tls://, user:password@ "
+                        "or token@ allowed; default: $NATS_URL, else nats://127.0.0.1:4222)")
+    p.add_argument("--creds", default=env("NATS_CREDS"),
+                   help="creds file: the user's JWT and NKEY seed (default: $NATS_CREDS)")
+    p.add_argument("--nkey", default=env("NATS_NKEY"),
+                   help="file holding an NKEY user seed (default: $NATS_NKEY)")
+    p.add_argument("--tls-ca", default=env("NATS_CA"),
+                   help="CA file that verifies the server (default: $NATS_CA, else the "
+                        "system's trust store)")
+    p.add_argument("--tls-cert", default=env("NATS_CERT"),
+                   help="client certificate for servers that verify clients (default: $NATS_CERT)")
+    p.add_argument("--tls-key", default=env("NATS_KEY"),
+                   help="the client certificate's private key (default: $NATS_KEY)")
+    p.add_argument("--tls-first", action="store_true",
+                   help="start TLS before the server's greeting (servers with handshake_first)")
 
-    return ssl.create_default_context(cafile=args.tls_ca)
+
+def _connection(args: argparse.Namespace) -> Dict[str, Any]:
+    return dict(
+        creds=args.creds or None, nkey_seed=args.nkey or None, tls_ca=args.tls_ca or None,
+        tls_cert=args.tls_cert or None, tls_key=args.tls_key or None,
+        tls_handshake_first=args.tls_first,
+    )
 
 
 def _print_status(status) -> None:
@@ -79,7 +101,7 @@ def _forward(args: argparse.Namespace) -> int:
         max_in_flight=args.max_in_flight,
         replicas=args.replicas,
         commit_interval=args.commit_interval,
-        tls=_tls(args),
+        **_connection(args),
     )
     status = fwd.run(
         until_caught_up=args.until_caught_up,
@@ -95,7 +117,7 @@ def _ingest(args: argparse.Namespace) -> int:
 
     ing = JetStreamIngest(
         args.servers, args.stream, args.durable, args.log, subject=args.subject,
-        batch=args.batch, ack_wait=args.ack_wait, tls=_tls(args),
+        batch=args.batch, ack_wait=args.ack_wait, **_connection(args),
     )
     status = ing.run(
         until_caught_up=args.until_caught_up, on_status=_print_status,

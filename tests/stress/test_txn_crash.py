@@ -41,27 +41,6 @@ from engine.versions import VersionedStore
 pytestmark = pytest.mark.crash
 
 
-@pytest.fixture
-def workdir(tmp_path):
-    """A fresh directory on tmpfs (/dev/shm) when there is one.
-
-    A SIGKILL keeps exactly what the page cache holds on any file system, so
-    these tests lose nothing there, and they run ~10x faster than on a busy
-    disk (directory creation, preallocation and the syncs of clean closes).
-    """
-    import tempfile
-
-    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    if base is None:
-        yield tmp_path
-        return
-    d = tempfile.mkdtemp(prefix="qe-txn-test-", dir=base)
-    try:
-        yield __import__("pathlib").Path(d)
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
 SEG = 1 << 16
 BATCH = [b"T-a1", b"T-a2", b"T-a3"]
 RECOVERY_POINTS = [

@@ -30,24 +30,6 @@ from test_txn_replay import Quiet, World, _values, fill_then_die
 pytestmark = pytest.mark.crash
 
 
-@pytest.fixture
-def workdir(tmp_path):
-    """A fresh directory on tmpfs when there is one (a SIGKILL keeps the page
-    cache on any file system; tmpfs makes the copies cheap)."""
-    import pathlib
-    import tempfile
-
-    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-    if base is None:
-        yield tmp_path
-        return
-    d = tempfile.mkdtemp(prefix="qe-txn-replay-", dir=base)
-    try:
-        yield pathlib.Path(d)
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
 def restart(root: str) -> None:
     """Open (replay), close cleanly, open again and recover, close."""
     w = World(root)
