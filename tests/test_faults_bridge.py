@@ -228,3 +228,11 @@ def test_ingest_sweep_sampled(tmp_path, nats_url):
                           funcs=("pwrite", "fdatasync"), errs=("EIO",), max_points=1)
     _check(rows)
 
+
+
+@pytest.mark.crash
+def test_ingest_sweep_wide(tmp_path, nats_url):
+    rows = faultkit.sweep("JetStream ingest", INGEST.format(url=nats_url, n=N), str(tmp_path),
+                          errs=("EIO", "ENOSPC", "EINTR", "SHORT"), max_points=2)
+    print("\n" + faultkit.table(rows))
+    _check(rows)
