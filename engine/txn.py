@@ -150,6 +150,7 @@ from ._txn import (
     Transaction,
     _as_bytes,
     _CoordCore,
+    _decode_record,
     _encode,
     _journal_append,
     _JournalCore,
@@ -175,12 +176,11 @@ __all__ = [
 
 _logger = logging.getLogger("engine")
 
-# Journal records and ring messages are marshalled with format version 2:
-# versions >= 3 build a hash table per call to share repeated objects, which
-# costs ~40% of a dumps() of these small tuples and saves nothing here.
-# marshal.loads reads every version, so journals written before still read.
-# Journal records are written by _encode (engine._txn): marshal's bytes for
-# version 2, without its per-call overhead.
+# Ring messages (ParticipantServer, RemoteParticipant) are marshalled with
+# format version 2: versions >= 3 build a hash table per call to share
+# repeated objects, which costs ~40% of a dumps() of these small tuples and
+# saves nothing here.  Journal records have their own format (engine._txn:
+# _encode, _decode_record), which does not change with the Python version.
 _dumps = marshal.dumps
 
 # ---------------------------------------------------------------------------
@@ -242,20 +242,22 @@ class _CorruptJournal(CorruptLog):
         EngineError.__init__(self, f"corrupt transaction journal {where!r}{at}: {reason}")
 
 
-def _decode(raw: Any, where: str = "?", offset: Optional[int] = None) -> Tuple[Any, ...]:
-    """Decode one journal record (a marshalled tuple, first item a type code);
-    :class:`~engine.CorruptLog` if it is not one."""
+def _decode(
+    raw: Any, kind: str, where: str = "?", offset: Optional[int] = None
+) -> Tuple[Any, ...]:
+    """Decode one record of a ``kind`` journal (``"coordinator"`` or a
+    participant kind), in the journal format or the marshal format of older
+    releases; :class:`~engine.CorruptLog` if it is not one of that journal's
+    records."""
     try:
-        rec = marshal.loads(bytes(raw))
-    except (ValueError, EOFError, TypeError) as exc:
+        return _decode_record(raw, kind == "coordinator")
+    except (ValueError, TypeError) as exc:
         raise _CorruptJournal(where, offset, f"undecodable record ({exc})") from None
-    if not isinstance(rec, tuple) or not rec or not isinstance(rec[0], str):
-        raise _CorruptJournal(where, offset, "undecodable record (not a typed tuple)")
-    return rec
 
 
-def _read_gen(gen_dir: str, meta: bool = False) -> List[Any]:
-    """Decoded records of one generation; with ``meta``: ``(offset, ts_ns, rec)``."""
+def _read_gen(gen_dir: str, kind: str, meta: bool = False) -> List[Any]:
+    """Decoded records of one generation of a ``kind`` journal; with ``meta``:
+    ``(offset, ts_ns, rec)``."""
     from ._log import LogReader
 
     out: List[Any] = []
@@ -265,9 +267,11 @@ def _read_gen(gen_dir: str, meta: bool = False) -> List[Any]:
             if not batch:
                 break
             if meta:
-                out.extend((r.offset, r.timestamp, _decode(r.value, gen_dir, r.offset)) for r in batch)
+                out.extend(
+                    (r.offset, r.timestamp, _decode(r.value, kind, gen_dir, r.offset)) for r in batch
+                )
             else:
-                out.extend(_decode(r.value, gen_dir, r.offset) for r in batch)
+                out.extend(_decode(r.value, kind, gen_dir, r.offset) for r in batch)
     return out
 
 
@@ -343,7 +347,7 @@ class _Journal(_JournalCore):
                 os.unlink(os.path.join(self.path, entry))
         # the writer first: opening it recovers the log (cuts a torn tail)
         self.log = self._open_log(self.gen)
-        self.records: List[Tuple[Any, ...]] = _read_gen(_gen_dir(self.path, self.gen))
+        self.records: List[Tuple[Any, ...]] = _read_gen(_gen_dir(self.path, self.gen), kind)
         self.appended = len(self.records)  # records in this generation (approximate)
 
     def _open_log(self, gen: int) -> Any:
@@ -469,7 +473,7 @@ def read_journal(
         raise FileNotFoundError(f"{path!r} is not a transaction journal (no {_CURRENT} file)")
     for _attempt in range(5):
         try:
-            return cur, _read_gen(_gen_dir(path, cur["gen"]), meta)
+            return cur, _read_gen(_gen_dir(path, cur["gen"]), cur["kind"], meta)
         except (FileNotFoundError, EngineError):
             # a switch replaced the generation under us: read the new one
             new = _read_current(path)
@@ -951,7 +955,7 @@ def _fold_participant(
 
 
 class _JournaledParticipant(_PartCore):
-    """Shared machinery: a journal of ``P`` (prepared), ``C`` (commit mark)
+    """Shared machinery: a journal of ``P`` (prepared), ``M`` (commit mark)
     and ``A`` (aborted) records and the in-doubt table rebuilt from it.
 
     Subclasses implement ``_check(txid, ops)`` (under the lock: return the
