@@ -37,6 +37,11 @@ Journals are segment logs in generation directories; when one grows past
 ``compact_records`` records the owner writes what it still needs (in-doubt and
 unfinished transactions) into a fresh generation and deletes the old one, so
 journals stay bounded.
+Each record is a tuple led by its kind (``REC_*`` in ``engine._txn``) in the
+journal format of ``pyx/journal.pxi``: versioned, independent of the Python
+version, and checked against the record's size before anything is allocated.
+Records that releases before it wrote with ``marshal`` are read too, record by
+record, so a journal written by an older release opens and keeps working.
 
 Invariants (what every change to the protocol, replay or compaction must
 keep; ``tests/stress/test_txn_crash.py`` and

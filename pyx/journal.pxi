@@ -64,11 +64,9 @@ REC_MARK = "M"         # (M, txid, start): commit decided; a log participant's b
 REC_ABORTED = "A"      # (A, txid): the participant dropped the ops
 REC_DONE = "D"         # (D, [txids]): the participant finished these commits
 
-JOURNAL_FORMAT = 1     # the format this release writes (and reads, with the marshal records)
-
 cdef enum:
     _MARKER = 0x00           # first byte of a journal-format record
-    _FORMAT = 1              # JOURNAL_FORMAT, for C
+    _FORMAT = 1              # the format this release writes (and reads, with the marshal records)
     _MAX_DEPTH = 64          # nesting levels a value may have (the record's items are level 1)
     _U32_MAX = 0xFFFFFFFF    # largest length or count a u32 holds
     # the kinds' letters, as on disk
@@ -91,6 +89,8 @@ cdef enum:
     _T_TUPLE = 0x08
     _T_LIST = 0x09
     _T_DICT = 0x0A
+
+JOURNAL_FORMAT = _FORMAT
 
 # what each kind's items are (for messages), by letter
 cdef dict _SHAPES = {
