@@ -1002,6 +1002,15 @@ class _JournaledParticipant(_PartCore):
         # compaction keeps exactly what the tables hold: so nothing may be
         # written while a transaction the journal still needs is missing
         # from them.
+        for rec in self._journal.records:
+            if rec[0] == REC_PREPARED and not self._info_ok(rec[2]):
+                # a record that decodes but holds what this class never writes
+                raise _CorruptJournal(
+                    _gen_dir(self._journal.path, self._journal.gen),
+                    None,
+                    f"the prepared record of {rec[1]!r} does not hold a "
+                    f"{type(self).__name__}'s ops",
+                )
         doubt, marks = _fold_participant(self._journal.records, self._keys)
         self._journal.records = []
         for txid, info in doubt.items():
@@ -1024,6 +1033,10 @@ class _JournaledParticipant(_PartCore):
                 _crash_point("part.replay.after_finish", self.name)
 
     # hooks (defaults suit participants without locks)
+    def _info_ok(self, info: Any) -> bool:
+        """``info`` has the shape ``_check`` gives ops (checked on replay)."""
+        return True
+
     def _keys(self, info: Any) -> Iterable[Any]:
         return ()
 
@@ -1193,6 +1206,22 @@ class LogParticipant(_LogPartCore, _JournaledParticipant):
             segment_bytes,
         )
         self._replay()
+
+    def _info_ok(self, info: Any) -> bool:
+        # (values, keys or None), as _check makes it
+        if not (isinstance(info, tuple) and len(info) == 2 and isinstance(info[0], list)):
+            return False
+        values, keys = info
+        return (
+            bool(values)
+            and all(type(v) is bytes for v in values)
+            and (
+                keys is None
+                or isinstance(keys, list)
+                and len(keys) == len(values)
+                and all(k is None or type(k) is bytes for k in keys)
+            )
+        )
 
     def _apply(self, txid: str, info: Any) -> None:
         if txid in self._marks:
@@ -1472,6 +1501,17 @@ class StoreParticipant(_JournaledParticipant):
             resolved.append((key, value, cur))
         return resolved
 
+    def _info_ok(self, info: Any) -> bool:
+        # [(key, value or None, version prepared at)], as _check makes it
+        return isinstance(info, list) and all(
+            isinstance(op, tuple)
+            and len(op) == 3
+            and type(op[0]) is bytes
+            and (op[1] is None or type(op[1]) is bytes)
+            and type(op[2]) is int
+            for op in info
+        )
+
     def _keys(self, info: Any) -> Iterable[Any]:
         return [op[0] for op in info]
 
@@ -1536,6 +1576,10 @@ class OffsetParticipant(_JournaledParticipant):
         if not offs or not all(isinstance(o, int) and o >= 0 for o in offs):
             raise ValueError("OffsetParticipant ops are non-negative int offsets")
         return max(offs)
+
+    def _info_ok(self, info: Any) -> bool:
+        # the offset to commit, as _check makes it
+        return isinstance(info, int) and info >= 0
 
     def _applied(self, info: Any) -> bool:
         c = self.reader.committed()

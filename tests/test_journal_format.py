@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import CorruptLog, Log, LogReader
+from engine import CorruptLog, Log, LogReader, VersionedStore
 from engine._txn import (
     JOURNAL_FORMAT,
     REC_ABORTED,
@@ -41,6 +41,8 @@ from engine._txn import (
 from engine.txn import (
     Coordinator,
     LogParticipant,
+    OffsetParticipant,
+    StoreParticipant,
     _decode,
     decision,
     read_journal,
@@ -364,18 +366,24 @@ def test_marshal_never_takes_a_new_record_for_its_own():
 # journals on disk: written by an older release, then by this one
 
 
-def old_journal(path, kind, recs, version=2):
-    """A journal as releases before the journal format left it: CURRENT, one
-    generation, every record ``marshal.dumps(rec, version)``."""
+def journal(path, kind, raws):
+    """A journal as its owner leaves it: CURRENT, one generation holding the
+    records ``raws(journal id prefix)`` returns (bytes each)."""
     jid = uuid.uuid4().hex
     os.makedirs(path, mode=0o700)
     os.mkdir(os.path.join(path, "gen-00000001"), 0o700)
     with Log(os.path.join(path, "gen-00000001"), durability="none", segment_bytes=1 << 20) as log:
-        for rec in recs(jid[:12]):
-            log.append(marshal.dumps(rec, version))
+        for raw in raws(jid[:12]):
+            log.append(raw)
     with open(os.path.join(path, "CURRENT"), "w") as f:
         json.dump({"kind": kind, "id": jid, "gen": 1}, f)
     return jid
+
+
+def old_journal(path, kind, recs, version=2):
+    """A journal as releases before the journal format left it: every record
+    ``marshal.dumps(rec, version)``."""
+    return journal(path, kind, lambda p: [marshal.dumps(rec, version) for rec in recs(p)])
 
 
 def raw_records(path):
@@ -620,3 +628,58 @@ def test_a_corrupt_record_in_a_journal_is_reported_not_crashed_on(tmp_path):
     assert err.value.position == 1 and "gen-00000001" in err.value.segment
     with pytest.raises(CorruptLog):
         read_journal(path)
+
+
+def open_participant(kind, tmp_path, state):
+    if kind == "log-participant":
+        return LogParticipant(
+            Log(str(tmp_path / "a"), durability="none"), name="A", state_path=state
+        )
+    if kind == "store-participant":
+        store = VersionedStore(str(tmp_path / "s"), durability="none")
+        return StoreParticipant(store, name="S", state_path=state, durability="none")
+    Log(str(tmp_path / "src"), durability="none").close()
+    reader = LogReader(str(tmp_path / "src"), group="g")
+    return OffsetParticipant(reader, state_path=state, durability="none")
+
+
+@pytest.mark.parametrize(
+    "kind, info",
+    [
+        ("log-participant", 5),
+        ("log-participant", ([], None)),  # no values
+        ("log-participant", ([b"x"], [b"k", b"j"])),  # more keys than values
+        ("log-participant", ([b"x"], b"k")),
+        ("log-participant", ([b"x", "y"], None)),
+        ("log-participant", [b"x"]),
+        ("store-participant", [(b"k",)]),
+        ("store-participant", [("k", None, 1)]),
+        ("store-participant", [(b"k", b"v", "1")]),
+        ("store-participant", 5),
+        ("offset-participant", -1),
+        ("offset-participant", "12"),
+        ("offset-participant", None),
+    ],
+)
+def test_a_prepared_record_its_participant_never_writes_is_corrupt(tmp_path, kind, info):
+    """It decodes, but replaying it would fail later, somewhere else."""
+    state = str(tmp_path / "p.txn")
+    journal(state, kind, lambda p: [_encode((REC_PREPARED, f"{p}-1-1", info))])
+    with pytest.raises(CorruptLog, match="does not hold a .*Participant's ops"):
+        open_participant(kind, tmp_path, state)
+
+
+@pytest.mark.parametrize(
+    "kind, info",
+    [
+        ("log-participant", ([b"x"], None)),
+        ("log-participant", ([b"x", b"y"], [b"k", None])),
+        ("store-participant", [(b"k", b"v", 0), (b"j", None, 3)]),
+        ("offset-participant", 12),
+    ],
+)
+def test_what_each_participant_writes_replays(tmp_path, kind, info):
+    state = str(tmp_path / "p.txn")
+    jid = journal(state, kind, lambda p: [_encode((REC_PREPARED, f"{p}-1-1", info))])
+    with open_participant(kind, tmp_path, state) as p:
+        assert p.recover() == [f"{jid[:12]}-1-1"]
