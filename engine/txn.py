@@ -37,6 +37,11 @@ Journals are segment logs in generation directories; when one grows past
 ``compact_records`` records the owner writes what it still needs (in-doubt and
 unfinished transactions) into a fresh generation and deletes the old one, so
 journals stay bounded.
+Each record is a tuple led by its kind (``REC_*`` in ``engine._txn``) in the
+journal format of ``pyx/journal.pxi``: versioned, independent of the Python
+version, and checked against the record's size before anything is allocated.
+Records that releases before it wrote with ``marshal`` are read too, record by
+record, so a journal written by an older release opens and keeps working.
 
 Invariants (what every change to the protocol, replay or compaction must
 keep; ``tests/stress/test_txn_crash.py`` and
@@ -150,6 +155,7 @@ from ._txn import (
     Transaction,
     _as_bytes,
     _CoordCore,
+    _decode_record,
     _encode,
     _journal_append,
     _JournalCore,
@@ -175,12 +181,11 @@ __all__ = [
 
 _logger = logging.getLogger("engine")
 
-# Journal records and ring messages are marshalled with format version 2:
-# versions >= 3 build a hash table per call to share repeated objects, which
-# costs ~40% of a dumps() of these small tuples and saves nothing here.
-# marshal.loads reads every version, so journals written before still read.
-# Journal records are written by _encode (engine._txn): marshal's bytes for
-# version 2, without its per-call overhead.
+# Ring messages (ParticipantServer, RemoteParticipant) are marshalled with
+# format version 2: versions >= 3 build a hash table per call to share
+# repeated objects, which costs ~40% of a dumps() of these small tuples and
+# saves nothing here.  Journal records have their own format (engine._txn:
+# _encode, _decode_record), which does not change with the Python version.
 _dumps = marshal.dumps
 
 # ---------------------------------------------------------------------------
@@ -242,20 +247,22 @@ class _CorruptJournal(CorruptLog):
         EngineError.__init__(self, f"corrupt transaction journal {where!r}{at}: {reason}")
 
 
-def _decode(raw: Any, where: str = "?", offset: Optional[int] = None) -> Tuple[Any, ...]:
-    """Decode one journal record (a marshalled tuple, first item a type code);
-    :class:`~engine.CorruptLog` if it is not one."""
+def _decode(
+    raw: Any, kind: str, where: str = "?", offset: Optional[int] = None
+) -> Tuple[Any, ...]:
+    """Decode one record of a ``kind`` journal (``"coordinator"`` or a
+    participant kind), in the journal format or the marshal format of older
+    releases; :class:`~engine.CorruptLog` if it is not one of that journal's
+    records."""
     try:
-        rec = marshal.loads(bytes(raw))
-    except (ValueError, EOFError, TypeError) as exc:
+        return _decode_record(raw, kind == "coordinator")
+    except (ValueError, TypeError) as exc:
         raise _CorruptJournal(where, offset, f"undecodable record ({exc})") from None
-    if not isinstance(rec, tuple) or not rec or not isinstance(rec[0], str):
-        raise _CorruptJournal(where, offset, "undecodable record (not a typed tuple)")
-    return rec
 
 
-def _read_gen(gen_dir: str, meta: bool = False) -> List[Any]:
-    """Decoded records of one generation; with ``meta``: ``(offset, ts_ns, rec)``."""
+def _read_gen(gen_dir: str, kind: str, meta: bool = False) -> List[Any]:
+    """Decoded records of one generation of a ``kind`` journal; with ``meta``:
+    ``(offset, ts_ns, rec)``."""
     from ._log import LogReader
 
     out: List[Any] = []
@@ -265,9 +272,11 @@ def _read_gen(gen_dir: str, meta: bool = False) -> List[Any]:
             if not batch:
                 break
             if meta:
-                out.extend((r.offset, r.timestamp, _decode(r.value, gen_dir, r.offset)) for r in batch)
+                out.extend(
+                    (r.offset, r.timestamp, _decode(r.value, kind, gen_dir, r.offset)) for r in batch
+                )
             else:
-                out.extend(_decode(r.value, gen_dir, r.offset) for r in batch)
+                out.extend(_decode(r.value, kind, gen_dir, r.offset) for r in batch)
     return out
 
 
@@ -343,7 +352,7 @@ class _Journal(_JournalCore):
                 os.unlink(os.path.join(self.path, entry))
         # the writer first: opening it recovers the log (cuts a torn tail)
         self.log = self._open_log(self.gen)
-        self.records: List[Tuple[Any, ...]] = _read_gen(_gen_dir(self.path, self.gen))
+        self.records: List[Tuple[Any, ...]] = _read_gen(_gen_dir(self.path, self.gen), kind)
         self.appended = len(self.records)  # records in this generation (approximate)
 
     def _open_log(self, gen: int) -> Any:
@@ -469,7 +478,7 @@ def read_journal(
         raise FileNotFoundError(f"{path!r} is not a transaction journal (no {_CURRENT} file)")
     for _attempt in range(5):
         try:
-            return cur, _read_gen(_gen_dir(path, cur["gen"]), meta)
+            return cur, _read_gen(_gen_dir(path, cur["gen"]), cur["kind"], meta)
         except (FileNotFoundError, EngineError):
             # a switch replaced the generation under us: read the new one
             new = _read_current(path)
@@ -951,7 +960,7 @@ def _fold_participant(
 
 
 class _JournaledParticipant(_PartCore):
-    """Shared machinery: a journal of ``P`` (prepared), ``C`` (commit mark)
+    """Shared machinery: a journal of ``P`` (prepared), ``M`` (commit mark)
     and ``A`` (aborted) records and the in-doubt table rebuilt from it.
 
     Subclasses implement ``_check(txid, ops)`` (under the lock: return the
@@ -993,6 +1002,15 @@ class _JournaledParticipant(_PartCore):
         # compaction keeps exactly what the tables hold: so nothing may be
         # written while a transaction the journal still needs is missing
         # from them.
+        for rec in self._journal.records:
+            if rec[0] == REC_PREPARED and not self._info_ok(rec[2]):
+                # a record that decodes but holds what this class never writes
+                raise _CorruptJournal(
+                    _gen_dir(self._journal.path, self._journal.gen),
+                    None,
+                    f"the prepared record of {rec[1]!r} does not hold a "
+                    f"{type(self).__name__}'s ops",
+                )
         doubt, marks = _fold_participant(self._journal.records, self._keys)
         self._journal.records = []
         for txid, info in doubt.items():
@@ -1015,6 +1033,10 @@ class _JournaledParticipant(_PartCore):
                 _crash_point("part.replay.after_finish", self.name)
 
     # hooks (defaults suit participants without locks)
+    def _info_ok(self, info: Any) -> bool:
+        """``info`` has the shape ``_check`` gives ops (checked on replay)."""
+        return True
+
     def _keys(self, info: Any) -> Iterable[Any]:
         return ()
 
@@ -1184,6 +1206,22 @@ class LogParticipant(_LogPartCore, _JournaledParticipant):
             segment_bytes,
         )
         self._replay()
+
+    def _info_ok(self, info: Any) -> bool:
+        # (values, keys or None), as _check makes it
+        if not (isinstance(info, tuple) and len(info) == 2 and isinstance(info[0], list)):
+            return False
+        values, keys = info
+        return (
+            bool(values)
+            and all(type(v) is bytes for v in values)
+            and (
+                keys is None
+                or isinstance(keys, list)
+                and len(keys) == len(values)
+                and all(k is None or type(k) is bytes for k in keys)
+            )
+        )
 
     def _apply(self, txid: str, info: Any) -> None:
         if txid in self._marks:
@@ -1463,6 +1501,17 @@ class StoreParticipant(_JournaledParticipant):
             resolved.append((key, value, cur))
         return resolved
 
+    def _info_ok(self, info: Any) -> bool:
+        # [(key, value or None, version prepared at)], as _check makes it
+        return isinstance(info, list) and all(
+            isinstance(op, tuple)
+            and len(op) == 3
+            and type(op[0]) is bytes
+            and (op[1] is None or type(op[1]) is bytes)
+            and type(op[2]) is int
+            for op in info
+        )
+
     def _keys(self, info: Any) -> Iterable[Any]:
         return [op[0] for op in info]
 
@@ -1527,6 +1576,10 @@ class OffsetParticipant(_JournaledParticipant):
         if not offs or not all(isinstance(o, int) and o >= 0 for o in offs):
             raise ValueError("OffsetParticipant ops are non-negative int offsets")
         return max(offs)
+
+    def _info_ok(self, info: Any) -> bool:
+        # the offset to commit, as _check makes it
+        return isinstance(info, int) and info >= 0
 
     def _applied(self, info: Any) -> bool:
         c = self.reader.committed()

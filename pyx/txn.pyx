@@ -5,12 +5,13 @@
 # (two prepared records, one commit decision, two commit marks, two data
 # batches) and bookkeeping around them: a txid, a Transaction, locks, dicts.
 # In Python the bookkeeping cost three times the appends (~20 us a transaction
-# on our 2-core VM against ~2.5 us of appends), and marshal.dumps of the small
-# record tuples cost ~1 us each (its write buffer starts small and grows).
+# on our 2-core VM against ~2.5 us of appends), and a general serializer
+# (marshal.dumps) takes ~1 us for each small record (its write buffer starts
+# small and grows).
 # Here the same steps run as C: fields of cdef classes instead of instance
 # dicts, PyThread locks taken without a Python call (_Mutex, mutex.pxi) and
-# records encoded straight into their bytes (_encode: byte for byte what
-# marshal.dumps(rec, 2) writes, which tests/test_txn_core.py checks).
+# records encoded straight into their bytes (journal.pxi: the record kinds,
+# the journal format and the reader of older releases' records).
 #
 # What is not per transaction (recovery, compaction, abort, the group commit
 # of durable transactions, queries) stays in engine/txn.py, whose Coordinator,
@@ -36,7 +37,6 @@ from libc.string cimport memcpy
 from eng_atomic cimport eng_now_ns
 
 import logging
-import marshal
 import time
 
 from engine.errors import Closed, EngineError, TransactionAborted
@@ -64,23 +64,11 @@ cdef extern from *:
     bint ENG_MONOTONIC_IS_PYTHONS
 
 
-# Journal record kinds: the first item of every record (one letter each on
-# disk).  A coordinator's journal holds INCARNATION, DECISION and ENDED; a
-# participant's holds PREPARED, MARK, ABORTED and DONE.  DECISION and MARK
-# share a letter but never a journal: a journal's kind (its CURRENT file)
-# says which table a letter belongs to.
-REC_INCARNATION = "I"  # ("I", incarnation): a coordinator incarnation began
-REC_DECISION = "C"     # ("C", txid, participant names): the coordinator decided commit
-REC_ENDED = "E"        # ("E", [txids]): every participant acknowledged these commits
-REC_PREPARED = "P"     # ("P", txid, ops): the participant voted yes and holds the ops
-REC_MARK = "C"         # ("C", txid, start): commit decided; a log participant's batch starts at start
-REC_ABORTED = "A"      # ("A", txid): the participant dropped the ops
-REC_DONE = "D"         # ("D", [txids]): the participant finished these commits
+include "journal.pxi"
 
 _logger = logging.getLogger("engine")
 cdef object _monotonic = time.monotonic
 cdef object _wall = time.time
-cdef object _dumps = marshal.dumps
 
 
 cdef inline int _hex(char *out, unsigned long long v) noexcept:
@@ -118,133 +106,6 @@ def _set_crash_hook(hook):
     global _armed, _hook
     _hook = hook
     _armed = hook is not None
-
-
-# ---------------------------------------------------------------------------
-# records: marshal format version 2, written directly
-#
-# The journal records are small tuples of str, bytes, int, None and nested
-# tuples/lists.  marshal.dumps(rec, 2) starts from a 50-byte buffer, grows it
-# and checks every object's type against its whole table; knowing the shapes,
-# we size the record first and write it once.  Anything else (a non-ASCII
-# str, an int beyond 32 bits, another type) goes to marshal.dumps itself, so
-# the bytes are always marshal's: every reader decodes them with marshal.loads.
-
-cdef enum:
-    _TOO_BIG = 0x7FFFFFFF  # marshal's length field is a signed 32-bit int
-
-
-cdef Py_ssize_t _sized(object o, int depth) except -2:
-    """Bytes ``o`` takes in marshal v2, or -1 if we leave it to marshal."""
-    cdef Py_ssize_t n, i, sub, total
-    cdef PyObject **items
-    cdef long long v
-    cdef int overflow = 0
-    cdef type t = type(o)
-    if depth > 8:
-        return -1
-    if t is str:
-        if not PyUnicode_IS_ASCII(o):
-            return -1
-        n = PyUnicode_GET_LENGTH(o)
-        return 5 + n if n <= _TOO_BIG else -1
-    if t is bytes:
-        n = PyBytes_GET_SIZE(o)
-        return 5 + n if n <= _TOO_BIG else -1
-    if o is None:
-        return 1
-    if t is int:
-        v = PyLong_AsLongLongAndOverflow(o, &overflow)
-        return 5 if overflow == 0 and -0x80000000 <= v <= 0x7FFFFFFF else -1
-    if t is tuple or t is list:
-        n = PySequence_Fast_GET_SIZE(o)
-        items = PySequence_Fast_ITEMS(o)
-        total = 5
-        for i in range(n):
-            sub = _sized(<object>items[i], depth + 1)
-            if sub < 0:
-                return -1
-            total += sub
-        return total
-    return -1
-
-
-cdef inline char *_put_len(char *p, uint8_t code, uint32_t n) noexcept:
-    p[0] = <char>code
-    p[1] = <char>(n & 0xFF)
-    p[2] = <char>((n >> 8) & 0xFF)
-    p[3] = <char>((n >> 16) & 0xFF)
-    p[4] = <char>((n >> 24) & 0xFF)
-    return p + 5
-
-
-cdef char *_written(object o, char *p):
-    """Write ``o`` (already sized by _sized) at ``p``; returns the end."""
-    cdef Py_ssize_t n, i
-    cdef PyObject **items
-    cdef type t = type(o)
-    if t is str:
-        n = PyUnicode_GET_LENGTH(o)
-        p = _put_len(p, b'u', <uint32_t>n)
-        memcpy(p, PyUnicode_DATA(o), n)
-        return p + n
-    if t is bytes:
-        n = PyBytes_GET_SIZE(o)
-        p = _put_len(p, b's', <uint32_t>n)
-        memcpy(p, PyBytes_AS_STRING(o), n)
-        return p + n
-    if o is None:
-        p[0] = b'N'
-        return p + 1
-    if t is int:
-        return _put_len(p, b'i', <uint32_t><int64_t>o)
-    # a tuple or a list (the only other shapes _sized accepts)
-    n = PySequence_Fast_GET_SIZE(o)
-    items = PySequence_Fast_ITEMS(o)
-    p = _put_len(p, b'(' if t is tuple else b'[', <uint32_t>n)
-    for i in range(n):
-        p = _written(<object>items[i], p)
-    return p
-
-
-cpdef bytes _encode(object rec):
-    """``marshal.dumps(rec, 2)``, byte for byte, without marshal's overhead
-    for the shapes journal records have."""
-    cdef Py_ssize_t n = _sized(rec, 0)
-    cdef bytes out
-    if n < 0:
-        return _dumps(rec, 2)
-    out = PyBytes_FromStringAndSize(NULL, n)
-    _written(rec, PyBytes_AS_STRING(out))
-    return out
-
-
-cdef bytes _encode_rec(str kind, str txid, object body):
-    """``_encode((kind, txid, body))`` without building the tuple: the shape
-    of the per-transaction records (P, C decision, C mark)."""
-    cdef Py_ssize_t nk, nt, nb
-    cdef bytes out
-    cdef char *p
-    if kind is None or txid is None or not (PyUnicode_IS_ASCII(kind) and PyUnicode_IS_ASCII(txid)):
-        return _encode((kind, txid, body))
-    nb = _sized(body, 1)
-    if nb < 0:
-        return _encode((kind, txid, body))
-    nk = PyUnicode_GET_LENGTH(kind)
-    nt = PyUnicode_GET_LENGTH(txid)
-    out = PyBytes_FromStringAndSize(NULL, 5 + 5 + nk + 5 + nt + nb)
-    p = _put_len(PyBytes_AS_STRING(out), b'(', 3)
-    p = _put_len(p, b'u', <uint32_t>nk)
-    memcpy(p, PyUnicode_DATA(kind), nk)
-    p = _put_len(p + nk, b'u', <uint32_t>nt)
-    memcpy(p, PyUnicode_DATA(txid), nt)
-    _written(body, p + nt)
-    return out
-
-
-def _encode_record(kind, txid, body):
-    """``_encode_rec`` for tests: must equal ``marshal.dumps((kind, txid, body), 2)``."""
-    return _encode_rec(kind, txid, body)
 
 
 def _journal_append(_JournalCore journal, log, rec, durable=True):

@@ -19,6 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 import engine
 from engine import Log, LogReader, TransactionAborted, VersionConflict
+from engine._txn import REC_MARK
 from engine.errors import EngineError, LogLocked
 from engine.txn import (
     Coordinator,
@@ -369,7 +370,7 @@ def test_partial_batch_completed_on_recovery(world, tmp_path):
     world.a.prepare(tx.txid, [b"1", b"2", b"3"])
     # a crash after the commit mark and one record of the batch
     start = world.la.next_offset
-    world.a._journal.append(("C", tx.txid, start))
+    world.a._journal.append((REC_MARK, tx.txid, start))
     world.la.append(b"1")
     world.reopen()  # the participant finishes the marked batch on open
     assert values(tmp_path / "a") == [b"1", b"2", b"3"]
@@ -607,8 +608,8 @@ def test_marked_batches_finish_in_log_order(world, tmp_path):
     world.a.prepare(tx_x.txid, [b"x1", b"x2"])
     world.a.prepare(tx_y.txid, [b"y1"])
     start = world.la.next_offset
-    world.a._journal.append(("C", tx_y.txid, start))  # y first in the group
-    world.a._journal.append(("C", tx_x.txid, start + 1))
+    world.a._journal.append((REC_MARK, tx_y.txid, start))  # y first in the group
+    world.a._journal.append((REC_MARK, tx_x.txid, start + 1))
     world.reopen()
     assert values(tmp_path / "a") == [b"y1", b"x1", b"x2"]
     assert world.a.recover() == []

@@ -1,89 +1,14 @@
 """The compiled core of two-phase commit (engine._txn, pyx/txn.pyx).
 
-Its record encoder must write exactly marshal's version-2 bytes (journals are
-read back with marshal.loads, by this version and every earlier one), for the
-shapes it encodes itself and for those it hands to marshal.  The protocol
-itself is tested through engine.txn (tests/test_txn*.py, tests/stress).
+Its record encoder and decoder are tested in tests/test_journal_format.py;
+the protocol itself through engine.txn (tests/test_txn*.py, tests/stress).
 """
 
 from __future__ import annotations
 
-import marshal
-
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from engine import _txn
 from engine.txn import Coordinator, LogParticipant, Transaction
-
-scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**40), max_value=2**40)
-    | st.integers(min_value=-(2**31), max_value=2**31 - 1)
-    | st.binary(max_size=40)
-    | st.text(max_size=20)
-    | st.text(alphabet=st.characters(max_codepoint=127), max_size=20)
-    | st.floats(allow_nan=False)
-)
-records = st.recursive(
-    scalars,
-    lambda inner: st.lists(inner, max_size=5) | st.lists(inner, max_size=5).map(tuple),
-    max_leaves=30,
-)
-
-
-@settings(max_examples=600, deadline=None)
-@given(records)
-def test_encode_writes_marshal_version_2_bytes(rec):
-    assert _txn._encode(rec) == marshal.dumps(rec, 2)
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.sampled_from(["P", "C", "é"]), st.none() | st.text(max_size=30), records)
-def test_encode_record_writes_the_tuple_marshal_writes(kind, txid, body):
-    # the per-transaction records, written without building their tuple
-    assert _txn._encode_record(kind, txid, body) == marshal.dumps((kind, txid, body), 2)
-
-
-@pytest.mark.parametrize(
-    "rec",
-    [
-        ("P", "0123456789ab-1-1f", ([b"x" * 64], None)),
-        ("P", "0123456789ab-1-20", ([b"a", b"b"], [b"k", None])),
-        ("C", "0123456789ab-1-1f", ("log:a", "log:b")),
-        ("C", "0123456789ab-1-1f", 2**31 - 1),
-        ("C", "0123456789ab-1-1f", 2**31),  # beyond marshal's 'i': marshal writes it
-        ("C", "0123456789ab-1-1f", -(2**31)),
-        ("E", [f"0123456789ab-1-{i:x}" for i in range(64)]),
-        ("I", 7),
-        ("A", "é-not-ascii"),
-        ("deep",) + ((((((((((("x",),),),),),),),),),),),  # nested past the encoder's depth
-        (b"", "", (), []),
-    ],
-)
-def test_encode_journal_shapes(rec):
-    raw = _txn._encode(rec)
-    assert raw == marshal.dumps(rec, 2)
-    assert marshal.loads(raw) == rec
-
-
-def test_subclasses_of_encoded_types_go_to_marshal():
-    class S(str):
-        pass
-
-    class B(bytes):
-        pass
-
-    def outcome(f, rec):
-        try:
-            return f(rec)
-        except ValueError as exc:  # marshal: "unmarshallable object"
-            return str(exc)
-
-    for rec in [("C", S("x")), ("P", B(b"y")), (True, False, 1), ("C", 1.5)]:
-        assert outcome(_txn._encode, rec) == outcome(lambda r: marshal.dumps(r, 2), rec)
 
 
 def test_transaction_built_by_hand_and_by_the_coordinator(tmp_path):

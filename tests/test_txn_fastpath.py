@@ -22,6 +22,15 @@ import pytest
 
 import engine.txn as txn_mod
 from engine import Log, LogReader, TransactionAborted, VersionConflict
+from engine._txn import (
+    REC_ABORTED,
+    REC_DECISION,
+    REC_DONE,
+    REC_ENDED,
+    REC_INCARNATION,
+    REC_MARK,
+    REC_PREPARED,
+)
 from engine.txn import Coordinator, LogParticipant, StoreParticipant, read_journal
 from engine.versions import VersionedStore
 
@@ -128,8 +137,8 @@ def test_fast_paths_write_what_the_general_paths_write(shmdir):
         assert fast["journals"][name] == general["journals"][name], name
     # every kind of record is there (decisions, ends, prepared, marks, aborts, done lists)
     kinds = {name: {rec[0] for rec in recs} for name, recs in fast["journals"].items()}
-    assert kinds["coord"] == {"I", "C", "E"}
-    assert {"P", "C", "A", "D"} <= kinds["a.txn"]
+    assert kinds["coord"] == {REC_INCARNATION, REC_DECISION, REC_ENDED}
+    assert {REC_PREPARED, REC_MARK, REC_ABORTED, REC_DONE} <= kinds["a.txn"]
     assert fast["points"] == general["points"]
     assert "log.commit.after_mark@A#135" in fast["points"]
 
