@@ -15,8 +15,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from engine.errors import Closed, CorruptLog, IncompatibleRegion, LogLocked, Timeout
 
-from ..deadletters import DeadLetterWriter, message_id
-
 from .._fsutil import atomic_write, check_durability, write_all
 from .._log import _check_segment_bytes
 from .._sched import (
@@ -30,7 +28,7 @@ from .._sched import (
     reserve_file,
     stable_hash,
 )
-from ._deliveries import Journal, clip_reason
+from ..deadletters import DeadLetterWriter, message_id
 from ._common import (
     _LOG_REREAD,
     DEFAULT_CAPACITY,
@@ -40,6 +38,7 @@ from ._common import (
     _validate_policy,
     _wall_due_ns,
 )
+from ._deliveries import Journal, clip_reason
 from .shared import (
     KeyedConsumer,
     KeyedQueue,
