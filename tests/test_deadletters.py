@@ -635,6 +635,7 @@ def test_sigkill_mid_processing_dead_letters_the_poison_after_exactly_max_delive
         if p.is_alive():
             os.kill(p.pid, signal.SIGKILL)  # mid-processing of the poison
             kills += 1
+            assert kills <= max_d, "the poison was handed out more than max_deliveries times"
         p.join(10)
         if p.exitcode == 0:
             break
