@@ -53,7 +53,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 from engine import _crashpoints as _cp
 from engine.errors import CorruptLog, EngineError, LogLocked
 
-from ._fsutil import atomic_write
+from ._fsutil import Durability, atomic_write
 
 DLQ_DIR = "dlq"
 """The dead-letter log's directory inside the queue's directory."""
@@ -164,7 +164,7 @@ class DeadLetterWriter:
     appended since its last look, and appends only an id not already there.
     """
 
-    def __init__(self, queue_path: str, durability: str, segment_bytes: int) -> None:
+    def __init__(self, queue_path: str, durability: Durability, segment_bytes: int) -> None:
         self._dir = os.path.join(queue_path, DLQ_DIR)
         self._durability = durability
         self._segment_bytes = segment_bytes
@@ -369,7 +369,7 @@ def _already_replayed(target_dir: str, start: int, dlq_id: str) -> set:
     from ._log import LogReader
 
     prefix = REPLAY_KEY + dlq_id.encode("ascii") + b":"
-    found = set()
+    found: set = set()
     with LogReader(target_dir, start=start) as r:
         while True:
             recs = r.read_many(1024)
@@ -383,7 +383,7 @@ def _already_replayed(target_dir: str, start: int, dlq_id: str) -> set:
                         found.add(int(k[len(prefix):]))
 
 
-def replay(path: PathLike, durability: str = "always", limit: Optional[int] = None,
+def replay(path: PathLike, durability: Durability = "always", limit: Optional[int] = None,
            progress: Optional[Callable[[int], None]] = None) -> ReplayReport:
     """Put the pending dead letters back into the queue in ``path`` (each
     at the tail of its level's or partition's log, as a new message with a

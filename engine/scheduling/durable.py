@@ -748,7 +748,7 @@ class _DurableOwned(_Owned):
         self.delay = delay
         self.eof = False  # a log has no end of stream
         self.deof = False
-        self.heap: List[Tuple[int, int, int, bytes, int]] = []
+        self.heap = []  # heapq (due, source, offset, payload, ts)
         self._seq = 0
         self.q = q
         r = data.reader

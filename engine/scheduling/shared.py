@@ -638,7 +638,8 @@ class _Owned:
         self.many = data.get_many
         self.eof = False
         self.deof = False
-        self.heap: List[Tuple[int, int, bytes]] = []  # heapq (due, tie-breaker, payload)
+        # heapq (due, tie-breaker, payload); a durable partition keeps more per entry
+        self.heap: List[Tuple[Any, ...]] = []
         self._seq = 0
 
     def ack(self) -> None:
