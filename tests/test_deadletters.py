@@ -678,23 +678,33 @@ def test_sigkill_during_replay_neither_loses_nor_duplicates(tmp_path):
         assert proc.returncode == 0, err
         assert json.loads(out)["head"] == n
         assert sorted(_replayed(d)) == sorted(f"dl-{i}".encode() for i in range(n)), spec
-    # killed at random moments, again and again
+    # killed at random moments of a long replay, again and again: each run
+    # reports every durable step, and is killed a random while after one
     rng = random.Random(11)
     d = str(tmp_path / "random")
-    _make_letters(d, 3000)
+    total = 6000
+    _make_letters(d, total)
+    script = ("import sys; from engine.deadletters import replay; "
+              "replay(sys.argv[1], durability='none', progress=lambda n: print(n, flush=True))")
     kills = 0
-    for _ in range(8):
-        proc = _replay_cmd(d)
-        time.sleep(rng.uniform(0.2, 0.6))
+    while kills < 6:
+        proc = subprocess.Popen([sys.executable, "-c", script, d], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        for _ in range(rng.randint(1, 3)):
+            if not proc.stdout.readline():
+                break  # finished
+        time.sleep(rng.uniform(0, 0.003))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.communicate(timeout=60)
+        if proc.returncode == 0:
+            break
+    assert kills >= 3  # 24 batches: several runs were killed before the end
     proc = _replay_cmd(d)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    assert kills >= 1
-    assert sorted(_replayed(d)) == sorted(f"dl-{i}".encode() for i in range(3000))
+    assert sorted(_replayed(d)) == sorted(f"dl-{i}".encode() for i in range(total))
     assert list_letters(d) == []
 
 
