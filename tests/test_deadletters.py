@@ -264,6 +264,30 @@ def test_a_torn_or_hostile_journal_never_invents_deliveries(tmp_path):
             assert q.get(timeout=1) == b"z"
 
 
+def test_journal_records_of_an_earlier_message_at_the_same_offset_do_not_apply(tmp_path):
+    """After a log is cut (repair, a backup's cut), new messages reuse its
+    offsets: records naming another message (by timestamp) are ignored, so
+    the new one is neither skipped as done nor short of deliveries."""
+    from engine.scheduling._deliveries import Journal
+
+    with _pq(tmp_path, max_deliveries=2) as q:
+        q.put(b"new")
+    with LogReader(str(tmp_path / "L0"), start=0) as r:
+        log_id = r.log_id
+        ts = r.read().timestamp
+    j = Journal(str(tmp_path / "deliveries" / "L0.pq"), log_id, 0, False)
+    j.delivering(0, ts - 1)
+    j.delivering(0, ts - 1)
+    j.mark_done([(0, ts - 1)])  # written for an earlier message at offset 0
+    with _pq(tmp_path, max_deliveries=2) as q:
+        assert q.get(timeout=1) == b"new"
+    with _pq(tmp_path, max_deliveries=2) as q:
+        assert q.get(timeout=1) == b"new"  # its own second delivery
+    with _pq(tmp_path, max_deliveries=2) as q:
+        assert q.try_get() is None
+    assert _dead(tmp_path)[b"new"].deliveries == 2
+
+
 def test_keyed_queue_dead_letters_and_keeps_other_keys_flowing(tmp_path):
     with _kq(tmp_path, max_deliveries=2) as kq:
         p_bad = kq.partition_of("bad")

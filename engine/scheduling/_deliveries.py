@@ -7,12 +7,18 @@ journal written for an older incarnation of the log is obsolete), then
 records appended in the order things happened::
 
     u32 length (whole record) | u32 crc32 of the rest | u8 kind | 3 pad
-    u64 offset | i64 time (wall ns) | i64 aux | reason (utf-8, NACK only)
+    u64 offset | i64 message timestamp | i64 time (wall ns) | i64 aux
+    reason (utf-8, NACK only)
 
-kinds: ``DELIVER`` (the message is about to be handed out; aux unused),
+kinds: ``DELIVER`` (the message is about to be handed out),
 ``NACK`` (the consumer rejected it: aux is the wall-clock time before which
 it is not delivered again, followed by the reason), ``DONE`` (acked while a
 message below it is still held, so the group offset cannot cover it yet).
+
+A message is named by its offset *and* its append timestamp: after the log
+is cut (``log repair --truncate``, a backup's cut) its offsets are reused by
+new messages, which the old records must not describe. A record whose
+timestamp differs from the message's is stale and ignored (dropped).
 
 ``DELIVER`` is written (and fsynced, unless the queue's durability is
 ``"none"``) before the message is handed out, so a consumer killed while
@@ -36,7 +42,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 from .._fsutil import atomic_write, write_all
 
 _MAGIC = b"EQDLV001"
-_REC = struct.Struct("<IIB3xQqq")  # length, crc32, kind, offset, time, aux
+_REC = struct.Struct("<IIB3xQqqq")  # length, crc32, kind, offset, message ts, time, aux
 _CRC_FROM = 8  # the crc covers the record from the kind on
 _MAX_REASON = 4096  # bytes of a reason kept (a traceback is cut, not refused)
 
@@ -45,8 +51,8 @@ NACK = 2
 DONE = 3
 
 
-def _record(kind: int, offset: int, t: int, aux: int = 0, reason: bytes = b"") -> bytes:
-    body = _REC.pack(_REC.size + len(reason), 0, kind, offset, t, aux)[_CRC_FROM:] + reason
+def _record(kind: int, offset: int, ts: int, t: int, aux: int = 0, reason: bytes = b"") -> bytes:
+    body = _REC.pack(_REC.size + len(reason), 0, kind, offset, ts, t, aux)[_CRC_FROM:] + reason
     return struct.pack("<II", _REC.size + len(reason), zlib.crc32(body)) + body
 
 
@@ -62,13 +68,27 @@ def clip_reason(reason: Optional[str]) -> Optional[str]:
     return raw[:_MAX_REASON].decode("utf-8", "ignore")
 
 
+class Entry:
+    """What the journal knows of one message."""
+
+    __slots__ = ("ts", "times", "reason", "retry_at", "done")
+
+    def __init__(self, ts: int) -> None:
+        self.ts = ts  # the message's append timestamp (names it with the offset)
+        self.times: List[int] = []  # wall ns of each delivery
+        self.reason: Optional[str] = None  # the last nack's reason
+        self.retry_at: Optional[int] = None  # wall ns it is not delivered before (nacked)
+        self.done = False  # acked above a message still held
+
+
 class Journal:
     """The delivery journal of one source log for one consumer group.
 
     One process at a time writes it: the process that consumes the log (the
     queue's group protocol hands a partition over only after its previous
     owner stopped or died). ``committed`` is the group's committed offset
-    when the journal is opened; :meth:`forget_below` moves it.
+    when the journal is opened; :meth:`forget_below` moves it. Every query
+    names the message by (offset, timestamp).
     """
 
     def __init__(self, path: str, log_id: str, committed: int, sync: bool) -> None:
@@ -76,13 +96,10 @@ class Journal:
         self._sync = sync
         self._header = _MAGIC + log_id.encode("ascii", "replace") + b"\n"
         self._committed = committed
-        self.times: Dict[int, List[int]] = {}  # offset -> wall ns of each delivery
-        self.reasons: Dict[int, str] = {}  # offset -> the last nack's reason
-        self.retry_at: Dict[int, int] = {}  # offset -> wall ns it is not delivered before
-        self.done: set = set()  # offsets acked above a held one
-        self._pending: List[bytes] = []  # DELIVER records not written yet
+        self.entries: Dict[int, Entry] = {}  # offset -> what is known of it
+        self._pending: List[bytes] = []  # records not written yet
         self._file_ok = False  # the file exists, is ours and ends with a whole record
-        self._entries = 0
+        self._written = 0  # records in the file
         self._load()
 
     # -- reading ---------------------------------------------------------------
@@ -100,45 +117,59 @@ class Journal:
             if end - pos < _REC.size:
                 ok = False
                 break
-            length, crc, kind, off, t, aux = _REC.unpack_from(data, pos)
+            length, crc, kind, off, ts, t, aux = _REC.unpack_from(data, pos)
             if length < _REC.size or pos + length > end or zlib.crc32(data[pos + _CRC_FROM:pos + length]) != crc:
                 ok = False  # torn by a crash mid-append (or damaged): what follows is not trusted
                 break
-            self._apply(kind, off, t, aux, data[pos + _REC.size:pos + length])
-            self._entries += 1
+            if off >= self._committed:
+                e = self._entry(off, ts)
+                if kind == DELIVER:
+                    e.times.append(t)
+                elif kind == NACK:
+                    e.retry_at = aux
+                    e.reason = data[pos + _REC.size:pos + length].decode("utf-8", "replace")
+                elif kind == DONE:
+                    e.done = True
+            self._written += 1
             pos += length
         self._file_ok = ok
 
-    def _apply(self, kind: int, off: int, t: int, aux: int, reason: bytes) -> None:
-        if off < self._committed:
-            return
-        if kind == DELIVER:
-            self.times.setdefault(off, []).append(t)
-        elif kind == NACK:
-            self.retry_at[off] = aux
-            self.reasons[off] = reason.decode("utf-8", "replace")
-        elif kind == DONE:
-            self.done.add(off)
+    def _entry(self, off: int, ts: int) -> Entry:
+        """The entry of (off, ts), replacing a stale one of an earlier message at off."""
+        e = self.entries.get(off)
+        if e is None or e.ts != ts:
+            e = self.entries[off] = Entry(ts)
+        return e
 
-    def count(self, offset: int) -> int:
-        """How many times the message at ``offset`` was handed out."""
-        return len(self.times.get(offset, ()))
+    def get(self, offset: int, ts: int) -> Optional[Entry]:
+        """What is known of the message (offset, ts), or None (nothing, or
+        only of an earlier message at that offset: dropped)."""
+        e = self.entries.get(offset)
+        if e is None:
+            return None
+        if e.ts != ts:
+            del self.entries[offset]
+            return None
+        return e
 
-    def not_before(self, offset: int) -> Optional[int]:
-        """Wall ns before which a nacked message is not delivered again (or None)."""
-        return self.retry_at.get(offset)
+    def count(self, offset: int, ts: int) -> int:
+        """How many times the message (offset, ts) was handed out."""
+        e = self.get(offset, ts)
+        return 0 if e is None else len(e.times)
 
-    def history(self, offset: int) -> Tuple[int, List[int], Optional[str]]:
+    def history(self, offset: int, ts: int) -> Tuple[int, List[int], Optional[str]]:
         """(deliveries, their wall-clock times in ns, the last nack's reason)."""
-        times = list(self.times.get(offset, ()))
-        return len(times), times, self.reasons.get(offset)
+        e = self.get(offset, ts)
+        if e is None:
+            return 0, [], None
+        return len(e.times), list(e.times), e.reason
 
     # -- writing ---------------------------------------------------------------
-    def delivering(self, offset: int) -> None:
-        """Count one delivery of ``offset`` now; on disk at the next :meth:`flush`."""
+    def delivering(self, offset: int, ts: int) -> None:
+        """Count one delivery of (offset, ts) now; on disk at the next :meth:`flush`."""
         t = time.time_ns()
-        self.times.setdefault(offset, []).append(t)
-        self._pending.append(_record(DELIVER, offset, t))
+        self._entry(offset, ts).times.append(t)
+        self._pending.append(_record(DELIVER, offset, ts, t))
 
     def flush(self) -> None:
         """Write (and sync) the deliveries counted since the last flush: call
@@ -147,23 +178,26 @@ class Journal:
             recs, self._pending = self._pending, []
             self._write(recs)
 
-    def nacked(self, offset: int, reason: Optional[str], retry_wall_ns: int) -> None:
-        """Record a nack of ``offset`` (durably, with any pending deliveries)."""
+    def nacked(self, offset: int, ts: int, reason: Optional[str], retry_wall_ns: int) -> None:
+        """Record a nack of (offset, ts) (durably, with any pending deliveries)."""
         raw = (reason or "").encode("utf-8", "replace")[:_MAX_REASON]
-        self.retry_at[offset] = retry_wall_ns
-        self.reasons[offset] = raw.decode("utf-8", "replace")
-        self._pending.append(_record(NACK, offset, time.time_ns(), retry_wall_ns, raw))
+        e = self._entry(offset, ts)
+        e.retry_at = retry_wall_ns
+        e.reason = raw.decode("utf-8", "replace")
+        self._pending.append(_record(NACK, offset, ts, time.time_ns(), retry_wall_ns, raw))
         self.flush()
 
-    def mark_done(self, offsets: Iterable[int]) -> None:
-        """Record ``offsets`` as processed (durably) though below them a
-        message is still held, so the group offset cannot cover them yet."""
-        new = [o for o in offsets if o >= self._committed and o not in self.done]
-        if not new:
-            return
-        self.done.update(new)
+    def mark_done(self, messages: Iterable[Tuple[int, int]]) -> None:
+        """Record the messages (offset, ts) as processed (durably) though
+        below them one is still held, so the group offset cannot cover them yet."""
         t = time.time_ns()
-        self._pending.extend(_record(DONE, o, t) for o in new)
+        for off, ts in messages:
+            if off < self._committed:
+                continue
+            e = self._entry(off, ts)
+            if not e.done:
+                e.done = True
+                self._pending.append(_record(DONE, off, ts, t))
         self.flush()
 
     def forget_below(self, committed: int) -> None:
@@ -172,13 +206,13 @@ class Journal:
         if committed <= self._committed:
             return
         self._committed = committed
-        for d in (self.times, self.reasons, self.retry_at):
-            for o in [o for o in d if o < committed]:
-                del d[o]
-        self.done = {o for o in self.done if o >= committed}
-        live = sum(len(v) for v in self.times.values()) + len(self.reasons) + len(self.done)
-        if self._entries > 2 * live + 256:
+        for o in [o for o in self.entries if o < committed]:
+            del self.entries[o]
+        if self._written > 2 * self._live() + 256:
             self._rewrite()
+
+    def _live(self) -> int:
+        return sum(len(e.times) + (e.retry_at is not None) + e.done for e in self.entries.values())
 
     def _write(self, recs: List[bytes]) -> None:
         if not self._file_ok:
@@ -191,18 +225,21 @@ class Journal:
                 os.fsync(fd)
         finally:
             os.close(fd)
-        self._entries += len(recs)
+        self._written += len(recs)
 
     def _rewrite(self) -> None:
         """Replace the file with the live state (temp file, fsync, rename)."""
         recs: List[bytes] = []
-        for off in sorted(self.times):
-            recs.extend(_record(DELIVER, off, t) for t in self.times[off])
-        for off in sorted(self.retry_at):
-            recs.append(_record(NACK, off, 0, self.retry_at[off], self.reasons.get(off, "").encode("utf-8")))
-        recs.extend(_record(DONE, o, 0) for o in sorted(self.done))
+        for off in sorted(self.entries):
+            e = self.entries[off]
+            recs.extend(_record(DELIVER, off, e.ts, t) for t in e.times)
+            if e.retry_at is not None:
+                recs.append(_record(NACK, off, e.ts, 0, e.retry_at, (e.reason or "").encode("utf-8")))
+            if e.done:
+                recs.append(_record(DONE, off, e.ts, 0))
         d = os.path.dirname(self.path)
         os.makedirs(d, mode=0o700, exist_ok=True)
         atomic_write(d, os.path.basename(self.path), [self._header] + recs, self._sync)
+        self._pending = []
         self._file_ok = True
-        self._entries = len(recs)
+        self._written = len(recs)

@@ -118,7 +118,7 @@ def _dead_letter(q: Any, journal: Journal, source: str, log_id: str, offset: int
                  ts: int, payload: bytes, reason: Optional[str]) -> None:
     """Move the message at ``offset`` of ``source`` to the queue's dead-letter
     log (once per message id), with its delivery history."""
-    n, times, last = journal.history(offset)
+    n, times, last = journal.history(offset, ts)
     meta = {"kind": q._dlq_kind, "source": source, "target": target, "deliveries": n, "delivered_at": times,
             "reason": reason if reason is not None else last, "enqueued_at": ts}
     if q._dlq is None:
@@ -316,7 +316,7 @@ class DurablePriorityQueue(PriorityQueue):
         self._log_ids: List[str] = []
         self._retry: List[Tuple[int, int, int, int, int, bytes]] = []  # heapq (due, log, offset, level, ts, payload)
         self._handed: List[Tuple[int, int, int, int, bytes]] = []  # (log, offset, level, ts, payload) since ack/nack
-        self._dead: List[Tuple[int, int]] = []  # (log, offset) dead-lettered since the last ack
+        self._dead: List[Tuple[int, int, int]] = []  # (log, offset, ts) dead-lettered since the last ack
         self._dlq: Optional[DeadLetterWriter] = None
         self._dlq_kind = "priority"
         self._ndead = 0
@@ -403,9 +403,10 @@ class DurablePriorityQueue(PriorityQueue):
                 j = journals[i]
                 for rec in readers[i].read_many(256):
                     off = rec.offset
-                    if j.done and off in j.done:
+                    e = j.get(off, rec.timestamp) if j.entries else None
+                    if e is not None and e.done:
                         continue  # acked above a message that was still held
-                    nb = j.retry_at.get(off) if j.retry_at else None
+                    nb = None if e is None else e.retry_at
                     if nb is not None:
                         if not wall:
                             wall, mono = time.time_ns(), now_ns()
@@ -419,7 +420,8 @@ class DurablePriorityQueue(PriorityQueue):
             if entry[2] >= self._n:
                 raise CorruptLog(self._dlog._dir, 0,  # type: ignore[union-attr]  # opened by _consumer
                                  f"delayed record {entry[1]} is for level {entry[2]} >= {self._n}")
-            nb = dj.retry_at.get(entry[1]) if dj.retry_at else None
+            e = dj.get(entry[1], entry[3]) if dj.entries else None
+            nb = None if e is None else e.retry_at
             if nb is not None:  # nacked: due no earlier than the nack's delay
                 entry = (max(entry[0], now_ns() + nb - time.time_ns()),) + entry[1:]
             heapq.heappush(heap, entry)
@@ -444,10 +446,10 @@ class DurablePriorityQueue(PriorityQueue):
             level, ts, log, off, payload = got
             if md is not None:
                 j = self._journals[log]
-                if j.count(off) >= md:
+                if j.count(off, ts) >= md:
                     self._to_dlq(log, off, level, ts, payload, None)
                     continue
-                j.delivering(off)
+                j.delivering(off, ts)
                 if flush:
                     j.flush()
             if log == self._n:
@@ -459,7 +461,7 @@ class DurablePriorityQueue(PriorityQueue):
     def _to_dlq(self, log: int, off: int, level: int, ts: int, payload: bytes, reason: Optional[str]) -> None:
         _dead_letter(self, self._journals[log], self._log_names()[log], self._log_ids[log], off, level, ts,
                      payload, reason)
-        self._dead.append((log, off))
+        self._dead.append((log, off, ts))
         if log == self._n:
             self._dlog.handed.append(off)  # type: ignore[union-attr]  # settled at the next ack
 
@@ -604,16 +606,16 @@ class DurablePriorityQueue(PriorityQueue):
         held_now[-1].extend(entry[1] for entry in self._heap)
         for entry in self._retry:
             held_now[entry[1]].append(entry[2])
-        settled: List[List[int]] = [[] for _ in range(n)]
-        for log, off, *_rest in self._handed:
+        settled: List[List[Tuple[int, int]]] = [[] for _ in range(n)]
+        for log, off, _level, ts, _p in self._handed:
             if log < n:
-                settled[log].append(off)
-        for log, off in self._dead:
+                settled[log].append((off, ts))
+        for log, off, ts in self._dead:
             if log < n:
-                settled[log].append(off)
+                settled[log].append((off, ts))
         for j, r in enumerate(readers):
             low = min(held_now[j], default=r.position)
-            above = [o for o in settled[j] if o >= low]
+            above = [m for m in settled[j] if m[0] >= low]
             if above:
                 self._journals[j].mark_done(above)  # before the commit that may drop what is below
             if r.committed() != low:
@@ -637,10 +639,10 @@ class DurablePriorityQueue(PriorityQueue):
         wall, mono = time.time_ns(), now_ns()
         for log, off, level, ts, payload in self._handed:
             j = self._journals[log]
-            if md is not None and j.count(off) >= md:
+            if md is not None and j.count(off, ts) >= md:
                 self._to_dlq(log, off, level, ts, payload, reason)
                 continue
-            j.nacked(off, reason, wall + delay_ns)
+            j.nacked(off, ts, reason, wall + delay_ns)
             heapq.heappush(self._retry, (mono + delay_ns, log, off, level, ts, payload))
             if log == self._n:
                 self._dlog.handed.remove(off)  # type: ignore[union-attr]  # held again, not processed
@@ -755,7 +757,7 @@ class _DurableOwned(_Owned):
         self.journal = _journal(q, f"P{p}", r.log_id, r.committed() or 0)
         self.djournal: Optional[Journal] = None  # opened with the delay log
         self.handed: List[Tuple[int, int, bytes, int]] = []  # (source, offset, payload, ts) since ack/nack
-        self.dead: List[Tuple[int, int]] = []  # (source, offset) dead-lettered since the last ack
+        self.dead: List[Tuple[int, int, int]] = []  # (source, offset, ts) dead-lettered since the last ack
         self.try_get = self._try_get
         self.many = self._many
 
@@ -778,10 +780,10 @@ class _DurableOwned(_Owned):
         md = self.q._max_deliveries
         if md is not None:
             j = self.journal if src == 0 else self._delay_journal()
-            if j.count(off) >= md:
+            if j.count(off, ts) >= md:
                 self._to_dlq(src, off, payload, ts, None)
                 return
-            j.delivering(off)
+            j.delivering(off, ts)
         out.append(payload)
         self.handed.append((src, off, payload, ts))
         if src == 1:
@@ -790,7 +792,7 @@ class _DurableOwned(_Owned):
     def _to_dlq(self, src: int, off: int, payload: bytes, ts: int, reason: Optional[str]) -> None:
         j, name, log_id = self._src(src)
         _dead_letter(self.q, j, name, log_id, off, self.p, ts, payload, reason)
-        self.dead.append((src, off))
+        self.dead.append((src, off, ts))
         if src == 1:
             self.delay.log.handed.append(off)  # settled at the next ack
 
@@ -812,9 +814,10 @@ class _DurableOwned(_Owned):
                     return
                 for rec in recs:
                     off = rec.offset
-                    if j.done and off in j.done:
-                        continue
-                    nb = j.retry_at.get(off) if j.retry_at else None
+                    e = j.get(off, rec.timestamp) if j.entries else None
+                    if e is not None and e.done:
+                        continue  # acked above a message that was still held
+                    nb = None if e is None else e.retry_at
                     if nb is not None:
                         if not wall:
                             wall, mono = time.time_ns(), now_ns()
@@ -845,7 +848,8 @@ class _DurableOwned(_Owned):
         for due, off, tag, ts, payload in got:
             if tag != self.p:
                 raise CorruptLog(self.delay.dir, 0, f"delayed record {off} is for partition {tag}, not {self.p}")
-            nb = dj.retry_at.get(off) if dj.retry_at else None
+            e = dj.get(off, ts) if dj.entries else None
+            nb = None if e is None else e.retry_at
             if nb is not None:  # nacked: due no earlier than the nack's delay
                 due = max(due, now_ns() + nb - time.time_ns())
             heapq.heappush(heap, (due, 1, off, payload, ts))
@@ -875,8 +879,8 @@ class _DurableOwned(_Owned):
         r = self.data.reader
         if not r.closed:
             low = min((e[2] for e in self.heap if e[1] == 0), default=r.position)
-            above = [off for src, off, _p, _t in self.handed if src == 0 and off >= low]
-            above += [off for src, off in self.dead if src == 0 and off >= low]
+            above = [(off, ts) for src, off, _p, ts in self.handed if src == 0 and off >= low]
+            above += [(off, ts) for src, off, ts in self.dead if src == 0 and off >= low]
             if above:
                 self.journal.mark_done(above)
             if r.committed() != low:
@@ -897,10 +901,10 @@ class _DurableOwned(_Owned):
         wall, mono = time.time_ns(), now_ns()
         for src, off, payload, ts in self.handed:
             j = self.journal if src == 0 else self._delay_journal()
-            if md is not None and j.count(off) >= md:
+            if md is not None and j.count(off, ts) >= md:
                 self._to_dlq(src, off, payload, ts, reason)
                 continue
-            j.nacked(off, reason, wall + delay_ns)
+            j.nacked(off, ts, reason, wall + delay_ns)
             heapq.heappush(self.heap, (mono + delay_ns, src, off, payload, ts))
             if src == 1:
                 self.delay.log.handed.remove(off)  # held again, not processed
