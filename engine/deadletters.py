@@ -277,7 +277,12 @@ def _letters(path: str, start: int) -> List[DeadLetter]:
 
     d = os.path.join(path, DLQ_DIR)
     out: List[DeadLetter] = []
-    with LogReader(d, start=start) as r:
+    with LogReader(d) as r:
+        end = r.end_offset
+        if end is not None and start >= end:
+            return out  # a head past the end: the log was cut (a backup's copy, a repair)
+        if start > r.position:
+            r.seek(start)
         while True:
             recs = r.read_many(1024)
             if not recs:

@@ -463,6 +463,18 @@ def test_purge_and_show(tmp_path):
         purge(tmp_path, before=-1)
 
 
+def test_a_head_past_the_end_of_a_cut_dlq_lists_nothing(tmp_path):
+    _make_letters(str(tmp_path), 2)
+    assert purge(tmp_path) == 2
+    with open(tmp_path / "dlq.head") as f:
+        head = json.load(f)
+    head["head"] = 50  # as in a copy whose dead-letter log was cut before the head
+    (tmp_path / "dlq.head").write_text(json.dumps(head))
+    assert list_letters(tmp_path) == []
+    assert replay(tmp_path, durability="none").replayed == 0
+    assert len(list_letters(tmp_path, include_done=True)) == 2
+
+
 def test_library_refuses_a_directory_that_is_no_queue(tmp_path):
     for fn in (list_letters, purge, replay):
         with pytest.raises(EngineError, match="queue.json"):
