@@ -4,6 +4,7 @@ log and ``queue-engine dlq`` (engine.deadletters, engine/scheduling/durable.py).
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing as mp
 import os
@@ -286,6 +287,92 @@ def test_journal_records_of_an_earlier_message_at_the_same_offset_do_not_apply(t
     with _pq(tmp_path, max_deliveries=2) as q:
         assert q.try_get() is None
     assert _dead(tmp_path)[b"new"].deliveries == 2
+
+
+class _Flaky:
+    """The journal's writes (append and rewrite) failing with ENOSPC once
+    armed with :meth:`fail_next`."""
+
+    def __init__(self, mod):
+        self.fail = 0
+        for name in ("write_all", "atomic_write"):
+            setattr(self, name, self._wrap(getattr(mod, name)))
+
+    def _wrap(self, real):
+        def call(*args):
+            if self.fail:
+                self.fail -= 1
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(*args)
+        return call
+
+    def fail_next(self):
+        self.fail = 1
+
+
+@pytest.mark.parametrize("kind", ["pq", "kq"])
+def test_a_failed_journal_write_hands_nothing_out_and_loses_nothing(tmp_path, monkeypatch, kind):
+    from engine.scheduling import _deliveries
+
+    flaky = _Flaky(_deliveries)
+    monkeypatch.setattr(_deliveries, "write_all", flaky.write_all)
+    monkeypatch.setattr(_deliveries, "atomic_write", flaky.atomic_write)
+    q = _pq(tmp_path, max_deliveries=5) if kind == "pq" else _kq(tmp_path, max_deliveries=5)
+    c = q if kind == "pq" else q.consumer()
+    for m in (b"a", b"b", b"c", b"d", b"e"):
+        q.put(m, key="k") if kind == "kq" else q.put(m)
+    got = [c.get(timeout=1)]  # creates the journal file
+    c.ack()
+    flaky.fail_next()
+    with pytest.raises(OSError):
+        c.get(timeout=1)
+    got.append(c.get(timeout=1))
+    c.ack()
+    flaky.fail_next()
+    with pytest.raises(OSError):
+        c.get_many(10, 0)
+    flaky.fail_next()
+    with pytest.raises(OSError):
+        c.get_many(10, 1)
+    got += c.get_many(10, 0)
+    c.ack()
+    assert got == [b"a", b"b", b"c", b"d", b"e"]
+    assert c.try_get() is None
+    q.close()
+    q = _pq(tmp_path, max_deliveries=5) if kind == "pq" else _kq(tmp_path, max_deliveries=5)
+    assert _drain(q, timeout=0.2) == []
+    q.close()
+
+
+def test_a_failed_dead_letter_append_keeps_the_message(tmp_path, monkeypatch):
+    real = DeadLetterWriter.add
+    calls = {"fail": 1}
+
+    def flaky(self, *a):
+        if calls["fail"]:
+            calls["fail"] -= 1
+            raise OSError(errno.EIO, "Input/output error")
+        return real(self, *a)
+
+    monkeypatch.setattr(DeadLetterWriter, "add", flaky)
+    with _pq(tmp_path, max_deliveries=1) as q:
+        q.put(b"p")
+        q.put(b"x")
+        assert q.get(timeout=1) == b"p"
+        with pytest.raises(OSError):
+            q.nack(reason="bad")
+        q.nack(reason="bad")  # still handed out: dead-lettered now
+        calls["fail"] = 1
+        q.put(b"y")
+        assert q.get(timeout=1) == b"x"
+    with _pq(tmp_path, max_deliveries=1) as q:
+        calls["fail"] = 1
+        with pytest.raises(OSError):
+            q.get(timeout=1)  # x comes round again: its dead-lettering fails
+        assert q.get(timeout=1) == b"y"
+        q.ack()
+        assert q.try_get() is None
+    assert sorted(_dead(tmp_path)) == [b"p", b"x"]
 
 
 def test_keyed_queue_dead_letters_and_keeps_other_keys_flowing(tmp_path):

@@ -218,13 +218,19 @@ class Journal:
         if not self._file_ok:
             self._rewrite()  # the state in memory already holds what ``recs`` say
             return
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
-            write_all(fd, b"".join(recs))
-            if self._sync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            try:
+                write_all(fd, b"".join(recs))
+                if self._sync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            # part of it may be in the file (a torn record): the next write
+            # replaces the file with the state in memory, which holds ``recs``
+            self._file_ok = False
+            raise
         self._written += len(recs)
 
     def _rewrite(self) -> None:

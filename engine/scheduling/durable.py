@@ -446,12 +446,18 @@ class DurablePriorityQueue(PriorityQueue):
             level, ts, log, off, payload = got
             if md is not None:
                 j = self._journals[log]
-                if j.count(off, ts) >= md:
-                    self._to_dlq(log, off, level, ts, payload, None)
-                    continue
-                j.delivering(off, ts)
-                if flush:
-                    j.flush()
+                try:
+                    if j.count(off, ts) >= md:
+                        self._to_dlq(log, off, level, ts, payload, None)
+                        continue
+                    j.delivering(off, ts)
+                    if flush:
+                        j.flush()
+                except BaseException:
+                    # not handed out: back at the front of its level (a failed
+                    # write may still have counted the delivery: never fewer)
+                    self._buf[level].appendleft((ts, log, off, payload))
+                    raise
             if log == self._n:
                 self._dlog.handed.append(off)  # type: ignore[union-attr]  # a delayed one: acked by the side list
             self._handed.append((log, off, level, ts, payload))
@@ -468,6 +474,16 @@ class DurablePriorityQueue(PriorityQueue):
     def _flush_deliveries(self) -> None:
         for j in self._journals:
             j.flush()
+
+    def _unhand(self, start: int) -> None:
+        """Put the messages handed out since ``len(self._handed) == start``
+        back at the front of their levels, in order: their hand-out failed."""
+        for log, off, level, ts, payload in reversed(self._handed[start:]):
+            self._buf[level].appendleft((ts, log, off, payload))
+            self._ngot[level] -= 1
+            if log == self._n:
+                self._dlog.handed.remove(off)  # type: ignore[union-attr]
+        del self._handed[start:]
 
     def _pick(self) -> Optional[Tuple[int, int, int, int, bytes]]:
         """(level, ts, log, offset, payload) of the next message by policy."""
@@ -576,6 +592,7 @@ class DurablePriorityQueue(PriorityQueue):
     def get_many(self, max: int = 1024, timeout: Optional[float] = 0) -> List[bytes]:
         """Up to ``max`` messages in policy order (waits for the first unless timeout=0)."""
         out: List[bytes] = []
+        start = len(self._handed)
         if timeout is None or timeout > 0:
             try:
                 out.append(self.get(timeout))
@@ -587,8 +604,10 @@ class DurablePriorityQueue(PriorityQueue):
                 if m is None:
                     break
                 out.append(m)
-        finally:
             self._flush_deliveries()  # counted on disk before any is returned
+        except BaseException:
+            self._unhand(start)  # none returned: none handed out
+            raise
         return out
 
     def ack(self) -> None:
@@ -637,16 +656,18 @@ class DurablePriorityQueue(PriorityQueue):
         delay_ns = _nack_delay_ns(delay)
         md = self._max_deliveries
         wall, mono = time.time_ns(), now_ns()
-        for log, off, level, ts, payload in self._handed:
+        handed = self._handed
+        while handed:  # one at a time: a failure leaves the rest handed out
+            log, off, level, ts, payload = handed[0]
             j = self._journals[log]
             if md is not None and j.count(off, ts) >= md:
                 self._to_dlq(log, off, level, ts, payload, reason)
-                continue
-            j.nacked(off, ts, reason, wall + delay_ns)
-            heapq.heappush(self._retry, (mono + delay_ns, log, off, level, ts, payload))
+            else:
+                j.nacked(off, ts, reason, wall + delay_ns)
+                heapq.heappush(self._retry, (mono + delay_ns, log, off, level, ts, payload))
             if log == self._n:
-                self._dlog.handed.remove(off)  # type: ignore[union-attr]  # held again, not processed
-        self._handed = []
+                self._dlog.handed.remove(off)  # type: ignore[union-attr]  # held again, or settled by _to_dlq
+            handed.pop(0)
         self.ack()  # commits what the dead-lettered ones no longer hold back
 
     def close_put(self) -> None:
@@ -801,32 +822,52 @@ class _DurableOwned(_Owned):
         if self.djournal is not None:
             self.djournal.flush()
 
+    def _unhand(self, start: int, out: List[bytes], out_start: int) -> None:
+        """Take back the messages handed out since ``len(self.handed) ==
+        start`` (and appended to ``out`` from ``out_start``): their hand-out
+        failed. They wait in ``heap``, due now, so nothing commits past them."""
+        for src, off, payload, ts in self.handed[start:]:
+            heapq.heappush(self.heap, (0, src, off, payload, ts))
+            if src == 1:
+                self.delay.log.handed.remove(off)
+        del self.handed[start:]
+        del out[out_start:]
+
     def _read(self, n: int, out: List[bytes]) -> None:
         """Up to ``n`` messages of the partition log into ``out``, skipping
         those acked out of order and holding back those nacked with a delay."""
         r = self.data.reader
         j = self.journal
         wall = mono = 0
+        start, out_start = len(self.handed), len(out)
         try:
             while len(out) < n:
                 recs = r.read_many(n - len(out))
                 if not recs:
-                    return
-                for rec in recs:
+                    break
+                for k, rec in enumerate(recs):
                     off = rec.offset
-                    e = j.get(off, rec.timestamp) if j.entries else None
-                    if e is not None and e.done:
-                        continue  # acked above a message that was still held
-                    nb = None if e is None else e.retry_at
-                    if nb is not None:
-                        if not wall:
-                            wall, mono = time.time_ns(), now_ns()
-                        if nb > wall:
-                            heapq.heappush(self.heap, (mono + nb - wall, 0, off, bytes(rec.value), rec.timestamp))
-                            continue
-                    self._hand(0, off, bytes(rec.value), rec.timestamp, out)
-        finally:
+                    try:
+                        e = j.get(off, rec.timestamp) if j.entries else None
+                        if e is not None and e.done:
+                            continue  # acked above a message that was still held
+                        nb = None if e is None else e.retry_at
+                        if nb is not None:
+                            if not wall:
+                                wall, mono = time.time_ns(), now_ns()
+                            if nb > wall:
+                                heapq.heappush(self.heap, (mono + nb - wall, 0, off, bytes(rec.value), rec.timestamp))
+                                continue
+                        self._hand(0, off, bytes(rec.value), rec.timestamp, out)
+                    except BaseException:
+                        # read but not handed out: held (due now), in order
+                        for rest in recs[k:]:
+                            heapq.heappush(self.heap, (0, 0, rest.offset, bytes(rest.value), rest.timestamp))
+                        raise
             self._flush()  # counted on disk before any is returned
+        except BaseException:
+            self._unhand(start, out, out_start)
+            raise
 
     def _try_get(self) -> Optional[bytes]:
         out: List[bytes] = []
@@ -859,14 +900,22 @@ class _DurableOwned(_Owned):
         ones are not returned)."""
         heap = self.heap
         n = 0
+        start, out_start = len(self.handed), len(out)
         try:
             while heap and heap[0][0] <= now and n < room:
-                _due, src, off, payload, ts = heapq.heappop(heap)
+                entry = heapq.heappop(heap)
+                _due, src, off, payload, ts = entry
                 before = len(out)
-                self._hand(src, off, payload, ts, out)
+                try:
+                    self._hand(src, off, payload, ts, out)
+                except BaseException:
+                    heapq.heappush(heap, entry)  # not handed out: still held
+                    raise
                 n += len(out) - before
-        finally:
-            self._flush()
+            self._flush()  # counted on disk before any is returned
+        except BaseException:
+            self._unhand(start, out, out_start)
+            raise
         return n
 
     # -- settling --------------------------------------------------------------
@@ -899,16 +948,18 @@ class _DurableOwned(_Owned):
         :meth:`DurableKeyedQueue.nack`)."""
         md = self.q._max_deliveries
         wall, mono = time.time_ns(), now_ns()
-        for src, off, payload, ts in self.handed:
+        handed = self.handed
+        while handed:  # one at a time: a failure leaves the rest handed out
+            src, off, payload, ts = handed[0]
             j = self.journal if src == 0 else self._delay_journal()
             if md is not None and j.count(off, ts) >= md:
                 self._to_dlq(src, off, payload, ts, reason)
-                continue
-            j.nacked(off, ts, reason, wall + delay_ns)
-            heapq.heappush(self.heap, (mono + delay_ns, src, off, payload, ts))
+            else:
+                j.nacked(off, ts, reason, wall + delay_ns)
+                heapq.heappush(self.heap, (mono + delay_ns, src, off, payload, ts))
             if src == 1:
-                self.delay.log.handed.remove(off)  # held again, not processed
-        self.handed = []
+                self.delay.log.handed.remove(off)  # held again, or settled by _to_dlq
+            handed.pop(0)
         self.ack()
 
 
