@@ -150,6 +150,29 @@ def test_nack_bad_arguments(tmp_path):
             _kq(tmp_path / "badk", max_deliveries=bad)
 
 
+def test_messages_handed_out_are_not_kept_in_memory_until_the_ack(tmp_path):
+    """nack re-reads what it puts back: a consumer that acks rarely does not
+    hold every payload it was handed."""
+    import tracemalloc
+
+    size, n = 64 << 10, 400
+    with PriorityQueue(levels=1, durable=True, path=str(tmp_path), segment_bytes=64 << 20,
+                       durability="none", max_deliveries=3) as q:
+        for i in range(n):
+            q.put(bytes([i % 256]) * size)
+        tracemalloc.start()
+        try:
+            for i in range(n):
+                assert q.get(timeout=1)[0] == i % 256
+            held, _peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert held < n * size // 4, held
+        q.nack()  # every one of them comes back, read again from the log
+        assert [m[0] for m in q.get_many(n, 0)] == [i % 256 for i in range(n)]
+        q.ack()
+
+
 def test_ring_backed_queues_refuse_nack():
     with PriorityQueue(levels=2) as q:
         q.put(b"a")

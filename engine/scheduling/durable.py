@@ -114,6 +114,18 @@ def _journal(q: Any, log_name: str, log_id: Optional[str], committed: int) -> Jo
     return Journal(path, log_id or "", committed, q._durability != "none")
 
 
+def _reread(log_dir: str, offset: int, ts: int) -> bytes:
+    """The payload of the record (offset, ts) of a queue log: what a nack
+    puts back (handed-out messages are not kept in memory until the ack)."""
+    from .._log import LogReader
+
+    with LogReader(log_dir, start=offset) as r:
+        rec = r.read()
+    if rec is None or rec.offset != offset or rec.timestamp != ts:
+        raise CorruptLog(log_dir, 0, f"record {offset} changed since it was handed out")
+    return bytes(rec.value)
+
+
 def _dead_letter(q: Any, journal: Journal, source: str, log_id: str, offset: int, target: int,
                  ts: int, payload: bytes, reason: Optional[str]) -> None:
     """Move the message at ``offset`` of ``source`` to the queue's dead-letter
@@ -315,7 +327,7 @@ class DurablePriorityQueue(PriorityQueue):
         self._journals: List[Journal] = []  # per log (levels, then delay): deliveries, nacks
         self._log_ids: List[str] = []
         self._retry: List[Tuple[int, int, int, int, int, bytes]] = []  # heapq (due, log, offset, level, ts, payload)
-        self._handed: List[Tuple[int, int, int, int, bytes]] = []  # (log, offset, level, ts, payload) since ack/nack
+        self._handed: List[Tuple[int, int, int, int]] = []  # (log, offset, level, ts) since ack/nack
         self._dead: List[Tuple[int, int, int]] = []  # (log, offset, ts) dead-lettered since the last ack
         self._dlq: Optional[DeadLetterWriter] = None
         self._dlq_kind = "priority"
@@ -430,9 +442,13 @@ class DurablePriorityQueue(PriorityQueue):
             due, off, level, ts, payload = heapq.heappop(heap)
             self._buf[level].appendleft((ts, self._n, off, payload))
         retry = self._retry
-        while retry and retry[0][0] <= now:
-            _due, log, off, level, ts, payload = heapq.heappop(retry)
-            self._buf[level].appendleft((ts, log, off, payload))
+        if retry and retry[0][0] <= now:
+            back = []
+            while retry and retry[0][0] <= now:
+                back.append(heapq.heappop(retry))
+            # at the front of their levels, in (due, log, offset) order
+            for _due, log, off, level, ts, payload in reversed(back):
+                self._buf[level].appendleft((ts, log, off, payload))
 
     def _take(self, flush: bool = True) -> Optional[bytes]:
         """The next message to hand out, its delivery counted (on disk
@@ -460,7 +476,7 @@ class DurablePriorityQueue(PriorityQueue):
                     raise
             if log == self._n:
                 self._dlog.handed.append(off)  # type: ignore[union-attr]  # a delayed one: acked by the side list
-            self._handed.append((log, off, level, ts, payload))
+            self._handed.append((log, off, level, ts))
             self._ngot[level] += 1
             return payload
 
@@ -475,10 +491,11 @@ class DurablePriorityQueue(PriorityQueue):
         for j in self._journals:
             j.flush()
 
-    def _unhand(self, start: int) -> None:
+    def _unhand(self, start: int, payloads: List[bytes]) -> None:
         """Put the messages handed out since ``len(self._handed) == start``
-        back at the front of their levels, in order: their hand-out failed."""
-        for log, off, level, ts, payload in reversed(self._handed[start:]):
+        (``payloads``, in the same order) back at the front of their levels,
+        in order: their hand-out failed."""
+        for (log, off, level, ts), payload in reversed(list(zip(self._handed[start:], payloads))):
             self._buf[level].appendleft((ts, log, off, payload))
             self._ngot[level] -= 1
             if log == self._n:
@@ -606,7 +623,7 @@ class DurablePriorityQueue(PriorityQueue):
                 out.append(m)
             self._flush_deliveries()  # counted on disk before any is returned
         except BaseException:
-            self._unhand(start)  # none returned: none handed out
+            self._unhand(start, out)  # none returned: none handed out
             raise
         return out
 
@@ -626,7 +643,7 @@ class DurablePriorityQueue(PriorityQueue):
         for entry in self._retry:
             held_now[entry[1]].append(entry[2])
         settled: List[List[Tuple[int, int]]] = [[] for _ in range(n)]
-        for log, off, _level, ts, _p in self._handed:
+        for log, off, _level, ts in self._handed:
             if log < n:
                 settled[log].append((off, ts))
         for log, off, ts in self._dead:
@@ -658,8 +675,9 @@ class DurablePriorityQueue(PriorityQueue):
         wall, mono = time.time_ns(), now_ns()
         handed = self._handed
         while handed:  # one at a time: a failure leaves the rest handed out
-            log, off, level, ts, payload = handed[0]
+            log, off, level, ts = handed[0]
             j = self._journals[log]
+            payload = _reread(self._log_dirs()[log], off, ts)
             if md is not None and j.count(off, ts) >= md:
                 self._to_dlq(log, off, level, ts, payload, reason)
             else:
@@ -777,7 +795,7 @@ class _DurableOwned(_Owned):
         r = data.reader
         self.journal = _journal(q, f"P{p}", r.log_id, r.committed() or 0)
         self.djournal: Optional[Journal] = None  # opened with the delay log
-        self.handed: List[Tuple[int, int, bytes, int]] = []  # (source, offset, payload, ts) since ack/nack
+        self.handed: List[Tuple[int, int, int]] = []  # (source, offset, ts) since ack/nack
         self.dead: List[Tuple[int, int, int]] = []  # (source, offset, ts) dead-lettered since the last ack
         self.try_get = self._try_get
         self.many = self._many
@@ -806,7 +824,7 @@ class _DurableOwned(_Owned):
                 return
             j.delivering(off, ts)
         out.append(payload)
-        self.handed.append((src, off, payload, ts))
+        self.handed.append((src, off, ts))
         if src == 1:
             self.delay.log.handed.append(off)
 
@@ -826,7 +844,7 @@ class _DurableOwned(_Owned):
         """Take back the messages handed out since ``len(self.handed) ==
         start`` (and appended to ``out`` from ``out_start``): their hand-out
         failed. They wait in ``heap``, due now, so nothing commits past them."""
-        for src, off, payload, ts in self.handed[start:]:
+        for (src, off, ts), payload in zip(self.handed[start:], out[out_start:]):
             heapq.heappush(self.heap, (0, src, off, payload, ts))
             if src == 1:
                 self.delay.log.handed.remove(off)
@@ -928,7 +946,7 @@ class _DurableOwned(_Owned):
         r = self.data.reader
         if not r.closed:
             low = min((e[2] for e in self.heap if e[1] == 0), default=r.position)
-            above = [(off, ts) for src, off, _p, ts in self.handed if src == 0 and off >= low]
+            above = [(off, ts) for src, off, ts in self.handed if src == 0 and off >= low]
             above += [(off, ts) for src, off, ts in self.dead if src == 0 and off >= low]
             if above:
                 self.journal.mark_done(above)
@@ -950,8 +968,9 @@ class _DurableOwned(_Owned):
         wall, mono = time.time_ns(), now_ns()
         handed = self.handed
         while handed:  # one at a time: a failure leaves the rest handed out
-            src, off, payload, ts = handed[0]
+            src, off, ts = handed[0]
             j = self.journal if src == 0 else self._delay_journal()
+            payload = _reread(os.path.join(self.q._path, f"P{self.p}") if src == 0 else self.delay.dir, off, ts)
             if md is not None and j.count(off, ts) >= md:
                 self._to_dlq(src, off, payload, ts, reason)
             else:
