@@ -24,8 +24,9 @@ timestamp differs from the message's is stale and ignored (dropped).
 ``"none"``) before the message is handed out, so a consumer killed while
 processing has used up one delivery, as with SQS's receive count and
 JetStream's ``MaxDeliver``. Records of offsets below the committed offset
-are obsolete; the file is rewritten without them (temp file, fsync, rename)
-once they outnumber the live ones. A torn or damaged tail (a crash in the
+are obsolete; the file is cut back to its header once every record is,
+and rewritten without them (temp file, fsync, rename) once they outnumber
+the live ones by thousands. A torn or damaged tail (a crash in the
 middle of an append) ends the readable part; the next write rewrites the
 file from what was read, so counts can only be lost to damage, never
 invented.
@@ -208,7 +209,15 @@ class Journal:
         self._committed = committed
         for o in [o for o in self.entries if o < committed]:
             del self.entries[o]
-        if self._written > 2 * self._live() + 256:
+        if not self._written:
+            return
+        live = self._live()
+        if live == 0 and self._file_ok and not self._pending:
+            # every record is obsolete (the common case: all acked). The commit
+            # that made them so is durable, so a crash may keep any of them
+            os.truncate(self.path, len(self._header))
+            self._written = 0
+        elif self._written > 2 * live + 4096:
             self._rewrite()
 
     def _live(self) -> int:
