@@ -447,6 +447,50 @@ def test_keyed_nack_survives_a_hand_over_to_another_member(tmp_path):
     assert d.deliveries == 3 and d.reason == "r3"
 
 
+def _nacking_member(path, report):
+    kq = _kq(path, max_deliveries=2)
+    c = kq.consumer()
+    fd = os.open(report, os.O_WRONLY | os.O_APPEND)
+    idle = time.monotonic() + 1.5
+    while time.monotonic() < idle:
+        try:
+            m = c.get(timeout=0.1)
+        except Timeout:
+            continue
+        idle = time.monotonic() + 1.5
+        if m.startswith(b"bad"):
+            c.nack(reason="bad")
+        else:
+            c.ack()
+            os.write(fd, m + b"\n")
+    kq.close()
+    os._exit(0)
+
+
+def test_members_in_several_processes_dead_letter_each_message_once(tmp_path):
+    path = str(tmp_path / "q")
+    with _kq(path) as kq:
+        for i in range(40):
+            kq.put(b"good-%d" % i, key=f"k{i % 8}")
+            if i % 5 == 0:
+                kq.put(b"bad-%d" % i, key=f"k{i % 8}")
+    report = str(tmp_path / "report")
+    open(report, "w").close()
+    procs = [FORK.Process(target=_nacking_member, args=(path, report)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    with open(report, "rb") as f:
+        acked = f.read().split()
+    assert sorted(acked) == sorted(b"good-%d" % i for i in range(40))
+    letters = list_letters(path)
+    assert sorted(d.payload for d in letters) == sorted(b"bad-%d" % i for i in range(0, 40, 5))
+    assert len({d.id for d in letters}) == len(letters)
+    assert all(d.deliveries == 2 and d.reason == "bad" for d in letters)
+
+
 def test_dead_letter_writer_appends_each_id_once(tmp_path):
     w = DeadLetterWriter(str(tmp_path), "none", SEG)
     meta = {"kind": "priority", "source": "L0", "target": 0, "deliveries": 1, "delivered_at": [1],
