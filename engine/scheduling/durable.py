@@ -114,16 +114,33 @@ def _journal(q: Any, log_name: str, log_id: Optional[str], committed: int) -> Jo
     return Journal(path, log_id or "", committed, q._durability != "none")
 
 
-def _reread(log_dir: str, offset: int, ts: int) -> bytes:
-    """The payload of the record (offset, ts) of a queue log: what a nack
-    puts back (handed-out messages are not kept in memory until the ack)."""
-    from .._log import LogReader
+class _Rereader:
+    """Reads handed-out messages again for a nack (they are not kept in
+    memory until the ack): one reader per log, for the length of a ``with``."""
 
-    with LogReader(log_dir, start=offset) as r:
+    def __init__(self) -> None:
+        self._readers: Dict[str, Any] = {}
+
+    def payload(self, log_dir: str, offset: int, ts: int) -> bytes:
+        """The payload of the record (offset, ts) of the log ``log_dir``."""
+        from .._log import LogReader
+
+        r = self._readers.get(log_dir)
+        if r is None:
+            r = self._readers[log_dir] = LogReader(log_dir, start=offset)
+        else:
+            r.seek(offset)
         rec = r.read()
-    if rec is None or rec.offset != offset or rec.timestamp != ts:
-        raise CorruptLog(log_dir, 0, f"record {offset} changed since it was handed out")
-    return bytes(rec.value)
+        if rec is None or rec.offset != offset or rec.timestamp != ts:
+            raise CorruptLog(log_dir, 0, f"record {offset} changed since it was handed out")
+        return bytes(rec.value)
+
+    def __enter__(self) -> _Rereader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for r in self._readers.values():
+            r.close()
 
 
 def _dead_letter(q: Any, journal: Journal, source: str, log_id: str, offset: int, target: int,
@@ -673,19 +690,23 @@ class DurablePriorityQueue(PriorityQueue):
         delay_ns = _nack_delay_ns(delay)
         md = self._max_deliveries
         wall, mono = time.time_ns(), now_ns()
-        handed = self._handed
-        while handed:  # one at a time: a failure leaves the rest handed out
-            log, off, level, ts = handed[0]
-            j = self._journals[log]
-            payload = _reread(self._log_dirs()[log], off, ts)
-            if md is not None and j.count(off, ts) >= md:
-                self._to_dlq(log, off, level, ts, payload, reason)
-            else:
-                j.nacked(off, ts, reason, wall + delay_ns)
-                heapq.heappush(self._retry, (mono + delay_ns, log, off, level, ts, payload))
-            if log == self._n:
-                self._dlog.handed.remove(off)  # type: ignore[union-attr]  # held again, or settled by _to_dlq
-            handed.pop(0)
+        handed, settled = self._handed, 0
+        dirs = self._log_dirs()
+        try:
+            with _Rereader() as again:
+                for log, off, level, ts in handed:  # one at a time: a failure leaves the rest handed out
+                    j = self._journals[log]
+                    payload = again.payload(dirs[log], off, ts)
+                    if md is not None and j.count(off, ts) >= md:
+                        self._to_dlq(log, off, level, ts, payload, reason)
+                    else:
+                        j.nacked(off, ts, reason, wall + delay_ns)
+                        heapq.heappush(self._retry, (mono + delay_ns, log, off, level, ts, payload))
+                    if log == self._n:
+                        self._dlog.handed.remove(off)  # type: ignore[union-attr]  # held again, or settled by _to_dlq
+                    settled += 1
+        finally:
+            del handed[:settled]
         self.ack()  # commits what the dead-lettered ones no longer hold back
 
     def close_put(self) -> None:
@@ -966,19 +987,23 @@ class _DurableOwned(_Owned):
         :meth:`DurableKeyedQueue.nack`)."""
         md = self.q._max_deliveries
         wall, mono = time.time_ns(), now_ns()
-        handed = self.handed
-        while handed:  # one at a time: a failure leaves the rest handed out
-            src, off, ts = handed[0]
-            j = self.journal if src == 0 else self._delay_journal()
-            payload = _reread(os.path.join(self.q._path, f"P{self.p}") if src == 0 else self.delay.dir, off, ts)
-            if md is not None and j.count(off, ts) >= md:
-                self._to_dlq(src, off, payload, ts, reason)
-            else:
-                j.nacked(off, ts, reason, wall + delay_ns)
-                heapq.heappush(self.heap, (mono + delay_ns, src, off, payload, ts))
-            if src == 1:
-                self.delay.log.handed.remove(off)  # held again, or settled by _to_dlq
-            handed.pop(0)
+        handed, settled = self.handed, 0
+        dirs = (os.path.join(self.q._path, f"P{self.p}"), self.delay.dir)
+        try:
+            with _Rereader() as again:
+                for src, off, ts in handed:  # one at a time: a failure leaves the rest handed out
+                    j = self.journal if src == 0 else self._delay_journal()
+                    payload = again.payload(dirs[src], off, ts)
+                    if md is not None and j.count(off, ts) >= md:
+                        self._to_dlq(src, off, payload, ts, reason)
+                    else:
+                        j.nacked(off, ts, reason, wall + delay_ns)
+                        heapq.heappush(self.heap, (mono + delay_ns, src, off, payload, ts))
+                    if src == 1:
+                        self.delay.log.handed.remove(off)  # held again, or settled by _to_dlq
+                    settled += 1
+        finally:
+            del handed[:settled]
         self.ack()
 
 
