@@ -69,6 +69,16 @@ def clip_reason(reason: Optional[str]) -> Optional[str]:
     return raw[:_MAX_REASON].decode("utf-8", "ignore")
 
 
+def nack_delay_ns(delay: object) -> int:
+    """``nack(delay=...)`` in ns (None: redeliver at once)."""
+    if delay is None:
+        return 0
+    d = float(delay)  # type: ignore[arg-type]  # a TypeError names the bad value
+    if not d >= 0 or d == float("inf"):
+        raise ValueError(f"delay must be a number of seconds >= 0, not {delay!r}")
+    return int(d * 1e9)
+
+
 class Entry:
     """What the journal knows of one message."""
 

@@ -38,7 +38,7 @@ from ._common import (
     _validate_policy,
     _wall_due_ns,
 )
-from ._deliveries import Journal, clip_reason
+from ._deliveries import Journal, clip_reason, nack_delay_ns
 from .shared import (
     KeyedConsumer,
     KeyedQueue,
@@ -96,16 +96,6 @@ def _check_max_deliveries(max_deliveries: Any) -> Optional[int]:
     if not isinstance(max_deliveries, int) or isinstance(max_deliveries, bool) or max_deliveries < 1:
         raise ValueError(f"max_deliveries must be an int >= 1 or None, not {max_deliveries!r}")
     return max_deliveries
-
-
-def _nack_delay_ns(delay: Any) -> int:
-    """``nack(delay=...)`` in ns (None: redeliver at once)."""
-    if delay is None:
-        return 0
-    d = float(delay)
-    if not d >= 0 or d == float("inf"):
-        raise ValueError(f"delay must be a number of seconds >= 0, not {delay!r}")
-    return int(d * 1e9)
 
 
 def _journal(q: Any, log_name: str, log_id: Optional[str], committed: int) -> Journal:
@@ -687,7 +677,7 @@ class DurablePriorityQueue(PriorityQueue):
         ``reason`` (a str, kept up to 4 KiB) is recorded with it."""
         self._consumer()
         reason = clip_reason(reason)
-        delay_ns = _nack_delay_ns(delay)
+        delay_ns = nack_delay_ns(delay)
         md = self._max_deliveries
         wall, mono = time.time_ns(), now_ns()
         handed, settled = self._handed, 0

@@ -49,6 +49,7 @@ from ._common import (
     _validate_by,
     _validate_policy,
 )
+from ._deliveries import clip_reason, nack_delay_ns
 
 if TYPE_CHECKING:
     from .durable import DurableKeyedQueue, DurablePriorityQueue
@@ -835,13 +836,10 @@ class KeyedConsumer(_Awaitable):
         A partition handed over in between counts what it was handed as
         processed (as :meth:`ack` does): nack before a rebalance can happen.
         Ring-backed queues: ``EngineError``."""
-        from ._deliveries import clip_reason
-        from .durable import _nack_delay_ns
-
         if self._closed:
             raise Closed("this consumer is closed")
         reason = clip_reason(reason)
-        delay_ns = _nack_delay_ns(delay)
+        delay_ns = nack_delay_ns(delay)
         for own in self._order:
             own.nack(delay_ns, reason)
 
