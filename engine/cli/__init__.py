@@ -34,6 +34,7 @@ TOOLS = (
     "engine.cli.txn",
     "engine.cli.stats",
     "engine.cli.backup",
+    "engine.cli.dlq",
 )
 
 

@@ -58,6 +58,18 @@ Durable
     time, and an acked one is not delivered again even when it came due
     before older ones (see :class:`_DelayLog`).
 
+Failures and dead letters (durable queues)
+    ``nack(delay=None, reason=None)`` rejects what was handed out since the
+    last ``ack``/``nack``: it is delivered again after ``delay`` seconds,
+    also after a restart. ``max_deliveries=N`` bounds the attempts (SQS
+    ``maxReceiveCount``, JetStream ``MaxDeliver``): every hand-out is counted
+    in the group's delivery journal ``DIR/deliveries/`` *before* the message
+    is returned, so a consumer killed while processing has used one; a
+    message handed out N times that fails again (nack, or a crash) goes to
+    the dead-letter log ``DIR/dlq`` with its deliveries, their times and the
+    last reason, and is never delivered again. ``queue-engine dlq
+    ls|show|replay|purge DIR`` and :mod:`engine.deadletters` manage them.
+
 Threads
     A handle's put side and get side may run on two different threads; two
     threads must not call ``get`` on the same handle at once (give each

@@ -49,6 +49,7 @@ from ._common import (
     _validate_by,
     _validate_policy,
 )
+from ._deliveries import clip_reason, nack_delay_ns
 
 if TYPE_CHECKING:
     from .durable import DurableKeyedQueue, DurablePriorityQueue
@@ -252,6 +253,11 @@ class PriorityQueue(_PQCore, _Awaitable):
         Present so code written for either kind runs on both."""
         if self._closed:
             raise Closed("the queue is closed")
+
+    def nack(self, delay: Optional[float] = None, reason: Optional[str] = None) -> None:
+        """Durable queues only (:meth:`DurablePriorityQueue.nack`): a ring
+        hands each message out once, so there is nothing to redeliver."""
+        raise EngineError(_NACK_NEEDS_DURABLE)
 
     def close_put(self) -> None:
         """End the stream from the producer side: consumers (in any process)
@@ -523,6 +529,10 @@ class KeyedQueue(_KQCore, _Awaitable):
         if self._default is not None:
             self._default.ack()
 
+    def nack(self, delay: Optional[float] = None, reason: Optional[str] = None) -> None:
+        """Durable queues only (:meth:`KeyedConsumer.nack`)."""
+        raise EngineError(_NACK_NEEDS_DURABLE)
+
     def close_put(self) -> None:
         """End the stream: consumers drain their partitions, then get ``Closed``.
         ``EngineError`` in a process forked after this handle was opened."""
@@ -592,6 +602,10 @@ class KeyedQueue(_KQCore, _Awaitable):
         return f"<KeyedQueue {where} partitions={self._config['partitions']}>"
 
 
+_NACK_NEEDS_DURABLE = ("nack() needs a durable queue (durable=True, path=...): a ring-backed queue hands "
+                       "each message out once and has nothing to redeliver")
+
+
 def _seconds_until(due_ns: int) -> float:
     """Seconds from now to the monotonic time ``due_ns``; at least 1 us, so
     a wait for something already due still returns at once."""
@@ -625,12 +639,17 @@ class _Owned:
         self.many = data.get_many
         self.eof = False
         self.deof = False
-        self.heap: List[Tuple[int, int, bytes]] = []  # heapq (due, tie-breaker, payload)
+        # heapq (due, tie-breaker, payload); a durable partition keeps more per entry
+        self.heap: List[Tuple[Any, ...]] = []
         self._seq = 0
 
     def ack(self) -> None:
         """Commit what was handed out (durable partitions); rings have
         nothing to commit (at-most-once across a crash)."""
+
+    def nack(self, delay_ns: int, reason: Optional[str]) -> None:
+        """Redeliver what was handed out (durable partitions only)."""
+        raise EngineError(_NACK_NEEDS_DURABLE)
 
     def drain_delayed(self) -> None:
         """Move what the delay ring holds into ``heap`` (until it is closed)."""
@@ -807,6 +826,22 @@ class KeyedConsumer(_Awaitable):
         what was not acked. Ring-backed queues: nothing to do."""
         for own in self._order:
             own.ack()
+
+    def nack(self, delay: Optional[float] = None, reason: Optional[str] = None) -> None:
+        """Durable queues: reject every message this member was handed since
+        its last ``ack``/``nack``; each is delivered again after ``delay``
+        seconds (None: at once), by whoever owns its partition then, or goes
+        to the dead-letter log once handed out ``max_deliveries`` times
+        (see :class:`DurableKeyedQueue`). ``reason`` (str) is recorded.
+        A partition handed over in between counts what it was handed as
+        processed (as :meth:`ack` does): nack before a rebalance can happen.
+        Ring-backed queues: ``EngineError``."""
+        if self._closed:
+            raise Closed("this consumer is closed")
+        reason = clip_reason(reason)
+        delay_ns = nack_delay_ns(delay)
+        for own in self._order:
+            own.nack(delay_ns, reason)
 
     @property
     def partitions(self) -> List[int]:
