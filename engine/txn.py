@@ -892,6 +892,7 @@ class Coordinator(_CoordCore):
             with self._lock:
                 self._closed = True
                 self._journal.close()
+            self._stop_helper()  # the group commit's thread
 
     def _simulate_crash(self) -> None:
         """Test hook: stop as a SIGKILLed process would (no ``end`` batch
@@ -899,6 +900,7 @@ class Coordinator(_CoordCore):
         with self._lock:
             self._closed = True
             self._journal._simulate_crash()
+        self._stop_helper()
 
     def __enter__(self) -> Coordinator:
         return self

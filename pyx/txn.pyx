@@ -37,6 +37,8 @@ from eng_atomic cimport eng_now_ns
 
 import logging
 import marshal
+import os
+import threading
 import time
 
 from engine.errors import Closed, EngineError, TransactionAborted
@@ -470,6 +472,100 @@ cdef class _Waiter:
         return 0
 
 
+@cython.final
+cdef class _Helper:
+    """A thread that runs one job of a group next to its leader (the first
+    journal's sync while the leader syncs the others, one participant's
+    commits while the leader runs the others'): the syncs of different files
+    overlap instead of queueing.  One leader at a time, so one job at a time."""
+
+    cdef PyThread_type_lock _go     # held; the leader releases it when a job is set
+    cdef PyThread_type_lock _done   # held; the helper releases it when the job ran
+    cdef object _fn                 # the job: _fn(*_args)
+    cdef tuple _args
+    cdef object _result             # what the job returned
+    cdef object _error              # what it raised, or None
+    cdef bint _stop                 # stop() asked the thread to end
+    cdef object _thread             # the threading.Thread, or None
+    cdef object _pid                # the process it runs in (a forked child starts its own)
+
+    def __dealloc__(self):
+        self._free()
+
+    cdef void _free(self):
+        # only ever freed released (a held lock may not be freed on every platform)
+        if self._go != NULL:
+            PyThread_release_lock(self._go)
+            PyThread_free_lock(self._go)
+            self._go = NULL
+        if self._done != NULL:
+            PyThread_release_lock(self._done)
+            PyThread_free_lock(self._done)
+            self._done = NULL
+
+    cdef int _start(self) except -1:
+        if self._thread is not None and self._pid == os.getpid():
+            return 0
+        # (a child after fork: the parent's thread is not here; start afresh)
+        self._free()
+        self._go = PyThread_allocate_lock()
+        self._done = PyThread_allocate_lock()
+        if self._go == NULL or self._done == NULL:
+            raise MemoryError("cannot allocate a lock")
+        PyThread_acquire_lock(self._go, NOWAIT_LOCK)
+        PyThread_acquire_lock(self._done, NOWAIT_LOCK)
+        self._stop = False
+        self._pid = os.getpid()
+        self._thread = threading.Thread(target=self._loop, name="engine-txn-group", daemon=True)
+        self._thread.start()
+        return 0
+
+    def _loop(self):
+        cdef PyThread_type_lock go = self._go
+        cdef PyThread_type_lock done = self._done
+        while True:
+            with nogil:
+                PyThread_acquire_lock(go, 1)
+            if self._stop:
+                PyThread_release_lock(done)
+                return
+            try:
+                self._result = self._fn(*self._args)
+            except BaseException as exc:
+                self._error = exc
+            self._fn = self._args = None
+            PyThread_release_lock(done)
+
+    cdef int _submit(self, fn, tuple args) except -1:
+        """Start ``fn(*args)`` on the thread; :meth:`_wait` must follow."""
+        self._start()
+        self._result = self._error = None
+        self._fn = fn
+        self._args = args
+        PyThread_release_lock(self._go)
+        return 0
+
+    cdef tuple _wait(self):
+        """Wait for the job: ``(result, error)``."""
+        with nogil:
+            PyThread_acquire_lock(self._done, 1)
+        out = (self._result, self._error)
+        self._result = self._error = None
+        return out
+
+    def stop(self):
+        """End the thread (it is idle: no leader runs a group)."""
+        if self._thread is None or self._pid != os.getpid():
+            self._thread = None
+            return
+        self._stop = True
+        PyThread_release_lock(self._go)
+        with nogil:
+            PyThread_acquire_lock(self._done, 1)
+        self._thread.join()
+        self._thread = None
+
+
 cdef bint _groupable(dict parts):
     """Whether a transaction can join a group: every participant is a
     built-in one whose prepare and commit the core runs itself."""
@@ -482,28 +578,43 @@ cdef bint _groupable(dict parts):
     return True
 
 
-cdef int _sync_prepared(list deferred, list group) except -1:
-    """Sync every journal the group's prepared records went to (each once);
-    a transaction whose record a failed sync may have dropped votes no."""
+cdef int _sync_prepared(list deferred, list group, _Helper helper) except -1:
+    """Sync every journal the group's prepared records went to (each once,
+    the first on the helper thread while this one syncs the others); a
+    transaction whose record a failed sync may have dropped votes no."""
     cdef dict failed = {}
-    cdef dict synced = {}
+    cdef list logs = []   # (participant, log), each log once
+    cdef set seen = set()
     cdef _PartCore p
     cdef _Waiter w
+    cdef Py_ssize_t i
     for entry in deferred:
-        p = <_PartCore>entry[0]
-        log = entry[3]
-        if id(log) in synced:
-            continue
-        synced[id(log)] = log
-        try:
-            log.flush()  # durable before the yes votes count
-        except Closed as exc:
+        if id(entry[3]) not in seen:
+            seen.add(id(entry[3]))
+            logs.append((entry[0], entry[3]))
+    if len(logs) > 1:
+        helper._submit(logs[0][1].flush, ())
+    try:
+        for i in range(1 if len(logs) > 1 else 0, len(logs)):
+            try:
+                logs[i][1].flush()  # durable before the yes votes count
+            except Exception as exc:
+                failed[id(logs[i][1])] = exc
+    finally:
+        if len(logs) > 1:
+            _result, err = helper._wait()
+            if err is not None:
+                if not isinstance(err, Exception):
+                    raise err
+                failed[id(logs[0][1])] = err
+    for i in range(len(logs)):
+        p = <_PartCore>logs[i][0]
+        log = logs[i][1]
+        err = failed.get(id(log))
+        if isinstance(err, Closed) and log is not p._journal._log:
             # an append to a generation a switch closed went to the new one
             # (carried from memory), which the switch synced
-            if log is p._journal._log:
-                failed[id(log)] = exc
-        except Exception as exc:
-            failed[id(log)] = exc
+            del failed[id(log)]
     for entry in deferred:
         p = <_PartCore>entry[0]
         txid, info, log = entry[1], entry[2], entry[3]
@@ -558,11 +669,13 @@ cdef class _CoordCore:
     cdef _Mutex _group_lock               # guards the two fields below
     cdef list _group_queue                # _Waiters for the next group (durable commits)
     cdef bint _group_leading              # a thread leads a group now
+    cdef _Helper _helper                  # runs one step of a group next to its leader
 
     def __cinit__(self, *args, **kwargs):
         self._lock = _Mutex()
         self._group_lock = _Mutex()
         self._group_queue = []
+        self._helper = _Helper()
         self._pending = {}
         self._active = {}
         self._deciding = {}
@@ -830,7 +943,7 @@ cdef class _CoordCore:
         for w in group:
             self._prepare_group_member(w, deferred)
         if deferred:
-            _sync_prepared(deferred, group)
+            _sync_prepared(deferred, group, self._helper)
         # 2. decide, under the lock decision() takes (as _commit_one)
         self._lock._take()
         try:
@@ -942,11 +1055,27 @@ cdef class _CoordCore:
                 ws.append(w)
         try:
             for p in order:
-                ws = members[p]
                 if _armed:
-                    for w in ws:
+                    for w in <list>members[p]:
                         _hook("coord.commit.send", p.name)
-                errs = (<_PartCore>p)._commit_many([w.tx.txid for w in ws])
+            # the first participant's commits on the helper thread, the
+            # others' here: their syncs (marks, batches) overlap
+            results = {}
+            if len(order) > 1:
+                self._helper._submit((<_PartCore>order[0])._commit_many_py,
+                                     ([w.tx.txid for w in <list>members[order[0]]],))
+            try:
+                for p in order[1:] if len(order) > 1 else order:
+                    results[p] = (<_PartCore>p)._commit_many([w.tx.txid for w in <list>members[p]])
+            finally:
+                if len(order) > 1:
+                    errs, err = self._helper._wait()
+                    if err is not None:
+                        raise err
+                    results[order[0]] = errs
+            for p in order:
+                ws = members[p]
+                errs = results[p]
                 for i in range(len(ws)):
                     w = <_Waiter>ws[i]
                     if errs[i] is None:
@@ -971,6 +1100,17 @@ cdef class _CoordCore:
             self._end_c(w.tx.txid, w.failed)
             w.finished = True
         return 0
+
+    def _stop_helper(self):
+        """End the group commit's helper thread (at close; left parked, a
+        daemon, if a group still runs)."""
+        self._group_lock._take()
+        try:
+            if self._group_leading:
+                return
+        finally:
+            self._group_lock._give()
+        self._helper.stop()
 
     def _complete(self, str txid, parts):
         """Tell every participant to commit; end the txn when all acknowledged."""
@@ -1159,6 +1299,10 @@ cdef class _PartCore:
         if _armed:
             _hook("part.commit.after_apply", self.name)
         return self._commit_done(txid, info)
+
+    def _commit_many_py(self, list txids):
+        """:meth:`_commit_many` for the group's helper thread."""
+        return self._commit_many(txids)
 
     cdef list _commit_many(self, list txids):
         """Commit each of ``txids`` (a group commit's); the exception each
