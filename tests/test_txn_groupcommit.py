@@ -227,3 +227,98 @@ def test_concurrent_transactions_share_syncs(tmp_path, durable):
         for x in (pa, pb, coord, la, lb):
             x.close()
     assert len(values(tmp_path / "a")) == threads * per
+
+
+# ---------------------------------------------------------------------------
+# SIGKILL inside a group: every transaction whole or absent, every acknowledged one there
+
+CRASH_THREADS, CRASH_PER = 6, 5
+
+
+def _crash_world(root):
+    coord = Coordinator(f"{root}/coord", durability="always", segment_bytes=SEG)
+    la = Log(f"{root}/a", durability="always", segment_bytes=SEG)
+    lb = Log(f"{root}/b", durability="always", segment_bytes=SEG)
+    pa, pb = LogParticipant(la, segment_bytes=SEG), LogParticipant(lb, segment_bytes=SEG)
+    coord.recover([pa, pb])
+    return coord, la, lb, pa, pb
+
+
+def _crash_scenario(root):
+    """Durable transactions from several threads; each acknowledged tag is
+    appended to ``acked`` (unbuffered) right after its commit returns."""
+    import os as _os
+
+    _logmod._set_sync_hook(Durable(0.0005))  # slow syncs: the commits meet in groups
+    coord, la, lb, pa, pb = _crash_world(root)
+    fd = _os.open(f"{root}/acked", _os.O_WRONLY | _os.O_CREAT | _os.O_APPEND, 0o600)
+
+    def body(k):
+        for i in range(CRASH_PER):
+            tag = b"T%d-%d" % (k, i)
+            with coord.transaction() as tx:
+                tx.enlist(pa, [tag])
+                tx.enlist(pb, [tag + b"/b"])
+            _os.write(fd, tag + b"\n")
+
+    _run_threads(CRASH_THREADS, body)
+    for x in (pa, pb, coord, la, lb):
+        x.close()
+    return "done"
+
+
+def _check_crashed(root, where):
+    coord, la, lb, pa, pb = _crash_world(root)
+    try:
+        a, b = values(f"{root}/a"), values(f"{root}/b")
+        assert len(a) == len(set(a)), (where, "a batch applied twice", a)
+        assert sorted(x + b"/b" for x in a) == sorted(b), (where, "half a transaction", a, b)
+        try:
+            with open(f"{root}/acked", "rb") as f:
+                acked = f.read().split()
+        except FileNotFoundError:
+            acked = []
+        missing = set(acked) - set(a)
+        assert not missing, (where, "acknowledged transactions lost", sorted(missing))
+        assert pa.recover() == [] and pb.recover() == [] and coord.in_doubt() == [], where
+        # and it still works
+        with coord.transaction() as tx:
+            tx.enlist(pa, [b"after"])
+            tx.enlist(pb, [b"after/b"])
+    finally:
+        for x in (pa, pb, coord, la, lb):
+            x.close()
+    assert values(f"{root}/a")[-1] == b"after"
+
+
+@pytest.mark.crash
+def test_sigkill_at_every_step_of_a_group(tmp_path):
+    """SIGKILL at the middle hit of every crash point a run of concurrent
+    durable commits reaches (prepare, decision, commit marks and batches, end
+    records: most of them inside groups of several transactions), then
+    reopen and recover: no transaction half applied or applied twice, none
+    acknowledged lost."""
+    import crashkit
+
+    _logmod._set_sync_hook(None)
+    points = crashkit.trace(_crash_scenario, str(tmp_path / "trace"), timeout=120)
+    counts: dict = {}
+    for p in points:
+        name, party, k = crashkit.split_point(p)
+        key = name if party is None else f"{name}@{party}"
+        counts[key] = max(counts.get(key, 0), k)
+    assert "coord.decision.after_write" in counts and "log.commit.after_mark@log:a" in counts
+    killed = 0
+    for i, (key, n) in enumerate(sorted(counts.items())):
+        spot = f"{key}#{n // 2 + 1}"
+        root = str(tmp_path / f"p{i}")
+        res = crashkit.run(_crash_scenario, root, crash_at=spot, timeout=120)
+        if res.killed:
+            killed += 1
+        else:
+            # (threads interleave differently from the traced run: the point
+            # may be hit fewer times; then the run finished cleanly)
+            assert res.value == "done", (spot, res.error)
+        _check_crashed(root, spot)
+    print(f"\ngroup commit: {len(counts)} crash points, {killed} runs killed there")
+    assert killed >= len(counts) * 3 // 4
