@@ -886,7 +886,9 @@ cdef class _CoordCore:
         self._group_lock._give()
         try:
             if len(group) == 1:
-                # alone: the one-transaction path, step for step
+                # alone: the one-transaction path, step for step (its crash
+                # points in the order of the non-durable path's, which
+                # tests/test_txn_fastpath.py checks; a group's interleave)
                 try:
                     self._commit_one(me.tx)
                 except BaseException as exc:
