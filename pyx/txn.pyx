@@ -12,8 +12,11 @@
 # records encoded straight into their bytes (_encode: byte for byte what
 # marshal.dumps(rec, 2) writes, which tests/test_txn_core.py checks).
 #
-# What is not per transaction (recovery, compaction, abort, the group commit
-# of durable transactions, queries) stays in engine/txn.py, whose Coordinator,
+# Durable commits from several threads run in groups (_Waiter, _CoordCore.
+# _lead): one leader per group, one sync per journal per protocol step.
+#
+# What is not per transaction (recovery, compaction, abort, queries) stays
+# in engine/txn.py, whose Coordinator,
 # _Journal and participants subclass the cores below: their fields are the
 # state both sides touch.  The steps, records, locks and crash points are the
 # ones engine/txn.py documents; each method here says which it mirrors.
