@@ -16,7 +16,8 @@ counts the fdatasync, fsync and msync calls on files under the run's directory
 (counted from the first transaction to the last, not open or close).  Ours and
 SQLite's run in turn at each thread count, ``--repeat`` rounds of both, so both
 see the same disk at about the same moments; the table shows each one's median
-round.  This machine is shared, so compare ratios, not figures across runs.  After the clock stops every run reads its data back and checks the count
+round and the median (and range) of the rounds' ratios.  This machine is
+shared, so compare ratios, not figures across runs.  After the clock stops every run reads its data back and checks the count
 and the checksum: a transaction lost or applied twice fails the run.
 """
 
@@ -132,7 +133,8 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=2000, help="transactions per run")
     ap.add_argument("--repeat", type=int, default=3, help="rounds of both (medians shown)")
     args = ap.parse_args()
-    print("| threads | ours syncs/txn | SQLite syncs/txn | ours txn/s | SQLite txn/s | ours / SQLite |")
+    print("| threads | ours syncs/txn | SQLite syncs/txn | ours txn/s | SQLite txn/s "
+          "| ours / SQLite (per round: median, range) |")
     print("|---:|---:|---:|---:|---:|---:|")
     for t in args.threads:
         ours, sq = [], []
@@ -141,8 +143,11 @@ def main() -> None:
             sq.append(measure(SQLITE, t, args.count))
         ours_s, ours_r = sorted(ours, key=lambda r: r[1])[len(ours) // 2]
         sq_s, sq_r = sorted(sq, key=lambda r: r[1])[len(sq) // 2]
+        # the ratio of each round (ours and SQLite's back to back), median and range:
+        # steadier than a ratio of medians on a disk whose speed drifts
+        ratios = sorted(o[1] / q[1] for o, q in zip(ours, sq))
         print(f"| {t} | {ours_s:.2f} | {sq_s:.2f} | {ours_r:,.0f} | {sq_r:,.0f} | "
-              f"{ours_r / sq_r:.2f}x |", flush=True)
+              f"{ratios[len(ratios) // 2]:.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f}) |", flush=True)
 
 
 if __name__ == "__main__":
