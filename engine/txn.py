@@ -91,10 +91,12 @@ prepared record, then one sync per participant journal; every decision, then
 one sync of the coordinator's journal; each participant's commit marks and
 batches, one sync each.  The syncs of different files overlap (a helper
 thread takes one).  Then it wakes the group and passes the leadership to the
-first that queued meanwhile.  Per transaction the steps and crash points are
-the ones above, in the same order; across the group, no decision is written
-before every prepared record of the group is durable.  A transaction alone
-runs the one-transaction path.  ``tests/test_txn_groupcommit.py`` checks that
+first that queued meanwhile, which waits a moment (at most half as long as
+the last group ran) for the threads just woken to queue again, so that one
+group carries them all instead of two halves taking turns.  Per transaction
+the steps and crash points are the ones above; across the group, no decision
+is written before every prepared record of the group is durable.  A
+transaction alone runs the one-transaction path.  ``tests/test_txn_groupcommit.py`` checks that
 a commit returns only once its records are durable, and SIGKILLs groups at
 every crash point.
 

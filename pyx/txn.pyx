@@ -415,7 +415,8 @@ cdef class Transaction:
 # participant journal; decisions: one; commit marks and batches: one each per
 # participant), while the others sleep once, each on a lock of its own, until
 # the leader hands them their outcome, or the leadership of the next group to
-# the first that came meanwhile.  Per transaction the steps, records and
+# the first that came meanwhile (which first gathers the threads just woken:
+# _gather).  Per transaction the steps, records and
 # crash points are _commit_one's; a group interleaves its transactions' (a
 # prepared record's after_write point comes once its journal was synced for
 # the whole group), and its steps hold across it: no decision is written
@@ -463,6 +464,7 @@ cdef class _Waiter:
         bounded, so not interruptible; the leader always wakes us)."""
         with nogil:
             PyThread_acquire_lock(self._lk, 1)
+        self._held = True
 
     cdef void _wake(self):
         PyThread_release_lock(self._lk)
@@ -674,6 +676,10 @@ cdef class _CoordCore:
     cdef _Mutex _group_lock               # guards the two fields below
     cdef list _group_queue                # _Waiters for the next group (durable commits)
     cdef bint _group_leading              # a thread leads a group now
+    cdef Py_ssize_t _group_expect         # waiters the next leader gathers before it starts
+    cdef _Waiter _group_gatherer          # the leader gathering them now, or None
+    cdef int64_t _group_run_ns            # how long the last group ran (its gathering's bound)
+    cdef int64_t _group_end_ns            # when it ended (eng_now_ns)
     cdef _Helper _helper                  # runs one step of a group next to its leader
 
     def __cinit__(self, *args, **kwargs):
@@ -862,6 +868,10 @@ cdef class _CoordCore:
         self._group_lock._take()
         if self._group_leading:
             self._group_queue.append(me)
+            if (self._group_gatherer is not None
+                    and len(self._group_queue) >= self._group_expect):
+                self._group_gatherer._wake()  # everyone it waits for is here
+                self._group_gatherer = None
             self._group_lock._give()
             me._park()
             if me.role == _DONE:
@@ -885,11 +895,14 @@ cdef class _CoordCore:
         cdef _Waiter w
         cdef list group
         cdef list decided
+        cdef int64_t t0
+        self._gather(me)
         self._group_lock._take()
         group = self._group_queue
         group.insert(0, me)
         self._group_queue = []
         self._group_lock._give()
+        t0 = eng_now_ns()
         try:
             if len(group) == 1:
                 # alone: the one-transaction path, step for step (its crash
@@ -913,22 +926,66 @@ cdef class _CoordCore:
                         if not w.finished:
                             w.error = exc
         finally:
-            self._hand_over()
+            self._group_end_ns = eng_now_ns()
+            self._group_run_ns = self._group_end_ns - t0
+            # the group first: those that commit again at once are gathered
+            # into the next group (see _gather)
             for w in group:
                 if w is not me:
                     w.role = _DONE
                     w._wake()
+            self._hand_over(len(group))
         return 0
 
-    cdef int _hand_over(self) except -1:
-        """Pass the leadership to the first waiter, or end it."""
+    cdef int _gather(self, _Waiter me) except -1:
+        """Before a group starts: wait (at most half as long as the last group
+        ran) for the threads of the last group to queue again.
+
+        Without it the threads split into two halves that take turns: while
+        one half's group runs, the other queues for the next.  Gathered, one
+        group carries them all for the same syncs (PostgreSQL's commit_delay,
+        only while the last group's committers are expected back: a thread
+        that commits alone, or long after the last group, never waits)."""
+        cdef long long us
+        cdef _LockStatus st
+        self._group_lock._take()
+        if (len(self._group_queue) >= self._group_expect or self._group_run_ns <= 0
+                or eng_now_ns() - self._group_end_ns > self._group_run_ns):
+            # nobody expected, or the last group's threads would be back by
+            # now (they stopped committing)
+            self._group_lock._give()
+            return 0
+        self._group_gatherer = me
+        self._group_lock._give()
+        us = self._group_run_ns // 2000
+        if us > 5000:
+            us = 5000
+        # me._lk is held (taken when it was handed the leadership, or since
+        # it was made): an enqueuer that completes the gathering releases it
+        with nogil:
+            st = PyThread_acquire_lock_timed(me._lk, us, 0)
+        if st == _LOCK_ACQUIRED:
+            me._held = True
+        self._group_lock._take()
+        if self._group_gatherer is me:
+            self._group_gatherer = None  # timed out
+        self._group_lock._give()
+        return 0
+
+    cdef int _hand_over(self, Py_ssize_t ran) except -1:
+        """Pass the leadership to the first waiter, or end it; ``ran``: the
+        size of the group that just ran (its threads may queue again)."""
         cdef _Waiter nxt = None
         self._group_lock._take()
         if self._group_queue:
             nxt = <_Waiter>self._group_queue.pop(0)
             nxt.role = _LEAD
+            # the next leader gathers those queued now and those just done
+            self._group_expect = len(self._group_queue) + ran
         else:
             self._group_leading = False
+            # the first to come back leads, and gathers the others
+            self._group_expect = ran - 1
         self._group_lock._give()
         if nxt is not None:
             nxt._wake()
