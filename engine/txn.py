@@ -19,8 +19,7 @@ The protocol (presumed abort):
    record durably**, and only then votes yes.  A no vote (or an exception, or
    a timeout) aborts the transaction: :class:`~engine.TransactionAborted`.
 2. *decide*: on all yes votes the coordinator **persists a commit record**
-   (durably with ``durability="always"``; concurrent transactions share one
-   sync through the log's group commit) before it tells anyone.  An abort
+   (durably with ``durability="always"``) before it tells anyone.  An abort
    writes nothing: no commit record means abort.
 3. *complete*: the coordinator sends commit (or abort) to every participant;
    both are idempotent.  Once all acknowledge, an ``end`` record lets the
@@ -89,6 +88,22 @@ records):
   off the one prepared, a group offset at or past the one prepared), so
   ``D``/``A`` records and compaction may drop finished transactions without
   changing any outcome.
+
+Group commit: with ``"always"``, transactions committed from several
+threads at once run in groups.  The first becomes the leader; the others
+queue and sleep.  The leader runs the three steps for its whole group: every
+prepared record, then one sync per participant journal; every decision, then
+one sync of the coordinator's journal; each participant's commit marks and
+batches, one sync each.  The syncs of different files overlap (a helper
+thread takes one).  Then it wakes the group and passes the leadership to the
+first that queued meanwhile, which waits a moment (at most half as long as
+the last group ran) for the threads just woken to queue again, so that one
+group carries them all instead of two halves taking turns.  Per transaction
+the steps and crash points are the ones above; across the group, no decision
+is written before every prepared record of the group is durable.  A
+transaction alone runs the one-transaction path.  ``tests/test_txn_groupcommit.py`` checks that
+a commit returns only once its records are durable, and SIGKILLs groups at
+every crash point.
 
 Durability: ``"always"`` survives power loss (every prepared/commit record is
 fsynced before the next step), ``"none"`` survives a process crash (SIGKILL)
@@ -653,7 +668,8 @@ class Coordinator(_CoordCore):
     journal; one ``Coordinator`` per path at a time (a second gets
     :class:`~engine.LogLocked`).  ``durability`` is the journal's (see
     :class:`engine.Log`): ``"always"`` fsyncs every commit decision before
-    any participant hears of it (concurrent transactions share syncs).
+    any participant hears of it (transactions committed from several
+    threads at once are group-committed: they share syncs).
     ``timeout`` (seconds) bounds a transaction: one still undecided that
     long after :meth:`transaction` aborts.
 
@@ -901,6 +917,7 @@ class Coordinator(_CoordCore):
             with self._lock:
                 self._closed = True
                 self._journal.close()
+            self._stop_helper()  # the group commit's thread
 
     def _simulate_crash(self) -> None:
         """Test hook: stop as a SIGKILLed process would (no ``end`` batch
@@ -908,6 +925,7 @@ class Coordinator(_CoordCore):
         with self._lock:
             self._closed = True
             self._journal._simulate_crash()
+        self._stop_helper()
 
     def __enter__(self) -> Coordinator:
         return self

@@ -77,7 +77,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--plot",
         metavar="DIR",
-        help="write PNG charts into DIR (needs matplotlib; the size and consumer sweeps run with --full)",
+        help="write PNG charts into DIR (needs matplotlib; the size, consumer and thread sweeps run with --full)",
     )
     p.add_argument("--repeat", metavar="N", type=_positive, help="repetitions of every case")
     p.add_argument("--messages", metavar="N", type=_positive, help="messages per case")

@@ -583,7 +583,7 @@ def render_markdown(
 
 def write_plots(suite: SuiteResult, directory: str) -> List[str]:
     """PNG charts: throughput by message size (log-log), latency percentiles
-    (log y), scaling with consumers. Returns the files written."""
+    (log y), scaling with consumers and with threads. Returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -672,6 +672,54 @@ def write_plots(suite: SuiteResult, directory: str) -> List[str]:
         ax.set_title(f"{group}: scaling with consumers (median, min-max bars)")
         fig.tight_layout()
         path = os.path.join(directory, f"scaling_consumers_{_slug(group)}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    # scaling with threads (cases with params {"threads": n, "group": ...})
+    by_threads: Dict[str, List[CaseResult]] = {}
+    for cr in suite.cases:
+        if "threads" in cr.case.params and cr.case.kind != LATENCY:
+            by_threads.setdefault(str(cr.case.params.get("group", cr.section)), []).append(cr)
+    for group, crs in by_threads.items():
+        if len(crs) < 2:
+            continue  # one point is no curve (the quick profile runs one case)
+        fig, ax = plt.subplots(figsize=(7, 4.8))
+        pts_by: Dict[str, List[tuple]] = {}
+        for cr in crs:
+            for c in cr.contenders:
+                if c.status != OK or not c.valid_runs() or not c.rank:
+                    continue
+                r = c.rates(cr.case.workload.size)["msg_per_s"]
+                # one series per peer across cases (ours carries the thread count in its name)
+                name = "queue-engine" if c.ours else c.name
+                pts_by.setdefault(name, []).append(
+                    (int(cr.case.params["threads"]), r["median"], r["min"], r["max"], c.ours)
+                )
+        for name, pts in pts_by.items():
+            pts.sort()
+            ax.errorbar(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
+                marker="o",
+                capsize=3,
+                label=name,
+                linewidth=2.5 if pts[0][4] else 1.2,
+            )
+        ax.set_xscale("log", base=2)
+        ticks = sorted({int(cr.case.params["threads"]) for cr in crs})
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([str(t) for t in ticks])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_yscale("log")
+        ax.set_xlabel("threads (log scale)")
+        ax.set_ylabel("transactions per second (log scale)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(f"{group}: by threads (median, min-max)", fontsize=10)
+        fig.tight_layout()
+        path = os.path.join(directory, f"scaling_threads_{_slug(group)}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
