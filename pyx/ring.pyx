@@ -1243,6 +1243,7 @@ cdef class Producer:
             PyBuffer_Release(&view)
         return rc
 
+    @cython.binding(False)
     def put(self, msg, timeout=None):
         """Append one message (any C-contiguous buffer), waiting for room up
         to ``timeout`` seconds (None: as long as it takes) -> ``Timeout``."""
@@ -1253,6 +1254,7 @@ cdef class Producer:
         if not self._put_obj(msg, dl):
             raise Timeout(f"ring stayed full for {timeout} s")
 
+    @cython.binding(False)
     def try_put(self, msg):
         """Append one message if it fits right now; False if the ring is full."""
         self._check()
@@ -1298,6 +1300,7 @@ cdef class Producer:
         self._write(src, n)
         return 1
 
+    @cython.binding(False)
     def put_many(self, msgs, timeout=None):
         """Append every message of ``msgs``, publishing every 64 KiB and at
         the end (and whenever it must wait for room).  Returns how many were
@@ -1352,6 +1355,7 @@ cdef class Producer:
                 self._publish()
         return count
 
+    @cython.binding(False)
     def put_array(self, arr, timeout=None):
         """Append each row of a C-contiguous array (``arr[i]``, of
         ``arr.nbytes // len(arr)`` bytes) as one message, publishing every
@@ -1819,12 +1823,14 @@ cdef class Consumer:
             if out is not None:
                 return out
 
+    @cython.binding(False)
     def get(self, timeout=None):
         """The next message as bytes, waiting up to ``timeout`` seconds (None:
         as long as it takes) -> ``Timeout``; ``Closed`` once drained after
         the producer closed."""
         return self._get(timeout, False)
 
+    @cython.binding(False)
     def try_get(self):
         """The next message, or None if none is there right now (``Closed``
         once drained after the producer closed)."""
@@ -1861,6 +1867,7 @@ cdef class Consumer:
         """``async for msg in consumer``: every message until ``Closed``."""
         return _aio().aiter_messages(self)
 
+    @cython.binding(False)
     def get_view(self, timeout=None):
         """Like ``get`` but a zero-copy read-only memoryview into the ring,
         valid until this consumer's next call (the producer cannot overwrite
@@ -1891,6 +1898,7 @@ cdef class Consumer:
 
     @cython.boundscheck(False)
     @cython.wraparound(False)
+    @cython.binding(False)
     def get_many(self, Py_ssize_t max=1024, timeout=0):
         """Up to ``max`` messages that are available right away, as a list of
         bytes, with one cursor update for the whole batch.
@@ -2030,6 +2038,7 @@ cdef class Consumer:
         PyErr_Clear_raw()
         return out
 
+    @cython.binding(False)
     def get_array(self, Py_ssize_t max, dtype=None, timeout=0):
         """Consecutive messages of equal size as the rows of a new array of
         shape ``(n, rowbytes // itemsize)`` (n <= max), one cursor update per

@@ -1,0 +1,93 @@
+"""Instructions per ``put`` and per ``get`` of engine.Ring, counted by callgrind.
+
+Each loop runs in one process on a private ring (no scheduler, no other
+core), at steady state, with the same 64-byte payloads as the bench.  A
+loop runs twice, with N1 and N2 messages, under ``valgrind --tool=callgrind``;
+the difference of the two instruction counts over N2 - N1 is the marginal
+cost of one message: interpreter start-up, imports and the ring's creation
+cancel out, the Python ``for`` loop that makes the calls does not.
+
+  loop    ``for m in msgs: f(m)`` with a builtin that does nothing useful:
+          the floor every per-call figure includes
+  put     put N messages into a ring big enough for all of them
+  putget  put 256, get 256, repeated: put + get of one message
+
+per put = put; per get = putget - put.
+
+Run: ``python bench/ring_instr.py`` (needs valgrind; about a minute).
+``python bench/ring_instr.py --child MODE N`` is the loop itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+from typing import Dict
+
+SIZE = 64
+BATCH = 256
+N1, N2 = 25_600, 128_000  # multiples of BATCH
+
+
+def _child(mode: str, n: int) -> None:
+    import engine
+
+    # one batch of payloads, sent n // BATCH times: building them costs the
+    # same for every n, so it cancels out
+    msgs = [i.to_bytes(8, "little") + bytes(SIZE - 8) for i in range(BATCH)]
+    idle = [None] * BATCH
+    ring = engine.Ring(capacity=1 << 24, mode="spsc")  # 16 MiB: N2 records fit
+    p, c = ring.producer(), ring.consumer()
+    put, get = p.put, c.get
+    if mode == "loop":
+        f = len
+        for _ in range(n // BATCH):
+            for m in msgs:
+                f(m)
+    elif mode == "put":
+        for _ in range(n // BATCH):
+            for m in msgs:
+                put(m)
+    elif mode == "putget":
+        for _ in range(n // BATCH):
+            for m in msgs:
+                put(m)
+            for _ in idle:
+                get()
+    else:
+        raise SystemExit(f"unknown mode {mode}")
+
+
+def _count(mode: str, n: int) -> int:
+    cmd = [
+        "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+        sys.executable, __file__, "--child", mode, str(n),
+    ]
+    err = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    m = re.search(r"Collected : (\d+)", err)
+    if not m:
+        raise RuntimeError(f"no instruction count in callgrind's output:\n{err[-2000:]}")
+    return int(m.group(1))
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--child", nargs=2, metavar=("MODE", "N"))
+    args = ap.parse_args(argv)
+    if args.child:
+        _child(args.child[0], int(args.child[1]))
+        return 0
+    per: Dict[str, float] = {}
+    for mode in ("loop", "put", "putget"):
+        a, b = _count(mode, N1), _count(mode, N2)
+        per[mode] = (b - a) / (N2 - N1)
+        print(f"{mode:7} {per[mode]:8.1f} instructions per message", flush=True)
+    print(f"per put {per['put']:.1f} (loop floor {per['loop']:.1f}), "
+          f"per get {per['putget'] - per['put']:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
