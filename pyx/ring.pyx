@@ -1247,6 +1247,13 @@ cdef class Producer:
     def put(self, msg, timeout=None):
         """Append one message (any C-contiguous buffer), waiting for room up
         to ``timeout`` seconds (None: as long as it takes) -> ``Timeout``."""
+        # The common call -- bytes, no timeout, room by the cached gate, no
+        # wrap -- in one straight run; everything else takes the general path.
+        if (type(msg) is bytes and timeout is None and self._m is not None
+                and not eng_load_acquire_u32(&self._h.prod.closed)
+                and self._write_now(PyBytes_AS_STRING(msg), <uint64_t>PyBytes_GET_SIZE(msg))):
+            self._publish()
+            return
         self._check()
         cdef int64_t dl = _NO_DEADLINE
         if timeout is not None:
@@ -1809,6 +1816,42 @@ cdef class Consumer:
         self._advanced()
         return out
 
+    cdef inline bint _at_message(self, uint32_t *ln, uint64_t *size) noexcept:
+        """spsc/broadcast fast path: True if a well-formed message record is
+        at the cursor of this open handle with no view pending (*ln payload
+        bytes, *size bytes it occupies).  False leaves every other case --
+        shared mode, nothing there, padding, a closed handle and anything
+        malformed -- to the general path, which reports it."""
+        cdef uint64_t c = self._cursor, hd, off, sz
+        cdef uint32_t n
+        if self._m is None or self._view_adv or self._shared:
+            return False
+        if c == self._head:
+            hd = eng_load_acquire_u64(&self._h.prod.head)
+            if hd <= c or hd - c > self._cap or hd & 7:
+                return False
+            self._head = hd
+        off = c & self._mask
+        n = (<uint32_t *>(self._data + off))[0]
+        if (<uint32_t *>(self._data + off))[1] != 0:
+            return False
+        sz = ring_rec_size(n)
+        if off + sz > self._cap or sz > self._head - c:
+            return False
+        ln[0] = n
+        size[0] = sz
+        return True
+
+    cdef inline object _take_at(self, uint32_t ln, uint64_t size):
+        # The message _at_message found, as bytes; the cursor moves past it.
+        out = PyBytes_FromStringAndSize(
+            <char *>self._data + (self._cursor & self._mask) + RING_REC_HDR, ln)
+        self._cursor += size
+        self._msgs += 1
+        self._bytes += ln
+        self._advanced()
+        return out
+
     cdef object _get(self, object timeout, bint view):
         self._check()
         out = self._take(view)
@@ -1828,12 +1871,20 @@ cdef class Consumer:
         """The next message as bytes, waiting up to ``timeout`` seconds (None:
         as long as it takes) -> ``Timeout``; ``Closed`` once drained after
         the producer closed."""
+        cdef uint32_t ln
+        cdef uint64_t size
+        if self._at_message(&ln, &size):
+            return self._take_at(ln, size)
         return self._get(timeout, False)
 
     @cython.binding(False)
     def try_get(self):
         """The next message, or None if none is there right now (``Closed``
         once drained after the producer closed)."""
+        cdef uint32_t ln
+        cdef uint64_t size
+        if self._at_message(&ln, &size):
+            return self._take_at(ln, size)
         self._check()
         out = self._take(False)
         if out is None:
