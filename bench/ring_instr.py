@@ -14,7 +14,8 @@ cancel out, the Python ``for`` loop that makes the calls does not.
 
 per put = put; per get = putget - put.
 
-Run: ``python bench/ring_instr.py`` (needs valgrind; about a minute).
+Run: ``python bench/ring_instr.py [--ring-mode shared]`` (needs valgrind;
+about a minute).
 ``python bench/ring_instr.py --child MODE N`` is the loop itself.
 """
 
@@ -31,14 +32,14 @@ BATCH = 256
 N1, N2 = 25_600, 128_000  # multiples of BATCH
 
 
-def _child(mode: str, n: int) -> None:
+def _child(mode: str, n: int, ring_mode: str) -> None:
     import engine
 
     # one batch of payloads, sent n // BATCH times: building them costs the
     # same for every n, so it cancels out
     msgs = [i.to_bytes(8, "little") + bytes(SIZE - 8) for i in range(BATCH)]
     idle = [None] * BATCH
-    ring = engine.Ring(capacity=1 << 24, mode="spsc")  # 16 MiB: N2 records fit
+    ring = engine.Ring(capacity=1 << 24, mode=ring_mode)  # 16 MiB: N2 records fit
     p, c = ring.producer(), ring.consumer()
     put, get = p.put, c.get
     if mode == "loop":
@@ -60,10 +61,10 @@ def _child(mode: str, n: int) -> None:
         raise SystemExit(f"unknown mode {mode}")
 
 
-def _count(mode: str, n: int) -> int:
+def _count(mode: str, n: int, ring_mode: str) -> int:
     cmd = [
         "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-        sys.executable, __file__, "--child", mode, str(n),
+        sys.executable, __file__, "--ring-mode", ring_mode, "--child", mode, str(n),
     ]
     err = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
     m = re.search(r"Collected : (\d+)", err)
@@ -74,14 +75,15 @@ def _count(mode: str, n: int) -> int:
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ring-mode", default="spsc", choices=("spsc", "broadcast", "shared"))
     ap.add_argument("--child", nargs=2, metavar=("MODE", "N"))
     args = ap.parse_args(argv)
     if args.child:
-        _child(args.child[0], int(args.child[1]))
+        _child(args.child[0], int(args.child[1]), args.ring_mode)
         return 0
     per: Dict[str, float] = {}
     for mode in ("loop", "put", "putget"):
-        a, b = _count(mode, N1), _count(mode, N2)
+        a, b = _count(mode, N1, args.ring_mode), _count(mode, N2, args.ring_mode)
         per[mode] = (b - a) / (N2 - N1)
         print(f"{mode:7} {per[mode]:8.1f} instructions per message", flush=True)
     print(f"per put {per['put']:.1f} (loop floor {per['loop']:.1f}), "

@@ -123,6 +123,11 @@ if hasattr(_os, "register_at_fork"):
     _os.register_at_fork(after_in_child=_disown_inherited)
 
 
+cdef int _propagate() except -1:
+    """Hand on the exception a C-API call (NULL result) has already set."""
+    return -1
+
+
 cdef object _inherited(str what, int32_t owner):
     """The error for a handle used in a process forked after it was made."""
     return EngineError(
@@ -1588,28 +1593,49 @@ cdef class Consumer:
         _wake_producer(self._h)
 
     # ---- record walking (both modes) -----------------------------------
-    cdef int _rec_at(self, uint64_t pos, uint64_t head, uint64_t *size, uint32_t *ln) except -1:
-        """Validate the record at pos (pos < head).  Returns 1 for a message
-        (*ln payload bytes), 0 for padding; *size = bytes it occupies.
+    cdef inline int _rec_check(self, uint64_t pos, uint64_t head, uint64_t *size,
+                               uint32_t *ln) noexcept nogil:
+        """The record at pos (pos < head): 1 for a message (*ln payload
+        bytes), 0 for padding, -1 if malformed; *size = bytes it occupies.
         Lengths come from shared memory and are never trusted."""
         cdef uint64_t off = pos & self._mask
         cdef uint32_t n = (<uint32_t *>(self._data + off))[0]
         cdef uint32_t fl = (<uint32_t *>(self._data + off))[1]
         cdef uint64_t sz
+        # every path sets both outputs (callers read them only by the result)
+        size[0] = 0
+        ln[0] = 0
         if fl & RING_FLAG_PAD:
             sz = self._cap - off
             if fl != RING_FLAG_PAD or <uint64_t>n + RING_REC_HDR != sz or sz > head - pos:
-                raise self._m.corrupt(f"bad padding record at position {pos}")
+                return -1
             size[0] = sz
             return 0
         sz = ring_rec_size(n)
         if fl != 0 or off + sz > self._cap or sz > head - pos:
-            raise self._m.corrupt(
-                f"record at position {pos} (length {n}, flags {fl}) crosses the end of the "
-                f"data area or head {head}")
+            return -1
         size[0] = sz
         ln[0] = n
         return 1
+
+    cdef int _bad_rec(self, uint64_t pos, uint64_t head) except -1:
+        """Raise the corrupt-ring error for the malformed record at pos."""
+        cdef uint64_t off = pos & self._mask
+        cdef uint32_t n = (<uint32_t *>(self._data + off))[0]
+        cdef uint32_t fl = (<uint32_t *>(self._data + off))[1]
+        if fl & RING_FLAG_PAD:
+            raise self._m.corrupt(f"bad padding record at position {pos}")
+        raise self._m.corrupt(
+            f"record at position {pos} (length {n}, flags {fl}) crosses the end of the "
+            f"data area or head {head}")
+
+    cdef inline int _rec_at(self, uint64_t pos, uint64_t head, uint64_t *size,
+                            uint32_t *ln) except -1:
+        """_rec_check that raises IncompatibleRegion for a malformed record."""
+        cdef int k = self._rec_check(pos, head, size, ln)
+        if k < 0:
+            return self._bad_rec(pos, head)
+        return k
 
     cdef inline int _load_head(self) except -1:
         cdef uint64_t h = eng_load_acquire_u64(&self._h.prod.head)
@@ -1624,6 +1650,7 @@ cdef class Consumer:
         cdef ring_header_t *h = self._h
         cdef uint64_t c, hd, pos, size, cnt
         cdef uint32_t ln
+        cdef int k
         while True:
             c = eng_load_seqcst_u64(&h.claim.claim)
             eng_store_seqcst_u64(&self._slot.cursor, c)
@@ -1639,12 +1666,11 @@ cdef class Consumer:
             pos = c
             cnt = 0
             while pos < hd and cnt < maxn:
-                try:
-                    if self._rec_at(pos, hd, &size, &ln):
-                        cnt += 1
-                except BaseException:
+                k = self._rec_check(pos, hd, &size, &ln)
+                if k < 0:
                     eng_store_release_u64(&self._slot.cursor, RING_IDLE)
-                    raise
+                    return self._bad_rec(pos, hd)
+                cnt += k
                 pos += size
             # claim_end before the CAS (0 again if it fails): a reaper then
             # counts [c, pos) as lost only if this claim may have happened.
@@ -1755,6 +1781,48 @@ cdef class Consumer:
             PyErr_CheckSignals()
 
     # ---- single messages ---------------------------------------------------
+    cdef object _take_claimed(self, uint64_t start, uint64_t end):
+        """Shared mode: the message of the claimed range [start, end) as
+        bytes (a padding record claimed with it comes first), the slot
+        released.  Written without a try block (that saves and restores the
+        exception state on every call): each failure is handled where it
+        happens."""
+        cdef uint64_t size
+        cdef uint32_t ln
+        cdef int k
+        cdef PyObject *b
+        cdef object out
+        while True:
+            k = self._rec_check(start, end, &size, &ln)
+            if k != 0:
+                break
+            start += size
+        if k < 0:
+            self._lose_claim()
+            return self._bad_rec(start, end)
+        b = _new_bytes(<char *>self._data + (start & self._mask) + RING_REC_HDR, ln)
+        if b == NULL:
+            self._lose_claim()
+            _propagate()
+        self._msgs += 1
+        self._bytes += ln
+        eng_store_relaxed_u64(&self._slot.msgs_got, self._msgs)
+        eng_store_relaxed_u64(&self._slot.bytes_got, self._bytes)
+        eng_store_release_u64(&self._slot.cursor, RING_IDLE)
+        _wake_producer(self._h)
+        out = <object>b  # takes a reference of its own
+        Py_DECREF_raw(b)
+        return out
+
+    cdef void _lose_claim(self) noexcept:
+        # A MemoryError (or a corrupt record) after the claim: the message is
+        # ours and cannot be handed out, so it is lost (at-most-once) and
+        # counted; the slot must not keep announcing it, or the producer
+        # stays gated on it.
+        eng_fetch_add_relaxed_u64(&self._h.prod.lost, 1)
+        eng_store_release_u64(&self._slot.cursor, RING_IDLE)
+        _wake_producer(self._h)
+
     cdef object _take(self, bint view):
         """One message as bytes (or a view), None if none is available now."""
         cdef uint64_t size, start, end
@@ -1764,6 +1832,8 @@ cdef class Consumer:
         if self._shared:
             if not self._claim(1, &start, &end):
                 return None
+            if not view:
+                return self._take_claimed(start, end)
             try:
                 # skip a leading padding record claimed together with the message
                 while not self._rec_at(start, end, &size, &ln):
