@@ -12,7 +12,11 @@ cancel out, the Python ``for`` loop that makes the calls does not.
   put     put N messages into a ring big enough for all of them
   putget  put 256, get 256, repeated: put + get of one message
 
-per put = put; per get = putget - put.
+  putarr  put_array of ARRAY_ROWS rows of 64 bytes, repeated
+  arrays  put_array of ARRAY_ROWS rows, get_array of them, repeated
+
+per put = put; per get = putget - put; per row of put_array = putarr,
+of get_array = arrays - putarr.
 
 Run: ``python bench/ring_instr.py [--ring-mode shared]`` (needs valgrind;
 about a minute).
@@ -22,6 +26,7 @@ about a minute).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -29,7 +34,8 @@ from typing import Dict
 
 SIZE = 64
 BATCH = 256
-N1, N2 = 25_600, 128_000  # multiples of BATCH
+ARRAY_ROWS = 8192  # rows per put_array / get_array call, as in the bench
+N1, N2 = 3 * ARRAY_ROWS, 15 * ARRAY_ROWS  # multiples of BATCH and ARRAY_ROWS
 
 
 def _child(mode: str, n: int, ring_mode: str) -> None:
@@ -57,6 +63,16 @@ def _child(mode: str, n: int, ring_mode: str) -> None:
                 put(m)
             for _ in idle:
                 get()
+    elif mode in ("putarr", "arrays"):
+        import numpy as np
+
+        rows = np.frombuffer(b"".join(msgs) * (ARRAY_ROWS // BATCH), dtype=np.uint8)
+        rows = rows.reshape(ARRAY_ROWS, SIZE)
+        put_array, get_array = p.put_array, c.get_array
+        for _ in range(n // ARRAY_ROWS):
+            put_array(rows)
+            if mode == "arrays":
+                get_array(ARRAY_ROWS)
     else:
         raise SystemExit(f"unknown mode {mode}")
 
@@ -66,7 +82,9 @@ def _count(mode: str, n: int, ring_mode: str) -> int:
         "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
         sys.executable, __file__, "--ring-mode", ring_mode, "--child", mode, str(n),
     ]
-    err = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    # one thread: numpy's BLAS worker threads would add a varying count
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    err = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stderr
     m = re.search(r"Collected : (\d+)", err)
     if not m:
         raise RuntimeError(f"no instruction count in callgrind's output:\n{err[-2000:]}")
@@ -82,12 +100,13 @@ def main(argv: list[str]) -> int:
         _child(args.child[0], int(args.child[1]), args.ring_mode)
         return 0
     per: Dict[str, float] = {}
-    for mode in ("loop", "put", "putget"):
+    for mode in ("loop", "put", "putget", "putarr", "arrays"):
         a, b = _count(mode, N1, args.ring_mode), _count(mode, N2, args.ring_mode)
         per[mode] = (b - a) / (N2 - N1)
         print(f"{mode:7} {per[mode]:8.1f} instructions per message", flush=True)
     print(f"per put {per['put']:.1f} (loop floor {per['loop']:.1f}), "
-          f"per get {per['putget'] - per['put']:.1f}")
+          f"per get {per['putget'] - per['put']:.1f}; per row: put_array {per['putarr']:.1f}, "
+          f"get_array {per['arrays'] - per['putarr']:.1f} ({ARRAY_ROWS} rows per call)")
     return 0
 
 

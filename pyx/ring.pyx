@@ -2211,6 +2211,9 @@ cdef class Consumer:
         cdef int bad = 0
         cdef char *dst
         cdef Py_buffer view
+        cdef uint32_t hdr[2]
+        cdef uint64_t expect, run, j
+        cdef unsigned char *src
         # leading padding records (a wrap) belong to no row
         while pos != hd:
             off = pos & mask
@@ -2243,9 +2246,41 @@ cdef class Consumer:
         PyObject_GetBuffer(arr, &view, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE)
         dst = <char *>view.buf
         endpos = pos
+        hdr[0] = <uint32_t>rowlen
+        hdr[1] = 0
+        memcpy(&expect, hdr, 8)
         with nogil:
             while n < kmax and pos != hd:
                 off = pos & mask
+                # A run of whole records that lie before the end of the data
+                # area and head: each one whose 8-byte header is exactly
+                # (rowlen, no flags) is a row, with no further check needed.
+                run = (cap - off) // rec
+                if (hd - pos) // rec < run:
+                    run = (hd - pos) // rec
+                if <uint64_t>(kmax - n) < run:
+                    run = <uint64_t>(kmax - n)
+                src = data + off
+                j = 0
+                if rowlen == 64:
+                    while j < run and (<uint64_t *>src)[0] == expect:
+                        memcpy(dst, src + RING_REC_HDR, 64)  # inlined
+                        src += rec
+                        dst += 64
+                        j += 1
+                else:
+                    while j < run and (<uint64_t *>src)[0] == expect:
+                        memcpy(dst, src + RING_REC_HDR, rowlen)
+                        src += rec
+                        dst += rowlen
+                        j += 1
+                if j:
+                    n += <Py_ssize_t>j
+                    pos += j * rec
+                    endpos = pos
+                    continue
+                # the record at pos is not a plain row: padding, another size,
+                # or malformed
                 ln = (<uint32_t *>(data + off))[0]
                 fl = (<uint32_t *>(data + off))[1]
                 if fl == RING_FLAG_PAD:
@@ -2260,17 +2295,10 @@ cdef class Consumer:
                     break
                 if ln != rowlen:
                     break  # another size: the next call starts there
-                if off + rec > cap or rec > hd - pos:
-                    bad = 3
-                    break
-                if rowlen == 64:
-                    memcpy(dst, data + off + RING_REC_HDR, 64)  # inlined
-                else:
-                    memcpy(dst, data + off + RING_REC_HDR, rowlen)
-                dst += rowlen
-                n += 1
-                pos += rec
-                endpos = pos
+                # a row's header on a record that crosses the end of the data
+                # area or head (the run above stopped short of it)
+                bad = 3
+                break
         PyBuffer_Release(&view)
         if bad and n == 0:
             raise self._m.corrupt(f"bad record at position {pos} (length {ln}, flags {fl})")

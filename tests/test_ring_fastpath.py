@@ -6,11 +6,15 @@ contract of the general path at the edges where the two meet."""
 
 from __future__ import annotations
 
+import mmap
+import struct
 import types
 
+import numpy as np
 import pytest
 
 import engine
+from engine._shm import region_path
 from engine.errors import Closed
 
 HOT = {
@@ -122,3 +126,40 @@ def test_cursor_is_published_by_every_get():
         assert cons["messages_got"] == i + 1
         assert cons["bytes_got"] == (i + 1) * 10
     ring.close()
+
+
+def _poke(name, offset, fmt, value):
+    with open(region_path(name), "r+b") as f:
+        mm = mmap.mmap(f.fileno(), 0)
+        try:
+            struct.pack_into(fmt, mm, offset, value)
+        finally:
+            mm.close()
+
+
+@pytest.mark.parametrize("bad", ["flags", "length"])
+def test_get_array_run_stops_at_a_row_header_that_is_not_exact(shm_name, bad):
+    """get_array copies a run of rows while each 8-byte header is exactly
+    (row length, no flags): a row in the middle with flags set or another
+    length ends the run there -- the rows before it come back, and the
+    next call reports the bad one (flags) or starts an array of the other
+    size (length)."""
+    r = engine.Ring.create(shm_name, 1 << 16)
+    p, c = r.producer(), r.consumer()
+    rows = np.arange(20 * 64, dtype=np.uint8).reshape(20, 64)
+    p.put_array(rows)  # 72-byte records from data offset 0
+    rec13 = 4096 + 13 * 72
+    if bad == "flags":
+        _poke(shm_name, rec13 + 4, "<I", 4)
+        assert c.get_array(100).tolist() == rows[:13].tolist()
+        with pytest.raises(engine.IncompatibleRegion, match="corrupt ring"):
+            c.get_array(100)
+        _poke(shm_name, rec13 + 4, "<I", 0)
+        assert c.get_array(100).tolist() == rows[13:].tolist()
+    else:
+        _poke(shm_name, rec13, "<I", 56)  # a 56-byte message (64-byte record) there
+        assert c.get_array(100).tolist() == rows[:13].tolist()
+        assert c.get_array(1).tolist() == [rows[13][:56].tolist()]
+    c.close()
+    p.close()
+    r.close()
