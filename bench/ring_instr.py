@@ -82,8 +82,8 @@ def _count(mode: str, n: int, ring_mode: str) -> int:
         "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
         sys.executable, __file__, "--ring-mode", ring_mode, "--child", mode, str(n),
     ]
-    # one thread: numpy's BLAS worker threads would add a varying count
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    # one thread (numpy's BLAS workers would add a varying count), one hash seed
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
     err = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stderr
     m = re.search(r"Collected : (\d+)", err)
     if not m:
