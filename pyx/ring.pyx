@@ -1942,9 +1942,14 @@ cdef class Consumer:
         as long as it takes) -> ``Timeout``; ``Closed`` once drained after
         the producer closed."""
         cdef uint32_t ln
-        cdef uint64_t size
+        cdef uint64_t size, start, end
         if self._at_message(&ln, &size):
             return self._take_at(ln, size)
+        if self._shared and self._m is not None and not self._view_adv:
+            # shared mode: one claim attempt straight away (none: the
+            # general path waits and claims again)
+            if self._claim(1, &start, &end):
+                return self._take_claimed(start, end)
         return self._get(timeout, False)
 
     @cython.binding(False)
@@ -1952,9 +1957,14 @@ cdef class Consumer:
         """The next message, or None if none is there right now (``Closed``
         once drained after the producer closed)."""
         cdef uint32_t ln
-        cdef uint64_t size
+        cdef uint64_t size, start, end
         if self._at_message(&ln, &size):
             return self._take_at(ln, size)
+        if self._shared and self._m is not None and not self._view_adv:
+            if self._claim(1, &start, &end):
+                return self._take_claimed(start, end)
+            self._closed_empty()
+            return None
         self._check()
         out = self._take(False)
         if out is None:
