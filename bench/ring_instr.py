@@ -19,7 +19,8 @@ per put = put; per get = putget - put; per row of put_array = putarr,
 of get_array = arrays - putarr.
 
 Run: ``python bench/ring_instr.py [--ring-mode shared]`` (needs valgrind;
-about a minute).
+about a minute); ``--time`` runs the same loops without valgrind and prints
+CPU nanoseconds per message instead (best of 7).
 ``python bench/ring_instr.py --child MODE N`` is the loop itself.
 """
 
@@ -30,6 +31,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from typing import Dict
 
 SIZE = 64
@@ -38,7 +40,8 @@ ARRAY_ROWS = 8192  # rows per put_array / get_array call, as in the bench
 N1, N2 = 3 * ARRAY_ROWS, 15 * ARRAY_ROWS  # multiples of BATCH and ARRAY_ROWS
 
 
-def _child(mode: str, n: int, ring_mode: str) -> None:
+def _child(mode: str, n: int, ring_mode: str) -> int:
+    """Run one loop of n messages; returns the process CPU ns it took."""
     import engine
 
     # one batch of payloads, sent n // BATCH times: building them costs the
@@ -48,6 +51,7 @@ def _child(mode: str, n: int, ring_mode: str) -> None:
     ring = engine.Ring(capacity=1 << 24, mode=ring_mode)  # 16 MiB: N2 records fit
     p, c = ring.producer(), ring.consumer()
     put, get = p.put, c.get
+    t0 = time.process_time_ns()
     if mode == "loop":
         f = len
         for _ in range(n // BATCH):
@@ -69,12 +73,16 @@ def _child(mode: str, n: int, ring_mode: str) -> None:
         rows = np.frombuffer(b"".join(msgs) * (ARRAY_ROWS // BATCH), dtype=np.uint8)
         rows = rows.reshape(ARRAY_ROWS, SIZE)
         put_array, get_array = p.put_array, c.get_array
+        t0 = time.process_time_ns()  # the rows are built: time the calls only
         for _ in range(n // ARRAY_ROWS):
             put_array(rows)
             if mode == "arrays":
                 get_array(ARRAY_ROWS)
     else:
         raise SystemExit(f"unknown mode {mode}")
+    t = time.process_time_ns() - t0
+    ring.close()
+    return t
 
 
 def _count(mode: str, n: int, ring_mode: str) -> int:
@@ -94,17 +102,23 @@ def _count(mode: str, n: int, ring_mode: str) -> int:
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ring-mode", default="spsc", choices=("spsc", "broadcast", "shared"))
+    ap.add_argument("--time", action="store_true",
+                    help="CPU ns per message instead (no valgrind; best of 7 runs of N2)")
     ap.add_argument("--child", nargs=2, metavar=("MODE", "N"))
     args = ap.parse_args(argv)
     if args.child:
         _child(args.child[0], int(args.child[1]), args.ring_mode)
         return 0
     per: Dict[str, float] = {}
+    unit = "ns" if args.time else "instructions"
     for mode in ("loop", "put", "putget", "putarr", "arrays"):
-        a, b = _count(mode, N1, args.ring_mode), _count(mode, N2, args.ring_mode)
-        per[mode] = (b - a) / (N2 - N1)
-        print(f"{mode:7} {per[mode]:8.1f} instructions per message", flush=True)
-    print(f"per put {per['put']:.1f} (loop floor {per['loop']:.1f}), "
+        if args.time:
+            per[mode] = min(_child(mode, N2, args.ring_mode) for _ in range(7)) / N2
+        else:
+            a, b = _count(mode, N1, args.ring_mode), _count(mode, N2, args.ring_mode)
+            per[mode] = (b - a) / (N2 - N1)
+        print(f"{mode:7} {per[mode]:8.1f} {unit} per message", flush=True)
+    print(f"{unit} per put {per['put']:.1f} (loop floor {per['loop']:.1f}), "
           f"per get {per['putget'] - per['put']:.1f}; per row: put_array {per['putarr']:.1f}, "
           f"get_array {per['arrays'] - per['putarr']:.1f} ({ARRAY_ROWS} rows per call)")
     return 0
