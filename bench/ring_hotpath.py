@@ -2,7 +2,8 @@
 
 Runs the ``queue-engine bench`` ring cases that measure per-message cost --
 processes 1->1 put/get, processes 1->2 competing (``mode="shared"``) and
-put_array/get_array rows -- with only engine.Ring and the peers named below,
+put_array/get_array rows -- and the ping-pong latency a spinning waiter
+buys, with only engine.Ring and the peers named below,
 through the same harness (steady-state windows, verified deliveries,
 interleaved repetitions, medians).  It is the quick way to compare two
 builds of the ring: the full suite also runs the slow peers.
@@ -25,6 +26,7 @@ KEEP = {
     "processes 1->1 put/get": ("engine.Ring", "pyzmq PUSH/PULL ipc"),
     "processes 1->2 competing": ('engine.Ring (mode="shared")', "pyzmq PUSH/PULL ipc"),
     "processes 1->1 arrays": ("engine.Ring put_array/get_array", "faster-fifo row blocks"),
+    "ping-pong round trip": ("engine.Ring (2 spsc rings)", "pyzmq PAIR ipc"),
 }
 
 
@@ -47,8 +49,12 @@ def main(argv: list[str]) -> int:
             runs = [r.rate() for r in c.valid_runs()]
             if unit == "MB/s":
                 runs = [r * case.workload.size / 1e6 for r in runs]
-            shown = ", ".join(f"{x:,.0f}" for x in runs if math.isfinite(x))
-            print(f"{case.name:26} {c.name:34} median {fig:14,.0f} {unit}  runs [{shown}]"
+            if unit == "us":  # latency: the headline is the p50 in ns, per run too
+                fig /= 1000
+                runs = [r.latency_ns["p50"] / 1000 for r in c.valid_runs() if r.latency_ns]
+            d = 1 if unit == "us" else 0
+            shown = ", ".join(f"{x:,.{d}f}" for x in runs if math.isfinite(x))
+            print(f"{case.name:26} {c.name:34} median {fig:14,.{d}f} {unit}  runs [{shown}]"
                   + (f"  {c.reason}" if c.reason else ""))
         ratio = res.ratio
         print(f"{case.name:26} ratio ours/peer {ratio:.2f}" if ratio else f"{case.name}: no ratio")
