@@ -66,6 +66,7 @@ class Recording:
         self._log = log
         self._lock = threading.Lock()
         self.last: dict = {}  # saga id -> (range of offsets, decoded records)
+        self.starts: dict = {}  # (saga id, step) -> offset of its last start record
 
     def append_many(self, values, keys=None):
         values = list(values)
@@ -74,8 +75,12 @@ class Recording:
         # may take in other threads' records appended during the sync)
         mine = range(r.start, r.start + len(values))
         if keys:
+            recs = [json.loads(v) for v in values]
             with self._lock:
-                self.last[bytes(keys[0]).decode()] = (mine, [json.loads(v) for v in values])
+                self.last[bytes(keys[0]).decode()] = (mine, recs)
+                for off, rec in zip(mine, recs):
+                    if rec.get("t") == "start":
+                        self.starts[(rec["id"], rec["s"])] = off
         return r
 
     def __getattr__(self, name):
@@ -187,3 +192,36 @@ def test_concurrent_sagas_share_syncs(tmp_path):
     assert sum(writes) == threads * per * (len(STEPS) + 1)
     assert hook.syncs.get(path, 0) >= syncs > 0  # every sync the log counts, the hook saw
     assert syncs < sum(writes), (syncs, sum(writes))
+
+
+def test_parallel_steps_of_a_saga_share_syncs_and_each_waits_for_its_own(tmp_path):
+    """A group of 4 parallel steps: each action starts only once its own
+    start record is durable, and the 4 start records (written from 4 worker
+    threads) share syncs: fewer syncs than the saga's durable writes (4
+    starts and the end)."""
+    hook = Durable(slow=0.002)
+    _logmod._set_sync_hook(hook)
+    names = ("a", "b", "c", "d")
+    sagas = 6
+    saga, rec = _saga(tmp_path / "saga")
+    path = saga._log.path
+    early = []
+
+    def action(sc):
+        off = rec.starts.get((sc.saga_id, sc.step))
+        if off is None or hook.end(path) <= off:
+            early.append((sc.saga_id, sc.step, off, hook.end(path)))
+        return sc.step
+
+    for name in names:
+        saga.step(name, action, lambda sc: None, group="g")
+    try:
+        before = saga._log.stats()["syncs"]
+        for i in range(sagas):
+            assert saga.run(i, saga_id=f"p{i}") == {n: n for n in names}
+        syncs = saga._log.stats()["syncs"] - before
+    finally:
+        _logmod._set_sync_hook(None)
+        saga.close()
+    assert early == []
+    assert 0 < syncs < sagas * (len(names) + 1), (syncs, sagas * (len(names) + 1))
