@@ -60,8 +60,11 @@ record is on disk (msync + fdatasync) before its action runs, and each outcome
 before the next step starts; a saga's last record is on disk before
 :meth:`Saga.run` returns. ``"none"`` survives a process crash (``SIGKILL``)
 but not a power loss. An outcome and the next step's start share one sync, so a
-saga of *n* steps costs *n* + 1 syncs (concurrent sagas in threads also share
-them: the log group-commits).
+saga of *n* steps costs *n* + 1 syncs.  A write waits for its sync after
+releasing the saga's lock, so concurrent writes share syncs (the log
+group-commits): sagas in several threads (8 threads running 3-step sagas:
+about one sync per saga) and the parallel steps of a group (their start
+records).
 
 Parallel groups
 ---------------
