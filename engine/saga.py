@@ -735,13 +735,15 @@ class Saga:
         # appended so far durable, rolled segments included, in every mode:
         # that contract is all this relies on.
         group_commit = durability == "always"
+        # (otherwise the log's own flush_interval)
+        period: Dict[str, Any] = {"flush_interval": 3600.0} if group_commit else {}
         self._log = Log(
             self._path,
             durability="interval" if group_commit else durability,
             segment_bytes=segment_bytes,
             retention_bytes=retention_bytes,
             retention_age=retention_age,
-            **({"flush_interval": 3600.0} if group_commit else {}),
+            **period,
         )
         # the log a durable write waits for (after the lock), or None
         self._sync_log: Optional[Any] = self._log if group_commit else None

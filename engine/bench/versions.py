@@ -44,7 +44,7 @@ import sqlite3
 import tempfile
 import threading
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Literal, Tuple
 
 from engine.bench.harness import (
     BUILD_HINT,
@@ -88,7 +88,7 @@ def _check_versions(versions: List[int], who: str) -> None:
 
 
 class _Ours:
-    def __init__(self, n: int, durability: str = "none") -> None:
+    def __init__(self, n: int, durability: Literal["always", "none"] = "none") -> None:
         from engine.versions import VersionedStore
 
         self.dir = tempfile.mkdtemp(prefix="qe-bench-versions-")
