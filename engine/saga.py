@@ -60,8 +60,11 @@ record is on disk (msync + fdatasync) before its action runs, and each outcome
 before the next step starts; a saga's last record is on disk before
 :meth:`Saga.run` returns. ``"none"`` survives a process crash (``SIGKILL``)
 but not a power loss. An outcome and the next step's start share one sync, so a
-saga of *n* steps costs *n* + 1 syncs (concurrent sagas in threads also share
-them: the log group-commits).
+saga of *n* steps costs *n* + 1 syncs.  A write waits for its sync after
+releasing the saga's lock, so concurrent writes share syncs (the log
+group-commits): sagas in several threads (8 threads running 3-step sagas:
+about one sync per saga) and the parallel steps of a group (their start
+records).
 
 Parallel groups
 ---------------
@@ -721,13 +724,29 @@ class Saga:
         self._closed = False
         self._compact_every = compact_every
         self._finished = 0  # sagas finished since the last compact()
+        # "always": group commit across a saga's parallel steps and across
+        # threads.  The log's own "always" syncs inside append_many, i.e.
+        # under the saga's lock (_emit), so the parallel steps of one saga
+        # would take turns at one sync each.  Instead the log appends without
+        # waiting ("interval" with the longest period: its background sync
+        # practically never runs) and _emit, once the lock is released,
+        # waits for log.flush(): writes appended meanwhile share that sync
+        # (the log's flush is group-committed).  flush() makes *everything*
+        # appended so far durable, rolled segments included, in every mode:
+        # that contract is all this relies on.
+        group_commit = durability == "always"
+        # (otherwise the log's own flush_interval)
+        period: Dict[str, Any] = {"flush_interval": 3600.0} if group_commit else {}
         self._log = Log(
             self._path,
-            durability=durability,
+            durability="interval" if group_commit else durability,
             segment_bytes=segment_bytes,
             retention_bytes=retention_bytes,
             retention_age=retention_age,
+            **period,
         )
+        # the log a durable write waits for (after the lock), or None
+        self._sync_log: Optional[Any] = self._log if group_commit else None
         try:
             # every saga begun below the low-water mark had finished when it
             # was recorded: start the fold there
@@ -1186,11 +1205,15 @@ class Saga:
 
     def _emit(self, run: _Run, recs: List[Dict[str, Any]], sync: bool) -> None:
         """Fold ``recs`` into ``run`` and queue them; with ``sync`` write every
-        queued record of the saga in one append (one sync) before returning.
+        queued record of the saga in one append and return once it is durable
+        (per ``durability``).
 
         The append happens under the saga's lock, so the records of one saga
         reach the log in the order they were folded (parallel steps of a group
-        write through here too: a start must never land before its begin)."""
+        write through here too: a start must never land before its begin).
+        With ``durability="always"`` the wait for the sync comes after the
+        lock is released, so the parallel steps of a group, and sagas in other
+        threads, share syncs (group commit)."""
         encoded = [(r["t"], self._dumps(r)) for r in recs]  # raises before anything changes
         ts = time.time_ns()
         with run.lock:
@@ -1203,17 +1226,24 @@ class Saga:
             run.pending = []
             values = [b for _, b in batch]
             key = run.id.encode()
+            kinds = "+".join(k for k, _ in batch) if _cp.armed else ""
             if _cp.armed:
-                kinds = "+".join(k for k, _ in batch)
                 _crash_point(f"saga.before-write:{kinds}")
             try:
-                self._log.append_many(values, [key] * len(values))
+                # (its range's start is this batch's first offset)
+                end = self._log.append_many(values, [key] * len(values)).start + len(values)
             except BaseException:
                 # not written: keep them for the next write of this saga
                 run.pending[:0] = batch
                 raise
-            if _cp.armed:
-                _crash_point(f"saga.after-write:{kinds}")
+        log = self._sync_log
+        if log is not None and log.durable_offset < end:
+            # durable before the step's action (or the caller) goes on; a
+            # sync that covered these records already is enough.  A failed
+            # sync breaks the log: this and every later write raise
+            log.flush()
+        if _cp.armed:
+            _crash_point(f"saga.after-write:{kinds}")
         if self._events is not None:
             self._publish(key, values)
 

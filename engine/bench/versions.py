@@ -25,6 +25,14 @@ update instead of two: key index, then rowid table).
 The ``get`` case times one ``get(key)`` per message over the same keys,
 against ``dict.get`` under the lock and a SQLite ``SELECT``.
 
+The durable cases run the same compare-and-set with ``durability="always"``
+(each ``put`` returns once its record is on stable storage) from 1 and from
+8 threads sharing one store (the store appends under its lock and waits for
+the sync outside it, so concurrent puts share syncs: the log's group
+commit), against the same ``UPDATE`` on a SQLite file (WAL,
+``synchronous=FULL``: an fsync per commit), autocommit, one connection per
+thread.  ``bench/saga_syncs.py --only put`` counts the syncs per put of both.
+
 Issue-4 targets (same run): CAS ``put`` >= 500,000/s and >= 10x the SQLite
 update; ``get`` within 3x of the locked dict.
 """
@@ -36,7 +44,7 @@ import sqlite3
 import tempfile
 import threading
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Literal, Tuple
 
 from engine.bench.harness import (
     BUILD_HINT,
@@ -48,14 +56,19 @@ from engine.bench.harness import (
     Target,
     Workload,
     digest,
+    run_in_threads,
 )
 
 SECTION = "versions"
 # the cases the quick profile runs (fewer cases, never shorter windows); --full runs all
-QUICK: tuple = ()  # --full only: its sized SQLite peer alone costs the quick suite ~25 s
+# (the in-memory CAS cases are --full only: their sized SQLite peer alone costs the quick
+# suite ~25 s; the durable one at 8 threads takes a few seconds)
+QUICK = ("durable CAS put vs SQLite FULL, 8 threads",)
 
 OURS = ("engine._log", "engine._versions")
 SQLITE_PUT = "sqlite3 version column (:memory:)"
+SQLITE_FULL = "sqlite3 version column, synchronous=FULL"
+THREADS = 8
 LOCKED_DICT = "dict + threading.Lock"
 
 
@@ -75,12 +88,12 @@ def _check_versions(versions: List[int], who: str) -> None:
 
 
 class _Ours:
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, durability: Literal["always", "none"] = "none") -> None:
         from engine.versions import VersionedStore
 
         self.dir = tempfile.mkdtemp(prefix="qe-bench-versions-")
         self.store = VersionedStore(
-            self.dir, durability="none", snapshot_every=None, segment_bytes=256 << 20
+            self.dir, durability=durability, snapshot_every=None, segment_bytes=256 << 20
         )
         self.store.apply([("put", k, b"") for k in _keys(n)])  # every key at version 1
 
@@ -105,6 +118,29 @@ def ours_put(wl: Workload) -> Run:
         o.close()
     _check_versions([g[0] for g in got], "VersionedStore")
     return Run.timed(t0, t1, digest([g[1] for g in got]))
+
+
+def ours_put_durable(threads: int) -> Any:
+    """CAS puts with ``durability="always"`` from ``threads`` threads on one store."""
+
+    def run(wl: Workload) -> Run:
+        msgs = wl.payloads()
+        keys = _keys(wl.count)
+        o = _Ours(wl.count, "always")
+        try:
+            put = o.store.put
+
+            def one(_k: int, i: int) -> None:
+                put(keys[i], msgs[i], 1)
+
+            t0, t1 = run_in_threads(threads, wl.count, one)
+            got = [o.store.get(k) for k in keys]
+        finally:
+            o.close()
+        _check_versions([g[0] for g in got], "VersionedStore")
+        return Run.timed(t0, t1, digest([g[1] for g in got]))
+
+    return run
 
 
 def ours_get(wl: Workload) -> Run:
@@ -231,6 +267,48 @@ def sqlite_put(wl: Workload) -> Run:
     return Run.timed(t0, t1, digest([g[1] for g in got]))
 
 
+def sqlite_put_full(threads: int) -> Any:
+    """The same CAS on a SQLite file (WAL, ``synchronous=FULL``, autocommit),
+    one connection per thread."""
+
+    def run(wl: Workload) -> Run:
+        msgs = wl.payloads()
+        keys = _keys(wl.count)
+        tmp = tempfile.mkdtemp(prefix="qe-bench-versions-sqlite-")
+        path = f"{tmp}/kv.db"
+
+        def connect() -> sqlite3.Connection:
+            db = sqlite3.connect(path, isolation_level=None, timeout=60.0, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            return db
+
+        dbs = [connect() for _ in range(threads)]
+        try:
+            dbs[0].execute(
+                "CREATE TABLE kv (key BLOB PRIMARY KEY, value BLOB NOT NULL, "
+                "version INTEGER NOT NULL) WITHOUT ROWID"
+            )
+            dbs[0].execute("BEGIN")
+            dbs[0].executemany("INSERT INTO kv VALUES (?, x'', 1)", [(k,) for k in keys])
+            dbs[0].execute("COMMIT")
+
+            def one(k: int, i: int) -> None:
+                if dbs[k].execute(_UPDATE, (msgs[i], keys[i], 1)).rowcount != 1:
+                    raise AssertionError(f"sqlite: CAS of {keys[i]!r} failed")
+
+            t0, t1 = run_in_threads(threads, wl.count, one)
+            got = _sqlite_read(dbs[0], keys)
+        finally:
+            for db in dbs:
+                db.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+        _check_versions([g[0] for g in got], "SQLite")
+        return Run.timed(t0, t1, digest([g[1] for g in got]))
+
+    return run
+
+
 def sqlite_get(wl: Workload) -> Run:
     msgs = wl.payloads()
     keys = _keys(wl.count)
@@ -265,6 +343,27 @@ def _ours(name: str, fn: Any) -> Contender:
 def cases(profile: Profile) -> List[Case]:
     """The versions cases for this profile."""
     n = profile.count(quick=20_000, full=300_000)
+    durable = []
+    for threads, count in (
+        (1, profile.count(quick=400, full=2_000)),
+        (THREADS, profile.count(quick=1_600, full=8_000)),
+    ):
+        x = f" x{threads}" if threads > 1 else ""
+        durable.append(
+            Case(
+                "durable CAS put vs SQLite FULL" + (f", {threads} threads" if threads > 1 else ""),
+                f"put(key, value, expected_version=1) -> 2 with durability='always' from "
+                f"{threads} thread(s) sharing one store vs SQLite UPDATE ... WHERE key=? AND "
+                "version=? on a file (WAL, synchronous=FULL), a connection per thread",
+                THROUGHPUT,
+                Workload(count, 64),
+                [
+                    _ours(f"engine.VersionedStore always{x}", ours_put_durable(threads)),
+                    Contender(SQLITE_FULL + x, sqlite_put_full(threads)),
+                ],
+                targets=[Target("ratio", 3, SQLITE_FULL + x)] if threads > 1 else [],
+            )
+        )
     return [
         Case(
             "CAS put vs SQLite",
@@ -304,4 +403,5 @@ def cases(profile: Profile) -> List[Case]:
             ],
             targets=[Target("ratio", 1 / 3, LOCKED_DICT, label="within 3x of " + LOCKED_DICT)],
         ),
+        *durable,
     ]

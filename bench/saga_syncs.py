@@ -1,0 +1,189 @@
+"""Syncs per operation and operations per second of durable sagas and durable
+``VersionedStore`` puts, ours and SQLite's.
+
+    python bench/saga_syncs.py                          # sagas and puts, 1 and 8 threads
+    python bench/saga_syncs.py --only saga --threads 8 --count 800 --repeat 5
+
+``saga``: one operation = one saga of three steps (reserve, charge, deliver)
+on one :class:`engine.saga.Saga` with ``durability="always"`` shared by the
+threads; the peer is the ``saga`` bench section's: a SQLite saga-steps table
+(WAL, ``synchronous=FULL``), one row inserted per saga and updated after each
+step, every statement its own commit, one connection per thread.
+
+``put``: one operation = one compare-and-set ``put(key, value,
+expected_version=1)`` of a distinct key on one :class:`engine.VersionedStore`
+with ``durability="always"``; the peer is SQLite (WAL, ``synchronous=FULL``)
+doing ``UPDATE kv SET value=?, version=version+1 WHERE key=? AND version=?``
+in autocommit, one connection per thread.
+
+Every run is a child process with ``tests/faultinject/shim.c`` preloaded,
+which counts the fdatasync, fsync and msync calls on files under the run's
+directory between the first operation and the last (see bench/txn_syncs.py;
+the shim's cost per numbered call leans the ops/s a little towards whoever
+syncs less).  Ours and SQLite's run in turn, ``--repeat`` rounds of both; the
+table shows each one's median round and the median (and range) of the
+rounds' ratios.  After the clock stops every run checks its result: each saga
+delivered once, every key at version 2 with its value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+import faultkit  # noqa: E402
+
+COMMON = r"""
+import os, threading, time
+N, THREADS, D = {count}, {threads}, {d!r}
+msgs = [i.to_bytes(8, "little") + bytes([i % 251]) * 56 for i in range(N)]
+keys = [b"key:%010d" % i for i in range(N)]
+
+def in_threads(setup, one):
+    go = threading.Barrier(THREADS + 1)
+    errs = []
+    def worker(k):
+        ctx = setup(k)
+        go.wait()
+        try:
+            for i in range(k, N, THREADS):
+                one(ctx, i)
+        except BaseException as exc:
+            errs.append(exc)
+    ts = [threading.Thread(target=worker, args=(k,)) for k in range(THREADS)]
+    for t in ts:
+        t.start()
+    arm()
+    go.wait()
+    t0 = time.perf_counter()
+    for t in ts:
+        t.join()
+    t1 = time.perf_counter()
+    disarm()
+    if errs:
+        raise errs[0]
+    return t1 - t0
+
+def sqlite_conn(path):
+    import sqlite3
+    db = sqlite3.connect(path, isolation_level=None, timeout=60.0, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    return db
+"""
+
+SAGA_OURS = COMMON + r"""
+from engine.saga import Saga
+out = []
+saga = Saga(D + "/saga", durability="always")
+saga.step("reserve", lambda sc: sc.ctx, lambda sc: None)
+saga.step("charge", lambda sc: sc.ctx, lambda sc: None)
+saga.step("deliver", lambda sc: out.append(msgs[sc.ctx]), lambda sc: None)
+wall = in_threads(lambda k: None, lambda _c, i: saga.run(i))
+saga.close()
+if sorted(out) != sorted(msgs):
+    raise SystemExit(f"delivery check failed: {{len(out)}} of {{N}}")
+report({{"wall": wall}})
+"""
+
+SAGA_SQLITE = COMMON + r"""
+os.makedirs(D)
+out = []
+first = sqlite_conn(D + "/sagas.db")
+first.execute("CREATE TABLE saga_steps (saga INTEGER PRIMARY KEY, step TEXT NOT NULL, "
+              "state TEXT NOT NULL)")
+STEPS = ("reserve", "charge", "deliver")
+
+def one(db, i):
+    db.execute("INSERT INTO saga_steps VALUES (?, 'started', 'running')", (i,))
+    for name in STEPS:
+        if name == "deliver":
+            out.append(msgs[i])
+        db.execute("UPDATE saga_steps SET step = ?, state = ? WHERE saga = ?",
+                   (name, "done" if name == "deliver" else "running", i))
+
+wall = in_threads(lambda k: sqlite_conn(D + "/sagas.db"), one)
+(done,) = first.execute("SELECT count(*) FROM saga_steps WHERE state = 'done'").fetchone()
+if sorted(out) != sorted(msgs) or done != N:
+    raise SystemExit(f"delivery check failed: {{len(out)}} / {{done}} of {{N}}")
+report({{"wall": wall}})
+"""
+
+PUT_OURS = COMMON + r"""
+from engine.versions import VersionedStore
+st = VersionedStore(D + "/store", durability="always", snapshot_every=None)
+st.apply([("put", k, b"") for k in keys])
+wall = in_threads(lambda k: None, lambda _c, i: st.put(keys[i], msgs[i], 1))
+got = [st.get(k) for k in keys]
+st.close()
+if got != [(2, m) for m in msgs]:
+    raise SystemExit("put check failed")
+report({{"wall": wall}})
+"""
+
+PUT_SQLITE = COMMON + r"""
+os.makedirs(D)
+first = sqlite_conn(D + "/kv.db")
+first.execute("CREATE TABLE kv (key BLOB PRIMARY KEY, value BLOB NOT NULL, "
+              "version INTEGER NOT NULL) WITHOUT ROWID")
+first.execute("BEGIN")
+first.executemany("INSERT INTO kv VALUES (?, x'', 1)", [(k,) for k in keys])
+first.execute("COMMIT")
+UPDATE = "UPDATE kv SET value=?, version=version+1 WHERE key=? AND version=?"
+
+def one(db, i):
+    if db.execute(UPDATE, (msgs[i], keys[i], 1)).rowcount != 1:
+        raise AssertionError(f"CAS of {{keys[i]!r}} failed")
+
+wall = in_threads(lambda k: sqlite_conn(D + "/kv.db"), one)
+rows = dict((k, (v, val)) for k, val, v in first.execute("SELECT key, value, version FROM kv"))
+if [rows[k] for k in keys] != [(2, m) for m in msgs]:
+    raise SystemExit("put check failed")
+report({{"wall": wall}})
+"""
+
+WORKLOADS = {"saga": (SAGA_OURS, SAGA_SQLITE), "put": (PUT_OURS, PUT_SQLITE)}
+
+
+def measure(source: str, threads: int, count: int) -> tuple:
+    """(syncs per op, ops/s) of one child run."""
+    with tempfile.TemporaryDirectory(prefix="qe-saga-syncs-") as base:
+        d = os.path.join(base, "run")
+        res = faultkit.run(source.format(count=count, threads=threads, d=d), prefix=base,
+                           timeout=600)
+        if res.rc != 0 or not isinstance(res.report, dict):
+            raise SystemExit(f"run failed (rc {res.rc}): {res.stderr[-3000:]}")
+        syncs = sum(res.counts.get(f, 0) for f in faultkit.SYNC_FUNCS)
+        return syncs / count, count / res.report["wall"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", choices=sorted(WORKLOADS), nargs="+", default=["saga", "put"])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--count", type=int, default=800, help="operations per run")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds of both (medians shown)")
+    args = ap.parse_args()
+    print("| op | threads | ours syncs/op | SQLite syncs/op | ours op/s | SQLite op/s "
+          "| ours / SQLite (per round: median, range) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name in args.only:
+        ours_src, sq_src = WORKLOADS[name]
+        for t in args.threads:
+            ours, sq = [], []
+            for _ in range(max(1, args.repeat)):
+                ours.append(measure(ours_src, t, args.count))
+                sq.append(measure(sq_src, t, args.count))
+            ours_s, ours_r = sorted(ours, key=lambda r: r[1])[len(ours) // 2]
+            sq_s, sq_r = sorted(sq, key=lambda r: r[1])[len(sq) // 2]
+            ratios = sorted(o[1] / q[1] for o, q in zip(ours, sq))
+            print(f"| {name} | {t} | {ours_s:.2f} | {sq_s:.2f} | {ours_r:,.0f} | {sq_r:,.0f} | "
+                  f"{ratios[len(ratios) // 2]:.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f}) |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
