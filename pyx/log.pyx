@@ -2219,7 +2219,7 @@ cdef class Log:
         cdef size_t vlen, klen
         cdef bint vbuf, kbuf
         cdef uint32_t flags
-        cdef uint64_t first
+        cdef uint64_t first, end = 0
         cdef int64_t ts
         cdef Py_ssize_t i, n
         cdef size_t need
@@ -2284,12 +2284,15 @@ cdef class Log:
                 elif self._next != first:
                     self._publish(self._pos, self._next)
             finally:
+                # this call's records end here: once the flag is down other
+                # threads append after them (also while we wait for the sync)
+                end = self._next
                 self._writing = False
-                if self._next != first and not self._pw:
+                if end != first and not self._pw:
                     self._wake()
-        if self._durability == D_ALWAYS and self._next != first:
-            self._sync_upto(self._next)
-        return range(first, self._next)
+        if self._durability == D_ALWAYS and end != first:
+            self._sync_upto(end)
+        return range(first, end)
 
     # ---- syncing
 

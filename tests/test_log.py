@@ -607,3 +607,28 @@ def test_always_with_zero_fill_ahead_reads_back_and_recovers(tmp_path):
         _log._set_zero_ahead(False)
     assert [rec.value for rec in engine.LogReader(path)] == vals
     assert all(r.error is None for r in _log.verify(path))
+
+
+@pytest.mark.parametrize("durability", ["always", "none"])
+def test_append_many_from_threads_returns_its_own_offsets(tmp_path, durability):
+    # each call's range names exactly its records, while other threads append
+    # during its sync wait
+    got = []
+    with engine.Log(tmp_path / "l", durability=durability, segment_bytes=1 << 20) as log:
+
+        def writer(t):
+            for i in range(50):
+                vals = [b"%d:%d:%d" % (t, i, j) for j in range(2)]
+                got.append((log.append_many(vals), vals))
+
+        threads = [threading.Thread(target=writer, args=(t,)) for t in range(8)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        log.flush()
+        with engine.LogReader(tmp_path / "l", start=0) as r:
+            records = {rec.offset: bytes(rec.value) for rec in r}
+    assert len(records) == 800
+    for rng, vals in got:
+        assert len(rng) == len(vals) and [records[o] for o in rng] == vals
