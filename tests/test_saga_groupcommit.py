@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import pytest
+from synchook import Durable, installed, run_threads
 
 import engine._log as _logmod
 from engine.saga import Saga
@@ -25,38 +25,10 @@ SEG = 1 << 16
 STEPS = ("reserve", "charge", "deliver")
 
 
-class Durable:
-    """A sync hook: the durable end (next offset) of every log, as syncs report it."""
-
-    def __init__(self, slow: float = 0.0) -> None:
-        self.ends: dict = {}
-        self.syncs: dict = {}
-        self._lock = threading.Lock()
-        self._slow = slow
-
-    def __call__(self, path, info) -> None:
-        if self._slow:
-            time.sleep(self._slow)  # concurrent writers pile up behind the sync
-        n = info.get("next_offset")
-        with self._lock:
-            if info.get("kind") == "data":
-                self.syncs[path] = self.syncs.get(path, 0) + 1
-            if n is not None and n > self.ends.get(path, 0):
-                self.ends[path] = n
-
-    def end(self, path) -> int:
-        with self._lock:
-            return self.ends.get(path, 0)
-
-
 @pytest.fixture
 def durable():
-    hook = Durable()
-    _logmod._set_sync_hook(hook)
-    try:
+    with installed(Durable()) as hook:
         yield hook
-    finally:
-        _logmod._set_sync_hook(None)
 
 
 class Recording:
@@ -71,9 +43,7 @@ class Recording:
     def append_many(self, values, keys=None):
         values = list(values)
         r = self._log.append_many(values, keys)
-        # the batch's own offsets: r.start and its length (the range's stop
-        # may take in other threads' records appended during the sync)
-        mine = range(r.start, r.start + len(values))
+        mine = r
         if keys:
             recs = [json.loads(v) for v in values]
             with self._lock:
@@ -92,25 +62,6 @@ def _saga(path):
     rec = Recording(saga._log)
     saga._log = rec
     return saga, rec
-
-
-def _threads(n, body):
-    errors = []
-
-    def run(k):
-        try:
-            body(k)
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    ts = [threading.Thread(target=run, args=(k,)) for k in range(n)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(120)
-    assert not any(t.is_alive() for t in ts), "a saga never returned"
-    if errors:
-        raise errors[0]
 
 
 @pytest.mark.parametrize("threads", [1, 8])
@@ -150,7 +101,7 @@ def test_a_step_runs_and_a_saga_returns_only_once_its_records_are_durable(
             done.append(sid)
 
     try:
-        _threads(threads, body)
+        run_threads(threads, body, what="a saga")
     finally:
         saga.close()
     assert len(done) == threads * per
@@ -184,7 +135,7 @@ def test_concurrent_sagas_share_syncs(tmp_path):
 
     try:
         before = saga._log.stats()["syncs"]
-        _threads(threads, body)
+        run_threads(threads, body, what="a saga")
         syncs = saga._log.stats()["syncs"] - before
     finally:
         _logmod._set_sync_hook(None)

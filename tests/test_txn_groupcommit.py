@@ -11,9 +11,9 @@ tests/stress/test_txn_crash.py.
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
+from synchook import Durable, installed, run_threads
 
 import engine._log as _logmod
 from engine import Log, LogReader, TransactionAborted
@@ -29,63 +29,16 @@ def values(path):
         return [bytes(rec.value) for rec in r]
 
 
-class Durable:
-    """A sync hook: the durable end (next offset) of every log, as syncs report it."""
-
-    def __init__(self, slow: float = SLOW_SYNC_S) -> None:
-        self.ends: dict = {}
-        self._lock = threading.Lock()
-        self._slow = slow
-        self.after = None  # called with (path, durable end) after each sync
-
-    def __call__(self, path, info) -> None:
-        time.sleep(self._slow)
-        n = info.get("next_offset")
-        if n is not None:
-            with self._lock:
-                if n > self.ends.get(path, 0):
-                    self.ends[path] = n
-            if self.after is not None:
-                self.after(path, n)
-
-    def snapshot(self) -> dict:
-        with self._lock:
-            return dict(self.ends)
-
-
 @pytest.fixture
 def durable():
-    hook = Durable()
-    _logmod._set_sync_hook(hook)
-    try:
+    with installed(Durable(SLOW_SYNC_S)) as hook:
         yield hook
-    finally:
-        _logmod._set_sync_hook(None)
 
 
 def _offsets(journal_path, kind):
     """txid -> offset of its ``kind`` record in the journal's live generation."""
     _cur, recs = read_journal(journal_path, meta=True)
     return {rec[1]: off for off, _ts, rec in recs if rec[0] == kind}
-
-
-def _run_threads(n, body):
-    errors = []
-
-    def run(k):
-        try:
-            body(k)
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    ts = [threading.Thread(target=run, args=(k,)) for k in range(n)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(120)
-    assert not any(t.is_alive() for t in ts), "a commit never returned"
-    if errors:
-        raise errors[0]
 
 
 @pytest.mark.parametrize("threads", [1, 8])
@@ -127,7 +80,7 @@ def test_commit_returns_only_once_its_records_are_durable(tmp_path, durable, thr
                 tx.commit()
                 seen.append((tx.txid, durable.snapshot()))
 
-        _run_threads(threads, body)
+        run_threads(threads, body, what="a commit")
         durable.after = None
         assert not early, f"decisions durable before their prepared records: {early[:3]}"
         decisions = _offsets(coord.path, "C")
@@ -185,7 +138,7 @@ def test_each_transaction_of_a_group_gets_its_own_outcome(tmp_path, durable):
                 with lock:
                     outcomes[(k, i)] = kind
 
-        _run_threads(threads, body)
+        run_threads(threads, body, what="a commit")
         committed = sorted(b"%d-%d" % ki for ki, kind in outcomes.items() if kind == "commit")
         assert sorted(values(tmp_path / "a")) == committed
         for k in range(threads):
@@ -220,7 +173,7 @@ def test_concurrent_transactions_share_syncs(tmp_path, durable):
                     tx.enlist(pa, [b"%d-%d" % (k, i)])
                     tx.enlist(pb, [b"%d" % k])
 
-        _run_threads(threads, body)
+        run_threads(threads, body, what="a commit")
         syncs = sum(lg.stats()["syncs"] for lg in logs) - before
         assert syncs < threads * per, f"{syncs} syncs for {threads * per} transactions"
     finally:
@@ -261,7 +214,7 @@ def _crash_scenario(root):
                 tx.enlist(pb, [tag + b"/b"])
             _os.write(fd, tag + b"\n")
 
-    _run_threads(CRASH_THREADS, body)
+    run_threads(CRASH_THREADS, body, what="a commit")
     for x in (pa, pb, coord, la, lb):
         x.close()
     return "done"

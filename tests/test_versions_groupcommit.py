@@ -11,44 +11,18 @@ thread, the offset of the record it wrote last.
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
+from synchook import Durable, installed, run_threads
 
 import engine._log as _logmod
 from engine.versions import VersionedStore
 
 
-class Durable:
-    """A sync hook: the durable end (next offset) of every log, as syncs report it."""
-
-    def __init__(self, slow: float = 0.0) -> None:
-        self.ends: dict = {}
-        self._lock = threading.Lock()
-        self._slow = slow
-
-    def __call__(self, path, info) -> None:
-        if self._slow:
-            time.sleep(self._slow)  # concurrent writers pile up behind the sync
-        n = info.get("next_offset")
-        if n is not None:
-            with self._lock:
-                if n > self.ends.get(path, 0):
-                    self.ends[path] = n
-
-    def end(self, path) -> int:
-        with self._lock:
-            return self.ends.get(path, 0)
-
-
 @pytest.fixture
 def durable():
-    hook = Durable()
-    _logmod._set_sync_hook(hook)
-    try:
+    with installed(Durable()) as hook:
         yield hook
-    finally:
-        _logmod._set_sync_hook(None)
 
 
 def _store(path):
@@ -64,25 +38,6 @@ def _store(path):
 
     st._append = append
     return st, mine
-
-
-def _threads(n, body):
-    errors = []
-
-    def run(k):
-        try:
-            body(k)
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    ts = [threading.Thread(target=run, args=(k,)) for k in range(n)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(120)
-    assert not any(t.is_alive() for t in ts), "a write never returned"
-    if errors:
-        raise errors[0]
 
 
 @pytest.mark.parametrize("threads", [1, 8])
@@ -111,7 +66,7 @@ def test_a_durable_write_returns_only_once_its_record_is_durable(tmp_path, durab
             check("delete")
 
     try:
-        _threads(threads, body)
+        run_threads(threads, body, what="a write")
         assert all(st.get(b"k%d-%d" % (k, i)) == (2, b"v2")
                    for k in range(threads) for i in range(per))
     finally:
@@ -133,7 +88,7 @@ def test_concurrent_puts_share_syncs(tmp_path):
             for i in range(per):
                 assert st.put(b"k%d-%d" % (k, i), b"v", expected_version=1) == 2
 
-        _threads(threads, body)
+        run_threads(threads, body, what="a write")
         syncs = st._log.stats()["syncs"] - before
     finally:
         _logmod._set_sync_hook(None)
