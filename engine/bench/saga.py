@@ -19,7 +19,7 @@ cache, survives a process crash), durability "always" (40 / 1,000 sagas:
 msync + fdatasync before each step, n + 1 = 4 syncs per saga), and "always"
 from 8 threads sharing one Saga (160 / 4,000 sagas: the log group-commits
 concurrent sagas' syncs, about 1 sync per saga instead of 4; target >= 3x the
-SQLite peer).  ``bench/saga_syncs.py --only saga`` counts the syncs per saga
+SQLite peer).  ``bench/sync_counts.py --only saga`` counts the syncs per saga
 of both.
 """
 

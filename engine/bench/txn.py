@@ -24,7 +24,7 @@ SQLite: concurrent commits queue behind one leader that runs the protocol
 for all of them, so prepared records, decisions, commit marks and batches
 share one sync per journal and log).  ``--full`` adds the same durable case
 at 1 and 8 threads (a thread sweep: ``--plot`` draws throughput against
-threads).  ``bench/txn_syncs.py`` counts the syncs per transaction of both.
+threads).  ``bench/sync_counts.py --only txn`` counts the syncs per transaction of both.
 """
 
 from __future__ import annotations

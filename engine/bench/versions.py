@@ -31,7 +31,7 @@ The durable cases run the same compare-and-set with ``durability="always"``
 the sync outside it, so concurrent puts share syncs: the log's group
 commit), against the same ``UPDATE`` on a SQLite file (WAL,
 ``synchronous=FULL``: an fsync per commit), autocommit, one connection per
-thread.  ``bench/saga_syncs.py --only put`` counts the syncs per put of both.
+thread.  ``bench/sync_counts.py --only put`` counts the syncs per put of both.
 
 Issue-4 targets (same run): CAS ``put`` >= 500,000/s and >= 10x the SQLite
 update; ``get`` within 3x of the locked dict.

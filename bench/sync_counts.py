@@ -1,29 +1,43 @@
-"""Syncs per operation and operations per second of durable sagas and durable
-``VersionedStore`` puts, ours and SQLite's.
+"""Syncs per operation and operations per second of the durable paths, ours and SQLite's.
 
-    python bench/saga_syncs.py                          # sagas and puts, 1 and 8 threads
-    python bench/saga_syncs.py --only saga --threads 8 --count 800 --repeat 5
+    python bench/sync_counts.py                       # every workload, its default threads
+    python bench/sync_counts.py --only txn --threads 1 32 --count 5000 --repeat 5
+    python bench/sync_counts.py --only saga --threads 8 --count 800 --repeat 5
+
+``txn`` (the ``txn`` bench section's durable case): one operation = one
+64-byte message to log A and its first 8 bytes to log B, two
+:class:`engine.txn.LogParticipant` and a :class:`engine.Coordinator`,
+``durability="always"``.  The peer is SQLite (WAL, ``synchronous=FULL``), one
+writer connection that the threads share under a lock (SQLite has one
+writer), one ``BEGIN; INSERT; INSERT; COMMIT`` per transaction.  Default
+threads 1, 8, 32.
 
 ``saga``: one operation = one saga of three steps (reserve, charge, deliver)
 on one :class:`engine.saga.Saga` with ``durability="always"`` shared by the
 threads; the peer is the ``saga`` bench section's: a SQLite saga-steps table
 (WAL, ``synchronous=FULL``), one row inserted per saga and updated after each
-step, every statement its own commit, one connection per thread.
+step, every statement its own commit, one connection per thread.  Default
+threads 1, 8.
 
 ``put``: one operation = one compare-and-set ``put(key, value,
 expected_version=1)`` of a distinct key on one :class:`engine.VersionedStore`
 with ``durability="always"``; the peer is SQLite (WAL, ``synchronous=FULL``)
 doing ``UPDATE kv SET value=?, version=version+1 WHERE key=? AND version=?``
-in autocommit, one connection per thread.
+in autocommit, one connection per thread.  Default threads 1, 8.
 
 Every run is a child process with ``tests/faultinject/shim.c`` preloaded,
 which counts the fdatasync, fsync and msync calls on files under the run's
-directory between the first operation and the last (see bench/txn_syncs.py;
-the shim's cost per numbered call leans the ops/s a little towards whoever
-syncs less).  Ours and SQLite's run in turn, ``--repeat`` rounds of both; the
-table shows each one's median round and the median (and range) of the
-rounds' ratios.  After the clock stops every run checks its result: each saga
-delivered once, every key at version 2 with its value.
+directory between the first operation and the last (not open or close).  The
+shim makes every call it numbers dearer (it looks up the fd's path), and
+SQLite makes more such calls per operation than we do with several threads,
+so the op/s here lean our way; ``queue-engine bench --only txn,saga,versions
+--full`` measures throughput without the shim.  Ours and SQLite's run in
+turn, ``--repeat`` rounds of both, so both see the same disk at about the
+same moments; the table shows each one's median round and the median (and
+range) of the rounds' ratios, steadier than a ratio of medians on a disk
+whose speed drifts.  After the clock stops every run reads its result back
+and checks it: a transaction lost or applied twice, a saga not delivered
+once, a key not at version 2 with its value fails the run.
 """
 
 from __future__ import annotations
@@ -67,12 +81,65 @@ def in_threads(setup, one):
         raise errs[0]
     return t1 - t0
 
+def check(got_a, n_b):
+    if sorted(got_a) != sorted(msgs) or n_b != N:
+        raise SystemExit(f"delivery check failed: {{len(got_a)}} / {{n_b}} of {{N}}")
+
 def sqlite_conn(path):
     import sqlite3
     db = sqlite3.connect(path, isolation_level=None, timeout=60.0, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
     return db
+"""
+
+TXN_OURS = COMMON + r"""
+from engine import Log, LogReader
+from engine.txn import Coordinator, LogParticipant
+coord = Coordinator(D + "/coord", durability="always")
+la, lb = Log(D + "/a", durability="always"), Log(D + "/b", durability="always")
+pa, pb = LogParticipant(la), LogParticipant(lb)
+
+def one(i):
+    msg = msgs[i]
+    with coord.transaction() as tx:
+        tx.enlist(pa, (msg,))
+        tx.enlist(pb, (msg[:8],))
+
+wall = in_threads(lambda k: None, lambda _c, i: one(i))
+for x in (pa, pb, coord):
+    x.close()
+with LogReader(D + "/a", start=0) as r:
+    got = [bytes(rec.value) for rec in r]
+check(got, lb.next_offset)
+la.close(); lb.close()
+report({{"wall": wall}})
+"""
+
+TXN_SQLITE = COMMON + r"""
+import os, sqlite3
+os.makedirs(D)
+db = sqlite3.connect(D + "/db.sqlite", isolation_level=None, check_same_thread=False)
+db.execute("PRAGMA journal_mode=WAL")
+db.execute("PRAGMA synchronous=FULL")
+db.execute("CREATE TABLE a (id INTEGER PRIMARY KEY, v BLOB)")
+db.execute("CREATE TABLE b (id INTEGER PRIMARY KEY, v BLOB)")
+lock = threading.Lock()
+
+def one(i):
+    msg = msgs[i]
+    with lock:
+        db.execute("BEGIN")
+        db.execute("INSERT INTO a (v) VALUES (?)", (msg,))
+        db.execute("INSERT INTO b (v) VALUES (?)", (msg[:8],))
+        db.execute("COMMIT")
+
+wall = in_threads(lambda k: None, lambda _c, i: one(i))
+got = [row[0] for row in db.execute("SELECT v FROM a")]
+(nb,) = db.execute("SELECT count(*) FROM b").fetchone()
+check(got, nb)
+db.close()
+report({{"wall": wall}})
 """
 
 SAGA_OURS = COMMON + r"""
@@ -145,12 +212,17 @@ if [rows[k] for k in keys] != [(2, m) for m in msgs]:
 report({{"wall": wall}})
 """
 
-WORKLOADS = {"saga": (SAGA_OURS, SAGA_SQLITE), "put": (PUT_OURS, PUT_SQLITE)}
+# name -> (ours, SQLite's, default thread counts)
+WORKLOADS = {
+    "txn": (TXN_OURS, TXN_SQLITE, [1, 8, 32]),
+    "saga": (SAGA_OURS, SAGA_SQLITE, [1, 8]),
+    "put": (PUT_OURS, PUT_SQLITE, [1, 8]),
+}
 
 
 def measure(source: str, threads: int, count: int) -> tuple:
     """(syncs per op, ops/s) of one child run."""
-    with tempfile.TemporaryDirectory(prefix="qe-saga-syncs-") as base:
+    with tempfile.TemporaryDirectory(prefix="qe-sync-counts-") as base:
         d = os.path.join(base, "run")
         res = faultkit.run(source.format(count=count, threads=threads, d=d), prefix=base,
                            timeout=600)
@@ -162,17 +234,18 @@ def measure(source: str, threads: int, count: int) -> tuple:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", choices=sorted(WORKLOADS), nargs="+", default=["saga", "put"])
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--count", type=int, default=800, help="operations per run")
+    ap.add_argument("--only", choices=sorted(WORKLOADS), nargs="+", default=list(WORKLOADS))
+    ap.add_argument("--threads", type=int, nargs="+", default=None,
+                    help="thread counts (default: each workload's own)")
+    ap.add_argument("--count", type=int, default=1000, help="operations per run")
     ap.add_argument("--repeat", type=int, default=3, help="rounds of both (medians shown)")
     args = ap.parse_args()
     print("| op | threads | ours syncs/op | SQLite syncs/op | ours op/s | SQLite op/s "
           "| ours / SQLite (per round: median, range) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name in args.only:
-        ours_src, sq_src = WORKLOADS[name]
-        for t in args.threads:
+        ours_src, sq_src, default_threads = WORKLOADS[name]
+        for t in args.threads or default_threads:
             ours, sq = [], []
             for _ in range(max(1, args.repeat)):
                 ours.append(measure(ours_src, t, args.count))
