@@ -239,10 +239,11 @@ static void eng_crc32c_word_x3_hw(const uint32_t w[3], const uint8_t *const p[3]
         c1 = _mm_crc32_u64(c1, b);
         c2 = _mm_crc32_u64(c2, d);
     }
-    /* the rest of the longer ones (records of unequal sizes) */
-    out[0] = eng_crc32c_hw(~(uint32_t)c0, p[0] + m, n[0] - m);
-    out[1] = eng_crc32c_hw(~(uint32_t)c1, p[1] + m, n[1] - m);
-    out[2] = eng_crc32c_hw(~(uint32_t)c2, p[2] + m, n[2] - m);
+    /* the rest of the longer ones (records of unequal sizes); equal sizes,
+     * the common case, need no call */
+    out[0] = n[0] == m ? ~(uint32_t)c0 : eng_crc32c_hw(~(uint32_t)c0, p[0] + m, n[0] - m);
+    out[1] = n[1] == m ? ~(uint32_t)c1 : eng_crc32c_hw(~(uint32_t)c1, p[1] + m, n[1] - m);
+    out[2] = n[2] == m ? ~(uint32_t)c2 : eng_crc32c_hw(~(uint32_t)c2, p[2] + m, n[2] - m);
 }
 #endif
 
