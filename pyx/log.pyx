@@ -288,6 +288,10 @@ cdef size_t _last_nonzero(const uint8_t *p, size_t pos, size_t size) noexcept no
         if p[i - 1]:
             return i
         i -= 1
+    # zeros are the common case (a segment's unwritten tail): 32 bytes a step
+    while i >= pos + 32 and ((<const uint64_t *>(p + i - 8))[0] | (<const uint64_t *>(p + i - 16))[0] |
+                             (<const uint64_t *>(p + i - 24))[0] | (<const uint64_t *>(p + i - 32))[0]) == 0:
+        i -= 32
     while i >= pos + 8 and (<const uint64_t *>(p + i - 8))[0] == 0:
         i -= 8
     while i > pos:
