@@ -27,11 +27,12 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyOb
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
-from libc.errno cimport errno
+from libc.errno cimport EINTR, EIO, errno
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memcpy, memset
+from libc.string cimport memcpy, memmove, memset
+from posix.types cimport off_t
 
-from crc32c cimport eng_crc32c, eng_crc32c_have_hw, eng_crc32c_hw, eng_crc32c_init, eng_crc32c_sw
+from crc32c cimport eng_crc32c, eng_crc32c_have_hw, eng_crc32c_hw, eng_crc32c_init, eng_crc32c_sw, eng_crc32c_word_x3
 from eng_atomic cimport *
 
 import errno as _errno
@@ -83,6 +84,7 @@ cdef extern from "<sys/mman.h>" nogil:
 
 cdef extern from "<unistd.h>" nogil:
     int fdatasync(int fd)
+    ssize_t pread(int fd, void *buf, size_t count, off_t offset)
     int fsync(int fd)
 
 eng_crc32c_init()
@@ -111,6 +113,9 @@ cdef size_t _MIN_SEGMENT = 4096
 cdef size_t _ZERO_MIN = 1 << 20      # durable path: zero at least this much ahead of the tail
 cdef size_t _ZERO_MAX = 16 << 20     # ... and at most this much per step
 cdef size_t _STAGE_KEEP = 4 << 20    # staging buffer kept between calls up to this size
+# largest key or value (its length fits the 32-bit length word); typed, so the
+# check is a C comparison, not two Python integers made per call
+cdef size_t _MAX_FIELD = 0xFFFF0000
 # Off: zeros written in line cost more bandwidth than the extent updates they
 # save (measured here, 1000 x 64 B durable batches vs os.write+fdatasync: 0.58x
 # with zero-fill ahead, 0.87x without, 200 batches); a background zeroer
@@ -220,6 +225,39 @@ cdef inline int _rec_check(const uint8_t *p, size_t size, size_t pos, uint64_t e
     return R_REC
 
 
+cdef inline size_t _check3(const uint8_t *p, size_t size, size_t pos, uint64_t expect) noexcept nogil:
+    """Bytes taken by the three records at pos when all three are valid
+    ordinary records (offsets expect, expect + 1, expect + 2), else 0: the
+    scans' fast step, whose CRCs run interleaved.  0 says nothing about which
+    check failed: the caller then classifies one record with _rec_check."""
+    cdef const uint8_t *q[3]
+    cdef size_t n[3]
+    cdef uint32_t w[3]
+    cdef uint32_t c[3]
+    cdef const eng_rec_header *h
+    cdef size_t at = pos
+    cdef size_t padded
+    cdef int i
+    for i in range(3):
+        if at > size or size - at < _HDR:
+            return 0
+        # acquire: pairs with the writer's release store of the length word
+        w[i] = eng_load_acquire_u32(<const uint32_t *>(p + at))
+        padded = _align8(w[i])
+        h = <const eng_rec_header *>(p + at)
+        if (w[i] < _HDR or padded > size - at or h.key_len > w[i] - _HDR
+                or h.flags & ~(<uint32_t>ENG_REC_FLAG_KEY) or h.offset != expect + <uint64_t>i):
+            return 0
+        q[i] = p + at + 8
+        n[i] = padded - 8
+        at += padded
+    eng_crc32c_word_x3(w, q, n, c)
+    for i in range(3):
+        if c[i] != (<const eng_rec_header *>(q[i] - 8)).crc:
+            return 0
+    return at - pos
+
+
 cdef inline size_t _write_rec(uint8_t *p, size_t pos, uint64_t off, int64_t ts,
                               const char *k, uint32_t klen, uint32_t flags,
                               const char *v, size_t vlen) noexcept nogil:
@@ -250,6 +288,10 @@ cdef size_t _last_nonzero(const uint8_t *p, size_t pos, size_t size) noexcept no
         if p[i - 1]:
             return i
         i -= 1
+    # zeros are the common case (a segment's unwritten tail): 32 bytes a step
+    while i >= pos + 32 and ((<const uint64_t *>(p + i - 8))[0] | (<const uint64_t *>(p + i - 16))[0] |
+                             (<const uint64_t *>(p + i - 24))[0] | (<const uint64_t *>(p + i - 32))[0]) == 0:
+        i -= 32
     while i >= pos + 8 and (<const uint64_t *>(p + i - 8))[0] == 0:
         i -= 8
     while i > pos:
@@ -892,17 +934,22 @@ cdef int _scan(_Seg s, size_t pos, uint64_t expect, bint index, size_t *pos_out,
     cdef int r = R_END
     cdef const eng_rec_header *h
     cdef int64_t ts = ts_out[0]
+    cdef size_t end
     with nogil:
         while True:
-            r = _rec_check(p, size, pos, expect, True, why)
-            if r != R_REC:
-                break
-            h = <const eng_rec_header *>(p + pos)
-            if index:
-                s.ix_note(expect, pos, h.timestamp_ns)
-            ts = h.timestamp_ns
-            pos += _align8(h.length)
-            expect += 1
+            end = pos + _check3(p, size, pos, expect)
+            if end == pos:
+                r = _rec_check(p, size, pos, expect, True, why)
+                if r != R_REC:
+                    break
+                end = pos + _align8((<const eng_rec_header *>(p + pos)).length)
+            while pos < end:
+                h = <const eng_rec_header *>(p + pos)
+                if index:
+                    s.ix_note(expect, pos, h.timestamp_ns)
+                ts = h.timestamp_ns
+                pos += _align8(h.length)
+                expect += 1
     pos_out[0] = pos
     off_out[0] = expect
     ts_out[0] = ts
@@ -949,13 +996,19 @@ cdef object _scan_buffer(const uint8_t *p, size_t size, str name, object expecte
     cdef uint64_t n = 0
     cdef int r = R_END
     cdef int why = W_NONE
-    cdef size_t tail
+    cdef size_t tail, step
     err = _check_seg_header(p, size, expected_base, log_id, &base, &created)
     if err is not None:
         return ScanResult(name, expected_base, 0, expected_base, 0, False, err, 0, min(size, _SEGHDR))
     expect = base
     with nogil:
         while True:
+            step = _check3(p, size, pos, expect)
+            if step:
+                pos += step
+                expect += 3
+                n += 3
+                continue
             r = _rec_check(p, size, pos, expect, True, &why)
             if r != R_REC:
                 break
@@ -985,15 +1038,6 @@ def scan_segment(data, expected_base=None):
     PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
     try:
         return _scan_buffer(<const uint8_t *>buf.buf, <size_t>buf.len, "<buffer>", expected_base, None)
-    finally:
-        PyBuffer_Release(&buf)
-
-
-cdef object _scan_mapped(object mm, str name, object base, object lid):
-    cdef Py_buffer buf
-    PyObject_GetBuffer(mm, &buf, PyBUF_SIMPLE)
-    try:
-        return _scan_buffer(<const uint8_t *>buf.buf, <size_t>buf.len, name, base, lid)
     finally:
         PyBuffer_Release(&buf)
 
@@ -1041,23 +1085,148 @@ cdef object _live_published(str path, uint64_t base):
         nt.close()
 
 
-cdef tuple _read_all(int fd, size_t size):
-    """(bytearray of the file, 0, None), or (None, position, reason) when a
-    read fails (EIO on a damaged sector)."""
-    buf = bytearray(size)
-    view = memoryview(buf)
-    cdef size_t at = 0
+# verify reads a segment this much at a time into one buffer: the bytes are
+# still in the L2 cache when their CRCs are checked, so memory is crossed once
+# (a whole-segment buffer is zeroed, faulted in, filled and read back: four times)
+cdef size_t _SCAN_WINDOW = 256 << 10
+
+
+cdef int _window_hold(int fd, uint8_t **win, size_t *cap, size_t *origin, size_t *held,
+                      size_t at, size_t want, size_t fsize, size_t *bad_at) noexcept nogil:
+    """Make the window (file bytes [origin, origin + held) in win) hold
+    [at, at + want) of the file, or up to its end (origin <= at <= origin +
+    held): keeps the bytes held from `at` on, grows the buffer if `want` needs
+    it and reads as far as the buffer goes.  0, -1 when the file ends early
+    (it shrank), -2 when out of memory, else the errno of a failed read
+    (bad_at: the file position it started at)."""
+    cdef size_t keep, lim
+    cdef ssize_t n
+    cdef uint8_t *q
+    if want > fsize - at:
+        want = fsize - at
+    if at - origin[0] + want <= held[0]:
+        return 0
+    keep = origin[0] + held[0] - at
+    if want > cap[0]:
+        q = <uint8_t *>malloc(want)
+        if q == NULL:
+            return -2
+        memcpy(q, win[0] + (at - origin[0]), keep)
+        free(win[0])
+        win[0] = q
+        cap[0] = want
+    elif keep:
+        memmove(win[0], win[0] + (at - origin[0]), keep)
+    origin[0] = at
+    held[0] = keep
+    lim = cap[0] if cap[0] < fsize - at else fsize - at
+    while held[0] < lim:
+        n = pread(fd, win[0] + held[0], lim - held[0], <off_t>(at + held[0]))
+        if n < 0:
+            if errno == EINTR:
+                continue
+            bad_at[0] = at + held[0]
+            return errno if errno else EIO
+        if n == 0:
+            if held[0] < want:
+                bad_at[0] = at + held[0]
+                return -1
+            break
+        held[0] += <size_t>n
+    return 0
+
+
+cdef object _scan_fd(int fd, size_t fsize, str name, object expected_base, object log_id):
+    """_scan_buffer of the segment file behind fd, read window by window
+    (read, not mapped: a damaged sector is an EIO here, where a mapping would
+    kill the process with SIGBUS).  A failed read is the segment's error."""
+    cdef uint8_t *win = <uint8_t *>malloc(_SCAN_WINDOW)
+    cdef size_t cap = _SCAN_WINDOW, origin = 0, held = 0, bad_at = 0
+    cdef size_t pos = _SEGHDR, local, need, endpos, step
+    cdef uint64_t base = 0, expect, n = 0
+    cdef int64_t created = 0
+    cdef uint32_t length
+    cdef int rc = 0, r = R_END, why = W_NONE
+    cdef bint refill
+    if win == NULL:
+        raise MemoryError()
     try:
-        while at < size:
-            n = _os.preadv(fd, [view[at:at + min(size - at, 1 << 20)]], at)
-            if n == 0:
-                return None, at, "file shrank while being read"
-            at += n
-    except OSError as exc:
-        return None, at, f"unreadable at byte {at} ({_os.strerror(exc.errno) if exc.errno else exc})"
+        with nogil:
+            rc = _window_hold(fd, &win, &cap, &origin, &held, 0, cap, fsize, &bad_at)
+        if rc:
+            return _read_failed(name, expected_base, rc, bad_at)
+        err = _check_seg_header(win, fsize, expected_base, log_id, &base, &created)
+        if err is not None:
+            return ScanResult(name, expected_base, 0, expected_base, 0, False, err, 0, min(fsize, _SEGHDR))
+        expect = base
+        while True:
+            refill = False
+            with nogil:
+                while True:
+                    local = pos - origin
+                    if origin + held < fsize:
+                        # the record at pos must be held whole: the check
+                        # below then sees what it would see in the whole file
+                        need = _HDR
+                        if held - local >= 4:
+                            length = (<const uint32_t *>(win + local))[0]
+                            if length > _HDR:
+                                need = _align8(length)
+                        if held - local < need:
+                            refill = True
+                            break
+                    step = _check3(win, held, local, expect)
+                    if step:
+                        pos += step
+                        expect += 3
+                        n += 3
+                        continue
+                    r = _rec_check(win, held, local, expect, True, &why)
+                    if r != R_REC:
+                        break
+                    pos += _align8((<const eng_rec_header *>(win + local)).length)
+                    expect += 1
+                    n += 1
+                if refill:
+                    rc = _window_hold(fd, &win, &cap, &origin, &held, pos,
+                                      need if need > _SCAN_WINDOW else _SCAN_WINDOW, fsize, &bad_at)
+            if not refill:
+                break
+            if rc:
+                return _read_failed(name, expected_base, rc, bad_at)
+        if r == R_BAD:
+            return ScanResult(name, base, n, expect, pos, False, _WHY[why], pos, pos)
+        # every byte after the last record (or end marker) must be zero
+        endpos = pos + (_HDR if r == R_EOS else 0)
+        local = endpos - origin
+        with nogil:
+            while True:
+                if _last_nonzero(win, local, held) != local:
+                    rc = 1
+                    break
+                if origin + held >= fsize:
+                    break
+                rc = _window_hold(fd, &win, &cap, &origin, &held, origin + held, _SCAN_WINDOW, fsize, &bad_at)
+                if rc:
+                    break
+                local = 0
+        if rc == 1:
+            what = "end-of-segment marker" if r == R_EOS else "last record"
+            return ScanResult(name, base, n, expect, pos, r == R_EOS,
+                              f"non-zero bytes after the {what}", endpos, fsize)
+        if rc:
+            return _read_failed(name, expected_base, rc, bad_at)
+        return ScanResult(name, base, n, expect, pos, r == R_EOS, None, 0, fsize)
     finally:
-        view.release()
-    return buf, 0, None
+        free(win)
+
+
+cdef object _read_failed(str name, object base, int rc, size_t at):
+    """The ScanResult of a segment whose read failed (see _window_hold)."""
+    if rc == -2:
+        raise MemoryError()
+    why = "file shrank while being read" if rc == -1 else f"unreadable at byte {at} ({_os.strerror(rc)})"
+    return ScanResult(name, base, 0, base, at, False, why, at, at)
 
 
 cdef size_t _PROBE_NEAR = 1 << 20  # clean open: bytes probed either side of the checkpoint
@@ -1115,15 +1284,9 @@ cdef list _verify(str path, bint writer_may_run):
             if size == 0:
                 results.append(ScanResult(spath, base, 0, base, 0, False, "empty segment file", 0, 0))
                 continue
-            # read, not mapped: a damaged sector is an EIO here, where a
-            # mapping would kill the process with SIGBUS
-            data, bad_at, why = _read_all(fd, size)
+            res = _scan_fd(fd, size, spath, base, lid)
         finally:
             _os.close(fd)
-        if why is not None:
-            results.append(ScanResult(spath, base, 0, base, bad_at, False, why, bad_at, bad_at))
-            continue
-        res = _scan_mapped(data, spath, base, lid)
         if res.error is not None and i == len(bases) - 1:
             # a live writer's unpublished tail (framed but not yet synced and
             # published) is in progress, not damage
@@ -1990,8 +2153,15 @@ cdef class Log:
 
     # ---- appending
 
-    cdef int _enter(self) except -1:
+    cdef inline int _enter(self) except -1:
         """Take the writer flag (waits while another thread rolls)."""
+        if self._in_child or self._closed or self._broken is not None or self._writing:
+            return self._enter_slow()
+        self._writing = True
+        return 0
+
+    cdef int _enter_slow(self) except -1:
+        """_enter when the log is unusable or another thread holds the flag."""
         self._check_usable()
         while self._writing:
             # only possible while another thread is inside a roll (GIL released)
@@ -2095,7 +2265,7 @@ cdef class Log:
             self._stage_cap = 0
         return 0
 
-    cdef int _room(self, size_t need) except -1:
+    cdef inline int _room(self, size_t need) except -1:
         """Roll to a new segment unless `need` bytes (+ an end marker) fit."""
         if need + _HDR > self._segment_bytes - _SEGHDR:
             raise ValueError(f"value is too large for segment_bytes={self._segment_bytes} "
@@ -2172,7 +2342,7 @@ cdef class Log:
             if key is not None:
                 flags = ENG_REC_FLAG_KEY
                 kbuf = _bytes_of(key, &kb, &k, &klen, "key must be a bytes-like object or None")
-            if klen > 0xFFFF_0000 or vlen > 0xFFFF_0000:
+            if klen > _MAX_FIELD or vlen > _MAX_FIELD:
                 raise ValueError("value is too large")
             need = _align8(_HDR + klen + vlen)
             self._room(need)
@@ -2203,7 +2373,8 @@ cdef class Log:
             self._wake()  # the pwrite path publishes and wakes after its sync
         if self._durability == D_ALWAYS:
             self._sync_upto(off + 1)
-        return off
+        # signed: a 64-bit signed integer converts by CPython's fast path for small ones
+        return <int64_t>off
 
     def append_many(self, values, keys=None):
         """Append a batch of records; returns the ``range`` of their offsets.
@@ -2253,7 +2424,7 @@ cdef class Log:
                             flags = ENG_REC_FLAG_KEY
                             kbuf = _bytes_of(key, &kb, &k, &klen,
                                              "keys must hold bytes-like objects or None")
-                    if klen > 0xFFFF_0000 or vlen > 0xFFFF_0000:
+                    if klen > _MAX_FIELD or vlen > _MAX_FIELD:
                         raise ValueError("value is too large")
                     need = _align8(_HDR + klen + vlen)
                     self._room(need)
