@@ -680,6 +680,30 @@ def test_plots_are_written(suite, tmp_path):
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_threads_plot_draws_one_line_per_peer_across_thread_counts(tmp_path):
+    pytest.importorskip("matplotlib")
+
+    def cases(profile):
+        return [
+            Case(
+                f"t{n}",
+                "thread scaling",
+                THROUGHPUT,
+                Workload(100, 64),
+                [Contender(f"ours x{n}", honest, ours=True), Contender("peer", honest)],
+                params={"threads": n, "group": "t"},
+            )
+            for n in (1, 8)
+        ]
+
+    s = run_suite(
+        Profile(min_window=0, repeat=2),
+        sections=[("threads", types.SimpleNamespace(SECTION="threads", cases=cases))],
+    )
+    files = report.write_plots(s, str(tmp_path / "plots"))
+    assert "scaling_threads_t.png" in [p.rsplit("/", 1)[1] for p in files]
+
+
 # ---------------------------------------------------------------------------
 # the CLI end to end (a fake section installed as a module)
 # ---------------------------------------------------------------------------

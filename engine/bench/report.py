@@ -48,7 +48,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, TextIO
+from typing import Any, Callable, Dict, List, Optional, TextIO
 
 from engine.bench.harness import (
     FAILED,
@@ -593,23 +593,46 @@ def write_plots(suite: SuiteResult, directory: str) -> List[str]:
     os.makedirs(directory, exist_ok=True)
     written: List[str] = []
 
-    def sweep(kind: str) -> Dict[str, List[CaseResult]]:
+    def grouped(pred: Callable[[CaseResult], bool]) -> Dict[str, List[CaseResult]]:
         groups: Dict[str, List[CaseResult]] = {}
         for cr in suite.cases:
-            if cr.case.params.get("sweep") == kind and cr.case.kind != LATENCY:
+            if pred(cr) and cr.case.kind != LATENCY:
                 groups.setdefault(str(cr.case.params.get("group", cr.section)), []).append(cr)
         return groups
 
-    def series(crs: List[CaseResult], key: str) -> Dict[str, List[tuple]]:
+    def sweep(kind: str) -> Dict[str, List[CaseResult]]:
+        return grouped(lambda cr: cr.case.params.get("sweep") == kind)
+
+    def series(
+        crs: List[CaseResult],
+        key: str,
+        x_of: Callable[[CaseResult], Any] = lambda cr: cr.case.params.get("x"),
+        name_of: Callable[[Any], str] = lambda c: c.name,
+    ) -> Dict[str, List[tuple]]:
+        """name -> [(x, median, min, max, ours)] of the ranked contenders' ``key`` rate."""
         out: Dict[str, List[tuple]] = {}
         for cr in crs:
-            x = cr.case.params.get("x")
+            x = x_of(cr)
             for c in cr.contenders:
                 if c.status != OK or not c.valid_runs() or not c.rank:
                     continue
                 r = c.rates(cr.case.workload.size)[key]
-                out.setdefault(c.name, []).append((x, r["median"], r["min"], r["max"], c.ours))
+                out.setdefault(name_of(c), []).append((x, r["median"], r["min"], r["max"], c.ours))
         return out
+
+    def draw(ax: Any, by_name: Dict[str, List[tuple]]) -> None:
+        """One line per contender: medians with min-max bars, ours drawn thicker."""
+        for name, pts in by_name.items():
+            pts.sort()
+            ax.errorbar(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
+                marker="o",
+                capsize=3,
+                label=name,
+                linewidth=2.5 if pts[0][4] else 1.2,
+            )
 
     # throughput by message size
     for group, crs in sweep("size").items():
@@ -618,20 +641,7 @@ def write_plots(suite: SuiteResult, directory: str) -> List[str]:
             (ax1, "mb_per_s", "throughput (MB/s)"),
             (ax2, "msg_per_s", "messages per second"),
         ):
-            for name, pts in series(crs, key).items():
-                pts.sort()
-                xs = [p[0] for p in pts]
-                ys = [p[1] for p in pts]
-                err = [[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]]
-                ax.errorbar(
-                    xs,
-                    ys,
-                    yerr=err,
-                    marker="o",
-                    capsize=3,
-                    label=name,
-                    linewidth=2.5 if pts[0][4] else 1.2,
-                )
+            draw(ax, series(crs, key))
             ax.set_xscale("log", base=2)
             ticks = sorted({int(cr.case.params.get("x", 0)) for cr in crs})
             ax.set_xticks(ticks)
@@ -652,17 +662,7 @@ def write_plots(suite: SuiteResult, directory: str) -> List[str]:
     # scaling with consumers
     for group, crs in sweep("consumers").items():
         fig, ax = plt.subplots(figsize=(7, 4.8))
-        for name, pts in series(crs, "msg_per_s").items():
-            pts.sort()
-            ax.errorbar(
-                [p[0] for p in pts],
-                [p[1] for p in pts],
-                yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
-                marker="o",
-                capsize=3,
-                label=name,
-                linewidth=2.5 if pts[0][4] else 1.2,
-            )
+        draw(ax, series(crs, "msg_per_s"))
         ax.set_yscale("log")
         ax.set_xlabel("consumer processes")
         ax.set_ylabel("messages per second (total, log scale)")
@@ -677,36 +677,20 @@ def write_plots(suite: SuiteResult, directory: str) -> List[str]:
         written.append(path)
 
     # scaling with threads (cases with params {"threads": n, "group": ...})
-    by_threads: Dict[str, List[CaseResult]] = {}
-    for cr in suite.cases:
-        if "threads" in cr.case.params and cr.case.kind != LATENCY:
-            by_threads.setdefault(str(cr.case.params.get("group", cr.section)), []).append(cr)
-    for group, crs in by_threads.items():
+    for group, crs in grouped(lambda cr: "threads" in cr.case.params).items():
         if len(crs) < 2:
             continue  # one point is no curve (the quick profile runs one case)
         fig, ax = plt.subplots(figsize=(7, 4.8))
-        pts_by: Dict[str, List[tuple]] = {}
-        for cr in crs:
-            for c in cr.contenders:
-                if c.status != OK or not c.valid_runs() or not c.rank:
-                    continue
-                r = c.rates(cr.case.workload.size)["msg_per_s"]
-                # one series per peer across cases (ours carries the thread count in its name)
-                name = "queue-engine" if c.ours else c.name
-                pts_by.setdefault(name, []).append(
-                    (int(cr.case.params["threads"]), r["median"], r["min"], r["max"], c.ours)
-                )
-        for name, pts in pts_by.items():
-            pts.sort()
-            ax.errorbar(
-                [p[0] for p in pts],
-                [p[1] for p in pts],
-                yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
-                marker="o",
-                capsize=3,
-                label=name,
-                linewidth=2.5 if pts[0][4] else 1.2,
-            )
+        # one series per peer across cases (ours carries the thread count in its name)
+        draw(
+            ax,
+            series(
+                crs,
+                "msg_per_s",
+                x_of=lambda cr: int(cr.case.params["threads"]),
+                name_of=lambda c: "queue-engine" if c.ours else c.name,
+            ),
+        )
         ax.set_xscale("log", base=2)
         ticks = sorted({int(cr.case.params["threads"]) for cr in crs})
         ax.set_xticks(ticks)
