@@ -38,13 +38,17 @@ pytestmark = [pytest.mark.skipif(not faultkit.available(), reason="needs Linux a
 
 N = 40
 
-# formatted with url and n first, then (by faultkit.sweep) with d
-FORWARD = """
+# The child scripts are formatted with url and n first, then (by faultkit.sweep)
+# with d; each run has a stream of its own, named after its directory.
+PRELUDE = """
 import asyncio, hashlib, engine, nats, nats.js.errors
-from engine.bridge import JetStreamForwarder
+from engine.bridge import JetStreamForwarder, JetStreamIngest
 d, url, n = {{d!r}}, {url!r}, {n}
 tag = hashlib.sha1(d.encode()).hexdigest()[:12]
 stream, subject = "FI" + tag, "fi." + tag
+"""
+
+FORWARD = PRELUDE + """
 def val(o):
     return b"r%d-" % o + bytes([o % 251]) * (o % 23)
 with engine.Log(d, durability="none", segment_bytes=4096) as log:   # the outbox, before arming
@@ -109,13 +113,7 @@ except Exception as exc:
 report(out)
 """
 
-# formatted with url and n first, then (by faultkit.sweep) with d
-INGEST = """
-import asyncio, hashlib, engine, nats, nats.js.errors
-from engine.bridge import JetStreamIngest
-d, url, n = {{d!r}}, {url!r}, {n}
-tag = hashlib.sha1(d.encode()).hexdigest()[:12]
-stream, subject = "FI" + tag, "fi." + tag
+INGEST = PRELUDE + """
 def val(i):
     return b"m%d-" % i + bytes([i % 251]) * (i % 23)
 async def publish():   # the stream to ingest, before arming
