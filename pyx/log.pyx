@@ -55,6 +55,8 @@ cdef extern from "log_layout.h" nogil:
     int ENG_LOG_FORMAT
     int ENG_REC_FLAG_EOS
     int ENG_REC_FLAG_KEY
+    int ENG_REC_FLAG_TOMBSTONE
+    int ENG_REC_FLAG_HOLE
     int ENG_REC_FLAGS_KNOWN
     int ENG_INDEX_INTERVAL
     uint32_t ENG_NOTIFY_MAGIC
@@ -209,6 +211,13 @@ cdef inline int _rec_check(const uint8_t *p, size_t size, size_t pos, uint64_t e
         why[0] = W_KEYLEN
         return R_BAD
     if h.flags & ~(<uint32_t>ENG_REC_FLAGS_KNOWN):
+        why[0] = W_FLAGS
+        return R_BAD
+    # a hole is a bare header; a tombstone has a key and no value
+    if h.flags & ENG_REC_FLAG_HOLE and (length != _HDR or h.flags != <uint32_t>ENG_REC_FLAG_HOLE):
+        why[0] = W_FLAGS
+        return R_BAD
+    if h.flags & ENG_REC_FLAG_TOMBSTONE and (not (h.flags & ENG_REC_FLAG_KEY) or length != _HDR + h.key_len):
         why[0] = W_FLAGS
         return R_BAD
     if check_crc and _rec_crc(p + pos, length) != h.crc:
@@ -1305,6 +1314,72 @@ cdef list _verify(str path, bint writer_may_run):
     return results
 
 
+def rewrite_compacted(path, base, log_id, drop, tmp_name):
+    """Write the compacted copy of sealed segment ``base`` of log ``path`` to
+    ``path/tmp_name`` and make it durable (fdatasync); the caller renames it
+    over the segment (engine.compaction).
+
+    Every record whose offset is in ``drop`` becomes a hole (a bare header
+    that keeps its offset and timestamp; readers skip it); the other records
+    and the end marker are copied byte for byte, CRCs included.  The file is
+    cut to the bytes used and its header says so.  Returns (records removed,
+    bytes before, bytes after).  CorruptLog when the segment fails a check:
+    nothing is written then.
+    """
+    cdef _Seg s
+    cdef size_t pos = _SEGHDR, out = _SEGHDR, padded
+    cdef uint64_t expect
+    cdef int r, why = W_NONE
+    cdef const eng_rec_header *h
+    cdef uint8_t *q
+    cdef Py_buffer ob
+    cdef size_t removed = 0
+    spath = _os.path.join(path, _seg_name(base))
+    s = _map_seg(spath, False, base, log_id, True)
+    expect = s.base
+    buf = bytearray(s.size)
+    PyObject_GetBuffer(buf, &ob, PyBUF_WRITABLE)
+    try:
+        q = <uint8_t *>ob.buf
+        while True:
+            r = _rec_check(s.p, s.size, pos, expect, True, &why)
+            if r == R_REC:
+                h = <const eng_rec_header *>(s.p + pos)
+                padded = _align8(h.length)
+                if expect in drop and not (h.flags & ENG_REC_FLAG_HOLE):
+                    out += _write_rec(q, out, expect, h.timestamp_ns, NULL, 0, ENG_REC_FLAG_HOLE, NULL, 0)
+                    removed += 1
+                else:
+                    memcpy(q + out, s.p + pos, padded)
+                    out += padded
+                pos += padded
+                expect += 1
+                continue
+            if r == R_EOS:
+                memcpy(q + out, s.p + pos, _HDR)
+                out += _HDR
+                pos += _HDR
+                break
+            raise CorruptLog(spath, pos, "a sealed segment ends without its end marker" if r == R_END
+                             else _WHY.get(why, "?"))
+        memcpy(q, PyBytes_AS_STRING(_make_seg_header(s.base, out, log_id, s.created_ns)), _SEGHDR)
+    finally:
+        PyBuffer_Release(&ob)
+        before = s.size
+        s._unmap()
+    tpath = _os.path.join(path, tmp_name)
+    fd = _os.open(tpath, _os.O_WRONLY | _os.O_CREAT | _os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(buf)[:out]
+        done = 0
+        while done < out:
+            done += _os.write(fd, view[done:])
+        _os.fdatasync(fd)
+    finally:
+        _os.close(fd)
+    return removed, before, out
+
+
 def repair_truncate(path):
     """Cut the log at its first invalid record (``queue-engine log repair --truncate``).
 
@@ -1575,15 +1650,18 @@ cdef _Notify _open_notify(str path, bint create):
 cdef class Record:
     """One record of the log.
 
-    ``offset`` (dense, from 0), ``timestamp`` (wall-clock ns when appended,
-    non-decreasing along the log), ``key`` (``None`` when appended without one)
-    and ``value`` (``bytes``; a read-only ``memoryview`` for ``copy=False``
-    readers).  ``len(record)`` is the value's length.
+    ``offset`` (dense, from 0; key compaction leaves gaps), ``timestamp``
+    (wall-clock ns when appended, non-decreasing along the log), ``key``
+    (``None`` when appended without one), ``value`` (``bytes``; a read-only
+    ``memoryview`` for ``copy=False`` readers) and ``tombstone`` (a delete
+    marker written by ``Log.delete``: its value is empty).
+    ``len(record)`` is the value's length.
     """
     cdef readonly int64_t offset     # offset of the record
     cdef readonly int64_t timestamp  # wall-clock ns
     cdef readonly object key         # bytes / memoryview / None
     cdef readonly object value       # bytes / memoryview
+    cdef readonly bint tombstone     # a delete marker (Log.delete)
 
     def __len__(self):
         return len(self.value)
@@ -1597,7 +1675,7 @@ cdef class Record:
             return NotImplemented
         o = <Record>other
         return (self.offset == o.offset and self.timestamp == o.timestamp
-                and self.key == o.key and self.value == o.value)
+                and self.key == o.key and self.value == o.value and self.tombstone == o.tombstone)
 
     __hash__ = None
 
@@ -1607,6 +1685,19 @@ cdef class Record:
 cdef int D_NONE = 0
 cdef int D_INTERVAL = 1
 cdef int D_ALWAYS = 2
+
+
+def _compact_in_background(ref):
+    """cleanup="compact": one compaction pass after a roll, off the append path."""
+    log = ref()
+    if log is None:
+        return
+    try:
+        (<Log>log).compact()
+    except Closed:
+        pass
+    except Exception:  # noqa: BLE001 - a background failure must be seen, not kill the process
+        _logger.exception("log %s: background compaction failed", (<Log>log)._path)
 
 
 def _flusher(ref, stop, interval):
@@ -1730,6 +1821,11 @@ cdef class Log:
     cdef long _pid                # the process that opened the log (for the message)
     cdef bint _in_child           # set in a fork's child (os.register_at_fork): the handle is inert
     cdef bint _was_clean          # the last stop before this open was clean
+    cdef bint _compact            # cleanup="compact": key compaction after each roll
+    cdef double _delete_retention # seconds a latest tombstone stays before compaction drops it
+    cdef object _maint            # threading.Lock: retention and compaction, one at a time
+    cdef object _compactor        # background compaction thread (cleanup="compact") or None
+    cdef bint _compact_stop       # close() asks the compaction thread to stop
     cdef object __weakref__
 
     def __cinit__(self):
@@ -1738,7 +1834,7 @@ cdef class Log:
 
     def __init__(self, path, durability="always", segment_bytes=DEF_SEGMENT_BYTES,
                  retention_bytes=None, retention_age=None, retain_uncommitted=True,
-                 flush_interval=0.05):
+                 flush_interval=0.05, cleanup="delete", delete_retention=86400.0):
         if not isinstance(path, (str, bytes, _os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
         path = _os.fsdecode(_os.fspath(path))
@@ -1758,6 +1854,15 @@ cdef class Log:
             raise TypeError("flush_interval must be a number of seconds")
         if not 0 < flush_interval <= 3600:
             raise ValueError("flush_interval must be in (0, 3600] seconds")
+        if cleanup not in ("delete", "compact"):
+            raise ValueError(f"cleanup must be 'delete' or 'compact', not {cleanup!r}")
+        if not isinstance(delete_retention, (int, float)) or isinstance(delete_retention, bool):
+            raise TypeError("delete_retention must be a number of seconds")
+        if delete_retention < 0:
+            raise ValueError("delete_retention must be >= 0")
+        self._compact = cleanup == "compact"
+        self._delete_retention = float(delete_retention)
+        self._maint = _threading.Lock()
         self._path = path
         self._durability = {"none": D_NONE, "interval": D_INTERVAL, "always": D_ALWAYS}[durability]
         self._pw = self._durability == D_ALWAYS and ENG_LOG_PWRITE
@@ -2318,14 +2423,26 @@ cdef class Log:
                 raise self._fail(exc.errno or _errno.EIO, f"writing the checkpoint of {self._path} failed")
         self._wake()
         if self._retention_bytes is not None or self._retention_age is not None:
-            self._apply_retention()
+            # never waits for a compaction in progress: the next roll retries
+            if self._maint.acquire(False):
+                try:
+                    self._apply_retention()
+                finally:
+                    self._maint.release()
+        if self._compact and (self._compactor is None or not self._compactor.is_alive()):
+            self._compactor = _threading.Thread(target=_compact_in_background,
+                                                args=(_weakref.ref(self),),
+                                                name=f"engine-log-compact:{self._path}", daemon=True)
+            self._compactor.start()
 
-    def append(self, value, key=None):
+    def append(self, value, key=None, tombstone=False):
         """Append one record; returns its offset.
 
         ``value`` and ``key`` are any C-contiguous buffers (bytes, bytearray,
-        memoryview, numpy); ``key=None`` stores no key.  Returns once the
-        record is as durable as ``durability`` says.
+        memoryview, numpy); ``key=None`` stores no key.  ``tombstone=True``
+        writes a delete marker for ``key`` (``value`` must be empty; see
+        :meth:`delete`).  Returns once the record is as durable as
+        ``durability`` says.
         """
         cdef Py_buffer vb, kb
         cdef const char *v
@@ -2342,6 +2459,10 @@ cdef class Log:
             if key is not None:
                 flags = ENG_REC_FLAG_KEY
                 kbuf = _bytes_of(key, &kb, &k, &klen, "key must be a bytes-like object or None")
+            if tombstone:
+                if key is None or vlen:
+                    raise ValueError("a tombstone needs a key and an empty value")
+                flags |= ENG_REC_FLAG_TOMBSTONE
             if klen > _MAX_FIELD or vlen > _MAX_FIELD:
                 raise ValueError("value is too large")
             need = _align8(_HDR + klen + vlen)
@@ -2375,6 +2496,18 @@ cdef class Log:
             self._sync_upto(off + 1)
         # signed: a 64-bit signed integer converts by CPython's fast path for small ones
         return <int64_t>off
+
+    def delete(self, key):
+        """Append a delete marker (tombstone) for ``key``; returns its offset.
+
+        Readers see a record with ``tombstone=True`` and an empty value.  Key
+        compaction (``cleanup="compact"``, :meth:`compact`) drops every older
+        record of the key, and the marker itself once it is older than
+        ``delete_retention`` seconds.
+        """
+        if key is None:
+            raise TypeError("key must be a bytes-like object")
+        return self.append(b"", key, tombstone=True)
 
     def append_many(self, values, keys=None):
         """Append a batch of records; returns the ``range`` of their offsets.
@@ -2590,6 +2723,11 @@ cdef class Log:
             if self._thread is not _threading.current_thread():
                 self._thread.join()
             self._thread = None
+        if self._compactor is not None:
+            self._compact_stop = True
+            if self._compactor is not _threading.current_thread():
+                self._compactor.join()
+            self._compactor = None
         if self._broken is not None:
             self._writing = True  # nothing more goes to the files
         else:
@@ -2661,7 +2799,8 @@ cdef class Log:
         consumer group has not committed.  Returns the number of segments deleted.
         """
         self._check_usable()
-        return self._apply_retention()
+        with self._maint:
+            return self._apply_retention()
 
     cdef int _apply_retention(self) except -1:
         cdef int deleted = 0
@@ -2698,6 +2837,31 @@ cdef class Log:
             del self._bases[0]
             deleted += 1
         return deleted
+
+    # ---- key compaction (engine.compaction does the work)
+
+    def compact(self):
+        """Compact the sealed segments by key now; returns an
+        :class:`engine.compaction.CompactionResult`.
+
+        Keeps the latest record of each key (and every record without a key)
+        at its offset; drops the latest record of a key when it is a
+        tombstone older than ``delete_retention``.  The active segment is
+        never touched.  Runs by itself after each roll with
+        ``cleanup="compact"``.  Never runs at the same time as retention.
+        """
+        from engine.compaction import compact_log
+        self._check_usable()
+        with self._maint:
+            return compact_log(self)
+
+    def _compaction_state(self):
+        """For engine.compaction: (sealed segment bases oldest first, the
+        active segment's base, log id bytes, delete_retention seconds, stop
+        requested)."""
+        self._check_usable()
+        return (list(self._bases[:-1]), self._bases[-1], self._log_id_bytes,
+                self._delete_retention, self._compact_stop)
 
     cdef int64_t _seg_created(self, uint64_t base) except? -1:
         try:
@@ -3035,9 +3199,15 @@ cdef class LogReader:
                 h = <const eng_rec_header *>(s.p + pos)
                 klen = h.key_len
                 vlen = h.length - _HDR - klen
+                if h.flags & ENG_REC_FLAG_HOLE:
+                    # removed by key compaction: its offset is skipped
+                    self._pos = pos + _HDR
+                    self._off += 1
+                    continue
                 rec = Record.__new__(Record)
                 rec.offset = <int64_t>h.offset
                 rec.timestamp = h.timestamp_ns
+                rec.tombstone = (h.flags & ENG_REC_FLAG_TOMBSTONE) != 0
                 base = <const char *>(s.p + pos + _HDR)
                 if self._copy:
                     rec.value = PyBytes_FromStringAndSize(base + klen, vlen)

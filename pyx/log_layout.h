@@ -19,6 +19,10 @@
  *               end, a flipped padding byte is a CRC error.
  *     The length word is stored LAST with release ordering: a reader that
  *     loads a non-zero length with acquire ordering sees the whole record.
+ * A compacted sealed segment (engine.compaction) holds the records it kept
+ *     byte for byte and a HOLE record (32 bytes, no key or value) for each
+ *     offset it removed, so the offset chain stays dense; its file is cut
+ *     to the bytes used and its header's segment_bytes says so.
  * End-of-segment (EOS) marker: a 32-byte record with flags = EOS, key_len 0,
  *     offset = the base offset of the next segment; it consumes no offset.
  *     Everything after it is zero.
@@ -39,7 +43,10 @@
 
 #define ENG_REC_FLAG_EOS 1u           /* end-of-segment marker */
 #define ENG_REC_FLAG_KEY 2u           /* the record has a key (possibly empty) */
-#define ENG_REC_FLAGS_KNOWN 3u
+#define ENG_REC_FLAG_TOMBSTONE 8u     /* a delete marker: key set, value empty (key compaction) */
+#define ENG_REC_FLAG_HOLE 16u         /* compaction removed the record: it keeps its offset and
+                                         timestamp, has no key and no value, and readers skip it */
+#define ENG_REC_FLAGS_KNOWN 27u
 
 /* One sparse index entry per this many bytes of segment. */
 #define ENG_INDEX_INTERVAL 4096

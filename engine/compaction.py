@@ -1,0 +1,201 @@
+"""Key compaction of a segment log (Kafka's ``cleanup.policy=compact``).
+
+``Log(..., cleanup="compact")`` runs a pass after each segment roll;
+``Log.compact()`` and ``queue-engine log compact PATH`` run one now.  A pass
+keeps, in the sealed segments, the latest record of each key and every record
+without a key, at their offsets; a record it removes becomes a hole (a bare
+32-byte header that keeps the offset chain dense; readers skip it, so a
+reader or group positioned on it continues at the next record kept).  The
+latest record of a key is removed only when it is a tombstone
+(``Log.delete``) older than ``delete_retention``.  The active segment is
+never touched.
+
+Crash safety, step by step:
+
+* The evidence first: a record is removed only because a later record of its
+  key exists, so everything the plan reads is made durable (``Log.flush``)
+  and only records below the durable offset count.  A power loss can never
+  keep the removal and lose the newer value.
+* Each sealed segment is rewritten alone, oldest first: the copy goes to a
+  temp file (``.<name>.compact.tmp``, removed by the next open) and is
+  fdatasynced; the segment's index files (byte positions of the old file,
+  rebuilt at the next open) go; a rename replaces the segment atomically; the
+  directory is fsynced before the next segment starts.  A SIGKILL anywhere
+  leaves each segment old or new, and a new one only removed what later,
+  durable records supersede.
+* A tombstone is dropped only in a pass that has already rewritten every
+  older segment (they hold no older record of its key any more), so dropping
+  it can never bring an older value back.
+* Readers that mapped a segment before its rename keep reading the old file
+  (an unlinked inode stays valid while mapped).  Retention and compaction
+  never run at the same time (``Log`` holds one lock for both), so a rename
+  never resurrects a segment retention deleted.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Set, Tuple
+
+from engine import _crashpoints as _cp
+from engine._fsutil import fsync_dir
+from engine._log import Log, LogReader, rewrite_compacted
+
+__all__ = ["CompactionResult", "Entry", "compact_log", "plan_removals"]
+
+# crash points (tests/stress/test_log_compact_crash.py SIGKILLs at each):
+# compact.planned, compact.after_copy, compact.after_index, compact.after_rename,
+# compact.after_dirsync (each with @<segment base>)
+_arm_crash = _cp.arm
+_crash_point = _cp.point
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What the plan needs of one record."""
+
+    offset: int
+    key: Optional[bytes]  # None: no key (always kept)
+    tombstone: bool
+    timestamp: int  # ns
+
+
+@dataclass
+class CompactionResult:
+    """What one pass did."""
+
+    segments_rewritten: int = 0
+    records_removed: int = 0
+    tombstones_removed: int = 0
+    records_scanned: int = 0
+    bytes_before: int = 0  # of the rewritten segments
+    bytes_after: int = 0
+    seconds: float = 0.0
+    segments: List[int] = field(default_factory=list)  # bases rewritten, oldest first
+
+    def as_dict(self) -> Dict[str, object]:
+        """The fields as a dict (for ``--json``)."""
+        return {
+            "segments_rewritten": self.segments_rewritten,
+            "records_removed": self.records_removed,
+            "tombstones_removed": self.tombstones_removed,
+            "records_scanned": self.records_scanned,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "seconds": self.seconds,
+            "segments": list(self.segments),
+        }
+
+
+def plan_removals(
+    entries: Iterable[Entry], sealed: List[int], sealed_end: int, tombstone_before_ns: int
+) -> Tuple[Dict[int, Set[int]], int]:
+    """Which offsets of which sealed segment go: ``({base: offsets}, tombstones)``.
+
+    ``entries`` are the durable records in offset order (the evidence: all of
+    them, the active segment's included); ``sealed`` the sealed segments'
+    bases, oldest first, ending at ``sealed_end`` (the active segment's base).
+    A keyed record goes when a later record of its key exists; the latest
+    record of a key goes when it is a tombstone stamped before
+    ``tombstone_before_ns`` (the caller rewrites segments oldest first, so
+    every older record of its key is gone before the tombstone is).
+    """
+    latest: Dict[bytes, Entry] = {}
+    in_sealed: List[Entry] = []
+    for e in entries:
+        if e.key is None:
+            continue
+        latest[e.key] = e
+        if e.offset < sealed_end:
+            in_sealed.append(e)
+    drop: Dict[int, Set[int]] = {}
+    tombstones = 0
+    for e in in_sealed:
+        last = latest[e.key]  # type: ignore[index]
+        if last.offset != e.offset:
+            gone = True
+        elif e.tombstone and e.timestamp < tombstone_before_ns:
+            gone = True
+            tombstones += 1
+        else:
+            gone = False
+        if gone:
+            base = sealed[bisect.bisect_right(sealed, e.offset) - 1]
+            drop.setdefault(base, set()).add(e.offset)
+    return drop, tombstones
+
+
+def _scan(path: str, start: int, end: int) -> List[Entry]:
+    """The records in [start, end), holes skipped (the log's own reader)."""
+    out: List[Entry] = []
+    with LogReader(path, start=start, copy=False) as r:
+        while True:
+            rec = r.read()
+            if rec is None or rec.offset >= end:
+                break
+            key = None if rec.key is None else bytes(rec.key)
+            out.append(Entry(rec.offset, key, rec.tombstone, rec.timestamp))
+    return out
+
+
+def compact_log(log: Log, now_ns: Optional[int] = None) -> CompactionResult:
+    """One compaction pass over ``log``'s sealed segments (``Log.compact``
+    calls it with the log's maintenance lock held).  ``now_ns`` (tests) is
+    the clock that ``delete_retention`` counts from."""
+    t0 = time.perf_counter()
+    res = CompactionResult()
+    path = log.path
+    log.flush()  # the evidence is durable before anything is removed
+    evidence_end = log.durable_offset
+    sealed, active_base, log_id, delete_retention, _ = log._compaction_state()
+    if sealed:
+        entries = _scan(path, sealed[0], evidence_end)
+        res.records_scanned = len(entries)
+        now = time.time_ns() if now_ns is None else now_ns
+        drop, _ = plan_removals(entries, sealed, active_base, now - int(delete_retention * 1e9))
+        tomb = {e.offset for e in entries if e.tombstone}
+        del entries
+        if _cp.armed:
+            _crash_point("compact.planned")
+        for base in sealed:
+            offsets = drop.get(base)
+            if not offsets:
+                continue
+            if log._compaction_state()[4]:
+                break  # the log is closing: the rest waits for the next pass
+            _rewrite_one(path, base, log_id, offsets, res)
+            res.tombstones_removed += len(offsets & tomb)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _rewrite_one(path: str, base: int, log_id: bytes, offsets: Set[int], res: CompactionResult) -> None:
+    """Replace sealed segment ``base`` by its copy without ``offsets``, durably."""
+    name = f"{base:020d}.seg"
+    tmp = f".{name}.compact.tmp"
+    removed, before, after = rewrite_compacted(path, base, log_id, offsets, tmp)
+    if _cp.armed:
+        _crash_point("compact.after_copy", str(base))
+    # the index files hold byte positions of the old file: the next open
+    # rebuilds them; readers without them scan the (smaller) segment
+    for ext in (".idx", ".tix"):
+        try:
+            os.unlink(os.path.join(path, f"{base:020d}{ext}"))
+        except FileNotFoundError:
+            pass
+    if _cp.armed:
+        _crash_point("compact.after_index", str(base))
+    os.rename(os.path.join(path, tmp), os.path.join(path, name))
+    if _cp.armed:
+        _crash_point("compact.after_rename", str(base))
+    fsync_dir(path)
+    if _cp.armed:
+        _crash_point("compact.after_dirsync", str(base))
+    res.segments_rewritten += 1
+    res.segments.append(base)
+    res.records_removed += removed
+    res.bytes_before += before
+    res.bytes_after += after
