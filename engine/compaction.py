@@ -44,7 +44,7 @@ from engine import _crashpoints as _cp
 from engine._fsutil import fsync_dir
 from engine._log import Log, LogReader, rewrite_compacted
 
-__all__ = ["CompactionResult", "Entry", "compact_log", "plan_removals"]
+__all__ = ["CompactionResult", "Entry", "compact_log", "compact_path", "plan_removals"]
 
 # crash points (tests/stress/test_log_compact_crash.py SIGKILLs at each):
 # compact.planned, compact.after_copy, compact.after_index, compact.after_rename,
@@ -199,3 +199,17 @@ def _rewrite_one(path: str, base: int, log_id: bytes, offsets: Set[int], res: Co
     res.records_removed += removed
     res.bytes_before += before
     res.bytes_after += after
+
+
+def compact_path(path: str, delete_retention: float = 86400.0) -> CompactionResult:
+    """Compact the log at ``path`` while no writer runs (``queue-engine log compact``).
+
+    Opens it as its writer (its lock, its recovery): :class:`engine.LogLocked`
+    when a writer holds it; that writer compacts with ``Log.compact()``.
+    """
+    import json
+
+    with open(os.path.join(path, "meta"), "rb") as f:
+        segment_bytes = int(json.loads(f.read(65536).decode())["segment_bytes"])
+    with Log(path, segment_bytes=segment_bytes, delete_retention=delete_retention) as log:
+        return log.compact()

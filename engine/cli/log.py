@@ -11,6 +11,9 @@
   reader of the group is open.
 * ``log repair PATH --truncate``: cut the log at its first damaged record
   (later records are lost: run ``verify`` first).
+* ``log compact PATH [--delete-retention S] [--json]``: key compaction of the
+  sealed segments (the latest record per key stays, at its offset); refuses
+  while a writer holds the log.
 """
 
 from __future__ import annotations
@@ -86,6 +89,13 @@ def register(subparsers: Any) -> None:
     repair.add_argument("--truncate", action="store_true", required=True,
                         help="required: confirms that records after the damage are dropped")
     repair.set_defaults(func=_repair)
+
+    compact = sub.add_parser("compact", help="keep the latest record per key in sealed segments")
+    compact.add_argument("path", help="log directory")
+    compact.add_argument("--delete-retention", type=float, default=86400.0, metavar="S",
+                         help="drop tombstones older than S seconds (default: one day)")
+    compact.add_argument("--json", action="store_true", help="print JSON")
+    compact.set_defaults(func=_compact)
 
 
 def _text(b: Optional[bytes]) -> Any:
@@ -232,4 +242,26 @@ def _repair(args: argparse.Namespace) -> int:
     else:
         print(f"cut {os.path.basename(bad.segment)} at byte {bad.error_position} ({bad.error}); "
               f"the log now ends at offset {bad.next_offset}")
+    return 0
+
+
+def _compact(args: argparse.Namespace) -> int:
+    from engine.compaction import compact_path
+    from engine.errors import LogLocked
+
+    if args.delete_retention < 0:
+        print("error: --delete-retention must be >= 0", file=sys.stderr)
+        return 2
+    try:
+        res = compact_path(args.path, args.delete_retention)
+    except LogLocked as exc:
+        print(f"error: a writer holds {args.path} ({exc}); compact it from that writer "
+              "(Log.compact() or cleanup='compact')", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(res.as_dict()))
+    else:
+        print(f"rewrote {res.segments_rewritten} segment(s): removed {res.records_removed} "
+              f"record(s) ({res.tombstones_removed} tombstones) of {res.records_scanned} scanned; "
+              f"{res.bytes_before} -> {res.bytes_after} bytes in {res.seconds:.3f} s")
     return 0
