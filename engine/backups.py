@@ -299,7 +299,12 @@ def _pin_log(src: str, rel: str) -> _PinnedLog:
         raise CorruptLog(os.path.join(path, "meta"), 0, "unreadable meta file") from None
     note = published_end(path)  # before the listing: the anchor's segment is then listed
     segs: Dict[int, _Seg] = {}
-    for base in _list_bases(path):
+    # newest first: key compaction rewrites segments oldest first and drops a
+    # tombstone only after every older segment lost the key's older values, so
+    # a newer segment pinned in its compacted form implies compacted older ones
+    # (the other order could pin an old segment 0 and a compacted segment 3:
+    # a deleted key's old value back)
+    for base in reversed(_list_bases(path)):
         s = _open_seg(os.path.join(path, f"{base:020d}.seg"), base)
         if s is not None:
             segs[base] = s

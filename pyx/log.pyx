@@ -1688,12 +1688,15 @@ cdef int D_ALWAYS = 2
 
 
 def _compact_in_background(ref):
-    """cleanup="compact": one compaction pass after a roll, off the append path."""
+    """cleanup="compact": compaction passes after rolls, off the append path,
+    until no roll happened during the last pass or the log closes."""
     log = ref()
     if log is None:
         return
     try:
-        (<Log>log).compact()
+        while (<Log>log)._compact_due and not (<Log>log)._compact_stop:
+            (<Log>log)._compact_due = False
+            (<Log>log).compact()
     except Closed:
         pass
     except Exception:  # noqa: BLE001 - a background failure must be seen, not kill the process
@@ -1826,6 +1829,7 @@ cdef class Log:
     cdef object _maint            # threading.Lock: retention and compaction, one at a time
     cdef object _compactor        # background compaction thread (cleanup="compact") or None
     cdef bint _compact_stop       # close() asks the compaction thread to stop
+    cdef bint _compact_due        # a roll since the compaction thread's last pass began
     cdef object __weakref__
 
     def __cinit__(self):
@@ -2429,6 +2433,8 @@ cdef class Log:
                     self._apply_retention()
                 finally:
                     self._maint.release()
+        if self._compact:
+            self._compact_due = True  # a running pass goes round once more
         if self._compact and (self._compactor is None or not self._compactor.is_alive()):
             self._compactor = _threading.Thread(target=_compact_in_background,
                                                 args=(_weakref.ref(self),),
