@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from typing import (
+    TYPE_CHECKING,
     Any,
     AsyncIterator,
     Callable,
@@ -16,9 +17,8 @@ from typing import (
     Iterator,
     List,
     Literal,
-    Set,
-    TYPE_CHECKING,
     Optional,
+    Set,
     Tuple,
     Union,
     final,
@@ -68,9 +68,7 @@ class Log:
         cleanup: Literal["delete", "compact"] = "delete",
         delete_retention: float = 86400.0,
     ) -> None: ...
-    def append(
-        self, value: _BytesLike, key: Optional[_BytesLike] = None, tombstone: bool = False
-    ) -> int: ...
+    def append(self, value: _BytesLike, key: Optional[_BytesLike] = None) -> int: ...
     def delete(self, key: _BytesLike) -> int: ...
     def append_many(
         self, values: Iterable[_BytesLike], keys: Optional[Iterable[Optional[_BytesLike]]] = None

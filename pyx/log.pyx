@@ -2441,15 +2441,17 @@ cdef class Log:
                                                 name=f"engine-log-compact:{self._path}", daemon=True)
             self._compactor.start()
 
-    def append(self, value, key=None, tombstone=False):
+    def append(self, value, key=None):
         """Append one record; returns its offset.
 
         ``value`` and ``key`` are any C-contiguous buffers (bytes, bytearray,
-        memoryview, numpy); ``key=None`` stores no key.  ``tombstone=True``
-        writes a delete marker for ``key`` (``value`` must be empty; see
-        :meth:`delete`).  Returns once the record is as durable as
-        ``durability`` says.
+        memoryview, numpy); ``key=None`` stores no key.  Returns once the
+        record is as durable as ``durability`` says.
         """
+        return self._append1(value, key, False)
+
+    cdef object _append1(self, value, key, bint tombstone):
+        """append(); ``tombstone``: a delete marker (a key, an empty value)."""
         cdef Py_buffer vb, kb
         cdef const char *v
         cdef const char *k = NULL
@@ -2466,9 +2468,7 @@ cdef class Log:
                 flags = ENG_REC_FLAG_KEY
                 kbuf = _bytes_of(key, &kb, &k, &klen, "key must be a bytes-like object or None")
             if tombstone:
-                if key is None or vlen:
-                    raise ValueError("a tombstone needs a key and an empty value")
-                flags |= ENG_REC_FLAG_TOMBSTONE
+                flags |= ENG_REC_FLAG_TOMBSTONE  # delete(): a key, an empty value
             if klen > _MAX_FIELD or vlen > _MAX_FIELD:
                 raise ValueError("value is too large")
             need = _align8(_HDR + klen + vlen)
@@ -2513,7 +2513,7 @@ cdef class Log:
         """
         if key is None:
             raise TypeError("key must be a bytes-like object")
-        return self.append(b"", key, tombstone=True)
+        return self._append1(b"", key, True)
 
     def append_many(self, values, keys=None):
         """Append a batch of records; returns the ``range`` of their offsets.
