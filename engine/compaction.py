@@ -34,17 +34,16 @@ Crash safety, step by step:
 
 from __future__ import annotations
 
-import bisect
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Set, Tuple
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Set
 
 from engine import _crashpoints as _cp
 from engine._fsutil import fsync_dir
 from engine._log import Log, LogReader, rewrite_compacted
 
-__all__ = ["CompactionResult", "Entry", "compact_log", "compact_path", "plan_removals"]
+__all__ = ["CompactionResult", "Entry", "Plan", "compact_log", "compact_path", "plan_removals"]
 
 # crash points (tests/stress/test_log_compact_crash.py SIGKILLs at each):
 # compact.planned, compact.after_copy, compact.after_index, compact.after_rename,
@@ -53,9 +52,8 @@ _arm_crash = _cp.arm
 _crash_point = _cp.point
 
 
-@dataclass(frozen=True)
-class Entry:
-    """What the plan needs of one record."""
+class Entry(NamedTuple):
+    """What the plan needs of one record (a plain tuple does as well)."""
 
     offset: int
     key: Optional[bytes]  # None: no key (always kept)
@@ -90,55 +88,66 @@ class CompactionResult:
         }
 
 
+@dataclass
+class Plan:
+    """What a pass removes."""
+
+    drop: Dict[int, Set[int]]  # sealed segment base -> offsets removed there
+    tombstones: Dict[int, int]  # sealed segment base -> tombstones among them
+    scanned: int  # records read
+
+
 def plan_removals(
-    entries: Iterable[Entry], sealed: List[int], sealed_end: int, tombstone_before_ns: int
-) -> Tuple[Dict[int, Set[int]], int]:
-    """Which offsets of which sealed segment go: ``({base: offsets}, tombstones)``.
+    records: Iterable[Entry], sealed: List[int], sealed_end: int, tombstone_before_ns: int
+) -> Plan:
+    """Which offsets of which sealed segment go.
 
-    ``entries`` are the durable records in offset order (the evidence: all of
-    them, the active segment's included); ``sealed`` the sealed segments'
-    bases, oldest first, ending at ``sealed_end`` (the active segment's base).
-    A keyed record goes when a later record of its key exists; the latest
-    record of a key goes when it is a tombstone stamped before
-    ``tombstone_before_ns`` (the caller rewrites segments oldest first, so
-    every older record of its key is gone before the tombstone is).
+    ``records`` are the durable records in offset order (anything with
+    ``offset``, ``key``, ``tombstone`` and ``timestamp``: :class:`Entry`, a
+    log ``Record``): the evidence, all of them, the active segment's
+    included.  ``sealed`` are the sealed segments' bases, oldest first,
+    ending at ``sealed_end`` (the active segment's base).  A keyed record
+    goes when a later record of its key exists; the latest record of a key
+    goes when it is a tombstone stamped before ``tombstone_before_ns`` (the
+    caller rewrites segments oldest first, so every older record of its key
+    is gone before the tombstone is).
     """
-    latest: Dict[bytes, Entry] = {}
+    latest: Dict[bytes, int] = {}
     in_sealed: List[Entry] = []
-    for e in entries:
-        if e.key is None:
+    scanned = 0
+    for rec in records:
+        scanned += 1
+        key = rec.key
+        if key is None:
             continue
-        latest[e.key] = e
-        if e.offset < sealed_end:
-            in_sealed.append(e)
-    drop: Dict[int, Set[int]] = {}
-    tombstones = 0
-    for e in in_sealed:
-        last = latest[e.key]  # type: ignore[index]
-        if last.offset != e.offset:
-            gone = True
-        elif e.tombstone and e.timestamp < tombstone_before_ns:
-            gone = True
-            tombstones += 1
-        else:
-            gone = False
-        if gone:
-            base = sealed[bisect.bisect_right(sealed, e.offset) - 1]
-            drop.setdefault(base, set()).add(e.offset)
-    return drop, tombstones
+        latest[key] = rec.offset
+        if rec.offset < sealed_end:
+            in_sealed.append(rec)
+    plan = Plan({}, {}, scanned)
+    seg = 0
+    for rec in in_sealed:
+        off = rec.offset
+        if latest[rec.key] == off and not (rec.tombstone and rec.timestamp < tombstone_before_ns):  # type: ignore[index]
+            continue
+        while seg + 1 < len(sealed) and sealed[seg + 1] <= off:
+            seg += 1  # in_sealed is in offset order
+        plan.drop.setdefault(sealed[seg], set()).add(off)
+        if rec.tombstone:
+            plan.tombstones[sealed[seg]] = plan.tombstones.get(sealed[seg], 0) + 1
+    return plan
 
 
-def _scan(path: str, start: int, end: int) -> List[Entry]:
+def _scan(path: str, start: int, end: int) -> Iterator[Entry]:
     """The records in [start, end), holes skipped (the log's own reader)."""
-    out: List[Entry] = []
-    with LogReader(path, start=start, copy=False) as r:
+    with LogReader(path, start=start) as r:
         while True:
-            rec = r.read()
-            if rec is None or rec.offset >= end:
-                break
-            key = None if rec.key is None else bytes(rec.key)
-            out.append(Entry(rec.offset, key, rec.tombstone, rec.timestamp))
-    return out
+            batch = r.read_many(4096)
+            if not batch:
+                return
+            if batch[-1].offset >= end:
+                yield from (rec for rec in batch if rec.offset < end)
+                return
+            yield from batch
 
 
 def compact_log(log: Log, now_ns: Optional[int] = None) -> CompactionResult:
@@ -149,25 +158,22 @@ def compact_log(log: Log, now_ns: Optional[int] = None) -> CompactionResult:
     res = CompactionResult()
     path = log.path
     log.flush()  # the evidence is durable before anything is removed
-    evidence_end = log.durable_offset
-    sealed, active_base, log_id, delete_retention, _ = log._compaction_state()
+    sealed, sealed_end, evidence_end, log_id, delete_retention, _ = log._compaction_state()
     if sealed:
-        entries = _scan(path, sealed[0], evidence_end)
-        res.records_scanned = len(entries)
         now = time.time_ns() if now_ns is None else now_ns
-        drop, _ = plan_removals(entries, sealed, active_base, now - int(delete_retention * 1e9))
-        tomb = {e.offset for e in entries if e.tombstone}
-        del entries
+        plan = plan_removals(_scan(path, sealed[0], evidence_end), sealed, sealed_end,
+                             now - int(delete_retention * 1e9))
+        res.records_scanned = plan.scanned
         if _cp.armed:
             _crash_point("compact.planned")
         for base in sealed:
-            offsets = drop.get(base)
+            offsets = plan.drop.get(base)
             if not offsets:
                 continue
-            if log._compaction_state()[4]:
+            if log._compaction_state()[5]:
                 break  # the log is closing: the rest waits for the next pass
             _rewrite_one(path, base, log_id, offsets, res)
-            res.tombstones_removed += len(offsets & tomb)
+            res.tombstones_removed += plan.tombstones.get(base, 0)
     res.seconds = time.perf_counter() - t0
     return res
 

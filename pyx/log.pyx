@@ -2862,11 +2862,21 @@ cdef class Log:
             return compact_log(self)
 
     def _compaction_state(self):
-        """For engine.compaction: (sealed segment bases oldest first, the
-        active segment's base, log id bytes, delete_retention seconds, stop
-        requested)."""
+        """For engine.compaction, after a flush: (the bases of the segments it
+        may rewrite, oldest first; the base after them; the durable offset;
+        log id bytes; delete_retention seconds; stop requested).
+
+        Only segments below the checkpoint's: recovery trusts a checkpoint's
+        byte position, which a rewrite would move.  So the checkpoint first
+        moves to the start of the active segment when every record before it
+        is durable (the flush made it so, unless a roll came in between)."""
+        cdef uint64_t ab
         self._check_usable()
-        return (list(self._bases[:-1]), self._bases[-1], self._log_id_bytes,
+        ab = self._active.base
+        if self._durable >= ab and self._ckpt_base < ab:
+            self._ckpt_at(ab, _SEGHDR, ab, False)
+        limit = self._ckpt_base
+        return ([b for b in self._bases if b < limit], limit, self._durable, self._log_id_bytes,
                 self._delete_retention, self._compact_stop)
 
     cdef int64_t _seg_created(self, uint64_t base) except? -1:

@@ -235,11 +235,11 @@ def test_with_retention_the_chain_stays_intact(tmp_path):
 def test_plan_drops_superseded_and_old_latest_tombstones():
     e = [Entry(0, b"a", False, 1), Entry(1, None, False, 1), Entry(2, b"a", True, 5),
          Entry(3, b"b", False, 6), Entry(4, b"b", True, 100), Entry(5, b"c", False, 7)]
-    drop, tombs = plan_removals(e, [0, 3], 5, tombstone_before_ns=50)
+    plan = plan_removals(e, [0, 3], 5, tombstone_before_ns=50)
     # a: the tombstone at 2 is old and latest; b's tombstone at 4 is too new
-    assert drop == {0: {0, 2}, 3: {3}} and tombs == 1
-    drop, tombs = plan_removals(e, [0, 3], 5, tombstone_before_ns=0)
-    assert drop == {0: {0}, 3: {3}} and tombs == 0
+    assert plan.drop == {0: {0, 2}, 3: {3}} and plan.tombstones == {0: 1} and plan.scanned == 6
+    plan = plan_removals(e, [0, 3], 5, tombstone_before_ns=0)
+    assert plan.drop == {0: {0}, 3: {3}} and plan.tombstones == {}
 
 
 def test_compact_path_refuses_while_a_writer_runs(tmp_path):
@@ -247,3 +247,22 @@ def test_compact_path_refuses_while_a_writer_runs(tmp_path):
     with pytest.raises(engine.LogLocked):
         compact_path(str(tmp_path / "l"))
     log.close()
+
+
+@pytest.mark.parametrize("durability", ["none", "interval", "always"])
+def test_unclean_stop_after_compacting_the_checkpoints_segment(tmp_path, durability):
+    # the checkpoint holds a byte position in its segment: compaction never
+    # rewrites that segment (it moves the checkpoint past it first)
+    path = tmp_path / "l"
+    log = engine.Log(path, durability=durability, segment_bytes=SEG)
+    log.append(b"a1", key=b"a")
+    log.append(b"a2", key=b"a")
+    log.append(b"R" * 3000)
+    log._simulate_crash()
+    log = engine.Log(path, durability=durability, segment_bytes=SEG)  # checkpoint: the end of segment 0
+    log.append(b"R" * 3000)  # rolls there: segment 0 is sealed
+    assert log.compact().records_removed == 1  # a1: segment 0's end moves back
+    log._simulate_crash()
+    with engine.Log(path, durability=durability, segment_bytes=SEG) as again:
+        assert again.next_offset == 4
+    assert [(r.offset, r.value) for r in _read(path)][:2] == [(1, b"a2"), (2, b"R" * 3000)]
