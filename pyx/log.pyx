@@ -1770,6 +1770,12 @@ cdef class Log:
     ``close()`` still releases the directory; reopen to recover.  A forked
     child cannot use its parent's writer (:class:`engine.Closed`).
 
+    ``cleanup="compact"`` turns on key compaction after each segment roll, in
+    a background thread (:meth:`compact`, :mod:`engine.compaction`): sealed
+    segments keep the latest record of each key, at its offset; tombstones
+    (:meth:`delete`) go once older than ``delete_retention`` seconds.
+    ``cleanup="delete"`` (the default) leaves records to retention alone.
+
     One writer per directory: a second ``Log`` on the same directory (in this
     or another process) raises :class:`engine.LogLocked`.  Several threads may
     call ``append``/``append_many`` on one ``Log``.
