@@ -266,3 +266,36 @@ def test_unclean_stop_after_compacting_the_checkpoints_segment(tmp_path, durabil
     with engine.Log(path, durability=durability, segment_bytes=SEG) as again:
         assert again.next_offset == 4
     assert [(r.offset, r.value) for r in _read(path)][:2] == [(1, b"a2"), (2, b"R" * 3000)]
+
+
+def _find_hole(data):
+    import struct
+
+    pos = 64
+    while pos + 32 <= len(data):
+        length, _, _, _, _, flags = struct.unpack_from("<IIQqII", data, pos)
+        if flags == 16:
+            return pos
+        pos += (length + 7) & ~7
+    raise AssertionError("no hole")
+
+
+@pytest.mark.parametrize("flags", [16 | 2, 16 | 8, 8])
+def test_a_malformed_hole_or_tombstone_is_corruption(tmp_path, flags):
+    import struct
+
+    path = tmp_path / "l"
+    log, _ = _fill(path)
+    log.compact()
+    log.close()
+    seg = path / f"{0:020d}.seg"
+    data = bytearray(seg.read_bytes())
+    pos = _find_hole(data)
+    struct.pack_into("<I", data, pos + 28, flags)  # CRC made valid: only the flag rule can object
+    crc = _log._crc32c(bytes(data[pos + 8:pos + 32]), crc=_log._crc32c(bytes(data[pos:pos + 4])))
+    struct.pack_into("<I", data, pos + 4, crc)
+    seg.write_bytes(bytes(data))
+    res = _log.verify(path)
+    assert res[0].error == "unknown record flags" and res[0].error_position == pos
+    with pytest.raises(engine.CorruptLog):
+        _read(path)
