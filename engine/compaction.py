@@ -37,7 +37,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Set
+from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Protocol, Set
 
 from engine import _crashpoints as _cp
 from engine._fsutil import fsync_dir
@@ -59,6 +59,19 @@ class Entry(NamedTuple):
     key: Optional[bytes]  # None: no key (always kept)
     tombstone: bool
     timestamp: int  # ns
+
+
+class RecordLike(Protocol):
+    """What the plan reads of a record: an :class:`Entry` or a log ``Record``."""
+
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> Any: ...  # bytes or None (a copying reader's keys)
+    @property
+    def tombstone(self) -> bool: ...
+    @property
+    def timestamp(self) -> int: ...
 
 
 @dataclass
@@ -98,7 +111,7 @@ class Plan:
 
 
 def plan_removals(
-    records: Iterable[Entry], sealed: List[int], sealed_end: int, tombstone_before_ns: int
+    records: Iterable[RecordLike], sealed: List[int], sealed_end: int, tombstone_before_ns: int
 ) -> Plan:
     """Which offsets of which sealed segment go.
 
@@ -113,7 +126,7 @@ def plan_removals(
     is gone before the tombstone is).
     """
     latest: Dict[bytes, int] = {}
-    in_sealed: List[Entry] = []
+    in_sealed: List[RecordLike] = []
     scanned = 0
     for rec in records:
         scanned += 1
@@ -127,7 +140,7 @@ def plan_removals(
     seg = 0
     for rec in in_sealed:
         off = rec.offset
-        if latest[rec.key] == off and not (rec.tombstone and rec.timestamp < tombstone_before_ns):  # type: ignore[index]
+        if latest[rec.key] == off and not (rec.tombstone and rec.timestamp < tombstone_before_ns):
             continue
         while seg + 1 < len(sealed) and sealed[seg + 1] <= off:
             seg += 1  # in_sealed is in offset order
@@ -137,7 +150,7 @@ def plan_removals(
     return plan
 
 
-def _scan(path: str, start: int, end: int) -> Iterator[Entry]:
+def _scan(path: str, start: int, end: int) -> Iterator[RecordLike]:
     """The records in [start, end), holes skipped (the log's own reader)."""
     with LogReader(path, start=start) as r:
         while True:
