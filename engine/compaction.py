@@ -195,7 +195,14 @@ def _rewrite_one(path: str, base: int, log_id: bytes, offsets: Set[int], res: Co
     """Replace sealed segment ``base`` by its copy without ``offsets``, durably."""
     name = f"{base:020d}.seg"
     tmp = f".{name}.compact.tmp"
-    removed, before, after = rewrite_compacted(path, base, log_id, offsets, tmp)
+    try:
+        removed, before, after = rewrite_compacted(path, base, log_id, offsets, tmp)
+    except BaseException:
+        try:
+            os.unlink(os.path.join(path, tmp))  # a full disk, say: the segment stays as it was
+        except FileNotFoundError:
+            pass
+        raise
     if _cp.armed:
         _crash_point("compact.after_copy", str(base))
     # the index files hold byte positions of the old file: the next open

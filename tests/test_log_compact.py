@@ -299,3 +299,32 @@ def test_a_malformed_hole_or_tombstone_is_corruption(tmp_path, flags):
     assert res[0].error == "unknown record flags" and res[0].error_position == pos
     with pytest.raises(engine.CorruptLog):
         _read(path)
+
+
+def test_a_failed_copy_changes_nothing(tmp_path, monkeypatch):
+    import engine.compaction as comp
+
+    path = tmp_path / "l"
+    log, _ = _fill(path)
+    before = _read(path)
+    real = comp.rewrite_compacted
+    calls = []
+
+    def failing(*args):
+        calls.append(args[1])
+        if len(calls) == 2:
+            real(*args)  # the copy is written, then the "disk" fails
+            raise OSError(28, "No space left on device")
+        return real(*args)
+
+    monkeypatch.setattr(comp, "rewrite_compacted", failing)
+    with pytest.raises(OSError):
+        log.compact()
+    assert not [n for n in os.listdir(path) if n.endswith(".tmp")]
+    got = _read(path)
+    # the first segment was compacted, the second not: still the same latest values
+    assert {r.key: r.value for r in got} == {r.key: r.value for r in before}
+    assert [r.offset for r in got if r.offset >= calls[1]] == [r.offset for r in before if r.offset >= calls[1]]
+    monkeypatch.setattr(comp, "rewrite_compacted", real)
+    assert log.compact().segments_rewritten >= 1
+    log.close()
