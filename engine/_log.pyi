@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 _BytesLike = Union[bytes, bytearray, memoryview, Any]
 
 FORMAT_VERSION: int
+SEGMENT_VERSION: int
 DEF_SEGMENT_BYTES: int
 RECORD_HEADER_SIZE: int
 SEGMENT_HEADER_SIZE: int

@@ -280,8 +280,15 @@ def _find_hole(data):
     raise AssertionError("no hole")
 
 
-@pytest.mark.parametrize("flags", [16 | 2, 16 | 8, 8])
-def test_a_malformed_hole_or_tombstone_is_corruption(tmp_path, flags):
+@pytest.mark.parametrize("flags,span,why", [
+    (16 | 2, None, "unknown record flags"),
+    (16 | 8, None, "unknown record flags"),
+    (16 | 4, None, "unknown record flags"),
+    (16, 0, "batch frame span out of bounds"),  # a hole covers at least one offset
+    (8, None, "key length out of bounds"),
+    (8, 0, "unknown record flags"),  # a tombstone without a key
+])
+def test_a_malformed_hole_or_tombstone_is_corruption(tmp_path, flags, span, why):
     import struct
 
     path = tmp_path / "l"
@@ -291,12 +298,14 @@ def test_a_malformed_hole_or_tombstone_is_corruption(tmp_path, flags):
     seg = path / f"{0:020d}.seg"
     data = bytearray(seg.read_bytes())
     pos = _find_hole(data)
-    struct.pack_into("<I", data, pos + 28, flags)  # CRC made valid: only the flag rule can object
+    struct.pack_into("<I", data, pos + 28, flags)  # CRC made valid: only the frame rules can object
+    if span is not None:
+        struct.pack_into("<I", data, pos + 24, span)
     crc = _log._crc32c(bytes(data[pos + 8:pos + 32]), crc=_log._crc32c(bytes(data[pos:pos + 4])))
     struct.pack_into("<I", data, pos + 4, crc)
     seg.write_bytes(bytes(data))
     res = _log.verify(path)
-    assert res[0].error == "unknown record flags" and res[0].error_position == pos
+    assert res[0].error == why and res[0].error_position == pos
     with pytest.raises(engine.CorruptLog):
         _read(path)
 

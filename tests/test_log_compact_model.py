@@ -1,7 +1,8 @@
 """Hypothesis state machine: key compaction against a dict of latest values per key.
 
-Rules: append (keyed or not), delete (a tombstone), roll, compact (with
-tombstones kept or dropped), reopen (clean or an unclean stop).  The model is
+Rules: append (keyed or not), append_many (batch frames), delete (a
+tombstone), roll, compact (with tombstones kept or dropped), reopen (clean
+or an unclean stop), seek and seek_time (into gaps).  The model is
 the list of every record appended.  Invariants after every step: the log's
 offsets are those of the model (a reader returns a subsequence of them, each
 record byte for byte what was appended at that offset); every record without
@@ -48,6 +49,13 @@ class CompactModel(RuleBasedStateMachine):
         assert self.log.append(value, key=key) == len(self.model)
         self.model.append((key, value, False))
 
+    @rule(batch=st.lists(st.tuples(st.one_of(st.none(), keys), values), min_size=1, max_size=30))
+    def append_many(self, batch):
+        # two or more records: one batch frame, whose inner records compaction filters
+        offs = self.log.append_many([v for _, v in batch], keys=[k for k, _ in batch])
+        assert list(offs) == list(range(len(self.model), len(self.model) + len(batch)))
+        self.model.extend((k, v, False) for k, v in batch)
+
     @rule(key=keys)
     def delete(self, key):
         assert self.log.delete(key) == len(self.model)
@@ -79,6 +87,22 @@ class CompactModel(RuleBasedStateMachine):
             self.log._simulate_crash()
         self.log = self._open(86400.0)
         assert self.log.next_offset == len(self.model)
+
+    @rule(data=st.data())
+    def seek(self, data):
+        off = data.draw(st.integers(0, len(self.model)))
+        with engine.LogReader(self.dir) as r:
+            kept = [x.offset for x in r]
+            r.seek(off)
+            got = r.read()
+            want = [o for o in kept if o >= off]
+            assert (None if got is None else got.offset) == (want[0] if want else None)
+            if got is not None:
+                at = r.seek_time(got.timestamp)
+                assert at <= got.offset
+                first = r.read()
+                assert first is not None and first.timestamp <= got.timestamp
+                assert first.offset == min(o for o in kept if o >= at)
 
     def _latest_offsets(self):
         latest = {}

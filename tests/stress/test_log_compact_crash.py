@@ -58,10 +58,14 @@ def _build(path):
                 value = b"plain-%d" % i
                 log.append(value)
                 model.append((None, value, False))
-            else:
+            elif i % 3:
                 key, value = b"k%d" % (i % 5), b"v%d-" % i * 8
                 log.append(value, key=key)
                 model.append((key, value, False))
+            else:  # a batch frame, whose inner records compaction filters
+                batch = [(b"k%d" % ((i + j) % 5), b"b%d.%d-" % (i, j) * 4) for j in range(3)]
+                log.append_many([v for _, v in batch], keys=[k for k, _ in batch])
+                model.extend((k, v, False) for k, v in batch)
     write_group(path, "g", 3, 0)  # offset 3: a superseded record
     return model
 
