@@ -3,9 +3,11 @@
 ``Log(..., cleanup="compact")`` runs a pass after each segment roll;
 ``Log.compact()`` and ``queue-engine log compact PATH`` run one now.  A pass
 keeps, in the sealed segments, the latest record of each key and every record
-without a key, at their offsets; a record it removes becomes a hole (a bare
-32-byte header that keeps the offset chain dense; readers skip it, so a
-reader or group positioned on it continues at the next record kept).  The
+without a key, at their offsets.  A batch frame loses the inner records
+removed (its offset deltas leave the gaps); each run of offsets removed
+between kept frames becomes one hole frame (a bare 32-byte header whose span
+covers the run, so the offset chain stays whole; readers skip it, and a
+reader or group positioned in a gap continues at the next record kept).  The
 latest record of a key is removed only when it is a tombstone
 (``Log.delete``) older than ``delete_retention``.  The active segment is
 never touched.
@@ -16,6 +18,9 @@ Crash safety, step by step:
   key exists, so everything the plan reads is made durable (``Log.flush``)
   and only records below the durable offset count.  A power loss can never
   keep the removal and lose the newer value.
+* Only segments below the checkpoint's are rewritten (recovery trusts the
+  checkpoint's byte position); the checkpoint moves to the active segment
+  first.
 * Each sealed segment is rewritten alone, oldest first: the copy goes to a
   temp file (``.<name>.compact.tmp``, removed by the next open) and is
   fdatasynced; the segment's index files (byte positions of the old file,
