@@ -20,6 +20,18 @@ Decisions (documented for users in the class docstrings):
   ``reader.skipped`` (Kafka's ``auto.offset.reset=earliest``).
 * Timestamps are wall-clock nanoseconds made non-decreasing by the writer (a
   clock stepping back repeats the last timestamp), so ``seek_time`` is exact.
+* Frames: ``append`` writes one plain frame (32-byte header, key, value);
+  ``append_many`` packs up to 128 records (64 KiB) in one batch frame with
+  one header and one CRC, each record a few varint bytes plus its key and
+  value (68 bytes for a 64-byte value against 96), and keeps a plain frame
+  where it would hold one record.  Everything that checks frames (CRC,
+  padding, end marker, recovery rules, the published word) is the same for
+  both; a batch frame covers the offsets [offset, offset + span), so every
+  walker steps by its span, and readers, seeks and ``seek_time`` walk its
+  inner records (index entries point at frame starts).  A frame is written
+  and published whole, so a torn batch is dropped whole.  Segments of the
+  first format (version 1: plain frames only) are still read and appended
+  to; see ``log_layout.h``.
 """
 
 cimport cython
