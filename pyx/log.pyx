@@ -20,6 +20,18 @@ Decisions (documented for users in the class docstrings):
   ``reader.skipped`` (Kafka's ``auto.offset.reset=earliest``).
 * Timestamps are wall-clock nanoseconds made non-decreasing by the writer (a
   clock stepping back repeats the last timestamp), so ``seek_time`` is exact.
+* Frames: ``append`` writes one plain frame (32-byte header, key, value);
+  ``append_many`` packs up to 128 records (64 KiB) in one batch frame with
+  one header and one CRC, each record a few varint bytes plus its key and
+  value (68 bytes for a 64-byte value against 96), and keeps a plain frame
+  where it would hold one record.  Everything that checks frames (CRC,
+  padding, end marker, recovery rules, the published word) is the same for
+  both; a batch frame covers the offsets [offset, offset + span), so every
+  walker steps by its span, and readers, seeks and ``seek_time`` walk its
+  inner records (index entries point at frame starts).  A frame is written
+  and published whole, so a torn batch is dropped whole.  Segments of the
+  first format (version 1: plain frames only) are still read and appended
+  to; see ``log_layout.h``.
 """
 
 cimport cython
@@ -126,10 +138,13 @@ cdef size_t _STAGE_KEEP = 4 << 20    # staging buffer kept between calls up to t
 # largest key or value (its length fits the 32-bit length word); typed, so the
 # check is a C comparison, not two Python integers made per call
 cdef size_t _MAX_FIELD = 0xFFFF0000
-# append_many: a batch frame grows to at most this many bytes (a record that
-# alone would pass it goes in a plain frame): small enough that a seek inside
-# one walks at most ~1000 inner records, large enough that its 32-byte header
-# is noise (a 1000 x 64 B batch: two frames, 68.1 bytes a record)
+# append_many: a batch frame holds at most this many records, so every
+# offset delta is one varint byte (a 64 B value without a key: 68 bytes, plus
+# a 32-byte header per 128 records: 68.3 bytes a record), and a seek inside a
+# frame walks at most 127 inner records
+cdef uint64_t _FRAME_RECORDS = 128
+# ... and at most this many bytes (a record that alone would pass it goes in
+# a plain frame, where its header is noise)
 cdef size_t _FRAME_MAX = 64 << 10
 # fewest bytes an inner record takes (body_len, attr, offset and ts deltas):
 # bounds how many offsets a run of bytes can hold
@@ -2814,7 +2829,7 @@ cdef class Log:
         One pass over ``values`` (any iterable of buffers; ``keys`` an iterable
         of the same length, items may be None), one sync for the whole batch
         under ``durability="always"``.  The records go in batch frames (one
-        header and CRC for up to 64 KiB of records, see ``log_layout.h``);
+        header and CRC for up to 128 records and 64 KiB, see ``log_layout.h``);
         a frame that would hold one record is a plain one.  A batch is not
         atomic across a crash: a prefix of its frames may survive an
         unacknowledged append_many (each frame whole or not at all).
@@ -2868,7 +2883,7 @@ cdef class Log:
                     if b.open:
                         blen = _inner_body_len(b.count, flags, klen, vlen)
                         isz = _varint_len(blen) + blen
-                        if (b.flen + isz > _FRAME_MAX
+                        if (b.count >= _FRAME_RECORDS or b.flen + isz > _FRAME_MAX
                                 or self._pos + _align8(b.flen + isz) + _HDR > self._active.size):
                             self._batch_close(&b)
                     if not b.open:

@@ -86,6 +86,7 @@ def test_append_many_takes_at_most_72_bytes_per_64_byte_record(tmp_path, durabil
         data = f.read()
     used = len(data.rstrip(b"\0")) - 64
     assert used / n <= 72, used / n
+    assert used / n < 68.5, used / n  # 68 bytes each + a 32-byte header per 128
     assert [rec.value for rec in engine.LogReader(path)] == [b"%064d" % j for j in range(n)]
     assert all(fl == FLAG_BATCH for _p, _l, _o, _s, fl in _frames(seg))
     res = _log.verify(path)
@@ -108,16 +109,24 @@ def test_one_record_and_huge_records_stay_plain_frames(tmp_path):
         (0, b"k", b"only"), (1, None, b"a"), (2, b"kb", b"b"), (3, b"kbig", big), (4, None, b"c"), (5, None, b"d")]
 
 
-def test_batch_frames_split_at_64k_and_at_rolls(tmp_path):
+def test_batch_frames_split_at_128_records_64k_and_at_rolls(tmp_path):
+    """A batch frame holds at most 128 records (every offset delta one
+    byte) and 64 KiB, and never crosses a segment end."""
     path = str(tmp_path / "log")
-    vals = [b"v%05d" % i + b"." * (i % 50) for i in range(6000)]
+    vals = [b"v%05d" % i + b"." * (i % 50 if i < 3000 else 900) for i in range(6000)]
     keys = [b"k%d" % i if i % 4 == 0 else None for i in range(6000)]
-    with engine.Log(path, durability="always", segment_bytes=1 << 16) as log:
+    with engine.Log(path, durability="always", segment_bytes=1 << 18) as log:
         assert list(log.append_many(vals, keys)) == list(range(6000))
         assert log.stats()["rolls"] >= 2
+    spans = []
     for seg in _seg_files(path):
-        for _p, length, _o, _s, _f in _frames(seg):
+        for _p, length, _o, span, fl in _frames(seg):
             assert length <= 64 << 10
+            if fl == FLAG_BATCH:
+                spans.append(span)
+    assert max(spans) == 128 and 128 > min(spans) > 1
+    assert spans.count(128) >= 3000 // 128 - 2  # the small records fill frames by count
+    assert any(72 > s > 1 for s in spans)  # the 900-byte ones by size
     recs = list(engine.LogReader(path, copy=False))
     assert [bytes(r.value) for r in recs] == vals
     assert [None if r.key is None else bytes(r.key) for r in recs] == keys
@@ -250,7 +259,9 @@ def test_cut_by_time_takes_a_batch_frame_whole(tmp_path):
 
 def _unpack_fixture(tmp_path):
     with tarfile.open(FIXTURE) as t:
-        t.extractall(tmp_path, filter="data")
+        for m in t.getmembers():  # a committed fixture, but no member may leave tmp_path
+            assert m.name.startswith("log_v1/") and ".." not in m.name and (m.isfile() or m.isdir())
+        t.extractall(tmp_path)
     return str(tmp_path / "log_v1")
 
 
@@ -287,7 +298,7 @@ def test_a_log_of_the_older_format_reads_verifies_and_appends(tmp_path):
 
     old_active = _seg_files(path)[-1]
     n_old_frames = len(_frames(old_active))
-    more = [b"new%04d" % i for i in range(400)]
+    more = [b"new%04d" % i + b"." * (i % 40) for i in range(400)]
     with engine.Log(path, durability="always", segment_bytes=4096) as log:
         assert log.next_offset == 130
         assert log.append(b"plain") == 130
@@ -495,13 +506,13 @@ def test_a_torn_batch_frame_is_dropped_whole(tmp_path, durability, caplog):
     appends go on from its first offset."""
     path = str(tmp_path / "log")
     log = engine.Log(path, durability=durability, segment_bytes=1 << 20)
-    log.append_many([b"a%05d" % i + b"." * 50 for i in range(300)])
-    log.append_many([b"b%05d" % i + b"." * 50 for i in range(300)])
+    log.append_many([b"a%05d" % i + b"." * 50 for i in range(100)])
+    log.append_many([b"b%05d" % i + b"." * 50 for i in range(100)])
     log._simulate_crash()
     (seg,) = _seg_files(path)
     frames = _frames(seg)
     pos, length, off, span, flags = frames[-1]
-    assert flags == FLAG_BATCH and (off, span) == (300, 300)
+    assert flags == FLAG_BATCH and (off, span) == (100, 100)
     with open(seg, "r+b") as f:
         f.seek(pos + length - 100)
         f.write(bytes(100))  # the frame's tail never written
@@ -511,12 +522,12 @@ def test_a_torn_batch_frame_is_dropped_whole(tmp_path, durability, caplog):
     if durability == "always":
         os.unlink(os.path.join(path, "checkpoint"))
     with engine.Log(path, durability=durability, segment_bytes=1 << 20) as log:
-        assert log.next_offset == 300
+        assert log.next_offset == 100
         assert log.stats()["recovered_bytes"] > 0
-        assert log.append_many([b"c1", b"c2"]) == range(300, 302)
+        assert log.append_many([b"c1", b"c2"]) == range(100, 102)
     recs = list(engine.LogReader(path))
-    assert [r.offset for r in recs] == list(range(302))
-    assert [r.value[:1] for r in recs] == [b"a"] * 300 + [b"c", b"c"]
+    assert [r.offset for r in recs] == list(range(102))
+    assert [r.value[:1] for r in recs] == [b"a"] * 100 + [b"c", b"c"]
     assert all(r.error is None for r in _log.verify(path))
     assert any("torn tail" in m for m in caplog.messages)
 
@@ -530,7 +541,7 @@ def test_a_damaged_batch_before_the_checkpoint_is_corruption(tmp_path):
         log.append_many([b"a%d" % i for i in range(200)])
         log.append_many([b"b%d" % i for i in range(200)])
     (seg,) = _seg_files(path)
-    pos, length, off, span, _fl = _frames(seg)[-1]
+    (pos, length, off, span, _fl), = [f for f in _frames(seg) if f[2] == 200]
     with open(seg, "r+b") as f:
         f.seek(pos + 200)
         b = f.read(1)
