@@ -24,8 +24,9 @@ Crash safety, step by step:
 * Each sealed segment is rewritten alone, oldest first: the copy goes to a
   temp file (``.<name>.compact.tmp``, removed by the next open) and is
   fdatasynced; the segment's index files (byte positions of the old file,
-  rebuilt at the next open) go; a rename replaces the segment atomically; the
-  directory is fsynced before the next segment starts.  A SIGKILL anywhere
+  rebuilt at the next open) go, and the directory is fsynced; a rename
+  replaces the segment atomically; the directory is fsynced again before the
+  next segment starts.  A SIGKILL anywhere
   leaves each segment old or new, and a new one only removed what later,
   durable records supersede.
 * A tombstone is dropped only in a pass that has already rewritten every
@@ -210,13 +211,15 @@ def _rewrite_one(path: str, base: int, log_id: bytes, offsets: Set[int], res: Co
         raise
     if _cp.armed:
         _crash_point("compact.after_copy", str(base))
-    # the index files hold byte positions of the old file: the next open
-    # rebuilds them; readers without them scan the (smaller) segment
+    # the index files hold byte positions of the old file: gone (durably,
+    # before the rename: an open trusts index files that exist) and rebuilt
+    # by the next open; readers without them scan the (smaller) segment
     for ext in (".idx", ".tix"):
         try:
             os.unlink(os.path.join(path, f"{base:020d}{ext}"))
         except FileNotFoundError:
             pass
+    fsync_dir(path)
     if _cp.armed:
         _crash_point("compact.after_index", str(base))
     os.rename(os.path.join(path, tmp), os.path.join(path, name))
