@@ -337,3 +337,38 @@ def test_a_failed_copy_changes_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(comp, "rewrite_compacted", real)
     assert log.compact().segments_rewritten >= 1
     log.close()
+
+
+def test_the_evidence_is_durable_before_anything_is_removed(tmp_path, monkeypatch):
+    # durability="none": nothing appended is synced until compaction asks;
+    # every segment holding a newer value must be on disk before a rename
+    # makes the older value's removal durable
+    import engine.compaction as comp
+
+    path = tmp_path / "l"
+    log, model = _fill(path)
+    events = []
+    real_sync, real_rename = os.fdatasync, os.rename
+
+    def fdatasync(fd):
+        events.append(("sync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        return real_sync(fd)
+
+    def rename(a, b):
+        events.append(("rename", os.path.basename(b)))
+        return real_rename(a, b)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    monkeypatch.setattr(comp.os, "rename", rename)
+    _log._set_sync_hook(lambda p, info: events.append(("data", info)))
+    try:
+        res = log.compact()
+    finally:
+        _log._set_sync_hook(None)
+    assert res.segments_rewritten >= 2
+    first = next(i for i, e in enumerate(events) if e[0] == "rename")
+    synced = {e[1] for e in events[:first] if e[0] == "sync"}
+    segs = sorted(n for n in os.listdir(path) if n.endswith(".seg"))
+    assert set(segs[:-1]) <= synced  # every sealed segment
+    assert any(e[0] == "data" and e[1]["next_offset"] == len(model) for e in events[:first])  # the active one
+    log.close()
