@@ -57,6 +57,10 @@ __all__ = ["CompactionResult", "Entry", "Plan", "compact_log", "compact_path", "
 _arm_crash = _cp.arm
 _crash_point = _cp.point
 
+MIN_DIRTY_RATIO = 0.5
+"""A background pass runs once the sealed segments changed since the last
+pass hold this share of the sealed bytes (Kafka's default)."""
+
 
 class Entry(NamedTuple):
     """What the plan needs of one record (a plain tuple does as well)."""
@@ -92,6 +96,7 @@ class CompactionResult:
     bytes_after: int = 0
     seconds: float = 0.0
     segments: List[int] = field(default_factory=list)  # bases rewritten, oldest first
+    skipped: bool = False  # a background pass found too little changed (MIN_DIRTY_RATIO)
 
     def as_dict(self) -> Dict[str, object]:
         """The fields as a dict (for ``--json``)."""
@@ -104,6 +109,7 @@ class CompactionResult:
             "bytes_after": self.bytes_after,
             "seconds": self.seconds,
             "segments": list(self.segments),
+            "skipped": self.skipped,
         }
 
 
@@ -169,15 +175,39 @@ def _scan(path: str, start: int, end: int) -> Iterator[RecordLike]:
             yield from batch
 
 
-def compact_log(log: Log, now_ns: Optional[int] = None) -> CompactionResult:
+def _sizes(path: str, bases: List[int]) -> Dict[int, int]:
+    out = {}
+    for b in bases:
+        try:
+            out[b] = os.stat(os.path.join(path, f"{b:020d}.seg")).st_size
+        except FileNotFoundError:
+            out[b] = 0
+    return out
+
+
+def compact_log(log: Log, now_ns: Optional[int] = None, force: bool = True) -> CompactionResult:
     """One compaction pass over ``log``'s sealed segments (``Log.compact``
     calls it with the log's maintenance lock held).  ``now_ns`` (tests) is
-    the clock that ``delete_retention`` counts from."""
+    the clock that ``delete_retention`` counts from.
+
+    ``force=False`` (the passes ``cleanup="compact"`` runs after rolls) skips
+    the pass (``skipped``) unless the sealed segments that changed since the
+    last pass hold at least ``MIN_DIRTY_RATIO`` of the sealed bytes (Kafka's
+    ``min.cleanable.dirty.ratio``): a pass reads every record kept, so
+    running one per roll would cost a log's whole size per segment written.
+    """
     t0 = time.perf_counter()
     res = CompactionResult()
     path = log.path
     log.flush()  # the evidence is durable before anything is removed
     sealed, sealed_end, evidence_end, log_id, delete_retention, _ = log._compaction_state()
+    sizes = _sizes(path, sealed)
+    clean = (log._compaction_memo or {}).get("clean", {})
+    dirty = sum(n for b, n in sizes.items() if clean.get(b) != n)
+    if not force and clean and dirty < MIN_DIRTY_RATIO * sum(sizes.values()):
+        res.skipped = True
+        res.seconds = time.perf_counter() - t0
+        return res
     if sealed:
         now = time.time_ns() if now_ns is None else now_ns
         plan = plan_removals(_scan(path, sealed[0], evidence_end), sealed, sealed_end,
@@ -193,6 +223,8 @@ def compact_log(log: Log, now_ns: Optional[int] = None) -> CompactionResult:
                 break  # the log is closing: the rest waits for the next pass
             _rewrite_one(path, base, log_id, offsets, res)
             res.tombstones_removed += plan.tombstones.get(base, 0)
+        else:
+            log._compaction_memo = {"clean": _sizes(path, sealed)}
     res.seconds = time.perf_counter() - t0
     return res
 

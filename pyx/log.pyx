@@ -1975,7 +1975,7 @@ def _compact_in_background(ref):
     try:
         while (<Log>log)._compact_due and not (<Log>log)._compact_stop:
             (<Log>log)._compact_due = False
-            (<Log>log).compact()
+            (<Log>log)._compact_pass(False)
     except Closed:
         pass
     except Exception:  # noqa: BLE001 - a background failure must be seen, not kill the process
@@ -2135,6 +2135,7 @@ cdef class Log:
     cdef object _compactor        # background compaction thread (cleanup="compact") or None
     cdef bint _compact_stop       # close() asks the compaction thread to stop
     cdef bint _compact_due        # a roll since the compaction thread's last pass began
+    cdef public object _compaction_memo  # engine.compaction's notes between passes (None: no pass yet)
     cdef object __weakref__
 
     def __cinit__(self):
@@ -3246,10 +3247,15 @@ cdef class Log:
         never touched.  Runs by itself after each roll with
         ``cleanup="compact"``.  Never runs at the same time as retention.
         """
+        return self._compact_pass(True)
+
+    def _compact_pass(self, force):
+        """compact(); ``force=False`` (the background passes) skips a pass
+        while little of the log changed since the last one."""
         from engine.compaction import compact_log
         self._check_usable()
         with self._maint:
-            return compact_log(self)
+            return compact_log(self, force=force)
 
     def _compaction_state(self):
         """For engine.compaction, after a flush: (the bases of the segments it

@@ -372,3 +372,38 @@ def test_the_evidence_is_durable_before_anything_is_removed(tmp_path, monkeypatc
     assert set(segs[:-1]) <= synced  # every sealed segment
     assert any(e[0] == "data" and e[1]["next_offset"] == len(model) for e in events[:first])  # the active one
     log.close()
+
+
+def test_background_passes_wait_for_enough_change(tmp_path):
+    # a pass after each roll would reread the whole log per segment written
+    from engine.compaction import MIN_DIRTY_RATIO
+
+    path = tmp_path / "l"
+    log, _ = _fill(path, n=600)
+    i = 0
+
+    def roll():
+        nonlocal i
+        rolls = log.stats()["rolls"]
+        while log.stats()["rolls"] == rolls:
+            log.append(b"v%d-" % i * 6, key=b"k%d" % (i % 7))
+            i += 1
+
+    def sealed_sizes():
+        names = sorted(n for n in os.listdir(path) if n.endswith(".seg"))[:-1]
+        return [os.path.getsize(path / n) for n in names]
+
+    assert not compact_log(log, force=False).skipped  # no pass yet: runs
+    roll()
+    assert compact_log(log, force=False).skipped  # one new segment of several: too little
+    assert compact_log(log).segments_rewritten >= 1  # an explicit pass always runs
+    clean = sealed_sizes()
+    for _ in range(100):
+        roll()
+        new = sum(sealed_sizes()[len(clean):])
+        if new >= MIN_DIRTY_RATIO * (new + sum(clean)):
+            break
+        assert compact_log(log, force=False).skipped
+    res = compact_log(log, force=False)
+    assert not res.skipped and res.records_removed > 0
+    log.close()
