@@ -555,3 +555,22 @@ def test_a_damaged_batch_before_the_checkpoint_is_corruption(tmp_path):
     bad = _log.repair_truncate(path)
     assert bad is not None and bad.next_offset == 200 and bad.records == 200
     assert [x.offset for x in engine.LogReader(path)] == list(range(200))
+
+
+def test_damage_followed_by_a_valid_batch_frame_is_corruption_not_a_torn_tail(tmp_path):
+    """Past the checkpoint, a damaged frame with a valid batch frame after it
+    is damage (CorruptLog at open), never a torn tail to cut: the batch
+    frame's offset is checked against how many records the bytes between
+    could hold, and its inner records against the rules."""
+    path = str(tmp_path / "log")
+    log = engine.Log(path, durability="none", segment_bytes=1 << 20)
+    for j in range(3):
+        log.append_many([b"%d-%d" % (j, i) for i in range(100)])
+    log._simulate_crash()
+    (seg,) = _seg_files(path)
+    pos = _frames(seg)[0][0]
+    with open(seg, "r+b") as f:
+        f.seek(pos + 40)
+        f.write(b"\xff\xff")  # the first frame's CRC fails; two valid frames follow
+    with pytest.raises(engine.CorruptLog, match="followed by a valid record"):
+        engine.Log(path, durability="none", segment_bytes=1 << 20)
