@@ -172,8 +172,8 @@ def scan_segment(data: _BytesLike, expected_base: Optional[int] = None) -> ScanR
 def rewrite_compacted(
     path: Union[str, os.PathLike[str]], base: int, log_id: bytes, drop: Set[int], tmp_name: str
 ) -> Tuple[int, int, int]:
-    """Write sealed segment ``base`` with ``drop`` as holes to ``tmp_name``, synced:
-    (records removed, bytes before, bytes after)."""
+    """Write sealed segment ``base`` without the records at offsets ``drop`` to
+    ``tmp_name``, synced: (records removed, bytes before, bytes after)."""
 def repair_truncate(path: Union[str, os.PathLike[str]]) -> Optional[ScanResult]: ...
 def _crc32c(data: _BytesLike, impl: Literal["auto", "hw", "sw"] = "auto", crc: int = 0) -> int: ...
 def _crc32c_hw_available() -> bool: ...

@@ -1610,7 +1610,8 @@ def rewrite_compacted(path, base, log_id, drop, tmp_name):
                 end = pos + h.length
                 kept = 0
                 while at < end:
-                    _inner_at(s.p, at, end, &inner)  # checked whole by _frame_check
+                    if _inner_at(s.p, at, end, &inner) != 0:  # checked by _frame_check: changed since
+                        raise CorruptLog(spath, pos, _WHY[W_INNER])
                     if expect + inner.delta in drop:
                         removed += 1
                     else:
