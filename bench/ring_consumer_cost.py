@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import signal
 import statistics
 import sys
 import time
@@ -63,27 +64,33 @@ def _steady(n: int) -> Dict[str, float]:
             finally:
                 os._exit(0)
         os.close(wr)
-        c = ring.consumer()
-        os.read(rd, 1)
-        os.close(rd)
-        out: List[bytes] = []
-        app, get = out.append, c.get
-        warm = n // 5
-        for _ in range(warm):
-            app(get())
-        lags = []
-        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        c0 = time.process_time_ns()
-        left = n - warm
-        while left:
-            k = min(10000, left)
-            for _ in range(k):
+        try:
+            c = ring.consumer()
+            os.read(rd, 1)
+            os.close(rd)
+            out: List[bytes] = []
+            app, get = out.append, c.get
+            warm = n // 5
+            for _ in range(warm):
                 app(get())
-            left -= k
-            lags.append(ring.stats()["used_bytes"] or 0)
-        cpu = time.process_time_ns() - c0
-        flt = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-        os.waitpid(pid, 0)
+            lags = []
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            c0 = time.process_time_ns()
+            left = n - warm
+            while left:
+                k = min(10000, left)
+                for _ in range(k):
+                    app(get())
+                left -= k
+                lags.append(ring.stats()["used_bytes"] or 0)
+            cpu = time.process_time_ns() - c0
+            flt = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+        except BaseException:
+            # the producer would wait for room forever: it is ours to end
+            os.kill(pid, signal.SIGKILL)
+            raise
+        finally:
+            os.waitpid(pid, 0)
         assert len(out) == n and out[-1] == _msg(n - 1), "messages lost or reordered"
         c.close()
         return {
