@@ -300,6 +300,7 @@ cdef class _Waiter:
     cdef PyThread_type_lock _lk   # held while it waits; the leader releases it
     cdef bint _held               # _lk is held (to free it released)
     cdef int role                 # _WAITING, _DONE or _LEAD (written before _lk is released)
+    cdef PyThread_type_lock _next # woken: release this (the next waiter's _lk) first, or NULL
     cdef bint finished            # the leader is done with it (its outcome is set)
     cdef list asked               # the participants asked to prepare
     cdef tuple names              # their names (the decision record's)
@@ -326,6 +327,9 @@ cdef class _Waiter:
         bounded, so not interruptible; the leader always wakes us)."""
         with nogil:
             PyThread_acquire_lock(self._lk, 1)
+            if self._next != NULL:
+                # pass the wake on (_wake_chain) before queueing for the GIL
+                PyThread_release_lock(self._next)
         self._held = True
 
     cdef void _wake(self):
@@ -339,6 +343,30 @@ cdef class _Waiter:
         if self.reason is not None:
             raise TransactionAborted(self.tx.txid, self.reason) from self.cause
         return 0
+
+
+cdef int _wake_chain(list group, _Waiter me) except -1:
+    """Wake every waiter of ``group`` but ``me``, its outcome set (_DONE):
+    this thread wakes the first, and each woken waiter wakes the next before
+    it takes the GIL (in _park, without it).  So the wakes are paced by the
+    threads' own start-up instead of all of them contending at once for the
+    GIL, which this thread holds while it would wake them one by one.  Each
+    waiter's thread holds it (and so its lock) until it wakes: a lock in the
+    chain is released only while its waiter still sleeps on it."""
+    cdef _Waiter w, prev = None
+    for w in group:
+        if w is me:
+            continue
+        w.role = _DONE
+        w._held = False
+        if prev is not None:
+            prev._next = w._lk
+        prev = w
+    for w in group:
+        if w is not me:
+            PyThread_release_lock(w._lk)
+            break
+    return 0
 
 
 @cython.final
@@ -850,10 +878,7 @@ cdef class _CoordCore:
             self._group_run_ns = self._group_end_ns - t0
             # the group first: those that commit again at once are gathered
             # into the next group (see _gather)
-            for w in group:
-                if w is not me:
-                    w.role = _DONE
-                    w._wake()
+            _wake_chain(group, me)
             self._hand_over(len(group))
         return 0
 
