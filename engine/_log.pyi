@@ -28,6 +28,7 @@ from engine._fsutil import Durability
 _BytesLike = Union[bytes, bytearray, memoryview, Any]
 
 FORMAT_VERSION: int
+SEGMENT_VERSION: int
 DEF_SEGMENT_BYTES: int
 RECORD_HEADER_SIZE: int
 SEGMENT_HEADER_SIZE: int

@@ -7,21 +7,49 @@
  * (bump ENG_LOG_FORMAT and the magic).
  *
  * Segment file  %020d.seg (base offset), preallocated to segment_bytes:
- *     [eng_seg_header 64 B][record][record]...[EOS marker][zeros...]
- * Record:
+ *     [eng_seg_header 64 B][frame][frame]...[EOS marker][zeros...]
+ * Frame (plain: one record, what `append` writes):
  *     [eng_rec_header 32 B][key][value][zero padding to 8 B]
  *     length  = 32 + key_len + value_len (unpadded; 0 = not written yet)
  *     crc     = CRC32C over the 4 bytes of `length` followed by bytes
- *               [8, align8(length)) of the record: offset, timestamp,
+ *               [8, align8(length)) of the frame: offset, timestamp,
  *               key_len, flags, key, value and padding.  Covering the length
  *               word and the padding means every bit of a sealed segment is
  *               checked: a flipped length cannot silently move the value's
  *               end, a flipped padding byte is a CRC error.
  *     The length word is stored LAST with release ordering: a reader that
- *     loads a non-zero length with acquire ordering sees the whole record.
+ *     loads a non-zero length with acquire ordering sees the whole frame.
+ * Batch frame (flags = ENG_REC_FLAG_BATCH alone, what `append_many` writes
+ * for two or more records; Kafka's v2 record batch: one header and one CRC
+ * for many records, varints inside).  The same 32-byte header, length and
+ * CRC rules; the fields mean:
+ *     offset       = first offset the frame covers
+ *     timestamp_ns = base timestamp
+ *     key_len      = span: the frame covers offsets [offset, offset + span),
+ *                    the next frame's offset is offset + span (a plain
+ *                    frame's span is 1)
+ *     body         = one or more inner records, back to back, filling
+ *                    [32, length) exactly:
+ *         [varint body_len]  bytes of the rest of this inner record
+ *         [attr 1 B]         ENG_INNER_* bits; unknown bits are corruption
+ *         [varint offset_delta]  strictly increasing, < span
+ *         [varint ts_delta]      timestamp = base + ts_delta, non-decreasing
+ *         [varint key_len]       only with ENG_INNER_KEY
+ *         [key][value]           value = whatever body_len leaves
+ *     Varints are unsigned LEB128 (7 bits a byte, low first, at most 10
+ *     bytes).  The dense writer writes offset_delta = i and span = count;
+ *     deltas leave room for frames with gaps (key compaction).  A 64-byte
+ *     value without a key takes 68 bytes.  A CRC-valid frame whose inner
+ *     records break any rule above is corruption, like a CRC mismatch.  A
+ *     frame is written and published whole, so a torn batch is dropped whole.
  * End-of-segment (EOS) marker: a 32-byte record with flags = EOS, key_len 0,
  *     offset = the base offset of the next segment; it consumes no offset.
  *     Everything after it is zero.
+ * Versions: segment header version 2 (ENG_SEG_VERSION) may hold batch frames;
+ * version 1 segments (ENG_SEG_VERSION_MIN) never do: the writer appends
+ * only plain frames to a version-1 segment it resumes, and new segments are
+ * version 2.  The meta file's "format" (ENG_LOG_FORMAT) is 2 once a writer
+ * of this layout opened the log, so a writer of version 1 refuses it.
  */
 #ifndef ENG_LOG_LAYOUT_H
 #define ENG_LOG_LAYOUT_H
@@ -29,7 +57,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define ENG_LOG_FORMAT 1
+#define ENG_LOG_FORMAT 2          /* meta "format" written; 1 is still read */
+#define ENG_LOG_FORMAT_MIN 1
+#define ENG_SEG_VERSION 2         /* segment header version written */
+#define ENG_SEG_VERSION_MIN 1     /* oldest segment version read (no batch frames) */
 #define ENG_SEG_MAGIC "QELOGSG1"      /* 8 bytes, no NUL stored */
 #define ENG_IDX_MAGIC "QELOGIX1"      /* offset index file */
 #define ENG_TIX_MAGIC "QELOGTX1"      /* time index file */
@@ -39,14 +70,20 @@
 
 #define ENG_REC_FLAG_EOS 1u           /* end-of-segment marker */
 #define ENG_REC_FLAG_KEY 2u           /* the record has a key (possibly empty) */
-#define ENG_REC_FLAGS_KNOWN 3u
+#define ENG_REC_FLAG_BATCH 4u         /* a batch frame (see above); no other flag with it */
+#define ENG_REC_FLAGS_KNOWN 7u
+
+/* attr byte of an inner record of a batch frame */
+#define ENG_INNER_KEY 1u              /* a key (possibly empty) precedes the value */
+#define ENG_INNER_TOMBSTONE 2u        /* reserved for key compaction: a deleted key (value empty) */
+#define ENG_INNER_KNOWN 3u
 
 /* One sparse index entry per this many bytes of segment. */
 #define ENG_INDEX_INTERVAL 4096
 
 typedef struct {
     char magic[8];          /* ENG_SEG_MAGIC */
-    uint32_t version;       /* ENG_LOG_FORMAT */
+    uint32_t version;       /* ENG_SEG_VERSION (ENG_SEG_VERSION_MIN..ENG_SEG_VERSION read) */
     uint32_t header_size;   /* sizeof(eng_seg_header) */
     uint64_t base_offset;   /* offset of the first record; equals the file name */
     uint64_t segment_bytes; /* preallocated file size */
@@ -57,11 +94,11 @@ typedef struct {
 } eng_seg_header;
 
 typedef struct {
-    uint32_t length;        /* 32 + key_len + value_len; stored last (release); 0 = empty */
+    uint32_t length;        /* 32 + key_len + value_len (batch: 32 + body); stored last (release); 0 = empty */
     uint32_t crc;           /* see above */
-    uint64_t offset;        /* dense, one per record */
-    int64_t timestamp_ns;   /* wall clock, non-decreasing within a log */
-    uint32_t key_len;       /* bytes of key following the header */
+    uint64_t offset;        /* dense, one per record (batch: its first offset) */
+    int64_t timestamp_ns;   /* wall clock, non-decreasing within a log (batch: base) */
+    uint32_t key_len;       /* bytes of key following the header (batch: span) */
     uint32_t flags;         /* ENG_REC_FLAG_* */
 } eng_rec_header;
 

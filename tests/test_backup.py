@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ import time
 import pytest
 
 import engine
+from engine import _log
 from engine._log import Log, LogReader, _record_size
 from engine.errors import CorruptLog, EngineError
 
@@ -116,10 +118,11 @@ def test_incremental_copies_only_new_bytes(tmp_path):
     # new records in the same active segment: exactly their bytes move
     base_count = len(os.listdir(src / "l"))
     more = [b"b" * (i % 70) for i in range(100)]
+    end0 = _log.verify(src / "l")[-1].end_position
     log.append_many(more)
     assert len(os.listdir(src / "l")) == base_count  # no roll: one segment grew
     inc = engine.backup(src, dst, incremental=True)
-    assert inc.bytes_copied == sum(_record_size(len(v)) for v in more)
+    assert inc.bytes_copied == _log.verify(src / "l")[-1].end_position - end0 > 0
     assert _values(dst / "l") == first + more
     # rolls: sealed segments already copied are kept, not copied again
     third = [b"c" * 200 for _ in range(2000)]
@@ -215,7 +218,8 @@ def test_truncations_and_group_epochs_survive_the_backup(tmp_path, monkeypatch):
     log.append_many([b"a%03d" % i for i in range(50)])
     log._simulate_crash()
     log = Log(src / "l", durability="none")  # unclean: truncation 1, at offset 50
-    log.append_many([b"b%03d" % i for i in range(50, 100)])
+    log.append_many([b"b%03d" % i for i in range(50, 60)])
+    log.append_many([b"b%03d" % i for i in range(60, 100)])  # a frame of its own, from 60
     with LogReader(src / "l", group="g") as r:
         r.commit(80)
     assert read_group(src / "l", "g") == (80, 1)
@@ -240,11 +244,15 @@ def test_truncations_and_group_epochs_survive_the_backup(tmp_path, monkeypatch):
     # power loss on the restored copy: records from 60 on never reached the
     # disk; the next open truncates there (truncation 2) and appends reuse
     # offsets 60.. past the group's 80
-    rec = _record_size(4)
     (seg,) = [dst / "l" / n for n in os.listdir(dst / "l") if n.endswith(".seg")]
     with open(seg, "r+b") as f:
-        f.seek(64 + 60 * rec)
-        f.write(b"\0" * (40 * rec))
+        data = f.read()
+        pos = 64  # walk the frames' length words to the one of offset 60
+        while struct.unpack_from("<Q", data, pos + 8)[0] != 60:
+            pos += (struct.unpack_from("<I", data, pos)[0] + 7) & ~7
+        end = len(data.rstrip(b"\0"))
+        f.seek(pos)
+        f.write(b"\0" * (end - pos))
     os.unlink(dst / "l" / "checkpoint")
     with Log(dst / "l", durability="none") as copy:
         assert copy.next_offset == 60
