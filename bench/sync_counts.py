@@ -31,7 +31,11 @@ directory between the first operation and the last (not open or close).  The
 shim makes every call it numbers dearer (it looks up the fd's path), and
 SQLite makes more such calls per operation than we do with several threads,
 so the op/s here lean our way; ``queue-engine bench --only txn,saga,versions
---full`` measures throughput without the shim.  Ours and SQLite's run in
+--full`` measures throughput without the shim.  The CPU columns are the
+process's user + system time over the timed window per operation (the
+median-throughput round's), shim included: on a machine this small (2 cores)
+the CPU a durable operation costs (thread wake-ups and syncs, mostly in the
+kernel) bounds throughput as much as the syncs do.  Ours and SQLite's run in
 turn, ``--repeat`` rounds of both, so both see the same disk at about the
 same moments; the table shows each one's median round and the median (and
 range) of the rounds' ratios, steadier than a ratio of medians on a disk
@@ -56,6 +60,8 @@ N, THREADS, D = {count}, {threads}, {d!r}
 msgs = [i.to_bytes(8, "little") + bytes([i % 251]) * 56 for i in range(N)]
 keys = [b"key:%010d" % i for i in range(N)]
 
+CPU = [0.0]  # user + system seconds of the process over the last in_threads window
+
 def in_threads(setup, one):
     go = threading.Barrier(THREADS + 1)
     errs = []
@@ -72,11 +78,12 @@ def in_threads(setup, one):
         t.start()
     arm()
     go.wait()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), os.times()
     for t in ts:
         t.join()
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), os.times()
     disarm()
+    CPU[0] = c1.user - c0.user + c1.system - c0.system
     if errs:
         raise errs[0]
     return t1 - t0
@@ -113,7 +120,7 @@ with LogReader(D + "/a", start=0) as r:
     got = [bytes(rec.value) for rec in r]
 check(got, lb.next_offset)
 la.close(); lb.close()
-report({{"wall": wall}})
+report({{"wall": wall, "cpu": CPU[0]}})
 """
 
 TXN_SQLITE = COMMON + r"""
@@ -139,7 +146,7 @@ got = [row[0] for row in db.execute("SELECT v FROM a")]
 (nb,) = db.execute("SELECT count(*) FROM b").fetchone()
 check(got, nb)
 db.close()
-report({{"wall": wall}})
+report({{"wall": wall, "cpu": CPU[0]}})
 """
 
 SAGA_OURS = COMMON + r"""
@@ -153,7 +160,7 @@ wall = in_threads(lambda k: None, lambda _c, i: saga.run(i))
 saga.close()
 if sorted(out) != sorted(msgs):
     raise SystemExit(f"delivery check failed: {{len(out)}} of {{N}}")
-report({{"wall": wall}})
+report({{"wall": wall, "cpu": CPU[0]}})
 """
 
 SAGA_SQLITE = COMMON + r"""
@@ -176,7 +183,7 @@ wall = in_threads(lambda k: sqlite_conn(D + "/sagas.db"), one)
 (done,) = first.execute("SELECT count(*) FROM saga_steps WHERE state = 'done'").fetchone()
 if sorted(out) != sorted(msgs) or done != N:
     raise SystemExit(f"delivery check failed: {{len(out)}} / {{done}} of {{N}}")
-report({{"wall": wall}})
+report({{"wall": wall, "cpu": CPU[0]}})
 """
 
 PUT_OURS = COMMON + r"""
@@ -188,7 +195,7 @@ got = [st.get(k) for k in keys]
 st.close()
 if got != [(2, m) for m in msgs]:
     raise SystemExit("put check failed")
-report({{"wall": wall}})
+report({{"wall": wall, "cpu": CPU[0]}})
 """
 
 PUT_SQLITE = COMMON + r"""
@@ -209,7 +216,7 @@ wall = in_threads(lambda k: sqlite_conn(D + "/kv.db"), one)
 rows = dict((k, (v, val)) for k, val, v in first.execute("SELECT key, value, version FROM kv"))
 if [rows[k] for k in keys] != [(2, m) for m in msgs]:
     raise SystemExit("put check failed")
-report({{"wall": wall}})
+report({{"wall": wall, "cpu": CPU[0]}})
 """
 
 # name -> (ours, SQLite's, default thread counts)
@@ -221,7 +228,7 @@ WORKLOADS = {
 
 
 def measure(source: str, threads: int, count: int) -> tuple:
-    """(syncs per op, ops/s) of one child run."""
+    """(syncs per op, ops/s, CPU us per op) of one child run."""
     with tempfile.TemporaryDirectory(prefix="qe-sync-counts-") as base:
         d = os.path.join(base, "run")
         res = faultkit.run(source.format(count=count, threads=threads, d=d), prefix=base,
@@ -229,7 +236,7 @@ def measure(source: str, threads: int, count: int) -> tuple:
         if res.rc != 0 or not isinstance(res.report, dict):
             raise SystemExit(f"run failed (rc {res.rc}): {res.stderr[-3000:]}")
         syncs = sum(res.counts.get(f, 0) for f in faultkit.SYNC_FUNCS)
-        return syncs / count, count / res.report["wall"]
+        return syncs / count, count / res.report["wall"], res.report["cpu"] / count * 1e6
 
 
 def main() -> None:
@@ -241,8 +248,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="rounds of both (medians shown)")
     args = ap.parse_args()
     print("| op | threads | ours syncs/op | SQLite syncs/op | ours op/s | SQLite op/s "
-          "| ours / SQLite (per round: median, range) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "| ours / SQLite (per round: median, range) | ours CPU us/op | SQLite CPU us/op |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.only:
         ours_src, sq_src, default_threads = WORKLOADS[name]
         for t in args.threads or default_threads:
@@ -250,11 +257,12 @@ def main() -> None:
             for _ in range(max(1, args.repeat)):
                 ours.append(measure(ours_src, t, args.count))
                 sq.append(measure(sq_src, t, args.count))
-            ours_s, ours_r = sorted(ours, key=lambda r: r[1])[len(ours) // 2]
-            sq_s, sq_r = sorted(sq, key=lambda r: r[1])[len(sq) // 2]
+            ours_s, ours_r, ours_c = sorted(ours, key=lambda r: r[1])[len(ours) // 2]
+            sq_s, sq_r, sq_c = sorted(sq, key=lambda r: r[1])[len(sq) // 2]
             ratios = sorted(o[1] / q[1] for o, q in zip(ours, sq))
             print(f"| {name} | {t} | {ours_s:.2f} | {sq_s:.2f} | {ours_r:,.0f} | {sq_r:,.0f} | "
-                  f"{ratios[len(ratios) // 2]:.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f}) |",
+                  f"{ratios[len(ratios) // 2]:.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f}) | "
+                  f"{ours_c:.0f} | {sq_c:.0f} |",
                   flush=True)
 
 

@@ -101,7 +101,10 @@ the last group ran) for the threads just woken to queue again, so that one
 group carries them all instead of two halves taking turns.  Per transaction
 the steps and crash points are the ones above; across the group, no decision
 is written before every prepared record of the group is durable.  A
-transaction alone runs the one-transaction path.  ``tests/test_txn_groupcommit.py`` checks that
+transaction alone runs the one-transaction path, except that the sync of its
+first participant's prepared record runs on the helper thread while the next
+participant prepares (the crash points pass in the same order; the decision
+still waits for both): one sync round fewer.  ``tests/test_txn_groupcommit.py`` checks that
 a commit returns only once its records are durable, and SIGKILLs groups at
 every crash point.
 

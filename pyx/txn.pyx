@@ -283,7 +283,8 @@ cdef class Transaction:
 # the whole group), and its steps hold across it: no decision is written
 # before every prepared record of the group is durable, no participant hears
 # commit before every decision of the group is.  A group of one runs
-# _commit_one itself.
+# _commit_one itself (its first prepared record's sync on the helper thread
+# while the next participant prepares: _prepare_first).
 
 cdef enum:
     _WAITING = 0   # queued for a group
@@ -299,6 +300,7 @@ cdef class _Waiter:
     cdef PyThread_type_lock _lk   # held while it waits; the leader releases it
     cdef bint _held               # _lk is held (to free it released)
     cdef int role                 # _WAITING, _DONE or _LEAD (written before _lk is released)
+    cdef PyThread_type_lock _next # woken: release this (the next waiter's _lk) first, or NULL
     cdef bint finished            # the leader is done with it (its outcome is set)
     cdef list asked               # the participants asked to prepare
     cdef tuple names              # their names (the decision record's)
@@ -325,6 +327,9 @@ cdef class _Waiter:
         bounded, so not interruptible; the leader always wakes us)."""
         with nogil:
             PyThread_acquire_lock(self._lk, 1)
+            if self._next != NULL:
+                # pass the wake on (_wake_chain) before queueing for the GIL
+                PyThread_release_lock(self._next)
         self._held = True
 
     cdef void _wake(self):
@@ -338,6 +343,30 @@ cdef class _Waiter:
         if self.reason is not None:
             raise TransactionAborted(self.tx.txid, self.reason) from self.cause
         return 0
+
+
+cdef int _wake_chain(list group, _Waiter me) except -1:
+    """Wake every waiter of ``group`` but ``me``, its outcome set (_DONE):
+    this thread wakes the first, and each woken waiter wakes the next before
+    it takes the GIL (in _park, without it).  So the wakes are paced by the
+    threads' own start-up instead of all of them contending at once for the
+    GIL, which this thread holds while it would wake them one by one.  Each
+    waiter's thread holds it (and so its lock) until it wakes: a lock in the
+    chain is released only while its waiter still sleeps on it."""
+    cdef _Waiter w, prev = None
+    for w in group:
+        if w is me:
+            continue
+        w.role = _DONE
+        w._held = False
+        if prev is not None:
+            prev._next = w._lk
+        prev = w
+    for w in group:
+        if w is not me:
+            PyThread_release_lock(w._lk)
+            break
+    return 0
 
 
 @cython.final
@@ -502,6 +531,28 @@ cdef int _sync_prepared(list deferred, list group, _Helper helper) except -1:
     return 0
 
 
+cdef object _overlap_done(list overlap, _Helper helper):
+    """Wait for the sync _CoordCore._prepare_first started; None if the
+    prepared record is durable, else the error (the participant forgets the
+    transaction: it votes no, as in _sync_prepared)."""
+    cdef _PartCore p = <_PartCore>overlap[0]
+    txid, info, log = overlap[1], overlap[2], overlap[3]
+    _result, err = helper._wait()
+    if err is not None and not isinstance(err, Exception):
+        raise err
+    if isinstance(err, Closed) and log is not p._journal._log:
+        # an append to a generation a switch closed went to the new one
+        # (carried from memory), which the switch synced
+        err = None
+    if err is None:
+        p._journal.appended += 1
+        return None
+    with p._lock:
+        if p._doubt.pop(txid, None) is not None:
+            p._release(txid, info)
+    return err
+
+
 # ---------------------------------------------------------------------------
 # the coordinator
 
@@ -615,8 +666,11 @@ cdef class _CoordCore:
             return self._commit_grouped(tx)
         return self._commit_one(tx)
 
-    cdef int _commit_one(self, Transaction tx) except -1:
-        # engine.txn documents the protocol; this is its prepare and decide
+    cdef int _commit_one(self, Transaction tx, bint lead=False) except -1:
+        # engine.txn documents the protocol; this is its prepare and decide.
+        # lead: called by a group's leader (_lead), which owns the helper
+        # thread: the first durable prepared record's sync runs there while
+        # the other participants prepare (see _prepare_first)
         cdef str txid = tx.txid
         cdef dict parts = tx._parts
         cdef list asked
@@ -632,27 +686,41 @@ cdef class _CoordCore:
             self._active.pop(txid, None)
             return 0
         asked = []
-        for p, ops in parts.items():
-            if _now() > deadline:
-                reason = "timed out before every participant prepared"
-                break
-            if _armed:
-                _hook("coord.prepare.send", p.name)
-            asked.append(p)
-            try:
-                if isinstance(p, _PartCore) and (<_PartCore>p)._c_prepare:
-                    vote = (<_PartCore>p)._prepare_c(txid, ops)  # a C call
-                else:
-                    vote = p.prepare(txid, ops)
-            except Exception as exc:  # a raising participant votes no
-                reason = f"participant {p.name!r} failed to prepare: {exc}"
-                cause = exc
-                break
-            if _armed:
-                _hook("coord.prepare.vote", p.name)
-            if not vote:
-                reason = f"participant {p.name!r} voted no"
-                break
+        cdef list overlap = [] if lead and sync and len(parts) > 1 else None
+        cdef Py_ssize_t left = len(parts)
+        try:
+            for p, ops in parts.items():
+                left -= 1
+                if _now() > deadline:
+                    reason = "timed out before every participant prepared"
+                    break
+                if _armed:
+                    _hook("coord.prepare.send", p.name)
+                asked.append(p)
+                try:
+                    if overlap is not None and not overlap and left:
+                        # a later participant follows: this one's sync overlaps its prepare
+                        vote = self._prepare_first(<_PartCore>p, txid, ops, overlap)
+                    elif isinstance(p, _PartCore) and (<_PartCore>p)._c_prepare:
+                        vote = (<_PartCore>p)._prepare_c(txid, ops)  # a C call
+                    else:
+                        vote = p.prepare(txid, ops)
+                except Exception as exc:  # a raising participant votes no
+                    reason = f"participant {p.name!r} failed to prepare: {exc}"
+                    cause = exc
+                    break
+                if _armed:
+                    _hook("coord.prepare.vote", p.name)
+                if not vote:
+                    reason = f"participant {p.name!r} voted no"
+                    break
+        finally:
+            if overlap:
+                # every yes vote counts only once its record is durable
+                err = _overlap_done(overlap, self._helper)
+                if err is not None and reason is None:
+                    reason = f"participant {(<_PartCore>overlap[0]).name!r} failed to prepare: {err}"
+                    cause = err
         if reason is None:
             names = tuple([(<_PartCore>p).name if isinstance(p, _PartCore) else p.name
                            for p in asked])  # every participant prepared
@@ -720,6 +788,25 @@ cdef class _CoordCore:
         self._complete_c(txid, asked)
         return 0
 
+    cdef object _prepare_first(self, _PartCore p, str txid, object ops, list overlap):
+        """``p``'s prepare for a lone durable transaction that more
+        participants follow: the prepared record is written, its sync starts
+        on the helper thread (``overlap`` gets ``[p, txid, info, log]``) and
+        the next participant prepares meanwhile; _overlap_done waits for it
+        before any vote counts (as a group's prepares, _sync_prepared).  The
+        crash points pass in _prepare_c's order: the record is written at
+        ``after_write`` (a crash keeps what the page cache holds), durable
+        before the decision."""
+        cdef list deferred = []
+        vote = p._prepare_c(txid, ops, deferred)
+        if deferred:
+            entry = deferred[0]
+            overlap.extend(entry)
+            self._helper._submit(entry[3].flush, ())
+            if _armed:
+                _hook("part.prepare.after_write", p.name)
+        return vote
+
     # -- group commit of durable transactions (see _Waiter)
 
     cdef int _commit_grouped(self, Transaction tx) except -1:
@@ -770,7 +857,7 @@ cdef class _CoordCore:
                 # points in the order of the non-durable path's, which
                 # tests/test_txn_fastpath.py checks; a group's interleave)
                 try:
-                    self._commit_one(me.tx)
+                    self._commit_one(me.tx, True)
                 except BaseException as exc:
                     me.error = exc
                 me.finished = True
@@ -791,10 +878,7 @@ cdef class _CoordCore:
             self._group_run_ns = self._group_end_ns - t0
             # the group first: those that commit again at once are gathered
             # into the next group (see _gather)
-            for w in group:
-                if w is not me:
-                    w.role = _DONE
-                    w._wake()
+            _wake_chain(group, me)
             self._hand_over(len(group))
         return 0
 

@@ -11,6 +11,7 @@ tests/stress/test_txn_crash.py.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from synchook import Durable, installed, run_threads
@@ -180,6 +181,95 @@ def test_concurrent_transactions_share_syncs(tmp_path, durable):
         for x in (pa, pb, coord, la, lb):
             x.close()
     assert len(values(tmp_path / "a")) == threads * per
+
+
+class _Overlap(Durable):
+    """A sync hook that holds every sync of the ``watched`` logs for ``hold``
+    seconds and records how many of them were in flight at once (``peak``);
+    ``fail`` (a path): the next sync of that log raises (once)."""
+
+    def __init__(self, watched, hold):
+        super().__init__()
+        self.watched, self.hold = set(watched), hold
+        self.inflight, self.peak, self.fail = 0, 0, None
+
+    def __call__(self, path, info):
+        if path == self.fail:
+            self.fail = None
+            raise OSError("injected: the prepared record's sync failed")
+        if path in self.watched:
+            with self._lock:
+                self.inflight += 1
+                self.peak = max(self.peak, self.inflight)
+            time.sleep(self.hold)
+            with self._lock:
+                self.inflight -= 1
+        super().__call__(path, info)
+
+
+def _lone_world(tmp_path):
+    coord = Coordinator(tmp_path / "coord", durability="always", segment_bytes=SEG)
+    la = Log(str(tmp_path / "a"), durability="always", segment_bytes=SEG)
+    lb = Log(str(tmp_path / "b"), durability="always", segment_bytes=SEG)
+    pa, pb = LogParticipant(la, segment_bytes=SEG), LogParticipant(lb, segment_bytes=SEG)
+    return coord, la, lb, pa, pb
+
+
+def test_a_lone_transactions_prepared_records_sync_at_once(tmp_path):
+    """One thread: the first participant's prepared record syncs (on the
+    group commit's helper thread) while the second participant prepares and
+    syncs its own, so both prepare syncs are in flight together; the
+    decision still becomes durable only after both."""
+    coord, la, lb, pa, pb = _lone_world(tmp_path)
+    journals = [pa._journal.log.path, pb._journal.log.path]
+    hook = _Overlap(journals, 0.05)
+    early = []
+
+    def decision_after_prepares(path, end):
+        if path == coord._journal.log.path and hook.inflight:
+            early.append(end)  # a decision durable while a prepare sync runs
+
+    hook.after = decision_after_prepares
+    try:
+        with installed(hook):
+            for i in range(4):
+                hook.peak = 0
+                with coord.transaction() as tx:
+                    tx.enlist(pa, [b"a%d" % i])
+                    tx.enlist(pb, [b"b%d" % i])
+                assert hook.peak == 2, f"transaction {i}: the two prepare syncs ran one after the other"
+        assert not early, "a decision became durable while a prepared record was still syncing"
+    finally:
+        for x in (pa, pb, coord, la, lb):
+            x.close()
+    assert values(tmp_path / "a") == [b"a%d" % i for i in range(4)]
+    assert values(tmp_path / "b") == [b"b%d" % i for i in range(4)]
+
+
+def test_a_failed_overlapped_prepare_sync_aborts_the_transaction(tmp_path):
+    """The first participant's prepared record fails to sync while the
+    second prepares: the transaction aborts everywhere (no decision, nothing
+    applied, nothing in doubt) and the next one commits."""
+    coord, la, lb, pa, pb = _lone_world(tmp_path)
+    hook = _Overlap([], 0)
+    hook.fail = pa._journal.log.path
+    try:
+        with installed(hook):
+            tx = coord.transaction()
+            tx.enlist(pa, [b"lost"])
+            tx.enlist(pb, [b"lost"])
+            with pytest.raises(TransactionAborted, match="failed to prepare"):
+                tx.commit()
+            assert hook.fail is None  # the injected failure was hit
+            assert coord.decision(tx.txid) == "abort"
+            assert pa.recover() == [] and pb.recover() == [] and coord.in_doubt() == []
+            with coord.transaction() as tx2:
+                tx2.enlist(pa, [b"kept"])
+                tx2.enlist(pb, [b"kept"])
+    finally:
+        for x in (pa, pb, coord, la, lb):
+            x.close()
+    assert values(tmp_path / "a") == values(tmp_path / "b") == [b"kept"]
 
 
 # ---------------------------------------------------------------------------
