@@ -34,7 +34,6 @@ import shutil
 import sqlite3
 import tempfile
 import threading
-import time
 from typing import Callable, List, Literal
 
 from engine.bench.harness import (
@@ -46,8 +45,8 @@ from engine.bench.harness import (
     Target,
     Workload,
     digest,
-    run_in_threads,
 )
+from engine.bench.steady import run_steady
 
 SECTION = "txn"
 SQLITE_FULL = "sqlite3 2 tables, synchronous=FULL"
@@ -89,16 +88,21 @@ def _ours(durability: Durability, threads: int = 1) -> Callable[[Workload], Run]
         pa, pb = LogParticipant(la), LogParticipant(lb)
         try:
 
-            def one(i: int) -> None:
-                msg = payloads[i]
+            def one(msg: bytes) -> None:
                 with coord.transaction() as tx:
                     tx.enlist(pa, (msg,))
                     tx.enlist(pb, (msg[:8],))
 
-            t0, t1 = run_in_threads(threads, wl.count, lambda _k, i: one(i))
-            if lb.next_offset != wl.count:
-                raise AssertionError(f"log B holds {lb.next_offset} records, not {wl.count}")
-            got = _read_back(f"{tmp}/a")
+            # warm-ups commit a copy of message 0; they all end before the clock starts,
+            # so they are the logs' first records
+            t0, t1, warmed = run_steady(
+                threads, wl.count, lambda _k, i: one(payloads[i]), lambda _k, j: one(payloads[0])
+            )
+            if lb.next_offset != warmed + wl.count:
+                raise AssertionError(
+                    f"log B holds {lb.next_offset} records, not {warmed} + {wl.count}"
+                )
+            got = _read_back(f"{tmp}/a")[warmed:]
         finally:
             for x in (pa, pb, coord, la, lb):
                 x.close()
@@ -118,13 +122,14 @@ def _plain_logs(durability: Durability, threads: int = 1) -> Callable[[Workload]
         lb = Log(f"{tmp}/b", durability=durability)
         try:
 
-            def one(i: int) -> None:
-                msg = payloads[i]
+            def one(msg: bytes) -> None:
                 la.append(msg)
                 lb.append(msg[:8])
 
-            t0, t1 = run_in_threads(threads, wl.count, lambda _k, i: one(i))
-            got = _read_back(f"{tmp}/a")
+            t0, t1, warmed = run_steady(
+                threads, wl.count, lambda _k, i: one(payloads[i]), lambda _k, j: one(payloads[0])
+            )
+            got = _read_back(f"{tmp}/a")[warmed:]
         finally:
             la.close()
             lb.close()
@@ -147,30 +152,23 @@ def _sqlite(synchronous: str, threads: int = 1) -> Callable[[Workload], Run]:
             db.execute("CREATE TABLE a (id INTEGER PRIMARY KEY, v BLOB)")
             db.execute("CREATE TABLE b (id INTEGER PRIMARY KEY, v BLOB)")
             ex = db.execute
-            if threads == 1:
-                t0 = time.perf_counter_ns()
-                for msg in payloads:
+            lock = threading.Lock()  # SQLite has one writer: the threads share it
+
+            def one(msg: bytes) -> None:
+                with lock:
                     ex("BEGIN")
                     ex("INSERT INTO a (v) VALUES (?)", (msg,))
                     ex("INSERT INTO b (v) VALUES (?)", (msg[:8],))
                     ex("COMMIT")
-                t1 = time.perf_counter_ns()
-            else:
-                lock = threading.Lock()  # SQLite has one writer: the threads share it
 
-                def one(i: int) -> None:
-                    msg = payloads[i]
-                    with lock:
-                        ex("BEGIN")
-                        ex("INSERT INTO a (v) VALUES (?)", (msg,))
-                        ex("INSERT INTO b (v) VALUES (?)", (msg[:8],))
-                        ex("COMMIT")
-
-                t0, t1 = run_in_threads(threads, wl.count, lambda _k, i: one(i))
-            got = [row[0] for row in db.execute("SELECT v FROM a ORDER BY id")]
+            # warm-up rows come first (ids ascending), all before the clock starts
+            t0, t1, warmed = run_steady(
+                threads, wl.count, lambda _k, i: one(payloads[i]), lambda _k, j: one(payloads[0])
+            )
+            got = [row[0] for row in db.execute("SELECT v FROM a ORDER BY id")][warmed:]
             (nb,) = db.execute("SELECT count(*) FROM b").fetchone()
-            if nb != wl.count:
-                raise AssertionError(f"table b holds {nb} rows, not {wl.count}")
+            if nb != warmed + wl.count:
+                raise AssertionError(f"table b holds {nb} rows, not {warmed} + {wl.count}")
         finally:
             db.close()
             shutil.rmtree(tmp, ignore_errors=True)

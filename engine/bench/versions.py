@@ -56,8 +56,8 @@ from engine.bench.harness import (
     Target,
     Workload,
     digest,
-    run_in_threads,
 )
+from engine.bench.steady import run_steady
 
 SECTION = "versions"
 # the cases the quick profile runs (fewer cases, never shorter windows); --full runs all
@@ -74,6 +74,12 @@ LOCKED_DICT = "dict + threading.Lock"
 
 def _keys(n: int) -> List[bytes]:
     return [b"key:%010d" % i for i in range(n)]
+
+
+def _warm_keys(n: int) -> List[bytes]:
+    """Keys of the durable cases' warm-up puts (:mod:`engine.bench.steady`),
+    apart from the timed ones and never read back."""
+    return [b"warm:%09d" % i for i in range(n)]
 
 
 def _check_versions(versions: List[int], who: str) -> None:
@@ -126,14 +132,18 @@ def ours_put_durable(threads: int) -> Any:
     def run(wl: Workload) -> Run:
         msgs = wl.payloads()
         keys = _keys(wl.count)
+        warm = _warm_keys(wl.count)
         o = _Ours(wl.count, "always")
         try:
+            o.store.apply([("put", k, b"") for k in warm])
             put = o.store.put
 
             def one(_k: int, i: int) -> None:
                 put(keys[i], msgs[i], 1)
 
-            t0, t1 = run_in_threads(threads, wl.count, one)
+            t0, t1, _ = run_steady(
+                threads, wl.count, one, lambda _k, j: put(warm[j], msgs[j], 1)
+            )
             got = [o.store.get(k) for k in keys]
         finally:
             o.close()
@@ -274,6 +284,7 @@ def sqlite_put_full(threads: int) -> Any:
     def run(wl: Workload) -> Run:
         msgs = wl.payloads()
         keys = _keys(wl.count)
+        warm = _warm_keys(wl.count)
         tmp = tempfile.mkdtemp(prefix="qe-bench-versions-sqlite-")
         path = f"{tmp}/kv.db"
 
@@ -290,14 +301,19 @@ def sqlite_put_full(threads: int) -> Any:
                 "version INTEGER NOT NULL) WITHOUT ROWID"
             )
             dbs[0].execute("BEGIN")
-            dbs[0].executemany("INSERT INTO kv VALUES (?, x'', 1)", [(k,) for k in keys])
+            dbs[0].executemany("INSERT INTO kv VALUES (?, x'', 1)", [(k,) for k in keys + warm])
             dbs[0].execute("COMMIT")
 
-            def one(k: int, i: int) -> None:
-                if dbs[k].execute(_UPDATE, (msgs[i], keys[i], 1)).rowcount != 1:
-                    raise AssertionError(f"sqlite: CAS of {keys[i]!r} failed")
+            def cas(k: int, key: bytes, msg: bytes) -> None:
+                if dbs[k].execute(_UPDATE, (msg, key, 1)).rowcount != 1:
+                    raise AssertionError(f"sqlite: CAS of {key!r} failed")
 
-            t0, t1 = run_in_threads(threads, wl.count, one)
+            t0, t1, _ = run_steady(
+                threads,
+                wl.count,
+                lambda k, i: cas(k, keys[i], msgs[i]),
+                lambda k, j: cas(k, warm[j], msgs[j]),
+            )
             got = _sqlite_read(dbs[0], keys)
         finally:
             for db in dbs:
