@@ -54,8 +54,38 @@ def test_warm_up_runs_on_the_same_threads_before_the_clock():
     assert max(e[3] for e in warms) <= t0 <= min(e[3] for e in bodies)
     assert sorted(e[2] for e in bodies) == list(range(200))
     # the warm-up stops at warm_s (or at count warm-ups, whichever comes first)
-    _, _, few = run_steady(2, 5, body, warm=warm, warm_s=10)
-    assert few == 5
+    events.clear()
+    t0, _, _ = run_steady(2, 5, body, warm=warm, warm_s=10)
+    assert len([e for e in events if e[0] == "warm" and e[3] <= t0]) == 5
+
+
+def test_the_window_closes_at_count_completions_and_stragglers_still_finish():
+    # the first message sleeps 0.6 s (a connection in its busy handler's back-off) while
+    # the 3 other threads could go on: they keep the store busy with warm operations,
+    # and the window closes once 100 operations have completed
+    done = []
+    extra = []
+    lock = threading.Lock()
+
+    def body(k, i):
+        time.sleep(0.6 if i == 0 else 0.001)
+        with lock:
+            done.append(i)
+
+    def warm(k, j):
+        time.sleep(0.001)
+        with lock:
+            extra.append(j)
+
+    t = time.monotonic()
+    t0, t1, warmed = run_steady(4, 100, body, warm=warm, warm_s=0)
+    assert time.monotonic() - t >= 0.6  # it returns after the straggler...
+    assert sorted(done) == list(range(100))  # ...with every message delivered once
+    assert (t1 - t0) / 1e9 < 0.45  # but the window is the loaded store's
+    assert 0 < warmed == len(extra) < 200 and len(set(extra)) == len(extra)
+    # one thread: no warm operation after the messages, the window ends with the last one
+    _, _, none_after = run_steady(1, 10, body, warm=warm, warm_s=0)
+    assert none_after == 0
 
 
 def test_an_error_in_one_thread_is_raised_and_no_thread_hangs():

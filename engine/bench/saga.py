@@ -21,6 +21,15 @@ from 8 threads sharing one Saga (160 / 4,000 sagas: the log group-commits
 concurrent sagas' syncs, about 1 sync per saga instead of 4; target >= 3x the
 SQLite peer).  ``bench/sync_counts.py --only saga`` counts the syncs per saga
 of both.
+
+Every ranked contender runs in steady state (:func:`engine.bench.steady.run_steady`):
+a quarter second of warm-up sagas (negative indices, delivering nothing) on
+the Saga or table it then times, and threads that take the next saga from a
+shared counter, all of them busy until the window closes; the SQLite file
+starts with its WAL at full size (:func:`engine.bench.steady.presize_wal`).
+A fresh WAL grows through its first checkpoint, and SQLite's busy handler
+leaves some connections sleeping while one writes: both would make a short
+window slower than a long one.
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ from engine.bench.harness import (
     Workload,
     digest,
 )
-from engine.bench.steady import run_steady
+from engine.bench.steady import presize_wal, run_steady
 
 SECTION = "saga"
 OURS = ("engine._log", "engine.saga")
@@ -117,6 +126,7 @@ def _sqlite(synchronous: str, threads: int = 1) -> Callable[[Workload], Run]:
 
         dbs = [connect() for _ in range(threads)]
         try:
+            presize_wal(dbs[0])
             dbs[0].execute(
                 "CREATE TABLE saga_steps (saga INTEGER PRIMARY KEY, step TEXT NOT NULL, "
                 "state TEXT NOT NULL)"

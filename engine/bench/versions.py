@@ -32,6 +32,10 @@ the sync outside it, so concurrent puts share syncs: the log's group
 commit), against the same ``UPDATE`` on a SQLite file (WAL,
 ``synchronous=FULL``: an fsync per commit), autocommit, one connection per
 thread.  ``bench/sync_counts.py --only put`` counts the syncs per put of both.
+Both run in steady state (:func:`engine.bench.steady.run_steady`): a quarter
+second of warm-up puts on keys of their own, on the store or database then
+timed, threads that take the next key from a shared counter and stay busy
+until the window closes, and a SQLite file whose WAL starts at full size.
 
 Issue-4 targets (same run): CAS ``put`` >= 500,000/s and >= 10x the SQLite
 update; ``get`` within 3x of the locked dict.
@@ -57,7 +61,7 @@ from engine.bench.harness import (
     Workload,
     digest,
 )
-from engine.bench.steady import run_steady
+from engine.bench.steady import presize_wal, run_steady
 
 SECTION = "versions"
 # the cases the quick profile runs (fewer cases, never shorter windows); --full runs all
@@ -132,7 +136,7 @@ def ours_put_durable(threads: int) -> Any:
     def run(wl: Workload) -> Run:
         msgs = wl.payloads()
         keys = _keys(wl.count)
-        warm = _warm_keys(wl.count)
+        warm = _warm_keys(2 * wl.count)  # run_steady runs fewer than 2 * count
         o = _Ours(wl.count, "always")
         try:
             o.store.apply([("put", k, b"") for k in warm])
@@ -142,7 +146,7 @@ def ours_put_durable(threads: int) -> Any:
                 put(keys[i], msgs[i], 1)
 
             t0, t1, _ = run_steady(
-                threads, wl.count, one, lambda _k, j: put(warm[j], msgs[j], 1)
+                threads, wl.count, one, lambda _k, j: put(warm[j], msgs[j % wl.count], 1)
             )
             got = [o.store.get(k) for k in keys]
         finally:
@@ -284,7 +288,7 @@ def sqlite_put_full(threads: int) -> Any:
     def run(wl: Workload) -> Run:
         msgs = wl.payloads()
         keys = _keys(wl.count)
-        warm = _warm_keys(wl.count)
+        warm = _warm_keys(2 * wl.count)  # run_steady runs fewer than 2 * count
         tmp = tempfile.mkdtemp(prefix="qe-bench-versions-sqlite-")
         path = f"{tmp}/kv.db"
 
@@ -296,6 +300,7 @@ def sqlite_put_full(threads: int) -> Any:
 
         dbs = [connect() for _ in range(threads)]
         try:
+            presize_wal(dbs[0])
             dbs[0].execute(
                 "CREATE TABLE kv (key BLOB PRIMARY KEY, value BLOB NOT NULL, "
                 "version INTEGER NOT NULL) WITHOUT ROWID"
@@ -312,7 +317,7 @@ def sqlite_put_full(threads: int) -> Any:
                 threads,
                 wl.count,
                 lambda k, i: cas(k, keys[i], msgs[i]),
-                lambda k, j: cas(k, warm[j], msgs[j]),
+                lambda k, j: cas(k, warm[j], msgs[j % wl.count]),
             )
             got = _sqlite_read(dbs[0], keys)
         finally:
