@@ -117,3 +117,16 @@ def test_durable_cases_exclude_their_warm_ups_from_what_they_deliver(mod):
             run = cont.fn(Workload(40, 64))
             assert verify(case, run, Workload(40, 64)) is None, (case.name, cont.name)
         assert run_case(case, mod.SECTION, profile).verified
+
+
+def test_check_reruns_the_durable_cases_at_the_full_volume(capsys):
+    import json
+
+    from engine.cli import main
+
+    main(["bench", "--only", "saga,txn,versions", "--check", "--messages", "30",
+          "--repeat", "1", "--quiet", "--json", "-"])
+    data = json.loads(capsys.readouterr().out)
+    checked = {(r["section"], r["case"]) for r in data["check"]}
+    quick = {(m.SECTION, name) for m in (saga, txn, versions) for name in m.QUICK}
+    assert checked == quick
