@@ -13,8 +13,9 @@ examples:
   queue-engine bench --full --json bench.json everything, every raw figure to a file
   queue-engine bench --only ring --markdown   the README table for the ring section
   queue-engine bench --full --plot plots/     PNG charts (needs matplotlib)
-  queue-engine bench --check                  quick suite, then ring and log at the --full
-                                              volume: do the quick ratios hold (within x1.3)?
+  queue-engine bench --check                  quick suite, then its ring, log, saga, txn and
+                                              versions cases at the --full volume: do the
+                                              quick ratios hold (within x1.3)?
   queue-engine bench --json - | jq .cases     the JSON on stdout (the table goes to stderr)
 
 Throughput is measured in steady state: each run's window starts after a
@@ -59,7 +60,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--check",
         action="store_true",
-        help="then rerun the ring and log cases at the --full volume and report every ratio "
+        help="then rerun the ring, log, saga, txn and versions cases at the --full volume and "
+        "report every ratio "
         "that differs from the quick one by more than x1.3",
     )
     p.add_argument(

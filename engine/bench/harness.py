@@ -1163,7 +1163,9 @@ def run_suite(
 # --check: do the quick ratios hold at the --full volume?
 # ---------------------------------------------------------------------------
 
-CHECK_SECTIONS: Tuple[str, ...] = ("ring", "log")  # the sections --check reruns at full volume
+# the sections --check reruns at the --full volume (their quick cases; the durable saga, txn and
+# versions cases add about a minute on 2 cores)
+CHECK_SECTIONS: Tuple[str, ...] = ("ring", "log", "saga", "txn", "versions")
 CHECK_FACTOR = 1.3  # a quick ratio may differ from the full one by at most this factor
 
 

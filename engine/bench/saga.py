@@ -21,6 +21,15 @@ from 8 threads sharing one Saga (160 / 4,000 sagas: the log group-commits
 concurrent sagas' syncs, about 1 sync per saga instead of 4; target >= 3x the
 SQLite peer).  ``bench/sync_counts.py --only saga`` counts the syncs per saga
 of both.
+
+Every ranked contender runs in steady state (:func:`engine.bench.steady.run_steady`):
+a quarter second of warm-up sagas (negative indices, delivering nothing) on
+the Saga or table it then times, and threads that take the next saga from a
+shared counter, all of them busy until the window closes; the SQLite file
+starts with its WAL at full size (:func:`engine.bench.steady.presize_wal`).
+A fresh WAL grows through its first checkpoint, and SQLite's busy handler
+leaves some connections sleeping while one writes: both would make a short
+window slower than a long one.
 """
 
 from __future__ import annotations
@@ -39,8 +48,8 @@ from engine.bench.harness import (
     Target,
     Workload,
     digest,
-    run_in_threads,
 )
+from engine.bench.steady import presize_wal, run_steady
 
 SECTION = "saga"
 OURS = ("engine._log", "engine.saga")
@@ -53,7 +62,8 @@ FLOOR = "plain calls (no record; floor, not a saga)"
 
 
 def _steps(payloads: List[bytes], out: List[bytes]) -> Tuple[Callable[..., Any], ...]:
-    """The three steps; each takes the saga's index (plain calls) or a StepContext."""
+    """The three steps; each takes the saga's index. Warm-up sagas (see
+    :mod:`engine.bench.steady`) have negative indices and deliver nothing."""
     stock = [0]
     paid = [0]
 
@@ -66,7 +76,8 @@ def _steps(payloads: List[bytes], out: List[bytes]) -> Tuple[Callable[..., Any],
         return i
 
     def deliver(i: int) -> int:
-        out.append(payloads[i])
+        if i >= 0:
+            out.append(payloads[i])
         return i
 
     return reserve, charge, deliver
@@ -115,21 +126,17 @@ def _sqlite(synchronous: str, threads: int = 1) -> Callable[[Workload], Run]:
 
         dbs = [connect() for _ in range(threads)]
         try:
+            presize_wal(dbs[0])
             dbs[0].execute(
                 "CREATE TABLE saga_steps (saga INTEGER PRIMARY KEY, step TEXT NOT NULL, "
                 "state TEXT NOT NULL)"
             )
-            if threads == 1:
-                db = dbs[0]
-                t0 = time.perf_counter_ns()
-                for i in range(wl.count):
-                    one(db, i)
-                t1 = time.perf_counter_ns()
-            else:
-                t0, t1 = run_in_threads(threads, wl.count, lambda k, i: one(dbs[k], i))
-            (done,) = (
-                dbs[0].execute("SELECT count(*) FROM saga_steps WHERE state = 'done'").fetchone()
+            t0, t1, _ = run_steady(
+                threads, wl.count, lambda k, i: one(dbs[k], i), lambda k, j: one(dbs[k], -1 - j)
             )
+            (done,) = dbs[0].execute(
+                "SELECT count(*) FROM saga_steps WHERE state = 'done' AND saga >= 0"
+            ).fetchone()
             if done != wl.count:
                 raise RuntimeError(f"{done} sagas done in the table, {wl.count} run")
         finally:
@@ -156,13 +163,9 @@ def _saga(
             saga.step("reserve", lambda sc: reserve(sc.ctx), lambda sc: None)
             saga.step("charge", lambda sc: charge(sc.ctx), lambda sc: None)
             saga.step("deliver", lambda sc: deliver(sc.ctx), lambda sc: None)
-            if threads == 1:
-                t0 = time.perf_counter_ns()
-                for i in range(wl.count):
-                    saga.run(i)
-                t1 = time.perf_counter_ns()
-            else:
-                t0, t1 = run_in_threads(threads, wl.count, lambda _k, i: saga.run(i))
+            t0, t1, _ = run_steady(
+                threads, wl.count, lambda _k, i: saga.run(i), lambda _k, j: saga.run(-1 - j)
+            )
         finally:
             saga.close()
             shutil.rmtree(tmp, ignore_errors=True)

@@ -25,6 +25,12 @@ for all of them, so prepared records, decisions, commit marks and batches
 share one sync per journal and log).  ``--full`` adds the same durable case
 at 1 and 8 threads (a thread sweep: ``--plot`` draws throughput against
 threads).  ``bench/sync_counts.py --only txn`` counts the syncs per transaction of both.
+
+Every contender runs in steady state (:func:`engine.bench.steady.run_steady`):
+a quarter second of warm-up transactions (of :data:`WARM_MSG`, left out when
+reading back) on the logs or database it then times, threads that take the
+next transaction from a shared counter and stay busy until the window
+closes, and a SQLite file whose WAL starts at full size.
 """
 
 from __future__ import annotations
@@ -34,7 +40,6 @@ import shutil
 import sqlite3
 import tempfile
 import threading
-import time
 from typing import Callable, List, Literal
 
 from engine.bench.harness import (
@@ -46,8 +51,8 @@ from engine.bench.harness import (
     Target,
     Workload,
     digest,
-    run_in_threads,
 )
+from engine.bench.steady import presize_wal, run_steady
 
 SECTION = "txn"
 SQLITE_FULL = "sqlite3 2 tables, synchronous=FULL"
@@ -66,11 +71,17 @@ def _durable_name(threads: int) -> str:
 QUICK = (_durable_name(THREADS),)
 
 
+# what warm-up transactions commit (engine.bench.steady): never a workload message, whose
+# first 8 bytes are its sequence number
+WARM_MSG = b"\xff" * 64
+
+
 def _read_back(path: str) -> List[bytes]:
+    """Log ``path``'s records, warm-up transactions left out."""
     from engine._log import LogReader
 
     with LogReader(path, start=0) as r:
-        return [bytes(rec.value) for rec in r]
+        return [v for v in (bytes(rec.value) for rec in r) if v != WARM_MSG]
 
 
 Durability = Literal["always", "interval", "none"]
@@ -89,15 +100,18 @@ def _ours(durability: Durability, threads: int = 1) -> Callable[[Workload], Run]
         pa, pb = LogParticipant(la), LogParticipant(lb)
         try:
 
-            def one(i: int) -> None:
-                msg = payloads[i]
+            def one(msg: bytes) -> None:
                 with coord.transaction() as tx:
                     tx.enlist(pa, (msg,))
                     tx.enlist(pb, (msg[:8],))
 
-            t0, t1 = run_in_threads(threads, wl.count, lambda _k, i: one(i))
-            if lb.next_offset != wl.count:
-                raise AssertionError(f"log B holds {lb.next_offset} records, not {wl.count}")
+            t0, t1, warmed = run_steady(
+                threads, wl.count, lambda _k, i: one(payloads[i]), lambda _k, j: one(WARM_MSG)
+            )
+            if lb.next_offset != warmed + wl.count:
+                raise AssertionError(
+                    f"log B holds {lb.next_offset} records, not {warmed} + {wl.count}"
+                )
             got = _read_back(f"{tmp}/a")
         finally:
             for x in (pa, pb, coord, la, lb):
@@ -118,12 +132,13 @@ def _plain_logs(durability: Durability, threads: int = 1) -> Callable[[Workload]
         lb = Log(f"{tmp}/b", durability=durability)
         try:
 
-            def one(i: int) -> None:
-                msg = payloads[i]
+            def one(msg: bytes) -> None:
                 la.append(msg)
                 lb.append(msg[:8])
 
-            t0, t1 = run_in_threads(threads, wl.count, lambda _k, i: one(i))
+            t0, t1, _ = run_steady(
+                threads, wl.count, lambda _k, i: one(payloads[i]), lambda _k, j: one(WARM_MSG)
+            )
             got = _read_back(f"{tmp}/a")
         finally:
             la.close()
@@ -144,33 +159,26 @@ def _sqlite(synchronous: str, threads: int = 1) -> Callable[[Workload], Run]:
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={synchronous}")
+            presize_wal(db)
             db.execute("CREATE TABLE a (id INTEGER PRIMARY KEY, v BLOB)")
             db.execute("CREATE TABLE b (id INTEGER PRIMARY KEY, v BLOB)")
             ex = db.execute
-            if threads == 1:
-                t0 = time.perf_counter_ns()
-                for msg in payloads:
+            lock = threading.Lock()  # SQLite has one writer: the threads share it
+
+            def one(msg: bytes) -> None:
+                with lock:
                     ex("BEGIN")
                     ex("INSERT INTO a (v) VALUES (?)", (msg,))
                     ex("INSERT INTO b (v) VALUES (?)", (msg[:8],))
                     ex("COMMIT")
-                t1 = time.perf_counter_ns()
-            else:
-                lock = threading.Lock()  # SQLite has one writer: the threads share it
 
-                def one(i: int) -> None:
-                    msg = payloads[i]
-                    with lock:
-                        ex("BEGIN")
-                        ex("INSERT INTO a (v) VALUES (?)", (msg,))
-                        ex("INSERT INTO b (v) VALUES (?)", (msg[:8],))
-                        ex("COMMIT")
-
-                t0, t1 = run_in_threads(threads, wl.count, lambda _k, i: one(i))
-            got = [row[0] for row in db.execute("SELECT v FROM a ORDER BY id")]
+            t0, t1, warmed = run_steady(
+                threads, wl.count, lambda _k, i: one(payloads[i]), lambda _k, j: one(WARM_MSG)
+            )
+            got = [r[0] for r in db.execute("SELECT v FROM a WHERE v != ? ORDER BY id", (WARM_MSG,))]
             (nb,) = db.execute("SELECT count(*) FROM b").fetchone()
-            if nb != wl.count:
-                raise AssertionError(f"table b holds {nb} rows, not {wl.count}")
+            if nb != warmed + wl.count:
+                raise AssertionError(f"table b holds {nb} rows, not {warmed} + {wl.count}")
         finally:
             db.close()
             shutil.rmtree(tmp, ignore_errors=True)

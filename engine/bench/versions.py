@@ -32,6 +32,10 @@ the sync outside it, so concurrent puts share syncs: the log's group
 commit), against the same ``UPDATE`` on a SQLite file (WAL,
 ``synchronous=FULL``: an fsync per commit), autocommit, one connection per
 thread.  ``bench/sync_counts.py --only put`` counts the syncs per put of both.
+Both run in steady state (:func:`engine.bench.steady.run_steady`): a quarter
+second of warm-up puts on keys of their own, on the store or database then
+timed, threads that take the next key from a shared counter and stay busy
+until the window closes, and a SQLite file whose WAL starts at full size.
 
 Issue-4 targets (same run): CAS ``put`` >= 500,000/s and >= 10x the SQLite
 update; ``get`` within 3x of the locked dict.
@@ -56,8 +60,8 @@ from engine.bench.harness import (
     Target,
     Workload,
     digest,
-    run_in_threads,
 )
+from engine.bench.steady import presize_wal, run_steady
 
 SECTION = "versions"
 # the cases the quick profile runs (fewer cases, never shorter windows); --full runs all
@@ -74,6 +78,12 @@ LOCKED_DICT = "dict + threading.Lock"
 
 def _keys(n: int) -> List[bytes]:
     return [b"key:%010d" % i for i in range(n)]
+
+
+def _warm_keys(n: int) -> List[bytes]:
+    """Keys of the durable cases' warm-up puts (:mod:`engine.bench.steady`),
+    apart from the timed ones and never read back."""
+    return [b"warm:%09d" % i for i in range(n)]
 
 
 def _check_versions(versions: List[int], who: str) -> None:
@@ -126,14 +136,18 @@ def ours_put_durable(threads: int) -> Any:
     def run(wl: Workload) -> Run:
         msgs = wl.payloads()
         keys = _keys(wl.count)
+        warm = _warm_keys(2 * wl.count)  # run_steady runs fewer than 2 * count
         o = _Ours(wl.count, "always")
         try:
+            o.store.apply([("put", k, b"") for k in warm])
             put = o.store.put
 
             def one(_k: int, i: int) -> None:
                 put(keys[i], msgs[i], 1)
 
-            t0, t1 = run_in_threads(threads, wl.count, one)
+            t0, t1, _ = run_steady(
+                threads, wl.count, one, lambda _k, j: put(warm[j], msgs[j % wl.count], 1)
+            )
             got = [o.store.get(k) for k in keys]
         finally:
             o.close()
@@ -274,6 +288,7 @@ def sqlite_put_full(threads: int) -> Any:
     def run(wl: Workload) -> Run:
         msgs = wl.payloads()
         keys = _keys(wl.count)
+        warm = _warm_keys(2 * wl.count)  # run_steady runs fewer than 2 * count
         tmp = tempfile.mkdtemp(prefix="qe-bench-versions-sqlite-")
         path = f"{tmp}/kv.db"
 
@@ -285,19 +300,25 @@ def sqlite_put_full(threads: int) -> Any:
 
         dbs = [connect() for _ in range(threads)]
         try:
+            presize_wal(dbs[0])
             dbs[0].execute(
                 "CREATE TABLE kv (key BLOB PRIMARY KEY, value BLOB NOT NULL, "
                 "version INTEGER NOT NULL) WITHOUT ROWID"
             )
             dbs[0].execute("BEGIN")
-            dbs[0].executemany("INSERT INTO kv VALUES (?, x'', 1)", [(k,) for k in keys])
+            dbs[0].executemany("INSERT INTO kv VALUES (?, x'', 1)", [(k,) for k in keys + warm])
             dbs[0].execute("COMMIT")
 
-            def one(k: int, i: int) -> None:
-                if dbs[k].execute(_UPDATE, (msgs[i], keys[i], 1)).rowcount != 1:
-                    raise AssertionError(f"sqlite: CAS of {keys[i]!r} failed")
+            def cas(k: int, key: bytes, msg: bytes) -> None:
+                if dbs[k].execute(_UPDATE, (msg, key, 1)).rowcount != 1:
+                    raise AssertionError(f"sqlite: CAS of {key!r} failed")
 
-            t0, t1 = run_in_threads(threads, wl.count, one)
+            t0, t1, _ = run_steady(
+                threads,
+                wl.count,
+                lambda k, i: cas(k, keys[i], msgs[i]),
+                lambda k, j: cas(k, warm[j], msgs[j % wl.count]),
+            )
             got = _sqlite_read(dbs[0], keys)
         finally:
             for db in dbs:
