@@ -278,6 +278,27 @@ def test_sizing_grows_each_contender_to_a_steady_window():
     assert spread is not None and spread["min"] <= spread["median"] <= spread["max"]
 
 
+def test_a_timed_run_that_falls_short_resizes_and_runs_again():
+    # the warm-ups run slow (a disk hiccup, a busy core), so sizing settles on
+    # a small workload; the first timed run is fast and short: it stays
+    # recorded as invalid, and that repetition runs again at a larger size
+    calls = []
+
+    def hiccup(wl):
+        calls.append(wl.count)
+        rate = 1_000 if len(calls) == 1 else 400_000  # the one warm-up: 1 s, no growth
+        return paced(rate)(wl)
+
+    case = _case([Contender("ours", hiccup, ours=True)], n=1000)
+    res = run_case(case, "t", Profile(repeat=2))
+    (c,) = res.contenders
+    assert not res.failed and res.verified
+    assert [r.valid for r in c.runs] == [False, True, True]
+    assert [r.rep for r in c.runs] == [0, 0, 1]
+    assert c.runs[1].count > c.runs[0].count and c.workload is not None
+    assert all(r.window_seconds >= harness.MIN_WINDOW_S for r in c.runs[1:])
+
+
 def test_sizing_is_capped_in_memory():
     wl = Workload(1000, 64)
     case = _case([Contender("x", honest)], n=1000)

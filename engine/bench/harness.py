@@ -101,7 +101,6 @@ import importlib.util
 import math
 import statistics
 import sys
-import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -129,39 +128,6 @@ SECTIONS: Tuple[str, ...] = (
 
 PIP_HINT = 'pip install "queue-engine[bench]"'
 
-
-def run_in_threads(threads: int, count: int, body: Callable[[int, int], Any]) -> Tuple[int, int]:
-    """``body(k, i)`` for every i in range(count), item i on thread
-    ``k = i % threads`` (``k`` names per-thread state, a connection say);
-    returns the clock stamps (t0, t1) around the threads' work.  The first
-    error of any thread is raised after all of them ended."""
-    if threads == 1:
-        t0 = time.perf_counter_ns()
-        for i in range(count):
-            body(0, i)
-        return t0, time.perf_counter_ns()
-    errors: List[BaseException] = []
-    start = threading.Barrier(threads + 1)
-
-    def worker(k: int) -> None:
-        start.wait()
-        try:
-            for i in range(k, count, threads):
-                body(k, i)
-        except BaseException as exc:  # reported below, never lost
-            errors.append(exc)
-
-    ts = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
-    for t in ts:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter_ns()
-    for t in ts:
-        t.join()
-    t1 = time.perf_counter_ns()
-    if errors:
-        raise errors[0]
-    return t0, t1
 
 THROUGHPUT = "throughput"
 # pip_hint for our own contenders: missing means an unbuilt source tree, not a missing extra
@@ -1051,6 +1017,20 @@ def _warm_up(
     res.workload = None if wl is case.workload else wl
 
 
+def _resize(
+    case: Case, profile: Profile, cont: Contender, res: ContenderResult, wl: Workload, rec: Any
+) -> bool:
+    """Grow ``res``'s workload after a timed run whose window fell short;
+    whether it grew (not when sizing is off or the size is capped)."""
+    if not (profile.sizing and case.sizable and cont.rank):
+        return False
+    new = sized_workload(case, wl, rec.window_seconds or 0.0)
+    if new is wl:
+        return False
+    res.workload = new
+    return True
+
+
 def run_case(
     case: Case,
     section: str,
@@ -1095,6 +1075,14 @@ def run_case(
             run, why = _attempt(case, cont, wl)
             rec = _record(case, profile, res, rep, run, why)
             res.runs.append(rec)
+            if why is None and not rec.valid and _resize(case, profile, cont, res, wl, rec):
+                # one slow warm-up (a disk hiccup, a busy core) sized the
+                # workload too small: the short run stays recorded (invalid,
+                # unranked) and the repetition runs again at the new size
+                progress.update(f"{section}: {case.name} - {cont.name} ({rep + 1}/{reps}, resized)")
+                run, why = _attempt(case, cont, res.workload or wl)
+                rec = _record(case, profile, res, rep, run, why)
+                res.runs.append(rec)
             if why is not None:
                 _fail(res, why, section, case, progress)
             elif res.histogram is not None and run is not None and run.latencies_ns is not None:
