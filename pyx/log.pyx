@@ -2187,7 +2187,8 @@ cdef class Log:
     cdef bint _in_child           # set in a fork's child (os.register_at_fork): the handle is inert
     cdef bint _was_clean          # the last stop before this open was clean
     cdef size_t _pf_due           # mapping path: _pos at which the prefaulter is pushed next
-    cdef eng_log_pf *_pf          # the prefaulter (started by the first push; NULL: none)
+    cdef eng_log_pf *_pf          # the prefaulter (started by the first push; NULL: none); whatever
+                                  # replaces or unmaps _active retargets it first (see _create_segment)
     cdef _Seg _retired            # segment a roll retired, kept mapped while the prefaulter drops its entries
     cdef object __weakref__
 
@@ -2574,11 +2575,14 @@ cdef class Log:
         s.synced = _SEGHDR
         s.zeroed = _SEGHDR
         if self._pf != NULL:
-            # before the old mapping can go: the prefaulter moves to this one
+            # before the old mapping can go: the prefaulter moves to this one,
+            # and starts before the first append reaches its pages
             eng_log_pf_retarget(self._pf, s.p, s.size, _SEGHDR)
+            eng_log_pf_push(self._pf, _SEGHDR + _PF_AHEAD)
         self._active = s
         if self._pf_due != _PF_OFF:
-            self._pf_due = 0  # the next append pushes the prefaulter
+            # the next push: the first one, or one step on
+            self._pf_due = 0 if self._pf == NULL else _SEGHDR + _PF_STEP
         self._pos = _SEGHDR
         self._wpos = _SEGHDR
         self._wnext = base
