@@ -207,3 +207,28 @@ def test_threads_appending_concurrently_keep_every_record(tmp_path):
     with engine.LogReader(p) as rd:
         got = sorted(x.value for x in rd)
     assert got == sorted(b"%d:%d" % (t, i) for t in range(4) for i in range(5000))
+
+
+@linux_only
+def test_fork_while_the_prefaulter_runs(tmp_path):
+    # the child has no prefault thread and an inert writer; the parent's goes on
+    p = str(tmp_path / "log")
+    log = engine.Log(p, durability="none", segment_bytes=1 << 20)
+    for i in range(20_000):
+        log.append(b"%d" % i)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            log.append(b"child")
+        except engine.Closed:
+            code = 0 if _threads() == 1 else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    for i in range(20_000, 30_000):
+        log.append(b"%d" % i)
+    log.close()
+    with engine.LogReader(p) as rd:
+        assert [x.value for x in rd] == [b"%d" % i for i in range(30_000)]
