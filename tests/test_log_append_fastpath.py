@@ -1,0 +1,234 @@
+"""The single-record append path of the segment log: exact ``bytes`` and
+buffer values frame identically, and on the mapping path (durability "none"
+and "interval") a background thread faults in the pages ahead of the tail,
+without changing a byte the log or its recovery sees."""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import sys
+import threading
+import time
+
+import pytest
+
+import engine
+from engine import _log
+
+HDR = struct.Struct("<IIQqII")  # length, crc, offset, timestamp, key_len, flags
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_POPULATE_WRITE is Linux's")
+
+
+def _seg_files(path):
+    return sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".seg"))
+
+
+def _frames(seg_path):
+    """(header fields, raw key+value bytes) of each frame of a segment, end marker included."""
+    with open(seg_path, "rb") as f:
+        data = f.read()
+    out, pos = [], 64
+    while pos + 32 <= len(data):
+        h = HDR.unpack_from(data, pos)
+        if h[0] == 0:
+            break
+        out.append((h, data[pos + 32:pos + h[0]]))
+        pos += (h[0] + 7) & ~7
+    return out
+
+
+def _rss_kib(seg_path):
+    """Resident KiB of this process's mapping of seg_path (0 if unmapped)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            first = line.split(maxsplit=1)[0]
+            if "-" in first and not first.endswith(":"):
+                inside = line.rstrip("\n").endswith(seg_path)
+            elif inside and first == "Rss:":
+                total += int(line.split()[1])
+    return total
+
+
+def _threads():
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.parametrize("durability", ["none", "always"])
+def test_bytes_and_buffer_values_write_identical_frames(tmp_path, durability):
+    values = [b"", b"v", b"x" * 64, bytes(range(256)) * 3]
+    kinds = [bytes, bytearray, memoryview, lambda b: memoryview(bytearray(b))]
+    p = str(tmp_path / "log")
+    with engine.Log(p, durability=durability) as log:
+        for v in values:
+            for kind in kinds:
+                log.append(kind(v))
+                log.append(kind(v), key=kind(b"key-" + v[:5]))
+    frames = [f for f in _frames(_seg_files(p)[0]) if not f[0][5] & 1]  # without the end marker
+    assert len(frames) == len(values) * len(kinds) * 2
+    for i, ((length, _crc, off, _ts, key_len, flags), body) in enumerate(frames):
+        v = values[i // (2 * len(kinds))]
+        keyed = i % 2 == 1
+        key = b"key-" + v[:5] if keyed else b""
+        assert off == i
+        assert (key_len, flags) == ((len(key), 2) if keyed else (0, 0))
+        assert length == 32 + len(key) + len(v)
+        assert body == key + v
+    assert all(r.error is None for r in _log.verify(p))
+    with engine.LogReader(p) as r:
+        got = [(rec.key, rec.value) for rec in r]
+    assert got == [(None if i % 2 == 0 else b"key-" + values[i // (2 * len(kinds))][:5],
+                    values[i // (2 * len(kinds))]) for i in range(len(frames))]
+
+
+def test_non_buffer_value_is_refused_and_the_log_goes_on(tmp_path):
+    with engine.Log(str(tmp_path / "log"), durability="none") as log:
+        with pytest.raises(TypeError, match="value must be a bytes-like object, not str"):
+            log.append("text")
+        with pytest.raises(TypeError, match="key must be a bytes-like object or None, not int"):
+            log.append(b"v", key=3)
+        assert log.append(b"v") == 0
+
+
+def _wait_rss(seg, at_least_kib, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rss = _rss_kib(seg)
+        if rss >= at_least_kib:
+            return rss
+        time.sleep(0.01)
+    return _rss_kib(seg)
+
+
+@linux_only
+@pytest.mark.parametrize("durability", ["none", "interval"])
+def test_pages_ahead_of_the_tail_are_faulted_in(tmp_path, durability):
+    # one 96-byte append touches one page itself; the prefaulter brings in
+    # megabytes ahead of it (bounded by the segment), so later appends do not
+    # fault in the appending thread
+    p = str(tmp_path / "log")
+    with engine.Log(p, durability=durability, segment_bytes=64 << 20) as log:
+        log.append(b"x" * 64)
+        seg = _seg_files(p)[0]
+        assert _wait_rss(seg, 2048) >= 2048  # KiB: far more than the page written
+        assert _rss_kib(seg) <= 8 << 10  # ... and a bounded distance, not the whole segment
+
+
+@linux_only
+def test_durable_pwrite_path_prefaults_nothing(tmp_path):
+    p = str(tmp_path / "log")
+    with engine.Log(p, durability="always", segment_bytes=64 << 20) as log:
+        n = _threads()
+        for _ in range(100):
+            log.append(b"x" * 64)
+        assert _threads() == n  # the pwrite path never writes through the mapping
+
+
+@linux_only
+def test_prefaulter_follows_rolls_and_stops_at_close(tmp_path):
+    before = _threads()
+    p = str(tmp_path / "log")
+    v = b"y" * 64
+    log = engine.Log(p, durability="none", segment_bytes=1 << 20)
+    n = 40_000  # ~3.7 segments of 1 MiB
+    for i in range(n):
+        assert log.append(v, key=b"%d" % i) == i
+    assert log.stats()["rolls"] >= 3
+    assert _threads() == before + 1
+    seg = _seg_files(p)[-1]
+    assert _wait_rss(seg, 1000) >= 1000  # the active (last) segment, faulted in whole
+    log.close()
+    assert _threads() == before
+    assert all(r.error is None for r in _log.verify(p))
+    with engine.LogReader(p) as r:
+        recs = list(r)
+    assert [(x.offset, x.key, x.value) for x in recs] == [(i, b"%d" % i, v) for i in range(n)]
+
+
+@linux_only
+def test_collected_writer_stops_its_prefaulter(tmp_path):
+    before = _threads()
+    for i in range(20):
+        log = engine.Log(str(tmp_path / f"log{i}"), durability="none")
+        log.append(b"z")
+        if i % 2:
+            log.close()
+        del log  # unclosed: collected, the next open recovers
+    assert _threads() == before
+
+
+@linux_only
+@pytest.mark.crash
+def test_sigkill_with_prefaulted_pages_recovers_every_record(tmp_path):
+    # prefaulted pages past the tail are dirty zero pages: after a SIGKILL the
+    # reopened log sees exactly the records appended, then appends after them
+    p = str(tmp_path / "log")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            log = engine.Log(p, durability="none", segment_bytes=4 << 20)
+            n = 0
+            for n in range(1, 70_001):  # rolls, then a tail in a prefaulted segment
+                log.append(b"%08d" % n * 8)
+            _wait_rss(_seg_files(p)[-1], 2048)
+            os.write(w, b"%d\n" % n)
+            time.sleep(60)
+        finally:
+            os._exit(1)
+    os.close(w)
+    with os.fdopen(r) as f:
+        acked = int(f.readline())
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    with engine.Log(p, durability="none", segment_bytes=4 << 20) as log:
+        assert log.append(b"after") == acked
+    assert all(x.error is None for x in _log.verify(p))
+    with engine.LogReader(p) as rd:
+        vals = [x.value for x in rd]
+    assert vals == [b"%08d" % n * 8 for n in range(1, acked + 1)] + [b"after"]
+
+
+def test_threads_appending_concurrently_keep_every_record(tmp_path):
+    p = str(tmp_path / "log")
+    with engine.Log(p, durability="none", segment_bytes=1 << 20) as log:
+        def run(t):
+            for i in range(5000):
+                log.append(b"%d:%d" % (t, i))
+        ts = [threading.Thread(target=run, args=(t,)) for t in range(4)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    with engine.LogReader(p) as rd:
+        got = sorted(x.value for x in rd)
+    assert got == sorted(b"%d:%d" % (t, i) for t in range(4) for i in range(5000))
+
+
+@linux_only
+def test_fork_while_the_prefaulter_runs(tmp_path):
+    # the child has no prefault thread and an inert writer; the parent's goes on
+    p = str(tmp_path / "log")
+    log = engine.Log(p, durability="none", segment_bytes=1 << 20)
+    for i in range(20_000):
+        log.append(b"%d" % i)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            log.append(b"child")
+        except engine.Closed:
+            code = 0 if _threads() == 1 else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    for i in range(20_000, 30_000):
+        log.append(b"%d" % i)
+    log.close()
+    with engine.LogReader(p) as rd:
+        assert [x.value for x in rd] == [b"%d" % i for i in range(30_000)]
