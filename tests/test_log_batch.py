@@ -408,6 +408,20 @@ _inner_st = st.builds(
 )
 
 
+def _install_image(d, img):
+    """A log at ``d`` (made once, with no writer left: length words rule)
+    whose first segment holds ``img``'s records under its own header."""
+    if not d.exists():
+        with engine.Log(str(d), durability="none", segment_bytes=4096):
+            pass
+        os.unlink(d / "notify")
+    with open(_seg_files(str(d))[0], "r+b") as f:
+        hdr = f.read(64)
+        f.seek(0)
+        f.write(hdr + bytes(img[64:]))
+    return str(d)
+
+
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     parts=st.lists(_inner_st, max_size=6),
@@ -441,16 +455,7 @@ def test_hostile_inner_records_are_corruption_never_a_crash(tmp_path, parts, fli
         assert res.error is None, res
         assert (res.records, res.next_offset, res.end_position) == (want, span, 64 + len(frame))
     # the same bytes through a reader (no writer ever ran: length words rule)
-    d = tmp_path / "rd"
-    if not d.exists():
-        with engine.Log(str(d), durability="none", segment_bytes=4096):
-            pass
-        os.unlink(d / "notify")
-    with open(_seg_files(str(d))[0], "r+b") as f:
-        hdr = f.read(64)
-        f.seek(0)
-        f.write(hdr + bytes(img[64:]))
-    r = engine.LogReader(str(d))
+    r = engine.LogReader(_install_image(tmp_path / "rd", img))
     if want is None:
         with pytest.raises(engine.CorruptLog):
             list(r)
@@ -476,15 +481,7 @@ def test_hand_made_batch_with_gaps_reads_and_seeks(tmp_path):
     img[64 : 64 + len(f1) + len(f2)] = f1 + f2
     res = _log.scan_segment(bytes(img), 0)
     assert (res.error, res.records, res.next_offset) == (None, 4, 8)
-    d = tmp_path / "gaps"
-    with engine.Log(str(d), durability="none", segment_bytes=4096):
-        pass
-    os.unlink(d / "notify")
-    with open(_seg_files(str(d))[0], "r+b") as f:
-        hdr = f.read(64)
-        f.seek(0)
-        f.write(hdr + bytes(img[64:]))
-    r = engine.LogReader(str(d))
+    r = engine.LogReader(_install_image(tmp_path / "gaps", img))
     assert [(x.offset, x.key, x.value, x.timestamp - ts) for x in r] == [
         (0, None, b"zero", 0), (3, b"k3", b"three", 1), (4, None, b"four", 2), (7, None, b"seven", 5)]
     assert r.position == 8
