@@ -924,6 +924,8 @@ def _check_section():
                 THROUGHPUT,
                 Workload(profile.count(300, 600), 64),
                 [Contender("ours", paced(20_000), ours=True), Contender("peer", paced(10_000))],
+                # a case's own repetitions: the check reruns it with the same
+                repeat=profile.reps(quick=3, full=4),
             ),
             # a quick ratio that does not hold at the full volume (x2 apart)
             Case(
@@ -959,6 +961,11 @@ def test_check_reports_quick_ratios_that_do_not_hold(monkeypatch, capsys):
     assert rows["drifts"]["ok"] is False
     assert rows["drifts"]["quick_ratio"] == pytest.approx(4, rel=0.02)
     assert rows["drifts"]["full_ratio"] == pytest.approx(2, rel=0.02)
+    # quick and full-volume runs differ in volume only, not in repetitions
+    reps = [(c["name"], len(c["contenders"][0]["runs"])) for c in data["cases"]]
+    assert reps == [("steady", 3), ("drifts", 2)]
+    assert [(r["case"], len(r["full_contenders"][0]["runs"])) for r in data["check"]] == [
+        ("steady", 3), ("drifts", 2)]
     # every run of the check is a steady-state window too
     for c in data["cases"]:
         for k in c["contenders"]:

@@ -1210,9 +1210,7 @@ def run_check(
     ``quick.notes``; a full-volume case that fails verification fails the
     suite like any other."""
     p = quick.profile
-    full = Profile(
-        full=True, messages=p.messages, repeat=p.repeat or p.reps(), min_window=p.min_window
-    )
+    full = Profile(full=True, messages=p.messages, repeat=p.repeat, min_window=p.min_window)
     ran = {(cr.section, cr.case.name): cr for cr in quick.cases}
     rows: List[CheckRow] = []
     for name, mod in sections:
@@ -1222,10 +1220,12 @@ def run_check(
             quick.errors.append(f"FAILED: check {name}: cases() raised {type(exc).__name__}: {exc}")
             continue
         for case in cases:
+            q = ran[(name, case.name)]
+            # the repetitions the quick run gave this case: only the volume differs
+            case.repeat = q.case.repeat if q.case.repeat is not None else p.reps()
             res = run_case(case, name, full, progress, quick.skipped)
             if res.failed:
                 quick.cases.append(res)  # a failure at full volume fails the run
-            q = ran[(name, case.name)]
             rows.append(CheckRow(name, case.name, q.ratio, res.ratio, q, res))
     for row in rows:
         quick.notes.append(row.line())
