@@ -27,35 +27,38 @@ def durable():
 
 
 def _log(tmp_path):
-    return Log(str(tmp_path / "log"), durability="interval", flush_interval=3600.0, segment_bytes=SEG)
+    return Log(
+        str(tmp_path / "log"), durability="interval", flush_interval=3600.0, segment_bytes=SEG
+    )
 
 
 def test_a_writer_back_shortly_after_a_shared_sync_shares_the_next_one(tmp_path, durable):
     """Two writers wait for one long sync; then one comes back at once and
     the other a little later (well within the last sync's run time): both
-    records go out in one sync, and each flush returns with its record
-    durable."""
+    records go out in one sync (without the gathering the first back syncs
+    its record alone), and each flush returns with its record durable."""
     log = _log(tmp_path)
     path = log.path
     both = threading.Barrier(2)
-    rounds = 3
+    late = []  # (writer, its record's end, durable end) for every early return
+
+    def writer(k):
+        # a long sync that serves both writers
+        log.append(bytes([k]) * (BIG // 2))
+        both.wait()
+        log.flush()
+        both.wait()
+        if k == 1:
+            time.sleep(0.0003)  # still framing its next record
+        end = log.append(b"x" * 64) + 1
+        log.flush()
+        if durable.end(path) < end:
+            late.append((k, end, durable.end(path)))
+
+    rounds = 5
     joined = 0
     try:
-        for r in range(rounds):
-            ends = [0, 0]
-
-            def writer(k):
-                # a long sync that serves both writers
-                log.append(bytes([k]) * (BIG // 2))
-                both.wait()
-                log.flush()
-                both.wait()
-                if k == 1:
-                    time.sleep(0.0003)  # still framing its next record
-                ends[k] = log.append(b"x" * 64) + 1
-                log.flush()
-                assert durable.end(path) >= ends[k]
-
+        for _ in range(rounds):
             before = durable.syncs.get(path, 0)
             ts = [threading.Thread(target=writer, args=(k,)) for k in range(2)]
             for t in ts:
@@ -63,12 +66,13 @@ def test_a_writer_back_shortly_after_a_shared_sync_shares_the_next_one(tmp_path,
             for t in ts:
                 t.join(30)
             assert not any(t.is_alive() for t in ts)
-            assert durable.end(path) >= max(ends)
             # the shared long sync, then one for both small records
             joined += durable.syncs.get(path, 0) - before == 2
     finally:
         log.close()
-    assert joined == rounds
+    assert late == []
+    # on a loaded machine a writer may now and then come back too late
+    assert joined >= rounds - 1, f"{joined} of {rounds} rounds shared the second sync"
 
 
 def test_a_lone_writer_never_waits_for_siblings(tmp_path, durable):
