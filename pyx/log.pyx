@@ -2312,6 +2312,12 @@ cdef class Log:
     cdef bint _closed             # close() ran
     cdef bint _syncing            # a sync is in flight (group commit)
     cdef object _cond             # threading.Condition guarding _syncing/_durable
+    cdef list _sync_targets       # the targets of the threads waiting in _sync_upto (under _cond)
+    cdef Py_ssize_t _sync_arrived # threads that began waiting since the last data sync ended
+    cdef Py_ssize_t _sync_expect  # threads the last data sync served: expected back
+    cdef int64_t _sync_run_ns     # how long the last data sync ran
+    cdef int64_t _sync_end_ns     # when it ended
+    cdef object _gatherer         # the lock the syncer gathering waiters sleeps on, or None
     cdef list _unsynced_old       # durability="none": paths of rolled segments not yet synced
     cdef object _stop             # threading.Event stopping the flusher
     cdef object _thread           # the interval flusher
@@ -3262,8 +3268,12 @@ cdef class Log:
         cdef int rc = 0
         cdef bint pw
         cdef int err = 0
+        cdef bint counted = False
+        cdef bint gathered = False
+        cdef int64_t t0
         cond = self._cond
         with cond:
+          try:
             while True:
                 # a failed sync anywhere (another thread's, the flusher's)
                 # fails every waiter: a later sync's success proves nothing
@@ -3271,9 +3281,23 @@ cdef class Log:
                     raise LogBroken(self._path, self._broken, self._broken_errno)
                 if self._durable >= target:
                     break
+                if not counted:
+                    counted = True
+                    if self._sync_targets is None:
+                        self._sync_targets = []
+                    self._sync_targets.append(target)
+                    self._sync_arrived += 1
+                    if self._gatherer is not None and self._sync_arrived >= self._sync_expect:
+                        # everyone the gathering syncer waits for is here
+                        self._gatherer.release()
+                        self._gatherer = None
                 if self._syncing:
                     cond.wait()
                     continue
+                if not gathered:
+                    gathered = True
+                    if self._sync_gather():
+                        continue  # cond was released: look again
                 olds = self._unsynced_old
                 if olds or self._dir_dirty:
                     # durability="none": rolled segments first (their fds are
@@ -3302,6 +3326,7 @@ cdef class Log:
                 nxt = self._wnext if pw else self._next
                 self._syncing = True
                 cond.release()
+                t0 = eng_now_ns()
                 try:
                     with nogil:
                         if pw:
@@ -3316,6 +3341,12 @@ cdef class Log:
                         exc = self._fail(err, f"{'fdatasync' if pw else 'msync'} of {s.path} failed "
                                               f"with offsets from {self._durable} unsynced")
                     self._syncing = False
+                    self._sync_end_ns = eng_now_ns()
+                    self._sync_run_ns = self._sync_end_ns - t0
+                    if rc == 0:
+                        # those it serves append again soon: the next syncer gathers them
+                        self._sync_expect = self._sync_served(nxt)
+                        self._sync_arrived = 0
                     cond.notify_all()
                 if rc != 0:
                     raise exc
@@ -3347,6 +3378,59 @@ cdef class Log:
                 if _sync_hook is not None:
                     _call_hook(self._path, {"kind": "data", "segment": s.base, "position": hi,
                                             "next_offset": nxt})
+          finally:
+            if counted:
+                self._sync_targets.remove(target)
+
+    cdef Py_ssize_t _sync_served(self, uint64_t nxt):
+        """How many of the waiting threads a sync up to ``nxt`` serves."""
+        cdef Py_ssize_t n = 0
+        for t in self._sync_targets:
+            if <uint64_t>t <= nxt:
+                n += 1
+        return n
+
+    cdef bint _sync_gather(self) except -1:
+        """Before a data sync, with _cond held: wait (at most as long as the
+        last sync ran, 5 ms at most) for the writers the last sync served to
+        append again, so that one sync carries their records too.
+
+        Without it the first waiter back syncs at once while the others are
+        still framing their next records (they need the GIL it just released),
+        and nearly every record gets a sync of its own.  PostgreSQL's
+        commit_delay, only while siblings are expected: a lone writer, or one
+        long after the last sync, never waits.  Returns whether it waited
+        (_cond was released meanwhile)."""
+        cdef int64_t now = eng_now_ns()
+        cdef int64_t us
+        if (self._sync_expect <= 1 or self._sync_arrived >= self._sync_expect
+                or self._sync_run_ns <= 0 or now - self._sync_end_ns > self._sync_run_ns):
+            return False
+        us = self._sync_run_ns // 1000
+        if us > 5000:
+            us = 5000
+        lk = _threading.Lock()
+        lk.acquire()
+        self._gatherer = lk
+        # no other thread syncs meanwhile; appends go on
+        self._syncing = True
+        cond = self._cond
+        cond.release()
+        ok = False
+        try:
+            # released by the arrival that completes the gathering
+            lk.acquire(True, us / 1e6)
+            ok = True
+        finally:
+            cond.acquire()
+            if self._gatherer is lk:
+                self._gatherer = None  # timed out
+            self._syncing = False
+            if not ok:
+                # interrupted: the waiters that came meanwhile must not
+                # sleep on for a sync that this thread no longer runs
+                cond.notify_all()
+        return True
 
     cdef _flush_if_dirty(self):
         if not self._closed and self._durable < self._next:
