@@ -299,6 +299,28 @@ def test_a_timed_run_that_falls_short_resizes_and_runs_again():
     assert all(r.window_seconds >= harness.MIN_WINDOW_S for r in c.runs[1:])
 
 
+def test_sizing_backs_off_an_estimate_that_overshot():
+    # the first run fits in the buffers (the producer never waits): it looks
+    # twice as fast as the steady rate, so the first estimate overshoots; the
+    # warm-up steps back toward the target window before the timed runs
+    calls = []
+
+    def bursty(wl):
+        calls.append(wl.count)
+        return paced(2_000_000 if len(calls) == 1 else 1_000_000)(wl)
+
+    case = _case([Contender("ours", bursty, ours=True)], n=30_000)
+    res = run_case(case, "t", Profile(repeat=2))
+    (c,) = res.contenders
+    assert not res.failed and res.verified
+    counts = [w.count for w in c.warmups]
+    assert counts[0] == 30_000 and counts[1] > counts[2] >= 30_000, counts
+    assert c.workload is not None and c.workload.count == counts[2]
+    assert all(
+        harness.MIN_WINDOW_S <= r.window_seconds <= 1.5 * harness.TARGET_WINDOW_S for r in c.runs
+    )
+
+
 def test_sizing_is_capped_in_memory():
     wl = Workload(1000, 64)
     case = _case([Contender("x", honest)], n=1000)

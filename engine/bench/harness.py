@@ -935,6 +935,16 @@ def sized_workload(case: Case, wl: Workload, window_seconds: float) -> Workload:
     return Workload(n, wl.size, wl.seed)
 
 
+def resized_down(base: Workload, wl: Workload, window_seconds: float) -> Workload:
+    """A smaller workload than ``wl`` whose window would last about
+    :data:`TARGET_WINDOW_S` (from a run of ``wl`` whose window lasted
+    ``window_seconds``), never below ``base``; ``wl`` when that is no smaller."""
+    n = max(base.count, _round_up(wl.count * TARGET_WINDOW_S / window_seconds))
+    if n >= wl.count:
+        return wl
+    return Workload(n, wl.size, wl.seed)
+
+
 def _record(
     case: Case,
     profile: Profile,
@@ -1013,6 +1023,16 @@ def _warm_up(
         if not (profile.sizing and case.sizable and cont.rank):
             break
         ws = rec.window_seconds or 0.0
+        if ws > 1.5 * TARGET_WINDOW_S and wl is not case.workload:
+            # the estimate overshot (a first run that fit in the buffers, so
+            # it never waited for its consumer): back toward the target, never
+            # below the case's own count, so every contender's volume follows
+            # its steady rate, not its start-up
+            new = resized_down(case.workload, wl, ws)
+            if new is wl:
+                break
+            wl = new
+            continue
         if ws >= 0.8 * TARGET_WINDOW_S:
             break  # the warm runs that follow are faster, but not by 1.6x
         new = sized_workload(case, wl, ws)
