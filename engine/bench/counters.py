@@ -506,9 +506,10 @@ def cases(profile: Profile) -> List[Case]:
         ),
     ]
     for case in out:
-        # the contenders count increments, they keep no payloads: sizing may
-        # go to the ~8 M increments a 0.4 s window takes at these rates
-        case.max_bytes = 128 << 20
+        # the contenders count increments, they keep no payloads (only the
+        # expected digest builds count x 8 bytes once): sizing may go to the
+        # 64 M increments a 0.8 s window takes at 80 M adds/s
+        case.max_bytes = 512 << 20
     return out
 
 
