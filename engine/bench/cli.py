@@ -9,7 +9,7 @@ from typing import Any
 
 EPILOG = """\
 examples:
-  queue-engine bench                          quick suite (about 90-120 s on 2 cores)
+  queue-engine bench                          quick suite (about 2.5 min on 2 cores)
   queue-engine bench --full --json bench.json everything, every raw figure to a file
   queue-engine bench --only ring --markdown   the README table for the ring section
   queue-engine bench --full --plot plots/     PNG charts (needs matplotlib)
