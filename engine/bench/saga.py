@@ -49,7 +49,7 @@ from engine.bench.harness import (
     Workload,
     digest,
 )
-from engine.bench.steady import presize_wal, run_steady
+from engine.bench.steady import presize_wal, run_steady, sqlite_wal
 
 SECTION = "saga"
 OURS = ("engine._log", "engine.saga")
@@ -101,19 +101,12 @@ def _sqlite(synchronous: str, threads: int = 1) -> Callable[[Workload], Run]:
     row, then after each step update it, every statement committed."""
 
     def run(wl: Workload) -> Run:
-        import sqlite3
 
         payloads = wl.payloads()
         out: List[bytes] = []
         steps = tuple(zip(STEPS, _steps(payloads, out)))
         tmp = tempfile.mkdtemp(prefix="qe-bench-saga-sqlite-")
         path = f"{tmp}/sagas.db"
-
-        def connect() -> Any:
-            db = sqlite3.connect(path, isolation_level=None, timeout=60.0, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(f"PRAGMA synchronous={synchronous}")
-            return db
 
         def one(db: Any, i: int) -> None:
             db.execute("INSERT INTO saga_steps VALUES (?, 'started', 'running')", (i,))
@@ -124,7 +117,7 @@ def _sqlite(synchronous: str, threads: int = 1) -> Callable[[Workload], Run]:
                     (name, "done" if name == STEPS[-1] else "running", i),
                 )
 
-        dbs = [connect() for _ in range(threads)]
+        dbs = [sqlite_wal(path, synchronous) for _ in range(threads)]
         try:
             presize_wal(dbs[0])
             dbs[0].execute(

@@ -118,6 +118,18 @@ def run_steady(
     return stamps[0], stamps[1] or t_end, warmed[0]
 
 
+def sqlite_wal(path: str, synchronous: str) -> Any:
+    """A SQLite connection as the durable peers use it: autocommit (one
+    statement, one commit), WAL, ``synchronous`` (``"FULL"``: an fsync per
+    commit), a 60 s busy timeout, usable from any thread."""
+    import sqlite3
+
+    db = sqlite3.connect(path, isolation_level=None, timeout=60.0, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"PRAGMA synchronous={synchronous}")
+    return db
+
+
 def presize_wal(db: Any) -> None:
     """Bring a fresh SQLite WAL database (``db``, a ``sqlite3`` connection in
     autocommit mode) to its size in service: one transaction of more pages

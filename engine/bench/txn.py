@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sqlite3
 import tempfile
 import threading
 from typing import Callable, List, Literal
@@ -52,7 +51,7 @@ from engine.bench.harness import (
     Workload,
     digest,
 )
-from engine.bench.steady import presize_wal, run_steady
+from engine.bench.steady import presize_wal, run_steady, sqlite_wal
 
 SECTION = "txn"
 SQLITE_FULL = "sqlite3 2 tables, synchronous=FULL"
@@ -153,12 +152,8 @@ def _sqlite(synchronous: str, threads: int = 1) -> Callable[[Workload], Run]:
     def run(wl: Workload) -> Run:
         payloads = wl.payloads()
         tmp = tempfile.mkdtemp(prefix="qe-bench-txn-")
-        db = sqlite3.connect(
-            os.path.join(tmp, "db.sqlite"), isolation_level=None, check_same_thread=False
-        )
+        db = sqlite_wal(os.path.join(tmp, "db.sqlite"), synchronous)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(f"PRAGMA synchronous={synchronous}")
             presize_wal(db)
             db.execute("CREATE TABLE a (id INTEGER PRIMARY KEY, v BLOB)")
             db.execute("CREATE TABLE b (id INTEGER PRIMARY KEY, v BLOB)")

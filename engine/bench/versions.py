@@ -61,7 +61,7 @@ from engine.bench.harness import (
     Workload,
     digest,
 )
-from engine.bench.steady import presize_wal, run_steady
+from engine.bench.steady import presize_wal, run_steady, sqlite_wal
 
 SECTION = "versions"
 # the cases the quick profile runs (fewer cases, never shorter windows); --full runs all
@@ -292,13 +292,7 @@ def sqlite_put_full(threads: int) -> Any:
         tmp = tempfile.mkdtemp(prefix="qe-bench-versions-sqlite-")
         path = f"{tmp}/kv.db"
 
-        def connect() -> sqlite3.Connection:
-            db = sqlite3.connect(path, isolation_level=None, timeout=60.0, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            return db
-
-        dbs = [connect() for _ in range(threads)]
+        dbs = [sqlite_wal(path, "FULL") for _ in range(threads)]
         try:
             presize_wal(dbs[0])
             dbs[0].execute(
