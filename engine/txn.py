@@ -179,6 +179,7 @@ from ._txn import (
     _JournalCore,
     _LogPartCore,
     _PartCore,
+    _split_commits,
     _trust,
 )
 from .errors import Closed, CorruptLog, EngineError, LogLocked, Timeout, TransactionAborted
@@ -1883,3 +1884,5 @@ class RemoteParticipant:
 
 # their types are checked once at enlist (a user's participant class every time)
 _trust(_JournaledParticipant, RemoteParticipant)
+# a lone durable transaction's commit overlaps the syncs of its LogParticipants
+_split_commits(LogParticipant)

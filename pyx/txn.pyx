@@ -785,7 +785,10 @@ cdef class _CoordCore:
             _hook("coord.decision.after_write", None)
         tx.state = "committed"
         self._active.pop(txid, None)
-        self._complete_c(txid, asked)
+        if overlap is not None:
+            self._complete_split(txid, asked)  # several durable participants: overlap their syncs
+        else:
+            self._complete_c(txid, asked)
         return 0
 
     cdef object _prepare_first(self, _PartCore p, str txid, object ops, list overlap):
@@ -1155,6 +1158,150 @@ cdef class _CoordCore:
             raise
         return self._end_c(txid, failed)
 
+    cdef bint _complete_split(self, str txid, list parts) except -1:
+        """_complete_c for a lone durable transaction (a group's leader, which
+        owns the helper thread) whose participants are all LogParticipants
+        free to commit it now: each step's syncs overlap across them instead
+        of running participant after participant (two sync rounds instead of
+        two per participant).
+
+        1. every participant's commit mark is written, in order (in memory
+           first, as _commit_one), unsynced; 2. the journals are synced, the
+           first on the helper thread, the others here; 3. each batch whose
+           mark is durable goes to its log (``append_many``, which syncs it
+           under ``"always"``), the first on the helper thread; 4. each is
+           done.  So per participant a mark is durable before any of its batch
+           is written (L1), and every batch is durable before this returns.
+        The crash points pass in _complete_c's order (participant after
+        participant); the first participant's mark is written at its
+        ``after_mark``, the rest runs ahead of its points: at each point at
+        least what _complete_c had written there is written, and the
+        decision is durable before any of it (a crash anywhere here is a
+        committed transaction that recovery finishes from the marks).
+        Falls back to _complete_c when a participant is busy (another
+        writer holds its commit lock or queues for it), is finishing a
+        marked batch, or is not a plain LogParticipant."""
+        cdef list ready = []
+        cdef _LogPartCore p
+        cdef Py_ssize_t i, n = len(parts), failed = 0
+        for q in parts:
+            if not (isinstance(q, _LogPartCore) and (<_LogPartCore>q)._split_take(txid)):
+                for p in ready:
+                    p._commit_lock._give()
+                return self._complete_c(txid, parts)
+            ready.append(q)
+        cdef list infos = [None] * n   # each one's prepared ops, None: txid unknown there
+        cdef list jlogs = [None] * n   # the journal generation its mark went to
+        cdef list errs = [None] * n    # what its commit raised, or None
+        cdef list stage = [0] * n      # 1: mark written, 2: mark durable, 3: batch in the log
+        try:
+            try:
+                self._split_steps(txid, ready, infos, jlogs, errs, stage)
+            finally:
+                for p in ready:
+                    p._commit_lock._give()
+            for i in range(n):
+                p = ready[i]
+                if i and _armed:
+                    _hook("coord.commit.send", p.name)
+                if infos[i] is None and errs[i] is None:
+                    # unknown there (finished meanwhile): a no-op
+                    if _armed:
+                        _hook("coord.commit.ack", p.name)
+                    continue
+                if i and _armed:
+                    _hook("part.commit.before_apply", p.name)
+                    _hook("log.commit.before_mark", p.name)
+                    if stage[i] >= 2:
+                        _hook("log.commit.after_mark", p.name)
+                if errs[i] is None:
+                    if _armed:
+                        _hook("log.commit.after_append", p.name)
+                        _hook("part.commit.after_apply", p.name)
+                    try:
+                        p._commit_done(txid, infos[i])
+                    except Exception as exc:
+                        errs[i] = exc
+                if errs[i] is not None:
+                    # Decided is decided: the txn stays pending and recover()
+                    # resends commit; the mark stays, so the resend finishes
+                    # the batch from it (_finish_marked)
+                    failed += 1
+                    _logger.warning(
+                        "txn %s: participant %r did not take commit; will resend",
+                        txid,
+                        p.name,
+                        exc_info=errs[i],
+                    )
+                    continue
+                if _armed:
+                    _hook("coord.commit.ack", p.name)
+        except BaseException:
+            with self._lock:
+                self._finishing.discard(txid)
+            raise
+        return self._end_c(txid, failed)
+
+    cdef int _split_steps(self, str txid, list ready, list infos, list jlogs, list errs,
+                          list stage) except -1:
+        """Steps 1-3 of _complete_split (every participant's commit lock held)."""
+        cdef _LogPartCore p
+        cdef Py_ssize_t i
+        for i in range(len(ready)):
+            p = ready[i]
+            if i == 0 and _armed:
+                _hook("coord.commit.send", p.name)
+                _hook("part.commit.before_apply", p.name)
+                _hook("log.commit.before_mark", p.name)
+            try:
+                got = p._split_mark(txid)
+            except Exception as exc:
+                errs[i] = exc
+                continue
+            if got is None:
+                continue
+            infos[i], jlogs[i] = got
+            stage[i] = 1
+            if i == 0 and _armed:
+                _hook("log.commit.after_mark", p.name)
+        # the marks durable (a batch is written only once its mark is)
+        self._overlapped([i for i in range(len(ready)) if stage[i] == 1],
+                         _sync_mark, ready, jlogs, errs, stage)
+        self._overlapped([i for i in range(len(ready)) if stage[i] == 2 and errs[i] is None],
+                         _append_batch, ready, infos, errs, stage)
+        return 0
+
+    cdef int _overlapped(self, list todo, object fn, list ready, list args, list errs,
+                         list stage) except -1:
+        """``fn(ready[i], args[i])`` for each ``i`` of ``todo``: the first on
+        the helper thread, the others here meanwhile; each that returns moves
+        one ``stage`` on, each that raises has its error in ``errs``."""
+        cdef Py_ssize_t k, i
+        cdef bint helped = len(todo) > 1
+        if not todo:
+            return 0
+        if helped:
+            self._helper._submit(fn, (ready[todo[0]], args[todo[0]]))
+        try:
+            for k in range(1 if helped else 0, len(todo)):
+                i = todo[k]
+                try:
+                    fn(ready[i], args[i])
+                    stage[i] += 1
+                except Exception as exc:
+                    errs[i] = exc
+        finally:
+            if helped:
+                _result, err = self._helper._wait()
+                i = todo[0]
+                if err is None:
+                    stage[i] += 1
+                elif isinstance(err, Exception):
+                    errs[i] = err
+                else:
+                    raise err
+        return 0
+
     cdef bint _end_c(self, str txid, Py_ssize_t failed) except -1:
         """After the commit phase of ``txid`` (``failed``: participants that did
         not take commit): end it if every one acknowledged, else leave it
@@ -1361,10 +1508,47 @@ cdef class _LogPartCore(_PartCore):
     cdef readonly _Mutex _commit_lock    # serializes batches into the log
     cdef public list _commit_queue       # [txid, info, done, error] waiting for the group commit
     cdef public bint _leader             # a thread is writing a group now
+    cdef bint _c_split                   # the class keeps LogParticipant's _apply: the
+                                         # coordinator may split its commit (_complete_split)
 
     def __cinit__(self, *args, **kwargs):
         self._commit_lock = _Mutex()
         self._commit_queue = []
+        self._c_split = (self._c_commit and _SPLIT_APPLY is not None
+                         and getattr(type(self), "_apply", None) is _SPLIT_APPLY)
+
+    cdef bint _split_take(self, str txid):
+        """Whether _complete_split may commit ``txid`` here now (durable, not
+        closed, nobody queued for the log, ``txid`` prepared and not
+        finishing a marked batch); if so ``_commit_lock`` is held, for the
+        caller to release."""
+        if not (self._c_split and self._journal.sync and not self._closed
+                and not self._commit_queue and txid in self._doubt and txid not in self._marks):
+            return False
+        return self._commit_lock._try()
+
+    cdef object _split_mark(self, str txid):
+        """_commit_one's mark, unsynced (``_commit_lock`` held): ``(info,
+        journal generation written to)``, or None if ``txid`` is unknown."""
+        cdef _JournalCore journal = self._journal
+        start = self._log.next_offset
+        with self._lock:
+            # under the lock a journal switch takes: the mark is either in
+            # memory before the switch copies it, or written to the new log
+            if self._closed:
+                raise Closed(f"participant {self.name!r} is closed")
+            info = self._doubt.get(txid)
+            if info is None:
+                return None
+            self._marks[txid] = start
+            jlog = journal._log
+        try:
+            jlog.append(_encode_rec(REC_MARK, txid, start))
+        except Closed:
+            if jlog is journal._log:
+                raise
+        journal.appended += 1
+        return (info, jlog)
 
     @property
     def log(self):
@@ -1526,6 +1710,36 @@ cdef class _LogPartCore(_PartCore):
             except Exception as exc:
                 errs[at[i]] = exc
         return errs
+
+
+def _sync_mark(_PartCore p, jlog):
+    """Make the commit mark written to ``jlog`` (``p``'s journal generation) durable."""
+    try:
+        jlog.flush()
+    except Closed:
+        # a switch closed that generation: it carried the mark (from memory)
+        # into the new one, which it synced
+        if jlog is p._journal._log:
+            raise
+
+
+def _append_batch(_LogPartCore p, info):
+    """Append a prepared batch (``(values, keys or None)``) to ``p``'s log."""
+    values, keys = info
+    if keys is None:
+        p._log.append_many(values)
+    else:
+        p._log.append_many(values, keys)
+
+
+cdef object _SPLIT_APPLY = None   # LogParticipant._apply (engine.txn registers it)
+
+
+def _split_commits(cls):
+    """``cls`` (LogParticipant) and its subclasses that keep its ``_apply``
+    may have their commit split by the coordinator (_complete_split)."""
+    global _SPLIT_APPLY
+    _SPLIT_APPLY = cls.__dict__["_apply"]
 
 
 # The coordinator calls a built-in participant's prepare/commit in C unless

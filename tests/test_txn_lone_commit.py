@@ -1,0 +1,149 @@
+"""The commit phase of a lone durable transaction (one thread, ``"always"``).
+
+Its LogParticipants' commits run side by side (engine._txn's
+``_complete_split``): every commit mark is written, the journals synced
+together, then every batch appended, the logs synced together.  These tests
+check that the syncs do overlap, and that the overlap keeps the order the
+protocol needs, seen through the log's sync hook: no participant hears of
+the commit (its mark is durable) before the decision is; no batch is written
+before its mark is durable (invariant L1 of engine.txn); and the commit
+returns only once every batch is durable.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from synchook import Durable, installed
+
+from engine import Log, LogReader
+from engine.txn import Coordinator, LogParticipant, read_journal
+
+SEG = 1 << 16
+HOLD = 0.03  # every watched sync takes this much longer: overlapping ones are seen in flight
+
+
+def values(path):
+    with LogReader(str(path), start=0) as r:
+        return [bytes(rec.value) for rec in r]
+
+
+def _offsets(journal_path, kind):
+    """txid -> (offset of its ``kind`` record in the journal, the record)."""
+    _cur, recs = read_journal(journal_path, meta=True)
+    return {rec[1]: (off, rec) for off, _ts, rec in recs if rec[0] == kind}
+
+
+class _Watch(Durable):
+    """A sync hook that holds every sync of the participants' journals and
+    logs for ``HOLD`` seconds (after the sync, before its durable end is
+    recorded) and counts how many were held at once per kind of file during
+    the commit phase (``peak``), checking the protocol's order at each."""
+
+    def __init__(self, coord, parts):
+        super().__init__()
+        self.coord, self.parts = coord, parts
+        self.journals = {p._journal.log.path: p for p in parts}
+        self.logs = {p.log.path: p for p in parts}
+        self.inflight = {"journal": 0, "log": 0}
+        self.peak = {"journal": 0, "log": 0}
+        self.committing = False  # the current transaction's decision is durable
+        self.errors = []
+
+    def __call__(self, path, info):
+        kind = "journal" if path in self.journals else "log" if path in self.logs else None
+        if kind is not None:
+            self._check(path, kind)
+            with self._lock:
+                self.inflight[kind] += 1
+                if self.committing:
+                    self.peak[kind] = max(self.peak[kind], self.inflight[kind])
+            time.sleep(HOLD)
+            with self._lock:
+                self.inflight[kind] -= 1
+        super().__call__(path, info)
+        if path == self.coord._journal.log.path:
+            self.committing = True
+
+    def _check(self, path, kind):
+        ends = self.snapshot()
+        if kind == "journal":
+            # a durable mark tells its participant commit: the decision first
+            p = self.journals[path]
+            decisions = _offsets(self.coord.path, "C")
+            for txid in _offsets(p._journal.path, "M"):
+                if ends.get(self.coord._journal.log.path, 0) <= decisions[txid][0]:
+                    self.errors.append(f"{txid}: mark at {p.name} before its decision was durable")
+        else:
+            # a batch in the log: its mark durable before it was written
+            p = self.logs[path]
+            jpath = p._journal.log.path
+            written = p.log.next_offset
+            for txid, (off, rec) in _offsets(p._journal.path, "M").items():
+                if rec[2] < written and ends.get(jpath, 0) <= off:
+                    self.errors.append(f"{txid}: batch at {p.name} before its mark was durable")
+
+
+def _world(tmp_path):
+    coord = Coordinator(tmp_path / "coord", durability="always", segment_bytes=SEG)
+    la = Log(str(tmp_path / "a"), durability="always", segment_bytes=SEG)
+    lb = Log(str(tmp_path / "b"), durability="always", segment_bytes=SEG)
+    pa, pb = LogParticipant(la, segment_bytes=SEG), LogParticipant(lb, segment_bytes=SEG)
+    return coord, la, lb, pa, pb
+
+
+def test_a_lone_transactions_commit_syncs_overlap_in_order(tmp_path):
+    """One thread, two LogParticipants: both commit marks sync at once, then
+    both batches; each mark durable only after the decision, each batch
+    written only after its mark is durable, and the commit returns with
+    both batches durable."""
+    coord, la, lb, pa, pb = _world(tmp_path)
+    hook = _Watch(coord, [pa, pb])
+    try:
+        with installed(hook):
+            for i in range(4):
+                hook.committing = False
+                hook.peak = {"journal": 0, "log": 0}
+                with coord.transaction() as tx:
+                    tx.enlist(pa, [b"a%d" % i])
+                    tx.enlist(pb, [b"b%d" % i, b"b%d+" % i])
+                ends = hook.snapshot()
+                assert ends.get(la.path, 0) >= la.next_offset == i + 1, "returned before a's batch was durable"
+                assert ends.get(lb.path, 0) >= lb.next_offset == 2 * (i + 1), (
+                    "returned before b's batch was durable"
+                )
+                assert hook.peak == {"journal": 2, "log": 2}, (
+                    f"transaction {i}: the commit syncs ran one after the other: {hook.peak}"
+                )
+        assert not hook.errors, hook.errors
+        assert pa.recover() == [] and pb.recover() == [] and coord.in_doubt() == []
+    finally:
+        for x in (pa, pb, coord, la, lb):
+            x.close()
+    assert values(tmp_path / "a") == [b"a%d" % i for i in range(4)]
+    assert values(tmp_path / "b") == [x for i in range(4) for x in (b"b%d" % i, b"b%d+" % i)]
+
+
+def test_a_busy_participant_commits_the_sequential_way(tmp_path):
+    """A participant whose log another writer holds (its commit lock taken):
+    the lone transaction does not wait for it with the others' locks held;
+    it commits participant after participant, each batch whole, in order."""
+    coord, la, lb, pa, pb = _world(tmp_path)
+    try:
+        assert pb._commit_lock.acquire(False)
+        released = threading.Timer(0.2, pb._commit_lock.release)
+        released.start()
+        with coord.transaction() as tx:
+            tx.enlist(pa, [b"a0"])
+            tx.enlist(pb, [b"b0"])
+        released.join()
+        with coord.transaction() as tx:
+            tx.enlist(pa, [b"a1"])
+            tx.enlist(pb, [b"b1"])
+        assert pa.recover() == [] and pb.recover() == [] and coord.in_doubt() == []
+    finally:
+        for x in (pa, pb, coord, la, lb):
+            x.close()
+    assert values(tmp_path / "a") == [b"a0", b"a1"]
+    assert values(tmp_path / "b") == [b"b0", b"b1"]
