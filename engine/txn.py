@@ -104,9 +104,19 @@ is written before every prepared record of the group is durable.  A
 transaction alone runs the one-transaction path, except that the sync of its
 first participant's prepared record runs on the helper thread while the next
 participant prepares (the crash points pass in the same order; the decision
-still waits for both): one sync round fewer.  ``tests/test_txn_groupcommit.py`` checks that
+still waits for both), and that LogParticipants commit side by side: every
+commit mark is written (in participant order), the journals are synced
+together, then every batch goes to its log, the logs synced together (per
+participant its mark is durable before its batch is written, L1).  So a lone
+transaction over two LogParticipants takes four sync rounds (prepared
+records, decision, marks, batches) for its seven syncs.  The crash points
+pass in the one-transaction order; past the first participant's mark the
+writes run ahead of them (at every point at least what the one-transaction
+path had written is written, all of it after the decision is durable).
+``tests/test_txn_groupcommit.py`` checks that
 a commit returns only once its records are durable, and SIGKILLs groups at
-every crash point.
+every crash point; ``tests/test_txn_lone_commit.py`` checks the lone commit's
+overlap and its order.
 
 Durability: ``"always"`` survives power loss (every prepared/commit record is
 fsynced before the next step), ``"none"`` survives a process crash (SIGKILL)

@@ -284,7 +284,8 @@ cdef class Transaction:
 # before every prepared record of the group is durable, no participant hears
 # commit before every decision of the group is.  A group of one runs
 # _commit_one itself (its first prepared record's sync on the helper thread
-# while the next participant prepares: _prepare_first).
+# while the next participant prepares: _prepare_first; its LogParticipants'
+# commit marks, then their batches, synced side by side: _complete_split).
 
 cdef enum:
     _WAITING = 0   # queued for a group
