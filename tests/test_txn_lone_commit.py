@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 from synchook import Durable, installed
 
 from engine import Log, LogReader
@@ -147,3 +148,70 @@ def test_a_busy_participant_commits_the_sequential_way(tmp_path):
             x.close()
     assert values(tmp_path / "a") == [b"a0", b"a1"]
     assert values(tmp_path / "b") == [b"b0", b"b1"]
+
+
+# ---------------------------------------------------------------------------
+# SIGKILL at every crash point of lone durable transactions
+
+LONE_TXNS = 2
+
+
+def _lone_scenario(root):
+    """Lone durable transactions over two LogParticipants; each acknowledged
+    tag is appended to ``acked`` (unbuffered) right after its commit returns."""
+    import os
+
+    coord, la, lb, pa, pb = _world_at(root)
+    fd = os.open(f"{root}/acked", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    for i in range(LONE_TXNS):
+        tag = b"T%d" % i
+        with coord.transaction() as tx:
+            tx.enlist(pa, [tag])
+            tx.enlist(pb, [tag + b"/b", tag + b"/b+"])
+        os.write(fd, tag + b"\n")
+    for x in (pa, pb, coord, la, lb):
+        x.close()
+    return "done"
+
+
+def _world_at(root):
+    from pathlib import Path
+
+    coord, la, lb, pa, pb = _world(Path(root))
+    coord.recover([pa, pb])
+    return coord, la, lb, pa, pb
+
+
+@pytest.mark.crash
+def test_sigkill_at_every_point_of_a_lone_commit(tmp_path):
+    """SIGKILL at every hit of every crash point that lone durable
+    transactions pass, then reopen and recover: each transaction whole at
+    both participants or at neither, none applied twice, every acknowledged
+    one there, and the participants keep working."""
+    import crashkit
+
+    points = crashkit.trace(_lone_scenario, str(tmp_path / "trace"), timeout=120)
+    assert "log.commit.after_mark@log:b#%d" % LONE_TXNS in points
+    for i, spot in enumerate(points):
+        root = str(tmp_path / f"p{i}")
+        res = crashkit.run(_lone_scenario, root, crash_at=spot, timeout=120)
+        assert res.killed, (spot, res.error)
+        coord, la, lb, pa, pb = _world_at(root)
+        try:
+            a, b = values(la.path), values(lb.path)
+            assert len(a) == len(set(a)), (spot, "a batch applied twice", a)
+            assert [x + s for x in a for s in (b"/b", b"/b+")] == b, (spot, "half a transaction", a, b)
+            try:
+                with open(f"{root}/acked", "rb") as f:
+                    acked = f.read().split()
+            except FileNotFoundError:
+                acked = []
+            assert acked == a[: len(acked)], (spot, "acknowledged transactions lost", acked, a)
+            assert pa.recover() == [] and pb.recover() == [] and coord.in_doubt() == [], spot
+            with coord.transaction() as tx:
+                tx.enlist(pa, [b"after"])
+                tx.enlist(pb, [b"after/b", b"after/b+"])
+        finally:
+            for x in (pa, pb, coord, la, lb):
+                x.close()
+        assert values(la.path)[-1] == b"after"
