@@ -191,7 +191,7 @@ def test_sigkill_at_every_point_of_a_lone_commit(tmp_path):
     import crashkit
 
     points = crashkit.trace(_lone_scenario, str(tmp_path / "trace"), timeout=120)
-    assert "log.commit.after_mark@log:b#%d" % LONE_TXNS in points
+    assert f"log.commit.after_mark@log:b#{LONE_TXNS}" in points
     for i, spot in enumerate(points):
         root = str(tmp_path / f"p{i}")
         res = crashkit.run(_lone_scenario, root, crash_at=spot, timeout=120)
