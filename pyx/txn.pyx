@@ -1167,12 +1167,13 @@ cdef class _CoordCore:
         two per participant).
 
         1. every participant's commit mark is written, in order (in memory
-           first, as _commit_one), unsynced; 2. the journals are synced, the
-           first on the helper thread, the others here; 3. each batch whose
-           mark is durable goes to its log (``append_many``, which syncs it
-           under ``"always"``), the first on the helper thread; 4. each is
-           done.  So per participant a mark is durable before any of its batch
-           is written (L1), and every batch is durable before this returns.
+           first, as _commit_one), unsynced; 2. per participant its journal
+           is synced, then its batch goes to its log (``append_many``, which
+           syncs it under ``"always"``): the first participant's on the
+           helper thread, the others' here meanwhile, so the marks' syncs
+           overlap, then the batches'; 3. each is done.  So per participant
+           a mark is durable before any of its batch is written (L1), and
+           every batch is durable before this returns.
         The crash points pass in _complete_c's order (participant after
         participant); the first participant's mark is written at its
         ``after_mark``, the rest runs ahead of its points: at each point at
@@ -1245,9 +1246,10 @@ cdef class _CoordCore:
 
     cdef int _split_steps(self, str txid, list ready, list infos, list jlogs, list errs,
                           list stage) except -1:
-        """Steps 1-3 of _complete_split (every participant's commit lock held)."""
+        """Steps 1 and 2 of _complete_split (every participant's commit lock held)."""
         cdef _LogPartCore p
         cdef Py_ssize_t i
+        cdef bint helped
         for i in range(len(ready)):
             p = ready[i]
             if i == 0 and _armed:
@@ -1265,38 +1267,22 @@ cdef class _CoordCore:
             stage[i] = 1
             if i == 0 and _armed:
                 _hook("log.commit.after_mark", p.name)
-        # the marks durable (a batch is written only once its mark is)
-        self._overlapped([i for i in range(len(ready)) if stage[i] == 1],
-                         _sync_mark, ready, jlogs, errs, stage)
-        self._overlapped([i for i in range(len(ready)) if stage[i] == 2 and errs[i] is None],
-                         _append_batch, ready, infos, errs, stage)
-        return 0
-
-    cdef int _overlapped(self, list todo, object fn, list ready, list args, list errs,
-                         list stage) except -1:
-        """``fn(ready[i], args[i])`` for each ``i`` of ``todo``: the first on
-        the helper thread, the others here meanwhile; each that returns moves
-        one ``stage`` on, each that raises has its error in ``errs``."""
-        cdef Py_ssize_t k, i
-        cdef bint helped = len(todo) > 1
-        if not todo:
-            return 0
+        # each participant's mark durable, then its batch (L1): the first
+        # participant's on the helper thread, the others' here meanwhile
+        todo = [i for i in range(len(ready)) if stage[i] == 1]
+        helped = len(todo) > 1
         if helped:
-            self._helper._submit(fn, (ready[todo[0]], args[todo[0]]))
+            i = todo[0]
+            self._helper._submit(_mark_then_batch, (ready[i], jlogs[i], infos[i]))
         try:
-            for k in range(1 if helped else 0, len(todo)):
-                i = todo[k]
-                try:
-                    fn(ready[i], args[i])
-                    stage[i] += 1
-                except Exception as exc:
-                    errs[i] = exc
+            for i in todo[1:] if helped else todo:
+                stage[i], errs[i] = _mark_then_batch(ready[i], jlogs[i], infos[i])
         finally:
             if helped:
-                _result, err = self._helper._wait()
+                got, err = self._helper._wait()
                 i = todo[0]
                 if err is None:
-                    stage[i] += 1
+                    stage[i], errs[i] = got
                 elif isinstance(err, Exception):
                     errs[i] = err
                 else:
@@ -1713,24 +1699,29 @@ cdef class _LogPartCore(_PartCore):
         return errs
 
 
-def _sync_mark(_PartCore p, jlog):
-    """Make the commit mark written to ``jlog`` (``p``'s journal generation) durable."""
+def _mark_then_batch(_LogPartCore p, jlog, info):
+    """Make the commit mark written to ``jlog`` (``p``'s journal generation)
+    durable, then append its batch (``(values, keys or None)``) to ``p``'s
+    log: ``(stage, error)``, stage 3 when the batch is in, 2 when the batch
+    failed, 1 when the mark's sync did (its batch not written)."""
     try:
         jlog.flush()
-    except Closed:
+    except Closed as exc:
         # a switch closed that generation: it carried the mark (from memory)
         # into the new one, which it synced
         if jlog is p._journal._log:
-            raise
-
-
-def _append_batch(_LogPartCore p, info):
-    """Append a prepared batch (``(values, keys or None)``) to ``p``'s log."""
+            return 1, exc
+    except Exception as exc:
+        return 1, exc
     values, keys = info
-    if keys is None:
-        p._log.append_many(values)
-    else:
-        p._log.append_many(values, keys)
+    try:
+        if keys is None:
+            p._log.append_many(values)
+        else:
+            p._log.append_many(values, keys)
+    except Exception as exc:
+        return 2, exc
+    return 3, None
 
 
 cdef object _SPLIT_APPLY = None   # LogParticipant._apply (engine.txn registers it)
