@@ -94,36 +94,43 @@ def _world(tmp_path):
     return coord, la, lb, pa, pb
 
 
-def test_a_lone_transactions_commit_syncs_overlap_in_order(tmp_path):
-    """One thread, two LogParticipants: both commit marks sync at once, then
-    both batches; each mark durable only after the decision, each batch
-    written only after its mark is durable, and the commit returns with
-    both batches durable."""
+@pytest.mark.parametrize("nparts", [2, 3])
+def test_a_lone_transactions_commit_syncs_overlap_in_order(tmp_path, nparts):
+    """One thread, two or three LogParticipants: the commit marks sync side
+    by side, then the batches; each mark durable only after the decision,
+    each batch written only after its mark is durable, and the commit
+    returns with every batch durable."""
     coord, la, lb, pa, pb = _world(tmp_path)
-    hook = _Watch(coord, [pa, pb])
+    logs, parts = [la, lb], [pa, pb]
+    if nparts == 3:
+        logs.append(Log(str(tmp_path / "c"), durability="always", segment_bytes=SEG))
+        parts.append(LogParticipant(logs[2], segment_bytes=SEG))
+    hook = _Watch(coord, parts)
     try:
         with installed(hook):
             for i in range(4):
                 hook.committing = False
                 hook.peak = {"journal": 0, "log": 0}
                 with coord.transaction() as tx:
-                    tx.enlist(pa, [b"a%d" % i])
-                    tx.enlist(pb, [b"b%d" % i, b"b%d+" % i])
+                    for k, p in enumerate(parts):
+                        tx.enlist(p, [b"%d-%d" % (k, i), b"%d-%d+" % (k, i)][: 1 + k % 2])
                 ends = hook.snapshot()
-                assert ends.get(la.path, 0) >= la.next_offset == i + 1, "returned before a's batch was durable"
-                assert ends.get(lb.path, 0) >= lb.next_offset == 2 * (i + 1), (
-                    "returned before b's batch was durable"
-                )
+                for k, lg in enumerate(logs):
+                    assert lg.next_offset == (i + 1) * (1 + k % 2)
+                    assert ends.get(lg.path, 0) >= lg.next_offset, (
+                        f"transaction {i}: returned before the batch of {lg.path} was durable"
+                    )
                 assert hook.peak == {"journal": 2, "log": 2}, (
                     f"transaction {i}: the commit syncs ran one after the other: {hook.peak}"
                 )
         assert not hook.errors, hook.errors
-        assert pa.recover() == [] and pb.recover() == [] and coord.in_doubt() == []
+        assert all(p.recover() == [] for p in parts) and coord.in_doubt() == []
     finally:
-        for x in (pa, pb, coord, la, lb):
+        for x in (*parts, coord, *logs):
             x.close()
-    assert values(tmp_path / "a") == [b"a%d" % i for i in range(4)]
-    assert values(tmp_path / "b") == [x for i in range(4) for x in (b"b%d" % i, b"b%d+" % i)]
+    for k in range(nparts):
+        want = [x for i in range(4) for x in (b"%d-%d" % (k, i), b"%d-%d+" % (k, i))[: 1 + k % 2]]
+        assert values(tmp_path / "abc"[k]) == want
 
 
 def test_a_busy_participant_commits_the_sequential_way(tmp_path):
