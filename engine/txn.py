@@ -105,9 +105,11 @@ transaction alone runs the one-transaction path, except that the sync of its
 first participant's prepared record runs on the helper thread while the next
 participant prepares (the crash points pass in the same order; the decision
 still waits for both), and that LogParticipants commit side by side: every
-commit mark is written (in participant order), the journals are synced
-together, then every batch goes to its log, the logs synced together (per
-participant its mark is durable before its batch is written, L1).  So a lone
+commit mark is written (in participant order), then per participant its
+journal is synced and its batch appended, the first participant's on the
+helper thread while this one does the others' (so the marks' syncs overlap,
+then the batches'; per participant its mark is durable before its batch is
+written, L1).  So a lone
 transaction over two LogParticipants takes four sync rounds (prepared
 records, decision, marks, batches) for its seven syncs.  The crash points
 pass in the one-transaction order; past the first participant's mark the
