@@ -2311,6 +2311,19 @@ cdef class _Sleeper:
                 return 0
             PyErr_CheckSignals()
 
+    cdef bint sleep_for(self, long long us) noexcept:
+        """Block at most ``us`` microseconds (no signal checks: a short
+        wait); True if woken (the wake passed on, as in ``sleep``)."""
+        cdef _LockStatus st
+        with nogil:
+            st = PyThread_acquire_lock_timed(self._lk, us, 0)
+            if st == _LOCK_ACQUIRED and self._next != NULL:
+                PyThread_release_lock(self._next)
+        if st == _LOCK_ACQUIRED:
+            self._next = NULL
+            return True
+        return False
+
     cdef void sleep_through(self) noexcept:
         """``sleep`` without the signal checks: for a sleeper already picked
         for waking (its wake is on its way), so that the chain goes on."""
@@ -2416,7 +2429,7 @@ cdef class Log:
     cdef Py_ssize_t _sync_expect  # threads the last data sync served: expected back
     cdef int64_t _sync_run_ns     # how long the last data sync ran
     cdef int64_t _sync_end_ns     # when it ended
-    cdef object _gatherer         # the lock the syncer gathering waiters sleeps on, or None
+    cdef _Sleeper _gatherer       # the syncer gathering the writers it expects (_gather_us), or None
     cdef list _unsynced_old       # durability="none": paths of rolled segments not yet synced
     cdef object _stop             # threading.Event stopping the flusher
     cdef object _thread           # the interval flusher
@@ -3376,6 +3389,8 @@ cdef class Log:
         cdef bint counted = False
         cdef bint gathered = False
         cdef bint held = True  # cond is held
+        cdef bint mine = False  # took the gathering syncer's place: sync now
+        cdef long long gather_us
         cdef int64_t t0
         cond = self._cond
         cond.acquire()
@@ -3394,11 +3409,15 @@ cdef class Log:
                     self._sync_targets.append(target)
                     self._sync_arrived += 1
                     if self._gatherer is not None and self._sync_arrived >= self._sync_expect:
-                        # everyone the gathering syncer waits for is here
-                        self._gatherer.release()
+                        # everyone the gathering syncer waits for is here:
+                        # this thread runs the sync in its place (_syncing
+                        # stays set), the gatherer sleeps on until it ends
+                        # (a hand-off less than waking it to sync)
+                        self._sleepers.append(self._gatherer)
                         self._gatherer = None
-                if self._syncing:
-                    if self._sleep(target):
+                        gathered = mine = True
+                if self._syncing and not mine:
+                    if self._sleep(target, -1):
                         # a sync covered target (or the log broke); cond is not held
                         held = False
                         if self._broken is not None:
@@ -3407,7 +3426,16 @@ cdef class Log:
                     continue  # picked to sync next: cond is held again
                 if not gathered:
                     gathered = True
-                    if self._sync_gather():
+                    gather_us = self._gather_us()
+                    if gather_us >= 0:
+                        # the gathering: sleep until the writers expected
+                        # are here (the last of them syncs for all) or the
+                        # time is up (this thread syncs)
+                        if self._sleep(target, gather_us):
+                            held = False
+                            if self._broken is not None:
+                                raise LogBroken(self._path, self._broken, self._broken_errno)
+                            break
                         continue  # cond was released: look again
                 olds = self._unsynced_old
                 if olds or self._dir_dirty:
@@ -3416,6 +3444,7 @@ cdef class Log:
                     self._unsynced_old = []
                     self._dir_dirty = False
                     self._syncing = True
+                    mine = False
                     cond.release()
                     try:
                         try:
@@ -3435,6 +3464,7 @@ cdef class Log:
                 hi = self._wpos if pw else self._pos
                 nxt = self._wnext if pw else self._next
                 self._syncing = True
+                mine = False
                 cond.release()
                 t0 = eng_now_ns()
                 try:
@@ -3502,24 +3532,53 @@ cdef class Log:
                 finally:
                     cond.release()
 
-    cdef bint _sleep(self, uint64_t target) except -1:
-        """With _cond held and a sync in flight: sleep until woken.  True: a
-        sync covered ``target`` or the log broke (_cond is not held on
-        return); False: picked to run the next sync (_cond held again).  An
-        interrupt (a signal handler's exception) propagates with _cond held."""
+    cdef bint _sleep(self, uint64_t target, long long gather_us) except -1:
+        """With _cond held: sleep until woken.  True: a sync covered
+        ``target`` or the log broke (_cond is not held on return); False:
+        picked to run the next sync, or the gathering is over and this
+        thread syncs (_cond held again).  An interrupt (a signal handler's
+        exception) propagates with _cond held.
+
+        ``gather_us`` < 0: a sync is in flight.  Otherwise this thread
+        gathers (_gather_us): it holds the sync (``_syncing``) for up to
+        ``gather_us`` while the writers expected append; the arrival that
+        completes the gathering takes its place and syncs for all, and this
+        thread sleeps on as any sleeper."""
         cdef _Sleeper w
+        cdef bint held = False
         pool = self._sleeper_pool
         w = <_Sleeper>pool.pop() if pool else _Sleeper.__new__(_Sleeper)
         w.target = target
         w.role = _S_WAIT
-        self._sleepers.append(w)
+        if gather_us >= 0:
+            self._gatherer = w
+            self._syncing = True  # no other thread syncs meanwhile; appends go on
+        else:
+            self._sleepers.append(w)
         cond = self._cond
         cond.release()
         try:
-            w.sleep()
+            if gather_us < 0 or not w.sleep_for(gather_us):
+                if gather_us >= 0:
+                    cond.acquire()
+                    held = True
+                    if self._gatherer is w:
+                        # the time is up: sync with those that came
+                        self._gatherer = None
+                        self._syncing = False
+                        pool.append(w)
+                        return False
+                    # taken over: in _sleepers now, until that sync ends
+                    held = False
+                    cond.release()
+                w.sleep()
         except BaseException:
-            cond.acquire()
-            if w.role == _S_WAIT:
+            if not held:
+                cond.acquire()
+            if self._gatherer is w:
+                self._gatherer = None
+                self._syncing = False  # (the caller's exit wakes a sleeper to sync)
+            elif w.role == _S_WAIT:
                 self._sleepers.remove(w)  # not picked: nobody releases its lock
             else:
                 # picked: its wake is on its way; take it and pass it on
@@ -3568,42 +3627,26 @@ cdef class Log:
                 n += 1
         return n
 
-    cdef bint _sync_gather(self) except -1:
-        """Before a data sync, with _cond held: wait (at most as long as the
-        last sync ran, 5 ms at most) for the writers the last sync served to
-        append again, so that one sync carries their records too.
+    cdef long long _gather_us(self):
+        """Before a data sync, with _cond held: how long to wait (as long as
+        the last sync ran, 5 ms at most) for the writers the last sync served
+        to append again, so that one sync carries their records too; -1: do
+        not wait (_sleep does the waiting).
 
         Without it the first waiter back syncs at once while the others are
         still framing their next records (they need the GIL it just released),
         and nearly every record gets a sync of its own.  PostgreSQL's
         commit_delay, only while siblings are expected: a lone writer, or one
-        long after the last sync, never waits.  Returns whether it waited
-        (_cond was released meanwhile)."""
+        long after the last sync, never waits."""
         cdef int64_t now = eng_now_ns()
-        cdef int64_t us
+        cdef long long us
         if (self._sync_expect <= 1 or self._sync_arrived >= self._sync_expect
                 or self._sync_run_ns <= 0 or now - self._sync_end_ns > self._sync_run_ns):
-            return False
+            return -1
         us = self._sync_run_ns // 1000
         if us > 5000:
             us = 5000
-        lk = _threading.Lock()
-        lk.acquire()
-        self._gatherer = lk
-        # no other thread syncs meanwhile; appends go on
-        self._syncing = True
-        cond = self._cond
-        cond.release()
-        try:
-            # released by the arrival that completes the gathering
-            lk.acquire(True, us / 1e6)
-        finally:
-            # (interrupted: _sync_upto's exit wakes a sleeper to sync instead)
-            cond.acquire()
-            if self._gatherer is lk:
-                self._gatherer = None  # timed out
-            self._syncing = False
-        return True
+        return us
 
     cdef _flush_if_dirty(self):
         if not self._closed and self._durable < self._next:
