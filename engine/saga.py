@@ -730,10 +730,11 @@ class Saga:
         # would take turns at one sync each.  Instead the log appends without
         # waiting ("interval" with the longest period: its background sync
         # practically never runs) and _emit, once the lock is released,
-        # waits for log.flush(): writes appended meanwhile share that sync
-        # (the log's flush is group-committed).  flush() makes *everything*
-        # appended so far durable, rolled segments included, in every mode:
-        # that contract is all this relies on.
+        # waits for log.flush(end), end the end of its append: writes
+        # appended meanwhile share that sync (the log's flush is
+        # group-committed).  flush(end) makes every record below end
+        # durable, rolled segments included, in every mode: that contract is
+        # all this relies on.
         group_commit = durability == "always"
         # (otherwise the log's own flush_interval)
         period: Dict[str, Any] = {"flush_interval": 3600.0} if group_commit else {}
@@ -1238,10 +1239,11 @@ class Saga:
                 raise
         log = self._sync_log
         if log is not None and log.durable_offset < end:
-            # durable before the step's action (or the caller) goes on; a
-            # sync that covered these records already is enough.  A failed
-            # sync breaks the log: this and every later write raise
-            log.flush()
+            # durable before the step's action (or the caller) goes on; the
+            # first sync that covers these records is enough (not one that
+            # also covers what other sagas appended since).  A failed sync
+            # breaks the log: this and every later write raise
+            log.flush(end)
         if _cp.armed:
             _crash_point(f"saga.after-write:{kinds}")
         if self._events is not None:

@@ -503,10 +503,11 @@ class VersionedStore(_StoreCore):
         # would take turns at one sync each.  Instead the log appends without
         # waiting ("interval" with the longest period: its background sync
         # practically never runs) and a write, once the lock is released,
-        # waits for log.flush() (_wait_durable): writers that appended
-        # meanwhile share that one sync (the log's flush is group-committed).
-        # flush() makes *everything* appended so far durable, rolled segments
-        # included, in every mode: that contract is all this relies on.
+        # waits for log.flush(end) (_wait_durable; end: past its record):
+        # writers that appended meanwhile share that one sync (the log's
+        # flush is group-committed).  flush(end) makes every record below end
+        # durable, rolled segments included, in every mode: that contract is
+        # all this relies on.
         group_commit = durability == "always"
         # retention_bytes=0: drop every sealed segment the snapshot group does not pin
         self._log = Log(

@@ -38,6 +38,8 @@ cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_CheckBuffer, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
+from cpython.pythread cimport (NOWAIT_LOCK, PyThread_acquire_lock, PyThread_allocate_lock,
+                               PyThread_free_lock, PyThread_release_lock, PyThread_type_lock)
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.errno cimport EINTR, EIO, errno
 from libc.stdlib cimport calloc, free, malloc, realloc
@@ -2241,6 +2243,112 @@ cdef inline size_t _inner_body_len(uint64_t delta, uint32_t flags, size_t klen, 
     return n
 
 
+
+# ---------------------------------------------------------------- group commit: sleepers
+#
+# A thread whose records a sync in flight may not cover sleeps in _sync_upto
+# on a lock of its own (a _Sleeper), not on one condition variable for all.
+# When the sync ends, the syncer wakes only the sleepers it covered (their
+# targets are durable now) plus, if some are left and no sync runs, one of
+# those to sync next; the others sleep on.  The wakes form a chain: the syncer
+# releases the first sleeper's lock, and each sleeper releases the next one's
+# before it queues for the GIL (_Sleeper.sleep), so the wake-ups are paced by
+# the threads' own start-up instead of all of them contending at once for the
+# GIL and for the log's lock (which a covered sleeper never takes again).
+
+cdef extern from "pythread.h":
+    ctypedef enum _LockStatus "PyLockStatus":
+        _LOCK_FAILURE "PY_LOCK_FAILURE"
+        _LOCK_ACQUIRED "PY_LOCK_ACQUIRED"
+        _LOCK_INTR "PY_LOCK_INTR"
+    _LockStatus PyThread_acquire_lock_timed(PyThread_type_lock lock, long long microseconds,
+                                            int intr_flag) nogil
+
+cdef enum:
+    _S_WAIT = 0    # asleep, waiting for a sync
+    _S_DONE = 1    # woken: its target is durable, or the log broke (it leaves)
+    _S_LEAD = 2    # woken to run the next sync (its target is not durable yet)
+
+# one blocking slice of a sleep (us): then the GIL is taken for signals (Ctrl-C)
+cdef long long _SLEEP_SLICE_US = 50_000
+
+
+@cython.final
+cdef class _Sleeper:
+    """One thread asleep in ``Log._sync_upto``: its lock is held while it
+    sleeps (and between sleeps); the thread that wakes it releases it."""
+
+    cdef PyThread_type_lock _lk    # held at rest; released to wake the sleeper
+    cdef PyThread_type_lock _next  # on waking, release this (the next sleeper's _lk) first, or NULL
+    cdef uint64_t target           # the offset it waits to see durable
+    cdef int role                  # _S_WAIT, _S_DONE or _S_LEAD (set before _lk is released)
+
+    def __cinit__(self):
+        self._lk = PyThread_allocate_lock()
+        if self._lk == NULL:
+            raise MemoryError("cannot allocate a lock")
+        PyThread_acquire_lock(self._lk, NOWAIT_LOCK)
+
+    def __dealloc__(self):
+        if self._lk != NULL:
+            PyThread_release_lock(self._lk)
+            PyThread_free_lock(self._lk)
+            self._lk = NULL
+
+    cdef int sleep(self) except -1:
+        """Block until woken (the GIL released, signals checked every slice);
+        pass the wake on to the next sleeper of the chain before taking the
+        GIL.  A signal handler's exception propagates with the lock not taken:
+        the caller settles that (Log._sleep)."""
+        cdef _LockStatus st
+        while True:
+            with nogil:
+                st = PyThread_acquire_lock_timed(self._lk, _SLEEP_SLICE_US, 0)
+                if st == _LOCK_ACQUIRED and self._next != NULL:
+                    PyThread_release_lock(self._next)
+            if st == _LOCK_ACQUIRED:
+                self._next = NULL
+                return 0
+            PyErr_CheckSignals()
+
+    cdef bint sleep_for(self, long long us) noexcept:
+        """Block at most ``us`` microseconds (no signal checks: a short
+        wait); True if woken (the wake passed on, as in ``sleep``)."""
+        cdef _LockStatus st
+        with nogil:
+            st = PyThread_acquire_lock_timed(self._lk, us, 0)
+            if st == _LOCK_ACQUIRED and self._next != NULL:
+                PyThread_release_lock(self._next)
+        if st == _LOCK_ACQUIRED:
+            self._next = NULL
+            return True
+        return False
+
+    cdef void sleep_through(self) noexcept:
+        """``sleep`` without the signal checks: for a sleeper already picked
+        for waking (its wake is on its way), so that the chain goes on."""
+        with nogil:
+            PyThread_acquire_lock(self._lk, 1)
+            if self._next != NULL:
+                PyThread_release_lock(self._next)
+        self._next = NULL
+
+
+cdef int _wake_chain(list woken) except -1:
+    """Wake the _Sleepers of ``woken`` (roles set): this thread wakes the
+    first, each the next (see _Sleeper.sleep)."""
+    cdef _Sleeper w
+    cdef _Sleeper prev = None
+    for w in woken:
+        if prev is not None:
+            prev._next = w._lk
+        prev = w
+    if woken:
+        w = <_Sleeper>woken[0]
+        PyThread_release_lock(w._lk)
+    return 0
+
+
 cdef class Log:
     """The single writer of a log directory (created if missing).
 
@@ -2311,13 +2419,17 @@ cdef class Log:
     cdef bint _writing            # an append/roll is in progress (threads wait; GIL makes it atomic)
     cdef bint _closed             # close() ran
     cdef bint _syncing            # a sync is in flight (group commit)
-    cdef object _cond             # threading.Condition guarding _syncing/_durable
-    cdef list _sync_targets       # the targets of the threads waiting in _sync_upto (under _cond)
+    cdef object _cond             # threading.RLock guarding _syncing/_durable/_sleepers/_lead
+    cdef list _sleepers           # the _Sleepers waiting for a sync (under _cond)
+    cdef list _sleeper_pool       # _Sleepers at rest, for reuse
+    cdef _Sleeper _lead           # the sleeper woken to run the next sync, until it runs, or None
+    cdef list _sync_targets       # the targets of the threads waiting in _sync_upto (changed
+                                  # with the GIL held, not always _cond: list operations are atomic)
     cdef Py_ssize_t _sync_arrived # threads that began waiting since the last data sync ended
     cdef Py_ssize_t _sync_expect  # threads the last data sync served: expected back
     cdef int64_t _sync_run_ns     # how long the last data sync ran
     cdef int64_t _sync_end_ns     # when it ended
-    cdef object _gatherer         # the lock the syncer gathering waiters sleeps on, or None
+    cdef _Sleeper _gatherer       # the syncer gathering the writers it expects (_gather_us), or None
     cdef list _unsynced_old       # durability="none": paths of rolled segments not yet synced
     cdef object _stop             # threading.Event stopping the flusher
     cdef object _thread           # the interval flusher
@@ -2401,7 +2513,9 @@ cdef class Log:
         self._retention_age = None if retention_age is None else float(retention_age)
         self._retain_uncommitted = bool(retain_uncommitted)
         self._flush_interval = flush_interval
-        self._cond = _threading.Condition()
+        self._cond = _threading.RLock()
+        self._sleepers = []
+        self._sleeper_pool = []
         self._ckpt_lock = _threading.Lock()
         self._pid = _os.getpid()
         self._unsynced_old = []
@@ -3261,7 +3375,11 @@ cdef class Log:
     # ---- syncing
 
     cdef _sync_upto(self, uint64_t target):
-        """Block until every offset below target is durable (group commit)."""
+        """Block until every offset below target is durable (group commit).
+
+        One thread syncs at a time (``_syncing``); one that finds a sync in
+        flight sleeps (_sleep) until a sync covers its target, or until it is
+        picked to run the next sync (see _Sleeper)."""
         cdef _Seg s
         cdef size_t lo, hi
         cdef uint64_t nxt
@@ -3270,10 +3388,13 @@ cdef class Log:
         cdef int err = 0
         cdef bint counted = False
         cdef bint gathered = False
+        cdef bint held = True  # cond is held
+        cdef bint mine = False  # took the gathering syncer's place: sync now
+        cdef long long gather_us
         cdef int64_t t0
         cond = self._cond
-        with cond:
-          try:
+        cond.acquire()
+        try:
             while True:
                 # a failed sync anywhere (another thread's, the flusher's)
                 # fails every waiter: a later sync's success proves nothing
@@ -3288,15 +3409,33 @@ cdef class Log:
                     self._sync_targets.append(target)
                     self._sync_arrived += 1
                     if self._gatherer is not None and self._sync_arrived >= self._sync_expect:
-                        # everyone the gathering syncer waits for is here
-                        self._gatherer.release()
+                        # everyone the gathering syncer waits for is here:
+                        # this thread runs the sync in its place (_syncing
+                        # stays set), the gatherer sleeps on until it ends
+                        # (a hand-off less than waking it to sync)
+                        self._sleepers.append(self._gatherer)
                         self._gatherer = None
-                if self._syncing:
-                    cond.wait()
-                    continue
+                        gathered = mine = True
+                if self._syncing and not mine:
+                    if self._sleep(target, -1):
+                        # a sync covered target (or the log broke); cond is not held
+                        held = False
+                        if self._broken is not None:
+                            raise LogBroken(self._path, self._broken, self._broken_errno)
+                        break
+                    continue  # picked to sync next: cond is held again
                 if not gathered:
                     gathered = True
-                    if self._sync_gather():
+                    gather_us = self._gather_us()
+                    if gather_us >= 0:
+                        # the gathering: sleep until the writers expected
+                        # are here (the last of them syncs for all) or the
+                        # time is up (this thread syncs)
+                        if self._sleep(target, gather_us):
+                            held = False
+                            if self._broken is not None:
+                                raise LogBroken(self._path, self._broken, self._broken_errno)
+                            break
                         continue  # cond was released: look again
                 olds = self._unsynced_old
                 if olds or self._dir_dirty:
@@ -3305,6 +3444,7 @@ cdef class Log:
                     self._unsynced_old = []
                     self._dir_dirty = False
                     self._syncing = True
+                    mine = False
                     cond.release()
                     try:
                         try:
@@ -3316,7 +3456,6 @@ cdef class Log:
                     finally:
                         cond.acquire()
                         self._syncing = False
-                        cond.notify_all()
                     continue
                 s = self._active
                 lo = s.synced
@@ -3325,6 +3464,7 @@ cdef class Log:
                 hi = self._wpos if pw else self._pos
                 nxt = self._wnext if pw else self._next
                 self._syncing = True
+                mine = False
                 cond.release()
                 t0 = eng_now_ns()
                 try:
@@ -3337,7 +3477,7 @@ cdef class Log:
                 finally:
                     cond.acquire()
                     if rc != 0:
-                        # before any waiter wakes: none may start a sync of its own
+                        # before any sleeper wakes: none may start a sync of its own
                         exc = self._fail(err, f"{'fdatasync' if pw else 'msync'} of {s.path} failed "
                                               f"with offsets from {self._durable} unsynced")
                     self._syncing = False
@@ -3347,9 +3487,8 @@ cdef class Log:
                         # those it serves append again soon: the next syncer gathers them
                         self._sync_expect = self._sync_served(nxt)
                         self._sync_arrived = 0
-                    cond.notify_all()
                 if rc != 0:
-                    raise exc
+                    raise exc  # (the sleepers wake below, and raise too)
                 if hi > s.synced:
                     s.synced = hi
                 if nxt > self._durable:
@@ -3374,13 +3513,111 @@ cdef class Log:
                     finally:
                         cond.acquire()
                         self._syncing = False
-                        cond.notify_all()
                 if _sync_hook is not None:
                     _call_hook(self._path, {"kind": "data", "segment": s.base, "position": hi,
                                             "next_offset": nxt})
-          finally:
+                # those it covered go (after the hook: it sees every sync
+                # before the writes it covered return)
+                self._wake_sleepers()
+        finally:
             if counted:
+                # (a list operation under the GIL: atomic, cond held or not)
                 self._sync_targets.remove(target)
+            if held:
+                try:
+                    # whatever way this thread leaves (its sync failed, an
+                    # interrupt): no sleeper may be left without a syncer
+                    if self._sleepers and not self._syncing:
+                        self._wake_sleepers()
+                finally:
+                    cond.release()
+
+    cdef bint _sleep(self, uint64_t target, long long gather_us) except -1:
+        """With _cond held: sleep until woken.  True: a sync covered
+        ``target`` or the log broke (_cond is not held on return); False:
+        picked to run the next sync, or the gathering is over and this
+        thread syncs (_cond held again).  An interrupt (a signal handler's
+        exception) propagates with _cond held.
+
+        ``gather_us`` < 0: a sync is in flight.  Otherwise this thread
+        gathers (_gather_us): it holds the sync (``_syncing``) for up to
+        ``gather_us`` while the writers expected append; the arrival that
+        completes the gathering takes its place and syncs for all, and this
+        thread sleeps on as any sleeper."""
+        cdef _Sleeper w
+        cdef bint held = False
+        pool = self._sleeper_pool
+        w = <_Sleeper>pool.pop() if pool else _Sleeper.__new__(_Sleeper)
+        w.target = target
+        w.role = _S_WAIT
+        if gather_us >= 0:
+            self._gatherer = w
+            self._syncing = True  # no other thread syncs meanwhile; appends go on
+        else:
+            self._sleepers.append(w)
+        cond = self._cond
+        cond.release()
+        try:
+            if gather_us < 0 or not w.sleep_for(gather_us):
+                if gather_us >= 0:
+                    cond.acquire()
+                    held = True
+                    if self._gatherer is w:
+                        # the time is up: sync with those that came
+                        self._gatherer = None
+                        self._syncing = False
+                        pool.append(w)
+                        return False
+                    # taken over: in _sleepers now, until that sync ends
+                    held = False
+                    cond.release()
+                w.sleep()
+        except BaseException:
+            if not held:
+                cond.acquire()
+            if self._gatherer is w:
+                self._gatherer = None
+                self._syncing = False  # (the caller's exit wakes a sleeper to sync)
+            elif w.role == _S_WAIT:
+                self._sleepers.remove(w)  # not picked: nobody releases its lock
+            else:
+                # picked: its wake is on its way; take it and pass it on
+                w.sleep_through()
+                if self._lead is w:
+                    self._lead = None  # the caller's exit picks another
+            pool.append(w)
+            raise
+        pool.append(w)
+        if w.role == _S_LEAD:
+            cond.acquire()
+            self._lead = None
+            return False
+        return True
+
+    cdef int _wake_sleepers(self) except -1:
+        """With _cond held: wake the sleepers whose target is durable (all
+        of them once the log broke) and, if others are left while no sync
+        runs and none is on its way to run one, the first of those to run
+        the next sync."""
+        cdef _Sleeper w
+        cdef list woken = []
+        cdef list left = []
+        cdef uint64_t durable = self._durable
+        cdef bint broken = self._broken is not None
+        for w in self._sleepers:
+            if broken or w.target <= durable:
+                w.role = _S_DONE
+                woken.append(w)
+            else:
+                left.append(w)
+        if left and not broken and not self._syncing and self._lead is None:
+            w = <_Sleeper>left.pop(0)
+            w.role = _S_LEAD
+            self._lead = w
+            woken.append(w)
+        self._sleepers = left
+        _wake_chain(woken)
+        return 0
 
     cdef Py_ssize_t _sync_served(self, uint64_t nxt):
         """How many of the waiting threads a sync up to ``nxt`` serves."""
@@ -3390,58 +3627,50 @@ cdef class Log:
                 n += 1
         return n
 
-    cdef bint _sync_gather(self) except -1:
-        """Before a data sync, with _cond held: wait (at most as long as the
-        last sync ran, 5 ms at most) for the writers the last sync served to
-        append again, so that one sync carries their records too.
+    cdef long long _gather_us(self):
+        """Before a data sync, with _cond held: how long to wait (as long as
+        the last sync ran, 5 ms at most) for the writers the last sync served
+        to append again, so that one sync carries their records too; -1: do
+        not wait (_sleep does the waiting).
 
         Without it the first waiter back syncs at once while the others are
         still framing their next records (they need the GIL it just released),
         and nearly every record gets a sync of its own.  PostgreSQL's
         commit_delay, only while siblings are expected: a lone writer, or one
-        long after the last sync, never waits.  Returns whether it waited
-        (_cond was released meanwhile)."""
+        long after the last sync, never waits."""
         cdef int64_t now = eng_now_ns()
-        cdef int64_t us
+        cdef long long us
         if (self._sync_expect <= 1 or self._sync_arrived >= self._sync_expect
                 or self._sync_run_ns <= 0 or now - self._sync_end_ns > self._sync_run_ns):
-            return False
+            return -1
         us = self._sync_run_ns // 1000
         if us > 5000:
             us = 5000
-        lk = _threading.Lock()
-        lk.acquire()
-        self._gatherer = lk
-        # no other thread syncs meanwhile; appends go on
-        self._syncing = True
-        cond = self._cond
-        cond.release()
-        ok = False
-        try:
-            # released by the arrival that completes the gathering
-            lk.acquire(True, us / 1e6)
-            ok = True
-        finally:
-            cond.acquire()
-            if self._gatherer is lk:
-                self._gatherer = None  # timed out
-            self._syncing = False
-            if not ok:
-                # interrupted: the waiters that came meanwhile must not
-                # sleep on for a sync that this thread no longer runs
-                cond.notify_all()
-        return True
+        return us
 
     cdef _flush_if_dirty(self):
         if not self._closed and self._durable < self._next:
             self._sync_upto(self._next)
 
-    def flush(self):
-        """Make every record appended so far durable (in every durability mode).
+    def flush(self, end=None):
+        """Make every record appended so far durable (in every durability mode);
+        with ``end`` (an offset, at most ``next_offset``), every record below it.
 
-        Raises :class:`engine.LogBroken` once any write or sync has failed."""
+        A writer waiting for its own records passes the end of its append:
+        it then returns with the first sync that covers them, not one that
+        also covers what other threads appended after them.  Raises
+        :class:`engine.LogBroken` once any write or sync has failed."""
+        cdef uint64_t upto
         self._check_usable()
-        self._sync_upto(self._next)
+        if end is None:
+            upto = self._next
+        else:
+            if not isinstance(end, int) or isinstance(end, bool):
+                raise TypeError(f"end must be an int offset or None, not {type(end).__name__}")
+            if end < 0 or end > self._next:
+                raise ValueError(f"end must be in [0, next_offset={self._next}], not {end}")
+            upto = end
+        self._sync_upto(upto)
 
     def close(self):
         """Sync, write the clean-shutdown checkpoint and release the directory. Idempotent.

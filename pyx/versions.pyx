@@ -196,7 +196,7 @@ cdef class _StoreCore:
         if log is None or log.durable_offset > off:
             return
         try:
-            log.flush()
+            log.flush(off + 1)  # this record: not what others appended since
         except LogBroken as exc:
             self._note_broken(exc)
             raise
