@@ -299,6 +299,62 @@ def test_a_timed_run_that_falls_short_resizes_and_runs_again():
     assert all(r.window_seconds >= harness.MIN_WINDOW_S for r in c.runs[1:])
 
 
+def test_the_last_sizing_run_counts_as_the_first_repetition():
+    # a sizing run at the final size, after an earlier run (its warm-up), with
+    # a valid window is the run repetition 0 would repeat: it is kept as rep 0
+    calls = []
+
+    def counted(wl):
+        calls.append(wl.count)
+        return paced(100_000)(wl)
+
+    case = _case([Contender("ours", counted, ours=True)], n=1000)
+    res = run_case(case, "t", Profile(repeat=2))
+    (c,) = res.contenders
+    assert not res.failed and res.verified and c.workload is not None
+    # 1000 (cold, far too short), then the sized run, then one more repetition
+    assert calls == [1000, c.workload.count, c.workload.count]
+    assert [w.count for w in c.warmups] == calls[:2]
+    assert [(r.rep, r.reused) for r in c.runs] == [(0, True), (1, False)]
+    assert all(r.ok and r.valid and r.window_seconds >= harness.MIN_WINDOW_S for r in c.runs)
+    assert c.runs[0].window_count == c.warmups[1].window_count
+    runs = report.to_json(harness.SuiteResult(Profile(), [res]), "x", _INFO)["cases"][0]
+    assert [r["reused"] for r in runs["contenders"][0]["runs"]] == [True, False]
+
+
+def test_a_first_run_is_never_a_repetition():
+    # long enough on its own, but cold: no earlier run warmed it up, so every
+    # repetition runs after it
+    calls = []
+
+    def slow(wl):
+        calls.append(wl.count)
+        return paced(1_000)(wl)
+
+    case = _case([Contender("ours", slow, ours=True), Contender("ref", slow, rank=False)], n=1000)
+    res = run_case(case, "t", Profile(repeat=2))
+    assert calls == [1000] * 6
+    for c in res.contenders:
+        assert len(c.warmups) == 1 and [(r.rep, r.reused) for r in c.runs] == [(0, False), (1, False)]
+
+
+def test_a_sizing_run_short_of_the_minimum_is_not_reused():
+    # capped by memory below the minimum window and the volume rule: the
+    # sizing runs stay warm-ups, every repetition runs on its own
+    calls = []
+
+    def fast(wl):
+        calls.append(wl.count)
+        return paced(1e9)(wl)
+
+    case = _case([Contender("ours", fast, ours=True)], n=1000)
+    case.max_bytes = 4000 * 64
+    res = run_case(case, "t", Profile(repeat=2))
+    (c,) = res.contenders
+    assert calls == [1000, 4000, 4000, 4000]
+    assert [(r.rep, r.reused, r.valid) for r in c.runs] == [(0, False, False), (1, False, False)]
+
+
 def test_sizing_backs_off_an_estimate_that_overshot():
     # the first run fits in the buffers (the producer never waits): it looks
     # twice as fast as the steady rate, so the first estimate overshoots; the
@@ -641,6 +697,7 @@ def test_json_schema_is_stable(suite):
                     "window_seconds",
                     "window_count",
                     "valid",
+                    "reused",
                 }
                 if c["kind"] == "latency" and r["ok"]:
                     assert set(r["latency_ns"]) == {"p50", "p90", "p99", "p99_9", "max"}

@@ -71,7 +71,9 @@ so its window lasts about :data:`TARGET_WINDOW_S` (capped in memory by
 ``Profile.min_window`` (:data:`MIN_WINDOW_S`) or moves at least
 :data:`VOLUME_FACTOR` times ``Case.buffer_bytes`` (the largest buffer of any
 contender); an invalid run is verified and recorded, flagged, and never
-ranked. Every run's window goes into the JSON.
+ranked. Every run's window goes into the JSON. The last sizing run counts
+as repetition 0 when it ran at the final size after an earlier run, verified,
+with a valid window (``reused`` in the JSON): a run it would only repeat.
 
 Optional ``Case`` fields: ``unit`` ("msg/s", "MB/s" or "us"; MB/s ranks by
 bandwidth), ``ordered=False`` for competing consumers, ``repeat`` (a fixed
@@ -95,6 +97,7 @@ for latencies (peer p50 / our p50).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import importlib.util
@@ -643,6 +646,7 @@ class RunRecord:
     window_seconds: Optional[float] = None  # the steady-state window (throughput)
     window_count: Optional[int] = None
     valid: bool = True  # False: the window was shorter than the minimum (never ranked)
+    reused: bool = False  # repetition 0 is the contender's last warm-up run (see _warm_up)
 
     def rate(self) -> float:
         """Messages per second over the window (NaN when there is none)."""
@@ -1009,17 +1013,25 @@ def _warm_up(
     workload: run, and while the window falls short of most of
     :data:`TARGET_WINDOW_S`, grow the workload and run again at the new size
     (a first, cold run is slower than the warm ones that follow, so one
-    estimate undershoots). Reference rows are not sized."""
+    estimate undershoots). Reference rows are not sized.
+
+    The last run counts as repetition 0 when it may: it ran at the size the
+    repetitions use, after at least one earlier run of the contender (its
+    warm-up), verified, with a valid window. It is the run repetition 0
+    would repeat, so it is kept instead of discarded."""
     wl = case.workload
+    rec: Optional[RunRecord] = None
+    ran_final = False  # whether the last run was at the size the loop settled on
     for attempt in range(WARMUP_RUNS):
         progress.update(f"{section}: {case.name} - {cont.name} (warm-up, {wl.count:,} msgs)")
         run, why = _attempt(case, cont, wl)
         rec = _record(case, profile, res, -1 - attempt, run, why)
         res.warmups.append(rec)
+        ran_final = True
         if why is not None:
             res.runs.append(rec)
             _fail(res, why, section, case, progress)
-            break
+            return
         if not (profile.sizing and case.sizable and cont.rank):
             break
         ws = rec.window_seconds or 0.0
@@ -1032,6 +1044,7 @@ def _warm_up(
             if new is wl:
                 break
             wl = new
+            ran_final = False
             continue
         if ws >= 0.8 * TARGET_WINDOW_S:
             break  # the warm runs that follow are faster, but not by 1.6x
@@ -1039,7 +1052,10 @@ def _warm_up(
         if new is wl:
             break  # capped: the volume rule decides
         wl = new
+        ran_final = False
     res.workload = None if wl is case.workload else wl
+    if ran_final and rec is not None and rec.ok and rec.valid and len(res.warmups) > 1:
+        res.runs.append(dataclasses.replace(rec, rep=0, reused=True))
 
 
 def _resize(
@@ -1093,7 +1109,7 @@ def run_case(
             _warm_up(case, section, profile, cont, res, progress)
     for rep in range(reps):
         for cont, res in live:
-            if res.status == FAILED:
+            if res.status == FAILED or any(r.rep == rep and r.reused for r in res.runs):
                 continue
             wl = res.workload or case.workload
             progress.update(f"{section}: {case.name} - {cont.name} ({rep + 1}/{reps})")
