@@ -151,6 +151,38 @@ def test_failure_reasons_say_what_went_wrong():
     assert "not Run" in reason(returns_garbage)
 
 
+def test_workloads_of_one_size_share_one_build_of_their_payloads():
+    small, big = Workload(1000, 64, seed=7), Workload(150_000, 64, seed=7)
+    a = small.payloads()
+    b = big.payloads()  # grows the pool: the first 1000 stay the same objects
+    assert len(b) == 150_000 and all(x is y for x, y in zip(a, b[:1000]))
+    assert all(x is y for x, y in zip(small.payloads(), a))
+    assert np.shares_memory(small.array(), big.array())
+    assert bytes(big.array()[123_456]) == b[123_456]
+    assert [int.from_bytes(m[:8], "little") for m in b[-3:]] == [149_997, 149_998, 149_999]
+    assert small.expected == digest(a) and big.expected == digest(b)
+    assert Workload(1000, 64, seed=8).payloads() != a
+    b.clear()  # each call gives its own list: emptying it touches nobody else's
+    assert len(big.payloads()) == 150_000 and small.expected == digest(small.payloads())
+
+
+def test_shared_payloads_are_verified_per_contender():
+    # every contender gets the same payload objects; a corrupted delivery by
+    # one fails that one only, and the next one still verifies
+    case = _case(
+        [
+            Contender("ours", honest, ours=True),
+            Contender("corrupt", corrupts_a_byte),
+            Contender("peer", honest),
+        ]
+    )
+    res = run_case(case, "t", Profile(min_window=0, repeat=2))
+    ours, bad, peer = res.contenders
+    assert bad.status == FAILED and "checksum" in (bad.reason or "")
+    assert ours.status == OK and peer.status == OK and len(peer.runs) == 2
+    assert all(r.checksum == case.workload.expected.checksum for r in ours.runs + peer.runs)
+
+
 def test_latency_case_needs_samples():
     res = run_case(
         _case([Contender("x", honest)], kind=LATENCY), "t", Profile(min_window=0, repeat=1)
@@ -335,7 +367,8 @@ def test_a_first_run_is_never_a_repetition():
     res = run_case(case, "t", Profile(repeat=2))
     assert calls == [1000] * 6
     for c in res.contenders:
-        assert len(c.warmups) == 1 and [(r.rep, r.reused) for r in c.runs] == [(0, False), (1, False)]
+        assert len(c.warmups) == 1
+        assert [(r.rep, r.reused) for r in c.runs] == [(0, False), (1, False)]
 
 
 def test_a_sizing_run_short_of_the_minimum_is_not_reused():

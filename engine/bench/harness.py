@@ -197,8 +197,11 @@ class Workload:
     """``count`` messages of ``size`` bytes: an 8-byte little-endian sequence
     number (truncated for sizes < 8) followed by filler from ``seed``.
 
-    The payloads are built once per (count, size, seed) and cached, outside any
-    timed region; ``expected`` is their :class:`Digest`.
+    Payload ``i`` depends only on ``(i, size, seed)``: a workload is the
+    first ``count`` payloads of its ``(size, seed)`` pool, built once, grown
+    when a larger count is asked for, and shared by every contender and every
+    count that sizing tries (outside any timed region; forked children
+    inherit it). ``expected`` is their :class:`Digest`.
     """
 
     count: int
@@ -218,29 +221,75 @@ class Workload:
         return _build_array(self.count, self.size, self.seed)
 
     def payloads(self) -> List[bytes]:
-        """All payloads as a list of ``bytes`` (shared; do not mutate)."""
-        return _build_payloads(self.count, self.size, self.seed)
+        """All payloads as a new list of shared ``bytes`` objects."""
+        return _pool(self.size, self.seed).payloads(self.count)
 
     @property
     def expected(self) -> Digest:
         return _expected(self.count, self.size, self.seed)
 
 
-@functools.lru_cache(maxsize=3)
+POOL_BLOCK_ROWS = 1 << 16  # payloads generated per block (one generator per block)
+POOLS_KEPT = 3  # (size, seed) pools kept alive (the least recently used goes first)
+
+
+class _Pool:
+    """Every payload of one ``(size, seed)`` built so far: rows as one
+    read-only array and, once asked for, as ``bytes`` objects.
+
+    Block ``b`` holds payloads ``b * POOL_BLOCK_ROWS ...``: filler from a
+    generator seeded with ``(seed, b)``, then the sequence numbers, so a
+    payload never depends on how many were built and growing the pool keeps
+    the payloads already there (and their ``bytes`` objects)."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self.rows = np.empty((0, size), np.uint8)
+        self.msgs: List[bytes] = []
+
+    def array(self, count: int) -> np.ndarray:
+        if count > len(self.rows):
+            self._grow(count)
+        return self.rows[:count]
+
+    def payloads(self, count: int) -> List[bytes]:
+        have = len(self.msgs)
+        if count > have:
+            buf = self.array(count)[have:].tobytes()
+            size = self.size
+            self.msgs.extend([buf[i : i + size] for i in range(0, len(buf), size)])
+        return self.msgs[:count]
+
+    def _grow(self, count: int) -> None:
+        size, block = self.size, POOL_BLOCK_ROWS
+        old = len(self.rows)  # a whole number of blocks
+        rows = np.empty((-(-count // block) * block, size), np.uint8)
+        rows[:old] = self.rows
+        k = min(8, size)
+        for start in range(old, len(rows), block):
+            rng = np.random.default_rng((self.seed, start // block))
+            part = rows[start : start + block]
+            part[:] = rng.integers(0, 256, size=part.shape, dtype=np.uint8)
+            seq = np.arange(start, start + block, dtype="<u8").view(np.uint8).reshape(block, 8)
+            part[:, :k] = seq[:, :k]
+        rows.setflags(write=False)
+        self.rows = rows
+
+
+_POOLS: Dict[Tuple[int, int], _Pool] = {}
+
+
+def _pool(size: int, seed: int) -> _Pool:
+    pool = _POOLS.pop((size, seed), None) or _Pool(size, seed)
+    _POOLS[(size, seed)] = pool  # most recently used last
+    while len(_POOLS) > POOLS_KEPT:
+        del _POOLS[next(iter(_POOLS))]
+    return pool
+
+
 def _build_array(count: int, size: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 256, size=(count, size), dtype=np.uint8)
-    seq = np.arange(count, dtype="<u8").view(np.uint8).reshape(count, 8)
-    k = min(8, size)
-    arr[:, :k] = seq[:, :k]
-    arr.setflags(write=False)
-    return arr
-
-
-@functools.lru_cache(maxsize=3)
-def _build_payloads(count: int, size: int, seed: int) -> List[bytes]:
-    buf = _build_array(count, size, seed).tobytes()
-    return [buf[i : i + size] for i in range(0, count * size, size)]
+    return _pool(size, seed).array(count)
 
 
 @functools.lru_cache(maxsize=8)
@@ -985,6 +1034,8 @@ def _record(
 
 
 def _attempt(case: Case, cont: Contender, wl: Workload) -> Tuple[Optional[Run], Optional[str]]:
+    # the payloads and their digest exist before any clock (forked children inherit them)
+    _ = wl.expected
     try:
         run = cont.fn(wl)
         if not isinstance(run, Run):
@@ -1102,8 +1153,6 @@ def run_case(
     reps = case.repeat if case.repeat is not None else profile.reps()
     if profile.repeat is not None:
         reps = profile.reps()
-    # build the payloads once, before any clock (forked children inherit them)
-    _ = case.workload.expected
     if profile.min_window > 0 and case.kind != LATENCY:
         for cont, res in live:
             _warm_up(case, section, profile, cont, res, progress)
