@@ -164,6 +164,40 @@ def test_workloads_of_one_size_share_one_build_of_their_payloads():
     assert Workload(1000, 64, seed=8).payloads() != a
     b.clear()  # each call gives its own list: emptying it touches nobody else's
     assert len(big.payloads()) == 150_000 and small.expected == digest(small.payloads())
+    # a pool holds what was asked for, rounded up to one block of bytes
+    huge = Workload(3, (1 << 20) + 1, seed=7)
+    assert len(huge.payloads()) == 3
+    assert harness._pool(huge.size, 7).rows.nbytes <= huge.nbytes + harness.POOL_BLOCK_BYTES
+
+
+@pytest.mark.parametrize("size", [1, 3, 7, 8, 9, 63, 64, 100, 4096, 65536 + 24])
+def test_the_compiled_digest_equals_the_numpy_definition(size, monkeypatch):
+    # the C loops digest each delivered object in place; numpy joins and
+    # multiplies rows: the two must agree on every shape the harness sees
+    pytest.importorskip("engine._benchdigest")
+    wl = Workload(3 if size > 60_000 else 300, size, seed=3)
+    p = wl.payloads()
+    flipped = bytearray(p[1])
+    flipped[-1] ^= 0x80
+    shapes = [
+        p,
+        p[::-1],
+        p + [p[0]],
+        p[:1] + [bytes(flipped)] + p[2:],
+        [memoryview(m) for m in p],
+        [bytearray(m) for m in p],
+        list(wl.array()),
+        [b"ab", b"abc", b"a", b"cd"],
+        [b"", b""],
+    ]
+    rows = wl.array()
+    fast = [digest(x) for x in shapes] + [harness.digest_array(rows), digest(rows)]
+    monkeypatch.setattr(harness, "_cdigest", None)
+    slow = [digest(x) for x in shapes] + [harness.digest_array(rows), digest(rows)]
+    assert fast == slow
+    assert fast[0] != fast[2] and fast[0] != fast[3] and fast[0].checksum == fast[1].checksum
+    wraps = size < 8 and wl.count > 256**size  # a 1-byte sequence number cannot order 300
+    assert (fast[0].in_order, fast[1].in_order) == ((None, None) if wraps else (True, False))
 
 
 def test_shared_payloads_are_verified_per_contender():

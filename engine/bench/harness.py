@@ -229,7 +229,7 @@ class Workload:
         return _expected(self.count, self.size, self.seed)
 
 
-POOL_BLOCK_ROWS = 1 << 16  # payloads generated per block (one generator per block)
+POOL_BLOCK_BYTES = 4 << 20  # payload bytes generated per block (one generator per block)
 POOLS_KEPT = 3  # (size, seed) pools kept alive (the least recently used goes first)
 
 
@@ -237,7 +237,8 @@ class _Pool:
     """Every payload of one ``(size, seed)`` built so far: rows as one
     read-only array and, once asked for, as ``bytes`` objects.
 
-    Block ``b`` holds payloads ``b * POOL_BLOCK_ROWS ...``: filler from a
+    Block ``b`` holds payloads ``b * block ...`` (``block`` payloads of
+    ``size`` in :data:`POOL_BLOCK_BYTES`, at least one): filler from a
     generator seeded with ``(seed, b)``, then the sequence numbers, so a
     payload never depends on how many were built and growing the pool keeps
     the payloads already there (and their ``bytes`` objects)."""
@@ -245,6 +246,7 @@ class _Pool:
     def __init__(self, size: int, seed: int) -> None:
         self.size = size
         self.seed = seed
+        self.block = max(1, POOL_BLOCK_BYTES // size)
         self.rows = np.empty((0, size), np.uint8)
         self.msgs: List[bytes] = []
 
@@ -262,7 +264,7 @@ class _Pool:
         return self.msgs[:count]
 
     def _grow(self, count: int) -> None:
-        size, block = self.size, POOL_BLOCK_ROWS
+        size, block = self.size, self.block
         old = len(self.rows)  # a whole number of blocks
         rows = np.empty((-(-count // block) * block, size), np.uint8)
         rows[:old] = self.rows
@@ -339,6 +341,20 @@ def _fmix64(h: np.ndarray) -> np.ndarray:
     return h
 
 
+try:  # the same digest computed in C, message by message (no joined copy)
+    from engine import _benchdigest as _cdigest
+except ImportError:  # an unbuilt source tree: numpy alone
+    _cdigest = None
+
+
+@functools.lru_cache(maxsize=16)
+def _weight_row(width: int) -> np.ndarray:
+    """The weight of each of ``width`` 8-byte words, as :func:`digest_array`
+    applies them chunk by chunk."""
+    parts = [_weights(j0, min(512, width - j0)) for j0 in range(0, width, 512)]
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.uint64)
+
+
 def digest_array(rows: np.ndarray, ordered: bool = True) -> Digest:
     """Digest a ``(n, size)`` uint8 array (each row one message)."""
     rows = np.ascontiguousarray(rows)
@@ -348,6 +364,16 @@ def digest_array(rows: np.ndarray, ordered: bool = True) -> Digest:
     n, size = rows.shape
     if n == 0:
         return Digest(0, 0, True)
+    if _cdigest is not None and size > 0:
+        count, checksum, in_order = _cdigest.digest_rows(rows, _weight_row((size + 7) // 8))
+        return Digest(count, checksum, in_order if ordered else None)
+    return _digest_array_numpy(rows, ordered)
+
+
+def _digest_array_numpy(rows: np.ndarray, ordered: bool = True) -> Digest:
+    """:func:`digest_array` in numpy: its definition (``rows`` a C-contiguous
+    2-D uint8 array of at least one row)."""
+    n, size = rows.shape
     pad = (-size) % 8
     if pad:
         rows = np.concatenate([rows, np.zeros((n, pad), np.uint8)], axis=1)
@@ -396,6 +422,22 @@ def digest(messages: Sequence[Any]) -> Digest:
     n = len(messages)
     if n == 0:
         return Digest(0, 0, True)
+    if _cdigest is not None:
+        msgs = messages if isinstance(messages, list) else list(messages)
+        first = len(msgs[0])
+        if first > 0:
+            try:
+                got = _cdigest.digest_list(msgs, _weight_row((first + 7) // 8))
+            except (TypeError, BufferError, ValueError):
+                got = None  # not all plain contiguous buffers: the numpy path below
+            if got is not None:
+                return Digest(*got)
+    return _digest_numpy(messages)
+
+
+def _digest_numpy(messages: Sequence[Any]) -> Digest:
+    """:func:`digest` of a non-empty sequence by joining and digesting rows in numpy."""
+    n = len(messages)
     lengths = set(map(len, messages))
     if len(lengths) == 1:
         size = lengths.pop()
