@@ -118,3 +118,23 @@ def test_the_reference_verifies_what_its_file_holds(damage, monkeypatch):
     (r,) = res.contenders
     assert r.status == FAILED and not res.verified
     assert ("checksum" if damage == "flip" else "not whole records") in (r.reason or "")
+
+
+def test_queuelib_read_back_pops_a_fresh_copy_each_run():
+    # the filled queue is built once per workload and copied for each run:
+    # popping a copy leaves the template whole, and another workload refills it
+    pytest.importorskip("queuelib")
+    from queuelib import FifoDiskQueue
+
+    for n in (N, N, N + 7):
+        wl = harness.Workload(n, 64)
+        run = log.queuelib_pop(wl)
+        assert (run.count, run.checksum, run.in_order) == (n, wl.expected.checksum, True)
+        template = log._QUEUELIB_FILLED.dir.path
+        q = FifoDiskQueue(os.path.join(template, "q"))
+        try:
+            assert len(q) == n
+        finally:
+            q.close()
+    log._QUEUELIB_FILLED.drop()
+    assert not os.path.exists(template)
