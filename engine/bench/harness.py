@@ -158,7 +158,7 @@ _MASK64 = (1 << 64) - 1
 @dataclass(frozen=True)
 class Profile:
     """How big a run is: ``quick`` (the default: each section's ``QUICK``
-    cases, 2 repetitions, about 90-120 s on 2 cores) or ``full`` (every case,
+    cases, 2 repetitions, about 90 s on 2 cores) or ``full`` (every case,
     5 repetitions); both size every throughput window alike.
     ``messages``/``repeat`` override every case (``messages`` turns sizing
     off, so its short runs are flagged invalid)."""
