@@ -341,7 +341,8 @@ def _fmix64(h: np.ndarray) -> np.ndarray:
     return h
 
 
-try:  # the same digest computed in C, message by message (no joined copy)
+_cdigest: Any  # the same digest computed in C, message by message (no joined copy)
+try:
     from engine import _benchdigest as _cdigest
 except ImportError:  # an unbuilt source tree: numpy alone
     _cdigest = None
