@@ -151,6 +151,72 @@ def test_failure_reasons_say_what_went_wrong():
     assert "not Run" in reason(returns_garbage)
 
 
+def test_workloads_of_one_size_share_one_build_of_their_payloads():
+    small, big = Workload(1000, 64, seed=7), Workload(150_000, 64, seed=7)
+    a = small.payloads()
+    b = big.payloads()  # grows the pool: the first 1000 stay the same objects
+    assert len(b) == 150_000 and all(x is y for x, y in zip(a, b[:1000]))
+    assert all(x is y for x, y in zip(small.payloads(), a))
+    assert np.shares_memory(small.array(), big.array())
+    assert bytes(big.array()[123_456]) == b[123_456]
+    assert [int.from_bytes(m[:8], "little") for m in b[-3:]] == [149_997, 149_998, 149_999]
+    assert small.expected == digest(a) and big.expected == digest(b)
+    assert Workload(1000, 64, seed=8).payloads() != a
+    b.clear()  # each call gives its own list: emptying it touches nobody else's
+    assert len(big.payloads()) == 150_000 and small.expected == digest(small.payloads())
+    # a pool holds what was asked for, rounded up to one block of bytes
+    huge = Workload(3, (1 << 20) + 1, seed=7)
+    assert len(huge.payloads()) == 3
+    assert harness._pool(huge.size, 7).rows.nbytes <= huge.nbytes + harness.POOL_BLOCK_BYTES
+
+
+@pytest.mark.parametrize("size", [1, 3, 7, 8, 9, 63, 64, 100, 4096, 65536 + 24])
+def test_the_compiled_digest_equals_the_numpy_definition(size, monkeypatch):
+    # the C loops digest each delivered object in place; numpy joins and
+    # multiplies rows: the two must agree on every shape the harness sees
+    pytest.importorskip("engine._benchdigest")
+    wl = Workload(3 if size > 60_000 else 300, size, seed=3)
+    p = wl.payloads()
+    flipped = bytearray(p[1])
+    flipped[-1] ^= 0x80
+    shapes = [
+        p,
+        p[::-1],
+        p + [p[0]],
+        p[:1] + [bytes(flipped)] + p[2:],
+        [memoryview(m) for m in p],
+        [bytearray(m) for m in p],
+        list(wl.array()),
+        [b"ab", b"abc", b"a", b"cd"],
+        [b"", b""],
+    ]
+    rows = wl.array()
+    fast = [digest(x) for x in shapes] + [harness.digest_array(rows), digest(rows)]
+    monkeypatch.setattr(harness, "_cdigest", None)
+    slow = [digest(x) for x in shapes] + [harness.digest_array(rows), digest(rows)]
+    assert fast == slow
+    assert fast[0] != fast[2] and fast[0] != fast[3] and fast[0].checksum == fast[1].checksum
+    wraps = size < 8 and wl.count > 256**size  # a 1-byte sequence number cannot order 300
+    assert (fast[0].in_order, fast[1].in_order) == ((None, None) if wraps else (True, False))
+
+
+def test_shared_payloads_are_verified_per_contender():
+    # every contender gets the same payload objects; a corrupted delivery by
+    # one fails that one only, and the next one still verifies
+    case = _case(
+        [
+            Contender("ours", honest, ours=True),
+            Contender("corrupt", corrupts_a_byte),
+            Contender("peer", honest),
+        ]
+    )
+    res = run_case(case, "t", Profile(min_window=0, repeat=2))
+    ours, bad, peer = res.contenders
+    assert bad.status == FAILED and "checksum" in (bad.reason or "")
+    assert ours.status == OK and peer.status == OK and len(peer.runs) == 2
+    assert all(r.checksum == case.workload.expected.checksum for r in ours.runs + peer.runs)
+
+
 def test_latency_case_needs_samples():
     res = run_case(
         _case([Contender("x", honest)], kind=LATENCY), "t", Profile(min_window=0, repeat=1)
@@ -297,6 +363,63 @@ def test_a_timed_run_that_falls_short_resizes_and_runs_again():
     assert [r.rep for r in c.runs] == [0, 0, 1]
     assert c.runs[1].count > c.runs[0].count and c.workload is not None
     assert all(r.window_seconds >= harness.MIN_WINDOW_S for r in c.runs[1:])
+
+
+def test_the_last_sizing_run_counts_as_the_first_repetition():
+    # a sizing run at the final size, after an earlier run (its warm-up), with
+    # a valid window is the run repetition 0 would repeat: it is kept as rep 0
+    calls = []
+
+    def counted(wl):
+        calls.append(wl.count)
+        return paced(100_000)(wl)
+
+    case = _case([Contender("ours", counted, ours=True)], n=1000)
+    res = run_case(case, "t", Profile(repeat=2))
+    (c,) = res.contenders
+    assert not res.failed and res.verified and c.workload is not None
+    # 1000 (cold, far too short), then the sized run, then one more repetition
+    assert calls == [1000, c.workload.count, c.workload.count]
+    assert [w.count for w in c.warmups] == calls[:2]
+    assert [(r.rep, r.reused) for r in c.runs] == [(0, True), (1, False)]
+    assert all(r.ok and r.valid and r.window_seconds >= harness.MIN_WINDOW_S for r in c.runs)
+    assert c.runs[0].window_count == c.warmups[1].window_count
+    runs = report.to_json(harness.SuiteResult(Profile(), [res]), "x", _INFO)["cases"][0]
+    assert [r["reused"] for r in runs["contenders"][0]["runs"]] == [True, False]
+
+
+def test_a_first_run_is_never_a_repetition():
+    # long enough on its own, but cold: no earlier run warmed it up, so every
+    # repetition runs after it
+    calls = []
+
+    def slow(wl):
+        calls.append(wl.count)
+        return paced(1_000)(wl)
+
+    case = _case([Contender("ours", slow, ours=True), Contender("ref", slow, rank=False)], n=1000)
+    res = run_case(case, "t", Profile(repeat=2))
+    assert calls == [1000] * 6
+    for c in res.contenders:
+        assert len(c.warmups) == 1
+        assert [(r.rep, r.reused) for r in c.runs] == [(0, False), (1, False)]
+
+
+def test_a_sizing_run_short_of_the_minimum_is_not_reused():
+    # capped by memory below the minimum window and the volume rule: the
+    # sizing runs stay warm-ups, every repetition runs on its own
+    calls = []
+
+    def fast(wl):
+        calls.append(wl.count)
+        return paced(1e9)(wl)
+
+    case = _case([Contender("ours", fast, ours=True)], n=1000)
+    case.max_bytes = 4000 * 64
+    res = run_case(case, "t", Profile(repeat=2))
+    (c,) = res.contenders
+    assert calls == [1000, 4000, 4000, 4000]
+    assert [(r.rep, r.reused, r.valid) for r in c.runs] == [(0, False, False), (1, False, False)]
 
 
 def test_sizing_backs_off_an_estimate_that_overshot():
@@ -641,6 +764,7 @@ def test_json_schema_is_stable(suite):
                     "window_seconds",
                     "window_count",
                     "valid",
+                    "reused",
                 }
                 if c["kind"] == "latency" and r["ok"]:
                     assert set(r["latency_ns"]) == {"p50", "p90", "p99", "p99_9", "max"}

@@ -6,6 +6,7 @@ the case when the scan does not account for every record written."""
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 
@@ -86,3 +87,54 @@ def test_scan_workload_counts_records_without_building_payloads(monkeypatch):
     assert (exp.count, exp.checksum, exp.in_order) == (3_000_000, 0, None)
     with pytest.raises(AssertionError):
         _ = harness.Workload(10, 96).expected  # the plain workload does build it
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reopens the fd through /proc")
+@pytest.mark.parametrize("damage", ["flip", "partial"])
+def test_the_reference_verifies_what_its_file_holds(damage, monkeypatch):
+    # the plain os.write + fdatasync reference is digested from the bytes it
+    # reads back from its file: a flipped byte or a torn last record fails it
+    real = log._fdatasync
+    calls = []
+
+    def sync_then_damage(fd):
+        calls.append(fd)
+        if len(calls) == 3:  # the warm-up batch, then two timed batches
+            if damage == "flip":  # the fd appends: write through a second one
+                other = os.open(os.readlink(f"/proc/self/fd/{fd}"), os.O_WRONLY)
+                try:
+                    os.pwrite(other, b"\xff", 100 * 64 + 1000 * 64 + 17)
+                finally:
+                    os.close(other)
+            else:
+                os.write(fd, b"torn")
+        real(fd)
+
+    monkeypatch.setattr(log, "_fdatasync", sync_then_damage)
+    profile = Profile(messages=N, repeat=1, min_window=0)
+    case = next(c for c in log.cases(profile) if c.name.startswith("durable append_many vs os"))
+    case.contenders = [c for c in case.contenders if c.name == log.REFERENCE]
+    res = run_case(case, "log", profile)
+    (r,) = res.contenders
+    assert r.status == FAILED and not res.verified
+    assert ("checksum" if damage == "flip" else "not whole records") in (r.reason or "")
+
+
+def test_queuelib_read_back_pops_a_fresh_copy_each_run():
+    # the filled queue is built once per workload and copied for each run:
+    # popping a copy leaves the template whole, and another workload refills it
+    pytest.importorskip("queuelib")
+    from queuelib import FifoDiskQueue
+
+    for n in (N, N, N + 7):
+        wl = harness.Workload(n, 64)
+        run = log.queuelib_pop(wl)
+        assert (run.count, run.checksum, run.in_order) == (n, wl.expected.checksum, True)
+        template = log._QUEUELIB_FILLED.dir.path
+        q = FifoDiskQueue(os.path.join(template, "q"))
+        try:
+            assert len(q) == n
+        finally:
+            q.close()
+    log._QUEUELIB_FILLED.drop()
+    assert not os.path.exists(template)

@@ -71,7 +71,9 @@ so its window lasts about :data:`TARGET_WINDOW_S` (capped in memory by
 ``Profile.min_window`` (:data:`MIN_WINDOW_S`) or moves at least
 :data:`VOLUME_FACTOR` times ``Case.buffer_bytes`` (the largest buffer of any
 contender); an invalid run is verified and recorded, flagged, and never
-ranked. Every run's window goes into the JSON.
+ranked. Every run's window goes into the JSON. The last sizing run counts
+as repetition 0 when it ran at the final size after an earlier run, verified,
+with a valid window (``reused`` in the JSON): a run it would only repeat.
 
 Optional ``Case`` fields: ``unit`` ("msg/s", "MB/s" or "us"; MB/s ranks by
 bandwidth), ``ordered=False`` for competing consumers, ``repeat`` (a fixed
@@ -95,6 +97,7 @@ for latencies (peer p50 / our p50).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import importlib.util
@@ -155,7 +158,7 @@ _MASK64 = (1 << 64) - 1
 @dataclass(frozen=True)
 class Profile:
     """How big a run is: ``quick`` (the default: each section's ``QUICK``
-    cases, 2 repetitions, about 90-120 s on 2 cores) or ``full`` (every case,
+    cases, 2 repetitions, about 90 s on 2 cores) or ``full`` (every case,
     5 repetitions); both size every throughput window alike.
     ``messages``/``repeat`` override every case (``messages`` turns sizing
     off, so its short runs are flagged invalid)."""
@@ -194,8 +197,11 @@ class Workload:
     """``count`` messages of ``size`` bytes: an 8-byte little-endian sequence
     number (truncated for sizes < 8) followed by filler from ``seed``.
 
-    The payloads are built once per (count, size, seed) and cached, outside any
-    timed region; ``expected`` is their :class:`Digest`.
+    Payload ``i`` depends only on ``(i, size, seed)``: a workload is the
+    first ``count`` payloads of its ``(size, seed)`` pool, built once, grown
+    when a larger count is asked for, and shared by every contender and every
+    count that sizing tries (outside any timed region; forked children
+    inherit it). ``expected`` is their :class:`Digest`.
     """
 
     count: int
@@ -215,29 +221,77 @@ class Workload:
         return _build_array(self.count, self.size, self.seed)
 
     def payloads(self) -> List[bytes]:
-        """All payloads as a list of ``bytes`` (shared; do not mutate)."""
-        return _build_payloads(self.count, self.size, self.seed)
+        """All payloads as a new list of shared ``bytes`` objects."""
+        return _pool(self.size, self.seed).payloads(self.count)
 
     @property
     def expected(self) -> Digest:
         return _expected(self.count, self.size, self.seed)
 
 
-@functools.lru_cache(maxsize=3)
+POOL_BLOCK_BYTES = 4 << 20  # payload bytes generated per block (one generator per block)
+POOLS_KEPT = 3  # (size, seed) pools kept alive (the least recently used goes first)
+
+
+class _Pool:
+    """Every payload of one ``(size, seed)`` built so far: rows as one
+    read-only array and, once asked for, as ``bytes`` objects.
+
+    Block ``b`` holds payloads ``b * block ...`` (``block`` payloads of
+    ``size`` in :data:`POOL_BLOCK_BYTES`, at least one): filler from a
+    generator seeded with ``(seed, b)``, then the sequence numbers, so a
+    payload never depends on how many were built and growing the pool keeps
+    the payloads already there (and their ``bytes`` objects)."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self.block = max(1, POOL_BLOCK_BYTES // size)
+        self.rows = np.empty((0, size), np.uint8)
+        self.msgs: List[bytes] = []
+
+    def array(self, count: int) -> np.ndarray:
+        if count > len(self.rows):
+            self._grow(count)
+        return self.rows[:count]
+
+    def payloads(self, count: int) -> List[bytes]:
+        have = len(self.msgs)
+        if count > have:
+            buf = self.array(count)[have:].tobytes()
+            size = self.size
+            self.msgs.extend([buf[i : i + size] for i in range(0, len(buf), size)])
+        return self.msgs[:count]
+
+    def _grow(self, count: int) -> None:
+        size, block = self.size, self.block
+        old = len(self.rows)  # a whole number of blocks
+        rows = np.empty((-(-count // block) * block, size), np.uint8)
+        rows[:old] = self.rows
+        k = min(8, size)
+        for start in range(old, len(rows), block):
+            rng = np.random.default_rng((self.seed, start // block))
+            part = rows[start : start + block]
+            part[:] = rng.integers(0, 256, size=part.shape, dtype=np.uint8)
+            seq = np.arange(start, start + block, dtype="<u8").view(np.uint8).reshape(block, 8)
+            part[:, :k] = seq[:, :k]
+        rows.setflags(write=False)
+        self.rows = rows
+
+
+_POOLS: Dict[Tuple[int, int], _Pool] = {}
+
+
+def _pool(size: int, seed: int) -> _Pool:
+    pool = _POOLS.pop((size, seed), None) or _Pool(size, seed)
+    _POOLS[(size, seed)] = pool  # most recently used last
+    while len(_POOLS) > POOLS_KEPT:
+        del _POOLS[next(iter(_POOLS))]
+    return pool
+
+
 def _build_array(count: int, size: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 256, size=(count, size), dtype=np.uint8)
-    seq = np.arange(count, dtype="<u8").view(np.uint8).reshape(count, 8)
-    k = min(8, size)
-    arr[:, :k] = seq[:, :k]
-    arr.setflags(write=False)
-    return arr
-
-
-@functools.lru_cache(maxsize=3)
-def _build_payloads(count: int, size: int, seed: int) -> List[bytes]:
-    buf = _build_array(count, size, seed).tobytes()
-    return [buf[i : i + size] for i in range(0, count * size, size)]
+    return _pool(size, seed).array(count)
 
 
 @functools.lru_cache(maxsize=8)
@@ -287,6 +341,21 @@ def _fmix64(h: np.ndarray) -> np.ndarray:
     return h
 
 
+_cdigest: Any  # the same digest computed in C, message by message (no joined copy)
+try:
+    from engine import _benchdigest as _cdigest
+except ImportError:  # an unbuilt source tree: numpy alone
+    _cdigest = None
+
+
+@functools.lru_cache(maxsize=16)
+def _weight_row(width: int) -> np.ndarray:
+    """The weight of each of ``width`` 8-byte words, as :func:`digest_array`
+    applies them chunk by chunk."""
+    parts = [_weights(j0, min(512, width - j0)) for j0 in range(0, width, 512)]
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.uint64)
+
+
 def digest_array(rows: np.ndarray, ordered: bool = True) -> Digest:
     """Digest a ``(n, size)`` uint8 array (each row one message)."""
     rows = np.ascontiguousarray(rows)
@@ -296,6 +365,16 @@ def digest_array(rows: np.ndarray, ordered: bool = True) -> Digest:
     n, size = rows.shape
     if n == 0:
         return Digest(0, 0, True)
+    if _cdigest is not None and size > 0:
+        count, checksum, in_order = _cdigest.digest_rows(rows, _weight_row((size + 7) // 8))
+        return Digest(count, checksum, in_order if ordered else None)
+    return _digest_array_numpy(rows, ordered)
+
+
+def _digest_array_numpy(rows: np.ndarray, ordered: bool = True) -> Digest:
+    """:func:`digest_array` in numpy: its definition (``rows`` a C-contiguous
+    2-D uint8 array of at least one row)."""
+    n, size = rows.shape
     pad = (-size) % 8
     if pad:
         rows = np.concatenate([rows, np.zeros((n, pad), np.uint8)], axis=1)
@@ -344,6 +423,22 @@ def digest(messages: Sequence[Any]) -> Digest:
     n = len(messages)
     if n == 0:
         return Digest(0, 0, True)
+    if _cdigest is not None:
+        msgs = messages if isinstance(messages, list) else list(messages)
+        first = len(msgs[0])
+        if first > 0:
+            try:
+                got = _cdigest.digest_list(msgs, _weight_row((first + 7) // 8))
+            except (TypeError, BufferError, ValueError):
+                got = None  # not all plain contiguous buffers: the numpy path below
+            if got is not None:
+                return Digest(*got)
+    return _digest_numpy(messages)
+
+
+def _digest_numpy(messages: Sequence[Any]) -> Digest:
+    """:func:`digest` of a non-empty sequence by joining and digesting rows in numpy."""
+    n = len(messages)
     lengths = set(map(len, messages))
     if len(lengths) == 1:
         size = lengths.pop()
@@ -643,6 +738,7 @@ class RunRecord:
     window_seconds: Optional[float] = None  # the steady-state window (throughput)
     window_count: Optional[int] = None
     valid: bool = True  # False: the window was shorter than the minimum (never ranked)
+    reused: bool = False  # repetition 0 is the contender's last warm-up run (see _warm_up)
 
     def rate(self) -> float:
         """Messages per second over the window (NaN when there is none)."""
@@ -981,6 +1077,8 @@ def _record(
 
 
 def _attempt(case: Case, cont: Contender, wl: Workload) -> Tuple[Optional[Run], Optional[str]]:
+    # the payloads and their digest exist before any clock (forked children inherit them)
+    _ = wl.expected
     try:
         run = cont.fn(wl)
         if not isinstance(run, Run):
@@ -1009,17 +1107,25 @@ def _warm_up(
     workload: run, and while the window falls short of most of
     :data:`TARGET_WINDOW_S`, grow the workload and run again at the new size
     (a first, cold run is slower than the warm ones that follow, so one
-    estimate undershoots). Reference rows are not sized."""
+    estimate undershoots). Reference rows are not sized.
+
+    The last run counts as repetition 0 when it may: it ran at the size the
+    repetitions use, after at least one earlier run of the contender (its
+    warm-up), verified, with a valid window. It is the run repetition 0
+    would repeat, so it is kept instead of discarded."""
     wl = case.workload
+    rec: Optional[RunRecord] = None
+    ran_final = False  # whether the last run was at the size the loop settled on
     for attempt in range(WARMUP_RUNS):
         progress.update(f"{section}: {case.name} - {cont.name} (warm-up, {wl.count:,} msgs)")
         run, why = _attempt(case, cont, wl)
         rec = _record(case, profile, res, -1 - attempt, run, why)
         res.warmups.append(rec)
+        ran_final = True
         if why is not None:
             res.runs.append(rec)
             _fail(res, why, section, case, progress)
-            break
+            return
         if not (profile.sizing and case.sizable and cont.rank):
             break
         ws = rec.window_seconds or 0.0
@@ -1032,6 +1138,7 @@ def _warm_up(
             if new is wl:
                 break
             wl = new
+            ran_final = False
             continue
         if ws >= 0.8 * TARGET_WINDOW_S:
             break  # the warm runs that follow are faster, but not by 1.6x
@@ -1039,7 +1146,10 @@ def _warm_up(
         if new is wl:
             break  # capped: the volume rule decides
         wl = new
+        ran_final = False
     res.workload = None if wl is case.workload else wl
+    if ran_final and rec is not None and rec.ok and rec.valid and len(res.warmups) > 1:
+        res.runs.append(dataclasses.replace(rec, rep=0, reused=True))
 
 
 def _resize(
@@ -1086,14 +1196,12 @@ def run_case(
     reps = case.repeat if case.repeat is not None else profile.reps()
     if profile.repeat is not None:
         reps = profile.reps()
-    # build the payloads once, before any clock (forked children inherit them)
-    _ = case.workload.expected
     if profile.min_window > 0 and case.kind != LATENCY:
         for cont, res in live:
             _warm_up(case, section, profile, cont, res, progress)
     for rep in range(reps):
         for cont, res in live:
-            if res.status == FAILED:
+            if res.status == FAILED or any(r.rep == rep and r.reused for r in res.runs):
                 continue
             wl = res.workload or case.workload
             progress.update(f"{section}: {case.name} - {cont.name} ({rep + 1}/{reps})")

@@ -34,7 +34,8 @@ JSON schema (``schema_version`` 1; keys are only ever added, never renamed)::
           "window": {"seconds": {spread}, "messages": {spread}},
           "runs": [{"rep", "seconds", "count", "checksum", "in_order", "ok", "error",
                     "latency_ns": {"p50", "p90", "p99", "p99_9", "max"}|null,
-                    "msg_per_s", "mb_per_s", "window_seconds", "window_count", "valid"}],
+                    "msg_per_s", "mb_per_s", "window_seconds", "window_count", "valid",
+                    "reused": bool}],  # reused: rep 0 is the last warm-up run (also in warmups)
           "warmups": [the same as runs; rep -1, -2]
         }]
       }]
@@ -337,6 +338,7 @@ def _run_json(r: RunRecord, size: int) -> Dict[str, Any]:
         "window_seconds": r.window_seconds,
         "window_count": r.window_count,
         "valid": r.valid,
+        "reused": r.reused,
     }
 
 

@@ -393,9 +393,11 @@ def cases(profile: Profile) -> List[Case]:
             # sink: 512 MiB keeps a default run within a laptop's memory. At GB/s
             # that is a 0.1-0.2 s window, valid by the volume rule (128x the
             # 4 MiB buffers); short windows swing with the scheduler, so this
-            # case runs more repetitions for a steady median
+            # case runs more repetitions for a steady median (the quick profile
+            # three, the first of them its last sizing run: each costs ~1 s of
+            # 512 MiB copies and digests for a 0.1 s window)
             max_bytes=512 << 20,
-            repeat=profile.reps(quick=5, full=7),
+            repeat=profile.reps(quick=3, full=7),
             targets=[Target("min_mb_per_s", 2000)],
         ),
         Case(
