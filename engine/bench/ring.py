@@ -11,7 +11,9 @@ Cases, 64-byte messages (starting count quick / --full): threads 1->1 (20k /
 ``get_many`` consumer; processes 1->1 batch (put_many/get_many, 1024 per call
 for every contender, the batches built before the clock for both); processes
 1->2 competing consumers; put_array/get_array rows (1M / 4M); cross-process
-ping-pong round-trip latency (1k / 100k round trips). The quick profile runs
+ping-pong round-trip latency (10k / 100k round trips: even the quick run's
+slowest peer answers for over 0.25 s, so both profiles sample the same steady
+wake-up latency). The quick profile runs
 the ``QUICK`` cases; --full adds the rest, a message-size sweep (1 B-64 KiB,
 processes 1->1) and a consumer-count sweep (1-4, mode="shared") for the plots.
 """
@@ -405,7 +407,7 @@ def cases(profile: Profile) -> List[Case]:
             "cross-process round trip of one 64-byte message, waiter spinning",
             LATENCY,
             Workload(
-                profile.count(quick=1_000, full=100_000)
+                profile.count(quick=10_000, full=100_000)
                 if profile.messages is None
                 else max(1, n // 10),
                 size,
