@@ -84,6 +84,7 @@ def digest_list(list messages, const uint64_t[::1] weights):
     cdef Py_ssize_t i, size = -1, sz
     cdef uint64_t checksum = 0, first = 0, prev = 0
     cdef bint rising = True
+    cdef bint held
     cdef Py_buffer view
     cdef const uint8_t *p
     cdef object m
@@ -91,9 +92,16 @@ def digest_list(list messages, const uint64_t[::1] weights):
         return None
     for i in range(n):
         m = messages[i]
+        held = False
         if PyBytes_CheckExact(m):
             p = <const uint8_t *>PyBytes_AS_STRING(m)
             sz = PyBytes_GET_SIZE(m)
+        else:
+            PyObject_GetBuffer(m, &view, PyBUF_SIMPLE)
+            held = True
+            p = <const uint8_t *>view.buf
+            sz = view.len
+        try:
             if size < 0:
                 size = sz
                 if size == 0 or weights.shape[0] < (size + 7) // 8:
@@ -101,18 +109,8 @@ def digest_list(list messages, const uint64_t[::1] weights):
             if sz != size:
                 return None
             checksum += _hash(p, size, &weights[0], &first)
-        else:
-            PyObject_GetBuffer(m, &view, PyBUF_SIMPLE)
-            try:
-                sz = view.len
-                if size < 0:
-                    size = sz
-                    if size == 0 or weights.shape[0] < (size + 7) // 8:
-                        return None
-                if sz != size:
-                    return None
-                checksum += _hash(<const uint8_t *>view.buf, size, &weights[0], &first)
-            finally:
+        finally:
+            if held:
                 PyBuffer_Release(&view)
         if i and first <= prev:
             rising = False

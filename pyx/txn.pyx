@@ -464,6 +464,13 @@ cdef class _Helper:
         self._thread = None
 
 
+cdef int _commit_not_taken(str txid, object name, object exc_info) except -1:
+    """Log a participant that did not take a decided commit (recover() resends it)."""
+    _logger.warning("txn %s: participant %r did not take commit; will resend", txid, name,
+                    exc_info=exc_info)
+    return 0
+
+
 cdef bint _groupable(dict parts):
     """Whether a transaction can join a group: every participant is a
     built-in one whose prepare and commit the core runs itself."""
@@ -1098,12 +1105,7 @@ cdef class _CoordCore:
                     # Decided is decided: the txn stays pending and recover()
                     # resends commit until the participant takes it.
                     w.failed += 1
-                    _logger.warning(
-                        "txn %s: participant %r did not take commit; will resend",
-                        w.tx.txid,
-                        p.name,
-                        exc_info=errs[i],
-                    )
+                    _commit_not_taken(w.tx.txid, p.name, errs[i])
         except BaseException:
             with self._lock:
                 for w in decided:
@@ -1144,12 +1146,7 @@ cdef class _CoordCore:
                     # Decided is decided: the txn stays pending and recover()
                     # resends commit until the participant takes it.
                     failed += 1
-                    _logger.warning(
-                        "txn %s: participant %r did not take commit; will resend",
-                        txid,
-                        p.name,
-                        exc_info=True,
-                    )
+                    _commit_not_taken(txid, p.name, True)
                     continue
                 if _armed:
                     _hook("coord.commit.ack", p.name)
@@ -1229,12 +1226,7 @@ cdef class _CoordCore:
                     # resends commit; the mark stays, so the resend finishes
                     # the batch from it (_finish_marked)
                     failed += 1
-                    _logger.warning(
-                        "txn %s: participant %r did not take commit; will resend",
-                        txid,
-                        p.name,
-                        exc_info=errs[i],
-                    )
+                    _commit_not_taken(txid, p.name, errs[i])
                     continue
                 if _armed:
                     _hook("coord.commit.ack", p.name)
