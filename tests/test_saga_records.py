@@ -1,0 +1,148 @@
+"""The records a saga writes with the default codec: formatted from templates
+(engine.saga's ``_T_*``), they must be the very bytes the JSON encoder makes
+of the same records, so that every reader (recovery, ``saga ls``, events
+subscribers, older builds) sees one format; and a plain saga (ints, strs,
+``None``) must not pay the encoder per record (its CPU per saga bounds the
+throughput of durable sagas in several threads)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import engine
+import engine.saga as saga_mod
+from engine.saga import Saga, SagaState, SagaStuck, StepFailed, list_sagas
+
+STEPS = ("reserve", "charge", "deliver")
+
+# contexts and results that go through every branch of the value encoding
+VALUES = [
+    0,
+    -7,
+    2**70,
+    "",
+    'quote " backslash \\ slash / tab \t newline \n',
+    "é ü 中文 \x00 \x1f \u2028",
+    "\ud800 lone surrogate",
+    None,
+    True,
+    False,
+    1.5,
+    -0.0,
+    1e300,
+    [1, "a", None, [2.5, {}]],
+    {"k": [1, 2], "é": {"z": None}, "": 0},
+    (1, 2),
+]
+IDS = ["plain", 'q"uote', "back\\slash", "ünï\u2028cödé", "😀 emoji", "ctl\x01"]
+
+
+class CountingEncoder:
+    """Stands in for engine.saga's JSON encoder and counts its calls."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+        self.calls = 0
+
+    def encode(self, obj):
+        self.calls += 1
+        return self.real.encode(obj)
+
+
+def _records(path) -> list:
+    with engine.LogReader(str(path), start=0) as r:
+        return [(bytes(x.key), bytes(x.value)) for x in r]
+
+
+def _script(saga: Saga, fail_at: dict, comp_fail: dict) -> None:
+    """Declare the steps: each returns the value its ctx names; ``fail_at``
+    (step -> error text) makes an action raise, ``comp_fail`` a compensation."""
+
+    def action(name):
+        def fn(sc):
+            if name in fail_at:
+                raise RuntimeError(fail_at[name])
+            i = int(sc.saga_id.rsplit("-", 1)[1])
+            return VALUES[(i + STEPS.index(name)) % len(VALUES)]
+
+        return fn
+
+    def undo(name):
+        def fn(sc):
+            if name in comp_fail:
+                raise RuntimeError(comp_fail[name])
+
+        return fn
+
+    for name in STEPS:
+        saga.step(name, action(name), undo(name), retries=0)
+
+
+def _drive(saga: Saga, n: int) -> list:
+    ends = []
+    for i in range(n):
+        sid = IDS[i % len(IDS)] + f"-{i}"
+        try:
+            saga.run(VALUES[i % len(VALUES)], saga_id=sid)
+            ends.append((sid, "done"))
+        except StepFailed:
+            ends.append((sid, "compensated"))
+        except SagaStuck:
+            ends.append((sid, "stuck"))
+    return ends
+
+
+@pytest.mark.parametrize(
+    "fail_at, comp_fail, end",
+    [
+        ({}, {}, "done"),
+        ({"deliver": "no stock é"}, {}, "compensated"),
+        ({"charge": 'card "declined"'}, {"reserve": "x"}, "stuck"),
+    ],
+)
+def test_template_records_are_the_encoders_bytes(tmp_path, fail_at, comp_fail, end):
+    """The same sagas with the default codec (templates) and with the same
+    JSON codec passed explicitly (the encoder per record) write the same
+    records, byte for byte, under the same keys; each is what the encoder
+    makes of its own decoding; and the log folds to the same states."""
+    logs = {}
+    for name, codec in (("templates", None), ("encoder", saga_mod._JSON)):
+        saga = Saga(
+            tmp_path / name, durability="none", backoff=0, compensate_retries=0, codec=codec
+        )
+        _script(saga, fail_at, comp_fail)
+        ends = _drive(saga, 2 * len(VALUES))
+        saga.close()
+        logs[name] = (_records(tmp_path / name), ends)
+    (ours, ends), (theirs, ends2) = logs["templates"], logs["encoder"]
+    assert ends == ends2 and {st for _, st in ends} == {end}
+    assert len(ours) == len(theirs) > 0
+    assert ours == theirs
+    for _key, value in ours:
+        assert value == saga_mod._json_dumps(json.loads(value))
+    kinds = {json.loads(v)["t"] for _, v in ours}
+    assert {"begin", "start", "end"} <= kinds
+    assert "done" in kinds
+    states = {i.saga_id: i.state for i in list_sagas(tmp_path / "templates")}
+    assert states == {sid: SagaState(st) for sid, st in ends}
+
+
+def test_a_plain_saga_does_not_run_the_encoder_per_record(tmp_path, monkeypatch):
+    """ints, strs and None in ctx and results: the saga's 8 records (begin,
+    3 x start + done, end) come from the templates, no encoder call."""
+    saga = Saga(tmp_path / "s", durability="none")
+    for name in STEPS:
+        saga.step(name, lambda sc: sc.ctx, lambda sc: None)
+    counting = CountingEncoder(saga_mod._ENCODER)
+    monkeypatch.setattr(saga_mod, "_ENCODER", counting)
+    for ctx in (1, "two", None):
+        before = saga.log.next_offset
+        assert saga.run(ctx) == {n: ctx for n in STEPS}
+        assert saga.log.next_offset - before == 2 * len(STEPS) + 2
+    assert counting.calls == 0
+    # a value the templates do not cover goes to the encoder (once: the ctx)
+    saga.run(1.25)
+    assert counting.calls == 1 + len(STEPS)  # the ctx in begin, each step's result
+    saga.close()
