@@ -63,8 +63,11 @@ but not a power loss. An outcome and the next step's start share one sync, so a
 saga of *n* steps costs *n* + 1 syncs.  A write waits for its sync after
 releasing the saga's lock, so concurrent writes share syncs (the log
 group-commits): sagas in several threads (8 threads running 3-step sagas:
-about one sync per saga) and the parallel steps of a group (their start
-records).
+about one sync per two sagas) and the parallel steps of a group (their start
+records).  Then each step costs a wake-up of its thread and the saga's own
+Python work, one after another under the GIL while the disk waits: so the
+default codec's records are formatted from templates (the bytes the JSON
+encoder would make), not encoded one by one.
 
 Parallel groups
 ---------------
