@@ -146,3 +146,74 @@ def test_a_plain_saga_does_not_run_the_encoder_per_record(tmp_path, monkeypatch)
     saga.run(1.25)
     assert counting.calls == 1 + len(STEPS)  # the ctx in begin, each step's result
     saga.close()
+
+
+def _world_saga(path, codec, world: dict):
+    """Three steps acting on ``world`` (key -> result, survives crashes), each
+    idempotent by key; a compensation removes the key."""
+    saga = Saga(path, durability="none", backoff=0, codec=codec)
+
+    def act(sc):
+        world.setdefault(sc.key, [sc.ctx, sc.step])
+        return world[sc.key]
+
+    def undo(sc):
+        world.pop(sc.key, None)
+
+    for name in STEPS:
+        saga.step(name, act, undo)
+    return saga
+
+
+@pytest.mark.parametrize("writer, reader", [("encoder", "templates"), ("templates", "encoder")])
+def test_a_journal_crashed_at_every_point_recovers_under_the_other_writer(tmp_path, writer, reader):
+    """A saga crashed (in-process, as a SIGKILL leaves it) at each of its
+    crash points in turn, written by one writer (the JSON encoder per record,
+    as a custom codec does, or the templates), is finished by a Saga with the
+    other: done, with every step's effect exactly once, its results as the
+    actions returned them, and every record of the log the encoder's bytes."""
+    import crashkit
+
+    codecs = {"encoder": saga_mod._JSON, "templates": None}
+    seen = {"recovered": 0, "not begun": 0, "finished": 0}
+    k = 1
+    while True:
+        path = tmp_path / f"k{k}"
+        world: dict = {}
+        saga = _world_saga(path, codecs[writer], world)
+        crashkit.arm_in_process(f"*#{k}")
+        try:
+            saga.run({"n": k, "s": 'é"'}, saga_id=f"s{k}")
+            crashed = False
+        except crashkit.SimulatedCrash:
+            crashed = True
+            saga._simulate_crash()
+        finally:
+            crashkit.arm_in_process(None)
+        if not crashed:
+            saga.close()
+            break
+        again = _world_saga(path, codecs[reader], world)
+        infos = {i.saga_id: i for i in again.recover()}
+        states = {i.saga_id: i.state for i in list_sagas(path)}
+        again.close()
+        sid = f"s{k}"
+        if sid in infos:  # unfinished at the crash: recovery finished it
+            assert infos[sid].state is SagaState.DONE, (k, infos)
+            assert infos[sid].results == {n: [{"n": k, "s": 'é"'}, n] for n in STEPS}
+            seen["recovered"] += 1
+        elif sid not in states:  # crashed before its first write: nothing ran
+            assert states == {} and world == {}, (k, states, world)
+            seen["not begun"] += 1
+            k += 1
+            continue
+        else:  # crashed once its end was written: finished, nothing to recover
+            seen["finished"] += 1
+        assert states == {sid: SagaState.DONE}, (k, states)
+        assert sorted(world) == sorted(f"s{k}:{n}" for n in STEPS), (k, world)
+        for _key, value in _records(path):
+            assert value == saga_mod._json_dumps(json.loads(value))
+        k += 1
+    # a crash before anything was written, at each durable write and each
+    # call in between, and after the end was written
+    assert seen["recovered"] >= 2 * len(STEPS) + 1 and seen["not begun"] and seen["finished"], seen
