@@ -1009,10 +1009,7 @@ class Saga:
         if run.state is SagaState.RUNNING:
             failed: Optional[Tuple[str, BaseException]] = None
             for stage in self._stage_list():
-                todo = [s for s in stage if s.name not in run.done]
-                if not todo:
-                    continue
-                failed = self._run_stage(run, todo, loop)
+                failed = self._run_stage(run, stage, loop)
                 if failed is not None:
                     break
             if failed is None:
@@ -1111,8 +1108,15 @@ class Saga:
         return deleted
 
     def _run_stage(
-        self, run: _Run, todo: List[_Step], loop: Optional[asyncio.AbstractEventLoop]
+        self, run: _Run, stage: List[_Step], loop: Optional[asyncio.AbstractEventLoop]
     ) -> Optional[Tuple[str, BaseException]]:
+        """Run the steps of ``stage`` not done yet; the first failure (step name, error) or None."""
+        if len(stage) == 1:  # the common stage: no list to build
+            todo = stage if stage[0].name not in run.done else []
+        else:
+            todo = [s for s in stage if s.name not in run.done]
+        if not todo:
+            return None
         if len(todo) == 1:
             exc = self._attempts(run, todo[0], loop, compensating=False)
             return None if exc is None else (todo[0].name, exc)
