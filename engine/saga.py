@@ -191,6 +191,10 @@ class SagaState(str, enum.Enum):
         return self.value
 
 
+# value -> state, without the Enum call's cost (a fold per saga end)
+_STATES: Dict[Any, SagaState] = {s.value: s for s in SagaState}
+
+
 class StepFailed(EngineError):
     """A step failed after its retries; the saga was rolled back by compensation.
 
@@ -441,8 +445,7 @@ class _Run:
         elif t == "end":
             self.inflight.clear()
             self.comp_inflight.clear()
-            st = rec.get("st")
-            self.state = SagaState(st)
+            self.state = _STATES[rec.get("st")]  # (_decode checked it)
             if self.state is SagaState.STUCK:
                 self.stuck_step = s
                 self.error = rec.get("e", self.error)
@@ -930,10 +933,11 @@ class Saga:
         try:
             # only queued: begin and the first start share one sync (the
             # first attempt writes both); encoding fails before anything is
-            raw = None
             if self._templates:
-                raw = [_T_BEGIN % (run.jid, _json_value(ctx), self._jnames)]
-            self._emit(run, [begin], False, raw)
+                raw = _T_BEGIN % (run.jid, _json_value(ctx), self._jnames)
+            else:
+                raw = self._dumps(begin)
+            self._queue(run, begin, raw)
         except (TypeError, ValueError) as exc:
             raise TypeError(
                 f"ctx must be encodable by the saga's codec (JSON by default): {exc}"
@@ -1193,13 +1197,12 @@ class Saga:
             if not compensating:
                 ok["r"] = result
             try:
-                raw = None
-                if templates:
-                    if compensating:
-                        raw = [_T_CDONE % (run.jid, step.jname)]
-                    else:
-                        raw = [_T_DONE % (run.jid, step.jname, _json_value(result))]
-                self._emit(run, [ok], False, raw)
+                if not templates:
+                    self._queue(run, ok, self._dumps(ok))
+                elif compensating:
+                    self._queue(run, ok, _T_CDONE % (run.jid, step.jname))
+                else:
+                    self._queue(run, ok, _T_DONE % (run.jid, step.jname, _json_value(result)))
             except (TypeError, ValueError) as exc:
                 # the action took effect but its result cannot be recorded: an
                 # unknown outcome (compensated if the saga goes backward); a
@@ -1266,6 +1269,15 @@ class Saga:
 
     # -- log writes -------------------------------------------------------
 
+    def _queue(self, run: _Run, rec: Dict[str, Any], raw: bytes) -> None:
+        """Fold one record, encoded as ``raw``, into ``run`` and queue it for
+        the saga's next durable write (``_emit`` with ``sync``)."""
+        ts = time.time_ns()
+        with run.lock:
+            run.fold(rec, ts)
+            run.pending.append(raw)
+            run.pending_recs.append(rec)
+
     def _emit(
         self,
         run: _Run,
@@ -1315,7 +1327,7 @@ class Saga:
                 run.pending_recs[:0] = batch_recs
                 raise
         log = self._sync_log
-        if log is not None and log.durable_offset < end:
+        if log is not None:
             # durable before the step's action (or the caller) goes on; the
             # first sync that covers these records is enough (not one that
             # also covers what other sagas appended since).  A failed sync
