@@ -120,6 +120,39 @@ a commit returns only once its records are durable, and SIGKILLs groups at
 every crash point; ``tests/test_txn_lone_commit.py`` checks the lone commit's
 overlap and its order.
 
+Commit by the coordinator's log (``Coordinator(redo=True)``, durability
+``"always"``): a transaction whose participants are all LogParticipants of
+this process skips the vote.  Their prepare would only check the ops (a
+LogParticipant holds no locks and never changes its mind), and a batch that
+the log's only writer appends at an offset fixed in advance can be redone
+exactly from a copy.  So the group's leader checks the ops in memory (the
+same errors as prepare), takes each participant's commit lock, reserves the
+offsets each batch will start at, and writes one ``REDO`` record per
+transaction to the coordinator's journal (the decision and every batch with
+its offset), one sync for the group: the commit point.  Then it appends the
+batches to their logs without syncing them (visible when commit returns) and
+lets go of the commit locks.  The participants' journals are not written.
+Invariants of this path:
+
+* **D1, committed before applied.** No batch reaches a log before its
+  ``REDO`` record is durable; a batch goes exactly at its reserved offset
+  (one leader at a time holds the commit locks while it reserves and
+  appends, so ranges are consecutive per log, in journal order).
+* **D2, durable before ended.** A redo transaction ends (``E``) only once
+  every log it went to is durable past its batch (``_redo_settle``: one
+  sync per log every ``end_batch`` transactions); until then the journal
+  keeps its ``REDO`` (compaction copies it from ``_redo``).
+* **D3, redo in order.** ``recover()`` replays every ``REDO`` not ended in
+  journal order: a log that ends at or past the batch's end holds it, one
+  that ends inside it holds a prefix (the rest is appended), one that ends at
+  its start lacks it; then the logs are synced and the transactions end.  A
+  transaction that enlists a participant with such batches first has them
+  put back (``_redo_catch_up``), as their offsets come first.
+* **D4, marks after redo.** Before a LogParticipant writes a commit mark of
+  a classic transaction it makes every redo batch in its log durable
+  (``_settle``), so no mark ever points past a batch a power loss could take
+  away; its own replay at open then finds the log as L1 says.
+
 Durability: ``"always"`` survives power loss (every prepared/commit record is
 fsynced before the next step), ``"none"`` survives a process crash (SIGKILL)
 but not a power loss, exactly like :class:`engine.Log`.  With nothing to sync
