@@ -535,3 +535,30 @@ def test_hostile_bytes_in_a_redo_record_are_a_decoding_error():
                 assert isinstance(name, str) and start >= 0 and vals
                 assert all(type(v) is bytes for v in vals)
                 assert keys is None or len(keys) == len(vals)
+
+
+# ---------------------------------------------------------------------------
+# the log's unsynced append (what the batches go to their logs with)
+
+
+def test_an_unsynced_append_is_visible_at_once_and_durable_after_flush(tmp_path):
+    """``Log._append_unsynced`` on an "always" log: no sync, a reader sees
+    the records at once, a sync of an earlier end never hides them again,
+    and ``flush(end)`` makes them durable."""
+    hook = Durable()
+    lg = Log(str(tmp_path / "l"), durability="always", segment_bytes=SEG)
+    try:
+        lg.append(b"first")
+        with installed(hook):
+            r = lg._append_unsynced([b"x", b"y"], [b"k", None])
+            assert list(r) == [1, 2] and hook.syncs == {}
+            with LogReader(lg.path, start=0) as rd:
+                assert [(None if x.key is None else bytes(x.key), bytes(x.value)) for x in rd] == [
+                    (None, b"first"), (b"k", b"x"), (None, b"y")]
+            lg.flush(2)
+            assert values(lg.path) == [b"first", b"x", b"y"]
+            lg.flush(3)
+            assert hook.ends[lg.path] == 3
+    finally:
+        lg.close()
+    assert values(tmp_path / "l") == [b"first", b"x", b"y"]
