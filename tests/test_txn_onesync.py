@@ -185,6 +185,13 @@ def test_bad_ops_abort_with_the_prepare_errors_and_write_nothing(tmp_path):
                 tx.commit()
             assert isinstance(info.value.__cause__, err)
             assert "failed to prepare" in str(info.value)
+        # a closed participant votes no, as its prepare would
+        parts[1].close()
+        tx = coord.transaction()
+        tx.enlist(parts[0], [b"fine"])
+        tx.enlist(parts[1], [b"too"])
+        with pytest.raises(TransactionAborted, match="is closed"):
+            tx.commit()
         assert [lg.next_offset for lg in logs] == [0, 0]
         assert _journal(coord.path, REC_REDO) == {}
     finally:
@@ -283,6 +290,39 @@ def test_power_loss_after_commit_returned(tmp_path):
     coord, logs, parts, _ = _world(tmp_path)
     try:
         assert coord._redo == {} and set(_journal(coord.path, REC_REDO)) <= _ended(coord.path)
+    finally:
+        _close(coord, logs, parts)
+
+
+def test_power_loss_after_the_journal_compacted(tmp_path):
+    """The coordinator's journal switches generations while redo
+    transactions are not ended: the new generation carries their REDO
+    records, so a power loss that drops the logs' unsynced batches loses
+    none of them."""
+    coord = Coordinator(tmp_path / "coord", durability="always", segment_bytes=SEG, redo=True,
+                        compact_records=16, end_batch=1000)
+    logs = [Log(str(tmp_path / x), durability="always", segment_bytes=SEG) for x in "ab"]
+    parts = [LogParticipant(lg, segment_bytes=SEG) for lg in logs]
+    for k, lg in enumerate(logs):
+        lg.append(b"before-%d" % k)
+    hook = _Images([lg.path for lg in logs])
+    with installed(hook):
+        for i in range(40):
+            with coord.transaction() as tx:
+                tx.enlist(parts[0], [b"a%d" % i])
+                tx.enlist(parts[1], [b"b%d" % i])
+            if i % 8 == 7:
+                coord._journal.appended = coord._compact_records  # due: switch now
+                coord._compact()
+    assert coord._journal.gen > 1
+    for x in (*parts, coord, *logs):
+        x._simulate_crash()
+    hook.restore()
+    assert values(tmp_path / "a") == [b"before-0"]
+    coord, logs, parts, _ = _world(tmp_path)
+    try:
+        assert values(logs[0].path) == [b"before-0"] + [b"a%d" % i for i in range(40)]
+        assert values(logs[1].path) == [b"before-1"] + [b"b%d" % i for i in range(40)]
     finally:
         _close(coord, logs, parts)
 
