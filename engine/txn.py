@@ -737,7 +737,8 @@ class Coordinator(_CoordCore):
     synced once per ``end_batch`` transactions before those end.  After a
     crash, :meth:`recover` (given the participants) appends what a log lacks
     of each such transaction, whole and once, in commit order.  Other
-    transactions run the protocol below unchanged.
+    transactions, and every transaction under another durability, run the
+    protocol below unchanged.
 
     ``end_batch``: ``end`` records (which let the log forget finished
     transactions) are written in batches of that many txids.

@@ -110,6 +110,13 @@ def test_a_lone_transaction_over_two_logs_costs_one_sync(tmp_path):
         assert hook.ends[logs[0].path] == 8 and hook.ends[logs[1].path] == 16
         assert len(_ended(coord.path)) == 8
         assert coord.in_doubt() == [] and all(p.recover() == [] for p in parts)
+        # one participant alone: the same single sync
+        hook = Durable()
+        with installed(hook):
+            with coord.transaction() as tx:
+                tx.enlist(parts[1], [b"alone"])
+        assert hook.syncs == {coord._journal.log.path: 1}
+        assert values(logs[1].path)[-1] == b"alone"
         # the participants' journals were never written
         for p in parts:
             assert read_journal(p._journal.path)[1] == []
