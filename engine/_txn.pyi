@@ -39,6 +39,7 @@ REC_PREPARED: str
 REC_MARK: str
 REC_ABORTED: str
 REC_DONE: str
+REC_REDO: str
 JOURNAL_FORMAT: int
 
 def _set_crash_hook(hook: Optional[Callable[[str, Optional[str]], None]]) -> None: ...
@@ -99,6 +100,12 @@ class _CoordCore:
     _inc: int
     _seq: int
     _prefix: str
+    _redo_on: bool
+    _redo: Dict[str, Tuple[Tuple[str, int, List[bytes], Optional[List[Optional[bytes]]]], ...]]
+    _redo_unsynced: List[str]
+    _redo_logs: Dict[int, List[Any]]
+    _redo_stale: Set[str]
+    def _redo_settle(self, force: bool) -> int: ...
     def transaction(self, timeout: Optional[float] = None) -> Transaction: ...
     def _commit(self, tx: Transaction) -> None: ...
     def _complete(self, txid: str, parts: Sequence[Any]) -> bool: ...
@@ -124,4 +131,8 @@ class _LogPartCore(_PartCore):
     def _commit_lock(self) -> _Mutex: ...
     _commit_queue: List[List[Any]]
     _leader: bool
+    _reserved: int
+    @property
+    def _redo_log(self) -> bool: ...
+    def _settle(self) -> None: ...
     def _check(self, txid: str, ops: Sequence[Any]) -> Any: ...

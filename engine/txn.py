@@ -120,6 +120,39 @@ a commit returns only once its records are durable, and SIGKILLs groups at
 every crash point; ``tests/test_txn_lone_commit.py`` checks the lone commit's
 overlap and its order.
 
+Commit by the coordinator's log (``Coordinator(redo=True)``, durability
+``"always"``): a transaction whose participants are all LogParticipants of
+this process skips the vote.  Their prepare would only check the ops (a
+LogParticipant holds no locks and never changes its mind), and a batch that
+the log's only writer appends at an offset fixed in advance can be redone
+exactly from a copy.  So the group's leader checks the ops in memory (the
+same errors as prepare), takes each participant's commit lock, reserves the
+offsets each batch will start at, and writes one ``REDO`` record per
+transaction to the coordinator's journal (the decision and every batch with
+its offset), one sync for the group: the commit point.  Then it appends the
+batches to their logs without syncing them (visible when commit returns) and
+lets go of the commit locks.  The participants' journals are not written.
+Invariants of this path:
+
+* **D1, committed before applied.** No batch reaches a log before its
+  ``REDO`` record is durable; a batch goes exactly at its reserved offset
+  (one leader at a time holds the commit locks while it reserves and
+  appends, so ranges are consecutive per log, in journal order).
+* **D2, durable before ended.** A redo transaction ends (``E``) only once
+  every log it went to is durable past its batch (``_redo_settle``: one
+  sync per log every ``end_batch`` transactions); until then the journal
+  keeps its ``REDO`` (compaction copies it from ``_redo``).
+* **D3, redo in order.** ``recover()`` replays every ``REDO`` not ended in
+  journal order: a log that ends at or past the batch's end holds it, one
+  that ends inside it holds a prefix (the rest is appended), one that ends at
+  its start lacks it; then the logs are synced and the transactions end.  A
+  transaction that enlists a participant with such batches first has them
+  put back (``_redo_catch_up``), as their offsets come first.
+* **D4, marks after redo.** Before a LogParticipant writes a commit mark of
+  a classic transaction it makes every redo batch in its log durable
+  (``_settle``), so no mark ever points past a batch a power loss could take
+  away; its own replay at open then finds the log as L1 says.
+
 Durability: ``"always"`` survives power loss (every prepared/commit record is
 fsynced before the next step), ``"none"`` survives a process crash (SIGKILL)
 but not a power loss, exactly like :class:`engine.Log`.  With nothing to sync
@@ -182,6 +215,7 @@ from ._txn import (
     REC_INCARNATION,
     REC_MARK,
     REC_PREPARED,
+    REC_REDO,
     Transaction,
     _as_bytes,
     _CoordCore,
@@ -496,7 +530,9 @@ def read_journal(
 
     Records are tuples whose first item is the kind (``REC_*``, see
     ``engine._txn``): coordinator ``(REC_INCARNATION, incarnation)``,
-    ``(REC_DECISION, txid, participant names)``, ``(REC_ENDED, [txids])``;
+    ``(REC_DECISION, txid, participant names)``, ``(REC_REDO, txid,
+    ((participant name, start offset, values, keys or None), ...))``,
+    ``(REC_ENDED, [txids])``;
     participant ``(REC_PREPARED, txid, ops)``, ``(REC_MARK, txid, start
     offset)``, ``(REC_ABORTED, txid)``, ``(REC_DONE, [txids])``.
     With ``meta=True`` each item is ``(offset, timestamp_ns, record)``.
@@ -547,12 +583,14 @@ def summarize_journal(
         for _off, ts, rec in recs:
             if rec[0] == REC_INCARNATION:
                 inc = max(inc, rec[1])
-            elif rec[0] == REC_DECISION:
+            elif rec[0] in (REC_DECISION, REC_REDO):
                 pending[rec[1]] = {
                     "txid": rec[1],
                     "state": "not ended",
                     "time": ts,
-                    "participants": list(rec[2]),
+                    "participants": list(rec[2])
+                    if rec[0] == REC_DECISION
+                    else [b[0] for b in rec[2]],
                 }
             elif rec[0] == REC_ENDED:
                 for t in rec[1]:
@@ -639,7 +677,7 @@ def decision(path: Union[str, os.PathLike[str]], txid: str) -> str:
         _cur, recs = read_journal(path)
         max_inc = 0
         for rec in recs:
-            if rec[0] == REC_DECISION and rec[1] == txid:
+            if rec[0] in (REC_DECISION, REC_REDO) and rec[1] == txid:
                 return "commit"
             if rec[0] == REC_INCARNATION:
                 max_inc = max(max_inc, rec[1])
@@ -689,6 +727,19 @@ class Coordinator(_CoordCore):
     ``timeout`` (seconds) bounds a transaction: one still undecided that
     long after :meth:`transaction` aborts.
 
+    ``redo=True`` (with ``durability="always"``): a transaction whose
+    participants are all :class:`LogParticipant` objects commits with ONE
+    durable record in this journal, which carries every participant's batch
+    and the offset it starts at in its log (the commit point: one sync,
+    shared by concurrent commits); the batches then go to their logs
+    without a sync of their own, each visible when :meth:`Transaction.commit`
+    returns.  The participants' journals are not written; the logs are
+    synced once per ``end_batch`` transactions before those end.  After a
+    crash, :meth:`recover` (given the participants) appends what a log lacks
+    of each such transaction, whole and once, in commit order.  Other
+    transactions, and every transaction under another durability, run the
+    protocol below unchanged.
+
     ``end_batch``: ``end`` records (which let the log forget finished
     transactions) are written in batches of that many txids.
     ``compact_records``: the journal is compacted when it holds that many.
@@ -707,14 +758,18 @@ class Coordinator(_CoordCore):
         end_batch: int = 64,
         compact_records: int = 50_000,
         segment_bytes: int = 1 << 20,
+        redo: bool = False,
     ) -> None:
         if not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        if not isinstance(redo, bool):
+            raise TypeError(f"redo must be a bool, not {type(redo).__name__}")
         if end_batch < 1 or compact_records < 16:
             raise ValueError("end_batch must be >= 1 and compact_records >= 16")
         self.timeout = float(timeout)
         self._end_batch = int(end_batch)
         self._compact_records = int(compact_records)
+        self._redo_on = redo
         # (the lock and the tables are the compiled core's: _CoordCore)
         self._journal = _Journal(path, "coordinator", durability, segment_bytes)
         try:
@@ -735,12 +790,19 @@ class Coordinator(_CoordCore):
             kind = rec[0]
             if kind == REC_DECISION:
                 self._pending[rec[1]] = tuple(rec[2])
+            elif kind == REC_REDO:
+                # committed by this journal: recover() checks each log
+                self._pending[rec[1]] = tuple(b[0] for b in rec[2])
+                self._redo[rec[1]] = rec[2]
             elif kind == REC_ENDED:
                 for t in rec[1]:
                     self._pending.pop(t, None)
+                    self._redo.pop(t, None)
             elif kind == REC_INCARNATION:
                 inc = max(inc, rec[1])
         self._journal.records = []
+        # new transactions on these participants wait for their old batches (_redo_catch_up)
+        self._redo_stale = {b[0] for batches in self._redo.values() for b in batches}
         self._inc = inc + 1
         if _cp.armed:
             _crash_point("coord.open.before_incarnation", None)
@@ -772,9 +834,16 @@ class Coordinator(_CoordCore):
             if self._closed or self._journal.appended < self._compact_records:
                 return
             keep: List[Tuple[Any, ...]] = [(REC_INCARNATION, self._inc)]
-            keep.extend((REC_DECISION, t, names) for t, names in self._pending.items())
+            # every REDO not ended (decided, in flight or applied and not yet
+            # durable in its logs), in commit order: recovery replays them so
+            keep.extend((REC_REDO, t, batches) for t, batches in self._redo.items())
+            keep.extend(
+                (REC_DECISION, t, names) for t, names in self._pending.items() if t not in self._redo
+            )
             # a commit record in flight may land in the old generation: carry it
-            keep.extend((REC_DECISION, t, names) for t, names in self._deciding.items())
+            keep.extend(
+                (REC_DECISION, t, names) for t, names in self._deciding.items() if t not in self._redo
+            )
             self._journal.switch(keep)
 
     def _finish_abort(
@@ -821,6 +890,8 @@ class Coordinator(_CoordCore):
                 return "commit"
             if txid in self._deciding:
                 return "pending"  # its commit record is being written
+            if txid in self._redo:
+                return "commit"  # committed by this journal, not ended yet
             tx = self._active.get(txid)
             if tx is not None and tx.state == "active":
                 if time.monotonic() <= tx.deadline:
@@ -844,6 +915,9 @@ class Coordinator(_CoordCore):
             self._registered = None
             known = dict(self._participants)
         out = {"committed": 0, "aborted": 0, "resent": 0, "unfinished": 0}
+        redone, unfinished = self._redo_replay(known)
+        out["resent"] += redone
+        out["unfinished"] += unfinished
         for p in known.values():
             try:
                 doubts = list(p.recover())
@@ -872,7 +946,11 @@ class Coordinator(_CoordCore):
                         exc_info=True,
                     )
         with self._lock:
-            todo = [(t, n) for t, n in self._pending.items() if t not in self._finishing]
+            todo = [
+                (t, n)
+                for t, n in self._pending.items()
+                if t not in self._finishing and t not in self._redo
+            ]
             for t, _n in todo:
                 self._finishing.add(t)
         for txid, names in todo:
@@ -891,6 +969,75 @@ class Coordinator(_CoordCore):
                          "%(resent)d commits resent, %(unfinished)d unfinished", out)
         return out
 
+    def _redo_replay(self, known: Dict[str, Any]) -> Tuple[int, int]:
+        """Put back in its log every batch of the transactions this journal
+        committed (``REDO``) that a log lacks: ``(transactions finished,
+        transactions left unfinished)``.
+
+        In journal order, so per log in the order the batches were reserved.
+        Each batch was to start at its recorded offset, and the participant
+        is its log's only writer: a log whose end is at or past the batch's
+        end holds it; one that ends inside it holds a prefix (the rest is
+        appended); one that ends at its start lacks it.  Then the logs are
+        synced and the transactions end.  Idempotent: a crash anywhere here
+        leaves the same question for the next recover().
+        """
+        with self._lock:
+            todo = [
+                (t, self._redo[t])
+                for t in self._pending
+                if t in self._redo and t not in self._finishing
+            ]
+            for t, _b in todo:
+                self._finishing.add(t)
+        done = unfinished = 0
+        stuck: set = set()  # names whose earlier batch is missing: their later ones wait
+        for txid, batches in todo:
+            ok = True
+            for name, start, values, keys in batches:
+                p = known.get(name)
+                if name in stuck or not isinstance(p, LogParticipant):
+                    stuck.add(name)
+                    ok = False
+                    continue
+                try:
+                    p._redo_replay(start, values, keys)
+                except Exception:
+                    _logger.warning(
+                        "recover: committed batch of %s not put back in %r", txid, name,
+                        exc_info=True,
+                    )
+                    stuck.add(name)
+                    ok = False
+            with self._lock:
+                self._finishing.discard(txid)
+                if ok:
+                    self._pending.pop(txid, None)
+                    self.stats_committed += 1
+                    self._redo_unsynced.append(txid)
+                    for name, start, values, _keys in batches:
+                        log = known[name].log
+                        e = self._redo_logs.setdefault(id(log), [log, 0])
+                        e[1] = max(e[1], start + len(values))
+            if ok:
+                done += 1
+            else:
+                unfinished += 1
+        with self._lock:
+            left = {
+                b[0] for t in self._pending if t in self._redo for b in self._redo[t]
+            }
+            self._redo_stale = self._redo_stale & left
+        self._redo_settle(True)
+        return done, unfinished
+
+    def _redo_catch_up(self, parts: List[Any]) -> None:
+        """Before a transaction on ``parts``: put back the batches an earlier
+        incarnation committed to them (their offsets precede any new batch)."""
+        stale = {p.name: p for p in parts if p.name in self._redo_stale}
+        if stale:
+            self._redo_replay({**self._participants, **stale})
+
     def in_doubt(self) -> List[str]:
         """Committed transactions not yet acknowledged by every participant."""
         with self._lock:
@@ -901,7 +1048,9 @@ class Coordinator(_CoordCore):
         return list(self._recent)
 
     def flush(self) -> None:
-        """Write the pending ``end`` batch now."""
+        """Write the pending ``end`` batch now (transactions committed by
+        this journal end once their logs are synced past them)."""
+        self._redo_settle(True)
         with self._lock:
             batch, self._ended = self._ended, []
             log = self._journal.log
@@ -1303,6 +1452,8 @@ class LogParticipant(_LogPartCore, _JournaledParticipant):
 
     def _commit_one(self, txid: str, info: Any) -> None:
         """:meth:`_commit_batch` for one transaction (the uncontended path)."""
+        if self._reserved:
+            self._settle()
         start = self.log.next_offset
         with self._lock:
             # under the lock a journal switch takes: the mark is either in
@@ -1333,6 +1484,8 @@ class LogParticipant(_LogPartCore, _JournaledParticipant):
             with self._commit_lock:
                 self._commit_batch(batch, True)
             return
+        if self._reserved:
+            self._settle()
         start = self.log.next_offset
         marks = []
         at = start
@@ -1372,6 +1525,32 @@ class LogParticipant(_LogPartCore, _JournaledParticipant):
             self.log.append_many(values, keys)
         else:
             self.log.append_many(values)
+
+    def _redo_replay(
+        self, start: int, values: List[bytes], keys: Optional[List[Optional[bytes]]]
+    ) -> None:
+        """Recovery of a batch a coordinator committed by its own journal
+        (see :meth:`Coordinator._redo_replay`): make the log hold it from
+        ``start``, appending the part it lacks."""
+        with self._commit_lock:
+            n = len(values)
+            end = self.log.next_offset
+            if end < start:
+                raise EngineError(
+                    f"log {getattr(self.log, 'path', '?')!r} ends at {end}, before the committed "
+                    f"batch reserved at {start}: it lost records behind the participant's back"
+                )
+            if end < start + n:
+                have = end - start
+                if _cp.armed:
+                    _crash_point("coord.redo.before_replay", self.name)
+                if keys is None:
+                    self.log.append_many(values[have:])
+                else:
+                    self.log.append_many(values[have:], keys[have:])
+                if _cp.armed:
+                    _crash_point("coord.redo.after_replay", self.name)
+            self._reserved = max(self._reserved, start + n)
 
     def _finish_marked(self, txid: str, info: Any) -> None:
         """Make the log hold ``txid``'s batch, whole and once, from its mark on.

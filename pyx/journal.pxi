@@ -54,11 +54,16 @@ from libc.stdint cimport int32_t, uint64_t
 
 
 # Record kinds: the first item of every record (one letter each).  A
-# coordinator's journal holds INCARNATION, DECISION and ENDED; a participant's
-# holds PREPARED, MARK, ABORTED and DONE.
+# coordinator's journal holds INCARNATION, DECISION, REDO and ENDED; a
+# participant's holds PREPARED, MARK, ABORTED and DONE.
 REC_INCARNATION = "I"  # (I, incarnation): a coordinator incarnation began
 REC_DECISION = "C"     # (C, txid, participant names): the coordinator decided commit
 REC_ENDED = "E"        # (E, [txids]): every participant acknowledged these commits
+REC_REDO = "R"         # (R, txid, ((name, start, values, keys or None), ...)): the coordinator
+                       # decided commit of a txn whose participants are all LogParticipants
+                       # that never heard of it: each one's batch (values: a non-empty list
+                       # of bytes, keys: None or a list of bytes or None as long) goes to its
+                       # log at offset start (engine.txn: commit by the coordinator's log)
 REC_PREPARED = "P"     # (P, txid, ops): the participant voted yes and holds the ops
 REC_MARK = "M"         # (M, txid, start): commit decided; a log participant's batch starts at start
 REC_ABORTED = "A"      # (A, txid): the participant dropped the ops
@@ -73,6 +78,7 @@ cdef enum:
     _K_INCARNATION = 0x49    # "I"
     _K_DECISION = 0x43       # "C"
     _K_ENDED = 0x45          # "E"
+    _K_REDO = 0x52           # "R"
     _K_PREPARED = 0x50       # "P"
     _K_MARK = 0x4D           # "M"
     _K_ABORTED = 0x41        # "A"
@@ -97,6 +103,8 @@ cdef dict _SHAPES = {
     _K_INCARNATION: "incarnation int",
     _K_DECISION: "txid str, participant names tuple or list",
     _K_ENDED: "txids list of str",
+    _K_REDO: "txid str, non-empty tuple of (participant name str, start offset int >= 0, "
+             "values non-empty list of bytes, keys None or list of bytes or None as long)",
     _K_PREPARED: "txid str, ops",
     _K_MARK: "txid str, start offset int >= 0",
     _K_ABORTED: "txid str",
@@ -104,7 +112,7 @@ cdef dict _SHAPES = {
 }
 # the kind str of each letter a journal may hold: coordinator, participant
 cdef dict _COORD_KINDS = {_K_INCARNATION: REC_INCARNATION, _K_DECISION: REC_DECISION,
-                          _K_ENDED: REC_ENDED}
+                          _K_ENDED: REC_ENDED, _K_REDO: REC_REDO}
 cdef dict _PART_KINDS = {_K_PREPARED: REC_PREPARED, _K_MARK: REC_MARK, _K_ABORTED: REC_ABORTED,
                          _K_DONE: REC_DONE}
 # marshal records' kind letters: "C" was the commit mark in a participant's journal
@@ -140,6 +148,46 @@ cdef bint _is_txid_list(object o) noexcept:
     return True
 
 
+cdef bint _is_bytes_list(object o, bint nones) noexcept:
+    """``o`` is a list of bytes (or None where ``nones``)."""
+    cdef Py_ssize_t i, n
+    cdef PyObject **items
+    if not PyList_Check(o):
+        return False
+    n = PySequence_Fast_GET_SIZE(o)
+    items = PySequence_Fast_ITEMS(o)
+    for i in range(n):
+        if not (PyBytes_Check(<object>items[i]) or (nones and <object>items[i] is None)):
+            return False
+    return True
+
+
+cdef int _is_redo(object o) except -1:
+    """``o`` is a REDO record's batches: a non-empty tuple or list of
+    ``(name str, start int >= 0, values, keys)``, values a non-empty list of
+    bytes, keys None or a list of bytes or None as long as values."""
+    cdef Py_ssize_t i, n
+    cdef PyObject **items
+    if not (PyTuple_Check(o) or PyList_Check(o)):
+        return False
+    n = PySequence_Fast_GET_SIZE(o)
+    if n == 0:
+        return False
+    items = PySequence_Fast_ITEMS(o)
+    for i in range(n):
+        b = <object>items[i]
+        if not ((PyTuple_Check(b) or PyList_Check(b)) and PySequence_Fast_GET_SIZE(b) == 4):
+            return False
+        name, start, values, keys = b
+        if not (PyUnicode_Check(name) and _is_offset(start) and _is_bytes_list(values, False)
+                and PySequence_Fast_GET_SIZE(values) > 0):
+            return False
+        if keys is not None and not (_is_bytes_list(keys, True)
+                                     and PySequence_Fast_GET_SIZE(keys) == PySequence_Fast_GET_SIZE(values)):
+            return False
+    return True
+
+
 cdef int _check_shape(int kind, Py_ssize_t nitems, object a, object b) except -1:
     """Raise ValueError unless ``kind`` is a record kind and its ``nitems``
     items (``a``, ``b``) have the fields replay relies on."""
@@ -150,6 +198,8 @@ cdef int _check_shape(int kind, Py_ssize_t nitems, object a, object b) except -1
         ok = nitems == 2 and PyUnicode_Check(a) and _is_offset(b)
     elif kind == _K_DECISION:
         ok = nitems == 2 and PyUnicode_Check(a) and (PyTuple_Check(b) or PyList_Check(b))
+    elif kind == _K_REDO:
+        ok = nitems == 2 and PyUnicode_Check(a) and _is_redo(b)
     elif kind == _K_ABORTED:
         ok = nitems == 1 and PyUnicode_Check(a)
     elif kind == _K_DONE or kind == _K_ENDED:

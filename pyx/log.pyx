@@ -2970,6 +2970,15 @@ cdef class Log:
         eng_store_release_u64(&self._notify.n.published,
                               ((self._active.base & 0xFFFFFFFFu) << 32) | <uint64_t>pos)
 
+    cdef inline void _publish_forward(self, size_t pos, uint64_t next_off) noexcept nogil:
+        """_publish unless readers were shown more already (the pwrite path
+        publishes unsynced records of _append_unsynced at once, and a sync
+        that began before them publishes only what it covered).  Called with
+        the GIL held, as every publish is: the test and the stores do not
+        interleave with another publish."""
+        if next_off + 1 > eng_load_relaxed_u64(&self._notify.n.published_next):
+            self._publish(pos, next_off)
+
     cdef uint8_t *_stage_room(self, size_t need) except NULL:
         """Pwrite path: room for `need` more framed bytes in the staging buffer."""
         cdef size_t cap
@@ -3212,6 +3221,20 @@ cdef class Log:
         atomic across a crash: a prefix of its frames may survive an
         unacknowledged append_many (each frame whole or not at all).
         """
+        return self._append_batch(values, keys, True)
+
+    def _append_unsynced(self, values, keys=None):
+        """:meth:`append_many` that returns without waiting for a sync in any
+        durability mode, the records visible to readers at once.
+
+        For a writer whose records are durable elsewhere until this log is
+        (engine.txn: a committed transaction's batch, redone from the
+        coordinator's journal after a crash): it makes them durable later
+        with :meth:`flush` before it forgets them."""
+        return self._append_batch(values, keys, False)
+
+    cdef object _append_batch(self, values, keys, bint sync):
+        """append_many; ``sync``: wait for the sync ``durability`` asks for."""
         cdef Py_buffer vb, kb
         cdef const char *v
         cdef const char *k
@@ -3345,7 +3368,12 @@ cdef class Log:
                 self._writing = False
                 if end != first and not self._pw:
                     self._wake()
-        if self._durability == D_ALWAYS and end != first:
+                elif end != first and not sync:
+                    # written, not synced: readers see it now (a later sync
+                    # makes it durable, and never publishes less)
+                    self._publish_forward(self._wpos, self._wnext)
+                    self._wake()
+        if self._durability == D_ALWAYS and end != first and sync:
             self._sync_upto(end)
         return range(first, end)
 
@@ -3495,7 +3523,7 @@ cdef class Log:
                     self._durable = nxt
                 if pw and s is self._active:
                     # durable now: readers may see it (a roll meanwhile published the old segment whole)
-                    self._publish(hi, nxt)
+                    self._publish_forward(hi, nxt)
                     self._wake()
                 self._n_syncs += 1
                 if s is self._active and eng_now_ns() - self._ckpt_ns >= _CKPT_EVERY_NS:

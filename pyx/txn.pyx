@@ -309,6 +309,8 @@ cdef class _Waiter:
     cdef object cause             # the exception behind that abort, or None
     cdef object error             # an error to raise as is (a broken journal), or None
     cdef Py_ssize_t failed        # participants that did not take commit
+    cdef list infos               # commit by the coordinator's log: each participant's checked ops
+    cdef tuple redo               # ... and the batches its REDO record holds
 
     def __cinit__(self):
         self._lk = PyThread_allocate_lock()
@@ -483,6 +485,19 @@ cdef bint _groupable(dict parts):
     return True
 
 
+cdef bint _redo_ok(dict parts):
+    """Whether a transaction can commit by the coordinator's log: every
+    participant a LogParticipant that keeps the built-in prepare, commit and
+    apply (so its prepare is _check_c, nothing more), over an engine.Log."""
+    if not parts:
+        return False
+    for p in parts:
+        if not (isinstance(p, _LogPartCore) and (<_LogPartCore>p)._c_split
+                and (<_LogPartCore>p)._c_prepare and (<_LogPartCore>p)._redo_log):
+            return False
+    return True
+
+
 cdef int _sync_prepared(list deferred, list group, _Helper helper) except -1:
     """Sync every journal the group's prepared records went to (each once,
     the first on the helper thread while this one syncs the others); a
@@ -601,6 +616,13 @@ cdef class _CoordCore:
     cdef int64_t _group_run_ns            # how long the last group ran (its gathering's bound)
     cdef int64_t _group_end_ns            # when it ended (eng_now_ns)
     cdef _Helper _helper                  # runs one step of a group next to its leader
+    # commit by the coordinator's log (_redo_commit)
+    cdef public bint _redo_on             # the Coordinator's redo=True
+    cdef public dict _redo                # txid -> its REDO record's batches, until ended
+    cdef public list _redo_unsynced       # applied, their logs maybe not durable past them yet
+    cdef public dict _redo_logs           # id(log) -> [log, end its batches among those reach]
+    cdef public set _redo_stale           # participant names with REDO batches of an earlier
+                                          # incarnation not yet put back (recover() does)
 
     def __cinit__(self, *args, **kwargs):
         self._lock = _Mutex()
@@ -613,6 +635,10 @@ cdef class _CoordCore:
         self._finishing = set()
         self._ended = []
         self._participants = {}
+        self._redo = {}
+        self._redo_unsynced = []
+        self._redo_logs = {}
+        self._redo_stale = set()
         self._prefix_s = ""
         self._prefix_b = b""
 
@@ -670,6 +696,10 @@ cdef class _CoordCore:
         self._commit_c(tx)
 
     cdef int _commit_c(self, Transaction tx) except -1:
+        if self._redo_stale:
+            # a participant with committed batches of an earlier incarnation
+            # not put back in its log yet: those first (their offsets come first)
+            self._redo_catch_up(list(tx._parts))
         if self._journal.sync and _groupable(tx._parts):
             return self._commit_grouped(tx)
         return self._commit_one(tx)
@@ -863,25 +893,28 @@ cdef class _CoordCore:
         self._group_lock._give()
         t0 = eng_now_ns()
         try:
-            if len(group) == 1:
+            # commits by the coordinator's log first (_redo_commit), then the others
+            rest = self._redo_split(group) if self._redo_on else group
+            if len(rest) == 1:
                 # alone: the one-transaction path, step for step (its crash
                 # points in the order of the non-durable path's, which
                 # tests/test_txn_fastpath.py checks; a group's interleave)
+                w = <_Waiter>rest[0]
                 try:
-                    self._commit_one(me.tx, True)
+                    self._commit_one(w.tx, True)
                 except BaseException as exc:
-                    me.error = exc
-                me.finished = True
-            else:
+                    w.error = exc
+                w.finished = True
+            elif rest:
                 try:
-                    decided = self._decide_group(group)
+                    decided = self._decide_group(rest)
                     if decided:
                         self._complete_group(decided)
                 except BaseException as exc:
                     # a crash point, an interrupt or a bug half way: whoever
                     # has no outcome yet gets this error (a decided commit
                     # is resent by recover(), as after a crash)
-                    for w in group:
+                    for w in rest:
                         if not w.finished:
                             w.error = exc
         finally:
@@ -1114,6 +1147,301 @@ cdef class _CoordCore:
         for w in decided:
             self._end_c(w.tx.txid, w.failed)
             w.finished = True
+        return 0
+
+    # -- commit by the coordinator's log (redo=True)
+    #
+    # A transaction whose participants are all LogParticipants of this
+    # process needs no vote: their "prepare" is a check of the ops in memory
+    # (it cannot change its mind later), and a batch appended by the log's
+    # only writer at an offset known in advance can be redone exactly from
+    # a copy.  So the coordinator writes ONE record, REDO (txid, and per
+    # participant its name, the offset its batch starts at and the batch),
+    # and makes it durable: that is the commit point (the participants'
+    # journals are not written at all).  Then each batch goes to its log
+    # unsynced; the transaction ends (E record) only once every log it went
+    # to is durable past it, which _redo_settle does for _end_batch
+    # transactions at a time.  After a crash, recover() puts back what a
+    # log lacks of each REDO not ended, in journal order (_redo_replay in
+    # engine.txn).  The offsets are reserved by the group's leader holding
+    # each participant's commit lock from before it reads the log's end
+    # until the batches are in: one leader at a time, so groups reserve
+    # consecutive ranges, and a participant's own commits (a mixed
+    # transaction's) start after them (LogParticipant._settle).
+
+    cdef list _redo_split(self, list group):
+        """Commit the transactions of ``group`` that can go by the
+        coordinator's log (_redo_commit); returns the others."""
+        cdef list fast = []
+        cdef list rest = []
+        cdef _Waiter w
+        for w in group:
+            if _redo_ok(w.tx._parts):
+                fast.append(w)
+            else:
+                rest.append(w)
+        if fast:
+            try:
+                self._redo_commit(fast)
+            except BaseException as exc:
+                # as _lead: whoever has no outcome yet gets the error (a
+                # durable REDO is put in the logs by recover())
+                for w in fast:
+                    if not w.finished:
+                        w.error = exc
+        return rest
+
+    cdef int _redo_commit(self, list ws) except -1:
+        """Commit the transactions of ``ws`` (every participant a
+        LogParticipant, durability "always") by one REDO record each in the
+        journal, one sync for all of them."""
+        cdef _Waiter w
+        cdef Transaction tx
+        cdef _LogPartCore p
+        cdef list ready = []
+        cdef list decided = []
+        cdef list locked = []
+        cdef list recs
+        cdef dict seen = {}
+        cdef _JournalCore journal = self._journal
+        cdef object log = None
+        cdef object err = None
+        cdef int64_t start, nxt
+        cdef Py_ssize_t i
+        # 1. check each participant's ops as its prepare does (same errors), writing nothing
+        for w in ws:
+            tx = w.tx
+            w.asked = []
+            w.infos = []
+            for q, ops in tx._parts.items():
+                if _now() > tx.deadline:
+                    w.reason = "timed out before every participant prepared"
+                    break
+                p = <_LogPartCore>q
+                if _armed:
+                    _hook("coord.redo.check", p.name)
+                w.asked.append(p)
+                try:
+                    if p._closed:
+                        raise Closed(f"participant {p.name!r} is closed")
+                    w.infos.append(p._check_c(tx.txid, ops))
+                except Exception as exc:
+                    w.reason = f"participant {p.name!r} failed to prepare: {exc}"
+                    w.cause = exc
+                    break
+            if w.reason is None:
+                ready.append(w)
+            else:
+                # nobody wrote anything for it: nothing to tell anyone
+                self._finish_abort(tx, [], w.reason, w.cause, raise_=False)
+                w.finished = True
+        if not ready:
+            return 0
+        for w in ready:
+            for q in w.asked:
+                seen[id(q)] = q
+        try:
+            # 2. reserve each batch's offsets (every log's commit lock held
+            # from before its end is read until the batches are in) and
+            # decide, under the lock decision() takes
+            for q in sorted(seen.values(), key=id):
+                (<_LogPartCore>q)._commit_lock._take()
+                locked.append(q)
+            self._lock._take()
+            try:
+                for w in ready:
+                    tx = w.tx
+                    if self._closed:
+                        w.reason = "the coordinator closed"
+                        continue
+                    if tx._doomed or _now() > tx.deadline:
+                        w.reason = "timed out before the decision"
+                        continue
+                    batches = []
+                    for i in range(len(w.asked)):
+                        p = <_LogPartCore>w.asked[i]
+                        values, keys = w.infos[i]
+                        nxt = p._log.next_offset
+                        start = p._reserved if p._reserved > nxt else nxt
+                        p._reserved = start + len(values)
+                        batches.append((p.name, start, values, keys))
+                    w.redo = tuple(batches)
+                    w.names = tuple([p.name for p in w.asked])
+                    self._finishing.add(tx.txid)
+                    if w.asked != self._registered:
+                        reg = self._participants
+                        for q in w.asked:
+                            if reg.get(q.name) is not q:
+                                reg[q.name] = q
+                        self._registered = w.asked
+                    # memory first (a journal switch writes REDO from _redo);
+                    # decision() says "pending" until the record is durable
+                    self._redo[tx.txid] = w.redo
+                    self._deciding[tx.txid] = w.names
+                    decided.append(w)
+                log = journal._log
+            finally:
+                self._lock._give()
+            for w in ready:
+                if w.reason is not None:
+                    self._finish_abort(w.tx, [], w.reason, w.cause, raise_=False)
+                    w.finished = True
+            if not decided:
+                return 0
+            # 3. the commit point: the REDO records, durable (one sync)
+            recs = [_encode((REC_REDO, w.tx.txid, w.redo)) for w in decided]
+            if _armed:
+                _hook("coord.redo.before_write", None)
+            try:
+                log.append_many(recs)
+            except Closed as exc:
+                if log is journal._log:
+                    err = exc
+            except Exception as exc:
+                err = exc
+            if err is None:
+                if _armed:
+                    _hook("coord.redo.after_write", None)
+                try:
+                    log.flush()
+                except Closed as exc:
+                    # a switch carried them (_redo) into the new generation, synced
+                    if log is journal._log:
+                        err = exc
+                except Exception as exc:
+                    err = exc
+            if err is not None:
+                # as _decide_group: the commit raises; "pending" until a
+                # restart reads the journal (a REDO there is put in the logs)
+                with self._lock:
+                    for w in decided:
+                        self._finishing.discard(w.tx.txid)
+                for w in decided:
+                    w.error = err
+                    w.finished = True
+                return 0
+            journal.appended += len(recs)
+            if _armed:
+                _hook("coord.redo.after_sync", None)
+            self._lock._take()
+            try:
+                for w in decided:
+                    self._pending[w.tx.txid] = self._deciding.pop(w.tx.txid)
+            finally:
+                self._lock._give()
+            for w in decided:
+                w.tx.state = "committed"
+                self._active.pop(w.tx.txid, None)
+            # 4. each batch to its log, in reservation order, unsynced
+            try:
+                for w in decided:
+                    self._redo_apply(w)
+                    w.finished = True
+            except BaseException:
+                with self._lock:
+                    for w in decided:
+                        if not w.finished:
+                            self._finishing.discard(w.tx.txid)
+                raise
+        finally:
+            for q in locked:
+                (<_LogPartCore>q)._commit_lock._give()
+        # 5. every _end_batch of them: their logs durable, then they end
+        self._redo_settle(False)
+        return 0
+
+    cdef int _redo_apply(self, _Waiter w) except -1:
+        """Append ``w``'s batches to their logs (commit locks held); once
+        all are in, it waits for _redo_settle, else stays pending for
+        recover() (a log that failed a write is broken until reopened)."""
+        cdef _LogPartCore p
+        cdef Py_ssize_t i, failed = 0
+        cdef str txid = w.tx.txid
+        cdef int64_t end
+        for i in range(len(w.asked)):
+            p = <_LogPartCore>w.asked[i]
+            _name, start, values, keys = w.redo[i]
+            if _armed:
+                _hook("coord.redo.before_apply", p.name)
+            try:
+                p._redo_append(start, values, keys)
+            except Exception as exc:
+                failed += 1
+                _commit_not_taken(txid, p.name, exc)
+                continue
+            if _armed:
+                _hook("coord.redo.after_apply", p.name)
+        self._lock._take()
+        try:
+            self._finishing.discard(txid)
+            if failed:
+                w.failed = failed
+                self._recent.append((txid, "committed, unacknowledged", _wall()))
+                return 0
+            self._pending.pop(txid, None)
+            self.stats_committed += 1
+            self._recent.append((txid, "committed", _wall()))
+            self._redo_unsynced.append(txid)
+            for i in range(len(w.asked)):
+                p = <_LogPartCore>w.asked[i]
+                end = <int64_t>w.redo[i][1] + len(<list>w.redo[i][2])
+                e = self._redo_logs.get(id(p._log))
+                if e is None:
+                    self._redo_logs[id(p._log)] = [p._log, end]
+                elif end > <int64_t>e[1]:
+                    e[1] = end
+        finally:
+            self._lock._give()
+        return 0
+
+    def _redo_settle(self, bint force):
+        """End the transactions committed by the coordinator's log whose
+        batches are in their logs, once those logs are durable past them:
+        every ``_end_batch`` of them (``force``: all now, their ``E`` record
+        left to the caller's :meth:`flush`).  A log that fails its sync
+        leaves them not ended: the journal keeps their REDO records and
+        recover() after a restart checks each log."""
+        cdef list batch = None
+        cdef object jlog = None
+        self._lock._take()
+        try:
+            if not self._redo_unsynced or (not force
+                                           and len(self._redo_unsynced) < self._end_batch):
+                return 0
+            txids, self._redo_unsynced = self._redo_unsynced, []
+            logs, self._redo_logs = self._redo_logs, {}
+        finally:
+            self._lock._give()
+        if _armed:
+            _hook("coord.redo.before_flush", None)
+        try:
+            for e in logs.values():
+                e[0].flush(e[1])
+        except Exception:
+            _logger.warning("txn: a participant log did not sync; %d committed transactions "
+                            "stay in the coordinator's journal until recover() after a restart",
+                            len(txids), exc_info=True)
+            return 0
+        if _armed:
+            _hook("coord.redo.after_flush", None)
+        self._lock._take()
+        try:
+            for t in txids:
+                if self._redo.pop(t, None) is not None:
+                    self._ended.append(t)
+            if not force and len(self._ended) >= self._end_batch:
+                batch, self._ended = self._ended, []
+                jlog = self._journal._log
+        finally:
+            self._lock._give()
+        if batch is not None:
+            if _armed:
+                _hook("coord.end.before_write", None)
+            _journal_append(self._journal, jlog, (REC_ENDED, batch), durable=False)
+            if _armed:
+                _hook("coord.end.after_write", None)
+            if self._journal.appended >= self._compact_records:
+                self._compact()
         return 0
 
     def _stop_helper(self):
@@ -1489,6 +1817,11 @@ cdef class _LogPartCore(_PartCore):
     cdef public bint _leader             # a thread is writing a group now
     cdef bint _c_split                   # the class keeps LogParticipant's _apply: the
                                          # coordinator may split its commit (_complete_split)
+    cdef public int64_t _reserved        # the end of the last batch a coordinator reserved
+                                         # here (commit by its log: _CoordCore._redo_commit)
+    cdef readonly bint _redo_log         # the log appends unsynced (an engine.Log): its
+                                         # transactions may commit by the coordinator's log
+    cdef bint _log_always                # ... and its durability is "always"
 
     def __cinit__(self, *args, **kwargs):
         self._commit_lock = _Mutex()
@@ -1510,6 +1843,8 @@ cdef class _LogPartCore(_PartCore):
         """_commit_one's mark, unsynced (``_commit_lock`` held): ``(info,
         journal generation written to)``, or None if ``txid`` is unknown."""
         cdef _JournalCore journal = self._journal
+        if self._reserved:
+            self._settle()
         start = self._log.next_offset
         with self._lock:
             # under the lock a journal switch takes: the mark is either in
@@ -1529,6 +1864,40 @@ cdef class _LogPartCore(_PartCore):
         journal.appended += 1
         return (info, jlog)
 
+    cdef int _redo_append(self, int64_t start, list values, object keys) except -1:
+        """Append a batch committed by the coordinator's log at ``start``,
+        where it reserved it (``_commit_lock`` held), without waiting for a
+        sync: the coordinator's journal holds it until the log is durable."""
+        log = self._log
+        nxt = log.next_offset
+        if nxt != start:
+            raise EngineError(
+                f"log {getattr(log, 'path', '?')!r} is at offset {nxt}, and a committed batch "
+                f"was reserved at {start}: another writer appended to it, or a write failed "
+                "(reopen the log and its participant, then Coordinator.recover())")
+        if self._log_always:
+            log._append_unsynced(values, keys)
+        elif keys is None:
+            log.append_many(values)
+        else:
+            log.append_many(values, keys)
+        return 0
+
+    def _settle(self):
+        """Before this participant writes a commit mark (``_commit_lock``
+        held): every batch a coordinator committed by its own log here is in
+        the log and durable, so no mark ever points past a batch that a
+        power loss could still take away (recovery redoes those only after
+        the participant finished its marked batches)."""
+        log = self._log
+        if self._reserved > log.next_offset:
+            raise EngineError(
+                f"log {getattr(log, 'path', '?')!r} lacks batches committed through the "
+                "coordinator's journal (their write failed): reopen the log, this participant "
+                "and the coordinator, then Coordinator.recover()")
+        if self._journal.sync:
+            log.flush(self._reserved)
+
     @property
     def log(self):
         """The :class:`engine.Log` this participant appends batches to."""
@@ -1541,6 +1910,8 @@ cdef class _LogPartCore(_PartCore):
             raise TypeError(f"a LogParticipant needs an engine.Log, not {type(value).__name__}")
         self._log_append = append
         self._log = value
+        self._redo_log = getattr(value, "_append_unsynced", None) is not None
+        self._log_always = self._redo_log and getattr(value, "durability", None) == "always"
 
     def _check(self, str txid, ops):
         """The durable form of ``ops``: ``(values, keys or None)``."""
