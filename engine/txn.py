@@ -120,8 +120,8 @@ a commit returns only once its records are durable, and SIGKILLs groups at
 every crash point; ``tests/test_txn_lone_commit.py`` checks the lone commit's
 overlap and its order.
 
-Commit by the coordinator's log (``Coordinator(redo=True)``, durability
-``"always"``): a transaction whose participants are all LogParticipants of
+Commit by the coordinator's log (``Coordinator(redo=True)``, the default;
+durability ``"always"``): a transaction whose participants are all LogParticipants of
 this process skips the vote.  Their prepare would only check the ops (a
 LogParticipant holds no locks and never changes its mind), and a batch that
 the log's only writer appends at an offset fixed in advance can be redone
@@ -727,7 +727,7 @@ class Coordinator(_CoordCore):
     ``timeout`` (seconds) bounds a transaction: one still undecided that
     long after :meth:`transaction` aborts.
 
-    ``redo=True`` (with ``durability="always"``): a transaction whose
+    ``redo`` (default True; with ``durability="always"``): a transaction whose
     participants are all :class:`LogParticipant` objects commits with ONE
     durable record in this journal, which carries every participant's batch
     and the offset it starts at in its log (the commit point: one sync,
@@ -737,8 +737,10 @@ class Coordinator(_CoordCore):
     synced once per ``end_batch`` transactions before those end.  After a
     crash, :meth:`recover` (given the participants) appends what a log lacks
     of each such transaction, whole and once, in commit order.  Other
-    transactions, and every transaction under another durability, run the
-    protocol below unchanged.
+    transactions, every transaction under another durability, and all of
+    them with ``redo=False`` (each participant's batch durable in its own
+    log when commit returns, at 7 syncs in 4 rounds for two participants),
+    run the protocol below.
 
     ``end_batch``: ``end`` records (which let the log forget finished
     transactions) are written in batches of that many txids.
@@ -758,7 +760,7 @@ class Coordinator(_CoordCore):
         end_batch: int = 64,
         compact_records: int = 50_000,
         segment_bytes: int = 1 << 20,
-        redo: bool = False,
+        redo: bool = True,
     ) -> None:
         if not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")

@@ -7,7 +7,8 @@ owner's lock; with durability "always" the same steps run the general way
 (syncs outside the lock, group commit).  Both must leave identical journals,
 identical data and pass the same crash points in the same order, since the
 crash tests (tests/stress/test_txn_crash.py, durability "none") only exercise
-the fast paths.  Plus: a failure in the middle of a fast commit is finished by
+the fast paths.  The "always" world runs the vote protocol (``redo=False``),
+the one the fast paths mirror.  Plus: a failure in the middle of a fast commit is finished by
 a resend, and threads mixing the fast and the group-commit path lose nothing.
 """
 
@@ -64,7 +65,7 @@ def _scenario(root: str, durability: str) -> dict:
     txn_mod._arm_crash(None, trace)  # record every crash point passed, kill nowhere
     try:
         coord = Coordinator(
-            os.path.join(root, "coord"), durability=durability, segment_bytes=SEG, end_batch=4
+            os.path.join(root, "coord"), durability=durability, segment_bytes=SEG, end_batch=4, redo=False
         )
         la = Log(os.path.join(root, "a"), durability=durability, segment_bytes=SEG)
         lb = Log(os.path.join(root, "b"), durability=durability, segment_bytes=SEG)

@@ -6,6 +6,11 @@ keep: a commit returns only once its decision record (and the prepared records
 before it) are durable; each transaction of a group gets its own outcome; and
 the group shares its syncs.  The crash points are covered by
 tests/stress/test_txn_crash.py.
+
+The worlds whose records these tests inspect run the vote protocol
+(``Coordinator(redo=False)``), which transactions with any participant other
+than a LogParticipant always run; commit by the coordinator's log has its
+own tests in tests/test_txn_onesync.py.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ def test_commit_returns_only_once_its_records_are_durable(tmp_path, durable, thr
     coordinator's journal durable past the transaction's decision record, and
     each participant's journal durable past its prepared record; and when a
     decision becomes durable, its prepared records already were."""
-    coord = Coordinator(tmp_path / "coord", durability="always", segment_bytes=SEG)
+    coord = Coordinator(tmp_path / "coord", durability="always", segment_bytes=SEG, redo=False)
     la = Log(str(tmp_path / "a"), durability="always", segment_bytes=SEG)
     lb = Log(str(tmp_path / "b"), durability="always", segment_bytes=SEG)
     pa, pb = LogParticipant(la, segment_bytes=SEG), LogParticipant(lb, segment_bytes=SEG)
@@ -208,7 +213,7 @@ class _Overlap(Durable):
 
 
 def _lone_world(tmp_path):
-    coord = Coordinator(tmp_path / "coord", durability="always", segment_bytes=SEG)
+    coord = Coordinator(tmp_path / "coord", durability="always", segment_bytes=SEG, redo=False)
     la = Log(str(tmp_path / "a"), durability="always", segment_bytes=SEG)
     lb = Log(str(tmp_path / "b"), durability="always", segment_bytes=SEG)
     pa, pb = LogParticipant(la, segment_bytes=SEG), LogParticipant(lb, segment_bytes=SEG)
@@ -279,7 +284,7 @@ CRASH_THREADS, CRASH_PER = 6, 5
 
 
 def _crash_world(root):
-    coord = Coordinator(f"{root}/coord", durability="always", segment_bytes=SEG)
+    coord = Coordinator(f"{root}/coord", durability="always", segment_bytes=SEG, redo=False)
     la = Log(f"{root}/a", durability="always", segment_bytes=SEG)
     lb = Log(f"{root}/b", durability="always", segment_bytes=SEG)
     pa, pb = LogParticipant(la, segment_bytes=SEG), LogParticipant(lb, segment_bytes=SEG)

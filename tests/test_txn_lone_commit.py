@@ -8,6 +8,10 @@ protocol needs, seen through the log's sync hook: no participant hears of
 the commit (its mark is durable) before the decision is; no batch is written
 before its mark is durable (invariant L1 of engine.txn); and the commit
 returns only once every batch is durable.
+
+The coordinator runs the vote protocol (``redo=False``): commit by the
+coordinator's log, the default for LogParticipants alone, syncs once and has
+its own tests in tests/test_txn_onesync.py.
 """
 
 from __future__ import annotations
@@ -87,7 +91,7 @@ class _Watch(Durable):
 
 
 def _world(tmp_path):
-    coord = Coordinator(tmp_path / "coord", durability="always", segment_bytes=SEG)
+    coord = Coordinator(tmp_path / "coord", durability="always", segment_bytes=SEG, redo=False)
     la = Log(str(tmp_path / "a"), durability="always", segment_bytes=SEG)
     lb = Log(str(tmp_path / "b"), durability="always", segment_bytes=SEG)
     pa, pb = LogParticipant(la, segment_bytes=SEG), LogParticipant(lb, segment_bytes=SEG)
