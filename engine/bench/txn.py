@@ -20,9 +20,10 @@ Peers, on the same messages:
 Cases (quick / --full): durability "none", one thread (5,000 / 100,000
 transactions; target >= 50,000 txn/s); durability "always", 32 threads
 sharing the coordinator (1,000 / 10,000; targets >= 2,000 txn/s and >= 3x
-SQLite: concurrent commits queue behind one leader that runs the protocol
-for all of them, so prepared records, decisions, commit marks and batches
-share one sync per journal and log).  ``--full`` adds the same durable case
+SQLite: with two LogParticipants a transaction commits by one record in the
+coordinator's journal that carries both batches, the default, and concurrent
+commits queue behind one leader that writes all of theirs with one sync; the
+logs themselves are synced once per ``end_batch`` transactions).  ``--full`` adds the same durable case
 at 1 and 8 threads (a thread sweep: ``--plot`` draws throughput against
 threads).  ``bench/sync_counts.py --only txn`` counts the syncs per transaction of both.
 
@@ -211,9 +212,10 @@ def _durable_case(profile: Profile, threads: int) -> Case:
         targets = [Target("ratio", 1, SQLITE_FULL)]
     return Case(
         name=_durable_name(threads),
-        description=f"{threads} thread(s) share one coordinator; concurrent commits queue "
-        "behind one leader, so their prepared records, decisions and batches share "
-        "syncs (group commit); vs SQLite synchronous=FULL (one writer)",
+        description=f"{threads} thread(s) share one coordinator; a txn commits by one "
+        "journal record carrying both batches, and concurrent commits queue behind one "
+        "leader that syncs all of theirs at once (group commit); vs SQLite "
+        "synchronous=FULL (one writer)",
         kind=THROUGHPUT,
         workload=Workload(profile.count(quick=1_000, full=10_000) if threads > 1
                           else profile.count(quick=300, full=3_000), 64),
