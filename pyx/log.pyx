@@ -1705,54 +1705,135 @@ cdef _probe_readable(str spath, size_t start, size_t end=0):
         _os.close(fd)
 
 
-def verify(path):
+# verify scans segments on at most this many threads by default: two or three
+# saturate the memory bandwidth a scan needs (it is read-bound), more only
+# hold more windows and file descriptors
+cdef int _VERIFY_THREADS_MAX = 4
+
+
+def verify(path, threads=None):
     """Check every segment of a log directory; returns one :class:`ScanResult` each.
 
     Also checks that consecutive segments chain (each sealed segment's end
     marker names the next segment's base) and that only the last segment is
     unsealed.  Read-only: safe while a writer is running (the active
     segment's in-progress tail reads as its end).
+
+    ``threads``: how many segments are scanned at once (each scan runs
+    without the GIL); default: the CPUs this process may run on, at most 4.
+    The results, and the first exception raised (in segment order), are the
+    same whatever the count.
     """
-    return _verify(_os.fspath(path), True)
+    return _verify(_os.fspath(path), True, _verify_threads(threads))
 
 
-cdef list _verify(str path, bint writer_may_run):
+cdef int _verify_threads(object threads) except -1:
+    """The thread count verify uses for `threads` (None: the default)."""
+    if threads is None:
+        try:
+            n = len(_os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            n = _os.cpu_count() or 1
+        return max(1, min(n, _VERIFY_THREADS_MAX))
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ValueError(f"threads must be a positive int, not {threads!r}")
+    return min(threads, 64)
+
+
+cdef object _scan_path(str spath, uint64_t base, object lid):
+    """The ScanResult of segment file `spath` (expected base `base`): the
+    check verify runs on each segment, on any thread.  None for an empty file."""
+    fd = _os.open(spath, _os.O_RDONLY)
+    try:
+        size = _os.fstat(fd).st_size
+        if size == 0:
+            return None
+        return _scan_fd(fd, size, spath, base, lid)
+    finally:
+        _os.close(fd)
+
+
+cdef list _scan_paths(list names, list bases, object lid, int threads):
+    """_scan_path of every segment, `threads` at a time; the results in
+    segment order.  An exception is raised once the segments before it are
+    done, the first in segment order (as a serial scan would raise it), and
+    no later segment is started after it."""
+    cdef Py_ssize_t n = len(names)
+    out = [None] * n
+    if threads <= 1 or n <= 1:
+        for i in range(n):
+            out[i] = _scan_path(names[i], bases[i], lid)
+        return out
+    errs = [None] * n
+    lock = _threading.Lock()
+    state = [0, False]  # next segment to take, stop taking
+
+    def work():
+        while True:
+            with lock:
+                i = state[0]
+                if i >= n or state[1]:
+                    return
+                state[0] = i + 1
+            try:
+                out[i] = _scan_path(names[i], bases[i], lid)
+            except BaseException as exc:
+                # segments are taken in order: every earlier one is taken
+                # already and finishes, no later one starts
+                errs[i] = exc
+                state[1] = True
+                return
+
+    helpers = []
+    try:
+        for _ in range(min(threads, n) - 1):
+            t = _threading.Thread(target=work, name="engine-verify", daemon=True)
+            try:
+                t.start()
+            except RuntimeError:  # no thread to be had: the others do the work
+                break
+            helpers.append(t)
+        work()
+    finally:
+        for t in helpers:
+            t.join()
+    for exc in errs:
+        if exc is not None:
+            raise exc
+    return out
+
+
+cdef list _verify(str path, bint writer_may_run, int threads=1):
     """verify(); writer_may_run=False when the caller holds the lock itself
     (repair): no tail is then in progress."""
     meta = _read_meta(path)
     lid = meta["log_uuid"].bytes
-    results = []
     bases = _list_segments(path)
-    for i, base in enumerate(bases):
-        spath = _os.path.join(path, _seg_name(base))
-        # the published end before the scan: bytes the scan finds past it are
-        # a live writer's tail in progress; read after, it could cover bytes
-        # the scan saw half-written
-        pub = _live_published(path, base) if writer_may_run and i == len(bases) - 1 else None
-        fd = _os.open(spath, _os.O_RDONLY)
-        try:
-            size = _os.fstat(fd).st_size
-            if size == 0:
-                results.append(ScanResult(spath, base, 0, base, 0, False, "empty segment file", 0, 0))
-                continue
-            res = _scan_fd(fd, size, spath, base, lid)
-        finally:
-            _os.close(fd)
-        if res.error is not None and i == len(bases) - 1:
+    names = [_os.path.join(path, _seg_name(base)) for base in bases]
+    last = len(bases) - 1
+    # the published end before the scan: bytes the scan finds past it are a
+    # live writer's tail in progress; read after, it could cover bytes the
+    # scan saw half-written
+    pub = _live_published(path, bases[last]) if writer_may_run and bases else None
+    results = _scan_paths(names, bases, lid, threads)
+    for i, res in enumerate(results):
+        if res is None:
+            # an empty file: no header, nothing to chain
+            results[i] = ScanResult(names[i], bases[i], 0, bases[i], 0, False, "empty segment file", 0, 0)
+            continue
+        if res.error is not None and i == last:
             # a live writer's unpublished tail (framed but not yet synced and
             # published) is in progress, not damage
             if pub is not None and res.error_position >= pub:
                 res.error = None
                 res.error_position = 0
         if res.error is None:
-            last = i == len(bases) - 1
-            if not last and not res.sealed:
+            if i != last and not res.sealed:
                 res.error = "segment is not sealed but a later segment exists"
                 res.error_position = res.end_position
-            elif not last and res.next_offset != bases[i + 1]:
+            elif i != last and res.next_offset != bases[i + 1]:
                 res.error = f"end marker names offset {res.next_offset}, next segment starts at {bases[i + 1]}"
                 res.error_position = res.end_position
-        results.append(res)
     return results
 
 
