@@ -1907,8 +1907,13 @@ cdef list _scan_paths(list names, list bases, object lid, int threads):
             helpers.append(t)
         work()
     finally:
+        state[1] = True  # an interrupt here: the helpers start no further segment
         for t in helpers:
             t.join()
+    for exc in errs:
+        # an interrupt (KeyboardInterrupt, SystemExit) before any segment's error
+        if exc is not None and not isinstance(exc, Exception):
+            raise exc
     for exc in errs:
         if exc is not None:
             raise exc
