@@ -1817,9 +1817,9 @@ cdef _probe_readable(str spath, size_t start, size_t end=0):
         _os.close(fd)
 
 
-# verify scans segments on at most this many threads by default: two or three
-# saturate the memory bandwidth a scan needs (it is read-bound), more only
-# hold more windows and file descriptors
+# verify scans segments on at most this many threads by default: a scan is
+# bound by reading memory (the page cache), which a few threads share out;
+# each more holds one more window and file descriptor
 cdef int _VERIFY_THREADS_MAX = 4
 
 
