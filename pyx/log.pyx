@@ -193,6 +193,15 @@ cdef extern from *:
         return n;
     }
 
+    /* Little-endian stores of the index files' fields (any host). */
+    static inline void eng_log_put_le32(uint8_t *p, uint32_t v) {
+        p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); p[2] = (uint8_t)(v >> 16); p[3] = (uint8_t)(v >> 24);
+    }
+    static inline void eng_log_put_le64(uint8_t *p, uint64_t v) {
+        eng_log_put_le32(p, (uint32_t)v);
+        eng_log_put_le32(p + 4, (uint32_t)(v >> 32));
+    }
+
     static inline uint32_t eng_log_rec_crc(uint32_t length, const uint8_t *p, size_t n) {
     #if ENG_CRC_X86
         if (eng_crc32c_have_hw && n < 3 * ENG_CRC_LANE) return eng_log_rec_crc_hw(length, p, n);
@@ -340,6 +349,8 @@ cdef extern from *:
     int ENG_LOG_PF_HAVE
     uint32_t eng_log_rec_crc(uint32_t length, const uint8_t *p, size_t n) noexcept nogil
     object eng_log_offset_int(PyObject **slot, int64_t off)
+    void eng_log_put_le32(uint8_t *p, uint32_t v) noexcept nogil
+    void eng_log_put_le64(uint8_t *p, uint64_t v) noexcept nogil
     ctypedef struct eng_log_pf:
         uint8_t *p
         int started
@@ -2076,12 +2087,19 @@ cdef _write_checkpoint(str path, uint64_t base, uint64_t pos, uint64_t nxt, bint
 cdef _write_index(str path, _Seg s, size_t covered):
     """Write .idx / .tix for s (rebuildable, so no fsync)."""
     cdef size_t i
-    ent = bytearray(8 * s.ix_n)
-    tent = bytearray(16 * s.ix_n)
+    cdef bytes ent = PyBytes_FromStringAndSize(NULL, 8 * s.ix_n)
+    cdef bytes tent = PyBytes_FromStringAndSize(NULL, 16 * s.ix_n)
+    cdef uint8_t *e = <uint8_t *>PyBytes_AS_STRING(ent)
+    cdef uint8_t *t = <uint8_t *>PyBytes_AS_STRING(tent)
+    # a C loop: a roll writes the index of a whole segment (16k entries for
+    # 64 MiB) on the appending thread
     for i in range(s.ix_n):
-        _struct.pack_into("<II", ent, 8 * i, s.ix_rel[i], s.ix_pos[i])
-        _struct.pack_into("<qII", tent, 16 * i, s.ix_ts[i], s.ix_rel[i], s.ix_pos[i])
-    for magic, body, ext in ((_IDX_MAGIC, bytes(ent), ".idx"), (_TIX_MAGIC, bytes(tent), ".tix")):
+        eng_log_put_le32(e + 8 * i, s.ix_rel[i])        # "<II": rel, pos
+        eng_log_put_le32(e + 8 * i + 4, s.ix_pos[i])
+        eng_log_put_le64(t + 16 * i, <uint64_t>s.ix_ts[i])  # "<qII": ts, rel, pos
+        eng_log_put_le32(t + 16 * i + 8, s.ix_rel[i])
+        eng_log_put_le32(t + 16 * i + 12, s.ix_pos[i])
+    for magic, body, ext in ((_IDX_MAGIC, ent, ".idx"), (_TIX_MAGIC, tent, ".tix")):
         head = _INDEX_HEADER.pack(magic, s.base, s.ix_n, covered,
                                   eng_crc32c(0, PyBytes_AS_STRING(body), len(body)), 0)
         hcrc = eng_crc32c(0, PyBytes_AS_STRING(head), 28)

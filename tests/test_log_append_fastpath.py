@@ -276,3 +276,36 @@ def test_append_signature():
 
     params = inspect.signature(engine.Log.append).parameters
     assert list(params)[-2:] == ["value", "key"] and params["key"].default is None
+
+
+def test_rolled_segments_index_files_point_at_their_records(tmp_path):
+    # a roll writes the segment's .idx (rel, pos) and .tix (ts, rel, pos)
+    # entries: each names a record of that segment by offset, position and
+    # timestamp, in order
+    p = str(tmp_path / "log")
+    with engine.Log(p, durability="none", segment_bytes=1 << 20) as log:
+        for i in range(40_000):
+            log.append(b"%d" % i * 5, key=b"k" if i % 3 else None)
+    segs = _seg_files(p)
+    assert len(segs) >= 3
+    for seg in segs[:-1]:  # written by the rolls
+        base = int(os.path.basename(seg)[:20])
+        with open(seg, "rb") as f:
+            data = f.read()
+        with open(seg[:-4] + ".idx", "rb") as f:
+            idx = f.read()
+        with open(seg[:-4] + ".tix", "rb") as f:
+            tix = f.read()
+        n = (len(idx) - 32) // 8
+        assert n > 100 and len(tix) == 32 + 16 * n
+        prev = -1
+        for i in range(n):
+            rel, pos = struct.unpack_from("<II", idx, 32 + 8 * i)
+            ts, rel2, pos2 = struct.unpack_from("<qII", tix, 32 + 16 * i)
+            h = HDR.unpack_from(data, pos)
+            assert (rel2, pos2) == (rel, pos) and pos > prev
+            assert h[2] == base + rel and h[3] == ts
+            prev = pos
+    with engine.LogReader(p) as rd:  # the index files load and seek by offset and time
+        rd.seek(31_234)
+        assert bytes(next(iter(rd)).value) == b"31234" * 5
