@@ -38,6 +38,8 @@ cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_CheckBuffer, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_XDECREF
 from cpython.pythread cimport (NOWAIT_LOCK, PyThread_acquire_lock, PyThread_allocate_lock,
                                PyThread_free_lock, PyThread_release_lock, PyThread_type_lock)
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
@@ -147,6 +149,59 @@ cdef extern from *:
         return ~(uint32_t)c;
     }
     #endif
+    /* The offset append() returns, as a Python int, without an allocation
+     * per call: *slot keeps the last one made; while nothing else refers to
+     * it (reference count 1: a caller that kept the previous offset holds a
+     * second reference) nobody can observe it, so its one 30-bit digit is
+     * set to the new offset and it is returned again.  Only one-digit
+     * positive values at least ENG_LOG_INT_MIN are ever reused (never a
+     * shared small int, never a change of the digit count), only where the
+     * int layout is the one below and the GIL guards the count; anything
+     * else takes PyLong_FromLongLong.  Returns a new reference (NULL with an
+     * exception set on MemoryError). */
+    #define ENG_LOG_INT_MIN (1 << 10)
+    #if !defined(Py_GIL_DISABLED) && !defined(PYPY_VERSION) && PYLONG_BITS_IN_DIGIT == 30
+    #define ENG_LOG_INT_REUSE 1
+    #if PY_VERSION_HEX >= 0x030C0000
+    #define ENG_LOG_DIGIT0(o) (((PyLongObject *)(o))->long_value.ob_digit[0])
+    #else
+    #if PY_VERSION_HEX < 0x030B0000
+    #include <longintrepr.h>
+    #endif
+    #define ENG_LOG_DIGIT0(o) (((PyLongObject *)(o))->ob_digit[0])
+    #endif
+    #else
+    #define ENG_LOG_INT_REUSE 0
+    #endif
+    static PyObject *eng_log_offset_int(PyObject **slot, int64_t off) {
+    #if ENG_LOG_INT_REUSE
+        PyObject *o = *slot;
+        int fits = off >= ENG_LOG_INT_MIN && off < ((int64_t)1 << 30);
+        if (fits && o != NULL && Py_REFCNT(o) == 1) {
+            ENG_LOG_DIGIT0(o) = (digit)off;
+            Py_INCREF(o);
+            return o;
+        }
+    #endif
+        PyObject *n = PyLong_FromLongLong((long long)off);
+    #if ENG_LOG_INT_REUSE
+        if (n != NULL && fits && Py_REFCNT(n) == 1) {
+            Py_INCREF(n);
+            Py_XSETREF(*slot, n);
+        }
+    #endif
+        return n;
+    }
+
+    /* Little-endian stores of the index files' fields (any host). */
+    static inline void eng_log_put_le32(uint8_t *p, uint32_t v) {
+        p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); p[2] = (uint8_t)(v >> 16); p[3] = (uint8_t)(v >> 24);
+    }
+    static inline void eng_log_put_le64(uint8_t *p, uint64_t v) {
+        eng_log_put_le32(p, (uint32_t)v);
+        eng_log_put_le32(p + 4, (uint32_t)(v >> 32));
+    }
+
     static inline uint32_t eng_log_rec_crc(uint32_t length, const uint8_t *p, size_t n) {
     #if ENG_CRC_X86
         if (eng_crc32c_have_hw && n < 3 * ENG_CRC_LANE) return eng_log_rec_crc_hw(length, p, n);
@@ -293,6 +348,9 @@ cdef extern from *:
     """
     int ENG_LOG_PF_HAVE
     uint32_t eng_log_rec_crc(uint32_t length, const uint8_t *p, size_t n) noexcept nogil
+    object eng_log_offset_int(PyObject **slot, int64_t off)
+    void eng_log_put_le32(uint8_t *p, uint32_t v) noexcept nogil
+    void eng_log_put_le64(uint8_t *p, uint64_t v) noexcept nogil
     ctypedef struct eng_log_pf:
         uint8_t *p
         int started
@@ -2227,12 +2285,19 @@ cdef _write_checkpoint(str path, uint64_t base, uint64_t pos, uint64_t nxt, bint
 cdef _write_index(str path, _Seg s, size_t covered):
     """Write .idx / .tix for s (rebuildable, so no fsync)."""
     cdef size_t i
-    ent = bytearray(8 * s.ix_n)
-    tent = bytearray(16 * s.ix_n)
+    cdef bytes ent = PyBytes_FromStringAndSize(NULL, 8 * s.ix_n)
+    cdef bytes tent = PyBytes_FromStringAndSize(NULL, 16 * s.ix_n)
+    cdef uint8_t *e = <uint8_t *>PyBytes_AS_STRING(ent)
+    cdef uint8_t *t = <uint8_t *>PyBytes_AS_STRING(tent)
+    # a C loop: a roll writes the index of a whole segment (16k entries for
+    # 64 MiB) on the appending thread
     for i in range(s.ix_n):
-        _struct.pack_into("<II", ent, 8 * i, s.ix_rel[i], s.ix_pos[i])
-        _struct.pack_into("<qII", tent, 16 * i, s.ix_ts[i], s.ix_rel[i], s.ix_pos[i])
-    for magic, body, ext in ((_IDX_MAGIC, bytes(ent), ".idx"), (_TIX_MAGIC, bytes(tent), ".tix")):
+        eng_log_put_le32(e + 8 * i, s.ix_rel[i])        # "<II": rel, pos
+        eng_log_put_le32(e + 8 * i + 4, s.ix_pos[i])
+        eng_log_put_le64(t + 16 * i, <uint64_t>s.ix_ts[i])  # "<qII": ts, rel, pos
+        eng_log_put_le32(t + 16 * i + 8, s.ix_rel[i])
+        eng_log_put_le32(t + 16 * i + 12, s.ix_pos[i])
+    for magic, body, ext in ((_IDX_MAGIC, ent, ".idx"), (_TIX_MAGIC, tent, ".tix")):
         head = _INDEX_HEADER.pack(magic, s.base, s.ix_n, covered,
                                   eng_crc32c(0, PyBytes_AS_STRING(body), len(body)), 0)
         hcrc = eng_crc32c(0, PyBytes_AS_STRING(head), 28)
@@ -2634,6 +2699,7 @@ cdef class Log:
     cdef _Notify _notify          # shared wake-up block
     cdef uint32_t *_waiters       # &notify.waiters (cached)
     cdef uint64_t _n_appends      # statistics
+    cdef PyObject *_off_int       # append(): the int it returned last, owned (eng_log_offset_int)
     cdef uint64_t _n_syncs        # statistics
     cdef uint64_t _n_rolls        # statistics
     cdef uint64_t _recovered_bytes  # bytes zeroed by recovery at open
@@ -3103,6 +3169,7 @@ cdef class Log:
 
     def __dealloc__(self):
         free(self._stage)
+        Py_XDECREF(self._off_int)
         if self._pf != NULL and not self._in_child:
             self._pf_halt()  # (a fork's child has no such thread and leaves the block)
         # not closed: no sync, just let go of the lock (the next open recovers)
@@ -3332,6 +3399,10 @@ cdef class Log:
                                                 name=f"engine-log-compact:{self._path}", daemon=True)
             self._compactor.start()
 
+    # a plain C method (no function object): CPython's call of a bound
+    # builtin method is specialized, a Cython function's is not
+    @cython.binding(False)
+    @cython.embedsignature.format("clinic")  # __text_signature__: inspect.signature works
     def append(self, value, key=None):
         """Append one record; returns its offset.
 
@@ -3393,8 +3464,7 @@ cdef class Log:
             self._wake()  # the pwrite path publishes and wakes after its sync
         if self._durability == D_ALWAYS:
             self._sync_upto(off + 1)
-        # signed: a 64-bit signed integer converts by CPython's fast path for small ones
-        return <int64_t>off
+        return eng_log_offset_int(&self._off_int, <int64_t>off)
 
     def delete(self, key):
         """Append a delete marker (tombstone) for ``key``; returns its offset.

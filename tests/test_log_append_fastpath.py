@@ -232,3 +232,80 @@ def test_fork_while_the_prefaulter_runs(tmp_path):
     log.close()
     with engine.LogReader(p) as rd:
         assert [x.value for x in rd] == [b"%d" % i for i in range(30_000)]
+
+
+def test_returned_offsets_stay_what_they_were(tmp_path):
+    # append() hands back the int it returned last when nothing else holds
+    # it: an offset the caller keeps (a variable, a list, a dict key, a
+    # thread's local) must never change afterwards, dropped ones must not
+    # leak into kept ones, and every one equals its record's offset
+    p = str(tmp_path / "log")
+    with engine.Log(p, durability="none", segment_bytes=1 << 20) as log:
+        append = log.append
+        kept, by_off = [], {}
+        for i in range(30_000):  # past the one-digit reuse floor, across rolls
+            off = append(b"v%d" % i)
+            assert off == i and type(off) is int
+            if i % 7 == 0:
+                kept.append(off)
+                by_off[off] = i
+            del off
+        held = append(b"held")
+        for _ in range(3):
+            append(b"dropped")  # results discarded: the reused int is free
+        assert held == 30_000 and str(held) == "30000" and hash(held) == hash(30_000)
+        assert kept == list(range(0, 30_000, 7))
+        assert all(by_off[k] == k for k in by_off)
+        assert log.delete(b"k") == 30_004
+        assert [append(b"x") for _ in range(3)] == [30_005, 30_006, 30_007]
+        got = []
+        ts = [threading.Thread(target=lambda: got.extend(append(b"t") for _ in range(2000)))
+              for _ in range(3)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert sorted(got) == list(range(30_008, 36_008))
+    with engine.LogReader(p) as rd:
+        assert [r.offset for r in rd] == list(range(36_008))
+
+
+def test_append_signature():
+    # append is a plain method of the type: still introspectable
+    import inspect
+
+    params = inspect.signature(engine.Log.append).parameters
+    assert list(params)[-2:] == ["value", "key"] and params["key"].default is None
+
+
+def test_rolled_segments_index_files_point_at_their_records(tmp_path):
+    # a roll writes the segment's .idx (rel, pos) and .tix (ts, rel, pos)
+    # entries: each names a record of that segment by offset, position and
+    # timestamp, in order
+    p = str(tmp_path / "log")
+    with engine.Log(p, durability="none", segment_bytes=1 << 20) as log:
+        for i in range(40_000):
+            log.append(b"%d" % i * 5, key=b"k" if i % 3 else None)
+    segs = _seg_files(p)
+    assert len(segs) >= 3
+    for seg in segs[:-1]:  # written by the rolls
+        base = int(os.path.basename(seg)[:20])
+        with open(seg, "rb") as f:
+            data = f.read()
+        with open(seg[:-4] + ".idx", "rb") as f:
+            idx = f.read()
+        with open(seg[:-4] + ".tix", "rb") as f:
+            tix = f.read()
+        n = (len(idx) - 32) // 8
+        assert n > 100 and len(tix) == 32 + 16 * n
+        prev = -1
+        for i in range(n):
+            rel, pos = struct.unpack_from("<II", idx, 32 + 8 * i)
+            ts, rel2, pos2 = struct.unpack_from("<qII", tix, 32 + 16 * i)
+            h = HDR.unpack_from(data, pos)
+            assert (rel2, pos2) == (rel, pos) and pos > prev
+            assert h[2] == base + rel and h[3] == ts
+            prev = pos
+    with engine.LogReader(p) as rd:  # the index files load and seek by offset and time
+        rd.seek(31_234)
+        assert bytes(next(iter(rd)).value) == b"31234" * 5
