@@ -1439,48 +1439,51 @@ cdef class _CoordCore:
         cdef list txids = None
         cdef dict logs = None
         if force:
+            # _settle_mu throughout: no leader hands a job over meanwhile
             self._settle_mu._take()
             try:
                 self._settle_reap(False)
+                self._lock._take()
+                try:
+                    if not self._redo_unsynced:
+                        return 0
+                    txids, self._redo_unsynced = self._redo_unsynced, []
+                    logs, self._redo_logs = self._redo_logs, {}
+                finally:
+                    self._lock._give()
+                if _armed:
+                    _hook("coord.redo.before_flush", None)
+                err = _flush_logs(logs)
+                if err is not None:
+                    _settle_failed(len(txids), err)
+                    return 0
+                if _armed:
+                    _hook("coord.redo.after_flush", None)
+                self._settle_end(txids, False)
             finally:
                 self._settle_mu._give()
+            return 0
+        if len(self._redo_unsynced) < self._end_batch:
+            return 0  # (a glance without the lock; what counts is taken under it)
+        if not self._settle_mu._try():
+            return 0  # a forced settle runs: it ends them
+        try:
+            # the last job first (it ran meanwhile): one at a time, and
+            # reaped at a point the commits fix, not the disk's timing
+            self._settle_reap(True)
             self._lock._take()
             try:
-                if not self._redo_unsynced:
-                    return 0
                 txids, self._redo_unsynced = self._redo_unsynced, []
                 logs, self._redo_logs = self._redo_logs, {}
             finally:
                 self._lock._give()
+            if not txids:
+                return 0  # a forced settle took them meanwhile
             if _armed:
                 _hook("coord.redo.before_flush", None)
-            err = _flush_logs(logs)
-            if err is not None:
-                _settle_failed(len(txids), err)
-                return 0
-            if _armed:
-                _hook("coord.redo.after_flush", None)
-            self._settle_end(txids, False)
-            return 0
-        if not self._settle_mu._try():
-            return 0  # a forced settle runs: it ends them
-        try:
-            self._lock._take()
-            try:
-                if len(self._redo_unsynced) >= self._end_batch:
-                    txids, self._redo_unsynced = self._redo_unsynced, []
-                    logs, self._redo_logs = self._redo_logs, {}
-            finally:
-                self._lock._give()
-            if txids is not None:
-                # the last job first (it ran meanwhile): one at a time, and
-                # reaped at a point the commits fix, not the disk's timing
-                self._settle_reap(True)
-                if _armed:
-                    _hook("coord.redo.before_flush", None)
-                self._settle_txids = txids
-                self._settler._submit(_flush_logs, (logs,))
-                self._settling = True
+            self._settle_txids = txids
+            self._settler._submit(_flush_logs, (logs,))
+            self._settling = True
         finally:
             self._settle_mu._give()
         return 0
