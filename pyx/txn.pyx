@@ -466,6 +466,25 @@ cdef class _Helper:
         self._thread = None
 
 
+def _flush_logs(dict logs):
+    """Sync each ``[log, end]`` of ``logs`` past ``end`` (the settler's job);
+    returns the first error (the rest are not synced), or None."""
+    try:
+        for e in logs.values():
+            e[0].flush(e[1])
+    except Exception as exc:
+        return exc
+    return None
+
+
+cdef int _settle_failed(Py_ssize_t n, object exc) except -1:
+    """Log a participant log's failed sync: ``n`` transactions stay unended."""
+    _logger.warning("txn: a participant log did not sync; %d committed transactions "
+                    "stay in the coordinator's journal until recover() after a restart",
+                    n, exc_info=exc)
+    return 0
+
+
 cdef int _commit_not_taken(str txid, object name, object exc_info) except -1:
     """Log a participant that did not take a decided commit (recover() resends it)."""
     _logger.warning("txn %s: participant %r did not take commit; will resend", txid, name,
@@ -623,6 +642,10 @@ cdef class _CoordCore:
     cdef public dict _redo_logs           # id(log) -> [log, end its batches among those reach]
     cdef public set _redo_stale           # participant names with REDO batches of an earlier
                                           # incarnation not yet put back (recover() does)
+    cdef _Helper _settler                 # syncs the logs of applied redo batches (_redo_settle)
+    cdef _Mutex _settle_mu                # owns _settler and the two fields below
+    cdef bint _settling                   # a sync job is on _settler, not reaped yet
+    cdef list _settle_txids               # the transactions it ends once it succeeded
 
     def __cinit__(self, *args, **kwargs):
         self._lock = _Mutex()
@@ -639,6 +662,9 @@ cdef class _CoordCore:
         self._redo_unsynced = []
         self._redo_logs = {}
         self._redo_stale = set()
+        self._settler = _Helper()
+        self._settle_mu = _Mutex()
+        self._settle_txids = []
         self._prefix_s = ""
         self._prefix_b = b""
 
@@ -1396,40 +1422,108 @@ cdef class _CoordCore:
 
     def _redo_settle(self, bint force):
         """End the transactions committed by the coordinator's log whose
-        batches are in their logs, once those logs are durable past them:
-        every ``_end_batch`` of them (``force``: all now, their ``E`` record
-        left to the caller's :meth:`flush`).  A log that fails its sync
-        leaves them not ended: the journal keeps their REDO records and
-        recover() after a restart checks each log."""
-        cdef list batch = None
-        cdef object jlog = None
-        self._lock._take()
+        batches are in their logs, once those logs are durable past them.
+
+        Every ``_end_batch`` of them the leader hands their logs' syncs to
+        the settler thread and goes on: those syncs are off the commit's
+        path (they overlap the next commits' journal syncs).  The leader
+        that hands over the next ``_end_batch`` first reaps the last job
+        (waiting for it if it still runs, which it rarely does): on success
+        its transactions end (their ``E`` record, unsynced).  So a job, its
+        reaping and its end record come at commits that the count fixes,
+        whatever the disk's timing (the crash points too).  ``force``:
+        the job in flight and every applied transaction now, in this thread,
+        their ``E`` record left to the caller's :meth:`flush`.  A log that
+        fails its sync leaves them not ended: the journal keeps their REDO
+        records and recover() after a restart checks each log."""
+        cdef list txids = None
+        cdef dict logs = None
+        if force:
+            # _settle_mu throughout: no leader hands a job over meanwhile
+            self._settle_mu._take()
+            try:
+                self._settle_reap(False)
+                self._lock._take()
+                try:
+                    if not self._redo_unsynced:
+                        return 0
+                    txids, self._redo_unsynced = self._redo_unsynced, []
+                    logs, self._redo_logs = self._redo_logs, {}
+                finally:
+                    self._lock._give()
+                if _armed:
+                    _hook("coord.redo.before_flush", None)
+                err = _flush_logs(logs)
+                if err is not None:
+                    _settle_failed(len(txids), err)
+                    return 0
+                if _armed:
+                    _hook("coord.redo.after_flush", None)
+                self._settle_end(txids, False)
+            finally:
+                self._settle_mu._give()
+            return 0
+        if len(self._redo_unsynced) < self._end_batch:
+            return 0  # (a glance without the lock; what counts is taken under it)
+        if not self._settle_mu._try():
+            return 0  # a forced settle runs: it ends them
         try:
-            if not self._redo_unsynced or (not force
-                                           and len(self._redo_unsynced) < self._end_batch):
-                return 0
-            txids, self._redo_unsynced = self._redo_unsynced, []
-            logs, self._redo_logs = self._redo_logs, {}
+            # the last job first (it ran meanwhile): one at a time, and
+            # reaped at a point the commits fix, not the disk's timing
+            self._settle_reap(True)
+            self._lock._take()
+            try:
+                txids, self._redo_unsynced = self._redo_unsynced, []
+                logs, self._redo_logs = self._redo_logs, {}
+            finally:
+                self._lock._give()
+            if not txids:
+                return 0  # a forced settle took them meanwhile
+            if _armed:
+                _hook("coord.redo.before_flush", None)
+            self._settle_txids = txids
+            self._settler._submit(_flush_logs, (logs,))
+            self._settling = True
         finally:
-            self._lock._give()
-        if _armed:
-            _hook("coord.redo.before_flush", None)
-        try:
-            for e in logs.values():
-                e[0].flush(e[1])
-        except Exception:
-            _logger.warning("txn: a participant log did not sync; %d committed transactions "
-                            "stay in the coordinator's journal until recover() after a restart",
-                            len(txids), exc_info=True)
+            self._settle_mu._give()
+        return 0
+
+    cdef int _settle_reap(self, bint write_end) except -1:
+        """(``_settle_mu`` held) Reap the settler's job if there is one,
+        waiting for it to run: on success its transactions end
+        (``write_end``: their E record when due)."""
+        cdef tuple out
+        if not self._settling:
+            return 0
+        if self._settler._pid != os.getpid():
+            # a forked child: the parent's thread is not here, and whether
+            # its syncs ran is unknown (the journal keeps those REDO records)
+            self._settling = False
+            self._settle_txids = []
+            return 0
+        out = self._settler._wait()
+        self._settling = False
+        txids, self._settle_txids = self._settle_txids, []
+        err = out[0] if out[0] is not None else out[1]
+        if err is not None:
+            _settle_failed(len(txids), err)
             return 0
         if _armed:
             _hook("coord.redo.after_flush", None)
+        self._settle_end(txids, write_end)
+        return 0
+
+    cdef int _settle_end(self, list txids, bint write_end) except -1:
+        """End ``txids`` (their logs are durable past their batches); with
+        ``write_end`` write the ``E`` record once ``_end_batch`` ended."""
+        cdef list batch = None
+        cdef object jlog = None
         self._lock._take()
         try:
             for t in txids:
                 if self._redo.pop(t, None) is not None:
                     self._ended.append(t)
-            if not force and len(self._ended) >= self._end_batch:
+            if write_end and len(self._ended) >= self._end_batch:
                 batch, self._ended = self._ended, []
                 jlog = self._journal._log
         finally:
@@ -1454,6 +1548,15 @@ cdef class _CoordCore:
         finally:
             self._group_lock._give()
         self._helper.stop()
+        self._settle_mu._take()
+        try:
+            if self._settling and self._settler._pid == os.getpid():
+                self._settler._wait()  # its outcome is for recover() after a reopen
+            self._settling = False
+            self._settle_txids = []
+            self._settler.stop()
+        finally:
+            self._settle_mu._give()
 
     def _complete(self, str txid, parts):
         """Tell every participant to commit; end the txn when all acknowledged."""

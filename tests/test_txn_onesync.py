@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import threading
+import time
 
 import pytest
 from synchook import Durable, installed, run_threads
@@ -87,8 +89,11 @@ def test_a_lone_transaction_over_two_logs_costs_one_sync(tmp_path):
     """One thread, two LogParticipants over "always" logs: each transaction
     is one sync (the coordinator's journal), none of the logs or the
     participants' journals; every end_batch transactions the two logs are
-    synced once, before those transactions end."""
+    synced once, off the commit's path (a commit does not wait for them),
+    and those transactions end only once both syncs succeeded."""
     coord, logs, parts, _ = _world(tmp_path, end_batch=8)
+    paths = {lg.path for lg in logs}
+    gate = threading.Event()
     hook = Durable()
     try:
         with installed(hook):
@@ -100,15 +105,29 @@ def test_a_lone_transaction_over_two_logs_costs_one_sync(tmp_path):
         assert [lg.next_offset for lg in logs] == [7, 14]
         assert values(logs[0].path) == [b"a%d" % i for i in range(7)]
         assert _ended(coord.path) == set()
-        # the 8th: its end batch syncs each log once, then the eight end
+        # the 8th: its end batch's log syncs are held inside the sync hook;
+        # the commit returns all the same, and nothing ends meanwhile
+        held = []
         hook = Durable()
+        hook.after = lambda path, _end: path in paths and (held.append(path), gate.wait(10))
         with installed(hook):
+            t0 = time.monotonic()
             with coord.transaction() as tx:
                 tx.enlist(parts[0], [b"a7"])
                 tx.enlist(parts[1], [b"b7", b"b7+"])
+            took = time.monotonic() - t0
+            assert took < 5, f"the commit waited {took:.1f} s for the logs' syncs"
+            assert values(logs[0].path)[-1] == b"a7"
+            deadline = time.monotonic() + 10
+            while not held and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert held, "the logs were never synced"
+            assert coord._redo and _ended(coord.path) == set()
+            gate.set()
+            coord.flush()  # reaps the syncs, then writes the end record
         assert hook.syncs == {coord._journal.log.path: 1, logs[0].path: 1, logs[1].path: 1}
         assert hook.ends[logs[0].path] == 8 and hook.ends[logs[1].path] == 16
-        assert len(_ended(coord.path)) == 8
+        assert len(_ended(coord.path)) == 8 and not coord._redo
         assert coord.in_doubt() == [] and all(p.recover() == [] for p in parts)
         # one participant alone: the same single sync
         hook = Durable()
@@ -121,6 +140,7 @@ def test_a_lone_transaction_over_two_logs_costs_one_sync(tmp_path):
         for p in parts:
             assert read_journal(p._journal.path)[1] == []
     finally:
+        gate.set()
         _close(coord, logs, parts)
 
 
