@@ -16,10 +16,10 @@ run a saga that way.
 
 Cases (quick / --full): durability "none" (2,000 / 50,000 sagas: the page
 cache, survives a process crash), durability "always" (40 / 1,000 sagas:
-msync + fdatasync before each step, n + 1 = 4 syncs per saga), and "always"
-from 8 threads sharing one Saga (160 / 4,000 sagas: the log group-commits
-concurrent sagas' syncs, about 1 sync per saga instead of 4; target >= 3x the
-SQLite peer).  ``bench/sync_counts.py --only saga`` counts the syncs per saga
+a sync (pwrite + fdatasync on Linux) before each step, n + 1 = 4 syncs per saga),
+and "always" from 8 threads sharing one Saga (160 / 4,000 sagas: the log
+group-commits concurrent sagas' syncs, about 0.5 syncs per saga instead of 4;
+target >= 3x the SQLite peer).  ``bench/sync_counts.py --only saga`` counts the syncs per saga
 of both.
 
 Every ranked contender runs in steady state (:func:`engine.bench.steady.run_steady`):
@@ -185,7 +185,7 @@ def cases(profile: Profile) -> List[Case]:
         ),
         Case(
             name="3 steps, durability always",
-            description="one saga = 3 logged steps, 4 msync+fdatasync per saga, vs a SQLite "
+            description="one saga = 3 logged steps, 4 syncs (fdatasync) per saga, vs a SQLite "
             "saga-steps table at synchronous=FULL (WAL), 4 commits per saga",
             kind=THROUGHPUT,
             workload=Workload(profile.count(quick=40, full=1_000), 64),
