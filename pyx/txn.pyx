@@ -721,6 +721,19 @@ cdef class _CoordCore:
         """Run two-phase commit for ``tx`` (``tx.commit()`` calls this)."""
         self._commit_c(tx)
 
+    cdef int _register(self, list asked) except -1:
+        """Keep the participants of a transaction being decided by name, for
+        resends (the caller holds ``_lock``); the same list as last time (a
+        caller committing to the same participants again) is skipped."""
+        cdef dict reg
+        if asked != self._registered:
+            reg = self._participants
+            for p in asked:
+                if reg.get(p.name) is not p:
+                    reg[p.name] = p
+            self._registered = asked
+        return 0
+
     cdef int _commit_c(self, Transaction tx) except -1:
         if self._redo_stale:
             # a participant with committed batches of an earlier incarnation
@@ -798,12 +811,7 @@ cdef class _CoordCore:
                     reason = "timed out before the decision"
                 else:
                     self._finishing.add(txid)
-                    if asked != self._registered:  # the same objects as last time: skip
-                        reg = self._participants
-                        for p in asked:
-                            if reg.get(p.name) is not p:
-                                reg[p.name] = p
-                        self._registered = asked
+                    self._register(asked)
                     log = journal._log
                     if sync:
                         # the sync runs outside the lock (group commit);
@@ -1037,12 +1045,7 @@ cdef class _CoordCore:
                 else:
                     w.names = tuple([p.name for p in w.asked])
                     self._finishing.add(tx.txid)
-                    if w.asked != self._registered:
-                        reg = self._participants
-                        for p in w.asked:
-                            if reg.get(p.name) is not p:
-                                reg[p.name] = p
-                        self._registered = w.asked
+                    self._register(w.asked)
                     # decision() says "pending" until the record is durable
                     self._deciding[tx.txid] = w.names
                     decided.append(w)
@@ -1294,12 +1297,7 @@ cdef class _CoordCore:
                     w.redo = tuple(batches)
                     w.names = tuple([p.name for p in w.asked])
                     self._finishing.add(tx.txid)
-                    if w.asked != self._registered:
-                        reg = self._participants
-                        for q in w.asked:
-                            if reg.get(q.name) is not q:
-                                reg[q.name] = q
-                        self._registered = w.asked
+                    self._register(w.asked)
                     # memory first (a journal switch writes REDO from _redo);
                     # decision() says "pending" until the record is durable
                     self._redo[tx.txid] = w.redo
