@@ -8,11 +8,26 @@ at the moment a write returns, whether its record was already durable.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from typing import Callable, Iterator, Optional
 
 import engine._log as _logmod
+
+
+def snapshot(path: str) -> dict:
+    """The bytes of every data file of the log directory ``path`` (name ->
+    contents): taken inside a sync hook, what a power loss right after that
+    sync leaves of the log (its lock and notify files are not data)."""
+    snap = {}
+    for name in os.listdir(path):
+        full = os.path.join(path, name)
+        if name in ("writer.lock", "notify") or name.startswith(".") or not os.path.isfile(full):
+            continue
+        with open(full, "rb") as f:
+            snap[name] = f.read()
+    return snap
 
 
 class Durable:

@@ -19,6 +19,7 @@ import os
 import random
 
 import pytest
+from synchook import snapshot
 
 import engine
 from engine import _log
@@ -32,17 +33,6 @@ def _value(off: int) -> bytes:
     return bytes([off % 251]) * (off % 97) + b"#%d" % off
 
 
-def _snapshot(path):
-    snap = {}
-    for name in os.listdir(path):
-        full = os.path.join(path, name)
-        if name in ("writer.lock", "notify") or name.startswith(".") or not os.path.isfile(full):
-            continue
-        with open(full, "rb") as f:
-            snap[name] = f.read()
-    return snap
-
-
 def _record_run(path, rng):
     """Append under durability=always; returns [(info, snapshot, acked_before_next_sync)]."""
     snaps = []
@@ -50,7 +40,7 @@ def _record_run(path, rng):
 
     def hook(p, info):
         if p == path:
-            snaps.append([dict(info), _snapshot(path), None])
+            snaps.append([dict(info), snapshot(path), None])
             if len(snaps) >= 2 and snaps[-2][2] is None:
                 snaps[-2][2] = acked[0]
 

@@ -21,7 +21,7 @@ import threading
 import time
 
 import pytest
-from synchook import Durable, installed, run_threads
+from synchook import Durable, installed, run_threads, snapshot
 
 from engine import Log, LogReader
 from engine._txn import _decode_record, _encode
@@ -229,17 +229,6 @@ def test_bad_ops_abort_with_the_prepare_errors_and_write_nothing(tmp_path):
 # power loss: every byte the logs did not sync is gone
 
 
-def _snapshot(path):
-    snap = {}
-    for name in os.listdir(path):
-        full = os.path.join(path, name)
-        if name in ("writer.lock", "notify") or name.startswith(".") or not os.path.isfile(full):
-            continue
-        with open(full, "rb") as f:
-            snap[name] = f.read()
-    return snap
-
-
 class _Images(Durable):
     """A sync hook that keeps, per log, the image of its directory at its
     last sync: what a power loss leaves of it."""
@@ -247,12 +236,12 @@ class _Images(Durable):
     def __init__(self, paths):
         super().__init__()
         self.paths = {os.path.realpath(p) for p in paths}
-        self.images = {os.path.realpath(p): _snapshot(p) for p in paths}
+        self.images = {os.path.realpath(p): snapshot(p) for p in paths}
 
     def __call__(self, path, info):
         super().__call__(path, info)
         if os.path.realpath(path) in self.paths:
-            self.images[os.path.realpath(path)] = _snapshot(path)
+            self.images[os.path.realpath(path)] = snapshot(path)
 
     def restore(self):
         for path, snap in self.images.items():
