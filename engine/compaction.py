@@ -92,7 +92,7 @@ class CompactionResult:
     records_removed: int = 0
     tombstones_removed: int = 0
     records_scanned: int = 0
-    bytes_before: int = 0  # size of the segments this pass rewrote, measured before rewriting
+    bytes_before: int = 0  # the input size of the segments this pass rewrites
     bytes_after: int = 0
     seconds: float = 0.0
     segments: List[int] = field(default_factory=list)  # bases rewritten, oldest first

@@ -1527,13 +1527,20 @@ cdef class _CoordCore:
         finally:
             self._lock._give()
         if batch is not None:
-            if _armed:
-                _hook("coord.end.before_write", None)
-            _journal_append(self._journal, jlog, (REC_ENDED, batch), durable=False)
-            if _armed:
-                _hook("coord.end.after_write", None)
-            if self._journal.appended >= self._compact_records:
-                self._compact()
+            self._write_ended(batch, jlog)
+        return 0
+
+    cdef int _write_ended(self, list batch, object jlog) except -1:
+        """Write the end record of ``batch`` (taken from ``_ended`` under the
+        lock) to ``jlog``, not synced (a lost one only repeats a resend), and
+        compact the journal when it has grown to ``_compact_records``."""
+        if _armed:
+            _hook("coord.end.before_write", None)
+        _journal_append(self._journal, jlog, (REC_ENDED, batch), durable=False)
+        if _armed:
+            _hook("coord.end.after_write", None)
+        if self._journal.appended >= self._compact_records:
+            self._compact()
         return 0
 
     def _stop_helper(self):
@@ -1736,13 +1743,7 @@ cdef class _CoordCore:
         finally:
             self._lock._give()
         if batch is not None:
-            if _armed:
-                _hook("coord.end.before_write", None)
-            _journal_append(self._journal, log, (REC_ENDED, batch), durable=False)
-            if _armed:
-                _hook("coord.end.after_write", None)
-            if self._journal.appended >= self._compact_records:
-                self._compact()
+            self._write_ended(batch, log)
         return True
 
 
