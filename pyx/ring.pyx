@@ -94,6 +94,20 @@ cdef extern from "Python.h":
     PyObject *PyErr_Occurred_raw "PyErr_Occurred"()
     void PyErr_Clear_raw "PyErr_Clear"()
 
+# The C calling convention of the per-message entries (see ring_entry.h).
+cdef extern from "ring_entry.h":
+    ctypedef struct PyMethodDef:
+        const char *ml_name
+        void *ml_meth
+        int ml_flags
+        const char *ml_doc
+    int METH_FASTCALL
+    int METH_KEYWORDS
+    int ring_install_method(object tp, PyMethodDef *meth) except -1
+    int ring_parse_args(const char *fname, const char **names, Py_ssize_t n, Py_ssize_t nreq,
+                        PyObject **args, Py_ssize_t nargs, PyObject *kwnames,
+                        PyObject **out) except -1
+
 import logging as _logging
 import mmap as _mmap
 import os as _os
@@ -1261,17 +1275,19 @@ cdef class Producer:
             PyBuffer_Release(&view)
         return rc
 
-    @cython.binding(False)
-    def put(self, msg, timeout=None):
-        """Append one message (any C-contiguous buffer), waiting for room up
-        to ``timeout`` seconds (None: as long as it takes) -> ``Timeout``."""
-        # The common call -- bytes, no timeout, room by the cached gate, no
-        # wrap -- in one straight run; everything else takes the general path.
-        if (type(msg) is bytes and timeout is None and self._m is not None
+    # put(msg, timeout=None) is _producer_put below, a C entry point.
+    cdef inline bint _put_now(self, PyObject *msg) noexcept:
+        # The common call -- bytes, room by the cached gate, no wrap, an open
+        # handle and stream -- in one straight run, published.  False leaves
+        # everything else to _put_general, which reports it.
+        if (_is_bytes(msg) and self._m is not None
                 and not eng_load_acquire_u32(&self._h.prod.closed)
-                and self._write_now(PyBytes_AS_STRING(msg), <uint64_t>PyBytes_GET_SIZE(msg))):
+                and self._write_now(_bytes_ptr(msg), <uint64_t>_bytes_len(msg))):
             self._publish()
-            return
+            return True
+        return False
+
+    cdef object _put_general(self, object msg, object timeout):
         self._check()
         cdef int64_t dl = _NO_DEADLINE
         if timeout is not None:
@@ -1951,15 +1967,10 @@ cdef class Consumer:
             if out is not None:
                 return out
 
-    @cython.binding(False)
-    def get(self, timeout=None):
-        """The next message as bytes, waiting up to ``timeout`` seconds (None:
-        as long as it takes) -> ``Timeout``; ``Closed`` once drained after
-        the producer closed."""
-        cdef uint32_t ln
-        cdef uint64_t size, start, end
-        if self._at_message(&ln, &size):
-            return self._take_at(ln, size)
+    # get(timeout=None) is _consumer_get below, a C entry point.
+    cdef object _get_general(self, object timeout):
+        # every get that _at_message leaves: shared mode, waiting, errors
+        cdef uint64_t start, end
         if self._shared and self._m is not None and not self._view_adv:
             # shared mode: one claim attempt straight away (none: the
             # general path waits and claims again)
@@ -2462,6 +2473,62 @@ cdef class Consumer:
 
     def __exit__(self, exc_type, exc, tb):
         self.close()
+
+
+# ---- C entry points of put and get ----------------------------------------
+# METH_FASTCALL | METH_KEYWORDS functions (ring_entry.h): a call with
+# positional arguments only reaches the ring's straight run with no argument
+# parsing and no reference taken to a default; keywords go through
+# ring_parse_args.  CPython passes `self` of the method's own type.
+
+cdef const char *_PUT_NAMES[2]
+_PUT_NAMES[0] = "msg"
+_PUT_NAMES[1] = "timeout"
+cdef const char *_GET_NAMES[1]
+_GET_NAMES[0] = "timeout"
+
+
+cdef object _producer_put(Producer self, PyObject **args, Py_ssize_t nargs, PyObject *kwnames):
+    cdef PyObject *a[2]
+    if nargs == 1 and kwnames == NULL:
+        if self._put_now(args[0]):
+            return None
+        return self._put_general(<object>args[0], None)
+    ring_parse_args("put", _PUT_NAMES, 2, 1, args, nargs, kwnames, a)
+    return self._put_general(<object>a[0], None if a[1] == NULL else <object>a[1])
+
+
+cdef object _consumer_get(Consumer self, PyObject **args, Py_ssize_t nargs, PyObject *kwnames):
+    cdef uint32_t ln
+    cdef uint64_t size
+    cdef PyObject *a[1]
+    if nargs == 0 and kwnames == NULL:
+        if self._at_message(&ln, &size):
+            return self._take_at(ln, size)
+        return self._get_general(None)
+    ring_parse_args("get", _GET_NAMES, 1, 0, args, nargs, kwnames, a)
+    return self._get_general(None if a[0] == NULL else <object>a[0])
+
+
+cdef PyMethodDef _PUT_DEF
+_PUT_DEF.ml_name = "put"
+_PUT_DEF.ml_meth = <void *>_producer_put
+_PUT_DEF.ml_flags = METH_FASTCALL | METH_KEYWORDS
+_PUT_DEF.ml_doc = (
+    "put($self, /, msg, timeout=None)\n--\n\n"
+    "Append one message (any C-contiguous buffer), waiting for room up\n"
+    "to ``timeout`` seconds (None: as long as it takes) -> ``Timeout``.")
+cdef PyMethodDef _GET_DEF
+_GET_DEF.ml_name = "get"
+_GET_DEF.ml_meth = <void *>_consumer_get
+_GET_DEF.ml_flags = METH_FASTCALL | METH_KEYWORDS
+_GET_DEF.ml_doc = (
+    "get($self, /, timeout=None)\n--\n\n"
+    "The next message as bytes, waiting up to ``timeout`` seconds (None:\n"
+    "as long as it takes) -> ``Timeout``; ``Closed`` once drained after\n"
+    "the producer closed.")
+ring_install_method(Producer, &_PUT_DEF)
+ring_install_method(Consumer, &_GET_DEF)
 
 
 def _have_futex():

@@ -47,6 +47,63 @@ def test_keywords_still_accepted_on_the_hot_methods():
     ring.close()
 
 
+def test_put_and_get_signatures_are_introspectable():
+    """put and get are C entry points with a text signature: inspect sees
+    the same parameters as the stubs."""
+    import inspect
+
+    put = inspect.signature(engine.Producer.put).parameters
+    get = inspect.signature(engine.Consumer.get).parameters
+    assert list(put) == ["self", "msg", "timeout"] and put["timeout"].default is None
+    assert put["msg"].default is inspect.Parameter.empty
+    assert list(get) == ["self", "timeout"] and get["timeout"].default is None
+    assert "Timeout" in engine.Consumer.get.__doc__ and "Timeout" in engine.Producer.put.__doc__
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda p, c: p.put(), "missing required argument 'msg'"),
+        (lambda p, c: p.put(timeout=1), "missing required argument 'msg'"),
+        (lambda p, c: p.put(b"x", 1, 2), "at most 2 positional arguments"),
+        (lambda p, c: p.put(b"x", tmeout=1), "unexpected keyword argument 'tmeout'"),
+        (lambda p, c: p.put(b"x", msg=b"y"), "multiple values for argument 'msg'"),
+        (lambda p, c: c.get(1, 2), "at most 1 positional argument"),
+        (lambda p, c: c.get(timout=1), "unexpected keyword argument 'timout'"),
+        (lambda p, c: c.get(1, timeout=1), "multiple values for argument 'timeout'"),
+        (lambda p, c: engine.Consumer.get(p), "doesn't apply"),
+    ],
+)
+def test_put_and_get_reject_bad_arguments_without_touching_the_ring(call, match):
+    ring = engine.Ring(1 << 16)
+    p, c = ring.producer(), ring.consumer()
+    p.put(b"first")
+    with pytest.raises(TypeError, match=match):
+        call(p, c)
+    assert c.get_many() == [b"first"]  # nothing put, nothing taken by the failed call
+    ring.close()
+
+
+def test_positional_timeouts_take_the_general_path():
+    ring = engine.Ring(4096)
+    p, c = ring.producer(), ring.consumer()
+    with pytest.raises(engine.Timeout):
+        c.get(0)
+    with pytest.raises(engine.Timeout):
+        c.get(0.01)
+    n = 0
+    while p.try_put(b"x" * 100):
+        n += 1
+    with pytest.raises(engine.Timeout):
+        p.put(b"y" * 100, 0.01)
+    with pytest.raises(ValueError):
+        p.put(b"y" * 100, -1)
+    assert c.get(None) == b"x" * 100
+    p.put(b"z", None)
+    assert c.get_many(1000) == [b"x" * 100] * (n - 1) + [b"z"]
+    ring.close()
+
+
 def test_put_checks_its_timeout_even_when_there_is_room():
     ring = engine.Ring(1 << 16)
     p, c = ring.producer(), ring.consumer()
