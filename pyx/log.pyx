@@ -99,7 +99,7 @@ cdef extern from "log_layout.h" nogil:
         uint64_t bytes
         uint32_t failed
         int err
-    int eng_log_zf_start(eng_log_zf *z, uint64_t step) noexcept
+    int eng_log_zf_start(eng_log_zf *z, uint64_t step, int64_t idle_ns) noexcept
     int eng_log_zf_retarget(eng_log_zf *z, int fd, uint64_t size, uint64_t done) noexcept
     void eng_log_zf_push(eng_log_zf *z, uint64_t target) noexcept
     void eng_log_zf_enter(eng_log_zf *z, uint64_t end) noexcept
@@ -433,6 +433,7 @@ cdef size_t _MIN_INNER = 4
 cdef size_t _ZF_AHEAD = 8 << 20
 cdef size_t _ZF_STEP = 1 << 20
 cdef size_t _ZF_PUSH = 1 << 20
+cdef int64_t _ZF_IDLE_NS = 1_000_000
 cdef size_t _ZF_OFF = <size_t>-1     # _zf_due when no zeroer runs
 cdef bint _zero_ahead = True         # test/bench hook: False keeps the zeroer off
 # a sync moves the checkpoint (the recovery point) at most this often: three
@@ -4072,7 +4073,7 @@ cdef class Log:
             if z == NULL:
                 _os.close(fd)
                 raise MemoryError()
-            if eng_log_zf_start(z, _ZF_STEP) != 0:
+            if eng_log_zf_start(z, _ZF_STEP, _ZF_IDLE_NS) != 0:
                 free(z)
                 _os.close(fd)
                 return

@@ -311,6 +311,9 @@ typedef struct {
     uint64_t claim;          /* [done, claim) is being written (0: nothing in flight) */
     uint64_t wend;           /* the appender declared writes below this */
     uint64_t target;         /* zero up to here */
+    uint64_t writes;         /* appender: writes so far (atomic, relaxed: only compared) */
+    int quiet;               /* thread: idle_ns passed without a write or a step */
+    int64_t idle_ns;         /* zero only after this long without a write */
     uint64_t bytes;          /* statistics: zeros written */
     uint32_t failed;         /* atomic: a zero write failed (errno in err); the thread returned */
     int err;
@@ -331,6 +334,27 @@ static void *eng_log_zf_main(void *arg) {
             pthread_cond_wait(&z->cv, &z->mu);
             continue;
         }
+        if (!z->quiet) {
+            /* each step only after a full idle_ns without a write (and none
+             * since the last step): while the appender is busy, its syncs
+             * would wait for this write and the device's bandwidth is its
+             * own (a sync slowed by a step must not look like idle time
+             * that calls for the next one) */
+            uint64_t w = __atomic_load_n(&z->writes, __ATOMIC_RELAXED);
+            struct timespec until;
+            clock_gettime(CLOCK_MONOTONIC, &until);
+            int64_t ns = until.tv_nsec + z->idle_ns;
+            until.tv_sec += ns / 1000000000;
+            until.tv_nsec = ns % 1000000000;
+            int rc;
+            do {
+                rc = pthread_cond_timedwait(&z->cv, &z->mu, &until);
+            } while (rc == 0 && !z->stop && z->fd >= 0 &&
+                     __atomic_load_n(&z->writes, __ATOMIC_RELAXED) == w);
+            z->quiet = rc == ETIMEDOUT && __atomic_load_n(&z->writes, __ATOMIC_RELAXED) == w;
+            continue;
+        }
+        z->quiet = 0;
         if (hi - lo > z->step) hi = lo + z->step;
         int fd = z->fd;
         __atomic_store_n(&z->done, lo, __ATOMIC_RELEASE);
@@ -373,20 +397,26 @@ static int eng_log_zf_fs_ok(int fd) {
 #endif
 }
 
-/* Start the thread with `step`-byte writes; 0, or -1 (no thread: platform,
- * memory, pthread error). */
-static int eng_log_zf_start(eng_log_zf *z, uint64_t step) {
+/* Start the thread with `step`-byte writes, each after `idle_ns` without
+ * an append; 0, or -1 (no thread: platform, memory, pthread error). */
+static int eng_log_zf_start(eng_log_zf *z, uint64_t step, int64_t idle_ns) {
 #if ENG_LOG_ZF_HAVE
     if (z->started) return 0;
     z->fd = -1;
     z->step = step;
+    z->idle_ns = idle_ns;
     if (posix_memalign(&z->zeros, ENG_LOG_ZF_BLOCK, (size_t)step) != 0) {
         z->zeros = NULL;
         return -1;
     }
     memset(z->zeros, 0, (size_t)step);
     if (pthread_mutex_init(&z->mu, NULL) != 0) goto no_mu;
-    if (pthread_cond_init(&z->cv, NULL) != 0) goto no_cv;
+    pthread_condattr_t ca;
+    if (pthread_condattr_init(&ca) != 0) goto no_cv;
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    int rc = pthread_cond_init(&z->cv, &ca);
+    pthread_condattr_destroy(&ca);
+    if (rc != 0) goto no_cv;
     if (pthread_create(&z->thread, NULL, eng_log_zf_main, z) != 0) goto no_thread;
     z->started = 1;
     return 0;
@@ -399,7 +429,7 @@ no_mu:
     z->zeros = NULL;
     return -1;
 #else
-    (void)z; (void)step;
+    (void)z; (void)step; (void)idle_ns;
     return -1;
 #endif
 }
@@ -446,7 +476,9 @@ static inline void eng_log_zf_push(eng_log_zf *z, uint64_t target) {
  * while the zeros are ahead. */
 static inline void eng_log_zf_enter(eng_log_zf *z, uint64_t end) {
 #if ENG_LOG_ZF_HAVE
-    if (!z->started || end <= __atomic_load_n(&z->done, __ATOMIC_ACQUIRE)) return;
+    if (!z->started) return;
+    __atomic_store_n(&z->writes, z->writes + 1, __ATOMIC_RELAXED);  /* one appender at a time */
+    if (end <= __atomic_load_n(&z->done, __ATOMIC_ACQUIRE)) return;
     pthread_mutex_lock(&z->mu);
     while (z->claim != 0 && end > z->done) pthread_cond_wait(&z->cv, &z->mu);
     if (end > z->wend) z->wend = end;
