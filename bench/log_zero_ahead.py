@@ -6,7 +6,7 @@ Each round times BATCHES (default 200) ``Log.append_many`` calls of 1,000
 64-byte records with ``durability="always"`` (one pwrite + fdatasync each)
 into a fresh log in DIR (default the system temp dir: use a real disk) with
 the background zeroer off, then on for every AHEAD:STEP setting given
-(default 8:1024: zeros kept 8 MiB ahead, 1 MiB a write), then the floor
+(default 4:512: zeros kept 4 MiB ahead, 512 KiB a write), then the floor
 (``os.write`` of the joined batch + ``os.fdatasync`` into a plain file, as
 ``queue-engine bench --only log``'s reference row).  Rounds rotate so drift in
 the device hits every variant.  Printed per variant: median ms per batch,
@@ -92,7 +92,7 @@ def main(argv):
     batches = int(argv[1]) if len(argv) > 1 else 200
     rounds = int(argv[2]) if len(argv) > 2 else 7
     base = argv[3] if len(argv) > 3 else None
-    settings = [tuple(int(x) for x in a.split(":")) for a in argv[4:]] or [(8, 1024)]
+    settings = [tuple(int(x) for x in a.split(":")) for a in argv[4:]] or [(4, 512)]
     variants = [("off", None)] + [(f"ahead {a} MiB, step {s} KiB", (a, s)) for a, s in settings]
     d = tempfile.mkdtemp(dir=base)
     per = {name: [] for name, _ in variants}

@@ -267,7 +267,10 @@ static inline int eng_log_datasync(int fd) {
  * commits the journal (68 KB batches here: 176 us a sync; into blocks that
  * were written before: 103 us, no metadata at all).  So a plain C thread
  * (never the GIL) writes zeros over the active segment ahead of the tail,
- * `step` bytes at a time, through its own O_DIRECT descriptor:
+ * `step` bytes at a time, through its own O_DIRECT descriptor, and only
+ * while the appender pauses (idle_ns without a write before each step):
+ * zeros written during a burst cost the burst more than they save (its
+ * syncs wait for them, and they double the bytes the device writes).
  *   - O_DIRECT: the zeros never sit dirty in the page cache, where the
  *     appender's fdatasync (which writes back every dirty page of the file)
  *     would have to write them on its own path;
