@@ -434,9 +434,13 @@ cdef size_t _MIN_INNER = 4
 # 0.27-0.29 ms on (floor/log 0.90-0.94 -> 0.92-1.03); back-to-back batches
 # within noise either way (the zeros wait for pauses; written during a burst
 # they took its bandwidth: 0.58-0.85x of the floor)
-cdef size_t _ZF_AHEAD = 4 << 20
-cdef size_t _ZF_STEP = 512 << 10
-cdef size_t _ZF_PUSH = 512 << 10
+cdef size_t _ZF_AHEAD_DEF = 4 << 20
+cdef size_t _ZF_STEP_DEF = 512 << 10
+cdef size_t _ZF_AHEAD = _ZF_AHEAD_DEF
+cdef size_t _ZF_MIN_AHEAD = 128 << 10  # a log's first window, doubled each push up to _ZF_AHEAD:
+                                       # a small log (a journal's) costs few zeros
+cdef size_t _ZF_STEP = _ZF_STEP_DEF
+cdef size_t _ZF_PUSH = _ZF_STEP_DEF
 cdef int64_t _ZF_IDLE_NS = 1_000_000
 cdef size_t _ZF_OFF = <size_t>-1     # _zf_due when no zeroer runs
 cdef bint _zero_ahead = True         # test/bench hook: False keeps the zeroer off
@@ -448,17 +452,19 @@ cdef int64_t _CKPT_EVERY_NS = 1_000_000_000
 def _set_zero_ahead(on, ahead=None, step=None):
     """Test/bench hook: whether durable logs opened from now on zero ahead of
     the tail in the background (where the file system has unwritten
-    extents), and optionally how far ahead and how many bytes a write
-    (multiples of 4096; the push distance follows the step)."""
+    extents), how far ahead at most and how many bytes a write (a multiple
+    of 4096; the push distance follows it); None: the default."""
     global _zero_ahead, _ZF_AHEAD, _ZF_STEP, _ZF_PUSH
+    if ahead is None:
+        ahead = _ZF_AHEAD_DEF
+    if step is None:
+        step = _ZF_STEP_DEF
+    if ahead <= 0 or step <= 0 or step % 4096:
+        raise ValueError("ahead must be positive and step a positive multiple of 4096")
     _zero_ahead = bool(on)
-    if ahead is not None:
-        _ZF_AHEAD = ahead
-    if step is not None:
-        if step <= 0 or step % 4096:
-            raise ValueError("step must be a positive multiple of 4096")
-        _ZF_STEP = step
-        _ZF_PUSH = step
+    _ZF_AHEAD = ahead
+    _ZF_STEP = step
+    _ZF_PUSH = step
 
 _SEG_RE = _re.compile(r"^(\d{20})\.seg$")
 _GROUP_RE = _re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -2761,6 +2767,7 @@ cdef class Log:
     cdef eng_log_zf *_zf          # pwrite path: the zeroer ahead of the tail (NULL: none); a roll
                                   # declares its end marker to it, then retargets it (_zf_attach)
     cdef size_t _zf_due           # pwrite path: write end at which the zeroer is pushed next
+    cdef size_t _zf_ahead         # pwrite path: how far past the tail the next push asks for zeros
     cdef object __weakref__
 
     def __cinit__(self):
@@ -2804,6 +2811,7 @@ cdef class Log:
         # the pwrite path never writes through the mapping
         self._pf_due = _PF_OFF if self._pw or not ENG_LOG_PF_HAVE else 0
         self._zf_due = _ZF_OFF
+        self._zf_ahead = min(_ZF_MIN_AHEAD, _ZF_AHEAD)
         self._segment_bytes = (segment_bytes + 7) & ~7
         self._retention_bytes = retention_bytes
         self._retention_age = None if retention_age is None else float(retention_age)
@@ -4089,16 +4097,19 @@ cdef class Log:
         self._zf_wake(done)
 
     cdef int _zf_wake(self, size_t end) except -1:
-        """Push the zeroer _ZF_AHEAD past `end`, due again _ZF_PUSH further on;
-        a zeroer whose write failed is stopped (appends go on without it)."""
+        """Push the zeroer _zf_ahead past `end` (doubled each time up to
+        _ZF_AHEAD), due again half that or _ZF_PUSH further on, whichever
+        is less; a zeroer whose write failed is stopped (appends go on
+        without it)."""
         if self._zf == NULL:
             self._zf_due = _ZF_OFF
             return 0
         if self._zf.failed:
             self._zf_halt()
             return 0
-        self._zf_due = end + _ZF_PUSH
-        eng_log_zf_push(self._zf, end + _ZF_AHEAD)
+        self._zf_due = end + min(_ZF_PUSH, self._zf_ahead // 2)
+        eng_log_zf_push(self._zf, end + self._zf_ahead)
+        self._zf_ahead = min(self._zf_ahead * 2, _ZF_AHEAD)
         return 0
 
     cdef _zf_halt(self):
