@@ -430,10 +430,11 @@ cdef size_t _MIN_INNER = 4
 # write after _ZF_IDLE_NS without an append (eng_log_zf in log_layout.h: a sync
 # into written blocks commits no extent change); pushed each time the tail has
 # moved _ZF_PUSH.  Measured here (bench/log_zero_ahead.py, 1000 x 64 B
-# batches): bursts of 10 batches 5 ms apart, median batch 0.29-0.31 ms off,
-# 0.27-0.29 ms on (floor/log 0.90-0.94 -> 0.92-1.03); back-to-back batches
-# within noise either way (the zeros wait for pauses; written during a burst
-# they took its bandwidth: 0.58-0.85x of the floor)
+# batches, ext4 on virtio): bursts of 10 batches 5 ms apart, median batch
+# 0.31-0.33 ms off, 0.27-0.30 ms on (floor/log 0.89-0.94 -> 0.92-1.03);
+# back-to-back batches even within noise (the zeros wait for pauses; written
+# during a burst they took its bandwidth: 0.65-0.85x of the floor, against
+# 0.90-0.96x without zeros)
 cdef size_t _ZF_AHEAD_DEF = 4 << 20
 cdef size_t _ZF_STEP_DEF = 512 << 10
 cdef size_t _ZF_AHEAD = _ZF_AHEAD_DEF
