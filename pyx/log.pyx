@@ -93,7 +93,18 @@ cdef extern from "log_layout.h" nogil:
     int eng_log_sync_range(int fd, void *addr, size_t length) noexcept
     int ENG_LOG_PWRITE
     int eng_log_pwrite_all(int fd, const void *buf, size_t length, uint64_t off) noexcept
-    int eng_log_zero_fill(int fd, uint64_t off, size_t length) noexcept
+    ctypedef struct eng_log_zf:
+        int fd
+        uint64_t done
+        uint64_t bytes
+        uint32_t failed
+        int err
+    int eng_log_zf_start(eng_log_zf *z, uint64_t step, int64_t idle_ns) noexcept
+    int eng_log_zf_retarget(eng_log_zf *z, int fd, uint64_t size, uint64_t done) noexcept
+    void eng_log_zf_push(eng_log_zf *z, uint64_t target) noexcept
+    void eng_log_zf_enter(eng_log_zf *z, uint64_t end) noexcept
+    int eng_log_zf_stop(eng_log_zf *z) noexcept
+    int eng_log_zf_fs_ok(int fd) noexcept
     int eng_log_datasync(int fd) noexcept
     ctypedef struct eng_notify:
         uint32_t magic
@@ -391,8 +402,6 @@ cdef size_t _HDR = 32        # record header bytes
 cdef size_t _SEGHDR = 64     # segment header bytes
 cdef size_t _PAGE = _mmap.PAGESIZE
 cdef size_t _MIN_SEGMENT = 4096
-cdef size_t _ZERO_MIN = 1 << 20      # durable path: zero at least this much ahead of the tail
-cdef size_t _ZERO_MAX = 16 << 20     # ... and at most this much per step
 cdef size_t _STAGE_KEEP = 4 << 20    # staging buffer kept between calls up to this size
 # mapping path: a background C thread keeps the pages from the tail up to
 # _PF_AHEAD past it faulted in and writable (eng_log_pf), pushed each time the
@@ -416,20 +425,47 @@ cdef size_t _FRAME_MAX = 64 << 10
 # fewest bytes an inner record takes (body_len, attr, offset and ts deltas):
 # bounds how many offsets a run of bytes can hold
 cdef size_t _MIN_INNER = 4
-# Off: zeros written in line cost more bandwidth than the extent updates they
-# save (measured here, 1000 x 64 B durable batches vs os.write+fdatasync: 0.58x
-# with zero-fill ahead, 0.87x without, 200 batches); a background zeroer
-# competes with the writer for the device and is no better (see log_layout.h).
-cdef bint _zero_ahead = False        # durable path writes zeros ahead of the tail
+# durable (pwrite) path: a background C thread writes zeros over the active
+# segment from the tail up to _ZF_AHEAD past it, _ZF_STEP bytes a write, each
+# write after _ZF_IDLE_NS without an append (eng_log_zf in log_layout.h: a sync
+# into written blocks commits no extent change); pushed each time the tail has
+# moved _ZF_PUSH.  Measured here (bench/log_zero_ahead.py, 1000 x 64 B
+# batches, ext4 on virtio): bursts of 10 batches 5 ms apart, median batch
+# 0.31-0.33 ms off, 0.27-0.30 ms on (floor/log 0.89-0.94 -> 0.92-1.03);
+# back-to-back batches even within noise (the zeros wait for pauses; written
+# during a burst they took its bandwidth: 0.65-0.85x of the floor, against
+# 0.90-0.96x without zeros)
+cdef size_t _ZF_AHEAD_DEF = 4 << 20
+cdef size_t _ZF_STEP_DEF = 512 << 10
+cdef size_t _ZF_AHEAD = _ZF_AHEAD_DEF
+cdef size_t _ZF_MIN_AHEAD = 128 << 10  # a log's first window, doubled each push up to _ZF_AHEAD:
+                                       # a small log (a journal's) costs few zeros
+cdef size_t _ZF_STEP = _ZF_STEP_DEF
+cdef size_t _ZF_PUSH = _ZF_STEP_DEF
+cdef int64_t _ZF_IDLE_NS = 1_000_000
+cdef size_t _ZF_OFF = <size_t>-1     # _zf_due when no zeroer runs
+cdef bint _zero_ahead = True         # test/bench hook: False keeps the zeroer off
 # a sync moves the checkpoint (the recovery point) at most this often: three
 # more device flushes (temp file, rename, directory) a second
 cdef int64_t _CKPT_EVERY_NS = 1_000_000_000
 
 
-def _set_zero_ahead(on):
-    """Test/bench hook: whether the durable path zero-fills ahead of the tail."""
-    global _zero_ahead
+def _set_zero_ahead(on, ahead=None, step=None):
+    """Test/bench hook: whether durable logs opened from now on zero ahead of
+    the tail in the background (where the file system has unwritten
+    extents), how far ahead at most and how many bytes a write (a multiple
+    of 4096; the push distance follows it); None: the default."""
+    global _zero_ahead, _ZF_AHEAD, _ZF_STEP, _ZF_PUSH
+    if ahead is None:
+        ahead = _ZF_AHEAD_DEF
+    if step is None:
+        step = _ZF_STEP_DEF
+    if ahead <= 0 or step <= 0 or step % 4096:
+        raise ValueError("ahead must be positive and step a positive multiple of 4096")
     _zero_ahead = bool(on)
+    _ZF_AHEAD = ahead
+    _ZF_STEP = step
+    _ZF_PUSH = step
 
 _SEG_RE = _re.compile(r"^(\d{20})\.seg$")
 _GROUP_RE = _re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -1293,7 +1329,6 @@ cdef class _Seg:
     cdef size_t size               # mapped bytes (file size at map time)
     cdef int fd                    # open file descriptor (-1 once closed)
     cdef size_t synced             # writer: bytes up to here are durable
-    cdef size_t zeroed             # writer, pwrite path: [0, zeroed) are written blocks (data or zeros)
     # sparse index (C arrays, capacity fixed at open from the segment size)
     cdef uint32_t *ix_rel          # relative offsets
     cdef uint32_t *ix_pos          # positions
@@ -2730,6 +2765,10 @@ cdef class Log:
     cdef eng_log_pf *_pf          # the prefaulter (started by the first push; NULL: none); whatever
                                   # replaces or unmaps _active retargets it first (see _create_segment)
     cdef _Seg _retired            # segment a roll retired, kept mapped while the prefaulter drops its entries
+    cdef eng_log_zf *_zf          # pwrite path: the zeroer ahead of the tail (NULL: none); a roll
+                                  # declares its end marker to it, then retargets it (_zf_attach)
+    cdef size_t _zf_due           # pwrite path: write end at which the zeroer is pushed next
+    cdef size_t _zf_ahead         # pwrite path: how far past the tail the next push asks for zeros
     cdef object __weakref__
 
     def __cinit__(self):
@@ -2772,6 +2811,8 @@ cdef class Log:
         self._pw = self._durability == D_ALWAYS and ENG_LOG_PWRITE
         # the pwrite path never writes through the mapping
         self._pf_due = _PF_OFF if self._pw or not ENG_LOG_PF_HAVE else 0
+        self._zf_due = _ZF_OFF
+        self._zf_ahead = min(_ZF_MIN_AHEAD, _ZF_AHEAD)
         self._segment_bytes = (segment_bytes + 7) & ~7
         self._retention_bytes = retention_bytes
         self._retention_age = None if retention_age is None else float(retention_age)
@@ -2988,7 +3029,7 @@ cdef class Log:
             # crash (see _note_truncation): groups past it resume here
             _note_truncation(path, self._next)
         s.synced = self._pos
-        s.zeroed = self._pos  # beyond it: zeros, maybe still unwritten blocks
+        self._zf_attach(s, self._pos)  # beyond it: zeros, maybe still unwritten blocks
         self._durable = self._next
         self._wpos = self._pos
         self._wnext = self._next
@@ -3124,7 +3165,7 @@ cdef class Log:
             _discard(final)
             raise
         s.synced = _SEGHDR
-        s.zeroed = _SEGHDR
+        self._zf_attach(s, _SEGHDR)
         if self._pf != NULL:
             # before the old mapping can go: the prefaulter moves to this one,
             # and starts before the first append reaches its pages
@@ -3172,6 +3213,8 @@ cdef class Log:
         Py_XDECREF(self._off_int)
         if self._pf != NULL and not self._in_child:
             self._pf_halt()  # (a fork's child has no such thread and leaves the block)
+        if self._zf != NULL and not self._in_child:
+            self._zf_halt()  # (likewise)
         # not closed: no sync, just let go of the lock (the next open recovers)
         if self._real is not None:
             _open_writers.discard(self._real)
@@ -3267,33 +3310,19 @@ cdef class Log:
         cdef size_t n = self._stage_len
         cdef size_t at = self._wpos
         cdef size_t end = at + n
-        cdef size_t ahead, zto
         cdef int rc = 0
         if n == 0:
             return 0
         self._stage_len = 0
-        if end > s.zeroed and _zero_ahead:
-            # zero a growing step ahead: a small log pays little, a big one
-            # turns few extents per sync
-            ahead = s.zeroed if s.zeroed > _ZERO_MIN else _ZERO_MIN
-            if ahead > _ZERO_MAX:
-                ahead = _ZERO_MAX
-            zto = end + ahead
-            zto -= zto % _PAGE
-            if zto > s.size:
-                zto = s.size
-            if zto > s.zeroed:
-                rc = eng_log_zero_fill(s.fd, s.zeroed, zto - s.zeroed)
-                if rc == 0:
-                    s.zeroed = zto
-        if rc == 0:
-            rc = eng_log_pwrite_all(s.fd, self._stage, n, at)
+        if self._zf != NULL:
+            eng_log_zf_enter(self._zf, end)  # waits only where a zero write is in flight there
+        rc = eng_log_pwrite_all(s.fd, self._stage, n, at)
         if rc != 0:
             rc = errno or _errno.EIO
             raise self._fail(rc, f"writing {s.path} failed at offset {self._wnext}")
-        if end > s.zeroed:
-            s.zeroed = end
         self._wpos = end
+        if end >= self._zf_due:
+            self._zf_wake(end)
         self._wnext = self._next
         if self._stage_cap > _STAGE_KEEP:
             free(self._stage)
@@ -3342,6 +3371,8 @@ cdef class Log:
         cdef int err
         if self._pw:
             self._stage_flush()  # the records framed so far belong to this segment
+        if self._zf != NULL:
+            eng_log_zf_enter(self._zf, self._pos + _HDR)
         _write_rec(old.p, self._pos, self._next, ts, NULL, 0, ENG_REC_FLAG_EOS, NULL, 0)
         endpos = self._pos + _HDR
         if self._durability != D_NONE:
@@ -3982,6 +4013,7 @@ cdef class Log:
             self._drop_inherited()
             return
         self._pf_halt()
+        self._zf_halt()
         if self._thread is not None:
             self._stop.set()
             if self._thread is not _threading.current_thread():
@@ -4027,6 +4059,80 @@ cdef class Log:
             free(f)
         self._retired = None  # the thread no longer touches it
 
+    cdef _zf_attach(self, _Seg s, size_t done):
+        """Pwrite path: point the zeroer at segment `s`, [0, done) written
+        (started here the first time).  No zeroer where the file system has
+        no unwritten extents or O_DIRECT does not open: appends go on alone."""
+        cdef int fd = -1
+        cdef int old
+        cdef eng_log_zf *z = self._zf
+        if not self._pw or not _zero_ahead:
+            return
+        if z != NULL and z.failed:
+            self._zf_halt()
+            return
+        try:
+            fd = _os.open(s.path, _os.O_WRONLY | _os.O_CLOEXEC | getattr(_os, "O_DIRECT", 0))
+        except OSError:
+            fd = -1
+        if fd >= 0 and (not hasattr(_os, "O_DIRECT") or not eng_log_zf_fs_ok(fd)):
+            _os.close(fd)
+            fd = -1
+        if fd < 0:
+            self._zf_halt()
+            return
+        if z == NULL:
+            z = <eng_log_zf *>calloc(1, sizeof(eng_log_zf))
+            if z == NULL:
+                _os.close(fd)
+                raise MemoryError()
+            if eng_log_zf_start(z, _ZF_STEP, _ZF_IDLE_NS) != 0:
+                free(z)
+                _os.close(fd)
+                return
+            self._zf = z
+        with nogil:
+            old = eng_log_zf_retarget(z, fd, s.size, done)
+        if old >= 0:
+            _os.close(old)
+        self._zf_wake(done)
+
+    cdef int _zf_wake(self, size_t end) except -1:
+        """Push the zeroer _zf_ahead past `end` (doubled each time up to
+        _ZF_AHEAD), due again half that or _ZF_PUSH further on, whichever
+        is less; a zeroer whose write failed is stopped (appends go on
+        without it)."""
+        if self._zf == NULL:
+            self._zf_due = _ZF_OFF
+            return 0
+        if self._zf.failed:
+            self._zf_halt()
+            return 0
+        self._zf_due = end + min(_ZF_PUSH, self._zf_ahead // 2)
+        eng_log_zf_push(self._zf, end + self._zf_ahead)
+        self._zf_ahead = min(self._zf_ahead * 2, _ZF_AHEAD)
+        return 0
+
+    cdef _zf_halt(self):
+        """Stop the zeroer, wait for it and close its descriptor."""
+        cdef eng_log_zf *z = self._zf
+        cdef int fd
+        self._zf_due = _ZF_OFF
+        if z != NULL:
+            self._zf = NULL
+            with nogil:
+                fd = eng_log_zf_stop(z)
+            free(z)
+            if fd >= 0:
+                _os.close(fd)
+
+    def _zero_ahead_state(self):
+        """Test hook: (bytes the zeroer wrote, its `done` mark, errno of its
+        failed write or 0), or None when none runs."""
+        if self._zf == NULL:
+            return None
+        return (self._zf.bytes, self._zf.done, self._zf.err if self._zf.failed else 0)
+
     cdef _drop_inherited(self):
         """In a forked child: let go of the inherited handle without touching
         the parent's files (no sync, no checkpoint, no wake-up).  Closing the
@@ -4049,6 +4155,7 @@ cdef class Log:
         if self._closed:
             return
         self._pf_halt()
+        self._zf_halt()
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
@@ -4242,6 +4349,11 @@ def _after_fork_in_child():
         if log._lock_fd >= 0:
             _os.close(log._lock_fd)
             log._lock_fd = -1
+        if log._zf != NULL and log._zf.fd >= 0:
+            # the zeroer thread is the parent's alone: its descriptor goes,
+            # its block stays (its mutex may be held by a thread not here)
+            _os.close(log._zf.fd)
+            log._zf.fd = -1
         log._real = None
     _open_writers.clear()
 

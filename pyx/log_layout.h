@@ -225,14 +225,8 @@ static inline int eng_log_sync_range(int fd, void *addr, size_t len) {
  * bytes as soon as pwrite returns) and made durable with fdatasync; readers
  * learn about it from `published`.  Elsewhere (no such coherence promise
  * checked) the mapping + msync path stays.
- * Blocks preallocated with fallocate are "unwritten" extents whose first
- * write makes fdatasync update the extent tree too: pwrite+fdatasync of 96 KB
- * into written (zeroed) blocks 0.35 ms, into fallocated ones 0.6 ms.  Zeroing
- * in line (eng_log_zero_fill ahead of the tail) costs more bandwidth than it
- * saves, so it is off (engine._log._set_zero_ahead).  Zeroing in a background
- * thread does not help either while the writer is busy (measured: 0.57-0.94x
- * of os.write+fdatasync; its writes and syncs compete for the same device):
- * only blocks zeroed *before* the burst give the 0.35 ms. */
+ * Blocks preallocated with fallocate are "unwritten" extents: see the
+ * zeroer below. */
 #include <errno.h>
 #include <string.h>
 
@@ -257,18 +251,6 @@ static inline int eng_log_pwrite_all(int fd, const void *buf, size_t len, uint64
     return 0;
 }
 
-/* write zeros over [off, off + len): turns preallocated (unwritten) blocks
- * into written ones; 0 or -1 */
-static inline int eng_log_zero_fill(int fd, uint64_t off, size_t len) {
-    static const char zeros[65536];
-    while (len) {
-        size_t n = len < sizeof(zeros) ? len : sizeof(zeros);
-        if (eng_log_pwrite_all(fd, zeros, n, off) != 0) return -1;
-        off += n; len -= n;
-    }
-    return 0;
-}
-
 /* make every written byte of fd durable: fdatasync on Linux (the pwrite
  * path exists only there); 0 or -1 */
 static inline int eng_log_datasync(int fd) {
@@ -276,6 +258,260 @@ static inline int eng_log_datasync(int fd) {
     return fdatasync(fd);
 #else
     return eng_log_fsync_full(fd);
+#endif
+}
+
+/* ---- zeroing ahead of the tail (durable pwrite path) ------------------
+ * A durable segment is preallocated with fallocate: "unwritten" extents, so
+ * the fdatasync after a batch written into them also converts extents and
+ * commits the journal (68 KB batches here: 176 us a sync; into blocks that
+ * were written before: 103 us, no metadata at all).  So a plain C thread
+ * (never the GIL) writes zeros over the active segment ahead of the tail,
+ * `step` bytes at a time, through its own O_DIRECT descriptor, and only
+ * while the appender pauses (idle_ns without a write before each step):
+ * zeros written during a burst cost the burst more than they save (its
+ * syncs wait for them, and they double the bytes the device writes).
+ *   - O_DIRECT: the zeros never sit dirty in the page cache, where the
+ *     appender's fdatasync (which writes back every dirty page of the file)
+ *     would have to write them on its own path;
+ *   - no sync of its own: the appender's next fdatasync commits the extent
+ *     conversion once per step (the file system guarantees its data is
+ *     readable after it, converted or not), and an error of the device is
+ *     reported where it belongs, to the appender's own descriptor;
+ *   - zeros over zeros: a segment's bytes past the tail read as zeros either
+ *     way, so a crash at any point of a zero write leaves what recovery
+ *     already expects, and a failed one changes nothing (the thread stops:
+ *     the appender goes on into unwritten blocks, as without it).
+ * It never writes where the appender writes: [done, claim) is the only range
+ * in flight, claims start at or after both `done` and `wend` (everything the
+ * appender declared), and the appender declares a write that reaches past
+ * `done` first (eng_log_zf_enter, which waits out an overlapping claim);
+ * below `done` it writes without a lock.  Only on ext4 and xfs (unwritten
+ * extents; a copy-on-write file system would pay twice) and where O_DIRECT
+ * opens. */
+#if defined(__linux__)
+#include <pthread.h>
+#include <stdlib.h>
+#include <sys/vfs.h>
+#define ENG_LOG_ZF_HAVE 1
+#else
+#define ENG_LOG_ZF_HAVE 0
+#endif
+#define ENG_LOG_ZF_BLOCK 4096u  /* O_DIRECT alignment of offsets, lengths and the buffer */
+
+typedef struct {
+#if ENG_LOG_ZF_HAVE
+    pthread_mutex_t mu;      /* guards every field but `done` reads and `failed` */
+    pthread_cond_t cv;       /* thread: work or stop; appender: a claim or step ended */
+    pthread_t thread;
+#endif
+    void *zeros;             /* ENG_LOG_ZF_BLOCK-aligned zeros, `step` bytes */
+    uint64_t step;           /* most bytes one zero write covers */
+    int fd;                  /* O_DIRECT descriptor of the active segment (-1: none) */
+    int busy;                /* a zero write on fd is in flight */
+    uint64_t size;           /* the segment's bytes */
+    uint64_t done;           /* [0, done) are written blocks (atomic: the appender reads it unlocked) */
+    uint64_t claim;          /* [done, claim) is being written (0: nothing in flight) */
+    uint64_t wend;           /* the appender declared writes below this */
+    uint64_t target;         /* zero up to here */
+    uint64_t writes;         /* appender: writes so far (atomic, relaxed: only compared) */
+    int quiet;               /* thread: idle_ns passed without a write or a step */
+    int64_t idle_ns;         /* zero only after this long without a write */
+    uint64_t bytes;          /* statistics: zeros written */
+    uint32_t failed;         /* atomic: a zero write failed (errno in err); the thread returned */
+    int err;
+    int stop;
+    int started;
+} eng_log_zf;
+
+#if ENG_LOG_ZF_HAVE
+static void *eng_log_zf_main(void *arg) {
+    eng_log_zf *z = (eng_log_zf *)arg;
+    const uint64_t mask = ENG_LOG_ZF_BLOCK - 1;
+    pthread_mutex_lock(&z->mu);
+    while (!z->stop) {
+        uint64_t hi = (z->target < z->size ? z->target : z->size) & ~mask;
+        uint64_t lo = z->done > z->wend ? z->done : z->wend;
+        lo = (lo + mask) & ~mask;  /* the block holding an unaligned end holds data: written */
+        if (z->fd < 0 || lo >= hi) {
+            pthread_cond_wait(&z->cv, &z->mu);
+            continue;
+        }
+        if (!z->quiet) {
+            /* each step only after a full idle_ns without a write (and none
+             * since the last step): while the appender is busy, its syncs
+             * would wait for this write and the device's bandwidth is its
+             * own (a sync slowed by a step must not look like idle time
+             * that calls for the next one) */
+            uint64_t w = __atomic_load_n(&z->writes, __ATOMIC_RELAXED);
+            struct timespec until;
+            clock_gettime(CLOCK_MONOTONIC, &until);
+            int64_t ns = until.tv_nsec + z->idle_ns;
+            until.tv_sec += ns / 1000000000;
+            until.tv_nsec = ns % 1000000000;
+            int rc;
+            do {
+                rc = pthread_cond_timedwait(&z->cv, &z->mu, &until);
+            } while (rc == 0 && !z->stop && z->fd >= 0 &&
+                     __atomic_load_n(&z->writes, __ATOMIC_RELAXED) == w);
+            z->quiet = rc == ETIMEDOUT && __atomic_load_n(&z->writes, __ATOMIC_RELAXED) == w;
+            continue;
+        }
+        z->quiet = 0;
+        if (hi - lo > z->step) hi = lo + z->step;
+        int fd = z->fd;
+        __atomic_store_n(&z->done, lo, __ATOMIC_RELEASE);
+        z->claim = hi;
+        z->busy = 1;
+        pthread_mutex_unlock(&z->mu);
+        int rc = eng_log_pwrite_all(fd, z->zeros, (size_t)(hi - lo), lo);
+        int err = errno;
+        pthread_mutex_lock(&z->mu);
+        z->claim = 0;
+        z->busy = 0;
+        if (rc == 0) {
+            /* release: the zeros are written before the appender, reading
+             * `done` unlocked, writes over them */
+            __atomic_store_n(&z->done, hi, __ATOMIC_RELEASE);
+            z->bytes += hi - lo;
+        }
+        pthread_cond_broadcast(&z->cv);
+        if (rc != 0) {
+            z->err = err ? err : EIO;
+            __atomic_store_n(&z->failed, 1, __ATOMIC_RELEASE);
+            break;
+        }
+    }
+    pthread_mutex_unlock(&z->mu);
+    return NULL;
+}
+#endif
+
+/* 1 where fd's file system keeps preallocated blocks as unwritten extents
+ * (ext4, xfs), 0 elsewhere. */
+static int eng_log_zf_fs_ok(int fd) {
+#if ENG_LOG_ZF_HAVE
+    struct statfs st;
+    if (fstatfs(fd, &st) != 0) return 0;
+    return st.f_type == 0xEF53 /* ext2/3/4 */ || st.f_type == 0x58465342 /* xfs */;
+#else
+    (void)fd;
+    return 0;
+#endif
+}
+
+/* Start the thread with `step`-byte writes, each after `idle_ns` without
+ * an append; 0, or -1 (no thread: platform, memory, pthread error). */
+static int eng_log_zf_start(eng_log_zf *z, uint64_t step, int64_t idle_ns) {
+#if ENG_LOG_ZF_HAVE
+    if (z->started) return 0;
+    z->fd = -1;
+    z->step = step;
+    z->idle_ns = idle_ns;
+    if (posix_memalign(&z->zeros, ENG_LOG_ZF_BLOCK, (size_t)step) != 0) {
+        z->zeros = NULL;
+        return -1;
+    }
+    memset(z->zeros, 0, (size_t)step);
+    if (pthread_mutex_init(&z->mu, NULL) != 0) goto no_mu;
+    pthread_condattr_t ca;
+    if (pthread_condattr_init(&ca) != 0) goto no_cv;
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    int rc = pthread_cond_init(&z->cv, &ca);
+    pthread_condattr_destroy(&ca);
+    if (rc != 0) goto no_cv;
+    if (pthread_create(&z->thread, NULL, eng_log_zf_main, z) != 0) goto no_thread;
+    z->started = 1;
+    return 0;
+no_thread:
+    pthread_cond_destroy(&z->cv);
+no_cv:
+    pthread_mutex_destroy(&z->mu);
+no_mu:
+    free(z->zeros);
+    z->zeros = NULL;
+    return -1;
+#else
+    (void)z; (void)step; (void)idle_ns;
+    return -1;
+#endif
+}
+
+/* Point the thread at another segment: O_DIRECT descriptor fd (-1: none),
+ * `size` bytes, [0, done) already written.  Waits out a write in flight;
+ * returns the previous descriptor (-1: none) for the caller to close. */
+static int eng_log_zf_retarget(eng_log_zf *z, int fd, uint64_t size, uint64_t done) {
+#if ENG_LOG_ZF_HAVE
+    if (!z->started) return fd;
+    pthread_mutex_lock(&z->mu);
+    while (z->busy) pthread_cond_wait(&z->cv, &z->mu);
+    int old = z->fd;
+    z->fd = fd;
+    z->size = size;
+    __atomic_store_n(&z->done, done, __ATOMIC_RELEASE);
+    z->wend = done;
+    z->target = 0;
+    pthread_mutex_unlock(&z->mu);
+    return old;
+#else
+    (void)z; (void)size; (void)done;
+    return fd;
+#endif
+}
+
+/* Zero up to `target` (bytes of the segment). */
+static inline void eng_log_zf_push(eng_log_zf *z, uint64_t target) {
+#if ENG_LOG_ZF_HAVE
+    if (!z->started) return;
+    pthread_mutex_lock(&z->mu);
+    if (target > z->target) {
+        z->target = target;
+        pthread_cond_broadcast(&z->cv);
+    }
+    pthread_mutex_unlock(&z->mu);
+#else
+    (void)z; (void)target;
+#endif
+}
+
+/* Before the appender writes below `end`: returns once no zero write in
+ * flight can touch those bytes, and none later will.  A load and a compare
+ * while the zeros are ahead. */
+static inline void eng_log_zf_enter(eng_log_zf *z, uint64_t end) {
+#if ENG_LOG_ZF_HAVE
+    if (!z->started) return;
+    __atomic_store_n(&z->writes, z->writes + 1, __ATOMIC_RELAXED);  /* one appender at a time */
+    if (end <= __atomic_load_n(&z->done, __ATOMIC_ACQUIRE)) return;
+    pthread_mutex_lock(&z->mu);
+    while (z->claim != 0 && end > z->done) pthread_cond_wait(&z->cv, &z->mu);
+    if (end > z->wend) z->wend = end;
+    pthread_mutex_unlock(&z->mu);
+#else
+    (void)z; (void)end;
+#endif
+}
+
+/* Stop and join the thread (idempotent); returns its descriptor (-1: none)
+ * for the caller to close. */
+static int eng_log_zf_stop(eng_log_zf *z) {
+#if ENG_LOG_ZF_HAVE
+    if (!z->started) return -1;
+    pthread_mutex_lock(&z->mu);
+    z->stop = 1;
+    pthread_cond_broadcast(&z->cv);
+    pthread_mutex_unlock(&z->mu);
+    pthread_join(z->thread, NULL);
+    pthread_cond_destroy(&z->cv);
+    pthread_mutex_destroy(&z->mu);
+    free(z->zeros);
+    z->zeros = NULL;
+    z->started = 0;
+    int fd = z->fd;
+    z->fd = -1;
+    return fd;
+#else
+    (void)z;
+    return -1;
 #endif
 }
 
