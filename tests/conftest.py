@@ -4,6 +4,7 @@ bounded helpers for multi-process tests."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import uuid
 from pathlib import Path
@@ -48,3 +49,16 @@ def shm_name(request):
             path.unlink()
         except FileNotFoundError:
             pass
+
+
+@pytest.fixture
+def sigint_raises():
+    """SIGINT raises KeyboardInterrupt in the main thread for the test's
+    duration, however pytest was started: a shell starts a background job with
+    SIGINT ignored, and Python then installs no handler of its own, so a test
+    that interrupts a blocked call would wait forever."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)

@@ -510,7 +510,7 @@ def _interrupt_main_after(delay):
     threading.Thread(target=fire, daemon=True).start()
 
 
-def test_keyboard_interrupt_while_blocked_in_get():
+def test_keyboard_interrupt_while_blocked_in_get(sigint_raises):
     r = engine.Ring(4096)
     c = r.consumer()
     _interrupt_main_after(0.2)
@@ -523,7 +523,7 @@ def test_keyboard_interrupt_while_blocked_in_get():
     assert c.get(timeout=1) == b"after"
 
 
-def test_keyboard_interrupt_while_blocked_in_put():
+def test_keyboard_interrupt_while_blocked_in_put(sigint_raises):
     r = engine.Ring(4096)
     p, _c = r.producer(), r.consumer()
     while p.try_put(b"f" * 500):

@@ -444,7 +444,7 @@ def test_get_timeout_and_wakeup_from_thread():
         assert time.monotonic() - t < 1.0
 
 
-def test_ctrl_c_while_blocked_in_get():
+def test_ctrl_c_while_blocked_in_get(sigint_raises):
     with PriorityQueue(levels=2) as pq:
         main = threading.get_ident()
         threading.Timer(0.1, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
