@@ -592,7 +592,7 @@ def test_always_publishes_to_readers_only_what_is_durable(tmp_path):
 
 
 def test_always_with_zero_fill_ahead_reads_back_and_recovers(tmp_path):
-    """The optional zero-fill ahead of the tail (off by default) never
+    """The zero-fill ahead of a durable log's tail (on by default) never
     overwrites records: read back, verify and recovery after a crash agree."""
     path = str(tmp_path / "log")
     vals = _values(3000)
@@ -608,7 +608,7 @@ def test_always_with_zero_fill_ahead_reads_back_and_recovers(tmp_path):
             assert log.next_offset == 2100
             log.append_many(vals[2100:])
     finally:
-        _log._set_zero_ahead(False)
+        _log._set_zero_ahead(True)  # the default
     assert [rec.value for rec in engine.LogReader(path)] == vals
     assert all(r.error is None for r in _log.verify(path))
 
