@@ -264,8 +264,8 @@ static inline int eng_log_datasync(int fd) {
 /* ---- zeroing ahead of the tail (durable pwrite path) ------------------
  * A durable segment is preallocated with fallocate: "unwritten" extents, so
  * the fdatasync after a batch written into them also converts extents and
- * commits the journal (68 KB batches here: 176 us a sync; into blocks that
- * were written before: 103 us, no metadata at all).  So a plain C thread
+ * commits the journal (68 KB batches here: 176 us a sync; into blocks already
+ * written: 103 us, no metadata at all).  So a plain C thread
  * (never the GIL) writes zeros over the active segment ahead of the tail,
  * `step` bytes at a time, through its own O_DIRECT descriptor, and only
  * while the appender pauses (idle_ns without a write before each step):
