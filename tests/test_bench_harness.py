@@ -1144,3 +1144,32 @@ def test_quick_profile_runs_the_named_cases_of_each_section():
         picked = [c.name for c in mod.cases(Profile()) if harness.in_profile(mod, c, Profile())]
         assert picked == [n for n in full if quick is None or n in quick]
         assert all(harness.in_profile(mod, c, Profile(full=True)) for c in mod.cases(Profile()))
+
+
+# ---------------------------------------------------------------------------
+# the machine: what a wake-up costs, whether the host takes free memory back
+# ---------------------------------------------------------------------------
+
+
+def test_wake_round_trip_counts_two_wakeups_per_trip():
+    from engine.bench.machine import wake_round_trip
+
+    per_trip, cpu, switches = wake_round_trip(500)
+    assert 0 < per_trip < 0.01
+    assert cpu >= 0
+    # each side sleeps once per trip on the semaphore the other releases
+    # (and may wait for the GIL once more)
+    assert 0.5 <= switches <= 6.0
+
+
+def test_machine_info_and_line_carry_the_wake_cost_and_page_reporting():
+    from engine.bench.machine import machine_info, machine_line
+
+    info = machine_info()
+    assert info["thread_wake_us"] is not None and info["thread_wake_us"] > 0
+    assert info["free_page_reporting"] in ("on", "off", "no virtio balloon")
+    line = machine_line(info)
+    assert f"thread wake-up {info['thread_wake_us']:.1f} µs" in line
+    assert ("free page reporting" in line) == (info["free_page_reporting"] == "on")
+    # a report made elsewhere (no probe figures) still renders
+    assert "wake-up" not in machine_line(_INFO)

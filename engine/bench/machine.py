@@ -1,12 +1,18 @@
 """What machine a benchmark ran on: CPU model, cores, Python, kernel, package
-versions. Everything here is best effort and never raises."""
+versions, and two costs of the machine that bound some cases whatever the code
+does: what waking a sleeping thread takes (:func:`thread_wake_us`) and whether
+the host takes idle free memory back (:func:`free_page_reporting`).
+Everything here is best effort and never raises."""
 
 from __future__ import annotations
 
+import glob
 import os
 import platform
 import sys
-from typing import Any, Dict, Optional
+import threading
+import time
+from typing import Any, Dict, Optional, Tuple
 
 # packages whose versions go into the report (distribution names)
 PACKAGES = (
@@ -67,6 +73,72 @@ def package_version(dist: str) -> Optional[str]:
         return None
 
 
+def wake_round_trip(n: int) -> Tuple[float, float, float]:
+    """Two threads hand two locks back and forth ``n`` times (each lock a
+    futex-backed semaphore; the GIL passes with them). Returns seconds per
+    round trip, the process's CPU seconds (user + system) per round trip and
+    its voluntary context switches per round trip.  A round trip is two
+    wake-ups: a sleeping thread woken and run, once each way."""
+    import _thread
+    import resource
+
+    a = _thread.allocate_lock()
+    b = _thread.allocate_lock()
+    a.acquire()
+    b.acquire()
+
+    def pong() -> None:
+        for _ in range(n):
+            a.acquire()
+            b.release()
+
+    t = threading.Thread(target=pong, daemon=True)
+    t.start()
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        a.release()
+        b.acquire()
+    dt = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    t.join()
+    cpu = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
+    return dt / n, cpu / n, (r1.ru_nvcsw - r0.ru_nvcsw) / n
+
+
+def thread_wake_us(n: int = 2000) -> Optional[float]:
+    """Microseconds from one thread waking another to that thread running:
+    half the median round trip of three :func:`wake_round_trip` runs (about
+    0.1 s here).  Every durable wait of a saga, transaction or versioned put
+    is a sleep and such a wake-up, then a turn at the GIL, so with a few
+    threads on few cores this, not the disk, can set their rate.  ``None``
+    where it cannot be measured."""
+    try:
+        trips = sorted(wake_round_trip(n)[0] for _ in range(3))
+        return trips[1] / 2 * 1e6
+    except Exception:
+        return None
+
+
+def free_page_reporting() -> str:
+    """``"on"`` when a virtio balloon with free page reporting (feature bit 5)
+    is bound: a virtual machine whose host takes back memory the guest leaves
+    free for a couple of seconds, so the next first touch of it waits for the
+    host (``bench/first_touch.py`` measures what that costs); ``"off"`` for a
+    balloon without it, ``"no virtio balloon"`` otherwise."""
+    for dev in glob.glob("/sys/bus/virtio/devices/*"):
+        try:
+            with open(f"{dev}/device") as f:
+                if int(f.read(), 16) != 5:  # virtio id 5: the memory balloon
+                    continue
+            with open(f"{dev}/features") as f:
+                bits = f.read().strip()
+        except (OSError, ValueError):
+            continue
+        return "on" if len(bits) > 5 and bits[5] == "1" else "off"
+    return "no virtio balloon"
+
+
 def machine_info() -> Dict[str, Any]:
     """A JSON-ready description of this machine and the software measured."""
     engine_version: Optional[str]
@@ -91,6 +163,8 @@ def machine_info() -> Dict[str, Any]:
         "engine_version": engine_version,
         "packages": {p: package_version(p) for p in PACKAGES},
         "loadavg": load,
+        "thread_wake_us": thread_wake_us(),
+        "free_page_reporting": free_page_reporting(),
     }
 
 
@@ -106,4 +180,10 @@ def machine_line(info: Optional[Dict[str, Any]] = None) -> str:
     if load:
         # a busy machine skews every figure: say how busy it was
         line += f", load average {load[0]:.1f}"
+    wake = info.get("thread_wake_us")
+    if wake is not None:
+        # what every blocking wait costs here (see thread_wake_us)
+        line += f", thread wake-up {wake:.1f} µs"
+    if info.get("free_page_reporting") == "on":
+        line += ", host reclaims idle free memory (virtio-balloon free page reporting)"
     return line
