@@ -67,7 +67,8 @@ def main() -> None:
         print(
             f"{mib} MiB of page cache faulted in, {pause:.0f} s pause before each round: "
             f"{', '.join(f'{g:.0f}' for g in got)} ns/page; median {med:.0f} ns/page "
-            f"= {PAGE / med * 1e3:.0f} MB/s, feeds at most {ceiling:.1f} M appends/s of "
+            f"= {PAGE / med * 1e3:.0f} MB/s: one thread faulting such pages feeds "
+            f"at most {ceiling:.1f} M appends/s of "
             f"{FRAME}-byte frames"
         )
 
