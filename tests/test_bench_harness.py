@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 import types
@@ -1111,7 +1112,9 @@ def test_check_reports_quick_ratios_that_do_not_hold(monkeypatch, capsys):
     reps = [(c["name"], len(c["contenders"][0]["runs"])) for c in data["cases"]]
     assert reps == [("steady", 3), ("drifts", 2)]
     assert [(r["case"], len(r["full_contenders"][0]["runs"])) for r in data["check"]] == [
-        ("steady", 3), ("drifts", 2)]
+        ("steady", 3),
+        ("drifts", 2),
+    ]
     # every run of the check is a steady-state window too
     for c in data["cases"]:
         for k in c["contenders"]:
@@ -1162,14 +1165,57 @@ def test_wake_round_trip_counts_two_wakeups_per_trip():
     assert 0.5 <= switches <= 6.0
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this OS")
+def test_wake_round_trip_pins_both_threads_and_gives_the_cpus_back():
+    import threading
+
+    from engine.bench.machine import wake_round_trip
+
+    usable = sorted(os.sched_getaffinity(0))
+    seen = []
+    real = os.sched_setaffinity
+
+    def spy(pid, cpus):
+        seen.append((threading.get_ident(), frozenset(cpus)))
+        real(pid, cpus)
+
+    cpus = (usable[0], usable[-1])
+    os.sched_setaffinity = spy
+    try:
+        per_trip, _, _ = wake_round_trip(200, cpus)
+    finally:
+        os.sched_setaffinity = real
+    assert per_trip > 0
+    main = threading.get_ident()
+    # the caller pinned to the first CPU, the other thread to the second,
+    # then the caller's own CPU set restored
+    assert seen[0] == (main, frozenset({cpus[0]}))
+    assert any(t != main and c == frozenset({cpus[1]}) for t, c in seen)
+    assert seen[-1] == (main, frozenset(usable))
+    assert sorted(os.sched_getaffinity(0)) == usable
+
+
 def test_machine_info_and_line_carry_the_wake_cost_and_page_reporting():
     from engine.bench.machine import machine_info, machine_line
 
     info = machine_info()
-    assert info["thread_wake_us"] is not None and info["thread_wake_us"] > 0
+    wake = info["thread_wake_us"]
+    if not hasattr(os, "sched_getaffinity"):
+        # no CPU placement to pin to: nothing measured, nothing claimed
+        assert wake == {"cross_cpu": None, "same_cpu": None}
+        assert "wake-up" not in machine_line(info)
+        return
+    assert wake["same_cpu"] is not None and wake["same_cpu"] > 0
     assert info["free_page_reporting"] in ("on", "off", "no virtio balloon")
     line = machine_line(info)
-    assert f"thread wake-up {info['thread_wake_us']:.1f} µs" in line
+    if wake["cross_cpu"] is not None:
+        assert wake["cross_cpu"] > 0
+        assert (
+            f"thread wake-up {wake['cross_cpu']:.1f} µs across CPUs ({wake['same_cpu']:.1f} µs on one)"
+            in line
+        )
+    else:
+        assert f"thread wake-up {wake['same_cpu']:.1f} µs" in line
     assert ("free page reporting" in line) == (info["free_page_reporting"] == "on")
     # a report made elsewhere (no probe figures) still renders
     assert "wake-up" not in machine_line(_INFO)

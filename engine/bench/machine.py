@@ -73,12 +73,24 @@ def package_version(dist: str) -> Optional[str]:
         return None
 
 
-def wake_round_trip(n: int) -> Tuple[float, float, float]:
+def _pin(cpu: Optional[int]) -> None:
+    """Pin the calling thread to ``cpu`` (Linux applies sched_setaffinity(0,
+    ...) to the calling thread only); ``None``: leave it."""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+
+
+def wake_round_trip(n: int, cpus: Optional[Tuple[int, int]] = None) -> Tuple[float, float, float]:
     """Two threads hand two locks back and forth ``n`` times (each lock a
     futex-backed semaphore; the GIL passes with them). Returns seconds per
     round trip, the process's CPU seconds (user + system) per round trip and
     its voluntary context switches per round trip.  A round trip is two
-    wake-ups: a sleeping thread woken and run, once each way."""
+    wake-ups: a sleeping thread woken and run, once each way.
+
+    ``cpus``: the CPUs the two threads run on (the same one twice: each
+    wake-up stays on that CPU; two: each crosses to the other CPU); ``None``:
+    wherever the scheduler puts them.  The calling thread's CPU set is put
+    back afterwards."""
     import _thread
     import resource
 
@@ -88,36 +100,59 @@ def wake_round_trip(n: int) -> Tuple[float, float, float]:
     b.acquire()
 
     def pong() -> None:
+        _pin(cpus[1] if cpus else None)
         for _ in range(n):
             a.acquire()
             b.release()
 
+    saved = os.sched_getaffinity(0) if cpus else None
     t = threading.Thread(target=pong, daemon=True)
-    t.start()
-    r0 = resource.getrusage(resource.RUSAGE_SELF)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        a.release()
-        b.acquire()
-    dt = time.perf_counter() - t0
-    r1 = resource.getrusage(resource.RUSAGE_SELF)
-    t.join()
+    try:
+        _pin(cpus[0] if cpus else None)
+        t.start()
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            a.release()
+            b.acquire()
+        dt = time.perf_counter() - t0
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        t.join()
+    finally:
+        if saved is not None:
+            os.sched_setaffinity(0, saved)
     cpu = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
     return dt / n, cpu / n, (r1.ru_nvcsw - r0.ru_nvcsw) / n
 
 
-def thread_wake_us(n: int = 2000) -> Optional[float]:
+def thread_wake_us(n: int = 2000) -> Dict[str, Optional[float]]:
     """Microseconds from one thread waking another to that thread running:
     half the median round trip of three :func:`wake_round_trip` runs (about
-    0.1 s here).  Every durable wait of a saga, transaction or versioned put
-    is a sleep and such a wake-up, then a turn at the GIL, so with a few
-    threads on few cores this, not the disk, can set their rate.  ``None``
-    where it cannot be measured."""
-    try:
-        trips = sorted(wake_round_trip(n)[0] for _ in range(3))
+    0.1 s here), ``"cross_cpu"`` with the two threads on two CPUs and
+    ``"same_cpu"`` with both on one (``None``: not measured, as
+    ``"cross_cpu"`` on a single CPU).
+
+    Every durable wait of a saga, transaction or versioned put is a sleep and
+    such a wake-up, then a turn at the GIL, so with a few threads on few
+    cores this, not the disk, can set their rate.  In a virtual machine a
+    wake-up that crosses to an idle CPU can cost several times one that stays
+    (the guest traps to the host to halt the idle CPU and to interrupt it)."""
+
+    def half_median(cpus: Tuple[int, int]) -> Optional[float]:
+        try:
+            trips = sorted(wake_round_trip(n, cpus)[0] for _ in range(3))
+        except Exception:
+            return None
         return trips[1] / 2 * 1e6
-    except Exception:
-        return None
+
+    try:
+        usable = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return {"cross_cpu": None, "same_cpu": None}
+    return {
+        "cross_cpu": half_median((usable[0], usable[1])) if len(usable) > 1 else None,
+        "same_cpu": half_median((usable[0], usable[0])),
+    }
 
 
 def free_page_reporting() -> str:
@@ -180,10 +215,14 @@ def machine_line(info: Optional[Dict[str, Any]] = None) -> str:
     if load:
         # a busy machine skews every figure: say how busy it was
         line += f", load average {load[0]:.1f}"
-    wake = info.get("thread_wake_us")
-    if wake is not None:
+    wake = info.get("thread_wake_us") or {}
+    if wake.get("cross_cpu") is not None:
         # what every blocking wait costs here (see thread_wake_us)
-        line += f", thread wake-up {wake:.1f} µs"
+        line += f", thread wake-up {wake['cross_cpu']:.1f} µs across CPUs"
+        if wake.get("same_cpu") is not None:
+            line += f" ({wake['same_cpu']:.1f} µs on one)"
+    elif wake.get("same_cpu") is not None:
+        line += f", thread wake-up {wake['same_cpu']:.1f} µs"
     if info.get("free_page_reporting") == "on":
         line += ", host reclaims idle free memory (virtio-balloon free page reporting)"
     return line

@@ -10,7 +10,9 @@ JSON schema (``schema_version`` 1; keys are only ever added, never renamed)::
       "latency_backend": "hdrhistogram"|"numpy-log-linear",
       "machine": {"cpu_model", "cpu_count", "usable_cpus", "machine", "system", "kernel",
                   "platform", "python", "python_implementation", "engine_version",
-                  "packages": {dist: version|null}, "loadavg"},
+                  "packages": {dist: version|null}, "loadavg",
+                  "thread_wake_us": {"cross_cpu": float|null, "same_cpu": float|null},
+                  "free_page_reporting": "on"|"off"|"no virtio balloon"},
       "skipped": [str], "errors": [str],
       "min_window_s": float, "pinning": str, "notes": [str],
       "check": [{"section", "case", "quick_ratio", "full_ratio", "factor", "ok",  # --check
