@@ -88,6 +88,18 @@ _LOG: List[_Spec] = [
     ("syncs", "syncs", "counter", "Flushes to stable storage by this writer."),
     ("rolls", "rolls", "counter", "Segments rolled by this writer."),
     (
+        "handoffs",
+        "handoffs",
+        "counter",
+        "Threads woken after a group-commit sync that waited for the GIL's hand-off in the log.",
+    ),
+    (
+        "handoffs_late",
+        "handoffs_late",
+        "counter",
+        "Hand-off waits that ran out (the rest of that chain was woken at once).",
+    ),
+    (
         "recovered_bytes",
         "recovered_bytes",
         "gauge",

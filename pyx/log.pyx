@@ -1932,14 +1932,18 @@ def verify(path, threads=None):
     return _verify(_os.fspath(path), True, _verify_threads(threads))
 
 
+cdef Py_ssize_t _usable_cpus():
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(_os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return _os.cpu_count() or 1
+
+
 cdef int _verify_threads(object threads) except -1:
     """The thread count verify uses for `threads` (None: the default)."""
     if threads is None:
-        try:
-            n = len(_os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            n = _os.cpu_count() or 1
-        return max(1, min(n, _VERIFY_THREADS_MAX))
+        return max(1, min(_usable_cpus(), _VERIFY_THREADS_MAX))
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
         raise ValueError(f"threads must be a positive int, not {threads!r}")
     return min(threads, 64)
@@ -2548,11 +2552,30 @@ cdef inline size_t _inner_body_len(uint64_t delta, uint32_t flags, size_t klen, 
 # on a lock of its own (a _Sleeper), not on one condition variable for all.
 # When the sync ends, the syncer wakes only the sleepers it covered (their
 # targets are durable now) plus, if some are left and no sync runs, one of
-# those to sync next; the others sleep on.  The wakes form a chain: the syncer
-# releases the first sleeper's lock, and each sleeper releases the next one's
-# before it queues for the GIL (_Sleeper.sleep), so the wake-ups are paced by
-# the threads' own start-up instead of all of them contending at once for the
-# GIL and for the log's lock (which a covered sleeper never takes again).
+# those to sync next; the others sleep on.
+#
+# The covered sleepers take the GIL in turn, in a hand-off chain (_Handoff):
+# each thread releasing the GIL inside the log (to sleep or to sync) bumps
+# the log's count of such releases, `passes`.  A woken sleeper holds a
+# ticket, the count at which its turn comes, and on a machine with several
+# CPUs waits for it spinning without the GIL (at most the spin budget), so
+# that it takes the GIL as soon as the thread before it lets go of it,
+# without sleeping again on the GIL's own condition variable.  At most two
+# are in flight (woken, not yet holding the GIL): the next, spinning, and the
+# one after it, woken by the thread that releases the GIL just before it
+# does, while that CPU is still busy, so that it is runnable there when its
+# turn comes instead of an idle CPU being woken then.  Every wake is made
+# without the GIL.  A sleeper whose spin runs out (the thread before it held
+# the GIL long, or released it outside the log: a step doing I/O) wakes the
+# rest of the chain at once, unchained, and the spin budget halves (it grows
+# back with the spins that do not run out): so a workload that leaves the
+# log between syncs pays at most a short spin per chain.  On one CPU nobody
+# spins (the spinner would only keep the GIL's holder from the CPU); a
+# sleeper then takes the GIL when the scheduler runs it, and one that takes
+# it with none in flight wakes the next, so that the chain never stalls.
+
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
 
 cdef extern from "pythread.h":
     ctypedef enum _LockStatus "PyLockStatus":
@@ -2569,6 +2592,28 @@ cdef enum:
 
 # one blocking slice of a sleep (us): then the GIL is taken for signals (Ctrl-C)
 cdef long long _SLEEP_SLICE_US = 50_000
+# how long a woken sleeper spins for the GIL's release in the log (ns): at
+# most a few wake-ups' worth, so that a chain of threads whose work between
+# syncs is short never sleeps twice, and a thread busy elsewhere costs the
+# next one no more than this; halved by each spin that runs out (threads
+# that leave the log for long between syncs: I/O), grown back by those that
+# do not, never below the least
+cdef int64_t _HANDOFF_SPIN_NS = 50_000
+cdef int64_t _HANDOFF_SPIN_MIN_NS = 4_000
+
+
+
+ctypedef struct _Handoff:
+    # a log's hand-off chain of woken sleepers (see above); all but `passes`
+    # read and changed with the GIL held
+    uint64_t passes      # bumped (atomic) each time a thread releases the GIL in the log
+    void *head           # borrowed _Sleepers still to wake, in order, linked by _next
+    void *tail
+    int in_flight        # woken, not yet holding the GIL
+    bint spin            # woken sleepers spin (more than one CPU)
+    int64_t budget_ns    # how long a woken sleeper spins at most (read without the GIL)
+    uint64_t spun        # statistics: woken sleepers that spun for their turn
+    uint64_t spun_out    # statistics: of those, spins that ran out (the chain woken at once)
 
 
 @cython.final
@@ -2577,7 +2622,10 @@ cdef class _Sleeper:
     sleeps (and between sleeps); the thread that wakes it releases it."""
 
     cdef PyThread_type_lock _lk    # held at rest; released to wake the sleeper
-    cdef PyThread_type_lock _next  # on waking, release this (the next sleeper's _lk) first, or NULL
+    cdef void *_next               # borrowed _Sleeper after it in the chain still to wake (or NULL)
+    cdef _Handoff *_h              # the log's chain
+    cdef uint64_t _ticket          # spin until _h.passes reaches this (set before _lk is released)
+    cdef bint _spin                # spin at all (set before _lk is released)
     cdef uint64_t target           # the offset it waits to see durable
     cdef int role                  # _S_WAIT, _S_DONE or _S_LEAD (set before _lk is released)
 
@@ -2594,56 +2642,158 @@ cdef class _Sleeper:
             self._lk = NULL
 
     cdef int sleep(self) except -1:
-        """Block until woken (the GIL released, signals checked every slice);
-        pass the wake on to the next sleeper of the chain before taking the
-        GIL.  A signal handler's exception propagates with the lock not taken:
-        the caller settles that (Log._sleep)."""
+        """Block until woken (the GIL released, signals checked every slice),
+        then wait for the GIL's release by the thread before it in the chain
+        (``_await_turn``) and, holding the GIL, keep the chain going
+        (``_took_gil``).  A signal handler's exception propagates with the
+        lock not taken: the caller settles that (Log._sleep)."""
         cdef _LockStatus st
+        cdef bint late = False
+        cdef PyThread_type_lock wake = _h_release(self._h)
         while True:
             with nogil:
+                _h_pass(self._h, wake)
+                wake = NULL
                 st = PyThread_acquire_lock_timed(self._lk, _SLEEP_SLICE_US, 0)
-                if st == _LOCK_ACQUIRED and self._next != NULL:
-                    PyThread_release_lock(self._next)
+                if st == _LOCK_ACQUIRED:
+                    late = self._await_turn()
             if st == _LOCK_ACQUIRED:
-                self._next = NULL
+                self._took_gil(late)
                 return 0
             PyErr_CheckSignals()
 
     cdef bint sleep_for(self, long long us) noexcept:
         """Block at most ``us`` microseconds (no signal checks: a short
-        wait); True if woken (the wake passed on, as in ``sleep``)."""
+        wait); True if woken (the chain kept going, as in ``sleep``)."""
         cdef _LockStatus st
+        cdef bint late = False
+        cdef PyThread_type_lock wake = _h_release(self._h)
         with nogil:
+            _h_pass(self._h, wake)
             st = PyThread_acquire_lock_timed(self._lk, us, 0)
-            if st == _LOCK_ACQUIRED and self._next != NULL:
-                PyThread_release_lock(self._next)
+            if st == _LOCK_ACQUIRED:
+                late = self._await_turn()
         if st == _LOCK_ACQUIRED:
-            self._next = NULL
+            self._took_gil(late)
             return True
         return False
 
     cdef void sleep_through(self) noexcept:
         """``sleep`` without the signal checks: for a sleeper already picked
         for waking (its wake is on its way), so that the chain goes on."""
+        cdef bint late
+        cdef PyThread_type_lock wake = _h_release(self._h)
         with nogil:
+            _h_pass(self._h, wake)
             PyThread_acquire_lock(self._lk, 1)
-            if self._next != NULL:
-                PyThread_release_lock(self._next)
-        self._next = NULL
+            late = self._await_turn()
+        self._took_gil(late)
+
+    cdef bint _await_turn(self) noexcept nogil:
+        """Woken, without the GIL: spin until the log's GIL releases reach
+        this sleeper's ticket, at most _HANDOFF_SPIN_NS, yielding the CPU
+        now and then (the thread whose release it waits for may be queued
+        behind it on this CPU).  True if the spin ran out."""
+        cdef int64_t until
+        cdef unsigned n = 0
+        if not self._spin:
+            return False
+        until = eng_now_ns() + eng_load_relaxed_i64(&self._h.budget_ns)
+        while <int64_t>(eng_load_acquire_u64(&self._h.passes) - self._ticket) < 0:
+            eng_cpu_relax()
+            n += 1
+            if (n & 63) == 0:
+                if eng_now_ns() > until:
+                    return True
+                sched_yield()
+        return False
+
+    cdef void _took_gil(self, bint late) noexcept:
+        """Woken and holding the GIL: leave the in-flight count; ``late``
+        (this one's spin ran out: the thread before it is busy outside the
+        log): wake every sleeper still chained at once, unchained; otherwise,
+        if none is in flight, wake the next so that one always is.  The wakes
+        are made without the GIL."""
+        cdef _Handoff *h = self._h
+        cdef PyThread_type_lock lks[64]
+        cdef int n, i
+        h.in_flight -= 1
+        if self._spin:
+            h.spun += 1
+            h.spun_out += late
+            if late:
+                h.budget_ns = max(h.budget_ns // 2, _HANDOFF_SPIN_MIN_NS)
+            else:
+                h.budget_ns = min(h.budget_ns + h.budget_ns // 8 + 1000, _HANDOFF_SPIN_NS)
+        if late:
+            while h.head != NULL:
+                n = 0
+                while h.head != NULL and n < 64:
+                    lks[n] = _h_pop(h, 0, False)
+                    n += 1
+                with nogil:
+                    for i in range(n):
+                        PyThread_release_lock(lks[i])
+        elif h.in_flight == 0 and h.head != NULL:
+            lks[0] = _h_pop(h, eng_load_acquire_u64(&h.passes) + 1, h.spin)
+            with nogil:
+                PyThread_release_lock(lks[0])
 
 
-cdef int _wake_chain(list woken) except -1:
-    """Wake the _Sleepers of ``woken`` (roles set): this thread wakes the
-    first, each the next (see _Sleeper.sleep)."""
+cdef PyThread_type_lock _h_pop(_Handoff *h, uint64_t ticket, bint spin) noexcept:
+    """Holding the GIL: take the first chained sleeper off the chain, in
+    flight, to take the GIL once the log's GIL releases reach ``ticket``
+    (``spin`` False: as soon as it runs).  Returns the lock whose release
+    wakes it: the caller releases it, without the GIL where it can."""
+    cdef _Sleeper w = <_Sleeper>h.head
+    h.head = w._next
+    if h.head == NULL:
+        h.tail = NULL
+    w._next = NULL
+    w._ticket = ticket
+    w._spin = spin
+    h.in_flight += 1
+    return w._lk
+
+
+cdef PyThread_type_lock _h_release(_Handoff *h) noexcept:
+    """Holding the GIL, just before this thread releases it in the log
+    (_h_pass): the one in flight takes the GIL next; the sleeper after it is
+    taken off the chain now (its ticket: that one's release), so that it
+    wakes while this CPU is still busy and waits there, spinning, instead of
+    an idle CPU being woken when its turn comes.  Returns its lock (or NULL)."""
+    if h.head != NULL and h.in_flight <= 1:
+        return _h_pop(h, eng_load_acquire_u64(&h.passes) + 1 + <uint64_t>h.in_flight, h.spin)
+    return NULL
+
+
+cdef inline void _h_pass(_Handoff *h, PyThread_type_lock wake) noexcept nogil:
+    """The GIL just released in the log: let the sleeper in flight take it,
+    then wake the one _h_release took off the chain (if any)."""
+    eng_fetch_add_u64(&h.passes, 1)
+    if wake != NULL:
+        PyThread_release_lock(wake)
+
+
+cdef int _wake_chain(_Handoff *h, list woken) except -1:
+    """Holding the GIL: chain the _Sleepers of ``woken`` (roles set) after
+    those still chained and, if none is in flight, wake the first (its turn:
+    this thread's next GIL release in the log), without the GIL."""
     cdef _Sleeper w
-    cdef _Sleeper prev = None
+    cdef PyThread_type_lock lk
     for w in woken:
-        if prev is not None:
-            prev._next = w._lk
-        prev = w
-    if woken:
-        w = <_Sleeper>woken[0]
-        PyThread_release_lock(w._lk)
+        w._next = NULL
+        if h.tail != NULL:
+            (<_Sleeper>h.tail)._next = <void *>w
+        else:
+            h.head = <void *>w
+        h.tail = <void *>w
+    if h.in_flight == 0 and h.head != NULL:
+        # the GIL is released here to wake it: that release is one of the
+        # log's too, so its turn is the one after
+        lk = _h_pop(h, eng_load_acquire_u64(&h.passes) + 2, h.spin)
+        with nogil:
+            _h_pass(h, lk)
     return 0
 
 
@@ -2720,6 +2870,7 @@ cdef class Log:
     cdef object _cond             # threading.RLock guarding _syncing/_durable/_sleepers/_lead
     cdef list _sleepers           # the _Sleepers waiting for a sync (under _cond)
     cdef list _sleeper_pool       # _Sleepers at rest, for reuse
+    cdef _Handoff _handoff        # the chain of woken sleepers (see _Sleeper)
     cdef _Sleeper _lead           # the sleeper woken to run the next sync, until it runs, or None
     cdef list _sync_targets       # the targets of the threads waiting in _sync_upto (changed
                                   # with the GIL held, not always _cond: list operations are atomic)
@@ -2821,6 +2972,9 @@ cdef class Log:
         self._cond = _threading.RLock()
         self._sleepers = []
         self._sleeper_pool = []
+        memset(&self._handoff, 0, sizeof(_Handoff))
+        self._handoff.spin = _usable_cpus() > 1
+        self._handoff.budget_ns = _HANDOFF_SPIN_NS
         self._ckpt_lock = _threading.Lock()
         self._pid = _os.getpid()
         self._unsynced_old = []
@@ -3714,6 +3868,7 @@ cdef class Log:
         cdef bint pw
         cdef int err = 0
         cdef bint counted = False
+        cdef PyThread_type_lock wake
         cdef bint gathered = False
         cdef bint held = True  # cond is held
         cdef bint mine = False  # took the gathering syncer's place: sync now
@@ -3794,8 +3949,10 @@ cdef class Log:
                 mine = False
                 cond.release()
                 t0 = eng_now_ns()
+                wake = _h_release(&self._handoff)
                 try:
                     with nogil:
+                        _h_pass(&self._handoff, wake)  # a woken sleeper may take the GIL
                         if pw:
                             rc = eng_log_datasync(s.fd)
                         else:
@@ -3875,6 +4032,7 @@ cdef class Log:
         cdef bint held = False
         pool = self._sleeper_pool
         w = <_Sleeper>pool.pop() if pool else _Sleeper.__new__(_Sleeper)
+        w._h = &self._handoff
         w.target = target
         w.role = _S_WAIT
         if gather_us >= 0:
@@ -3943,7 +4101,7 @@ cdef class Log:
             self._lead = w
             woken.append(w)
         self._sleepers = left
-        _wake_chain(woken)
+        _wake_chain(&self._handoff, woken)
         return 0
 
     cdef Py_ssize_t _sync_served(self, uint64_t nxt):
@@ -4277,7 +4435,13 @@ cdef class Log:
         return LogReader(self._path, start=start, group=group, copy=copy)
 
     def stats(self):
-        """A dict: offsets, segments, bytes, durability, counters."""
+        """A dict: offsets, segments, bytes, durability, counters.
+
+        ``handoffs``: threads woken after a group-commit sync that waited
+        (spinning) for the GIL's hand-off in the log; ``handoffs_late``: those
+        whose wait ran out, because the thread before them held the GIL long
+        or released it outside the log, after which the rest of that chain
+        was woken at once."""
         total = 0
         for b in self._bases:
             try:
@@ -4294,6 +4458,7 @@ cdef class Log:
             "active_position": int(self._pos), "appends": self._n_appends,
             "syncs": self._n_syncs, "rolls": self._n_rolls,
             "recovered_bytes": self._recovered_bytes, "was_clean": self._was_clean,
+            "handoffs": self._handoff.spun, "handoffs_late": self._handoff.spun_out,
         }
 
     @property

@@ -8,6 +8,7 @@ writer here appends and calls ``flush()``, as a durable saga does.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -208,4 +209,156 @@ def test_an_interrupted_flush_leaves_no_writer_without_a_sync(tmp_path):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+        log.close()
+
+
+# ---------------------------------------------------------------------------
+# the hand-off chain: the threads a sync covered take the GIL in turn
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cpus", ["all", "one"])
+def test_no_writer_is_left_asleep_under_thread_churn(tmp_path, durable, cpus):
+    """Waves of writers come and go: the writers of a wave start together,
+    each appends batches of random sizes and flushes to a random end of
+    what it appended (or everything), sometimes leaves the log a while,
+    and leaves for good after a random number of flushes (often one), so
+    that a sync often ends while the thread that ran it and the others awake
+    have left.  Every flush must return, and only once its end is durable:
+    a wake-up lost (a sleeper left chained with no thread in flight to wake
+    it, or one picked to sync next left asleep) shows as a wave that does
+    not end within the bound.  ``cpus="one"``: the log opened while the
+    process could use one CPU, so its woken writers do not spin for their
+    turn (the chain then moves on only as threads take the GIL)."""
+    import random
+
+    log = _opened_on_one_cpu(tmp_path) if cpus == "one" else _log(tmp_path)
+    path = log.path
+    early = []  # (end, durable end) of every flush that returned too soon
+    errors = []
+
+    def writer(seed, start):
+        rnd = random.Random(seed)
+        try:
+            start.wait(10)
+            for _ in range(1 if rnd.random() < 0.3 else rnd.randrange(2, 30)):
+                r = log.append_many([b"%d" % seed] * rnd.randrange(1, 5))
+                end = None if rnd.random() < 0.1 else rnd.randrange(r.start + 1, r.stop + 1)
+                want = log.next_offset if end is None else end
+                log.flush(end)
+                got = durable.end(path)
+                if got < want:
+                    early.append((want, got))
+                if rnd.random() < 0.1:
+                    time.sleep(rnd.random() * 0.003)  # away from the log a while
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    rnd = random.Random(19)
+    deadline = time.monotonic() + 2.0
+    waves = 0
+    stuck = []
+    try:
+        while time.monotonic() < deadline and not stuck:
+            n = rnd.randrange(2, 17)
+            start = threading.Barrier(n)
+            ts = [
+                threading.Thread(target=writer, args=(waves * 100 + k, start), daemon=True)
+                for k in range(n)
+            ]
+            for t in ts:
+                t.start()
+            bound = time.monotonic() + 20.0
+            for t in ts:
+                t.join(max(0.0, bound - time.monotonic()))
+            stuck = [t for t in ts if t.is_alive()]
+            waves += 1
+        assert not stuck, (
+            f"wave {waves}: {len(stuck)} writers never returned from flush (a lost wake-up)"
+        )
+        assert errors == []
+        assert early == []
+    finally:
+        if not stuck:
+            log.close()
+
+
+def _opened_on_one_cpu(tmp_path):
+    """A log opened while this process may use one CPU only (the log decides
+    at open whether woken writers spin); the CPUs are given back after."""
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no CPU affinity on this OS")
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(saved)})
+    try:
+        return _log(tmp_path)
+    finally:
+        os.sched_setaffinity(0, saved)
+
+
+def _cpus():
+    """CPUs this process may use (what the log decides by at open)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _flush_loops(log, threads, rounds, away=0.0):
+    """``threads`` threads, each ``rounds`` times: append, flush to its end,
+    then sleep ``away`` seconds outside the log (GIL released)."""
+
+    def body(k):
+        for _ in range(rounds):
+            r = log.append_many([b"%d" % k])
+            log.flush(r.stop)
+            if away:
+                time.sleep(away)
+
+    run_threads(threads, body)
+
+
+@pytest.mark.skipif(_cpus() < 2, reason="the hand-off spins only with 2+ CPUs")
+def test_woken_writers_take_the_gil_in_turn(tmp_path):
+    """Eight threads that flush back to back: after each sync the threads it
+    covered are woken one at a time, each as the one before it releases the
+    GIL in the log, and most find their turn within the spin (a chain whose
+    tickets did not match the releases would run out on nearly every one)."""
+    log = _log(tmp_path)
+    try:
+        _flush_loops(log, 8, 200)
+        st = log.stats()
+        assert st["handoffs"] > 200
+        assert st["handoffs_late"] < st["handoffs"] / 2, st
+    finally:
+        log.close()
+
+
+@pytest.mark.skipif(_cpus() < 2, reason="the hand-off spins only with 2+ CPUs")
+def test_a_writer_away_from_the_log_does_not_hold_up_the_others(tmp_path):
+    """Each thread sleeps after its flush, outside the log: the thread after
+    it in a chain waits for a release that does not come, its spin runs out
+    and it wakes the rest of the chain at once; every flush returns."""
+    log = _log(tmp_path)
+    try:
+        t0 = time.monotonic()
+        _flush_loops(log, 8, 50, away=0.002)
+        elapsed = time.monotonic() - t0
+        st = log.stats()
+        assert st["handoffs_late"] > 0, st
+        # 50 rounds of a 2 ms sleep plus a sync each, not a spin per thread
+        # per round on top (8 x 50 x 50 us = 20 ms would still pass: the
+        # bound is for a chain that waits for each late thread in turn)
+        assert elapsed < 50 * (0.002 + 0.05), elapsed
+    finally:
+        log.close()
+
+
+def test_on_one_cpu_woken_writers_do_not_spin(tmp_path):
+    """A process confined to one CPU: a spinning sleeper would only keep the
+    thread it waits for off that CPU, so nobody spins, and every flush
+    returns."""
+    log = _opened_on_one_cpu(tmp_path)
+    try:
+        _flush_loops(log, 8, 50)
+        assert log.stats()["handoffs"] == 0
+        assert log.durable_offset == log.next_offset == 8 * 50
+    finally:
         log.close()
