@@ -32,7 +32,7 @@ import sys
 import time
 from typing import Optional, Tuple
 
-from engine.bench.machine import wake_round_trip
+from engine.bench.machine import pin_thread, wake_round_trip
 
 
 def processes(n: int, cpus: Optional[Tuple[int, int]]) -> float:
@@ -43,16 +43,14 @@ def processes(n: int, cpus: Optional[Tuple[int, int]]) -> float:
     pid = os.fork()
     if pid == 0:
         try:
-            if cpus:
-                os.sched_setaffinity(0, {cpus[1]})
+            pin_thread(cpus[1] if cpus else None)
             for _ in range(n):
                 os.read(r1, 1)
                 os.write(w2, b"x")
         finally:
             os._exit(0)
     try:
-        if cpus:
-            os.sched_setaffinity(0, {cpus[0]})
+        pin_thread(cpus[0] if cpus else None)
         t0 = time.perf_counter()
         for _ in range(n):
             os.write(w1, b"x")

@@ -73,11 +73,16 @@ def package_version(dist: str) -> Optional[str]:
         return None
 
 
-def _pin(cpu: Optional[int]) -> None:
+def pin_thread(cpu: Optional[int]) -> None:
     """Pin the calling thread to ``cpu`` (Linux applies sched_setaffinity(0,
-    ...) to the calling thread only); ``None``: leave it."""
-    if cpu is not None:
+    ...) to the calling thread only); ``None``, or an OS that cannot: leave
+    it where it is."""
+    if cpu is None:
+        return
+    try:
         os.sched_setaffinity(0, {cpu})
+    except (AttributeError, OSError):
+        pass
 
 
 def wake_round_trip(n: int, cpus: Optional[Tuple[int, int]] = None) -> Tuple[float, float, float]:
@@ -100,7 +105,7 @@ def wake_round_trip(n: int, cpus: Optional[Tuple[int, int]] = None) -> Tuple[flo
     b.acquire()
 
     def pong() -> None:
-        _pin(cpus[1] if cpus else None)
+        pin_thread(cpus[1] if cpus else None)
         for _ in range(n):
             a.acquire()
             b.release()
@@ -108,7 +113,7 @@ def wake_round_trip(n: int, cpus: Optional[Tuple[int, int]] = None) -> Tuple[flo
     saved = os.sched_getaffinity(0) if cpus else None
     t = threading.Thread(target=pong, daemon=True)
     try:
-        _pin(cpus[0] if cpus else None)
+        pin_thread(cpus[0] if cpus else None)
         t.start()
         r0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()

@@ -36,6 +36,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from engine.bench.harness import Digest, Run, Workload, digest, digest_array
+from engine.bench.machine import pin_thread
 
 BATCH = 1024  # messages per put_many/get_many call, for every contender alike
 BARRIER_TIMEOUT = 60.0
@@ -88,20 +89,11 @@ def cpu_plan(n: int) -> List[Optional[int]]:
     return [cpus[i] for i in range(n)]
 
 
-def _pin(cpu: Optional[int]) -> None:
-    if cpu is None:
-        return
-    try:
-        os.sched_setaffinity(0, {cpu})
-    except (AttributeError, OSError):
-        pass
-
-
 def _child(
     conn: Any, cpu: Optional[int], fn: ChildFn, wl: Workload, barrier: Any, args: tuple
 ) -> None:
     try:
-        _pin(cpu)
+        pin_thread(cpu)
         res = fn(wl, barrier, *args)
         conn.send(("ok", res))
     except BaseException as exc:  # reported to the parent, which fails the run
@@ -309,7 +301,7 @@ def thread_run(
 
     def prod() -> None:
         try:
-            _pin(cpus[0])
+            pin_thread(cpus[0])
             barrier.wait(BARRIER_TIMEOUT)
             box["t0"] = time.perf_counter_ns()
             produce(box)
@@ -318,7 +310,7 @@ def thread_run(
 
     def cons() -> None:
         try:
-            _pin(cpus[1])
+            pin_thread(cpus[1])
             barrier.wait(BARRIER_TIMEOUT)
             out = consume()
             box["t1"] = time.perf_counter_ns()
