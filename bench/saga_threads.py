@@ -11,7 +11,10 @@ turn, ``--repeat`` rounds of both per thread count, so both see the disk and
 the CPUs at about the same moments: on a shared machine only ratios of the
 same round mean much.  Each round prints both rates, their ratio and, for
 ours, what a saga cost the process over the whole run (warm-up included):
-CPU (user + system), voluntary context switches and the log's syncs.  The
+CPU (user + system), voluntary context switches and the log's syncs, with
+how long a sync took and the share of the run the log spent syncing
+(``Log.stats()["sync_seconds"]``): near 100% the disk is the bound, well
+below it the threads are (their wake-ups and their turns at the GIL).  The
 last line per thread count gives the median ratio and its range.
 
 On a machine with few cores the CPU column bounds the rate as much as the
@@ -26,6 +29,7 @@ import resource
 import shutil
 import statistics
 import tempfile
+import time
 from typing import Dict
 
 from engine.bench.harness import Workload, digest
@@ -46,13 +50,17 @@ def _ours(threads: int, count: int) -> Dict[str, float]:
         saga.step("reserve", lambda sc: reserve(sc.ctx), lambda sc: None)
         saga.step("charge", lambda sc: charge(sc.ctx), lambda sc: None)
         saga.step("deliver", lambda sc: deliver(sc.ctx), lambda sc: None)
-        syncs0 = saga.log.stats()["syncs"]
+        st0 = saga.log.stats()
         r0 = resource.getrusage(resource.RUSAGE_SELF)
+        w0 = time.perf_counter()
         t0, t1, warmed = run_steady(
             threads, count, lambda _k, i: saga.run(i), lambda _k, j: saga.run(-1 - j)
         )
+        wall = time.perf_counter() - w0
         r1 = resource.getrusage(resource.RUSAGE_SELF)
-        syncs = saga.log.stats()["syncs"] - syncs0
+        st1 = saga.log.stats()
+        syncs = st1["syncs"] - st0["syncs"]
+        sync_s = st1["sync_seconds"] - st0["sync_seconds"]
     finally:
         saga.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -66,6 +74,8 @@ def _ours(threads: int, count: int) -> Dict[str, float]:
         "cpu_us": cpu / total * 1e6,
         "vcsw": (r1.ru_nvcsw - r0.ru_nvcsw) / total,
         "syncs": syncs / total,
+        "sync_us": sync_s / max(syncs, 1) * 1e6,
+        "busy": sync_s / wall,
     }
 
 
@@ -93,7 +103,8 @@ def main() -> None:
             print(
                 f"threads={threads} round={r} ours={ours['rate']:6.0f}/s sqlite={peer:6.0f}/s "
                 f"ratio={ratio:5.2f}  ours per saga: cpu {ours['cpu_us']:4.0f} us, "
-                f"vcsw {ours['vcsw']:4.1f}, syncs {ours['syncs']:4.2f}",
+                f"vcsw {ours['vcsw']:4.1f}, syncs {ours['syncs']:4.2f} of "
+                f"{ours['sync_us']:3.0f} us, disk busy {ours['busy']:4.0%}",
                 flush=True,
             )
         print(

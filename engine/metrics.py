@@ -86,6 +86,7 @@ _LOG: List[_Spec] = [
     ("active_position", "active_position_bytes", "gauge", "Write position in the active segment."),
     ("appends", "appends", "counter", "Records appended by this writer."),
     ("syncs", "syncs", "counter", "Flushes to stable storage by this writer."),
+    ("sync_seconds", "sync_seconds", "counter", "Time the flushes counted by syncs ran."),
     ("rolls", "rolls", "counter", "Segments rolled by this writer."),
     (
         "handoffs",

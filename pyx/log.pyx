@@ -2877,6 +2877,7 @@ cdef class Log:
     cdef Py_ssize_t _sync_arrived # threads that began waiting since the last data sync ended
     cdef Py_ssize_t _sync_expect  # threads the last data sync served: expected back
     cdef int64_t _sync_run_ns     # how long the last data sync ran
+    cdef int64_t _sync_total_ns   # statistics: how long the syncs counted by _n_syncs ran
     cdef int64_t _sync_end_ns     # when it ended
     cdef _Sleeper _gatherer       # the syncer gathering the writers it expects (_gather_us), or None
     cdef list _unsynced_old       # durability="none": paths of rolled segments not yet synced
@@ -3873,7 +3874,7 @@ cdef class Log:
         cdef bint held = True  # cond is held
         cdef bint mine = False  # took the gathering syncer's place: sync now
         cdef long long gather_us
-        cdef int64_t t0
+        cdef int64_t t0, ts = 0, t1 = 0
         cond = self._cond
         cond.acquire()
         try:
@@ -3953,11 +3954,13 @@ cdef class Log:
                 try:
                     with nogil:
                         _h_pass(&self._handoff, wake)  # a woken sleeper may take the GIL
+                        ts = eng_now_ns()
                         if pw:
                             rc = eng_log_datasync(s.fd)
                         else:
                             rc = _sync_range(s.fd, s.p, lo, hi)
                         err = errno
+                        t1 = eng_now_ns()  # (before the GIL is taken back)
                 finally:
                     cond.acquire()
                     if rc != 0:
@@ -3982,6 +3985,7 @@ cdef class Log:
                     self._publish_forward(hi, nxt)
                     self._wake()
                 self._n_syncs += 1
+                self._sync_total_ns += t1 - ts
                 if s is self._active and eng_now_ns() - self._ckpt_ns >= _CKPT_EVERY_NS:
                     # the recovery point follows the durable end (Kafka's
                     # recovery-point checkpoint): damage before it is never
@@ -4437,6 +4441,12 @@ cdef class Log:
     def stats(self):
         """A dict: offsets, segments, bytes, durability, counters.
 
+        ``syncs``: the group commit's data syncs (each makes every record
+        appended before it durable); ``sync_seconds``: how long they ran in
+        all, so ``sync_seconds / syncs`` is the disk's latency as the log
+        sees it and its growth over a window of wall time, the share of that
+        window the disk was busy with this log's syncs (near 1: the disk is
+        the bound; well below it with writers waiting: the writers are).
         ``handoffs``: threads woken after a group-commit sync that waited
         (spinning) for the GIL's hand-off in the log; ``handoffs_late``: those
         whose wait ran out, because the thread before them held the GIL long
@@ -4456,7 +4466,8 @@ cdef class Log:
             "segment_bytes": int(self._segment_bytes), "disk_bytes": total,
             "active_segment": None if self._active is None else self._active.path,
             "active_position": int(self._pos), "appends": self._n_appends,
-            "syncs": self._n_syncs, "rolls": self._n_rolls,
+            "syncs": self._n_syncs, "sync_seconds": self._sync_total_ns / 1e9,
+            "rolls": self._n_rolls,
             "recovered_bytes": self._recovered_bytes, "was_clean": self._was_clean,
             "handoffs": self._handoff.spun, "handoffs_late": self._handoff.spun_out,
         }

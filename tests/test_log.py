@@ -449,6 +449,32 @@ def test_sync_hook_and_durable_offset(tmp_path, durability):
     assert any(c["kind"] == "checkpoint" for c in calls)
 
 
+def test_sync_seconds_counts_the_syncs_only(tmp_path):
+    # a sync hook that sleeps runs after each sync's clock stops: the
+    # log's sync time must not include it (nor the GIL wait after a sync)
+    nap = 0.02
+    _log._set_sync_hook(lambda path, info: time.sleep(nap) if info["kind"] == "data" else None)
+    try:
+        log = engine.Log(tmp_path / "a", durability="always", segment_bytes=SEG)
+        assert log.stats()["sync_seconds"] == 0.0
+        t0 = time.perf_counter()
+        for i in range(10):
+            log.append(b"%d" % i)
+        wall = time.perf_counter() - t0
+        st = log.stats()
+        log.close()
+    finally:
+        _log._set_sync_hook(None)
+    assert st["syncs"] == 10
+    assert 0.0 < st["sync_seconds"] < wall - 10 * nap * 0.9, (st, wall)
+
+    # a log that never syncs spends no time syncing
+    none = engine.Log(tmp_path / "b", durability="none", segment_bytes=SEG)
+    none.append_many([b"x"] * 100)
+    assert none.stats()["sync_seconds"] == 0.0
+    none.close()
+
+
 def test_group_commit_across_threads(tmp_path):
     log = engine.Log(tmp_path, durability="always", segment_bytes=1 << 20)
     n_threads, per = 4, 60
