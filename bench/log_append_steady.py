@@ -1,6 +1,6 @@
 """Steady-state Log.append throughput: 64 B values, durability "none".
 
-    python bench/log_append_steady.py [N] [RUNS] [SEGMENT_BYTES] [--distinct] [--pause=S]
+    python bench/log_append_steady.py [N] [RUNS] [SEGMENT_BYTES] [--distinct] [--pause=S] [--batch=B]
 
 Each run opens a fresh log in a temporary directory, appends N records of
 64 B (default 1M) and times the append loop alone (open and close are not
@@ -16,6 +16,9 @@ steady writer does.
 ``--distinct``: N distinct payloads from the bench harness's pool, as the
 bench case "log: append 64 B vs queuelib" appends them (each call reads a
 payload object not in any cache); otherwise one payload N times.
+
+``--batch=B``: ``Log.append_many`` of B records a call instead of ``append``
+(the batches sliced before the clock starts).
 
 ``--pause=S``: sleep S seconds before each run (the previous run's log is
 deleted by then, its pages free).  Where the host takes back memory a guest
@@ -41,13 +44,14 @@ def _loop(append, msgs):
         append(m)
 
 
-def one(msgs, segment_bytes):
+def one(msgs, segment_bytes, batch=0):
     d = tempfile.mkdtemp(prefix="log_append_steady_")
     try:
         log = engine.Log(os.path.join(d, "log"), durability="none", segment_bytes=segment_bytes)
+        calls = [msgs[i : i + batch] for i in range(0, len(msgs), batch)] if batch else msgs
         r0 = resource.getrusage(resource.RUSAGE_THREAD)
         t = time.perf_counter()
-        _loop(log.append, msgs)
+        _loop(log.append_many if batch else log.append, calls)
         dt = time.perf_counter() - t
         r1 = resource.getrusage(resource.RUSAGE_THREAD)
         rolls = log.stats()["rolls"]
@@ -68,6 +72,7 @@ def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     distinct = "--distinct" in sys.argv[1:]
     pause = next((float(a.split("=", 1)[1]) for a in sys.argv[1:] if a.startswith("--pause=")), 0.0)
+    batch = next((int(a.split("=", 1)[1]) for a in sys.argv[1:] if a.startswith("--batch=")), 0)
     n = int(args[0]) if len(args) > 0 else 1_000_000
     runs = int(args[1]) if len(args) > 1 else 7
     seg = int(args[2]) if len(args) > 2 else 64 << 20
@@ -80,7 +85,7 @@ def main():
     rates = []
     for _ in range(runs):
         time.sleep(pause)
-        r, rolls, faults, user, sys_s, waits = one(msgs, seg)
+        r, rolls, faults, user, sys_s, waits = one(msgs, seg, batch)
         rates.append(r)
         print(
             f"  {r:6.2f} M/s  rolls {rolls}  minor faults {faults}  "
@@ -88,8 +93,9 @@ def main():
             f"the thread slept {waits} times"
         )
     what = "distinct payloads" if distinct else "one payload"
+    call = f"append_many of {batch}" if batch else "append"
     print(
-        f"append 64 B none, {n} records ({what}), segment {seg >> 20} MiB, "
+        f"{call} 64 B none, {n} records ({what}), segment {seg >> 20} MiB, "
         f"{pause:g} s pause before each run: "
         f"median {statistics.median(rates):.2f} M/s, min {min(rates):.2f} M/s ({runs} runs)"
     )

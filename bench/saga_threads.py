@@ -2,6 +2,7 @@
 
     python bench/saga_threads.py                          # 1 and 8 threads, 5 rounds
     python bench/saga_threads.py --threads 8 --count 4000 --repeat 7
+    python bench/saga_threads.py --threads 8 --ab-writeback   # + ours without writeback ahead
 
 The ``saga`` bench section's durable workload (``engine.bench.saga``: three
 steps, ``durability="always"``, the threads sharing one Saga) against its
@@ -32,6 +33,7 @@ import tempfile
 import time
 from typing import Dict
 
+from engine import _log
 from engine.bench.harness import Workload, digest
 from engine.bench.saga import _sqlite, _steps
 from engine.bench.steady import run_steady
@@ -79,6 +81,13 @@ def _ours(threads: int, count: int) -> Dict[str, float]:
     }
 
 
+def _costs(run: Dict[str, float]) -> str:
+    return (
+        f"cpu {run['cpu_us']:4.0f} us, vcsw {run['vcsw']:4.1f}, syncs {run['syncs']:4.2f} of "
+        f"{run['sync_us']:3.0f} us, disk busy {run['busy']:4.0%}"
+    )
+
+
 def _peer(threads: int, count: int) -> float:
     run = _sqlite("FULL", threads)(Workload(count, 64))
     if run.count != count:
@@ -91,10 +100,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--count", type=int, default=0, help="sagas per run (default: 400 x threads)")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument(
+        "--ab-writeback",
+        action="store_true",
+        help="each round also runs ours with the log's writeback ahead of the tail off "
+        "(engine._log._set_writeback_ahead), for a paired comparison",
+    )
     args = ap.parse_args()
     for threads in args.threads:
         count = args.count or 400 * threads
-        ratios = []
+        ratios, gains = [], []
         for r in range(args.repeat):
             ours = _ours(threads, count)
             peer = _peer(threads, count)
@@ -102,14 +117,30 @@ def main() -> None:
             ratios.append(ratio)
             print(
                 f"threads={threads} round={r} ours={ours['rate']:6.0f}/s sqlite={peer:6.0f}/s "
-                f"ratio={ratio:5.2f}  ours per saga: cpu {ours['cpu_us']:4.0f} us, "
-                f"vcsw {ours['vcsw']:4.1f}, syncs {ours['syncs']:4.2f} of "
-                f"{ours['sync_us']:3.0f} us, disk busy {ours['busy']:4.0%}",
+                f"ratio={ratio:5.2f}  ours per saga: {_costs(ours)}",
                 flush=True,
             )
+            if args.ab_writeback:
+                _log._set_writeback_ahead(False)
+                try:
+                    off = _ours(threads, count)
+                finally:
+                    _log._set_writeback_ahead(True)
+                gains.append(ours["rate"] / off["rate"])
+                print(
+                    f"threads={threads} round={r} ours without writeback ahead={off['rate']:6.0f}/s "
+                    f"(with it: {gains[-1]:4.2f}x)  {_costs(off)}",
+                    flush=True,
+                )
         print(
             f"threads={threads} median ratio {statistics.median(ratios):.2f} "
-            f"(range {min(ratios):.2f}-{max(ratios):.2f})",
+            f"(range {min(ratios):.2f}-{max(ratios):.2f})"
+            + (
+                f"; writeback ahead {statistics.median(gains):.2f}x "
+                f"({min(gains):.2f}-{max(gains):.2f})"
+                if gains
+                else ""
+            ),
             flush=True,
         )
 

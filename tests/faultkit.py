@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 SHIM_SRC = Path(__file__).resolve().parent / "faultinject" / "shim.c"
 FUNCS = ("pwrite", "write", "fdatasync", "fsync", "msync", "fallocate", "ftruncate",
-         "rename", "open", "mmap", "pread")
+         "rename", "open", "mmap", "pread", "sync_file_range")
 ERRS = ("EIO", "ENOSPC", "EFBIG", "EINTR", "SHORT")
 
 PRELUDE = r"""

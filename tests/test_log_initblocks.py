@@ -5,8 +5,6 @@ optimisation only: a failing zero write leaves the data path as it was, a
 crash at any point of the zeroing recovers exactly, a fork's child has no
 such thread."""
 
-import array
-import fcntl
 import os
 import signal
 import subprocess
@@ -19,66 +17,11 @@ import engine
 from engine import _log
 
 from . import faultkit
+from .fiemap import extents as _extents
+from .fiemap import has_unwritten_extents as _has_unwritten_extents
+from .fiemap import unwritten_in as _unwritten_in
 
-FS_IOC_FIEMAP = 0xC020660B
-FIEMAP_FLAG_SYNC = 0x1
-FIEMAP_EXTENT_UNWRITTEN = 0x800
 HDR = 64
-
-
-def _extents(path):
-    """(logical, length, flags) of every extent of `path` (FIEMAP)."""
-    out = []
-    start = 0
-    with open(path, "rb") as f:
-        while True:
-            n = 64
-            buf = bytearray(32 + 56 * n)
-            array_ = array.array("B", buf)
-            hdr = (start.to_bytes(8, "little") + (2**64 - 1 - start).to_bytes(8, "little")
-                   + FIEMAP_FLAG_SYNC.to_bytes(4, "little") + (0).to_bytes(4, "little")
-                   + n.to_bytes(4, "little") + (0).to_bytes(4, "little"))
-            array_[:32] = array.array("B", hdr)
-            fcntl.ioctl(f.fileno(), FS_IOC_FIEMAP, array_, True)
-            got = int.from_bytes(bytes(array_[20:24]), "little")
-            if got == 0:
-                return out
-            last = False
-            for i in range(got):
-                e = bytes(array_[32 + 56 * i: 32 + 56 * (i + 1)])
-                logical = int.from_bytes(e[0:8], "little")
-                length = int.from_bytes(e[16:24], "little")
-                flags = int.from_bytes(e[40:44], "little")
-                out.append((logical, length, flags))
-                last = bool(flags & 0x1)  # FIEMAP_EXTENT_LAST
-                start = logical + length
-            if last:
-                return out
-
-
-def _unwritten_in(path, lo, hi):
-    """Bytes of [lo, hi) of `path` that are unwritten (preallocated) extents."""
-    n = 0
-    for logical, length, flags in _extents(path):
-        if flags & FIEMAP_EXTENT_UNWRITTEN:
-            n += max(0, min(hi, logical + length) - max(lo, logical))
-    return n
-
-
-def _has_unwritten_extents(d):
-    """The file system under `d` keeps fallocated blocks as unwritten extents
-    (ext4, xfs): the only place where initialising them can pay."""
-    p = os.path.join(d, ".probe")
-    fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        os.posix_fallocate(fd, 0, 1 << 20)
-        try:
-            return _unwritten_in(p, 0, 1 << 20) > 0
-        except OSError:
-            return False
-    finally:
-        os.close(fd)
-        os.unlink(p)
 
 
 @pytest.fixture

@@ -39,9 +39,10 @@
 #include <unistd.h>
 
 enum { F_PWRITE, F_WRITE, F_FDATASYNC, F_FSYNC, F_MSYNC, F_FALLOCATE, F_FTRUNCATE,
-       F_RENAME, F_OPEN, F_MMAP, F_PREAD, F_N };
+       F_RENAME, F_OPEN, F_MMAP, F_PREAD, F_SYNC_FILE_RANGE, F_N };
 static const char *names[F_N] = {"pwrite", "write", "fdatasync", "fsync", "msync",
-                                 "fallocate", "ftruncate", "rename", "open", "mmap", "pread"};
+                                 "fallocate", "ftruncate", "rename", "open", "mmap", "pread",
+                                 "sync_file_range"};
 
 static int armed;               /* qe_fi_arm(1) ran and qe_fi_arm(0) did not */
 static int inited;
@@ -260,6 +261,14 @@ int fsync(int fd) {
     int rc = real(fd);
     if (rc == 0) trace_fd_sync("fsync", fd);
     return rc;
+}
+
+/* the log's prefaulter starts writeback ahead of the tail with it (no durability) */
+int sync_file_range(int fd, off_t off, off_t n, unsigned int flags) {
+    REAL(int, "sync_file_range", int, off_t, off_t, unsigned int);
+    int e = decide(F_SYNC_FILE_RANGE, fd_counts(fd));
+    if (e > 0) { errno = e; return -1; }
+    return real(fd, off, n, flags);
 }
 
 int msync(void *addr, size_t n, int flags) {
