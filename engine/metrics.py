@@ -101,6 +101,12 @@ _LOG: List[_Spec] = [
         "Hand-off waits that ran out (the rest of that chain was woken at once).",
     ),
     (
+        "writeback_ahead_bytes",
+        "writeback_ahead_bytes",
+        "counter",
+        "Zero pages ahead of the tail written back while the log synced often.",
+    ),
+    (
         "recovered_bytes",
         "recovered_bytes",
         "gauge",
