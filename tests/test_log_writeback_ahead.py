@@ -152,28 +152,28 @@ def test_sigkill_while_writing_back_ahead_keeps_every_flushed_record(tmp_path):
     if pid == 0:
         os.close(r)
         try:
-            log = engine.Log(p, durability="interval", flush_interval=3600, segment_bytes=1 << 20)
+            log = engine.Log(p, durability="interval", flush_interval=3600, segment_bytes=128 << 10)
             i = 0
             while True:  # flushed batches, acknowledged one by one, rolls included
                 end = log.append_many([b"rec-%06d" % i, b"sum-%06d" % i]).stop
                 log.flush(end)
-                os.write(w, b"%d\n" % i)
+                os.write(w, b"%d %d\n" % (i, log.stats()["writeback_ahead_bytes"]))
                 i += 1
         finally:
             os._exit(1)
     os.close(w)
     with os.fdopen(r) as f:
         deadline = time.monotonic() + 60
-        acked = -1
-        while acked < 30_000 and time.monotonic() < deadline:
+        acked = ahead = -1
+        while acked < 8_000 and time.monotonic() < deadline:
             line = f.readline()
             if not line:
                 break
-            acked = int(line)
+            acked, ahead = map(int, line.split())
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-    assert acked >= 30_000
-    with engine.Log(p, durability="interval", segment_bytes=1 << 20) as log:
+    assert acked >= 8_000 and ahead > 0  # killed while writing back ahead
+    with engine.Log(p, durability="interval", segment_bytes=128 << 10) as log:
         assert log.next_offset >= 2 * (acked + 1)
     vals = _values(p)
     assert vals[: 2 * (acked + 1)] == [
