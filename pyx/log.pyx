@@ -136,8 +136,8 @@ cdef extern from *:
      * Written blocks ahead: while the appender asks for it (`wb_on`: a log
      * synced often, a few KiB a sync), the thread also starts the writeback
      * of the zero pages it populated (sync_file_range WRITE, through its own
-     * descriptor `fd`, never below `wb_from`, the appender's tail plus a
-     * chunk).  On ext4 and xfs a fallocated segment is unwritten extents: a
+     * descriptor `fd`, never below `wb_from`: the appender's tail plus a
+     * gap, past the pages it is filling).  On ext4 and xfs a fallocated segment is unwritten extents: a
      * sync whose pages lie in them converts them too (metadata, ~60 us more
      * a sync on ext4/virtio), and a sync every few KiB reaches a fresh page
      * every few syncs.  Written back ahead of time, the conversion goes with
@@ -476,10 +476,11 @@ cdef size_t _PF_OFF = <size_t>-1     # _pf_due when no prefaulter runs
 # and, while the log syncs often (at least _PF_WB_SYNCS syncs since the last
 # push, at most _PF_WB_SYNC_BYTES of appends a sync on average), starts the
 # writeback of the pages it populated, from _PF_WB_GAP past the tail (written
-# blocks ahead, see eng_log_pf).  Measured here (bench/saga_threads.py, ext4
-# on virtio): 8 threads' sagas, ~1.2 KiB a sync, 190-230 us a sync instead
-# of 240-300 and 1.0-1.45x the sagas/s; a bulk log, syncing seldom, writes no
-# zeros (they would double the bytes its device writes)
+# blocks ahead, see eng_log_pf).  Measured here (bench/saga_threads.py
+# --ab-writeback, ext4 on virtio): 8 threads' sagas, ~1.2 KiB a sync, synced
+# in 163-250 us instead of 227-267 us, a median 1.06x the sagas/s
+# (0.97-1.32x); a bulk log, syncing seldom, writes no zeros (they would
+# double the bytes its device writes)
 cdef uint64_t _PF_WB_SYNCS = 16
 cdef size_t _PF_WB_SYNC_BYTES = 64 << 10
 cdef size_t _PF_WB_GAP = 64 << 10
