@@ -67,7 +67,9 @@ about one sync per two sagas) and the parallel steps of a group (their start
 records).  Then each step costs a wake-up of its thread and the saga's own
 Python work, one after another under the GIL while the disk waits: so the
 default codec's records are formatted from templates (the bytes the JSON
-encoder would make), not encoded one by one.
+encoder would make), not encoded one by one, and a saga whose steps all run
+alone, synchronous and without a timeout goes forward through one lean loop
+(``Saga._forward``) that writes the same records as the general one.
 
 Parallel groups
 ---------------
@@ -102,7 +104,9 @@ tests in ``tests/stress/test_saga_crash.py`` and the state machine in
   ``start`` never lands before its ``begin``, an ``end`` never before the
   outcomes it sums up.
 * **S3, the fold decides.** Live runs, recovery and ``saga ls`` all derive a
-  saga's state from its records with one fold (``_Run.fold``); a step in
+  saga's state from its records with one fold (``_Run.fold``; the live
+  forward path, ``_forward``, applies the ``start`` and ``done`` records
+  through the same ``_Run`` methods the fold calls); a step in
   flight when its writer died counts as uncertain, and an uncertain step is
   compensated when the saga goes backward.
 * **S4, forward or backward, never both.** Once an ``abort`` record is
@@ -369,7 +373,7 @@ class _Run:
         "updated_ns",
         "lock",
         "pending",
-        "pending_recs",
+        "pending_kinds",
         "key",
         "jid",
         "exc",
@@ -399,8 +403,8 @@ class _Run:
         self.updated_ns = ts
         self.lock = threading.Lock()
         self.pending: List[bytes] = []  # encoded records not yet written
-        self.pending_recs: List[Dict[str, Any]] = []  # the same records as dicts
-        self.key: Optional[bytes] = None  # the log key (the id's UTF-8), set at the first write
+        self.pending_kinds: List[str] = []  # their kinds ("t"), for the crash points' names
+        self.key = saga_id.encode()  # the log key of its records
         self.jid = _esc(saga_id).encode()  # the id as a JSON string (the default codec's records)
         self.exc: Optional[BaseException] = None  # the last exception raised here (live runs)
         self.driving = False  # a thread is driving it now (run() or recover()); under Saga._lock
@@ -410,14 +414,9 @@ class _Run:
         s: Any = rec.get("s")  # a str wherever a step is named (_decode checks it)
         self.updated_ns = ts
         if t == "start":
-            self.inflight.add(s)
-            self.attempts[s] = int(rec.get("a", 1))
-            self.n_attempts += 1
+            self.started(s, int(rec.get("a", 1)))
         elif t == "done":
-            self.inflight.discard(s)
-            self.uncertain.discard(s)
-            self.done.add(s)
-            self.results[s] = rec.get("r")
+            self.succeeded(s, rec.get("r"))
         elif t == "fail":
             self.inflight.discard(s)
             if rec.get("u"):
@@ -452,6 +451,22 @@ class _Run:
         elif t == "retry":
             self.state = SagaState.COMPENSATING
             self.stuck_step = None
+
+    # The effects of the records a running saga writes most, for fold and for
+    # the writers that apply them without building the record's dict.
+
+    def started(self, s: str, a: int) -> None:
+        """A ``start`` record: attempt ``a`` of step ``s``'s action is in flight."""
+        self.inflight.add(s)
+        self.attempts[s] = a
+        self.n_attempts += 1
+
+    def succeeded(self, s: str, r: Any) -> None:
+        """A ``done`` record: step ``s``'s action returned ``r``."""
+        self.inflight.discard(s)
+        self.uncertain.discard(s)
+        self.done.add(s)
+        self.results[s] = r
 
     def settle_after_crash(self) -> None:
         """Loaded from the log of a dead writer: what was in flight has an unknown outcome."""
@@ -758,6 +773,9 @@ class Saga:
         self._templates = codec is None
         self._steps: List[_Step] = []
         self._stages: Optional[List[List[_Step]]] = None
+        # every step runs alone, synchronous, without a timeout, and records
+        # are the templates': the saga goes forward through _forward
+        self._plain = False
         self._names: List[str] = []  # the step names (shared by every run: never mutated)
         self._jnames = b"[]"  # the same, as JSON
         self._lock = threading.Lock()  # guards _runs, _pool, _loop
@@ -867,6 +885,9 @@ class Saga:
                 )
         self._steps.append(_Step(name, action, compensate, timeout, retries, retry_on, group))
         self._stages = None
+        self._plain = self._templates and all(
+            s.group is None and not s.action_async and s.timeout is None for s in self._steps
+        )
         self._names = [s.name for s in self._steps]
         self._jnames = _json_dumps(self._names)
         return self
@@ -1012,10 +1033,13 @@ class Saga:
     def _drive(self, run: _Run, loop: Optional[asyncio.AbstractEventLoop]) -> Dict[str, Any]:
         if run.state is SagaState.RUNNING:
             failed: Optional[Tuple[str, BaseException]] = None
-            for stage in self._stage_list():
-                failed = self._run_stage(run, stage, loop)
-                if failed is not None:
-                    break
+            if self._plain:
+                failed = self._forward(run, loop)
+            else:
+                for stage in self._stage_list():
+                    failed = self._run_stage(run, stage, loop)
+                    if failed is not None:
+                        break
             if failed is None:
                 end = {"t": "end", "id": run.id, "st": "done"}
                 self._emit(run, [end], True, [_T_END_DONE % run.jid] if self._templates else None)
@@ -1057,6 +1081,60 @@ class Saga:
         if run.state is SagaState.COMPENSATED:
             raise StepFailed(run.id, run.failed_step or "?", run.error or "unknown", run.comp_order)
         raise SagaStuck(run.id, run.stuck_step or "?", run.error or "unknown", run.failed_step)
+
+    def _forward(
+        self, run: _Run, loop: Optional[asyncio.AbstractEventLoop]
+    ) -> Optional[Tuple[str, BaseException]]:
+        """The forward steps of a saga whose steps are all plain (``_plain``):
+        what ``_run_stage`` and ``_attempts`` do, with each step's first
+        attempt written out here (its retries go to ``_attempts``); the first
+        failure (step name, error) or None.
+
+        With ``durability="always"`` every step costs its thread a wake-up
+        and then this work under the GIL, while the records of the other
+        threads' sagas wait for the same sync: so no record dicts (the
+        ``_Run`` effects and the templates instead) and no call per stage."""
+        jid = run.jid
+        results = run.results
+        for step in self._steps:
+            name = step.name
+            if name in run.done:
+                continue
+            attempt = run.attempts.get(name, 0) + 1
+            raw = _T_START % (jid, step.jname, attempt)
+            ts = time.time_ns()
+            with run.lock:
+                run.updated_ns = ts
+                run.started(name, attempt)
+                run.pending.append(raw)
+                run.pending_kinds.append("start")
+                end, batch, kinds = self._append_pending(run)
+            self._wrote(run.key, end, batch, kinds)
+            sc = StepContext(run.id, name, run.ctx, attempt, dict(results))
+            if _cp.armed:
+                _crash_point(f"saga.action:{name}:enter")
+            try:
+                result = self._call(step.action, False, sc, None, loop)
+            except Exception as exc:
+                err = self._failed(run, step, attempt, 1, exc, False)
+                if err is None:
+                    err = self._attempts(run, step, loop, False, tries=1)
+                if err is not None:
+                    return name, err
+                continue
+            if _cp.armed:
+                _crash_point(f"saga.action:{name}:exit")
+            try:
+                raw = _T_DONE % (jid, step.jname, _json_value(result))
+            except (TypeError, ValueError) as exc:
+                return name, self._unrecordable(run, step, attempt, exc)
+            ts = time.time_ns()
+            with run.lock:
+                run.updated_ns = ts
+                run.succeeded(name, result)
+                run.pending.append(raw)
+                run.pending_kinds.append("done")
+        return None
 
     def _forget(self, run: _Run) -> None:
         with self._lock:
@@ -1133,16 +1211,21 @@ class Saga:
         return None
 
     def _attempts(
-        self, run: _Run, step: _Step, loop: Optional[asyncio.AbstractEventLoop], compensating: bool
+        self,
+        run: _Run,
+        step: _Step,
+        loop: Optional[asyncio.AbstractEventLoop],
+        compensating: bool,
+        tries: int = 0,
     ) -> Optional[BaseException]:
-        """Run an action (or compensation) with its retries; the last error or None."""
+        """Run an action (or compensation) with its retries; the last error or
+        None.  ``tries``: the attempts of this call already made and failed
+        (``_forward``'s first)."""
         name = step.name
         if compensating:
             fn = step.compensate
             is_async = step.compensate_async
-            retries = self._compensate_retries
-            retry_on: Tuple[Type[BaseException], ...] = (Exception,)
-            k_start, k_ok, k_fail = "cstart", "cdone", "cfail"
+            k_start, k_ok = "cstart", "cdone"
             t_start = _T_CSTART
             attempt = run.comp_attempts.get(name, 0)
             if fn is None:  # nothing to undo: record it so recovery does not ask again
@@ -1151,13 +1234,10 @@ class Saga:
         else:
             fn = step.action
             is_async = step.action_async
-            retries = step.retries
-            retry_on = step.retry_on
-            k_start, k_ok, k_fail = "start", "done", "fail"
+            k_start, k_ok = "start", "done"
             t_start = _T_START
             attempt = run.attempts.get(name, 0)
         templates = self._templates
-        tries = 0
         while True:
             attempt += 1
             tries += 1
@@ -1179,17 +1259,9 @@ class Saga:
             try:
                 result = self._call(fn, is_async, sc, step.timeout, loop)
             except Exception as exc:
-                timed_out = isinstance(exc, _StepTimeout)
-                if timed_out:
-                    exc = Timeout(f"step {name!r} ({where}) timed out after {step.timeout} s")
-                uncertain = timed_out and not compensating
-                rec = {"t": k_fail, "id": run.id, "s": name, "a": attempt, "e": _describe(exc)}
-                if uncertain:
-                    rec["u"] = True
-                self._emit(run, [rec], sync=False)
-                if tries > retries or not (timed_out or isinstance(exc, retry_on)):
-                    return exc
-                self._sleep_backoff(tries)
+                err = self._failed(run, step, attempt, tries, exc, compensating)
+                if err is not None:
+                    return err
                 continue
             if _cp.armed:
                 _crash_point(f"saga.{where}:{name}:exit")
@@ -1204,28 +1276,60 @@ class Saga:
                 else:
                     self._queue(run, ok, _T_DONE % (run.jid, step.jname, _json_value(result)))
             except (TypeError, ValueError) as exc:
-                # the action took effect but its result cannot be recorded: an
-                # unknown outcome (compensated if the saga goes backward); a
-                # retry would return the same unencodable value
-                err = TypeError(
-                    f"result of step {name!r} cannot be encoded by the saga's codec: {exc}"
-                )
-                self._emit(
-                    run,
-                    [
-                        {
-                            "t": "fail",
-                            "id": run.id,
-                            "s": name,
-                            "a": attempt,
-                            "e": _describe(err),
-                            "u": True,
-                        }
-                    ],
-                    sync=False,
-                )
-                return err
+                return self._unrecordable(run, step, attempt, exc)
             return None
+
+    def _failed(
+        self, run: _Run, step: _Step, attempt: int, tries: int, exc: Exception, compensating: bool
+    ) -> Optional[BaseException]:
+        """Attempt ``attempt`` (the ``tries``-th of this run of attempts) of
+        the step's action or compensation raised ``exc``: record it; returns
+        the error to give up with, or None once the backoff before the retry
+        has passed."""
+        name = step.name
+        timed_out = isinstance(exc, _StepTimeout)
+        if timed_out:
+            where = "compensate" if compensating else "action"
+            exc = Timeout(f"step {name!r} ({where}) timed out after {step.timeout} s")
+        rec = {
+            "t": "cfail" if compensating else "fail",
+            "id": run.id,
+            "s": name,
+            "a": attempt,
+            "e": _describe(exc),
+        }
+        if timed_out and not compensating:
+            rec["u"] = True  # the action may have taken effect
+        self._emit(run, [rec], sync=False)
+        if compensating:
+            retries = self._compensate_retries
+            retry_on: Tuple[Type[BaseException], ...] = (Exception,)
+        else:
+            retries = step.retries
+            retry_on = step.retry_on
+        if tries > retries or not (timed_out or isinstance(exc, retry_on)):
+            return exc
+        self._sleep_backoff(tries)
+        return None
+
+    def _unrecordable(self, run: _Run, step: _Step, attempt: int, exc: Exception) -> TypeError:
+        """The action took effect but its result cannot be encoded (``exc``):
+        record an unknown outcome (compensated if the saga goes backward) and
+        return the error to give up with (a retry would return the same
+        unencodable value)."""
+        err = TypeError(
+            f"result of step {step.name!r} cannot be encoded by the saga's codec: {exc}"
+        )
+        rec = {
+            "t": "fail",
+            "id": run.id,
+            "s": step.name,
+            "a": attempt,
+            "e": _describe(err),
+            "u": True,
+        }
+        self._emit(run, [rec], sync=False)
+        return err
 
     def _sleep_backoff(self, tries: int) -> None:
         delay = min(self._max_backoff, self._backoff * (2 ** (tries - 1)))
@@ -1276,7 +1380,7 @@ class Saga:
         with run.lock:
             run.fold(rec, ts)
             run.pending.append(raw)
-            run.pending_recs.append(rec)
+            run.pending_kinds.append(rec["t"])
 
     def _emit(
         self,
@@ -1303,29 +1407,38 @@ class Saga:
         with run.lock:
             for r in recs:
                 run.fold(r, ts)
-            batch = run.pending
-            batch += raw
-            run.pending_recs += recs
-            if not sync or not batch:
+                run.pending_kinds.append(r["t"])
+            run.pending += raw
+            if not sync:
                 return
-            batch_recs = run.pending_recs
-            run.pending = []
-            run.pending_recs = []
-            key = run.key
-            if key is None:
-                key = run.key = run.id.encode()
-            n = len(batch)
-            kinds = "+".join(r["t"] for r in batch_recs) if _cp.armed else ""
-            if _cp.armed:
-                _crash_point(f"saga.before-write:{kinds}")
-            try:
-                # (its range's start is this batch's first offset)
-                end = self._log.append_many(batch, [key] * n).start + n
-            except BaseException:
-                # not written: keep them for the next write of this saga
-                run.pending[:0] = batch
-                run.pending_recs[:0] = batch_recs
-                raise
+            end, batch, kinds = self._append_pending(run)
+        self._wrote(run.key, end, batch, kinds)
+
+    def _append_pending(self, run: _Run) -> Tuple[int, List[bytes], str]:
+        """Holding ``run.lock``: append every queued record of ``run`` in one
+        ``append_many``; returns the end of the append, the records and, while
+        crash points are armed, their kinds (``""`` otherwise).  Records that
+        could not be appended stay queued for the saga's next write."""
+        batch = run.pending
+        batch_kinds = run.pending_kinds
+        run.pending = []
+        run.pending_kinds = []
+        n = len(batch)
+        kinds = "+".join(batch_kinds) if _cp.armed else ""
+        if _cp.armed:
+            _crash_point(f"saga.before-write:{kinds}")
+        try:
+            # (its range's start is this batch's first offset)
+            end: int = self._log.append_many(batch, [run.key] * n).start + n
+        except BaseException:
+            run.pending[:0] = batch
+            run.pending_kinds[:0] = batch_kinds
+            raise
+        return end, batch, kinds
+
+    def _wrote(self, key: bytes, end: int, batch: List[bytes], kinds: str) -> None:
+        """After ``_append_pending``, the saga's lock released: return once the
+        append is durable, then publish it to ``events``."""
         log = self._sync_log
         if log is not None:
             # durable before the step's action (or the caller) goes on; the

@@ -217,3 +217,84 @@ def test_a_journal_crashed_at_every_point_recovers_under_the_other_writer(tmp_pa
     # a crash before anything was written, at each durable write and each
     # call in between, and after the end was written
     assert seen["recovered"] >= 2 * len(STEPS) + 1 and seen["not begun"] and seen["finished"], seen
+
+
+def test_only_plain_sagas_take_the_forward_path(tmp_path):
+    """``_forward`` serves steps that run alone, synchronous, without a
+    timeout, with the default codec's records; anything else the stages."""
+
+    def declare(saga: Saga, **kw) -> Saga:
+        saga.step("a", lambda sc: 1)
+        saga.step("b", lambda sc: 2, **kw)
+        return saga
+
+    async def coro(sc):
+        return 1
+
+    assert declare(Saga(tmp_path / "plain", durability="none"))._plain
+    assert not declare(Saga(tmp_path / "t", durability="none"), timeout=1.0)._plain
+    assert not declare(Saga(tmp_path / "g", durability="none"), group="g")._plain
+    assert not Saga(tmp_path / "n", durability="none")._plain  # no steps yet
+    codec = Saga(tmp_path / "c", durability="none", codec=saga_mod._JSON)
+    assert not declare(codec)._plain
+    aio = Saga(tmp_path / "aio", durability="none").step("a", coro)
+    assert not aio._plain
+    for saga in (aio, codec):
+        saga.close()
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        "ok",  # every step done at its first attempt
+        "flaky",  # charge fails twice, then succeeds at its third (last) attempt
+        "exhausted",  # charge fails at every attempt: 3 tries, then compensation
+        "not-retried",  # charge raises an error outside retry_on: no retry
+        "unencodable",  # charge returns a value the codec cannot encode
+    ],
+)
+def test_the_forward_path_writes_what_the_stages_write(tmp_path, plan):
+    """A plain saga's steps go through ``_forward``; the same saga forced
+    through the stages (``_run_stage``/``_attempts``) must write the same
+    records, byte for byte, and end the same: attempt numbers, fail
+    records and retry counts included."""
+    logs = {}
+    for path_name, plain in (("forward", True), ("stages", False)):
+        calls: dict = {}
+
+        def act(sc, calls=calls):
+            calls[sc.key] = n = calls.get(sc.key, 0) + 1
+            if sc.step == "charge":
+                if plan == "flaky" and n <= 2:
+                    raise ConnectionError(f"try {n}")
+                if plan == "exhausted":
+                    raise ConnectionError("down")
+                if plan == "not-retried":
+                    raise KeyError("no such card")
+                if plan == "unencodable":
+                    return object()
+            return [sc.ctx, sc.step, sc.attempt]
+
+        saga = Saga(tmp_path / path_name, durability="none", backoff=0, retries=2)
+        for name in STEPS:
+            saga.step(name, act, lambda sc: None, retry_on=ConnectionError)
+        assert saga._plain
+        saga._plain = plain
+        ends = []
+        for i in range(3):
+            try:
+                ends.append(saga.run({"i": i}, saga_id=f"s{i}"))
+            except StepFailed as exc:
+                ends.append((exc.step, exc.cause, exc.compensated))
+        infos = [i.as_dict() for i in list_sagas(tmp_path / path_name)]
+        for info in infos:  # (when it ran, not what it did)
+            del info["begun_ns"], info["updated_ns"]
+        saga.close()
+        logs[path_name] = (_records(tmp_path / path_name), ends, infos, calls)
+    assert logs["forward"] == logs["stages"]
+    records, ends, _infos, calls = logs["forward"]
+    kinds = [json.loads(v)["t"] for _, v in records]
+    expect = {"ok": 1, "flaky": 3, "exhausted": 3, "not-retried": 1, "unencodable": 1}[plan]
+    assert [calls[f"s{i}:charge"] for i in range(3)] == [expect] * 3
+    assert kinds.count("fail") == 3 * {"ok": 0, "flaky": 2}.get(plan, expect)
+    assert (plan in ("ok", "flaky")) == all(isinstance(e, dict) for e in ends)
