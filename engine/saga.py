@@ -68,8 +68,9 @@ records).  Then each step costs a wake-up of its thread and the saga's own
 Python work, one after another under the GIL while the disk waits: so the
 default codec's records are formatted from templates (the bytes the JSON
 encoder would make), not encoded one by one, and a saga whose steps all run
-alone, synchronous and without a timeout goes forward through one lean loop
-(``Saga._forward``) that writes the same records as the general one.
+alone, synchronous and without a timeout goes forward through one compiled
+loop (``engine._saga.forward``) that writes the same records as the general
+one.
 
 Parallel groups
 ---------------
@@ -105,7 +106,7 @@ tests in ``tests/stress/test_saga_crash.py`` and the state machine in
   outcomes it sums up.
 * **S3, the fold decides.** Live runs, recovery and ``saga ls`` all derive a
   saga's state from its records with one fold (``_Run.fold``; the live
-  forward path, ``_forward``, applies the ``start`` and ``done`` records
+  forward path, ``engine._saga.forward``, applies the ``start`` and ``done`` records
   through the same ``_Run`` methods the fold calls); a step in
   flight when its writer died counts as uncertain, and an uncertain step is
   compensated when the saga goes backward.
@@ -151,6 +152,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, U
 
 from . import _crashpoints as _cp
 from ._fsutil import Durability, check_durability
+from ._saga import PLAIN as _PLAIN
+from ._saga import T_BEGIN as _T_BEGIN
+from ._saga import T_CDONE as _T_CDONE
+from ._saga import T_CSTART as _T_CSTART
+from ._saga import T_DONE as _T_DONE
+from ._saga import T_END_DONE as _T_END_DONE
+from ._saga import T_START as _T_START
+from ._saga import RunCore, StepContext, append_pending, forward, json_value, wrote
 from .errors import EngineError, Timeout
 
 __all__ = [
@@ -242,43 +251,6 @@ class SagaStuck(EngineError):
         )
 
 
-class StepContext:
-    """What an action or a compensation is called with.
-
-    ``saga_id``; ``step`` (its name); ``key`` (``"<saga id>:<step>"``, the
-    idempotency key, stable across retries, crashes and processes); ``ctx``
-    (the saga's context); ``attempt`` (1, 2, ... across crashes too);
-    ``results`` (step name -> result of the steps completed so far);
-    ``result`` (compensations only: this step's action result, or ``None`` when
-    the action's outcome is unknown); ``compensating`` (True in a compensation).
-    """
-
-    __slots__ = ("saga_id", "step", "key", "ctx", "attempt", "results", "result", "compensating")
-
-    def __init__(
-        self,
-        saga_id: str,
-        step: str,
-        ctx: Any,
-        attempt: int,
-        results: Dict[str, Any],
-        result: Any = None,
-        compensating: bool = False,
-    ) -> None:
-        self.saga_id = saga_id
-        self.step = step
-        self.key = f"{saga_id}:{step}"
-        self.ctx = ctx
-        self.attempt = attempt
-        self.results = results
-        self.result = result
-        self.compensating = compensating
-
-    def __repr__(self) -> str:
-        kind = "compensate" if self.compensating else "action"
-        return f"StepContext({kind} key={self.key!r} attempt={self.attempt})"
-
-
 @dataclass
 class SagaInfo:
     """A saga as its log tells it (``list_sagas``, ``Saga.recover``, ``saga ls``)."""
@@ -347,67 +319,12 @@ _KINDS = frozenset(
 )
 
 
-class _Run:
-    """The state of one saga, folded from its records."""
-
-    __slots__ = (
-        "id",
-        "ctx",
-        "steps",
-        "state",
-        "results",
-        "done",
-        "uncertain",
-        "inflight",
-        "attempts",
-        "comp_done",
-        "comp_order",
-        "comp_inflight",
-        "comp_attempts",
-        "error",
-        "failed_step",
-        "stuck_step",
-        "n_attempts",
-        "begin_offset",
-        "begun_ns",
-        "updated_ns",
-        "lock",
-        "pending",
-        "pending_kinds",
-        "key",
-        "jid",
-        "exc",
-        "driving",
-    )
+class _Run(RunCore):
+    """The state of one saga, folded from its records (its fields and the
+    effects of ``start`` and ``done`` records: :class:`engine._saga.RunCore`)."""
 
     def __init__(self, saga_id: str, ctx: Any, steps: List[str], offset: int, ts: int) -> None:
-        self.id = saga_id
-        self.ctx = ctx
-        self.steps = steps
-        self.state = SagaState.RUNNING
-        self.results: Dict[str, Any] = {}
-        self.done: set = set()
-        self.uncertain: set = set()
-        self.inflight: set = set()
-        self.attempts: Dict[str, int] = {}
-        self.comp_done: set = set()
-        self.comp_order: List[str] = []
-        self.comp_inflight: set = set()
-        self.comp_attempts: Dict[str, int] = {}
-        self.error: Optional[str] = None
-        self.failed_step: Optional[str] = None
-        self.stuck_step: Optional[str] = None
-        self.n_attempts = 0
-        self.begin_offset = offset
-        self.begun_ns = ts
-        self.updated_ns = ts
-        self.lock = threading.Lock()
-        self.pending: List[bytes] = []  # encoded records not yet written
-        self.pending_kinds: List[str] = []  # their kinds ("t"), for the crash points' names
-        self.key = saga_id.encode()  # the log key of its records
-        self.jid = _esc(saga_id).encode()  # the id as a JSON string (the default codec's records)
-        self.exc: Optional[BaseException] = None  # the last exception raised here (live runs)
-        self.driving = False  # a thread is driving it now (run() or recover()); under Saga._lock
+        super().__init__(saga_id, ctx, steps, offset, ts, SagaState.RUNNING)
 
     def fold(self, rec: Dict[str, Any], ts: int) -> None:
         t = rec["t"]
@@ -451,22 +368,6 @@ class _Run:
         elif t == "retry":
             self.state = SagaState.COMPENSATING
             self.stuck_step = None
-
-    # The effects of the records a running saga writes most, for fold and for
-    # the writers that apply them without building the record's dict.
-
-    def started(self, s: str, a: int) -> None:
-        """A ``start`` record: attempt ``a`` of step ``s``'s action is in flight."""
-        self.inflight.add(s)
-        self.attempts[s] = a
-        self.n_attempts += 1
-
-    def succeeded(self, s: str, r: Any) -> None:
-        """A ``done`` record: step ``s``'s action returned ``r``."""
-        self.inflight.discard(s)
-        self.uncertain.discard(s)
-        self.done.add(s)
-        self.results[s] = r
 
     def settle_after_crash(self) -> None:
         """Loaded from the log of a dead writer: what was in flight has an unknown outcome."""
@@ -633,30 +534,6 @@ def _json_dumps(obj: Any) -> bytes:
     return _ENCODER.encode(obj).encode()
 
 
-# The default codec's records of a running saga, formatted from templates:
-# the bytes _json_dumps makes of the same dict (key order, separators, ASCII
-# escapes), at a fraction of the encoder's cost per call (a saga writes 2n + 2
-# records).  tests/test_saga.py checks the equality on every kind and value.
-_T_BEGIN = b'{"t":"begin","id":%s,"ctx":%s,"steps":%s}'
-_T_START = b'{"t":"start","id":%s,"s":%s,"a":%d}'
-_T_CSTART = b'{"t":"cstart","id":%s,"s":%s,"a":%d}'
-_T_DONE = b'{"t":"done","id":%s,"s":%s,"r":%s}'
-_T_CDONE = b'{"t":"cdone","id":%s,"s":%s}'
-_T_END_DONE = b'{"t":"end","id":%s,"st":"done"}'
-
-
-def _json_value(v: Any) -> bytes:
-    """``_json_dumps(v)``, without the encoder for the commonest values."""
-    t = type(v)
-    if t is int:
-        return b"%d" % v
-    if t is str:
-        return _esc(v).encode()
-    if v is None:
-        return b"null"
-    return _json_dumps(v)
-
-
 def _json_loads(data: bytes) -> Any:
     return json.loads(data)
 
@@ -774,7 +651,7 @@ class Saga:
         self._steps: List[_Step] = []
         self._stages: Optional[List[List[_Step]]] = None
         # every step runs alone, synchronous, without a timeout, and records
-        # are the templates': the saga goes forward through _forward
+        # are the templates': the saga goes forward through engine._saga.forward
         self._plain = False
         self._names: List[str] = []  # the step names (shared by every run: never mutated)
         self._jnames = b"[]"  # the same, as JSON
@@ -955,7 +832,7 @@ class Saga:
             # only queued: begin and the first start share one sync (the
             # first attempt writes both); encoding fails before anything is
             if self._templates:
-                raw = _T_BEGIN % (run.jid, _json_value(ctx), self._jnames)
+                raw = _T_BEGIN % (run.jid, json_value(ctx, _json_dumps), self._jnames)
             else:
                 raw = self._dumps(begin)
             self._queue(run, begin, raw)
@@ -1034,7 +911,7 @@ class Saga:
         if run.state is SagaState.RUNNING:
             failed: Optional[Tuple[str, BaseException]] = None
             if self._plain:
-                failed = self._forward(run, loop)
+                failed = forward(self, run, self._steps, loop)
             else:
                 for stage in self._stage_list():
                     failed = self._run_stage(run, stage, loop)
@@ -1081,60 +958,6 @@ class Saga:
         if run.state is SagaState.COMPENSATED:
             raise StepFailed(run.id, run.failed_step or "?", run.error or "unknown", run.comp_order)
         raise SagaStuck(run.id, run.stuck_step or "?", run.error or "unknown", run.failed_step)
-
-    def _forward(
-        self, run: _Run, loop: Optional[asyncio.AbstractEventLoop]
-    ) -> Optional[Tuple[str, BaseException]]:
-        """The forward steps of a saga whose steps are all plain (``_plain``):
-        what ``_run_stage`` and ``_attempts`` do, with each step's first
-        attempt written out here (its retries go to ``_attempts``); the first
-        failure (step name, error) or None.
-
-        With ``durability="always"`` every step costs its thread a wake-up
-        and then this work under the GIL, while the records of the other
-        threads' sagas wait for the same sync: so no record dicts (the
-        ``_Run`` effects and the templates instead) and no call per stage."""
-        jid = run.jid
-        results = run.results
-        for step in self._steps:
-            name = step.name
-            if name in run.done:
-                continue
-            attempt = run.attempts.get(name, 0) + 1
-            raw = _T_START % (jid, step.jname, attempt)
-            ts = time.time_ns()
-            with run.lock:
-                run.updated_ns = ts
-                run.started(name, attempt)
-                run.pending.append(raw)
-                run.pending_kinds.append("start")
-                end, batch, kinds = self._append_pending(run)
-            self._wrote(run.key, end, batch, kinds)
-            sc = StepContext(run.id, name, run.ctx, attempt, dict(results))
-            if _cp.armed:
-                _crash_point(f"saga.action:{name}:enter")
-            try:
-                result = self._call(step.action, False, sc, None, loop)
-            except Exception as exc:
-                err = self._failed(run, step, attempt, 1, exc, False)
-                if err is None:
-                    err = self._attempts(run, step, loop, False, tries=1)
-                if err is not None:
-                    return name, err
-                continue
-            if _cp.armed:
-                _crash_point(f"saga.action:{name}:exit")
-            try:
-                raw = _T_DONE % (jid, step.jname, _json_value(result))
-            except (TypeError, ValueError) as exc:
-                return name, self._unrecordable(run, step, attempt, exc)
-            ts = time.time_ns()
-            with run.lock:
-                run.updated_ns = ts
-                run.succeeded(name, result)
-                run.pending.append(raw)
-                run.pending_kinds.append("done")
-        return None
 
     def _forget(self, run: _Run) -> None:
         with self._lock:
@@ -1220,7 +1043,7 @@ class Saga:
     ) -> Optional[BaseException]:
         """Run an action (or compensation) with its retries; the last error or
         None.  ``tries``: the attempts of this call already made and failed
-        (``_forward``'s first)."""
+        (``engine._saga.forward``'s first)."""
         name = step.name
         if compensating:
             fn = step.compensate
@@ -1274,7 +1097,9 @@ class Saga:
                 elif compensating:
                     self._queue(run, ok, _T_CDONE % (run.jid, step.jname))
                 else:
-                    self._queue(run, ok, _T_DONE % (run.jid, step.jname, _json_value(result)))
+                    self._queue(
+                        run, ok, _T_DONE % (run.jid, step.jname, json_value(result, _json_dumps))
+                    )
             except (TypeError, ValueError) as exc:
                 return self._unrecordable(run, step, attempt, exc)
             return None
@@ -1411,45 +1236,8 @@ class Saga:
             run.pending += raw
             if not sync:
                 return
-            end, batch, kinds = self._append_pending(run)
-        self._wrote(run.key, end, batch, kinds)
-
-    def _append_pending(self, run: _Run) -> Tuple[int, List[bytes], str]:
-        """Holding ``run.lock``: append every queued record of ``run`` in one
-        ``append_many``; returns the end of the append, the records and, while
-        crash points are armed, their kinds (``""`` otherwise).  Records that
-        could not be appended stay queued for the saga's next write."""
-        batch = run.pending
-        batch_kinds = run.pending_kinds
-        run.pending = []
-        run.pending_kinds = []
-        n = len(batch)
-        kinds = "+".join(batch_kinds) if _cp.armed else ""
-        if _cp.armed:
-            _crash_point(f"saga.before-write:{kinds}")
-        try:
-            # (its range's start is this batch's first offset)
-            end: int = self._log.append_many(batch, [run.key] * n).start + n
-        except BaseException:
-            run.pending[:0] = batch
-            run.pending_kinds[:0] = batch_kinds
-            raise
-        return end, batch, kinds
-
-    def _wrote(self, key: bytes, end: int, batch: List[bytes], kinds: str) -> None:
-        """After ``_append_pending``, the saga's lock released: return once the
-        append is durable, then publish it to ``events``."""
-        log = self._sync_log
-        if log is not None:
-            # durable before the step's action (or the caller) goes on; the
-            # first sync that covers these records is enough (not one that
-            # also covers what other sagas appended since).  A failed sync
-            # breaks the log: this and every later write raise
-            log.flush(end)
-        if _cp.armed:
-            _crash_point(f"saga.after-write:{kinds}")
-        if self._events is not None:
-            self._publish(key, batch)
+            end, batch, kinds = append_pending(self, run)
+        wrote(self, run.key, end, batch, kinds)
 
     def _publish(self, key: bytes, batch: List[bytes]) -> None:
         try:
@@ -1529,10 +1317,6 @@ class Saga:
 
     def __repr__(self) -> str:
         return f"Saga({self._path!r}, steps={self.steps}, durability={self._durability!r})"
-
-
-# result types that are never awaitable (exact types: a subclass may define __await__)
-_PLAIN = frozenset((type(None), int, str, bytes, float, bool, dict, list, tuple))
 
 
 class _StepTimeout(Exception):

@@ -1,5 +1,5 @@
 # _Mutex: threading.Lock's interface with C-level _take/_give/_try, for the
-# compiled hot paths (included by versions.pyx and txn.pyx: each module gets
+# compiled hot paths (included by versions.pyx, txn.pyx and saga.pyx: each module gets
 # its own copy of the type, from this one source).
 #
 # The including module cimports PyThread_* (cpython.pythread), cython and

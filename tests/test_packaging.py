@@ -32,5 +32,7 @@ def test_typed_marker_and_stubs_ship():
         pytest.skip("an editable install lists no package files (CI installs the wheel)")
     files = {str(f) for f in md.files("queue-engine") or ()}
     assert "engine/py.typed" in files
-    for mod in ("_ring", "_log", "_counter", "_sched", "_txn", "_versions", "_mpq", "_benchdigest"):
+    for mod in (
+        "_ring", "_log", "_counter", "_sched", "_txn", "_versions", "_mpq", "_benchdigest", "_saga",
+    ):
         assert f"engine/{mod}.pyi" in files, mod

@@ -220,7 +220,7 @@ def test_a_journal_crashed_at_every_point_recovers_under_the_other_writer(tmp_pa
 
 
 def test_only_plain_sagas_take_the_forward_path(tmp_path):
-    """``_forward`` serves steps that run alone, synchronous, without a
+    """``engine._saga.forward`` serves steps that run alone, synchronous, without a
     timeout, with the default codec's records; anything else the stages."""
 
     def declare(saga: Saga, **kw) -> Saga:
@@ -254,7 +254,7 @@ def test_only_plain_sagas_take_the_forward_path(tmp_path):
     ],
 )
 def test_the_forward_path_writes_what_the_stages_write(tmp_path, plan):
-    """A plain saga's steps go through ``_forward``; the same saga forced
+    """A plain saga's steps go through ``engine._saga.forward``; the same saga forced
     through the stages (``_run_stage``/``_attempts``) must write the same
     records, byte for byte, and end the same: attempt numbers, fail
     records and retry counts included."""

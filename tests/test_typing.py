@@ -172,7 +172,9 @@ def test_package_code_type_checks(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-_COMPILED = ("_ring", "_log", "_counter", "_sched", "_txn", "_versions", "_mpq", "_benchdigest")
+_COMPILED = (
+    "_ring", "_log", "_counter", "_sched", "_txn", "_versions", "_mpq", "_benchdigest", "_saga",
+)
 
 
 def test_stubs_match_the_compiled_modules(tmp_path):
