@@ -100,6 +100,10 @@ cdef class StepContext:
 
     def __init__(self, str saga_id, str step, ctx, attempt, dict results,
                  result=None, bint compensating=False):
+        self._set(saga_id, step, ctx, attempt, results, result, compensating)
+
+    cdef inline void _set(self, str saga_id, str step, ctx, attempt, dict results,
+                          result, bint compensating):
         self.saga_id = saga_id
         self.step = step
         self.key = saga_id + ":" + step
@@ -118,14 +122,7 @@ cdef StepContext _action_context(str saga_id, str step, ctx, attempt, dict resul
     """``StepContext(saga_id, step, ctx, attempt, results)`` of an action,
     without parsing the arguments of a Python call."""
     cdef StepContext sc = StepContext.__new__(StepContext)
-    sc.saga_id = saga_id
-    sc.step = step
-    sc.key = saga_id + ":" + step
-    sc.ctx = ctx
-    sc.attempt = attempt
-    sc.results = results
-    sc.result = None
-    sc.compensating = False
+    sc._set(saga_id, step, ctx, attempt, results, None, False)
     return sc
 
 
