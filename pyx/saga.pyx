@@ -16,8 +16,9 @@
 # What is not a forward step (retries, compensation, recovery, the fold of a
 # log, parallel groups, other codecs) stays in engine/saga.py, whose _Run
 # subclasses RunCore.  The records, their order, the locks and the crash
-# points are the ones engine/saga.py documents (S1-S6); forward() is its
-# Saga._forward, which the tests compare record for record with the stages.
+# points are the ones engine/saga.py documents (S1-S6); forward() does for
+# a plain saga what Saga._run_stage and Saga._attempts do, and the tests
+# compare the two record for record.
 """Compiled core of :mod:`engine.saga`: :class:`StepContext`, the state the
 forward steps change, the default codec's record templates and the loop
 that runs a plain saga's steps."""
@@ -248,11 +249,11 @@ cpdef wrote(saga, bytes key, end, list batch, str kinds):
 
 
 def forward(saga, RunCore run, list steps, loop):
-    """``Saga._forward``: the forward steps of a saga whose steps are all
-    plain (they run alone, synchronous, without a timeout; the default
-    codec): what ``_run_stage`` and ``_attempts`` do for them, each step's
-    first attempt here (its retries go to ``saga._attempts``).  Returns the
-    first failure (step name, error) or None."""
+    """The forward steps of a saga whose steps are all plain (they run
+    alone, synchronous, without a timeout; the default codec): what
+    ``_run_stage`` and ``_attempts`` do for them, each step's first attempt
+    here (its retries go to ``saga._attempts``).  Returns the first failure
+    (step name, error) or None."""
     cdef bytes jid = run.jid
     cdef dict results = run.results
     cdef object dumps = saga._dumps
